@@ -1,0 +1,102 @@
+"""The Adapter contract: everything model-specific about running a layer on a token subset."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TokenRoles:
+    """Per-token roles of one forward, derived from its inputs (never from fixed counts).
+
+    Attributes:
+        real: `[B, T]` bool, False for padding; None when there is no padding.
+        forced: `[B, T]` bool, tokens every MoD layer must process; None when there are none.
+        extra: Named `[B, T]` role masks a router may use (e.g. ``"image"``).
+    """
+
+    real: torch.Tensor | None = None
+    forced: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerCall:
+    """How one layer is called: which arguments hold what, and how its attention behaves.
+
+    Attributes:
+        hidden: Name of the hidden-states argument.
+        mask: Name of the attention-mask argument (rebuilt for the subset), or None.
+        cache: Name of the KV-cache argument, or None.
+        position_ids: Name of the position-ids argument, or None.
+        per_token: Arguments whose dim 1 is the sequence (tensors or tuples of tensors); they are
+            gathered to the subset, e.g. RoPE ``position_embeddings``.
+        causal: Whether the layer's attention is causal.
+        window: Sliding-window size of this layer's attention, or None.
+        attn_implementation: Returns the attention kernel name now in use (read at call time,
+            since users may switch it after conversion).
+    """
+
+    hidden: str
+    mask: str | None
+    cache: str | None
+    position_ids: str | None
+    per_token: tuple[str, ...]
+    causal: bool
+    window: int | None
+    attn_implementation: Callable[[], str]
+    signature: inspect.Signature | None = None
+
+
+class Adapter:
+    """Base class of adapters; one per model family, registered through the plugin hooks."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter handles `model`."""
+        raise NotImplementedError
+
+    def unsupported_reason(self, model: nn.Module) -> str | None:
+        """Why a model this adapter nearly matches cannot be converted (for a clear error)."""
+        return None
+
+    def layer_stack(self, model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+        """The module that runs the stack (its inputs carry the token roles) and the stack."""
+        raise NotImplementedError
+
+    def hidden_size(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def validate_layers(self, model: nn.Module, layers: list[int]) -> None:
+        """Raise ModAdaptError for layers this family cannot convert (layer 0 is checked already)."""
+
+    def layer_call(self, model: nn.Module, layer: nn.Module, index: int) -> LayerCall:
+        raise NotImplementedError
+
+    def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
+        """Token roles of the forward about to run, from the stack owner's call arguments."""
+        return TokenRoles()
+
+    # --- persistence ---------------------------------------------------------------------------
+    def describe(self, model: nn.Module) -> dict:
+        """JSON-able description from which `build` can recreate the architecture."""
+        raise NotImplementedError
+
+    def save_base(self, model: nn.Module, directory: str) -> None:
+        """Write what `build` needs besides `describe()` (e.g. the model's config file)."""
+
+    def build(self, directory: str, description: dict) -> nn.Module:
+        """Recreate the (dense, randomly initialised) architecture saved in `directory`."""
+        raise NotImplementedError
+
+
+def bind_call(signature: inspect.Signature, layer: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """Bind a layer call to its forward's parameter names (layers may be called positionally)."""
+    return signature.bind(layer, *args, **kwargs)

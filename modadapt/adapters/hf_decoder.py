@@ -1,0 +1,120 @@
+"""Hugging Face decoder-only LLMs (Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2), found generically.
+
+The layer stack is the `nn.ModuleList` of the decoder (`get_decoder()`) whose layers are of a class
+named in `_no_split_modules`; no modeling code is copied per family.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModAdaptError
+from .base import Adapter, LayerCall, TokenRoles
+
+#: Families converted, trained and generated with in the test suite.
+TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and hasattr(model, "get_decoder")
+
+
+class HFDecoderAdapter(Adapter):
+    name = "hf-decoder"
+    description = "Hugging Face decoder-only LLMs: " + ", ".join(TESTED_FAMILIES)
+
+    def matches(self, model: nn.Module) -> bool:
+        return _is_causal_lm(model) and getattr(model.config, "model_type", None) in TESTED_FAMILIES
+
+    def layer_stack(self, model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+        decoder = model.get_decoder()
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        for child in decoder.children():
+            if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in names:
+                return decoder, child
+        # A converted model's layers carry a `Mod` prefix; look through it.
+        for child in decoder.children():
+            if isinstance(child, nn.ModuleList) and len(child) and hasattr(child[0], "_mod_original"):
+                return decoder, child
+        raise ModAdaptError(f"could not find the decoder layers of {type(model).__name__}.")
+
+    def hidden_size(self, model: nn.Module) -> int:
+        return model.config.get_text_config(decoder=True).hidden_size
+
+    def validate_layers(self, model: nn.Module, layers: list[int]) -> None:
+        # transformers sizes each attention type's mask from the first layer of that type.
+        types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+        if types:
+            firsts = {t: types.index(t) for t in set(types)}
+            for t, first in firsts.items():
+                if first in layers:
+                    raise ModAdaptError(
+                        f"layer {first} is the first {t!r} layer; transformers sizes that attention type's "
+                        "mask from it, so it cannot be converted. Choose other layers."
+                    )
+
+    def layer_call(self, model: nn.Module, layer: nn.Module, index: int) -> LayerCall:
+        forward = getattr(type(layer), "_mod_original", type(layer)).forward
+        signature = inspect.signature(forward)
+        params = signature.parameters
+        cache = next((n for n in ("past_key_values", "past_key_value") if n in params), "past_key_values")
+        config = model.config.get_text_config(decoder=True)
+        return LayerCall(
+            hidden=next(iter(list(params)[1:])),
+            mask="attention_mask",
+            cache=cache,
+            position_ids="position_ids",
+            per_token=("position_embeddings",),
+            causal=True,
+            window=_sliding_window(config, index),
+            attn_implementation=functools.partial(getattr, config, "_attn_implementation"),
+            signature=signature,
+        )
+
+    def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            bound = inspect.signature(type(stack_owner).forward).bind_partial(stack_owner, *args, **kwargs)
+            mask = bound.arguments.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return TokenRoles()
+        real = mask.bool()
+        if not torch.compiler.is_compiling() and bool(real.all()):
+            return TokenRoles()  # no padding: lets MoD layers take the fused causal path
+        return TokenRoles(real=real)
+
+    # --- persistence ---------------------------------------------------------------------------
+    def describe(self, model: nn.Module) -> dict:
+        return {"library": "transformers", "class": type(model).__name__, "model_type": model.config.model_type}
+
+    def save_base(self, model: nn.Module, directory: str) -> None:
+        model.config.save_pretrained(directory)
+
+    def build(self, directory: str, description: dict) -> nn.Module:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(directory)
+        cls = getattr(transformers, description.get("class", ""), None)
+        if cls is None:
+            raise ModAdaptError(
+                f"{directory}: transformers has no model class {description.get('class')!r}; "
+                "was it saved with a newer transformers?"
+            )
+        return cls._from_config(config)
+
+
+def _sliding_window(config: Any, index: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if types[index] == "sliding_attention" else None
+    return window

@@ -1,0 +1,222 @@
+"""The `modadapt` command line: parses, calls the public API, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ModConfig, field_help
+from .errors import ModAdaptError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+
+
+def parse_router_args(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings to a dict; values are parsed as JSON when they can be (numbers, bools)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ModAdaptError(f"--router-arg expects KEY=VALUE, got {item!r}.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ModAdaptError(f"config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ModAdaptError(f"config file {path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModAdaptError(f"config file {path} must hold a mapping of ModConfig fields.")
+    return data.get("mod_config", data)
+
+
+def load_source_model(source: str):
+    """A preset name or a local transformers model directory."""
+    from .presets import PRESETS, build_preset
+
+    if source in PRESETS:
+        return build_preset(source), []
+    path = Path(source)
+    if not path.exists():
+        raise ModAdaptError(
+            f"MODEL {source!r} is neither a local directory nor a preset ({', '.join(sorted(PRESETS))})."
+        )
+    if (path / "modadapt.json").is_file():
+        raise ModAdaptError(f"{source} is already a converted model; convert its original instead.")
+    if not (path / "config.json").is_file():
+        raise ModAdaptError(f"{source} has no config.json: it is not a transformers model directory.")
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModAdaptError(f"could not load {source}: {exc}") from None
+    extras = [str(path / name) for name in TOKENIZER_FILES if (path / name).is_file()]
+    return model.eval(), extras
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import convert, save
+    from .plugins import get_router
+
+    fields = load_config_file(args.config) if args.config else {}
+    for name in ("router", "layers", "capacity", "inference_routing"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    if args.router_arg:
+        fields["router_kwargs"] = {**fields.get("router_kwargs", {}), **parse_router_args(args.router_arg)}
+    config = ModConfig.from_dict(fields)
+    router_cls = get_router(config.router).obj
+    if args.capacity is not None and not router_cls.capacity_based:
+        raise ModAdaptError(
+            f"router {config.router!r} decides by its own threshold and takes no --capacity; "
+            f"see its arguments with `modadapt list routers`."
+        )
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ModAdaptError(f"{out} exists and is not empty; choose a new -o or pass --overwrite.")
+    model, extras = load_source_model(args.model)
+    before = sum(p.numel() for p in model.parameters())
+    convert(model, config)
+    added = sum(p.numel() for p in model.parameters()) - before
+    save(model, out, overwrite=args.overwrite, extra_files=extras)
+    from .convert import state_of
+
+    state = state_of(model)
+    print(f"converted {args.model}: router {config.router}, layers {state.layer_indices}", end="")
+    print(f", capacity {config.capacity}" if router_cls.capacity_based else "", end="")
+    print(f", router args {config.router_kwargs}" if config.router_kwargs else "")
+    print(f"parameters: {before:,} dense + {added:,} router = {before + added:,}")
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Convert a preset, generate with the KV cache, check it against a full forward, show routing."""
+    import torch
+
+    from . import build_preset, convert, mod_layers, routing_stats, save
+
+    model = build_preset(args.preset)
+    convert(model, router=args.router, capacity=args.capacity, layers="every-other")
+    generator = torch.Generator().manual_seed(0)
+    for layer in mod_layers(model):  # a fresh router keeps every token; give it opinions
+        for name, param in layer.router.named_parameters():
+            param.data = torch.zeros_like(param) if name.endswith("bias") else torch.randn(param.shape, generator=generator)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 12), generator=generator)
+    with torch.no_grad():
+        out = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+        full = model(out.sequences).logits[:, prompt.shape[1] - 1 : -1]
+    cached = torch.stack(out.logits, dim=1)
+    error = (cached - full).abs().max().item()
+    print(f"{args.preset} -> MoD ({args.router}, layers {[layer.mod_state.index for layer in mod_layers(model)]})")
+    print(f"generated {out.sequences.shape[1] - prompt.shape[1]} tokens x {prompt.shape[0]} rows with the KV cache")
+    print(f"max |cached - full recompute| logit difference: {error:.2e}")
+    for row in routing_stats(model):
+        print(f"  layer {row['layer']}: kept {row['kept_tokens']}/{row['tokens']} tokens of the last forward")
+    if args.output:
+        save(model, args.output, overwrite=args.overwrite)
+        print(f"saved to {args.output}")
+    return 0 if error < 1e-4 else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .plugins import registry
+
+    kind = args.what.rstrip("s")
+    rows = []
+    for entry in registry().list(kind):
+        row = entry.as_dict()
+        if kind == "router":
+            row["arguments"] = dict(entry.obj.arguments)
+            row["capacity_based"] = entry.obj.capacity_based
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        extra = f"  args: {row['arguments']}" if row.get("arguments") else ""
+        print(f"{row['name']:<14} {row['provider']:<16} {row['summary']}{extra}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import registry
+
+    rows = registry().plugins()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']:<28} {row['provider']:<16} {', '.join(row['hooks'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modadapt", description="Convert existing transformers into Mixture-of-Depths models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a model and save it to a new directory")
+    p.add_argument("model", help="local transformers model directory, or a preset such as tiny-llama")
+    p.add_argument("-o", "--output", required=True, help="directory to write (must be new or empty)")
+    p.add_argument("-c", "--config", help="YAML/JSON file of ModConfig fields; flags override it")
+    p.add_argument("--router", help=field_help("router"))
+    p.add_argument("--capacity", type=float, help=field_help("capacity"))
+    p.add_argument("--layers", help=field_help("layers"))
+    p.add_argument("--inference-routing", dest="inference_routing", help=field_help("inference_routing"))
+    p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("router_kwargs"))
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="convert a preset, generate with the cache and check it (offline)")
+    p.add_argument("--preset", default="tiny-llama", help="built-in preset model (default: tiny-llama)")
+    p.add_argument("--router", default="threshold-p", help=field_help("router"))
+    p.add_argument("--capacity", type=float, default=0.5, help=field_help("capacity"))
+    p.add_argument("-o", "--output", help="also save the converted model here")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("list", help="list installed routers or adapters")
+    p.add_argument("what", choices=["routers", "adapters"])
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("plugins", help="list loaded plugins and the hooks they implement")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ModAdaptError as exc:
+        print(f"modadapt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

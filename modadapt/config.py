@@ -1,0 +1,129 @@
+"""`ModConfig`: what to convert and how. Every field's help text is reused by the CLI and docs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ModAdaptError
+
+LAYER_RULES = ("every-other", "all-but-first")
+INFERENCE_ROUTING = ("causal", "topk")
+
+
+@dataclass
+class ModConfig:
+    """Configuration of a Mixture-of-Depths conversion."""
+
+    router: str = field(
+        default="topk",
+        metadata={"help": "Registered router name (see `modadapt list routers`)."},
+    )
+    layers: Any = field(
+        default="every-other",
+        metadata={
+            "help": "Layers to convert: a list of indices, a comma list such as '1,3,5', "
+            "'every-other' (1, 3, 5, ...) or 'all-but-first'. Layer 0 is never converted."
+        },
+    )
+    capacity: float = field(
+        default=0.125,
+        metadata={"help": "Fraction of tokens a capacity router keeps per sequence, in (0, 1]."},
+    )
+    router_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Router-specific arguments (CLI: --router-arg KEY=VALUE)."},
+    )
+    inference_routing: str = field(
+        default="causal",
+        metadata={
+            "help": "How a model in eval mode routes: 'causal' uses each router's causal rule, so "
+            "prefill + decode equal one full forward; 'topk' keeps the training-time selection "
+            "for prompts without a cache (decode steps always use the causal rule)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.router, str) or not self.router:
+            raise ModAdaptError("ModConfig.router must be a router name, e.g. 'topk'.")
+        try:
+            self.capacity = float(self.capacity)
+        except (TypeError, ValueError):
+            raise ModAdaptError(f"capacity must be a number in (0, 1], got {self.capacity!r}.") from None
+        if not 0.0 < self.capacity <= 1.0:
+            raise ModAdaptError(f"capacity must be in (0, 1], got {self.capacity}.")
+        if self.inference_routing not in INFERENCE_ROUTING:
+            raise ModAdaptError(
+                f"inference_routing must be one of {INFERENCE_ROUTING}, got {self.inference_routing!r}."
+            )
+        if not isinstance(self.router_kwargs, dict):
+            raise ModAdaptError("router_kwargs must be a dict of router arguments.")
+        self.layers = normalize_layer_spec(self.layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModAdaptError(f"unknown ModConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def field_help(name: str) -> str:
+    """The help text of a ModConfig field (shared by the CLI and docs)."""
+    for f in fields(ModConfig):
+        if f.name == name:
+            return f.metadata["help"]
+    raise KeyError(name)
+
+
+def normalize_layer_spec(spec: Any) -> str | list[int]:
+    """Turn a layer spec into a named rule or a sorted list of unique ints (not yet range-checked)."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text in LAYER_RULES:
+            return text
+        try:
+            spec = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ModAdaptError(
+                f"layers {text!r} is not a layer list; use e.g. '1,3,5', "
+                f"or one of {', '.join(LAYER_RULES)}."
+            ) from None
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ModAdaptError("layers is empty; name at least one layer to convert.")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+            raise ModAdaptError(f"layers must be integers, got {list(spec)!r}.")
+        return sorted(set(spec))
+    raise ModAdaptError(f"layers must be a list of ints or one of {LAYER_RULES}, got {spec!r}.")
+
+
+def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
+    """Resolve a layer spec against a stack of `num_layers` layers; layer 0 is never allowed."""
+    if spec == "every-other":
+        layers = list(range(1, num_layers, 2))
+    elif spec == "all-but-first":
+        layers = list(range(1, num_layers))
+    else:
+        layers = list(spec)
+        bad = [i for i in layers if i < 0 or i >= num_layers]
+        if bad:
+            raise ModAdaptError(
+                f"layer index {bad[0]} is out of range: the model has {num_layers} layers (0..{num_layers - 1})."
+            )
+        if 0 in layers:
+            raise ModAdaptError(
+                "layer 0 cannot be converted: the first layer sizes the cache and masks that every "
+                "later layer relies on. Choose layers from 1 on."
+            )
+    if not layers:
+        raise ModAdaptError(f"the layer rule {spec!r} selects no layer in a {num_layers}-layer model.")
+    return layers

@@ -1,0 +1,149 @@
+"""`convert` and `unload`: attach routers to a model in place, and take them off again."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters.base import Adapter, TokenRoles
+from .config import ModConfig, resolve_layers
+from .errors import ModAdaptError
+from .mod_layer import LayerState, ModelState, mod_class
+from .plugins import get_router, registry
+
+STATE_ATTR = "_modadapt_state"
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The registered adapter that handles `model`, or a clear error listing what is installed."""
+    for entry in registry().list("adapter"):
+        adapter = entry.obj()
+        if adapter.matches(model):
+            return adapter
+    installed = "; ".join(f"{e.name}: {e.obj.description or e.provider}" for e in registry().list("adapter"))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    what = f"{type(model).__name__}" + (f" (model_type {model_type!r})" if model_type else "")
+    raise ModAdaptError(
+        f"unsupported model {what}: no installed adapter handles it. Installed adapters: {installed}. "
+        "A plugin can register an adapter for it."
+    )
+
+
+def state_of(model: nn.Module) -> ModelState | None:
+    return getattr(model, STATE_ATTR, None)
+
+
+def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any) -> nn.Module:
+    """Convert `model` to Mixture-of-Depths in place and return it.
+
+    Args:
+        model: A supported model (see `modadapt list adapters`).
+        config: What to convert; keyword arguments are a shortcut for its fields and override it.
+
+    Nothing is changed when an error is raised.
+    """
+    if config is None:
+        config = ModConfig(**overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    if state_of(model) is not None:
+        raise ModAdaptError("this model is already converted; call modadapt.unload(model) first.")
+    adapter = find_adapter(model)
+    stack_owner, layers = adapter.layer_stack(model)
+    indices = resolve_layers(config.layers, len(layers))
+    adapter.validate_layers(model, indices)
+    router_cls = get_router(config.router).obj
+    hidden = adapter.hidden_size(model)
+
+    routers = {}
+    for i in indices:  # build everything before touching the model: errors leave it unchanged
+        reference = next(layers[i].parameters(), None)
+        router = router_cls(hidden, config.capacity, i, **config.router_kwargs)
+        if reference is not None:
+            router = router.to(device=reference.device, dtype=reference.dtype)
+        routers[i] = router
+    calls = {i: adapter.layer_call(model, layers[i], i) for i in indices}
+
+    state = ModelState(config=config, adapter=adapter, layer_indices=indices)
+    for i in indices:
+        layer = layers[i]
+        layer.__class__ = mod_class(type(layer))
+        layer.router = routers[i]
+        layer.mod_state = LayerState(index=i, call=calls[i], model=state)
+    object.__setattr__(model, STATE_ATTR, state)
+    _install_hooks(model, stack_owner, state)
+    return model
+
+
+class _Hooks:
+    """The model-level hooks; a class (not closures) so that `copy.deepcopy(model)` gives the copy
+    hooks bound to the copy's own state."""
+
+    def __init__(self, model: nn.Module, state: ModelState):
+        self.model = model
+        self.state = state
+
+    def before_stack(self, module, args, kwargs):
+        self.state.forward_id += 1
+        self.state.roles = self.state.adapter.token_roles(module, args, kwargs)
+
+    def after_stack(self, module, args, kwargs, output):
+        self.state.roles = TokenRoles()  # never leak one call's roles into a direct layer call
+
+    def after_model(self, module, args, kwargs, output):
+        """Add the routers' auxiliary losses to the loss the model returns (labels given)."""
+        loss = output.get("loss") if hasattr(output, "get") else None
+        if loss is None:
+            return output
+        aux = aux_loss(self.model)
+        if aux is not None:
+            output["loss"] = loss + aux.to(loss.dtype)
+            output["router_aux_loss"] = aux
+        return output
+
+
+def _install_hooks(model: nn.Module, stack_owner: nn.Module, state: ModelState) -> None:
+    hooks = _Hooks(model, state)
+    state.hooks = [
+        stack_owner.register_forward_pre_hook(hooks.before_stack, with_kwargs=True),
+        stack_owner.register_forward_hook(hooks.after_stack, with_kwargs=True, always_call=True),
+    ]
+    if stack_owner is not model:
+        state.hooks.append(model.register_forward_hook(hooks.after_model, with_kwargs=True))
+
+
+def mod_layers(model: nn.Module) -> list[nn.Module]:
+    """The converted layers of `model`, in stack order."""
+    state = state_of(model)
+    if state is None:
+        raise ModAdaptError("this model is not converted; call modadapt.convert(model, ...) first.")
+    _, layers = state.adapter.layer_stack(model)
+    return [layers[i] for i in state.layer_indices]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the router auxiliary losses of the model's last forward (None if there are none)."""
+    state = state_of(model)
+    losses = [
+        layer.mod_state.last_aux
+        for layer in mod_layers(model)
+        if layer.mod_state.last_aux is not None and layer.mod_state.last_forward_id == state.forward_id
+    ]
+    return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every router and hook; the model's state dict is the original one again."""
+    state = state_of(model)
+    layers = mod_layers(model)
+    for handle in state.hooks:
+        handle.remove()
+    for layer in layers:
+        del layer.router
+        del layer.mod_state
+        layer.__class__ = layer._mod_original
+    object.__delattr__(model, STATE_ATTR)
+    return model

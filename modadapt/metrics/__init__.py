@@ -1,0 +1,1 @@
+"""Metrics: routing statistics (and, later, ARank and FLOPs)."""

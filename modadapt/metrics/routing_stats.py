@@ -1,0 +1,25 @@
+"""Per-layer kept fractions of a converted model's last forward, for logging."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..convert import mod_layers
+
+
+def routing_stats(model: nn.Module) -> list[dict]:
+    """One dict per MoD layer: ``layer``, ``router``, ``kept_tokens``, ``tokens`` and
+    ``kept_fraction`` (over real tokens; padding never counts), from the last forward."""
+    rows = []
+    for layer in mod_layers(model):
+        state = layer.mod_state
+        row = {"layer": state.index, "router": layer.router.name, "kept_tokens": 0, "tokens": 0, "kept_fraction": None}
+        if state.last_keep is not None:
+            keep = state.last_keep
+            real = state.last_real
+            kept = (keep & real).sum() if real is not None else keep.sum()
+            total = real.sum() if real is not None else keep.numel()
+            row["kept_tokens"], row["tokens"] = int(kept), int(total)
+            row["kept_fraction"] = row["kept_tokens"] / row["tokens"] if row["tokens"] else 0.0
+        rows.append(row)
+    return rows

@@ -1,0 +1,184 @@
+"""The generic MoD layer: route, gather, run the original layer on the subset, scatter back.
+
+Converting a layer swaps its class for a cached subclass whose `forward` is `mod_forward`; the
+original `forward` runs on the kept tokens. The module stays where it was, so transformers' output
+hooks, gradient checkpointing and state-dict names keep working (the router is the only new key).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters.base import LayerCall, TokenRoles
+from .kv_cache import mod_cache_layer
+from .masks import subset_attention_mask
+from .routers.base import RoutingContext, RoutingDecision
+
+_CLASSES: dict[type, type] = {}
+
+
+@dataclass
+class ModelState:
+    """Shared by all MoD layers of one converted model; not part of the state dict."""
+
+    config: Any  # ModConfig
+    adapter: Any  # Adapter
+    layer_indices: list[int]
+    roles: TokenRoles = field(default_factory=TokenRoles)
+    forward_id: int = 0
+    hooks: list = field(default_factory=list)
+
+
+@dataclass
+class LayerState:
+    """Per MoD layer: how to call it, and what its last forward decided (for stats and losses)."""
+
+    index: int
+    call: LayerCall
+    model: ModelState
+    last_keep: torch.Tensor | None = None
+    last_real: torch.Tensor | None = None
+    last_aux: torch.Tensor | None = None
+    last_forward_id: int = -1
+
+
+class ModLayer:
+    """Mixin placed before the original layer class; see the module docstring."""
+
+    router: nn.Module
+    mod_state: LayerState
+
+    def forward(self, *args, **kwargs):
+        return mod_forward(self, args, kwargs)
+
+
+def mod_class(original: type) -> type:
+    """The cached MoD subclass of a layer class (same name with a `Mod` prefix)."""
+    if original not in _CLASSES:
+        _CLASSES[original] = type(f"Mod{original.__name__}", (ModLayer, original), {"_mod_original": original})
+    return _CLASSES[original]
+
+
+def _gather_tokens(value: Any, index: torch.Tensor) -> Any:
+    """Gather dim 1 of a per-token tensor (or each tensor of a tuple) at `index` `[B, K]`."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_gather_tokens(v, index) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return value
+    B, K = index.shape
+    value = value.expand(B, *value.shape[1:])
+    idx = index.view(B, K, *([1] * (value.dim() - 2))).expand(B, K, *value.shape[2:])
+    return value.gather(1, idx)
+
+
+class _CallArguments:
+    """Named access to a layer call's arguments, whether passed by position, name or **kwargs."""
+
+    def __init__(self, signature: inspect.Signature, layer: nn.Module, args: tuple, kwargs: dict):
+        self.bound = signature.bind(layer, *args, **kwargs)
+        var_kw = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        self.extra = self.bound.arguments.setdefault(var_kw[0], {}) if var_kw else {}
+
+    def get(self, name: str | None) -> Any:
+        if name is None:
+            return None
+        if name in self.bound.arguments:
+            return self.bound.arguments[name]
+        return self.extra.get(name)
+
+    def set(self, name: str, value: Any) -> None:
+        if name in self.bound.signature.parameters:
+            self.bound.arguments[name] = value
+        else:
+            self.extra[name] = value
+
+
+def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, arguments: _CallArguments, seen: int):
+    B, T = hidden.shape[:2]
+    roles = state.model.roles
+    real = roles.real[:, -T:] if roles.real is not None else None
+    forced = roles.forced[:, -T:] if roles.forced is not None else None
+    positions = arguments.get(state.call.position_ids)
+    if not isinstance(positions, torch.Tensor) or positions.shape[-1] != T:
+        positions = torch.arange(seen, seen + T, device=hidden.device)
+    decoding = seen > 0
+    return RoutingContext(
+        layer_index=state.index,
+        real=real,
+        forced=forced,
+        positions=positions.expand(B, T),
+        causal=decoding or (not layer.training and state.model.config.inference_routing == "causal"),
+        training=layer.training and torch.is_grad_enabled(),
+        roles={k: v[:, -T:] for k, v in roles.extra.items()},
+    )
+
+
+def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
+    state: LayerState = layer.mod_state
+    call = state.call
+    arguments = _CallArguments(call.signature, layer, args, kwargs)
+    hidden = arguments.get(call.hidden)
+    B, T = hidden.shape[:2]
+    cache = arguments.get(call.cache)
+    book = mod_cache_layer(cache, state.index) if cache is not None else None
+    seen = book.mod_seen if book is not None else 0
+
+    ctx = _routing_context(layer, state, hidden, arguments, seen)
+    decision: RoutingDecision = layer.router.route(hidden, ctx)
+    _record(state, decision, ctx)
+
+    K = decision.indices.shape[1]
+    if K == 0:  # nothing to process in any row: skip the layer outright, write no K/V
+        if book is not None:
+            book.mod_seen += T
+        return hidden
+
+    index = decision.indices
+    gather_index = index.unsqueeze(-1).expand(B, K, hidden.shape[-1])
+    hidden_sub = hidden.gather(1, gather_index)
+    arguments.set(call.hidden, hidden_sub)
+    for name in (*call.per_token, call.position_ids):
+        if name is not None and arguments.get(name) is not None:
+            arguments.set(name, _gather_tokens(arguments.get(name), index))
+    if call.mask:
+        past_index, past_valid = book.mod_past() if book is not None else (None, None)
+        arguments.set(
+            call.mask,
+            subset_attention_mask(
+                call.attn_implementation(),
+                query_index=index + seen,
+                query_valid=decision.valid,
+                past_index=past_index,
+                past_valid=past_valid,
+                causal=call.causal,
+                window=call.window,
+                span=seen + T,
+                dtype=hidden.dtype,
+            ),
+        )
+
+    out = layer._mod_original.forward(*arguments.bound.args, **arguments.bound.kwargs)
+    out_sub = out[0] if isinstance(out, tuple) else out
+    if book is not None:
+        valid = decision.valid if decision.valid is not None else torch.ones_like(index, dtype=torch.bool)
+        book.mod_record(index + seen, valid)
+        book.mod_seen += T
+
+    if decision.gate is not None:  # y = f + (g - 1)(f - x): exactly f when g == 1
+        out_sub = out_sub + (decision.gate - 1).to(out_sub.dtype).unsqueeze(-1) * (out_sub - hidden_sub)
+    if decision.valid is not None:
+        out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub)
+    result = hidden.scatter(1, gather_index, out_sub.to(hidden.dtype))
+    return (result, *out[1:]) if isinstance(out, tuple) else result
+
+
+def _record(state: LayerState, decision: RoutingDecision, ctx: RoutingContext) -> None:
+    state.last_keep = decision.keep.detach()
+    state.last_real = ctx.real
+    state.last_aux = decision.aux_loss
+    state.last_forward_id = state.model.forward_id

@@ -1,0 +1,130 @@
+"""`save` and `load`: a self-contained directory that loads offline.
+
+Layout: ``modadapt.json`` (format, modadapt version, adapter, architecture description, the
+ModConfig and resolved layers), ``model.safetensors`` (every weight, routers included) and
+whatever the adapter needs to rebuild the architecture (for transformers: ``config.json``).
+Saving writes into a temporary sibling directory and renames it at the end, so a failure never
+leaves a half-written directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import ModConfig
+from .convert import convert, find_adapter, state_of
+from .errors import ModAdaptError
+from .plugins import get_adapter
+
+FORMAT_VERSION = 1
+META_FILE = "modadapt.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, extra_files=()) -> Path:
+    """Save a converted model to `directory` (created; must be new or empty unless `overwrite`).
+
+    `extra_files` are copied in as they are (e.g. tokenizer files next to the source model).
+    """
+    from safetensors.torch import save_model
+
+    state = state_of(model)
+    if state is None:
+        raise ModAdaptError("only converted models can be saved with modadapt.save; call convert first.")
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ModAdaptError(f"{target} exists and is not a directory.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ModAdaptError(f"{target} is not empty; choose a new directory or pass overwrite=True (--overwrite).")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        dtype = next(model.parameters()).dtype
+        meta = {
+            "format": FORMAT_VERSION,
+            "modadapt_version": __version__,
+            "adapter": state.adapter.name,
+            "architecture": state.adapter.describe(model),
+            "dtype": str(dtype).removeprefix("torch."),
+            "mod_config": {**state.config.to_dict(), "layers": list(state.layer_indices)},
+        }
+        state.adapter.save_base(model, str(tmp))
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    path = Path(directory)
+    if not path.is_dir():
+        raise ModAdaptError(f"{path} is not a directory saved by modadapt.save.")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise ModAdaptError(f"{path} has no {META_FILE}: it was not saved by modadapt.save.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModAdaptError(f"{meta_path} is corrupt: {exc}.") from None
+    missing = [k for k in ("format", "adapter", "architecture", "mod_config") if k not in meta]
+    if missing:
+        raise ModAdaptError(f"{meta_path} lacks {', '.join(missing)}; the directory is corrupt.")
+    if meta["format"] > FORMAT_VERSION:
+        raise ModAdaptError(
+            f"{path} was saved in format {meta['format']} by modadapt {meta.get('modadapt_version')}; "
+            f"this modadapt ({__version__}) reads format {FORMAT_VERSION}. Upgrade modadapt."
+        )
+    return meta
+
+
+def load(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
+    """Load a model saved by `save`: the same architecture, routers and weights, offline."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    path = Path(directory)
+    meta = read_meta(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModAdaptError(f"{path} has no {WEIGHTS_FILE}; the directory is incomplete.")
+    adapter = get_adapter(meta["adapter"]).obj()
+    try:
+        model = adapter.build(str(path), meta["architecture"])
+    except ModAdaptError:
+        raise
+    except Exception as exc:
+        raise ModAdaptError(f"{path}: could not rebuild the architecture: {exc}") from exc
+    dtype = getattr(torch, meta.get("dtype", "float32"), None)
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    if find_adapter(model).name != meta["adapter"]:
+        raise ModAdaptError(f"{path}: the rebuilt model is not handled by adapter {meta['adapter']!r}.")
+    convert(model, ModConfig.from_dict(meta["mod_config"]))
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device or "cpu"))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ModAdaptError(f"{weights} is corrupt or does not match the saved architecture: {exc}") from None
+    if missing or unexpected:
+        raise ModAdaptError(
+            f"{weights} does not match the saved architecture: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
+        )
+    model.eval()
+    return model

@@ -1,0 +1,149 @@
+"""Plugin registry (pluggy). Built-in routers and adapters register through the same hooks as
+third-party packages, which declare an entry point in the group ``modadapt``::
+
+    [project.entry-points.modadapt]
+    my_router = "my_package.plugin"
+
+and implement, in that module::
+
+    from modadapt import hookimpl
+
+    @hookimpl
+    def register_routers(register):
+        register(MyRouter)            # name taken from MyRouter.name
+
+Environment switches: ``MODADAPT_NO_PLUGINS=1`` loads no external plugin;
+``MODADAPT_PLUGINS=name1,name2`` loads only the entry points with those names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+
+from .errors import ModAdaptError
+
+PROJECT = "modadapt"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+BUILTIN_MODULES = ("modadapt.routers.builtin", "modadapt.adapters.builtin")
+
+
+class HookSpecs:
+    """Every hook a plugin may implement; each receives a `register` callback."""
+
+    @hookspec
+    def register_routers(self, register: Callable[..., None]) -> None:
+        """Register Router subclasses: ``register(cls, name=None)``."""
+
+    @hookspec
+    def register_adapters(self, register: Callable[..., None]) -> None:
+        """Register Adapter subclasses: ``register(cls, name=None)``."""
+
+
+@dataclass
+class Registration:
+    name: str
+    obj: Any
+    provider: str
+    kind: str
+
+    def as_dict(self) -> dict:
+        doc = getattr(self.obj, "description", "") or (getattr(self.obj, "__doc__", None) or "").strip()
+        return {"name": self.name, "provider": self.provider, "kind": self.kind, "summary": doc.splitlines()[0] if doc else ""}
+
+
+class Registry:
+    """Loaded plugins and what they registered."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(HookSpecs)
+        self.providers: dict[int, str] = {}
+        self.entries: dict[str, dict[str, Registration]] = {"router": {}, "adapter": {}}
+        self._load()
+
+    def _load(self) -> None:
+        import importlib
+
+        for module_name in BUILTIN_MODULES:
+            module = importlib.import_module(module_name)
+            self.pm.register(module, name=module_name)
+            self.providers[id(module)] = PROJECT
+        if os.environ.get("MODADAPT_NO_PLUGINS", "").strip() in ("", "0"):
+            self._load_entry_points()
+        self.pm.check_pending()
+        self._collect("router", "register_routers")
+        self._collect("adapter", "register_adapters")
+
+    def _load_entry_points(self) -> None:
+        only = {n.strip() for n in os.environ.get("MODADAPT_PLUGINS", "").split(",") if n.strip()}
+        for ep in metadata.entry_points(group=PROJECT):
+            if (only and ep.name not in only) or self.pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin is named, not silently skipped
+                raise ModAdaptError(f"plugin {ep.name!r} failed to load: {exc}") from exc
+            self.pm.register(plugin, name=ep.name)
+            self.providers[id(plugin)] = ep.dist.name if getattr(ep, "dist", None) is not None else ep.name
+
+    def _collect(self, kind: str, hook_name: str) -> None:
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            provider = self.providers.get(id(impl.plugin), impl.plugin_name)
+            impl.function(register=self._registrar(kind, provider))
+
+    def _registrar(self, kind: str, provider: str) -> Callable[..., None]:
+        def register(obj: Any, name: str | None = None) -> None:
+            name = name or getattr(obj, "name", None)
+            if not name:
+                raise ModAdaptError(f"{provider} registered a {kind} without a name: {obj!r}.")
+            existing = self.entries[kind].get(name)
+            if existing is not None:
+                raise ModAdaptError(
+                    f"{kind} {name!r} is registered twice: by {existing.provider} and by {provider}. "
+                    "Uninstall one, or disable plugins with MODADAPT_NO_PLUGINS=1."
+                )
+            self.entries[kind][name] = Registration(name, obj, provider, kind)
+
+        return register
+
+    def get(self, kind: str, name: str) -> Registration:
+        entry = self.entries[kind].get(name)
+        if entry is None:
+            known = ", ".join(f"{e.name} ({e.provider})" for e in self.entries[kind].values()) or "none"
+            raise ModAdaptError(f"unknown {kind} {name!r}; installed {kind}s: {known}.")
+        return entry
+
+    def list(self, kind: str) -> list[Registration]:
+        return sorted(self.entries[kind].values(), key=lambda e: e.name)
+
+    def plugins(self) -> list[dict]:
+        out = []
+        for name, plugin in self.pm.list_name_plugin():
+            hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            out.append({"name": name, "provider": self.providers.get(id(plugin), name), "hooks": hooks})
+        return sorted(out, key=lambda p: p["name"])
+
+
+_REGISTRY: Registry | None = None
+
+
+def registry(reload: bool = False) -> Registry:
+    """The process-wide registry, loaded on first use."""
+    global _REGISTRY
+    if _REGISTRY is None or reload:
+        _REGISTRY = Registry()
+    return _REGISTRY
+
+
+def get_router(name: str) -> Registration:
+    return registry().get("router", name)
+
+
+def get_adapter(name: str) -> Registration:
+    return registry().get("adapter", name)

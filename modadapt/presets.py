@@ -1,0 +1,56 @@
+"""Built-in tiny models with random weights: try the tool offline, and test every family.
+
+`tiny-llama` etc. are full `transformers` models built from a config in code (no download).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ModAdaptError
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _llama_like(config_name: str, model_name: str, **extra) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        config = getattr(transformers, config_name)(**{**_COMMON, **extra})
+        config._attn_implementation = "sdpa"
+        return getattr(transformers, model_name)(config)
+
+    return build
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config)
+
+
+PRESETS: dict[str, Callable[[], nn.Module]] = {
+    "tiny-llama": _llama_like("LlamaConfig", "LlamaForCausalLM"),
+    "tiny-qwen2": _llama_like("Qwen2Config", "Qwen2ForCausalLM"),
+    "tiny-qwen3": _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=16),
+    "tiny-mistral": _llama_like("MistralConfig", "MistralForCausalLM", sliding_window=None),
+    "tiny-gemma": _llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=16),
+    "tiny-phi3": _llama_like("Phi3Config", "Phi3ForCausalLM", pad_token_id=0),
+    "tiny-gpt2": _gpt2,
+}
+
+
+def build_preset(name: str, seed: int = 0) -> nn.Module:
+    """A preset model with weights drawn from `seed` (the same seed gives the same weights)."""
+    if name not in PRESETS:
+        raise ModAdaptError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PRESETS[name]()
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Fine-tuning recipes for converted models."""

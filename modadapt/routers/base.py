@@ -1,0 +1,190 @@
+"""The Router contract: which tokens a MoD layer processes.
+
+A router scores tokens; the framework (this file) turns scores into a sorted, packed selection,
+applies the token roles (padding never kept, forced tokens always kept), and asks the router for
+gates and auxiliary losses. A router author implements `score`, `causal_keep` and, optionally,
+`gate`, `aux_loss` and `select`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ModAdaptError
+
+
+@dataclass
+class RoutingContext:
+    """What a router may look at besides the hidden states of one MoD layer call.
+
+    Attributes:
+        layer_index: Index of the layer in its stack.
+        real: `[B, T]` bool, False for padding (None: no padding).
+        forced: `[B, T]` bool, tokens that must be processed (prefix/CLS, protected); None: none.
+        positions: `[B, T]` long position ids of the tokens (for position-keyed routers).
+        causal: True when the decision must be causal (eval with causal routing, or decoding).
+        training: Whether the model is training (auxiliary losses are only computed then).
+        roles: Free-form per-token role tensors from the adapter (e.g. ``{"image": [B, T]}``).
+    """
+
+    layer_index: int
+    real: torch.Tensor | None
+    forced: torch.Tensor | None
+    positions: torch.Tensor
+    causal: bool
+    training: bool
+    roles: dict | None = None
+
+
+@dataclass
+class RoutingDecision:
+    """The tokens one MoD layer processes, packed per row.
+
+    Attributes:
+        indices: `[B, K]` token indices, sorted ascending within each row among valid slots.
+        valid: `[B, K]` bool, False for filler slots of rows that keep fewer than K tokens
+            (their outputs are discarded and their K/V is never attended). None: all valid.
+        gate: `[B, K]` factor on the layer's delta for each slot; None means exactly 1.
+        keep: `[B, T]` bool mask of kept tokens (for statistics).
+        aux_loss: Scalar auxiliary loss to add to the training loss, or None.
+        logits: `[B, T]` router scores (for statistics and causal-rule training).
+    """
+
+    indices: torch.Tensor
+    valid: torch.Tensor | None
+    gate: torch.Tensor | None
+    keep: torch.Tensor
+    aux_loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+def straight_through_one(x: torch.Tensor) -> torch.Tensor:
+    """Exactly 1 in value, with the gradient of `x`: a pretrained block starts at full strength."""
+    return 1.0 + (x - x.detach())
+
+
+class Router(nn.Module):
+    """Base class for routers.
+
+    Subclasses set `name`, `causal` (whether the training-time decision for token i depends only
+    on tokens <= i) and `capacity_based` (static top-k selection while training), and implement
+    `score` and `causal_keep`.
+    """
+
+    name: ClassVar[str] = ""
+    causal: ClassVar[bool] = False
+    capacity_based: ClassVar[bool] = True
+    #: Router-specific arguments and their defaults; unknown arguments are a clear error.
+    arguments: ClassVar[dict] = {}
+
+    def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
+        super().__init__()
+        unknown = sorted(set(kwargs) - set(self.arguments))
+        if unknown:
+            known = ", ".join(sorted(self.arguments)) or "none"
+            raise ModAdaptError(
+                f"router {self.name!r} has no argument {unknown[0]!r}; its arguments are: {known}."
+            )
+        self.hidden_size = hidden_size
+        self.capacity = capacity
+        self.layer_index = layer_index
+        self.options = {**self.arguments, **kwargs}
+
+    # --- what a router implements -------------------------------------------------------------
+    def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """Return `[B, T]` scores; higher means more worth processing."""
+        raise NotImplementedError
+
+    def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """The causal rule: `[B, T]` bool keep decisions that use only token i for token i."""
+        raise NotImplementedError
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Gate on the layer's delta per selected slot, given the slot logits. None = exactly 1."""
+        return straight_through_one(logits)
+
+    def aux_loss(
+        self, logits: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext
+    ) -> torch.Tensor | None:
+        """Auxiliary training loss for this layer (only called while training)."""
+        return None
+
+    # --- the framework ------------------------------------------------------------------------
+    def select(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor | int:
+        """Training-time selection: an int k for static top-k, or a `[B, T]` bool keep mask."""
+        if self.capacity_based:
+            return math.ceil(self.capacity * logits.shape[1])
+        return self.causal_keep(logits, hidden, ctx)
+
+    def route(self, hidden: torch.Tensor, ctx: RoutingContext) -> RoutingDecision:
+        logits = self.score(hidden, ctx)
+        choice = self.causal_keep(logits, hidden, ctx) if ctx.causal else self.select(logits, hidden, ctx)
+        if isinstance(choice, int):
+            indices, valid, keep = select_topk(logits, choice, ctx.real, ctx.forced)
+        else:
+            indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
+        gate = self.gate(logits.gather(1, indices)) if indices.shape[1] else None
+        aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
+        return RoutingDecision(indices, valid, gate, keep, aux, logits)
+
+
+def select_topk(
+    logits: torch.Tensor, k: int, real: torch.Tensor | None, forced: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Top-k per row with a static slot count and no host sync on the common path.
+
+    Without padding or forced tokens this is `topk` + sort. Otherwise each row keeps its forced
+    tokens plus `ceil(capacity * n_eligible)` of its eligible tokens, so a padded row keeps what
+    it would keep alone.
+    """
+    B, T = logits.shape
+    k = max(0, min(k, T))
+    if real is None and forced is None:
+        indices = logits.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        keep = torch.zeros(B, T, dtype=torch.bool, device=logits.device).scatter_(1, indices, True)
+        return indices, None, keep
+    eligible = torch.ones(B, T, dtype=torch.bool, device=logits.device)
+    if real is not None:
+        eligible = eligible & real
+    if forced is not None:
+        forced = forced & (real if real is not None else True)
+        eligible = eligible & ~forced
+    n_eligible = eligible.sum(1, keepdim=True)
+    k_row = torch.ceil(n_eligible.to(torch.float64) * (k / T)).long() if T else n_eligible
+    masked = logits.masked_fill(~eligible, float("-inf"))
+    order = masked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=logits.device).expand(B, T))
+    keep = eligible & (rank < k_row)
+    if forced is not None:
+        keep = keep | forced
+        return pack_mask(keep, None, None)
+    return pack_mask(keep, None, None, slots=k)
+
+
+def pack_mask(
+    keep: torch.Tensor, real: torch.Tensor | None, forced: torch.Tensor | None, slots: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Pack a `[B, T]` keep mask into sorted indices of width `slots` (default: the largest row).
+
+    Kept tokens come first in ascending order; the remaining slots are filled with unkept tokens
+    (distinct indices, so scattering identity values there is harmless) and marked invalid.
+    """
+    if real is not None:
+        keep = keep & real
+    if forced is not None:
+        keep = keep | (forced & (real if real is not None else True))
+    B, T = keep.shape
+    counts = keep.sum(1)
+    all_valid = False
+    if slots is None:  # variable count: one host sync for the widest and narrowest row
+        slots, fewest = torch.stack([counts.max(), counts.min()]).tolist() if B and T else (0, 0)
+        all_valid = fewest == slots
+    order_key = (~keep).long() * T + torch.arange(T, device=keep.device)
+    indices = order_key.argsort(dim=1)[:, :slots]
+    valid = None if all_valid else torch.arange(slots, device=keep.device) < counts[:, None]
+    return indices, valid, keep

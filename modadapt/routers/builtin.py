@@ -1,0 +1,13 @@
+"""Registers the built-in routers through the same hook third-party plugins use."""
+
+from ..plugins import hookimpl
+from .random import RandomRouter
+from .threshold import ThresholdRouter
+from .topk import TopKRouter
+
+
+@hookimpl
+def register_routers(register):
+    register(TopKRouter)
+    register(ThresholdRouter)
+    register(RandomRouter)

@@ -1,0 +1,65 @@
+"""`threshold-p`: MoDification's router (Zhang et al., 2024, arXiv 2410.14268).
+
+Gate `g = sigmoid(w . x + b)`; a token is processed iff `g >= p`. The decision for token i uses
+only token i, so it is causal by construction and the count varies per sequence. The layer
+load-reducing loss `alpha * F_j * G_j` (F_j: kept fraction, no gradient; G_j: mean gate, with
+gradient) is summed over layers by the framework. A fresh conversion (zero weights, g = 0.5 >= p
+for the default p = 0.5) keeps every token with a gate of exactly 1, so it equals the dense model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ModAdaptError
+from .base import Router, RoutingContext, straight_through_one
+from .linear_score import LinearScore
+
+
+class ThresholdRouter(Router):
+    """MoDification: keep a token iff sigmoid(w.x+b) >= p, with a layer load-reducing loss."""
+
+    name = "threshold-p"
+    causal = True
+    capacity_based = False
+    arguments = {"p": 0.5, "alpha": 0.01, "gate": "straight-through"}
+
+    def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
+        super().__init__(hidden_size, capacity, layer_index, **kwargs)
+        self.p = float(self.options["p"])
+        if not 0.0 < self.p < 1.0:
+            raise ModAdaptError(f"threshold-p: p must be in (0, 1), got {self.p}.")
+        self.alpha = float(self.options["alpha"])
+        if self.alpha < 0:
+            raise ModAdaptError(f"threshold-p: alpha must be >= 0, got {self.alpha}.")
+        self.gate_mode = self.options["gate"]
+        if self.gate_mode not in ("straight-through", "sigmoid"):
+            raise ModAdaptError(
+                f"threshold-p: gate must be 'straight-through' or 'sigmoid', got {self.gate_mode!r}."
+            )
+        self.logit_p = math.log(self.p / (1.0 - self.p))
+        self.scorer = LinearScore(hidden_size)
+
+    def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return self.scorer(hidden)
+
+    def causal_keep(self, logits, hidden, ctx):
+        return logits >= self.logit_p
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(logits)
+        return straight_through_one(g) if self.gate_mode == "straight-through" else g
+
+    def aux_loss(self, logits, keep, hidden, ctx):
+        if self.alpha == 0:
+            return None
+        g = torch.sigmoid(logits)
+        if ctx.real is None:
+            kept_fraction, mean_gate = keep.float().mean(), g.mean()
+        else:
+            real = ctx.real.to(g.dtype)
+            n = real.sum().clamp_min(1)
+            kept_fraction, mean_gate = (keep.to(g.dtype) * real).sum() / n, (g * real).sum() / n
+        return self.alpha * kept_fraction.detach() * mean_gate

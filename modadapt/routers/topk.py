@@ -1,0 +1,67 @@
+"""`topk`: the original Mixture-of-Depths router (Raposo et al., 2024).
+
+A linear score per token; while training, each sequence keeps its top `ceil(capacity * T)` tokens
+(static shape, no host sync). Top-k looks ahead, so decoding uses a causal rule: keep a token when
+`sigmoid(score) >= 0.5`, taught by an auxiliary BCE loss towards the top-k choice
+(`causal_rule=aux`), or by a small stop-gradient predictor (`causal_rule=predictor`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModAdaptError
+from .base import Router, RoutingContext
+from .linear_score import LinearScore
+
+
+class TopKRouter(Router):
+    """Learned linear score, top-k at capacity (original MoD); causal rule for decoding."""
+
+    name = "topk"
+    causal = False
+    capacity_based = True
+    arguments = {"aux_coef": 0.01, "causal_rule": "aux", "predictor_hidden": 64}
+
+    def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
+        super().__init__(hidden_size, capacity, layer_index, **kwargs)
+        rule = self.options["causal_rule"]
+        if rule not in ("aux", "predictor"):
+            raise ModAdaptError(f"topk: causal_rule must be 'aux' or 'predictor', got {rule!r}.")
+        self.aux_coef = float(self.options["aux_coef"])
+        if self.aux_coef < 0:
+            raise ModAdaptError(f"topk: aux_coef must be >= 0, got {self.aux_coef}.")
+        self.scorer = LinearScore(hidden_size)
+        if rule == "predictor":
+            width = int(self.options["predictor_hidden"])
+            if width < 1:
+                raise ModAdaptError(f"topk: predictor_hidden must be >= 1, got {width}.")
+            self.predictor = nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, 1))
+            nn.init.zeros_(self.predictor[2].weight)
+            nn.init.zeros_(self.predictor[2].bias)
+        else:
+            self.predictor = None
+
+    def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return self.scorer(hidden)
+
+    def _rule_logits(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if self.predictor is None:
+            return logits
+        return self.predictor(hidden.detach().to(self.predictor[0].weight.dtype)).squeeze(-1).float()
+
+    def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return self._rule_logits(logits, hidden) >= 0
+
+    def aux_loss(self, logits, keep, hidden, ctx):
+        if self.aux_coef == 0 or ctx.causal:
+            return None
+        rule_logits = self._rule_logits(logits, hidden)
+        target = keep.to(rule_logits.dtype)
+        loss = F.binary_cross_entropy_with_logits(rule_logits, target, reduction="none")
+        if ctx.real is not None:
+            real = ctx.real.to(loss.dtype)
+            return self.aux_coef * (loss * real).sum() / real.sum().clamp_min(1)
+        return self.aux_coef * loss.mean()
