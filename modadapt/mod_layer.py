@@ -103,6 +103,9 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
     roles = state.model.roles
     real = roles.real[:, -T:] if roles.real is not None else None
     forced = roles.forced[:, -T:] if roles.forced is not None else None
+    if state.call.prefix_tokens:  # class / distillation / register tokens: always processed
+        prefix = (torch.arange(seen, seen + T, device=hidden.device) < state.call.prefix_tokens).expand(B, T)
+        forced = prefix if forced is None else forced | prefix
     positions = arguments.get(state.call.position_ids)
     if not isinstance(positions, torch.Tensor) or positions.shape[-1] != T:
         positions = torch.arange(seen, seen + T, device=hidden.device)
@@ -112,7 +115,9 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
         real=real,
         forced=forced,
         positions=positions.expand(B, T),
-        causal=decoding or (not layer.training and state.model.config.inference_routing == "causal"),
+        # A bidirectional layer (ViT) never decodes: it keeps its top-k selection in eval mode.
+        causal=decoding
+        or (not layer.training and state.model.config.inference_routing == "causal" and state.call.causal),
         training=layer.training and torch.is_grad_enabled(),
         roles={k: v[:, -T:] for k, v in roles.extra.items()},
     )

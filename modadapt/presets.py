@@ -13,7 +13,8 @@ from torch import nn
 from .errors import ModAdaptError
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def _llama_like(config_name: str, model_name: str, **extra) -> Callable[[], nn.Module]:
@@ -41,7 +42,7 @@ PRESETS: dict[str, Callable[[], nn.Module]] = {
     "tiny-qwen3": _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=16),
     "tiny-mistral": _llama_like("MistralConfig", "MistralForCausalLM", sliding_window=None),
     "tiny-gemma": _llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=16),
-    "tiny-phi3": _llama_like("Phi3Config", "Phi3ForCausalLM", pad_token_id=0),
+    "tiny-phi3": _llama_like("Phi3Config", "Phi3ForCausalLM"),
     "tiny-gpt2": _gpt2,
 }
 

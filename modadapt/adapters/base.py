@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..attention_probe import AttentionProbe
 
 
 @dataclass
@@ -40,6 +43,7 @@ class LayerCall:
         window: Sliding-window size of this layer's attention, or None.
         attn_implementation: Returns the attention kernel name now in use (read at call time,
             since users may switch it after conversion).
+        prefix_tokens: Leading sequence positions that are always processed (forced role).
     """
 
     hidden: str
@@ -51,6 +55,7 @@ class LayerCall:
     window: int | None
     attn_implementation: Callable[[], str]
     signature: inspect.Signature | None = None
+    prefix_tokens: int = 0
 
 
 class Adapter:
@@ -83,6 +88,14 @@ class Adapter:
     def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
         """Token roles of the forward about to run, from the stack owner's call arguments."""
         return TokenRoles()
+
+    def attention_probe(self, model: nn.Module, layers: list[int]) -> "AttentionProbe":
+        """Start recording the query/key tensors of `layers` on every forward, leaving the
+        attention kernels as they are (see `modadapt.attention_probe`). Used by attention-map
+        routing and ARank; `remove()` on the result detaches it."""
+        from ..errors import ModAdaptError
+
+        raise ModAdaptError(f"adapter {self.name!r} cannot observe attention maps.")
 
     # --- persistence ---------------------------------------------------------------------------
     def describe(self, model: nn.Module) -> dict:

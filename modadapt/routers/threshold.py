@@ -3,8 +3,8 @@
 Gate `g = sigmoid(w . x + b)`; a token is processed iff `g >= p`. The decision for token i uses
 only token i, so it is causal by construction and the count varies per sequence. The layer
 load-reducing loss `alpha * F_j * G_j` (F_j: kept fraction, no gradient; G_j: mean gate, with
-gradient) is summed over layers by the framework. A fresh conversion (zero weights, g = 0.5 >= p
-for the default p = 0.5) keeps every token with a gate of exactly 1, so it equals the dense model.
+gradient) is summed over layers by the framework. A fresh conversion (zero weights, bias at
+logit(p), so g = p) keeps every token with a gate of exactly 1, so it equals the dense model.
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ class ThresholdRouter(Router):
             )
         self.logit_p = math.log(self.p / (1.0 - self.p))
         self.scorer = LinearScore(hidden_size)
+        with torch.no_grad():
+            self.scorer.bias.fill_(self.logit_p)
 
     def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         return self.scorer(hidden)
 
     def causal_keep(self, logits, hidden, ctx):
-        return logits >= self.logit_p
+        # Compare against logit(p) rounded like the bias, so a fresh router in bf16 still keeps all.
+        threshold = torch.tensor(self.logit_p, dtype=self.scorer.bias.dtype).item()
+        return logits >= threshold
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(logits)

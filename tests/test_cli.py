@@ -1,0 +1,115 @@
+"""The command line: convert presets and local directories, clear one-line errors, no half-written output."""
+
+import json
+
+import pytest
+import torch
+
+import modadapt
+from modadapt.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_convert_preset_and_load(tmp_path, capsys):
+    out = tmp_path / "mod"
+    code, stdout, _ = run(capsys, "convert", "tiny-llama", "--router", "topk", "--capacity", "0.5",
+                          "--layers", "1,3", "--router-arg", "aux_coef=0.1", "-o", str(out))
+    assert code == 0
+    assert "layers [1, 3]" in stdout and "router" in stdout and "parameters" in stdout
+    meta = json.loads((out / "modadapt.json").read_text())
+    assert meta["mod_config"]["layers"] == [1, 3]
+    assert meta["mod_config"]["router_kwargs"] == {"aux_coef": 0.1}
+    model = modadapt.load(out)
+    assert [layer.mod_state.index for layer in modadapt.mod_layers(model)] == [1, 3]
+    assert modadapt.mod_layers(model)[0].router.aux_coef == 0.1
+
+
+def test_convert_local_directory_with_tokenizer_files(tmp_path, capsys):
+    src = tmp_path / "dense"
+    modadapt.build_preset("tiny-gpt2").save_pretrained(src)
+    (src / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "mod"
+    code, _, _ = run(capsys, "convert", str(src), "--router", "threshold-p", "--router-arg", "p=0.7", "-o", str(out))
+    assert code == 0
+    assert (out / "tokenizer_config.json").is_file()
+    model = modadapt.load(out)
+    assert modadapt.mod_layers(model)[0].router.p == 0.7
+    ids = torch.randint(0, 256, (1, 8))
+    dense = modadapt.build_preset("tiny-gpt2")
+    with torch.no_grad():  # loaded weights are the dense source's, routers fresh: same logits in eval
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0, atol=0)
+
+
+def test_convert_with_config_file_and_flag_override(tmp_path, capsys):
+    cfg = tmp_path / "mod.yaml"
+    cfg.write_text("router: random\ncapacity: 0.25\nlayers: all-but-first\n")
+    out = tmp_path / "mod"
+    code, stdout, _ = run(capsys, "convert", "tiny-qwen2", "-c", str(cfg), "--capacity", "0.5", "-o", str(out))
+    assert code == 0
+    meta = json.loads((out / "modadapt.json").read_text())["mod_config"]
+    assert (meta["router"], meta["capacity"], meta["layers"]) == ("random", 0.5, [1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tiny-llama", "--router", "nope"], "unknown router 'nope'"),
+        (["tiny-llama", "--capacity", "0"], "capacity must be in (0, 1]"),
+        (["tiny-llama", "--capacity", "1.5"], "capacity must be in (0, 1]"),
+        (["tiny-llama", "--layers", "0,1"], "layer 0 cannot be converted"),
+        (["tiny-llama", "--layers", "7"], "out of range"),
+        (["tiny-llama", "--layers", "one"], "is not a layer list"),
+        (["tiny-llama", "--router-arg", "p"], "KEY=VALUE"),
+        (["tiny-llama", "--router", "threshold-p", "--router-arg", "p=2"], "p must be in (0, 1)"),
+        (["tiny-llama", "--router", "topk", "--router-arg", "bogus=1"], "has no argument 'bogus'"),
+        (["tiny-llama", "--router", "threshold-p", "--capacity", "0.5"], "takes no --capacity"),
+        (["no/such/dir"], "neither a local directory nor a preset"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_no_output(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "convert", *argv, "-o", str(out))
+    assert code == 2
+    assert message in stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("modadapt: error: ")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_directory_without_config_is_rejected(tmp_path, capsys):
+    src = tmp_path / "notamodel"
+    src.mkdir()
+    code, _, stderr = run(capsys, "convert", str(src), "-o", str(tmp_path / "out"))
+    assert code == 2 and "no config.json" in stderr
+
+
+def test_non_empty_output_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, stderr = run(capsys, "convert", "tiny-llama", "-o", str(out))
+    assert code == 2 and "not empty" in stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["convert", "tiny-llama", "-o", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "modadapt.json").is_file()
+
+
+def test_list_json(capsys):
+    code, stdout, _ = run(capsys, "list", "routers", "--json")
+    rows = {row["name"]: row for row in json.loads(stdout)}
+    assert code == 0 and {"topk", "threshold-p", "random"} <= set(rows)
+    assert rows["threshold-p"]["arguments"]["p"] == 0.5 and rows["topk"]["provider"] == "modadapt"
+    code, stdout, _ = run(capsys, "list", "adapters", "--json")
+    assert any(row["name"] == "hf-decoder" for row in json.loads(stdout))
+
+
+def test_demo_checks_cache_against_full_forward(tmp_path, capsys):
+    code, stdout, _ = run(capsys, "demo", "--router", "topk", "-o", str(tmp_path / "demo"))
+    assert code == 0
+    assert "max |cached - full recompute|" in stdout
+    assert (tmp_path / "demo" / "model.safetensors").is_file()
