@@ -66,6 +66,7 @@ def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any)
             router = router.to(device=reference.device, dtype=reference.dtype)
         routers[i] = router
     calls = {i: adapter.layer_call(model, layers[i], i) for i in indices}
+    attached = router_cls.prepare_model(model, adapter, indices, routers)
 
     state = ModelState(config=config, adapter=adapter, layer_indices=indices)
     for i in indices:
@@ -75,6 +76,7 @@ def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any)
         layer.mod_state = LayerState(index=i, call=calls[i], model=state)
     object.__setattr__(model, STATE_ATTR, state)
     _install_hooks(model, stack_owner, state)
+    state.hooks.extend(attached)
     return model
 
 
@@ -89,12 +91,21 @@ class _Hooks:
     def before_stack(self, module, args, kwargs):
         self.state.forward_id += 1
         self.state.roles = self.state.adapter.token_roles(module, args, kwargs)
+        if module.training and kwargs.get("past_key_values") is None and kwargs.get("use_cache", False) is None:
+            # A training forward has no use for a KV cache; not building one keeps it compilable.
+            return args, {**kwargs, "use_cache": False}
+        return None
 
     def after_stack(self, module, args, kwargs, output):
         self.state.roles = TokenRoles()  # never leak one call's roles into a direct layer call
 
     def after_model(self, module, args, kwargs, output):
         """Add the routers' auxiliary losses to the loss the model returns (labels given)."""
+        if isinstance(output, tuple):  # return_dict=False: the loss comes first when labels were given
+            if kwargs.get("labels") is None or not output or not isinstance(output[0], torch.Tensor):
+                return output
+            aux = aux_loss(self.model)
+            return output if aux is None else (output[0] + aux.to(output[0].dtype), *output[1:])
         loss = output.get("loss") if hasattr(output, "get") else None
         if loss is None:
             return output

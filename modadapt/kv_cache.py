@@ -27,17 +27,24 @@ def _with_bookkeeping(base: type) -> type:
         mod_index: torch.Tensor | None  # [B, L] sequence index of each cached slot
         mod_valid: torch.Tensor | None  # [B, L] False for filler slots
         mod_seen: int  # tokens that reached this layer so far (processed or skipped)
+        mod_all_valid: bool  # no filler slot is stored: masks may skip the validity check
 
         def mod_reset_book(self) -> None:
             self.mod_index = None
             self.mod_valid = None
             self.mod_seen = 0
+            self.mod_all_valid = True
 
         def mod_past(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             return self.mod_index, self.mod_valid
 
-        def mod_record(self, index: torch.Tensor, valid: torch.Tensor) -> None:
-            """Append the slots just written, then align with the stored K/V (sliding layers trim)."""
+        def mod_record(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
+            """Append the slots just written (`valid` None: all real), then align with the stored
+            K/V (sliding layers trim)."""
+            if valid is None:
+                valid = torch.ones_like(index, dtype=torch.bool)
+            else:
+                self.mod_all_valid = False
             if self.mod_index is None:
                 self.mod_index, self.mod_valid = index, valid
             else:
@@ -86,6 +93,7 @@ def _with_bookkeeping(base: type) -> type:
             width = int(columns.max()) + 1 if columns.numel() else 0
             self.mod_index = self.mod_index[:, :width]
             self.mod_valid = self.mod_valid[:, :width] & survives[:, :width]
+            self.mod_all_valid = False
             self.keys = self.keys[..., :width, :]
             self.values = self.values[..., :width, :]
 

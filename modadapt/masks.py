@@ -11,7 +11,8 @@ import torch
 
 from .errors import ModAdaptError
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+#: "modadapt_probe" (`attention_probe.PROBE_ATTENTION`) records q/k and then runs SDPA: SDPA-style masks.
+SUPPORTED_ATTENTION = ("sdpa", "eager", "modadapt_probe")
 
 
 def subset_attention_mask(
@@ -30,7 +31,8 @@ def subset_attention_mask(
 
     None means the layer's own default over the new tokens (causal decoders: SDPA's fused
     `is_causal` path; bidirectional encoders: full attention). It is returned when there is no
-    cached key, no filler slot and no window cuts the `span`.
+    cached key, no filler slot and no window cuts the `span`; and for a single new query when
+    every cached key is real (`past_valid` None): it may see them all (the common decode step).
     Each query always sees its own key, so filler queries never have an empty row (no NaN).
     """
     if attn_implementation not in SUPPORTED_ATTENTION:
@@ -38,17 +40,28 @@ def subset_attention_mask(
             f"MoD layers run with attn_implementation 'sdpa' or 'eager', not {attn_implementation!r}; "
             "load the model with attn_implementation='sdpa'."
         )
+    if attn_implementation != "eager":
+        attn_implementation = "sdpa"
     no_window = window is None or span <= window
+    B, K = query_index.shape
     plain = past_index is None and query_valid is None and no_window
     if plain and (attn_implementation == "sdpa" or not causal):
         return None
-    B, K = query_index.shape
+    if K == 1 and past_valid is None and query_valid is None and no_window:
+        return None
     if past_index is None:
         key_index, key_valid = query_index, query_valid
     else:
         key_index = torch.cat([past_index, query_index], dim=1)
-        new_valid = query_valid if query_valid is not None else torch.ones_like(query_index, dtype=torch.bool)
-        key_valid = torch.cat([past_valid, new_valid], dim=1)
+        if past_valid is None and query_valid is None:
+            key_valid = None
+        else:
+            ones = torch.ones_like(key_index, dtype=torch.bool)
+            key_valid = torch.cat(
+                [ones[:, : past_index.shape[1]] if past_valid is None else past_valid,
+                 ones[:, past_index.shape[1]:] if query_valid is None else query_valid],
+                dim=1,
+            )
     allowed = torch.ones(B, K, key_index.shape[1], dtype=torch.bool, device=query_index.device)
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]

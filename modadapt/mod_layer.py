@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters.base import LayerCall, TokenRoles
 from .kv_cache import mod_cache_layer
@@ -20,6 +21,7 @@ from .masks import subset_attention_mask
 from .routers.base import RoutingContext, RoutingDecision
 
 _CLASSES: dict[type, type] = {}
+_MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -77,25 +79,24 @@ def _gather_tokens(value: Any, index: torch.Tensor) -> Any:
 
 
 class _CallArguments:
-    """Named access to a layer call's arguments, whether passed by position, name or **kwargs."""
+    """Named access to a layer call's arguments, whether passed by position, name or **kwargs.
 
-    def __init__(self, signature: inspect.Signature, layer: nn.Module, args: tuple, kwargs: dict):
-        self.bound = signature.bind(layer, *args, **kwargs)
-        var_kw = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-        self.extra = self.bound.arguments.setdefault(var_kw[0], {}) if var_kw else {}
+    Binding by hand (not `Signature.bind`) keeps the per-call host cost low; layers are called
+    once per token at decode.
+    """
+
+    def __init__(self, call: LayerCall, layer: nn.Module, args: tuple, kwargs: dict):
+        names = call.positional_names
+        if len(args) > len(names):
+            raise TypeError(f"{type(layer).__name__}.forward got {len(args)} positional arguments")
+        self.named = dict(zip(names, args))
+        self.named.update(kwargs)
 
     def get(self, name: str | None) -> Any:
-        if name is None:
-            return None
-        if name in self.bound.arguments:
-            return self.bound.arguments[name]
-        return self.extra.get(name)
+        return self.named.get(name) if name is not None else None
 
     def set(self, name: str, value: Any) -> None:
-        if name in self.bound.signature.parameters:
-            self.bound.arguments[name] = value
-        else:
-            self.extra[name] = value
+        self.named[name] = value
 
 
 def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, arguments: _CallArguments, seen: int):
@@ -126,7 +127,7 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
 def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     state: LayerState = layer.mod_state
     call = state.call
-    arguments = _CallArguments(call.signature, layer, args, kwargs)
+    arguments = _CallArguments(call, layer, args, kwargs)
     hidden = arguments.get(call.hidden)
     B, T = hidden.shape[:2]
     cache = arguments.get(call.cache)
@@ -152,26 +153,30 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
             arguments.set(name, _gather_tokens(arguments.get(name), index))
     if call.mask:
         past_index, past_valid = book.mod_past() if book is not None else (None, None)
-        arguments.set(
-            call.mask,
-            subset_attention_mask(
-                call.attn_implementation(),
-                query_index=index + seen,
-                query_valid=decision.valid,
-                past_index=past_index,
-                past_valid=past_valid,
-                causal=call.causal,
-                window=call.window,
-                span=seen + T,
-                dtype=hidden.dtype,
-            ),
+        mask = subset_attention_mask(
+            call.attn_implementation(),
+            query_index=index + seen,
+            query_valid=decision.valid,
+            past_index=past_index,
+            past_valid=None if book is not None and book.mod_all_valid else past_valid,
+            causal=call.causal,
+            window=call.window,
+            span=seen + T,
+            dtype=hidden.dtype,
         )
+        arguments.set(call.mask, mask)
+    else:
+        mask = None
 
-    out = layer._mod_original.forward(*arguments.bound.args, **arguments.bound.kwargs)
+    if mask is not None and hidden.is_cuda:
+        # cuDNN attention re-plans for every new masked shape (MoD cache lengths rarely repeat).
+        with sdpa_kernel(_MASKED_BACKENDS):
+            out = layer._mod_original.forward(layer, **arguments.named)
+    else:
+        out = layer._mod_original.forward(layer, **arguments.named)
     out_sub = out[0] if isinstance(out, tuple) else out
     if book is not None:
-        valid = decision.valid if decision.valid is not None else torch.ones_like(index, dtype=torch.bool)
-        book.mod_record(index + seen, valid)
+        book.mod_record(index + seen, decision.valid)
         book.mod_seen += T
 
     if decision.gate is not None:  # y = f + (g - 1)(f - x): exactly f when g == 1

@@ -55,6 +55,16 @@ class LayerCall:
     window: int | None
     attn_implementation: Callable[[], str]
     signature: inspect.Signature | None = None
+    positional_names: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        """Positional parameter names of the forward (after `self`), to bind calls cheaply."""
+        if self.signature is not None:
+            kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            params = list(self.signature.parameters.values())[1:]
+            if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+                raise TypeError("layers whose forward takes *args are not supported")
+            self.positional_names = tuple(p.name for p in params if p.kind in kinds)
     prefix_tokens: int = 0
 
 
@@ -109,7 +119,3 @@ class Adapter:
         """Recreate the (dense, randomly initialised) architecture saved in `directory`."""
         raise NotImplementedError
 
-
-def bind_call(signature: inspect.Signature, layer: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    """Bind a layer call to its forward's parameter names (layers may be called positionally)."""
-    return signature.bind(layer, *args, **kwargs)

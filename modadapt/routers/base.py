@@ -63,8 +63,13 @@ class RoutingDecision:
     logits: torch.Tensor
 
 
-def straight_through_one(x: torch.Tensor) -> torch.Tensor:
-    """Exactly 1 in value, with the gradient of `x`: a pretrained block starts at full strength."""
+def straight_through_one(x: torch.Tensor) -> torch.Tensor | None:
+    """Exactly 1 in value, with the gradient of `x`: a pretrained block starts at full strength.
+
+    None (no gate at all) when no gradient is needed: multiplying by 1 would only cost time.
+    """
+    if not x.requires_grad:
+        return None
     return 1.0 + (x - x.detach())
 
 
@@ -114,17 +119,24 @@ class Router(nn.Module):
         """Auxiliary training loss for this layer (only called while training)."""
         return None
 
+    @classmethod
+    def prepare_model(cls, model: nn.Module, adapter, layer_indices: list[int], routers: dict) -> list:
+        """Called once by `convert` before the model changes, with the routers built for
+        `layer_indices`: validate the placement and attach what the routers observe (e.g. an
+        attention probe). Returns handles with `remove()` that `unload` calls."""
+        return []
+
     # --- the framework ------------------------------------------------------------------------
-    def select(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor | int:
-        """Training-time selection: an int k for static top-k, or a `[B, T]` bool keep mask."""
+    def select(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor | float:
+        """Training-time selection: a float capacity for static top-k, or a `[B, T]` bool keep mask."""
         if self.capacity_based:
-            return math.ceil(self.capacity * logits.shape[1])
+            return float(self.capacity)
         return self.causal_keep(logits, hidden, ctx)
 
     def route(self, hidden: torch.Tensor, ctx: RoutingContext) -> RoutingDecision:
         logits = self.score(hidden, ctx)
         choice = self.causal_keep(logits, hidden, ctx) if ctx.causal else self.select(logits, hidden, ctx)
-        if isinstance(choice, int):
+        if isinstance(choice, float):
             indices, valid, keep = select_topk(logits, choice, ctx.real, ctx.forced)
         else:
             indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
@@ -133,17 +145,25 @@ class Router(nn.Module):
         return RoutingDecision(indices, valid, gate, keep, aux, logits)
 
 
+def kept_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tensor:
+    """`ceil(capacity * tokens)`, immune to float noise (0.1 * 30 must give 3, not 4)."""
+    if isinstance(tokens, torch.Tensor):
+        return torch.ceil(tokens.to(torch.float64) * capacity - 1e-9).long()
+    return math.ceil(capacity * tokens - 1e-9)
+
+
 def select_topk(
-    logits: torch.Tensor, k: int, real: torch.Tensor | None, forced: torch.Tensor | None
+    logits: torch.Tensor, capacity: float, real: torch.Tensor | None, forced: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Top-k per row with a static slot count and no host sync on the common path.
+    """Top-k per row with a static slot count `ceil(capacity * T)` and no host sync on the
+    common path.
 
     Without padding or forced tokens this is `topk` + sort. Otherwise each row keeps its forced
     tokens plus `ceil(capacity * n_eligible)` of its eligible tokens, so a padded row keeps what
     it would keep alone.
     """
     B, T = logits.shape
-    k = max(0, min(k, T))
+    k = max(0, min(kept_count(capacity, T), T))
     if real is None and forced is None:
         indices = logits.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         keep = torch.zeros(B, T, dtype=torch.bool, device=logits.device).scatter_(1, indices, True)
@@ -155,7 +175,7 @@ def select_topk(
         forced = forced & (real if real is not None else True)
         eligible = eligible & ~forced
     n_eligible = eligible.sum(1, keepdim=True)
-    k_row = torch.ceil(n_eligible.to(torch.float64) * (k / T)).long() if T else n_eligible
+    k_row = kept_count(capacity, n_eligible)
     masked = logits.masked_fill(~eligible, float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=logits.device).expand(B, T))

@@ -8,7 +8,11 @@ from torch import nn
 
 
 class LinearScore(nn.Module):
-    """`w . x + b` per token. Zero init: every token scores 0 until training moves it."""
+    """`w . x + b` per token. Zero init: every token scores 0 until training moves it.
+
+    The product runs in the model's dtype (no float32 copy of the hidden states; the matmul
+    accumulates in float32 anyway); the small `[B, T]` result is returned in float32.
+    """
 
     def __init__(self, hidden_size: int, outputs: int = 1):
         super().__init__()
@@ -17,5 +21,5 @@ class LinearScore(nn.Module):
         self.outputs = outputs
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden.float(), self.weight.float(), self.bias.float())
+        out = F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype)).float()
         return out.squeeze(-1) if self.outputs == 1 else out

@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny seeded models of every supported family, and routers that really skip.
+
+A freshly converted model keeps every token (zero-initialised routers), which would make most
+invariants trivially true; `randomize_routers` gives the routers random weights so that routing
+actually skips tokens, and differently in each row.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modadapt
+from modadapt.adapters.hf_decoder import TESTED_FAMILIES
+
+#: The families the hf-decoder adapter claims to support; every one has a `tiny-<family>` preset.
+FAMILIES = tuple(TESTED_FAMILIES)
+#: Families the expensive invariants (generation, padding, persistence, ...) run on.
+CORE_FAMILIES = ("llama", "gpt2")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("filterwarnings", "ignore:.*gradient_checkpointing.*:FutureWarning")
+
+
+def pytest_generate_tests(metafunc):
+    """`family` runs a test for every supported family; `core_family` for llama and gpt2 only."""
+    if "family" in metafunc.fixturenames:
+        metafunc.parametrize("family", FAMILIES)
+    if "core_family" in metafunc.fixturenames:
+        metafunc.parametrize("core_family", CORE_FAMILIES)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state (dropout, sampling, random routers)."""
+    torch.manual_seed(0)
+
+
+def build_tiny(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A tiny dense model of `family` with weights drawn from `seed`, in eval mode."""
+    model = modadapt.build_preset(f"tiny-{family}", seed=seed)
+    # Generation defaults of the presets point at token ids outside the tiny vocabulary.
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
+    return model
+
+
+@pytest.fixture
+def tiny():
+    """Factory: `tiny(family, seed=0)` builds a seeded tiny dense model (eval mode)."""
+    return build_tiny
+
+
+def randomize_router_weights(model: torch.nn.Module, scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
+    """Give every MoD layer's router random weights so that its decisions differ per token.
+
+    Sets `router.scorer.weight` to `randn * scale` (a causal-rule predictor, if any, gets a random
+    output layer too). The `random` router has no weights and is left alone.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    layers = modadapt.mod_layers(model)
+    assert layers, "the model has no MoD layer"
+    with torch.no_grad():
+        for layer in layers:
+            scorer = getattr(layer.router, "scorer", None)
+            if scorer is not None:
+                scorer.weight.copy_(torch.randn(scorer.weight.shape, generator=generator) * scale)
+            predictor = getattr(layer.router, "predictor", None)
+            if predictor is not None:
+                out = predictor[-1]
+                out.weight.copy_(torch.randn(out.weight.shape, generator=generator) * scale)
+    return model
+
+
+@pytest.fixture
+def randomize_routers():
+    """Function fixture: `randomize_routers(model, scale=1.0, seed=0)` (see `randomize_router_weights`)."""
+    return randomize_router_weights
+
+
+def make_ids(batch: int, length: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
+    """Random token ids in [1, vocab) (0 is kept for padding)."""
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def ids():
+    """Factory: `ids(batch, length, seed=0)` gives random token ids that never use the pad id 0."""
+    return make_ids
+
+
+def left_pad_batch(prompts: list[torch.Tensor], pad_id: int = 0):
+    """Left-pad 1-D prompts into (input_ids, attention_mask, position_ids) without a tokenizer."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, mask, position_ids
+
+
+@pytest.fixture
+def left_pad():
+    """Function fixture: `left_pad(prompts)` -> (input_ids, attention_mask, position_ids)."""
+    return left_pad_batch
+
+
+def keep_masks(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The keep decisions `[B, T]` of every MoD layer's last forward."""
+    return [layer.mod_state.last_keep.clone() for layer in modadapt.mod_layers(model)]
+
+
+@pytest.fixture
+def last_keeps():
+    """Function fixture: `last_keeps(model)` -> list of each MoD layer's last keep mask."""
+    return keep_masks
