@@ -140,6 +140,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if error < 1e-4 else 1
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Score every layer on calibration data, select layers to convert, write the report."""
+    from .metrics.calibration import model_tokenizer, read_text, text_batches
+    from .metrics.report import analyze, check_output, write_report
+    from .metrics.selection import parse_rule
+    from .plugins import get_router
+    from .presets import PRESETS
+
+    rule = parse_rule(args.select)
+    for name, value, low in (("--samples", args.samples, 1), ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise ModAdaptError(f"{name} must be at least {low}, got {value}.")
+    if args.tol is not None and not args.tol >= 0:
+        raise ModAdaptError(f"--tol must be a tolerance >= 0, got {args.tol}.")
+    ModConfig(router=args.router, capacity=args.capacity)
+    get_router(args.router)
+    check_output(Path(args.output), args.overwrite)
+    if args.data is None and args.model not in PRESETS:
+        raise ModAdaptError("--data is required for a model directory; the built-in text is for the presets.")
+    text, data_path, digest = read_text(args.data)
+    model, _ = load_source_model(args.model)
+    if getattr(getattr(model, "config", None), "vocab_size", None) is None:
+        raise ModAdaptError(f"{args.model} is not a text model; `analyze` reads text calibration data only.")
+    tokenizer = model_tokenizer(args.model)
+    batches = text_batches(
+        text, tokenizer=tokenizer, vocab_size=model.config.vocab_size, samples=args.samples,
+        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+    )
+    data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
+            "samples": args.samples, "seq_len": args.seq_len}
+    report = analyze(
+        model, batches, model_name=args.model, data=data, seed=args.seed, metric=args.metric, rule=rule,
+        capacity=args.capacity, router=args.router, tokens=args.seq_len, output=args.output,
+        tol=args.tol, progress=not args.quiet,
+    )
+    write_report(report, args.output, overwrite=args.overwrite)
+    for row in report["layers"]:
+        mark = "  selected" if row["selected"] else ""
+        print(f"layer {row['layer']}: {args.metric} {row['mean']:.4f} +- {row['std']:.4f}{mark}")
+    print(f"selected layers {report['selected_layers']} ({args.select}); report in {args.output}")
+    print(f"convert: {report['convert_command']}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .plugins import registry
 
@@ -198,6 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("analyze", help="score layers (ARank or cosine) and pick the ones to convert")
+    p.add_argument("model", help="local transformers model directory, or a preset such as tiny-llama")
+    p.add_argument("-o", "--output", required=True, help="report directory to write (must be new or empty)")
+    p.add_argument("--data", help="local .txt/.jsonl file or directory (optionally .gz); presets default to a built-in text")
+    p.add_argument("--samples", type=int, default=32, help="number of calibration sequences (default: 32)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)")
+    p.add_argument("--metric", choices=["arank", "cosine"], default="arank", help="layer-redundancy metric (default: arank)")
+    p.add_argument("--tol", type=float, help="ARank: absolute singular-value tolerance (default: matrix_rank's own)")
+    p.add_argument("--select", default="fraction=0.5", help="fraction=F, count=K or threshold=X (default: fraction=0.5)")
+    p.add_argument("--capacity", type=float, default=0.125, help=field_help("capacity"))
+    p.add_argument("--router", default="topk", help=field_help("router"))
+    p.add_argument("--seed", type=int, default=0, help="seed that picks the calibration windows (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
+    p.set_defaults(func=cmd_analyze)
+
     p = sub.add_parser("list", help="list installed routers or adapters")
     p.add_argument("what", choices=["routers", "adapters"])
     p.add_argument("--json", action="store_true", help="print a JSON array")
@@ -206,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list loaded plugins and the hooks they implement")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_plugins)
+
+    from .recipes import RECIPES, recipe_module
+
+    p = sub.add_parser("train", help="fine-tune a converted model with a recipe")
+    recipes = p.add_subparsers(dest="recipe", required=True)
+    for name in RECIPES:
+        module = recipe_module(name)
+        r = recipes.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(r)
+        r.set_defaults(func=module.main)
     return parser
 
 

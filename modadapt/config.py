@@ -9,6 +9,7 @@ from typing import Any
 from .errors import ModAdaptError
 
 LAYER_RULES = ("every-other", "all-but-first")
+FROM_REPORT = "from:"
 INFERENCE_ROUTING = ("causal", "topk")
 
 
@@ -24,7 +25,8 @@ class ModConfig:
         default="every-other",
         metadata={
             "help": "Layers to convert: a list of indices, a comma list such as '1,3,5', "
-            "'every-other' (1, 3, 5, ...) or 'all-but-first'. Layer 0 is never converted."
+            "'every-other' (1, 3, 5, ...), 'all-but-first', or 'from:REPORT_DIR' (the layers a "
+            "`modadapt analyze` report selected). Layer 0 is never converted."
         },
     )
     capacity: float = field(
@@ -90,6 +92,11 @@ def normalize_layer_spec(spec: Any) -> str | list[int]:
         text = spec.strip()
         if text in LAYER_RULES:
             return text
+        if text.startswith(FROM_REPORT):
+            from .metrics.selection import read_selection
+
+            read_selection(text[len(FROM_REPORT):])  # a missing or corrupt report fails here, early
+            return text
         try:
             spec = [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
@@ -112,6 +119,16 @@ def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
         layers = list(range(1, num_layers, 2))
     elif spec == "all-but-first":
         layers = list(range(1, num_layers))
+    elif isinstance(spec, str) and spec.startswith(FROM_REPORT):
+        from .metrics.selection import read_selection
+
+        layers, analysed = read_selection(spec[len(FROM_REPORT):])
+        if analysed != num_layers:
+            raise ModAdaptError(
+                f"--layers {spec}: that report analysed a model with {analysed} layers, but this model has "
+                f"{num_layers}; analyze this model instead."
+            )
+        return resolve_layers(layers, num_layers)
     else:
         layers = list(spec)
         bad = [i for i in layers if i < 0 or i >= num_layers]

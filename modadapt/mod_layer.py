@@ -104,9 +104,14 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
     roles = state.model.roles
     real = roles.real[:, -T:] if roles.real is not None else None
     forced = roles.forced[:, -T:] if roles.forced is not None else None
-    if state.call.prefix_tokens:  # class / distillation / register tokens: always processed
-        prefix = (torch.arange(seen, seen + T, device=hidden.device) < state.call.prefix_tokens).expand(B, T)
-        forced = prefix if forced is None else forced | prefix
+    prefix = max(0, min(T, state.call.prefix_tokens - seen))
+    if prefix:  # class / distillation / register tokens: always processed
+        prefix_mask = (torch.arange(T, device=hidden.device) < prefix).expand(B, T)
+        forced = prefix_mask if forced is None else forced | prefix_mask
+        if roles.forced is not None:
+            prefix = 0  # other forced roles too: the general (variable-count) path handles all
+    else:
+        prefix = 0
     positions = arguments.get(state.call.position_ids)
     if not isinstance(positions, torch.Tensor) or positions.shape[-1] != T:
         positions = torch.arange(seen, seen + T, device=hidden.device)
@@ -121,6 +126,7 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
         or (not layer.training and state.model.config.inference_routing == "causal" and state.call.causal),
         training=layer.training and torch.is_grad_enabled(),
         roles={k: v[:, -T:] for k, v in roles.extra.items()},
+        prefix=prefix,
     )
 
 

@@ -81,9 +81,15 @@ def read_meta(directory: str | os.PathLike) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModAdaptError(f"{meta_path} is corrupt: {exc}.") from None
-    missing = [k for k in ("format", "adapter", "architecture", "mod_config") if k not in meta]
+    expected = {"format": int, "adapter": str, "architecture": dict, "mod_config": dict}
+    if not isinstance(meta, dict):
+        raise ModAdaptError(f"{meta_path} is corrupt: it does not hold a JSON object.")
+    missing = [k for k in expected if k not in meta]
     if missing:
         raise ModAdaptError(f"{meta_path} lacks {', '.join(missing)}; the directory is corrupt.")
+    wrong = [k for k, kind in expected.items() if not isinstance(meta[k], kind) or isinstance(meta[k], bool)]
+    if wrong:
+        raise ModAdaptError(f"{meta_path} is corrupt: {', '.join(wrong)} has the wrong type.")
     if meta["format"] > FORMAT_VERSION:
         raise ModAdaptError(
             f"{path} was saved in format {meta['format']} by modadapt {meta.get('modadapt_version')}; "

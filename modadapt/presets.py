@@ -1,6 +1,7 @@
 """Built-in tiny models with random weights: try the tool offline, and test every family.
 
-`tiny-llama` etc. are full `transformers` models built from a config in code (no download).
+`tiny-llama` etc. are full `transformers` models built from a config in code (no download);
+`tiny-vit` is a timm ViT.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
+def _tiny_vit() -> nn.Module:
+    from .adapters.timm_vit import create_model
+
+    # 32x32 RGB, 4x4 patches: 64 patch tokens + a class token; 10 classes (e.g. upsampled digits).
+    return create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                        num_classes=10)
+
+
 PRESETS: dict[str, Callable[[], nn.Module]] = {
     "tiny-llama": _llama_like("LlamaConfig", "LlamaForCausalLM"),
     "tiny-qwen2": _llama_like("Qwen2Config", "Qwen2ForCausalLM"),
@@ -44,6 +53,7 @@ PRESETS: dict[str, Callable[[], nn.Module]] = {
     "tiny-gemma": _llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=16),
     "tiny-phi3": _llama_like("Phi3Config", "Phi3ForCausalLM"),
     "tiny-gpt2": _gpt2,
+    "tiny-vit": _tiny_vit,
 }
 
 

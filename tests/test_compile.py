@@ -26,3 +26,18 @@ def test_compiled_equals_eager_inference_and_training():
     compiled_loss.backward()
     for layer in modadapt.mod_layers(model):
         assert layer.router.scorer.weight.grad is not None
+
+
+def test_vit_prefix_tokens_keep_static_shapes_under_fullgraph():
+    model = modadapt.build_preset("tiny-vit")
+    modadapt.convert(model, router="topk", capacity=0.25)
+    generator = torch.Generator().manual_seed(0)
+    for layer in modadapt.mod_layers(model):
+        layer.router.scorer.weight.data = torch.randn(layer.router.scorer.weight.shape, generator=generator)
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        eager = model(images)
+        layer = modadapt.mod_layers(model)[0]
+        assert layer.mod_state.last_keep[:, 0].all()  # the class token is always processed
+        assert int(layer.mod_state.last_keep[0].sum()) == 1 + 16  # prefix + ceil(0.25 * 64)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(images), eager, rtol=1e-5, atol=1e-5)

@@ -2,8 +2,10 @@
 
 from ..plugins import hookimpl
 from .hf_decoder import HFDecoderAdapter
+from .timm_vit import TimmViTAdapter
 
 
 @hookimpl
 def register_adapters(register):
     register(HFDecoderAdapter)
+    register(TimmViTAdapter)

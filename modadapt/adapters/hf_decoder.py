@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attention_probe import PROBE_ATTENTION, AttentionProbe
 from ..errors import ModAdaptError
 from .base import Adapter, LayerCall, TokenRoles
 
@@ -90,6 +91,34 @@ class HFDecoderAdapter(Adapter):
             return TokenRoles()  # no padding: lets MoD layers take the fused causal path
         return TokenRoles(real=real)
 
+    def attention_probe(self, model: nn.Module, layers: list[int]) -> AttentionProbe:
+        """Points the model's attention at `PROBE_ATTENTION` (records, then runs SDPA) while the
+        probe is attached; SDPA-style masks are built for it, so outputs do not change."""
+        config = model.config.get_text_config(decoder=True)
+        current = config._attn_implementation
+        if current not in ("sdpa", PROBE_ATTENTION):
+            raise ModAdaptError(
+                f"observing attention needs attn_implementation='sdpa', not {current!r}; "
+                "load the model with attn_implementation='sdpa'."
+            )
+        _, stack = self.layer_stack(model)
+        modules = []
+        for i in layers:
+            if not 0 <= i < len(stack):
+                raise ModAdaptError(f"layer {i} is out of range: the model has {len(stack)} layers.")
+            attn = next((m for m in stack[i].modules() if type(m).__name__.endswith("Attention")), None)
+            if attn is None:
+                raise ModAdaptError(f"layer {i} ({type(stack[i]).__name__}) has no attention module to observe.")
+            modules.append((attn, i))
+        _register_probe_attention()
+        probe = AttentionProbe(layers)
+        for attn, i in modules:
+            tags = attn.__dict__.setdefault("_modadapt_probes", [])
+            tags.append((probe, i))
+        model.config._attn_implementation = PROBE_ATTENTION
+        probe.on_remove(_DetachProbe(model, stack, [attn for attn, _ in modules], probe))
+        return probe
+
     # --- persistence ---------------------------------------------------------------------------
     def describe(self, model: nn.Module) -> dict:
         return {"library": "transformers", "class": type(model).__name__, "model_type": model.config.model_type}
@@ -108,6 +137,42 @@ class HFDecoderAdapter(Adapter):
                 "was it saved with a newer transformers?"
             )
         return cls._from_config(config)
+
+
+class _DetachProbe:
+    """Untags the probe's attention modules and restores SDPA once no probe is left. An object,
+    not a closure, so that `copy.deepcopy(model)` gives the copy an undo bound to the copy."""
+
+    def __init__(self, model: nn.Module, stack: nn.Module, modules: list, probe: AttentionProbe):
+        self.model, self.stack, self.modules, self.probe = model, stack, modules, probe
+
+    def __call__(self) -> None:
+        for attn in self.modules:
+            attn._modadapt_probes = [t for t in attn._modadapt_probes if t[0] is not self.probe]
+        if not any(getattr(m, "_modadapt_probes", None) for m in self.stack.modules()):
+            self.model.config._attn_implementation = "sdpa"
+
+
+def _probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA attention that first hands q/k to the probes watching `module`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    for probe, index in getattr(module, "_modadapt_probes", ()):
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        probe.record(index, query, key, scale=scale, causal=bool(causal), mask=attention_mask)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+@functools.cache
+def _register_probe_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
+    AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
 
 
 def _sliding_window(config: Any, index: int) -> int | None:

@@ -1,1 +1,2 @@
-"""Metrics: routing statistics (and, later, ARank and FLOPs)."""
+"""Metrics: routing statistics, layer analysis (ARank, cosine redundancy, selection, FLOPs) and the
+`modadapt analyze` report."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ModAdaptError
-from .calibration import Batch, forward_batches, padding_mask_of, summarize
+from .calibration import Batch, device_batches, evaluating, padding_mask_of, run_model, summarize
 from .layer_stack import find_layers
 
 
@@ -76,9 +76,9 @@ def layer_aranks(
 ) -> list[dict]:
     """Per-layer ARank of `model` over calibration `batches`.
 
-    Each layer's maps are reduced to ranks inside the forward, as soon as that layer has computed
-    them, and then dropped: at no time are more than one layer's `T x T` maps held. Runs on
-    whatever device the model is on.
+    Each layer's maps are reduced to ranks as soon as they exist and then dropped: at no time are
+    more than one layer's `T x T` maps held. Runs on whatever device the model is on (GPU included),
+    one batch at a time.
 
     Args:
         model: A transformers model or a timm ViT.
@@ -94,22 +94,160 @@ def layer_aranks(
     """
     layers = find_layers(model)
     ranks: list[list[torch.Tensor]] = [[] for _ in layers]
-    counts: list[torch.Tensor] = []
+    normalized: list[list[torch.Tensor]] = [[] for _ in layers]
     current: dict = {}
 
     def on_map(index: int, probs: torch.Tensor, is_causal: bool) -> None:
-        use_causal = is_causal if causal is None else causal
-        ranks[index].append(attention_rank(probs, causal=use_causal, padding_mask=current["mask"], tol=tol).cpu())
+        mask = current["mask"]
+        rank = attention_rank(probs, causal=is_causal if causal is None else causal, padding_mask=mask, tol=tol)
+        tokens = mask.sum(dim=1).to(rank) if mask is not None else torch.full_like(rank, probs.shape[-1])
+        ranks[index].append(rank.cpu())
+        normalized[index].append((rank / tokens.clamp(min=1)).cpu())
 
-    with attention_maps(model, on_map):
-        for batch, size in forward_batches(model, batches, progress=progress, desc="ARank"):
-            mask = padding_mask_of(batch)
-            current["mask"] = mask
-            yield_ = yield_forward(model, batch)
-            counts.append(mask.sum(dim=1).float().cpu() if mask is not None else torch.full((size[0],), float(size[1])))
-            del yield_
-    missing = [i for i, r in enumerate(ranks) if len(r) != len(counts)]
+    with evaluating(model), attention_maps(model, on_map) as run:
+        for batch in device_batches(model, batches, progress=progress, desc="ARank"):
+            current["mask"] = padding_mask_of(batch)
+            run(batch)
+    if not ranks[0]:
+        raise ModAdaptError("no calibration batch was given.")
+    missing = [i for i, r in enumerate(ranks) if len(r) != len(ranks[0])]
     if missing:
         raise ModAdaptError(f"no attention maps were captured for layers {missing}; is this model supported?")
-    tokens = torch.cat(counts)
-    return [summarize(i, torch.cat(r), tokens) for i, r in enumerate(ranks)]
+    return [summarize(i, torch.cat(r), torch.cat(n)) for i, (r, n) in enumerate(zip(ranks, normalized))]
+
+
+MapCallback = Callable[[int, torch.Tensor, bool], None]
+
+
+@contextlib.contextmanager
+def attention_maps(model: nn.Module, callback: MapCallback) -> Iterator[Callable[[Batch], None]]:
+    """Yields `run(batch)`: one forward of `model` that calls `callback(layer, probs, causal)` once
+    per layer with its attention probabilities `[B, H, T, T]`, one layer's maps at a time.
+
+    Models an installed adapter can probe (`modadapt.attention_probe`) keep their attention kernel:
+    the maps are recomputed layer by layer from the recorded queries and keys. Other models (e.g.
+    a BERT encoder) fall back to a kernel that materialises the maps, only inside the context:
+    transformers models run eager attention there, timm blocks their unfused path; the original
+    kernel is restored on exit. Either way each layer's maps are handed over and dropped at once.
+    """
+    layers = find_layers(model)
+    probe = _try_probe(model, len(layers))
+    if probe is not None:
+        with probe:
+            yield lambda batch: _run_probed(model, probe, len(layers), batch, callback)
+        return
+    from transformers import PreTrainedModel
+
+    fallback = _hf_attention_maps if isinstance(model, PreTrainedModel) else _timm_attention_maps
+    with fallback(model, layers, callback):
+        yield lambda batch: run_model(model, batch)
+
+
+def _try_probe(model: nn.Module, num_layers: int):
+    from ..attention_probe import probe
+
+    try:
+        return probe(model, list(range(num_layers)))
+    except ModAdaptError:  # no adapter, or one that cannot observe this model's kernel
+        return None
+
+
+def _run_probed(model: nn.Module, probe, num_layers: int, batch: Batch, callback: MapCallback) -> None:
+    from ..attention_probe import attention_blocks
+
+    run_model(model, batch)
+    valid = padding_mask_of(batch)
+    for index in range(num_layers):
+        record = probe.records.pop(index, None)  # popping releases this layer's q/k
+        if record is None:
+            raise ModAdaptError(f"the attention probe recorded nothing for layer {index}.")
+        keys_valid = valid if valid is not None and valid.shape[1] == record.k.shape[2] else None
+        blocks = attention_blocks(
+            record.q, record.k, scale=record.scale, causal=record.causal, valid=keys_valid, mask=record.mask
+        )
+        callback(index, torch.cat([probs for _, probs in blocks], dim=2), record.causal)
+
+
+def _hf_attention_targets(model: nn.Module) -> list:
+    """The `(class or name suffix, output index, module-name suffix)` triples of the modules whose
+    output holds attention probabilities, from the model's own `_can_record_outputs`."""
+    from transformers.utils.output_capturing import OutputRecorder
+
+    specs = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
+    if specs is None:
+        raise ModAdaptError(
+            f"{type(model).__name__} does not declare where its attention maps are "
+            "(no 'attentions' in _can_record_outputs); ARank cannot read them."
+        )
+    targets = []
+    for spec in specs if isinstance(specs, list) else [specs]:
+        if isinstance(spec, OutputRecorder):
+            targets.append((spec.target_class or spec.class_name, spec.index, spec.layer_name))
+        else:
+            targets.append((spec, 1, None))
+    return targets
+
+
+def _matches(name: str, module: nn.Module, target, layer_name: str | None) -> bool:
+    kind = target if isinstance(target, str) else None
+    ok = type(module).__name__.endswith(kind) if kind else isinstance(module, target)
+    return ok and (layer_name is None or ("." + name).endswith(layer_name))
+
+
+@contextlib.contextmanager
+def _hf_attention_maps(model: nn.Module, layers: nn.ModuleList, callback: MapCallback) -> Iterator[None]:
+    targets = _hf_attention_targets(model)
+    handles = []
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            found = next(((t, i, n) for t, i, n in targets if _matches(name, module, t, n)), None)
+            if found is not None:
+                handles.append(module.register_forward_hook(_hf_hook(index, found[1], callback)))
+                break
+    previous = model.config._attn_implementation
+    try:
+        if previous != "eager":
+            model.set_attn_implementation("eager")
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
+
+
+def _hf_hook(index: int, output_index: int, callback: MapCallback):
+    def hook(module: nn.Module, args, output) -> None:
+        probs = output[output_index] if isinstance(output, (tuple, list)) else None
+        if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
+            raise ModAdaptError(
+                f"layer {index}'s attention returned no probability maps; its kernel does not support them."
+            )
+        callback(index, probs, bool(getattr(module, "is_causal", False)))
+
+    return hook
+
+
+@contextlib.contextmanager
+def _timm_attention_maps(model: nn.Module, layers: nn.ModuleList, callback: MapCallback) -> Iterator[None]:
+    handles, fused = [], []
+    for index, block in enumerate(layers):
+        attn = getattr(block, "attn", None)
+        if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module) or not hasattr(attn, "fused_attn"):
+            raise ModAdaptError(
+                f"block {index} ({type(block).__name__}) has no timm-style attention (attn.attn_drop); "
+                "ARank cannot read its maps."
+            )
+        # The unfused path applies `attn_drop` to the softmax probabilities: hook it there.
+        handles.append(attn.attn_drop.register_forward_hook(
+            lambda module, args, output, index=index: callback(index, output, False)
+        ))
+        fused.append((attn, attn.fused_attn))
+        attn.fused_attn = False
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for attn, value in fused:
+            attn.fused_attn = value

@@ -30,6 +30,8 @@ class RoutingContext:
         causal: True when the decision must be causal (eval with causal routing, or decoding).
         training: Whether the model is training (auxiliary losses are only computed then).
         roles: Free-form per-token role tensors from the adapter (e.g. ``{"image": [B, T]}``).
+        prefix: When the only forced tokens are the first `prefix` of every row (ViT class and
+            register tokens), their count; capacity selection then keeps a static shape.
     """
 
     layer_index: int
@@ -39,6 +41,7 @@ class RoutingContext:
     causal: bool
     training: bool
     roles: dict | None = None
+    prefix: int = 0
 
 
 @dataclass
@@ -61,6 +64,29 @@ class RoutingDecision:
     keep: torch.Tensor
     aux_loss: torch.Tensor | None
     logits: torch.Tensor
+
+
+def _coerce(router: str, name: str, value, default):
+    """A router argument converted to the type of its default, or a clear error naming it."""
+    kind = type(default)
+    if default is None or isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if kind is int and not isinstance(value, bool):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ModAdaptError(
+        f"router {router!r}: argument {name!r} must be a {kind.__name__} (like its default {default!r}), got {value!r}."
+    )
 
 
 def straight_through_one(x: torch.Tensor) -> torch.Tensor | None:
@@ -98,7 +124,7 @@ class Router(nn.Module):
         self.hidden_size = hidden_size
         self.capacity = capacity
         self.layer_index = layer_index
-        self.options = {**self.arguments, **kwargs}
+        self.options = {**self.arguments, **{k: _coerce(self.name, k, v, self.arguments[k]) for k, v in kwargs.items()}}
 
     # --- what a router implements -------------------------------------------------------------
     def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -137,7 +163,9 @@ class Router(nn.Module):
         logits = self.score(hidden, ctx)
         choice = self.causal_keep(logits, hidden, ctx) if ctx.causal else self.select(logits, hidden, ctx)
         if isinstance(choice, float):
-            indices, valid, keep = select_topk(logits, choice, ctx.real, ctx.forced)
+            static_prefix = ctx.prefix if ctx.real is None else 0
+            forced = None if static_prefix else ctx.forced
+            indices, valid, keep = select_topk(logits, choice, ctx.real, forced, prefix=static_prefix)
         else:
             indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
         gate = self.gate(logits.gather(1, indices)) if indices.shape[1] else None
@@ -153,18 +181,25 @@ def kept_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tenso
 
 
 def select_topk(
-    logits: torch.Tensor, capacity: float, real: torch.Tensor | None, forced: torch.Tensor | None
+    logits: torch.Tensor,
+    capacity: float,
+    real: torch.Tensor | None,
+    forced: torch.Tensor | None,
+    prefix: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Top-k per row with a static slot count `ceil(capacity * T)` and no host sync on the
-    common path.
+    """Top-k per row with a static slot count and no host sync on the common path.
 
-    Without padding or forced tokens this is `topk` + sort. Otherwise each row keeps its forced
-    tokens plus `ceil(capacity * n_eligible)` of its eligible tokens, so a padded row keeps what
-    it would keep alone.
+    Each row keeps its forced tokens plus `ceil(capacity * n_eligible)` of its eligible tokens,
+    so a padded row keeps what it would keep alone. Without padding, with no forced tokens but a
+    static `prefix` (always kept), this is `topk` + sort on a static shape.
     """
     B, T = logits.shape
-    k = max(0, min(kept_count(capacity, T), T))
     if real is None and forced is None:
+        prefix = min(prefix, T)
+        k = prefix + kept_count(capacity, T - prefix)
+        if prefix:
+            logits = logits.clone()
+            logits[:, :prefix] = float("inf")
         indices = logits.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         keep = torch.zeros(B, T, dtype=torch.bool, device=logits.device).scatter_(1, indices, True)
         return indices, None, keep
@@ -174,6 +209,7 @@ def select_topk(
     if forced is not None:
         forced = forced & (real if real is not None else True)
         eligible = eligible & ~forced
+    k = max(0, min(kept_count(capacity, T), T))
     n_eligible = eligible.sum(1, keepdim=True)
     k_row = kept_count(capacity, n_eligible)
     masked = logits.masked_fill(~eligible, float("-inf"))

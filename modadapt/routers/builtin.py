@@ -1,6 +1,7 @@
 """Registers the built-in routers through the same hook third-party plugins use."""
 
 from ..plugins import hookimpl
+from .attention import AttentionRouter
 from .random import RandomRouter
 from .threshold import ThresholdRouter
 from .topk import TopKRouter
@@ -11,3 +12,4 @@ def register_routers(register):
     register(TopKRouter)
     register(ThresholdRouter)
     register(RandomRouter)
+    register(AttentionRouter)

@@ -1,0 +1,169 @@
+"""Calibration data for layer analysis, and running a model over it.
+
+Text comes from local `.txt` / `.jsonl` files (optionally gzipped) or a directory of them; it is
+tokenised with the model's tokenizer when the model directory has one, else as UTF-8 bytes modulo
+the vocabulary size (the presets' tokenizer-free convention). Samples are fixed-length windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Union
+
+import torch
+from torch import nn
+
+from ..errors import ModAdaptError
+
+Batch = Union[dict, torch.Tensor]
+TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+BUILTIN_DATA = "builtin:default"
+
+
+# --- running a model over batches ---------------------------------------------------------------
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside; the model's training flag is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def device_batches(model: nn.Module, batches: Iterable[Batch], *, progress: bool, desc: str) -> Iterator[Batch]:
+    """`batches` moved to the model's device, with an optional tqdm progress bar."""
+    device = next(model.parameters()).device
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", total=len(batches) if hasattr(batches, "__len__") else None)
+    for batch in batches:
+        if isinstance(batch, torch.Tensor):
+            yield batch.to(device)
+        else:
+            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def run_model(model: nn.Module, batch: Batch) -> Any:
+    return model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
+
+
+def padding_mask_of(batch: Batch) -> torch.Tensor | None:
+    """`[B, T]` bool, True for real tokens; None when the batch carries no attention mask."""
+    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return batch["attention_mask"].bool()
+    return None
+
+
+def summarize(layer: int, values: torch.Tensor, normalized: torch.Tensor | None) -> dict:
+    """Mean and spread (population std) over samples of one layer's per-sample metric."""
+    row = {"layer": layer, "mean": values.mean().item(), "std": values.std(correction=0).item()}
+    row["normalized_mean"] = normalized.mean().item() if normalized is not None else None
+    row["normalized_std"] = normalized.std(correction=0).item() if normalized is not None else None
+    row["samples"] = values.numel()
+    return row
+
+
+# --- reading text --------------------------------------------------------------------------------
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        if files:
+            return files
+        raise ModAdaptError(f"--data {path} holds no {'/'.join(TEXT_SUFFIXES)} files.")
+    raise ModAdaptError(f"--data {path} does not exist; give a local text file or directory.")
+
+
+def _file_text(file: Path) -> str:
+    raw = file.read_bytes()
+    if file.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except OSError as exc:
+            raise ModAdaptError(f"{file} is not valid gzip: {exc}") from None
+    text = raw.decode("utf-8", errors="replace")
+    if not file.name.removesuffix(".gz").endswith(".jsonl"):
+        return text
+    parts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ModAdaptError(f"{file}:{number} is not valid JSON.") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ModAdaptError(f"{file}:{number} has no string field 'text'.")
+        parts.append(record["text"])
+    return "\n\n".join(parts)
+
+
+def read_text(data: str | None) -> tuple[str, str, str]:
+    """`(text, path as recorded, sha256 of the raw bytes)`; None gives the built-in text."""
+    if data is None:
+        from .calibration_text import DEFAULT_TEXT
+
+        return DEFAULT_TEXT, BUILTIN_DATA, hashlib.sha256(DEFAULT_TEXT.encode()).hexdigest()
+    files = _text_files(Path(data))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    text = "\n\n".join(_file_text(f) for f in files)
+    if not text.strip():
+        raise ModAdaptError(f"--data {data} holds no text.")
+    return text, str(data), digest.hexdigest()
+
+
+def token_windows(ids: list[int], samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`[samples, seq_len]` windows of `ids`: distinct non-overlapping windows drawn with `seed`
+    when there are enough, else evenly spaced overlapping ones."""
+    if len(ids) < seq_len:
+        raise ModAdaptError(
+            f"the calibration text has {len(ids)} tokens, fewer than --seq-len {seq_len}; "
+            "give more text or a shorter --seq-len."
+        )
+    available = len(ids) // seq_len
+    if available >= samples:
+        starts = sorted(i * seq_len for i in random.Random(seed).sample(range(available), samples))
+    else:
+        span = len(ids) - seq_len
+        starts = [round(i * span / max(samples - 1, 1)) for i in range(samples)]
+    return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
+
+
+def text_batches(
+    text: str, *, tokenizer: Any, vocab_size: int, samples: int, seq_len: int, batch_size: int, seed: int
+) -> list[dict]:
+    """Model inputs (`input_ids`, `attention_mask`) of `samples` windows, `batch_size` per batch."""
+    if tokenizer is not None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [b % vocab_size for b in text.encode("utf-8")]
+    windows = token_windows(ids, samples, seq_len, seed)
+    return [
+        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        for chunk in windows.split(batch_size)
+    ]
+
+
+def model_tokenizer(source: str) -> Any:
+    """The tokenizer saved in model directory `source`, or None (presets, directories without one)."""
+    path = Path(source)
+    if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModAdaptError(f"could not load the tokenizer in {source}: {exc}") from None

@@ -1,0 +1,446 @@
+"""`vit-imagenet`: fine-tune a Mixture-of-Depths timm ViT on ImageNet-style data.
+
+Data is read with `datasets`: an `imagefolder` directory (``train/<class>/*.png``,
+``validation/<class>/*.png``), local parquet or arrow files in the Hugging Face ImageNet layout
+(``image`` and ``label`` columns, split named by the file prefix: ``train-*.parquet``), or a
+`save_to_disk` directory. Images go through timm's data config and transforms; `accelerate` gives
+mixed precision and multi-GPU (``accelerate launch -m modadapt.cli train vit-imagenet ...``).
+Checkpoints hold model, optimizer, scheduler and RNG state; ``resume: true`` continues from the
+last one. The run ends with top-1/top-5 on the eval split and ``summary.json`` (accuracy, FLOPs
+per image dense vs MoD, kept fraction per layer). Defaults below, then a YAML file, then flags;
+the resolved config is saved as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModAdaptError
+
+NAME = "vit-imagenet"
+SPLIT_ALIASES = {"validation": ("validation", "val", "valid"), "train": ("train",), "test": ("test",)}
+
+
+@dataclass
+class ViTRecipeConfig:
+    """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
+
+    data: str = field(default="", metadata={"help": "imagefolder dir, dir of parquet/arrow files, or save_to_disk dir"})
+    output: str = field(default="", metadata={"help": "run directory: checkpoints, model, config.yaml, summary.json"})
+    model: str = field(default="tiny-vit", metadata={"help": "preset, timm model name, or a modadapt.save directory"})
+    model_kwargs: dict = field(default_factory=dict, metadata={"help": "timm.create_model arguments (JSON)"})
+    pretrained: bool = field(default=False, metadata={"help": "load timm's pretrained weights (needs network/cache)"})
+    train_split: str = field(default="train", metadata={"help": "training split name"})
+    eval_split: str = field(default="validation", metadata={"help": "evaluation split name ('' to skip eval)"})
+    image_size: int = field(default=0, metadata={"help": "input side in pixels; 0 = the model's own"})
+    augment: bool = field(default=True, metadata={"help": "timm training augmentation (else eval transform)"})
+    router: str = field(default="attention", metadata={"help": "router name (ignored for a saved MoD model)"})
+    capacity: float = field(default=0.5, metadata={"help": "fraction of tokens kept per MoD layer"})
+    layers: str = field(default="every-other", metadata={"help": "layers to convert (e.g. every-other, 1,3,5)"})
+    router_kwargs: dict = field(default_factory=dict, metadata={"help": "router arguments (JSON)"})
+    epochs: int = field(default=1, metadata={"help": "training epochs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
+    batch_size: int = field(default=64, metadata={"help": "training batch size per process"})
+    eval_batch_size: int = field(default=128, metadata={"help": "evaluation batch size per process"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
+    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
+    num_workers: int = field(default=0, metadata={"help": "dataloader workers"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
+    max_eval_samples: int = field(default=0, metadata={"help": "use only the first N eval images (0: all)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
+    seed: int = field(default=0, metadata={"help": "seed for weights of new models, shuffling and routing"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ModAdaptError("vit-imagenet: `data` is required (--data PATH).")
+        if not self.output:
+            raise ModAdaptError("vit-imagenet: `output` is required (-o DIR).")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ModAdaptError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ModAdaptError(f"{name} must be >= 1, got {getattr(self, name)}.")
+
+    @classmethod
+    def resolve(cls, file: str | None, overrides: dict) -> "ViTRecipeConfig":
+        values: dict = {}
+        if file:
+            import yaml
+
+            path = Path(file)
+            if not path.is_file():
+                raise ModAdaptError(f"config file {file} does not exist.")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ModAdaptError(f"config file {file} must hold a mapping of recipe fields.")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModAdaptError(f"unknown vit-imagenet fields {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+
+# --- data -------------------------------------------------------------------------------------------
+def load_splits(path: str) -> Any:
+    """A `datasets.DatasetDict` from an imagefolder, parquet/arrow files or a save_to_disk dir."""
+    import datasets
+
+    root = Path(path)
+    if not root.exists():
+        raise ModAdaptError(f"data path {path} does not exist.")
+    if not root.is_dir():
+        raise ModAdaptError(f"data path {path} is not a directory.")
+    if (root / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(root))
+    for ext, builder in (("parquet", "parquet"), ("arrow", "arrow")):
+        files = sorted(root.rglob(f"*.{ext}"))
+        if files:
+            by_split: dict[str, list[str]] = {}
+            for file in files:
+                prefix = file.name.split("-")[0].split(".")[0].lower()
+                split = next((s for s, names in SPLIT_ALIASES.items() if prefix in names), None)
+                if split is None:
+                    raise ModAdaptError(
+                        f"{file}: cannot tell its split; name files train-*.{ext} / validation-*.{ext} "
+                        "as in the Hugging Face ImageNet layout."
+                    )
+                by_split.setdefault(split, []).append(str(file))
+            return datasets.load_dataset(builder, data_files=by_split)
+    images = [p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")]
+    if not images:
+        raise ModAdaptError(
+            f"data path {path} holds no images, parquet or arrow files; expected an imagefolder "
+            "(train/<class>/*.png), HF ImageNet-layout parquet files, or a save_to_disk directory."
+        )
+    return datasets.load_dataset("imagefolder", data_dir=str(root))
+
+
+def pick_split(splits: Any, name: str, path: str) -> Any:
+    for alias in SPLIT_ALIASES.get(name, (name,)):
+        if alias in splits:
+            split = splits[alias]
+            break
+    else:
+        raise ModAdaptError(f"{path} has no {name!r} split; it has {sorted(splits)}. Set train_split/eval_split.")
+    missing = [c for c in ("image", "label") if c not in split.column_names]
+    if missing:
+        raise ModAdaptError(f"{path} split {name!r} lacks column(s) {missing}; columns: {split.column_names}.")
+    if len(split) == 0:
+        raise ModAdaptError(f"{path} split {name!r} is empty.")
+    return split
+
+
+def input_size(model: nn.Module, requested: int) -> tuple[int, int, int]:
+    """`(C, H, W)` the model takes; a requested size must fit it (clear error otherwise)."""
+    patch = model.patch_embed
+    native = tuple(patch.img_size) if patch.img_size is not None else None
+    chans = patch.proj.in_channels
+    if not requested:
+        if native is None:
+            raise ModAdaptError("this model has no fixed image size; set image_size.")
+        return (chans, *native)
+    side = (requested, requested)
+    dynamic = bool(getattr(model, "dynamic_img_size", False))
+    if not dynamic and side != native:
+        raise ModAdaptError(
+            f"image_size {requested} does not match the model, which takes {native[0]}x{native[1]} images; "
+            f"use image_size {native[0]} (or 0), or build the model with img_size={requested} or dynamic_img_size=True."
+        )
+    if any(s % p for s, p in zip(side, patch.patch_size)):
+        raise ModAdaptError(f"image_size {requested} is not a multiple of the patch size {tuple(patch.patch_size)}.")
+    return (chans, *side)
+
+
+def make_transforms(model: nn.Module, size: tuple[int, int, int], augment: bool):
+    import timm.data
+
+    data_config = timm.data.resolve_data_config({"input_size": size}, model=model)
+    data_config["input_size"] = size
+    train_tf = timm.data.create_transform(**data_config, is_training=augment)
+    eval_tf = timm.data.create_transform(**data_config, is_training=False)
+    mode = "RGB" if size[0] == 3 else "L"
+
+    def wrap(tf):
+        def apply(batch: dict) -> dict:
+            return {
+                "pixel_values": [tf(img.convert(mode)) for img in batch["image"]],
+                "labels": batch["label"],
+            }
+
+        return apply
+
+    return wrap(train_tf), wrap(eval_tf), data_config
+
+
+def collate(rows: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+        "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long),
+    }
+
+
+# --- model ------------------------------------------------------------------------------------------
+def build_model(cfg: ViTRecipeConfig) -> nn.Module:
+    """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
+    import modadapt
+    from ..adapters.timm_vit import create_model
+    from ..presets import PRESETS, build_preset
+
+    if Path(cfg.model).is_dir():
+        return modadapt.load(cfg.model)
+    if cfg.model in PRESETS:
+        model = build_preset(cfg.model, seed=cfg.seed)
+        if cfg.model_kwargs:
+            raise ModAdaptError("model_kwargs apply to timm model names, not presets.")
+    else:
+        import timm
+
+        if not timm.is_model(cfg.model):
+            raise ModAdaptError(f"model {cfg.model!r} is neither a directory, a preset nor a timm model name.")
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, **cfg.model_kwargs)
+        if cfg.pretrained:
+            pretrained = timm.create_model(cfg.model, pretrained=True, **cfg.model_kwargs)
+            model.load_state_dict(pretrained.state_dict())
+    modadapt.convert(
+        model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers, router_kwargs=dict(cfg.router_kwargs)
+    )
+    return model
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    import modadapt
+
+    return modadapt.unload(copy.deepcopy(model))
+
+
+# --- training ---------------------------------------------------------------------------------------
+def evaluate(model, loader, accelerator, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    import modadapt
+
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    kept: dict[int, list[float]] = {}
+    inner = accelerator.unwrap_model(model)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="eval", disable=not (progress and accelerator.is_main_process)):
+            logits = model(batch["pixel_values"]).float()
+            labels = batch["labels"]
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            correct1 += int((top[:, 0] == labels).sum())
+            correct5 += int((top == labels[:, None]).any(-1).sum())
+            total += labels.shape[0]
+            for row in modadapt.routing_stats(inner):
+                kept.setdefault(row["layer"], []).append(row["kept_fraction"])
+    return {
+        "top1": correct1 / max(total, 1),
+        "top5": correct5 / max(total, 1),
+        "loss": loss_sum / max(total, 1),
+        "images": total,
+        "kept_fraction": {str(k): sum(v) / len(v) for k, v in kept.items()},
+    }
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def run(cfg: ViTRecipeConfig) -> dict:
+    """Train, checkpoint, evaluate and write the run directory; returns the summary."""
+    import yaml
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    import modadapt
+    from ..metrics.measured_flops import measured_flops
+
+    out = Path(cfg.output)
+    ckpt_dir = out / "checkpoint"
+    state_file = ckpt_dir / "trainer_state.json"
+    if cfg.resume and not state_file.is_file():
+        raise ModAdaptError(f"resume: {out} has no checkpoint to resume from.")
+    if not cfg.resume and out.exists() and any(out.iterdir()):
+        raise ModAdaptError(f"{out} is not empty; choose a new output directory or pass --resume.")
+
+    splits = load_splits(cfg.data)
+    train_set = pick_split(splits, cfg.train_split, cfg.data)
+    eval_set = pick_split(splits, cfg.eval_split, cfg.data) if cfg.eval_split else None
+    if cfg.max_train_samples:
+        train_set = train_set.select(range(min(cfg.max_train_samples, len(train_set))))
+    if eval_set is not None and cfg.max_eval_samples:
+        eval_set = eval_set.select(range(min(cfg.max_eval_samples, len(eval_set))))
+
+    model = build_model(cfg)
+    size = input_size(model, cfg.image_size)
+    classes = train_set.features["label"].num_classes if hasattr(train_set.features["label"], "num_classes") else None
+    classes = classes or (max(train_set["label"]) + 1)
+    if classes > model.num_classes:
+        raise ModAdaptError(
+            f"the data has {classes} classes but the model's head has {model.num_classes}; "
+            f"set model_kwargs: {{num_classes: {classes}}}."
+        )
+    train_tf, eval_tf, data_config = make_transforms(model, size, cfg.augment)
+    train_set.set_transform(train_tf)
+    if eval_set is not None:
+        eval_set.set_transform(eval_tf)
+
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = asdict(cfg)
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step = 0
+    if cfg.resume:
+        accelerator.load_state(str(ckpt_dir))
+        step = json.loads(state_file.read_text())["step"]
+
+    def save_checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(ckpt_dir))
+        if accelerator.is_main_process:
+            state_file.write_text(json.dumps({"step": step}))
+
+    loss_history = []
+    show = cfg.progress and accelerator.is_main_process
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # same order when resumed
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+            num_workers=cfg.num_workers, collate_fn=collate, drop_last=False,
+        )
+        loader = accelerator.prepare(loader)
+        if done_in_epoch:
+            loader = accelerator.skip_first_batches(loader, done_in_epoch)
+        model.train()
+        for batch in loader:
+            with accelerator.autocast():
+                logits = model(batch["pixel_values"])
+                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+                aux = modadapt.aux_loss(accelerator.unwrap_model(model))
+                if aux is not None:
+                    loss = loss + aux
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            loss_history.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_history[-1]:.4f}")
+            if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0:
+                save_checkpoint()
+            if step >= total_steps:
+                break
+    bar.close()
+    save_checkpoint()
+
+    summary: dict = {"steps": step, "final_train_loss": loss_history[-1] if loss_history else None}
+    if eval_set is not None:
+        eval_loader = accelerator.prepare(
+            torch.utils.data.DataLoader(eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate,
+                                        num_workers=cfg.num_workers)
+        )
+        summary["eval"] = evaluate(model, eval_loader, accelerator, cfg.progress)
+    inner = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        example = torch.zeros(1, *size, device=next(inner.parameters()).device)
+        inner.eval()
+        flops = {"mod": measured_flops(inner, example), "dense": measured_flops(dense_copy(inner), example)}
+        summary["flops_per_image"] = flops
+        summary["flops_ratio"] = flops["mod"]["total"] / flops["dense"]["total"]
+        summary["input_size"] = list(size)
+        summary["data_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
+        summary["mod_config"] = _mod_config(inner)
+        model_dir = out / "model"
+        modadapt.save(inner, model_dir, overwrite=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _mod_config(model: nn.Module) -> dict:
+    from ..convert import state_of
+
+    state = state_of(model)
+    return {**state.config.to_dict(), "layers": list(state.layer_indices)}
+
+
+# --- command line -----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; flags left out keep the YAML/default value."""
+    parser.add_argument("-c", "--config", help="YAML file of recipe fields; flags override it")
+    for f in fields(ViTRecipeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, "-o"] if f.name == "output" else [flag]
+        if f.type in ("bool", bool):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata["help"])
+        elif f.type in ("dict", dict):
+            parser.add_argument(*names, dest=f.name, type=_json_dict, default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(*names, dest=f.name, type=kind, default=None, help=f.metadata["help"])
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(ViTRecipeConfig)}
+    cfg = ViTRecipeConfig.resolve(args.config, overrides)
+    summary = run(cfg)
+    ev = summary.get("eval")
+    if ev:
+        print(f"top-1 {ev['top1']:.4f}  top-5 {ev['top5']:.4f}  ({ev['images']} images)")
+    if "flops_ratio" in summary:
+        print(f"FLOPs per image: MoD / dense = {summary['flops_ratio']:.3f}")
+    print(f"run directory: {cfg.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,128 @@
+"""`modadapt analyze`: the report, its round trip into `convert`, and clear errors that leave no
+report directory behind."""
+
+import json
+import re
+
+import pytest
+
+import modadapt
+from modadapt.cli import main
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Layers that attend alike can be skipped.\n\n"
+    "Mixture-of-Depths routes tokens around chosen layers, keeping the residual stream intact.\n"
+) * 20
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("analyze")
+    data = base / "calib.txt"
+    data.write_text(TEXT)
+    out = base / "report"
+    code = main(["analyze", "tiny-llama", "--data", str(data), "--samples", "6", "--seq-len", "32",
+                 "--batch-size", "4", "--select", "count=2", "--capacity", "0.25", "--quiet", "-o", str(out)])
+    assert code == 0
+    return out
+
+
+def test_report_contents(report_dir):
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["num_layers"] == 4 and report["metric"] == "arank" and report["samples"] == 6
+    assert set(report["versions"]) >= {"modadapt", "torch", "transformers"}
+    assert report["data"]["path"].endswith("calib.txt") and len(report["data"]["sha256"]) == 64
+    assert report["rule"] == {"name": "count", "value": 2}
+    selected = report["selected_layers"]
+    assert len(selected) == 2 and 0 not in selected
+    assert [r["layer"] for r in report["layers"] if r["selected"]] == selected
+    for r in report["layers"]:
+        assert r["samples"] == 6 and 0 < r["mean"] <= 32
+        assert (r["flops_mod"] < r["flops_dense"]) == r["selected"]
+    assert f"-c {report_dir}/convert.yaml" in report["convert_command"]
+    assert report["convert_command"] in (report_dir / "report.md").read_text()
+    assert sorted(p.name for p in report_dir.iterdir()) == [
+        "convert.yaml", "flops.png", "metric.png", "report.html", "report.json", "report.md"
+    ]
+    assert not [p for p in report_dir.parent.iterdir() if p.name.startswith(".report")]  # no temp left
+
+
+def test_html_is_self_contained(report_dir):
+    page = (report_dir / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "Selected layers" in page
+
+
+def test_report_round_trips_into_convert(report_dir, tmp_path, capsys):
+    selected = json.loads((report_dir / "report.json").read_text())["selected_layers"]
+    for flags in (["-c", str(report_dir / "convert.yaml")], ["--layers", f"from:{report_dir}", "--router", "topk"]):
+        out = tmp_path / flags[0].strip("-")
+        code, stdout, err = run(capsys, "convert", "tiny-llama", *flags, "-o", str(out))
+        assert code == 0, err
+        meta = json.loads((out / "modadapt.json").read_text())
+        assert meta["mod_config"]["layers"] == selected
+    from_yaml = json.loads((tmp_path / "c" / "modadapt.json").read_text())["mod_config"]
+    assert from_yaml["capacity"] == 0.25 and from_yaml["router"] == "topk"
+    model = modadapt.build_preset("tiny-llama")
+    modadapt.convert(model, router="topk", layers=f"from:{report_dir}")
+    assert [layer.mod_state.index for layer in modadapt.mod_layers(model)] == selected
+
+
+def test_from_report_errors(report_dir, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "report.json").write_text("{not json")
+    other = tmp_path / "other"
+    other.mkdir()
+    report = json.loads((report_dir / "report.json").read_text())
+    (other / "report.json").write_text(json.dumps({**report, "num_layers": 6}))
+    cases = [(tmp_path / "missing", "does not exist"), (corrupt, "corrupt"), (other, "6 layers")]
+    for directory, message in cases:
+        out = tmp_path / "out"
+        code, _, err = run(capsys, "convert", "tiny-llama", "--router", "topk", "--layers", f"from:{directory}", "-o", str(out))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_cosine_metric_and_builtin_text(tmp_path, capsys):
+    out = tmp_path / "cos"
+    code, stdout, err = run(capsys, "analyze", "tiny-gpt2", "--metric", "cosine", "--samples", "3", "--seq-len", "16",
+                            "--select", "threshold=-1", "--quiet", "-o", str(out))
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["path"] == "builtin:default" and report["metric"] == "cosine"
+    assert report["selected_layers"] == [1, 2, 3]  # every cosine is above -1; never layer 0
+    assert all(-1 <= r["mean"] <= 1 for r in report["layers"])
+    assert "selected layers [1, 2, 3]" in stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "MISSING"], "does not exist"),
+    (["--samples", "0"], "--samples"),
+    (["--select", "fraction=2"], "fraction"),
+    (["--select", "best"], "--select"),
+    (["--seq-len", "100000"], "fewer than --seq-len"),
+    (["--capacity", "1.5"], "capacity"),
+])
+def test_bad_input_is_a_one_line_error_without_output(tmp_path, capsys, argv, message):
+    out = tmp_path / "report"
+    argv = [a.replace("MISSING", str(tmp_path / "nope.txt")) for a in argv]
+    code, _, err = run(capsys, "analyze", "tiny-llama", "--samples", "2", "--seq-len", "16", "--quiet", *argv, "-o", str(out))
+    assert code == 2
+    assert err.startswith("modadapt: error:") and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_report_directory_is_not_overwritten(report_dir, capsys):
+    before = (report_dir / "report.json").read_text()
+    code, _, err = run(capsys, "analyze", "tiny-llama", "--samples", "2", "--seq-len", "16", "--quiet", "-o", str(report_dir))
+    assert code == 2 and "--overwrite" in err
+    assert (report_dir / "report.json").read_text() == before
