@@ -73,6 +73,7 @@ def load_source_model(source: str):
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import convert, save
+    from .output_dir import check_output
     from .plugins import get_router
 
     fields = load_config_file(args.config) if args.config else {}
@@ -89,9 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"router {config.router!r} decides by its own threshold and takes no --capacity; "
             f"see its arguments with `modadapt list routers`."
         )
-    out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ModAdaptError(f"{out} exists and is not empty; choose a new -o or pass --overwrite.")
+    out = check_output(args.output, args.overwrite)
     model, extras = load_source_model(args.model)
     before = sum(p.numel() for p in model.parameters())
     convert(model, config)
@@ -143,7 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Score every layer on calibration data, select layers to convert, write the report."""
     from .metrics.calibration import model_tokenizer, read_text, text_batches
-    from .metrics.report import analyze, check_output, write_report
+    from .metrics.report import analyze, write_report
+    from .output_dir import check_output
     from .metrics.selection import parse_rule
     from .plugins import get_router
     from .presets import PRESETS

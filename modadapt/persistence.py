@@ -3,8 +3,8 @@
 Layout: ``modadapt.json`` (format, modadapt version, adapter, architecture description, the
 ModConfig and resolved layers), ``model.safetensors`` (every weight, routers included) and
 whatever the adapter needs to rebuild the architecture (for transformers: ``config.json``).
-Saving writes into a temporary sibling directory and renames it at the end, so a failure never
-leaves a half-written directory.
+Saving goes through `output_dir.atomic_directory`, so a failure never leaves a half-written
+directory.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from . import __version__
 from .config import ModConfig
 from .convert import convert, find_adapter, state_of
 from .errors import ModAdaptError
+from .output_dir import atomic_directory
 from .plugins import get_adapter
 
 FORMAT_VERSION = 1
@@ -39,35 +39,22 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     state = state_of(model)
     if state is None:
         raise ModAdaptError("only converted models can be saved with modadapt.save; call convert first.")
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise ModAdaptError(f"{target} exists and is not a directory.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ModAdaptError(f"{target} is not empty; choose a new directory or pass overwrite=True (--overwrite).")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        dtype = next(model.parameters()).dtype
-        meta = {
-            "format": FORMAT_VERSION,
-            "modadapt_version": __version__,
-            "adapter": state.adapter.name,
-            "architecture": state.adapter.describe(model),
-            "dtype": str(dtype).removeprefix("torch."),
-            "mod_config": {**state.config.to_dict(), "layers": list(state.layer_indices)},
-        }
+    dtype = next(model.parameters()).dtype
+    meta = {
+        "format": FORMAT_VERSION,
+        "modadapt_version": __version__,
+        "adapter": state.adapter.name,
+        "architecture": state.adapter.describe(model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "mod_config": {**state.config.to_dict(), "layers": list(state.layer_indices)},
+    }
+    with atomic_directory(directory, overwrite) as tmp:
         state.adapter.save_base(model, str(tmp))
         save_model(model, str(tmp / WEIGHTS_FILE))
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(directory)
 
 
 def read_meta(directory: str | os.PathLike) -> dict:

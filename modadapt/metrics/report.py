@@ -15,8 +15,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -24,6 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ModAdaptError
+from ..output_dir import atomic_directory
 from .calibration import Batch
 from .flops import model_layer_flops
 from .layer_stack import find_layers
@@ -159,11 +158,7 @@ def write_report(report: dict, directory: str | os.PathLike, *, overwrite: bool 
     """Write the report files into `directory` atomically (temporary sibling, then rename)."""
     import yaml
 
-    target = Path(directory)
-    check_output(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(directory, overwrite) as tmp:
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         header = f"# ModConfig written by `modadapt analyze` ({report['metric']}, {_rule_text(report)}).\n"
         (tmp / CONFIG_FILE).write_text(header + yaml.safe_dump(report["convert_config"], sort_keys=False))
@@ -172,21 +167,7 @@ def write_report(report: dict, directory: str | os.PathLike, *, overwrite: bool 
             (tmp / name).write_bytes(png)
         (tmp / "report.md").write_text(render_markdown(report))
         (tmp / "report.html").write_text(render_html(report, figures))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def check_output(target: Path, overwrite: bool) -> None:
-    """Refuse an output that exists and is not an empty directory, unless `overwrite`."""
-    if target.exists() and not target.is_dir():
-        raise ModAdaptError(f"{target} exists and is not a directory.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ModAdaptError(f"{target} exists and is not empty; choose a new -o or pass --overwrite.")
+    return Path(directory)
 
 
 def _rule_text(report: dict) -> str:
