@@ -50,6 +50,8 @@ class ModConfig:
         if not isinstance(self.router, str) or not self.router:
             raise ModAdaptError("ModConfig.router must be a router name, e.g. 'topk'.")
         try:
+            if isinstance(self.capacity, bool):
+                raise TypeError
             self.capacity = float(self.capacity)
         except (TypeError, ValueError):
             raise ModAdaptError(f"capacity must be a number in (0, 1], got {self.capacity!r}.") from None

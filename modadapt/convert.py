@@ -45,6 +45,10 @@ def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any)
 
     Nothing is changed when an error is raised.
     """
+    known = {f.name for f in dataclasses.fields(ModConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ModAdaptError(f"convert() got unknown option {unknown[0]!r}; ModConfig fields: {', '.join(sorted(known))}.")
     if config is None:
         config = ModConfig(**overrides)
     elif overrides:

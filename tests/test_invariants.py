@@ -109,6 +109,19 @@ def test_full_capacity_equals_dense_train(family, tiny, ids, config):
     assert all(row["kept_fraction"] == 1.0 for row in modadapt.routing_stats(model))
 
 
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.7])
+def test_fresh_threshold_router_equals_dense_in_bfloat16(tiny, ids, p):
+    """Rounding the bias to bf16 must not make a fresh router skip tokens."""
+    model = tiny("llama").to(torch.bfloat16)
+    x = ids(2, 12)
+    with torch.no_grad():
+        dense = model(x).logits
+        modadapt.convert(model, router="threshold-p", router_kwargs={"p": p})
+        converted = model(x).logits
+    assert torch.equal(converted, dense)
+    assert all(row["kept_fraction"] == 1.0 for row in modadapt.routing_stats(model))
+
+
 def test_full_capacity_equals_dense_with_padding(core_family, tiny, left_pad, ids):
     """With padding the MoD layer builds its own mask; real positions still match the dense model."""
     prompts = [ids(1, n, seed=n)[0] for n in (5, 9)]
