@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Score every layer on calibration data, select layers to convert, write the report."""
-    from .metrics.calibration import model_tokenizer, read_text, text_batches
+    from .metrics.calibration import image_batches, image_tokens, model_tokenizer, read_text, text_batches
     from .metrics.report import analyze, write_report
     from .output_dir import check_output
     from .metrics.selection import parse_rule
@@ -159,20 +159,28 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     check_output(Path(args.output), args.overwrite)
     if args.data is None and args.model not in PRESETS:
         raise ModAdaptError("--data is required for a model directory; the built-in text is for the presets.")
-    text, data_path, digest = read_text(args.data)
     model, _ = load_source_model(args.model)
-    if getattr(getattr(model, "config", None), "vocab_size", None) is None:
-        raise ModAdaptError(f"{args.model} is not a text model; `analyze` reads text calibration data only.")
-    tokenizer = model_tokenizer(args.model)
-    batches = text_batches(
-        text, tokenizer=tokenizer, vocab_size=model.config.vocab_size, samples=args.samples,
-        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-    )
-    data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
-            "samples": args.samples, "seq_len": args.seq_len}
+    if getattr(getattr(model, "config", None), "vocab_size", None) is not None:
+        text, data_path, digest = read_text(args.data)
+        tokenizer = model_tokenizer(args.model)
+        batches = text_batches(
+            text, tokenizer=tokenizer, vocab_size=model.config.vocab_size, samples=args.samples,
+            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        )
+        tokens = args.seq_len
+        data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
+                "samples": args.samples, "seq_len": tokens}
+    elif hasattr(model, "patch_embed"):  # a timm ViT: images
+        batches, data_path, digest = image_batches(args.data, model, samples=args.samples,
+                                                   batch_size=args.batch_size, seed=args.seed)
+        tokens = image_tokens(model)
+        data = {"path": data_path, "sha256": digest, "kind": "images",
+                "samples": sum(len(b) for b in batches), "seq_len": tokens}
+    else:
+        raise ModAdaptError(f"{args.model}: `analyze` reads text for language models and images for timm ViTs.")
     report = analyze(
         model, batches, model_name=args.model, data=data, seed=args.seed, metric=args.metric, rule=rule,
-        capacity=args.capacity, router=args.router, tokens=args.seq_len, output=args.output,
+        capacity=args.capacity, router=args.router, tokens=tokens, output=args.output,
         tol=args.tol, progress=not args.quiet,
     )
     write_report(report, args.output, overwrite=args.overwrite)
@@ -245,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="score layers (ARank or cosine) and pick the ones to convert")
     p.add_argument("model", help="local transformers model directory, or a preset such as tiny-llama")
     p.add_argument("-o", "--output", required=True, help="report directory to write (must be new or empty)")
-    p.add_argument("--data", help="local .txt/.jsonl file or directory (optionally .gz); presets default to a built-in text")
+    p.add_argument("--data", help="text models: local .txt/.jsonl file or directory (optionally .gz); timm ViTs: a "
+                   "folder of images; presets default to built-in data")
     p.add_argument("--samples", type=int, default=32, help="number of calibration sequences (default: 32)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)")

@@ -126,3 +126,44 @@ def test_existing_report_directory_is_not_overwritten(report_dir, capsys):
     code, _, err = run(capsys, "analyze", "tiny-llama", "--samples", "2", "--seq-len", "16", "--quiet", "-o", str(report_dir))
     assert code == 2 and "--overwrite" in err
     assert (report_dir / "report.json").read_text() == before
+
+
+def _image_folder(root, count=5, size=(20, 24)):
+    import numpy as np
+    from PIL import Image
+
+    (root / "cls").mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray((generator.random((*size, 3)) * 255).astype("uint8")).save(root / "cls" / f"{i}.png")
+    (root / "cls" / "notes.txt").write_text("not an image")  # ignored
+
+
+def test_vit_analysis_reads_an_image_folder(tmp_path, capsys):
+    images = tmp_path / "images"
+    _image_folder(images)
+    out = tmp_path / "report"
+    assert main(["analyze", "tiny-vit", "--data", str(images), "--samples", "4", "--batch-size", "2",
+                 "-o", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["kind"] == "images" and report["data"]["samples"] == 4
+    assert report["data"]["seq_len"] == 65  # 64 patches + the class token of tiny-vit
+    assert len(report["layers"]) == 4 and 0 not in report["selected_layers"]
+    capsys.readouterr()
+    assert main(["convert", "tiny-vit", "-c", str(out / "convert.yaml"), "-o", str(tmp_path / "mod")]) == 0
+    assert json.loads((tmp_path / "mod" / "modadapt.json").read_text())["mod_config"]["layers"] == report["selected_layers"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt"])
+def test_vit_analysis_bad_image_data(tmp_path, capsys, kind):
+    images = tmp_path / "images"
+    if kind != "missing":
+        images.mkdir()
+    if kind == "corrupt":
+        (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "report"
+    assert main(["analyze", "tiny-vit", "--data", str(images), "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modadapt: error: ") and err.count("\n") == 1
+    assert {"missing": "does not exist", "empty": "holds no image files", "corrupt": "not a readable image"}[kind] in err
+    assert not out.exists()

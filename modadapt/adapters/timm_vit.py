@@ -184,3 +184,24 @@ def _check_rebuild(model: nn.Module, name: str, kwargs: dict) -> None:
             f"the timm model cannot be rebuilt from {name!r} with the arguments read off it (differs at {diff}); "
             "create it with modadapt.adapters.timm_vit.create_model(name, **kwargs) so its arguments are recorded."
         )
+
+
+def input_size(model: nn.Module, requested: int = 0) -> tuple[int, int, int]:
+    """`(C, H, W)` the model takes; a requested size must fit it (clear error otherwise)."""
+    patch = model.patch_embed
+    native = tuple(patch.img_size) if patch.img_size is not None else None
+    chans = patch.proj.in_channels
+    if not requested:
+        if native is None:
+            raise ModAdaptError("this model has no fixed image size; set image_size.")
+        return (chans, *native)
+    side = (requested, requested)
+    dynamic = bool(getattr(model, "dynamic_img_size", False))
+    if not dynamic and side != native:
+        raise ModAdaptError(
+            f"image_size {requested} does not match the model, which takes {native[0]}x{native[1]} images; "
+            f"use image_size {native[0]} (or 0), or build the model with img_size={requested} or dynamic_img_size=True."
+        )
+    if any(s % p for s, p in zip(side, patch.patch_size)):
+        raise ModAdaptError(f"image_size {requested} is not a multiple of the patch size {tuple(patch.patch_size)}.")
+    return (chans, *side)

@@ -3,6 +3,8 @@
 Text comes from local `.txt` / `.jsonl` files (optionally gzipped) or a directory of them; it is
 tokenised with the model's tokenizer when the model directory has one, else as UTF-8 bytes modulo
 the vocabulary size (the presets' tokenizer-free convention). Samples are fixed-length windows.
+Images (for vision models) come from a local folder, read with PIL and prepared with timm's eval
+transform for the model's data config.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from ..errors import ModAdaptError
 
 Batch = Union[dict, torch.Tensor]
 TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN_DATA = "builtin:default"
+BUILTIN_IMAGES = "builtin:noise"
 
 
 # --- running a model over batches ---------------------------------------------------------------
@@ -167,3 +171,51 @@ def model_tokenizer(source: str) -> Any:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise ModAdaptError(f"could not load the tokenizer in {source}: {exc}") from None
+
+
+# --- reading images ------------------------------------------------------------------------------
+def image_batches(
+    data: str | None, model: nn.Module, *, samples: int, batch_size: int, seed: int
+) -> tuple[list[torch.Tensor], str, str]:
+    """`(pixel batches, path as recorded, sha256)` for a timm vision model.
+
+    `data` is a folder of images (searched recursively; `samples` of them drawn with `seed`);
+    None gives seeded noise images, only meaningful for the randomly initialised presets.
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    from ..adapters.timm_vit import input_size
+
+    size = input_size(model)
+    config = resolve_data_config({"input_size": size}, model=model)
+    config["input_size"] = size
+    if data is None:
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(samples, *config["input_size"], generator=generator)
+        return list(pixels.split(batch_size)), BUILTIN_IMAGES, hashlib.sha256(f"noise:{seed}".encode()).hexdigest()
+    root = Path(data)
+    if not root.exists():
+        raise ModAdaptError(f"--data {root} does not exist; give a local folder of images.")
+    files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ModAdaptError(f"--data {root} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+    if len(files) > samples:
+        files = sorted(random.Random(seed).sample(files, samples))
+    from PIL import Image, UnidentifiedImageError
+
+    transform = create_transform(**config)
+    digest = hashlib.sha256()
+    images = []
+    for file in files:
+        digest.update(file.read_bytes())
+        try:
+            with Image.open(file) as image:
+                images.append(transform(image.convert("RGB" if size[0] == 3 else "L")))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ModAdaptError(f"{file} is not a readable image: {exc}") from None
+    return list(torch.stack(images).split(batch_size)), str(data), digest.hexdigest()
+
+
+def image_tokens(model: nn.Module) -> int:
+    """Tokens a timm ViT processes per image: patches plus prefix (class/register) tokens."""
+    return int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 0))

@@ -87,7 +87,8 @@ def analyze(
 
     Args:
         model_name: The MODEL argument (preset or directory), recorded and used in the command.
-        data: ``path``, ``sha256``, ``tokenizer``, ``samples``, ``seq_len`` of the calibration data.
+        data: ``path``, ``sha256``, ``samples``, ``seq_len`` of the calibration data, and
+            ``tokenizer`` (text) or ``kind: "images"``.
         tokens: Sequence length the FLOPs are counted for.
         output: Report directory (used in the reproducing command).
         tol: ARank's absolute singular-value tolerance (None: `matrix_rank`'s default, as γ-MoD).
@@ -195,7 +196,8 @@ def _summary(report: dict) -> list[str]:
     return [
         f"Model: {report['model']} ({report['model_class']}, {report['num_layers']} layers)",
         f"Data: {data['path']} (sha256 {data['sha256'][:16]}..., {data['samples']} samples x {data['seq_len']} "
-        f"tokens, tokenizer: {data['tokenizer']}), seed {report['seed']}",
+        f"tokens, {'tokenizer: ' + data['tokenizer'] if 'tokenizer' in data else data.get('kind', 'text')}), "
+        f"seed {report['seed']}",
         f"Metric: {report['metric']} ({direction} = more redundant); rule {_rule_text(report)}; "
         f"layer 0 is never selected",
         f"Selected layers: {report['selected_layers']}",

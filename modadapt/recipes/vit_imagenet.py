@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.timm_vit import input_size
 from ..errors import ModAdaptError
 
 NAME = "vit-imagenet"
@@ -146,27 +147,6 @@ def pick_split(splits: Any, name: str, path: str) -> Any:
     if len(split) == 0:
         raise ModAdaptError(f"{path} split {name!r} is empty.")
     return split
-
-
-def input_size(model: nn.Module, requested: int) -> tuple[int, int, int]:
-    """`(C, H, W)` the model takes; a requested size must fit it (clear error otherwise)."""
-    patch = model.patch_embed
-    native = tuple(patch.img_size) if patch.img_size is not None else None
-    chans = patch.proj.in_channels
-    if not requested:
-        if native is None:
-            raise ModAdaptError("this model has no fixed image size; set image_size.")
-        return (chans, *native)
-    side = (requested, requested)
-    dynamic = bool(getattr(model, "dynamic_img_size", False))
-    if not dynamic and side != native:
-        raise ModAdaptError(
-            f"image_size {requested} does not match the model, which takes {native[0]}x{native[1]} images; "
-            f"use image_size {native[0]} (or 0), or build the model with img_size={requested} or dynamic_img_size=True."
-        )
-    if any(s % p for s, p in zip(side, patch.patch_size)):
-        raise ModAdaptError(f"image_size {requested} is not a multiple of the patch size {tuple(patch.patch_size)}.")
-    return (chans, *side)
 
 
 def make_transforms(model: nn.Module, size: tuple[int, int, int], augment: bool):
