@@ -8,6 +8,10 @@ the measured speedup next to the ideal one (FLOPs for prefill/training, bytes fo
 
     python benchmarks/speed.py --tiny                   # CPU smoke test, seconds
     python benchmarks/speed.py --out results.json       # GPU (see benchmarks/README.md)
+    python benchmarks/speed.py --compile --scenarios prefill,train --routers topk --out compiled.json
+
+With --compile, prefill and training run dense and MoD alike through torch.compile (fullgraph for
+dense and topk); decode and the layer breakdown stay eager.
 
 Router weights: a fresh conversion has zero routers (every token kept), so the script gives each
 MoD layer's router a random score direction and a bias at the right quantile of the scores on a
@@ -295,17 +299,46 @@ class Bench:
     shape: Shape
     env: dict
     records: list = field(default_factory=list)
+    compiled: dict = field(default_factory=dict)  # id(model) -> torch.compile wrapper (--compile)
+    compile_s: dict = field(default_factory=dict)  # (model name, case) -> seconds of the compiling call
+
+    def fast(self, model):
+        """The model to run in prefill and training: its compiled wrapper under --compile."""
+        return self.compiled.get(id(model), model)
+
+    def is_compiled(self, model) -> bool:
+        return id(model) in self.compiled
+
+    def first_call(self, model, fn, name: str, case: str) -> float | None:
+        """Under --compile, make the first (compiling) call of `fn` outside the timings and return
+        its seconds; else do nothing (None). Recompiles per shape, grad mode and train/eval."""
+        if not self.is_compiled(model):
+            return None
+        self.clock.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.clock.sync()
+        seconds = time.perf_counter() - t0
+        self.compile_s[(name, case)] = seconds
+        print(f"# compile {case:>18s} {name:>12s}: first call {seconds:6.1f} s", flush=True)
+        return seconds
 
     def ids(self, B: int, T: int, seed: int) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         return torch.randint(0, self.shape.V, (B, T), generator=gen).to(self.device)
 
     def add(self, record: dict) -> None:
-        record = {**record, **self.env}
+        record = {"dense_compiled": False, "mod_compiled": False, **record, **self.env}
         self.records.append(record)
         print(format_row(record), flush=True)
         if self.args.out:
             write_json(self.args.out, self.records)
+
+
+def compile_fields(b: Bench, model, dense_compile_s, mod_compile_s) -> dict:
+    """Record fields saying how dense and MoD ran (eager or compiled) and what compiling cost."""
+    return dict(dense_compiled=b.is_compiled(b.dense), mod_compiled=b.is_compiled(model),
+                dense_compile_s=dense_compile_s, mod_compile_s=mod_compile_s)
 
 
 def mean_kept(model) -> float | None:
@@ -326,14 +359,17 @@ def run_prefill(b: Bench) -> None:
                     model(input_ids=inputs[turn["i"] % len(inputs)], use_cache=False, logits_to_keep=1)
             return fn
 
+        case = f"prefill_b{B}_s{T}"
         mem: dict = {}
+        dense_compile = b.first_call(b.dense, make(b.fast(b.dense)), "dense", case)
         with peak_memory(b.device, mem, "dense"):
-            dense_ms, dense_all = b.clock.median(make(b.dense), b.size["warmup"], b.size["repeats"])
+            dense_ms, dense_all = b.clock.median(make(b.fast(b.dense)), b.size["warmup"], b.size["repeats"])
         dense_host = b.clock.host_median
         dense_flops = model_flops(b.shape, B, T, None, 1)
         for router, (model, nominal, _) in b.mods.items():
+            mod_compile = b.first_call(model, make(b.fast(model)), router, case)
             with peak_memory(b.device, mem, "mod"):
-                mod_ms, mod_all = b.clock.median(make(model), b.size["warmup"], b.size["repeats"])
+                mod_ms, mod_all = b.clock.median(make(b.fast(model)), b.size["warmup"], b.size["repeats"])
             mod_host = b.clock.host_median
             kept = mean_kept(model)
             goal = setting["goals"].get(router)
@@ -345,6 +381,7 @@ def run_prefill(b: Bench) -> None:
                 dense_host_ms=dense_host, mod_host_ms=mod_host,
                 dense_peak_bytes=mem["dense"], mod_peak_bytes=mem["mod"],
                 dense_times_ms=dense_all, mod_times_ms=mod_all,
+                **compile_fields(b, model, dense_compile, mod_compile),
             ))
 
 
@@ -549,12 +586,15 @@ def run_train(b: Bench) -> None:
             model.zero_grad(set_to_none=True)
         return fn
 
-    def measure(model, batch):
+    compile_s = {}
+
+    def measure(model, batch, name):
         model.train()
         mem: dict = {}
         try:
+            compile_s[name] = b.first_call(model, make(b.fast(model), batch), name, f"train_b{batch}_s{T}")
             with peak_memory(b.device, mem, "peak"):
-                ms, times = b.clock.median(make(model, batch), b.size["train_warmup"], b.size["train_repeats"])
+                ms, times = b.clock.median(make(b.fast(model), batch), b.size["train_warmup"], b.size["train_repeats"])
         finally:
             model.zero_grad(set_to_none=True)
             model.eval()
@@ -563,7 +603,7 @@ def run_train(b: Bench) -> None:
     batch = B
     while True:  # the dense model needs the most memory: find a batch it can run, use it for all
         try:
-            dense_ms, dense_all, dense_peak = measure(b.dense, batch)
+            dense_ms, dense_all, dense_peak = measure(b.dense, batch, "dense")
             break
         except _oom_types():
             if b.device.type == "cuda":
@@ -574,7 +614,7 @@ def run_train(b: Bench) -> None:
             batch //= 2
     dense_flops = 3 * model_flops(b.shape, batch, T, None, T)
     for router, (model, nominal, _) in b.mods.items():
-        mod_ms, mod_all, mod_peak = measure(model, batch)
+        mod_ms, mod_all, mod_peak = measure(model, batch, router)
         kept = mean_kept(model)
         goal = setting["goals"].get(router)
         b.add(dict(
@@ -584,6 +624,7 @@ def run_train(b: Bench) -> None:
             kept_fraction=kept, goal=goal, met=None if goal is None else dense_ms / mod_ms >= goal,
             dense_peak_bytes=dense_peak, mod_peak_bytes=mod_peak,
             dense_times_ms=dense_all, mod_times_ms=mod_all,
+            **compile_fields(b, model, compile_s.get("dense"), compile_s.get(router)),
         ))
 
 
@@ -762,6 +803,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdpa-backends", default=None,
                         help="restrict SDPA to these backends for dense and MoD alike, e.g. "
                         "'flash,efficient,math' (default: PyTorch's choice, cuDNN first on H100)")
+    parser.add_argument("--compile", action="store_true",
+                        help="prefill and training run dense and MoD through torch.compile (fullgraph for dense "
+                        "and topk; threshold-p syncs with the host in every MoD layer, so it compiles with graph "
+                        "breaks); decode and the layer breakdown stay eager. The compiling first call of each "
+                        "shape is timed apart and kept out of the measurements")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode, e.g. 'max-autotune-no-cudagraphs' (default: PyTorch's default)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip scenarios that would start after this many seconds (partial JSON is kept)")
     args = parser.parse_args(argv)
@@ -784,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(device, dtype, size["model"], args.tiny)
     env["sdpa_backends"] = args.sdpa_backends or "default"
+    env["compile"] = bool(args.compile)
+    env["compile_mode"] = (args.compile_mode or "default") if args.compile else None
     with contextlib.ExitStack() as stack:
         if args.sdpa_backends:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -796,6 +846,35 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(sdpa_kernel([names[n] for n in args.sdpa_backends.split(",")]))
         run(args, size, device, dtype, env, scenarios, routers, t_start)
     return 0
+
+
+def compile_models(b: Bench, mode: str | None, scenarios: list[str]) -> None:
+    """Wrap dense and every MoD model in torch.compile for prefill and training.
+
+    fullgraph=True for dense and `topk` (static top-k: no host sync, no graph break); `threshold-p`
+    packs a data-dependent keep mask (one host sync per MoD layer), so it compiles with graph
+    breaks. dynamic=False: each prefill/training shape gets its own graph (the k of top-k is a
+    Python int of the sequence length). Compilation is lazy: the first call of each shape, grad
+    mode and train/eval mode compiles, and `Bench.first_call` times it outside the measurements."""
+    import torch._dynamo
+
+    # Dense and MoD share LlamaForCausalLM.forward: every (model, shape, mode) is a cache entry of
+    # that one code object, more than the default limit of 8 when all routers and shapes run.
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    kwargs = {"dynamic": False} | ({"mode": mode} if mode else {})
+    b.compiled[id(b.dense)] = torch.compile(b.dense, fullgraph=True, **kwargs)
+    for router, (model, _, _) in b.mods.items():
+        b.compiled[id(model)] = torch.compile(model, fullgraph=router != "threshold-p", **kwargs)
+    full = ", ".join(f"{r}: fullgraph={r != 'threshold-p'}" for r in b.mods)
+    print(f"# --compile (mode {mode or 'default'}, dynamic=False): prefill and train compiled "
+          f"(dense: fullgraph=True; {full})", flush=True)
+    eager = [s for s in scenarios if s in ("decode", "layer")]
+    if eager:
+        print(f"# --compile: {', '.join(eager)} stay eager (decode: the DynamicCache MoD layers keep "
+              "is not traceable yet; layer: the breakdown times single calls)", flush=True)
 
 
 def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
@@ -819,6 +898,8 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
            "calibrated_fraction": {r: mods[r][1] for r in mods}}
     clock = Clock(device)
     bench = Bench(args, size, device, dtype, clock, dense, mods, shape, env)
+    if args.compile:
+        compile_models(bench, args.compile_mode, scenarios)
     print(HEADER, flush=True)
     runners = {"prefill": run_prefill, "layer": run_layer, "decode": run_decode, "train": run_train}
     for name in scenarios:

@@ -37,6 +37,13 @@ class ModConfig:
         default_factory=dict,
         metadata={"help": "Router-specific arguments (CLI: --router-arg KEY=VALUE)."},
     )
+    adapter_kwargs: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Adapter-specific options, e.g. for LLaVA {'protect': 'question', 'route': 'image'} "
+            "(see `modadapt list adapters`); unknown options are an error."
+        },
+    )
     inference_routing: str = field(
         default="causal",
         metadata={
@@ -63,6 +70,8 @@ class ModConfig:
             )
         if not isinstance(self.router_kwargs, dict):
             raise ModAdaptError("router_kwargs must be a dict of router arguments.")
+        if not isinstance(self.adapter_kwargs, dict):
+            raise ModAdaptError("adapter_kwargs must be a dict of adapter options.")
         self.layers = normalize_layer_spec(self.layers)
 
     def to_dict(self) -> dict:

@@ -56,6 +56,7 @@ def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any)
     if state_of(model) is not None:
         raise ModAdaptError("this model is already converted; call modadapt.unload(model) first.")
     adapter = find_adapter(model)
+    adapter.configure(**config.adapter_kwargs)
     stack_owner, layers = adapter.layer_stack(model)
     indices = resolve_layers(config.layers, len(layers))
     adapter.validate_layers(model, indices)
@@ -78,6 +79,7 @@ def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any)
         layer.__class__ = mod_class(type(layer))
         layer.router = routers[i]
         layer.mod_state = LayerState(index=i, call=calls[i], model=state)
+        state.layers.append(layer.mod_state)
     object.__setattr__(model, STATE_ATTR, state)
     _install_hooks(model, stack_owner, state)
     state.hooks.extend(attached)
@@ -91,10 +93,21 @@ class _Hooks:
     def __init__(self, model: nn.Module, state: ModelState):
         self.model = model
         self.state = state
+        self.pending: TokenRoles | None = None  # roles taken at the adapter's roles source
+
+    def before_source(self, module, args, kwargs):
+        self.pending = self.state.adapter.token_roles(module, args, kwargs)
+
+    def after_source(self, module, args, kwargs, output):
+        self.pending = None
 
     def before_stack(self, module, args, kwargs):
-        self.state.forward_id += 1
-        self.state.roles = self.state.adapter.token_roles(module, args, kwargs)
+        for layer in self.state.layers:  # a loss is only reported by the forward that made it
+            layer.last_aux = None
+        if self.pending is not None:
+            self.state.roles, self.pending = self.pending, None
+        else:
+            self.state.roles = self.state.adapter.token_roles(module, args, kwargs)
         if module.training and kwargs.get("past_key_values") is None and kwargs.get("use_cache", False) is None:
             # A training forward has no use for a KV cache; not building one keeps it compilable.
             return args, {**kwargs, "use_cache": False}
@@ -128,6 +141,12 @@ def _install_hooks(model: nn.Module, stack_owner: nn.Module, state: ModelState) 
     ]
     if stack_owner is not model:
         state.hooks.append(model.register_forward_hook(hooks.after_model, with_kwargs=True))
+    source = state.adapter.roles_source(model)
+    if source is not None and source is not stack_owner:
+        state.hooks += [
+            source.register_forward_pre_hook(hooks.before_source, with_kwargs=True),
+            source.register_forward_hook(hooks.after_source, with_kwargs=True, always_call=True),
+        ]
 
 
 def mod_layers(model: nn.Module) -> list[nn.Module]:
@@ -142,12 +161,10 @@ def mod_layers(model: nn.Module) -> list[nn.Module]:
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of the router auxiliary losses of the model's last forward (None if there are none)."""
     state = state_of(model)
-    losses = [
-        layer.mod_state.last_aux
-        for layer in mod_layers(model)
-        if layer.mod_state.last_aux is not None and layer.mod_state.last_forward_id == state.forward_id
-    ]
-    return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+    if state is None:
+        raise ModAdaptError("this model is not converted; call modadapt.convert(model, ...) first.")
+    losses = [layer.last_aux.float() for layer in state.layers if layer.last_aux is not None]
+    return torch.stack(losses).sum() if losses else None
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -32,7 +32,7 @@ class ModelState:
     adapter: Any  # Adapter
     layer_indices: list[int]
     roles: TokenRoles = field(default_factory=TokenRoles)
-    forward_id: int = 0
+    layers: list = field(default_factory=list)  # LayerState of each MoD layer, in stack order
     hooks: list = field(default_factory=list)
 
 
@@ -46,7 +46,6 @@ class LayerState:
     last_keep: torch.Tensor | None = None
     last_real: torch.Tensor | None = None
     last_aux: torch.Tensor | None = None
-    last_forward_id: int = -1
 
 
 class ModLayer:
@@ -174,8 +173,8 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     else:
         mask = None
 
-    if mask is not None and hidden.is_cuda:
-        # cuDNN attention re-plans for every new masked shape (MoD cache lengths rarely repeat).
+    if hidden.is_cuda and (mask is not None or book is not None):
+        # cuDNN attention re-plans for every new shape, and MoD cache lengths rarely repeat.
         with sdpa_kernel(_MASKED_BACKENDS):
             out = layer._mod_original.forward(layer, **arguments.named)
     else:
@@ -197,4 +196,3 @@ def _record(state: LayerState, decision: RoutingDecision, ctx: RoutingContext) -
     state.last_keep = decision.keep.detach()
     state.last_real = ctx.real
     state.last_aux = decision.aux_loss
-    state.last_forward_id = state.model.forward_id

@@ -17,12 +17,18 @@ def test_compiled_equals_eager_inference_and_training():
         eager = model(ids, use_cache=False).logits
         keep_eager = [layer.mod_state.last_keep.clone() for layer in modadapt.mod_layers(model)]
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, eager, rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # nothing in the MoD path changes per call
+            other = torch.randint(0, 256, (2, 16), generator=generator)
+            torch.testing.assert_close(compiled(other, use_cache=False).logits, model(other, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
     assert not all(k.all() for k in keep_eager)  # tokens were really skipped
 
     model.train()
     eager_loss = model(ids, labels=ids).loss
     compiled_loss = compiled(ids, labels=ids).loss  # a training forward builds no cache: traceable
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(compiled(ids, labels=ids).loss, eager_loss, rtol=1e-5, atol=1e-5)
     compiled_loss.backward()
     for layer in modadapt.mod_layers(model):
         assert layer.router.scorer.weight.grad is not None

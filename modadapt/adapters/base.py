@@ -73,6 +73,18 @@ class Adapter:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: Adapter options (`ModConfig.adapter_kwargs`) and their defaults; unknown ones are an error.
+    options: ClassVar[dict] = {}
+
+    def configure(self, **options: Any) -> None:
+        """Take the conversion's adapter options (validated against `options`), kept as `self.settings`."""
+        from ..errors import ModAdaptError
+
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise ModAdaptError(f"adapter {self.name!r} has no option {unknown[0]!r}; its options are: {known}.")
+        self.settings = {**self.options, **options}
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter handles `model`."""
@@ -96,8 +108,15 @@ class Adapter:
         raise NotImplementedError
 
     def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
-        """Token roles of the forward about to run, from the stack owner's call arguments."""
+        """Token roles of the forward about to run, from the stack owner's call arguments (or,
+        when `roles_source` names a module, from that module's call arguments)."""
         return TokenRoles()
+
+    def roles_source(self, model: nn.Module) -> nn.Module | None:
+        """The module whose call carries the inputs the roles come from, when the stack owner does
+        not see them (LLaVA: the top-level model gets `input_ids` and `labels`, its language model
+        only embeddings). None: the stack owner. Its call must run the stack at most once."""
+        return None
 
     def attention_probe(self, model: nn.Module, layers: list[int]) -> "AttentionProbe":
         """Start recording the query/key tensors of `layers` on every forward, leaving the
