@@ -192,6 +192,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of a saved converted model (or its dense original) on local text."""
+    from .recipes.lm_adapt import evaluate_saved
+
+    result = evaluate_saved(args.model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                            dense=args.dense, batch_size=args.batch_size, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    print(f"{result['model']} perplexity {result['ppl']:.4f} (loss {result['loss']:.4f}, {result['tokens']} tokens, "
+          f"{result['blocks']} blocks of {result['seq_len']})")
+    for layer, fraction in result["kept_fraction"].items():
+        print(f"  layer {layer}: kept fraction {fraction:.4f}")
+    print(f"FLOPs per token: {result['flops_per_token']:.4g} ({result['flops_ratio']:.3f} of dense)")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .plugins import registry
 
@@ -267,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("eval", help="perplexity of a saved converted model on local text")
+    p.add_argument("model", help="directory written by `modadapt convert` or modadapt.save")
+    p.add_argument("--data", required=True, help="local .txt/.jsonl file or directory (optionally .gz), or datasets files")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=256, help="tokens per block (default: 256)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=0, help="use at most this many tokens (0: all)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="blocks per forward (default: 8)")
+    p.add_argument("--dense", action="store_true", help="evaluate the dense model (routers removed) instead")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("list", help="list installed routers or adapters")
     p.add_argument("what", choices=["routers", "adapters"])

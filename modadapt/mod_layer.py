@@ -7,7 +7,6 @@ hooks, gradient checkpointing and state-dict names keep working (the router is t
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,10 @@ class ModelState:
     roles: TokenRoles = field(default_factory=TokenRoles)
     layers: list = field(default_factory=list)  # LayerState of each MoD layer, in stack order
     hooks: list = field(default_factory=list)
+
+    def config_dict(self) -> dict:
+        """The ModConfig with its layer rule resolved to the converted indices (what `load` needs)."""
+        return {**self.config.to_dict(), "layers": list(self.layer_indices)}
 
 
 @dataclass

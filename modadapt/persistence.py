@@ -46,7 +46,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         "adapter": state.adapter.name,
         "architecture": state.adapter.describe(model),
         "dtype": str(dtype).removeprefix("torch."),
-        "mod_config": {**state.config.to_dict(), "layers": list(state.layer_indices)},
+        "mod_config": state.config_dict(),
     }
     with atomic_directory(directory, overwrite) as tmp:
         state.adapter.save_base(model, str(tmp))

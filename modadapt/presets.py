@@ -45,6 +45,18 @@ def _tiny_vit() -> nn.Module:
                         num_classes=10)
 
 
+def _tiny_llava() -> nn.Module:
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    # 32x32 RGB, 8x8 patches: 16 image tokens (CLIP's class token is dropped); image token id 3.
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=dict(model_type="llama", **_COMMON), image_token_index=3,
+                         image_seq_length=16)
+    config._attn_implementation = "sdpa"
+    return LlavaForConditionalGeneration(config)
+
+
 PRESETS: dict[str, Callable[[], nn.Module]] = {
     "tiny-llama": _llama_like("LlamaConfig", "LlamaForCausalLM"),
     "tiny-qwen2": _llama_like("Qwen2Config", "Qwen2ForCausalLM"),
@@ -54,6 +66,7 @@ PRESETS: dict[str, Callable[[], nn.Module]] = {
     "tiny-phi3": _llama_like("Phi3Config", "Phi3ForCausalLM"),
     "tiny-gpt2": _gpt2,
     "tiny-vit": _tiny_vit,
+    "tiny-llava": _tiny_llava,
 }
 
 

@@ -2,6 +2,7 @@
 
 from ..plugins import hookimpl
 from .hf_decoder import HFDecoderAdapter
+from .llava import LlavaAdapter
 from .timm_vit import TimmViTAdapter
 
 
@@ -9,3 +10,4 @@ from .timm_vit import TimmViTAdapter
 def register_adapters(register):
     register(HFDecoderAdapter)
     register(TimmViTAdapter)
+    register(LlavaAdapter)

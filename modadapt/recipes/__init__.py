@@ -7,7 +7,8 @@ module provides ``add_arguments(parser)`` and ``main(args) -> int``.
 import importlib
 from types import ModuleType
 
-RECIPES = {"vit-imagenet": "modadapt.recipes.vit_imagenet"}
+RECIPES = {"vit-imagenet": "modadapt.recipes.vit_imagenet", "lm-adapt": "modadapt.recipes.lm_adapt",
+           "llava-adapt": "modadapt.recipes.llava_adapt"}
 
 
 def recipe_module(name: str) -> ModuleType:

@@ -18,7 +18,7 @@ import copy
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,18 @@ from torch import nn
 
 from ..adapters.timm_vit import input_size
 from ..errors import ModAdaptError
+from ..convert import state_of
+from .config import RecipeConfig, add_config_arguments, overrides_from
 
 NAME = "vit-imagenet"
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid"), "train": ("train",), "test": ("test",)}
 
 
 @dataclass
-class ViTRecipeConfig:
+class ViTRecipeConfig(RecipeConfig):
     """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
+
+    recipe = "vit-imagenet"
 
     data: str = field(default="", metadata={"help": "imagefolder dir, dir of parquet/arrow files, or save_to_disk dir"})
     output: str = field(default="", metadata={"help": "run directory: checkpoints, model, config.yaml, summary.json"})
@@ -78,25 +82,6 @@ class ViTRecipeConfig:
             if getattr(self, name) < 1:
                 raise ModAdaptError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
-    @classmethod
-    def resolve(cls, file: str | None, overrides: dict) -> "ViTRecipeConfig":
-        values: dict = {}
-        if file:
-            import yaml
-
-            path = Path(file)
-            if not path.is_file():
-                raise ModAdaptError(f"config file {file} does not exist.")
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ModAdaptError(f"config file {file} must hold a mapping of recipe fields.")
-            values.update(loaded)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ModAdaptError(f"unknown vit-imagenet fields {unknown}; known: {sorted(known)}.")
-        return cls(**values)
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -371,7 +356,7 @@ def run(cfg: ViTRecipeConfig) -> dict:
         summary["flops_ratio"] = flops["mod"]["total"] / flops["dense"]["total"]
         summary["input_size"] = list(size)
         summary["data_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
-        summary["mod_config"] = _mod_config(inner)
+        summary["mod_config"] = state_of(inner).config_dict()
         model_dir = out / "model"
         modadapt.save(inner, model_dir, overwrite=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -379,42 +364,13 @@ def run(cfg: ViTRecipeConfig) -> dict:
     return summary
 
 
-def _mod_config(model: nn.Module) -> dict:
-    from ..convert import state_of
-
-    state = state_of(model)
-    return {**state.config.to_dict(), "layers": list(state.layer_indices)}
-
-
 # --- command line -----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; flags left out keep the YAML/default value."""
-    parser.add_argument("-c", "--config", help="YAML file of recipe fields; flags override it")
-    for f in fields(ViTRecipeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        names = [flag, "-o"] if f.name == "output" else [flag]
-        if f.type in ("bool", bool):
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f.metadata["help"])
-        elif f.type in ("dict", dict):
-            parser.add_argument(*names, dest=f.name, type=_json_dict, default=None, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(*names, dest=f.name, type=kind, default=None, help=f.metadata["help"])
-
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
+    add_config_arguments(parser, ViTRecipeConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in fields(ViTRecipeConfig)}
+    overrides = overrides_from(args, ViTRecipeConfig)
     cfg = ViTRecipeConfig.resolve(args.config, overrides)
     summary = run(cfg)
     ev = summary.get("eval")

@@ -3,6 +3,7 @@
 from ..plugins import hookimpl
 from .attention import AttentionRouter
 from .random import RandomRouter
+from .shared_vl import SharedVLRouter
 from .threshold import ThresholdRouter
 from .topk import TopKRouter
 
@@ -13,3 +14,4 @@ def register_routers(register):
     register(ThresholdRouter)
     register(RandomRouter)
     register(AttentionRouter)
+    register(SharedVLRouter)

@@ -1,0 +1,420 @@
+"""`llava-adapt`: instruction-tune a Mixture-of-Depths LLaVA model on local LLaVA-format JSON.
+
+The data file is a JSON list of records ``{"image": "digits/7.png", "conversations": [{"from":
+"human", "value": "<image>\\nWhat digit is this?"}, {"from": "gpt", "value": "7"}, ...]}``: turns
+alternate human / gpt starting with human, the first human turn holds ``<image>`` exactly once,
+image paths are relative to the JSON file. A bad record is a clear error naming it. Each record
+becomes ``<bos>USER: {human}\\nASSISTANT: {gpt}<eos>...`` with the image's placeholder tokens where
+``<image>`` stood; labels are -100 on everything but the answers (the LLaVA adapter's question
+role). Text is tokenised as bytes (the presets' tokenizer-free convention), images are resized to
+the vision tower's size and scaled to [-1, 1]; models that bring their own processor are refused.
+
+Training uses `accelerate` (mixed precision, several GPUs), checkpoints hold model, optimizer,
+scheduler and RNG state (``resume: true`` continues), and the run ends with an evaluation on
+``eval_data`` (exact-match accuracy of greedy answers, loss) and ``summary.json``: loss, kept
+fraction per layer and per token role (image / question / answer), and language-model FLOPs per
+sample, dense vs MoD. Defaults below, then a YAML file (``-c``), then flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModAdaptError
+from .config import RecipeConfig, add_config_arguments, overrides_from
+from .vit_imagenet import _lr_lambda
+
+NAME = "llava-adapt"
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("human", "gpt")
+BYTE_OFFSET = 4  # ids 0-3: padding, bos, eos, image (the tiny-llava preset's convention)
+
+
+@dataclass
+class LlavaRecipeConfig(RecipeConfig):
+    """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
+
+    recipe = NAME
+
+    data: str = field(default="", metadata={"help": "LLaVA-format JSON file of training records"})
+    eval_data: str = field(default="", metadata={"help": "LLaVA-format JSON file for evaluation ('' to skip)"})
+    output: str = field(default="", metadata={"help": "run directory: checkpoints, model, config.yaml, summary.json"})
+    model: str = field(default="tiny-llava", metadata={"help": "preset or a modadapt.save / save_pretrained directory"})
+    router: str = field(default="shared-vl", metadata={"help": "router name (ignored for a saved MoD model)"})
+    capacity: float = field(default=0.5, metadata={"help": "fraction of routed tokens kept per MoD layer"})
+    layers: str = field(default="every-other", metadata={"help": "layers to convert (e.g. every-other, 1,3)"})
+    router_kwargs: dict = field(default_factory=dict, metadata={"help": "router arguments (JSON)"})
+    adapter_kwargs: dict = field(default_factory=dict, metadata={"help": "LLaVA adapter options (JSON): protect, route, inference_text"})
+    epochs: int = field(default=1, metadata={"help": "training epochs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
+    batch_size: int = field(default=16, metadata={"help": "training batch size per process"})
+    eval_batch_size: int = field(default=32, metadata={"help": "evaluation batch size per process"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
+    max_new_tokens: int = field(default=8, metadata={"help": "answer length limit for evaluation"})
+    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
+    seed: int = field(default=0, metadata={"help": "seed for new weights and shuffling"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ModAdaptError("llava-adapt: `data` is required (--data FILE.json).")
+        if not self.output:
+            raise ModAdaptError("llava-adapt: `output` is required (-o DIR).")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ModAdaptError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ModAdaptError(f"{name} must be >= 1, got {getattr(self, name)}.")
+
+
+
+# --- data -------------------------------------------------------------------------------------------
+def read_records(path: str | Path) -> list[dict]:
+    """Validated records `{"image": Path, "turns": [(human, gpt), ...]}` of a LLaVA-format JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModAdaptError(f"data file {path} does not exist.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModAdaptError(f"{path} is not valid JSON: {exc}.") from None
+    if not isinstance(data, list) or not data:
+        raise ModAdaptError(f"{path} must hold a non-empty JSON list of records.")
+    return [_record(path, i, raw) for i, raw in enumerate(data)]
+
+
+def _record(path: Path, index: int, raw: Any) -> dict:
+    name = f"{path}: record {index}" + (f" (id {raw['id']!r})" if isinstance(raw, dict) and "id" in raw else "")
+    if not isinstance(raw, dict) or not isinstance(raw.get("image"), str) or not isinstance(raw.get("conversations"), list):
+        raise ModAdaptError(f"{name} needs an 'image' path and a 'conversations' list.")
+    image = path.parent / raw["image"]
+    if not image.is_file():
+        raise ModAdaptError(f"{name}: image file {image} does not exist.")
+    turns = raw["conversations"]
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ModAdaptError(f"{name}: turn {t} needs 'from' and a string 'value'.")
+        if turn.get("from") not in ROLES:
+            raise ModAdaptError(f"{name}: turn {t} has unknown role {turn.get('from')!r}; roles are human and gpt.")
+        if turn["from"] != ROLES[t % 2]:
+            raise ModAdaptError(
+                f"{name}: turn {t} is from {turn['from']!r} but turns must alternate human, gpt, ... starting with human."
+            )
+    if len(turns) < 2 or len(turns) % 2:
+        raise ModAdaptError(f"{name}: conversations must be human/gpt pairs, got {len(turns)} turn(s).")
+    if turns[0]["value"].count(IMAGE_PLACEHOLDER) != 1:
+        raise ModAdaptError(f"{name}: the first human turn must contain {IMAGE_PLACEHOLDER} exactly once.")
+    if any(IMAGE_PLACEHOLDER in turn["value"] for turn in turns[1:]):
+        raise ModAdaptError(f"{name}: {IMAGE_PLACEHOLDER} may only appear in the first human turn.")
+    pairs = [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns), 2)]
+    return {"image": image, "turns": pairs}
+
+
+class ByteCodec:
+    """Text <-> ids as UTF-8 bytes shifted past the special ids (padding, bos, eos, image)."""
+
+    def __init__(self, config: Any):
+        text = config.get_text_config(decoder=True)
+        self.vocab = text.vocab_size
+        if self.vocab < BYTE_OFFSET + 256:
+            # bytes above 127 would wrap; prompts are expected to be ASCII then
+            self.vocab = max(self.vocab, BYTE_OFFSET + 128)
+        self.bos, self.eos = text.bos_token_id, text.eos_token_id
+        self.pad = text.pad_token_id if text.pad_token_id is not None else 0
+        from ..adapters.llava import image_token_id
+
+        self.image = image_token_id(config)
+        self.image_tokens = int(config.image_seq_length)
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for part_index, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if part_index:
+                out += [self.image] * self.image_tokens
+            out += [BYTE_OFFSET + b % (self.vocab - BYTE_OFFSET) for b in part.encode()]
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        chars = []
+        for i in ids:
+            if i == self.eos:
+                break
+            if i >= BYTE_OFFSET:
+                chars.append(i - BYTE_OFFSET)
+        return bytes(c for c in chars if c < 256).decode(errors="replace")
+
+    def sample(self, record: dict, with_answer: bool = True) -> tuple[list[int], list[int], str]:
+        """`(ids, labels, last answer)`; without the answer, the prompt for generating it."""
+        ids, labels = [self.bos], [-100]
+        for t, (human, gpt) in enumerate(record["turns"]):
+            question = self.encode(f"USER: {human}\nASSISTANT: ")
+            ids += question
+            labels += [-100] * len(question)
+            last = t == len(record["turns"]) - 1
+            if last and not with_answer:
+                break
+            answer = self.encode(gpt) + [self.eos]
+            ids += answer
+            labels += answer
+        return ids, labels, record["turns"][-1][1]
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+        data = torch.tensor(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return data.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def collate(rows: list[tuple[list[int], list[int], torch.Tensor]], pad: int) -> dict:
+    """Left-padded batch (the adapter takes padding from the attention mask)."""
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, (i, lab, _) in enumerate(rows):
+        ids[r, width - len(i):] = torch.tensor(i)
+        labels[r, width - len(i):] = torch.tensor(lab)
+        mask[r, width - len(i):] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.stack([img for _, _, img in rows])}
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    def __init__(self, records: list[dict], codec: ByteCodec, size: int, with_answer: bool = True):
+        self.records, self.codec, self.size, self.with_answer = records, codec, size, with_answer
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        ids, labels, _ = self.codec.sample(self.records[index], self.with_answer)
+        return ids, labels, load_image(self.records[index]["image"], self.size)
+
+
+# --- model ------------------------------------------------------------------------------------------
+def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
+    """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
+    import modadapt
+    from ..presets import PRESETS, build_preset
+
+    path = Path(cfg.model)
+    if path.is_dir():
+        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")):
+            raise ModAdaptError(
+                f"{path} brings its own tokenizer/processor; llava-adapt tokenises as bytes (tiny models) and "
+                "does not use model processors yet."
+            )
+        if (path / "modadapt.json").is_file():
+            return modadapt.load(path)
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
+    elif cfg.model in PRESETS:
+        model = build_preset(cfg.model, seed=cfg.seed)
+    else:
+        raise ModAdaptError(f"model {cfg.model!r} is neither a directory nor a preset.")
+    modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
+                     router_kwargs=dict(cfg.router_kwargs), adapter_kwargs=dict(cfg.adapter_kwargs))
+    return model
+
+
+def lm_flops(model: nn.Module, tokens: int, kept: dict[str, float]) -> dict:
+    """Language-model layer FLOPs per sample of `tokens` tokens: dense, and MoD at the measured
+    kept fraction of each converted layer (`modadapt.metrics.flops`'s formula)."""
+    from ..convert import state_of
+    from ..metrics.flops import attention_width, layer_flops, linear_weights
+
+    state = state_of(model)
+    _, layers = state.adapter.layer_stack(model)
+    hidden = state.adapter.hidden_size(model)
+    dense = mod = 0
+    for index, layer in enumerate(layers):
+        weights = linear_weights(layer) - (linear_weights(layer.router) if index in state.layer_indices else 0)
+        width = attention_width(model, layer)
+        full = layer_flops(weights, width, hidden, tokens)
+        dense += full
+        fraction = kept.get(str(index))
+        mod += full if fraction is None else layer_flops(weights, width, hidden, tokens, max(fraction, 1e-9))
+    return {"dense": dense, "mod": mod, "ratio": mod / dense, "tokens": tokens}
+
+
+def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int, cfg: LlavaRecipeConfig,
+             accelerator) -> dict:
+    """Exact-match accuracy of greedy answers, loss, kept fractions per layer and token role."""
+    from tqdm.auto import tqdm
+
+    from ..adapters.llava import role_stats
+
+    inner = accelerator.unwrap_model(model)
+    device = accelerator.device
+    model.eval()
+    correct = total = 0
+    loss_sum = tokens = 0.0
+    role_sums: dict[str, dict[str, list[int]]] = {}
+    lengths = 0
+    with torch.no_grad():
+        for start in tqdm(range(0, len(records), cfg.eval_batch_size), desc="eval",
+                          disable=not (cfg.progress and accelerator.is_main_process)):
+            chunk = records[start:start + cfg.eval_batch_size]
+            full = collate([(*codec.sample(r)[:2], load_image(r["image"], size)) for r in chunk], codec.pad)
+            full = {k: v.to(device) for k, v in full.items()}
+            out = inner(**full)
+            n = int((full["labels"][:, 1:] != -100).sum())
+            loss_sum += float(out.loss) * n
+            tokens += n
+            lengths += int(full["attention_mask"].sum())
+            for row in role_stats(inner):
+                acc = role_sums.setdefault(str(row["layer"]), {})
+                for role in ("image", "question", "answer"):
+                    kept, seen = acc.setdefault(role, [0, 0])
+                    acc[role] = [kept + row[f"{role}_kept"], seen + row[f"{role}_tokens"]]
+            prompts = collate([(*codec.sample(r, with_answer=False)[:2], load_image(r["image"], size)) for r in chunk],
+                              codec.pad)
+            generated = inner.generate(
+                input_ids=prompts["input_ids"].to(device), attention_mask=prompts["attention_mask"].to(device),
+                pixel_values=prompts["pixel_values"].to(device), max_new_tokens=cfg.max_new_tokens,
+                do_sample=False, pad_token_id=codec.pad, eos_token_id=codec.eos,
+            )
+            width = prompts["input_ids"].shape[1]
+            for r, record in enumerate(chunk):
+                answer = codec.decode(generated[r, width:].tolist()).strip()
+                correct += int(answer == record["turns"][-1][1].strip())
+                total += 1
+    per_role = {
+        layer: {role: (k / s if s else None) for role, (k, s) in roles.items()} for layer, roles in role_sums.items()
+    }
+    kept_all = {
+        layer: sum(k for k, _ in roles.values()) / max(1, sum(s for _, s in roles.values()))
+        for layer, roles in role_sums.items()
+    }
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(tokens, 1), "samples": total,
+            "kept_fraction": kept_all, "kept_fraction_by_role": per_role,
+            "mean_tokens": lengths / max(total, 1)}
+
+
+def run(cfg: LlavaRecipeConfig) -> dict:
+    """Train, checkpoint, evaluate and write the run directory; returns the summary."""
+    import yaml
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    import modadapt
+
+    out = Path(cfg.output)
+    ckpt_dir = out / "checkpoint"
+    state_file = ckpt_dir / "trainer_state.json"
+    if cfg.resume and not state_file.is_file():
+        raise ModAdaptError(f"resume: {out} has no checkpoint to resume from.")
+    if not cfg.resume and out.exists() and any(out.iterdir()):
+        raise ModAdaptError(f"{out} is not empty; choose a new output directory or pass --resume.")
+    train_records = read_records(cfg.data)
+    eval_records = read_records(cfg.eval_data) if cfg.eval_data else None
+
+    model = build_model(cfg)
+    codec = ByteCodec(model.config)
+    size = int(model.config.vision_config.image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    train_set = LlavaDataset(train_records, codec, size)
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step = 0
+    if cfg.resume:
+        accelerator.load_state(str(ckpt_dir))
+        step = json.loads(state_file.read_text())["step"]
+
+    def save_checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(ckpt_dir))
+        if accelerator.is_main_process:
+            state_file.write_text(json.dumps({"step": step}))
+
+    losses: list[float] = []
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process))
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # same order when resumed
+        loader = accelerator.prepare(torch.utils.data.DataLoader(
+            train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+            collate_fn=lambda rows: collate(rows, codec.pad),
+        ))
+        if done_in_epoch:
+            loader = accelerator.skip_first_batches(loader, done_in_epoch)
+        model.train()
+        for batch in loader:
+            with accelerator.autocast():
+                loss = model(**batch).loss  # includes the routers' auxiliary losses
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0:
+                save_checkpoint()
+            if step >= total_steps:
+                break
+    bar.close()
+    save_checkpoint()
+
+    summary: dict = {"steps": step, "final_train_loss": losses[-1] if losses else None}
+    inner = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        if eval_records is not None:
+            ev = evaluate(model, eval_records, codec, size, cfg, accelerator)
+            summary["eval"] = ev
+            summary["flops_per_sample"] = lm_flops(inner, round(ev["mean_tokens"]), ev["kept_fraction"])
+        from ..convert import state_of
+
+        state = state_of(inner)
+        summary["mod_config"] = {**state.config.to_dict(), "layers": list(state.layer_indices)}
+        modadapt.save(inner, out / "model", overwrite=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+# --- command line -----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, LlavaRecipeConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = LlavaRecipeConfig.resolve(args.config, overrides_from(args, LlavaRecipeConfig))
+    summary = run(cfg)
+    ev = summary.get("eval")
+    if ev:
+        print(f"accuracy {ev['accuracy']:.4f}  loss {ev['loss']:.4f}  ({ev['samples']} samples)")
+        print(f"LM FLOPs per sample: MoD / dense = {summary['flops_per_sample']['ratio']:.3f}")
+    print(f"run directory: {cfg.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,636 @@
+"""`lm-adapt`: adapt a Mixture-of-Depths causal LM on local text so that it recovers its quality.
+
+The model is a directory written by ``modadapt convert`` / `modadapt.save` (trained as it is), or a
+dense model (a preset or a local transformers directory) converted on the fly with ``router``,
+``capacity``, ``layers`` and ``router_kwargs``. Text is local: ``.txt`` / ``.jsonl`` (a ``text``
+field) files, optionally gzipped, or a directory of them, or `datasets` files (``.parquet``,
+``.arrow``, a ``save_to_disk`` directory) with a ``text`` column. It is tokenised with the model
+directory's tokenizer when there is one, else as UTF-8 bytes modulo the vocabulary, and packed
+into blocks of ``seq_len`` tokens.
+
+What trains: ``routers`` (router parameters only), ``lora`` (routers + LoRA adapters on the layers'
+attention and MLP projections, via `peft`; merged into the weights at the end) or ``all``. The loss
+is the model's ``outputs.loss``, which already includes the routers' auxiliary losses (logged
+separately), plus ``distill`` × KL(dense teacher ‖ model) on the logits when ``distill > 0``.
+`accelerate` gives mixed precision, gradient accumulation and multi-GPU
+(``accelerate launch -m modadapt.cli train lm-adapt ...``). A step whose loss (or, outside fp16,
+gradient norm) is not finite is skipped; more than ``max_bad_steps`` of them abort the run.
+Checkpoints hold model, optimizer, scheduler, step and RNG state; ``resume: true`` continues.
+The run ends with ``summary.json``: validation perplexity of the dense model and of the converted
+one before and after training, kept fraction per layer, FLOPs per token relative to dense; the
+adapted model is saved with `modadapt.save` in ``model/``. Defaults below, then a YAML file, then
+flags; the resolved config is saved as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModAdaptError
+from ..convert import state_of
+from .config import RecipeConfig, add_config_arguments, overrides_from
+
+NAME = "lm-adapt"
+TRAIN_MODES = ("routers", "lora", "all")
+DATASET_SUFFIXES = (".parquet", ".arrow")
+
+
+@dataclass
+class LMAdaptConfig(RecipeConfig):
+    """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
+
+    recipe = "lm-adapt"
+
+    data: str = field(default="", metadata={"help": "training text: .txt/.jsonl(.gz) file or dir, .parquet/.arrow, save_to_disk dir"})
+    output: str = field(default="", metadata={"help": "run directory: checkpoints, model/, config.yaml, summary.json"})
+    valid_data: str = field(default="", metadata={"help": "validation text (same formats); '' = hold out valid_fraction of data"})
+    valid_fraction: float = field(default=0.05, metadata={"help": "share of the training blocks held out when valid_data is ''"})
+    model: str = field(default="tiny-llama", metadata={"help": "modadapt.save dir, dense transformers dir, or preset"})
+    router: str = field(default="threshold-p", metadata={"help": "router for a dense model (ignored for a saved MoD model)"})
+    capacity: float = field(default=0.125, metadata={"help": "fraction of tokens a capacity router keeps"})
+    layers: str = field(default="every-other", metadata={"help": "layers to convert (every-other, all-but-first, 1,3,5)"})
+    router_kwargs: dict = field(default_factory=dict, metadata={"help": "router arguments (JSON; CLI also --router-arg K=V)"})
+    train: str = field(default="routers", metadata={"help": "what trains: routers, lora (routers + LoRA via peft), all"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (train: lora)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (train: lora)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (train: lora)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per packed block"})
+    batch_size: int = field(default=8, metadata={"help": "blocks per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps (epochs repeat over the blocks)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
+    distill: float = field(default=0.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
+    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
+    max_bad_steps: int = field(default=10, metadata={"help": "abort after this many skipped non-finite steps"})
+    eval_batch_size: int = field(default=8, metadata={"help": "blocks per evaluation forward"})
+    max_eval_blocks: int = field(default=0, metadata={"help": "evaluate on at most N validation blocks (0: all)"})
+    max_train_blocks: int = field(default=0, metadata={"help": "train on at most the first N blocks (0: all)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
+    seed: int = field(default=0, metadata={"help": "seed for preset weights, data order and the held-out split"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ModAdaptError("lm-adapt: `data` is required (--data PATH).")
+        if not self.output:
+            raise ModAdaptError("lm-adapt: `output` is required (-o DIR).")
+        if self.train not in TRAIN_MODES:
+            raise ModAdaptError(f"train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ModAdaptError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("max_steps", 1),
+                          ("eval_batch_size", 1), ("lora_rank", 1), ("max_bad_steps", 0)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise ModAdaptError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}.")
+        if not self.distill >= 0 or not self.distill_temperature > 0:
+            raise ModAdaptError("distill must be >= 0 and distill_temperature > 0.")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ModAdaptError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}.")
+        if not self.lr > 0:
+            raise ModAdaptError(f"lr must be > 0, got {self.lr}.")
+
+
+
+# --- data -------------------------------------------------------------------------------------------
+def read_corpus(path: str) -> str:
+    """All text under `path`: text files via `metrics.calibration.read_text`, `datasets` files by
+    their ``text`` column."""
+    from ..metrics.calibration import read_text
+
+    root = Path(path)
+    if not root.exists():
+        raise ModAdaptError(f"data path {path} does not exist; give a local text file, directory or datasets file.")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in DATASET_SUFFIXES)
+    is_saved = root.is_dir() and ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file())
+    if is_saved or (files and all(f.suffix in DATASET_SUFFIXES for f in files)):
+        import datasets
+
+        try:
+            if is_saved:
+                loaded = datasets.load_from_disk(str(root))
+            else:
+                builder = "parquet" if files[0].suffix == ".parquet" else "arrow"
+                loaded = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        except Exception as exc:
+            raise ModAdaptError(f"could not read datasets files at {path}: {exc}") from None
+        parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        texts = []
+        for part in parts:
+            if "text" not in part.column_names:
+                raise ModAdaptError(f"{path} has no 'text' column; columns: {part.column_names}.")
+            texts.extend(t for t in part["text"] if isinstance(t, str))
+        text = "\n\n".join(texts)
+        if not text.strip():
+            raise ModAdaptError(f"data path {path} holds no text.")
+        return text
+    return read_text(path)[0]
+
+
+def tokenize(text: str, tokenizer: Any, vocab_size: int) -> list[int]:
+    """Token ids of `text`: the model's tokenizer, else UTF-8 bytes modulo the vocabulary."""
+    if tokenizer is not None:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [b % vocab_size for b in text.encode("utf-8")]
+
+
+def pack(ids: list[int], seq_len: int, source: str) -> torch.Tensor:
+    """`[N, seq_len]` consecutive blocks of `ids` (the remainder is dropped)."""
+    count = len(ids) // seq_len
+    if count == 0:
+        raise ModAdaptError(
+            f"{source} has {len(ids)} tokens, fewer than one block of seq_len {seq_len}; "
+            "give more text or a shorter seq_len."
+        )
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def load_blocks(cfg: LMAdaptConfig, tokenizer: Any, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation blocks (validation held out from training when no valid_data)."""
+    train = pack(tokenize(read_corpus(cfg.data), tokenizer, vocab_size), cfg.seq_len, cfg.data)
+    if cfg.valid_data:
+        valid = pack(tokenize(read_corpus(cfg.valid_data), tokenizer, vocab_size), cfg.seq_len, cfg.valid_data)
+    else:
+        if len(train) < 2:
+            raise ModAdaptError(f"{cfg.data} makes only {len(train)} block; give valid_data or more text.")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+        held = max(1, round(cfg.valid_fraction * len(train)))
+        valid, train = train[order[:held].sort().values], train[order[held:].sort().values]
+    if cfg.max_train_blocks:
+        train = train[: cfg.max_train_blocks]
+    if cfg.max_eval_blocks:
+        valid = valid[: cfg.max_eval_blocks]
+    return train, valid
+
+
+# --- model ------------------------------------------------------------------------------------------
+def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module, Any, list[str]]:
+    """`(converted model, dense model, tokenizer or None, tokenizer files)`.
+
+    `model` (Python API) is used as it is when converted, else converted with `cfg`'s routing.
+    The dense model is a copy taken before conversion, or `modadapt.unload` of a copy.
+    """
+    import modadapt
+    from ..cli import TOKENIZER_FILES, load_source_model
+    from ..convert import state_of
+    from ..metrics.calibration import model_tokenizer
+    from ..persistence import META_FILE
+    from ..presets import PRESETS, build_preset
+
+    tokenizer, extras = None, []
+    if model is None:
+        path = Path(cfg.model)
+        if (path / META_FILE).is_file():
+            model = modadapt.load(path)
+            extras = [str(path / name) for name in TOKENIZER_FILES if (path / name).is_file()]
+        elif cfg.model in PRESETS:
+            model = build_preset(cfg.model, seed=cfg.seed)
+        else:
+            model, extras = load_source_model(cfg.model)
+        tokenizer = model_tokenizer(cfg.model)
+    if getattr(getattr(model, "config", None), "vocab_size", None) is None or not hasattr(model, "get_output_embeddings"):
+        raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
+    if state_of(model) is not None:
+        dense = modadapt.unload(copy.deepcopy(model))
+    else:
+        dense = copy.deepcopy(model)
+        modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
+                         router_kwargs=dict(cfg.router_kwargs))
+    return model, dense.eval().requires_grad_(False), tokenizer, extras
+
+
+def router_parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_parameters() if ".router." in f".{name}"]
+
+
+def projection_names(model: nn.Module) -> list[str]:
+    """Full names of the linear maps (nn.Linear, GPT-2's Conv1D) inside the layer stack, routers excluded."""
+    from ..metrics.layer_stack import find_layers
+
+    stack = find_layers(model)
+    layer_ids = {id(layer) for layer in stack}
+    prefixes = [name + "." for name, module in model.named_modules() if id(module) in layer_ids]
+    return [
+        name for name, module in model.named_modules()
+        if any(name.startswith(p) for p in prefixes) and ".router." not in f".{name}."
+        and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+    ]
+
+
+def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
+    """Freeze what does not train; for `lora`, wrap the model with peft (returns the wrapper)."""
+    routers = set(router_parameter_names(model))
+    if cfg.train == "all":
+        model.requires_grad_(True)
+        return model
+    if not routers and cfg.train == "routers":
+        raise ModAdaptError(
+            f"router {model_router_name(model)!r} has no parameters, so train: routers has nothing to train; "
+            "use train: lora or train: all."
+        )
+    if cfg.train == "routers":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in routers)
+        return model
+    try:
+        import peft
+    except ImportError:
+        raise ModAdaptError("train: lora needs peft; `pip install peft` (or modadapt[lora]).") from None
+    is_gpt2 = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    lora = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=projection_names(model), fan_in_fan_out=is_gpt2)
+    wrapped = peft.get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        if name in routers:
+            param.requires_grad_(True)
+    return wrapped
+
+
+def model_router_name(model: nn.Module) -> str:
+    from ..convert import state_of
+
+    return state_of(model).config.router
+
+
+# --- FLOPs ------------------------------------------------------------------------------------------
+def flops_table(model: nn.Module) -> dict:
+    """What the FLOPs formula needs: per layer its linear weights and attention width; the LM
+    head's weights; per MoD layer its router's matrix weights (converted or dense model)."""
+    from ..metrics.flops import attention_width, linear_weights
+    from ..metrics.layer_stack import find_layers
+    from ..convert import mod_layers, state_of
+
+    layers = find_layers(model)
+    routers = {}
+    if state_of(model) is not None:
+        for layer in mod_layers(model):
+            routers[layer.mod_state.index] = sum(p.numel() for p in layer.router.parameters() if p.dim() >= 2)
+    rows = []
+    for index, layer in enumerate(layers):  # a router's own linear maps are counted as the router's
+        weights = linear_weights(layer) - (linear_weights(layer.router) if index in routers else 0)
+        rows.append({"weights": weights, "width": attention_width(model, layer), "router": routers.get(index)})
+    return {"layers": rows, "head": model.get_output_embeddings().weight.numel()}
+
+
+def sequence_flops(table: dict, tokens: int, kept: dict[int, int] | None = None) -> int:
+    """Forward FLOPs of one sequence of `tokens` tokens: `2·n·P + 4·n²·W` per layer (`n` = tokens it
+    processes: `kept[i]` at MoD layer i, else all), `2·T·R` per router of a layer in `kept` (R: its
+    matrix weights), and `2·T·V·D` for the LM head. `kept=None` is the dense model. Matches a
+    direct count with eager attention (see `metrics/flops.py` for what is left out)."""
+    total = 2 * tokens * table["head"]
+    for index, row in enumerate(table["layers"]):
+        routed = kept is not None and index in kept
+        n = kept[index] if routed else tokens
+        total += 2 * n * row["weights"] + 4 * n * n * row["width"]
+        if routed and row["router"] is not None:
+            total += 2 * tokens * row["router"]
+    return total
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, accelerator=None,
+             progress: bool = False, desc: str = "eval") -> dict:
+    """Perplexity of `model` on `blocks` (eval mode, default routing), per-layer kept fractions and
+    FLOPs per token (the converted model's per-row kept counts in the formula of `sequence_flops`).
+
+    Under `accelerate` each process takes every n-th block and the sums are reduced.
+    """
+    from tqdm.auto import tqdm
+
+    from ..convert import mod_layers, state_of
+    from ..routers.attention import AttentionRouter
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = next(model.parameters()).device
+    converted = state_of(model) is not None
+    table = flops_table(model)
+    layers = mod_layers(model) if converted else []
+    indices = [layer.mod_state.index for layer in layers]
+    was_training = model.training
+    model.eval()
+    mine = blocks[rank::world]
+    # loss sum, predicted tokens, input tokens, mod FLOPs, dense FLOPs, then kept and all tokens per MoD layer
+    sums = torch.zeros(5 + 2 * len(layers), dtype=torch.float64)
+    batches = mine.split(batch_size)
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch = batch.to(device)
+        if accelerator is not None:
+            with accelerator.autocast():
+                logits = model(input_ids=batch, use_cache=False).logits
+        else:
+            logits = model(input_ids=batch, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        B, T = batch.shape
+        sums[0] += float(loss)
+        sums[1] += B * (T - 1)
+        sums[2] += B * T
+        kept_rows = [layer.mod_state.last_keep.sum(-1).tolist() for layer in layers]
+        for row in range(B):
+            kept = {i: int(k[row]) for i, k in zip(indices, kept_rows)}
+            sums[3] += sequence_flops(table, T, kept)
+            sums[4] += sequence_flops(table, T)
+        sums[3] += sum(m.extra_flops() for m in model.modules() if isinstance(m, AttentionRouter))
+        for j, layer in enumerate(layers):
+            sums[5 + 2 * j] += float(layer.mod_state.last_keep.sum())
+            sums[6 + 2 * j] += layer.mod_state.last_keep.numel()
+    model.train(was_training)
+    if accelerator is not None and world > 1:
+        sums = accelerator.reduce(sums.to(device), reduction="sum").cpu()
+    loss = float(sums[0] / sums[1])
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "tokens": int(sums[1]),
+        "kept_fraction": {str(i): float(sums[5 + 2 * j] / sums[6 + 2 * j]) for j, i in enumerate(indices)},
+        "flops_per_token": float(sums[3] / sums[2]),
+        "flops_ratio": float(sums[3] / sums[4]),
+    }
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# --- training ---------------------------------------------------------------------------------------
+def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict:
+    """Adapt, checkpoint, evaluate and write the run directory; returns the summary.
+
+    `model` (optional) is an in-memory causal LM, converted or dense (then converted with `cfg`);
+    it is trained in place. `tokenizer` goes with it (else byte-level ids).
+    """
+    import yaml
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    import modadapt
+
+    out = Path(cfg.output)
+    ckpt_dir = out / "checkpoint"
+    state_file = ckpt_dir / "trainer_state.json"
+    if cfg.resume and not state_file.is_file():
+        raise ModAdaptError(f"resume: {out} has no checkpoint to resume from.")
+    if not cfg.resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModAdaptError(f"{out} exists and is not empty; choose a new output directory or pass --resume.")
+
+    given = model is not None
+    model, dense, found_tokenizer, extras = build_model(cfg, model)
+    tokenizer = tokenizer if given else found_tokenizer
+    train_blocks, valid_blocks = load_blocks(cfg, tokenizer, model.config.vocab_size)
+    set_seed(cfg.seed)
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
+                              gradient_accumulation_steps=cfg.grad_accum)
+    inner = model
+    trained = select_trainable(model, cfg)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:
+            (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
+        summary = _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params,
+                         train_blocks, valid_blocks, out, ckpt_dir, state_file)
+        if accelerator.is_main_process:
+            if cfg.train == "lora":
+                trained.merge_and_unload()
+            modadapt.save(inner, out / "model", overwrite=True, extra_files=extras)
+            if given and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(str(out / "model"))
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        accelerator.wait_for_everyone()
+    except ModAdaptError:
+        if created and accelerator.is_main_process:  # a run refused at its start leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return summary
+
+
+def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params, train_blocks, valid_blocks,
+           out, ckpt_dir, state_file) -> dict:
+    from tqdm.auto import tqdm
+
+    import modadapt
+
+    show = cfg.progress and accelerator.is_main_process
+    device = accelerator.device
+    dense.to(device)
+    inner.to(device)
+    before = {
+        "dense": evaluate(dense, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+                          progress=show, desc="eval dense"),
+        "converted": evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+                              progress=show, desc="eval converted"),
+    }
+    teacher = dense if cfg.distill > 0 else None
+    if teacher is None:
+        dense.to("cpu")
+
+    model, optimizer = accelerator.prepare(trained, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    step = 0
+    history: dict = {"loss": [], "lm_loss": [], "aux_loss": [], "distill_loss": [], "kept_fraction": []}
+    bad_steps = 0
+    if cfg.resume:
+        accelerator.load_state(str(ckpt_dir))
+        saved = json.loads(state_file.read_text())
+        step, bad_steps, history = saved["step"], saved["bad_steps"], saved["history"]
+
+    def save_checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(ckpt_dir))
+        if accelerator.is_main_process:
+            state_file.write_text(json.dumps({"step": step, "bad_steps": bad_steps, "history": history}))
+
+    micro_per_epoch = math.ceil(len(train_blocks) / (cfg.batch_size * accelerator.num_processes))
+    if micro_per_epoch < cfg.grad_accum:
+        raise ModAdaptError(
+            f"{len(train_blocks)} training blocks make {micro_per_epoch} micro-batches per epoch, fewer than "
+            f"grad_accum {cfg.grad_accum}; give more text or lower batch_size / grad_accum."
+        )
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="lm-adapt", disable=not show)
+    T = cfg.distill_temperature
+    while step < cfg.max_steps:
+        epoch, done = divmod(step, steps_per_epoch)
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order when resumed
+        loader = torch.utils.data.DataLoader(train_blocks, batch_size=cfg.batch_size, shuffle=True,
+                                             generator=generator, drop_last=False)
+        loader = accelerator.prepare(loader)
+        if done:
+            loader = accelerator.skip_first_batches(loader, done * cfg.grad_accum)
+        model.train()
+        finite = True
+        parts: dict = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "distill_loss": 0.0}
+        micro = 0
+        for batch in loader:
+            if micro == steps_per_epoch * cfg.grad_accum - done * cfg.grad_accum:
+                break  # a partial accumulation at the epoch's end would not be a full step
+            micro += 1
+            with accelerator.accumulate(model), accelerator.autocast():
+                outputs = model(input_ids=batch, labels=batch, use_cache=False)
+                loss = outputs.loss
+                aux = outputs.get("router_aux_loss")
+                parts["aux_loss"] += float(aux.detach()) / cfg.grad_accum if aux is not None else 0.0
+                parts["lm_loss"] += float(loss.detach() - (aux.detach() if aux is not None else 0)) / cfg.grad_accum
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(input_ids=batch, use_cache=False).logits.float()
+                    kl = F.kl_div(F.log_softmax(outputs.logits.float() / T, -1).flatten(0, 1),
+                                  F.log_softmax(target / T, -1).flatten(0, 1),
+                                  log_target=True, reduction="batchmean") * T * T
+                    parts["distill_loss"] += float(kl.detach()) / cfg.grad_accum
+                    loss = loss + cfg.distill * kl
+                parts["loss"] += float(loss.detach()) / cfg.grad_accum
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+                    if cfg.mixed_precision != "fp16" and norm is not None and not torch.isfinite(norm):
+                        finite = False
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            if finite:
+                scheduler.step()
+                step += 1
+                kept = [r["kept_fraction"] for r in modadapt.routing_stats(inner) if r["kept_fraction"] is not None]
+                parts["kept_fraction"] = sum(kept) / len(kept) if kept else 1.0
+                for key, value in parts.items():
+                    history[key].append(value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}", aux=f"{parts['aux_loss']:.2e}",
+                                kept=f"{parts['kept_fraction']:.3f}")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save_checkpoint()
+            else:
+                bad_steps += 1
+                if bad_steps > cfg.max_bad_steps:
+                    bar.close()
+                    raise ModAdaptError(
+                        f"{bad_steps} steps had a non-finite loss or gradient (limit max_bad_steps "
+                        f"{cfg.max_bad_steps}); lower lr, raise grad_clip strictness, or use bf16 instead of fp16."
+                    )
+            finite = True
+            parts = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "distill_loss": 0.0}
+            if step >= cfg.max_steps:
+                break
+    bar.close()
+    save_checkpoint()
+
+    after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+                     progress=show, desc="eval adapted")
+    dense_eval = before["dense"]
+    return {
+        "steps": step,
+        "skipped_steps": bad_steps,
+        "train": cfg.train,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "final_train_loss": history["loss"][-1] if history["loss"] else None,
+        "history": history,
+        "valid_blocks": len(valid_blocks),
+        "train_blocks": len(train_blocks),
+        "seq_len": cfg.seq_len,
+        "valid_ppl": {"dense": dense_eval["ppl"], "converted_before": before["converted"]["ppl"],
+                      "converted_after": after["ppl"]},
+        "valid_loss": {"dense": dense_eval["loss"], "converted_before": before["converted"]["loss"],
+                       "converted_after": after["loss"]},
+        "kept_fraction": {"before": before["converted"]["kept_fraction"], "after": after["kept_fraction"]},
+        "flops_per_token": {"dense": dense_eval["flops_per_token"], "converted_before":
+                            before["converted"]["flops_per_token"], "converted_after": after["flops_per_token"]},
+        "flops_ratio": after["flops_ratio"],
+        "flops_ratio_before": before["converted"]["flops_ratio"],
+        "mod_config": state_of(inner).config_dict(),
+    }
+
+
+def evaluate_saved(directory: str, data: str, *, seq_len: int = 256, max_tokens: int = 0, dense: bool = False,
+                   batch_size: int = 8, progress: bool = False) -> dict:
+    """Perplexity of a `modadapt.save` directory on local text (``modadapt eval``); with `dense`,
+    of its dense model (`modadapt.unload`) instead. `max_tokens` caps the text (0: all of it)."""
+    import modadapt
+    from ..metrics.calibration import model_tokenizer
+    from ..persistence import META_FILE
+
+    if not (Path(directory) / META_FILE).is_file():
+        raise ModAdaptError(f"{directory} is not a directory saved by modadapt.save (no {META_FILE}).")
+    if seq_len < 2 or max_tokens < 0 or batch_size < 1:
+        raise ModAdaptError("seq_len must be >= 2, max_tokens >= 0 and batch_size >= 1.")
+    model = modadapt.load(directory)
+    ids = tokenize(read_corpus(data), model_tokenizer(directory), model.config.vocab_size)
+    blocks = pack(ids[:max_tokens] if max_tokens else ids, seq_len, data)
+    if dense:
+        modadapt.unload(model)
+    result = evaluate(model, blocks, batch_size=batch_size, progress=progress)
+    return {**result, "model": "dense" if dense else "converted", "blocks": len(blocks), "seq_len": seq_len}
+
+
+# --- lm-eval ----------------------------------------------------------------------------------------
+def lm_eval_model(model: nn.Module, tokenizer: Any, **kwargs: Any) -> Any:
+    """An lm-eval model wrapping the in-memory (converted) model: ``HFLM(pretrained=model, tokenizer=...)``.
+
+    Loglikelihood tasks (multiple choice, perplexity) score a whole sequence in one forward;
+    generation tasks prefill and then decode with the KV cache. The default
+    ``inference_routing="causal"`` makes both route every token by its causal rule, so a
+    continuation is scored the same way it would be generated; with ``"topk"`` loglikelihood tasks
+    would see look-ahead routing that decoding cannot reproduce.
+    """
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise ModAdaptError("lm_eval_model needs lm-eval; `pip install lm-eval` (it is not a modadapt dependency).") from None
+    if tokenizer is None:
+        raise ModAdaptError("lm-eval needs the model's tokenizer; byte-level models have none to give it.")
+    return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
+
+
+# --- command line -----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, LMAdaptConfig)
+    parser.add_argument("--router-arg", dest="router_arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="one router argument (merged into router_kwargs)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..cli import parse_router_args
+
+    overrides = overrides_from(args, LMAdaptConfig)
+    if args.router_arg:
+        overrides["router_kwargs"] = {**(overrides["router_kwargs"] or {}), **parse_router_args(args.router_arg)}
+    cfg = LMAdaptConfig.resolve(args.config, overrides)
+    summary = run(cfg)
+    ppl = summary["valid_ppl"]
+    print(f"valid perplexity: dense {ppl['dense']:.3f}  converted {ppl['converted_before']:.3f} -> "
+          f"adapted {ppl['converted_after']:.3f}")
+    kept = ", ".join(f"{k}: {v:.3f}" for k, v in summary["kept_fraction"]["after"].items())
+    print(f"kept fraction per layer: {kept}")
+    print(f"FLOPs per token: MoD / dense = {summary['flops_ratio']:.3f}  ({summary['skipped_steps']} steps skipped)")
+    print(f"run directory: {cfg.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,75 @@
+"""`shared-vl`: γ-MoD's shared vision-language router (Luo et al., arXiv 2410.13859).
+
+One `Linear(d, 2)` router (skip / process) is shared by every MoD layer of the model and by image
+and text tokens (``per_layer=true`` gives each layer its own). The score of a token is the logit
+difference process − skip, so ``sigmoid(score)`` is the softmax probability of "process". While
+training each sequence keeps its top ``ceil(capacity · n)`` tokens, where n counts the tokens that
+are neither padding nor forced: masked routing, in which protected (question) tokens are always
+processed and do not count against the capacity, is the framework's `forced` role (the LLaVA
+adapter's ``protect`` option). An auxiliary cross-entropy (coefficient ``aux_coef``) teaches the
+probability the top-k choice over the routed tokens; the causal rule (evaluation, decoding) keeps
+a token iff ``p_process >= 0.5``. The router starts at zero, so p = 0.5 everywhere: a fresh
+conversion keeps every token in eval mode, and the straight-through gate is exactly 1, so it
+reproduces the dense model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModAdaptError
+from .base import Router, RoutingContext, straight_through_one
+from .linear_score import LinearScore
+
+
+class SharedVLRouter(Router):
+    """One skip/process classifier shared by all MoD layers; top-k while training, p >= 0.5 causally."""
+
+    name = "shared-vl"
+    causal = False
+    capacity_based = True
+    arguments = {"aux_coef": 0.01, "per_layer": False}
+
+    def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
+        super().__init__(hidden_size, capacity, layer_index, **kwargs)
+        self.aux_coef = float(self.options["aux_coef"])
+        if self.aux_coef < 0:
+            raise ModAdaptError(f"shared-vl: aux_coef must be >= 0, got {self.aux_coef}.")
+        self.classifier = LinearScore(hidden_size, outputs=2)  # [skip, process] logits
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, adapter, layer_indices: list[int], routers: dict) -> list:
+        """Share the first layer's router with every MoD layer (unless ``per_layer``): the same
+        module instance becomes each layer's `router`, so there is one set of parameters."""
+        first = routers[layer_indices[0]]
+        if not first.options["per_layer"]:
+            for i in layer_indices:
+                routers[i] = first
+        return []
+
+    def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        logits = self.classifier(hidden)
+        return logits[..., 1] - logits[..., 0]
+
+    def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return logits >= 0  # p_process >= 0.5
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
+        return straight_through_one(torch.sigmoid(logits))
+
+    def aux_loss(self, logits, keep, hidden, ctx):
+        if self.aux_coef == 0 or ctx.causal:
+            return None
+        routed = torch.ones_like(keep)
+        if ctx.real is not None:
+            routed = routed & ctx.real
+        if ctx.forced is not None:
+            routed = routed & ~ctx.forced
+        if ctx.prefix:
+            routed[:, : ctx.prefix] = False
+        # Two-class cross-entropy on (skip, process) == BCE on their logit difference.
+        loss = F.binary_cross_entropy_with_logits(logits, keep.to(logits.dtype), reduction="none")
+        weight = routed.to(loss.dtype)
+        return self.aux_coef * (loss * weight).sum() / weight.sum().clamp_min(1)

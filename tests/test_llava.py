@@ -1,0 +1,238 @@
+"""LLaVA adapter, `shared-vl` router, masked routing, and the `llava-adapt` data checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import modadapt
+from modadapt.adapters.llava import role_stats
+from modadapt.convert import find_adapter, state_of
+from modadapt.errors import ModAdaptError
+
+IMG = 3  # tiny-llava's image token id
+N_IMG = 16  # image tokens per image in tiny-llava
+
+
+def llava(**convert):
+    model = modadapt.build_preset("tiny-llava")
+    if convert:
+        modadapt.convert(model, **convert)
+    return model
+
+
+def randomize(model, seed=0, scale=2.0):
+    generator = torch.Generator().manual_seed(seed)
+    seen = set()
+    with torch.no_grad():
+        for layer in modadapt.mod_layers(model):
+            router = layer.router
+            if id(router) in seen:
+                continue
+            seen.add(id(router))
+            score = getattr(router, "classifier", None) or router.scorer
+            score.weight.copy_(torch.randn(score.weight.shape, generator=generator) * scale)
+    return model
+
+
+def prompt(before: int, after: int, seed: int) -> torch.Tensor:
+    """Text, an image (16 placeholders) in the middle of the prompt, more text."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randint(4, 256, (before,), generator=g), torch.full((N_IMG,), IMG),
+                      torch.randint(4, 256, (after,), generator=g)])
+
+
+def left_pad(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def pixels(n, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_adapter_matches_llava_only():
+    assert find_adapter(llava()).name == "llava"
+    assert find_adapter(modadapt.build_preset("tiny-llama")).name == "hf-decoder"
+
+
+def test_fresh_shared_vl_equals_dense():
+    ids = prompt(3, 5, 0)[None]
+    dense = llava()
+    ref = dense(input_ids=ids, pixel_values=pixels(1)).logits
+    model = llava(router="shared-vl", capacity=0.4, layers="all-but-first")
+    assert torch.equal(model(input_ids=ids, pixel_values=pixels(1)).logits, ref)  # eval: p = 0.5 keeps all
+    model.train()
+    out = model(input_ids=ids, pixel_values=pixels(1), labels=ids)
+    assert torch.isfinite(out.loss) and out.router_aux_loss is not None
+
+
+def test_protected_tokens_never_skipped_and_not_counted():
+    model = randomize(llava(router="shared-vl", capacity=0.3, layers="all-but-first")).train()
+    ids = torch.stack([prompt(4, 6, 1), prompt(7, 3, 2)])
+    labels = ids.clone()
+    labels[:, :-2] = -100  # the last two tokens are the answer, everything before is the prompt
+    model(input_ids=ids, pixel_values=pixels(2), labels=labels)
+    image = ids == IMG
+    question = ~image & (labels == -100)
+    routed = ~question
+    for layer in modadapt.mod_layers(model):
+        keep = layer.mod_state.last_keep
+        assert keep[question].all()
+        # capacity applies to the routed tokens only (image + answer): ceil(0.3 * 18) = 6 per row
+        assert keep[routed].view(2, -1).sum(1).tolist() == [6, 6]
+    stats = role_stats(model)
+    assert all(row["question_kept_fraction"] == 1.0 for row in stats)
+    assert all(row["image_tokens"] == 2 * N_IMG for row in stats)
+
+
+@pytest.mark.parametrize("protect,route,expect_text_forced", [
+    ("question+answer", "all", True), ("none", "all", False), ("none", "image", True),
+])
+def test_protect_and_route_options(protect, route, expect_text_forced):
+    model = randomize(llava(router="topk", capacity=0.25, layers=[1, 3],
+                            adapter_kwargs={"protect": protect, "route": route})).train()
+    ids = prompt(5, 5, 3)[None]
+    labels = ids.clone()
+    labels[:, :-3] = -100
+    model(input_ids=ids, pixel_values=pixels(1), labels=labels)
+    text = ids != IMG
+    for layer in modadapt.mod_layers(model):
+        keep = layer.mod_state.last_keep
+        assert bool(keep[text].all()) == expect_text_forced
+        if expect_text_forced:
+            assert int(keep[~text].sum()) == 4  # ceil(0.25 * 16): only image tokens are routed
+
+
+def test_bad_adapter_option_is_clear_error():
+    with pytest.raises(ModAdaptError, match="protect must be one of"):
+        llava(router="topk", adapter_kwargs={"protect": "answers"})
+    with pytest.raises(ModAdaptError, match="has no option 'routes'"):
+        llava(router="topk", adapter_kwargs={"routes": "image"})
+
+
+def test_image_masks_with_image_not_first_and_left_padding():
+    model = randomize(llava(router="shared-vl", capacity=0.5, layers="all-but-first",
+                            adapter_kwargs={"inference_text": "routed"}))
+    prompts = [prompt(2, 9, 4), prompt(8, 1, 5)]
+    ids, mask = left_pad(prompts)
+    px = pixels(2, seed=1)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+        roles = state_of(model).adapter.last_roles
+        keeps = [layer.mod_state.last_keep.clone() for layer in modadapt.mod_layers(model)]
+        width = ids.shape[1]
+        for row, p in enumerate(prompts):
+            expect = torch.zeros(width, dtype=torch.bool)
+            start = width - len(p) + int((p == IMG).nonzero()[0])
+            expect[start:start + N_IMG] = True
+            assert torch.equal(roles.extra["image"][row], expect)
+            assert not roles.extra["question"][row][: width - len(p)].any()  # padding is no role
+            alone = model(input_ids=p[None], pixel_values=px[row:row + 1]).logits
+            torch.testing.assert_close(batched[row, width - len(p):], alone[0], atol=1e-5, rtol=1e-5)
+            for keep, layer in zip(keeps, modadapt.mod_layers(model)):
+                assert torch.equal(keep[row, width - len(p):], layer.mod_state.last_keep[0])
+    skipped = [int((~k & roles.extra["image"]).sum()) for k in keeps]
+    assert sum(skipped) > 0  # the routers really skip image tokens
+
+
+def test_shared_router_is_one_parameter_set():
+    dense_params = len(list(llava().parameters()))
+    model = llava(router="shared-vl", capacity=0.5, layers="all-but-first")
+    routers = [layer.router for layer in modadapt.mod_layers(model)]
+    assert len(routers) == 3 and all(r is routers[0] for r in routers)
+    assert len(list(model.parameters())) == dense_params + 2  # one Linear(d, 2): weight + bias
+    keys = [k for k in model.state_dict() if ".router." in k]
+    assert len(keys) == 6 and len({model.state_dict()[k].data_ptr() for k in keys}) == 2
+    per_layer = llava(router="shared-vl", capacity=0.5, layers="all-but-first",
+                      router_kwargs={"per_layer": True})
+    assert len(list(per_layer.parameters())) == dense_params + 6
+
+
+def test_batched_generation_equals_per_sample():
+    model = randomize(llava(router="shared-vl", capacity=0.5, layers="all-but-first",
+                            adapter_kwargs={"inference_text": "routed"}), seed=1)
+    prompts = [prompt(1, 6, 6), prompt(6, 2, 7)]
+    ids, mask = left_pad(prompts)
+    px = pixels(2, seed=2)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kwargs)
+    for row, p in enumerate(prompts):
+        alone = model.generate(input_ids=p[None], pixel_values=px[row:row + 1], **kwargs)
+        assert torch.equal(batched[row, ids.shape[1]:], alone[0, len(p):])
+        full = model(input_ids=alone, pixel_values=px[row:row + 1]).logits  # prefill + decode == full forward
+        assert torch.equal(full[0, len(p) - 1:-1].argmax(-1), alone[0, len(p):])
+
+
+def test_save_load_round_trip(tmp_path):
+    model = randomize(llava(router="shared-vl", capacity=0.5, layers=[1, 2],
+                            adapter_kwargs={"route": "image"}))
+    ids = prompt(3, 3, 8)[None]
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels(1)).logits
+    modadapt.save(model, tmp_path / "m")
+    loaded = modadapt.load(tmp_path / "m")
+    assert state_of(loaded).config.adapter_kwargs == {"route": "image"}
+    assert modadapt.mod_layers(loaded)[0].router is modadapt.mod_layers(loaded)[1].router
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pixels(1)).logits, ref)
+
+
+# --- llava-adapt recipe -----------------------------------------------------------------------------
+def write_data(root, records=None, n=6):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(root / f"{i}.png")
+    if records is None:
+        records = [{"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "What is <image>\nthis?"}, {"from": "gpt", "value": str(i)}]} for i in range(n)]
+    (root / "data.json").write_text(json.dumps(records))
+    return root / "data.json"
+
+
+GOOD = {"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "0"}]}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({**GOOD, "image": "missing.png"}, r"record 1 \(id 'b'\): image file .*missing.png does not exist"),
+    ({**GOOD, "conversations": [{"from": "human", "value": "Digit?"}, {"from": "gpt", "value": "0"}]},
+     r"record 1 \(id 'b'\): the first human turn must contain <image>"),
+    ({**GOOD, "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "0"}]},
+     r"record 1 \(id 'b'\): turn 0 is from 'gpt' but turns must alternate"),
+    ({**GOOD, "conversations": [{"from": "human", "value": "<image>"}, {"from": "bot", "value": "0"}]},
+     r"record 1 \(id 'b'\): turn 1 has unknown role 'bot'"),
+])
+def test_bad_llava_json_names_the_record(tmp_path, bad, message):
+    from modadapt.recipes.llava_adapt import read_records
+
+    path = write_data(tmp_path, [{**GOOD, "id": "a"}, {**bad, "id": "b"}], n=1)
+    with pytest.raises(ModAdaptError, match=message):
+        read_records(path)
+
+
+def test_llava_adapt_recipe_trains_resumes_and_summarises(tmp_path, capsys):
+    from modadapt.cli import main
+
+    data = write_data(tmp_path / "data")
+    flags = ["train", "llava-adapt", "--data", str(data), "--eval-data", str(data), "-o", str(tmp_path / "run"),
+             "--batch-size", "3", "--capacity", "0.5", "--layers", "1,3", "--no-progress", "--cpu", "--max-new-tokens", "2"]
+    assert main([*flags, "--max-steps", "1"]) == 0
+    assert main([*flags, "--max-steps", "2", "--resume"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["mod_config"]["router"] == "shared-vl"
+    roles = summary["eval"]["kept_fraction_by_role"]
+    assert set(roles) == {"1", "3"} and all(r["question"] == 1.0 for r in roles.values())
+    flops = summary["flops_per_sample"]
+    assert flops["dense"] > 0 and flops["ratio"] == pytest.approx(flops["mod"] / flops["dense"])
+    assert modadapt.mod_layers(modadapt.load(tmp_path / "run" / "model"))
+    assert main([*flags, "--max-steps", "1"]) == 2  # a non-empty run directory is refused
+    assert "not empty" in capsys.readouterr().err

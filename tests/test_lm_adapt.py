@@ -1,0 +1,229 @@
+"""The `lm-adapt` recipe, `modadapt eval` and the LM quality benchmark, end to end on CPU."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import modadapt
+from modadapt.cli import main
+from modadapt.errors import ModAdaptError
+from modadapt.recipes.lm_adapt import LMAdaptConfig, pack, read_corpus, run, tokenize
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ("def add(a, b):\n    return a + b  # Python docs, roughly.\n" * 40
+        + "The quick brown fox jumps over the lazy dog. " * 40)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices on a shared CPU: one thread is many times faster than oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    (root / "train.txt").write_text(TEXT)
+    with gzip.open(root / "valid.jsonl.gz", "wt") as handle:  # jsonl + gzip for the validation side
+        for line in ("import os\nprint(os.getcwd())\n" * 6, "Lists are mutable sequences. " * 8):
+            handle.write(json.dumps({"text": line}) + "\n")
+    return root
+
+
+def config(corpus, out, **extra) -> LMAdaptConfig:
+    base = dict(data=str(corpus / "train.txt"), valid_data=str(corpus / "valid.jsonl.gz"), output=str(out),
+                seq_len=32, batch_size=4, max_steps=4, lr=1e-2, progress=False, cpu=True,
+                router="topk", capacity=0.5, max_train_blocks=24)
+    return LMAdaptConfig(**{**base, **extra})
+
+
+@pytest.fixture(scope="module")
+def routers_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    return out, run(config(corpus, out))
+
+
+def test_routers_only_with_resume(corpus, routers_run, tmp_path, monkeypatch):
+    out, straight = routers_run
+    assert straight["steps"] == 4 and straight["skipped_steps"] == 0 and straight["train"] == "routers"
+    # Only router parameters train: everything else equals the dense preset it came from.
+    dense = modadapt.build_preset("tiny-llama", seed=0).state_dict()
+    adapted = modadapt.load(out / "model").state_dict()
+    routers = [k for k in adapted if ".router." in k]
+    assert routers and set(adapted) - set(routers) == set(dense)
+    for name in dense:
+        torch.testing.assert_close(adapted[name], dense[name], rtol=0, atol=0, msg=name)
+    assert all(adapted[k].abs().sum() > 0 for k in routers if k.endswith("weight"))  # zero-initialised, moved
+    assert straight["trainable_parameters"] == sum(adapted[k].numel() for k in routers)
+    assert set(straight["history"]) >= {"loss", "lm_loss", "aux_loss", "kept_fraction"}
+    assert all(a > 0 for a in straight["history"]["aux_loss"])  # topk's BCE for its causal rule, logged apart
+    assert straight["valid_ppl"]["dense"] == pytest.approx(straight["valid_ppl"]["converted_before"])
+
+    # The same run, killed in its 3rd optimizer step, then resumed from the CLI.
+    calls = {"n": 0}
+    original_step = torch.optim.AdamW.step
+
+    def interrupted_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(corpus, tmp_path / "b", save_every=1))
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "--valid-data",
+                 str(corpus / "valid.jsonl.gz"), "-o", str(tmp_path / "b"), "--resume", "--seq-len", "32",
+                 "--batch-size", "4", "--max-steps", "4", "--lr", "1e-2", "--no-progress", "--cpu",
+                 "--router", "topk", "--capacity", "0.5", "--max-train-blocks", "24"])
+    assert code == 0
+    resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert resumed["history"]["loss"] == pytest.approx(straight["history"]["loss"], rel=1e-5)
+    assert resumed["valid_ppl"]["converted_after"] == pytest.approx(straight["valid_ppl"]["converted_after"], rel=1e-5)
+    b = modadapt.load(tmp_path / "b" / "model").state_dict()
+    for name in adapted:
+        torch.testing.assert_close(b[name], adapted[name], msg=name)
+    assert "resume: true" in (tmp_path / "b" / "config.yaml").read_text()
+
+
+def direct_count(model, blocks) -> int:
+    """FLOPs the torch flop counter sees, one sequence per forward (no filler slots)."""
+    total = 0
+    for block in blocks:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(input_ids=block[None], use_cache=False)
+        total += counter.get_total_flops()
+    return total
+
+
+def test_python_model_distillation_and_flops_ratio(corpus, tmp_path):
+    # A model converted in Python, eager attention (the flop counter sees its attention matmuls),
+    # threshold-p routers with random weights so that rows keep different, variable counts.
+    model = modadapt.build_preset("tiny-llama", seed=1)
+    model.config._attn_implementation = "eager"
+    modadapt.convert(model, router="threshold-p", layers="every-other")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in modadapt.mod_layers(model):
+            layer.router.scorer.weight.copy_(torch.randn(layer.router.scorer.weight.shape, generator=generator))
+    cfg = config(corpus, tmp_path / "run", train="all", distill=0.5, max_steps=2, eval_batch_size=3,
+                 lr=1e-3, router="ignored-for-a-converted-model")
+    summary = run(cfg, model=model)
+    assert all(d > 0 for d in summary["history"]["distill_loss"])
+    kept = summary["kept_fraction"]["after"]
+    assert set(kept) == {"1", "3"} and all(0.1 < f < 0.9 for f in kept.values())
+
+    adapted = modadapt.load(tmp_path / "run" / "model")
+    adapted.config._attn_implementation = "eager"
+    blocks = pack(tokenize(read_corpus(cfg.valid_data), None, 256), cfg.seq_len, "valid")
+    dense = modadapt.unload(copy.deepcopy(adapted))
+    ratio = direct_count(adapted, blocks) / direct_count(dense, blocks)
+    assert summary["flops_ratio"] == pytest.approx(ratio, rel=1e-9)
+    assert summary["flops_ratio"] < 0.95
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+def test_lora_trains_routers_and_adapters(corpus, tmp_path):
+    summary = run(config(corpus, tmp_path / "lora", train="lora", lora_rank=2, max_steps=2))
+    dense = modadapt.build_preset("tiny-llama", seed=0).state_dict()
+    adapted = modadapt.load(tmp_path / "lora" / "model").state_dict()
+    assert not any("lora" in k for k in adapted)  # merged into the weights
+    assert set(adapted) - {k for k in adapted if ".router." in k} == set(dense)
+    assert not torch.equal(adapted["model.layers.1.self_attn.q_proj.weight"], dense["model.layers.1.self_attn.q_proj.weight"])
+    torch.testing.assert_close(adapted["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
+    assert summary["trainable_parameters"] < sum(v.numel() for v in dense.values()) // 4
+
+
+def test_bad_inputs_are_clear_errors_and_leave_no_directory(corpus, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["train", "lm-adapt", "--data", str(tmp_path / "missing.txt"), "-o", str(out), "--cpu"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ModAdaptError, match="holds no text"):
+        run(config(corpus, out, data=str(tmp_path / "empty.txt")))
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(ModAdaptError, match="fewer than one block"):
+        run(config(corpus, out, valid_data=str(tmp_path / "short.txt")))
+    with pytest.raises(ModAdaptError, match="train must be one of"):
+        config(corpus, out, train="everything")
+    with pytest.raises(ModAdaptError, match="nothing to train"):
+        run(config(corpus, out, router="random"))
+    with pytest.raises(ModAdaptError, match="no checkpoint"):
+        run(config(corpus, out, resume=True))
+    code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "-o", str(out), "--cpu",
+                 "--router", "topk", "--router-arg", "colour=red"])
+    assert code == 2 and "colour" in capsys.readouterr().err
+    file = tmp_path / "c.yaml"
+    file.write_text(f"data: {corpus / 'train.txt'}\noutput: {out}\nseq_lenn: 8\n")
+    with pytest.raises(ModAdaptError, match="seq_lenn"):
+        LMAdaptConfig.resolve(str(file), {})
+    assert not out.exists()
+
+
+def test_datasets_files(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["alpha beta", "gamma"]}).to_parquet(str(tmp_path / "part.parquet"))
+    assert read_corpus(str(tmp_path / "part.parquet")) == "alpha beta\n\ngamma"
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ModAdaptError, match="no 'text' column"):
+        read_corpus(str(tmp_path / "saved"))
+
+
+def test_eval_cli(corpus, routers_run, capsys, tmp_path):
+    out, summary = routers_run
+    valid = str(corpus / "valid.jsonl.gz")
+    assert main(["eval", str(out / "model"), "--data", valid, "--seq-len", "32", "--quiet", "--json"]) == 0
+    converted = json.loads(capsys.readouterr().out)
+    assert converted["ppl"] == pytest.approx(summary["valid_ppl"]["converted_after"], rel=1e-5)
+    assert converted["kept_fraction"] == pytest.approx(summary["kept_fraction"]["after"])
+    assert main(["eval", str(out / "model"), "--data", valid, "--seq-len", "32", "--quiet", "--dense"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("dense perplexity") and f"{summary['valid_ppl']['dense']:.4f}" in text
+    assert main(["eval", str(out), "--data", valid]) == 2
+    assert "not a directory saved by modadapt.save" in capsys.readouterr().err
+    assert main(["eval", str(out / "model"), "--data", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_lm_eval_helper_is_a_clear_error_without_lm_eval(routers_run):
+    from modadapt.recipes.lm_adapt import lm_eval_model
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed")
+    with pytest.raises(ModAdaptError, match="pip install lm-eval"):
+        lm_eval_model(modadapt.load(routers_run[0] / "model"), tokenizer=object())
+
+
+def test_quality_benchmark_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("lm_quality", ROOT / "benchmarks" / "lm_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not (bench.DEFAULT_DATA / "train.txt.gz").is_file():
+        pytest.skip("the python-docs-3.11 corpus is not on this machine")
+    threads = torch.get_num_threads()
+    try:
+        records = bench.main(["--tiny", "--work", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "lm_quality.json").read_text()) == records
+    routers = [r["router"] for r in records]
+    assert routers == ["dense", "topk", "threshold-p", "threshold-p", "attention", "random", "layer-drop"]
+    for record in records:
+        assert {"router", "valid_ppl", "flops_ratio", "kept_fraction"} <= set(record)
+        assert record["valid_ppl"] > 1 and 0 < record["flops_ratio"] <= 1 and 0 <= record["kept_fraction"] <= 1
+    assert records[-1]["flops_ratio"] < 1 and "| layer-drop |" in (tmp_path / "lm_quality.md").read_text()
