@@ -160,7 +160,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.data is None and args.model not in PRESETS:
         raise ModAdaptError("--data is required for a model directory; the built-in text is for the presets.")
     model, _ = load_source_model(args.model)
-    if getattr(getattr(model, "config", None), "vocab_size", None) is not None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type != "llava" and getattr(getattr(model, "config", None), "vocab_size", None) is not None:
         text, data_path, digest = read_text(args.data)
         tokenizer = model_tokenizer(args.model)
         batches = text_batches(
@@ -170,6 +171,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         tokens = args.seq_len
         data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
                 "samples": args.samples, "seq_len": tokens}
+    elif model_type == "llava":  # images + prompts
+        from .recipes.llava_adapt import calibration_batches
+
+        batches, data_path, digest = calibration_batches(args.data, model, samples=args.samples,
+                                                         batch_size=args.batch_size, seed=args.seed)
+        tokens = round(sum(int(b["attention_mask"].sum()) for b in batches) / sum(len(b["input_ids"]) for b in batches))
+        data = {"path": data_path, "sha256": digest, "kind": "llava", "samples": args.samples, "seq_len": tokens}
     elif hasattr(model, "patch_embed"):  # a timm ViT: images
         batches, data_path, digest = image_batches(args.data, model, samples=args.samples,
                                                    batch_size=args.batch_size, seed=args.seed)
@@ -177,7 +185,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         data = {"path": data_path, "sha256": digest, "kind": "images",
                 "samples": sum(len(b) for b in batches), "seq_len": tokens}
     else:
-        raise ModAdaptError(f"{args.model}: `analyze` reads text for language models and images for timm ViTs.")
+        raise ModAdaptError(
+            f"{args.model}: `analyze` reads text for language models, images for timm ViTs and "
+            "LLaVA-format JSON for LLaVA models."
+        )
     report = analyze(
         model, batches, model_name=args.model, data=data, seed=args.seed, metric=args.metric, rule=rule,
         capacity=args.capacity, router=args.router, tokens=tokens, output=args.output,
@@ -271,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local transformers model directory, or a preset such as tiny-llama")
     p.add_argument("-o", "--output", required=True, help="report directory to write (must be new or empty)")
     p.add_argument("--data", help="text models: local .txt/.jsonl file or directory (optionally .gz); timm ViTs: a "
-                   "folder of images; presets default to built-in data")
+                   "folder of images; LLaVA: a LLaVA-format JSON file; presets default to built-in data")
     p.add_argument("--samples", type=int, default=32, help="number of calibration sequences (default: 32)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)")

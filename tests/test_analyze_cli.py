@@ -167,3 +167,27 @@ def test_vit_analysis_bad_image_data(tmp_path, capsys, kind):
     assert err.startswith("modadapt: error: ") and err.count("\n") == 1
     assert {"missing": "does not exist", "empty": "holds no image files", "corrupt": "not a readable image"}[kind] in err
     assert not out.exists()
+
+
+def test_llava_analysis_reads_llava_json(tmp_path, capsys):
+    _image_folder(tmp_path, count=3, size=(32, 32))
+    records = [
+        {"id": str(i), "image": f"cls/{i}.png",
+         "conversations": [{"from": "human", "value": "<image>\nWhat digit is this?"}, {"from": "gpt", "value": str(i)}]}
+        for i in range(3)
+    ]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "report"
+    assert main(["analyze", "tiny-llava", "--data", str(data), "--samples", "3", "-o", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["kind"] == "llava" and report["data"]["samples"] == 3
+    assert 0 not in report["selected_layers"] and len(report["layers"]) == 4
+    capsys.readouterr()
+    assert main(["convert", "tiny-llava", "--layers", f"from:{out}", "-o", str(tmp_path / "mod")]) == 0
+
+    records[1]["conversations"][0]["value"] = "What digit is this?"  # no <image>: the record is named
+    data.write_text(json.dumps(records))
+    assert main(["analyze", "tiny-llava", "--data", str(data), "-o", str(tmp_path / "r2"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "record 1" in err and "<image>" in err and not (tmp_path / "r2").exists()

@@ -209,6 +209,37 @@ class LlavaDataset(torch.utils.data.Dataset):
         return ids, labels, load_image(self.records[index]["image"], self.size)
 
 
+def calibration_batches(data: str | None, model: nn.Module, *, samples: int, batch_size: int,
+                        seed: int) -> tuple[list[dict], str, str]:
+    """`(batches, path as recorded, sha256)` of image + prompt inputs for layer analysis.
+
+    `data` is a LLaVA-format JSON file (its first `samples` records, answers included); None gives
+    seeded noise images with a fixed question, only meaningful for the randomly initialised presets.
+    """
+    import hashlib
+    import random
+
+    codec = ByteCodec(model.config)
+    size = int(model.config.vision_config.image_size)
+    if data is None:
+        generator = torch.Generator().manual_seed(seed)
+        ids = codec.sample({"turns": [(f"{IMAGE_PLACEHOLDER}\nWhat is in this picture?", "")]}, False)[0]
+        rows = [(ids, ids, torch.rand(3, size, size, generator=generator) * 2 - 1) for _ in range(samples)]
+        source, digest = "builtin:noise", hashlib.sha256(f"llava-noise:{seed}".encode()).hexdigest()
+    else:
+        records = read_records(data)
+        if len(records) > samples:
+            records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), samples))]
+        rows = list(LlavaDataset(records, codec, size))
+        source, digest = str(data), hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], codec.pad)
+        batch.pop("labels")
+        batches.append(batch)
+    return batches, source, digest
+
+
 # --- model ------------------------------------------------------------------------------------------
 def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
