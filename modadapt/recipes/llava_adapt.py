@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 
 from ..errors import ModAdaptError
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .vit_imagenet import _lr_lambda
+from .training import RunCheckpoint, train_epochs
 
 NAME = "llava-adapt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -344,18 +343,11 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
 def run(cfg: LlavaRecipeConfig) -> dict:
     """Train, checkpoint, evaluate and write the run directory; returns the summary."""
     import yaml
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     import modadapt
 
     out = Path(cfg.output)
-    ckpt_dir = out / "checkpoint"
-    state_file = ckpt_dir / "trainer_state.json"
-    if cfg.resume and not state_file.is_file():
-        raise ModAdaptError(f"resume: {out} has no checkpoint to resume from.")
-    if not cfg.resume and out.exists() and any(out.iterdir()):
-        raise ModAdaptError(f"{out} is not empty; choose a new output directory or pass --resume.")
+    checkpoint = RunCheckpoint(out, cfg.resume)
     train_records = read_records(cfg.data)
     eval_records = read_records(cfg.eval_data) if cfg.eval_data else None
 
@@ -365,58 +357,11 @@ def run(cfg: LlavaRecipeConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     train_set = LlavaDataset(train_records, codec, size)
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    step = 0
-    if cfg.resume:
-        accelerator.load_state(str(ckpt_dir))
-        step = json.loads(state_file.read_text())["step"]
-
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(ckpt_dir))
-        if accelerator.is_main_process:
-            state_file.write_text(json.dumps({"step": step}))
-
-    losses: list[float] = []
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process))
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # same order when resumed
-        loader = accelerator.prepare(torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-            collate_fn=lambda rows: collate(rows, codec.pad),
-        ))
-        if done_in_epoch:
-            loader = accelerator.skip_first_batches(loader, done_in_epoch)
-        model.train()
-        for batch in loader:
-            with accelerator.autocast():
-                loss = model(**batch).loss  # includes the routers' auxiliary losses
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0:
-                save_checkpoint()
-            if step >= total_steps:
-                break
-    bar.close()
-    save_checkpoint()
+    accelerator, model, step, losses = train_epochs(
+        cfg, model, train_set, lambda model, batch, _: model(**batch).loss,  # includes the routers' aux losses
+        checkpoint, collate_fn=lambda rows: collate(rows, codec.pad),
+    )
 
     summary: dict = {"steps": step, "final_train_loss": losses[-1] if losses else None}
     inner = accelerator.unwrap_model(model)
@@ -427,8 +372,7 @@ def run(cfg: LlavaRecipeConfig) -> dict:
             summary["flops_per_sample"] = lm_flops(inner, round(ev["mean_tokens"]), ev["kept_fraction"])
         from ..convert import state_of
 
-        state = state_of(inner)
-        summary["mod_config"] = {**state.config.to_dict(), "layers": list(state.layer_indices)}
+        summary["mod_config"] = state_of(inner).config_dict()
         modadapt.save(inner, out / "model", overwrite=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()

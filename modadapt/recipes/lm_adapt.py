@@ -41,6 +41,7 @@ from torch import nn
 from ..errors import ModAdaptError
 from ..convert import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
+from .training import RunCheckpoint, lr_schedule
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
@@ -365,16 +366,6 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
     }
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
 # --- training ---------------------------------------------------------------------------------------
 def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict:
     """Adapt, checkpoint, evaluate and write the run directory; returns the summary.
@@ -389,12 +380,7 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     import modadapt
 
     out = Path(cfg.output)
-    ckpt_dir = out / "checkpoint"
-    state_file = ckpt_dir / "trainer_state.json"
-    if cfg.resume and not state_file.is_file():
-        raise ModAdaptError(f"resume: {out} has no checkpoint to resume from.")
-    if not cfg.resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModAdaptError(f"{out} exists and is not empty; choose a new output directory or pass --resume.")
+    checkpoint = RunCheckpoint(out, cfg.resume)
 
     given = model is not None
     model, dense, found_tokenizer, extras = build_model(cfg, model)
@@ -408,14 +394,14 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     trained = select_trainable(model, cfg)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
             (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
         summary = _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params,
-                         train_blocks, valid_blocks, out, ckpt_dir, state_file)
+                         train_blocks, valid_blocks, out, checkpoint)
         if accelerator.is_main_process:
             if cfg.train == "lora":
                 trained.merge_and_unload()
@@ -432,7 +418,7 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
 
 def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params, train_blocks, valid_blocks,
-           out, ckpt_dir, state_file) -> dict:
+           out, checkpoint) -> dict:
     from tqdm.auto import tqdm
 
     import modadapt
@@ -457,15 +443,11 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     history: dict = {"loss": [], "lm_loss": [], "aux_loss": [], "distill_loss": [], "kept_fraction": []}
     bad_steps = 0
     if cfg.resume:
-        accelerator.load_state(str(ckpt_dir))
-        saved = json.loads(state_file.read_text())
+        saved = checkpoint.load(accelerator)
         step, bad_steps, history = saved["step"], saved["bad_steps"], saved["history"]
 
     def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(ckpt_dir))
-        if accelerator.is_main_process:
-            state_file.write_text(json.dumps({"step": step, "bad_steps": bad_steps, "history": history}))
+        checkpoint.save(accelerator, {"step": step, "bad_steps": bad_steps, "history": history})
 
     micro_per_epoch = math.ceil(len(train_blocks) / (cfg.batch_size * accelerator.num_processes))
     if micro_per_epoch < cfg.grad_accum:

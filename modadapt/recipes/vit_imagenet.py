@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..adapters.timm_vit import input_size
 from ..errors import ModAdaptError
 from ..convert import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
+from .training import RunCheckpoint, train_epochs
 
 NAME = "vit-imagenet"
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid"), "train": ("train",), "test": ("test",)}
@@ -229,32 +229,15 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
     }
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
 def run(cfg: ViTRecipeConfig) -> dict:
     """Train, checkpoint, evaluate and write the run directory; returns the summary."""
     import yaml
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     import modadapt
     from ..metrics.measured_flops import measured_flops
 
     out = Path(cfg.output)
-    ckpt_dir = out / "checkpoint"
-    state_file = ckpt_dir / "trainer_state.json"
-    if cfg.resume and not state_file.is_file():
-        raise ModAdaptError(f"resume: {out} has no checkpoint to resume from.")
-    if not cfg.resume and out.exists() and any(out.iterdir()):
-        raise ModAdaptError(f"{out} is not empty; choose a new output directory or pass --resume.")
+    checkpoint = RunCheckpoint(out, cfg.resume)
 
     splits = load_splits(cfg.data)
     train_set = pick_split(splits, cfg.train_split, cfg.data)
@@ -282,63 +265,15 @@ def run(cfg: ViTRecipeConfig) -> dict:
     resolved = asdict(cfg)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    def vit_loss(model, batch, accelerator):
+        logits = model(batch["pixel_values"])
+        loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+        aux = modadapt.aux_loss(accelerator.unwrap_model(model))
+        return loss if aux is None else loss + aux
 
-    step = 0
-    if cfg.resume:
-        accelerator.load_state(str(ckpt_dir))
-        step = json.loads(state_file.read_text())["step"]
-
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(ckpt_dir))
-        if accelerator.is_main_process:
-            state_file.write_text(json.dumps({"step": step}))
-
-    loss_history = []
-    show = cfg.progress and accelerator.is_main_process
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # same order when resumed
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-            num_workers=cfg.num_workers, collate_fn=collate, drop_last=False,
-        )
-        loader = accelerator.prepare(loader)
-        if done_in_epoch:
-            loader = accelerator.skip_first_batches(loader, done_in_epoch)
-        model.train()
-        for batch in loader:
-            with accelerator.autocast():
-                logits = model(batch["pixel_values"])
-                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
-                aux = modadapt.aux_loss(accelerator.unwrap_model(model))
-                if aux is not None:
-                    loss = loss + aux
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            loss_history.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_history[-1]:.4f}")
-            if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0:
-                save_checkpoint()
-            if step >= total_steps:
-                break
-    bar.close()
-    save_checkpoint()
+    accelerator, model, step, loss_history = train_epochs(
+        cfg, model, train_set, vit_loss, checkpoint, collate_fn=collate, num_workers=cfg.num_workers
+    )
 
     summary: dict = {"steps": step, "final_train_loss": loss_history[-1] if loss_history else None}
     if eval_set is not None:
