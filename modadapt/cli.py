@@ -17,13 +17,13 @@ TOKENIZER_FILES = (
 )
 
 
-def parse_router_args(items: list[str]) -> dict[str, Any]:
+def parse_router_args(items: list[str], flag: str = "--router-arg") -> dict[str, Any]:
     """`KEY=VALUE` strings to a dict; values are parsed as JSON when they can be (numbers, bools)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ModAdaptError(f"--router-arg expects KEY=VALUE, got {item!r}.")
+            raise ModAdaptError(f"{flag} expects KEY=VALUE, got {item!r}.")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -83,6 +83,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             fields[name] = value
     if args.router_arg:
         fields["router_kwargs"] = {**fields.get("router_kwargs", {}), **parse_router_args(args.router_arg)}
+    if args.adapter_arg:
+        fields["adapter_kwargs"] = {**fields.get("adapter_kwargs", {}), **parse_router_args(args.adapter_arg, "--adapter-arg")}
     config = ModConfig.from_dict(fields)
     router_cls = get_router(config.router).obj
     if args.capacity is not None and not router_cls.capacity_based:
@@ -267,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help=field_help("layers"))
     p.add_argument("--inference-routing", dest="inference_routing", help=field_help("inference_routing"))
     p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("router_kwargs"))
+    p.add_argument("--adapter-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help=field_help("adapter_kwargs"))
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_convert)
 

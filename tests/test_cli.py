@@ -113,3 +113,14 @@ def test_demo_checks_cache_against_full_forward(tmp_path, capsys):
     assert code == 0
     assert "max |cached - full recompute|" in stdout
     assert (tmp_path / "demo" / "model.safetensors").is_file()
+
+
+def test_convert_llava_with_adapter_options(tmp_path, capsys):
+    out = tmp_path / "mod"
+    code, _, _ = run(capsys, "convert", "tiny-llava", "--router", "shared-vl", "--capacity", "0.5", "--layers", "1,3",
+                     "--adapter-arg", "protect=question+answer", "--adapter-arg", "route=image", "-o", str(out))
+    assert code == 0
+    meta = json.loads((out / "modadapt.json").read_text())["mod_config"]
+    assert meta["adapter_kwargs"] == {"protect": "question+answer", "route": "image"}
+    code, _, err = run(capsys, "convert", "tiny-llava", "--adapter-arg", "bogus=1", "-o", str(tmp_path / "bad"))
+    assert code == 2 and "has no option 'bogus'" in err and not (tmp_path / "bad").exists()
