@@ -118,3 +118,23 @@ def keep_masks(model: torch.nn.Module) -> list[torch.Tensor]:
 def last_keeps():
     """Function fixture: `last_keeps(model)` -> list of each MoD layer's last keep mask."""
     return keep_masks
+
+
+@pytest.fixture
+def interrupt_at_step(monkeypatch):
+    """`arm(n)` makes the n-th AdamW step raise KeyboardInterrupt: a run killed mid-training.
+    `monkeypatch.undo()` disarms it."""
+
+    def arm(n: int) -> None:
+        calls = {"n": 0}
+        original = torch.optim.AdamW.step
+
+        def step(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+    return arm

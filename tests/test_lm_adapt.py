@@ -54,7 +54,7 @@ def routers_run(corpus, tmp_path_factory):
     return out, run(config(corpus, out))
 
 
-def test_routers_only_with_resume(corpus, routers_run, tmp_path, monkeypatch):
+def test_routers_only_with_resume(corpus, routers_run, tmp_path, monkeypatch, interrupt_at_step):
     out, straight = routers_run
     assert straight["steps"] == 4 and straight["skipped_steps"] == 0 and straight["train"] == "routers"
     # Only router parameters train: everything else equals the dense preset it came from.
@@ -71,16 +71,7 @@ def test_routers_only_with_resume(corpus, routers_run, tmp_path, monkeypatch):
     assert straight["valid_ppl"]["dense"] == pytest.approx(straight["valid_ppl"]["converted_before"])
 
     # The same run, killed in its 3rd optimizer step, then resumed from the CLI.
-    calls = {"n": 0}
-    original_step = torch.optim.AdamW.step
-
-    def interrupted_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
+    interrupt_at_step(3)
     with pytest.raises(KeyboardInterrupt):
         run(config(corpus, tmp_path / "b", save_every=1))
     monkeypatch.undo()

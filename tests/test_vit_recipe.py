@@ -34,19 +34,10 @@ def config(data, out, **extra):
     return ViTRecipeConfig(**{**base, **extra})
 
 
-def test_end_to_end_with_resume(imagefolder, tmp_path, monkeypatch):
+def test_end_to_end_with_resume(imagefolder, tmp_path, monkeypatch, interrupt_at_step):
     straight = run(config(imagefolder, tmp_path / "a"))
     # The same run, killed in its 3rd optimizer step (mid-epoch: 3 steps per epoch), then resumed.
-    calls = {"n": 0}
-    original_step = torch.optim.AdamW.step
-
-    def interrupted_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
+    interrupt_at_step(3)
     with pytest.raises(KeyboardInterrupt):
         run(config(imagefolder, tmp_path / "b", save_every=1))
     monkeypatch.undo()
