@@ -140,6 +140,32 @@ def test_llm_training_topk_and_gradients():
     assert all(p.grad is not None for p in model.model.layers[1].parameters())
 
 
+def test_llm_causal_rule_is_calibrated_by_training():
+    """Before training the causal cut-off is 1.0; training steps record the top-k boundary, after
+    which evaluation keeps about the capacity (the fixed 1.0 kept ~96 % on a real LM)."""
+    model = llama()
+    modadapt.convert(model, router="attention", capacity=0.25, layers="every-other")
+    ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(6))
+    routers = [layer.router for layer in modadapt.mod_layers(model)]
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+        scores = [layer.mod_state.last_keep.clone() for layer in modadapt.mod_layers(model)]
+    assert all(int(r.calibration_steps) == 0 for r in routers)
+    model.train()
+    model(ids, labels=ids)  # a training forward (no step needed: the router has no parameters)
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    for router, layer, before in zip(routers, modadapt.mod_layers(model), scores):
+        assert int(router.calibration_steps) == 1
+        kept = layer.mod_state.last_keep.float().mean().item()
+        assert abs(kept - 0.25) < 0.1 and kept != before.float().mean().item()
+    fixed = llama()
+    modadapt.convert(fixed, router="attention", capacity=0.25, layers="every-other", router_kwargs={"threshold": 1.0})
+    assert modadapt.mod_layers(fixed)[0].router.threshold == 1.0
+
+
 def test_placement_and_attention_kernel_errors():
     model = llama()
     with pytest.raises(ModAdaptError, match="layer 1 must stay dense"):

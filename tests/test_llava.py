@@ -149,8 +149,10 @@ def test_shared_router_is_one_parameter_set():
     routers = [layer.router for layer in modadapt.mod_layers(model)]
     assert len(routers) == 3 and all(r is routers[0] for r in routers)
     assert len(list(model.parameters())) == dense_params + 2  # one Linear(d, 2): weight + bias
-    keys = [k for k in model.state_dict() if ".router." in k]
+    keys = [k for k in model.state_dict() if ".router.classifier." in k]
     assert len(keys) == 6 and len({model.state_dict()[k].data_ptr() for k in keys}) == 2
+    calibration = [k for k in model.state_dict() if ".router.calibrat" in k]  # one shared cut-off too
+    assert len(calibration) == 6 and len({model.state_dict()[k].data_ptr() for k in calibration}) == 2
     per_layer = llava(router="shared-vl", capacity=0.5, layers="all-but-first",
                       router_kwargs={"per_layer": True})
     assert len(list(per_layer.parameters())) == dense_params + 6

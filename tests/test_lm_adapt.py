@@ -59,13 +59,15 @@ def test_routers_only_with_resume(corpus, routers_run, tmp_path, monkeypatch, in
     assert straight["steps"] == 4 and straight["skipped_steps"] == 0 and straight["train"] == "routers"
     # Only router parameters train: everything else equals the dense preset it came from.
     dense = modadapt.build_preset("tiny-llama", seed=0).state_dict()
-    adapted = modadapt.load(out / "model").state_dict()
+    loaded = modadapt.load(out / "model")
+    adapted = loaded.state_dict()
     routers = [k for k in adapted if ".router." in k]
     assert routers and set(adapted) - set(routers) == set(dense)
     for name in dense:
         torch.testing.assert_close(adapted[name], dense[name], rtol=0, atol=0, msg=name)
     assert all(adapted[k].abs().sum() > 0 for k in routers if k.endswith("weight"))  # zero-initialised, moved
-    assert straight["trainable_parameters"] == sum(adapted[k].numel() for k in routers)
+    assert straight["trainable_parameters"] == sum(p.numel() for n, p in loaded.named_parameters() if ".router." in n)
+    assert all(adapted[k] > 0 for k in routers if k.endswith("calibration_steps"))  # causal rule calibrated
     assert set(straight["history"]) >= {"loss", "lm_loss", "aux_loss", "kept_fraction"}
     assert all(a > 0 for a in straight["history"]["aux_loss"])  # topk's BCE for its causal rule, logged apart
     assert straight["valid_ppl"]["dense"] == pytest.approx(straight["valid_ppl"]["converted_before"])

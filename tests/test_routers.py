@@ -230,10 +230,11 @@ def test_threshold_gates():
     torch.testing.assert_close(decision.gate, expected)
 
 
+@pytest.mark.parametrize("target", [None, 0.3, 0.9])
 @pytest.mark.parametrize("padded", [False, True])
-def test_threshold_aux_loss_is_alpha_times_f_times_g(padded):
+def test_threshold_aux_loss_is_alpha_times_f_minus_target_times_g(padded, target):
     alpha = 0.3
-    router = _randomized(ThresholdRouter(HIDDEN, 1.0, 2, alpha=alpha))
+    router = _randomized(ThresholdRouter(HIDDEN, 1.0, 2, alpha=alpha, target="none" if target is None else target))
     B, T = 3, 14
     hidden = torch.randn(B, T, HIDDEN)
     real = left_padded_real([14, 9, 5], T) if padded else None
@@ -246,13 +247,32 @@ def test_threshold_aux_loss_is_alpha_times_f_times_g(padded):
     kept_fraction = (keep & mask).sum().item() / mask.sum().item()  # F: a number, no gradient
     assert torch.equal(decision.keep, keep & mask)
     mean_gate = gate[mask].mean()  # G: with gradient
-    expected = alpha * kept_fraction * mean_gate
+    expected = alpha * (kept_fraction - (target or 0.0)) * mean_gate
     torch.testing.assert_close(decision.aux_loss, expected, rtol=1e-6, atol=1e-7)
 
-    # the gradient flows through G only (F is a constant)
-    (grad,) = torch.autograd.grad(decision.aux_loss, router.scorer.weight, retain_graph=True)
-    (expected_grad,) = torch.autograd.grad(expected, router.scorer.weight)
+    # the gradient flows through G only (F is a constant): it lowers the gates while F is above
+    # the target and raises them below it
+    (grad,) = torch.autograd.grad(decision.aux_loss, router.scorer.bias, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(expected, router.scorer.bias)
     torch.testing.assert_close(grad, expected_grad)
+    assert (grad.item() > 0) == (kept_fraction > (target or 0.0))
+
+
+def test_threshold_target_brings_a_collapsed_layer_back():
+    """All gates below p: MoDification's loss has no gradient left (F = 0); a target raises them."""
+    hidden = torch.randn(2, 16, HIDDEN)
+    for target, revives in (("none", False), (0.5, True)):
+        router = ThresholdRouter(HIDDEN, 1.0, 1, alpha=1.0, target=target)
+        with torch.no_grad():
+            router.scorer.bias.fill_(-3.0)
+        optimizer = torch.optim.SGD(router.parameters(), lr=50.0)
+        for _ in range(20):
+            decision = router.route(hidden, ctx_for(2, 16))
+            if decision.aux_loss.requires_grad:
+                optimizer.zero_grad()
+                decision.aux_loss.backward()
+                optimizer.step()
+        assert bool(router.route(hidden, ctx_for(2, 16)).keep.any()) == revives
 
 
 def test_threshold_without_alpha_has_no_aux_loss():
@@ -310,9 +330,45 @@ def test_topk_predictor_rule_trains_on_detached_hidden_states():
     )
     assert hidden_grad is None  # a stop-gradient predictor: the aux loss never reaches the model
     assert all(g is not None and g.abs().sum() > 0 for g in param_grads)
-    # at decode the predictor decides
+    # at decode the predictor decides, cut at the top-k boundary that training saw
     causal = router.route(hidden.detach(), ctx_for(2, 12, causal=True, training=False))
-    assert torch.equal(causal.keep, router.predictor(hidden.detach()).squeeze(-1) >= 0)
+    assert int(router.calibration_steps) == 1
+    assert torch.equal(causal.keep, rule_logits.detach() >= router.calibrated_threshold)
+
+
+@pytest.mark.parametrize("rule", ["aux", "predictor"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_topk_causal_rule_is_calibrated_to_the_capacity(rule, padded):
+    """Training records the rule statistic's top-k boundary; the causal rule then keeps about the
+    capacity, where the paper's fixed cut-off (0) keeps whatever the statistic's offset says."""
+    torch.manual_seed(3)
+    capacity, B, T = 0.125, 4, 64
+    router = _randomized(TopKRouter(HIDDEN, capacity, 1, causal_rule=rule, predictor_hidden=8))
+    with torch.no_grad():
+        router.scorer.bias.fill_(-30.0)  # every score negative: sigmoid < 0.5 everywhere
+        if rule == "predictor":
+            router.predictor[-1].weight.normal_()
+            router.predictor[-1].bias.fill_(-30.0)
+    real = left_padded_real([64, 64, 40, 50], T) if padded else None
+    hidden = torch.randn(B, T, HIDDEN)
+    fixed = TopKRouter(HIDDEN, capacity, 1, causal_rule=rule, predictor_hidden=8, causal_threshold=0)
+    fixed.load_state_dict(router.state_dict())
+    for _ in range(3):
+        router.route(hidden, ctx_for(B, T, real=real))
+    assert int(router.calibration_steps) == 3
+    mask = real if real is not None else torch.ones(B, T, dtype=torch.bool)
+    kept = router.route(hidden, ctx_for(B, T, real=real, causal=True, training=False)).keep
+    assert abs(kept[mask].float().mean().item() - capacity) < 0.05
+    assert fixed.route(hidden, ctx_for(B, T, real=real, causal=True, training=False)).keep.sum() == 0
+    # the calibration is part of the state (saved, loaded, moved with the model)
+    assert {"calibrated_threshold", "calibration_steps"} <= set(router.state_dict())
+
+
+def test_topk_calibration_skips_rows_without_routed_tokens():
+    router = _randomized(TopKRouter(HIDDEN, 0.5, 1))
+    real = torch.zeros(2, 6, dtype=torch.bool)
+    router.route(torch.randn(2, 6, HIDDEN), ctx_for(2, 6, real=real))
+    assert int(router.calibration_steps) == 0 and float(router.calibrated_threshold) == 0.0
 
 
 # --- random --------------------------------------------------------------------------------
@@ -377,3 +433,20 @@ def test_random_without_resampling_is_fixed_topk_of_position_hash():
     expected = first.logits.topk(exact_kept(0.3, 20), dim=1).indices.sort(dim=1).values
     assert torch.equal(first.indices, expected)
     assert first.aux_loss is None
+
+
+def test_shared_vl_causal_rule_is_calibrated_unless_fixed():
+    from modadapt.routers.shared_vl import SharedVLRouter
+
+    torch.manual_seed(4)
+    hidden = torch.randn(3, 40, HIDDEN)
+    calibrated, paper = SharedVLRouter(HIDDEN, 0.3, 1), SharedVLRouter(HIDDEN, 0.3, 1, causal_threshold=0)
+    with torch.no_grad():
+        calibrated.classifier.weight.normal_()
+        calibrated.classifier.bias.copy_(torch.tensor([20.0, 0.0]))  # p_process ~ 0 everywhere
+    paper.load_state_dict(calibrated.state_dict())
+    calibrated.route(hidden, ctx_for(3, 40))
+    assert paper.route(hidden, ctx_for(3, 40)).keep.sum() == 3 * 12  # top-k in training: ceil(0.3 * 40) per row
+    kept = calibrated.route(hidden, ctx_for(3, 40, causal=True, training=False)).keep.float().mean().item()
+    assert abs(kept - 0.3) < 0.05
+    assert not paper.route(hidden, ctx_for(3, 40, causal=True, training=False)).keep.any()

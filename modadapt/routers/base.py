@@ -89,6 +89,18 @@ def _coerce(router: str, name: str, value, default):
     )
 
 
+def optional_float(router: str, name: str, value) -> float | None:
+    """A router argument that is a number or None (spelt none / calibrated on the command line)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "calibrated", "")):
+        return None
+    try:
+        if not isinstance(value, bool):
+            return float(value)
+    except (TypeError, ValueError):
+        pass
+    raise ModAdaptError(f"router {router!r}: argument {name!r} must be a number or 'none', got {value!r}.")
+
+
 def straight_through_one(x: torch.Tensor) -> torch.Tensor | None:
     """Exactly 1 in value, with the gradient of `x`: a pretrained block starts at full strength.
 
@@ -112,6 +124,16 @@ class Router(nn.Module):
     capacity_based: ClassVar[bool] = True
     #: Router-specific arguments and their defaults; unknown arguments are a clear error.
     arguments: ClassVar[dict] = {}
+    #: Numeric arguments that also accept none (None in Python) to switch a feature off.
+    nullable: ClassVar[tuple[str, ...]] = ()
+    #: Capacity routers whose causal rule thresholds a per-token statistic (`rule_statistic`)
+    #: set this: every training-time top-k records where the statistic crosses the top-k
+    #: boundary (a moving average in the buffer `calibrated_threshold`; `calibration_steps`
+    #: counts the steps seen), so the causal rule
+    #: keeps about `capacity` of the tokens instead of whatever a fixed cut-off happens to keep.
+    calibrates_causal_rule: ClassVar[bool] = False
+    #: Weight of the newest batch in that moving average.
+    calibration_momentum: ClassVar[float] = 0.05
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__()
@@ -124,7 +146,13 @@ class Router(nn.Module):
         self.hidden_size = hidden_size
         self.capacity = capacity
         self.layer_index = layer_index
-        self.options = {**self.arguments, **{k: _coerce(self.name, k, v, self.arguments[k]) for k, v in kwargs.items()}}
+        self.options = {**self.arguments, **{
+            k: None if k in self.nullable and optional_float(self.name, k, v) is None else _coerce(self.name, k, v, self.arguments[k])
+            for k, v in kwargs.items()
+        }}
+        if self.calibrates_causal_rule:
+            self.register_buffer("calibrated_threshold", torch.tensor(0.0))
+            self.register_buffer("calibration_steps", torch.tensor(0, dtype=torch.long))
 
     # --- what a router implements -------------------------------------------------------------
     def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -144,6 +172,18 @@ class Router(nn.Module):
     ) -> torch.Tensor | None:
         """Auxiliary training loss for this layer (only called while training)."""
         return None
+
+    def rule_statistic(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The `[B, T]` statistic a calibrated causal rule thresholds (default: the scores)."""
+        return logits
+
+    def causal_threshold(self, fixed: float | None, fallback: float) -> torch.Tensor | float:
+        """The causal rule's cut-off: `fixed` when the user gave one, else the calibrated value
+        (`fallback` until training has calibrated it). A tensor, so no host sync."""
+        if fixed is not None or not self.calibrates_causal_rule:
+            return fallback if fixed is None else fixed
+        value = self.calibrated_threshold
+        return torch.where(self.calibration_steps > 0, value, torch.full_like(value, fallback))
 
     @classmethod
     def prepare_model(cls, model: nn.Module, adapter, layer_indices: list[int], routers: dict) -> list:
@@ -170,7 +210,27 @@ class Router(nn.Module):
             indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
         gate = self.gate(logits.gather(1, indices)) if indices.shape[1] else None
         aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
+        if self.calibrates_causal_rule and ctx.training and isinstance(choice, float):
+            self._calibrate(logits, hidden, choice, ctx)
         return RoutingDecision(indices, valid, gate, keep, aux, logits)
+
+    @torch.no_grad()
+    def _calibrate(self, logits: torch.Tensor, hidden: torch.Tensor, capacity: float, ctx: RoutingContext) -> None:
+        eligible = torch.ones_like(logits, dtype=torch.bool)
+        if ctx.real is not None:
+            eligible = eligible & ctx.real
+        if ctx.forced is not None:
+            eligible = eligible & ~ctx.forced
+        if ctx.prefix:
+            eligible[:, : ctx.prefix] = False
+        stat = self.rule_statistic(logits, hidden).detach().float()
+        batch = topk_boundary(stat, capacity, eligible)
+        old, seen = self.calibrated_threshold, self.calibration_steps
+        m = self.calibration_momentum
+        blended = torch.where(seen > 0, (1 - m) * old + m * batch, batch)
+        usable = ~torch.isnan(batch)
+        self.calibrated_threshold.copy_(torch.where(usable, blended, old))
+        self.calibration_steps.add_(usable.long())
 
 
 def kept_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tensor:
@@ -178,6 +238,19 @@ def kept_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tenso
     if isinstance(tokens, torch.Tensor):
         return torch.ceil(tokens.to(torch.float64) * capacity - 1e-9).long()
     return math.ceil(capacity * tokens - 1e-9)
+
+
+def topk_boundary(stat: torch.Tensor, capacity: float, eligible: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the statistic's k-th largest eligible value, k = ceil(capacity * n):
+    the cut-off that keeps each row's top-k. NaN when no row has an eligible token (no host sync)."""
+    T = stat.shape[1]
+    ordered = stat.masked_fill(~eligible, float("-inf")).sort(dim=1, descending=True).values
+    n = eligible.sum(1)
+    k = kept_count(capacity, n).clamp(1, T)
+    cut = ordered.gather(1, (k - 1)[:, None]).squeeze(1)
+    rows = (n > 0) & (kept_count(capacity, n) > 0)
+    cut = torch.where(rows, cut, torch.zeros_like(cut))
+    return cut.sum() / rows.sum() if T else stat.new_tensor(float("nan"))
 
 
 def select_topk(

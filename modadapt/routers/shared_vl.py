@@ -8,7 +8,11 @@ are neither padding nor forced: masked routing, in which protected (question) to
 processed and do not count against the capacity, is the framework's `forced` role (the LLaVA
 adapter's ``protect`` option). An auxiliary cross-entropy (coefficient ``aux_coef``) teaches the
 probability the top-k choice over the routed tokens; the causal rule (evaluation, decoding) keeps
-a token iff ``p_process >= 0.5``. The router starts at zero, so p = 0.5 everywhere: a fresh
+a token iff its score clears a cut-off: γ-MoD's ``p_process >= 0.5`` (``causal_threshold=0``)
+keeps far fewer tokens than the capacity once the cross-entropy has learnt that most tokens are
+skipped (91-96 % of image tokens skipped at capacity 0.3 in `benchmarks/llava_digits.py`), so by
+default the cut-off is calibrated to the top-k boundary seen while training (see
+`Router.calibrates_causal_rule`). The router starts at zero, so p = 0.5 everywhere: a fresh
 conversion keeps every token in eval mode, and the straight-through gate is exactly 1, so it
 reproduces the dense model.
 """
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModAdaptError
-from .base import Router, RoutingContext, straight_through_one
+from .base import Router, RoutingContext, optional_float, straight_through_one
 from .linear_score import LinearScore
 
 
@@ -30,13 +34,15 @@ class SharedVLRouter(Router):
     name = "shared-vl"
     causal = False
     capacity_based = True
-    arguments = {"aux_coef": 0.01, "per_layer": False}
+    calibrates_causal_rule = True
+    arguments = {"aux_coef": 0.01, "per_layer": False, "causal_threshold": None}
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__(hidden_size, capacity, layer_index, **kwargs)
         self.aux_coef = float(self.options["aux_coef"])
         if self.aux_coef < 0:
             raise ModAdaptError(f"shared-vl: aux_coef must be >= 0, got {self.aux_coef}.")
+        self.fixed_threshold = optional_float(self.name, "causal_threshold", self.options["causal_threshold"])
         self.classifier = LinearScore(hidden_size, outputs=2)  # [skip, process] logits
 
     @classmethod
@@ -54,7 +60,7 @@ class SharedVLRouter(Router):
         return logits[..., 1] - logits[..., 0]
 
     def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return logits >= 0  # p_process >= 0.5
+        return logits >= self.causal_threshold(self.fixed_threshold, 0.0)  # 0: p_process >= 0.5
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
         return straight_through_one(torch.sigmoid(logits))

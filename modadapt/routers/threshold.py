@@ -5,6 +5,13 @@ only token i, so it is causal by construction and the count varies per sequence.
 load-reducing loss `alpha * F_j * G_j` (F_j: kept fraction, no gradient; G_j: mean gate, with
 gradient) is summed over layers by the framework. A fresh conversion (zero weights, bias at
 logit(p), so g = p) keeps every token with a gate of exactly 1, so it equals the dense model.
+
+`target` (our addition): the loss becomes `alpha * (F_j - target) * G_j`, which lowers the gates
+while a layer keeps more than `target` and raises them while it keeps less. Without it a converted
+*pretrained* model collapses: the marginal value of a kept token's gate is ~0 at a trained optimum,
+so the load loss wins, every gate falls below p, and then no gradient reaches a token again (the
+straight-through gate has none on skipped tokens and `F_j = 0` zeroes the load loss): our GPU
+pilot kept 0 % of the tokens for every alpha. `target=none` is MoDification's loss as published.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import math
 import torch
 
 from ..errors import ModAdaptError
-from .base import Router, RoutingContext, straight_through_one
+from .base import Router, RoutingContext, optional_float, straight_through_one
 from .linear_score import LinearScore
 
 
@@ -24,7 +31,8 @@ class ThresholdRouter(Router):
     name = "threshold-p"
     causal = True
     capacity_based = False
-    arguments = {"p": 0.5, "alpha": 0.01, "gate": "straight-through"}
+    arguments = {"p": 0.5, "alpha": 0.01, "gate": "straight-through", "target": 0.5}
+    nullable = ("target",)
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__(hidden_size, capacity, layer_index, **kwargs)
@@ -34,6 +42,9 @@ class ThresholdRouter(Router):
         self.alpha = float(self.options["alpha"])
         if self.alpha < 0:
             raise ModAdaptError(f"threshold-p: alpha must be >= 0, got {self.alpha}.")
+        self.target = optional_float(self.name, "target", self.options["target"])
+        if self.target is not None and not 0.0 <= self.target <= 1.0:
+            raise ModAdaptError(f"threshold-p: target must be in [0, 1] or 'none', got {self.target}.")
         self.gate_mode = self.options["gate"]
         if self.gate_mode not in ("straight-through", "sigmoid"):
             raise ModAdaptError(
@@ -66,4 +77,5 @@ class ThresholdRouter(Router):
             real = ctx.real.to(g.dtype)
             n = real.sum().clamp_min(1)
             kept_fraction, mean_gate = (keep.to(g.dtype) * real).sum() / n, (g * real).sum() / n
-        return self.alpha * kept_fraction.detach() * mean_gate
+        load = kept_fraction.detach() if self.target is None else kept_fraction.detach() - self.target
+        return self.alpha * load * mean_gate
