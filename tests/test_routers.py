@@ -450,3 +450,20 @@ def test_shared_vl_causal_rule_is_calibrated_unless_fixed():
     kept = calibrated.route(hidden, ctx_for(3, 40, causal=True, training=False)).keep.float().mean().item()
     assert abs(kept - 0.3) < 0.05
     assert not paper.route(hidden, ctx_for(3, 40, causal=True, training=False)).keep.any()
+
+
+@pytest.mark.parametrize("kind", ["topk", "shared-vl"])
+def test_calibrated_causal_rule_at_capacity_one_keeps_everything(kind):
+    """Capacity 1 skips nothing in training, so its causal rule must not skip either (the dense
+    baseline of benchmarks/llava_digits.py is shared-vl at capacity 1)."""
+    from modadapt.routers.shared_vl import SharedVLRouter
+
+    torch.manual_seed(5)
+    router = TopKRouter(HIDDEN, 1.0, 1) if kind == "topk" else SharedVLRouter(HIDDEN, 1.0, 1)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_()
+    hidden = torch.randn(2, 30, HIDDEN)
+    assert router.route(hidden, ctx_for(2, 30)).keep.all()
+    assert int(router.calibration_steps) == 0  # nothing to calibrate against
+    assert router.route(hidden, ctx_for(2, 30, causal=True, training=False)).keep.all()

@@ -179,9 +179,12 @@ class Router(nn.Module):
 
     def causal_threshold(self, fixed: float | None, fallback: float) -> torch.Tensor | float:
         """The causal rule's cut-off: `fixed` when the user gave one, else the calibrated value
-        (`fallback` until training has calibrated it). A tensor, so no host sync."""
+        (`fallback` until training has calibrated it). A tensor, so no host sync. At capacity 1
+        nothing is skipped in training, so the calibrated rule skips nothing either."""
         if fixed is not None or not self.calibrates_causal_rule:
             return fallback if fixed is None else fixed
+        if self.capacity >= 1.0:
+            return float("-inf")
         value = self.calibrated_threshold
         return torch.where(self.calibration_steps > 0, value, torch.full_like(value, fallback))
 
@@ -210,7 +213,7 @@ class Router(nn.Module):
             indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
         gate = self.gate(logits.gather(1, indices)) if indices.shape[1] else None
         aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
-        if self.calibrates_causal_rule and ctx.training and isinstance(choice, float):
+        if self.calibrates_causal_rule and ctx.training and isinstance(choice, float) and choice < 1.0:
             self._calibrate(logits, hidden, choice, ctx)
         return RoutingDecision(indices, valid, gate, keep, aux, logits)
 
