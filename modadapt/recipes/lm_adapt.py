@@ -30,6 +30,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -458,6 +459,8 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     bar = tqdm(total=cfg.max_steps, initial=step, desc="lm-adapt", disable=not show)
     T = cfg.distill_temperature
+    step_times: list[float] = []  # wall seconds per optimizer step of this process (the loss read syncs)
+    last = time.perf_counter()
     while step < cfg.max_steps:
         epoch, done = divmod(step, steps_per_epoch)
         generator = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order when resumed
@@ -500,6 +503,9 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
                     optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            now = time.perf_counter()
+            step_times.append(now - last)
+            last = now
             if finite:
                 scheduler.step()
                 step += 1
@@ -530,7 +536,14 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
                      progress=show, desc="eval adapted")
     dense_eval = before["dense"]
+    steady = sorted(step_times[min(5, len(step_times) // 2):])  # the first steps compile / warm up
+    step_s = steady[len(steady) // 2] if steady else None
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len
     return {
+        "processes": accelerator.num_processes,
+        "step_time_s": step_s,
+        "tokens_per_s": tokens_per_step / step_s if step_s else None,
+        "train_time_s": sum(step_times),
         "steps": step,
         "skipped_steps": bad_steps,
         "train": cfg.train,
@@ -614,5 +627,8 @@ def main(args: argparse.Namespace) -> int:
     kept = ", ".join(f"{k}: {v:.3f}" for k, v in summary["kept_fraction"]["after"].items())
     print(f"kept fraction per layer: {kept}")
     print(f"FLOPs per token: MoD / dense = {summary['flops_ratio']:.3f}  ({summary['skipped_steps']} steps skipped)")
+    if summary.get("step_time_s"):
+        print(f"training: {summary['step_time_s'] * 1000:.1f} ms per step (median), {summary['tokens_per_s']:,.0f} "
+              f"tokens/s on {summary['processes']} process(es)")
     print(f"run directory: {cfg.output}", file=sys.stderr)
     return 0
