@@ -1,14 +1,19 @@
 """Quality benchmark on real text: do converted LMs keep their quality at fewer FLOPs? (issue 7)
 
 1. Pretrain a small Llama (byte-level vocabulary of 256) dense from scratch on the training split
-   of ``python-docs-3.11``: the "pretrained" model.
-2. Convert copies of it (every other layer from layer 1) with ``topk`` (12.5%), ``threshold-p``
-   (several alpha), ``attention`` (12.5%) and ``random`` (12.5%); build a static layer-dropping
-   baseline by deleting evenly spaced layers until its FLOPs per token match ``topk``'s ideal ones.
+   of ``python-docs-3.11``: the "pretrained" model (weights rounded to bf16, so a later process
+   that loads them with ``--pretrained`` continues from exactly the same model).
+2. Convert copies of it (every other layer from layer 1) at two compute levels:
+   - capacity level: ``topk``, ``attention`` and ``random`` at 12.5%, and ``layer-drop`` (evenly
+     spaced layers deleted until FLOPs per token are closest to ``topk``'s ideal ones);
+   - threshold level: ``threshold-p`` (each of ``--alphas``, load loss toward ``--target``), then
+     ``random-matched`` at the kept fraction threshold-p reached and ``layer-drop-matched`` at its
+     FLOPs.
 3. Adapt each with the same budget through the `lm-adapt` recipe's Python API
    (`modadapt.recipes.lm_adapt.run`): same steps, batch, learning rate, data order, what trains.
-4. Write records (``router``, ``valid_ppl``, ``flops_ratio`` = MoD / dense FLOPs per token,
-   ``kept_fraction``, ...) to ``--out`` after every variant, and a Markdown table next to it.
+4. Write records (``variant``, ``router``, ``valid_ppl``, ``flops_ratio`` = MoD / dense FLOPs per
+   token, ``kept_fraction``, ``level``, ``wall_s``, ...) to ``--out`` after every variant, and a
+   Markdown table next to it that ends with the issue's goals, each measured and marked met or not.
 
 The layer-dropped model has no router to train; it goes through the same recipe as a converted
 model whose one MoD layer keeps every token (the ``random`` router at capacity 1.0: no parameters,
@@ -16,6 +21,9 @@ no cost, exactly the dense layer), so it gets the same optimizer, schedule and d
 
     python benchmarks/lm_quality.py --tiny                      # CPU smoke test, < 1 minute
     python benchmarks/lm_quality.py --mixed-precision bf16      # GPU: the real run
+    # split over calls: pretrain and save once, then add variants to the same records
+    python benchmarks/lm_quality.py --mixed-precision bf16 --variants topk --save-pretrained P
+    python benchmarks/lm_quality.py --mixed-precision bf16 --pretrained P --append --variants random
 """
 
 from __future__ import annotations
@@ -59,11 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train", default="all", choices=["routers", "lora", "all"],
                    help="what adaptation trains (routers: layer dropping, random and attention have nothing to train)")
     p.add_argument("--alphas", default="0.01,0.03,0.1", help="threshold-p load-reducing loss weights")
+    p.add_argument("--target", type=float, default=0.4,
+                   help="threshold-p's target kept fraction per MoD layer (0.4 on every other layer: FLOPs ~0.70 x dense)")
     p.add_argument("--capacity", type=float, default=0.125)
     p.add_argument("--distill", type=float, default=0.0, help="distillation weight of the recipe")
     p.add_argument("--max-eval-blocks", type=int, default=0, help="cap the validation blocks (0: all)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default="all", help="comma list of variants to run (default: all; see the table)")
+    p.add_argument("--pretrained", help="load the dense model from this directory (written by --save-pretrained) "
+                   "instead of pretraining")
+    p.add_argument("--save-pretrained", help="after pretraining, save the dense model here (bf16, 15 MB shards)")
+    p.add_argument("--append", action="store_true", help="keep the records already in --out and skip their variants")
+    p.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds (0: no limit)")
     args = p.parse_args(argv)
     if args.tiny:
         args.hidden, args.layers, args.heads, args.seq_len, args.batch_size = 32, 4, 4, 32, 8
@@ -157,30 +173,106 @@ def drop_layers(dense: nn.Module, target_ratio: float, seq_len: int) -> tuple[nn
     return model, drop, ratio
 
 
-def ideal_topk_ratio(dense: nn.Module, capacity: float, seq_len: int) -> float:
+def ideal_ratio(dense: nn.Module, kept_fraction: float, seq_len: int) -> float:
+    """FLOPs per token relative to dense when every other layer (from 1) keeps `kept_fraction` of
+    the tokens, plus a one-row linear router per MoD layer."""
     table = flops_table(dense)
     layers = range(1, len(table["layers"]), 2)
-    kept = {i: kept_count(capacity, seq_len) for i in layers}
-    hidden = dense.config.hidden_size
-    for i in layers:  # topk's router: one linear score per token
-        table["layers"][i]["router"] = hidden
+    kept = {i: kept_count(kept_fraction, seq_len) for i in layers}
+    for i in layers:
+        table["layers"][i]["router"] = dense.config.hidden_size
     return sequence_flops(table, seq_len, kept) / sequence_flops(table, seq_len)
+
+
+def dense_record(dense: nn.Module, valid_blocks: torch.Tensor, args: argparse.Namespace, **extra) -> dict:
+    result = evaluate(dense, valid_blocks, batch_size=args.batch_size)
+    return {"variant": "dense", "router": "dense", "arguments": "", "valid_ppl": result["ppl"], "valid_ppl_before": None,
+            "flops_ratio": 1.0, "kept_fraction": 1.0, "parameters": sum(p.numel() for p in dense.parameters()), **extra}
+
+
+def round_to_bf16(model: nn.Module) -> None:
+    """Round the weights to bf16 in place, so a later process that loads the bf16 files we save
+    continues from exactly these weights."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(torch.bfloat16))
+
+
+def save_pretrained(dense: nn.Module, directory: Path, record: dict) -> None:
+    """bf16 safetensors in shards of at most 15 MB (the GPU machine returns files of <= 16 MiB)."""
+    dense.to(torch.bfloat16).save_pretrained(str(directory), max_shard_size="15MB")
+    dense.float()
+    (directory / "dense_record.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_pretrained(directory: Path) -> tuple[nn.Module, dict]:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa")
+    record_file = directory / "dense_record.json"
+    return model, json.loads(record_file.read_text()) if record_file.is_file() else {}
+
+
+# --- goals of issue 7 ------------------------------------------------------------------------------
+LEARNED = ("topk", "threshold-p", "attention")
+FLOPS_TOLERANCE = 0.03  # "matched FLOPs": a baseline may spend up to this much more (ratio points)
+
+
+def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
+    """(goal, what was measured, met) for each goal of the issue that the records can answer."""
+    dense = next((r for r in records if r["router"] == "dense"), None)
+    out = []
+    if dense is None:
+        return out
+    thresholds = [r for r in records if r["router"] == "threshold-p"]
+    if thresholds:
+        best = min(thresholds, key=lambda r: (r["valid_ppl"] > 1.03 * dense["valid_ppl"] or r["flops_ratio"] > 0.75,
+                                              r["valid_ppl"]))
+        met = best["valid_ppl"] <= 1.03 * dense["valid_ppl"] and best["flops_ratio"] <= 0.75
+        out.append(("threshold-p within 3% of dense ppl at >= 25% fewer FLOPs",
+                    f"{best['variant']}: ppl {best['valid_ppl']:.3f} = {best['valid_ppl'] / dense['valid_ppl']:.3f} x dense, "
+                    f"FLOPs {best['flops_ratio']:.3f} x dense", met))
+    for learned in (r for r in records if r["router"] in LEARNED):
+        for baseline in (r for r in records if r["router"] in ("random", "layer-drop") and r["level"] == learned["level"]):
+            matched = learned["flops_ratio"] <= baseline["flops_ratio"] + FLOPS_TOLERANCE
+            better = learned["valid_ppl"] < baseline["valid_ppl"]
+            out.append((f"{learned['variant']} beats {baseline['variant']} at matched FLOPs",
+                        f"ppl {learned['valid_ppl']:.3f} vs {baseline['valid_ppl']:.3f}; FLOPs {learned['flops_ratio']:.3f} "
+                        f"vs {baseline['flops_ratio']:.3f}" + ("" if matched else " (learned router spends more)"),
+                        matched and better))
+    broken = [r["variant"] for r in records if not math.isfinite(r["valid_ppl"]) or r.get("skipped_steps", 0)]
+    out.append(("no NaN or divergence", "all runs finite, no skipped steps" if not broken else
+                f"non-finite or skipped steps in {', '.join(broken)}", not broken))
+    return out
 
 
 def write(records: list[dict], out: Path, meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")
     lines = [f"# LM quality: {meta['description']}", "", f"Command: `{meta['command']}`", "",
-             "| router | arguments | valid ppl | ppl before adapt | FLOPs / dense | kept fraction | skipped steps |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | router | arguments | valid ppl | ppl before adapt | FLOPs / dense | kept fraction | "
+             "skipped steps | adapt s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         before = f"{r['valid_ppl_before']:.3f}" if r.get("valid_ppl_before") is not None else "-"
-        lines.append(f"| {r['router']} | {r.get('arguments', '')} | {r['valid_ppl']:.3f} | {before} | "
-                     f"{r['flops_ratio']:.3f} | {r['kept_fraction']:.3f} | {r.get('skipped_steps', 0)} |")
+        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
+        lines.append(f"| {r['variant']} | {r['router']} | {r.get('arguments', '')} | {r['valid_ppl']:.3f} | {before} | "
+                     f"{r['flops_ratio']:.3f} | {r['kept_fraction']:.3f} | {r.get('skipped_steps', 0)} | {wall} |")
+    lines += ["", "## Goals (issue 7)", "", "| goal | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {goal} | {measured} | {'yes' if met else '**no**'} |" for goal, measured, met in goals(records)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def variant_names(args: argparse.Namespace) -> list[str]:
+    """Every variant in run order: the capacity level, then threshold-p and its matched baselines
+    (which are sized from the threshold-p runs, so they come after them)."""
+    names = ["topk", "attention", "random", "layer-drop"]
+    names += [f"threshold-p-a{a}" for a in args.alphas.split(",")]
+    return names + ["random-matched", "layer-drop-matched"]
+
+
 def main(argv=None) -> list[dict]:
+    import shutil
     import sys
 
     args = parse_args(argv)
@@ -191,25 +283,41 @@ def main(argv=None) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     train_file, valid_file = text_files(args, work)
-    train_blocks = pack(tokenize(read_corpus(train_file), None, VOCAB), args.seq_len, train_file)
     valid_blocks = pack(tokenize(read_corpus(valid_file), None, VOCAB), args.seq_len, valid_file)
     if args.max_eval_blocks:
         valid_blocks = valid_blocks[: args.max_eval_blocks]
+    known = variant_names(args)
+    wanted = known if args.variants == "all" else args.variants.split(",")
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {known}")
 
-    dense = build_dense(args)
-    print(f"dense Llama: {sum(p.numel() for p in dense.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(train_blocks)} training blocks of {args.seq_len} bytes", flush=True)
-    losses = pretrain(dense, train_blocks, args, device)
-    dense.eval()
-    dense_eval = evaluate(dense, valid_blocks, batch_size=args.batch_size)
-    meta = {"description": f"Llama {args.layers}x{args.hidden}, byte-level, {args.pretrain_steps} pretraining "
-                           f"steps, {args.adapt_steps} adaptation steps (train: {args.train})",
+    records = json.loads(args.out.read_text()) if args.append and args.out.is_file() else []
+    done = {r["variant"] for r in records}
+    if args.pretrained:
+        dense, saved = load_pretrained(Path(args.pretrained))
+        print(f"dense Llama loaded from {args.pretrained}", flush=True)
+        if "dense" not in done:
+            records.insert(0, dense_record(dense.to(device).eval(), valid_blocks, args,
+                                           pretrain_final_loss=saved.get("pretrain_final_loss")))
+    else:
+        train_blocks = pack(tokenize(read_corpus(train_file), None, VOCAB), args.seq_len, train_file)
+        dense = build_dense(args)
+        print(f"dense Llama: {sum(p.numel() for p in dense.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_blocks)} training blocks of {args.seq_len} bytes", flush=True)
+        losses = pretrain(dense, train_blocks, args, device)
+        round_to_bf16(dense)
+        record = dense_record(dense.eval(), valid_blocks, args, pretrain_final_loss=losses[-1],
+                              pretrain_s=time.time() - start)
+        records = [record] + [r for r in records if r["variant"] != "dense"]
+        if args.save_pretrained:
+            save_pretrained(dense, Path(args.save_pretrained), record)
+    dense.to("cpu").eval()
+    meta = {"description": f"Llama {dense.config.num_hidden_layers}x{dense.config.hidden_size}, byte-level, "
+                           f"{args.adapt_steps} adaptation steps (train: {args.train})",
             "command": "python benchmarks/lm_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    records = [{"router": "dense", "arguments": "", "valid_ppl": dense_eval["ppl"], "valid_ppl_before": None,
-                "flops_ratio": 1.0, "kept_fraction": 1.0, "pretrain_final_loss": losses[-1],
-                "parameters": sum(p.numel() for p in dense.parameters())}]
     write(records, args.out, meta)
-    dense.to("cpu")
+    layers = dense.config.num_hidden_layers
 
     def adapt(name: str, model: nn.Module, **routing) -> dict:
         cfg = LMAdaptConfig(
@@ -219,45 +327,62 @@ def main(argv=None) -> list[dict]:
             max_eval_blocks=args.max_eval_blocks, eval_batch_size=args.batch_size, progress=not args.tiny,
             seed=args.seed, **routing,
         )
-        import shutil
-
         shutil.rmtree(cfg.output, ignore_errors=True)
         return run(cfg, model=model)
 
-    capacity = args.capacity
-    variants = [("topk", dict(router="topk", capacity=capacity)), ]
-    variants += [(f"threshold-p-a{a}", dict(router="threshold-p", router_kwargs={"alpha": float(a)}))
-                 for a in args.alphas.split(",")]
-    variants += [("attention", dict(router="attention", capacity=capacity)),
-                 ("random", dict(router="random", capacity=capacity))]
-    for name, routing in variants:
-        summary = adapt(name, copy.deepcopy(dense), layers="every-other", **routing)
-        kept = summary["kept_fraction"]["after"]
-        records.append({
-            "router": routing["router"], "arguments": json.dumps(routing.get("router_kwargs", {"capacity": capacity})),
-            "valid_ppl": summary["valid_ppl"]["converted_after"],
-            "valid_ppl_before": summary["valid_ppl"]["converted_before"],
-            "flops_ratio": summary["flops_ratio"], "kept_fraction": sum(kept.values()) / len(kept),
-            "kept_fraction_per_layer": kept, "skipped_steps": summary["skipped_steps"],
-            "final_train_loss": summary["final_train_loss"],
-        })
+    def thresholds() -> list[dict]:
+        return [r for r in records if r["router"] == "threshold-p"]
+
+    def spec(name: str) -> tuple[str, dict]:
+        """(level, what to run) for a variant; level pairs learned routers with their baselines."""
+        capacity = args.capacity
+        if name in ("topk", "attention", "random"):
+            return "capacity", dict(router=name, capacity=capacity, layers="every-other")
+        if name.startswith("threshold-p-a"):
+            kwargs = {"alpha": float(name.removeprefix("threshold-p-a")), "target": args.target}
+            return "threshold", dict(router="threshold-p", router_kwargs=kwargs, layers="every-other")
+        if name == "random-matched":  # random at the kept fraction threshold-p reached (its target if none ran)
+            kept = [r["kept_fraction"] for r in thresholds()]
+            capacity = max(round(sum(kept) / len(kept), 3), 1 / args.seq_len) if kept else args.target
+            return "threshold", dict(router="random", capacity=capacity, layers="every-other")
+        ratio = (ideal_ratio(dense, args.capacity, args.seq_len) if name == "layer-drop" else
+                 sum(r["flops_ratio"] for r in thresholds()) / len(thresholds()) if thresholds() else
+                 ideal_ratio(dense, args.target, args.seq_len))
+        return ("capacity" if name == "layer-drop" else "threshold"), dict(target_flops_ratio=ratio)
+
+    for name in wanted:
+        if name in done:
+            print(f"{name}: already in {args.out}, skipped", flush=True)
+            continue
+        if args.budget_s and time.time() - start > args.budget_s:
+            print(f"{name}: not started, {time.time() - start:.0f}s > --budget-s {args.budget_s}", flush=True)
+            continue
+        level, routing = spec(name)
+        began = time.time()
+        if "target_flops_ratio" in routing:
+            # No router to train: the same recipe as a converted model whose one MoD layer keeps every
+            # token (random at capacity 1.0: no parameters, no cost, exactly the dense layer).
+            dropped, drop, ratio = drop_layers(dense, routing["target_flops_ratio"], args.seq_len)
+            summary = adapt(name, dropped, router="random", capacity=1.0, layers=[1])
+            record = {"router": "layer-drop", "arguments": json.dumps({"dropped_layers": drop}), "flops_ratio": ratio,
+                      "valid_ppl_before": summary["valid_ppl"]["dense"], "kept_fraction": (layers - len(drop)) / layers,
+                      "target_flops_ratio": routing["target_flops_ratio"]}
+        else:
+            summary = adapt(name, copy.deepcopy(dense), **routing)
+            kept = summary["kept_fraction"]["after"]
+            arguments = routing.get("router_kwargs") or {"capacity": routing["capacity"]}
+            record = {"router": routing["router"], "arguments": json.dumps(arguments),
+                      "valid_ppl_before": summary["valid_ppl"]["converted_before"], "flops_ratio": summary["flops_ratio"],
+                      "kept_fraction": sum(kept.values()) / len(kept), "kept_fraction_per_layer": kept}
+        records.append({"variant": name, "level": level, **record, "valid_ppl": summary["valid_ppl"]["converted_after"],
+                        "skipped_steps": summary["skipped_steps"], "final_train_loss": summary["final_train_loss"],
+                        "step_time_s": summary["step_time_s"], "wall_s": time.time() - began})
         write(records, args.out, meta)
         print(f"{name}: valid ppl {records[-1]['valid_ppl']:.3f}, FLOPs ratio {records[-1]['flops_ratio']:.3f}, "
-              f"kept {records[-1]['kept_fraction']:.3f}", flush=True)
-
-    target = ideal_topk_ratio(dense, capacity, args.seq_len)
-    dropped, drop, ratio = drop_layers(dense, target, args.seq_len)
-    summary = adapt("layer-drop", dropped, router="random", capacity=1.0, layers=[1])
-    records.append({
-        "router": "layer-drop", "arguments": json.dumps({"dropped_layers": drop}),
-        "valid_ppl": summary["valid_ppl"]["converted_after"], "valid_ppl_before": summary["valid_ppl"]["dense"],
-        "flops_ratio": ratio, "kept_fraction": (args.layers - len(drop)) / args.layers,
-        "skipped_steps": summary["skipped_steps"], "final_train_loss": summary["final_train_loss"],
-        "target_flops_ratio": target,
-    })
-    write(records, args.out, meta)
-    print(f"layer-drop {drop}: valid ppl {records[-1]['valid_ppl']:.3f}, FLOPs ratio {ratio:.3f} "
-          f"(target {target:.3f}); {time.time() - start:.0f}s in all; records in {args.out}", flush=True)
+              f"kept {records[-1]['kept_fraction']:.3f}, {records[-1]['wall_s']:.0f}s", flush=True)
+    for goal, measured, met in goals(records):
+        print(f"goal: {goal}: {measured} -> {'met' if met else 'NOT met'}", flush=True)
+    print(f"{time.time() - start:.0f}s in all; records in {args.out}", flush=True)
     return records
 
 

@@ -69,6 +69,9 @@ def test_routers_only_with_resume(corpus, routers_run, tmp_path, monkeypatch, in
     assert straight["trainable_parameters"] == sum(p.numel() for n, p in loaded.named_parameters() if ".router." in n)
     assert all(adapted[k] > 0 for k in routers if k.endswith("calibration_steps"))  # causal rule calibrated
     assert set(straight["history"]) >= {"loss", "lm_loss", "aux_loss", "kept_fraction"}
+    # Throughput: 4 blocks of 32 tokens per step on one process.
+    assert straight["processes"] == 1 and 0 < straight["step_time_s"] <= straight["train_time_s"]
+    assert straight["tokens_per_s"] == pytest.approx(4 * 32 / straight["step_time_s"])
     assert all(a > 0 for a in straight["history"]["aux_loss"])  # topk's BCE for its causal rule, logged apart
     assert straight["valid_ppl"]["dense"] == pytest.approx(straight["valid_ppl"]["converted_before"])
 
@@ -202,21 +205,57 @@ def test_lm_eval_helper_is_a_clear_error_without_lm_eval(routers_run):
         lm_eval_model(modadapt.load(routers_run[0] / "model"), tokenizer=object())
 
 
-def test_quality_benchmark_tiny(tmp_path):
+def load_quality_benchmark():
     spec = importlib.util.spec_from_file_location("lm_quality", ROOT / "benchmarks" / "lm_quality.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     if not (bench.DEFAULT_DATA / "train.txt.gz").is_file():
         pytest.skip("the python-docs-3.11 corpus is not on this machine")
+    return bench
+
+
+def test_quality_benchmark_tiny(tmp_path):
+    bench = load_quality_benchmark()
     threads = torch.get_num_threads()
     try:
         records = bench.main(["--tiny", "--work", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "lm_quality.json").read_text()) == records
-    routers = [r["router"] for r in records]
-    assert routers == ["dense", "topk", "threshold-p", "threshold-p", "attention", "random", "layer-drop"]
+    assert [r["variant"] for r in records] == [
+        "dense", "topk", "attention", "random", "layer-drop", "threshold-p-a0.01", "threshold-p-a0.1",
+        "random-matched", "layer-drop-matched"]
     for record in records:
         assert {"router", "valid_ppl", "flops_ratio", "kept_fraction"} <= set(record)
         assert record["valid_ppl"] > 1 and 0 < record["flops_ratio"] <= 1 and 0 <= record["kept_fraction"] <= 1
-    assert records[-1]["flops_ratio"] < 1 and "| layer-drop |" in (tmp_path / "lm_quality.md").read_text()
+    by = {r["variant"]: r for r in records}
+    thresholds = [by["threshold-p-a0.01"], by["threshold-p-a0.1"]]
+    assert json.loads(by["random-matched"]["arguments"])["capacity"] == pytest.approx(
+        max(sum(r["kept_fraction"] for r in thresholds) / 2, 1 / 32), abs=1e-3)
+    assert by["layer-drop-matched"]["target_flops_ratio"] == pytest.approx(sum(r["flops_ratio"] for r in thresholds) / 2)
+    table = (tmp_path / "lm_quality.md").read_text()
+    assert by["layer-drop"]["flops_ratio"] < 1 and "| layer-drop |" in table
+    assert "## Goals (issue 7)" in table and "| no NaN or divergence |" in table
+
+
+def test_quality_benchmark_continues_from_saved_weights(tmp_path):
+    """A run split over calls (the GPU machine's 10-minute limit): the second call loads the saved
+    bf16 model, reproduces the dense perplexity and appends its variants."""
+    bench = load_quality_benchmark()
+    threads = torch.get_num_threads()
+    pretrained = tmp_path / "pretrained"
+    try:
+        first = bench.main(["--tiny", "--work", str(tmp_path), "--variants", "random", "--save-pretrained", str(pretrained)])
+        second = bench.main(["--tiny", "--work", str(tmp_path), "--variants", "random,topk", "--pretrained",
+                             str(pretrained), "--append"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["variant"] for r in first] == ["dense", "random"]
+    assert [r["variant"] for r in second] == ["dense", "random", "topk"] and second[:2] == first
+    reloaded, saved = bench.load_pretrained(pretrained)
+    valid = str(tmp_path / "valid.txt")
+    blocks = bench.pack(bench.tokenize(bench.read_corpus(valid), None, bench.VOCAB), 32, valid)[:8]  # as --tiny
+    again = bench.dense_record(reloaded, blocks, bench.parse_args(["--tiny"]))
+    assert again["valid_ppl"] == pytest.approx(first[0]["valid_ppl"], rel=1e-5) and saved == first[0]
+    with pytest.raises(SystemExit, match="unknown variants"):
+        bench.main(["--tiny", "--work", str(tmp_path), "--variants", "nope"])
