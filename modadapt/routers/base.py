@@ -133,7 +133,7 @@ class Router(nn.Module):
     #: keeps about `capacity` of the tokens instead of whatever a fixed cut-off happens to keep.
     calibrates_causal_rule: ClassVar[bool] = False
     #: Weight of the newest batch in that moving average.
-    calibration_momentum: ClassVar[float] = 0.05
+    calibration_momentum: ClassVar[float] = 0.25
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__()
