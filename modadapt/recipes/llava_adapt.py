@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import INFERENCE_ROUTING
 from ..errors import ModAdaptError
 from .config import RecipeConfig, add_config_arguments, overrides_from
 from .training import RunCheckpoint, train_epochs
@@ -53,6 +54,9 @@ class LlavaRecipeConfig(RecipeConfig):
     layers: str = field(default="every-other", metadata={"help": "layers to convert (e.g. every-other, 1,3)"})
     router_kwargs: dict = field(default_factory=dict, metadata={"help": "router arguments (JSON)"})
     adapter_kwargs: dict = field(default_factory=dict, metadata={"help": "LLaVA adapter options (JSON): protect, route, inference_text"})
+    inference_routing: str = field(default="causal", metadata={
+        "help": "eval-mode routing of a new conversion: causal (each token by the causal rule) or topk (a prompt's "
+                "image tokens by the training-time top-k: the whole image is in the prompt; decode stays causal)"})
     epochs: int = field(default=1, metadata={"help": "training epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
     batch_size: int = field(default=16, metadata={"help": "training batch size per process"})
@@ -76,6 +80,8 @@ class LlavaRecipeConfig(RecipeConfig):
             raise ModAdaptError("llava-adapt: `output` is required (-o DIR).")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ModAdaptError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        if self.inference_routing not in INFERENCE_ROUTING:
+            raise ModAdaptError(f"inference_routing must be one of {INFERENCE_ROUTING}, got {self.inference_routing!r}.")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ModAdaptError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -262,7 +268,8 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
     else:
         raise ModAdaptError(f"model {cfg.model!r} is neither a directory nor a preset.")
     modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
-                     router_kwargs=dict(cfg.router_kwargs), adapter_kwargs=dict(cfg.adapter_kwargs))
+                     router_kwargs=dict(cfg.router_kwargs), adapter_kwargs=dict(cfg.adapter_kwargs),
+                     inference_routing=cfg.inference_routing)
     return model
 
 
