@@ -223,12 +223,14 @@ def test_quality_benchmark_tiny(tmp_path):
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "lm_quality.json").read_text()) == records
     assert [r["variant"] for r in records] == [
-        "dense", "topk", "attention", "random", "layer-drop", "threshold-p-a0.01", "threshold-p-a0.1",
+        "dense", "dense-adapt", "topk", "attention", "random", "layer-drop", "threshold-p-a0.01", "threshold-p-a0.1",
         "random-matched", "layer-drop-matched"]
     for record in records:
         assert {"router", "valid_ppl", "flops_ratio", "kept_fraction"} <= set(record)
         assert record["valid_ppl"] > 1 and 0 < record["flops_ratio"] <= 1 and 0 <= record["kept_fraction"] <= 1
     by = {r["variant"]: r for r in records}
+    assert by["dense-adapt"]["valid_ppl_before"] == pytest.approx(by["dense"]["valid_ppl"], rel=1e-5)
+    assert all(by[v]["valid_ppl_topk_routing"] > 1 for v in ("topk", "attention", "random"))
     thresholds = [by["threshold-p-a0.01"], by["threshold-p-a0.1"]]
     assert json.loads(by["random-matched"]["arguments"])["capacity"] == pytest.approx(
         max(sum(r["kept_fraction"] for r in thresholds) / 2, 1 / 32), abs=1e-3)
