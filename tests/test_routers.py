@@ -467,3 +467,16 @@ def test_calibrated_causal_rule_at_capacity_one_keeps_everything(kind):
     assert router.route(hidden, ctx_for(2, 30)).keep.all()
     assert int(router.calibration_steps) == 0  # nothing to calibrate against
     assert router.route(hidden, ctx_for(2, 30, causal=True, training=False)).keep.all()
+
+
+def test_topk_gate_gradient_is_bounded():
+    """The gate is 1 in value with sigmoid's gradient, which vanishes for runaway logits (the raw
+    logit's gradient did not, and a GPU adaptation run diverged)."""
+    router = TopKRouter(HIDDEN, 0.5, 1)
+    logits = torch.tensor([[0.0, 2.0, -3.0, 400.0]], requires_grad=True)
+    gate = router.gate(logits)
+    assert torch.equal(gate, torch.ones_like(gate))
+    gate.sum().backward()
+    s = torch.sigmoid(logits.detach())
+    torch.testing.assert_close(logits.grad, s * (1 - s))
+    assert logits.grad[0, 3] == 0
