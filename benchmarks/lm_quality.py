@@ -262,16 +262,20 @@ def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
                         f"ppl {learned['valid_ppl']:.3f} vs {baseline['valid_ppl']:.3f}; FLOPs {learned['flops_ratio']:.3f} "
                         f"vs {baseline['flops_ratio']:.3f}" + ("" if matched else " (learned router spends more)"),
                         matched and better))
-    broken = [r["variant"] for r in records if not math.isfinite(r["valid_ppl"]) or r.get("skipped_steps", 0)]
-    out.append(("no NaN or divergence", "all runs finite, no skipped steps" if not broken else
-                f"non-finite or skipped steps in {', '.join(broken)}", not broken))
+    # Divergence: a non-finite perplexity, skipped (non-finite) steps, or ending above twice dense's.
+    broken = [r["variant"] for r in records if not math.isfinite(r["valid_ppl"]) or r.get("skipped_steps", 0)
+              or r["valid_ppl"] > 2 * dense["valid_ppl"]]
+    out.append(("no NaN or divergence", "all runs finite, no skipped steps, ppl < 2 x dense" if not broken else
+                f"non-finite, skipped steps or ppl > 2 x dense in {', '.join(broken)}", not broken))
     return out
 
 
 def write(records: list[dict], out: Path, meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")
-    lines = [f"# LM quality: {meta['description']}", "", f"Command: `{meta['command']}`", "",
+    commands = list(dict.fromkeys(r["command"] for r in records if r.get("command")))
+    lines = [f"# LM quality: {meta['description']}", "", "Produced by:", "",
+             *(f"    {command}" for command in commands), "",
              "| variant | router | arguments | valid ppl | ppl before adapt | ppl, top-k routing | FLOPs / dense | "
              "kept fraction | skipped steps | adapt s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
@@ -336,9 +340,11 @@ def main(argv=None) -> list[dict]:
         if args.save_pretrained:
             save_pretrained(dense, Path(args.save_pretrained), record)
     dense.to("cpu").eval()
+    command = "python benchmarks/lm_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    records[0].setdefault("command", command)
     meta = {"description": f"Llama {dense.config.num_hidden_layers}x{dense.config.hidden_size}, byte-level, "
-                           f"{args.adapt_steps} adaptation steps (train: {args.train})",
-            "command": "python benchmarks/lm_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+                           f"{args.adapt_steps} adaptation steps (train: {args.train})"}
+    order = ["dense", *known]  # records of a run split over calls stay in run order
     write(records, args.out, meta)
     layers = dense.config.num_hidden_layers
 
@@ -408,7 +414,8 @@ def main(argv=None) -> list[dict]:
                 record["valid_ppl_topk_routing"] = topk_routing_ppl(model, valid_blocks, args)
         records.append({"variant": name, "level": level, **record, "valid_ppl": summary["valid_ppl"]["converted_after"],
                         "skipped_steps": summary["skipped_steps"], "final_train_loss": summary["final_train_loss"],
-                        "step_time_s": summary["step_time_s"], "wall_s": time.time() - began})
+                        "step_time_s": summary["step_time_s"], "wall_s": time.time() - began, "command": command})
+        records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
         write(records, args.out, meta)
         print(f"{name}: valid ppl {records[-1]['valid_ppl']:.3f}, FLOPs ratio {records[-1]['flops_ratio']:.3f}, "
               f"kept {records[-1]['kept_fraction']:.3f}, {records[-1]['wall_s']:.0f}s", flush=True)
