@@ -268,14 +268,25 @@ def test_quality_goals_are_judged_from_the_records():
     bench = load_quality_benchmark()
     rec = lambda variant, router, ppl, flops, level="capacity", **extra: dict(
         variant=variant, router=router, valid_ppl=ppl, flops_ratio=flops, level=level, **extra)
-    records = [rec("dense", "dense", 2.0, 1.0, "dense"), rec("topk", "topk", 2.2, 0.56),
-               rec("random", "random", 2.3, 0.55), rec("threshold-p-a0.1", "threshold-p", 2.05, 0.70, "threshold"),
-               rec("layer-drop-matched", "layer-drop", 2.04, 0.60, "threshold")]
-    judged = {goal: met for goal, _, met in bench.goals(records)}
-    assert judged["threshold-p within 3% of dense ppl at >= 25% fewer FLOPs"]
-    assert judged["topk beats random at matched FLOPs"]
-    assert not judged["threshold-p-a0.1 beats layer-drop-matched at matched FLOPs"]  # worse and spends more
-    assert judged["no NaN or divergence"]
-    records[1]["valid_ppl"] = 8e9  # a diverged run
+    records = [rec("dense", "dense", 2.0, 1.0, "dense"), rec("dense-adapt", "dense", 1.9, 1.0, "dense"),
+               rec("topk", "topk", 2.2, 0.56), rec("random", "random", 2.3, 0.55),
+               rec("layer-drop", "layer-drop", 2.6, 0.50), rec("layer-drop-matched", "layer-drop", 2.0, 0.625, "threshold"),
+               rec("threshold-p-a0.1", "threshold-p", 2.05, 0.70, "threshold")]
+    judged = {goal: (measured, met) for goal, measured, met in bench.goals(records)}
+    assert judged["threshold-p within 3% of dense ppl at >= 25% fewer FLOPs"][1]
+    assert judged["topk beats random at matched FLOPs"][1]  # 2.2 < 2.3 at 0.55, the nearest run
+    # layer dropping at 0.56: 2.6 + 0.06 / 0.125 * (2.0 - 2.6) = 2.312 on the line between its two runs
+    measured, met = judged["topk beats layer-drop at matched FLOPs"]
+    assert met and "2.312" in measured and "interpolated" in measured
+    # threshold-p at 0.70: between layer-drop-matched (0.625, 2.0) and dense-adapt (1.0, 1.9): 1.98 < 2.05
+    assert not judged["threshold-p-a0.1 beats layer-drop at matched FLOPs"][1]
+    # random at 0.70: between its run (0.55, 2.3) and dense-adapt (1.0, 1.9): 2.167 > 2.05
+    measured, met = judged["threshold-p-a0.1 beats random at matched FLOPs"]
+    assert met and "2.167" in measured
+    del records[1]  # without dense-adapt nothing brackets 0.70, and no random run is near it
+    measured, met = {g: (m, ok) for g, m, ok in bench.goals(records)}["threshold-p-a0.1 beats random at matched FLOPs"]
+    assert not met and "no baseline run near" in measured
+    assert judged["no NaN or divergence"][1]
+    records[1]["valid_ppl"] = 8e9  # a diverged run (topk)
     judged = {goal: met for goal, _, met in bench.goals(records)}
     assert not judged["no NaN or divergence"] and not judged["topk beats random at matched FLOPs"]
