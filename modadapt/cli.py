@@ -230,7 +230,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     for entry in registry().list(kind):
         row = entry.as_dict()
         if kind == "router":
-            row["arguments"] = dict(entry.obj.arguments)
+            calibrated = getattr(entry.obj, "calibrates_causal_rule", False)
+            # None is a causal cut-off learnt while training (a number given fixes it)
+            row["arguments"] = {k: "calibrated" if v is None and calibrated else v for k, v in entry.obj.arguments.items()}
             row["capacity_based"] = entry.obj.capacity_based
         rows.append(row)
     if args.json:

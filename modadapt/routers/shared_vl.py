@@ -29,7 +29,7 @@ from .linear_score import LinearScore
 
 
 class SharedVLRouter(Router):
-    """One skip/process classifier shared by all MoD layers; top-k while training, p >= 0.5 causally."""
+    """One skip/process classifier shared by all MoD layers; top-k while training, a calibrated cut-off causally."""
 
     name = "shared-vl"
     causal = False
