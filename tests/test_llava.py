@@ -238,3 +238,18 @@ def test_llava_adapt_recipe_trains_resumes_and_summarises(tmp_path, capsys):
     assert modadapt.mod_layers(modadapt.load(tmp_path / "run" / "model"))
     assert main([*flags, "--max-steps", "1"]) == 2  # a non-empty run directory is refused
     assert "not empty" in capsys.readouterr().err
+
+
+def test_llava_adapt_inference_routing_reaches_the_model(tmp_path, capsys):
+    from modadapt.cli import main
+    from modadapt.recipes.llava_adapt import LlavaRecipeConfig
+
+    with pytest.raises(ModAdaptError, match="inference_routing must be one of"):
+        LlavaRecipeConfig(data="x.json", output=str(tmp_path / "r"), inference_routing="lookahead")
+    data = write_data(tmp_path / "data")
+    assert main(["train", "llava-adapt", "--data", str(data), "-o", str(tmp_path / "run"), "--batch-size", "3",
+                 "--capacity", "0.5", "--layers", "1", "--no-progress", "--cpu", "--max-steps", "1",
+                 "--inference-routing", "topk"]) == 0
+    from modadapt.convert import state_of
+
+    assert state_of(modadapt.load(tmp_path / "run" / "model")).config.inference_routing == "topk"
