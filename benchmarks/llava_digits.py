@@ -8,7 +8,7 @@ model is converted with `shared-vl` + masked routing (question tokens protected)
 briefly with the same recipe; the dense model gets the same fine-tune as the fair baseline.
 Evaluation is greedy generation, exact match, on held-out images.
 
-    python benchmarks/llava_digits.py [--capacity 0.3] [--layers 2] [--dense-epochs 6] [--mod-epochs 2] [--seeds 0 1 2]
+    python benchmarks/llava_digits.py [--capacity 0.3] [--layers 2] [--dense-epochs 15] [--mod-epochs 6] [--seeds 0 1 2] [--inference-routing causal]
 
 Writes benchmarks/results/llava_digits.{json,md}.
 """
@@ -114,8 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capacity", type=float, default=0.3)
     parser.add_argument("--layers", type=int, default=2, help="number of layers ARank picks")
-    parser.add_argument("--dense-epochs", type=int, default=6)
-    parser.add_argument("--mod-epochs", type=int, default=2)
+    parser.add_argument("--dense-epochs", type=int, default=15)
+    parser.add_argument("--mod-epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--inference-routing", default="causal", choices=["causal", "topk"],
                         help="how the MoD model routes a prompt's image tokens in evaluation")
@@ -126,7 +126,8 @@ def main() -> None:
     drops = [100 * (r["dense_finetuned"]["accuracy"] - r["mod"]["accuracy"]) for r in runs]
     skips = [r["mod"]["image_skip_rate"] for r in runs]
     goal_met = float(np.mean(skips)) >= 0.5 and float(np.mean(drops)) <= 1.5
-    result = {"capacity": args.capacity, "seeds": args.seeds, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
+    result = {"capacity": args.capacity, "seeds": args.seeds, "layers": args.layers, "dense_epochs": args.dense_epochs,
+              "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
               "mean_image_skip_rate": float(np.mean(skips)), "goal_met": goal_met,
               "versions": {"torch": torch.__version__, "modadapt": modadapt.__version__}}
     RESULTS.mkdir(exist_ok=True)
@@ -150,14 +151,16 @@ def main() -> None:
     per_seed = "\n".join(
         f"| {r['seed']} | {r['layers']} | {100 * r['dense_finetuned']['accuracy']:.2f} | {100 * r['mod']['accuracy']:.2f} | "
         f"{-d:+.2f} | {100 * r['mod']['image_skip_rate']:.1f} |" for r, d in zip(runs, drops))
+    routing = ("the router's causal rule (its cut-off calibrated to the capacity while training)"
+               if args.inference_routing == "causal" else "the training-time top-k (`--inference-routing topk`)")
     text = f"""# LLaVA-style digits QA: dense vs `shared-vl` (γ-MoD) conversion
 
-Produced by `python benchmarks/llava_digits.py` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
+Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
 seeds; each seed draws its own split, model and ARank choice). Task: "What digit is this?" about
 scikit-learn digits (32x32, 16 image tokens), {first['dense']['samples']} held-out images, greedy exact match.
 ARank picks {args.layers} layers per seed (lowest mean ARank, layer 0 never).
 Masked routing: question tokens always processed and not counted; image and answer tokens routed at
-capacity {args.capacity} while training. At evaluation image tokens use the causal rule (p >= 0.5); in
+capacity {args.capacity} while training. At evaluation image tokens are routed by {routing}; in
 generation every text token is processed (the adapter's default `inference_text=dense`). Skip
 rates and FLOPs come from the teacher-forced evaluation pass, where the answer tokens (2 of
 ~57 per sample) are routed too. FLOPs: language-model layers only, formula of
