@@ -253,3 +253,29 @@ def test_llava_adapt_inference_routing_reaches_the_model(tmp_path, capsys):
     from modadapt.convert import state_of
 
     assert state_of(modadapt.load(tmp_path / "run" / "model")).config.inference_routing == "topk"
+
+
+def test_shared_router_calibrates_each_layer_apart(tmp_path):
+    """One shared parameter set, but each layer's scores have their own distribution (a single
+    shared cut-off kept 30% of the image tokens at one layer and 5.5% at the next on digits): each
+    layer records its own top-k boundary."""
+    model = randomize(llava(router="shared-vl", capacity=0.25, layers="all-but-first"))
+    router = modadapt.mod_layers(model)[0].router
+    assert router.calibrated_threshold.shape == (3,)
+    scores = []
+    hook = router.classifier.register_forward_hook(lambda m, a, out: scores.append((out[..., 1] - out[..., 0]).detach()))
+    ids = torch.stack([prompt(5, 7, seed) for seed in range(4)])
+    image = ids == IMG
+    model.train()
+    model(input_ids=ids, pixel_values=pixels(4))
+    hook.remove()
+    assert router.calibration_steps.tolist() == [1, 1, 1]
+    for slot, (layer, score) in enumerate(zip(modadapt.mod_layers(model), scores)):
+        routed = layer.mod_state.last_keep & image  # the top ceil(0.25 * 16) = 4 image tokens per row
+        assert routed.sum(1).tolist() == [4] * 4
+        boundary = score.masked_fill(~routed, float("inf")).min(1).values.mean()  # each row's 4th best
+        torch.testing.assert_close(router.calibrated_threshold[slot], boundary)
+    assert len(set(router.calibrated_threshold.tolist())) == 3
+    modadapt.save(model, tmp_path / "m")
+    loaded = modadapt.mod_layers(modadapt.load(tmp_path / "m"))[0].router
+    assert torch.equal(loaded.calibrated_threshold, router.calibrated_threshold)

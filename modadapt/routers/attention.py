@@ -89,7 +89,7 @@ class AttentionRouter(Router):
         return scores.expand(hidden.shape[0], -1)
 
     def causal_keep(self, logits, hidden, ctx):
-        return logits >= self.causal_threshold(self.threshold, 1.0)
+        return logits >= self.causal_threshold(self.threshold, 1.0, ctx.layer_index)
 
     def gate(self, logits):
         return None

@@ -151,8 +151,7 @@ class Router(nn.Module):
             for k, v in kwargs.items()
         }}
         if self.calibrates_causal_rule:
-            self.register_buffer("calibrated_threshold", torch.tensor(0.0))
-            self.register_buffer("calibration_steps", torch.tensor(0, dtype=torch.long))
+            self.calibrate_layers([layer_index])
 
     # --- what a router implements -------------------------------------------------------------
     def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -181,16 +180,27 @@ class Router(nn.Module):
         """The `[B, T]` statistic a calibrated causal rule thresholds (default: the scores)."""
         return logits
 
-    def causal_threshold(self, fixed: float | None, fallback: float) -> torch.Tensor | float:
-        """The causal rule's cut-off: `fixed` when the user gave one, else the calibrated value
-        (`fallback` until training has calibrated it). A tensor, so no host sync. At capacity 1
-        nothing is skipped in training, so the calibrated rule skips nothing either."""
+    def calibrate_layers(self, layer_indices: list[int]) -> None:
+        """One calibrated cut-off per layer this router instance serves (a shared router serves
+        several, and each layer's scores have their own distribution): buffers indexed by slot."""
+        self.calibration_slots = {index: slot for slot, index in enumerate(layer_indices)}
+        self.register_buffer("calibrated_threshold", torch.zeros(len(layer_indices)))
+        self.register_buffer("calibration_steps", torch.zeros(len(layer_indices), dtype=torch.long))
+
+    def calibration_slot(self, layer_index: int) -> int:
+        return self.calibration_slots[layer_index] if len(self.calibration_slots) > 1 else 0
+
+    def causal_threshold(self, fixed: float | None, fallback: float, layer_index: int) -> torch.Tensor | float:
+        """The causal rule's cut-off at `layer_index`: `fixed` when the user gave one, else the
+        calibrated value (`fallback` until training has calibrated it). A tensor, so no host
+        sync. At capacity 1 nothing is skipped in training, so the calibrated rule skips nothing."""
         if fixed is not None or not self.calibrates_causal_rule:
             return fallback if fixed is None else fixed
         if self.capacity >= 1.0:
             return float("-inf")
-        value = self.calibrated_threshold
-        return torch.where(self.calibration_steps > 0, value, torch.full_like(value, fallback))
+        slot = self.calibration_slot(layer_index)
+        value = self.calibrated_threshold[slot]
+        return torch.where(self.calibration_steps[slot] > 0, value, torch.full_like(value, fallback))
 
     @classmethod
     def prepare_model(cls, model: nn.Module, adapter, layer_indices: list[int], routers: dict) -> list:
@@ -232,12 +242,13 @@ class Router(nn.Module):
             eligible[:, : ctx.prefix] = False
         stat = self.rule_statistic(logits, hidden).detach().float()
         batch = topk_boundary(stat, capacity, eligible)
-        old, seen = self.calibrated_threshold, self.calibration_steps
+        slot = self.calibration_slot(ctx.layer_index)
+        old, seen = self.calibrated_threshold[slot], self.calibration_steps[slot]
         m = self.calibration_momentum
         blended = torch.where(seen > 0, (1 - m) * old + m * batch, batch)
         usable = ~torch.isnan(batch)
-        self.calibrated_threshold.copy_(torch.where(usable, blended, old))
-        self.calibration_steps.add_(usable.long())
+        self.calibrated_threshold[slot] = torch.where(usable, blended, old)
+        self.calibration_steps[slot] += usable.long()
 
 
 def kept_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tensor:

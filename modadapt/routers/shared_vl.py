@@ -53,6 +53,7 @@ class SharedVLRouter(Router):
         if not first.options["per_layer"]:
             for i in layer_indices:
                 routers[i] = first
+            first.calibrate_layers(layer_indices)  # one parameter set, one causal cut-off per layer
         return []
 
     def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -60,7 +61,7 @@ class SharedVLRouter(Router):
         return logits[..., 1] - logits[..., 0]
 
     def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return logits >= self.causal_threshold(self.fixed_threshold, 0.0)  # 0: p_process >= 0.5
+        return logits >= self.causal_threshold(self.fixed_threshold, 0.0, ctx.layer_index)  # 0: p_process >= 0.5
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
         return straight_through_one(torch.sigmoid(logits))

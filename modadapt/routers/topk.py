@@ -59,7 +59,7 @@ class TopKRouter(Router):
         return self.predictor(hidden.detach().to(self.predictor[0].weight.dtype)).squeeze(-1).float()
 
     def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return self.rule_statistic(logits, hidden) >= self.causal_threshold(self.fixed_threshold, 0.0)
+        return self.rule_statistic(logits, hidden) >= self.causal_threshold(self.fixed_threshold, 0.0, ctx.layer_index)
 
     def aux_loss(self, logits, keep, hidden, ctx):
         if self.aux_coef == 0 or ctx.causal:
