@@ -66,6 +66,20 @@ def arank_layers(model, records, count: int) -> tuple[list[int], list[float]]:
     return select_layers(scores, ("count", count), lower_is_redundant=True), scores
 
 
+def initial_model(args, directory: Path) -> str:
+    """`tiny-llava` (8x8 patches: 16 image tokens), or with --patch-size 4 the same model seeing
+    64 image tokens per image (saved to `directory`): more, and more redundant, image tokens."""
+    if args.patch_size == 8:
+        return "tiny-llava"
+    from transformers import LlavaForConditionalGeneration
+
+    config = modadapt.build_preset("tiny-llava").config
+    config.vision_config.patch_size = args.patch_size
+    config.image_seq_length = (config.vision_config.image_size // args.patch_size) ** 2
+    LlavaForConditionalGeneration(config).save_pretrained(directory)
+    return str(directory)
+
+
 def one_seed(args, seed: int) -> dict:
     """Dense training, ARank, then the fair baseline and the MoD model, both fine-tuned alike."""
     torch.manual_seed(seed)
@@ -76,7 +90,8 @@ def one_seed(args, seed: int) -> dict:
         start = time.time()
         # Dense: capacity 1.0 keeps every token with a gate of exactly 1 (the dense model).
         dense = run(LlavaRecipeConfig(data=str(train), eval_data=str(test), output=str(tmp / "dense"),
-                                      model="tiny-llava", router="shared-vl", capacity=1.0, layers="all-but-first",
+                                      model=initial_model(args, tmp / "init"), router="shared-vl", capacity=1.0,
+                                      layers="all-but-first",
                                       epochs=args.dense_epochs, lr=2e-3, warmup_steps=20, **common))
         dense_time = time.time() - start
         model = modadapt.unload(modadapt.load(tmp / "dense" / "model"))
@@ -117,6 +132,8 @@ def main() -> None:
     parser.add_argument("--dense-epochs", type=int, default=15)
     parser.add_argument("--mod-epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--patch-size", type=int, default=8, choices=[4, 8],
+                        help="vision patch size: 8 gives 16 image tokens per image, 4 gives 64")
     parser.add_argument("--inference-routing", default="causal", choices=["causal", "topk"],
                         help="how the MoD model routes a prompt's image tokens in evaluation")
     args = parser.parse_args()
@@ -127,7 +144,8 @@ def main() -> None:
     skips = [r["mod"]["image_skip_rate"] for r in runs]
     goal_met = float(np.mean(skips)) >= 0.5 and float(np.mean(drops)) <= 1.5
     result = {"capacity": args.capacity, "seeds": args.seeds, "layers": args.layers, "dense_epochs": args.dense_epochs,
-              "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
+              "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing,
+              "image_tokens": (32 // args.patch_size) ** 2, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
               "mean_image_skip_rate": float(np.mean(skips)), "goal_met": goal_met,
               "versions": {"torch": torch.__version__, "modadapt": modadapt.__version__}}
     RESULTS.mkdir(exist_ok=True)
@@ -155,15 +173,15 @@ def main() -> None:
                if args.inference_routing == "causal" else "the training-time top-k (`--inference-routing topk`)")
     text = f"""# LLaVA-style digits QA: dense vs `shared-vl` (γ-MoD) conversion
 
-Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
+Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
 seeds; each seed draws its own split, model and ARank choice). Task: "What digit is this?" about
-scikit-learn digits (32x32, 16 image tokens), {first['dense']['samples']} held-out images, greedy exact match.
+scikit-learn digits (32x32, {(32 // args.patch_size) ** 2} image tokens), {first['dense']['samples']} held-out images, greedy exact match.
 ARank picks {args.layers} layers per seed (lowest mean ARank, layer 0 never).
 Masked routing: question tokens always processed and not counted; image and answer tokens routed at
 capacity {args.capacity} while training. At evaluation image tokens are routed by {routing}; in
 generation every text token is processed (the adapter's default `inference_text=dense`). Skip
-rates and FLOPs come from the teacher-forced evaluation pass, where the answer tokens (2 of
-~57 per sample) are routed too. FLOPs: language-model layers only, formula of
+rates and FLOPs come from the teacher-forced evaluation pass, where the answer tokens (2 per
+sample, beside {(32 // args.patch_size) ** 2} image and ~40 question tokens) are routed too. FLOPs: language-model layers only, formula of
 `modadapt.metrics.flops` at the measured kept fraction (the vision tower is the same in both).
 
 {table}
