@@ -107,7 +107,8 @@ def one_seed(args, seed: int) -> dict:
         mod = run(LlavaRecipeConfig(data=str(train), eval_data=str(test), output=str(tmp / "mod"),
                                     model=str(tmp / "dense-hf"), router="shared-vl", capacity=args.capacity,
                                     layers=",".join(map(str, layers)), epochs=args.mod_epochs, lr=5e-4,
-                                    inference_routing=args.inference_routing, **common))
+                                    inference_routing=args.inference_routing, adapter_kwargs={"route": args.route},
+                                    **common))
         mod_time = time.time() - start
     roles = mod["eval"]["kept_fraction_by_role"]
     return {
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--patch-size", type=int, default=8, choices=[4, 8],
                         help="vision patch size: 8 gives 16 image tokens per image, 4 gives 64")
+    parser.add_argument("--route", default="all", choices=["all", "image"],
+                        help="which unprotected tokens are routed: all (image and answer) or only image tokens (p-MoD)")
     parser.add_argument("--inference-routing", default="causal", choices=["causal", "topk"],
                         help="how the MoD model routes a prompt's image tokens in evaluation")
     args = parser.parse_args()
@@ -144,7 +147,7 @@ def main() -> None:
     skips = [r["mod"]["image_skip_rate"] for r in runs]
     goal_met = float(np.mean(skips)) >= 0.5 and float(np.mean(drops)) <= 1.5
     result = {"capacity": args.capacity, "seeds": args.seeds, "layers": args.layers, "dense_epochs": args.dense_epochs,
-              "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing,
+              "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing, "route": args.route,
               "image_tokens": (32 // args.patch_size) ** 2, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
               "mean_image_skip_rate": float(np.mean(skips)), "goal_met": goal_met,
               "versions": {"torch": torch.__version__, "modadapt": modadapt.__version__}}
@@ -173,7 +176,7 @@ def main() -> None:
                if args.inference_routing == "causal" else "the training-time top-k (`--inference-routing topk`)")
     text = f"""# LLaVA-style digits QA: dense vs `shared-vl` (γ-MoD) conversion
 
-Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
+Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size} --route {args.route}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
 seeds; each seed draws its own split, model and ARank choice). Task: "What digit is this?" about
 scikit-learn digits (32x32, {(32 // args.patch_size) ** 2} image tokens), {first['dense']['samples']} held-out images, greedy exact match.
 ARank picks {args.layers} layers per seed (lowest mean ARank, layer 0 never).
