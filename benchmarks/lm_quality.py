@@ -430,13 +430,14 @@ def main(argv=None) -> list[dict]:
                       "kept_fraction": sum(kept.values()) / len(kept), "kept_fraction_per_layer": kept}
             if "capacity" in routing:  # also the training-time top-k (not causal: perplexity only)
                 record["valid_ppl_topk_routing"] = topk_routing_ppl(model, valid_blocks, args)
-        records.append({"variant": name, "level": level, **record, "valid_ppl": summary["valid_ppl"]["converted_after"],
-                        "skipped_steps": summary["skipped_steps"], "final_train_loss": summary["final_train_loss"],
-                        "step_time_s": summary["step_time_s"], "wall_s": time.time() - began, "command": command})
+        record = {"variant": name, "level": level, **record, "valid_ppl": summary["valid_ppl"]["converted_after"],
+                  "skipped_steps": summary["skipped_steps"], "final_train_loss": summary["final_train_loss"],
+                  "step_time_s": summary["step_time_s"], "wall_s": time.time() - began, "command": command}
+        records.append(record)
         records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
         write(records, args.out, meta)
-        print(f"{name}: valid ppl {records[-1]['valid_ppl']:.3f}, FLOPs ratio {records[-1]['flops_ratio']:.3f}, "
-              f"kept {records[-1]['kept_fraction']:.3f}, {records[-1]['wall_s']:.0f}s", flush=True)
+        print(f"{name}: valid ppl {record['valid_ppl']:.3f}, FLOPs ratio {record['flops_ratio']:.3f}, "
+              f"kept {record['kept_fraction']:.3f}, {record['wall_s']:.0f}s", flush=True)
     for goal, measured, met in goals(records):
         print(f"goal: {goal}: {measured} -> {'met' if met else 'NOT met'}", flush=True)
     print(f"{time.time() - start:.0f}s in all; records in {args.out}", flush=True)
