@@ -480,3 +480,13 @@ def test_topk_gate_gradient_is_bounded():
     s = torch.sigmoid(logits.detach())
     torch.testing.assert_close(logits.grad, s * (1 - s))
     assert logits.grad[0, 3] == 0
+
+
+def test_routed_tokens_exclude_padding_forced_and_prefix():
+    real = left_padded_real([4, 2], 5)
+    forced = torch.zeros(2, 5, dtype=torch.bool)
+    forced[0, 3] = True
+    ctx = RoutingContext(layer_index=1, real=real, forced=forced, positions=torch.arange(5).expand(2, 5),
+                         causal=False, training=True, prefix=2)
+    assert ctx.routed().tolist() == [[False, False, True, False, True], [False, False, False, True, True]]
+    assert ctx_for(2, 3).routed().all()

@@ -43,6 +43,18 @@ class RoutingContext:
     roles: dict | None = None
     prefix: int = 0
 
+    def routed(self) -> torch.Tensor:
+        """`[B, T]` bool: the tokens the capacity is shared among (real, not forced, not prefix)."""
+        B, T = self.positions.shape
+        mask = torch.ones(B, T, dtype=torch.bool, device=self.positions.device)
+        if self.real is not None:
+            mask = mask & self.real
+        if self.forced is not None:
+            mask = mask & ~self.forced
+        if self.prefix:
+            mask[:, : self.prefix] = False
+        return mask
+
 
 @dataclass
 class RoutingDecision:
@@ -233,15 +245,8 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def _calibrate(self, logits: torch.Tensor, hidden: torch.Tensor, capacity: float, ctx: RoutingContext) -> None:
-        eligible = torch.ones_like(logits, dtype=torch.bool)
-        if ctx.real is not None:
-            eligible = eligible & ctx.real
-        if ctx.forced is not None:
-            eligible = eligible & ~ctx.forced
-        if ctx.prefix:
-            eligible[:, : ctx.prefix] = False
         stat = self.rule_statistic(logits, hidden).detach().float()
-        batch = topk_boundary(stat, capacity, eligible)
+        batch = topk_boundary(stat, capacity, ctx.routed())
         slot = self.calibration_slot(ctx.layer_index)
         old, seen = self.calibrated_threshold[slot], self.calibration_steps[slot]
         m = self.calibration_momentum

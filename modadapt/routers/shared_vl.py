@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModAdaptError
-from .base import Router, RoutingContext, optional_float, straight_through_one
+from .base import Router, RoutingContext, optional_float
 from .linear_score import LinearScore
 
 
@@ -63,20 +63,10 @@ class SharedVLRouter(Router):
     def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         return logits >= self.causal_threshold(self.fixed_threshold, 0.0, ctx.layer_index)  # 0: p_process >= 0.5
 
-    def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
-        return straight_through_one(torch.sigmoid(logits))
-
     def aux_loss(self, logits, keep, hidden, ctx):
         if self.aux_coef == 0 or ctx.causal:
             return None
-        routed = torch.ones_like(keep)
-        if ctx.real is not None:
-            routed = routed & ctx.real
-        if ctx.forced is not None:
-            routed = routed & ~ctx.forced
-        if ctx.prefix:
-            routed[:, : ctx.prefix] = False
         # Two-class cross-entropy on (skip, process) == BCE on their logit difference.
         loss = F.binary_cross_entropy_with_logits(logits, keep.to(logits.dtype), reduction="none")
-        weight = routed.to(loss.dtype)
+        weight = ctx.routed().to(loss.dtype)
         return self.aux_coef * (loss * weight).sum() / weight.sum().clamp_min(1)
