@@ -230,9 +230,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for entry in registry().list(kind):
         row = entry.as_dict()
         if kind == "router":
-            calibrated = getattr(entry.obj, "calibrates_causal_rule", False)
-            # None is a causal cut-off learnt while training (a number given fixes it)
-            row["arguments"] = {k: "calibrated" if v is None and calibrated else v for k, v in entry.obj.arguments.items()}
+            cutoff = (getattr(entry.obj, "causal_cutoff", None) or (None,))[0]  # None: learnt while training
+            row["arguments"] = {k: "calibrated" if k == cutoff and v is None else v for k, v in entry.obj.arguments.items()}
             row["capacity_based"] = entry.obj.capacity_based
         rows.append(row)
     if args.json:

@@ -163,7 +163,10 @@ def test_llm_causal_rule_is_calibrated_by_training():
         assert abs(kept - 0.25) < 0.1 and kept != before.float().mean().item()
     fixed = llama()
     modadapt.convert(fixed, router="attention", capacity=0.25, layers="every-other", router_kwargs={"threshold": 1.0})
-    assert modadapt.mod_layers(fixed)[0].router.threshold == 1.0
+    fixed.train()
+    fixed(ids, labels=ids)  # recorded, but a given threshold wins
+    router = modadapt.mod_layers(fixed)[0].router
+    assert int(router.calibration_steps) == 1 and router.causal_threshold(router.layer_index) == 1.0
 
 
 def test_placement_and_attention_kernel_errors():

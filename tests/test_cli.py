@@ -104,6 +104,8 @@ def test_list_json(capsys):
     rows = {row["name"]: row for row in json.loads(stdout)}
     assert code == 0 and {"topk", "threshold-p", "random"} <= set(rows)
     assert rows["threshold-p"]["arguments"]["p"] == 0.5 and rows["topk"]["provider"] == "modadapt"
+    assert rows["topk"]["arguments"]["causal_threshold"] == "calibrated"  # learnt cut-offs are named, not None
+    assert rows["attention"]["arguments"]["threshold"] == "calibrated" and rows["threshold-p"]["arguments"]["target"] == 0.5
     code, stdout, _ = run(capsys, "list", "adapters", "--json")
     assert any(row["name"] == "hf-decoder" for row in json.loads(stdout))
 

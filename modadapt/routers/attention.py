@@ -25,7 +25,7 @@ import torch
 
 from ..attention_probe import AttentionProbe, AttentionRecord, allowed_keys, attention_blocks, column_mean_attention
 from ..errors import ModAdaptError
-from .base import Router, RoutingContext, optional_float
+from .base import Router, RoutingContext
 
 
 def attention_router_flops(batch: int, queries: int, keys: int, heads: int, head_dim: int) -> int:
@@ -42,12 +42,11 @@ class AttentionRouter(Router):
     name = "attention"
     causal = False
     capacity_based = True
-    calibrates_causal_rule = True
+    causal_cutoff = ("threshold", 1.0)  # 1.0: self-attention at least uniform, until calibrated
     arguments = {"threshold": None, "chunk": 256}
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__(hidden_size, capacity, layer_index, **kwargs)
-        self.threshold = optional_float(self.name, "threshold", self.options["threshold"])
         self.chunk = int(self.options["chunk"])
         if self.chunk < 1:
             raise ModAdaptError(f"attention: chunk must be >= 1, got {self.chunk}.")
@@ -89,7 +88,7 @@ class AttentionRouter(Router):
         return scores.expand(hidden.shape[0], -1)
 
     def causal_keep(self, logits, hidden, ctx):
-        return logits >= self.causal_threshold(self.threshold, 1.0, ctx.layer_index)
+        return logits >= self.causal_threshold(ctx.layer_index)
 
     def gate(self, logits):
         return None

@@ -101,7 +101,7 @@ def _coerce(router: str, name: str, value, default):
     )
 
 
-def optional_float(router: str, name: str, value) -> float | None:
+def _optional_float(router: str, name: str, value) -> float | None:
     """A router argument that is a number or None (spelt none / calibrated on the command line)."""
     if value is None or (isinstance(value, str) and value.lower() in ("none", "calibrated", "")):
         return None
@@ -110,7 +110,7 @@ def optional_float(router: str, name: str, value) -> float | None:
             return float(value)
     except (TypeError, ValueError):
         pass
-    raise ModAdaptError(f"router {router!r}: argument {name!r} must be a number or 'none', got {value!r}.")
+    raise ModAdaptError(f"router {router!r}: argument {name!r} must be a number, or none / calibrated, got {value!r}.")
 
 
 def straight_through_one(x: torch.Tensor) -> torch.Tensor | None:
@@ -139,11 +139,12 @@ class Router(nn.Module):
     #: Numeric arguments that also accept none (None in Python) to switch a feature off.
     nullable: ClassVar[tuple[str, ...]] = ()
     #: Capacity routers whose causal rule thresholds a per-token statistic (`rule_statistic`)
-    #: set this: every training-time top-k records where the statistic crosses the top-k
-    #: boundary (a moving average in the buffer `calibrated_threshold`; `calibration_steps`
-    #: counts the steps seen), so the causal rule
-    #: keeps about `capacity` of the tokens instead of whatever a fixed cut-off happens to keep.
-    calibrates_causal_rule: ClassVar[bool] = False
+    #: name the argument that fixes the cut-off (default None: calibrated) and the cut-off used
+    #: before any training step. Every training-time top-k then records where the statistic
+    #: crosses the top-k boundary (a moving average in the buffer `calibrated_threshold`;
+    #: `calibration_steps` counts the steps seen), so the causal rule keeps about `capacity`
+    #: of the tokens instead of whatever a fixed cut-off happens to keep.
+    causal_cutoff: ClassVar[tuple[str, float] | None] = None
     #: Weight of the newest batch in that moving average.
     calibration_momentum: ClassVar[float] = 0.25
 
@@ -158,11 +159,12 @@ class Router(nn.Module):
         self.hidden_size = hidden_size
         self.capacity = capacity
         self.layer_index = layer_index
+        nullable = {*self.nullable, *self.causal_cutoff[:1]} if self.causal_cutoff else set(self.nullable)
         self.options = {**self.arguments, **{
-            k: None if k in self.nullable and optional_float(self.name, k, v) is None else _coerce(self.name, k, v, self.arguments[k])
+            k: _optional_float(self.name, k, v) if k in nullable else _coerce(self.name, k, v, self.arguments[k])
             for k, v in kwargs.items()
         }}
-        if self.calibrates_causal_rule:
+        if self.causal_cutoff:
             self.calibrate_layers([layer_index])
 
     # --- what a router implements -------------------------------------------------------------
@@ -202,12 +204,13 @@ class Router(nn.Module):
     def calibration_slot(self, layer_index: int) -> int:
         return self.calibration_slots[layer_index] if len(self.calibration_slots) > 1 else 0
 
-    def causal_threshold(self, fixed: float | None, fallback: float, layer_index: int) -> torch.Tensor | float:
-        """The causal rule's cut-off at `layer_index`: `fixed` when the user gave one, else the
-        calibrated value (`fallback` until training has calibrated it). A tensor, so no host
-        sync. At capacity 1 nothing is skipped in training, so the calibrated rule skips nothing."""
-        if fixed is not None or not self.calibrates_causal_rule:
-            return fallback if fixed is None else fixed
+    def causal_threshold(self, layer_index: int) -> torch.Tensor | float:
+        """The causal rule's cut-off at `layer_index`: the number the user gave, else the
+        calibrated value (`causal_cutoff`'s fallback until training has calibrated it). A tensor,
+        so no host sync. At capacity 1 nothing is skipped in training, nor by the calibrated rule."""
+        argument, fallback = self.causal_cutoff
+        if self.options[argument] is not None:
+            return self.options[argument]
         if self.capacity >= 1.0:
             return float("-inf")
         slot = self.calibration_slot(layer_index)
@@ -239,7 +242,7 @@ class Router(nn.Module):
             indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
         gate = self.gate(logits.gather(1, indices)) if indices.shape[1] else None
         aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
-        if self.calibrates_causal_rule and ctx.training and isinstance(choice, float) and choice < 1.0:
+        if self.causal_cutoff and ctx.training and isinstance(choice, float) and choice < 1.0:
             self._calibrate(logits, hidden, choice, ctx)
         return RoutingDecision(indices, valid, gate, keep, aux, logits)
 

@@ -12,7 +12,7 @@ a token iff its score clears a cut-off: γ-MoD's ``p_process >= 0.5`` (``causal_
 keeps far fewer tokens than the capacity once the cross-entropy has learnt that most tokens are
 skipped (91-96 % of image tokens skipped at capacity 0.3 in `benchmarks/llava_digits.py`), so by
 default the cut-off is calibrated to the top-k boundary seen while training (see
-`Router.calibrates_causal_rule`). The router starts at zero, so p = 0.5 everywhere: a fresh
+`Router.causal_cutoff`). The router starts at zero, so p = 0.5 everywhere: a fresh
 conversion keeps every token in eval mode, and the straight-through gate is exactly 1, so it
 reproduces the dense model.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModAdaptError
-from .base import Router, RoutingContext, optional_float
+from .base import Router, RoutingContext
 from .linear_score import LinearScore
 
 
@@ -34,7 +34,7 @@ class SharedVLRouter(Router):
     name = "shared-vl"
     causal = False
     capacity_based = True
-    calibrates_causal_rule = True
+    causal_cutoff = ("causal_threshold", 0.0)  # 0: p_process >= 0.5 until calibrated
     arguments = {"aux_coef": 0.01, "per_layer": False, "causal_threshold": None}
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
@@ -42,7 +42,6 @@ class SharedVLRouter(Router):
         self.aux_coef = float(self.options["aux_coef"])
         if self.aux_coef < 0:
             raise ModAdaptError(f"shared-vl: aux_coef must be >= 0, got {self.aux_coef}.")
-        self.fixed_threshold = optional_float(self.name, "causal_threshold", self.options["causal_threshold"])
         self.classifier = LinearScore(hidden_size, outputs=2)  # [skip, process] logits
 
     @classmethod
@@ -61,7 +60,7 @@ class SharedVLRouter(Router):
         return logits[..., 1] - logits[..., 0]
 
     def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return logits >= self.causal_threshold(self.fixed_threshold, 0.0, ctx.layer_index)  # 0: p_process >= 0.5
+        return logits >= self.causal_threshold(ctx.layer_index)
 
     def aux_loss(self, logits, keep, hidden, ctx):
         if self.aux_coef == 0 or ctx.causal:

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..errors import ModAdaptError
-from .base import Router, RoutingContext, optional_float, straight_through_one
+from .base import Router, RoutingContext, straight_through_one
 from .linear_score import LinearScore
 
 
@@ -42,7 +42,7 @@ class ThresholdRouter(Router):
         self.alpha = float(self.options["alpha"])
         if self.alpha < 0:
             raise ModAdaptError(f"threshold-p: alpha must be >= 0, got {self.alpha}.")
-        self.target = optional_float(self.name, "target", self.options["target"])
+        self.target = self.options["target"]
         if self.target is not None and not 0.0 <= self.target <= 1.0:
             raise ModAdaptError(f"threshold-p: target must be in [0, 1] or 'none', got {self.target}.")
         self.gate_mode = self.options["gate"]

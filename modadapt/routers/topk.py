@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModAdaptError
-from .base import Router, RoutingContext, optional_float
+from .base import Router, RoutingContext
 from .linear_score import LinearScore
 
 
@@ -27,7 +27,7 @@ class TopKRouter(Router):
     name = "topk"
     causal = False
     capacity_based = True
-    calibrates_causal_rule = True
+    causal_cutoff = ("causal_threshold", 0.0)
     arguments = {"aux_coef": 0.01, "causal_rule": "aux", "predictor_hidden": 64, "causal_threshold": None}
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
@@ -38,7 +38,6 @@ class TopKRouter(Router):
         self.aux_coef = float(self.options["aux_coef"])
         if self.aux_coef < 0:
             raise ModAdaptError(f"topk: aux_coef must be >= 0, got {self.aux_coef}.")
-        self.fixed_threshold = optional_float(self.name, "causal_threshold", self.options["causal_threshold"])
         self.scorer = LinearScore(hidden_size)
         if rule == "predictor":
             width = int(self.options["predictor_hidden"])
@@ -59,7 +58,7 @@ class TopKRouter(Router):
         return self.predictor(hidden.detach().to(self.predictor[0].weight.dtype)).squeeze(-1).float()
 
     def causal_keep(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return self.rule_statistic(logits, hidden) >= self.causal_threshold(self.fixed_threshold, 0.0, ctx.layer_index)
+        return self.rule_statistic(logits, hidden) >= self.causal_threshold(ctx.layer_index)
 
     def aux_loss(self, logits, keep, hidden, ctx):
         if self.aux_coef == 0 or ctx.causal:
