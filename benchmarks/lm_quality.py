@@ -14,14 +14,14 @@
 3. Adapt each with the same budget through the `lm-adapt` recipe's Python API
    (`modadapt.recipes.lm_adapt.run`): same steps, batch, learning rate, data order, what trains.
 4. Write records (``variant``, ``router``, ``valid_ppl``, ``flops_ratio`` = MoD / dense FLOPs per
-   token, ``kept_fraction``, ``level``, ``wall_s``, ...) to ``--out`` after every variant, and a
+   token, ``kept_fraction``, ``wall_s``, ...) to ``--out`` after every variant, and a
    Markdown table next to it that ends with the issue's goals, each measured and marked met or not.
    Capacity routers are also evaluated with the training-time top-k in eval mode (not causal, so
    perplexity only): the gap between that and the causal rule is the causal rule's.
 
-The layer-dropped model has no router to train; it goes through the same recipe as a converted
-model whose one MoD layer keeps every token (the ``random`` router at capacity 1.0: no parameters,
-no cost, exactly the dense layer), so it gets the same optimizer, schedule and data.
+The layer-dropped models and ``dense-adapt`` have no router to train; they go through the same
+recipe as a converted model whose one MoD layer keeps every token (``EXACTLY_DENSE``), so they get
+the same optimizer, schedule and data.
 
     python benchmarks/lm_quality.py --tiny                      # CPU smoke test, < 1 minute
     python benchmarks/lm_quality.py --mixed-precision bf16      # GPU: the real run
@@ -236,26 +236,33 @@ def load_pretrained(directory: Path) -> tuple[nn.Module, dict]:
     return model, json.loads(record_file.read_text()) if record_file.is_file() else {}
 
 
+# A model with nothing to route goes through the same recipe as a converted one (same optimizer,
+# schedule and data) as this conversion: random at capacity 1.0 on one layer, no parameters, no
+# cost, exactly the dense layer.
+EXACTLY_DENSE = {"router": "random", "capacity": 1.0, "layers": [1]}
+
+
 # --- goals of issue 7 ------------------------------------------------------------------------------
 LEARNED = ("topk", "threshold-p", "attention")
 FLOPS_TOLERANCE = 0.03  # "matched FLOPs" without a bracketing pair: the nearest run within this
 
 
-def baseline_ppl(records: list[dict], kind: str, flops: float) -> tuple[float, str] | None:
-    """A baseline's perplexity at `flops`: linear between its runs (and dense-adapt at 1.0) that
-    bracket it, or its nearest run within FLOPS_TOLERANCE. Layer dropping only comes in whole
-    layers (0.50 or 0.63 of dense here), so a router at 0.56 is compared with the line between."""
+def baseline_ppl(records: list[dict], kind: str, flops: float) -> tuple[float, str, bool] | None:
+    """(perplexity, how it was found, whether it is at matched FLOPs) of a baseline at `flops`:
+    linear between its runs (and dense-adapt at 1.0) that bracket it, or its nearest run within
+    FLOPS_TOLERANCE. Layer dropping only comes in whole layers (0.50 or 0.63 of dense here), so a
+    router at 0.56 is compared with the line between. None when the baseline never ran."""
     points = sorted((r["flops_ratio"], r["valid_ppl"]) for r in records if r["router"] == kind)
     points += [(1.0, r["valid_ppl"]) for r in records if r["variant"] == "dense-adapt"]
     if not any(r["router"] == kind for r in records):
         return None
     for (f0, p0), (f1, p1) in zip(points, points[1:]):
         if f0 <= flops <= f1 and f1 > f0:
-            return p0 + (flops - f0) / (f1 - f0) * (p1 - p0), f"interpolated between FLOPs {f0:.3f} and {f1:.3f}"
+            return p0 + (flops - f0) / (f1 - f0) * (p1 - p0), f"interpolated between FLOPs {f0:.3f} and {f1:.3f}", True
     nearest = min(points, key=lambda point: abs(point[0] - flops))
     if abs(nearest[0] - flops) <= FLOPS_TOLERANCE:
-        return nearest[1], f"its run at FLOPs {nearest[0]:.3f}"
-    return nearest[1], "no baseline run near these FLOPs"
+        return nearest[1], f"its run at FLOPs {nearest[0]:.3f}", True
+    return nearest[1], "no baseline run near these FLOPs", False
 
 
 def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
@@ -277,10 +284,10 @@ def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
             baseline = baseline_ppl(records, kind, learned["flops_ratio"])
             if baseline is None:
                 continue
-            ppl, how = baseline
+            ppl, how, matched = baseline
             out.append((f"{learned['variant']} beats {kind} at matched FLOPs",
                         f"ppl {learned['valid_ppl']:.3f} vs {ppl:.3f} at FLOPs {learned['flops_ratio']:.3f} ({how})",
-                        how != "no baseline run near these FLOPs" and learned["valid_ppl"] < ppl))
+                        matched and learned["valid_ppl"] < ppl))
     # Divergence: a non-finite perplexity, skipped (non-finite) steps, or ending above twice dense's.
     broken = [r["variant"] for r in records if not math.isfinite(r["valid_ppl"]) or r.get("skipped_steps", 0)
               or r["valid_ppl"] > 2 * dense["valid_ppl"]]
@@ -381,24 +388,21 @@ def main(argv=None) -> list[dict]:
     def thresholds() -> list[dict]:
         return [r for r in records if r["router"] == "threshold-p"]
 
-    def spec(name: str) -> tuple[str, dict]:
-        """(level, what to run) for a variant; level pairs learned routers with their baselines."""
-        capacity = args.capacity
-        if name == "dense-adapt":  # random at capacity 1.0 on one layer: no parameters, exactly dense
-            return "dense", dict(router="random", capacity=1.0, layers=[1])
+    def spec(name: str) -> dict:
+        """What to run for a variant: a conversion, or a FLOPs ratio for layer dropping."""
         if name in ("topk", "attention", "random"):
-            return "capacity", dict(router=name, capacity=capacity, layers="every-other")
+            return dict(router=name, capacity=args.capacity, layers="every-other")
         if name.startswith("threshold-p-a"):
             kwargs = {"alpha": float(name.removeprefix("threshold-p-a")), "target": args.target}
-            return "threshold", dict(router="threshold-p", router_kwargs=kwargs, layers="every-other")
+            return dict(router="threshold-p", router_kwargs=kwargs, layers="every-other")
         if name == "random-matched":  # random at the kept fraction threshold-p reached (its target if none ran)
             kept = [r["kept_fraction"] for r in thresholds()]
             capacity = max(round(sum(kept) / len(kept), 3), 1 / args.seq_len) if kept else args.target
-            return "threshold", dict(router="random", capacity=capacity, layers="every-other")
+            return dict(router="random", capacity=capacity, layers="every-other")
         ratio = (ideal_ratio(dense, args.capacity, args.seq_len) if name == "layer-drop" else
                  sum(r["flops_ratio"] for r in thresholds()) / len(thresholds()) if thresholds() else
                  ideal_ratio(dense, args.target, args.seq_len))
-        return ("capacity" if name == "layer-drop" else "threshold"), dict(target_flops_ratio=ratio)
+        return dict(target_flops_ratio=ratio)
 
     for name in wanted:
         if name in done:
@@ -407,20 +411,17 @@ def main(argv=None) -> list[dict]:
         if args.budget_s and time.time() - start > args.budget_s:
             print(f"{name}: not started, {time.time() - start:.0f}s > --budget-s {args.budget_s}", flush=True)
             continue
-        level, routing = spec(name)
         began = time.time()
-        if "target_flops_ratio" in routing:
-            # No router to train: the same recipe as a converted model whose one MoD layer keeps every
-            # token (random at capacity 1.0: no parameters, no cost, exactly the dense layer).
+        if name == "dense-adapt":
+            summary = adapt(name, copy.deepcopy(dense), **EXACTLY_DENSE)
+            record = {"router": "dense", "arguments": "", "flops_ratio": 1.0, "kept_fraction": 1.0,
+                      "valid_ppl_before": summary["valid_ppl"]["dense"]}
+        elif "target_flops_ratio" in (routing := spec(name)):
             dropped, drop, ratio = drop_layers(dense, routing["target_flops_ratio"], args.seq_len)
-            summary = adapt(name, dropped, router="random", capacity=1.0, layers=[1])
+            summary = adapt(name, dropped, **EXACTLY_DENSE)
             record = {"router": "layer-drop", "arguments": json.dumps({"dropped_layers": drop}), "flops_ratio": ratio,
                       "valid_ppl_before": summary["valid_ppl"]["dense"], "kept_fraction": (layers - len(drop)) / layers,
                       "target_flops_ratio": routing["target_flops_ratio"]}
-        elif name == "dense-adapt":
-            summary = adapt(name, copy.deepcopy(dense), **routing)
-            record = {"router": "dense", "arguments": "", "flops_ratio": 1.0, "kept_fraction": 1.0,
-                      "valid_ppl_before": summary["valid_ppl"]["dense"]}
         else:
             model = copy.deepcopy(dense)
             summary = adapt(name, model, **routing)
@@ -431,7 +432,7 @@ def main(argv=None) -> list[dict]:
                       "kept_fraction": sum(kept.values()) / len(kept), "kept_fraction_per_layer": kept}
             if "capacity" in routing:  # also the training-time top-k (not causal: perplexity only)
                 record["valid_ppl_topk_routing"] = topk_routing_ppl(model, valid_blocks, args)
-        record = {"variant": name, "level": level, **record, "valid_ppl": summary["valid_ppl"]["converted_after"],
+        record = {"variant": name, **record, "valid_ppl": summary["valid_ppl"]["converted_after"],
                   "skipped_steps": summary["skipped_steps"], "final_train_loss": summary["final_train_loss"],
                   "step_time_s": summary["step_time_s"], "wall_s": time.time() - began, "command": command}
         records.append(record)

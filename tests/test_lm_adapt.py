@@ -266,12 +266,12 @@ def test_quality_benchmark_continues_from_saved_weights(tmp_path):
 
 def test_quality_goals_are_judged_from_the_records():
     bench = load_quality_benchmark()
-    rec = lambda variant, router, ppl, flops, level="capacity", **extra: dict(
-        variant=variant, router=router, valid_ppl=ppl, flops_ratio=flops, level=level, **extra)
-    records = [rec("dense", "dense", 2.0, 1.0, "dense"), rec("dense-adapt", "dense", 1.9, 1.0, "dense"),
+    rec = lambda variant, router, ppl, flops, **extra: dict(
+        variant=variant, router=router, valid_ppl=ppl, flops_ratio=flops, **extra)
+    records = [rec("dense", "dense", 2.0, 1.0), rec("dense-adapt", "dense", 1.9, 1.0),
                rec("topk", "topk", 2.2, 0.56), rec("random", "random", 2.3, 0.55),
-               rec("layer-drop", "layer-drop", 2.6, 0.50), rec("layer-drop-matched", "layer-drop", 2.0, 0.625, "threshold"),
-               rec("threshold-p-a0.1", "threshold-p", 2.05, 0.70, "threshold")]
+               rec("layer-drop", "layer-drop", 2.6, 0.50), rec("layer-drop-matched", "layer-drop", 2.0, 0.625),
+               rec("threshold-p-a0.1", "threshold-p", 2.05, 0.70)]
     judged = {goal: (measured, met) for goal, measured, met in bench.goals(records)}
     assert judged["threshold-p within 3% of dense ppl at >= 25% fewer FLOPs"][1]
     assert judged["topk beats random at matched FLOPs"][1]  # 2.2 < 2.3 at 0.55, the nearest run
