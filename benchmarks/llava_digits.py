@@ -8,7 +8,8 @@ model is converted with `shared-vl` + masked routing (question tokens protected)
 briefly with the same recipe; the dense model gets the same fine-tune as the fair baseline.
 Evaluation is greedy generation, exact match, on held-out images.
 
-    python benchmarks/llava_digits.py [--capacity 0.3] [--layers 2] [--dense-epochs 15] [--mod-epochs 6] [--seeds 0 1 2] [--inference-routing causal]
+    python benchmarks/llava_digits.py [--capacity 0.3] [--layers 2] [--dense-epochs 15] [--mod-epochs 6] [--seeds 0 1 2]
+        [--patch-size 8|4] [--route all|image] [--inference-routing causal|topk]
 
 Writes benchmarks/results/llava_digits.{json,md}.
 """
@@ -31,6 +32,7 @@ from modadapt.recipes.llava_adapt import ByteCodec, LlavaRecipeConfig, collate, 
 
 RESULTS = Path(__file__).parent / "results"
 QUESTION = "<image>\nWhat digit is this?"
+IMAGE_SIZE = 32  # tiny-llava's vision tower input; the 8x8 digits are upscaled to it
 
 
 def write_digits(root: Path, seed: int) -> tuple[Path, Path]:
@@ -43,7 +45,7 @@ def write_digits(root: Path, seed: int) -> tuple[Path, Path]:
     records = []
     for rank, i in enumerate(order):
         pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
-        image = Image.fromarray(pixels).resize((32, 32), Image.NEAREST).convert("RGB")
+        image = Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST).convert("RGB")
         image.save(root / "images" / f"{i}.png")
         records.append({"id": int(i), "image": f"images/{i}.png", "conversations": [
             {"from": "human", "value": QUESTION}, {"from": "gpt", "value": str(digits.target[i])}]})
@@ -140,6 +142,7 @@ def main() -> None:
     parser.add_argument("--inference-routing", default="causal", choices=["causal", "topk"],
                         help="how the MoD model routes a prompt's image tokens in evaluation")
     args = parser.parse_args()
+    image_tokens = (IMAGE_SIZE // args.patch_size) ** 2
     torch.set_num_threads(2)
     runs = [one_seed(args, seed) for seed in args.seeds]
     # Compared with the dense model given the same extra training, so routing alone is measured.
@@ -148,7 +151,7 @@ def main() -> None:
     goal_met = float(np.mean(skips)) >= 0.5 and float(np.mean(drops)) <= 1.5
     result = {"capacity": args.capacity, "seeds": args.seeds, "layers": args.layers, "dense_epochs": args.dense_epochs,
               "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing, "route": args.route,
-              "image_tokens": (32 // args.patch_size) ** 2, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
+              "image_tokens": image_tokens, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
               "mean_image_skip_rate": float(np.mean(skips)), "goal_met": goal_met,
               "versions": {"torch": torch.__version__, "modadapt": modadapt.__version__}}
     RESULTS.mkdir(exist_ok=True)
@@ -178,13 +181,13 @@ def main() -> None:
 
 Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size} --route {args.route}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
 seeds; each seed draws its own split, model and ARank choice). Task: "What digit is this?" about
-scikit-learn digits (32x32, {(32 // args.patch_size) ** 2} image tokens), {first['dense']['samples']} held-out images, greedy exact match.
+scikit-learn digits (32x32, {image_tokens} image tokens), {first['dense']['samples']} held-out images, greedy exact match.
 ARank picks {args.layers} layers per seed (lowest mean ARank, layer 0 never).
 Masked routing: question tokens always processed and not counted; image and answer tokens routed at
 capacity {args.capacity} while training. At evaluation image tokens are routed by {routing}; in
 generation every text token is processed (the adapter's default `inference_text=dense`). Skip
 rates and FLOPs come from the teacher-forced evaluation pass, where the answer tokens (2 per
-sample, beside {(32 // args.patch_size) ** 2} image and ~40 question tokens) are routed too. FLOPs: language-model layers only, formula of
+sample, beside {image_tokens} image and ~40 question tokens) are routed too. FLOPs: language-model layers only, formula of
 `modadapt.metrics.flops` at the measured kept fraction (the vision tower is the same in both).
 
 {table}
