@@ -11,6 +11,7 @@ from .errors import ModAdaptError
 LAYER_RULES = ("every-other", "all-but-first")
 FROM_REPORT = "from:"
 INFERENCE_ROUTING = ("causal", "topk")
+PACKING = ("auto", "packed", "padded")
 
 
 @dataclass
@@ -53,6 +54,17 @@ class ModConfig:
         },
     )
 
+    packing: str = field(
+        default="auto",
+        metadata={
+            "help": "How a batch whose rows keep different numbers of tokens runs a MoD layer "
+            "(threshold routers, causal rules): 'packed' concatenates the rows' kept tokens into "
+            "one sequence with variable-length attention (no padding); 'padded' pads every row "
+            "to the widest with filler slots; 'auto' packs where a fused variable-length kernel "
+            "exists (CUDA, fp16/bf16) and the call has no KV cache, else pads."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.router, str) or not self.router:
             raise ModAdaptError("ModConfig.router must be a router name, e.g. 'topk'.")
@@ -68,6 +80,8 @@ class ModConfig:
             raise ModAdaptError(
                 f"inference_routing must be one of {INFERENCE_ROUTING}, got {self.inference_routing!r}."
             )
+        if self.packing not in PACKING:
+            raise ModAdaptError(f"packing must be one of {PACKING}, got {self.packing!r}.")
         if not isinstance(self.router_kwargs, dict):
             raise ModAdaptError("router_kwargs must be a dict of router arguments.")
         if not isinstance(self.adapter_kwargs, dict):

@@ -55,6 +55,29 @@ def _with_bookkeeping(base: type) -> type:
                 self.mod_index = self.mod_index[:, -stored:]
                 self.mod_valid = self.mod_valid[:, -stored:]
 
+        def mod_write_packed(
+            self, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, segments: torch.Tensor, tokens: int
+        ) -> None:
+            """Store a packed call's K/V (`[1, Hk, N, d]`, `modadapt.varlen`) in the per-row
+            layout: row b's kept tokens in its first slots, filler slots after. `indices` `[1, N]`
+            index the flattened `[B * tokens]` inputs; `segments` are the row offsets."""
+            counts = segments.diff().long()
+            B, N = len(counts), indices.shape[1]
+            widest, fewest = torch.stack([counts.max(), counts.min()]).tolist()
+            rows = indices[0] // tokens
+            slots = torch.arange(N, device=indices.device) - segments[:-1].long()[rows]
+
+            def spread(packed: torch.Tensor) -> torch.Tensor:
+                out = packed.new_zeros(B, packed.shape[1], widest, packed.shape[3])
+                out[rows, :, slots] = packed[0].transpose(0, 1)
+                return out
+
+            self.update(spread(key), spread(value))
+            index = torch.zeros(B, widest, dtype=torch.long, device=indices.device)
+            index[rows, slots] = indices[0] % tokens
+            valid = None if widest == fewest else torch.arange(widest, device=indices.device) < counts[:, None]
+            self.mod_record(index + self.mod_seen, valid)
+
         def reset(self) -> None:
             super().reset()
             self.mod_reset_book()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import varlen
 from .adapters.base import LayerCall, TokenRoles
 from .kv_cache import mod_cache_layer
 from .masks import subset_attention_mask
@@ -132,6 +133,31 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
     )
 
 
+def _can_pack(state: LayerState, hidden: torch.Tensor, book, span: int) -> bool:
+    """Whether this call may run rows' kept tokens packed (`modadapt.varlen`): a batch with no
+    cache or an empty one (a prefill), on a layer whose adapter supports it, with SDPA and no
+    window cutting the span."""
+    call, mode = state.call, state.model.config.packing
+    if mode == "padded" or hidden.shape[0] < 2 or call.packed_attention is None:
+        return False
+    if book is not None and (book.mod_seen or book.mod_index is not None):
+        return False
+    if call.mask is None or (call.window is not None and span > call.window):
+        return False
+    if call.attn_implementation() != "sdpa":
+        return False
+    return mode == "packed" or varlen.has_fast_kernel(hidden)
+
+
+def _flatten_rows(value: Any, B: int, T: int) -> Any:
+    """A per-token tensor (or tuple of them) `[B or 1, T, ...]` as one row `[1, B * T, ...]`."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_flatten_rows(v, B, T) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return value
+    return value.expand(B, *value.shape[1:]).reshape(1, B * T, *value.shape[2:])
+
+
 def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     state: LayerState = layer.mod_state
     call = state.call
@@ -143,6 +169,7 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     seen = book.mod_seen if book is not None else 0
 
     ctx = _routing_context(layer, state, hidden, arguments, seen)
+    ctx.pack = _can_pack(state, hidden, book, seen + T)
     decision: RoutingDecision = layer.router.route(hidden, ctx)
     _record(state, decision, ctx)
 
@@ -152,46 +179,66 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
             book.mod_seen += T
         return hidden
 
+    packed = decision.segments is not None
+    rows = hidden
+    if packed:  # all rows as one: [1, B * T]; `decision.indices` index it
+        hidden = hidden.reshape(1, B * T, *hidden.shape[2:])
+        for name in (*call.per_token, call.position_ids):
+            if name is not None and arguments.get(name) is not None:
+                arguments.set(name, _flatten_rows(arguments.get(name), B, T))
     index = decision.indices
-    gather_index = index.unsqueeze(-1).expand(B, K, hidden.shape[-1])
+    gather_index = index.unsqueeze(-1).expand(*index.shape, hidden.shape[-1])
     hidden_sub = hidden.gather(1, gather_index)
     arguments.set(call.hidden, hidden_sub)
     for name in (*call.per_token, call.position_ids):
         if name is not None and arguments.get(name) is not None:
             arguments.set(name, _gather_tokens(arguments.get(name), index))
-    if call.mask:
-        past_index, past_valid = book.mod_past() if book is not None else (None, None)
-        mask = subset_attention_mask(
-            call.attn_implementation(),
-            query_index=index + seen,
-            query_valid=decision.valid,
-            past_index=past_index,
-            past_valid=None if book is not None and book.mod_all_valid else past_valid,
-            causal=call.causal,
-            window=call.window,
-            span=seen + T,
-            dtype=hidden.dtype,
-        )
-        arguments.set(call.mask, mask)
-    else:
-        mask = None
-
-    if hidden.is_cuda and (mask is not None or book is not None):
-        # cuDNN attention re-plans for every new shape, and MoD cache lengths rarely repeat.
-        with sdpa_kernel(_MASKED_BACKENDS):
+    if packed:
+        arguments.set(call.mask, None)
+        arguments.set(varlen.SEGMENTS_KWARG, decision.segments)
+        arguments.set(varlen.MAX_LEN_KWARG, T)
+        if book is not None:  # the layer leaves the cache alone; its K/V come back in `written`
+            written = {}
+            arguments.set(call.cache, None)
+            arguments.set(varlen.KV_KWARG, written)
+        with call.packed_attention():
             out = layer._mod_original.forward(layer, **arguments.named)
+        if book is not None:
+            book.mod_write_packed(written["key"], written["value"], index, decision.segments, T)
     else:
-        out = layer._mod_original.forward(layer, **arguments.named)
+        if call.mask:
+            past_index, past_valid = book.mod_past() if book is not None else (None, None)
+            mask = subset_attention_mask(
+                call.attn_implementation(),
+                query_index=index + seen,
+                query_valid=decision.valid,
+                past_index=past_index,
+                past_valid=None if book is not None and book.mod_all_valid else past_valid,
+                causal=call.causal,
+                window=call.window,
+                span=seen + T,
+                dtype=hidden.dtype,
+            )
+            arguments.set(call.mask, mask)
+        else:
+            mask = None
+        if hidden.is_cuda and (mask is not None or book is not None):
+            # cuDNN attention re-plans for every new shape, and MoD cache lengths rarely repeat.
+            with sdpa_kernel(_MASKED_BACKENDS):
+                out = layer._mod_original.forward(layer, **arguments.named)
+        else:
+            out = layer._mod_original.forward(layer, **arguments.named)
     out_sub = out[0] if isinstance(out, tuple) else out
     if book is not None:
-        book.mod_record(index + seen, decision.valid)
+        if not packed:
+            book.mod_record(index + seen, decision.valid)
         book.mod_seen += T
 
     if decision.gate is not None:  # y = f + (g - 1)(f - x): exactly f when g == 1
         out_sub = out_sub + (decision.gate - 1).to(out_sub.dtype).unsqueeze(-1) * (out_sub - hidden_sub)
     if decision.valid is not None:
         out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub)
-    result = hidden.scatter(1, gather_index, out_sub.to(hidden.dtype))
+    result = hidden.scatter(1, gather_index, out_sub.to(hidden.dtype)).view_as(rows)
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
 

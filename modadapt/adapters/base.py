@@ -44,6 +44,8 @@ class LayerCall:
         attn_implementation: Returns the attention kernel name now in use (read at call time,
             since users may switch it after conversion).
         prefix_tokens: Leading sequence positions that are always processed (forced role).
+        packed_attention: Returns a context manager inside which the layer's attention runs
+            `modadapt.varlen`'s packed segments (None: the layer cannot run packed).
     """
 
     hidden: str
@@ -55,6 +57,8 @@ class LayerCall:
     window: int | None
     attn_implementation: Callable[[], str]
     signature: inspect.Signature | None = None
+    prefix_tokens: int = 0
+    packed_attention: Callable[[], Any] | None = None
     positional_names: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -65,7 +69,6 @@ class LayerCall:
             if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
                 raise TypeError("layers whose forward takes *args are not supported")
             self.positional_names = tuple(p.name for p in params if p.kind in kinds)
-    prefix_tokens: int = 0
 
 
 class Adapter:

@@ -6,6 +6,7 @@ named in `_no_split_modules`; no modeling code is copied per family.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..attention_probe import PROBE_ATTENTION, AttentionProbe
 from ..errors import ModAdaptError
+from ..varlen import VARLEN_ATTENTION, register_transformers_attention
 from .base import Adapter, LayerCall, TokenRoles
 
 #: Families converted, trained and generated with in the test suite.
@@ -77,6 +79,7 @@ class HFDecoderAdapter(Adapter):
             window=_sliding_window(config, index),
             attn_implementation=functools.partial(getattr, config, "_attn_implementation"),
             signature=signature,
+            packed_attention=functools.partial(_packed_attention, config),
         )
 
     def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
@@ -173,6 +176,20 @@ def _register_probe_attention() -> None:
 
     AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
     AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _packed_attention(config: Any):
+    """Point the layers' attention at the packed (varlen) function for one layer call. The layers
+    read the implementation name from the config at call time; setting the stored name directly
+    skips the setter's validation and sub-config walk (this runs once per MoD layer call)."""
+    register_transformers_attention()
+    before = config._attn_implementation_internal
+    config._attn_implementation_internal = VARLEN_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = before
 
 
 def _sliding_window(config: Any, index: int) -> int | None:

@@ -32,6 +32,9 @@ class RoutingContext:
         roles: Free-form per-token role tensors from the adapter (e.g. ``{"image": [B, T]}``).
         prefix: When the only forced tokens are the first `prefix` of every row (ViT class and
             register tokens), their count; capacity selection then keeps a static shape.
+        pack: The layer can run the rows' kept tokens packed into one sequence
+            (`modadapt.varlen`): a keep-mask selection is then returned packed (see
+            `RoutingDecision.segments`).
     """
 
     layer_index: int
@@ -42,6 +45,7 @@ class RoutingContext:
     training: bool
     roles: dict | None = None
     prefix: int = 0
+    pack: bool = False
 
     def routed(self) -> torch.Tensor:
         """`[B, T]` bool: the tokens the capacity is shared among (real, not forced, not prefix)."""
@@ -68,6 +72,9 @@ class RoutingDecision:
         keep: `[B, T]` bool mask of kept tokens (for statistics).
         aux_loss: Scalar auxiliary loss to add to the training loss, or None.
         logits: `[B, T]` router scores (for statistics and causal-rule training).
+        segments: None for the per-row layout above. Packed: `indices` is `[1, N]`, the kept
+            tokens' indices into the flattened `[B * T]` tokens, row after row, and `segments`
+            the `[B + 1]` int32 offsets where each row's tokens start (then `valid` is None).
     """
 
     indices: torch.Tensor
@@ -76,6 +83,7 @@ class RoutingDecision:
     keep: torch.Tensor
     aux_loss: torch.Tensor | None
     logits: torch.Tensor
+    segments: torch.Tensor | None = None
 
 
 def _coerce(router: str, name: str, value, default):
@@ -234,17 +242,25 @@ class Router(nn.Module):
     def route(self, hidden: torch.Tensor, ctx: RoutingContext) -> RoutingDecision:
         logits = self.score(hidden, ctx)
         choice = self.causal_keep(logits, hidden, ctx) if ctx.causal else self.select(logits, hidden, ctx)
+        segments = None
         if isinstance(choice, float):
             static_prefix = ctx.prefix if ctx.real is None else 0
             forced = None if static_prefix else ctx.forced
             indices, valid, keep = select_topk(logits, choice, ctx.real, forced, prefix=static_prefix)
+        elif ctx.pack:
+            indices, segments, keep = pack_rows(choice, ctx.real, ctx.forced)
+            valid = None
         else:
             indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
-        gate = self.gate(logits.gather(1, indices)) if indices.shape[1] else None
+        if indices.shape[1]:
+            slot_logits = logits.reshape(1, -1) if segments is not None else logits
+            gate = self.gate(slot_logits.gather(1, indices))
+        else:
+            gate = None
         aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
         if self.causal_cutoff and ctx.training and isinstance(choice, float) and choice < 1.0:
             self._calibrate(logits, hidden, choice, ctx)
-        return RoutingDecision(indices, valid, gate, keep, aux, logits)
+        return RoutingDecision(indices, valid, gate, keep, aux, logits, segments)
 
     @torch.no_grad()
     def _calibrate(self, logits: torch.Tensor, hidden: torch.Tensor, capacity: float, ctx: RoutingContext) -> None:
@@ -329,10 +345,7 @@ def pack_mask(
     Kept tokens come first in ascending order; the remaining slots are filled with unkept tokens
     (distinct indices, so scattering identity values there is harmless) and marked invalid.
     """
-    if real is not None:
-        keep = keep & real
-    if forced is not None:
-        keep = keep | (forced & (real if real is not None else True))
+    keep = _apply_roles(keep, real, forced)
     B, T = keep.shape
     counts = keep.sum(1)
     all_valid = False
@@ -343,3 +356,25 @@ def pack_mask(
     indices = order_key.argsort(dim=1)[:, :slots]
     valid = None if all_valid else torch.arange(slots, device=keep.device) < counts[:, None]
     return indices, valid, keep
+
+
+def pack_rows(
+    keep: torch.Tensor, real: torch.Tensor | None, forced: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept tokens of all rows as one packed sequence: `[1, N]` indices into the flattened
+    `[B * T]` tokens (row after row, ascending), the `[B + 1]` int32 row offsets, and the mask.
+    One host sync (the count N), as for `pack_mask`, and no sort."""
+    keep = _apply_roles(keep, real, forced)
+    indices = keep.reshape(-1).nonzero().reshape(1, -1)
+    segments = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
+    segments[1:] = keep.sum(1).cumsum(0)
+    return indices, segments, keep
+
+
+def _apply_roles(keep: torch.Tensor, real: torch.Tensor | None, forced: torch.Tensor | None) -> torch.Tensor:
+    """Padding is never kept; forced (real) tokens always are."""
+    if real is not None:
+        keep = keep & real
+    if forced is not None:
+        keep = keep | (forced & (real if real is not None else True))
+    return keep

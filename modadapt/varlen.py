@@ -1,0 +1,118 @@
+"""Packed attention: the kept tokens of every row of a batch as one sequence, no padding.
+
+When the rows of a batch keep different numbers of tokens (threshold routers, causal rules), the
+padded layout runs every row at the width of the widest, with a `[B, K, K]` mask that keeps SDPA
+off its fused causal kernels. Packed, the layer runs on the `N = sum(kept)` tokens as a batch of
+one, and attention runs per row ("segment") through a variable-length kernel: the flash kernel of
+`torch.nn.attention.varlen` on CUDA, or a per-segment SDPA loop elsewhere (the reference the tests
+compare against). Segments are given as cumulative offsets `[B + 1]` (int32), as flash expects.
+
+Transformers layers call their attention through a registered function chosen by the config;
+`VARLEN_ATTENTION` names ours, and the adapter switches a layer to it for the packed call only.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ModAdaptError
+
+#: Name of the transformers attention function that runs packed segments.
+VARLEN_ATTENTION = "modadapt_varlen"
+#: Keyword arguments a packed layer call passes through to that attention function.
+SEGMENTS_KWARG = "modadapt_segments"
+MAX_LEN_KWARG = "modadapt_max_len"
+#: A dict the attention function fills with the packed call's `key` and `value` (for the KV cache).
+KV_KWARG = "modadapt_kv"
+
+
+@functools.cache
+def _flash_varlen():
+    """`(varlen_attn, its parameter names)` when this torch has the flash varlen kernel."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def has_fast_kernel(x: torch.Tensor) -> bool:
+    """Whether packed attention on tensors like `x` runs a fused kernel (else packing only costs)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: torch.Tensor,
+    max_len: int,
+    *,
+    scale: float | None,
+    causal: bool,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention within each segment. `query` `[N, H, d]`, `key`/`value` `[N, Hk, d]` with `Hk`
+    dividing `H` (grouped-query attention); returns `[N, H, d]`. `max_len` bounds the longest
+    segment (an upper bound is fine: it only sizes the kernel's grid)."""
+    flash = _flash_varlen()
+    if flash is not None and dropout == 0.0 and has_fast_kernel(query):
+        kernel, params = flash
+        kwargs = {"scale": scale}
+        if causal:  # the flag moved into window_size=(-1, 0) in later torch versions
+            kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
+        if key.shape[1] != query.shape[1]:
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = True
+            else:
+                key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+        seg = segments.to(torch.int32)
+        return kernel(query, key, value, seg, seg, max_len, max_len, **kwargs)
+    return _reference(query, key, value, segments, scale=scale, causal=causal, dropout=dropout)
+
+
+def _reference(query, key, value, segments, *, scale, causal, dropout):
+    """Per-segment SDPA: slow (a host sync and a loop), exact; used off CUDA and in tests."""
+    lengths = segments.diff().tolist()
+    outputs = []
+    for q, k, v in zip(*(t.split(lengths) for t in (query, key, value))):
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            dropout_p=dropout, is_causal=causal and len(q) > 1, scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs) if outputs else query.new_empty(query.shape)
+
+
+def transformers_varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """The transformers attention function for a packed call: `query` `[1, H, N, d]`, keys and
+    values `[1, Hk, N, d]`; returns `([1, N, H, d], None)` like the SDPA function."""
+    segments = kwargs.get(SEGMENTS_KWARG)
+    if segments is None or query.shape[0] != 1:
+        raise ModAdaptError(f"{VARLEN_ATTENTION} attention only runs MoD layers' packed calls.")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ModAdaptError(f"packed MoD attention does not support {name!r}; convert with packing='padded'.")
+    written = kwargs.get(KV_KWARG)
+    if written is not None:
+        written.update(key=key, value=value)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = varlen_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), segments,
+        kwargs[MAX_LEN_KWARG], scale=scaling, causal=bool(causal), dropout=dropout,
+    )
+    return out[None], None
+
+
+@functools.cache
+def register_transformers_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, transformers_varlen_attention)

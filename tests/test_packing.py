@@ -1,0 +1,144 @@
+"""Packed MoD layers (`packing='packed'`, `modadapt.varlen`) give what the padded layout gives.
+
+On CPU the packed call runs the reference per-segment kernel; the GPU benchmark checks the flash
+kernel against the padded path in the same way (`benchmarks/speed.py`, `packed_max_abs_diff`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import modadapt
+from modadapt import varlen
+from modadapt.errors import ModAdaptError
+from modadapt.routers.base import pack_rows
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """Counts the packed attention calls (so a test cannot pass by silently padding)."""
+    calls = []
+    reference = varlen._reference
+
+    def counting(query, *args, **kwargs):
+        calls.append(query.shape[0])
+        return reference(query, *args, **kwargs)
+
+    monkeypatch.setattr(varlen, "_reference", counting)
+    return calls
+
+
+def _pair(tiny, family, randomize_routers, **config):
+    """The same randomly routed model converted twice: padded and packed."""
+    models = []
+    for packing in ("padded", "packed"):
+        model = modadapt.convert(tiny(family), router="threshold-p", layers="all-but-first", packing=packing, **config)
+        randomize_routers(model)
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        models.append(model)
+    return models
+
+
+def test_packed_equals_padded_eval(family, tiny, ids, left_pad, randomize_routers, last_keeps, packed_calls):
+    padded, packed = _pair(tiny, family, randomize_routers)
+    x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    with torch.no_grad():
+        expected = padded(x, attention_mask=mask, position_ids=pos).logits
+        keeps = last_keeps(padded)
+        got = packed(x, attention_mask=mask, position_ids=pos).logits
+    assert packed_calls, "the packed path did not run"
+    real = mask.bool()
+    counts = torch.stack([k.sum(1) for k in keeps])
+    assert (counts.max(1).values != counts.min(1).values).any(), "rows keep equal counts: packing is trivial"
+    for a, b in zip(keeps, last_keeps(packed)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+def test_packed_batch_equals_each_row_alone(tiny, ids, randomize_routers, packed_calls):
+    _, packed = _pair(tiny, "llama", randomize_routers)
+    x = ids(3, 10)
+    with torch.no_grad():
+        batched = packed(x).logits
+        for row in range(3):
+            torch.testing.assert_close(batched[row], packed(x[row : row + 1]).logits[0], rtol=1e-4, atol=1e-5)
+    assert packed_calls
+
+
+def test_packed_training_gives_padded_loss_and_gradients(core_family, tiny, ids, randomize_routers, packed_calls):
+    padded, packed = _pair(tiny, core_family, randomize_routers)
+    x = ids(3, 12)
+    losses, grads = [], []
+    for model in (padded, packed):
+        model.train()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert packed_calls
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and any("router" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packed_prefill_fills_the_cache_for_decoding(core_family, tiny, ids, left_pad, randomize_routers, packed_calls):
+    padded, packed = _pair(tiny, core_family, randomize_routers)
+    x = ids(3, 9)
+    with torch.no_grad():
+        full = packed(x, use_cache=False).logits
+        out = packed(x[:, :5], use_cache=True)  # packed prefill into an empty cache
+        assert packed_calls
+        calls, steps = len(packed_calls), [out.logits]
+        for t in range(5, 9):  # decode steps have a filled cache: padded bookkeeping
+            out = packed(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+        assert len(packed_calls) == calls
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+        cache = packed(x[:, :7], use_cache=True).past_key_values  # cropping needs the slots' positions
+        cache.crop(-3)
+        after_crop = packed(x[:, 4:], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(after_crop, full[:, 4:], rtol=1e-4, atol=1e-5)
+
+        prompts, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 3, 9)])
+        expected = padded.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        got = packed.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_packing_is_off_on_cpu_by_default(tiny, ids, randomize_routers, packed_calls):
+    auto = modadapt.convert(tiny("llama"), router="threshold-p", layers="all-but-first")
+    randomize_routers(auto)
+    with torch.no_grad():
+        auto(ids(3, 8))
+    assert not packed_calls, "auto packs only where a fused kernel exists (CUDA)"
+
+
+def test_pack_rows_concatenates_rows_in_order():
+    keep = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    real = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    forced = torch.zeros_like(keep)
+    forced[1, 3] = True
+    indices, segments, out = pack_rows(keep, real, forced)
+    assert indices.tolist() == [[0, 2, 7, 9]]  # row 0 loses its padded token 3; row 1 its forced one
+    assert segments.dtype == torch.int32 and segments.tolist() == [0, 2, 3, 4]
+    assert out.sum() == 4
+
+
+def test_bad_packing_value_is_a_clear_error():
+    with pytest.raises(ModAdaptError, match="packing must be one of"):
+        modadapt.ModConfig(packing="ragged")
+
+
+def test_varlen_attention_rejects_softcap():
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ModAdaptError, match="softcap"):
+        varlen.transformers_varlen_attention(
+            nn.Module(), q, q, q, None, softcap=30.0,
+            **{varlen.SEGMENTS_KWARG: torch.tensor([0, 3]), varlen.MAX_LEN_KWARG: 3},
+        )
