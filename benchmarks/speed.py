@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 import modadapt
+from modadapt import varlen
 from modadapt.masks import subset_attention_mask
+from modadapt.mod_layer import can_pack
 from modadapt.routers.base import RoutingContext
 
 # --------------------------------------------------------------------------------------------
@@ -75,10 +77,12 @@ ROUTERS = {
     # name: (convert kwargs, kept fraction the router is calibrated to under its causal rule)
     "topk": (dict(router="topk", capacity=0.125, layers="every-other", inference_routing="topk"), 0.125),
     "threshold-p": (dict(router="threshold-p", layers="every-other"), 0.5),
+    # The same routers (same calibration seed), each row padded to the widest instead of packed.
+    "threshold-p-padded": (dict(router="threshold-p", layers="every-other", packing="padded"), 0.5),
 }
 KV_GOAL = {"threshold-p": 0.8}  # mod_kv_bytes / dense_kv_bytes at most this
 ROUTER_OVERHEAD_GOAL = 0.05  # route() time / dense layer time at most this
-SCENARIOS = ("prefill", "layer", "decode", "train")
+SCENARIOS = ("check", "prefill", "layer", "decode", "train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +334,8 @@ class Bench:
     def add(self, record: dict) -> None:
         record = {"dense_compiled": False, "mod_compiled": False, **record, **self.env}
         self.records.append(record)
-        print(format_row(record), flush=True)
+        if "dense_ms" in record:
+            print(format_row(record), flush=True)
         if self.args.out:
             write_json(self.args.out, self.records)
 
@@ -412,6 +417,7 @@ def run_layer(b: Bench) -> None:
             positions=torch.arange(T, device=b.device).expand(B, T),
             causal=model.training is False and state.model.config.inference_routing == "causal",
             training=False,
+            pack=can_pack(state, hidden, None, T),
         )
 
         def mod_fn():
@@ -422,17 +428,26 @@ def run_layer(b: Bench) -> None:
             with torch.inference_mode():
                 layer.router.route(hidden, ctx)
 
+        packed = ctx.pack
         with torch.inference_mode():
             decision = layer.router.route(hidden, ctx)
-            idx = decision.indices
+            idx = decision.indices  # packed: [1, N] over the flattened [B * T] tokens
+            rows = 1 if packed else B
+
+            def tokens(t):
+                t = t.expand(B, *t.shape[1:])
+                t = t.reshape(1, B * T, *t.shape[2:]) if packed else t
+                return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand(*idx.shape, *t.shape[2:]))
+
             K = idx.shape[1]
-            sub = hidden.gather(1, idx.unsqueeze(-1).expand(B, K, hidden.shape[-1]))
-            cos, sin = rest["position_embeddings"]
-            pe = tuple(t.expand(B, *t.shape[1:]).gather(1, idx.unsqueeze(-1).expand(B, K, t.shape[-1]))
-                       for t in (cos, sin))
-            pos = rest["position_ids"].expand(B, T).gather(1, idx)
+            sub = tokens(hidden)
+            pe = tuple(tokens(t) for t in rest["position_embeddings"])
+            pos = tokens(rest["position_ids"])
+            extra = {varlen.SEGMENTS_KWARG: decision.segments, varlen.MAX_LEN_KWARG: T} if packed else {}
 
         def mask_fn():
+            if packed:  # no mask: the segments are the mask
+                return None
             with torch.inference_mode():
                 return subset_attention_mask(
                     "sdpa", query_index=idx, query_valid=decision.valid, past_index=None, past_valid=None,
@@ -441,9 +456,9 @@ def run_layer(b: Bench) -> None:
         mask = mask_fn()
 
         def inner_fn():
-            with torch.inference_mode():
+            with torch.inference_mode(), (state.call.packed_attention() if packed else contextlib.nullcontext()):
                 layer._mod_original.forward(layer, sub, attention_mask=mask, position_ids=pos,
-                                            position_embeddings=pe, use_cache=False)
+                                            position_embeddings=pe, use_cache=False, **extra)
 
         mod_ms, _ = b.clock.median(mod_fn, warm, reps)
         mod_host = b.clock.host_median
@@ -457,13 +472,59 @@ def run_layer(b: Bench) -> None:
             scenario=f"layer_b{B}_s{T}", router=router, batch=B, seq=T, layer=index,
             dense_ms=dense_ms, mod_ms=mod_ms, speedup=dense_ms / mod_ms,
             ideal_speedup=layer_flops(b.shape, B, T) / (layer_flops(b.shape, B, T, kept) + 2 * B * T * b.shape.D),
-            ideal_basis="flops", kept_fraction=kept, slots=K, masked=mask is not None,
+            ideal_basis="flops", kept_fraction=kept, slots=K, masked=mask is not None, packed=packed, rows=rows,
             route_ms=route_ms, mask_ms=mask_ms, subset_layer_ms=inner_ms,
             other_ms=mod_ms - route_ms - mask_ms - inner_ms,
             dense_host_ms=dense_host, mod_host_ms=mod_host, route_host_ms=route_host,
             router_overhead=overhead, goal=ROUTER_OVERHEAD_GOAL, goal_kind="router_overhead<=",
             met=overhead <= ROUTER_OVERHEAD_GOAL,
         ))
+
+
+def run_packed_check(b: Bench) -> None:
+    """The packed (flash varlen) path against the padded one on the same model and inputs: the
+    last hidden states of a B=8 prefill, and the loss and router gradients of a training step.
+    bf16 kernels differ in rounding, and a token near a threshold may then route differently in
+    a later layer, so the record gives the differences and the share of equal decisions."""
+    setting = b.size["prefill"][-1]
+    B, T = setting["batch"], setting["seq"]
+    ids = b.ids(B, T, 31)
+    for router, (model, _, _) in b.mods.items():
+        config = model._modadapt_state.config
+        if config.packing == "padded" or not ROUTERS[router][0]["router"].startswith("threshold"):
+            continue
+        outs, keeps, losses, grads = {}, {}, {}, {}
+        for packing in ("packed", "padded"):
+            config.packing = packing
+            with torch.inference_mode():
+                outs[packing] = model.model(input_ids=ids, use_cache=False).last_hidden_state.float()
+            keeps[packing] = [layer.mod_state.last_keep.clone() for layer in modadapt.mod_layers(model)]
+            model.train()
+            loss = model(input_ids=ids[:2, : T // 2], labels=ids[:2, : T // 2], use_cache=False).loss
+            loss.backward()
+            losses[packing] = float(loss.detach())
+            grads[packing] = torch.cat([p.grad.float().flatten() for layer in modadapt.mod_layers(model)
+                                        for p in layer.router.parameters()])
+            model.zero_grad(set_to_none=True)
+            model.eval()
+        config.packing = "auto"
+        diff = (outs["packed"] - outs["padded"]).abs()
+        same = sum(int((a == c).sum()) for a, c in zip(keeps["packed"], keeps["padded"]))
+        total = sum(k.numel() for k in keeps["packed"])
+        grad_rel = float((grads["packed"] - grads["padded"]).norm() / grads["padded"].norm().clamp_min(1e-30))
+        record = dict(
+            scenario=f"packed_check_b{B}_s{T}", router=router, batch=B, seq=T,
+            max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
+            max_abs_value=float(outs["padded"].abs().max()), equal_decisions=same / total,
+            loss_packed=losses["packed"], loss_padded=losses["padded"], router_grad_rel_diff=grad_rel,
+            flash_varlen=varlen.has_fast_kernel(ids.new_zeros(1, dtype=b.dtype)),
+        )
+        b.add(record)
+        print(f"# packed vs padded ({router}): hidden max |diff| {record['max_abs_diff']:.4g} "
+              f"(mean {record['mean_abs_diff']:.3g}, max |value| {record['max_abs_value']:.3g}); "
+              f"equal decisions {record['equal_decisions']:.4f}; loss {losses['packed']:.5f} vs "
+              f"{losses['padded']:.5f}; router grad rel diff {grad_rel:.3g}; flash varlen {record['flash_varlen']}",
+              flush=True)
 
 
 def kv_bytes(cache) -> tuple[int, int]:
@@ -721,7 +782,7 @@ def run_profile(b: Bench, path: str) -> None:
 # Output
 # --------------------------------------------------------------------------------------------
 
-HEADER = f"{'scenario':<22} {'router':<12} {'dense_ms':>10} {'mod_ms':>10} {'speedup':>8} {'ideal':>7} {'goal':>12} {'met?':>5}"
+HEADER = f"{'scenario':<22} {'router':<18} {'dense_ms':>10} {'mod_ms':>10} {'speedup':>8} {'ideal':>7} {'goal':>12} {'met?':>5}"
 
 
 def format_row(r: dict) -> str:
@@ -733,7 +794,7 @@ def format_row(r: dict) -> str:
     else:
         goal_text = f">={goal:.2f}x"
     met = r.get("met")
-    line = (f"{r['scenario']:<22} {r['router']:<12} {r['dense_ms']:>10.2f} {r['mod_ms']:>10.2f} "
+    line = (f"{r['scenario']:<22} {r['router']:<18} {r['dense_ms']:>10.2f} {r['mod_ms']:>10.2f} "
             f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {goal_text:>12} "
             f"{'-' if met is None else ('yes' if met else 'NO'):>5}")
     extra = []
@@ -867,8 +928,8 @@ def compile_models(b: Bench, mode: str | None, scenarios: list[str]) -> None:
     kwargs = {"dynamic": False} | ({"mode": mode} if mode else {})
     b.compiled[id(b.dense)] = torch.compile(b.dense, fullgraph=True, **kwargs)
     for router, (model, _, _) in b.mods.items():
-        b.compiled[id(model)] = torch.compile(model, fullgraph=router != "threshold-p", **kwargs)
-    full = ", ".join(f"{r}: fullgraph={r != 'threshold-p'}" for r in b.mods)
+        b.compiled[id(model)] = torch.compile(model, fullgraph=router == "topk", **kwargs)
+    full = ", ".join(f"{r}: fullgraph={r == 'topk'}" for r in b.mods)
     print(f"# --compile (mode {mode or 'default'}, dynamic=False): prefill and train compiled "
           f"(dense: fullgraph=True; {full})", flush=True)
     eager = [s for s in scenarios if s in ("decode", "layer")]
@@ -888,8 +949,9 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
     calib_ids = torch.randint(0, shape.V, (size["calibration"]["batch"], size["calibration"]["seq"]),
                               generator=calib).to(device)
     mods = {}
-    for n, router in enumerate(routers):
-        model, nominal, reached = make_mod(dense, router, calib_ids, seed=100 + n)
+    for router in routers:
+        seed = 100 + list(ROUTERS).index(router.removesuffix("-padded"))  # a padded twin routes alike
+        model, nominal, reached = make_mod(dense, router, calib_ids, seed=seed)
         mods[router] = (model, nominal, reached)
         shape.mod_layers = list(model._modadapt_state.layer_indices)
         print(f"# {router}: MoD layers {shape.mod_layers}; causal rule calibrated to keep {nominal} "
@@ -901,7 +963,7 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
     if args.compile:
         compile_models(bench, args.compile_mode, scenarios)
     print(HEADER, flush=True)
-    runners = {"prefill": run_prefill, "layer": run_layer, "decode": run_decode, "train": run_train}
+    runners = {"check": run_packed_check, "prefill": run_prefill, "layer": run_layer, "decode": run_decode, "train": run_train}
     for name in scenarios:
         elapsed = time.perf_counter() - t_start
         if args.budget_s is not None and elapsed > args.budget_s:

@@ -133,7 +133,7 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
     )
 
 
-def _can_pack(state: LayerState, hidden: torch.Tensor, book, span: int) -> bool:
+def can_pack(state: LayerState, hidden: torch.Tensor, book, span: int) -> bool:
     """Whether this call may run rows' kept tokens packed (`modadapt.varlen`): a batch with no
     cache or an empty one (a prefill), on a layer whose adapter supports it, with SDPA and no
     window cutting the span."""
@@ -147,6 +147,46 @@ def _can_pack(state: LayerState, hidden: torch.Tensor, book, span: int) -> bool:
     if call.attn_implementation() != "sdpa":
         return False
     return mode == "packed" or varlen.has_fast_kernel(hidden)
+
+
+def _plain_decode_step(state: LayerState, book, seen: int) -> bool:
+    """A one-token step of one sequence whose cached keys are all real and in reach: the layer
+    then runs on its input as is, with no mask (the token may see every cached key)."""
+    roles, window = state.model.roles, state.call.window
+    return (
+        book is not None and book.mod_all_valid and roles.real is None and roles.forced is None
+        and not state.call.prefix_tokens and (window is None or seen + 1 <= window)
+        and not torch.is_grad_enabled()
+    )
+
+
+def _decode_one_token(layer: nn.Module, arguments: _CallArguments, hidden: torch.Tensor, book, ctx) -> Any:
+    """The decode fast path (batch 1): the causal rule, one host sync, and either the input back
+    (skipped: no K/V written, none read) or the original layer on the token with no gather,
+    mask or scatter. Host time is what bounds eager decoding, so this path does the least."""
+    state: LayerState = layer.mod_state
+    call = state.call
+    logits = layer.router.score(hidden, ctx)
+    keep = layer.router.causal_keep(logits, hidden, ctx)
+    state.last_keep, state.last_real, state.last_aux = keep.detach(), None, None
+    seen = book.mod_seen
+    book.mod_seen += 1
+    if not bool(keep):
+        return hidden
+    if call.mask:
+        arguments.set(call.mask, None)
+    if hidden.is_cuda:
+        with sdpa_kernel(_MASKED_BACKENDS):
+            out = layer._mod_original.forward(layer, **arguments.named)
+    else:
+        out = layer._mod_original.forward(layer, **arguments.named)
+    book.mod_record(torch.full((1, 1), seen, dtype=torch.long, device=hidden.device), None)
+    gate = layer.router.gate(logits)
+    if gate is None:
+        return out
+    result = out[0] if isinstance(out, tuple) else out
+    result = result + (gate - 1).to(result.dtype).unsqueeze(-1) * (result - hidden)
+    return (result, *out[1:]) if isinstance(out, tuple) else result
 
 
 def _flatten_rows(value: Any, B: int, T: int) -> Any:
@@ -169,7 +209,9 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     seen = book.mod_seen if book is not None else 0
 
     ctx = _routing_context(layer, state, hidden, arguments, seen)
-    ctx.pack = _can_pack(state, hidden, book, seen + T)
+    if B == 1 and T == 1 and _plain_decode_step(state, book, seen):
+        return _decode_one_token(layer, arguments, hidden, book, ctx)
+    ctx.pack = can_pack(state, hidden, book, seen + T)
     decision: RoutingDecision = layer.router.route(hidden, ctx)
     _record(state, decision, ctx)
 

@@ -276,6 +276,33 @@ def test_skipped_tokens_write_no_kv(core_family, tiny, ids, randomize_routers):
             assert torch.equal(held, keep.sum(1))
 
 
+@pytest.mark.parametrize("gate", ["straight-through", "sigmoid"])
+def test_single_sequence_decode_fast_path(core_family, tiny, ids, randomize_routers, monkeypatch, gate):
+    """Batch 1, one token a step: the fast path (no gather / mask / scatter) gives the full
+    forward's logits and decisions, and a skipped step writes no K/V."""
+    from modadapt import mod_layer
+
+    taken = []
+    fast = mod_layer._decode_one_token
+    monkeypatch.setattr(mod_layer, "_decode_one_token", lambda *a: taken.append(1) or fast(*a))
+    model = _convert(tiny(core_family), randomize_routers, router="threshold-p", router_kwargs={"gate": gate})
+    x = ids(1, 14)
+    with torch.no_grad():
+        full = model(x).logits
+        full_keeps = [layer.mod_state.last_keep.clone() for layer in modadapt.mod_layers(model)]
+        out = model(x[:, :6], use_cache=True)
+        steps = [out.logits]
+        for t in range(6, 14):
+            out = model(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    assert len(taken) == 8 * len(full_keeps)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    for layer, keep in zip(modadapt.mod_layers(model), full_keeps):
+        held = out.past_key_values.layers[layer.mod_state.index]
+        assert held.keys.shape[-2] == int(keep.sum()) and held.mod_index[0].tolist() == keep[0].nonzero()[:, 0].tolist()
+        assert keep[0, 6:].any() and not keep[0, 6:].all()
+
+
 def test_cache_crop_then_decode_equals_full_forward(core_family, tiny, ids, randomize_routers):
     model = _convert(tiny(core_family), randomize_routers, router="threshold-p")
     x = ids(2, 14)

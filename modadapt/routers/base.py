@@ -190,7 +190,7 @@ class Router(nn.Module):
         Exactly 1 with the gradient of sigmoid(logit): bounded. With the raw logit's gradient the
         LM loss pushed the selected tokens' logits without limit; topk diverged after ~350 steps
         of our H200 LM benchmark (router BCE ~600, LM loss 19)."""
-        return straight_through_one(torch.sigmoid(logits))
+        return straight_through_one(torch.sigmoid(logits)) if logits.requires_grad else None
 
     def aux_loss(
         self, logits: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext

@@ -16,6 +16,7 @@ pilot kept 0 % of the tokens for every alpha. `target=none` is MoDification's lo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,6 +24,11 @@ import torch
 from ..errors import ModAdaptError
 from .base import Router, RoutingContext, straight_through_one
 from .linear_score import LinearScore
+
+
+@functools.cache
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    return torch.tensor(value, dtype=dtype).item()
 
 
 class ThresholdRouter(Router):
@@ -60,8 +66,7 @@ class ThresholdRouter(Router):
 
     def causal_keep(self, logits, hidden, ctx):
         # Compare against logit(p) rounded like the bias, so a fresh router in bf16 still keeps all.
-        threshold = torch.tensor(self.logit_p, dtype=self.scorer.bias.dtype).item()
-        return logits >= threshold
+        return logits >= _rounded(self.logit_p, self.scorer.bias.dtype)
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(logits)
