@@ -24,19 +24,46 @@ def _with_bookkeeping(base: type) -> type:
     operation. Single inheritance, so an existing object's `__class__` can be swapped in place."""
 
     class ModCacheLayer(base):
-        mod_index: torch.Tensor | None  # [B, L] sequence index of each cached slot
-        mod_valid: torch.Tensor | None  # [B, L] False for filler slots
         mod_seen: int  # tokens that reached this layer so far (processed or skipped)
         mod_all_valid: bool  # no filler slot is stored: masks may skip the validity check
 
         def mod_reset_book(self) -> None:
-            self.mod_index = None
-            self.mod_valid = None
+            self._mod_index = None  # [B, L] sequence index of each cached slot
+            self._mod_valid = None  # [B, L] False for filler slots
+            self._mod_pending: list[int] = []  # positions appended by `mod_append`, not yet in _mod_index
             self.mod_seen = 0
             self.mod_all_valid = True
 
+        @property
+        def mod_index(self) -> torch.Tensor | None:
+            self._mod_flush()
+            return self._mod_index
+
+        @mod_index.setter
+        def mod_index(self, value: torch.Tensor | None) -> None:
+            self._mod_index = value
+
+        @property
+        def mod_valid(self) -> torch.Tensor | None:
+            self._mod_flush()
+            return self._mod_valid
+
+        @mod_valid.setter
+        def mod_valid(self, value: torch.Tensor | None) -> None:
+            self._mod_valid = value
+
         def mod_past(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             return self.mod_index, self.mod_valid
+
+        def mod_append(self, position: int) -> None:
+            """Record one real slot of a batch of one at sequence index `position`, as a Python
+            int: the decode fast path launches no kernel for it; tensors are built when read."""
+            self._mod_pending.append(position)
+
+        def _mod_flush(self) -> None:
+            if self._mod_pending:
+                pending, self._mod_pending = self._mod_pending, []
+                self.mod_record(torch.tensor([pending], device=self.keys.device), None)
 
         def mod_record(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
             """Append the slots just written (`valid` None: all real), then align with the stored

@@ -180,7 +180,7 @@ def _decode_one_token(layer: nn.Module, arguments: _CallArguments, hidden: torch
             out = layer._mod_original.forward(layer, **arguments.named)
     else:
         out = layer._mod_original.forward(layer, **arguments.named)
-    book.mod_record(torch.full((1, 1), seen, dtype=torch.long, device=hidden.device), None)
+    book.mod_append(seen)
     gate = layer.router.gate(logits)
     if gate is None:
         return out

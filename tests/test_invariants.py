@@ -301,6 +301,13 @@ def test_single_sequence_decode_fast_path(core_family, tiny, ids, randomize_rout
         held = out.past_key_values.layers[layer.mod_state.index]
         assert held.keys.shape[-2] == int(keep.sum()) and held.mod_index[0].tolist() == keep[0].nonzero()[:, 0].tolist()
         assert keep[0, 6:].any() and not keep[0, 6:].all()
+    with torch.no_grad():  # positions recorded by the fast path survive a crop
+        cache = model(x[:, :6], use_cache=True).past_key_values
+        for t in range(6, 12):
+            model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache.crop(-4)
+        again = model(x[:, 8:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(again, full[:, 8:], rtol=0, atol=1e-5)
 
 
 def test_cache_crop_then_decode_equals_full_forward(core_family, tiny, ids, randomize_routers):

@@ -84,8 +84,8 @@ class HFDecoderAdapter(Adapter):
 
     def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
         mask = kwargs.get("attention_mask")
-        if mask is None:
-            bound = inspect.signature(type(stack_owner).forward).bind_partial(stack_owner, *args, **kwargs)
+        if mask is None and args:  # passed by position (transformers' own callers pass names)
+            bound = _forward_signature(type(stack_owner)).bind_partial(stack_owner, *args, **kwargs)
             mask = bound.arguments.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return TokenRoles()
@@ -190,6 +190,11 @@ def _packed_attention(config: Any):
         yield
     finally:
         config._attn_implementation_internal = before
+
+
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
 
 
 def _sliding_window(config: Any, index: int) -> int | None:

@@ -185,7 +185,8 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Gate on the layer's delta per selected slot, given the slot logits. None = exactly 1.
+        """`[B, T]` factor on the layer's delta per token, from the `[B, T]` scores (the kept
+        tokens' entries are used). None = exactly 1, and no work at all.
 
         Exactly 1 with the gradient of sigmoid(logit): bounded. With the raw logit's gradient the
         LM loss pushed the selected tokens' logits without limit; topk diverged after ~350 steps
@@ -252,11 +253,9 @@ class Router(nn.Module):
             valid = None
         else:
             indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
-        if indices.shape[1]:
-            slot_logits = logits.reshape(1, -1) if segments is not None else logits
-            gate = self.gate(slot_logits.gather(1, indices))
-        else:
-            gate = None
+        gate = self.gate(logits) if indices.shape[1] else None  # None at inference: no gather
+        if gate is not None:
+            gate = (gate.reshape(1, -1) if segments is not None else gate).gather(1, indices)
         aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
         if self.causal_cutoff and ctx.training and isinstance(choice, float) and choice < 1.0:
             self._calibrate(logits, hidden, choice, ctx)

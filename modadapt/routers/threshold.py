@@ -68,9 +68,10 @@ class ThresholdRouter(Router):
         # Compare against logit(p) rounded like the bias, so a fresh router in bf16 still keeps all.
         return logits >= _rounded(self.logit_p, self.scorer.bias.dtype)
 
-    def gate(self, logits: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(logits)
-        return straight_through_one(g) if self.gate_mode == "straight-through" else g
+    def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.gate_mode == "sigmoid":
+            return torch.sigmoid(logits)
+        return straight_through_one(torch.sigmoid(logits)) if logits.requires_grad else None
 
     def aux_loss(self, logits, keep, hidden, ctx):
         if self.alpha == 0:
