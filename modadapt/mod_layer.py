@@ -211,7 +211,13 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     ctx = _routing_context(layer, state, hidden, arguments, seen)
     if B == 1 and T == 1 and _plain_decode_step(state, book, seen):
         return _decode_one_token(layer, arguments, hidden, book, ctx)
-    ctx.pack = can_pack(state, hidden, book, seen + T)
+    # Capacity routers' training-time top-k has a static shape: no packing to gain.
+    ctx.pack = can_pack(state, hidden, book, seen + T) and (ctx.causal or not layer.router.capacity_based)
+    flat = {}
+    if ctx.pack:  # launched before routing syncs with the host, so the GPU is not left waiting
+        for name in (*call.per_token, call.position_ids):
+            if name is not None and arguments.get(name) is not None:
+                flat[name] = _flatten_rows(arguments.get(name), B, T)
     decision: RoutingDecision = layer.router.route(hidden, ctx)
     _record(state, decision, ctx)
 
@@ -225,9 +231,8 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     rows = hidden
     if packed:  # all rows as one: [1, B * T]; `decision.indices` index it
         hidden = hidden.reshape(1, B * T, *hidden.shape[2:])
-        for name in (*call.per_token, call.position_ids):
-            if name is not None and arguments.get(name) is not None:
-                arguments.set(name, _flatten_rows(arguments.get(name), B, T))
+        for name, value in flat.items():
+            arguments.set(name, value)
     index = decision.indices
     gather_index = index.unsqueeze(-1).expand(*index.shape, hidden.shape[-1])
     hidden_sub = hidden.gather(1, gather_index)

@@ -364,9 +364,9 @@ def pack_rows(
     `[B * T]` tokens (row after row, ascending), the `[B + 1]` int32 row offsets, and the mask.
     One host sync (the count N), as for `pack_mask`, and no sort."""
     keep = _apply_roles(keep, real, forced)
-    indices = keep.reshape(-1).nonzero().reshape(1, -1)
     segments = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
     segments[1:] = keep.sum(1).cumsum(0)
+    indices = keep.reshape(-1).nonzero().reshape(1, -1)  # last: the host waits here
     return indices, segments, keep
 
 
