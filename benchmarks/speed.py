@@ -443,7 +443,7 @@ def run_layer(b: Bench) -> None:
             sub = tokens(hidden)
             pe = tuple(tokens(t) for t in rest["position_embeddings"])
             pos = tokens(rest["position_ids"])
-            extra = {varlen.SEGMENTS_KWARG: decision.segments, varlen.MAX_LEN_KWARG: T} if packed else {}
+            extra = {varlen.SEGMENTS_KWARG: decision.segments, varlen.MAX_LEN_KWARG: (T, T)} if packed else {}
 
         def mask_fn():
             if packed:  # no mask: the segments are the mask
@@ -502,7 +502,7 @@ def run_packed_check(b: Bench) -> None:
         rest = {k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone() if torch.is_tensor(v) else v)
                 for k, v in kwargs.items() if k != "hidden_states"}
         probe = torch.randn(hidden.shape, generator=torch.Generator(device="cpu").manual_seed(5)).to(hidden)
-        layer_out, layer_grads, outs, keeps = {}, {}, {}, {}
+        layer_out, layer_grads, outs, keeps, decoded, layouts = {}, {}, {}, {}, {}, {}
         for packing in ("packed", "padded"):
             config.packing = packing
             x = hidden.detach().requires_grad_(True)
@@ -515,6 +515,16 @@ def run_packed_check(b: Bench) -> None:
             with torch.inference_mode():
                 outs[packing] = model.model(input_ids=ids, use_cache=False).last_hidden_state.float()
             keeps[packing] = [m.mod_state.last_keep.clone() for m in modadapt.mod_layers(model)]
+            with torch.inference_mode():  # a cached prefill, then 16 teacher-forced decode steps
+                prompt = min(256, T - 16)
+                out = model(input_ids=ids[:4, :prompt], use_cache=True)
+                steps = [out.logits[:, -1:].float()]
+                for t in range(prompt, prompt + 16):
+                    out = model(input_ids=ids[:4, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                    steps.append(out.logits.float())
+                decoded[packing] = torch.cat(steps, 1)
+                layouts[packing] = [out.past_key_values.layers[m.mod_state.index].mod_segments is not None
+                                    for m in modadapt.mod_layers(model)]
         config.packing = "auto"
 
         def rel(a, c):
@@ -530,12 +540,17 @@ def run_packed_check(b: Bench) -> None:
             layer_grad_rel_diff=rel(layer_grads["packed"], layer_grads["padded"]),
             model_rel_diff=rel(outs["packed"], outs["padded"]),
             model_equal_decisions=same / sum(k.numel() for k in keeps["packed"]),
+            decode_logits_rel_diff=rel(decoded["packed"], decoded["padded"]),
+            decode_same_argmax=float((decoded["packed"].argmax(-1) == decoded["padded"].argmax(-1)).float().mean()),
+            decode_cache_packed_layers=sum(layouts["packed"]),
         )
         b.add(record)
         print(f"# packed vs padded ({router}), flash varlen {record['flash_varlen']}: one layer: max |diff| "
               f"{record['layer_max_abs_diff']:.4g} (max |value| {record['layer_max_abs_value']:.3g}), relative "
               f"{record['layer_rel_diff']:.3g}, gradients relative {record['layer_grad_rel_diff']:.3g}; whole model: "
-              f"relative {record['model_rel_diff']:.3g}, equal decisions {record['model_equal_decisions']:.4f}",
+              f"relative {record['model_rel_diff']:.3g}, equal decisions {record['model_equal_decisions']:.4f}; "
+              f"cached prefill + 16 decode steps (B=4): logits relative {record['decode_logits_rel_diff']:.3g}, "
+              f"same argmax {record['decode_same_argmax']:.3f}, packed cache layers {record['decode_cache_packed_layers']}",
               flush=True)
 
 
@@ -546,7 +561,8 @@ def kv_bytes(cache) -> tuple[int, int]:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 kv += t.numel() * t.element_size()
-        for t in (getattr(layer, "mod_index", None), getattr(layer, "mod_valid", None)):
+        for name in ("_mod_index", "_mod_valid", "mod_segments"):  # as stored (reading mod_index unpacks)
+            t = layer.__dict__.get(name)
             if isinstance(t, torch.Tensor):
                 book += t.numel() * t.element_size()
     return kv, book
@@ -558,10 +574,14 @@ def cache_fractions(cache, mod_layers: list[int], B: int, tokens: int) -> tuple[
     kept, slots, n = 0.0, 0.0, 0
     for i in mod_layers:
         layer = cache.layers[i]
-        if getattr(layer, "mod_valid", None) is None:
+        if getattr(layer, "mod_segments", None) is not None:  # packed: every slot is a kept pair
+            kept += layer.keys.shape[-2] / (B * tokens)
+            slots += layer.keys.shape[-2] / (B * tokens)
+        elif getattr(layer, "mod_valid", None) is not None:
+            kept += float(layer.mod_valid.float().sum()) / (B * tokens)
+            slots += layer.keys.shape[-2] / tokens
+        else:
             continue
-        kept += float(layer.mod_valid.float().sum()) / (B * tokens)
-        slots += layer.keys.shape[-2] / tokens
         n += 1
     return (kept / n, slots / n) if n else (None, None)
 

@@ -7,6 +7,13 @@ fewer tokens than the widest row have filler slots that nobody attends to). The 
 calls are built from this. The bookkeeping lives in the transformers cache layer itself (its class
 is swapped for a cached subclass, as for decoder layers), so beam reordering, batch selection and
 cropping move it together with K/V.
+
+Two layouts: *rows* (`[B, Hk, L, d]`, as transformers stores it, with filler slots where rows
+hold fewer tokens than the widest) and *packed* (`[1, Hk, N, d]`: every row's real slots one row
+after another, with `mod_segments` `[B + 1]` row offsets, as `modadapt.varlen` attends them). A
+packed prefill starts a cache packed and packed decode steps keep it so (no filler: skipped
+tokens take no bytes); anything else (a padded call, beam reordering, cropping) first converts it
+to rows (`mod_as_rows`).
 """
 
 from __future__ import annotations
@@ -28,15 +35,18 @@ def _with_bookkeeping(base: type) -> type:
         mod_all_valid: bool  # no filler slot is stored: masks may skip the validity check
 
         def mod_reset_book(self) -> None:
-            self._mod_index = None  # [B, L] sequence index of each cached slot
-            self._mod_valid = None  # [B, L] False for filler slots
+            self._mod_index = None  # [B, L] sequence index of each cached slot (packed: [1, N])
+            self._mod_valid = None  # [B, L] False for filler slots (packed: None)
+            self.mod_segments = None  # [B + 1] int32 row offsets while the layout is packed
             self._mod_pending: list[int] = []  # positions appended by `mod_append`, not yet in _mod_index
             self.mod_seen = 0
             self.mod_all_valid = True
 
         @property
         def mod_index(self) -> torch.Tensor | None:
+            """`[B, L]` sequence index of each slot (converts a packed cache to rows)."""
             self._mod_flush()
+            self.mod_as_rows()
             return self._mod_index
 
         @mod_index.setter
@@ -46,6 +56,7 @@ def _with_bookkeeping(base: type) -> type:
         @property
         def mod_valid(self) -> torch.Tensor | None:
             self._mod_flush()
+            self.mod_as_rows()
             return self._mod_valid
 
         @mod_valid.setter
@@ -82,46 +93,90 @@ def _with_bookkeeping(base: type) -> type:
                 self.mod_index = self.mod_index[:, -stored:]
                 self.mod_valid = self.mod_valid[:, -stored:]
 
-        def mod_write_packed(
-            self, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, segments: torch.Tensor, tokens: int
-        ) -> None:
-            """Store a packed call's K/V (`[1, Hk, N, d]`, `modadapt.varlen`) in the per-row
-            layout: row b's kept tokens in its first slots, filler slots after. `indices` `[1, N]`
-            index the flattened `[B * tokens]` inputs; `segments` are the row offsets."""
-            counts = segments.diff().long()
-            B, N = len(counts), indices.shape[1]
+        def mod_packed_update(
+            self, key: torch.Tensor, value: torch.Tensor, segments: torch.Tensor, positions: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+            """Add a packed call's K/V (`[1, Hk, n, d]`, row offsets `segments`, sequence indices
+            `positions` `[n]`) to a cache that is empty or packed (`mod_can_pack`). Returns the whole packed K/V,
+            its row offsets, and whether it holds earlier tokens (then each row's new tokens come
+            after them: the packed decode step, one token per kept row)."""
+            if self._mod_index is None and not self._mod_pending:
+                self.update(key, value)
+                self.mod_segments, self._mod_index, self._mod_valid = segments, positions[None], None
+                return key, value, segments, False
+            past = self.mod_segments.long()
+            new = segments.long()
+            merged = past + new  # each row's offset moves by the new tokens of the rows before it
+            N, n, B = self.keys.shape[-2], key.shape[-2], len(past) - 1
+            old_rows = torch.repeat_interleave(torch.arange(B, device=key.device), past.diff(), output_size=N)
+            old_to = torch.arange(N, device=key.device) + new[old_rows]
+            new_rows = torch.repeat_interleave(torch.arange(B, device=key.device), new.diff(), output_size=n)
+            new_to = past[new_rows + 1] + torch.arange(n, device=key.device)  # after the row's old slots
+
+            def merge(old: torch.Tensor, fresh: torch.Tensor, dim: int) -> torch.Tensor:
+                shape = list(old.shape)
+                shape[dim] = N + n
+                out = old.new_empty(shape)
+                return out.index_copy_(dim, old_to, old).index_copy_(dim, new_to, fresh)
+
+            self.keys, self.values = merge(self.keys, key, -2), merge(self.values, value, -2)
+            self._mod_index = merge(self._mod_index, positions[None], 1)
+            self.mod_segments = merged.to(torch.int32)
+            return self.keys, self.values, self.mod_segments, True
+
+        def mod_can_pack(self, tokens: int) -> bool:
+            """Whether a packed call of `tokens` new tokens per row may use this cache: an empty one
+            (a prefill), or a packed one for a one-token step. Sliding layers trim along the
+            sequence axis, which the packed layout does not have."""
+            if getattr(self, "is_sliding", False):
+                return False
+            if self._mod_index is None and not self._mod_pending:
+                return self.mod_seen == 0
+            return self.mod_segments is not None and tokens == 1
+
+        def mod_as_rows(self) -> None:
+            """Convert a packed cache to the rows layout: row b's slots first, filler after."""
+            if self.mod_segments is None:
+                return
+            segments, self.mod_segments = self.mod_segments.long(), None
+            counts = segments.diff()
+            B, N = len(counts), self.keys.shape[-2]
             widest, fewest = torch.stack([counts.max(), counts.min()]).tolist()
-            rows = indices[0] // tokens
-            slots = torch.arange(N, device=indices.device) - segments[:-1].long()[rows]
+            rows = torch.repeat_interleave(torch.arange(B, device=counts.device), counts, output_size=N)
+            slots = torch.arange(N, device=counts.device) - segments[rows]
 
             def spread(packed: torch.Tensor) -> torch.Tensor:
-                out = packed.new_zeros(B, packed.shape[1], widest, packed.shape[3])
+                out = packed.new_zeros(B, packed.shape[1], widest, *packed.shape[3:])
                 out[rows, :, slots] = packed[0].transpose(0, 1)
                 return out
 
-            self.update(spread(key), spread(value))
-            index = torch.zeros(B, widest, dtype=torch.long, device=indices.device)
-            index[rows, slots] = indices[0] % tokens
-            valid = None if widest == fewest else torch.arange(widest, device=indices.device) < counts[:, None]
-            self.mod_record(index + self.mod_seen, valid)
+            self.keys, self.values = spread(self.keys), spread(self.values)
+            index = torch.zeros(B, widest, dtype=torch.long, device=counts.device)
+            index[rows, slots] = self._mod_index[0]
+            self._mod_index = index
+            self._mod_valid = torch.arange(widest, device=counts.device) < counts[:, None]
+            self.mod_all_valid = self.mod_all_valid and widest == fewest
 
         def reset(self) -> None:
             super().reset()
             self.mod_reset_book()
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.mod_as_rows()
             super().reorder_cache(beam_idx)
             if self.mod_index is not None:
                 self.mod_index = self.mod_index.index_select(0, beam_idx.to(self.mod_index.device))
                 self.mod_valid = self.mod_valid.index_select(0, beam_idx.to(self.mod_valid.device))
 
         def batch_repeat_interleave(self, repeats: int) -> None:
+            self.mod_as_rows()
             super().batch_repeat_interleave(repeats)
             if self.mod_index is not None:
                 self.mod_index = self.mod_index.repeat_interleave(repeats, dim=0)
                 self.mod_valid = self.mod_valid.repeat_interleave(repeats, dim=0)
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.mod_as_rows()
             super().batch_select_indices(indices)
             if self.mod_index is not None:
                 self.mod_index = self.mod_index[indices]
@@ -135,6 +190,7 @@ def _with_bookkeeping(base: type) -> type:
                 return
             if self.is_sliding:
                 raise ModAdaptError("cropping the cache of a sliding-window MoD layer is not supported.")
+            self.mod_as_rows()
             self.mod_seen = max(0, self.mod_seen + tokens_to_remove)
             if self.mod_index is None:
                 return

@@ -135,12 +135,12 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
 
 def can_pack(state: LayerState, hidden: torch.Tensor, book, span: int) -> bool:
     """Whether this call may run rows' kept tokens packed (`modadapt.varlen`): a batch with no
-    cache or an empty one (a prefill), on a layer whose adapter supports it, with SDPA and no
-    window cutting the span."""
+    cache, an empty one (a prefill) or a packed one (a decode step), on a layer whose adapter
+    supports it, with SDPA and no window cutting the span."""
     call, mode = state.call, state.model.config.packing
     if mode == "padded" or hidden.shape[0] < 2 or call.packed_attention is None:
         return False
-    if book is not None and (book.mod_seen or book.mod_index is not None):
+    if book is not None and not book.mod_can_pack(hidden.shape[1]):
         return False
     if call.mask is None or (call.window is not None and span > call.window):
         return False
@@ -243,16 +243,16 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     if packed:
         arguments.set(call.mask, None)
         arguments.set(varlen.SEGMENTS_KWARG, decision.segments)
-        arguments.set(varlen.MAX_LEN_KWARG, T)
-        if book is not None:  # the layer leaves the cache alone; its K/V come back in `written`
-            written = {}
+        arguments.set(varlen.MAX_LEN_KWARG, (T, seen + T))
+        if book is not None:  # the layer leaves the cache alone; the attention appends to it
+            positions = index[0] % T + seen
             arguments.set(call.cache, None)
-            arguments.set(varlen.KV_KWARG, written)
+            arguments.set(varlen.APPEND_KWARG, lambda k, v, seg: book.mod_packed_update(k, v, seg, positions))
         with call.packed_attention():
             out = layer._mod_original.forward(layer, **arguments.named)
-        if book is not None:
-            book.mod_write_packed(written["key"], written["value"], index, decision.segments, T)
     else:
+        if book is not None:
+            book.mod_as_rows()
         if call.mask:
             past_index, past_valid = book.mod_past() if book is not None else (None, None)
             mask = subset_attention_mask(

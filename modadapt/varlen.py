@@ -23,11 +23,13 @@ from .errors import ModAdaptError
 
 #: Name of the transformers attention function that runs packed segments.
 VARLEN_ATTENTION = "modadapt_varlen"
-#: Keyword arguments a packed layer call passes through to that attention function.
+#: Keyword arguments a packed layer call passes through to that attention function: the query
+#: row offsets, `(max query length, max key length)` bounds, and (with a KV cache) a callable
+#: `append(key, value, segments) -> (keys, values, key_segments, has_past)` that stores the new
+#: K/V and returns everything to attend (`ModCacheLayer.mod_packed_update`).
 SEGMENTS_KWARG = "modadapt_segments"
 MAX_LEN_KWARG = "modadapt_max_len"
-#: A dict the attention function fills with the packed call's `key` and `value` (for the KV cache).
-KV_KWARG = "modadapt_kv"
+APPEND_KWARG = "modadapt_append"
 
 
 @functools.cache
@@ -49,37 +51,39 @@ def varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    segments: torch.Tensor,
-    max_len: int,
+    q_segments: torch.Tensor,
+    k_segments: torch.Tensor,
+    max_q: int,
+    max_k: int,
     *,
     scale: float | None,
     causal: bool,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Attention within each segment. `query` `[N, H, d]`, `key`/`value` `[N, Hk, d]` with `Hk`
-    dividing `H` (grouped-query attention); returns `[N, H, d]`. `max_len` bounds the longest
-    segment (an upper bound is fine: it only sizes the kernel's grid)."""
+    """Attention within each segment: query segment i attends key segment i. `query` `[Nq, H, d]`,
+    `key`/`value` `[Nk, Hk, d]` with `Hk` dividing `H` (grouped-query attention); returns
+    `[Nq, H, d]`. `causal` needs equal query and key segments. `max_q` / `max_k` bound the longest
+    segments (upper bounds are fine: they only size the kernel's grid)."""
     flash = _flash_varlen()
     if flash is not None and dropout == 0.0 and has_fast_kernel(query):
         kernel, params = flash
         kwargs = {"scale": scale}
         if causal:  # the flag moved into window_size=(-1, 0) in later torch versions
             kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
-        if key.shape[1] != query.shape[1]:
-            if "enable_gqa" in params:
-                kwargs["enable_gqa"] = True
-            else:
-                key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
-        seg = segments.to(torch.int32)
-        return kernel(query, key, value, seg, seg, max_len, max_len, **kwargs)
-    return _reference(query, key, value, segments, scale=scale, causal=causal, dropout=dropout)
+        if key.shape[1] != query.shape[1] and "enable_gqa" in params:
+            kwargs["enable_gqa"] = True  # older versions take grouped K/V without the flag (tested on 2.11)
+        q_seg, k_seg = q_segments.to(torch.int32), k_segments.to(torch.int32)
+        return kernel(query, key, value, q_seg, k_seg, max_q, max_k, **kwargs)
+    return _reference(query, key, value, q_segments, k_segments, scale=scale, causal=causal, dropout=dropout)
 
 
-def _reference(query, key, value, segments, *, scale, causal, dropout):
+def _reference(query, key, value, q_segments, k_segments, *, scale, causal, dropout):
     """Per-segment SDPA: slow (a host sync and a loop), exact; used off CUDA and in tests."""
-    lengths = segments.diff().tolist()
+    q_lengths, k_lengths = q_segments.diff().tolist(), k_segments.diff().tolist()
     outputs = []
-    for q, k, v in zip(*(t.split(lengths) for t in (query, key, value))):
+    for q, k, v in zip(query.split(q_lengths), key.split(k_lengths), value.split(k_lengths)):
+        if not len(q):
+            continue
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
             dropout_p=dropout, is_causal=causal and len(q) > 1, scale=scale,
@@ -100,13 +104,17 @@ def transformers_varlen_attention(
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ModAdaptError(f"packed MoD attention does not support {name!r}; convert with packing='padded'.")
-    written = kwargs.get(KV_KWARG)
-    if written is not None:
-        written.update(key=key, value=value)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    k_segments, has_past = segments, False
+    append = kwargs.get(APPEND_KWARG)
+    if append is not None:
+        key, value, k_segments, has_past = append(key, value, segments)
+    max_q, max_k = kwargs[MAX_LEN_KWARG]
     out = varlen_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), segments,
-        kwargs[MAX_LEN_KWARG], scale=scaling, causal=bool(causal), dropout=dropout,
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), segments, k_segments,
+        max_q, max_k, scale=scaling,
+        causal=bool(causal) and not has_past,  # with a past: one new token per row, which sees it all
+        dropout=dropout,
     )
     return out[None], None
 

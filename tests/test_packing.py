@@ -86,29 +86,45 @@ def test_packed_training_gives_padded_loss_and_gradients(core_family, tiny, ids,
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_packed_prefill_fills_the_cache_for_decoding(core_family, tiny, ids, left_pad, randomize_routers, packed_calls):
+def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, randomize_routers, last_keeps, packed_calls):
+    """A packed prefill and packed decode steps give the full forward's logits, and the cache of a
+    MoD layer holds exactly the kept (row, token) pairs: no filler slot."""
     padded, packed = _pair(tiny, core_family, randomize_routers)
-    x = ids(3, 9)
+    x = ids(3, 12)
     with torch.no_grad():
         full = packed(x, use_cache=False).logits
-        out = packed(x[:, :5], use_cache=True)  # packed prefill into an empty cache
-        assert packed_calls
-        calls, steps = len(packed_calls), [out.logits]
-        for t in range(5, 9):  # decode steps have a filled cache: padded bookkeeping
+        keeps = last_keeps(packed)
+        out = packed(x[:, :5], use_cache=True)
+        steps, calls = [out.logits], len(packed_calls)
+        for t in range(5, 9):
             out = packed(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
-        assert len(packed_calls) == calls
-        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+        assert len(packed_calls) > calls, "no decode step ran packed"
+        torch.testing.assert_close(torch.cat(steps, 1), full[:, :9], rtol=1e-4, atol=1e-5)
+        cache = out.past_key_values
+        for layer, keep in zip(modadapt.mod_layers(packed), keeps):
+            held = cache.layers[layer.mod_state.index]
+            assert held.mod_segments is not None
+            assert held.keys.shape[-2] == int(keep[:, :9].sum()) < 3 * int(keep[:, :9].sum(1).max())
+        # a two-token chunk takes the padded path: the cache turns into rows first
+        chunk = packed(x[:, 9:11], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(chunk, full[:, 9:11], rtol=1e-4, atol=1e-5)
+        assert any(cache.layers[m.mod_state.index].mod_segments is None for m in modadapt.mod_layers(packed))
 
-        cache = packed(x[:, :7], use_cache=True).past_key_values  # cropping needs the slots' positions
-        cache.crop(-3)
-        after_crop = packed(x[:, 4:], past_key_values=cache, use_cache=True).logits
-        torch.testing.assert_close(after_crop, full[:, 4:], rtol=1e-4, atol=1e-5)
+        cache = packed(x[:, :5], use_cache=True).past_key_values
+        for t in range(5, 8):
+            packed(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache.crop(-2)  # cropping needs the slots' positions
+        after_crop = packed(x[:, 6:], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(after_crop, full[:, 6:], rtol=1e-4, atol=1e-5)
 
         prompts, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 3, 9)])
         expected = padded.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False)
         got = packed.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        beams = [m.generate(prompts, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+                 for m in (padded, packed)]
     assert torch.equal(got, expected)
+    assert torch.equal(beams[1], beams[0])
 
 
 def test_packing_is_off_on_cpu_by_default(tiny, ids, randomize_routers, packed_calls):
@@ -140,5 +156,5 @@ def test_varlen_attention_rejects_softcap():
     with pytest.raises(ModAdaptError, match="softcap"):
         varlen.transformers_varlen_attention(
             nn.Module(), q, q, q, None, softcap=30.0,
-            **{varlen.SEGMENTS_KWARG: torch.tensor([0, 3]), varlen.MAX_LEN_KWARG: 3},
+            **{varlen.SEGMENTS_KWARG: torch.tensor([0, 3]), varlen.MAX_LEN_KWARG: (3, 3)},
         )
