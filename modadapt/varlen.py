@@ -73,7 +73,9 @@ def varlen_attention(
         if key.shape[1] != query.shape[1] and "enable_gqa" in params:
             kwargs["enable_gqa"] = True  # older versions take grouped K/V without the flag (tested on 2.11)
         q_seg, k_seg = q_segments.to(torch.int32), k_segments.to(torch.int32)
-        return kernel(query, key, value, q_seg, k_seg, max_q, max_k, **kwargs)
+        # max_q == 1 with grouped K/V makes flash fold the heads into the batch, which assumes one
+        # query in every segment; a decode step leaves the rows that skip with none. 2 is a bound too.
+        return kernel(query, key, value, q_seg, k_seg, max(max_q, 2), max_k, **kwargs)
     return _reference(query, key, value, q_segments, k_segments, scale=scale, causal=causal, dropout=dropout)
 
 
