@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import itertools
 import json
 import math
 import os
@@ -481,6 +482,27 @@ def run_layer(b: Bench) -> None:
         ))
 
 
+def check_varlen_kernel(device, dtype) -> dict:
+    """`modadapt.varlen.varlen_attention` (the flash kernel where available) against its per-segment
+    SDPA reference on random grouped-query inputs shaped like a packed prefill (causal, equal query
+    and key segments) and like a packed decode step (0 or 1 query per row, long key segments)."""
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    H, Hk, d = 32, 8, 64
+    out = {}
+    for case, q_lens, k_lens, causal in (
+        ("prefill", [700, 1, 2048, 333], [700, 1, 2048, 333], True),
+        ("decode", [1, 0, 1, 1, 0], [900, 17, 1500, 1, 40], False),
+    ):
+        q = torch.randn(sum(q_lens), H, d, generator=gen).to(device, dtype)
+        k, v = (torch.randn(sum(k_lens), Hk, d, generator=gen).to(device, dtype) for _ in range(2))
+        q_seg, k_seg = (torch.tensor([0, *itertools.accumulate(x)], device=device) for x in (q_lens, k_lens))
+        got = varlen.varlen_attention(q, k, v, q_seg, k_seg, max(q_lens), max(k_lens), scale=None, causal=causal)
+        ref = varlen._reference(q, k, v, q_seg, k_seg, scale=None, causal=causal, dropout=0.0)
+        out[f"{case}_rel_diff"] = float((got.float() - ref.float()).norm() / ref.float().norm())
+    out["flash_varlen"] = varlen.has_fast_kernel(q)
+    return out
+
+
 def run_packed_check(b: Bench) -> None:
     """The packed (flash varlen) path against the padded one, on the same inputs.
 
@@ -491,6 +513,9 @@ def run_packed_check(b: Bench) -> None:
     how many)."""
     setting = b.size["prefill"][-1]
     B, T = setting["batch"], setting["seq"]
+    kernel = check_varlen_kernel(b.device, b.dtype)
+    b.add(dict(scenario="varlen_kernel_check", router=None, **kernel))
+    print(f"# varlen kernel vs per-segment SDPA: {kernel}", flush=True)
     ids = b.ids(B, T, 31)
     for router, (model, _, _) in b.mods.items():
         config = model._modadapt_state.config
@@ -523,6 +548,8 @@ def run_packed_check(b: Bench) -> None:
                     out = model(input_ids=ids[:4, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
                     steps.append(out.logits.float())
                 decoded[packing] = torch.cat(steps, 1)
+                if packing == "packed":  # the same positions from one forward without a cache
+                    decoded["full"] = model(input_ids=ids[:4, : prompt + 16], use_cache=False).logits[:, prompt - 1 :].float()
                 layouts[packing] = [out.past_key_values.layers[m.mod_state.index].mod_segments is not None
                                     for m in modadapt.mod_layers(model)]
         config.packing = "auto"
@@ -542,6 +569,7 @@ def run_packed_check(b: Bench) -> None:
             model_equal_decisions=same / sum(k.numel() for k in keeps["packed"]),
             decode_logits_rel_diff=rel(decoded["packed"], decoded["padded"]),
             decode_same_argmax=float((decoded["packed"].argmax(-1) == decoded["padded"].argmax(-1)).float().mean()),
+            decode_vs_full_forward_rel_diff=rel(decoded["packed"], decoded["full"]),
             decode_cache_packed_layers=sum(layouts["packed"]),
         )
         b.add(record)
@@ -550,7 +578,8 @@ def run_packed_check(b: Bench) -> None:
               f"{record['layer_rel_diff']:.3g}, gradients relative {record['layer_grad_rel_diff']:.3g}; whole model: "
               f"relative {record['model_rel_diff']:.3g}, equal decisions {record['model_equal_decisions']:.4f}; "
               f"cached prefill + 16 decode steps (B=4): logits relative {record['decode_logits_rel_diff']:.3g}, "
-              f"same argmax {record['decode_same_argmax']:.3f}, packed cache layers {record['decode_cache_packed_layers']}",
+              f"same argmax {record['decode_same_argmax']:.3f}, packed cache layers {record['decode_cache_packed_layers']}; "
+              f"packed decode vs packed forward without cache: relative {record['decode_vs_full_forward_rel_diff']:.3g}",
               flush=True)
 
 
