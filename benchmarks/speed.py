@@ -492,15 +492,37 @@ def check_varlen_kernel(device, dtype) -> dict:
     for case, q_lens, k_lens, causal in (
         ("prefill", [700, 1, 2048, 333], [700, 1, 2048, 333], True),
         ("decode", [1, 0, 1, 1, 0], [900, 17, 1500, 1, 40], False),
+        ("decode_head_major", [1, 0, 1, 1, 0], [900, 17, 1500, 1, 40], False),
     ):
         q = torch.randn(sum(q_lens), H, d, generator=gen).to(device, dtype)
         k, v = (torch.randn(sum(k_lens), Hk, d, generator=gen).to(device, dtype) for _ in range(2))
+        if case.endswith("head_major"):  # [Hk, N, d] storage seen as [N, Hk, d], as a cache may hold it
+            k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (k, v))
         q_seg, k_seg = (torch.tensor([0, *itertools.accumulate(x)], device=device) for x in (q_lens, k_lens))
         got = varlen.varlen_attention(q, k, v, q_seg, k_seg, max(q_lens), max(k_lens), scale=None, causal=causal)
         ref = varlen._reference(q, k, v, q_seg, k_seg, scale=None, causal=causal, dropout=0.0)
         out[f"{case}_rel_diff"] = float((got.float() - ref.float()).norm() / ref.float().norm())
     out["flash_varlen"] = varlen.has_fast_kernel(q)
     return out
+
+
+def decode_and_forward(model, ids: torch.Tensor, T: int):
+    """Logits of 4 rows at the last prompt position and 16 teacher-forced decode steps after a
+    cached prefill, the same positions from one forward without a cache, and the cache."""
+    prompt = min(256, T - 16)
+    layers = modadapt.mod_layers(model) if hasattr(model, "_modadapt_state") else []
+    with torch.inference_mode():
+        out = model(input_ids=ids[:4, :prompt], use_cache=True)
+        steps, keeps = [out.logits[:, -1:].float()], []
+        for t in range(prompt, prompt + 16):
+            out = model(input_ids=ids[:4, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits.float())
+            keeps.append([m.mod_state.last_keep for m in layers])
+        full = model(input_ids=ids[:4, : prompt + 16], use_cache=False).logits[:, prompt - 1 :].float()
+    flips = sum(int((torch.cat([k[i] for k in keeps], 1) != m.mod_state.last_keep[:, prompt:]).sum())
+                for i, m in enumerate(layers))
+    model.mod_check_flips = flips  # decisions at the decode positions that differ from the forward's
+    return torch.cat(steps, 1), full, out.past_key_values
 
 
 def run_packed_check(b: Bench) -> None:
@@ -527,7 +549,7 @@ def run_packed_check(b: Bench) -> None:
         rest = {k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone() if torch.is_tensor(v) else v)
                 for k, v in kwargs.items() if k != "hidden_states"}
         probe = torch.randn(hidden.shape, generator=torch.Generator(device="cpu").manual_seed(5)).to(hidden)
-        layer_out, layer_grads, outs, keeps, decoded, layouts = {}, {}, {}, {}, {}, {}
+        layer_out, layer_grads, outs, keeps, decoded, full, layouts, flips = {}, {}, {}, {}, {}, {}, {}, {}
         for packing in ("packed", "padded"):
             config.packing = packing
             x = hidden.detach().requires_grad_(True)
@@ -540,18 +562,10 @@ def run_packed_check(b: Bench) -> None:
             with torch.inference_mode():
                 outs[packing] = model.model(input_ids=ids, use_cache=False).last_hidden_state.float()
             keeps[packing] = [m.mod_state.last_keep.clone() for m in modadapt.mod_layers(model)]
-            with torch.inference_mode():  # a cached prefill, then 16 teacher-forced decode steps
-                prompt = min(256, T - 16)
-                out = model(input_ids=ids[:4, :prompt], use_cache=True)
-                steps = [out.logits[:, -1:].float()]
-                for t in range(prompt, prompt + 16):
-                    out = model(input_ids=ids[:4, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
-                    steps.append(out.logits.float())
-                decoded[packing] = torch.cat(steps, 1)
-                if packing == "packed":  # the same positions from one forward without a cache
-                    decoded["full"] = model(input_ids=ids[:4, : prompt + 16], use_cache=False).logits[:, prompt - 1 :].float()
-                layouts[packing] = [out.past_key_values.layers[m.mod_state.index].mod_segments is not None
-                                    for m in modadapt.mod_layers(model)]
+            decoded[packing], full[packing], cache = decode_and_forward(model, ids, T)
+            layouts[packing] = [cache.layers[m.mod_state.index].mod_segments is not None
+                                for m in modadapt.mod_layers(model)]
+            flips[packing] = model.mod_check_flips
         config.packing = "auto"
 
         def rel(a, c):
@@ -569,7 +583,10 @@ def run_packed_check(b: Bench) -> None:
             model_equal_decisions=same / sum(k.numel() for k in keeps["packed"]),
             decode_logits_rel_diff=rel(decoded["packed"], decoded["padded"]),
             decode_same_argmax=float((decoded["packed"].argmax(-1) == decoded["padded"].argmax(-1)).float().mean()),
-            decode_vs_full_forward_rel_diff=rel(decoded["packed"], decoded["full"]),
+            decode_vs_forward_rel_diff={"packed": rel(decoded["packed"], full["packed"]),
+                                        "padded": rel(decoded["padded"], full["padded"]),
+                                        "dense": rel(*decode_and_forward(b.dense, ids, T)[:2])},
+            decode_decisions_flipped=flips,  # of 4 rows x 16 positions x MoD layers
             decode_cache_packed_layers=sum(layouts["packed"]),
         )
         b.add(record)
@@ -579,7 +596,8 @@ def run_packed_check(b: Bench) -> None:
               f"relative {record['model_rel_diff']:.3g}, equal decisions {record['model_equal_decisions']:.4f}; "
               f"cached prefill + 16 decode steps (B=4): logits relative {record['decode_logits_rel_diff']:.3g}, "
               f"same argmax {record['decode_same_argmax']:.3f}, packed cache layers {record['decode_cache_packed_layers']}; "
-              f"packed decode vs packed forward without cache: relative {record['decode_vs_full_forward_rel_diff']:.3g}",
+              f"decode vs forward without cache, relative: {record['decode_vs_forward_rel_diff']}, "
+              f"decisions flipped {flips}",
               flush=True)
 
 
