@@ -9,9 +9,9 @@ briefly with the same recipe; the dense model gets the same fine-tune as the fai
 Evaluation is greedy generation, exact match, on held-out images.
 
     python benchmarks/llava_digits.py [--capacity 0.3] [--layers 2] [--dense-epochs 15] [--mod-epochs 6] [--seeds 0 1 2]
-        [--patch-size 8|4] [--route all|image] [--inference-routing causal|topk]
+        [--patch-size 8|4] [--route all|image] [--inference-routing causal|topk] [--distill W] [--out PREFIX]
 
-Writes benchmarks/results/llava_digits.{json,md}.
+Writes benchmarks/results/llava_digits.{json,md} (or PREFIX.{json,md}).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def one_seed(args, seed: int) -> dict:
                                     model=str(tmp / "dense-hf"), router="shared-vl", capacity=args.capacity,
                                     layers=",".join(map(str, layers)), epochs=args.mod_epochs, lr=5e-4,
                                     inference_routing=args.inference_routing, adapter_kwargs={"route": args.route},
-                                    **common))
+                                    distill=args.distill, **common))
         mod_time = time.time() - start
     roles = mod["eval"]["kept_fraction_by_role"]
     return {
@@ -141,6 +141,10 @@ def main() -> None:
                         help="which unprotected tokens are routed: all (image and answer) or only image tokens (p-MoD)")
     parser.add_argument("--inference-routing", default="causal", choices=["causal", "topk"],
                         help="how the MoD model routes a prompt's image tokens in evaluation")
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="weight of KL(dense model || MoD model) on the answer logits during the MoD fine-tune")
+    parser.add_argument("--out", default=str(RESULTS / "llava_digits"),
+                        help="write OUT.json and OUT.md (default: benchmarks/results/llava_digits)")
     args = parser.parse_args()
     image_tokens = (IMAGE_SIZE // args.patch_size) ** 2
     torch.set_num_threads(2)
@@ -151,11 +155,13 @@ def main() -> None:
     goal_met = float(np.mean(skips)) >= 0.5 and float(np.mean(drops)) <= 1.5
     result = {"capacity": args.capacity, "seeds": args.seeds, "layers": args.layers, "dense_epochs": args.dense_epochs,
               "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing, "route": args.route,
+              "distill": args.distill,
               "image_tokens": image_tokens, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
               "mean_image_skip_rate": float(np.mean(skips)), "goal_met": goal_met,
               "versions": {"torch": torch.__version__, "modadapt": modadapt.__version__}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "llava_digits.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
 
     def pct(key: str, sub: str = "accuracy") -> list[float]:
         return [100 * r[key][sub] for r in runs]
@@ -179,7 +185,7 @@ def main() -> None:
                if args.inference_routing == "causal" else "the training-time top-k (`--inference-routing topk`)")
     text = f"""# LLaVA-style digits QA: dense vs `shared-vl` (γ-MoD) conversion
 
-Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size} --route {args.route}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
+Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size} --route {args.route} --distill {args.distill}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
 seeds; each seed draws its own split, model and ARank choice). Task: "What digit is this?" about
 scikit-learn digits (32x32, {image_tokens} image tokens), {first['dense']['samples']} held-out images, greedy exact match.
 ARank picks {args.layers} layers per seed (lowest mean ARank, layer 0 never).
@@ -200,7 +206,7 @@ Goal (>= 50% of image tokens skipped in converted layers for <= 1.5 points of ac
 the dense model fine-tuned with the same budget, on the mean over seeds):
 **{'met' if goal_met else 'not met'}** (mean accuracy change {-np.mean(drops):+.2f} points).
 """
-    (RESULTS / "llava_digits.md").write_text(text)
+    Path(f"{out}.md").write_text(text)
     print(text)
 
 

@@ -255,6 +255,47 @@ def test_llava_adapt_inference_routing_reaches_the_model(tmp_path, capsys):
     assert state_of(modadapt.load(tmp_path / "run" / "model")).config.inference_routing == "topk"
 
 
+def test_llava_adapt_distills_from_the_dense_model(tmp_path, monkeypatch):
+    """`--distill W` adds W x KL(model before conversion || model) on the answer tokens only."""
+    from modadapt.cli import main
+    from modadapt.recipes import llava_adapt
+    from modadapt.recipes.llava_adapt import LlavaRecipeConfig
+
+    with pytest.raises(ModAdaptError, match="distill must be >= 0"):
+        LlavaRecipeConfig(data="x.json", output=str(tmp_path / "r"), distill=-1.0)
+    seen = []
+    real = llava_adapt.distillation_kl
+
+    def spy(student, teacher, temperature, mask):
+        seen.append((mask.sum().item(), mask.shape, temperature, float(real(teacher, teacher, temperature, mask))))
+        return real(student, teacher, temperature, mask)
+
+    monkeypatch.setattr(llava_adapt, "distillation_kl", spy)
+    data = write_data(tmp_path / "data")
+    losses = []
+    for distill in ("0", "5"):
+        assert main(["train", "llava-adapt", "--data", str(data), "-o", str(tmp_path / f"run{distill}"),
+                     "--batch-size", "3", "--capacity", "0.5", "--layers", "1,3", "--no-progress", "--cpu",
+                     "--max-steps", "2", "--distill", distill, "--distill-temperature", "2"]) == 0
+        losses.append(json.loads((tmp_path / f"run{distill}" / "summary.json").read_text())["final_train_loss"])
+    assert len(seen) == 2  # only the distilling run, once per step
+    for answer_tokens, shape, temperature, self_kl in seen:
+        assert answer_tokens == 3 * 2 and temperature == 2.0 and self_kl == pytest.approx(0.0, abs=1e-6)  # "0".."5" + eos
+    assert losses[1] != losses[0]
+
+
+def test_distillation_kl_counts_only_masked_tokens():
+    from modadapt.recipes.training import distillation_kl
+
+    student, teacher = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[1, 2] = True
+    expected = torch.nn.functional.kl_div(student[1, 2].log_softmax(-1), teacher[1, 2].log_softmax(-1),
+                                          log_target=True, reduction="sum")
+    assert float(distillation_kl(student, teacher, 1.0, mask)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(distillation_kl(student, teacher, 1.0, torch.zeros_like(mask))) == 0.0
+
+
 def test_shared_router_calibrates_each_layer_apart(tmp_path):
     """One shared parameter set, but each layer's scores have their own distribution (a single
     shared cut-off kept 30% of the image tokens at one layer and 5.5% at the next on digits): each

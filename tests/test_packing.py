@@ -1,7 +1,7 @@
 """Packed MoD layers (`packing='packed'`, `modadapt.varlen`) give what the padded layout gives.
 
 On CPU the packed call runs the reference per-segment kernel; the GPU benchmark checks the flash
-kernel against the padded path in the same way (`benchmarks/speed.py`, `packed_max_abs_diff`).
+kernel against the padded path and against its reference (`benchmarks/speed.py`, scenario `check`).
 """
 
 from __future__ import annotations
@@ -158,3 +158,28 @@ def test_varlen_attention_rejects_softcap():
             nn.Module(), q, q, q, None, softcap=30.0,
             **{varlen.SEGMENTS_KWARG: torch.tensor([0, 3]), varlen.MAX_LEN_KWARG: (3, 3)},
         )
+
+
+def test_speed_benchmark_smoke(tmp_path, monkeypatch):
+    """`benchmarks/speed.py --tiny` runs every scenario (packed check included) and writes records."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--tiny", "--routers", "topk,threshold-p", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the smoke test pins one thread
+    records = json.loads(out.read_text())
+    scenarios = {r["scenario"].split("_b")[0] for r in records}
+    assert {"varlen_kernel_check", "packed_check", "prefill", "layer", "decode", "train"} <= scenarios
+    check = next(r for r in records if r["scenario"].startswith("packed_check"))
+    assert check["layer_rel_diff"] < 1e-2 and check["decode_decisions_flipped"] == {"packed": 0, "padded": 0}

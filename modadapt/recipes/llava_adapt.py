@@ -19,6 +19,7 @@ sample, dense vs MoD. Defaults below, then a YAML file (``-c``), then flags.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from torch import nn
 from ..config import INFERENCE_ROUTING
 from ..errors import ModAdaptError
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, train_epochs
+from .training import RunCheckpoint, distillation_kl, train_epochs
 
 NAME = "llava-adapt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -72,6 +73,10 @@ class LlavaRecipeConfig(RecipeConfig):
     cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
     seed: int = field(default=0, metadata={"help": "seed for new weights and shuffling"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    distill: float = field(default=0.0, metadata={
+        "help": "weight of KL(model before conversion || model) on the answer tokens' logits (0: off); the "
+                "teacher is the dense model the run starts from"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -85,6 +90,8 @@ class LlavaRecipeConfig(RecipeConfig):
         for name in ("epochs", "batch_size", "eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ModAdaptError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not self.distill >= 0 or not self.distill_temperature > 0:
+            raise ModAdaptError("distill must be >= 0 and distill_temperature > 0.")
 
 
 
@@ -365,10 +372,22 @@ def run(cfg: LlavaRecipeConfig) -> dict:
     (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
 
     train_set = LlavaDataset(train_records, codec, size)
+    teacher = modadapt.unload(copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
+
+    def loss_fn(model, batch, _):
+        out = model(**batch)  # the loss includes the routers' aux losses
+        if teacher is None:
+            return out.loss
+        with torch.no_grad():
+            target = teacher.to(out.logits.device)(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        answer = torch.zeros_like(batch["labels"], dtype=torch.bool)  # logits at t predict the label at t + 1
+        answer[:, :-1] = batch["labels"][:, 1:] != -100
+        return out.loss + cfg.distill * distillation_kl(out.logits, target, cfg.distill_temperature, answer)
+
     accelerator, model, step, losses = train_epochs(
-        cfg, model, train_set, lambda model, batch, _: model(**batch).loss,  # includes the routers' aux losses
-        checkpoint, collate_fn=lambda rows: collate(rows, codec.pad),
+        cfg, model, train_set, loss_fn, checkpoint, collate_fn=lambda rows: collate(rows, codec.pad),
     )
+    del teacher
 
     summary: dict = {"steps": step, "final_train_loss": losses[-1] if losses else None}
     inner = accelerator.unwrap_model(model)

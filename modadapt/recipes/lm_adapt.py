@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import ModAdaptError
 from ..convert import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, lr_schedule
+from .training import RunCheckpoint, distillation_kl, lr_schedule
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
@@ -486,9 +486,7 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
                 if teacher is not None:
                     with torch.no_grad():
                         target = teacher(input_ids=batch, use_cache=False).logits.float()
-                    kl = F.kl_div(F.log_softmax(outputs.logits.float() / T, -1).flatten(0, 1),
-                                  F.log_softmax(target / T, -1).flatten(0, 1),
-                                  log_target=True, reduction="batchmean") * T * T
+                    kl = distillation_kl(outputs.logits, target, T)
                     parts["distill_loss"] += float(kl.detach()) / cfg.grad_accum
                     loss = loss + cfg.distill * kl
                 parts["loss"] += float(loss.detach()) / cfg.grad_accum

@@ -10,6 +10,22 @@ from typing import Callable
 from ..errors import ModAdaptError
 
 
+def distillation_kl(student_logits, teacher_logits, temperature: float, mask=None):
+    """KL(teacher || student) of the next-token distributions at `temperature`, times its square
+    (so gradients keep their scale), averaged over tokens (`mask` `[B, T]`: the tokens counted)."""
+    import torch.nn.functional as F
+
+    student, teacher = student_logits.float(), teacher_logits.float()
+    if mask is not None:
+        student, teacher = student[mask], teacher[mask]
+    else:
+        student, teacher = student.flatten(0, -2), teacher.flatten(0, -2)
+    if not len(student):
+        return student.sum() * 0.0
+    return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                    log_target=True, reduction="batchmean") * temperature**2
+
+
 def lr_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (a LambdaLR factor)."""
 
