@@ -158,8 +158,9 @@ def test_shared_router_is_one_parameter_set():
     assert len(list(per_layer.parameters())) == dense_params + 6
 
 
-def test_batched_generation_equals_per_sample():
-    model = randomize(llava(router="shared-vl", capacity=0.5, layers="all-but-first",
+@pytest.mark.parametrize("packing", ["padded", "packed"])
+def test_batched_generation_equals_per_sample(packing):
+    model = randomize(llava(router="shared-vl", capacity=0.5, layers="all-but-first", packing=packing,
                             adapter_kwargs={"inference_text": "routed"}), seed=1)
     prompts = [prompt(1, 6, 6), prompt(6, 2, 7)]
     ids, mask = left_pad(prompts)
