@@ -9,7 +9,8 @@ briefly with the same recipe; the dense model gets the same fine-tune as the fai
 Evaluation is greedy generation, exact match, on held-out images.
 
     python benchmarks/llava_digits.py [--capacity 0.3] [--layers 2] [--dense-epochs 15] [--mod-epochs 6] [--seeds 0 1 2]
-        [--patch-size 8|4] [--route all|image] [--inference-routing causal|topk] [--distill W] [--out PREFIX]
+        [--patch-size 8|4] [--lm-layers 4] [--route all|image] [--inference-routing causal|topk] [--distill W]
+        [--out PREFIX]
 
 Writes benchmarks/results/llava_digits.{json,md} (or PREFIX.{json,md}).
 """
@@ -69,15 +70,20 @@ def arank_layers(model, records, count: int) -> tuple[list[int], list[float]]:
 
 
 def initial_model(args, directory: Path) -> str:
-    """`tiny-llava` (8x8 patches: 16 image tokens), or with --patch-size 4 the same model seeing
-    64 image tokens per image (saved to `directory`): more, and more redundant, image tokens."""
-    if args.patch_size == 8:
+    """`tiny-llava` (8x8 patches: 16 image tokens, a 4-layer language model), or a variant saved to
+    `directory`: --patch-size 4 sees 64 image tokens per image (more, and more redundant, image
+    tokens); --lm-layers N gives the language model N layers (more layers to carry the image)."""
+    if args.patch_size == 8 and args.lm_layers == 4:
         return "tiny-llava"
     from transformers import LlavaForConditionalGeneration
 
     config = modadapt.build_preset("tiny-llava").config
     config.vision_config.patch_size = args.patch_size
     config.image_seq_length = (config.vision_config.image_size // args.patch_size) ** 2
+    config.text_config.num_hidden_layers = args.lm_layers
+    if getattr(config.text_config, "layer_types", None):
+        config.text_config.layer_types = [config.text_config.layer_types[0]] * args.lm_layers
+    torch.manual_seed(args.current_seed)
     LlavaForConditionalGeneration(config).save_pretrained(directory)
     return str(directory)
 
@@ -85,6 +91,7 @@ def initial_model(args, directory: Path) -> str:
 def one_seed(args, seed: int) -> dict:
     """Dense training, ARank, then the fair baseline and the MoD model, both fine-tuned alike."""
     torch.manual_seed(seed)
+    args.current_seed = seed
     common = dict(cpu=True, progress=False, batch_size=32, eval_batch_size=128, seed=seed, max_new_tokens=3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -141,6 +148,7 @@ def main() -> None:
                         help="which unprotected tokens are routed: all (image and answer) or only image tokens (p-MoD)")
     parser.add_argument("--inference-routing", default="causal", choices=["causal", "topk"],
                         help="how the MoD model routes a prompt's image tokens in evaluation")
+    parser.add_argument("--lm-layers", type=int, default=4, help="layers of the language model (tiny-llava: 4)")
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of KL(dense model || MoD model) on the answer logits during the MoD fine-tune")
     parser.add_argument("--out", default=str(RESULTS / "llava_digits"),
@@ -155,7 +163,7 @@ def main() -> None:
     goal_met = float(np.mean(skips)) >= 0.5 and float(np.mean(drops)) <= 1.5
     result = {"capacity": args.capacity, "seeds": args.seeds, "layers": args.layers, "dense_epochs": args.dense_epochs,
               "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing, "route": args.route,
-              "distill": args.distill,
+              "distill": args.distill, "lm_layers": args.lm_layers, "patch_size": args.patch_size,
               "image_tokens": image_tokens, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
               "mean_image_skip_rate": float(np.mean(skips)), "goal_met": goal_met,
               "versions": {"torch": torch.__version__, "modadapt": modadapt.__version__}}
@@ -185,7 +193,7 @@ def main() -> None:
                if args.inference_routing == "causal" else "the training-time top-k (`--inference-routing topk`)")
     text = f"""# LLaVA-style digits QA: dense vs `shared-vl` (γ-MoD) conversion
 
-Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size} --route {args.route} --distill {args.distill}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
+Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size} --route {args.route} --distill {args.distill} --lm-layers {args.lm_layers}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
 seeds; each seed draws its own split, model and ARank choice). Task: "What digit is this?" about
 scikit-learn digits (32x32, {image_tokens} image tokens), {first['dense']['samples']} held-out images, greedy exact match.
 ARank picks {args.layers} layers per seed (lowest mean ARank, layer 0 never).
