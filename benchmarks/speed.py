@@ -83,7 +83,7 @@ ROUTERS = {
 }
 KV_GOAL = {"threshold-p": 0.8}  # mod_kv_bytes / dense_kv_bytes at most this
 ROUTER_OVERHEAD_GOAL = 0.05  # route() time / dense layer time at most this
-SCENARIOS = ("check", "prefill", "layer", "decode", "train")
+SCENARIOS = ("check", "prefill", "layer", "decode_layer", "decode", "train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,6 +601,45 @@ def run_packed_check(b: Bench) -> None:
               flush=True)
 
 
+def run_decode_layer(b: Bench) -> None:
+    """What one MoD layer costs in a batch-1 decode step, in context: 128-step decodes of the MoD
+    model with every router forced to skip (bias -1e4) and forced to keep (+1e4), against dense.
+    With 8 MoD layers, (dense - all-skip) / 8 is what a skip saves against a dense layer and
+    (all-keep - dense) / 8 what a kept token costs beyond one: the routing overhead in a
+    host-bound step, where the layer breakdown (`layer`) only sees GPU time."""
+    setting = b.size["decode"][0]
+    B, ctx, new = setting["batch"], setting["context"], setting["new"]
+    ids = b.ids(B, ctx, 11)
+
+    def step_ms(model) -> float:
+        runs = [decode_once(model, ids, new, b.clock)[0] for _ in range(1 + b.size["decode_repeats"])]
+        return statistics.median(runs[1:]) / new
+
+    dense = step_ms(b.dense)
+    for router, (model, _, _) in b.mods.items():
+        layers = modadapt.mod_layers(model)
+        saved = [layer.router.scorer.bias.detach().clone() for layer in layers]
+        forced = {}
+        for case, value in (("skip", -1e4), ("keep", 1e4)):
+            for layer in layers:
+                layer.router.scorer.bias.data.fill_(value)
+            forced[case] = step_ms(model)
+        for layer, bias in zip(layers, saved):
+            layer.router.scorer.bias.data.copy_(bias)
+        n = len(layers)
+        record = dict(
+            scenario=f"decode_layer_b{B}_ctx{ctx}", router=router, dense_step_ms=dense,
+            all_skip_step_ms=forced["skip"], all_keep_step_ms=forced["keep"], mod_layers=n,
+            skip_saves_us=(dense - forced["skip"]) / n * 1e3, keep_costs_extra_us=(forced["keep"] - dense) / n * 1e3,
+            dense_layer_us_upper_bound=dense / b.shape.L * 1e3,
+        )
+        b.add(record)
+        print(f"# decode step B={B} ({router}): dense {dense:.2f} ms; every MoD layer skipping "
+              f"{forced['skip']:.2f} ms, keeping {forced['keep']:.2f} ms: a skip saves "
+              f"{record['skip_saves_us']:.0f} us, a kept token costs {record['keep_costs_extra_us']:.0f} us beyond a "
+              f"dense layer (a dense layer is at most {record['dense_layer_us_upper_bound']:.0f} us)", flush=True)
+
+
 def kv_bytes(cache) -> tuple[int, int]:
     """(K/V tensor bytes over all cache layers, MoD bookkeeping bytes)."""
     kv = book = 0
@@ -1042,7 +1081,7 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
     if args.compile:
         compile_models(bench, args.compile_mode, scenarios)
     print(HEADER, flush=True)
-    runners = {"check": run_packed_check, "prefill": run_prefill, "layer": run_layer, "decode": run_decode, "train": run_train}
+    runners = {"check": run_packed_check, "prefill": run_prefill, "layer": run_layer, "decode_layer": run_decode_layer, "decode": run_decode, "train": run_train}
     for name in scenarios:
         elapsed = time.perf_counter() - t_start
         if args.budget_s is not None and elapsed > args.budget_s:
