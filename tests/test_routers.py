@@ -371,6 +371,21 @@ def test_topk_calibration_skips_rows_without_routed_tokens():
     assert int(router.calibration_steps) == 0 and float(router.calibrated_threshold) == 0.0
 
 
+def test_cached_causal_cutoff_follows_buffer_changes():
+    """Decoding reuses the resolved cut-off; any change to the calibration buffers (a training
+    step, load_state_dict) must show at once."""
+    router = _randomized(TopKRouter(HIDDEN, 0.5, 1)).eval()
+    assert float(router.causal_threshold(1)) == 0.0  # the fallback before any training step
+    router.route(torch.randn(2, 8, HIDDEN), ctx_for(2, 8))  # a training-time top-k calibrates
+    calibrated = float(router.calibrated_threshold)
+    assert float(router.causal_threshold(1)) == calibrated != 0.0
+    router.load_state_dict({**router.state_dict(), "calibrated_threshold": torch.tensor([1.25])})
+    assert float(router.causal_threshold(1)) == 1.25
+    with torch.no_grad():
+        router.calibration_steps.zero_()
+    assert float(router.causal_threshold(1)) == 0.0
+
+
 # --- random --------------------------------------------------------------------------------
 
 

@@ -223,6 +223,19 @@ class Router(nn.Module):
         if self.capacity >= 1.0:
             return float("-inf")
         slot = self.calibration_slot(layer_index)
+        if torch.compiler.is_compiling():
+            return self._resolve_cutoff(slot, fallback)
+        # Decoding asks once per token and layer: reuse the resolved cut-off until a buffer
+        # changes (training, load_state_dict and .to() all give new tensor versions or objects).
+        buffer = self.calibrated_threshold
+        key = (id(buffer), buffer.device, buffer._version, self.calibration_steps._version)
+        cached = self.__dict__.setdefault("_cutoff_cache", {}).get(slot)
+        if cached is None or cached[0] != key:
+            cached = (key, self._resolve_cutoff(slot, fallback))
+            self._cutoff_cache[slot] = cached
+        return cached[1]
+
+    def _resolve_cutoff(self, slot: int, fallback: float) -> torch.Tensor:
         value = self.calibrated_threshold[slot]
         return torch.where(self.calibration_steps[slot] > 0, value, torch.full_like(value, fallback))
 
