@@ -175,18 +175,29 @@ def _decode_one_token(layer: nn.Module, arguments: _CallArguments, hidden: torch
         return hidden
     if call.mask:
         arguments.set(call.mask, None)
-    if hidden.is_cuda:
-        with sdpa_kernel(_MASKED_BACKENDS):
-            out = layer._mod_original.forward(layer, **arguments.named)
-    else:
-        out = layer._mod_original.forward(layer, **arguments.named)
+    out = _call_original(layer, arguments, off_cudnn=True)
     book.mod_append(seen)
     gate = layer.router.gate(logits)
     if gate is None:
         return out
-    result = out[0] if isinstance(out, tuple) else out
-    result = result + (gate - 1).to(result.dtype).unsqueeze(-1) * (result - hidden)
+    result = _gated(out[0] if isinstance(out, tuple) else out, gate, hidden)
     return (result, *out[1:]) if isinstance(out, tuple) else result
+
+
+def _call_original(layer: nn.Module, arguments: _CallArguments, off_cudnn: bool) -> Any:
+    """The original layer forward. `off_cudnn` on CUDA: cuDNN attention re-plans for every new
+    shape, and MoD cache lengths and masks rarely repeat one."""
+    if off_cudnn and arguments.get(layer.mod_state.call.hidden).is_cuda:
+        with sdpa_kernel(_MASKED_BACKENDS):
+            return layer._mod_original.forward(layer, **arguments.named)
+    return layer._mod_original.forward(layer, **arguments.named)
+
+
+def _gated(out: torch.Tensor, gate: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """`y = f + (g - 1)(f - x)`: exactly the layer's output `f` when the gate is 1 (or None)."""
+    if gate is None:
+        return out
+    return out + (gate - 1).to(out.dtype).unsqueeze(-1) * (out - hidden)
 
 
 def _flatten_rows(value: Any, B: int, T: int) -> Any:
@@ -241,52 +252,60 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
         if name is not None and arguments.get(name) is not None:
             arguments.set(name, _gather_tokens(arguments.get(name), index))
     if packed:
-        arguments.set(call.mask, None)
-        arguments.set(varlen.SEGMENTS_KWARG, decision.segments)
-        arguments.set(varlen.MAX_LEN_KWARG, (T, seen + T))
-        if book is not None:  # the layer leaves the cache alone; the attention appends to it
-            positions = index[0] % T + seen
-            arguments.set(call.cache, None)
-            arguments.set(varlen.APPEND_KWARG, lambda k, v, seg: book.mod_packed_update(k, v, seg, positions))
-        with call.packed_attention():
-            out = layer._mod_original.forward(layer, **arguments.named)
+        out = _run_packed(layer, arguments, decision, book, T, seen)
     else:
-        if book is not None:
-            book.mod_as_rows()
-        if call.mask:
-            past_index, past_valid = book.mod_past() if book is not None else (None, None)
-            mask = subset_attention_mask(
-                call.attn_implementation(),
-                query_index=index + seen,
-                query_valid=decision.valid,
-                past_index=past_index,
-                past_valid=None if book is not None and book.mod_all_valid else past_valid,
-                causal=call.causal,
-                window=call.window,
-                span=seen + T,
-                dtype=hidden.dtype,
-            )
-            arguments.set(call.mask, mask)
-        else:
-            mask = None
-        if hidden.is_cuda and (mask is not None or book is not None):
-            # cuDNN attention re-plans for every new shape, and MoD cache lengths rarely repeat.
-            with sdpa_kernel(_MASKED_BACKENDS):
-                out = layer._mod_original.forward(layer, **arguments.named)
-        else:
-            out = layer._mod_original.forward(layer, **arguments.named)
-    out_sub = out[0] if isinstance(out, tuple) else out
+        out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
+    out_sub = _gated(out[0] if isinstance(out, tuple) else out, decision.gate, hidden_sub)
     if book is not None:
-        if not packed:
-            book.mod_record(index + seen, decision.valid)
         book.mod_seen += T
-
-    if decision.gate is not None:  # y = f + (g - 1)(f - x): exactly f when g == 1
-        out_sub = out_sub + (decision.gate - 1).to(out_sub.dtype).unsqueeze(-1) * (out_sub - hidden_sub)
     if decision.valid is not None:
         out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub)
     result = hidden.scatter(1, gather_index, out_sub.to(hidden.dtype)).view_as(rows)
     return (result, *out[1:]) if isinstance(out, tuple) else result
+
+
+def _run_packed(layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int):
+    """The original layer on all rows' kept tokens as one sequence; its attention runs per row
+    (`modadapt.varlen`) and, with a cache, appends the new K/V to the packed cache itself."""
+    call = layer.mod_state.call
+    arguments.set(call.mask, None)
+    arguments.set(varlen.SEGMENTS_KWARG, decision.segments)
+    arguments.set(varlen.MAX_LEN_KWARG, (T, seen + T))
+    if book is not None:  # the layer leaves the cache alone; the attention appends to it
+        positions = decision.indices[0] % T + seen
+        arguments.set(call.cache, None)
+        arguments.set(varlen.APPEND_KWARG, lambda k, v, seg: book.mod_packed_update(k, v, seg, positions))
+    with call.packed_attention():
+        return layer._mod_original.forward(layer, **arguments.named)
+
+
+def _run_rows(layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int,
+              dtype: torch.dtype):
+    """The original layer on each row's kept tokens (filler slots where rows keep fewer), with a
+    mask built from the tokens' sequence indices; the cache is kept in the rows layout."""
+    call = layer.mod_state.call
+    index = decision.indices
+    if book is not None:
+        book.mod_as_rows()
+    mask = None
+    if call.mask:
+        past_index, past_valid = book.mod_past() if book is not None else (None, None)
+        mask = subset_attention_mask(
+            call.attn_implementation(),
+            query_index=index + seen,
+            query_valid=decision.valid,
+            past_index=past_index,
+            past_valid=None if book is not None and book.mod_all_valid else past_valid,
+            causal=call.causal,
+            window=call.window,
+            span=seen + T,
+            dtype=dtype,
+        )
+        arguments.set(call.mask, mask)
+    out = _call_original(layer, arguments, off_cudnn=mask is not None or book is not None)
+    if book is not None:
+        book.mod_record(index + seen, decision.valid)
+    return out
 
 
 def _record(state: LayerState, decision: RoutingDecision, ctx: RoutingContext) -> None:
