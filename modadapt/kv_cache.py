@@ -97,9 +97,9 @@ def _with_bookkeeping(base: type) -> type:
             self, key: torch.Tensor, value: torch.Tensor, segments: torch.Tensor, positions: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
             """Add a packed call's K/V (`[1, Hk, n, d]`, row offsets `segments`, sequence indices
-            `positions` `[n]`) to a cache that is empty or packed (`mod_can_pack`). Returns the whole packed K/V,
-            its row offsets, and whether it holds earlier tokens (then each row's new tokens come
-            after them: the packed decode step, one token per kept row)."""
+            `positions` `[n]`) to a cache that is empty or packed (`mod_can_pack`). Returns the
+            whole packed K/V, its row offsets, and whether it holds earlier tokens (then each
+            row's new tokens come after them: the packed decode step, one token per kept row)."""
             if self._mod_index is None and not self._mod_pending:
                 self.update(key, value)
                 self.mod_segments, self._mod_index, self._mod_valid = segments, positions[None], None
