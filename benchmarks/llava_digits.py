@@ -3,9 +3,8 @@
 scikit-learn's 8x8 digits are upscaled to 32x32 RGB PNGs and written as LLaVA-format JSON
 ("<image>\\nWhat digit is this?" -> "7"). The `tiny-llava` preset (CLIP-style tower, 16 image
 tokens) with its Llama deepened to 8 layers (`--lm-layers`; the preset has 4) is trained densely
-with the `llava-adapt` recipe at capacity 1.0 (every
-token kept, gate exactly 1: the dense model), then ARank picks layers (`modadapt.metrics`), the
-model is converted with `shared-vl` + masked routing (question tokens protected) and fine-tuned
+with the `llava-adapt` recipe at capacity 1.0 (every token kept, gate exactly 1: the dense
+model), then ARank picks layers (`modadapt.metrics`), the model is converted with `shared-vl` + masked routing (question tokens protected) and fine-tuned
 briefly with the same recipe; the dense model gets the same fine-tune as the fair baseline.
 Evaluation is greedy generation, exact match, on held-out images.
 
