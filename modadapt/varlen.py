@@ -32,14 +32,20 @@ MAX_LEN_KWARG = "modadapt_max_len"
 APPEND_KWARG = "modadapt_append"
 
 
-@functools.cache
-def _flash_varlen():
+def _find_flash_varlen():
     """`(varlen_attn, its parameter names)` when this torch has the flash varlen kernel."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_FLASH_VARLEN = _find_flash_varlen()  # at import: a plain constant for torch.compile to read
+
+
+def _flash_varlen():
+    return _FLASH_VARLEN
 
 
 def has_fast_kernel(x: torch.Tensor) -> bool:

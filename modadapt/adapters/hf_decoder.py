@@ -69,6 +69,7 @@ class HFDecoderAdapter(Adapter):
         params = signature.parameters
         cache = next((n for n in ("past_key_values", "past_key_value") if n in params), "past_key_values")
         config = model.config.get_text_config(decoder=True)
+        register_transformers_attention()  # what `packed_attention` switches to (once per process)
         return LayerCall(
             hidden=next(iter(list(params)[1:])),
             mask="attention_mask",
@@ -183,7 +184,6 @@ def _packed_attention(config: Any):
     """Point the layers' attention at the packed (varlen) function for one layer call. The layers
     read the implementation name from the config at call time; setting the stored name directly
     skips the setter's validation and sub-config walk (this runs once per MoD layer call)."""
-    register_transformers_attention()
     before = config._attn_implementation_internal
     config._attn_implementation_internal = VARLEN_ATTENTION
     try:

@@ -16,7 +16,6 @@ pilot kept 0 % of the tokens for every alpha. `target=none` is MoDification's lo
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -24,11 +23,6 @@ import torch
 from ..errors import ModAdaptError
 from .base import Router, RoutingContext, straight_through_one
 from .linear_score import LinearScore
-
-
-@functools.cache
-def _rounded(value: float, dtype: torch.dtype) -> float:
-    return torch.tensor(value, dtype=dtype).item()
 
 
 class ThresholdRouter(Router):
@@ -57,6 +51,7 @@ class ThresholdRouter(Router):
                 f"threshold-p: gate must be 'straight-through' or 'sigmoid', got {self.gate_mode!r}."
             )
         self.logit_p = math.log(self.p / (1.0 - self.p))
+        self._rounded_logit_p: dict = {}
         self.scorer = LinearScore(hidden_size)
         with torch.no_grad():
             self.scorer.bias.fill_(self.logit_p)
@@ -66,7 +61,11 @@ class ThresholdRouter(Router):
 
     def causal_keep(self, logits, hidden, ctx):
         # Compare against logit(p) rounded like the bias, so a fresh router in bf16 still keeps all.
-        return logits >= _rounded(self.logit_p, self.scorer.bias.dtype)
+        dtype = self.scorer.bias.dtype
+        threshold = self._rounded_logit_p.get(dtype)
+        if threshold is None:  # once per dtype: no tensor is built per decode step
+            threshold = self._rounded_logit_p[dtype] = torch.tensor(self.logit_p, dtype=dtype).item()
+        return logits >= threshold
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
         if self.gate_mode == "sigmoid":
