@@ -413,12 +413,11 @@ def run_layer(b: Bench) -> None:
     for router, (model, _, _) in b.mods.items():
         layer = model.model.layers[index]
         state = layer.mod_state
+        causal = not model.training and state.model.config.inference_routing == "causal"
         ctx = RoutingContext(
             layer_index=index, real=None, forced=None,
             positions=torch.arange(T, device=b.device).expand(B, T),
-            causal=model.training is False and state.model.config.inference_routing == "causal",
-            training=False,
-            pack=can_pack(state, hidden, None, T),
+            causal=causal, training=False, pack=can_pack(layer, hidden, None, T, causal),
         )
 
         def mod_fn():

@@ -61,7 +61,9 @@ class ModConfig:
             "(threshold routers, causal rules): 'packed' concatenates the rows' kept tokens into "
             "one sequence with variable-length attention (no padding); 'padded' pads every row "
             "to the widest with filler slots; 'auto' packs where a fused variable-length kernel "
-            "exists (CUDA, fp16/bf16) and the call has no KV cache, else pads."
+            "exists (CUDA, fp16/bf16), else pads. Packed calls keep the KV cache packed too (a "
+            "row that skips a layer stores nothing there); multi-token chunks on a filled cache "
+            "and sliding windows in reach pad."
         },
     )
 

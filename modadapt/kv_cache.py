@@ -26,6 +26,21 @@ from .errors import ModAdaptError
 _CLASSES: dict[type, type] = {}
 
 
+def _rows_view(name: str, doc: str) -> property:
+    """The bookkeeping tensor stored as `name`, read in the rows layout (pending positions are
+    recorded and a packed cache is converted first); set as is."""
+
+    def get(self):
+        self._mod_flush()
+        self.mod_as_rows()
+        return getattr(self, name)
+
+    def set(self, value):
+        setattr(self, name, value)
+
+    return property(get, set, doc=doc)
+
+
 def _with_bookkeeping(base: type) -> type:
     """A subclass of a cache layer class that keeps the bookkeeping in step with every cache
     operation. Single inheritance, so an existing object's `__class__` can be swapped in place."""
@@ -42,26 +57,8 @@ def _with_bookkeeping(base: type) -> type:
             self.mod_seen = 0
             self.mod_all_valid = True
 
-        @property
-        def mod_index(self) -> torch.Tensor | None:
-            """`[B, L]` sequence index of each slot (converts a packed cache to rows)."""
-            self._mod_flush()
-            self.mod_as_rows()
-            return self._mod_index
-
-        @mod_index.setter
-        def mod_index(self, value: torch.Tensor | None) -> None:
-            self._mod_index = value
-
-        @property
-        def mod_valid(self) -> torch.Tensor | None:
-            self._mod_flush()
-            self.mod_as_rows()
-            return self._mod_valid
-
-        @mod_valid.setter
-        def mod_valid(self, value: torch.Tensor | None) -> None:
-            self._mod_valid = value
+        mod_index = _rows_view("_mod_index", "`[B, L]` sequence index of each cached slot")
+        mod_valid = _rows_view("_mod_valid", "`[B, L]` bool, False for filler slots")
 
         def mod_past(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             return self.mod_index, self.mod_valid

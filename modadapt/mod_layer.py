@@ -133,12 +133,16 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
     )
 
 
-def can_pack(state: LayerState, hidden: torch.Tensor, book, span: int) -> bool:
+def can_pack(layer: nn.Module, hidden: torch.Tensor, book, span: int, causal: bool) -> bool:
     """Whether this call may run rows' kept tokens packed (`modadapt.varlen`): a batch with no
     cache, an empty one (a prefill) or a packed one (a decode step), on a layer whose adapter
-    supports it, with SDPA and no window cutting the span."""
+    supports it, with SDPA and no window cutting the span, when the router selects by a mask
+    (a capacity router's training-time top-k has a static shape: nothing to gain)."""
+    state: LayerState = layer.mod_state
     call, mode = state.call, state.model.config.packing
     if mode == "padded" or hidden.shape[0] < 2 or call.packed_attention is None:
+        return False
+    if layer.router.capacity_based and not causal:
         return False
     if book is not None and not book.mod_can_pack(hidden.shape[1]):
         return False
@@ -222,8 +226,7 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     ctx = _routing_context(layer, state, hidden, arguments, seen)
     if B == 1 and T == 1 and _plain_decode_step(state, book, seen):
         return _decode_one_token(layer, arguments, hidden, book, ctx)
-    # Capacity routers' training-time top-k has a static shape: no packing to gain.
-    ctx.pack = can_pack(state, hidden, book, seen + T) and (ctx.causal or not layer.router.capacity_based)
+    ctx.pack = can_pack(layer, hidden, book, seen + T, ctx.causal)
     flat = {}
     if ctx.pack:  # launched before routing syncs with the host, so the GPU is not left waiting
         for name in (*call.per_token, call.position_ids):

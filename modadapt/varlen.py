@@ -44,13 +44,9 @@ def _find_flash_varlen():
 _FLASH_VARLEN = _find_flash_varlen()  # at import: a plain constant for torch.compile to read
 
 
-def _flash_varlen():
-    return _FLASH_VARLEN
-
-
 def has_fast_kernel(x: torch.Tensor) -> bool:
     """Whether packed attention on tensors like `x` runs a fused kernel (else packing only costs)."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _FLASH_VARLEN is not None
 
 
 def varlen_attention(
@@ -70,11 +66,10 @@ def varlen_attention(
     `key`/`value` `[Nk, Hk, d]` with `Hk` dividing `H` (grouped-query attention); returns
     `[Nq, H, d]`. `causal` needs equal query and key segments. `max_q` / `max_k` bound the longest
     segments (upper bounds are fine: they only size the kernel's grid)."""
-    flash = _flash_varlen()
-    if flash is not None and dropout == 0.0 and has_fast_kernel(query):
-        kernel, params = flash
+    if dropout == 0.0 and has_fast_kernel(query):
+        kernel, params = _FLASH_VARLEN
         kwargs = {"scale": scale}
-        if causal:  # the flag moved into window_size=(-1, 0) in later torch versions
+        if causal:  # torch versions take either is_causal or window_size=(-1, 0) (2.11: the latter)
             kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
         if key.shape[1] != query.shape[1] and "enable_gqa" in params:
             kwargs["enable_gqa"] = True  # older versions take grouped K/V without the flag (tested on 2.11)

@@ -106,6 +106,11 @@ def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, rando
             held = cache.layers[layer.mod_state.index]
             assert held.mod_segments is not None
             assert held.keys.shape[-2] == int(keep[:, :9].sum()) < 3 * int(keep[:, :9].sum(1).max())
+        held = cache.layers[modadapt.mod_layers(packed)[0].mod_state.index]
+        index, valid = held.mod_index, held.mod_valid  # read in the rows layout: the cache converts
+        assert held.mod_segments is None and index.shape == valid.shape == (3, int(keeps[0][:, :9].sum(1).max()))
+        for row in range(3):
+            assert index[row][valid[row]].tolist() == keeps[0][row, :9].nonzero()[:, 0].tolist()
         # a two-token chunk takes the padded path: the cache turns into rows first
         chunk = packed(x[:, 9:11], past_key_values=cache, use_cache=True).logits
         torch.testing.assert_close(chunk, full[:, 9:11], rtol=1e-4, atol=1e-5)
@@ -180,6 +185,9 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
         torch.set_num_threads(threads)  # the smoke test pins one thread
     records = json.loads(out.read_text())
     scenarios = {r["scenario"].split("_b")[0] for r in records}
-    assert {"varlen_kernel_check", "packed_check", "prefill", "layer", "decode", "train"} <= scenarios
+    assert {"varlen_kernel_check", "packed_check", "prefill", "layer", "decode_layer", "decode", "train"} <= scenarios
+    priced = [r for r in records if r["scenario"].startswith("decode_layer")]
+    assert {r["router"] for r in priced} == {"topk", "threshold-p"}
+    assert all(r["all_skip_step_ms"] > 0 and r["all_keep_step_ms"] > 0 for r in priced)
     check = next(r for r in records if r["scenario"].startswith("packed_check"))
     assert check["layer_rel_diff"] < 1e-2 and check["decode_decisions_flipped"] == {"packed": 0, "padded": 0}

@@ -209,6 +209,7 @@ class Router(nn.Module):
         self.calibration_slots = {index: slot for slot, index in enumerate(layer_indices)}
         self.register_buffer("calibrated_threshold", torch.zeros(len(layer_indices)))
         self.register_buffer("calibration_steps", torch.zeros(len(layer_indices), dtype=torch.long))
+        self._cutoff_cache: dict = {}  # slot -> (buffers, their versions, resolved cut-off)
 
     def calibration_slot(self, layer_index: int) -> int:
         return self.calibration_slots[layer_index] if len(self.calibration_slots) > 1 else 0
@@ -226,14 +227,13 @@ class Router(nn.Module):
         if torch.compiler.is_compiling():
             return self._resolve_cutoff(slot, fallback)
         # Decoding asks once per token and layer: reuse the resolved cut-off until a buffer
-        # changes (training, load_state_dict and .to() all give new tensor versions or objects).
-        buffer = self.calibrated_threshold
-        key = (id(buffer), buffer.device, buffer._version, self.calibration_steps._version)
-        cached = self.__dict__.setdefault("_cutoff_cache", {}).get(slot)
-        if cached is None or cached[0] != key:
-            cached = (key, self._resolve_cutoff(slot, fallback))
-            self._cutoff_cache[slot] = cached
-        return cached[1]
+        # changes (training and load_state_dict bump its version; .to() makes new tensors).
+        buffers = (self.calibrated_threshold, self.calibration_steps)
+        versions = tuple(b._version for b in buffers)
+        cached = self._cutoff_cache.get(slot)
+        if cached is None or any(a is not b for a, b in zip(cached[0], buffers)) or cached[1] != versions:
+            cached = self._cutoff_cache[slot] = (buffers, versions, self._resolve_cutoff(slot, fallback))
+        return cached[2]
 
     def _resolve_cutoff(self, slot: int, fallback: float) -> torch.Tensor:
         value = self.calibrated_threshold[slot]
