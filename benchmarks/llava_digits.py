@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "llava_digits"),
                         help="write OUT.json and OUT.md (default: benchmarks/results/llava_digits)")
     args = parser.parse_args()
+    if not 1 <= args.layers < args.lm_layers:
+        parser.error(f"--layers must be between 1 and --lm-layers - 1 ({args.lm_layers - 1}): layer 0 is never converted")
     image_tokens = (IMAGE_SIZE // args.patch_size) ** 2
     torch.set_num_threads(2)
     runs = [one_seed(args, seed) for seed in args.seeds]
