@@ -83,7 +83,7 @@ ROUTERS = {
 }
 KV_GOAL = {"threshold-p": 0.8}  # mod_kv_bytes / dense_kv_bytes at most this
 ROUTER_OVERHEAD_GOAL = 0.05  # route() time / dense layer time at most this
-SCENARIOS = ("check", "prefill", "layer", "decode_layer", "decode", "train")
+SCENARIOS = ("check", "prefill", "layer", "decode_layer", "decode", "decode_graphs", "train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -745,6 +745,155 @@ def run_decode(b: Bench) -> None:
             ))
 
 
+def greedy_tokens(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Eager greedy decoding with a DynamicCache: `[B, new]`, the tokens each step emits after
+    the prompt's own, to check the graphed decoder against."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    tokens = []
+    with torch.inference_mode():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+    return torch.cat(tokens, 1)
+
+
+def teacher_forced_agreement(decoder, ids: torch.Tensor, eager: torch.Tensor) -> tuple[float, float]:
+    """The share of steps where the graphed step emits eager decoding's token when fed eager's
+    previous token (free-running, one bf16 near-tie would make every later token differ): over
+    all rows, and for the row that agrees least (a broken row would show there)."""
+    step = decoder.prefill(ids, None, eager.shape[1])
+    same = []
+    with torch.inference_mode():
+        for t in range(eager.shape[1]):
+            if t:
+                step.token.copy_(eager[:, t - 1 : t])
+            decoder.decode(1)
+            same.append(step.token == eager[:, t : t + 1])
+    same = torch.cat(same, 1).float()
+    return float(same.mean()), float(same.mean(1).min())
+
+
+def check_static_attention(device, dtype) -> dict:
+    """The graphed decoder's attention on CUDA (flash, reading each row's used slots) against its
+    masked-SDPA fallback, on random K/V with random per-row lengths (B=32, GQA 32/8 heads)."""
+    from modadapt import graphed_decode as gd
+
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    B, H, Hk, d, cap = 32, 32, 8, 64, 2304
+    q = torch.randn(B, H, 1, d, generator=gen).to(device, dtype)
+    k, v = (torch.randn(B, cap, Hk, d, generator=gen).to(device, dtype) for _ in range(2))
+    used = torch.randint(1, cap + 1, (B,), generator=gen).to(device, torch.int32)
+    cu_q = torch.arange(B + 1, dtype=torch.int32, device=device)
+    lengths = gd._KeyLengths(used, cu_q, cu_q * cap)
+    saved = gd._FLASH["usable"]
+    try:
+        gd._FLASH["usable"] = None
+        fast = gd._static_decode_attention(None, q, k, v, lengths, scaling=d ** -0.5)[0].float()
+        flash = gd._FLASH["usable"]
+        gd._FLASH["usable"] = False
+        ref = gd._static_decode_attention(None, q, k, v, lengths, scaling=d ** -0.5)[0].float()
+    finally:
+        gd._FLASH["usable"] = saved
+    return dict(flash=flash, rel_diff=float((fast - ref).norm() / ref.norm()),
+                max_abs_diff=float((fast - ref).abs().max()))
+
+
+def run_decode_graphs(b: Bench) -> None:
+    """Decode with `modadapt.GraphedDecoder` for dense and MoD alike: a static per-row compacted
+    KV cache read by flash attention up to each row's length, and CUDA graph replays; a MoD layer
+    runs only when some row keeps (`branches`: conditional nodes, else a host decision between
+    graph pieces at batch 1, else compute-and-select). Timed: `new` steps after the prompt (the
+    prompt runs eagerly and is not timed, as in `decode`). Checked: teacher-forced tokens against
+    eager greedy decoding of the same model."""
+    from modadapt import graphed_decode
+    from modadapt.graphed_decode import GraphedDecoder
+
+    if b.device.type == "cuda":
+        check = check_static_attention(b.device, b.dtype)
+        b.add(dict(scenario="static_attention_check", router=None, **check))
+        print(f"# static decode attention, flash with used lengths vs masked SDPA: {check}", flush=True)
+    elt = torch.finfo(b.dtype).bits // 8
+    for setting in b.size["decode"]:
+        B, ctx, new = setting["batch"], setting["context"], setting["new"]
+        ids = b.ids(B, ctx, 11)
+
+        def measure(model):
+            decoder = GraphedDecoder(model, branches=b.args.graph_branches)
+            t0 = time.perf_counter()
+            decoder.prefill(ids, None, new)
+            b.clock.sync()
+            first_s = time.perf_counter() - t0  # includes the capture
+            times, mem = [], {}
+            with peak_memory(b.device, mem, "peak"):
+                for r in range(b.size["decode_warmup"] + b.size["decode_repeats"]):
+                    step = decoder.prefill(ids, None, new)
+                    start = [n.clone() for n in step.lengths]
+                    ms = b.clock.time(lambda: decoder.decode(new))
+                    if r >= b.size["decode_warmup"]:
+                        times.append(ms)
+            added = [float((n - s).float().mean()) / new for n, s in zip(step.lengths, start)]
+            allocated, used = decoder.kv_bytes()
+            forced = {}
+            if B == 1 and model is not b.dense:  # price one MoD layer in the graphed step (see decode_layer)
+                biases = [layer.router.scorer.bias for layer in modadapt.mod_layers(model)]
+                saved = [bias.detach().clone() for bias in biases]
+                for case, value in (("skip", -1e4), ("keep", 1e4)):
+                    with torch.no_grad():
+                        for bias in biases:
+                            bias.fill_(value)  # in place: the captured graphs read the new values
+                    decoder.prefill(ids, None, new)
+                    forced[case] = b.clock.time(lambda: decoder.decode(new)) / new
+                with torch.no_grad():
+                    for bias, value in zip(biases, saved):
+                        bias.copy_(value)
+            agreement, worst_row = teacher_forced_agreement(decoder, ids, greedy_tokens(model, ids, min(new, 32)))
+            return dict(ms=statistics.median(times), times=times, first_s=first_s, peak=mem["peak"],
+                        allocated=allocated, used=used, added=added, agreement=agreement, worst_row=worst_row,
+                        branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
+                        forced=forced)
+
+        dense = measure(b.dense)
+        dense_bytes = decode_bytes(b.shape, B, ctx, new, None, elt)
+        for router, (model, nominal, _) in b.mods.items():
+            mod = measure(model)
+            kept = statistics.mean(mod["added"][i] for i in b.shape.mod_layers)
+            goal = setting["goals"].get(router)
+            speedup = dense["ms"] / mod["ms"]
+            record = dict(
+                scenario=f"decode_graphs_b{B}_ctx{ctx}", router=router, batch=B, context=ctx, new_tokens=new,
+                dense_ms=dense["ms"], mod_ms=mod["ms"], speedup=speedup,
+                ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt), ideal_basis="bytes",
+                dense_ms_per_step=dense["ms"] / new, mod_ms_per_step=mod["ms"] / new,
+                dense_tokens_per_s=B * new / dense["ms"] * 1e3, mod_tokens_per_s=B * new / mod["ms"] * 1e3,
+                kept_fraction=kept, branches=mod["branches"], flash_decode=graphed_decode._FLASH["usable"],
+                dense_kv_bytes=dense["allocated"], mod_kv_bytes=mod["allocated"],
+                kv_ratio=mod["allocated"] / dense["allocated"], dense_kv_used_bytes=dense["used"],
+                mod_kv_used_bytes=mod["used"], kv_used_ratio=mod["used"] / dense["used"],
+                goal=goal, met=None if goal is None else speedup >= goal,
+                dense_peak_bytes=dense["peak"], mod_peak_bytes=mod["peak"],
+                dense_times_ms=dense["times"], mod_times_ms=mod["times"],
+                dense_first_call_s=dense["first_s"], mod_first_call_s=mod["first_s"],
+                dense_teacher_forced_agreement=dense["agreement"], mod_teacher_forced_agreement=mod["agreement"],
+                dense_worst_row_agreement=dense["worst_row"], mod_worst_row_agreement=mod["worst_row"],
+            )
+            if mod["forced"]:
+                n, step_ms = len(b.shape.mod_layers), dense["ms"] / new
+                record.update(
+                    all_skip_step_ms=mod["forced"]["skip"], all_keep_step_ms=mod["forced"]["keep"],
+                    skip_saves_us=(step_ms - mod["forced"]["skip"]) / n * 1e3,
+                    keep_costs_extra_us=(mod["forced"]["keep"] - step_ms) / n * 1e3,
+                )
+                print(f"# graphed step B=1 ({router}): dense {step_ms:.3f} ms; all MoD layers skipping "
+                      f"{mod['forced']['skip']:.3f} ms, keeping {mod['forced']['keep']:.3f} ms: a skip saves "
+                      f"{record['skip_saves_us']:.0f} us, a kept token costs "
+                      f"{record['keep_costs_extra_us']:.0f} us beyond a dense layer", flush=True)
+            b.add(record)
+
+
 def _oom_types() -> tuple:
     return (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
 
@@ -899,7 +1048,7 @@ def run_profile(b: Bench, path: str) -> None:
 # Output
 # --------------------------------------------------------------------------------------------
 
-HEADER = f"{'scenario':<22} {'router':<18} {'dense_ms':>10} {'mod_ms':>10} {'speedup':>8} {'ideal':>7} {'goal':>12} {'met?':>5}"
+HEADER = f"{'scenario':<24} {'router':<18} {'dense_ms':>10} {'mod_ms':>10} {'speedup':>8} {'ideal':>7} {'goal':>12} {'met?':>5}"
 
 
 def format_row(r: dict) -> str:
@@ -911,7 +1060,7 @@ def format_row(r: dict) -> str:
     else:
         goal_text = f">={goal:.2f}x"
     met = r.get("met")
-    line = (f"{r['scenario']:<22} {r['router']:<18} {r['dense_ms']:>10.2f} {r['mod_ms']:>10.2f} "
+    line = (f"{r['scenario']:<24} {r['router']:<18} {r['dense_ms']:>10.2f} {r['mod_ms']:>10.2f} "
             f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {goal_text:>12} "
             f"{'-' if met is None else ('yes' if met else 'NO'):>5}")
     extra = []
@@ -934,6 +1083,10 @@ def format_row(r: dict) -> str:
         if r.get("slot_fraction") is not None:
             kv += f"; cache slots {r['slot_fraction']:.3f} of tokens (filler included)"
         extra.append(kv)
+    if "mod_teacher_forced_agreement" in r:
+        extra.append(f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "
+                     f"{r['dense_teacher_forced_agreement']:.3f}, MoD {r['mod_teacher_forced_agreement']:.3f} "
+                     f"(worst row {r['dense_worst_row_agreement']:.3f}, {r['mod_worst_row_agreement']:.3f})")
     if r.get("mod_host_ms") is not None and "router_overhead" not in r:
         extra.append(f"host {r['dense_host_ms']:.1f} -> {r['mod_host_ms']:.1f} ms")
     if r.get("dense_peak_bytes") is not None:
@@ -988,6 +1141,8 @@ def main(argv: list[str] | None = None) -> int:
                         "shape is timed apart and kept out of the measurements")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode, e.g. 'max-autotune-no-cudagraphs' (default: PyTorch's default)")
+    parser.add_argument("--graph-branches", default="auto", choices=("auto", "conditional", "host", "select"),
+                        help="decode_graphs: how MoD layers branch in the captured step (GraphedDecoder's branches)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip scenarios that would start after this many seconds (partial JSON is kept)")
     args = parser.parse_args(argv)
@@ -1080,7 +1235,8 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
     if args.compile:
         compile_models(bench, args.compile_mode, scenarios)
     print(HEADER, flush=True)
-    runners = {"check": run_packed_check, "prefill": run_prefill, "layer": run_layer, "decode_layer": run_decode_layer, "decode": run_decode, "train": run_train}
+    runners = {"check": run_packed_check, "prefill": run_prefill, "layer": run_layer, "decode_layer": run_decode_layer, "decode": run_decode,
+               "decode_graphs": run_decode_graphs, "train": run_train}
     for name in scenarios:
         elapsed = time.perf_counter() - t_start
         if args.budget_s is not None and elapsed > args.budget_s:

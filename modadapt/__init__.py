@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from .config import ModConfig  # noqa: E402
 from .convert import aux_loss, convert, mod_layers, unload  # noqa: E402
 from .errors import ModAdaptError  # noqa: E402
+from .graphed_decode import GraphedDecoder  # noqa: E402
 from .metrics.routing_stats import routing_stats  # noqa: E402
 from .persistence import load, save  # noqa: E402
 from .plugins import hookimpl  # noqa: E402
@@ -23,6 +24,7 @@ from .routers.base import Router, RoutingContext, RoutingDecision  # noqa: E402
 __all__ = [
     "ModConfig",
     "ModAdaptError",
+    "GraphedDecoder",
     "Router",
     "RoutingContext",
     "RoutingDecision",

@@ -166,7 +166,7 @@ def test_varlen_attention_rejects_softcap():
 
 
 def test_speed_benchmark_smoke(tmp_path, monkeypatch):
-    """`benchmarks/speed.py --tiny` runs every scenario (packed check included) and writes records."""
+    """`benchmarks/speed.py --tiny` runs every scenario (packed check, graphed decode) and writes records."""
     import importlib.util
     import json
     import sys
@@ -185,9 +185,15 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
         torch.set_num_threads(threads)  # the smoke test pins one thread
     records = json.loads(out.read_text())
     scenarios = {r["scenario"].split("_b")[0] for r in records}
-    assert {"varlen_kernel_check", "packed_check", "prefill", "layer", "decode_layer", "decode", "train"} <= scenarios
+    assert {"varlen_kernel_check", "packed_check", "prefill", "layer", "decode_layer", "decode", "decode_graphs",
+            "train"} <= scenarios
     priced = [r for r in records if r["scenario"].startswith("decode_layer")]
     assert {r["router"] for r in priced} == {"topk", "threshold-p"}
     assert all(r["all_skip_step_ms"] > 0 and r["all_keep_step_ms"] > 0 for r in priced)
+    graphed = [r for r in records if r["scenario"].startswith("decode_graphs")]
+    assert {r["router"] for r in graphed} == {"topk", "threshold-p"}
+    # the graphed decoder's pieces, run eagerly on CPU, emit eager decoding's tokens
+    assert all(r["dense_teacher_forced_agreement"] == r["mod_teacher_forced_agreement"] == 1.0 for r in graphed)
+    assert all(r["skip_saves_us"] is not None for r in graphed if r["batch"] == 1)
     check = next(r for r in records if r["scenario"].startswith("packed_check"))
     assert check["layer_rel_diff"] < 1e-2 and check["decode_decisions_flipped"] == {"packed": 0, "padded": 0}

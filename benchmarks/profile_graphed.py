@@ -1,0 +1,54 @@
+"""Kernel-level profile of graphed decode steps (`modadapt.GraphedDecoder`) on the GPU.
+
+    python benchmarks/profile_graphed.py --batch 32 [--router threshold-p] [--steps 8]
+
+Builds the `speed.py` model (random weights, bf16), converts it when --router is given (calibrated
+as in speed.py), prefills a 2048-token prompt and profiles --steps graph-replayed decode steps:
+the CUDA kernel table (time per step) and the step's wall time, to see where a step goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import speed
+
+from modadapt.graphed_decode import GraphedDecoder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--router", default=None, choices=[None, *speed.ROUTERS])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=20)
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    model = speed.build_dense(speed.FULL["model"], device, dtype)
+    shape = speed.Shape.of(model)
+    if args.router:
+        calib = torch.randint(0, shape.V, (2, 1024), generator=torch.Generator().manual_seed(99)).to(device)
+        model, _, _ = speed.make_mod(model, args.router, calib, seed=100)
+    ids = torch.randint(0, shape.V, (args.batch, args.context), generator=torch.Generator().manual_seed(11)).to(device)
+    decoder = GraphedDecoder(model)
+    decoder.prefill(ids, None, args.steps * 2)
+    decoder.decode(args.steps)  # warm
+    decoder.prefill(ids, None, args.steps * 2)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decoder.decode(args.steps)
+        torch.cuda.synchronize()
+    print(f"# batch {args.batch}, router {args.router}, branches {decoder.branches_for(args.batch)}; "
+          f"per-step times are totals / {args.steps}")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

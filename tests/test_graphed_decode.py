@@ -1,0 +1,141 @@
+"""`GraphedDecoder` (static per-row compacted cache, one step per graph replay) generates what
+`model.generate` generates. On CPU the captured step runs eagerly (same code; the branch a MoD
+layer's conditional node takes is checked on the host); the GPU benchmark checks the captured
+graph against eager decoding (`benchmarks/speed.py`, scenario `check`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modadapt
+from modadapt.convert import state_of
+from modadapt.errors import ModAdaptError
+from modadapt.graphed_decode import BUCKET, GraphedDecoder, conditional_nodes_available
+
+GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def _greedy(model, x, mask, new):
+    with torch.no_grad():
+        return model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+
+def _converted(tiny, family, randomize_routers, router="threshold-p", **config):
+    model = modadapt.convert(tiny(family), router=router, layers="all-but-first", **config)
+    return randomize_routers(model).eval()
+
+
+@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
+def test_graphed_decoder_matches_generate_converted(graphed_family, tiny, ids, left_pad, randomize_routers):
+    model = _converted(tiny, graphed_family, randomize_routers)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    expected = _greedy(model, x, mask, 10)
+    decoder = GraphedDecoder(model)
+    got = decoder.generate(x, attention_mask=mask, max_new_tokens=10)
+    assert torch.equal(got, expected)
+    # rows really disagree at decode: some MoD layer kept a different number of tokens per row
+    step = decoder.last_step
+    lengths = torch.stack([step.lengths[i] for i in state_of(model).layer_indices])
+    assert (lengths.max(1).values != lengths.min(1).values).any()
+
+
+@pytest.mark.parametrize("router", ["threshold-p", "topk", "random"])
+def test_graphed_decoder_batch_one_and_routers(router, tiny, ids, randomize_routers):
+    model = _converted(tiny, "llama", randomize_routers, router=router)
+    x = ids(1, 9, seed=3)
+    torch.manual_seed(0)
+    expected = _greedy(model, x, None, 12)
+    decoder = GraphedDecoder(model)
+    torch.manual_seed(0)
+    assert torch.equal(decoder.generate(x, max_new_tokens=12), expected)
+
+
+def test_graphed_decoder_dense_model_and_reuse(tiny, ids, left_pad):
+    model = tiny("llama")
+    decoder = GraphedDecoder(model)
+    for seed in (1, 2):  # a second prompt reuses the step of the first (same bucketed capacities)
+        x, mask, _ = left_pad([ids(1, n, seed=seed + n)[0] for n in (5, 9)])
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=6), _greedy(model, x, mask, 6))
+    assert len(decoder._steps) == 1
+
+
+def test_graphed_decoder_mod_cache_holds_only_kept_pairs(tiny, ids, randomize_routers):
+    model = _converted(tiny, "llama", randomize_routers)
+    decoder = GraphedDecoder(model)
+    decoder.generate(ids(2, 20, seed=4), max_new_tokens=8)
+    state = state_of(model)
+    step = decoder.last_step
+    dense = next(i for i in range(len(step.lengths)) if i not in state.layer_indices)
+    assert step.lengths[dense].tolist() == [20 + 7, 20 + 7]  # prompt + 7 decode steps (the 8th token is not fed)
+    for i in state.layer_indices:
+        assert (step.lengths[i] < 27).any()  # skipped pairs are not stored
+        assert step.keys[i].shape[1] % BUCKET == 0  # [B, capacity, Hk, d]
+    allocated, used = decoder.kv_bytes()
+    assert 0 < used < allocated
+
+
+def test_graphed_decoder_bad_input(tiny, ids):
+    with pytest.raises(ModAdaptError, match="supports"):
+        GraphedDecoder(tiny("gpt2"))
+    model = tiny("llama")
+    decoder = GraphedDecoder(model)
+    with pytest.raises(ModAdaptError, match="max_new_tokens"):
+        decoder.generate(ids(1, 4), max_new_tokens=0)
+    with pytest.raises(ModAdaptError, match="input_ids"):
+        decoder.generate(ids(1, 4)[0])
+    with pytest.raises(ModAdaptError, match="prefill"):
+        GraphedDecoder(model).decode(1)
+    with pytest.raises(ModAdaptError, match="CUDA"):
+        GraphedDecoder(model, cuda_graphs=True)
+    model.train()
+    with pytest.raises(ModAdaptError, match="eval"):
+        decoder.generate(ids(1, 4), max_new_tokens=2)
+
+
+def test_graphed_decoder_branch_modes(tiny):
+    model = tiny("llama")
+    assert GraphedDecoder(model, branches="select").branches_for(1) == "select"
+    auto = GraphedDecoder(model)
+    if not conditional_nodes_available():
+        assert (auto.branches_for(1), auto.branches_for(8)) == ("host", "select")
+    with pytest.raises(ModAdaptError, match="branches"):
+        GraphedDecoder(model, branches="sometimes")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_decoder_sigmoid_gate(batch, tiny, ids, randomize_routers):
+    """A gate that scales the kept tokens' update is applied the same way in both body forms
+    (batch 1: only run when kept; batches: every row, then `where`)."""
+    model = _converted(tiny, "llama", randomize_routers, router_kwargs={"gate": "sigmoid"})
+    x = ids(batch, 8, seed=5)
+    assert torch.equal(GraphedDecoder(model).generate(x, max_new_tokens=8), _greedy(model, x, None, 8))
+
+
+def test_static_attention_reads_only_used_slots():
+    from modadapt.graphed_decode import _KeyLengths, _static_decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hk, d, cap = 3, 4, 2, 8, 16
+    q = torch.randn(B, H, 1, d, generator=gen)
+    k, v = torch.randn(B, cap, Hk, d, generator=gen), torch.randn(B, cap, Hk, d, generator=gen)
+    used = torch.tensor([5, 16, 1], dtype=torch.int32)
+    cu = torch.arange(B + 1, dtype=torch.int32)
+    out, _ = _static_decode_attention(None, q, k, v, _KeyLengths(used, cu, cu * cap), scaling=0.3)
+    assert out.shape == (B, 1, H, d)
+    for b in range(B):
+        n = int(used[b])
+        keys = k[b, :n].transpose(0, 1).repeat_interleave(H // Hk, 0)  # [H, n, d]
+        values = v[b, :n].transpose(0, 1).repeat_interleave(H // Hk, 0)
+        weights = torch.softmax(q[b] @ keys.transpose(1, 2) * 0.3, -1)  # [H, 1, n]
+        torch.testing.assert_close(out[b, 0], (weights @ values)[:, 0])
+    k[0, 5:], v[0, 5:] = 1e4, -1e4  # slots past a row's length do not count
+    out2, _ = _static_decode_attention(None, q, k, v, _KeyLengths(used, cu, cu * cap), scaling=0.3)
+    torch.testing.assert_close(out2, out)
+
+
+def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
+    model = tiny("mistral")
+    model.config.sliding_window = 8
+    with pytest.raises(ModAdaptError, match="sliding window"):
+        GraphedDecoder(model).generate(ids(1, 6), max_new_tokens=4)
