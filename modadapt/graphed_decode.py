@@ -41,6 +41,7 @@ from torch import nn
 
 from .convert import state_of
 from .errors import ModAdaptError
+from .mod_layer import _gated
 from .routers.base import RoutingContext
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
@@ -52,6 +53,8 @@ _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _MAX_STEPS = 4  # captured steps kept per decoder (each holds its buffers)
 _FLASH = {"usable": None}  # whether flash attention with per-row used lengths ran here
 _PENDING = 2  # a "host" branch decision not yet copied back
+#: `generate` checks whether every row has ended once per this many steps (a host sync).
+CHECK_EVERY = 32
 
 
 def conditional_nodes_available() -> bool:
@@ -138,7 +141,7 @@ class _Step:
     (on CUDA) its captured graphs. Pieces: `("run", fn)` always runs; `("if", i, fn)` runs MoD
     layer `i` when the `pred` its routing piece left holds."""
 
-    def __init__(self, decoder: GraphedDecoder, batch: int, capacities: tuple[int, ...], new: int):
+    def __init__(self, decoder: GraphedDecoder, batch: int, capacities: tuple[int, ...], new: int, mode: str):
         p = decoder.params
         device, dtype = p.device, p.dtype
         self.decoder, self.batch, self.capacities = decoder, batch, capacities
@@ -161,8 +164,8 @@ class _Step:
         self.live: dict = {}  # tensors passed between pieces (kept referenced across graphs)
         self.flags = self._flags = None  # pinned host copies of each MoD layer's decision ("host" branches)
         self.graphs: list | None = None  # [(kind, graph, layer)] once captured
-        # Batch 1 with the branch taken (eagerly, on the host or the device): no `where` needed.
-        self.runs_only_when_kept = batch == 1
+        self.mode = mode  # the branches mode (eagerly, "host" and "conditional" check on the host)
+        self.runs_only_when_kept = batch == 1 and mode != "select"
         self.pieces = self._pieces()
 
     def _lengths(self, i: int) -> _KeyLengths:
@@ -198,7 +201,10 @@ class _Step:
         logits = router.score(h, ctx)
         keep = router.causal_keep(logits, h, ctx).reshape(B, 1)
         live[("keep", i)], live[("gate", i)] = keep, router.gate(logits)
-        live[("pred", i)] = pred = keep.reshape(()) if B == 1 else keep.any()
+        if self.mode == "select":  # no branch: the layer always runs
+            pred = None
+        else:
+            live[("pred", i)] = pred = keep.reshape(()) if B == 1 else keep.any()
         if self.flags is not None:  # the decision's byte (bool viewed as uint8: no kernel) to the host
             self.flags[i].copy_(pred.view(torch.uint8), non_blocking=True)
         # Needed only when the layer runs, but queued after the copy it runs while the host reacts.
@@ -207,8 +213,6 @@ class _Step:
             lengths.used.mul_(keep.view(-1))  # rows that skip read no K/V (their result is dropped)
 
     def _body(self, i: int) -> None:
-        from .mod_layer import _gated
-
         live = self.live
         h, keep = live["h"], live[("keep", i)]
         out = _gated(self._call(self.decoder.layers[i], h, live[("lengths", i)], live["pe"]), live[("gate", i)], h)
@@ -216,8 +220,8 @@ class _Step:
             h.copy_(out)
             self.lengths[i].add_(1)
         else:
-            h.copy_(torch.where(keep.unsqueeze(-1), out, h))  # rows that skip keep their input
-            self.lengths[i].add_(keep.view(-1).long())  # and their K/V slot is not counted
+            torch.where(keep.unsqueeze(-1), out, h, out=h)  # rows that skip keep their input
+            self.lengths[i].add_(keep.view(-1))  # and their K/V slot is not counted
 
     def _end(self) -> None:
         d, h, B = self.decoder, self.live["h"], self.batch
@@ -241,10 +245,10 @@ class _Step:
         for piece in self.pieces:
             if piece[0] == "run":
                 piece[1]()
-            elif warm or bool(self.live[("pred", piece[1])]):
+            elif warm or self.mode == "select" or bool(self.live[("pred", piece[1])]):
                 piece[2]()
 
-    def capture(self, branches: str) -> None:
+    def capture(self) -> None:
         """Warm up on a side stream, then capture. The buffers hold scratch values here; the
         caller fills them after."""
         stream = torch.cuda.Stream()
@@ -253,8 +257,7 @@ class _Step:
             for _ in range(2):
                 self.run_eager(warm=True)
         torch.cuda.current_stream().wait_stream(stream)
-        self.runs_only_when_kept = self.batch == 1 and branches != "select"
-        if branches == "host":
+        if self.mode == "host":
             # uint8 so that a value the GPU never writes (_PENDING) marks "not arrived yet"
             self.flags = torch.full((len(self.decoder.layers),), _PENDING, dtype=torch.uint8, pin_memory=True)
             self._flags = self.flags.numpy()  # polled without the tensor dispatcher
@@ -269,7 +272,7 @@ class _Step:
             pool = graph.pool()
             graphs.append((kind, graph, layer))
 
-        if branches == "host":
+        if self.mode == "host":
             for piece in self.pieces:
                 if piece[0] == "run":
                     group.append(piece[1])
@@ -279,11 +282,12 @@ class _Step:
                 capture_group([piece[2]], "if", piece[1])
             capture_group(group, "run")
         else:
-            capture_group([functools.partial(self._captured_step, branches)], "run")
+            capture_group([self._captured_step], "run")
         self.graphs = graphs
 
-    def _captured_step(self, branches: str) -> None:
-        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph() if branches == "conditional" else None
+    def _captured_step(self) -> None:
+        """The whole step in one capture: MoD work in conditional nodes, or always run ("select")."""
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph() if self.mode == "conditional" else None
         for piece in self.pieces:
             if piece[0] == "run":
                 piece[1]()
@@ -379,12 +383,35 @@ class GraphedDecoder:
     # --- the public calls -------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 32) -> torch.Tensor:
-        """`[B, S + max_new_tokens]`: the prompt (left padding allowed) and the greedy tokens."""
+                 max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """The prompt (left padding allowed) and up to `max_new_tokens` greedy tokens, as
+        `model.generate(do_sample=False)` returns them: after a row's end-of-sequence token come
+        pad tokens, and generation stops once every row has ended (checked every `CHECK_EVERY`
+        steps). `eos_token_id` / `pad_token_id` default to the model's generation config."""
+        config = getattr(self.model, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+        pad = pad if pad is not None else (eos[0] if eos else 0)
         step = self.prefill(input_ids, attention_mask, max_new_tokens)
         first = step.token.clone()
-        self.decode(max_new_tokens - 1)
-        return torch.cat([input_ids, first, step.out[:, : max_new_tokens - 1]], dim=1)
+        eos_ids = torch.tensor(eos, device=first.device, dtype=first.dtype)
+        done = 0
+        while done < max_new_tokens - 1:
+            chunk = min(CHECK_EVERY, max_new_tokens - 1 - done)
+            self.decode(chunk)
+            done += chunk
+            if eos and bool(torch.isin(torch.cat([first, step.out[:, :done]], 1), eos_ids).any(1).all()):
+                break  # every row has ended: the rest would be padding
+        new = torch.cat([first, step.out[:, :done]], dim=1)
+        if eos:
+            ended = torch.isin(new, eos_ids)
+            after = (ended.long().cumsum(1) - ended.long()) > 0  # past each row's first end token
+            new = new.masked_fill(after, pad)
+            if bool(ended.any(1).all()):  # as transformers: stop at the step the last row ended
+                new = new[:, : int(ended.long().argmax(1).max()) + 1]
+        return torch.cat([input_ids, new], dim=1)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> _Step:
@@ -489,11 +516,11 @@ class GraphedDecoder:
             return step
         while len(self._steps) >= _MAX_STEPS:
             self._steps.pop(next(iter(self._steps)))
-        step = _Step(self, batch, capacities, new)
+        step = _Step(self, batch, capacities, new, self.branches_for(batch))
         if self.cuda_graphs:
             try:
                 with self._attention():
-                    step.capture(self.branches_for(batch))
+                    step.capture()
             except RuntimeError as error:
                 raise ModAdaptError(
                     f"capturing the decode step failed ({error}); a router whose causal rule syncs with "

@@ -139,3 +139,52 @@ def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
     model.config.sliding_window = 8
     with pytest.raises(ModAdaptError, match="sliding window"):
         GraphedDecoder(model).generate(ids(1, 6), max_new_tokens=4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_decoder_select_branches(batch, tiny, ids, randomize_routers):
+    """`branches="select"`: every row runs the MoD layer, `where` keeps the skipping rows' input."""
+    model = _converted(tiny, "llama", randomize_routers)
+    x = ids(batch, 9, seed=6)
+    decoder = GraphedDecoder(model, branches="select")
+    assert torch.equal(decoder.generate(x, max_new_tokens=10), _greedy(model, x, None, 10))
+    assert decoder.last_step.mode == "select" and not decoder.last_step.runs_only_when_kept
+
+
+@pytest.mark.parametrize("both_rows_end", [False, True])
+def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, ids, left_pad, randomize_routers,
+                                                  monkeypatch):
+    import modadapt.graphed_decode as gd
+
+    monkeypatch.setattr(gd, "CHECK_EVERY", 4)
+    model = _converted(tiny, "llama", randomize_routers)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 9)])
+    free = _greedy(model, x, mask, 24)[:, x.shape[1]:]
+    eos = [int(free[0, 5])] + ([int(free[1, 4])] if both_rows_end else [])
+    with torch.no_grad():
+        expected = model.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=0)
+    decoder = GraphedDecoder(model)
+    got = decoder.generate(x, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert (got.shape[1] < x.shape[1] + 24) == both_rows_end
+    assert (int(decoder.last_step.count) < 23) == both_rows_end  # stopped decoding once every row had ended
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_captured_graphs_match_generate_on_cuda():
+    """The captured step (host branches at batch 1, select in batches, conditional nodes where
+    torch has them) in float32 on CUDA gives `model.generate`'s tokens. Run on the GPU machine:
+    `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+
+    for router in ("threshold-p", "topk"):
+        model = modadapt.convert(build_tiny("llama"), router=router, layers="all-but-first")
+        model = randomize_router_weights(model).eval().cuda()
+        decoder = GraphedDecoder(model)
+        for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+            x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
+            expected = _greedy(model, x, mask, 40)
+            got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
+            assert decoder.last_step.graphs is not None
+            assert torch.equal(got, expected), (router, len(prompts), decoder.last_step.mode)
