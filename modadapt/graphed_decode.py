@@ -31,7 +31,6 @@ sync (all built-in ones but attention routing, which reads the previous attentio
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters.hf_decoder import HFDecoderAdapter, use_attention
 from .convert import state_of
 from .errors import ModAdaptError
 from .mod_layer import _gated
@@ -358,8 +358,6 @@ class GraphedDecoder:
         self.embed, self.norm, self.rotary = decoder.embed_tokens, decoder.norm, decoder.rotary_emb
         self.head = model.get_output_embeddings()
         state = state_of(model)
-        from .adapters.hf_decoder import HFDecoderAdapter
-
         adapter = state.adapter if state is not None else HFDecoderAdapter()
         mod = set(state.layer_indices) if state is not None else set()
         self.layers = []
@@ -482,15 +480,8 @@ class GraphedDecoder:
         return allocated, used
 
     # --- internals ----------------------------------------------------------------------------
-    @contextlib.contextmanager
     def _attention(self):
-        config = self.config
-        before = config._attn_implementation_internal
-        config._attn_implementation_internal = STATIC_ATTENTION
-        try:
-            yield
-        finally:
-            config._attn_implementation_internal = before
+        return use_attention(self.config, STATIC_ATTENTION)
 
     def _compacted(self, layer, mod: bool, real: torch.Tensor):
         """(keys, values `[B, Hk, n, d]`, per-row counts `[B]`) of one prompt cache layer, each

@@ -80,7 +80,7 @@ class HFDecoderAdapter(Adapter):
             window=_sliding_window(config, index),
             attn_implementation=functools.partial(getattr, config, "_attn_implementation"),
             signature=signature,
-            packed_attention=functools.partial(_packed_attention, config),
+            packed_attention=functools.partial(use_attention, config, VARLEN_ATTENTION),
         )
 
     def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
@@ -180,12 +180,13 @@ def _register_probe_attention() -> None:
 
 
 @contextlib.contextmanager
-def _packed_attention(config: Any):
-    """Point the layers' attention at the packed (varlen) function for one layer call. The layers
-    read the implementation name from the config at call time; setting the stored name directly
-    skips the setter's validation and sub-config walk (this runs once per MoD layer call)."""
+def use_attention(config: Any, name: str):
+    """Point the layers' attention at the registered function `name` for a while (one packed MoD
+    layer call; a graphed decode step). The layers read the implementation name from the config
+    at call time; setting the stored name directly skips the setter's validation and sub-config
+    walk (this runs once per MoD layer call)."""
     before = config._attn_implementation_internal
-    config._attn_implementation_internal = VARLEN_ATTENTION
+    config._attn_implementation_internal = name
     try:
         yield
     finally:
