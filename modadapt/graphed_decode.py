@@ -25,8 +25,8 @@ captured steps are reused across prompts; KV bytes shrink with the skipped pairs
 eagerly (packed MoD layers where they apply) and its cache is copied in.
 
 Supported: Llama-style decoders (token embedding, rotary embedding, final norm: Llama, Mistral,
-Qwen2/3, Phi-3) without a sliding window in reach, and routers whose causal rule needs no host
-sync (all built-in ones but attention routing, which reads the previous attention map).
+Qwen2/3, Phi-3) without a sliding window in reach, and routers marked `graphable` (all built-in
+ones but attention routing, which reads the previous layer's attention map).
 """
 
 from __future__ import annotations
@@ -360,6 +360,13 @@ class GraphedDecoder:
         state = state_of(model)
         adapter = state.adapter if state is not None else HFDecoderAdapter()
         mod = set(state.layer_indices) if state is not None else set()
+        for i in sorted(mod):
+            router = decoder.layers[i].router
+            if not router.graphable:
+                raise ModAdaptError(
+                    f"router {router.name!r} (layer {i}) cannot run inside a captured decode step; decode with "
+                    "model.generate instead."
+                )
         self.layers = []
         for i, layer in enumerate(decoder.layers):
             names = layer.mod_state.call if i in mod else adapter.layer_call(model, layer, i)

@@ -78,6 +78,9 @@ def test_graphed_decoder_mod_cache_holds_only_kept_pairs(tiny, ids, randomize_ro
 def test_graphed_decoder_bad_input(tiny, ids):
     with pytest.raises(ModAdaptError, match="supports"):
         GraphedDecoder(tiny("gpt2"))
+    attention_routed = modadapt.convert(tiny("llama"), router="attention", layers="every-other")
+    with pytest.raises(ModAdaptError, match="'attention'.*captured"):
+        GraphedDecoder(attention_routed)
     model = tiny("llama")
     decoder = GraphedDecoder(model)
     with pytest.raises(ModAdaptError, match="max_new_tokens"):

@@ -142,6 +142,9 @@ class Router(nn.Module):
     name: ClassVar[str] = ""
     causal: ClassVar[bool] = False
     capacity_based: ClassVar[bool] = True
+    #: Whether `score` / `causal_keep` / `gate` of a one-token step can run inside a captured
+    #: CUDA graph (`GraphedDecoder`): no host sync, nothing read from outside the layer's input.
+    graphable: ClassVar[bool] = True
     #: Router-specific arguments and their defaults; unknown arguments are a clear error.
     arguments: ClassVar[dict] = {}
     #: Numeric arguments that also accept none (None in Python) to switch a feature off.
