@@ -157,6 +157,7 @@ class _Step:
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.out = torch.zeros(batch, new, dtype=torch.long, device=device)
         self.count = torch.zeros(1, dtype=torch.long, device=device)
+        self.steps_done = 0  # decode steps since the prefill (the host's count of `count`)
         cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self._cu_k = {c: cu_q * c for c in set(capacities)}
         self._cu_q = cu_q
@@ -458,6 +459,7 @@ class GraphedDecoder:
         step.position.copy_(real.long().sum(-1, keepdim=True))
         step.out.zero_()
         step.count.zero_()
+        step.steps_done = 0
         self.last_step = step
         return step
 
@@ -467,8 +469,12 @@ class GraphedDecoder:
         step = self.last_step
         if step is None:
             raise ModAdaptError("call prefill (or generate) before decode.")
-        if steps > step.out.shape[1]:
-            raise ModAdaptError(f"prefill was sized for {step.out.shape[1]} steps, not {steps}.")
+        if step.steps_done + steps > step.out.shape[1]:
+            raise ModAdaptError(
+                f"prefill sized the cache for {step.out.shape[1]} steps; {step.steps_done} are done, "
+                f"{steps} more do not fit."
+            )
+        step.steps_done += steps
         with self._attention():
             for _ in range(steps):
                 if step.graphs is not None:

@@ -89,6 +89,10 @@ def test_graphed_decoder_bad_input(tiny, ids):
         decoder.generate(ids(1, 4)[0])
     with pytest.raises(ModAdaptError, match="prefill"):
         GraphedDecoder(model).decode(1)
+    decoder.prefill(ids(1, 4), None, 3)
+    decoder.decode(2)
+    with pytest.raises(ModAdaptError, match="2 are done"):  # the static cache has no room for more
+        decoder.decode(2)
     with pytest.raises(ModAdaptError, match="CUDA"):
         GraphedDecoder(model, cuda_graphs=True)
     model.train()
