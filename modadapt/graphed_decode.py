@@ -7,8 +7,8 @@ only when some row keeps the token; how that branch is taken (`branches`):
 
 - ``"conditional"``: a CUDA conditional node, the GPU skips the layer itself (torch builds that
   expose `CUDAGraph.begin_capture_to_if_node`; one graph per step);
-- ``"host"``: the step is captured as pieces between MoD layers; after each piece the host reads
-  the decision (one sync) and replays the layer's graph or not;
+- ``"host"``: the step is captured as pieces between MoD layers; after each routing piece the
+  host polls the decision's byte in pinned memory and replays the layer's graph or not;
 - ``"select"``: one graph, every MoD layer always runs and `where` keeps the input of rows that
   skip (no skipped work, no sync; what a large batch, where some row nearly always keeps, wants).
 
@@ -19,10 +19,10 @@ would alone (rows computed in a step that another row keeps are discarded).
 The cache is static and compacted per row: a layer holds each row's kept tokens' K/V in slots
 `[0, length)` (a dense layer: every real token; left padding is dropped) and attention reads only
 those (flash attention with per-row used lengths on CUDA; elsewhere a length mask, over buffers
-that start zeroed). A MoD layer's
-capacity is what its rows kept in the prompt plus the new tokens, rounded up to `BUCKET` so that
-captured steps are reused across prompts; KV bytes shrink with the skipped pairs. The prompt runs
-eagerly (packed MoD layers where they apply) and its cache is copied in.
+that start zeroed). A MoD layer's capacity is what its rows kept in the prompt plus the new
+tokens, rounded up to `BUCKET` so that captured steps are reused across prompts; KV bytes shrink
+with the skipped pairs. The prompt runs eagerly (packed MoD layers where they apply) and its
+cache is copied in.
 
 Supported: Llama-style decoders (token embedding, rotary embedding, final norm: Llama, Mistral,
 Qwen2/3, Phi-3) without a sliding window in reach, and routers marked `graphable` (all built-in
