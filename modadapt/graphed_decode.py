@@ -1,4 +1,4 @@
-"""Greedy decoding with a static KV cache and CUDA graphs, for dense and converted models alike.
+"""Decoding with a static KV cache and CUDA graphs, for dense and converted models alike.
 
 Eager decoding of a ~1B model is bound by the host: Python and kernel launches take several
 times the GPU's own time, and a MoD layer's decision needs a host sync, which eats most of what
@@ -112,6 +112,41 @@ def _register_attention() -> None:
     AttentionInterface.register(STATIC_ATTENTION, _static_decode_attention)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a step picks its token when sampling: temperature, then top-k, then top-p (nucleus),
+    in the order transformers applies them. Part of a captured step (steps are keyed on it)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ModAdaptError(f"temperature must be a number > 0, got {self.temperature!r}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise ModAdaptError(f"top_k must be an int >= 1, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ModAdaptError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling | None) -> torch.Tensor:
+    """`[B, 1]` tokens from `[B, V]` logits: the argmax, or a draw (static shapes, no host sync,
+    so it can be captured; the draw uses the default generator, so `torch.manual_seed` repeats it)."""
+    if sampling is None:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        ordered, order = logits.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > sampling.top_p  # the mass before the token already suffices
+        logits = logits.scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1)
+
+
 class _StaticCache:
     """What the layers' attention sees as `past_key_values`: `update` writes each row's new K/V
     at that row's length in the layer's buffers and returns the whole buffers."""
@@ -141,10 +176,11 @@ class _Step:
     (on CUDA) its captured graphs. Pieces: `("run", fn)` always runs; `("if", i, fn)` runs MoD
     layer `i` when the `pred` its routing piece left holds."""
 
-    def __init__(self, decoder: GraphedDecoder, batch: int, capacities: tuple[int, ...], new: int, mode: str):
+    def __init__(self, decoder: GraphedDecoder, batch: int, capacities: tuple[int, ...], new: int, mode: str,
+                 sampling: Sampling | None = None):
         p = decoder.params
         device, dtype = p.device, p.dtype
-        self.decoder, self.batch, self.capacities = decoder, batch, capacities
+        self.decoder, self.batch, self.capacities, self.sampling = decoder, batch, capacities, sampling
         self.keys = [torch.zeros(batch, c, decoder.kv_heads, decoder.head_dim, device=device, dtype=dtype)
                      for c in capacities]
         self.values = [torch.zeros_like(k) for k in self.keys]
@@ -227,7 +263,7 @@ class _Step:
     def _end(self) -> None:
         d, h, B = self.decoder, self.live["h"], self.batch
         self.dense_length += 1
-        nxt = d.head(d.norm(h)[:, -1]).argmax(-1, keepdim=True)
+        nxt = next_token(d.head(d.norm(h)[:, -1]), self.sampling)
         self.token.copy_(nxt)
         self.position += 1
         self.out.scatter_(1, self.count.expand(B, 1).clamp_max(self.out.shape[1] - 1), nxt)
@@ -251,7 +287,16 @@ class _Step:
 
     def capture(self) -> None:
         """Warm up on a side stream, then capture. The buffers hold scratch values here; the
-        caller fills them after."""
+        caller fills them after. The random state is put back, so that the warm-up's draws do not
+        shift a sampled generation (the first with this step would differ from later ones)."""
+        device = self.token.device
+        rng = torch.cuda.get_rng_state(device)
+        try:
+            self._warm_up_and_capture()
+        finally:
+            torch.cuda.set_rng_state(rng, device)
+
+    def _warm_up_and_capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -325,10 +370,11 @@ class _Step:
 
 
 class GraphedDecoder:
-    """Greedy generation for a Llama-style model (dense or converted) with a static, per-row
-    compacted KV cache; on CUDA each decode step replays captured CUDA graphs (module docs).
+    """Generation (greedy or sampled) for a Llama-style model, dense or converted, with a
+    static, per-row compacted KV cache; on CUDA each decode step replays captured CUDA graphs
+    (module docs).
 
-    `generate` gives the tokens `model.generate(..., do_sample=False)` gives, up to kernel
+    Greedy, `generate` gives the tokens `model.generate(..., do_sample=False)` gives, up to kernel
     rounding. `cuda_graphs=False` (the default off CUDA) runs the same pieces eagerly. Capture
     after the weights are final: a captured step keeps the routers' cut-offs it saw.
     """
@@ -390,17 +436,20 @@ class GraphedDecoder:
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
-        """The prompt (left padding allowed) and up to `max_new_tokens` greedy tokens, as
-        `model.generate(do_sample=False)` returns them: after a row's end-of-sequence token come
-        pad tokens, and generation stops once every row has ended (checked every `CHECK_EVERY`
-        steps). `eos_token_id` / `pad_token_id` default to the model's generation config."""
+                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+        """The prompt (left padding allowed) and up to `max_new_tokens` new tokens, as
+        `model.generate` returns them: greedy (the same tokens), or drawn with `do_sample`
+        (temperature, top-k, top-p; seed with `torch.manual_seed`). After a row's end-of-sequence
+        token come pad tokens, and generation stops once every row has ended (checked every
+        `CHECK_EVERY` steps). `eos_token_id` / `pad_token_id` default to the generation config."""
         config = getattr(self.model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        step = self.prefill(input_ids, attention_mask, max_new_tokens)
+        sampling = Sampling(temperature, top_k, top_p) if do_sample else None
+        step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling)
         first = step.token.clone()
         eos_ids = torch.tensor(eos, device=first.device, dtype=first.dtype)
         done = 0
@@ -420,7 +469,8 @@ class GraphedDecoder:
         return torch.cat([input_ids, new], dim=1)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> _Step:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                sampling: Sampling | None = None) -> _Step:
         """Run the prompt eagerly, copy its cache into the static buffers of a (captured) step
         sized for `max_new_tokens`, and leave the first new token in the step's `token`."""
         from transformers import DynamicCache
@@ -444,10 +494,10 @@ class GraphedDecoder:
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].argmax(-1, keepdim=True)
+        first = next_token(out.logits[:, -1], sampling)
         stored = [self._compacted(cache.layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
         capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
-        step = self._step_for(B, capacities, max_new_tokens)
+        step = self._step_for(B, capacities, max_new_tokens, sampling)
         for i, (k, v, n) in enumerate(stored):
             step.keys[i].zero_()
             step.values[i].zero_()
@@ -513,14 +563,14 @@ class GraphedDecoder:
         width = int(counts.max())
         return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts
 
-    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int) -> _Step:
-        key = (batch, capacities, new)
+    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None) -> _Step:
+        key = (batch, capacities, new, sampling)
         step = self._steps.get(key)
         if step is not None:
             return step
         while len(self._steps) >= _MAX_STEPS:
             self._steps.pop(next(iter(self._steps)))
-        step = _Step(self, batch, capacities, new, self.branches_for(batch))
+        step = _Step(self, batch, capacities, new, self.branches_for(batch), sampling)
         if self.cuda_graphs:
             try:
                 with self._attention():

@@ -181,7 +181,8 @@ def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, ids, left
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
 def test_captured_graphs_match_generate_on_cuda():
     """The captured step (host branches at batch 1, select in batches, conditional nodes where
-    torch has them) in float32 on CUDA gives `model.generate`'s tokens. Run on the GPU machine:
+    torch has them) in float32 on CUDA gives `model.generate`'s tokens, and captured sampling is
+    seeded by `torch.manual_seed`. Run on the GPU machine:
     `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
@@ -195,3 +196,41 @@ def test_captured_graphs_match_generate_on_cuda():
             got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
             assert decoder.last_step.graphs is not None
             assert torch.equal(got, expected), (router, len(prompts), decoder.last_step.mode)
+            assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, top_k=1),
+                               expected)  # a captured draw of the argmax
+            draws = []
+            for seed in (0, 0, 1):  # replays draw from the default generator's current state
+                torch.manual_seed(seed)
+                draws.append(decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True,
+                                              temperature=2.0))
+            assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
+    model = _converted(tiny, "llama", randomize_routers)
+    x = ids(2, 7, seed=8)
+    decoder = GraphedDecoder(model)
+    # top-k 1 draws the argmax: the greedy tokens
+    assert torch.equal(decoder.generate(x, max_new_tokens=12, do_sample=True, top_k=1), _greedy(model, x, None, 12))
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(decoder.generate(x, max_new_tokens=12, do_sample=True, temperature=2.0, top_p=0.9))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # seeded, and random
+    assert not torch.equal(draws[0], _greedy(model, x, None, 12))
+    with pytest.raises(ModAdaptError, match="temperature"):
+        decoder.generate(x, max_new_tokens=2, do_sample=True, temperature=0)
+    with pytest.raises(ModAdaptError, match="top_p"):
+        decoder.generate(x, max_new_tokens=2, do_sample=True, top_p=1.5)
+
+
+def test_next_token_filters():
+    from modadapt.graphed_decode import Sampling, next_token
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+    assert next_token(logits, None).tolist() == [[1]]
+    torch.manual_seed(0)
+    picks = {int(next_token(logits, Sampling(top_k=2))) for _ in range(200)}
+    assert picks == {1, 2}  # only the two largest
+    picks = {int(next_token(logits, Sampling(top_p=0.4))) for _ in range(200)}
+    assert picks == {1}  # the first token already holds more than 0.4 of the mass
