@@ -51,7 +51,7 @@ STATIC_ATTENTION = "modadapt_static_decode"
 BRANCHES = ("auto", "conditional", "host", "select")
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _MAX_STEPS = 4  # captured steps kept per decoder (each holds its buffers)
-_FLASH = {"usable": None}  # whether flash attention with per-row used lengths ran here
+_FLASH: dict[tuple, bool] = {}  # per (device, dtype, head size): whether flash with used lengths ran
 _PENDING = 2  # a "host" branch decision not yet copied back
 #: `generate` checks whether every row has ended once per this many steps (a host sync).
 CHECK_EVERY = 32
@@ -75,6 +75,11 @@ class _KeyLengths:
         return (slots < self.used[:, None]).view(-1, 1, 1, capacity)
 
 
+def flash_key(query: torch.Tensor) -> tuple:
+    """What flash support depends on: the device, the dtype and the head size."""
+    return (str(query.device), query.dtype, query.shape[-1])
+
+
 def _static_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              is_causal=None, **kwargs):
     """One query token per row against the static cache `[B, capacity, Hk, d]`, reading each
@@ -85,18 +90,19 @@ def _static_decode_attention(module, query, key, value, attention_mask, dropout=
     if T != 1 or not isinstance(lengths, _KeyLengths):
         raise ModAdaptError(f"{STATIC_ATTENTION} attention only runs GraphedDecoder's decode steps.")
     q = query.transpose(1, 2).reshape(B, H, d)
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _FLASH["usable"] is not False:
+    flash = flash_key(query)
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _FLASH.get(flash) is not False:
         try:
             out = torch.ops.aten._flash_attention_forward(
                 q, key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d), lengths.cu_q, lengths.cu_k,
                 1, capacity, 0.0, False, False, scale=scaling, seqused_k=lengths.used,
             )[0]
-            _FLASH["usable"] = True
+            _FLASH[flash] = True
             return out.view(B, 1, H, d), None
         except (RuntimeError, TypeError):
-            if _FLASH["usable"]:  # it ran before: this is a real error
+            if _FLASH.get(flash):  # it ran before on such tensors: this is a real error
                 raise
-            _FLASH["usable"] = False
+            _FLASH[flash] = False
     # The query heads of each K/V head go as that head's queries: no repeat_kv copy of the cache.
     out = F.scaled_dot_product_attention(
         q.view(B, Hk, H // Hk, d), key.transpose(1, 2), value.transpose(1, 2),
@@ -114,8 +120,9 @@ def _register_attention() -> None:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a step picks its token when sampling: temperature, then top-k, then top-p (nucleus),
-    in the order transformers applies them. Part of a captured step (steps are keyed on it)."""
+    """How a step picks its token when sampling: temperature, then top-k (0 or None: off), then
+    top-p (nucleus; None or 1: off), in the order and with the cut-offs transformers uses. Part of
+    a captured step (steps are keyed on it)."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -124,8 +131,8 @@ class Sampling:
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ModAdaptError(f"temperature must be a number > 0, got {self.temperature!r}")
-        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
-            raise ModAdaptError(f"top_k must be an int >= 1, got {self.top_k!r}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ModAdaptError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ModAdaptError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
@@ -135,16 +142,21 @@ def next_token(logits: torch.Tensor, sampling: Sampling | None) -> torch.Tensor:
     so it can be captured; the draw uses the default generator, so `torch.manual_seed` repeats it)."""
     if sampling is None:
         return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(sampling_logits(logits, sampling).softmax(-1), 1)
+
+
+def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Float logits scaled by the temperature, with the tokens top-k and top-p drop at -inf."""
     logits = logits.float() / sampling.temperature
-    if sampling.top_k is not None:
+    if sampling.top_k:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p is not None and sampling.top_p < 1:
         ordered, order = logits.sort(-1, descending=True)
         probs = ordered.softmax(-1)
-        beyond = probs.cumsum(-1) - probs > sampling.top_p  # the mass before the token already suffices
+        beyond = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before the token already suffices
         logits = logits.scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1)
+    return logits
 
 
 class _StaticCache:
@@ -375,8 +387,10 @@ class GraphedDecoder:
     (module docs).
 
     Greedy, `generate` gives the tokens `model.generate(..., do_sample=False)` gives, up to kernel
-    rounding. `cuda_graphs=False` (the default off CUDA) runs the same pieces eagerly. Capture
-    after the weights are final: a captured step keeps the routers' cut-offs it saw.
+    rounding. `cuda_graphs=False` (the default off CUDA) runs the same pieces eagerly. A captured
+    step reads the weights in place; when a router's parameters or buffers change in place
+    (training, `load_state_dict`: their version moves) the next `prefill` captures afresh, since
+    resolved cut-offs are tensors of their own. Replacing `.data` is not seen: call `reset()`.
     """
 
     def __init__(self, model: nn.Module, cuda_graphs: bool | None = None, branches: str = "auto"):
@@ -420,9 +434,17 @@ class GraphedDecoder:
             forward = getattr(type(layer), "_mod_original", type(layer)).forward
             self.layers.append(_Layer(layer, forward, names, i in mod))
         self.first_dense = next((i for i, layer in enumerate(self.layers) if not layer.mod), None)
+        self._router_tensors = [t for layer in self.layers if layer.mod
+                                for t in (*layer.module.router.parameters(), *layer.module.router.buffers())]
+        self._versions: tuple | None = None  # the router tensors' versions the captured steps saw
         self._steps: dict[tuple, _Step] = {}
         self.last_step: _Step | None = None
         _register_attention()
+
+    def reset(self) -> None:
+        """Drop every captured step (the next `prefill` captures afresh)."""
+        self._steps.clear()
+        self.last_step = None
 
     def branches_for(self, batch: int) -> str:
         """The branch mode used at `batch` (see the module docs)."""
@@ -436,19 +458,30 @@ class GraphedDecoder:
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
         """The prompt (left padding allowed) and up to `max_new_tokens` new tokens, as
         `model.generate` returns them: greedy (the same tokens), or drawn with `do_sample`
         (temperature, top-k, top-p; seed with `torch.manual_seed`). After a row's end-of-sequence
         token come pad tokens, and generation stops once every row has ended (checked every
-        `CHECK_EVERY` steps). `eos_token_id` / `pad_token_id` default to the generation config."""
+        `CHECK_EVERY` steps). Arguments left None come from the model's generation config, as in
+        `model.generate` (transformers' defaults: temperature 1, top-k 50, top-p 1)."""
         config = getattr(self.model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        sampling = Sampling(temperature, top_k, top_p) if do_sample else None
+        sampling = None
+        if do_sample:
+            def pick(value, name, default):
+                for candidate in (value, getattr(config, name, None)):
+                    if candidate is not None:
+                        return candidate
+                return default
+
+            top_p = pick(top_p, "top_p", 1.0)
+            sampling = Sampling(pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50),
+                                None if top_p == 1.0 else top_p)
         step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling)
         first = step.token.clone()
         eos_ids = torch.tensor(eos, device=first.device, dtype=first.dtype)
@@ -497,6 +530,10 @@ class GraphedDecoder:
         first = next_token(out.logits[:, -1], sampling)
         stored = [self._compacted(cache.layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
         capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
+        versions = tuple((id(t), t._version) for t in self._router_tensors)
+        if versions != self._versions:  # routers changed: cut-offs resolved at capture may be stale
+            self.reset()
+            self._versions = versions
         step = self._step_for(B, capacities, max_new_tokens, sampling)
         for i, (k, v, n) in enumerate(stored):
             step.keys[i].zero_()
@@ -515,7 +552,9 @@ class GraphedDecoder:
 
     @torch.inference_mode()
     def decode(self, steps: int) -> None:
-        """`steps` greedy decode steps after `prefill`."""
+        """`steps` decode steps after `prefill` (greedy or sampled, as the prefill chose)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ModAdaptError(f"steps must be an int >= 0, got {steps!r}")
         step = self.last_step
         if step is None:
             raise ModAdaptError("call prefill (or generate) before decode.")

@@ -1,7 +1,8 @@
 """`GraphedDecoder` (static per-row compacted cache, one step per graph replay) generates what
-`model.generate` generates. On CPU the captured step runs eagerly (same code; the branch a MoD
-layer's conditional node takes is checked on the host); the GPU benchmark checks the captured
-graph against eager decoding (`benchmarks/speed.py`, scenario `check`)."""
+`model.generate` generates. On CPU the step's pieces run eagerly (same code; the branch a MoD
+layer's work takes is checked on the host); `test_captured_graphs_match_generate_on_cuda` checks
+the captured graphs on a GPU, and `benchmarks/speed.py --scenarios decode_graphs` checks them at
+full size (teacher-forced tokens against eager decoding)."""
 
 from __future__ import annotations
 
@@ -34,19 +35,23 @@ def test_graphed_decoder_matches_generate_converted(graphed_family, tiny, ids, l
     decoder = GraphedDecoder(model)
     got = decoder.generate(x, attention_mask=mask, max_new_tokens=10)
     assert torch.equal(got, expected)
-    # rows really disagree at decode: some MoD layer kept a different number of tokens per row
-    step = decoder.last_step
-    lengths = torch.stack([step.lengths[i] for i in state_of(model).layer_indices])
-    assert (lengths.max(1).values != lengths.min(1).values).any()
+    # rows really disagree while decoding: some MoD layer keeps a different number of new tokens per row
+    step = decoder.prefill(x, mask, 10)
+    mod = state_of(model).layer_indices
+    start = torch.stack([step.lengths[i].clone() for i in mod])
+    decoder.decode(9)
+    added = torch.stack([step.lengths[i] for i in mod]) - start
+    assert (added.max(1).values != added.min(1).values).any()
 
 
+@pytest.mark.parametrize("branches", ["host", "select", "auto"])
 @pytest.mark.parametrize("router", ["threshold-p", "topk", "random"])
-def test_graphed_decoder_batch_one_and_routers(router, tiny, ids, randomize_routers):
+def test_graphed_decoder_batch_one_and_routers(router, branches, tiny, ids, randomize_routers):
     model = _converted(tiny, "llama", randomize_routers, router=router)
     x = ids(1, 9, seed=3)
     torch.manual_seed(0)
     expected = _greedy(model, x, None, 12)
-    decoder = GraphedDecoder(model)
+    decoder = GraphedDecoder(model, branches=branches)
     torch.manual_seed(0)
     assert torch.equal(decoder.generate(x, max_new_tokens=12), expected)
 
@@ -90,6 +95,10 @@ def test_graphed_decoder_bad_input(tiny, ids):
     with pytest.raises(ModAdaptError, match="prefill"):
         GraphedDecoder(model).decode(1)
     decoder.prefill(ids(1, 4), None, 3)
+    for steps in (-1, 1.0, True):
+        with pytest.raises(ModAdaptError, match="steps must be"):
+            decoder.decode(steps)
+    decoder.decode(0)
     decoder.decode(2)
     with pytest.raises(ModAdaptError, match="2 are done"):  # the static cache has no room for more
         decoder.decode(2)
@@ -186,16 +195,19 @@ def test_captured_graphs_match_generate_on_cuda():
     `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    for router in ("threshold-p", "topk"):
+    from modadapt.graphed_decode import BRANCHES
+
+    modes = [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    for router, branches in [(r, b) for r in ("threshold-p", "topk") for b in modes]:
         model = modadapt.convert(build_tiny("llama"), router=router, layers="all-but-first")
         model = randomize_router_weights(model).eval().cuda()
-        decoder = GraphedDecoder(model)
+        decoder = GraphedDecoder(model, branches=branches)
         for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
             x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
             expected = _greedy(model, x, mask, 40)
             got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
             assert decoder.last_step.graphs is not None
-            assert torch.equal(got, expected), (router, len(prompts), decoder.last_step.mode)
+            assert torch.equal(got, expected), (router, branches, len(prompts), decoder.last_step.mode)
             assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, top_k=1),
                                expected)  # a captured draw of the argmax
             draws = []
@@ -224,6 +236,48 @@ def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
         decoder.generate(x, max_new_tokens=2, do_sample=True, top_p=1.5)
 
 
+@pytest.mark.parametrize("top_k, top_p", [(50, None), (5, None), (None, 0.3), (10, 0.9), (0, 0.5)])
+def test_sampling_filters_match_transformers(top_k, top_p):
+    from transformers.generation.logits_process import (
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from modadapt.graphed_decode import Sampling, sampling_logits
+
+    logits = torch.randn(6, 80, generator=torch.Generator().manual_seed(2)) * 3
+    ours = sampling_logits(logits, Sampling(0.7, top_k, top_p))
+    theirs = logits / 0.7
+    if top_k:
+        theirs = TopKLogitsWarper(top_k)(None, theirs)
+    if top_p is not None:
+        theirs = TopPLogitsWarper(top_p)(None, theirs)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    torch.testing.assert_close(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
+
+
+def test_graphed_decoder_sampling_defaults_follow_the_generation_config(tiny, ids):
+    model = tiny("llama")
+    model.generation_config.top_k = 1  # as model.generate would: the argmax
+    x = ids(1, 5, seed=3)
+    assert torch.equal(GraphedDecoder(model).generate(x, max_new_tokens=6, do_sample=True), _greedy(model, x, None, 6))
+
+
+def test_captured_step_follows_router_changes(tiny, ids, randomize_routers):
+    """Changing a router in place (training, load_state_dict) makes the next prefill capture afresh."""
+    model = _converted(tiny, "llama", randomize_routers)
+    decoder = GraphedDecoder(model)
+    x = ids(1, 6, seed=4)
+    decoder.generate(x, max_new_tokens=4)
+    first = decoder.last_step
+    decoder.generate(x, max_new_tokens=4)
+    assert decoder.last_step is first
+    with torch.no_grad():
+        modadapt.mod_layers(model)[0].router.scorer.bias.add_(1.0)
+    assert torch.equal(decoder.generate(x, max_new_tokens=4), _greedy(model, x, None, 4))
+    assert decoder.last_step is not first
+
+
 def test_next_token_filters():
     from modadapt.graphed_decode import Sampling, next_token
 
@@ -234,3 +288,25 @@ def test_next_token_filters():
     assert picks == {1, 2}  # only the two largest
     picks = {int(next_token(logits, Sampling(top_p=0.4))) for _ in range(200)}
     assert picks == {1}  # the first token already holds more than 0.4 of the mass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_captured_graphs_equal_their_eager_pieces_in_bf16():
+    """In bf16 the decode attention runs flash with used lengths; the captured graphs replay the
+    very kernels the eager pieces run, so the tokens are equal (greedy, every branch mode)."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+
+    from modadapt import graphed_decode
+    from modadapt.graphed_decode import BRANCHES
+
+    model = modadapt.convert(build_tiny("llama"), router="threshold-p", layers="all-but-first")
+    model = randomize_router_weights(model).eval().cuda().to(torch.bfloat16)
+    x, mask, _ = (t.cuda() for t in left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]))
+    for batch in (1, 3):
+        eager = GraphedDecoder(model, cuda_graphs=False).generate(x[:batch], attention_mask=mask[:batch],
+                                                                   max_new_tokens=40)
+        for branches in [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]:
+            graphed = GraphedDecoder(model, branches=branches)
+            assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)
+            assert graphed.last_step.graphs is not None
+    assert any(graphed_decode._FLASH.values()), "the flash decode attention did not run"
