@@ -310,3 +310,16 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
             assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)
             assert graphed.last_step.graphs is not None
     assert any(graphed_decode._FLASH.values()), "the flash decode attention did not run"
+
+
+def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_routers, monkeypatch):
+    """A packed prompt cache (`packing="packed"`, as on CUDA) is compacted into the static cache."""
+    from modadapt import varlen
+
+    model = _converted(tiny, "llama", randomize_routers, packing="packed")
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    expected = _greedy(model, x, mask, 8)
+    calls, reference = [], varlen._reference
+    monkeypatch.setattr(varlen, "_reference", lambda *a, **k: calls.append(1) or reference(*a, **k))
+    assert torch.equal(GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), expected)
+    assert calls, "the prompt did not run packed"
