@@ -1194,7 +1194,10 @@ def compile_models(b: Bench, mode: str | None, scenarios: list[str]) -> None:
     fullgraph=True for dense and `topk` (static top-k: no host sync, no graph break); `threshold-p`
     packs a data-dependent keep mask (one host sync per MoD layer), so it compiles with graph
     breaks. dynamic=False: each prefill/training shape gets its own graph (the k of top-k is a
-    Python int of the sequence length). Compilation is lazy: the first call of each shape, grad
+    Python int of the sequence length; for `threshold-p` each packed size compiles anew, fine for
+    the benchmark's fixed inputs). torch's automatic dynamic shapes would make the packed size
+    symbolic instead (tests/test_compile.py, Dynamo level), but inductor in torch 2.11 fails on
+    it (NameError for a size symbol in the generated code, H200 2026-11-30). Compilation is lazy: the first call of each shape, grad
     mode and train/eval mode compiles, and `Bench.first_call` times it outside the measurements."""
     import torch._dynamo
 

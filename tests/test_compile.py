@@ -68,3 +68,31 @@ def test_compiled_packed_threshold_model_equals_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     counts = [layer.mod_state.last_keep.sum(1) for layer in modadapt.mod_layers(model)]
     assert any(len(set(c.tolist())) > 1 for c in counts)  # rows kept different counts: really packed
+
+
+def test_compiled_packed_threshold_model_stops_recompiling():
+    """Kept counts change every batch. With torch.compile's default (automatic dynamic shapes) the
+    packed size becomes symbolic after the first change: the second call compiles, later ones
+    reuse (with `dynamic=False` every new count compiles anew, the recompile storm that buckets
+    would also avoid)."""
+    from torch._dynamo.utils import counters
+
+    model = modadapt.build_preset("tiny-llama")
+    modadapt.convert(model, router="threshold-p", layers="all-but-first", packing="packed")
+    generator = torch.Generator().manual_seed(0)
+    for layer in modadapt.mod_layers(model):
+        layer.router.scorer.weight.data = torch.randn(layer.router.scorer.weight.shape, generator=generator)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    graphs, kept = [], []
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.randint(0, 256, (3, 16), generator=generator)
+            logits = compiled(ids, use_cache=False).logits
+            torch.testing.assert_close(logits, model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+            kept.append(sum(int(layer.mod_state.last_keep.sum()) for layer in modadapt.mod_layers(model)))
+    assert len(set(kept)) == len(kept)  # every batch kept a different number of tokens
+    assert graphs[1] == graphs[-1], graphs  # nothing compiled after the second call
+    torch._dynamo.reset()
