@@ -67,6 +67,16 @@ class ModConfig:
         },
     )
 
+    pack_bucket: int | None = field(
+        default=None,
+        metadata={
+            "help": "Round a packed call's token count without a KV cache (training, prefill with "
+            "use_cache=False) up to a multiple of this, with filler tokens in a segment of their "
+            "own, so that torch.compile(dynamic=False) compiles once per bucket instead of once "
+            "per kept count. None: exact counts (eager needs no buckets)."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.router, str) or not self.router:
             raise ModAdaptError("ModConfig.router must be a router name, e.g. 'topk'.")
@@ -84,6 +94,10 @@ class ModConfig:
             )
         if self.packing not in PACKING:
             raise ModAdaptError(f"packing must be one of {PACKING}, got {self.packing!r}.")
+        if self.pack_bucket is not None and (
+            isinstance(self.pack_bucket, bool) or not isinstance(self.pack_bucket, int) or self.pack_bucket < 1
+        ):
+            raise ModAdaptError(f"pack_bucket must be a positive int or None, got {self.pack_bucket!r}.")
         if not isinstance(self.router_kwargs, dict):
             raise ModAdaptError("router_kwargs must be a dict of router arguments.")
         if not isinstance(self.adapter_kwargs, dict):

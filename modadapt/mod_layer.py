@@ -204,13 +204,17 @@ def _gated(out: torch.Tensor, gate: torch.Tensor | None, hidden: torch.Tensor) -
     return out + (gate - 1).to(out.dtype).unsqueeze(-1) * (out - hidden)
 
 
-def _flatten_rows(value: Any, B: int, T: int) -> Any:
-    """A per-token tensor (or tuple of them) `[B or 1, T, ...]` as one row `[1, B * T, ...]`."""
+def _flatten_rows(value: Any, B: int, T: int, dummy_row: bool = False) -> Any:
+    """A per-token tensor (or tuple of them) `[B or 1, T, ...]` as one row `[1, B * T, ...]`;
+    `dummy_row` appends one zero token, what the filler indices of a bucketed pack point at."""
     if isinstance(value, (tuple, list)):
-        return type(value)(_flatten_rows(v, B, T) for v in value)
+        return type(value)(_flatten_rows(v, B, T, dummy_row) for v in value)
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return value
-    return value.expand(B, *value.shape[1:]).reshape(1, B * T, *value.shape[2:])
+    flat = value.expand(B, *value.shape[1:]).reshape(1, B * T, *value.shape[2:])
+    if dummy_row:
+        flat = torch.cat([flat, flat.new_zeros(1, 1, *value.shape[2:])], dim=1)
+    return flat
 
 
 def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
@@ -227,11 +231,13 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     if B == 1 and T == 1 and _plain_decode_step(state, book, seen):
         return _decode_one_token(layer, arguments, hidden, book, ctx)
     ctx.pack = can_pack(layer, hidden, book, seen + T, ctx.causal)
+    bucketed = ctx.pack and book is None and state.model.config.pack_bucket is not None
+    ctx.pack_bucket = state.model.config.pack_bucket if bucketed else None
     flat = {}
     if ctx.pack:  # launched before routing syncs with the host, so the GPU is not left waiting
         for name in (*call.per_token, call.position_ids):
             if name is not None and arguments.get(name) is not None:
-                flat[name] = _flatten_rows(arguments.get(name), B, T)
+                flat[name] = _flatten_rows(arguments.get(name), B, T, dummy_row=bucketed)
     decision: RoutingDecision = layer.router.route(hidden, ctx)
     _record(state, decision, ctx)
 
@@ -243,8 +249,8 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
 
     packed = decision.segments is not None
     rows = hidden
-    if packed:  # all rows as one: [1, B * T]; `decision.indices` index it
-        hidden = hidden.reshape(1, B * T, *hidden.shape[2:])
+    if packed:  # all rows as one: [1, B * T] (+ the dummy row fillers index); `decision.indices` index it
+        hidden = _flatten_rows(hidden, B, T, dummy_row=bucketed)
         for name, value in flat.items():
             arguments.set(name, value)
     index = decision.indices
@@ -255,7 +261,7 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
         if name is not None and arguments.get(name) is not None:
             arguments.set(name, _gather_tokens(arguments.get(name), index))
     if packed:
-        out = _run_packed(layer, arguments, decision, book, T, seen)
+        out = _run_packed(layer, arguments, decision, book, max(T, ctx.pack_bucket or 0), seen)
     else:
         out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
     out_sub = _gated(out[0] if isinstance(out, tuple) else out, decision.gate, hidden_sub)
@@ -263,13 +269,15 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
         book.mod_seen += T
     if decision.valid is not None:
         out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub)
-    result = hidden.scatter(1, gather_index, out_sub.to(hidden.dtype)).view_as(rows)
+    result = hidden.scatter(1, gather_index, out_sub.to(hidden.dtype))
+    result = result[:, : B * T].reshape(rows.shape) if bucketed else result.view_as(rows)
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
 
 def _run_packed(layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int):
     """The original layer on all rows' kept tokens as one sequence; its attention runs per row
-    (`modadapt.varlen`) and, with a cache, appends the new K/V to the packed cache itself."""
+    (`modadapt.varlen`) and, with a cache, appends the new K/V to the packed cache itself. `T`
+    bounds a segment's length (a bucket's filler segment included)."""
     call = layer.mod_state.call
     arguments.set(call.mask, None)
     arguments.set(varlen.SEGMENTS_KWARG, decision.segments)

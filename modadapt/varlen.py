@@ -80,6 +80,7 @@ def varlen_attention(
     return _reference(query, key, value, q_segments, k_segments, scale=scale, causal=causal, dropout=dropout)
 
 
+@torch.compiler.disable  # a host loop over segment lengths: traced, it would specialise on each
 def _reference(query, key, value, q_segments, k_segments, *, scale, causal, dropout):
     """Per-segment SDPA: slow (a host sync and a loop), exact; used off CUDA and in tests."""
     q_lengths, k_lengths = q_segments.diff().tolist(), k_segments.diff().tolist()

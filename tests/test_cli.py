@@ -18,14 +18,16 @@ def run(capsys, *argv):
 def test_convert_preset_and_load(tmp_path, capsys):
     out = tmp_path / "mod"
     code, stdout, _ = run(capsys, "convert", "tiny-llama", "--router", "topk", "--capacity", "0.5",
-                          "--layers", "1,3", "--router-arg", "aux_coef=0.1", "--packing", "padded", "-o", str(out))
+                          "--layers", "1,3", "--router-arg", "aux_coef=0.1", "--packing", "padded",
+                          "--pack-bucket", "128", "-o", str(out))
     assert code == 0
     assert "layers [1, 3]" in stdout and "router" in stdout and "parameters" in stdout
     meta = json.loads((out / "modadapt.json").read_text())
     assert meta["mod_config"]["layers"] == [1, 3]
     assert meta["mod_config"]["router_kwargs"] == {"aux_coef": 0.1}
-    assert meta["mod_config"]["packing"] == "padded"
+    assert meta["mod_config"]["packing"] == "padded" and meta["mod_config"]["pack_bucket"] == 128
     model = modadapt.load(out)
+    assert model._modadapt_state.config.pack_bucket == 128
     assert [layer.mod_state.index for layer in modadapt.mod_layers(model)] == [1, 3]
     assert modadapt.mod_layers(model)[0].router.aux_coef == 0.1
 

@@ -86,6 +86,53 @@ def test_packed_training_gives_padded_loss_and_gradients(core_family, tiny, ids,
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("bucket", [1, 7, 64])
+def test_bucketed_packing_gives_the_exact_pack(core_family, bucket, tiny, ids, left_pad, randomize_routers,
+                                               packed_calls):
+    """`pack_bucket` pads a packed call without a cache with filler tokens in a segment of their
+    own: logits (left padding, eval), the training loss and every gradient equal the exact pack."""
+    exact = modadapt.convert(tiny(core_family), router="threshold-p", layers="all-but-first", packing="packed")
+    bucketed = modadapt.convert(tiny(core_family), router="threshold-p", layers="all-but-first", packing="packed",
+                                pack_bucket=bucket)
+    for model in (exact, bucketed):
+        randomize_routers(model)
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    with torch.no_grad():
+        expected = exact(x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        before = len(packed_calls)
+        got = bucketed(x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    sizes = packed_calls[before:]  # tokens per packed attention call: bucketed
+    assert sizes and all(n % bucket == 0 for n in sizes)
+    if bucket == 64:
+        assert all(n == 64 for n in sizes)  # 3 rows x 12 tokens: every layer's pack fills one bucket
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+    losses, grads = [], []
+    for model in (exact, bucketed):
+        model.train()
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert packed_calls
+
+
+def test_pack_rows_buckets_with_a_filler_segment():
+    keep = torch.tensor([[True, False, True], [False, False, True]])
+    indices, segments, _ = pack_rows(keep, None, None, bucket=4)
+    assert indices.tolist() == [[0, 2, 5, 6]] and segments.tolist() == [0, 2, 3, 4]  # filler: index B*T = 6
+    indices, segments, _ = pack_rows(keep, None, None, bucket=3)
+    assert indices.tolist() == [[0, 2, 5]] and segments.tolist() == [0, 2, 3, 3]  # a multiple already
+    with pytest.raises(ModAdaptError, match="pack_bucket"):
+        modadapt.ModConfig(pack_bucket=0)
+
+
 def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, randomize_routers, last_keeps, packed_calls):
     """A packed prefill and packed decode steps give the full forward's logits, and the cache of a
     MoD layer holds exactly the kept (row, token) pairs: no filler slot."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModAdaptError
@@ -35,6 +36,8 @@ class RoutingContext:
         pack: The layer can run the rows' kept tokens packed into one sequence
             (`modadapt.varlen`): a keep-mask selection is then returned packed (see
             `RoutingDecision.segments`).
+        pack_bucket: With `pack`, round the packed count up to a multiple of this (filler
+            tokens, see `pack_rows`); None: exact.
     """
 
     layer_index: int
@@ -46,6 +49,7 @@ class RoutingContext:
     roles: dict | None = None
     prefix: int = 0
     pack: bool = False
+    pack_bucket: int | None = None
 
     def routed(self) -> torch.Tensor:
         """`[B, T]` bool: the tokens the capacity is shared among (real, not forced, not prefix)."""
@@ -75,6 +79,8 @@ class RoutingDecision:
         segments: None for the per-row layout above. Packed: `indices` is `[1, N]`, the kept
             tokens' indices into the flattened `[B * T]` tokens, row after row, and `segments`
             the `[B + 1]` int32 offsets where each row's tokens start (then `valid` is None).
+            Bucketed (`RoutingContext.pack_bucket`): `[B + 2]` offsets, the last segment filler
+            tokens whose index is `B * T` (one past the tokens: a dummy row the caller appends).
     """
 
     indices: torch.Tensor
@@ -265,13 +271,15 @@ class Router(nn.Module):
             forced = None if static_prefix else ctx.forced
             indices, valid, keep = select_topk(logits, choice, ctx.real, forced, prefix=static_prefix)
         elif ctx.pack:
-            indices, segments, keep = pack_rows(choice, ctx.real, ctx.forced)
+            indices, segments, keep = pack_rows(choice, ctx.real, ctx.forced, bucket=ctx.pack_bucket)
             valid = None
         else:
             indices, valid, keep = pack_mask(choice, ctx.real, ctx.forced)
         gate = self.gate(logits) if indices.shape[1] else None  # None at inference: no gather
         if gate is not None:
-            gate = (gate.reshape(1, -1) if segments is not None else gate).gather(1, indices)
+            if segments is not None:  # flat, with a gate of 1 for the dummy filler index
+                gate = F.pad(gate.reshape(1, -1), (0, 1), value=1.0) if ctx.pack_bucket else gate.reshape(1, -1)
+            gate = gate.gather(1, indices)
         aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
         if self.causal_cutoff and ctx.training and isinstance(choice, float) and choice < 1.0:
             self._calibrate(logits, hidden, choice, ctx)
@@ -374,16 +382,29 @@ def pack_mask(
 
 
 def pack_rows(
-    keep: torch.Tensor, real: torch.Tensor | None, forced: torch.Tensor | None
+    keep: torch.Tensor, real: torch.Tensor | None, forced: torch.Tensor | None, bucket: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kept tokens of all rows as one packed sequence: `[1, N]` indices into the flattened
     `[B * T]` tokens (row after row, ascending), the `[B + 1]` int32 row offsets, and the mask.
-    One host sync (the count N), as for `pack_mask`, and no sort."""
+    One host sync (the count N), as for `pack_mask`, and no sort. With `bucket`, N is rounded up
+    to a multiple of it with filler indices `B * T` in one more segment (`[B + 2]` offsets)."""
     keep = _apply_roles(keep, real, forced)
     segments = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
     segments[1:] = keep.sum(1).cumsum(0)
+    if bucket:
+        indices = _bucketed_nonzero(keep.reshape(-1), bucket)
+        return indices, torch.cat([segments, segments.new_full((1,), indices.shape[1])]), keep
     indices = keep.reshape(-1).nonzero().reshape(1, -1)  # last: the host waits here
     return indices, segments, keep
+
+
+@torch.compiler.disable
+def _bucketed_nonzero(flat_keep: torch.Tensor, bucket: int) -> torch.Tensor:
+    """`[1, N']` indices of the kept tokens, then `B * T` up to N' = N rounded up to `bucket`. Run
+    outside torch.compile: the graphs after it see the bucketed size only, not the count."""
+    indices = flat_keep.nonzero().reshape(1, -1)
+    pad = -indices.shape[1] % bucket
+    return F.pad(indices, (0, pad), value=flat_keep.shape[0]) if pad else indices
 
 
 def _apply_roles(keep: torch.Tensor, real: torch.Tensor | None, forced: torch.Tensor | None) -> torch.Tensor:
