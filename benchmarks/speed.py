@@ -600,6 +600,36 @@ def run_packed_check(b: Bench) -> None:
               flush=True)
 
 
+def forced_routing(model, measure) -> dict:
+    """`{"skip": measure(), "keep": measure()}` with every router of `model` forced to skip (bias
+    -1e4), then to keep (+1e4); the biases are put back after. Changed in place, so a
+    `GraphedDecoder` sees the change (its next prefill captures afresh)."""
+    biases = [layer.router.scorer.bias for layer in modadapt.mod_layers(model)]
+    saved = [bias.detach().clone() for bias in biases]
+    forced = {}
+    try:
+        for case, value in (("skip", -1e4), ("keep", 1e4)):
+            with torch.no_grad():
+                for bias in biases:
+                    bias.fill_(value)
+            forced[case] = measure()
+    finally:
+        with torch.no_grad():
+            for bias, value in zip(biases, saved):
+                bias.copy_(value)
+    return forced
+
+
+def mod_layer_price(dense_step_ms: float, forced: dict, mod_layers: int) -> dict:
+    """Per MoD layer: what a skip saves against a dense layer and what a kept token costs beyond
+    one, from step times with every router forced to skip / keep (`forced_routing`)."""
+    return dict(
+        all_skip_step_ms=forced["skip"], all_keep_step_ms=forced["keep"], mod_layers=mod_layers,
+        skip_saves_us=(dense_step_ms - forced["skip"]) / mod_layers * 1e3,
+        keep_costs_extra_us=(forced["keep"] - dense_step_ms) / mod_layers * 1e3,
+    )
+
+
 def run_decode_layer(b: Bench) -> None:
     """What one MoD layer costs in a batch-1 decode step, in context: 128-step decodes of the MoD
     model with every router forced to skip (bias -1e4) and forced to keep (+1e4), against dense.
@@ -616,25 +646,14 @@ def run_decode_layer(b: Bench) -> None:
 
     dense = step_ms(b.dense)
     for router, (model, _, _) in b.mods.items():
-        layers = modadapt.mod_layers(model)
-        saved = [layer.router.scorer.bias.detach().clone() for layer in layers]
-        forced = {}
-        for case, value in (("skip", -1e4), ("keep", 1e4)):
-            for layer in layers:
-                layer.router.scorer.bias.data.fill_(value)
-            forced[case] = step_ms(model)
-        for layer, bias in zip(layers, saved):
-            layer.router.scorer.bias.data.copy_(bias)
-        n = len(layers)
         record = dict(
             scenario=f"decode_layer_b{B}_ctx{ctx}", router=router, dense_step_ms=dense,
-            all_skip_step_ms=forced["skip"], all_keep_step_ms=forced["keep"], mod_layers=n,
-            skip_saves_us=(dense - forced["skip"]) / n * 1e3, keep_costs_extra_us=(forced["keep"] - dense) / n * 1e3,
+            **mod_layer_price(dense, forced_routing(model, lambda: step_ms(model)), len(modadapt.mod_layers(model))),
             dense_layer_us_upper_bound=dense / b.shape.L * 1e3,
         )
         b.add(record)
         print(f"# decode step B={B} ({router}): dense {dense:.2f} ms; every MoD layer skipping "
-              f"{forced['skip']:.2f} ms, keeping {forced['keep']:.2f} ms: a skip saves "
+              f"{record['all_skip_step_ms']:.2f} ms, keeping {record['all_keep_step_ms']:.2f} ms: a skip saves "
               f"{record['skip_saves_us']:.0f} us, a kept token costs {record['keep_costs_extra_us']:.0f} us beyond a "
               f"dense layer (a dense layer is at most {record['dense_layer_us_upper_bound']:.0f} us)", flush=True)
 
@@ -846,17 +865,11 @@ def run_decode_graphs(b: Bench) -> None:
             allocated, used = decoder.kv_bytes()
             forced = {}
             if B == 1 and model is not b.dense:  # price one MoD layer in the graphed step (see decode_layer)
-                biases = [layer.router.scorer.bias for layer in modadapt.mod_layers(model)]
-                saved = [bias.detach().clone() for bias in biases]
-                for case, value in (("skip", -1e4), ("keep", 1e4)):
-                    with torch.no_grad():
-                        for bias in biases:
-                            bias.fill_(value)  # in place: the captured graphs read the new values
+                def graphed_step_ms():
                     decoder.prefill(ids, None, new)
-                    forced[case] = b.clock.time(lambda: decoder.decode(new)) / new
-                with torch.no_grad():
-                    for bias, value in zip(biases, saved):
-                        bias.copy_(value)
+                    return b.clock.time(lambda: decoder.decode(new)) / new
+
+                forced = forced_routing(model, graphed_step_ms)
             agreement, worst_row = teacher_forced_agreement(decoder, ids, greedy_tokens(model, ids, min(new, 32)))
             return dict(ms=statistics.median(times), times=times, first_s=first_s, peak=mem["peak"],
                         allocated=allocated, used=used, added=added, agreement=agreement, worst_row=worst_row,
@@ -888,12 +901,8 @@ def run_decode_graphs(b: Bench) -> None:
                 dense_worst_row_agreement=dense["worst_row"], mod_worst_row_agreement=mod["worst_row"],
             )
             if mod["forced"]:
-                n, step_ms = len(b.shape.mod_layers), dense["ms"] / new
-                record.update(
-                    all_skip_step_ms=mod["forced"]["skip"], all_keep_step_ms=mod["forced"]["keep"],
-                    skip_saves_us=(step_ms - mod["forced"]["skip"]) / n * 1e3,
-                    keep_costs_extra_us=(mod["forced"]["keep"] - step_ms) / n * 1e3,
-                )
+                step_ms = dense["ms"] / new
+                record.update(mod_layer_price(step_ms, mod["forced"], len(modadapt.mod_layers(model))))
                 print(f"# graphed step B=1 ({router}): dense {step_ms:.3f} ms; all MoD layers skipping "
                       f"{mod['forced']['skip']:.3f} ms, keeping {mod['forced']['keep']:.3f} ms: a skip saves "
                       f"{record['skip_saves_us']:.0f} us, a kept token costs "

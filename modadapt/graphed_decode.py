@@ -41,7 +41,7 @@ from torch import nn
 from .adapters.hf_decoder import HFDecoderAdapter, use_attention
 from .convert import state_of
 from .errors import ModAdaptError
-from .mod_layer import _gated
+from .mod_layer import apply_gate
 from .routers.base import RoutingContext
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
@@ -214,8 +214,12 @@ class _Step:
         self.flags = self._flags = None  # pinned host copies of each MoD layer's decision ("host" branches)
         self.graphs: list | None = None  # [(kind, graph, layer)] once captured
         self.mode = mode  # the branches mode (eagerly, "host" and "conditional" check on the host)
-        self.runs_only_when_kept = batch == 1 and mode != "select"
         self.pieces = self._pieces()
+
+    @property
+    def runs_only_when_kept(self) -> bool:
+        """Batch 1 with the MoD work behind a branch: it runs only for a kept token (no `where`)."""
+        return self.batch == 1 and self.mode != "select"
 
     def _lengths(self, i: int) -> _KeyLengths:
         used = torch.add(self.lengths[i], 1, out=self._used[i])  # one kernel: add and narrow to int32
@@ -264,7 +268,7 @@ class _Step:
     def _body(self, i: int) -> None:
         live = self.live
         h, keep = live["h"], live[("keep", i)]
-        out = _gated(self._call(self.decoder.layers[i], h, live[("lengths", i)], live["pe"]), live[("gate", i)], h)
+        out = apply_gate(self._call(self.decoder.layers[i], h, live[("lengths", i)], live["pe"]), live[("gate", i)], h)
         if self.runs_only_when_kept:  # batch 1, branch taken on the device or host: keep holds
             h.copy_(out)
             self.lengths[i].add_(1)

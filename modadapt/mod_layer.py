@@ -184,7 +184,7 @@ def _decode_one_token(layer: nn.Module, arguments: _CallArguments, hidden: torch
     gate = layer.router.gate(logits)
     if gate is None:
         return out
-    result = _gated(out[0] if isinstance(out, tuple) else out, gate, hidden)
+    result = apply_gate(out[0] if isinstance(out, tuple) else out, gate, hidden)
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
 
@@ -197,7 +197,7 @@ def _call_original(layer: nn.Module, arguments: _CallArguments, off_cudnn: bool)
     return layer._mod_original.forward(layer, **arguments.named)
 
 
-def _gated(out: torch.Tensor, gate: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+def apply_gate(out: torch.Tensor, gate: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
     """`y = f + (g - 1)(f - x)`: exactly the layer's output `f` when the gate is 1 (or None)."""
     if gate is None:
         return out
@@ -231,8 +231,9 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     if B == 1 and T == 1 and _plain_decode_step(state, book, seen):
         return _decode_one_token(layer, arguments, hidden, book, ctx)
     ctx.pack = can_pack(layer, hidden, book, seen + T, ctx.causal)
-    bucketed = ctx.pack and book is None and state.model.config.pack_bucket is not None
-    ctx.pack_bucket = state.model.config.pack_bucket if bucketed else None
+    if ctx.pack and book is None:  # a cached call appends exact counts to the cache
+        ctx.pack_bucket = state.model.config.pack_bucket
+    bucketed = ctx.pack_bucket is not None
     flat = {}
     if ctx.pack:  # launched before routing syncs with the host, so the GPU is not left waiting
         for name in (*call.per_token, call.position_ids):
@@ -261,10 +262,10 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
         if name is not None and arguments.get(name) is not None:
             arguments.set(name, _gather_tokens(arguments.get(name), index))
     if packed:
-        out = _run_packed(layer, arguments, decision, book, max(T, ctx.pack_bucket or 0), seen)
+        out = _run_packed(layer, arguments, decision, book, T, seen, longest=max(T, ctx.pack_bucket or 0))
     else:
         out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
-    out_sub = _gated(out[0] if isinstance(out, tuple) else out, decision.gate, hidden_sub)
+    out_sub = apply_gate(out[0] if isinstance(out, tuple) else out, decision.gate, hidden_sub)
     if book is not None:
         book.mod_seen += T
     if decision.valid is not None:
@@ -274,14 +275,15 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
 
-def _run_packed(layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int):
+def _run_packed(layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int,
+                longest: int):
     """The original layer on all rows' kept tokens as one sequence; its attention runs per row
-    (`modadapt.varlen`) and, with a cache, appends the new K/V to the packed cache itself. `T`
-    bounds a segment's length (a bucket's filler segment included)."""
+    (`modadapt.varlen`) and, with a cache, appends the new K/V to the packed cache itself.
+    `longest` bounds a segment's length (`T`, or a bucket's filler segment)."""
     call = layer.mod_state.call
     arguments.set(call.mask, None)
     arguments.set(varlen.SEGMENTS_KWARG, decision.segments)
-    arguments.set(varlen.MAX_LEN_KWARG, (T, seen + T))
+    arguments.set(varlen.MAX_LEN_KWARG, (longest, seen + longest))
     if book is not None:  # the layer leaves the cache alone; the attention appends to it
         positions = decision.indices[0] % T + seen
         arguments.set(call.cache, None)

@@ -109,12 +109,18 @@ def test_graphed_decoder_bad_input(tiny, ids):
         decoder.generate(ids(1, 4), max_new_tokens=2)
 
 
-def test_graphed_decoder_branch_modes(tiny):
+def test_graphed_decoder_branch_modes(tiny, monkeypatch):
+    import modadapt.graphed_decode as gd
+
     model = tiny("llama")
     assert GraphedDecoder(model, branches="select").branches_for(1) == "select"
+    monkeypatch.setattr(gd, "conditional_nodes_available", lambda: True)
     auto = GraphedDecoder(model)
-    if not conditional_nodes_available():
-        assert (auto.branches_for(1), auto.branches_for(8)) == ("host", "select")
+    assert (auto.branches_for(1), auto.branches_for(8)) == ("conditional", "conditional")
+    monkeypatch.setattr(gd, "conditional_nodes_available", lambda: False)  # torch 2.11, the GPU machine's
+    assert (auto.branches_for(1), auto.branches_for(8)) == ("host", "select")
+    with pytest.raises(ModAdaptError, match="no CUDA graph conditional nodes"):
+        GraphedDecoder(model, branches="conditional")
     with pytest.raises(ModAdaptError, match="branches"):
         GraphedDecoder(model, branches="sometimes")
 
