@@ -1,0 +1,43 @@
+"""Static baselines for the quality benchmarks: delete whole layers, then heal the model.
+
+Which layers go: evenly spaced ones, or the ones a layer metric of `modadapt analyze` ranks most
+redundant (ShortGPT's choice is the `cosine` metric: the layers whose output is most similar to
+their input; `arank`: the lowest attention-map rank). Layer 0 is never deleted, as it is never
+converted.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from torch import nn
+
+from modadapt.metrics.selection import select_layers
+
+
+def evenly_spaced(count: int, layers: int) -> list[int]:
+    """`count` of the layers `1 .. layers - 1`, one at the middle of each of `count` equal stretches
+    (6 of 12: 1, 3, 5, 7, 9, 11; 4 of 12: 2, 5, 7, 10)."""
+    if not 0 < count < layers:
+        raise ValueError(f"can delete 1 to {layers - 1} of {layers} layers, not {count}")
+    stretch = (layers - 1) / count
+    return [1 + math.floor((i + 0.5) * stretch) for i in range(count)]
+
+
+def most_redundant(scores: list[float], count: int, *, lower_is_redundant: bool) -> list[int]:
+    """The `count` layers (never 0) that `scores` rank most redundant, as `modadapt analyze` selects."""
+    return select_layers(scores, ("count", count), lower_is_redundant=lower_is_redundant)
+
+
+def remove_layers(dense: nn.Module, drop: list[int]) -> nn.Module:
+    """A copy of the Llama-style causal LM `dense` without the layers in `drop`."""
+    model = copy.deepcopy(dense)
+    kept = [layer for i, layer in enumerate(model.model.layers) if i not in drop]
+    model.model.layers = nn.ModuleList(kept)
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
+    for index, layer in enumerate(kept):
+        layer.self_attn.layer_idx = index
+    return model
