@@ -9,19 +9,19 @@ Public API::
     modadapt.unload(model)
 """
 
-__version__ = "0.1.0"
-
-from .config import ModConfig  # noqa: E402
-from .convert import aux_loss, convert, mod_layers, unload  # noqa: E402
-from .errors import ModAdaptError  # noqa: E402
-from .graphed_decode import GraphedDecoder  # noqa: E402
-from .metrics.routing_stats import routing_stats  # noqa: E402
-from .persistence import load, save  # noqa: E402
-from .plugins import hookimpl  # noqa: E402
-from .presets import build_preset  # noqa: E402
-from .routers.base import Router, RoutingContext, RoutingDecision  # noqa: E402
+from .config import ModConfig
+from .convert import aux_loss, convert, mod_layers, unload
+from .errors import ModAdaptError
+from .graphed_decode import GraphedDecoder
+from .metrics.routing_stats import routing_stats
+from .persistence import load, save
+from .plugins import hookimpl
+from .presets import build_preset
+from .routers.base import Router, RoutingContext, RoutingDecision
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "ModConfig",
     "ModAdaptError",
     "GraphedDecoder",

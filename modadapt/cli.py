@@ -98,7 +98,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     convert(model, config)
     added = sum(p.numel() for p in model.parameters()) - before
     save(model, out, overwrite=args.overwrite, extra_files=extras)
-    from .convert import state_of
+    from .mod_layer import state_of
 
     state = state_of(model)
     print(f"converted {args.model}: router {config.router}, layers {state.layer_indices}", end="")

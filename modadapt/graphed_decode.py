@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters.hf_decoder import HFDecoderAdapter, use_attention
-from .convert import state_of
 from .errors import ModAdaptError
-from .mod_layer import apply_gate
+from .mod_layer import apply_gate, state_of
 from .routers.base import RoutingContext
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).

@@ -20,6 +20,8 @@ from .kv_cache import mod_cache_layer
 from .masks import subset_attention_mask
 from .routers.base import RoutingContext, RoutingDecision
 
+#: The attribute of a converted model that holds its `ModelState`.
+STATE_ATTR = "_modadapt_state"
 _CLASSES: dict[type, type] = {}
 _MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -38,6 +40,11 @@ class ModelState:
     def config_dict(self) -> dict:
         """The ModConfig with its layer rule resolved to the converted indices (what `load` needs)."""
         return {**self.config.to_dict(), "layers": list(self.layer_indices)}
+
+
+def state_of(model: nn.Module) -> ModelState | None:
+    """The conversion state of `model` (config, adapter, MoD layers), or None if it is not converted."""
+    return getattr(model, STATE_ATTR, None)
 
 
 @dataclass

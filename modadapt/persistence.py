@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
 from .config import ModConfig
-from .convert import convert, find_adapter, state_of
+from .convert import convert
 from .errors import ModAdaptError
+from .mod_layer import state_of
 from .output_dir import atomic_directory
-from .plugins import get_adapter
+from .plugins import find_adapter, get_adapter
+from .version import __version__
 
 FORMAT_VERSION = 1
 META_FILE = "modadapt.json"

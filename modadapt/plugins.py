@@ -21,11 +21,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
 from .errors import ModAdaptError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .adapters.base import Adapter
 
 PROJECT = "modadapt"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -147,3 +152,18 @@ def get_router(name: str) -> Registration:
 
 def get_adapter(name: str) -> Registration:
     return registry().get("adapter", name)
+
+
+def find_adapter(model: "nn.Module") -> "Adapter":
+    """The registered adapter that handles `model`, or a clear error listing what is installed."""
+    for entry in registry().list("adapter"):
+        adapter = entry.obj()
+        if adapter.matches(model):
+            return adapter
+    installed = "; ".join(f"{e.name}: {e.obj.description or e.provider}" for e in registry().list("adapter"))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    what = f"{type(model).__name__}" + (f" (model_type {model_type!r})" if model_type else "")
+    raise ModAdaptError(
+        f"unsupported model {what}: no installed adapter handles it. Installed adapters: {installed}. "
+        "A plugin can register an adapter for it."
+    )

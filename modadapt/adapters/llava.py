@@ -112,7 +112,8 @@ def role_stats(model: nn.Module) -> list[dict]:
     One dict per layer: ``layer`` and, per role, ``{role}_kept`` / ``{role}_tokens`` (real tokens
     of that role in the last call) and ``{role}_kept_fraction`` (None when the role is absent).
     """
-    from ..convert import mod_layers, state_of
+    from ..convert import mod_layers
+    from ..mod_layer import state_of
 
     state = state_of(model)
     roles = getattr(state.adapter, "last_roles", None)

@@ -283,7 +283,7 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
 def lm_flops(model: nn.Module, tokens: int, kept: dict[str, float]) -> dict:
     """Language-model layer FLOPs per sample of `tokens` tokens: dense, and MoD at the measured
     kept fraction of each converted layer (`modadapt.metrics.flops`'s formula)."""
-    from ..convert import state_of
+    from ..mod_layer import state_of
     from ..metrics.flops import attention_width, layer_flops, linear_weights
 
     state = state_of(model)
@@ -396,7 +396,7 @@ def run(cfg: LlavaRecipeConfig) -> dict:
             ev = evaluate(model, eval_records, codec, size, cfg, accelerator)
             summary["eval"] = ev
             summary["flops_per_sample"] = lm_flops(inner, round(ev["mean_tokens"]), ev["kept_fraction"])
-        from ..convert import state_of
+        from ..mod_layer import state_of
 
         summary["mod_config"] = state_of(inner).config_dict()
         modadapt.save(inner, out / "model", overwrite=True)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapters.timm_vit import input_size
 from ..errors import ModAdaptError
-from ..convert import state_of
+from ..mod_layer import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
 from .training import RunCheckpoint, train_epochs
 
