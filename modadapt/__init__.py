@@ -13,6 +13,7 @@ from .config import ModConfig
 from .convert import aux_loss, convert, mod_layers, unload
 from .errors import ModAdaptError
 from .graphed_decode import GraphedDecoder
+from .hookspecs import Preset, Recipe
 from .metrics.routing_stats import routing_stats
 from .persistence import load, save
 from .plugins import hookimpl
@@ -25,6 +26,8 @@ __all__ = [
     "ModConfig",
     "ModAdaptError",
     "GraphedDecoder",
+    "Preset",
+    "Recipe",
     "Router",
     "RoutingContext",
     "RoutingDecision",

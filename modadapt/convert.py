@@ -20,12 +20,14 @@ __getattr__ = moved_names(__name__, {"find_adapter": "modadapt.plugins:find_adap
                                      "state_of": "modadapt.mod_layer:state_of"})
 
 
-def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any) -> nn.Module:
+def convert(model: nn.Module, config: ModConfig | None = None, *, adapter: str | None = None,
+            **overrides: Any) -> nn.Module:
     """Convert `model` to Mixture-of-Depths in place and return it.
 
     Args:
         model: A supported model (see `modadapt list adapters`).
         config: What to convert; keyword arguments are a shortcut for its fields and override it.
+        adapter: The registered adapter to use; None: the only one that claims the model.
 
     Nothing is changed when an error is raised.
     """
@@ -39,7 +41,7 @@ def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any)
         config = dataclasses.replace(config, **overrides)
     if mod_layer.state_of(model) is not None:
         raise ModAdaptError("this model is already converted; call modadapt.unload(model) first.")
-    adapter = plugins.find_adapter(model)
+    adapter = plugins.find_adapter(model, adapter)
     adapter.configure(**config.adapter_kwargs)
     stack_owner, layers = adapter.layer_stack(model)
     indices = resolve_layers(config.layers, len(layers))

@@ -141,3 +141,12 @@ class Adapter:
         """Recreate the (dense, randomly initialised) architecture saved in `directory`."""
         raise NotImplementedError
 
+
+def contract_violation(cls: Any) -> str | None:
+    """Why `cls` cannot be registered as an adapter (None: it honours the contract)."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        return f"{cls!r} is not a subclass of modadapt.adapters.Adapter"
+    for method in ("matches", "layer_stack", "hidden_size", "layer_call"):
+        if getattr(cls, method) is getattr(Adapter, method):
+            return f"{cls.__qualname__} does not implement `{method}`"
+    return None

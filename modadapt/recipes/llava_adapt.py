@@ -256,7 +256,7 @@ def calibration_batches(data: str | None, model: nn.Module, *, samples: int, bat
 def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
-    from ..presets import PRESETS, build_preset
+    from ..presets import build_preset, preset_names
 
     path = Path(cfg.model)
     if path.is_dir():
@@ -270,7 +270,7 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
-    elif cfg.model in PRESETS:
+    elif cfg.model in preset_names():
         model = build_preset(cfg.model, seed=cfg.seed)
     else:
         raise ModAdaptError(f"model {cfg.model!r} is neither a directory nor a preset.")

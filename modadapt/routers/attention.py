@@ -95,7 +95,7 @@ class AttentionRouter(Router):
         return None
 
     def extra_flops(self, matmul_only: bool = False) -> int:
-        """FLOPs this router spent on its last decision (from the recorded q/k shapes); with
+        """Recomputing layer l-1's map for the last decision (from the recorded q/k shapes); with
         `matmul_only`, just its `q . k` matmul (the part a flop counter sees by itself)."""
         rec = self.probe.records.get(self.source) if self.probe is not None else None
         if rec is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +248,12 @@ class Router(nn.Module):
         value = self.calibrated_threshold[slot]
         return torch.where(self.calibration_steps[slot] > 0, value, torch.full_like(value, fallback))
 
+    def extra_flops(self, matmul_only: bool = False) -> int:
+        """FLOPs this router spent on its last decision beyond its own modules' matmuls (which a
+        flop counter sees by itself), e.g. recomputing an attention map; with `matmul_only`, the
+        part of it a flop counter does see (so it is not counted twice). Default: none."""
+        return 0
+
     @classmethod
     def prepare_model(cls, model: nn.Module, adapter, layer_indices: list[int], routers: dict) -> list:
         """Called once by `convert` before the model changes, with the routers built for
@@ -296,6 +302,22 @@ class Router(nn.Module):
         usable = ~torch.isnan(batch)
         self.calibrated_threshold[slot] = torch.where(usable, blended, old)
         self.calibration_steps[slot] += usable.long()
+
+
+def contract_violation(cls: Any) -> str | None:
+    """Why `cls` cannot be registered as a router (None: it honours the contract), checked by
+    the registry so that a broken plugin fails when it loads, not in the middle of a forward."""
+    if not (isinstance(cls, type) and issubclass(cls, Router)):
+        return f"{cls!r} is not a subclass of modadapt.Router"
+    for flag in ("causal", "capacity_based", "graphable"):
+        if not isinstance(getattr(cls, flag), bool):
+            return f"{cls.__qualname__}.{flag} must be True or False, got {getattr(cls, flag)!r}"
+    if not isinstance(cls.arguments, dict):
+        return f"{cls.__qualname__}.arguments must be a dict of defaults, got {cls.arguments!r}"
+    for method in ("score", "causal_keep"):
+        if getattr(cls, method) is getattr(Router, method):
+            return f"{cls.__qualname__} does not implement `{method}`"
+    return None
 
 
 def kept_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tensor:
