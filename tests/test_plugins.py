@@ -150,18 +150,6 @@ def test_every_hook_is_documented():
         assert os.path.isfile(os.path.join(docs_dir, f"{page}.md")), page
 
 
-class TestBuiltinTopkConformance(RouterConformance):
-    router_name = "topk"
-
-
-class TestBuiltinThresholdConformance(RouterConformance):
-    router_name = "threshold-p"
-
-
-class TestBuiltinRandomConformance(RouterConformance):
-    router_name = "random"
-
-
 def load_plugin(tmp_path, monkeypatch, source, dist="test-plugin", module="test_plugin"):
     """Install `source` as the only external plugin and reload the registry (the caller restores it)."""
     install_fake_plugin(tmp_path, dist=dist, module=module, source=textwrap.dedent(source))
@@ -294,3 +282,50 @@ def test_extra_flops_is_part_of_the_router_contract():
     model = modadapt.convert(modadapt.build_preset("tiny-llama"), router="topk")
     assert all(layer.router.extra_flops() == 0 == layer.router.extra_flops(matmul_only=True)
                for layer in modadapt.mod_layers(model))
+
+
+PEEKING_ROUTER = """
+from modadapt import Router, hookimpl
+
+
+class PeekingRouter(Router):
+    \"\"\"Claims to be causal but keeps tokens above the row's mean: it looks ahead.\"\"\"
+
+    name = "peeking"
+    causal = True
+    capacity_based = False
+
+    def score(self, hidden, ctx):
+        return hidden[..., 0]
+
+    def causal_keep(self, logits, hidden, ctx):
+        return logits >= logits.mean(dim=1, keepdim=True)
+
+    def gate(self, logits):
+        return None
+
+
+@hookimpl
+def register_routers(register):
+    register(PeekingRouter)
+"""
+
+
+def test_conformance_kit_catches_a_router_that_looks_ahead(plugin):
+    plugin(PEEKING_ROUTER)
+    kit = RouterConformance()
+    kit.router_name = "peeking"
+    kit.test_shapes_and_registry()
+    with pytest.raises(AssertionError):
+        kit.test_cached_decode_equals_full_forward()
+
+
+def test_readme_routers_table_lists_every_builtin_router_and_argument():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in readme.splitlines() if line.startswith("| `")}
+    for entry in registry().list("router"):
+        if entry.provider != "modadapt":
+            continue
+        assert entry.name in rows, f"README's routers table has no row for {entry.name}"
+        for argument in entry.obj.arguments:
+            assert f"`{argument}=" in rows[entry.name], f"README: {entry.name} row does not list {argument}"

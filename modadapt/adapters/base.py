@@ -129,6 +129,12 @@ class Adapter:
 
         raise ModAdaptError(f"adapter {self.name!r} cannot observe attention maps.")
 
+    def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any] | None:
+        """Keyword arguments of a small random forward of `model` (token ids of about `length`
+        tokens, images, ...), from which the conformance kits (`modadapt.testing`) check any
+        router on this family. None: the family offers none, and the kits skip its models."""
+        return None
+
     # --- persistence ---------------------------------------------------------------------------
     def describe(self, model: nn.Module) -> dict:
         """JSON-able description from which `build` can recreate the architecture."""

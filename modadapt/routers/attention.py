@@ -44,6 +44,7 @@ class AttentionRouter(Router):
     capacity_based = True
     causal_cutoff = ("threshold", 1.0)  # 1.0: self-attention at least uniform, until calibrated
     graphable = False  # scores from the attention probe of the layer before
+    densest_layers = "every-other"  # the layer before each MoD layer stays dense
     arguments = {"threshold": None, "chunk": 256}
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):

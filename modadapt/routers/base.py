@@ -151,6 +151,9 @@ class Router(nn.Module):
     #: Whether `score` / `causal_keep` / `gate` of a one-token step can run inside a captured
     #: CUDA graph (`GraphedDecoder`): no host sync, nothing read from outside the layer's input.
     graphable: ClassVar[bool] = True
+    #: The densest layer placement (a `ModConfig.layers` rule) this router accepts; the
+    #: conformance kits convert with it, so that they check the router wherever it may sit.
+    densest_layers: ClassVar[str] = "all-but-first"
     #: Router-specific arguments and their defaults; unknown arguments are a clear error.
     arguments: ClassVar[dict] = {}
     #: Numeric arguments that also accept none (None in Python) to switch a feature off.
@@ -312,6 +315,8 @@ def contract_violation(cls: Any) -> str | None:
     for flag in ("causal", "capacity_based", "graphable"):
         if not isinstance(getattr(cls, flag), bool):
             return f"{cls.__qualname__}.{flag} must be True or False, got {getattr(cls, flag)!r}"
+    if not isinstance(cls.densest_layers, str) or not cls.densest_layers:
+        return f"{cls.__qualname__}.densest_layers must be a layers rule such as 'every-other'"
     if not isinstance(cls.arguments, dict):
         return f"{cls.__qualname__}.arguments must be a dict of defaults, got {cls.arguments!r}"
     for method in ("score", "causal_keep"):
