@@ -6,11 +6,13 @@ Public API::
     model = modadapt.convert(model, router="topk", capacity=0.125, layers="every-other")
     modadapt.save(model, "out/")
     model = modadapt.load("out/")
+    with modadapt.dense(model): ...   # the dense original on the same weights
     modadapt.unload(model)
 """
 
 from .config import ModConfig
 from .convert import aux_loss, convert, mod_layers, unload
+from .dense import dense
 from .errors import ModAdaptError
 from .graphed_decode import GraphedDecoder
 from .hookspecs import Preset, Recipe
@@ -34,6 +36,7 @@ __all__ = [
     "aux_loss",
     "build_preset",
     "convert",
+    "dense",
     "hookimpl",
     "load",
     "mod_layers",

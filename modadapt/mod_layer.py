@@ -36,6 +36,7 @@ class ModelState:
     roles: TokenRoles = field(default_factory=TokenRoles)
     layers: list = field(default_factory=list)  # LayerState of each MoD layer, in stack order
     hooks: list = field(default_factory=list)
+    dense: bool = False  # inside `modadapt.dense(model)`: every MoD layer runs its original forward
 
     def config_dict(self) -> dict:
         """The ModConfig with its layer rule resolved to the converted indices (what `load` needs)."""
@@ -66,6 +67,8 @@ class ModLayer:
     mod_state: LayerState
 
     def forward(self, *args, **kwargs):
+        if self.mod_state.model.dense:
+            return self._mod_original.forward(self, *args, **kwargs)
         return mod_forward(self, args, kwargs)
 
 
