@@ -6,6 +6,7 @@ original forward on all tokens (as PEFT's ``disable_adapter()`` does for adapter
 generation and gradients are those of the unconverted model; routing resumes on exit, also when
 the block raises. The routers stay attached (their parameters get no gradient inside). A KV cache
 belongs to the mode it was filled in: do not continue a routed cache densely, nor the reverse.
+`GraphedDecoder` routes by itself and refuses to decode inside the block.
 """
 
 from __future__ import annotations

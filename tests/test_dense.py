@@ -93,3 +93,11 @@ def test_dense_needs_a_converted_model(tiny):
     with pytest.raises(modadapt.ModAdaptError, match="not converted"):
         with modadapt.dense(tiny("llama")):
             pass
+
+
+def test_graphed_decoder_refuses_to_decode_inside_dense(tiny, ids, randomize_routers):
+    model = routed(tiny, randomize_routers)
+    decoder = modadapt.GraphedDecoder(model)
+    with modadapt.dense(model), pytest.raises(modadapt.ModAdaptError, match="outside modadapt.dense"):
+        decoder.generate(ids(1, 5), max_new_tokens=2)
+    assert decoder.generate(ids(1, 5), max_new_tokens=2).shape == (1, 7)
