@@ -223,22 +223,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from .plugins import registry
+    from .routers.options import describe_options, option_defaults
 
     kind = args.what.rstrip("s")
     rows = []
     for entry in registry().list(kind):
         row = entry.as_dict()
         if kind == "router":
-            cutoff = (getattr(entry.obj, "causal_cutoff", None) or (None,))[0]  # None: learnt while training
-            row["arguments"] = {k: "calibrated" if k == cutoff and v is None else v for k, v in entry.obj.arguments.items()}
+            row["arguments"] = option_defaults(entry.obj.Options)  # None spelt as its label, e.g. calibrated
+            row["options"] = describe_options(entry.obj.Options)
             row["capacity_based"] = entry.obj.capacity_based
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        extra = f"  args: {row['arguments']}" if row.get("arguments") else ""
-        print(f"{row['name']:<14} {row['provider']:<16} {row['summary']}{extra}")
+        print(f"{row['name']:<14} {row['provider']:<16} {row['summary']}")
+        for opt in row.get("options", ()):
+            allowed = f"; {opt['allowed']}" if opt["allowed"] else ""
+            default = str(opt["default"]).lower() if isinstance(opt["default"], bool) else opt["default"]
+            print(f"    {opt['name']}={default} ({opt['type']}{allowed}): {opt['help']}")
     return 0
 
 
