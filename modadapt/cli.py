@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="convert a preset, generate with the cache and check it (offline)")
-    p.add_argument("--preset", default="tiny-llama", help="preset model (default: tiny-llama; see `modadapt list presets`)")
+    p.add_argument("--preset", default="tiny-llama",
+                   help="preset model (default: tiny-llama; see `modadapt list presets`)")
     p.add_argument("--router", default="threshold-p", help=field_help("router"))
     p.add_argument("--capacity", type=float, default=0.5, help=field_help("capacity"))
     p.add_argument("-o", "--output", help="also save the converted model here")

@@ -179,7 +179,8 @@ def plugin(tmp_path, monkeypatch):
     ids=["missing-method", "not-a-router", "bad-flag"],
 )
 def test_router_breaking_the_contract_is_refused(plugin, body, reason):
-    source = f"from modadapt import Router, hookimpl\n{body}\n@hookimpl\ndef register_routers(register):\n    register(Bad)\n"
+    source = (f"from modadapt import Router, hookimpl\n{body}\n"
+              "@hookimpl\ndef register_routers(register):\n    register(Bad)\n")
     with pytest.raises(modadapt.ModAdaptError) as err:
         plugin(source)
     message = str(err.value)
@@ -273,8 +274,9 @@ def test_plugin_preset_and_recipe(plugin, capsys):
 
 
 def test_preset_or_recipe_of_the_wrong_type_is_refused(plugin):
-    source = "from modadapt import hookimpl\n@hookimpl\ndef register_presets(register):\n    register(lambda: None, name='x')\n"
-    with pytest.raises(modadapt.ModAdaptError, match="registered a preset that breaks its contract: .* is not a modadapt.Preset"):
+    source = ("from modadapt import hookimpl\n"
+              "@hookimpl\ndef register_presets(register):\n    register(lambda: None, name='x')\n")
+    with pytest.raises(modadapt.ModAdaptError, match="a preset that breaks its contract: .* is not a modadapt.Preset"):
         plugin(source)
 
 

@@ -79,7 +79,8 @@ def test_list_routers_prints_each_option_with_help_and_default(capsys):
     assert main(["list", "routers", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     topk = {opt["name"]: opt for opt in rows["topk"]["options"]}
-    assert topk["causal_threshold"]["default"] == "calibrated" and topk["causal_threshold"]["type"] == "float | calibrated"
+    assert topk["causal_threshold"]["default"] == "calibrated"
+    assert topk["causal_threshold"]["type"] == "float | calibrated"
     assert topk["causal_rule"]["allowed"] == "'aux' or 'predictor'" and topk["causal_rule"]["help"]
 
 
