@@ -6,31 +6,37 @@ Public API::
     model = modadapt.convert(model, router="topk", capacity=0.125, layers="every-other")
     modadapt.save(model, "out/")
     model = modadapt.load("out/")
+    with modadapt.dense(model): ...   # the dense original on the same weights
     modadapt.unload(model)
 """
 
-__version__ = "0.1.0"
-
-from .config import ModConfig  # noqa: E402
-from .convert import aux_loss, convert, mod_layers, unload  # noqa: E402
-from .errors import ModAdaptError  # noqa: E402
-from .graphed_decode import GraphedDecoder  # noqa: E402
-from .metrics.routing_stats import routing_stats  # noqa: E402
-from .persistence import load, save  # noqa: E402
-from .plugins import hookimpl  # noqa: E402
-from .presets import build_preset  # noqa: E402
-from .routers.base import Router, RoutingContext, RoutingDecision  # noqa: E402
+from .config import ModConfig
+from .convert import aux_loss, convert, mod_layers, unload
+from .dense import dense
+from .errors import ModAdaptError
+from .graphed_decode import GraphedDecoder
+from .hookspecs import Preset, Recipe
+from .metrics.routing_stats import routing_stats
+from .persistence import load, save
+from .plugins import hookimpl
+from .presets import build_preset
+from .routers.base import Router, RoutingContext, RoutingDecision
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "ModConfig",
     "ModAdaptError",
     "GraphedDecoder",
+    "Preset",
+    "Recipe",
     "Router",
     "RoutingContext",
     "RoutingDecision",
     "aux_loss",
     "build_preset",
     "convert",
+    "dense",
     "hookimpl",
     "load",
     "mod_layers",

@@ -7,9 +7,10 @@ watched layer, the tensors the kernel receives (queries and keys after RoPE / q-
 split) and leaves the kernel as it was. The statistics are then recomputed from q and k in query
 chunks::
 
-    from modadapt.attention_probe import probe, column_mean_attention, attention_blocks
+    from modadapt.attention_probe import column_mean_attention, attention_blocks
+    from modadapt.plugins import find_adapter
 
-    with probe(model, [3, 5]) as watched:          # any model an installed adapter handles
+    with find_adapter(model).attention_probe(model, [3, 5]) as watched:  # any model an adapter handles
         model(inputs)
     rec = watched.records[3]                        # AttentionRecord of layer 3's last call
     received = column_mean_attention(rec.q, rec.k, scale=rec.scale, causal=rec.causal, mask=rec.mask)
@@ -28,6 +29,10 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+from .deprecation import moved_names
+
+__getattr__ = moved_names(__name__, {"probe": "modadapt.metrics.arank:probe"})
 
 #: Name of the transformers attention function a probed HF model runs (records, then SDPA).
 PROBE_ATTENTION = "modadapt_probe"
@@ -81,15 +86,6 @@ class AttentionProbe:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-def probe(model: nn.Module, layers: list[int]) -> AttentionProbe:
-    """A probe on `layers` of `model` (converted or not), built by the adapter that handles it."""
-    from .convert import find_adapter, state_of
-
-    state = state_of(model)
-    adapter = state.adapter if state is not None else find_adapter(model)
-    return adapter.attention_probe(model, layers)
 
 
 def allowed_keys(

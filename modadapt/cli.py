@@ -48,15 +48,14 @@ def load_config_file(path: str) -> dict:
 
 def load_source_model(source: str):
     """A preset name or a local transformers model directory."""
-    from .presets import PRESETS, build_preset
+    from .presets import build_preset, preset_names
 
-    if source in PRESETS:
+    presets = preset_names()
+    if source in presets:
         return build_preset(source), []
     path = Path(source)
     if not path.exists():
-        raise ModAdaptError(
-            f"MODEL {source!r} is neither a local directory nor a preset ({', '.join(sorted(PRESETS))})."
-        )
+        raise ModAdaptError(f"MODEL {source!r} is neither a local directory nor a preset ({', '.join(presets)}).")
     if (path / "modadapt.json").is_file():
         raise ModAdaptError(f"{source} is already a converted model; convert its original instead.")
     if not (path / "config.json").is_file():
@@ -95,10 +94,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = check_output(args.output, args.overwrite)
     model, extras = load_source_model(args.model)
     before = sum(p.numel() for p in model.parameters())
-    convert(model, config)
+    convert(model, config, adapter=args.adapter)
     added = sum(p.numel() for p in model.parameters()) - before
     save(model, out, overwrite=args.overwrite, extra_files=extras)
-    from .convert import state_of
+    from .mod_layer import state_of
 
     state = state_of(model)
     print(f"converted {args.model}: router {config.router}, layers {state.layer_indices}", end="")
@@ -148,7 +147,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .output_dir import check_output
     from .metrics.selection import parse_rule
     from .plugins import get_router
-    from .presets import PRESETS
+    from .presets import preset_names
 
     rule = parse_rule(args.select)
     for name, value, low in (("--samples", args.samples, 1), ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1)):
@@ -159,7 +158,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     ModConfig(router=args.router, capacity=args.capacity)
     get_router(args.router)
     check_output(Path(args.output), args.overwrite)
-    if args.data is None and args.model not in PRESETS:
+    if args.data is None and args.model not in preset_names():
         raise ModAdaptError("--data is required for a model directory; the built-in text is for the presets.")
     model, _ = load_source_model(args.model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -224,22 +223,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from .plugins import registry
+    from .routers.options import describe_options, option_defaults
 
     kind = args.what.rstrip("s")
     rows = []
     for entry in registry().list(kind):
         row = entry.as_dict()
         if kind == "router":
-            cutoff = (getattr(entry.obj, "causal_cutoff", None) or (None,))[0]  # None: learnt while training
-            row["arguments"] = {k: "calibrated" if k == cutoff and v is None else v for k, v in entry.obj.arguments.items()}
+            row["arguments"] = option_defaults(entry.obj.Options)  # None spelt as its label, e.g. calibrated
+            row["options"] = describe_options(entry.obj.Options)
             row["capacity_based"] = entry.obj.capacity_based
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        extra = f"  args: {row['arguments']}" if row.get("arguments") else ""
-        print(f"{row['name']:<14} {row['provider']:<16} {row['summary']}{extra}")
+        print(f"{row['name']:<14} {row['provider']:<16} {row['summary']}")
+        for opt in row.get("options", ()):
+            allowed = f"; {opt['allowed']}" if opt["allowed"] else ""
+            default = str(opt["default"]).lower() if isinstance(opt["default"], bool) else opt["default"]
+            print(f"    {opt['name']}={default} ({opt['type']}{allowed}): {opt['help']}")
     return 0
 
 
@@ -274,11 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("router_kwargs"))
     p.add_argument("--adapter-arg", action="append", default=[], metavar="KEY=VALUE",
                    help=field_help("adapter_kwargs"))
+    p.add_argument("--adapter", help="registered adapter to convert with, when several claim the model "
+                   "(default: the one that does; see `modadapt list adapters`)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="convert a preset, generate with the cache and check it (offline)")
-    p.add_argument("--preset", default="tiny-llama", help="built-in preset model (default: tiny-llama)")
+    p.add_argument("--preset", default="tiny-llama",
+                   help="preset model (default: tiny-llama; see `modadapt list presets`)")
     p.add_argument("--router", default="threshold-p", help=field_help("router"))
     p.add_argument("--capacity", type=float, default=0.5, help=field_help("capacity"))
     p.add_argument("-o", "--output", help="also save the converted model here")
@@ -314,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("list", help="list installed routers or adapters")
-    p.add_argument("what", choices=["routers", "adapters"])
+    p = sub.add_parser("list", help="list installed routers, adapters, presets or recipes")
+    p.add_argument("what", choices=["routers", "adapters", "presets", "recipes"])
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_list)
 
@@ -323,16 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_plugins)
 
-    from .recipes import RECIPES, recipe_module
+    from .plugins import registry
 
-    p = sub.add_parser("train", help="fine-tune a converted model with a recipe")
+    p = sub.add_parser("train", help="fine-tune a converted model with a recipe (see `modadapt list recipes`)")
     recipes = p.add_subparsers(dest="recipe", required=True)
-    for name in RECIPES:
-        module = recipe_module(name)
-        r = recipes.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(r)
-        r.set_defaults(func=module.main)
+    for entry in registry().list("recipe"):
+        recipe = entry.obj
+        description = recipe.description
+        r = recipes.add_parser(entry.name, help=description.splitlines()[0] if description else None,
+                               description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        recipe.add_arguments(r)
+        r.set_defaults(func=recipe.main)
     return parser
 
 

@@ -8,40 +8,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.base import Adapter, TokenRoles
+from . import mod_layer, plugins
+from .adapters.base import TokenRoles
 from .config import ModConfig, resolve_layers
+from .deprecation import moved_names
 from .errors import ModAdaptError
-from .mod_layer import LayerState, ModelState, mod_class
-from .plugins import get_router, registry
+from .mod_layer import STATE_ATTR, LayerState, ModelState, mod_class
+from .plugins import get_router
 
-STATE_ATTR = "_modadapt_state"
-
-
-def find_adapter(model: nn.Module) -> Adapter:
-    """The registered adapter that handles `model`, or a clear error listing what is installed."""
-    for entry in registry().list("adapter"):
-        adapter = entry.obj()
-        if adapter.matches(model):
-            return adapter
-    installed = "; ".join(f"{e.name}: {e.obj.description or e.provider}" for e in registry().list("adapter"))
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    what = f"{type(model).__name__}" + (f" (model_type {model_type!r})" if model_type else "")
-    raise ModAdaptError(
-        f"unsupported model {what}: no installed adapter handles it. Installed adapters: {installed}. "
-        "A plugin can register an adapter for it."
-    )
+__getattr__ = moved_names(__name__, {"find_adapter": "modadapt.plugins:find_adapter",
+                                     "state_of": "modadapt.mod_layer:state_of"})
 
 
-def state_of(model: nn.Module) -> ModelState | None:
-    return getattr(model, STATE_ATTR, None)
-
-
-def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any) -> nn.Module:
+def convert(model: nn.Module, config: ModConfig | None = None, *, adapter: str | None = None,
+            **overrides: Any) -> nn.Module:
     """Convert `model` to Mixture-of-Depths in place and return it.
 
     Args:
         model: A supported model (see `modadapt list adapters`).
         config: What to convert; keyword arguments are a shortcut for its fields and override it.
+        adapter: The registered adapter to use; None: the only one that claims the model.
 
     Nothing is changed when an error is raised.
     """
@@ -53,9 +39,9 @@ def convert(model: nn.Module, config: ModConfig | None = None, **overrides: Any)
         config = ModConfig(**overrides)
     elif overrides:
         config = dataclasses.replace(config, **overrides)
-    if state_of(model) is not None:
+    if mod_layer.state_of(model) is not None:
         raise ModAdaptError("this model is already converted; call modadapt.unload(model) first.")
-    adapter = find_adapter(model)
+    adapter = plugins.find_adapter(model, adapter)
     adapter.configure(**config.adapter_kwargs)
     stack_owner, layers = adapter.layer_stack(model)
     indices = resolve_layers(config.layers, len(layers))
@@ -151,7 +137,7 @@ def _install_hooks(model: nn.Module, stack_owner: nn.Module, state: ModelState) 
 
 def mod_layers(model: nn.Module) -> list[nn.Module]:
     """The converted layers of `model`, in stack order."""
-    state = state_of(model)
+    state = mod_layer.state_of(model)
     if state is None:
         raise ModAdaptError("this model is not converted; call modadapt.convert(model, ...) first.")
     _, layers = state.adapter.layer_stack(model)
@@ -160,7 +146,7 @@ def mod_layers(model: nn.Module) -> list[nn.Module]:
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of the router auxiliary losses of the model's last forward (None if there are none)."""
-    state = state_of(model)
+    state = mod_layer.state_of(model)
     if state is None:
         raise ModAdaptError("this model is not converted; call modadapt.convert(model, ...) first.")
     losses = [layer.last_aux.float() for layer in state.layers if layer.last_aux is not None]
@@ -169,7 +155,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every router and hook; the model's state dict is the original one again."""
-    state = state_of(model)
+    state = mod_layer.state_of(model)
     layers = mod_layers(model)
     for handle in state.hooks:
         handle.remove()

@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters.hf_decoder import HFDecoderAdapter, use_attention
-from .convert import state_of
 from .errors import ModAdaptError
-from .mod_layer import apply_gate
+from .mod_layer import apply_gate, state_of
 from .routers.base import RoutingContext
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
@@ -518,6 +517,10 @@ class GraphedDecoder:
             raise ModAdaptError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if self.model.training:
             raise ModAdaptError("graphed decoding runs in eval mode; call model.eval() first.")
+        state = state_of(self.model)
+        if state is not None and state.dense:
+            raise ModAdaptError("graphed decoding routes by itself; decode outside modadapt.dense(model), or use "
+                                "model.generate inside it.")
         B, S = input_ids.shape
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ModAdaptError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, S)}")

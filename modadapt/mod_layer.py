@@ -20,6 +20,8 @@ from .kv_cache import mod_cache_layer
 from .masks import subset_attention_mask
 from .routers.base import RoutingContext, RoutingDecision
 
+#: The attribute of a converted model that holds its `ModelState`.
+STATE_ATTR = "_modadapt_state"
 _CLASSES: dict[type, type] = {}
 _MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -34,10 +36,16 @@ class ModelState:
     roles: TokenRoles = field(default_factory=TokenRoles)
     layers: list = field(default_factory=list)  # LayerState of each MoD layer, in stack order
     hooks: list = field(default_factory=list)
+    dense: bool = False  # inside `modadapt.dense(model)`: every MoD layer runs its original forward
 
     def config_dict(self) -> dict:
         """The ModConfig with its layer rule resolved to the converted indices (what `load` needs)."""
         return {**self.config.to_dict(), "layers": list(self.layer_indices)}
+
+
+def state_of(model: nn.Module) -> ModelState | None:
+    """The conversion state of `model` (config, adapter, MoD layers), or None if it is not converted."""
+    return getattr(model, STATE_ATTR, None)
 
 
 @dataclass
@@ -59,6 +67,8 @@ class ModLayer:
     mod_state: LayerState
 
     def forward(self, *args, **kwargs):
+        if self.mod_state.model.dense:
+            return self._mod_original.forward(self, *args, **kwargs)
         return mod_forward(self, args, kwargs)
 
 

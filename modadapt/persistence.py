@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
 from .config import ModConfig
-from .convert import convert, find_adapter, state_of
+from .convert import convert
 from .errors import ModAdaptError
+from .mod_layer import state_of
 from .output_dir import atomic_directory
 from .plugins import get_adapter
+from .version import __version__
 
 FORMAT_VERSION = 1
 META_FILE = "modadapt.json"
@@ -107,9 +108,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
-    if find_adapter(model).name != meta["adapter"]:
+    if not adapter.matches(model):
         raise ModAdaptError(f"{path}: the rebuilt model is not handled by adapter {meta['adapter']!r}.")
-    convert(model, ModConfig.from_dict(meta["mod_config"]))
+    convert(model, ModConfig.from_dict(meta["mod_config"]), adapter=meta["adapter"])
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device or "cpu"))
     except (SafetensorError, OSError, RuntimeError) as exc:

@@ -1,5 +1,6 @@
-"""Plugin registry (pluggy). Built-in routers and adapters register through the same hooks as
-third-party packages, which declare an entry point in the group ``modadapt``::
+"""Plugin registry (pluggy). Built-in routers, adapters, presets and recipes register through the
+same hooks (`modadapt.hookspecs`) as third-party packages, which declare an entry point in the
+group ``modadapt``::
 
     [project.entry-points.modadapt]
     my_router = "my_package.plugin"
@@ -18,31 +19,39 @@ Environment switches: ``MODADAPT_NO_PLUGINS=1`` loads no external plugin;
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
 
 import pluggy
+from torch import nn
 
+from .adapters import base as adapter_contract
+from .adapters.base import Adapter
 from .errors import ModAdaptError
+from .hookspecs import PROJECT, HookSpecs, Preset, Recipe, hookimpl, hookspec  # noqa: F401 (re-exported)
+from .routers import base as router_contract
 
-PROJECT = "modadapt"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-BUILTIN_MODULES = ("modadapt.routers.builtin", "modadapt.adapters.builtin")
+BUILTIN_MODULES = ("modadapt.routers.builtin", "modadapt.adapters.builtin", "modadapt.presets",
+                   "modadapt.recipes.builtin")
 
 
-class HookSpecs:
-    """Every hook a plugin may implement; each receives a `register` callback."""
+def _record_violation(kind: type) -> Callable[[Any], str | None]:
+    def check(obj: Any) -> str | None:
+        return None if isinstance(obj, kind) else f"{obj!r} is not a modadapt.{kind.__name__}"
 
-    @hookspec
-    def register_routers(self, register: Callable[..., None]) -> None:
-        """Register Router subclasses: ``register(cls, name=None)``."""
+    return check
 
-    @hookspec
-    def register_adapters(self, register: Callable[..., None]) -> None:
-        """Register Adapter subclasses: ``register(cls, name=None)``."""
+
+#: Per kind: the hook that registers it, and the check an object must pass to be registered.
+KINDS: dict[str, tuple[str, Callable[[Any], str | None]]] = {
+    "router": ("register_routers", router_contract.contract_violation),
+    "adapter": ("register_adapters", adapter_contract.contract_violation),
+    "preset": ("register_presets", _record_violation(Preset)),
+    "recipe": ("register_recipes", _record_violation(Recipe)),
+}
 
 
 @dataclass
@@ -53,7 +62,8 @@ class Registration:
     kind: str
 
     def as_dict(self) -> dict:
-        doc = getattr(self.obj, "description", "") or (getattr(self.obj, "__doc__", None) or "").strip()
+        doc = getattr(self.obj, "description", "") or (self.obj.__doc__ if isinstance(self.obj, type) else "") or ""
+        doc = doc.strip()
         return {"name": self.name, "provider": self.provider, "kind": self.kind, "summary": doc.splitlines()[0] if doc else ""}
 
 
@@ -64,12 +74,10 @@ class Registry:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(HookSpecs)
         self.providers: dict[int, str] = {}
-        self.entries: dict[str, dict[str, Registration]] = {"router": {}, "adapter": {}}
+        self.entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         self._load()
 
     def _load(self) -> None:
-        import importlib
-
         for module_name in BUILTIN_MODULES:
             module = importlib.import_module(module_name)
             self.pm.register(module, name=module_name)
@@ -77,8 +85,8 @@ class Registry:
         if os.environ.get("MODADAPT_NO_PLUGINS", "").strip() in ("", "0"):
             self._load_entry_points()
         self.pm.check_pending()
-        self._collect("router", "register_routers")
-        self._collect("adapter", "register_adapters")
+        for kind, (hook_name, _) in KINDS.items():
+            self._collect(kind, hook_name)
 
     def _load_entry_points(self) -> None:
         only = {n.strip() for n in os.environ.get("MODADAPT_PLUGINS", "").split(",") if n.strip()}
@@ -99,6 +107,9 @@ class Registry:
 
     def _registrar(self, kind: str, provider: str) -> Callable[..., None]:
         def register(obj: Any, name: str | None = None) -> None:
+            violation = KINDS[kind][1](obj)
+            if violation is not None:
+                raise ModAdaptError(f"{provider} registered a {kind} that breaks its contract: {violation}.")
             name = name or getattr(obj, "name", None)
             if not name:
                 raise ModAdaptError(f"{provider} registered a {kind} without a name: {obj!r}.")
@@ -147,3 +158,42 @@ def get_router(name: str) -> Registration:
 
 def get_adapter(name: str) -> Registration:
     return registry().get("adapter", name)
+
+
+def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:
+    """The adapter that handles `model`: the one named, else the only registered one that claims
+    it. Two claimants are an error naming both: a plugin must never shadow another silently."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    what = f"{type(model).__name__}" + (f" (model_type {model_type!r})" if model_type else "")
+    if name is not None:
+        adapter = get_adapter(name).obj()
+        if not adapter.matches(model):
+            raise ModAdaptError(f"adapter {name!r} does not handle {what}.")
+        return adapter
+    entries = registry().list("adapter")
+    claims = []
+    for entry in entries:
+        adapter = entry.obj()
+        if adapter.matches(model):
+            claims.append((entry, adapter))
+    if len(claims) == 1:
+        return claims[0][1]
+    if claims:
+        named = " and ".join(f"{e.name!r} ({e.provider})" for e, _ in claims)
+        raise ModAdaptError(
+            f"{what} is claimed by several adapters: {named}. Choose one with modadapt.convert(model, "
+            f"adapter={claims[0][0].name!r}) (CLI: --adapter), or uninstall one of them."
+        )
+    installed = "; ".join(f"{e.name}: {e.obj.description or e.provider}" for e in entries)
+    raise ModAdaptError(
+        f"unsupported model {what}: no installed adapter handles it. Installed adapters: {installed}. "
+        "A plugin can register an adapter for it."
+    )
+
+
+def get_preset(name: str) -> Registration:
+    return registry().get("preset", name)
+
+
+def get_recipe(name: str) -> Registration:
+    return registry().get("recipe", name)

@@ -1,7 +1,8 @@
 """Built-in tiny models with random weights: try the tool offline, and test every family.
 
 `tiny-llama` etc. are full `transformers` models built from a config in code (no download);
-`tiny-vit` is a timm ViT.
+`tiny-vit` is a timm ViT. They register through the `register_presets` hook, as a plugin's
+presets do; `build_preset` builds any registered one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ModAdaptError
+from .hookspecs import Preset, hookimpl
+from .plugins import get_preset, registry
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -57,6 +59,7 @@ def _tiny_llava() -> nn.Module:
     return LlavaForConditionalGeneration(config)
 
 
+#: The built-in presets' builders, by name (all registered presets: `preset_names()`).
 PRESETS: dict[str, Callable[[], nn.Module]] = {
     "tiny-llama": _llama_like("LlamaConfig", "LlamaForCausalLM"),
     "tiny-qwen2": _llama_like("Qwen2Config", "Qwen2ForCausalLM"),
@@ -70,11 +73,28 @@ PRESETS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+_DESCRIPTIONS = {
+    "tiny-vit": "timm ViT, 32x32 images, 4x4 patches, 10 classes",
+    "tiny-llava": "LLaVA: a 2-layer CLIP vision tower and a tiny Llama, 16 image tokens",
+}
+
+
+@hookimpl
+def register_presets(register) -> None:
+    for name, build in PRESETS.items():
+        family = name.removeprefix("tiny-")
+        register(Preset(name, build, _DESCRIPTIONS.get(name, f"transformers {family} decoder, 4 layers, width 64")))
+
+
+def preset_names() -> list[str]:
+    """Every registered preset (built-in and from plugins), sorted."""
+    return [entry.name for entry in registry().list("preset")]
+
+
 def build_preset(name: str, seed: int = 0) -> nn.Module:
     """A preset model with weights drawn from `seed` (the same seed gives the same weights)."""
-    if name not in PRESETS:
-        raise ModAdaptError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}.")
+    preset: Preset = get_preset(name).obj
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = PRESETS[name]()
+        model = preset.build()
     return model.eval()

@@ -9,8 +9,9 @@ import torch
 
 import modadapt
 from modadapt.adapters.timm_vit import create_model
-from modadapt.attention_probe import PROBE_ATTENTION, attention_blocks, column_mean_attention, probe
+from modadapt.attention_probe import PROBE_ATTENTION, attention_blocks, column_mean_attention
 from modadapt.errors import ModAdaptError
+from modadapt.metrics.arank import probe
 from modadapt.metrics.measured_flops import measured_flops
 from modadapt.routers.attention import attention_router_flops
 

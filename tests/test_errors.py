@@ -14,7 +14,7 @@ from torch import nn
 
 import modadapt
 from modadapt import ModAdaptError, ModConfig
-from modadapt.convert import state_of
+from modadapt.mod_layer import state_of
 from modadapt.masks import subset_attention_mask
 from modadapt.plugins import registry
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import modadapt
-from modadapt.convert import state_of
+from modadapt.mod_layer import state_of
 from modadapt.errors import ModAdaptError
 from modadapt.graphed_decode import BUCKET, GraphedDecoder, conditional_nodes_available
 

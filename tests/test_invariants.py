@@ -18,7 +18,8 @@ from torch import nn
 from transformers import DynamicCache
 
 import modadapt
-from modadapt.convert import find_adapter, state_of
+from modadapt.mod_layer import state_of
+from modadapt.plugins import find_adapter
 
 # Routers whose decisions are causal in eval mode (so prefill + decode equal one full forward).
 CAUSAL_ROUTERS = {

@@ -9,7 +9,8 @@ import torch
 
 import modadapt
 from modadapt.adapters.llava import role_stats
-from modadapt.convert import find_adapter, state_of
+from modadapt.mod_layer import state_of
+from modadapt.plugins import find_adapter
 from modadapt.errors import ModAdaptError
 
 IMG = 3  # tiny-llava's image token id
@@ -251,7 +252,6 @@ def test_llava_adapt_inference_routing_reaches_the_model(tmp_path, capsys):
     assert main(["train", "llava-adapt", "--data", str(data), "-o", str(tmp_path / "run"), "--batch-size", "3",
                  "--capacity", "0.5", "--layers", "1", "--no-progress", "--cpu", "--max-steps", "1",
                  "--inference-routing", "topk"]) == 0
-    from modadapt.convert import state_of
 
     assert state_of(modadapt.load(tmp_path / "run" / "model")).config.inference_routing == "topk"
 

@@ -137,22 +137,197 @@ def test_unknown_router_lists_installed():
 
 
 def test_every_hook_is_documented():
-    from modadapt.plugins import HookSpecs
+    from modadapt.hookspecs import HookSpecs
 
-    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "plugins.md")).read()
-    hooks = [name for name in vars(HookSpecs) if name.startswith("register_")]
-    assert hooks
+    docs_dir = os.path.join(os.path.dirname(__file__), "..", "docs", "plugins")
+    hooks_doc = open(os.path.join(docs_dir, "hooks.md")).read()
+    hooks = [name for name in vars(HookSpecs) if not name.startswith("_")]
+    assert {"register_routers", "register_adapters", "register_presets", "register_recipes"} <= set(hooks)
     for name in hooks:
-        assert f"`{name}" in docs, f"hook {name} is not documented in docs/plugins.md"
+        assert f"`{name}(register)`" in hooks_doc, f"hook {name} is not documented in docs/plugins/hooks.md"
+        assert getattr(HookSpecs, name).__doc__, f"hook {name} has no docstring"
+    for page in ("routers", "adapters", "presets", "recipes"):
+        assert os.path.isfile(os.path.join(docs_dir, f"{page}.md")), page
 
 
-class TestBuiltinTopkConformance(RouterConformance):
-    router_name = "topk"
+def load_plugin(tmp_path, monkeypatch, source, dist="test-plugin", module="test_plugin"):
+    """Install `source` as the only external plugin and reload the registry (the caller restores it)."""
+    install_fake_plugin(tmp_path, dist=dist, module=module, source=textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("MODADAPT_NO_PLUGINS", raising=False)
+    monkeypatch.setenv("MODADAPT_PLUGINS", module)
+    return registry(reload=True)
 
 
-class TestBuiltinThresholdConformance(RouterConformance):
-    router_name = "threshold-p"
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """`plugin(source)` loads a plugin module; the registry is restored afterwards."""
+    yield lambda source, **kw: load_plugin(tmp_path, monkeypatch, source, **kw)
+    sys.modules.pop("test_plugin", None)
+    monkeypatch.undo()
+    registry(reload=True)
 
 
-class TestBuiltinRandomConformance(RouterConformance):
-    router_name = "random"
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ("class Bad(Router):\n    name = 'bad'\n    def score(self, hidden, ctx):\n        return hidden[..., 0]\n",
+         "Bad does not implement `causal_keep`"),
+        ("class Bad:\n    name = 'bad'\n", "is not a subclass of modadapt.Router"),
+        ("class Bad(Router):\n    name = 'bad'\n    causal = 'yes'\n", "Bad.causal must be True or False"),
+    ],
+    ids=["missing-method", "not-a-router", "bad-flag"],
+)
+def test_router_breaking_the_contract_is_refused(plugin, body, reason):
+    source = (f"from modadapt import Router, hookimpl\n{body}\n"
+              "@hookimpl\ndef register_routers(register):\n    register(Bad)\n")
+    with pytest.raises(modadapt.ModAdaptError) as err:
+        plugin(source)
+    message = str(err.value)
+    assert "\n" not in message and reason in message and "test-plugin" in message and "router" in message
+
+
+SHADOWING_ADAPTER = """
+from modadapt import hookimpl
+from modadapt.adapters.hf_decoder import HFDecoderAdapter
+
+
+class ShadowAdapter(HFDecoderAdapter):
+    name = "aaa-decoder"  # sorts before hf-decoder
+
+
+@hookimpl
+def register_adapters(register):
+    register(ShadowAdapter)
+"""
+
+
+def test_two_adapters_claiming_a_model_is_an_error_naming_both(plugin, tmp_path):
+    plugin(SHADOWING_ADAPTER)
+    model = modadapt.build_preset("tiny-llama")
+    with pytest.raises(modadapt.ModAdaptError) as err:
+        modadapt.convert(model, router="random", capacity=0.5)
+    message = str(err.value)
+    assert "'aaa-decoder' (test-plugin)" in message and "'hf-decoder' (modadapt)" in message
+    assert "adapter=" in message
+    modadapt.convert(model, router="random", capacity=0.5, adapter="hf-decoder")
+    assert modadapt.mod_layer.state_of(model).adapter.name == "hf-decoder"
+    modadapt.save(model, tmp_path / "saved")
+    loaded = modadapt.load(tmp_path / "saved")  # the saved adapter is chosen explicitly
+    assert modadapt.mod_layer.state_of(loaded).adapter.name == "hf-decoder"
+    with pytest.raises(modadapt.ModAdaptError, match="adapter 'timm-vit' does not handle LlamaForCausalLM"):
+        modadapt.convert(modadapt.build_preset("tiny-llama"), adapter="timm-vit")
+
+
+PRESET_AND_RECIPE = '''
+"""A toy recipe: prints its argument."""
+from modadapt import Preset, Recipe, hookimpl
+
+
+def add_arguments(parser):
+    parser.add_argument("--steps", type=int, default=1)
+
+
+def main(args):
+    print(f"toy recipe ran {args.steps} steps")
+    return 0
+
+
+def build():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
+@hookimpl
+def register_presets(register):
+    register(Preset("tiny-toy", build, "a two-layer Llama"))
+
+
+@hookimpl
+def register_recipes(register):
+    register(Recipe("toy", "test_plugin"))
+'''
+
+
+def test_plugin_preset_and_recipe(plugin, capsys):
+    from modadapt.cli import load_source_model, main
+
+    reg = plugin(PRESET_AND_RECIPE)
+    assert reg.get("preset", "tiny-toy").provider == "test-plugin"
+    a, b = modadapt.build_preset("tiny-toy", seed=3), modadapt.build_preset("tiny-toy", seed=3)
+    assert a.config.num_hidden_layers == 2 and not a.training
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert load_source_model("tiny-toy")[0].config.hidden_size == 32
+    assert main(["list", "presets", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["tiny-toy"]["summary"] == "a two-layer Llama" and rows["tiny-llama"]["provider"] == "modadapt"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("toy", "lm-adapt", "vit-imagenet", "llava-adapt"))
+    assert main(["train", "toy", "--steps", "3"]) == 0
+    assert "toy recipe ran 3 steps" in capsys.readouterr().out
+
+
+def test_preset_or_recipe_of_the_wrong_type_is_refused(plugin):
+    source = ("from modadapt import hookimpl\n"
+              "@hookimpl\ndef register_presets(register):\n    register(lambda: None, name='x')\n")
+    with pytest.raises(modadapt.ModAdaptError, match="a preset that breaks its contract: .* is not a modadapt.Preset"):
+        plugin(source)
+
+
+def test_extra_flops_is_part_of_the_router_contract():
+    model = modadapt.convert(modadapt.build_preset("tiny-llama"), router="topk")
+    assert all(layer.router.extra_flops() == 0 == layer.router.extra_flops(matmul_only=True)
+               for layer in modadapt.mod_layers(model))
+
+
+PEEKING_ROUTER = """
+from modadapt import Router, hookimpl
+
+
+class PeekingRouter(Router):
+    \"\"\"Claims to be causal but keeps tokens above the row's mean: it looks ahead.\"\"\"
+
+    name = "peeking"
+    causal = True
+    capacity_based = False
+
+    def score(self, hidden, ctx):
+        return hidden[..., 0]
+
+    def causal_keep(self, logits, hidden, ctx):
+        return logits >= logits.mean(dim=1, keepdim=True)
+
+    def gate(self, logits):
+        return None
+
+
+@hookimpl
+def register_routers(register):
+    register(PeekingRouter)
+"""
+
+
+def test_conformance_kit_catches_a_router_that_looks_ahead(plugin):
+    plugin(PEEKING_ROUTER)
+    kit = RouterConformance()
+    kit.router_name = "peeking"
+    kit.test_shapes_and_registry()
+    with pytest.raises(AssertionError):
+        kit.test_cached_decode_equals_full_forward()
+
+
+def test_readme_routers_table_lists_every_builtin_router_and_argument():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in readme.splitlines() if line.startswith("| `")}
+    for entry in registry().list("router"):
+        if entry.provider != "modadapt":
+            continue
+        assert entry.name in rows, f"README's routers table has no row for {entry.name}"
+        for argument in entry.obj.arguments:
+            assert f"`{argument}=" in rows[entry.name], f"README: {entry.name} row does not list {argument}"

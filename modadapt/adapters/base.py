@@ -129,6 +129,12 @@ class Adapter:
 
         raise ModAdaptError(f"adapter {self.name!r} cannot observe attention maps.")
 
+    def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any] | None:
+        """Keyword arguments of a small random forward of `model` (token ids of about `length`
+        tokens, images, ...), from which the conformance kits (`modadapt.testing`) check any
+        router on this family. None: the family offers none, and the kits skip its models."""
+        return None
+
     # --- persistence ---------------------------------------------------------------------------
     def describe(self, model: nn.Module) -> dict:
         """JSON-able description from which `build` can recreate the architecture."""
@@ -141,3 +147,12 @@ class Adapter:
         """Recreate the (dense, randomly initialised) architecture saved in `directory`."""
         raise NotImplementedError
 
+
+def contract_violation(cls: Any) -> str | None:
+    """Why `cls` cannot be registered as an adapter (None: it honours the contract)."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        return f"{cls!r} is not a subclass of modadapt.adapters.Adapter"
+    for method in ("matches", "layer_stack", "hidden_size", "layer_call"):
+        if getattr(cls, method) is getattr(Adapter, method):
+            return f"{cls.__qualname__} does not implement `{method}`"
+    return None

@@ -95,6 +95,12 @@ class HFDecoderAdapter(Adapter):
             return TokenRoles()  # no padding: lets MoD layers take the fused causal path
         return TokenRoles(real=real)
 
+    def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any]:
+        """Random token ids in [1, vocab): 0 is left for padding."""
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        generator = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(1, vocab, (batch, length), generator=generator)}
+
     def attention_probe(self, model: nn.Module, layers: list[int]) -> AttentionProbe:
         """Points the model's attention at `PROBE_ATTENTION` (records, then runs SDPA) while the
         probe is attached; SDPA-style masks are built for it, so outputs do not change."""

@@ -72,6 +72,22 @@ class LlavaAdapter(HFDecoderAdapter):
                     f"adapter 'llava': {key} must be one of {', '.join(allowed)}, got {self.settings[key]!r}."
                 )
 
+    def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any]:
+        """`length` text tokens around one image's placeholders (text ids avoid the special ones), and the image."""
+        config = model.config
+        generator = torch.Generator().manual_seed(seed)
+        image = image_token_id(config)
+        low = max(image, config.text_config.pad_token_id or 0) + 1
+        text = torch.randint(low, config.text_config.vocab_size, (batch, length), generator=generator)
+        placeholders = torch.full((batch, config.image_seq_length), image)
+        before = length // 2
+        vision = config.vision_config
+        return {
+            "input_ids": torch.cat([text[:, :before], placeholders, text[:, before:]], dim=1),
+            "pixel_values": torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size,
+                                        generator=generator),
+        }
+
     def roles_source(self, model: nn.Module) -> nn.Module:
         return model
 
@@ -112,7 +128,8 @@ def role_stats(model: nn.Module) -> list[dict]:
     One dict per layer: ``layer`` and, per role, ``{role}_kept`` / ``{role}_tokens`` (real tokens
     of that role in the last call) and ``{role}_kept_fraction`` (None when the role is absent).
     """
-    from ..convert import mod_layers, state_of
+    from ..convert import mod_layers
+    from ..mod_layer import state_of
 
     state = state_of(model)
     roles = getattr(state.adapter, "last_roles", None)

@@ -59,6 +59,12 @@ class TimmViTAdapter(Adapter):
     def hidden_size(self, model: nn.Module) -> int:
         return model.embed_dim
 
+    def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any]:
+        """Random images at the model's native size (the token count is the model's: `length` is unused)."""
+        size = tuple(model.patch_embed.img_size)
+        return {"x": torch.randn(batch, model.patch_embed.proj.in_channels, *size,
+                                 generator=torch.Generator().manual_seed(seed))}
+
     def validate_layers(self, model: nn.Module, layers: list[int]) -> None:
         _, blocks = self.layer_stack(model)
         for i in layers:

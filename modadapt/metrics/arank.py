@@ -19,7 +19,10 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..attention_probe import AttentionProbe
 from ..errors import ModAdaptError
+from ..mod_layer import state_of
+from ..plugins import find_adapter
 from .calibration import Batch, device_batches, evaluating, padding_mask_of, run_model, summarize
 from .layer_stack import find_layers
 
@@ -143,9 +146,15 @@ def attention_maps(model: nn.Module, callback: MapCallback) -> Iterator[Callable
         yield lambda batch: run_model(model, batch)
 
 
-def _try_probe(model: nn.Module, num_layers: int):
-    from ..attention_probe import probe
+def probe(model: nn.Module, layers: list[int]) -> AttentionProbe:
+    """A probe on `layers` of `model` (converted or not), built by the adapter that handles it
+    (a converted model's own, configured adapter)."""
+    state = state_of(model)
+    adapter = state.adapter if state is not None else find_adapter(model)
+    return adapter.attention_probe(model, layers)
 
+
+def _try_probe(model: nn.Module, num_layers: int):
     try:
         return probe(model, list(range(num_layers)))
     except ModAdaptError:  # no adapter, or one that cannot observe this model's kernel

@@ -14,7 +14,7 @@ from ..errors import ModAdaptError
 
 def find_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer layers, in order."""
-    from ..convert import find_adapter
+    from ..plugins import find_adapter
 
     try:
         return find_adapter(model).layer_stack(model)[1]

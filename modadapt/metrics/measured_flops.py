@@ -5,9 +5,10 @@ The flop counter sees every matrix multiplication a forward actually runs, so a 
 counted on the tokens it kept. It counts fused attention (SDPA) as zero on CPU and not at all in
 some kernels, so SDPA ops are dropped from its tally and attention is added by formula,
 `4 * B * H * Tq * Tk * d` per call (scores and weighted values; the full square, as a dense kernel
-computes it), from hooks on each block's attention. The `attention` router's recomputation of the
-preceding layer's map is added from `AttentionRouter.extra_flops` (its `q . k` matmul, which the
-counter also sees, is moved out of ``matmul`` so that it counts once).
+computes it), from hooks on each block's attention. What routers compute besides their own modules
+(the `attention` router recomputes the preceding layer's map) is added from `Router.extra_flops`
+(the part the counter also sees, e.g. its `q . k` matmul, is moved out of ``matmul`` so that it
+counts once).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..routers.attention import AttentionRouter
+from ..routers.base import Router
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
@@ -28,7 +29,7 @@ def measured_flops(model: nn.Module, inputs: torch.Tensor) -> dict:
 
     Returns:
         ``total``, ``matmul`` (flop counter, SDPA excluded), ``attention`` (formula) and
-        ``router`` (attention-router recomputation), all for the whole batch.
+        ``router`` (`Router.extra_flops` of every router), all for the whole batch.
     """
     attention = 0
 
@@ -48,7 +49,7 @@ def measured_flops(model: nn.Module, inputs: torch.Tensor) -> dict:
     matmul = sum(
         n for op, n in counter.get_flop_counts().get("Global", {}).items() if "scaled_dot_product" not in str(op)
     )
-    routers = [m for m in model.modules() if isinstance(m, AttentionRouter)]
+    routers = [m for m in model.modules() if isinstance(m, Router)]
     router = sum(r.extra_flops() for r in routers)
     matmul -= sum(r.extra_flops(matmul_only=True) for r in routers)  # the counter saw q.k: count it once
     return {"total": matmul + attention + router, "matmul": matmul, "attention": attention, "router": router}

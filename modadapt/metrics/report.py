@@ -20,9 +20,9 @@ from typing import Iterable
 
 from torch import nn
 
-from .. import __version__
 from ..errors import ModAdaptError
 from ..output_dir import atomic_directory
+from ..version import __version__
 from .calibration import Batch
 from .flops import model_layer_flops
 from .layer_stack import find_layers
@@ -51,7 +51,7 @@ def score_layers(
 
 def convertible_layers(model: nn.Module, num_layers: int) -> list[int]:
     """Layers 1.. that the model's adapter accepts (all of them when no adapter handles it)."""
-    from ..convert import find_adapter
+    from ..plugins import find_adapter
 
     try:
         adapter = find_adapter(model)

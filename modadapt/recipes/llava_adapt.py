@@ -256,7 +256,7 @@ def calibration_batches(data: str | None, model: nn.Module, *, samples: int, bat
 def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
-    from ..presets import PRESETS, build_preset
+    from ..presets import build_preset, preset_names
 
     path = Path(cfg.model)
     if path.is_dir():
@@ -270,7 +270,7 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
-    elif cfg.model in PRESETS:
+    elif cfg.model in preset_names():
         model = build_preset(cfg.model, seed=cfg.seed)
     else:
         raise ModAdaptError(f"model {cfg.model!r} is neither a directory nor a preset.")
@@ -283,7 +283,7 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
 def lm_flops(model: nn.Module, tokens: int, kept: dict[str, float]) -> dict:
     """Language-model layer FLOPs per sample of `tokens` tokens: dense, and MoD at the measured
     kept fraction of each converted layer (`modadapt.metrics.flops`'s formula)."""
-    from ..convert import state_of
+    from ..mod_layer import state_of
     from ..metrics.flops import attention_width, layer_flops, linear_weights
 
     state = state_of(model)
@@ -396,7 +396,7 @@ def run(cfg: LlavaRecipeConfig) -> dict:
             ev = evaluate(model, eval_records, codec, size, cfg, accelerator)
             summary["eval"] = ev
             summary["flops_per_sample"] = lm_flops(inner, round(ev["mean_tokens"]), ev["kept_fraction"])
-        from ..convert import state_of
+        from ..mod_layer import state_of
 
         summary["mod_config"] = state_of(inner).config_dict()
         modadapt.save(inner, out / "model", overwrite=True)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapters.timm_vit import input_size
 from ..errors import ModAdaptError
-from ..convert import state_of
+from ..mod_layer import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
 from .training import RunCheckpoint, train_epochs
 
@@ -167,11 +167,11 @@ def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
     from ..adapters.timm_vit import create_model
-    from ..presets import PRESETS, build_preset
+    from ..presets import build_preset, preset_names
 
     if Path(cfg.model).is_dir():
         return modadapt.load(cfg.model)
-    if cfg.model in PRESETS:
+    if cfg.model in preset_names():
         model = build_preset(cfg.model, seed=cfg.seed)
         if cfg.model_kwargs:
             raise ModAdaptError("model_kwargs apply to timm model names, not presets.")

@@ -21,11 +21,14 @@ keep the top-k at capacity.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..attention_probe import AttentionProbe, AttentionRecord, allowed_keys, attention_blocks, column_mean_attention
 from ..errors import ModAdaptError
 from .base import Router, RoutingContext
+from .options import RouterOptions, option
 
 
 def attention_router_flops(batch: int, queries: int, keys: int, heads: int, head_dim: int) -> int:
@@ -36,21 +39,28 @@ def attention_router_flops(batch: int, queries: int, keys: int, heads: int, head
     return batch * heads * queries * keys * (2 * head_dim + 6)
 
 
+@dataclass(frozen=True)
+class AttentionOptions(RouterOptions):
+    # 1.0 before calibration: self-attention at least uniform.
+    threshold: float | None = option(
+        None, "causal decoders keep token j iff its self-attention score >= threshold; calibrated: the "
+        "top-k boundary learnt while training (1.0 before any step)", none="calibrated", calibrated=1.0)
+    chunk: int = option(256, "query rows per block when the attention map is recomputed", low=1)
+
+
 class AttentionRouter(Router):
     """A-MoD: keep the tokens that received the most attention in the preceding (dense) layer."""
 
     name = "attention"
     causal = False
     capacity_based = True
-    causal_cutoff = ("threshold", 1.0)  # 1.0: self-attention at least uniform, until calibrated
     graphable = False  # scores from the attention probe of the layer before
-    arguments = {"threshold": None, "chunk": 256}
+    densest_layers = "every-other"  # the layer before each MoD layer stays dense
+    Options = AttentionOptions
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__(hidden_size, capacity, layer_index, **kwargs)
-        self.chunk = int(self.options["chunk"])
-        if self.chunk < 1:
-            raise ModAdaptError(f"attention: chunk must be >= 1, got {self.chunk}.")
+        self.chunk = self.options.chunk
         self.source = layer_index - 1
         self.probe: AttentionProbe | None = None
 
@@ -95,7 +105,7 @@ class AttentionRouter(Router):
         return None
 
     def extra_flops(self, matmul_only: bool = False) -> int:
-        """FLOPs this router spent on its last decision (from the recorded q/k shapes); with
+        """Recomputing layer l-1's map for the last decision (from the recorded q/k shapes); with
         `matmul_only`, just its `q . k` matmul (the part a flop counter sees by itself)."""
         rec = self.probe.records.get(self.source) if self.probe is not None else None
         if rec is None:

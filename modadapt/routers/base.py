@@ -8,15 +8,17 @@ gates and auxiliary losses. A router author implements `score`, `causal_keep` an
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModAdaptError
+from .options import RouterOptions, calibrated_option, legacy_options, parse_options
 
 
 @dataclass
@@ -92,41 +94,6 @@ class RoutingDecision:
     segments: torch.Tensor | None = None
 
 
-def _coerce(router: str, name: str, value, default):
-    """A router argument converted to the type of its default, or a clear error naming it."""
-    kind = type(default)
-    if default is None or isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
-        return value
-    try:
-        if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        if kind is int and not isinstance(value, bool):
-            number = float(value)
-            if number.is_integer():
-                return int(number)
-        if kind is float and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    raise ModAdaptError(
-        f"router {router!r}: argument {name!r} must be a {kind.__name__} (like its default {default!r}), got {value!r}."
-    )
-
-
-def _optional_float(router: str, name: str, value) -> float | None:
-    """A router argument that is a number or None (spelt none / calibrated on the command line)."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "calibrated", "")):
-        return None
-    try:
-        if not isinstance(value, bool):
-            return float(value)
-    except (TypeError, ValueError):
-        pass
-    raise ModAdaptError(f"router {router!r}: argument {name!r} must be a number, or none / calibrated, got {value!r}.")
-
-
 def straight_through_one(x: torch.Tensor) -> torch.Tensor | None:
     """Exactly 1 in value, with the gradient of `x`: a pretrained block starts at full strength.
 
@@ -141,8 +108,8 @@ class Router(nn.Module):
     """Base class for routers.
 
     Subclasses set `name`, `causal` (whether the training-time decision for token i depends only
-    on tokens <= i) and `capacity_based` (static top-k selection while training), and implement
-    `score` and `causal_keep`.
+    on tokens <= i), `capacity_based` (static top-k selection while training) and `Options` (their
+    arguments), and implement `score` and `causal_keep`.
     """
 
     name: ClassVar[str] = ""
@@ -151,36 +118,45 @@ class Router(nn.Module):
     #: Whether `score` / `causal_keep` / `gate` of a one-token step can run inside a captured
     #: CUDA graph (`GraphedDecoder`): no host sync, nothing read from outside the layer's input.
     graphable: ClassVar[bool] = True
-    #: Router-specific arguments and their defaults; unknown arguments are a clear error.
+    #: The densest layer placement (a `ModConfig.layers` rule) this router accepts; the
+    #: conformance kits convert with it, so that they check the router wherever it may sit.
+    densest_layers: ClassVar[str] = "all-but-first"
+    #: The router's arguments (`router_kwargs`): a `RouterOptions` dataclass whose fields carry
+    #: type, default, help and constraints; the parsed instance is `self.options`.
+    Options: ClassVar[type[RouterOptions]] = RouterOptions
+    #: Each argument's default, derived from `Options` (read-only view for older callers).
     arguments: ClassVar[dict] = {}
-    #: Numeric arguments that also accept none (None in Python) to switch a feature off.
-    nullable: ClassVar[tuple[str, ...]] = ()
+    #: Derived from `Options`: the argument marked `calibrated=` and its pre-training cut-off.
     #: Capacity routers whose causal rule thresholds a per-token statistic (`rule_statistic`)
-    #: name the argument that fixes the cut-off (default None: calibrated) and the cut-off used
-    #: before any training step. Every training-time top-k then records where the statistic
-    #: crosses the top-k boundary (a moving average in the buffer `calibrated_threshold`;
-    #: `calibration_steps` counts the steps seen), so the causal rule keeps about `capacity`
-    #: of the tokens instead of whatever a fixed cut-off happens to keep.
+    #: mark the option that fixes the cut-off (default None: calibrated). Every training-time
+    #: top-k then records where the statistic crosses the top-k boundary (a moving average in the
+    #: buffer `calibrated_threshold`; `calibration_steps` counts the steps seen), so the causal
+    #: rule keeps about `capacity` of the tokens instead of whatever a fixed cut-off keeps.
     causal_cutoff: ClassVar[tuple[str, float] | None] = None
     #: Weight of the newest batch in that moving average.
     calibration_momentum: ClassVar[float] = 0.25
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Derive `arguments` and `causal_cutoff` from `Options`; a router declared the old way
+        (an `arguments` dict, `nullable`, a `causal_cutoff` tuple) gets an `Options` built from it."""
+        super().__init_subclass__(**kwargs)
+        if any(name in vars(cls) for name in ("arguments", "nullable", "causal_cutoff")):
+            warnings.warn(
+                f"router {cls.__qualname__}: declare its arguments as a RouterOptions dataclass (`Options`) "
+                "instead of `arguments` / `nullable` / `causal_cutoff`; the old way goes away in the next release.",
+                DeprecationWarning, stacklevel=2,
+            )
+            cls.Options = legacy_options(cls)
+        if isinstance(cls.Options, type) and issubclass(cls.Options, RouterOptions):
+            cls.arguments = {f.name: f.default for f in dataclasses.fields(cls.Options)}
+            cls.causal_cutoff = calibrated_option(cls.Options)
+
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__()
-        unknown = sorted(set(kwargs) - set(self.arguments))
-        if unknown:
-            known = ", ".join(sorted(self.arguments)) or "none"
-            raise ModAdaptError(
-                f"router {self.name!r} has no argument {unknown[0]!r}; its arguments are: {known}."
-            )
         self.hidden_size = hidden_size
         self.capacity = capacity
         self.layer_index = layer_index
-        nullable = {*self.nullable, *self.causal_cutoff[:1]} if self.causal_cutoff else set(self.nullable)
-        self.options = {**self.arguments, **{
-            k: _optional_float(self.name, k, v) if k in nullable else _coerce(self.name, k, v, self.arguments[k])
-            for k, v in kwargs.items()
-        }}
+        self.options = parse_options(self.Options, self.name, kwargs)
         if self.causal_cutoff:
             self.calibrate_layers([layer_index])
 
@@ -248,6 +224,12 @@ class Router(nn.Module):
         value = self.calibrated_threshold[slot]
         return torch.where(self.calibration_steps[slot] > 0, value, torch.full_like(value, fallback))
 
+    def extra_flops(self, matmul_only: bool = False) -> int:
+        """FLOPs this router spent on its last decision beyond its own modules' matmuls (which a
+        flop counter sees by itself), e.g. recomputing an attention map; with `matmul_only`, the
+        part of it a flop counter does see (so it is not counted twice). Default: none."""
+        return 0
+
     @classmethod
     def prepare_model(cls, model: nn.Module, adapter, layer_indices: list[int], routers: dict) -> list:
         """Called once by `convert` before the model changes, with the routers built for
@@ -296,6 +278,24 @@ class Router(nn.Module):
         usable = ~torch.isnan(batch)
         self.calibrated_threshold[slot] = torch.where(usable, blended, old)
         self.calibration_steps[slot] += usable.long()
+
+
+def contract_violation(cls: Any) -> str | None:
+    """Why `cls` cannot be registered as a router (None: it honours the contract), checked by
+    the registry so that a broken plugin fails when it loads, not in the middle of a forward."""
+    if not (isinstance(cls, type) and issubclass(cls, Router)):
+        return f"{cls!r} is not a subclass of modadapt.Router"
+    for flag in ("causal", "capacity_based", "graphable"):
+        if not isinstance(getattr(cls, flag), bool):
+            return f"{cls.__qualname__}.{flag} must be True or False, got {getattr(cls, flag)!r}"
+    if not isinstance(cls.densest_layers, str) or not cls.densest_layers:
+        return f"{cls.__qualname__}.densest_layers must be a layers rule such as 'every-other'"
+    if not (isinstance(cls.Options, type) and issubclass(cls.Options, RouterOptions)):
+        return f"{cls.__qualname__}.Options must be a RouterOptions dataclass, got {cls.Options!r}"
+    for method in ("score", "causal_keep"):
+        if getattr(cls, method) is getattr(Router, method):
+            return f"{cls.__qualname__} does not implement `{method}`"
+    return None
 
 
 def kept_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tensor:

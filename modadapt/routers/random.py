@@ -8,9 +8,12 @@ equal a full forward and a padded row routes as it would alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import Router, RoutingContext
+from .options import RouterOptions, option
 
 _MASK32 = 0xFFFFFFFF
 
@@ -26,18 +29,24 @@ def position_hash(positions: torch.Tensor, layer_index: int, seed: int) -> torch
     return x.double().div(2.0**32).float()
 
 
+@dataclass(frozen=True)
+class RandomOptions(RouterOptions):
+    seed: int = option(0, "seed of the causal rule's position hash (and of resample=false's fixed scores)")
+    resample: bool = option(True, "draw fresh random scores every training forward (false: the fixed hash)")
+
+
 class RandomRouter(Router):
     """Control: random tokens at the given capacity."""
 
     name = "random"
     causal = False
     capacity_based = True
-    arguments = {"seed": 0, "resample": True}
+    Options = RandomOptions
 
     def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        if ctx.training and not ctx.causal and self.options["resample"]:
+        if ctx.training and not ctx.causal and self.options.resample:
             return torch.rand(hidden.shape[:2], device=hidden.device)
-        return 1.0 - position_hash(ctx.positions, self.layer_index, int(self.options["seed"]))
+        return 1.0 - position_hash(ctx.positions, self.layer_index, self.options.seed)
 
     def causal_keep(self, logits, hidden, ctx):
         return logits > 1.0 - self.capacity

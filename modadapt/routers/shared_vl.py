@@ -12,20 +12,31 @@ a token iff its score clears a cut-off: γ-MoD's ``p_process >= 0.5`` (``causal_
 keeps far fewer tokens than the capacity once the cross-entropy has learnt that most tokens are
 skipped (91-96 % of image tokens skipped at capacity 0.3 in `benchmarks/llava_digits.py`), so by
 default the cut-off is calibrated to the top-k boundary seen while training (see
-`Router.causal_cutoff`). The router starts at zero, so p = 0.5 everywhere: a fresh
+`Router.causal_threshold`). The router starts at zero, so p = 0.5 everywhere: a fresh
 conversion keeps every token in eval mode, and the straight-through gate is exactly 1, so it
 reproduces the dense model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModAdaptError
 from .base import Router, RoutingContext
 from .linear_score import LinearScore
+from .options import RouterOptions, option
+
+
+@dataclass(frozen=True)
+class SharedVLOptions(RouterOptions):
+    aux_coef: float = option(0.01, "weight of the auxiliary cross-entropy toward the top-k choice", low=0)
+    per_layer: bool = option(False, "give every MoD layer its own router instead of one shared by all")
+    causal_threshold: float | None = option(
+        None, "cut-off of the causal rule on the process - skip logit; calibrated: the top-k boundary learnt "
+        "while training (0 = the paper's p_process >= 0.5)", none="calibrated", calibrated=0.0)
 
 
 class SharedVLRouter(Router):
@@ -34,14 +45,11 @@ class SharedVLRouter(Router):
     name = "shared-vl"
     causal = False
     capacity_based = True
-    causal_cutoff = ("causal_threshold", 0.0)  # 0: p_process >= 0.5 until calibrated
-    arguments = {"aux_coef": 0.01, "per_layer": False, "causal_threshold": None}
+    Options = SharedVLOptions
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__(hidden_size, capacity, layer_index, **kwargs)
-        self.aux_coef = float(self.options["aux_coef"])
-        if self.aux_coef < 0:
-            raise ModAdaptError(f"shared-vl: aux_coef must be >= 0, got {self.aux_coef}.")
+        self.aux_coef = self.options.aux_coef
         self.classifier = LinearScore(hidden_size, outputs=2)  # [skip, process] logits
 
     @classmethod
@@ -49,7 +57,7 @@ class SharedVLRouter(Router):
         """Share the first layer's router with every MoD layer (unless ``per_layer``): the same
         module instance becomes each layer's `router`, so there is one set of parameters."""
         first = routers[layer_indices[0]]
-        if not first.options["per_layer"]:
+        if not first.options.per_layer:
             for i in layer_indices:
                 routers[i] = first
             first.calibrate_layers(layer_indices)  # one parameter set, one causal cut-off per layer

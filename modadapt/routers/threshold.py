@@ -17,12 +17,23 @@ pilot kept 0 % of the tokens for every alpha. `target=none` is MoDification's lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import ModAdaptError
 from .base import Router, RoutingContext, straight_through_one
 from .linear_score import LinearScore
+from .options import RouterOptions, option
+
+
+@dataclass(frozen=True)
+class ThresholdOptions(RouterOptions):
+    p: float = option(0.5, "keep a token iff sigmoid(w.x + b) >= p", low=0, high=1, open_interval=True)
+    alpha: float = option(0.01, "weight of the layer load-reducing loss", low=0)
+    gate: str = option("straight-through", "factor on a kept token's delta: exactly 1 with sigmoid's gradient "
+                       "(straight-through) or the sigmoid itself", choices=("straight-through", "sigmoid"))
+    target: float | None = option(0.5, "kept fraction the load loss steers each layer to; none: "
+                                  "MoDification's loss as published (collapses on pretrained models)", low=0, high=1)
 
 
 class ThresholdRouter(Router):
@@ -31,25 +42,12 @@ class ThresholdRouter(Router):
     name = "threshold-p"
     causal = True
     capacity_based = False
-    arguments = {"p": 0.5, "alpha": 0.01, "gate": "straight-through", "target": 0.5}
-    nullable = ("target",)
+    Options = ThresholdOptions
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__(hidden_size, capacity, layer_index, **kwargs)
-        self.p = float(self.options["p"])
-        if not 0.0 < self.p < 1.0:
-            raise ModAdaptError(f"threshold-p: p must be in (0, 1), got {self.p}.")
-        self.alpha = float(self.options["alpha"])
-        if self.alpha < 0:
-            raise ModAdaptError(f"threshold-p: alpha must be >= 0, got {self.alpha}.")
-        self.target = self.options["target"]
-        if self.target is not None and not 0.0 <= self.target <= 1.0:
-            raise ModAdaptError(f"threshold-p: target must be in [0, 1] or 'none', got {self.target}.")
-        self.gate_mode = self.options["gate"]
-        if self.gate_mode not in ("straight-through", "sigmoid"):
-            raise ModAdaptError(
-                f"threshold-p: gate must be 'straight-through' or 'sigmoid', got {self.gate_mode!r}."
-            )
+        self.p, self.alpha, self.target = self.options.p, self.options.alpha, self.options.target
+        self.gate_mode = self.options.gate
         self.logit_p = math.log(self.p / (1.0 - self.p))
         self._rounded_logit_p: dict = {}
         self.scorer = LinearScore(hidden_size)

@@ -16,9 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModAdaptError
+from dataclasses import dataclass
+
 from .base import Router, RoutingContext
 from .linear_score import LinearScore
+from .options import RouterOptions, option
+
+
+@dataclass(frozen=True)
+class TopKOptions(RouterOptions):
+    aux_coef: float = option(0.01, "weight of the auxiliary BCE loss that teaches the causal rule the top-k choice",
+                             low=0)
+    causal_rule: str = option("aux", "the causal rule's statistic: the score itself (aux) or a small "
+                              "stop-gradient predictor", choices=("aux", "predictor"))
+    predictor_hidden: int = option(64, "hidden width of the predictor (causal_rule=predictor)", low=1)
+    causal_threshold: float | None = option(
+        None, "cut-off of the causal rule; calibrated: the top-k boundary learnt while training "
+        "(0 = the paper's sigmoid >= 0.5)", none="calibrated", calibrated=0.0)
 
 
 class TopKRouter(Router):
@@ -27,22 +41,14 @@ class TopKRouter(Router):
     name = "topk"
     causal = False
     capacity_based = True
-    causal_cutoff = ("causal_threshold", 0.0)
-    arguments = {"aux_coef": 0.01, "causal_rule": "aux", "predictor_hidden": 64, "causal_threshold": None}
+    Options = TopKOptions
 
     def __init__(self, hidden_size: int, capacity: float, layer_index: int, **kwargs):
         super().__init__(hidden_size, capacity, layer_index, **kwargs)
-        rule = self.options["causal_rule"]
-        if rule not in ("aux", "predictor"):
-            raise ModAdaptError(f"topk: causal_rule must be 'aux' or 'predictor', got {rule!r}.")
-        self.aux_coef = float(self.options["aux_coef"])
-        if self.aux_coef < 0:
-            raise ModAdaptError(f"topk: aux_coef must be >= 0, got {self.aux_coef}.")
+        self.aux_coef = self.options.aux_coef
         self.scorer = LinearScore(hidden_size)
-        if rule == "predictor":
-            width = int(self.options["predictor_hidden"])
-            if width < 1:
-                raise ModAdaptError(f"topk: predictor_hidden must be >= 1, got {width}.")
+        if self.options.causal_rule == "predictor":
+            width = self.options.predictor_hidden
             self.predictor = nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, 1))
             nn.init.zeros_(self.predictor[2].weight)
             nn.init.zeros_(self.predictor[2].bias)

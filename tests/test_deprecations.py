@@ -1,0 +1,30 @@
+"""Names that moved stay importable from their old paths for one release, with a warning."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+MOVED = [
+    ("modadapt.convert", "state_of", "modadapt.mod_layer"),
+    ("modadapt.convert", "find_adapter", "modadapt.plugins"),
+    ("modadapt.attention_probe", "probe", "modadapt.metrics.arank"),
+]
+
+
+@pytest.mark.parametrize("old, name, new", MOVED, ids=[f"{old}.{name}" for old, name, _ in MOVED])
+def test_old_path_warns_and_gives_the_new_object(old, name, new):
+    with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} moved to {new}\.{name}"):
+        value = getattr(importlib.import_module(old), name)
+    assert value is getattr(importlib.import_module(new), name)
+
+
+def test_from_import_of_an_old_path_works():
+    with pytest.warns(DeprecationWarning):
+        from modadapt.convert import state_of  # noqa: F401
+
+
+def test_unknown_names_still_raise_attribute_error():
+    with pytest.raises(AttributeError, match="module 'modadapt.convert' has no attribute 'nope'"):
+        importlib.import_module("modadapt.convert").nope
