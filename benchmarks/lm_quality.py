@@ -199,7 +199,7 @@ def dense_record(dense: nn.Module, valid_blocks: torch.Tensor, args: argparse.Na
 def topk_routing_ppl(model: nn.Module, blocks: torch.Tensor, args: argparse.Namespace) -> float:
     """Perplexity of an adapted model routed by top-k in eval mode as in training: how much of the
     gap to dense is the causal rule's (which decides each token alone) rather than the router's."""
-    from modadapt.convert import state_of
+    from modadapt.mod_layer import state_of
 
     config = state_of(model).config
     config.inference_routing = "topk"

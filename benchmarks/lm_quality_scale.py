@@ -116,7 +116,11 @@ ROUTED = {
     "random-all": ("random", "all-but-first"),
     "topk-arank": ("topk", "arank"),
     "topk-cosine": ("topk", "cosine"),
+    # ablations of the recipe (a changed option of the same budget)
+    "topk-distill": ("topk", "every-other"),
+    "threshold-p-all-distill": ("threshold-p", "all-but-first"),
 }
+RECIPE_OPTIONS = {"topk-distill": {"distill": 1.0}, "threshold-p-all-distill": {"distill": 1.0}}
 THRESHOLD_ALPHA = 0.1  # threshold-p's load-loss weight (the small-scale benchmark's best)
 # A model with nothing to route goes through the same recipe as a converted one (same optimizer,
 # schedule and data) as this conversion: random at capacity 1.0 on one layer, exactly the dense layer.
@@ -476,7 +480,7 @@ CAPACITY_ROUTERS = ("topk", "attention", "random")
 def topk_routing_ppl(model: nn.Module, blocks: torch.Tensor, batch: int, device: torch.device) -> float:
     """Valid perplexity with the training-time top-k in eval mode instead of the causal rule: how
     much of a capacity router's gap to dense is its causal rule's."""
-    from modadapt.convert import state_of
+    from modadapt.mod_layer import state_of
 
     config = state_of(model).config
     config.inference_routing = "topk"
@@ -510,7 +514,8 @@ def run_task(task: dict, ctx: dict) -> dict:
         output=str(out), seq_len=scale.seq_len, batch_size=scale.adapt_batch, max_steps=scale.adapt_steps,
         lr=scale.adapt_lr, warmup_steps=scale.adapt_warmup, train="all",
         mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
-        eval_batch_size=scale.adapt_batch, progress=False, seed=task["seed"], **routing)
+        eval_batch_size=scale.adapt_batch, progress=False, seed=task["seed"], **routing,
+        **RECIPE_OPTIONS.get(task["variant"], {}))
     if out.exists():
         import shutil
 
@@ -539,7 +544,7 @@ def run_task(task: dict, ctx: dict) -> dict:
         record.update(router=task["router"], placement=task["placement"], routed_layers=task["routed_layers"],
                       capacity=task["capacity"], flops_ratio=summary["flops_ratio"],
                       kept_fraction=sum(kept.values()) / len(kept), kept_fraction_per_layer=kept,
-                      router_kwargs=routing.get("router_kwargs", {}))
+                      router_kwargs=routing.get("router_kwargs", {}), recipe_options=RECIPE_OPTIONS.get(task["variant"], {}))
     if task.get("router") in CAPACITY_ROUTERS:  # also the training-time top-k (not causal: perplexity only)
         record["valid_ppl_topk_routing"] = topk_routing_ppl(model, data["valid"], scale.adapt_batch, device)
     for name in ("checkpoint", "model"):  # 1.2 GB per run: a table of 60 runs would fill the disk

@@ -62,7 +62,7 @@ def train(model, x, y, *, epochs: int, lr: float, seed: int, batch: int = 64) ->
 
 
 def _converted(model) -> bool:
-    from modadapt.convert import state_of
+    from modadapt.mod_layer import state_of
 
     return state_of(model) is not None
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModAdaptError
-from ..convert import state_of
+from ..mod_layer import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
 from .training import RunCheckpoint, distillation_kl, lr_schedule
 
@@ -241,10 +241,9 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
     """
     import modadapt
     from ..cli import TOKENIZER_FILES, load_source_model
-    from ..convert import state_of
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
-    from ..presets import PRESETS, build_preset
+    from ..presets import build_preset, preset_names
 
     tokenizer, extras = None, []
     if model is None:
@@ -252,7 +251,7 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
         if (path / META_FILE).is_file():
             model = modadapt.load(path)
             extras = [str(path / name) for name in TOKENIZER_FILES if (path / name).is_file()]
-        elif cfg.model in PRESETS:
+        elif cfg.model in preset_names():
             model = build_preset(cfg.model, seed=cfg.seed)
         else:
             model, extras = load_source_model(cfg.model)
@@ -316,8 +315,6 @@ def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
 
 
 def model_router_name(model: nn.Module) -> str:
-    from ..convert import state_of
-
     return state_of(model).config.router
 
 
@@ -327,7 +324,7 @@ def flops_table(model: nn.Module) -> dict:
     head's weights; per MoD layer its router's matrix weights (converted or dense model)."""
     from ..metrics.flops import attention_width, linear_weights
     from ..metrics.layer_stack import find_layers
-    from ..convert import mod_layers, state_of
+    from ..convert import mod_layers
 
     layers = find_layers(model)
     routers = {}
@@ -367,8 +364,8 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
     """
     from tqdm.auto import tqdm
 
-    from ..convert import mod_layers, state_of
-    from ..routers.attention import AttentionRouter
+    from ..convert import mod_layers
+    from ..routers.base import Router
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
@@ -399,7 +396,7 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
             kept = {i: int(k[row]) for i, k in zip(indices, kept_rows)}
             sums[3] += sequence_flops(table, T, kept)
             sums[4] += sequence_flops(table, T)
-        sums[3] += sum(m.extra_flops() for m in model.modules() if isinstance(m, AttentionRouter))
+        sums[3] += sum(m.extra_flops() for m in model.modules() if isinstance(m, Router))
         for j, layer in enumerate(layers):
             sums[5 + 2 * j] += float(layer.mod_state.last_keep.sum())
             sums[6 + 2 * j] += layer.mod_state.last_keep.numel()
