@@ -228,8 +228,8 @@ def pretrain(model: nn.Module, data: dict, scale: Scale, device: torch.device, s
     steps = scale.pretrain_epochs * steps_per_epoch
     model.to(device).train()
     cuda = device.type == "cuda"
-    if cuda:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    if cuda:  # strict: SDPA then takes flash attention's deterministic backward, never cuDNN's
+        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=scale.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=cuda)
@@ -237,16 +237,31 @@ def pretrain(model: nn.Module, data: dict, scale: Scale, device: torch.device, s
     step_fn = torch.compile(model) if cuda else model
     log_every = max(1, steps // 100)
     curve = {"step": [], "train_loss": [], "valid_step": [], "valid_loss": [], "tokens_per_step":
-             scale.pretrain_batch * scale.seq_len, "steps": steps}
+             scale.pretrain_batch * scale.seq_len, "steps": steps,
+             "deterministic": "strict" if cuda else "cpu"}
+
+    def forward_backward(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            loss = step_fn(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        return loss
+
     running = torch.zeros((), device=device)
     began, step = time.time(), 0
     for epoch in range(scale.pretrain_epochs):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         for i in range(steps_per_epoch):
             batch = train[order[i * scale.pretrain_batch:(i + 1) * scale.pretrain_batch]].to(device, non_blocking=True)
-            with autocast(device):
-                loss = step_fn(input_ids=batch, labels=batch, use_cache=False).loss
-            loss.backward()
+            try:
+                loss = forward_backward(batch)
+            except RuntimeError as error:  # an op without a deterministic kernel: say so, go on
+                if step or "deterministic" not in str(error):
+                    raise
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                curve["deterministic"] = f"warn-only: {str(error).splitlines()[0][:200]}"
+                print(f"pretrain: not fully deterministic ({curve['deterministic']})", flush=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss = forward_backward(batch)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
@@ -397,12 +412,25 @@ def placement_layers(placement: str, layers: int, scores: dict) -> list[int]:
     return most_redundant(scores[placement], len(every_other), lower_is_redundant=placement == "arank")
 
 
-def solve_capacity(model: nn.Module, routed: list[int], target: float, tokens: int) -> float | None:
+def router_extra_flops(model: nn.Module, router: str, routed: list[int], tokens: int) -> int:
+    """FLOPs per sequence that a router spends beyond a linear score: `attention` recomputes the
+    preceding layer's attention map for each routed layer."""
+    if router != "attention":
+        return 0
+    from modadapt.routers.attention import attention_router_flops
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return len(routed) * attention_router_flops(1, tokens, tokens, config.num_attention_heads, head_dim)
+
+
+def solve_capacity(model: nn.Module, routed: list[int], target: float, tokens: int, extra: int = 0) -> float | None:
     """The largest capacity `k / tokens` whose FLOPs ratio (routers on `routed`, their linear
-    scoring counted) does not exceed `target`; None when even one kept token exceeds it."""
+    scoring and `extra` FLOPs per sequence counted) does not exceed `target`; None when even one
+    kept token exceeds it."""
     table = dense_table(model, routed)
     full = sequence_flops(flops_table(model), tokens)
-    ratio = lambda k: sequence_flops(table, tokens, {i: k for i in routed}) / full  # noqa: E731
+    ratio = lambda k: (sequence_flops(table, tokens, {i: k for i in routed}) + extra) / full  # noqa: E731
     if ratio(1) > target:
         return None
     low, high = 1, tokens
@@ -434,7 +462,8 @@ def plan(model: nn.Module, scale: Scale, scores: dict, variants: list[str], seed
                 else:
                     router, placement = ROUTED[variant]
                     routed = placement_layers(placement, layers, scores)
-                    capacity = solve_capacity(model, routed, spec["flops_ratio"], T)
+                    capacity = solve_capacity(model, routed, spec["flops_ratio"], T,
+                                              router_extra_flops(model, router, routed, T))
                     if capacity is None:
                         if seed == seeds[0]:
                             notes.append(f"{variant} at {level}: routers on {placement} layers {routed} cannot reach "
@@ -531,8 +560,10 @@ def run_task(task: dict, ctx: dict) -> dict:
         "agreement": agreement(model, ctx["reference"], scale.prompt_len, device),
         "adapt_tokens": summary["steps"] * scale.adapt_batch * scale.seq_len, "adapt_steps": summary["steps"],
         "adapt_s": summary["train_time_s"], "wall_s": time.time() - began, "skipped_steps": summary["skipped_steps"],
-        "final_train_loss": summary["final_train_loss"], "target_flops_ratio": task.get("target_flops_ratio", 1.0),
-        "jobs": args.jobs, "command": ctx["command"],
+        "final_train_loss": summary["final_train_loss"],
+        "train_loss_start": sum(summary["history"]["loss"][:10]) / len(summary["history"]["loss"][:10]),
+        "train_loss_end": sum(summary["history"]["loss"][-10:]) / len(summary["history"]["loss"][-10:]), "target_flops_ratio": task.get("target_flops_ratio", 1.0),
+        "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"], "jobs": args.jobs, "command": ctx["command"],
     }
     if drop is not None:
         record.update(router=task["variant"], placement=",".join(map(str, drop)), dropped_layers=drop,
@@ -592,12 +623,12 @@ def aggregate(records: list[dict]) -> dict:
 
 
 MATCHED = 0.03  # FLOPs ratios closer than this count as matched
+DIVERGED = 0.1  # nats: a training loss that ends this much above its start diverged
 
 
 def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
     """(goal, what was measured, met) for each goal the records can answer."""
     table = aggregate(records)
-    dense = next((r for r in records if r["variant"] == "dense"), None)
     fmt = lambda s: f"{s[0]:.3f} ± {s[1]:.3f}"  # noqa: E731
     out = []
     for level in LEVELS:
@@ -635,17 +666,26 @@ def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
                     f"{fmt(s['valid_ppl'])} vs {control[0][1]} {fmt(control[1]['valid_ppl'])} (FLOPs "
                     f"{s['flops_ratio'][0]:.3f} vs {control[1]['flops_ratio'][0]:.3f}"
                     f"{'' if matched else ', not matched'})", matched and s["valid_ppl"][0] < control[1]["valid_ppl"][0]))
-    if dense is not None:
-        broken = [f"{k[1]}@{k[0]}" for k, s in table.items()
-                  if not s["finite"] or s["skipped_steps"] or s["valid_ppl"][0] > 2 * dense["valid_ppl"]]
-        out.append(("no NaN or divergence", "all runs finite, no skipped steps, ppl < 2 x dense" if not broken else
-                    f"non-finite, skipped steps or ppl > 2 x dense in {', '.join(broken)}", not broken))
+    # Divergence: a non-finite perplexity, skipped (non-finite) steps, or a training loss that ends
+    # higher than it started (first and last ten steps).
+    runs = [r for r in records if r["variant"] != "dense"]
+    broken = [task_id(r) for r in runs if not (math.isfinite(r["valid_ppl"]) and math.isfinite(r["ood_ppl"]))
+              or r.get("skipped_steps") or r.get("train_loss_end", -math.inf) > r.get("train_loss_start", math.inf) + DIVERGED]
+    curves = sum("train_loss_end" in r for r in runs)
+    if runs:
+        out.append(("no NaN or divergence", (f"all {len(runs)} runs finite, no skipped steps, training loss of "
+                    f"{curves} recorded curves ends below its start + {DIVERGED}") if not broken else
+                    f"non-finite, skipped steps or rising loss in {', '.join(broken)}", not broken))
     return out
 
 
-def write(records: list[dict], out: Path, meta: dict) -> None:
+def write(records: list[dict], out: Path) -> None:
+    """The records as JSON and, beside them, the Markdown table (its title and notes are the
+    dense record's ``description`` and ``notes``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")
+    dense = next(r for r in records if r["variant"] == "dense")
+    meta = {"description": dense.get("description", ""), "notes": dense.get("notes", [])}
     table = aggregate(records)
     fmt = lambda s, d=3: f"{s[0]:.{d}f} ± {s[1]:.{d}f}"  # noqa: E731
     lines = [f"# LM quality at scale: {meta['description']}", "", "Produced by (each call adds runs):", "",
@@ -664,7 +704,14 @@ def write(records: list[dict], out: Path, meta: dict) -> None:
         lines.append("")
     lines += ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {g} | {m} | {'yes' if ok else '**no**'} |" for g, m, ok in goals(records)]
-    if meta.get("notes"):
+    rebuilt = [r for r in records if abs(r.get("pretrained_valid_ppl", dense["valid_ppl"]) - dense["valid_ppl"]) > 1e-6]
+    if rebuilt:
+        lines += ["", "## Runs from a rebuilt pretrained model", "",
+                  "These runs started from a rebuild whose valid loss matched the record within the tolerance but "
+                  "whose weights were not identical:", "",
+                  *(f"- {task_id(r)}: pretrained valid ppl {r['pretrained_valid_ppl']:.3f} (recorded "
+                    f"{dense['valid_ppl']:.3f})" for r in rebuilt)]
+    if meta["notes"]:
         lines += ["", "## Not run", "", *(f"- {n}" for n in meta["notes"])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -685,6 +732,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--append", action="store_true", help="keep the records already in --out and skip their runs")
     p.add_argument("--new-pretrained", action="store_true", help="record the pretrained model built now as the "
                    "reference (else a rebuild must match the recorded one)")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the Markdown table from the --out records")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run tasks from this plan file
     args = p.parse_args(argv)
     args.out = str(args.out or (Path(args.work) / "lm_quality_scale.json" if args.tiny else RESULTS))
@@ -741,6 +789,10 @@ def main(argv=None) -> list[dict]:
     if args.tiny:  # tiny matrices: one thread avoids oversubscription on a busy CPU
         torch.set_num_threads(1)
     command = "python benchmarks/lm_quality_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.table_only:
+        records = json.loads(Path(args.out).read_text())
+        write(records, Path(args.out))
+        return records
     if args.worker:  # the driver's command is the one that made these runs
         ctx = context(args, json.loads(Path(args.worker).read_text())["command"])
         work_through(ctx, Path(args.worker))
@@ -776,15 +828,17 @@ def main(argv=None) -> list[dict]:
         if any(codes):
             print(f"worker exit codes {codes}; see {work}/worker-*.log", flush=True)
     records = merge_records(args, work)
-    dense_record = {"variant": "dense", "level": "1.00", "seed": args.seed, "router": "dense", "placement": "-",
-                    "params": ctx["pretrain"]["model"]["params"], "layers": scale.layers, "flops_ratio": 1.0,
-                    "kept_fraction": 1.0, "valid_ppl": ctx["pretrain"]["valid_ppl"], "ood_ppl": ctx["pretrain"]["ood_ppl"],
-                    "agreement": 1.0, "adapt_tokens": 0, "command": command}
-    records = [dense_record] + [r for r in records if r["variant"] != "dense"]
-    meta = {"description": f"Llama {scale.layers} x {scale.hidden}, {ctx['pretrain']['model']['params'] / 1e6:.1f}M "
-                           f"parameters, BPE {scale.vocab}, {scale.adapt_steps} adaptation steps of "
-                           f"{scale.adapt_batch} x {scale.seq_len} tokens", "notes": notes}
-    write(records, Path(args.out), meta)
+    dense = next((r for r in records if r["variant"] == "dense"), None) or {  # the recorded one stays
+        "variant": "dense", "level": "1.00", "seed": args.seed, "router": "dense", "placement": "-",
+        "params": ctx["pretrain"]["model"]["params"], "layers": scale.layers, "flops_ratio": 1.0, "kept_fraction": 1.0,
+        "valid_ppl": ctx["pretrain"]["valid_ppl"], "ood_ppl": ctx["pretrain"]["ood_ppl"], "agreement": 1.0,
+        "adapt_tokens": 0, "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"], "command": command}
+    dense["description"] = (f"Llama {scale.layers} x {scale.hidden}, {dense['params'] / 1e6:.1f}M parameters, BPE "
+                            f"{scale.vocab}, {scale.adapt_steps} adaptation steps of {scale.adapt_batch} x "
+                            f"{scale.seq_len} tokens")
+    dense["notes"] = notes
+    records = [dense] + [r for r in records if r["variant"] != "dense"]
+    write(records, Path(args.out))
     for goal, measured, met in goals(records):
         print(f"goal: {goal}: {measured} -> {'met' if met else 'NOT met'}", flush=True)
     print(f"{time.time() - start:.0f}s; {len(records)} records in {args.out}", flush=True)

@@ -172,7 +172,7 @@ def byte_level_without_prefix(backend: Any) -> bool:
             and getattr(backend, "normalizer", None) is None)
 
 
-def chunk_boundaries(text: str, size: int = CHUNK_CHARS) -> list[int]:
+def chunk_boundaries(text: str, size: int | None = None) -> list[int]:
     """Cut points about `size` characters apart, each just before the last newline of a blank
     line (`"\n|\n"` followed by a non-space character).
 
@@ -180,6 +180,7 @@ def chunk_boundaries(text: str, size: int = CHUNK_CHARS) -> list[int]:
     last character and that character, so a cut there (never inside a word or a space run) gives
     exactly the pre-tokens of the whole text. Text without such places is one chunk.
     """
+    size = size or CHUNK_CHARS
     cuts, start = [0], 0
     while start + size < len(text):
         at = text.find("\n\n", start + size)

@@ -1,0 +1,169 @@
+"""The quality-at-scale benchmark (`benchmarks/lm_quality_scale.py`) at tiny size on real text:
+tokenizer, pretraining, every variant and baseline, seeds, records and table, FLOPs by a direct count."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import modadapt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("lm_quality_scale", ROOT / "benchmarks" / "lm_quality_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    if not (module.DEFAULT_DATA / "train.txt.gz").is_file():
+        pytest.skip("the tech-docs corpus is not on this machine")
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(bench, tmp_path_factory):
+    """Two seeds of every variant (the second call appends seed 1 to seed 0's records)."""
+    work = tmp_path_factory.mktemp("scale")
+    threads = torch.get_num_threads()
+    try:
+        first = bench.main(["--tiny", "--work", str(work), "--seeds", "0"])
+        both = bench.main(["--tiny", "--work", str(work), "--seeds", "0,1", "--append"])
+    finally:
+        torch.set_num_threads(threads)
+    return work, first, both
+
+
+def test_chunked_encoding_equals_one_call(bench, tmp_path, monkeypatch):
+    """Long text is encoded in parallel chunks cut inside blank lines: the ids equal one call's."""
+    from modadapt.recipes import lm_adapt
+
+    text = bench.read_split(bench.DEFAULT_DATA, "valid", 200_000)
+    tokenizer = bench.train_tokenizer(text, 400, tmp_path / "tok")
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(lm_adapt, "CHUNK_CHARS", 5_000)
+    cuts = lm_adapt.chunk_boundaries(text, 5_000)
+    assert len(cuts) > 20 and cuts[0] == 0 and cuts[-1] == len(text)
+    assert all(text[c - 1] == "\n" and text[c] == "\n" and not text[c + 1].isspace() for c in cuts[1:-1])
+    assert lm_adapt.chunk_boundaries(text) == cuts  # the chunk size tokenize() uses
+    assert lm_adapt.tokenize(text, tokenizer, 400) == whole
+    # a tokenizer that marks where text starts is never chunked
+    assert not lm_adapt.byte_level_without_prefix(None)
+
+
+def test_tokenizer_is_a_transformers_tokenizer_beside_the_model(bench, tiny_run):
+    from modadapt.metrics.calibration import model_tokenizer
+
+    work, _, _ = tiny_run
+    tokenizer = model_tokenizer(str(work / "pretrained"))  # what eval, analyze and lm-adapt load
+    assert tokenizer is not None and tokenizer.eos_token == bench.EOS and len(tokenizer) == bench.TINY.vocab
+    text = "Set the option with :set tabstop=4 in vim."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    again = bench.train_tokenizer(bench.read_split(bench.DEFAULT_DATA, "train", bench.TINY.text_chars),
+                                  bench.TINY.vocab, work / "tok-again")
+    assert (work / "tok-again" / "tokenizer.json").read_text() == (work / "tokenizer" / "tokenizer.json").read_text()
+    assert again.vocab_size == tokenizer.vocab_size
+
+
+def test_every_variant_and_seed_is_recorded(bench, tiny_run):
+    work, first, both = tiny_run
+    assert json.loads((work / "lm_quality_scale.json").read_text()) == both
+    planned, notes = bench.plan(bench.build_dense(bench.TINY, 0), bench.TINY,
+                                json.loads((work / "layer_scores.json").read_text()),
+                                ["dense-adapt", *bench.ROUTED, *bench.STATIC], [0, 1])
+    assert sorted(bench.task_id(t) for t in planned) == sorted(bench.task_id(r) for r in both[1:])
+    assert {bench.task_id(r) for r in first} <= {bench.task_id(r) for r in both}  # seed 0 kept, not rerun
+    assert {r["seed"] for r in both[1:]} == {0, 1} and both[0]["variant"] == "dense"
+    routers = {r["router"] for r in both}
+    assert {"topk", "threshold-p", "attention", "random", "dense", "dense-adapt", "layer-drop-even",
+            "layer-drop-cosine", "layer-drop-arank"} <= routers
+    for r in both:
+        assert {"variant", "router", "placement", "seed", "params", "layers", "flops_ratio", "valid_ppl", "ood_ppl",
+                "kept_fraction", "adapt_tokens", "agreement", "command"} <= set(r)
+        assert r["valid_ppl"] > 1 and r["ood_ppl"] > 1 and 0 < r["flops_ratio"] <= 1.001 and 0 <= r["agreement"] <= 1
+    adapted = [r for r in both if r["variant"] != "dense"]
+    assert all(r["adapt_tokens"] == bench.TINY.adapt_steps * bench.TINY.adapt_batch * bench.TINY.seq_len for r in adapted)
+    levels = bench.levels(bench.build_dense(bench.TINY, 0), bench.TINY.seq_len)
+    for r in adapted:
+        if r["variant"] in bench.STATIC:
+            assert len(r["dropped_layers"]) == levels[r["level"]]["drop"] and r["layers"] == 6 - len(r["dropped_layers"])
+    table = (work / "lm_quality_scale.md").read_text()
+    assert "## FLOPs level 0.70" in table and "## FLOPs level 0.55" in table and "## Goals" in table
+    assert "| layer-drop-cosine | layer-drop-cosine |" in table and "| 2 |" in table  # two seeds aggregated
+    assert "no NaN or divergence" in table
+
+
+def test_static_baselines_drop_the_layers_their_metric_ranks(bench, tiny_run):
+    work, _, both = tiny_run
+    scores = json.loads((work / "layer_scores.json").read_text())
+    for r in both:
+        if r["variant"] == "layer-drop-cosine":  # ShortGPT: the most similar input and output
+            count = len(r["dropped_layers"])
+            assert r["dropped_layers"] == sorted(sorted(range(1, 6), key=lambda i: -scores["cosine"][i])[:count])
+        if r["variant"] == "layer-drop-arank":
+            count = len(r["dropped_layers"])
+            assert r["dropped_layers"] == sorted(sorted(range(1, 6), key=lambda i: scores["arank"][i])[:count])
+        if r["variant"] == "layer-drop-even":
+            assert r["dropped_layers"] == bench.evenly_spaced(len(r["dropped_layers"]), 6)
+    assert bench.evenly_spaced(6, 12) == [1, 3, 5, 7, 9, 11] and bench.evenly_spaced(4, 12) == [2, 5, 7, 10]
+
+
+def counted_flops(model, tokens: torch.Tensor) -> int:
+    """FLOPs of one forward as torch's flop counter sees them (eager attention: it counts SDPA as 0)."""
+    model = copy.deepcopy(model).eval()
+    model.config._attn_implementation = "eager"
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(input_ids=tokens, use_cache=False)
+    return counter.get_total_flops()
+
+
+def test_flops_ratios_agree_with_a_direct_count(bench):
+    dense = bench.build_dense(bench.TINY, 0)
+    T = bench.TINY.seq_len
+    tokens = torch.randint(0, bench.TINY.vocab, (2, T))
+    full = counted_flops(dense, tokens)
+    for drop in ([2, 4], [1, 3, 5]):
+        dropped = bench.remove_layers(dense, drop)
+        assert bench.drop_ratio(dense, drop, T) == pytest.approx(counted_flops(dropped, tokens) / full, rel=1e-9)
+    routed = [1, 3, 5]
+    capacity = bench.solve_capacity(dense, routed, 0.7, T)
+    converted = modadapt.convert(copy.deepcopy(dense), router="topk", capacity=capacity, layers=routed,
+                                 inference_routing="topk")
+    formula = bench.sequence_flops(bench.dense_table(dense, routed), T, {i: round(capacity * T) for i in routed})
+    assert formula / bench.sequence_flops(bench.flops_table(dense), T) <= 0.7
+    assert formula * 2 == pytest.approx(counted_flops(converted, tokens), rel=1e-9)
+    # one more kept token would exceed the target; a level no placement reaches is refused
+    bigger = bench.sequence_flops(bench.dense_table(dense, routed), T, {i: round(capacity * T) + 1 for i in routed})
+    assert bigger / bench.sequence_flops(bench.flops_table(dense), T) > 0.7
+    assert bench.solve_capacity(dense, routed, 0.3, T) is None
+
+
+def test_goals_are_judged_from_means_and_spreads(bench):
+    def rec(variant, level, seed, router, valid, ood, flops, placement="every-other"):
+        return dict(variant=variant, level=level, seed=seed, router=router, placement=placement, valid_ppl=valid,
+                    ood_ppl=ood, flops_ratio=flops, kept_fraction=0.5, agreement=0.9, skipped_steps=0,
+                    train_loss_start=3.0, train_loss_end=2.0)
+
+    records = [rec("dense", "1.00", 0, "dense", 7.0, 20.0, 1.0)]
+    records += [rec("dense-adapt", "1.00", s, "dense-adapt", 7.0 + 0.01 * s, 20.0, 1.0) for s in range(3)]
+    records += [rec("topk", "0.70", s, "topk", 7.1 + 0.01 * s, 21.0 + 0.1 * s, 0.68) for s in range(3)]
+    records += [rec("random", "0.70", s, "random", 7.5, 22.0, 0.69) for s in range(3)]
+    records += [rec("layer-drop-even", "0.70", s, "layer-drop-even", 7.3 + 0.1 * s, 21.0 + 0.1 * s, 0.686, "2,5")
+                for s in range(3)]
+    judged = {goal: (measured, met) for goal, measured, met in bench.goals(records)}
+    # valid: 7.11 + 0.1 (the larger std) < 7.4; ood: 21.1 vs 21.1, not beaten
+    assert judged["FLOPs 0.70: best learned router beats best static baseline on valid ppl by > max std"][1]
+    assert not judged["FLOPs 0.70: best learned router beats best static baseline on ood ppl by > max std"][1]
+    assert judged["topk beats random at FLOPs 0.70"][1]
+    assert judged["no NaN or divergence"][1]
+    records[4]["train_loss_end"] = 3.5  # a rising loss is divergence
+    assert not {g: ok for g, _, ok in bench.goals(records)}["no NaN or divergence"]
