@@ -42,6 +42,7 @@ from torch import nn
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
+from .schedule import AdaptationSchedule
 from .training import RunCheckpoint, distillation_kl, lr_schedule
 
 NAME = "lm-adapt"
@@ -76,6 +77,10 @@ class LMAdaptConfig(RecipeConfig):
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
+    capacity_warmup: int = field(default=0, metadata={"help": "steps over which every router goes from keeping all "
+                                                          "tokens to its capacity (threshold-p: its target); 0: off"})
+    router_steps: int = field(default=0, metadata={"help": "first steps that train the routers only (the model "
+                                                       "frozen), within max_steps; 0: off"})
     distill: float = field(default=0.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
@@ -102,6 +107,14 @@ class LMAdaptConfig(RecipeConfig):
                           ("eval_batch_size", 1), ("lora_rank", 1), ("max_bad_steps", 0)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ModAdaptError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}.")
+        for name in ("capacity_warmup", "router_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.max_steps:
+                raise ModAdaptError(f"{name} must be an integer from 0 to max_steps - 1 ({self.max_steps - 1}), "
+                                    f"got {value!r}.")
+        if self.router_steps and self.train == "routers":
+            raise ModAdaptError("router_steps trains the routers first and then the model: use it with train: all or "
+                                "train: lora (train: routers trains only the routers throughout).")
         if not self.distill >= 0 or not self.distill_temperature > 0:
             raise ModAdaptError("distill must be >= 0 and distill_temperature > 0.")
         if not 0.0 < self.valid_fraction < 1.0:
@@ -497,6 +510,7 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     if teacher is None:
         dense.to("cpu")
 
+    schedule = AdaptationSchedule(inner, capacity_warmup=cfg.capacity_warmup, router_steps=cfg.router_steps)
     model, optimizer = accelerator.prepare(trained, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     step = 0
@@ -536,6 +550,7 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
             if micro == steps_per_epoch * cfg.grad_accum - done * cfg.grad_accum:
                 break  # a partial accumulation at the epoch's end would not be a full step
             micro += 1
+            schedule.apply(step)
             with accelerator.accumulate(model), accelerator.autocast():
                 outputs = model(input_ids=batch, labels=batch, use_cache=False)
                 loss = outputs.loss
@@ -552,6 +567,7 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
                 finite = finite and bool(torch.isfinite(loss.detach()))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    schedule.hold_base(step, params)
                     norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
                     if cfg.mixed_precision != "fp16" and norm is not None and not torch.isfinite(norm):
                         finite = False
@@ -588,6 +604,7 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
             if step >= cfg.max_steps:
                 break
     bar.close()
+    schedule.finish()
     save_checkpoint()
 
     after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,

@@ -224,6 +224,17 @@ class Router(nn.Module):
         value = self.calibrated_threshold[slot]
         return torch.where(self.calibration_steps[slot] > 0, value, torch.full_like(value, fallback))
 
+    @property
+    def target_share(self) -> float | None:
+        """The share of the routed tokens this router aims to keep: its capacity (a threshold
+        router: its load target, None without one). A recipe may change it while training, e.g.
+        to warm up from keeping everything."""
+        return self.capacity
+
+    @target_share.setter
+    def target_share(self, share: float) -> None:
+        self.capacity = share
+
     def extra_flops(self, matmul_only: bool = False) -> int:
         """FLOPs this router spent on its last decision beyond its own modules' matmuls (which a
         flop counter sees by itself), e.g. recomputing an attention map; with `matmul_only`, the

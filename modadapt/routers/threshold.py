@@ -54,6 +54,14 @@ class ThresholdRouter(Router):
         with torch.no_grad():
             self.scorer.bias.fill_(self.logit_p)
 
+    @property
+    def target_share(self) -> float | None:
+        return self.target
+
+    @target_share.setter
+    def target_share(self, share: float) -> None:
+        self.target = share
+
     def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         return self.scorer(hidden)
 

@@ -30,6 +30,9 @@ class TopKOptions(RouterOptions):
     causal_rule: str = option("aux", "the causal rule's statistic: the score itself (aux) or a small "
                               "stop-gradient predictor", choices=("aux", "predictor"))
     predictor_hidden: int = option(64, "hidden width of the predictor (causal_rule=predictor)", low=1)
+    gate: str = option("straight-through", "factor on a kept token's delta: exactly 1 with sigmoid's gradient "
+                       "(straight-through) or p-MoD's 1 + 0.2 tanh(score) (tanh; 1 at a fresh router)",
+                       choices=("straight-through", "tanh"))
     causal_threshold: float | None = option(
         None, "cut-off of the causal rule; calibrated: the top-k boundary learnt while training "
         "(0 = the paper's sigmoid >= 0.5)", none="calibrated", calibrated=0.0)
@@ -57,6 +60,11 @@ class TopKRouter(Router):
 
     def score(self, hidden: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         return self.scorer(hidden)
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.options.gate == "tanh":  # bounded in [0.8, 1.2], applied in evaluation and decoding too
+            return 1.0 + 0.2 * torch.tanh(logits)
+        return super().gate(logits)
 
     def rule_statistic(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         if self.predictor is None:
