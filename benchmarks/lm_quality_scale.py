@@ -44,7 +44,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before CUDA starts
@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from layer_drop import evenly_spaced, most_redundant, remove_layers  # noqa: E402
 
+import modadapt  # noqa: E402
 from modadapt.recipes.lm_adapt import (LMAdaptConfig, evaluate, flops_table, pack, run,  # noqa: E402
                                        sequence_flops, tokenize)
 from modadapt.recipes.training import lr_schedule  # noqa: E402
@@ -104,23 +105,60 @@ TINY = Scale(vocab=300, hidden=32, layers=6, heads=4, intermediate=64, seq_len=3
 LEVELS = {"0.70": 0.70, "0.55": 0.55}  # nominal FLOPs ratios; each is met by deleting whole layers
 LEARNED = ("topk", "threshold-p", "attention")
 STATIC = ("layer-drop-even", "layer-drop-cosine", "layer-drop-arank")
-# variant -> (router, placement). Placements: every-other, all-but-first, arank / cosine (as many
-# layers as every-other, the ones the metric ranks most redundant).
-ROUTED = {
-    "topk": ("topk", "every-other"),
-    "threshold-p": ("threshold-p", "every-other"),
-    "attention": ("attention", "every-other"),
-    "random": ("random", "every-other"),
-    "topk-all": ("topk", "all-but-first"),
-    "threshold-p-all": ("threshold-p", "all-but-first"),
-    "random-all": ("random", "all-but-first"),
-    "topk-arank": ("topk", "arank"),
-    "topk-cosine": ("topk", "cosine"),
-    # ablations of the recipe (a changed option of the same budget)
-    "topk-distill": ("topk", "every-other"),
-    "threshold-p-all-distill": ("threshold-p", "all-but-first"),
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: what is adapted, and how its recipe differs from the shared one.
+
+    `router` is a router name, ``dense-adapt`` or a `STATIC` deletion. `placement` (routers): every
+    other layer, all but the first, or as many layers as every-other that the ``arank`` / ``cosine``
+    metric ranks most redundant. `recipe`: lm-adapt options (``capacity_warmup`` and
+    ``router_steps`` as fractions of the adaptation steps). `capacities`: per-layer capacities in
+    proportion to a layer's need by that metric (ARank; cosine: 1 - similarity, ShortGPT's block
+    influence), scaled to the level's FLOPs, instead of one capacity for all layers."""
+
+    router: str
+    placement: str = "-"
+    recipe: dict = field(default_factory=dict)
+    router_kwargs: dict = field(default_factory=dict)
+    capacities: str | None = None
+
+
+VARIANTS = {
+    "dense-adapt": Variant("dense-adapt"),
+    "topk": Variant("topk", "every-other"),
+    "threshold-p": Variant("threshold-p", "every-other"),
+    "attention": Variant("attention", "every-other"),
+    "random": Variant("random", "every-other"),
+    "topk-all": Variant("topk", "all-but-first"),
+    "threshold-p-all": Variant("threshold-p", "all-but-first"),
+    "random-all": Variant("random", "all-but-first"),
+    "topk-arank": Variant("topk", "arank"),
+    "topk-cosine": Variant("topk", "cosine"),
+    **{name: Variant(name) for name in STATIC},
+    # ablations of the recipe: one change to the same budget
+    "topk-distill": Variant("topk", "every-other", recipe={"distill": 1.0}),
+    "threshold-p-all-distill": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}),
+    "layer-drop-even-distill": Variant("layer-drop-even", recipe={"distill": 1.0}),
+    "layer-drop-cosine-distill": Variant("layer-drop-cosine", recipe={"distill": 1.0}),
+    "topk-warmup": Variant("topk", "every-other", recipe={"capacity_warmup": 0.5}),
+    "threshold-p-all-warmup": Variant("threshold-p", "all-but-first", recipe={"capacity_warmup": 0.5}),
+    "topk-routers-first": Variant("topk", "every-other", recipe={"router_steps": 0.2}),
+    "topk-tanh": Variant("topk", "every-other", router_kwargs={"gate": "tanh"}),
+    "topk-capacities-cosine": Variant("topk", "every-other", capacities="cosine"),
+    "topk-all-capacities-cosine": Variant("topk", "all-but-first", capacities="cosine"),
+    "topk-all-capacities-arank": Variant("topk", "all-but-first", capacities="arank"),
 }
-RECIPE_OPTIONS = {"topk-distill": {"distill": 1.0}, "threshold-p-all-distill": {"distill": 1.0}}
+STEP_OPTIONS = ("capacity_warmup", "router_steps")  # given as fractions of the adaptation steps
+
+
+def recipe_options(variant: Variant, steps: int) -> dict:
+    """The variant's lm-adapt options, step counts resolved (at least 1, less than `steps`)."""
+    return {key: min(steps - 1, max(1, round(value * steps))) if key in STEP_OPTIONS else value
+            for key, value in variant.recipe.items()}
+
+
 THRESHOLD_ALPHA = 0.1  # threshold-p's load-loss weight (the small-scale benchmark's best)
 # A model with nothing to route goes through the same recipe as a converted one (same optimizer,
 # schedule and data) as this conversion: random at capacity 1.0 on one layer, exactly the dense layer.
@@ -440,6 +478,31 @@ def solve_capacity(model: nn.Module, routed: list[int], target: float, tokens: i
     return low / tokens
 
 
+def layer_need(scores: dict, metric: str, routed: list[int]) -> list[float]:
+    """How much each routed layer changes its tokens by `metric`: ARank itself, or cosine's block
+    influence 1 - similarity."""
+    return [scores["arank"][i] if metric == "arank" else 1.0 - scores["cosine"][i] for i in routed]
+
+
+def solve_capacities(model: nn.Module, routed: list[int], need: list[float], target: float,
+                     tokens: int) -> dict[int, float] | None:
+    """Per-layer capacities `min(1, s * need)` (at least one token) with the largest `s` whose FLOPs
+    ratio does not exceed `target`; None when one token per layer already exceeds it."""
+    table = dense_table(model, routed)
+    full = sequence_flops(flops_table(model), tokens)
+
+    def kept(scale: float) -> dict[int, int]:
+        return {i: min(tokens, max(1, kept_count(min(1.0, scale * n), tokens))) for i, n in zip(routed, need)}
+
+    if sequence_flops(table, tokens, kept(0.0)) / full > target:
+        return None
+    low, high = 0.0, 1.0 / min(need)
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sequence_flops(table, tokens, kept(mid)) / full <= target else (low, mid)
+    return {i: k / tokens for i, k in kept(low).items()}
+
+
 # --- tasks -------------------------------------------------------------------------------------------
 def task_id(task: dict) -> str:
     return f"{task['variant']}@{task['level']}#s{task['seed']}"
@@ -455,27 +518,36 @@ def plan(model: nn.Module, scale: Scale, scores: dict, variants: list[str], seed
             if variant == "dense-adapt":
                 tasks.append({"variant": variant, "level": "1.00", "seed": seed})
                 continue
+            spec_of = VARIANTS[variant]
             for level, spec in levels(model, T).items():
                 task = {"variant": variant, "level": level, "seed": seed, "target_flops_ratio": spec["flops_ratio"]}
-                if variant in STATIC:
+                if spec_of.router in STATIC:
                     task["drop_count"] = spec["drop"]
                 else:
-                    router, placement = ROUTED[variant]
-                    routed = placement_layers(placement, layers, scores)
-                    capacity = solve_capacity(model, routed, spec["flops_ratio"], T,
-                                              router_extra_flops(model, router, routed, T))
+                    routed = placement_layers(spec_of.placement, layers, scores)
+                    if spec_of.capacities:
+                        capacities = solve_capacities(model, routed, layer_need(scores, spec_of.capacities, routed),
+                                                      spec["flops_ratio"], T)
+                        capacity = None if capacities is None else sum(capacities.values()) / len(capacities)
+                    else:
+                        capacities = None
+                        capacity = solve_capacity(model, routed, spec["flops_ratio"], T,
+                                                  router_extra_flops(model, spec_of.router, routed, T))
                     if capacity is None:
                         if seed == seeds[0]:
-                            notes.append(f"{variant} at {level}: routers on {placement} layers {routed} cannot reach "
-                                         f"FLOPs {spec['flops_ratio']:.3f} (the dense layers alone exceed it)")
+                            notes.append(f"{variant} at {level}: routers on {spec_of.placement} layers {routed} cannot "
+                                         f"reach FLOPs {spec['flops_ratio']:.3f} (the dense layers alone exceed it)")
                         continue
-                    task.update(router=router, placement=placement, routed_layers=routed, capacity=capacity)
+                    task.update(router=spec_of.router, placement=spec_of.placement, routed_layers=routed,
+                                capacity=capacity)
+                    if capacities:
+                        task["capacities"] = {str(i): c for i, c in capacities.items()}
                 tasks.append(task)
     return tasks, notes
 
 
 def static_drop(task: dict, scores: dict, layers: int) -> list[int]:
-    kind = task["variant"].removeprefix("layer-drop-")
+    kind = VARIANTS[task["variant"]].router.removeprefix("layer-drop-")
     if kind == "even":
         return evenly_spaced(task["drop_count"], layers)
     return most_redundant(scores[kind], task["drop_count"], lower_is_redundant=kind == "arank")
@@ -524,27 +596,35 @@ def run_task(task: dict, ctx: dict) -> dict:
     args, scale, dense, data, device = ctx["args"], ctx["scale"], ctx["dense"], ctx["data"], ctx["device"]
     layers = dense.config.num_hidden_layers
     out = Path(args.work) / "runs" / task_id(task).replace("@", "_").replace("#", "_")
+    variant = VARIANTS[task["variant"]]
+    options = recipe_options(variant, scale.adapt_steps)
     routing, drop = dict(EXACTLY_DENSE), None
-    if task["variant"] == "dense-adapt":
+    if variant.router == "dense-adapt":
         model = copy.deepcopy(dense)
-    elif task["variant"] in STATIC:
+    elif variant.router in STATIC:
         drop = static_drop(task, ctx["scores"], layers)
         model = remove_layers(dense, drop)
     else:
         model = copy.deepcopy(dense)
-        routing = {"router": task["router"], "capacity": task["capacity"],
-                   "layers": ",".join(map(str, task["routed_layers"]))}
+        kwargs = dict(variant.router_kwargs)
         if task["router"] == "threshold-p":
-            routing["router_kwargs"] = {"alpha": THRESHOLD_ALPHA, "target": task["capacity"]}
+            kwargs.update(alpha=THRESHOLD_ALPHA, target=task["capacity"])
         if task["router"] == "random":  # the control's choice of tokens varies with the seed too
-            routing["router_kwargs"] = {"seed": task["seed"]}
+            kwargs["seed"] = task["seed"]
+        routing = {"router": task["router"], "capacity": task["capacity"],
+                   "layers": ",".join(map(str, task["routed_layers"])), "router_kwargs": kwargs}
+        if task.get("capacities"):  # converted here, each layer's router given its own share
+            torch.manual_seed(task["seed"])
+            modadapt.convert(model, router=task["router"], capacity=task["capacity"], layers=task["routed_layers"],
+                             router_kwargs=kwargs)
+            for layer in modadapt.mod_layers(model):
+                layer.router.target_share = task["capacities"][str(layer.mod_state.index)]
     cfg = LMAdaptConfig(
         data=str(Path(args.data_dir) / "train.txt.gz"), valid_data=str(Path(args.data_dir) / "valid.txt.gz"),
         output=str(out), seq_len=scale.seq_len, batch_size=scale.adapt_batch, max_steps=scale.adapt_steps,
         lr=scale.adapt_lr, warmup_steps=scale.adapt_warmup, train="all",
         mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
-        eval_batch_size=scale.adapt_batch, progress=False, seed=task["seed"], **routing,
-        **RECIPE_OPTIONS.get(task["variant"], {}))
+        eval_batch_size=scale.adapt_batch, progress=False, seed=task["seed"], **routing, **options)
     if out.exists():
         import shutil
 
@@ -565,8 +645,9 @@ def run_task(task: dict, ctx: dict) -> dict:
         "train_loss_end": sum(summary["history"]["loss"][-10:]) / len(summary["history"]["loss"][-10:]), "target_flops_ratio": task.get("target_flops_ratio", 1.0),
         "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"], "jobs": args.jobs, "command": ctx["command"],
     }
+    record["recipe_options"] = options
     if drop is not None:
-        record.update(router=task["variant"], placement=",".join(map(str, drop)), dropped_layers=drop,
+        record.update(router=variant.router, placement=",".join(map(str, drop)), dropped_layers=drop,
                       flops_ratio=drop_ratio(dense, drop, scale.seq_len), kept_fraction=(layers - len(drop)) / layers)
     elif task["variant"] == "dense-adapt":
         record.update(router="dense-adapt", placement="-", flops_ratio=1.0, kept_fraction=1.0)
@@ -575,7 +656,7 @@ def run_task(task: dict, ctx: dict) -> dict:
         record.update(router=task["router"], placement=task["placement"], routed_layers=task["routed_layers"],
                       capacity=task["capacity"], flops_ratio=summary["flops_ratio"],
                       kept_fraction=sum(kept.values()) / len(kept), kept_fraction_per_layer=kept,
-                      router_kwargs=routing.get("router_kwargs", {}), recipe_options=RECIPE_OPTIONS.get(task["variant"], {}))
+                      router_kwargs=routing["router_kwargs"], capacities=task.get("capacities"))
     if task.get("router") in CAPACITY_ROUTERS:  # also the training-time top-k (not causal: perplexity only)
         record["valid_ppl_topk_routing"] = topk_routing_ppl(model, data["valid"], scale.adapt_batch, device)
     for name in ("checkpoint", "model"):  # 1.2 GB per run: a table of 60 runs would fill the disk
@@ -598,7 +679,7 @@ def merge_records(args: argparse.Namespace, work: Path) -> list[dict]:
     for path in sorted((work / "records").glob("*.json")):
         record = json.loads(path.read_text())
         records.setdefault(record_key(record), record)
-    order = {name: i for i, name in enumerate(["dense", "dense-adapt", *ROUTED, *STATIC])}
+    order = {name: i for i, name in enumerate(["dense", *VARIANTS])}
     return sorted(records.values(), key=lambda r: (r["level"], order.get(r["variant"], 99), r["seed"]))
 
 
@@ -633,7 +714,7 @@ def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
     out = []
     for level in LEVELS:
         learned = {v: s for (lv, v), s in table.items() if lv == level and s["router"] in LEARNED}
-        static = {v: s for (lv, v), s in table.items() if lv == level and v in STATIC}
+        static = {v: s for (lv, v), s in table.items() if lv == level and s["router"] in STATIC}
         if not learned or not static:
             continue
         for metric, label in (("valid_ppl", "valid"), ("ood_ppl", "ood")):
@@ -723,8 +804,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/modadapt-lm-scale", help="tokenizer, pretrained model, runs, records")
     p.add_argument("--out", help=f"JSON records (default {RESULTS.relative_to(ROOT.parent)}; --tiny: WORK/lm_quality_scale.json)")
     p.add_argument("--tiny", action="store_true", help="tiny model and budget on slices of the text (CPU, the tests)")
-    p.add_argument("--variants", default="all", help="comma list (default: all): dense-adapt, "
-                   f"{', '.join(ROUTED)}, {', '.join(STATIC)}")
+    p.add_argument("--variants", default="all", help=f"comma list (default: all): {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="adaptation seeds (the pretrained model is one)")
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
     p.add_argument("--jobs", type=int, default=1, help="adaptations run at once (processes on one device)")
@@ -800,7 +880,7 @@ def main(argv=None) -> list[dict]:
     start = time.time()
     ctx = context(args, command)
     work, scale, dense = ctx["work"], ctx["scale"], ctx["dense"]
-    known = ["dense-adapt", *ROUTED, *STATIC]
+    known = list(VARIANTS)
     variants = known if args.variants == "all" else args.variants.split(",")
     unknown = sorted(set(variants) - set(known))
     if unknown:

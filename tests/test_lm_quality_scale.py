@@ -78,7 +78,7 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     assert json.loads((work / "lm_quality_scale.json").read_text()) == both
     planned, notes = bench.plan(bench.build_dense(bench.TINY, 0), bench.TINY,
                                 json.loads((work / "layer_scores.json").read_text()),
-                                ["dense-adapt", *bench.ROUTED, *bench.STATIC], [0, 1])
+                                list(bench.VARIANTS), [0, 1])
     assert sorted(bench.task_id(t) for t in planned) == sorted(bench.task_id(r) for r in both[1:])
     assert {bench.task_id(r) for r in first} <= {bench.task_id(r) for r in both}  # seed 0 kept, not rerun
     assert {r["seed"] for r in both[1:]} == {0, 1} and both[0]["variant"] == "dense"
@@ -93,8 +93,15 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     assert all(r["adapt_tokens"] == bench.TINY.adapt_steps * bench.TINY.adapt_batch * bench.TINY.seq_len for r in adapted)
     levels = bench.levels(bench.build_dense(bench.TINY, 0), bench.TINY.seq_len)
     for r in adapted:
-        if r["variant"] in bench.STATIC:
+        if r["router"] in bench.STATIC:
             assert len(r["dropped_layers"]) == levels[r["level"]]["drop"] and r["layers"] == 6 - len(r["dropped_layers"])
+    by = {bench.task_id(r): r for r in both}
+    assert by["topk-warmup@0.70#s0"]["recipe_options"] == {"capacity_warmup": 1}  # half of 2 steps
+    assert by["topk-routers-first@0.70#s0"]["recipe_options"] == {"router_steps": 1}
+    assert by["topk-distill@0.70#s0"]["recipe_options"] == {"distill": 1.0}
+    assert by["topk-tanh@0.70#s0"]["router_kwargs"] == {"gate": "tanh"}
+    capacities = by["topk-all-capacities-cosine@0.55#s0"]["capacities"]
+    assert len(set(capacities.values())) > 1 and by["topk-all@0.55#s0"].get("capacities") is None
     table = (work / "lm_quality_scale.md").read_text()
     assert "## FLOPs level 0.70" in table and "## FLOPs level 0.55" in table and "## Goals" in table
     assert "| layer-drop-cosine | layer-drop-cosine |" in table and "| 2 |" in table  # two seeds aggregated
@@ -105,13 +112,13 @@ def test_static_baselines_drop_the_layers_their_metric_ranks(bench, tiny_run):
     work, _, both = tiny_run
     scores = json.loads((work / "layer_scores.json").read_text())
     for r in both:
-        if r["variant"] == "layer-drop-cosine":  # ShortGPT: the most similar input and output
+        if r["router"] == "layer-drop-cosine":  # ShortGPT: the most similar input and output
             count = len(r["dropped_layers"])
             assert r["dropped_layers"] == sorted(sorted(range(1, 6), key=lambda i: -scores["cosine"][i])[:count])
-        if r["variant"] == "layer-drop-arank":
+        if r["router"] == "layer-drop-arank":
             count = len(r["dropped_layers"])
             assert r["dropped_layers"] == sorted(sorted(range(1, 6), key=lambda i: scores["arank"][i])[:count])
-        if r["variant"] == "layer-drop-even":
+        if r["router"] == "layer-drop-even":
             assert r["dropped_layers"] == bench.evenly_spaced(len(r["dropped_layers"]), 6)
     assert bench.evenly_spaced(6, 12) == [1, 3, 5, 7, 9, 11] and bench.evenly_spaced(4, 12) == [2, 5, 7, 10]
 
@@ -145,6 +152,17 @@ def test_flops_ratios_agree_with_a_direct_count(bench):
     bigger = bench.sequence_flops(bench.dense_table(dense, routed), T, {i: round(capacity * T) + 1 for i in routed})
     assert bigger / bench.sequence_flops(bench.flops_table(dense), T) > 0.7
     assert bench.solve_capacity(dense, routed, 0.3, T) is None
+    # per-layer capacities in proportion to need, the same count
+    need = [0.1, 0.3, 0.2]
+    capacities = bench.solve_capacities(dense, routed, need, 0.7, T)
+    assert capacities[1] < capacities[5] < capacities[3]
+    for i, layer in zip(routed, modadapt.mod_layers(converted)):
+        layer.router.target_share = capacities[i]
+    kept = {i: round(c * T) for i, c in capacities.items()}
+    formula = bench.sequence_flops(bench.dense_table(dense, routed), T, kept)
+    assert formula / bench.sequence_flops(bench.flops_table(dense), T) <= 0.7
+    assert formula * 2 == pytest.approx(counted_flops(converted, tokens), rel=1e-9)
+    assert bench.solve_capacities(dense, routed, need, 0.3, T) is None
 
 
 def test_goals_are_judged_from_means_and_spreads(bench):
