@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modadapt.recipes.lm_adapt import (LMAdaptConfig, evaluate, flops_table, pack, read_corpus, run,
-                                       sequence_flops, tokenize)
+from modadapt.metrics.flops import flops_table, sequence_flops
+from modadapt.recipes.lm_adapt import LMAdaptConfig, evaluate, pack, read_corpus, run, tokenize
 from modadapt.routers.base import kept_count
 
 ROOT = Path(__file__).resolve().parent

@@ -9,7 +9,7 @@
    stops (``--new-pretrained`` records a new model instead).
 3. **Compute levels**: the FLOPs per token of the model with 4 and with 6 of its 12 layers deleted
    (about 0.70 and 0.55 of dense). Every variant at a level is sized to those FLOPs: a router's
-   capacity is solved from the FLOPs model (`modadapt.recipes.lm_adapt.sequence_flops`), the
+   capacity is solved from the FLOPs model (`modadapt.metrics.flops.sequence_flops`), the
    static baselines delete that many whole layers.
 4. **Variants**, each adapted by the `lm-adapt` recipe with one budget (steps, batch, learning
    rate schedule, data order, everything trains): learned routers ``topk``, ``threshold-p``,
@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT))
 from layer_drop import evenly_spaced, most_redundant, remove_layers  # noqa: E402
 
 import modadapt  # noqa: E402
-from modadapt.recipes.lm_adapt import (LMAdaptConfig, evaluate, flops_table, pack, run,  # noqa: E402
-                                       sequence_flops, tokenize)
+from modadapt.metrics.flops import flops_table, sequence_flops  # noqa: E402
+from modadapt.recipes.lm_adapt import LMAdaptConfig, evaluate, pack, run, tokenize  # noqa: E402
 from modadapt.recipes.training import lr_schedule  # noqa: E402
 from modadapt.routers.base import kept_count  # noqa: E402
 

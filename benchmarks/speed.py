@@ -42,7 +42,8 @@ import modadapt
 from modadapt import varlen
 from modadapt.masks import subset_attention_mask
 from modadapt.mod_layer import can_pack
-from modadapt.routers.base import RoutingContext
+from modadapt.metrics.flops import processing_flops, sequence_flops
+from modadapt.routers.base import RoutingContext, kept_count
 
 # --------------------------------------------------------------------------------------------
 # Sizes. Goals are the issue's (measured speedup >= goal); the tiny size keeps them for the table.
@@ -249,24 +250,25 @@ class Shape:
         )
 
 
+def shape_table(s: Shape) -> dict:
+    """`modadapt.metrics.flops`'s table for a model of this shape: one counting model for every
+    FLOPs figure (attention as the whole square, as the library and the flop counter count it)."""
+    weights = s.D * (2 * s.D + 2 * s.kv) + 3 * s.D * s.I
+    layers = [{"weights": weights, "width": s.D, "router": s.D if i in s.mod_layers else None} for i in range(s.L)]
+    return {"layers": layers, "head": s.V * s.D}
+
+
 def layer_flops(s: Shape, B: int, T: int, kept: float = 1.0) -> float:
-    """Forward FLOPs of one decoder layer on B rows of T tokens, `kept` of them processed:
-    attention projections, causal attention scores (QK^T and AV over half the square), MLP."""
-    t = kept * T
-    proj = 2 * B * t * s.D * (2 * s.D + 2 * s.kv)
-    scores = 2 * B * t * t * s.D
-    mlp = 2 * B * t * 3 * s.D * s.I
-    return proj + scores + mlp
+    """Forward FLOPs of one decoder layer on B rows of T tokens, `kept` of them processed."""
+    row = shape_table(s)["layers"][0]
+    return B * processing_flops(kept_count(kept, T), row["weights"], row["width"])
 
 
 def model_flops(s: Shape, B: int, T: int, kept: float | None, logits_tokens: int) -> float:
-    total = 2 * B * logits_tokens * s.D * s.V
-    for i in range(s.L):
-        if kept is not None and i in s.mod_layers:
-            total += layer_flops(s, B, T, kept) + 2 * B * T * s.D  # + router score
-        else:
-            total += layer_flops(s, B, T)
-    return total
+    """Forward FLOPs of B rows of T tokens, MoD layers keeping `kept` (None: dense), the head
+    scoring `logits_tokens` of each row."""
+    mod = None if kept is None else {i: kept_count(kept, T) for i in s.mod_layers}
+    return B * sequence_flops(shape_table(s), T, mod, head_tokens=logits_tokens)
 
 
 def decode_bytes(s: Shape, B: int, context: int, new: int, kept: float | None, elt: int) -> float:

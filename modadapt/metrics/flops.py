@@ -1,11 +1,13 @@
-"""Per-layer forward FLOPs of a dense layer and of its MoD version, by an explicit formula.
+"""One FLOPs model for every count modadapt reports: recipes, `analyze`, `eval` and the benchmarks.
 
-For a layer on `T` tokens: `2·T·P` for its matrix multiplications (`P`: weights of its linear
-layers, GPT-2's `Conv1D` included) plus `4·T²·W` for attention scores and the weighted sum of values
-(`W`: heads × head dim; the full square, as a dense kernel computes it). A MoD layer at capacity
-`c` runs the same on `k = ceil(c·T)` tokens plus its router's `2·T·D` scoring. Norms, activations
-and softmax are left out (they are a few percent). `torch.utils.flop_counter` is not used because
-on CPU it counts fused attention as zero.
+A layer on `n` tokens costs `2·n·P` for its matrix multiplications (`P`: weights of its linear
+layers, GPT-2's `Conv1D` included) plus `4·n²·W` for attention scores and the weighted sum of
+values (`W`: heads × head dim; the whole square, as a dense kernel and torch's flop counter with
+eager attention count it). A MoD layer runs that on its kept tokens (`ceil(c·T)` at capacity `c`)
+plus its router's `2·T·R` scoring of all `T` tokens (`R`: the router's matrix weights); a router
+that does more reports it through `Router.extra_flops()`. A language model's head costs `2·V·D`
+per token it scores. Norms, activations, softmax and RoPE are left out (a few percent).
+`torch.utils.flop_counter` is not used because on CPU it counts fused attention as zero.
 """
 
 from __future__ import annotations
@@ -35,12 +37,51 @@ def attention_width(model: nn.Module, layer: nn.Module) -> int:
     return heads * head_dim
 
 
+def processing_flops(tokens: int, weights: int, width: int) -> int:
+    """Forward FLOPs of a layer with `weights` linear weights and attention width `width` on
+    `tokens` tokens: the formula every count below is made of."""
+    return 2 * tokens * weights + 4 * tokens * tokens * width
+
+
 def layer_flops(weights: int, width: int, hidden: int, tokens: int, capacity: float | None = None) -> int:
-    """Forward FLOPs of one layer on `tokens` tokens; with `capacity`, of its MoD version."""
+    """Forward FLOPs of one layer on `tokens` tokens; with `capacity`, of its MoD version (a
+    linear router of `hidden` weights)."""
     if capacity is None:
-        return 2 * tokens * weights + 4 * tokens * tokens * width
-    kept = kept_count(capacity, tokens)
-    return 2 * kept * weights + 4 * kept * kept * width + 2 * tokens * hidden
+        return processing_flops(tokens, weights, width)
+    return processing_flops(kept_count(capacity, tokens), weights, width) + 2 * tokens * hidden
+
+
+def flops_table(model: nn.Module) -> dict:
+    """What `sequence_flops` needs of a (converted or dense) model: per layer its linear weights
+    (a router's own excluded), attention width and its router's matrix weights (None: not
+    converted); the LM head's weights (0 for models without one)."""
+    from ..convert import mod_layers
+    from ..mod_layer import state_of
+    from .layer_stack import find_layers
+
+    routers = {}
+    if state_of(model) is not None:
+        for layer in mod_layers(model):
+            routers[layer.mod_state.index] = sum(p.numel() for p in layer.router.parameters() if p.dim() >= 2)
+    rows = []
+    for index, layer in enumerate(find_layers(model)):
+        weights = linear_weights(layer) - (linear_weights(layer.router) if index in routers else 0)
+        rows.append({"weights": weights, "width": attention_width(model, layer), "router": routers.get(index)})
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {"layers": rows, "head": head.weight.numel() if head is not None else 0}
+
+
+def sequence_flops(table: dict, tokens: int, kept: dict[int, int] | None = None, head_tokens: int | None = None) -> int:
+    """Forward FLOPs of one sequence of `tokens` tokens: each layer on `kept[i]` tokens where
+    `kept` names it (plus its router's scoring of all tokens), else on all of them, and the head
+    on `head_tokens` (default: all). `kept=None` is the dense model."""
+    total = 2 * (tokens if head_tokens is None else head_tokens) * table["head"]
+    for index, row in enumerate(table["layers"]):
+        routed = kept is not None and index in kept
+        total += processing_flops(kept[index] if routed else tokens, row["weights"], row["width"])
+        if routed and row["router"] is not None:
+            total += 2 * tokens * row["router"]
+    return total
 
 
 def model_layer_flops(

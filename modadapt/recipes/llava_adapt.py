@@ -281,22 +281,14 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
 
 
 def lm_flops(model: nn.Module, tokens: int, kept: dict[str, float]) -> dict:
-    """Language-model layer FLOPs per sample of `tokens` tokens: dense, and MoD at the measured
-    kept fraction of each converted layer (`modadapt.metrics.flops`'s formula)."""
-    from ..mod_layer import state_of
-    from ..metrics.flops import attention_width, layer_flops, linear_weights
+    """Language-model layer FLOPs per sample of `tokens` tokens (the head left out): dense, and MoD
+    at the measured kept fraction of each converted layer (`modadapt.metrics.flops`)."""
+    from ..metrics.flops import flops_table, sequence_flops
+    from ..routers.base import kept_count
 
-    state = state_of(model)
-    _, layers = state.adapter.layer_stack(model)
-    hidden = state.adapter.hidden_size(model)
-    dense = mod = 0
-    for index, layer in enumerate(layers):
-        weights = linear_weights(layer) - (linear_weights(layer.router) if index in state.layer_indices else 0)
-        width = attention_width(model, layer)
-        full = layer_flops(weights, width, hidden, tokens)
-        dense += full
-        fraction = kept.get(str(index))
-        mod += full if fraction is None else layer_flops(weights, width, hidden, tokens, max(fraction, 1e-9))
+    table = {**flops_table(model), "head": 0}
+    dense = sequence_flops(table, tokens)
+    mod = sequence_flops(table, tokens, {int(i): kept_count(max(f, 1e-9), tokens) for i, f in kept.items()})
     return {"dense": dense, "mod": mod, "ratio": mod / dense, "tokens": tokens}
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModAdaptError
+from ..metrics.flops import flops_table, sequence_flops
 from ..mod_layer import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
 from .schedule import AdaptationSchedule
@@ -330,41 +331,6 @@ def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
 
 def model_router_name(model: nn.Module) -> str:
     return state_of(model).config.router
-
-
-# --- FLOPs ------------------------------------------------------------------------------------------
-def flops_table(model: nn.Module) -> dict:
-    """What the FLOPs formula needs: per layer its linear weights and attention width; the LM
-    head's weights; per MoD layer its router's matrix weights (converted or dense model)."""
-    from ..metrics.flops import attention_width, linear_weights
-    from ..metrics.layer_stack import find_layers
-    from ..convert import mod_layers
-
-    layers = find_layers(model)
-    routers = {}
-    if state_of(model) is not None:
-        for layer in mod_layers(model):
-            routers[layer.mod_state.index] = sum(p.numel() for p in layer.router.parameters() if p.dim() >= 2)
-    rows = []
-    for index, layer in enumerate(layers):  # a router's own linear maps are counted as the router's
-        weights = linear_weights(layer) - (linear_weights(layer.router) if index in routers else 0)
-        rows.append({"weights": weights, "width": attention_width(model, layer), "router": routers.get(index)})
-    return {"layers": rows, "head": model.get_output_embeddings().weight.numel()}
-
-
-def sequence_flops(table: dict, tokens: int, kept: dict[int, int] | None = None) -> int:
-    """Forward FLOPs of one sequence of `tokens` tokens: `2·n·P + 4·n²·W` per layer (`n` = tokens it
-    processes: `kept[i]` at MoD layer i, else all), `2·T·R` per router of a layer in `kept` (R: its
-    matrix weights), and `2·T·V·D` for the LM head. `kept=None` is the dense model. Matches a
-    direct count with eager attention (see `metrics/flops.py` for what is left out)."""
-    total = 2 * tokens * table["head"]
-    for index, row in enumerate(table["layers"]):
-        routed = kept is not None and index in kept
-        n = kept[index] if routed else tokens
-        total += 2 * n * row["weights"] + 4 * n * n * row["width"]
-        if routed and row["router"] is not None:
-            total += 2 * tokens * row["router"]
-    return total
 
 
 # --- evaluation -------------------------------------------------------------------------------------
