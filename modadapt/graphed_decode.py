@@ -12,7 +12,7 @@ _NEW_HOMES = {
 _RENAMED = {
     "_KeyLengths": "modadapt.decoding.static_cache:KeyLengths",
     "_StaticCache": "modadapt.decoding.static_cache:StaticCache",
-    "_static_decode_attention": "modadapt.decoding.static_cache:static_decode_attention",
+    "_static_decode_attention": "modadapt.adapters.hf.attention:static_decode_attention",
 }
 
 __getattr__ = moved_names(__name__, {**{name: f"{module}:{name}" for module, names in _NEW_HOMES.items()

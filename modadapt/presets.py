@@ -40,7 +40,7 @@ def _gpt2() -> nn.Module:
 
 
 def _tiny_vit() -> nn.Module:
-    from .adapters.timm_vit import create_model
+    from .adapters.timm import create_model
 
     # 32x32 RGB, 4x4 patches: 64 patch tokens + a class token; 10 classes (e.g. upsampled digits).
     return create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,

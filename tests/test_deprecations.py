@@ -13,6 +13,11 @@ MOVED = [
     ("modadapt.graphed_decode", "GraphedDecoder", "modadapt.decoding"),
     ("modadapt.graphed_decode", "Sampling", "modadapt.decoding"),
     ("modadapt.graphed_decode", "flash_key", "modadapt.decoding.static_cache"),
+    ("modadapt.adapters.hf_decoder", "HFDecoderAdapter", "modadapt.adapters.hf.decoder"),
+    ("modadapt.adapters.llava", "role_stats", "modadapt.adapters.hf.llava"),
+    ("modadapt.adapters.timm_vit", "create_model", "modadapt.adapters.timm.vit"),
+    ("modadapt.kv_cache", "mod_cache_layer", "modadapt.adapters.hf.kv_cache"),
+    ("modadapt.varlen", "transformers_varlen_attention", "modadapt.adapters.hf.attention"),
 ]
 
 

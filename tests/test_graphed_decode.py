@@ -135,7 +135,8 @@ def test_graphed_decoder_sigmoid_gate(batch, tiny, ids, randomize_routers):
 
 
 def test_static_attention_reads_only_used_slots():
-    from modadapt.decoding.static_cache import KeyLengths, static_decode_attention
+    from modadapt.adapters.hf.attention import static_decode_attention
+    from modadapt.decoding.static_cache import KeyLengths
 
     gen = torch.Generator().manual_seed(0)
     B, H, Hk, d, cap = 3, 4, 2, 8, 16

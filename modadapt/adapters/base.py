@@ -129,6 +129,15 @@ class Adapter:
 
         raise ModAdaptError(f"adapter {self.name!r} cannot observe attention maps.")
 
+    def mod_cache_layer(self, cache: Any, layer_index: int) -> Any:
+        """The KV-cache layer of MoD layer `layer_index` in `cache` (the layer's `cache` argument),
+        given the bookkeeping a MoD layer keeps beside its K/V (see `adapters.hf.kv_cache`):
+        `mod_seen`, `mod_past`, `mod_record`, ... Only called for layers whose `LayerCall` names a
+        cache argument; a family without a KV cache needs nothing here."""
+        from ..errors import ModAdaptError
+
+        raise ModAdaptError(f"adapter {self.name!r} keeps no KV cache for MoD layers.")
+
     def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any] | None:
         """Keyword arguments of a small random forward of `model` (token ids of about `length`
         tokens, images, ...), from which the conformance kits (`modadapt.testing`) check any

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.hf_decoder import HFDecoderAdapter, use_attention
+from ..adapters.hf.attention import STATIC_ATTENTION, register_attention_functions, use_attention
+from ..adapters.hf.decoder import HFDecoderAdapter
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from .sampling import Sampling, next_token
-from .static_cache import STATIC_ATTENTION, register_static_attention
 from .step import BRANCHES, DecodeStep, StepLayer, conditional_nodes_available
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
@@ -84,7 +84,7 @@ class GraphedDecoder:
         self._versions: tuple | None = None  # the router tensors' versions the captured steps saw
         self._steps: dict[tuple, DecodeStep] = {}
         self.last_step: DecodeStep | None = None
-        register_static_attention()
+        register_attention_functions()
 
     def reset(self) -> None:
         """Drop every captured step (the next `prefill` captures afresh)."""

@@ -4,20 +4,18 @@ A captured CUDA graph needs buffers of fixed size; a MoD layer's rows keep diffe
 tokens. So each layer holds each row's kept tokens' K/V in slots `[0, length)` of a buffer
 `[B, capacity, Hk, d]`, `update` writes a row's new K/V at that row's length, and attention reads
 only each row's used slots (flash attention with per-row used lengths on CUDA; elsewhere a
-length mask, over buffers that start zeroed).
+length mask, over buffers that start zeroed). The model family's attention function hands its
+query and the buffers to `static_cache_attention`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ModAdaptError
-
-#: Name of the transformers attention function used by the decode step.
+#: Name under which the adapter registers the decode step's attention (transformers: `adapters.hf.attention`).
 STATIC_ATTENTION = "modadapt_static_decode"
 _FLASH: dict[tuple, bool] = {}  # per (device, dtype, head size): whether flash with used lengths ran
 
@@ -56,25 +54,22 @@ def flash_key(query: torch.Tensor) -> tuple:
     return (str(query.device), query.dtype, query.shape[-1])
 
 
-def static_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                            is_causal=None, **kwargs):
-    """One query token per row against the static cache `[B, capacity, Hk, d]`, reading each
-    row's used slots only. Returns `([B, 1, H, d], None)` like transformers' SDPA function."""
-    lengths: KeyLengths = attention_mask
-    B, H, T, d = query.shape
+def static_cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: KeyLengths,
+                           scale: float | None) -> torch.Tensor:
+    """One query token per row (`[B, H, 1, d]`) against the static cache `[B, capacity, Hk, d]`,
+    reading each row's used slots only; returns `[B, 1, H, d]`."""
+    B, H, _, d = query.shape
     _, capacity, Hk, _ = key.shape
-    if T != 1 or not isinstance(lengths, KeyLengths):
-        raise ModAdaptError(f"{STATIC_ATTENTION} attention only runs GraphedDecoder's decode steps.")
     q = query.transpose(1, 2).reshape(B, H, d)
     flash = flash_key(query)
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _FLASH.get(flash) is not False:
         try:
             out = torch.ops.aten._flash_attention_forward(
                 q, key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d), lengths.cu_q, lengths.cu_k,
-                1, capacity, 0.0, False, False, scale=scaling, seqused_k=lengths.used,
+                1, capacity, 0.0, False, False, scale=scale, seqused_k=lengths.used,
             )[0]
             _FLASH[flash] = True
-            return out.view(B, 1, H, d), None
+            return out.view(B, 1, H, d)
         except (RuntimeError, TypeError):
             if _FLASH.get(flash):  # it ran before on such tensors: this is a real error
                 raise
@@ -82,13 +77,6 @@ def static_decode_attention(module, query, key, value, attention_mask, dropout=0
     # The query heads of each K/V head go as that head's queries: no repeat_kv copy of the cache.
     out = F.scaled_dot_product_attention(
         q.view(B, Hk, H // Hk, d), key.transpose(1, 2), value.transpose(1, 2),
-        attn_mask=lengths.mask(capacity), scale=scaling,
+        attn_mask=lengths.mask(capacity), scale=scale,
     )
-    return out.reshape(B, 1, H, d), None
-
-
-@functools.cache
-def register_static_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(STATIC_ATTENTION, static_decode_attention)
+    return out.reshape(B, 1, H, d)

@@ -184,7 +184,7 @@ def image_batches(
     """
     from timm.data import create_transform, resolve_data_config
 
-    from ..adapters.timm_vit import input_size
+    from ..adapters.timm import input_size
 
     size = input_size(model)
     config = resolve_data_config({"input_size": size}, model=model)
