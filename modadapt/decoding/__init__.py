@@ -25,9 +25,11 @@ One concept per module: `static_cache` (the buffers and the attention that reads
 `sampling` (token choice inside a graph), `step` (a step's pieces, capture and replay per branch
 mode), `decoder` (`GraphedDecoder`: prefill, decode, generate).
 
-Supported: Llama-style decoders (token embedding, rotary embedding, final norm: Llama, Mistral,
-Qwen2/3, Phi-3) without a sliding window in reach, and routers marked `graphable` (all built-in
-ones but attention routing, which reads the previous layer's attention map).
+What a family must provide (embedding, rotary embedding, final norm, head, the prompt's cache,
+the attention that reads the static cache) comes from its adapter (`Adapter.decode_parts`), so
+this package knows no model family. Supported: Llama-style decoders (`adapters.hf`: Llama,
+Mistral, Qwen2/3, Phi-3) without a sliding window in reach, and routers marked `graphable` (all
+built-in ones but attention routing, which reads the previous layer's attention map).
 """
 
 from .decoder import BUCKET, CHECK_EVERY, GraphedDecoder

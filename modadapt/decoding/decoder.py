@@ -11,25 +11,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.hf.attention import STATIC_ATTENTION, register_attention_functions, use_attention
-from ..adapters.hf.decoder import HFDecoderAdapter
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
+from ..plugins import find_adapter
 from .sampling import Sampling, next_token
 from .step import BRANCHES, DecodeStep, StepLayer, conditional_nodes_available
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
 BUCKET = 128
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _MAX_STEPS = 4  # captured steps kept per decoder (each holds its buffers)
 #: `generate` checks whether every row has ended once per this many steps (a host sync).
 CHECK_EVERY = 32
 
 
 class GraphedDecoder:
-    """Generation (greedy or sampled) for a Llama-style model, dense or converted, with a
-    static, per-row compacted KV cache; on CUDA each decode step replays captured CUDA graphs
-    (see `modadapt.decoding`).
+    """Generation (greedy or sampled) for a model whose adapter provides `decode_parts` (built in:
+    Llama-style decoders), dense or converted, with a static, per-row compacted KV cache; on CUDA
+    each decode step replays captured CUDA graphs (see `modadapt.decoding`).
 
     Greedy, `generate` gives the tokens `model.generate(..., do_sample=False)` gives, up to kernel
     rounding. `cuda_graphs=False` (the default off CUDA) runs the same pieces eagerly. A captured
@@ -39,42 +37,31 @@ class GraphedDecoder:
     """
 
     def __init__(self, model: nn.Module, cuda_graphs: bool | None = None, branches: str = "auto"):
-        config = model.config.get_text_config(decoder=True)
-        if getattr(config, "model_type", None) not in _FAMILIES or not hasattr(model, "get_decoder"):
-            raise ModAdaptError(
-                f"graphed decoding supports {', '.join(_FAMILIES)} decoders, not "
-                f"{getattr(config, 'model_type', type(model).__name__)!r}."
-            )
+        state = state_of(model)
+        adapter = state.adapter if state is not None else find_adapter(model)
+        parts = adapter.decode_parts(model)
         if branches not in BRANCHES:
             raise ModAdaptError(f"branches must be one of {', '.join(BRANCHES)}, got {branches!r}")
         if branches == "conditional" and not conditional_nodes_available():
             raise ModAdaptError("this torch has no CUDA graph conditional nodes; use branches='host' or 'auto'.")
-        decoder = model.get_decoder()
-        for part in ("embed_tokens", "rotary_emb", "norm", "layers"):
-            if not hasattr(decoder, part):
-                raise ModAdaptError(f"{type(decoder).__name__} has no {part!r}: not a Llama-style decoder.")
-        self.model, self.config, self.branches = model, config, branches
+        self.model, self.parts, self.branches = model, parts, branches
         self.params = next(model.parameters())
         self.cuda_graphs = self.params.is_cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not self.params.is_cuda:
             raise ModAdaptError("cuda_graphs=True needs the model on a CUDA device.")
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        self.embed, self.norm, self.rotary = decoder.embed_tokens, decoder.norm, decoder.rotary_emb
-        self.head = model.get_output_embeddings()
-        state = state_of(model)
-        adapter = state.adapter if state is not None else HFDecoderAdapter()
+        self.kv_heads, self.head_dim, self.window = parts.kv_heads, parts.head_dim, parts.window
+        self.embed, self.norm, self.rotary, self.head = parts.embed, parts.norm, parts.rotary, parts.head
+        _, stack = adapter.layer_stack(model)
         mod = set(state.layer_indices) if state is not None else set()
         for i in sorted(mod):
-            router = decoder.layers[i].router
+            router = stack[i].router
             if not router.graphable:
                 raise ModAdaptError(
                     f"router {router.name!r} (layer {i}) cannot run inside a captured decode step; decode with "
                     "model.generate instead."
                 )
         self.layers = []
-        for i, layer in enumerate(decoder.layers):
+        for i, layer in enumerate(stack):
             names = layer.mod_state.call if i in mod else adapter.layer_call(model, layer, i)
             forward = getattr(type(layer), "_mod_original", type(layer)).forward
             self.layers.append(StepLayer(layer, forward, names, i in mod))
@@ -84,7 +71,6 @@ class GraphedDecoder:
         self._versions: tuple | None = None  # the router tensors' versions the captured steps saw
         self._steps: dict[tuple, DecodeStep] = {}
         self.last_step: DecodeStep | None = None
-        register_attention_functions()
 
     def reset(self) -> None:
         """Drop every captured step (the next `prefill` captures afresh)."""
@@ -92,7 +78,7 @@ class GraphedDecoder:
         self.last_step = None
 
     def branches_for(self, batch: int) -> str:
-        """The branch mode used at `batch` (see the module docs)."""
+        """The branch mode used at `batch` (see `modadapt.decoding`)."""
         if self.branches != "auto":
             return self.branches
         if conditional_nodes_available():
@@ -151,8 +137,6 @@ class GraphedDecoder:
                 sampling: Sampling | None = None) -> DecodeStep:
         """Run the prompt eagerly, copy its cache into the static buffers of a (captured) step
         sized for `max_new_tokens`, and leave the first new token in the step's `token`."""
-        from transformers import DynamicCache
-
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ModAdaptError(f"input_ids must be [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -173,11 +157,9 @@ class GraphedDecoder:
                 f"({S + max_new_tokens}); graphed decoding has no windowed cache."
             )
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        first = next_token(out.logits[:, -1], sampling)
-        stored = [self._compacted(cache.layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
+        logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+        first = next_token(logits, sampling)
+        stored = [self._compacted(cache_layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
         capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
         versions = tuple((id(t), t._version) for t in self._router_tensors)
         if versions != self._versions:  # routers changed: cut-offs resolved at capture may be stale
@@ -213,7 +195,7 @@ class GraphedDecoder:
                 f"{steps} more do not fit."
             )
         step.steps_done += steps
-        with self._attention():
+        with self.parts.static_attention():
             for _ in range(steps):
                 if step.graphs is not None:
                     step.replay()
@@ -231,9 +213,6 @@ class GraphedDecoder:
         return allocated, used
 
     # --- internals ----------------------------------------------------------------------------
-    def _attention(self):
-        return use_attention(self.config, STATIC_ATTENTION)
-
     def _compacted(self, layer, mod: bool, real: torch.Tensor):
         """(keys, values `[B, Hk, n, d]`, per-row counts `[B]`) of one prompt cache layer, each
         row's stored real slots moved to the front (left padding and filler slots dropped)."""
@@ -261,7 +240,7 @@ class GraphedDecoder:
         step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling)
         if self.cuda_graphs:
             try:
-                with self._attention():
+                with self.parts.static_attention():
                     step.capture()
             except RuntimeError as error:
                 raise ModAdaptError(

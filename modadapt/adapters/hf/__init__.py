@@ -1,8 +1,8 @@
 """Hugging Face transformers families: everything modadapt knows about transformers models.
 
 `decoder` (decoder-only LLMs), `llava` (LLaVA vision-language models, on the decoder machinery),
-`kv_cache` (MoD bookkeeping inside transformers' cache layers) and `attention` (the attention
-functions registered with transformers).
+`kv_cache` (MoD bookkeeping inside transformers' cache layers), `attention` (the attention
+functions registered with transformers) and `presets` (a tiny offline model of each family).
 """
 
 from .decoder import TESTED_FAMILIES, HFDecoderAdapter

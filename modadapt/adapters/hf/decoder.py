@@ -16,12 +16,20 @@ from torch import nn
 
 from ...attention_probe import AttentionProbe
 from ...errors import ModAdaptError
-from ..base import Adapter, LayerCall, TokenRoles
-from .attention import PROBE_ATTENTION, VARLEN_ATTENTION, register_attention_functions, use_attention
+from ..base import Adapter, DecodeParts, LayerCall, TokenRoles
+from .attention import (
+    PROBE_ATTENTION,
+    STATIC_ATTENTION,
+    VARLEN_ATTENTION,
+    register_attention_functions,
+    use_attention,
+)
 from .kv_cache import mod_cache_layer
 
 #: Families converted, trained and generated with in the test suite.
 TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
+#: Llama-style families (token embedding, rotary embedding, final norm) `GraphedDecoder` runs.
+GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -100,6 +108,41 @@ class HFDecoderAdapter(Adapter):
         """The transformers cache layer of MoD layer `layer_index`, with its bookkeeping (`kv_cache`)."""
         return mod_cache_layer(cache, layer_index)
 
+    def decode_parts(self, model: nn.Module) -> DecodeParts:
+        """The decoder's token embedding, rotary embedding and final norm, the LM head, and the
+        attention shape of a `GRAPHED_FAMILIES` model (or its language model's)."""
+        config = model.config.get_text_config(decoder=True)
+        if getattr(config, "model_type", None) not in GRAPHED_FAMILIES or not hasattr(model, "get_decoder"):
+            raise ModAdaptError(
+                f"graphed decoding supports {', '.join(GRAPHED_FAMILIES)} decoders, not "
+                f"{getattr(config, 'model_type', type(model).__name__)!r}."
+            )
+        decoder = model.get_decoder()
+        for part in ("embed_tokens", "rotary_emb", "norm", "layers"):
+            if not hasattr(decoder, part):
+                raise ModAdaptError(f"{type(decoder).__name__} has no {part!r}: not a Llama-style decoder.")
+        register_attention_functions()
+        return DecodeParts(
+            embed=decoder.embed_tokens,
+            rotary=decoder.rotary_emb,
+            norm=decoder.norm,
+            head=model.get_output_embeddings(),
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            window=getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None,
+            static_attention=functools.partial(use_attention, config, STATIC_ATTENTION),
+            prefill=functools.partial(_prefill, model),
+        )
+
+    def calibration_kind(self, model: nn.Module) -> str:
+        return "text"
+
+    def is_linear_map(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+    def transposed_linear_weights(self, model: nn.Module) -> bool:
+        return any(_is_conv1d(m) for m in model.modules())
+
     def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any]:
         """Random token ids in [1, vocab): 0 is left for padding."""
         vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -166,6 +209,22 @@ class _DetachProbe:
             attn._modadapt_probes = [t for t in attn._modadapt_probes if t[0] is not self.probe]
         if not any(getattr(m, "_modadapt_probes", None) for m in self.stack.modules()):
             self.model.config._attn_implementation = "sdpa"
+
+
+def _prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             position_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The prompt through the model with a fresh `DynamicCache`: the last logits and its layers."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], cache.layers
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2): a linear map whose weight is stored `[in, out]`."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "weight")
 
 
 @functools.cache

@@ -88,6 +88,9 @@ class LlavaAdapter(HFDecoderAdapter):
                                         generator=generator),
         }
 
+    def calibration_kind(self, model: nn.Module) -> str:
+        return "llava"
+
     def roles_source(self, model: nn.Module) -> nn.Module:
         return model
 

@@ -1,4 +1,4 @@
-"""timm families: the Vision Transformer adapter (`vit`)."""
+"""timm families: the Vision Transformer adapter (`vit`) and its tiny offline model (`presets`)."""
 
 from .vit import TimmViTAdapter, create_model, input_size
 

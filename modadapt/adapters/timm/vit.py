@@ -65,6 +65,9 @@ class TimmViTAdapter(Adapter):
         return {"x": torch.randn(batch, model.patch_embed.proj.in_channels, *size,
                                  generator=torch.Generator().manual_seed(seed))}
 
+    def calibration_kind(self, model: nn.Module) -> str:
+        return "images"
+
     def validate_layers(self, model: nn.Module, layers: list[int]) -> None:
         _, blocks = self.layer_stack(model)
         for i in layers:
