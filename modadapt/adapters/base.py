@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from ..attention_probe import AttentionProbe
+
+#: `callback(layer index, attention probabilities [B, H, T, T], causal)`, one layer at a time.
+AttentionMapCallback = Callable[[int, torch.Tensor, bool], None]
 
 
 @dataclass
@@ -98,7 +101,7 @@ class DecodeParts:
     kv_heads: int
     head_dim: int
     window: int | None
-    static_attention: Callable[[], Any]
+    static_attention: Callable[[], ContextManager[None]]
     prefill: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, list]]
 
 
@@ -191,6 +194,20 @@ class Adapter:
         """Whether the model's linear maps store their weight as `[in, out]` (GPT-2's `Conv1D`;
         LoRA's `fan_in_fan_out`)."""
         return False
+
+    def analysis_layer_stack(self, model: nn.Module) -> nn.ModuleList | None:
+        """The layer stack of a model of this adapter's library that no adapter converts (an
+        encoder, say), so that analysis (ARank, cosine) still runs on it. None: not one it knows."""
+        return None
+
+    def attention_maps(self, model: nn.Module, layers: nn.ModuleList,
+                       callback: AttentionMapCallback) -> ContextManager[None]:
+        """A context inside which each forward hands `callback` every layer's attention
+        probabilities, with the kernel switched to one that materialises them inside the context
+        only: ARank's route for models an attention probe cannot observe."""
+        from ..errors import ModAdaptError
+
+        raise ModAdaptError(f"adapter {self.name!r} cannot materialise attention maps.")
 
     def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any] | None:
         """Keyword arguments of a small random forward of `model` (token ids of about `length`

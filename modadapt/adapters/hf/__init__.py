@@ -2,7 +2,8 @@
 
 `decoder` (decoder-only LLMs), `llava` (LLaVA vision-language models, on the decoder machinery),
 `kv_cache` (MoD bookkeeping inside transformers' cache layers), `attention` (the attention
-functions registered with transformers) and `presets` (a tiny offline model of each family).
+functions registered with transformers), `attention_maps` (eager attention maps for analysis)
+and `presets` (a tiny offline model of each family).
 """
 
 from .decoder import TESTED_FAMILIES, HFDecoderAdapter

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
 from ...attention_probe import AttentionProbe
 from ...errors import ModAdaptError
-from ..base import Adapter, DecodeParts, LayerCall, TokenRoles
+from ..base import Adapter, AttentionMapCallback, DecodeParts, LayerCall, TokenRoles
 from .attention import (
     PROBE_ATTENTION,
     STATIC_ATTENTION,
@@ -24,6 +24,7 @@ from .attention import (
     register_attention_functions,
     use_attention,
 )
+from .attention_maps import eager_attention_maps
 from .kv_cache import mod_cache_layer
 
 #: Families converted, trained and generated with in the test suite.
@@ -176,6 +177,19 @@ class HFDecoderAdapter(Adapter):
         model.config._attn_implementation = PROBE_ATTENTION
         probe.on_remove(_DetachProbe(model, stack, [attn for attn, _ in modules], probe))
         return probe
+
+    def analysis_layer_stack(self, model: nn.Module) -> nn.ModuleList | None:
+        """The `nn.ModuleList` whose layers are of a class named in `_no_split_modules`, in any
+        transformers model (an encoder included)."""
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in names:
+                return module
+        return None
+
+    def attention_maps(self, model: nn.Module, layers: nn.ModuleList,
+                       callback: AttentionMapCallback) -> ContextManager[None]:
+        return eager_attention_maps(model, layers, callback)
 
     # --- persistence ---------------------------------------------------------------------------
     def describe(self, model: nn.Module) -> dict:

@@ -13,15 +13,16 @@ their exact arguments; for others they are read off the model and checked at sav
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ...attention_probe import AttentionProbe
 from ...errors import ModAdaptError
-from ..base import Adapter, LayerCall
+from ..base import Adapter, AttentionMapCallback, LayerCall
 
 KWARGS_ATTR = "_modadapt_timm_kwargs"
 
@@ -113,6 +114,37 @@ class TimmViTAdapter(Adapter):
             handle = attn.qkv.register_forward_hook(_QKVRecorder(probe, i, attn))
             probe.on_remove(handle.remove)
         return probe
+
+    def analysis_layer_stack(self, model: nn.Module) -> nn.ModuleList | None:
+        """Any timm model's `blocks` (not only a VisionTransformer's)."""
+        blocks = getattr(model, "blocks", None)
+        return blocks if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) else None
+
+    @contextlib.contextmanager
+    def attention_maps(self, model: nn.Module, layers: nn.ModuleList,
+                       callback: AttentionMapCallback) -> Iterator[None]:
+        """The blocks' unfused attention path (inside the context only), hooked where it applies
+        `attn_drop` to the softmax probabilities."""
+        handles, fused = [], []
+        for index, block in enumerate(layers):
+            attn = getattr(block, "attn", None)
+            if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module) or not hasattr(attn, "fused_attn"):
+                raise ModAdaptError(
+                    f"block {index} ({type(block).__name__}) has no timm-style attention (attn.attn_drop); "
+                    "ARank cannot read its maps."
+                )
+            handles.append(attn.attn_drop.register_forward_hook(
+                lambda module, args, output, index=index: callback(index, output, False)
+            ))
+            fused.append((attn, attn.fused_attn))
+            attn.fused_attn = False
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for attn, value in fused:
+                attn.fused_attn = value
 
     # --- persistence ---------------------------------------------------------------------------
     def describe(self, model: nn.Module) -> dict:
