@@ -14,7 +14,7 @@ from .config import ModConfig
 from .convert import aux_loss, convert, mod_layers, unload
 from .dense import dense
 from .errors import ModAdaptError
-from .graphed_decode import GraphedDecoder
+from .decoding import GraphedDecoder
 from .hookspecs import Preset, Recipe
 from .metrics.routing_stats import routing_stats
 from .persistence import load, save

@@ -142,7 +142,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Score every layer on calibration data, select layers to convert, write the report."""
-    from .metrics.calibration import image_batches, image_tokens, model_tokenizer, read_text, text_batches
+    from .metrics.calibration import (
+        calibration_kind,
+        image_batches,
+        image_tokens,
+        model_tokenizer,
+        read_text,
+        text_batches,
+    )
     from .metrics.report import analyze, write_report
     from .output_dir import check_output
     from .metrics.selection import parse_rule
@@ -161,8 +168,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.data is None and args.model not in preset_names():
         raise ModAdaptError("--data is required for a model directory; the built-in text is for the presets.")
     model, _ = load_source_model(args.model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type != "llava" and getattr(getattr(model, "config", None), "vocab_size", None) is not None:
+    kind = calibration_kind(model)
+    if kind == "text":
         text, data_path, digest = read_text(args.data)
         tokenizer = model_tokenizer(args.model)
         batches = text_batches(
@@ -172,14 +179,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         tokens = args.seq_len
         data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
                 "samples": args.samples, "seq_len": tokens}
-    elif model_type == "llava":  # images + prompts
+    elif kind == "llava":  # images + prompts
         from .recipes.llava_adapt import calibration_batches
 
         batches, data_path, digest = calibration_batches(args.data, model, samples=args.samples,
                                                          batch_size=args.batch_size, seed=args.seed)
         tokens = round(sum(int(b["attention_mask"].sum()) for b in batches) / sum(len(b["input_ids"]) for b in batches))
         data = {"path": data_path, "sha256": digest, "kind": "llava", "samples": args.samples, "seq_len": tokens}
-    elif hasattr(model, "patch_embed"):  # a timm ViT: images
+    elif kind == "images":
         batches, data_path, digest = image_batches(args.data, model, samples=args.samples,
                                                    batch_size=args.batch_size, seed=args.seed)
         tokens = image_tokens(model)

@@ -16,7 +16,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import varlen
 from .adapters.base import LayerCall, TokenRoles
-from .kv_cache import mod_cache_layer
 from .masks import subset_attention_mask
 from .routers.base import RoutingContext, RoutingDecision
 
@@ -234,7 +233,7 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     hidden = arguments.get(call.hidden)
     B, T = hidden.shape[:2]
     cache = arguments.get(call.cache)
-    book = mod_cache_layer(cache, state.index) if cache is not None else None
+    book = state.model.adapter.mod_cache_layer(cache, state.index) if cache is not None else None
     seen = book.mod_seen if book is not None else 0
 
     ctx = _routing_context(layer, state, hidden, arguments, seen)

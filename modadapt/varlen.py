@@ -7,22 +7,26 @@ one, and attention runs per row ("segment") through a variable-length kernel: th
 `torch.nn.attention.varlen` on CUDA, or a per-segment SDPA loop elsewhere (the reference the tests
 compare against). Segments are given as cumulative offsets `[B + 1]` (int32), as flash expects.
 
-Transformers layers call their attention through a registered function chosen by the config;
-`VARLEN_ATTENTION` names ours, and the adapter switches a layer to it for the packed call only.
+A family's layers reach this kernel through their own attention calling convention: for
+transformers, the registered attention function of `modadapt.adapters.hf.attention`, which the
+adapter switches a layer to for the packed call only (`LayerCall.packed_attention`).
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ModAdaptError
+from .deprecation import moved_names
 
-#: Name of the transformers attention function that runs packed segments.
-VARLEN_ATTENTION = "modadapt_varlen"
+__getattr__ = moved_names(__name__, {
+    "VARLEN_ATTENTION": "modadapt.adapters.hf.attention:VARLEN_ATTENTION",
+    "transformers_varlen_attention": "modadapt.adapters.hf.attention:transformers_varlen_attention",
+    "register_transformers_attention": "modadapt.adapters.hf.attention:register_attention_functions",
+})
+
 #: Keyword arguments a packed layer call passes through to that attention function: the query
 #: row offsets, `(max query length, max key length)` bounds, and (with a KV cache) a callable
 #: `append(key, value, segments) -> (keys, values, key_segments, has_past)` that stores the new
@@ -95,36 +99,3 @@ def _reference(query, key, value, q_segments, k_segments, *, scale, causal, drop
         )
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs) if outputs else query.new_empty(query.shape)
-
-
-def transformers_varlen_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
-):
-    """The transformers attention function for a packed call: `query` `[1, H, N, d]`, keys and
-    values `[1, Hk, N, d]`; returns `([1, N, H, d], None)` like the SDPA function."""
-    segments = kwargs.get(SEGMENTS_KWARG)
-    if segments is None or query.shape[0] != 1:
-        raise ModAdaptError(f"{VARLEN_ATTENTION} attention only runs MoD layers' packed calls.")
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise ModAdaptError(f"packed MoD attention does not support {name!r}; convert with packing='padded'.")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    k_segments, has_past = segments, False
-    append = kwargs.get(APPEND_KWARG)
-    if append is not None:
-        key, value, k_segments, has_past = append(key, value, segments)
-    max_q, max_k = kwargs[MAX_LEN_KWARG]
-    out = varlen_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), segments, k_segments,
-        max_q, max_k, scale=scaling,
-        causal=bool(causal) and not has_past,  # with a past: one new token per row, which sees it all
-        dropout=dropout,
-    )
-    return out[None], None
-
-
-@functools.cache
-def register_transformers_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, transformers_varlen_attention)

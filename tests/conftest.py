@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import modadapt
-from modadapt.adapters.hf_decoder import TESTED_FAMILIES
+from modadapt.adapters.hf import TESTED_FAMILIES
 
 #: The families the hf-decoder adapter claims to support; every one has a `tiny-<family>` preset.
 FAMILIES = tuple(TESTED_FAMILIES)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modadapt
-from modadapt.adapters.timm_vit import create_model
+from modadapt.adapters.timm import create_model
 from modadapt.attention_probe import PROBE_ATTENTION, attention_blocks, column_mean_attention
 from modadapt.errors import ModAdaptError
 from modadapt.metrics.arank import probe

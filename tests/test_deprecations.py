@@ -10,6 +10,14 @@ MOVED = [
     ("modadapt.convert", "state_of", "modadapt.mod_layer"),
     ("modadapt.convert", "find_adapter", "modadapt.plugins"),
     ("modadapt.attention_probe", "probe", "modadapt.metrics.arank"),
+    ("modadapt.graphed_decode", "GraphedDecoder", "modadapt.decoding"),
+    ("modadapt.graphed_decode", "Sampling", "modadapt.decoding"),
+    ("modadapt.graphed_decode", "flash_key", "modadapt.decoding.static_cache"),
+    ("modadapt.adapters.hf_decoder", "HFDecoderAdapter", "modadapt.adapters.hf.decoder"),
+    ("modadapt.adapters.llava", "role_stats", "modadapt.adapters.hf.llava"),
+    ("modadapt.adapters.timm_vit", "create_model", "modadapt.adapters.timm.vit"),
+    ("modadapt.kv_cache", "mod_cache_layer", "modadapt.adapters.hf.kv_cache"),
+    ("modadapt.varlen", "transformers_varlen_attention", "modadapt.adapters.hf.attention"),
 ]
 
 
@@ -28,3 +36,15 @@ def test_from_import_of_an_old_path_works():
 def test_unknown_names_still_raise_attribute_error():
     with pytest.raises(AttributeError, match="module 'modadapt.convert' has no attribute 'nope'"):
         importlib.import_module("modadapt.convert").nope
+
+
+def test_a_renamed_private_name_of_the_old_decode_module_still_resolves():
+    """Benchmarks read the decode attention's internals through the old module."""
+    from modadapt.decoding import static_cache
+
+    with pytest.warns(DeprecationWarning, match="graphed_decode._KeyLengths moved to "
+                                                "modadapt.decoding.static_cache.KeyLengths"):
+        from modadapt.graphed_decode import _KeyLengths
+    assert _KeyLengths is static_cache.KeyLengths
+    with pytest.warns(DeprecationWarning):
+        assert importlib.import_module("modadapt.graphed_decode")._FLASH is static_cache._FLASH

@@ -12,7 +12,7 @@ import torch
 import modadapt
 from modadapt.mod_layer import state_of
 from modadapt.errors import ModAdaptError
-from modadapt.graphed_decode import BUCKET, GraphedDecoder, conditional_nodes_available
+from modadapt.decoding import BUCKET, GraphedDecoder, conditional_nodes_available
 
 GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
@@ -110,7 +110,7 @@ def test_graphed_decoder_bad_input(tiny, ids):
 
 
 def test_graphed_decoder_branch_modes(tiny, monkeypatch):
-    import modadapt.graphed_decode as gd
+    import modadapt.decoding.decoder as gd
 
     model = tiny("llama")
     assert GraphedDecoder(model, branches="select").branches_for(1) == "select"
@@ -135,7 +135,8 @@ def test_graphed_decoder_sigmoid_gate(batch, tiny, ids, randomize_routers):
 
 
 def test_static_attention_reads_only_used_slots():
-    from modadapt.graphed_decode import _KeyLengths, _static_decode_attention
+    from modadapt.adapters.hf.attention import static_decode_attention
+    from modadapt.decoding.static_cache import KeyLengths
 
     gen = torch.Generator().manual_seed(0)
     B, H, Hk, d, cap = 3, 4, 2, 8, 16
@@ -143,7 +144,7 @@ def test_static_attention_reads_only_used_slots():
     k, v = torch.randn(B, cap, Hk, d, generator=gen), torch.randn(B, cap, Hk, d, generator=gen)
     used = torch.tensor([5, 16, 1], dtype=torch.int32)
     cu = torch.arange(B + 1, dtype=torch.int32)
-    out, _ = _static_decode_attention(None, q, k, v, _KeyLengths(used, cu, cu * cap), scaling=0.3)
+    out, _ = static_decode_attention(None, q, k, v, KeyLengths(used, cu, cu * cap), scaling=0.3)
     assert out.shape == (B, 1, H, d)
     for b in range(B):
         n = int(used[b])
@@ -152,7 +153,7 @@ def test_static_attention_reads_only_used_slots():
         weights = torch.softmax(q[b] @ keys.transpose(1, 2) * 0.3, -1)  # [H, 1, n]
         torch.testing.assert_close(out[b, 0], (weights @ values)[:, 0])
     k[0, 5:], v[0, 5:] = 1e4, -1e4  # slots past a row's length do not count
-    out2, _ = _static_decode_attention(None, q, k, v, _KeyLengths(used, cu, cu * cap), scaling=0.3)
+    out2, _ = static_decode_attention(None, q, k, v, KeyLengths(used, cu, cu * cap), scaling=0.3)
     torch.testing.assert_close(out2, out)
 
 
@@ -176,7 +177,7 @@ def test_graphed_decoder_select_branches(batch, tiny, ids, randomize_routers):
 @pytest.mark.parametrize("both_rows_end", [False, True])
 def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, ids, left_pad, randomize_routers,
                                                   monkeypatch):
-    import modadapt.graphed_decode as gd
+    import modadapt.decoding.decoder as gd
 
     monkeypatch.setattr(gd, "CHECK_EVERY", 4)
     model = _converted(tiny, "llama", randomize_routers)
@@ -201,7 +202,7 @@ def test_captured_graphs_match_generate_on_cuda():
     `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    from modadapt.graphed_decode import BRANCHES
+    from modadapt.decoding import BRANCHES
 
     modes = [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
     for router, branches in [(r, b) for r in ("threshold-p", "topk") for b in modes]:
@@ -249,7 +250,7 @@ def test_sampling_filters_match_transformers(top_k, top_p):
         TopPLogitsWarper,
     )
 
-    from modadapt.graphed_decode import Sampling, sampling_logits
+    from modadapt.decoding.sampling import Sampling, sampling_logits
 
     logits = torch.randn(6, 80, generator=torch.Generator().manual_seed(2)) * 3
     ours = sampling_logits(logits, Sampling(0.7, top_k, top_p))
@@ -285,7 +286,7 @@ def test_captured_step_follows_router_changes(tiny, ids, randomize_routers):
 
 
 def test_next_token_filters():
-    from modadapt.graphed_decode import Sampling, next_token
+    from modadapt.decoding.sampling import Sampling, next_token
 
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
     assert next_token(logits, None).tolist() == [[1]]
@@ -302,8 +303,8 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
     very kernels the eager pieces run, so the tokens are equal (greedy, every branch mode)."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    from modadapt import graphed_decode
-    from modadapt.graphed_decode import BRANCHES
+    from modadapt.decoding import static_cache
+    from modadapt.decoding import BRANCHES
 
     model = modadapt.convert(build_tiny("llama"), router="threshold-p", layers="all-but-first")
     model = randomize_router_weights(model).eval().cuda().to(torch.bfloat16)
@@ -315,7 +316,7 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
             graphed = GraphedDecoder(model, branches=branches)
             assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)
             assert graphed.last_step.graphs is not None
-    assert any(graphed_decode._FLASH.values()), "the flash decode attention did not run"
+    assert any(static_cache._FLASH.values()), "the flash decode attention did not run"
 
 
 def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_routers, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modadapt
-from modadapt.adapters.llava import role_stats
+from modadapt.adapters.hf.llava import role_stats
 from modadapt.mod_layer import state_of
 from modadapt.plugins import find_adapter
 from modadapt.errors import ModAdaptError

@@ -204,9 +204,11 @@ def test_bad_packing_value_is_a_clear_error():
 
 
 def test_varlen_attention_rejects_softcap():
+    from modadapt.adapters.hf.attention import transformers_varlen_attention
+
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(ModAdaptError, match="softcap"):
-        varlen.transformers_varlen_attention(
+        transformers_varlen_attention(
             nn.Module(), q, q, q, None, softcap=30.0,
             **{varlen.SEGMENTS_KWARG: torch.tensor([0, 3]), varlen.MAX_LEN_KWARG: (3, 3)},
         )

@@ -189,7 +189,7 @@ def test_router_breaking_the_contract_is_refused(plugin, body, reason):
 
 SHADOWING_ADAPTER = """
 from modadapt import hookimpl
-from modadapt.adapters.hf_decoder import HFDecoderAdapter
+from modadapt.adapters.hf import HFDecoderAdapter
 
 
 class ShadowAdapter(HFDecoderAdapter):

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import modadapt
-from modadapt.adapters.timm_vit import create_model
+from modadapt.adapters.timm import create_model
 from modadapt.errors import ModAdaptError
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)

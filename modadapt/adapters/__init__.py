@@ -1,5 +1,5 @@
 """Adapters: how a model family's layers are found and called on a token subset."""
 
-from .base import Adapter, LayerCall, TokenRoles
+from .base import Adapter, DecodeParts, LayerCall, TokenRoles
 
-__all__ = ["Adapter", "LayerCall", "TokenRoles"]
+__all__ = ["Adapter", "DecodeParts", "LayerCall", "TokenRoles"]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from ..attention_probe import AttentionProbe
+
+#: `callback(layer index, attention probabilities [B, H, T, T], causal)`, one layer at a time.
+AttentionMapCallback = Callable[[int, torch.Tensor, bool], None]
 
 
 @dataclass
@@ -71,6 +74,37 @@ class LayerCall:
             self.positional_names = tuple(p.name for p in params if p.kind in kinds)
 
 
+@dataclass
+class DecodeParts:
+    """What `modadapt.GraphedDecoder` runs its decode steps with (`Adapter.decode_parts`).
+
+    Attributes:
+        embed: Token ids `[B, 1]` to hidden states `[B, 1, D]`.
+        rotary: `(hidden, position_ids)` to the `position_embeddings` the layers take.
+        norm: The final norm, before `head`.
+        head: Hidden states to logits.
+        kv_heads: K/V heads of each layer's attention.
+        head_dim: Size of one head.
+        window: The attention's sliding window, or None.
+        static_attention: Returns a context manager inside which the layers' attention reads the
+            step's static cache (`modadapt.decoding.static_cache`), taking its `KeyLengths` where
+            they take their attention mask.
+        prefill: `(input_ids, attention_mask, position_ids) -> (last logits [B, V], cache layers)`:
+            the prompt run with a fresh KV cache; each cache layer holds `keys` and `values`
+            `[B, Hk, n, d]`, a MoD layer's also `mod_valid` (its real slots).
+    """
+
+    embed: nn.Module
+    rotary: nn.Module
+    norm: nn.Module
+    head: nn.Module
+    kv_heads: int
+    head_dim: int
+    window: int | None
+    static_attention: Callable[[], ContextManager[None]]
+    prefill: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, list]]
+
+
 class Adapter:
     """Base class of adapters; one per model family, registered through the plugin hooks."""
 
@@ -128,6 +162,52 @@ class Adapter:
         from ..errors import ModAdaptError
 
         raise ModAdaptError(f"adapter {self.name!r} cannot observe attention maps.")
+
+    def mod_cache_layer(self, cache: Any, layer_index: int) -> Any:
+        """The KV-cache layer of MoD layer `layer_index` in `cache` (the layer's `cache` argument),
+        given the bookkeeping a MoD layer keeps beside its K/V (see `adapters.hf.kv_cache`):
+        `mod_seen`, `mod_past`, `mod_record`, ... Only called for layers whose `LayerCall` names a
+        cache argument; a family without a KV cache needs nothing here."""
+        from ..errors import ModAdaptError
+
+        raise ModAdaptError(f"adapter {self.name!r} keeps no KV cache for MoD layers.")
+
+    def decode_parts(self, model: nn.Module) -> DecodeParts:
+        """The parts `GraphedDecoder` decodes `model` with; raise ModAdaptError, saying which
+        models are supported, when this family's models cannot run graphed decode steps."""
+        from ..errors import ModAdaptError
+
+        raise ModAdaptError(f"graphed decoding supports no model of adapter {self.name!r} ({type(model).__name__}).")
+
+    def calibration_kind(self, model: nn.Module) -> str | None:
+        """What calibration data `modadapt analyze` feeds this family's models: ``"text"``
+        (token ids), ``"images"`` (pixel batches at the model's input size) or ``"llava"``
+        (images with prompts, LLaVA-format JSON); None: none of these."""
+        return None
+
+    def is_linear_map(self, module: nn.Module) -> bool:
+        """Whether `module` is one of the family's linear maps (LoRA targets them): `nn.Linear`,
+        and whatever the family uses besides (GPT-2's `Conv1D`)."""
+        return isinstance(module, nn.Linear)
+
+    def transposed_linear_weights(self, model: nn.Module) -> bool:
+        """Whether the model's linear maps store their weight as `[in, out]` (GPT-2's `Conv1D`;
+        LoRA's `fan_in_fan_out`)."""
+        return False
+
+    def analysis_layer_stack(self, model: nn.Module) -> nn.ModuleList | None:
+        """The layer stack of a model of this adapter's library that no adapter converts (an
+        encoder, say), so that analysis (ARank, cosine) still runs on it. None: not one it knows."""
+        return None
+
+    def attention_maps(self, model: nn.Module, layers: nn.ModuleList,
+                       callback: AttentionMapCallback) -> ContextManager[None]:
+        """A context inside which each forward hands `callback` every layer's attention
+        probabilities, with the kernel switched to one that materialises them inside the context
+        only: ARank's route for models an attention probe cannot observe."""
+        from ..errors import ModAdaptError
+
+        raise ModAdaptError(f"adapter {self.name!r} cannot materialise attention maps.")
 
     def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any] | None:
         """Keyword arguments of a small random forward of `model` (token ids of about `length`

@@ -1,9 +1,8 @@
 """Registers the built-in adapters through the same hook third-party plugins use."""
 
 from ..plugins import hookimpl
-from .hf_decoder import HFDecoderAdapter
-from .llava import LlavaAdapter
-from .timm_vit import TimmViTAdapter
+from .hf import HFDecoderAdapter, LlavaAdapter
+from .timm import TimmViTAdapter
 
 
 @hookimpl

@@ -19,12 +19,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..adapters.base import AttentionMapCallback
 from ..attention_probe import AttentionProbe
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from ..plugins import find_adapter
 from .calibration import Batch, device_batches, evaluating, padding_mask_of, run_model, summarize
-from .layer_stack import find_layers
+from .layer_stack import analysis_adapter, find_layers
 
 
 def attention_rank(
@@ -119,30 +120,24 @@ def layer_aranks(
     return [summarize(i, torch.cat(r), torch.cat(n)) for i, (r, n) in enumerate(zip(ranks, normalized))]
 
 
-MapCallback = Callable[[int, torch.Tensor, bool], None]
-
-
 @contextlib.contextmanager
-def attention_maps(model: nn.Module, callback: MapCallback) -> Iterator[Callable[[Batch], None]]:
+def attention_maps(model: nn.Module, callback: AttentionMapCallback) -> Iterator[Callable[[Batch], None]]:
     """Yields `run(batch)`: one forward of `model` that calls `callback(layer, probs, causal)` once
     per layer with its attention probabilities `[B, H, T, T]`, one layer's maps at a time.
 
     Models an installed adapter can probe (`modadapt.attention_probe`) keep their attention kernel:
     the maps are recomputed layer by layer from the recorded queries and keys. Other models (e.g.
-    a BERT encoder) fall back to a kernel that materialises the maps, only inside the context:
-    transformers models run eager attention there, timm blocks their unfused path; the original
-    kernel is restored on exit. Either way each layer's maps are handed over and dropped at once.
+    a BERT encoder) fall back to a kernel that materialises the maps, only inside the context
+    (`Adapter.attention_maps`: transformers models run eager attention there, timm blocks their
+    unfused path); the original kernel is restored on exit. Either way each layer's maps are handed over and dropped at once.
     """
-    layers = find_layers(model)
+    adapter, layers = analysis_adapter(model)
     probe = _try_probe(model, len(layers))
     if probe is not None:
         with probe:
             yield lambda batch: _run_probed(model, probe, len(layers), batch, callback)
         return
-    from transformers import PreTrainedModel
-
-    fallback = _hf_attention_maps if isinstance(model, PreTrainedModel) else _timm_attention_maps
-    with fallback(model, layers, callback):
+    with adapter.attention_maps(model, layers, callback):
         yield lambda batch: run_model(model, batch)
 
 
@@ -161,7 +156,7 @@ def _try_probe(model: nn.Module, num_layers: int):
         return None
 
 
-def _run_probed(model: nn.Module, probe, num_layers: int, batch: Batch, callback: MapCallback) -> None:
+def _run_probed(model: nn.Module, probe, num_layers: int, batch: Batch, callback: AttentionMapCallback) -> None:
     from ..attention_probe import attention_blocks
 
     run_model(model, batch)
@@ -175,88 +170,3 @@ def _run_probed(model: nn.Module, probe, num_layers: int, batch: Batch, callback
             record.q, record.k, scale=record.scale, causal=record.causal, valid=keys_valid, mask=record.mask
         )
         callback(index, torch.cat([probs for _, probs in blocks], dim=2), record.causal)
-
-
-def _hf_attention_targets(model: nn.Module) -> list:
-    """The `(class or name suffix, output index, module-name suffix)` triples of the modules whose
-    output holds attention probabilities, from the model's own `_can_record_outputs`."""
-    from transformers.utils.output_capturing import OutputRecorder
-
-    specs = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
-    if specs is None:
-        raise ModAdaptError(
-            f"{type(model).__name__} does not declare where its attention maps are "
-            "(no 'attentions' in _can_record_outputs); ARank cannot read them."
-        )
-    targets = []
-    for spec in specs if isinstance(specs, list) else [specs]:
-        if isinstance(spec, OutputRecorder):
-            targets.append((spec.target_class or spec.class_name, spec.index, spec.layer_name))
-        else:
-            targets.append((spec, 1, None))
-    return targets
-
-
-def _matches(name: str, module: nn.Module, target, layer_name: str | None) -> bool:
-    kind = target if isinstance(target, str) else None
-    ok = type(module).__name__.endswith(kind) if kind else isinstance(module, target)
-    return ok and (layer_name is None or ("." + name).endswith(layer_name))
-
-
-@contextlib.contextmanager
-def _hf_attention_maps(model: nn.Module, layers: nn.ModuleList, callback: MapCallback) -> Iterator[None]:
-    targets = _hf_attention_targets(model)
-    handles = []
-    for index, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            found = next(((t, i, n) for t, i, n in targets if _matches(name, module, t, n)), None)
-            if found is not None:
-                handles.append(module.register_forward_hook(_hf_hook(index, found[1], callback)))
-                break
-    previous = model.config._attn_implementation
-    try:
-        if previous != "eager":
-            model.set_attn_implementation("eager")
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        if model.config._attn_implementation != previous:
-            model.set_attn_implementation(previous)
-
-
-def _hf_hook(index: int, output_index: int, callback: MapCallback):
-    def hook(module: nn.Module, args, output) -> None:
-        probs = output[output_index] if isinstance(output, (tuple, list)) else None
-        if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
-            raise ModAdaptError(
-                f"layer {index}'s attention returned no probability maps; its kernel does not support them."
-            )
-        callback(index, probs, bool(getattr(module, "is_causal", False)))
-
-    return hook
-
-
-@contextlib.contextmanager
-def _timm_attention_maps(model: nn.Module, layers: nn.ModuleList, callback: MapCallback) -> Iterator[None]:
-    handles, fused = [], []
-    for index, block in enumerate(layers):
-        attn = getattr(block, "attn", None)
-        if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module) or not hasattr(attn, "fused_attn"):
-            raise ModAdaptError(
-                f"block {index} ({type(block).__name__}) has no timm-style attention (attn.attn_drop); "
-                "ARank cannot read its maps."
-            )
-        # The unfused path applies `attn_drop` to the softmax probabilities: hook it there.
-        handles.append(attn.attn_drop.register_forward_hook(
-            lambda module, args, output, index=index: callback(index, output, False)
-        ))
-        fused.append((attn, attn.fused_attn))
-        attn.fused_attn = False
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for attn, value in fused:
-            attn.fused_attn = value

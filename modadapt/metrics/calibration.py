@@ -77,6 +77,21 @@ def summarize(layer: int, values: torch.Tensor, normalized: torch.Tensor | None)
 
 
 # --- reading text --------------------------------------------------------------------------------
+def calibration_kind(model: nn.Module) -> str | None:
+    """What calibration data `model` reads (``"text"``, ``"images"``, ``"llava"``; None: none):
+    its adapter's `calibration_kind`. A model no adapter converts is still analysed: text when it
+    has a vocabulary, images when it has a patch embedding."""
+    from ..plugins import find_adapter
+
+    try:
+        return find_adapter(model).calibration_kind(model)
+    except ModAdaptError:
+        pass
+    if getattr(getattr(model, "config", None), "vocab_size", None) is not None:
+        return "text"
+    return "images" if hasattr(model, "patch_embed") else None
+
+
 def _text_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -184,7 +199,7 @@ def image_batches(
     """
     from timm.data import create_transform, resolve_data_config
 
-    from ..adapters.timm_vit import input_size
+    from ..adapters.timm import input_size
 
     size = input_size(model)
     config = resolve_data_config({"input_size": size}, model=model)

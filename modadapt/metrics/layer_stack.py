@@ -1,33 +1,39 @@
 """Find the layer stack of any model the analysis runs on, convertible or not.
 
 Convertible models use their adapter's `layer_stack`. Models no adapter converts (a BERT encoder,
-a timm ViT before its adapter exists) can still be analysed: their stack is the `nn.ModuleList`
-whose layers are of a class named in `_no_split_modules` (transformers), or timm's `blocks`.
+a timm model that is no VisionTransformer) can still be analysed: the first registered adapter
+(by name) that recognises one as of its library gives its stack (`Adapter.analysis_layer_stack`)
+and, for ARank, its attention maps.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..adapters.base import Adapter
 from ..errors import ModAdaptError
+
+
+def analysis_adapter(model: nn.Module) -> tuple[Adapter, nn.ModuleList]:
+    """The adapter the analysis asks about `model`, and the model's stack of layers, in order."""
+    from ..plugins import find_adapter, registry
+
+    try:
+        adapter = find_adapter(model)
+        return adapter, adapter.layer_stack(model)[1]
+    except ModAdaptError:
+        pass
+    for entry in registry().list("adapter"):
+        adapter = entry.obj()
+        stack = adapter.analysis_layer_stack(model)
+        if stack is not None:
+            return adapter, stack
+    raise ModAdaptError(
+        f"could not find the layer stack of {type(model).__name__}: no installed adapter recognises it "
+        "(built in: transformers models with `_no_split_modules` layers, timm models with `blocks`)."
+    )
 
 
 def find_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer layers, in order."""
-    from ..plugins import find_adapter
-
-    try:
-        return find_adapter(model).layer_stack(model)[1]
-    except ModAdaptError:
-        pass
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in names:
-            return module
-    blocks = getattr(model, "blocks", None)  # timm models
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
-        return blocks
-    raise ModAdaptError(
-        f"could not find the layer stack of {type(model).__name__}: it is neither a transformers model "
-        "with `_no_split_modules` layers nor a timm model with `blocks`."
-    )
+    return analysis_adapter(model)[1]

@@ -148,7 +148,7 @@ class ByteCodec:
             self.vocab = max(self.vocab, BYTE_OFFSET + 128)
         self.bos, self.eos = text.bos_token_id, text.eos_token_id
         self.pad = text.pad_token_id if text.pad_token_id is not None else 0
-        from ..adapters.llava import image_token_id
+        from ..adapters.hf.llava import image_token_id
 
         self.image = image_token_id(config)
         self.image_tokens = int(config.image_seq_length)
@@ -297,7 +297,7 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
     """Exact-match accuracy of greedy answers, loss, kept fractions per layer and token role."""
     from tqdm.auto import tqdm
 
-    from ..adapters.llava import role_stats
+    from ..adapters.hf.llava import role_stats
 
     inner = accelerator.unwrap_model(model)
     device = accelerator.device

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.timm_vit import input_size
+from ..adapters.timm import input_size
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from .config import RecipeConfig, add_config_arguments, overrides_from
@@ -166,7 +166,7 @@ def collate(rows: list[dict]) -> dict:
 def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
-    from ..adapters.timm_vit import create_model
+    from ..adapters.timm import create_model
     from ..presets import build_preset, preset_names
 
     if Path(cfg.model).is_dir():

@@ -1,0 +1,107 @@
+"""Every attention function modadapt registers with transformers, and the switch to one of them.
+
+transformers layers call their attention through a function looked up by name in the config
+(`config._attn_implementation`). modadapt adds three, each used only for as long as it is needed:
+
+- `VARLEN_ATTENTION`: a packed MoD layer call, every row's kept tokens as one sequence attended
+  per row (`modadapt.varlen`);
+- `PROBE_ATTENTION`: records the q/k a watched layer receives, then runs SDPA (attention probes);
+- `STATIC_ATTENTION`: one token per row against `GraphedDecoder`'s static cache
+  (`modadapt.decoding.static_cache`).
+
+Kept in one module so that the transformers calling convention (argument names, the
+`(output, weights)` return) is met in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator
+
+from ...attention_probe import PROBE_ATTENTION
+from ...decoding.static_cache import STATIC_ATTENTION, KeyLengths, static_cache_attention
+from ...errors import ModAdaptError
+from ...varlen import APPEND_KWARG, MAX_LEN_KWARG, SEGMENTS_KWARG, varlen_attention
+
+#: Name of the transformers attention function that runs packed segments.
+VARLEN_ATTENTION = "modadapt_varlen"
+
+__all__ = ["PROBE_ATTENTION", "STATIC_ATTENTION", "VARLEN_ATTENTION", "register_attention_functions",
+           "use_attention"]
+
+
+def transformers_varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """The attention function of a packed call: `query` `[1, H, N, d]`, keys and values
+    `[1, Hk, N, d]`; returns `([1, N, H, d], None)` like the SDPA function."""
+    segments = kwargs.get(SEGMENTS_KWARG)
+    if segments is None or query.shape[0] != 1:
+        raise ModAdaptError(f"{VARLEN_ATTENTION} attention only runs MoD layers' packed calls.")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ModAdaptError(f"packed MoD attention does not support {name!r}; convert with packing='padded'.")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    k_segments, has_past = segments, False
+    append = kwargs.get(APPEND_KWARG)
+    if append is not None:
+        key, value, k_segments, has_past = append(key, value, segments)
+    max_q, max_k = kwargs[MAX_LEN_KWARG]
+    out = varlen_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), segments, k_segments,
+        max_q, max_k, scale=scaling,
+        causal=bool(causal) and not has_past,  # with a past: one new token per row, which sees it all
+        dropout=dropout,
+    )
+    return out[None], None
+
+
+def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                    **kwargs):
+    """SDPA attention that first hands q/k to the probes watching `module`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    for probe, index in getattr(module, "_modadapt_probes", ()):
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        probe.record(index, query, key, scale=scale, causal=bool(causal), mask=attention_mask)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def static_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                            is_causal=None, **kwargs):
+    """The attention function of a graphed decode step: one query token per row (`[B, H, 1, d]`)
+    against the static cache `[B, capacity, Hk, d]`; the mask argument carries the used lengths.
+    Returns `([B, 1, H, d], None)` like the SDPA function."""
+    if query.shape[2] != 1 or not isinstance(attention_mask, KeyLengths):
+        raise ModAdaptError(f"{STATIC_ATTENTION} attention only runs GraphedDecoder's decode steps.")
+    return static_cache_attention(query, key, value, attention_mask, scaling), None
+
+
+@functools.cache
+def register_attention_functions() -> None:
+    """Register modadapt's attention functions with transformers (once per process)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, transformers_varlen_attention)
+    AttentionInterface.register(PROBE_ATTENTION, probe_attention)
+    AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)  # the probe runs SDPA: SDPA-style masks
+    AttentionInterface.register(STATIC_ATTENTION, static_decode_attention)
+
+
+@contextlib.contextmanager
+def use_attention(config: Any, name: str) -> Iterator[None]:
+    """Point the layers' attention at the registered function `name` for a while (one packed MoD
+    layer call; a graphed decode step). The layers read the implementation name from the config
+    at call time; setting the stored name directly skips the setter's validation and sub-config
+    walk (this runs once per MoD layer call)."""
+    before = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = before

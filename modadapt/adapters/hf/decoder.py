@@ -1,0 +1,256 @@
+"""Hugging Face decoder-only LLMs (Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2), found generically.
+
+The layer stack is the `nn.ModuleList` of the decoder (`get_decoder()`) whose layers are of a class
+named in `_no_split_modules`; no modeling code is copied per family. The KV-cache bookkeeping of
+MoD layers is in `kv_cache`, the attention functions registered with transformers in `attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+from ...attention_probe import AttentionProbe
+from ...errors import ModAdaptError
+from ..base import Adapter, AttentionMapCallback, DecodeParts, LayerCall, TokenRoles
+from .attention import (
+    PROBE_ATTENTION,
+    STATIC_ATTENTION,
+    VARLEN_ATTENTION,
+    register_attention_functions,
+    use_attention,
+)
+from .attention_maps import eager_attention_maps
+from .kv_cache import mod_cache_layer
+
+#: Families converted, trained and generated with in the test suite.
+TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
+#: Llama-style families (token embedding, rotary embedding, final norm) `GraphedDecoder` runs.
+GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and hasattr(model, "get_decoder")
+
+
+class HFDecoderAdapter(Adapter):
+    name = "hf-decoder"
+    description = "Hugging Face decoder-only LLMs: " + ", ".join(TESTED_FAMILIES)
+
+    def matches(self, model: nn.Module) -> bool:
+        return _is_causal_lm(model) and getattr(model.config, "model_type", None) in TESTED_FAMILIES
+
+    def layer_stack(self, model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+        decoder = model.get_decoder()
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        for child in decoder.children():
+            if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in names:
+                return decoder, child
+        # A converted model's layers carry a `Mod` prefix; look through it.
+        for child in decoder.children():
+            if isinstance(child, nn.ModuleList) and len(child) and hasattr(child[0], "_mod_original"):
+                return decoder, child
+        raise ModAdaptError(f"could not find the decoder layers of {type(model).__name__}.")
+
+    def hidden_size(self, model: nn.Module) -> int:
+        return model.config.get_text_config(decoder=True).hidden_size
+
+    def validate_layers(self, model: nn.Module, layers: list[int]) -> None:
+        # transformers sizes each attention type's mask from the first layer of that type.
+        types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+        if types:
+            firsts = {t: types.index(t) for t in set(types)}
+            for t, first in firsts.items():
+                if first in layers:
+                    raise ModAdaptError(
+                        f"layer {first} is the first {t!r} layer; transformers sizes that attention type's "
+                        "mask from it, so it cannot be converted. Choose other layers."
+                    )
+
+    def layer_call(self, model: nn.Module, layer: nn.Module, index: int) -> LayerCall:
+        forward = getattr(type(layer), "_mod_original", type(layer)).forward
+        signature = inspect.signature(forward)
+        params = signature.parameters
+        cache = next((n for n in ("past_key_values", "past_key_value") if n in params), "past_key_values")
+        config = model.config.get_text_config(decoder=True)
+        register_attention_functions()  # what `packed_attention` switches to (once per process)
+        return LayerCall(
+            hidden=next(iter(list(params)[1:])),
+            mask="attention_mask",
+            cache=cache,
+            position_ids="position_ids",
+            per_token=("position_embeddings",),
+            causal=True,
+            window=_sliding_window(config, index),
+            attn_implementation=functools.partial(getattr, config, "_attn_implementation"),
+            signature=signature,
+            packed_attention=functools.partial(use_attention, config, VARLEN_ATTENTION),
+        )
+
+    def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
+        mask = kwargs.get("attention_mask")
+        if mask is None and args:  # passed by position (transformers' own callers pass names)
+            bound = _forward_signature(type(stack_owner)).bind_partial(stack_owner, *args, **kwargs)
+            mask = bound.arguments.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return TokenRoles()
+        real = mask.bool()
+        if not torch.compiler.is_compiling() and bool(real.all()):
+            return TokenRoles()  # no padding: lets MoD layers take the fused causal path
+        return TokenRoles(real=real)
+
+    def mod_cache_layer(self, cache: Any, layer_index: int) -> Any:
+        """The transformers cache layer of MoD layer `layer_index`, with its bookkeeping (`kv_cache`)."""
+        return mod_cache_layer(cache, layer_index)
+
+    def decode_parts(self, model: nn.Module) -> DecodeParts:
+        """The decoder's token embedding, rotary embedding and final norm, the LM head, and the
+        attention shape of a `GRAPHED_FAMILIES` model (or its language model's)."""
+        config = model.config.get_text_config(decoder=True)
+        if getattr(config, "model_type", None) not in GRAPHED_FAMILIES or not hasattr(model, "get_decoder"):
+            raise ModAdaptError(
+                f"graphed decoding supports {', '.join(GRAPHED_FAMILIES)} decoders, not "
+                f"{getattr(config, 'model_type', type(model).__name__)!r}."
+            )
+        decoder = model.get_decoder()
+        for part in ("embed_tokens", "rotary_emb", "norm", "layers"):
+            if not hasattr(decoder, part):
+                raise ModAdaptError(f"{type(decoder).__name__} has no {part!r}: not a Llama-style decoder.")
+        register_attention_functions()
+        return DecodeParts(
+            embed=decoder.embed_tokens,
+            rotary=decoder.rotary_emb,
+            norm=decoder.norm,
+            head=model.get_output_embeddings(),
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            window=getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None,
+            static_attention=functools.partial(use_attention, config, STATIC_ATTENTION),
+            prefill=functools.partial(_prefill, model),
+        )
+
+    def calibration_kind(self, model: nn.Module) -> str:
+        return "text"
+
+    def is_linear_map(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+    def transposed_linear_weights(self, model: nn.Module) -> bool:
+        return any(_is_conv1d(m) for m in model.modules())
+
+    def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any]:
+        """Random token ids in [1, vocab): 0 is left for padding."""
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        generator = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(1, vocab, (batch, length), generator=generator)}
+
+    def attention_probe(self, model: nn.Module, layers: list[int]) -> AttentionProbe:
+        """Points the model's attention at `PROBE_ATTENTION` (records, then runs SDPA) while the
+        probe is attached; SDPA-style masks are built for it, so outputs do not change."""
+        config = model.config.get_text_config(decoder=True)
+        current = config._attn_implementation
+        if current not in ("sdpa", PROBE_ATTENTION):
+            raise ModAdaptError(
+                f"observing attention needs attn_implementation='sdpa', not {current!r}; "
+                "load the model with attn_implementation='sdpa'."
+            )
+        _, stack = self.layer_stack(model)
+        modules = []
+        for i in layers:
+            if not 0 <= i < len(stack):
+                raise ModAdaptError(f"layer {i} is out of range: the model has {len(stack)} layers.")
+            attn = next((m for m in stack[i].modules() if type(m).__name__.endswith("Attention")), None)
+            if attn is None:
+                raise ModAdaptError(f"layer {i} ({type(stack[i]).__name__}) has no attention module to observe.")
+            modules.append((attn, i))
+        register_attention_functions()
+        probe = AttentionProbe(layers)
+        for attn, i in modules:
+            tags = attn.__dict__.setdefault("_modadapt_probes", [])
+            tags.append((probe, i))
+        model.config._attn_implementation = PROBE_ATTENTION
+        probe.on_remove(_DetachProbe(model, stack, [attn for attn, _ in modules], probe))
+        return probe
+
+    def analysis_layer_stack(self, model: nn.Module) -> nn.ModuleList | None:
+        """The `nn.ModuleList` whose layers are of a class named in `_no_split_modules`, in any
+        transformers model (an encoder included)."""
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in names:
+                return module
+        return None
+
+    def attention_maps(self, model: nn.Module, layers: nn.ModuleList,
+                       callback: AttentionMapCallback) -> ContextManager[None]:
+        return eager_attention_maps(model, layers, callback)
+
+    # --- persistence ---------------------------------------------------------------------------
+    def describe(self, model: nn.Module) -> dict:
+        return {"library": "transformers", "class": type(model).__name__, "model_type": model.config.model_type}
+
+    def save_base(self, model: nn.Module, directory: str) -> None:
+        model.config.save_pretrained(directory)
+
+    def build(self, directory: str, description: dict) -> nn.Module:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(directory)
+        cls = getattr(transformers, description.get("class", ""), None)
+        if cls is None:
+            raise ModAdaptError(
+                f"{directory}: transformers has no model class {description.get('class')!r}; "
+                "was it saved with a newer transformers?"
+            )
+        return cls._from_config(config)
+
+
+class _DetachProbe:
+    """Untags the probe's attention modules and restores SDPA once no probe is left. An object,
+    not a closure, so that `copy.deepcopy(model)` gives the copy an undo bound to the copy."""
+
+    def __init__(self, model: nn.Module, stack: nn.Module, modules: list, probe: AttentionProbe):
+        self.model, self.stack, self.modules, self.probe = model, stack, modules, probe
+
+    def __call__(self) -> None:
+        for attn in self.modules:
+            attn._modadapt_probes = [t for t in attn._modadapt_probes if t[0] is not self.probe]
+        if not any(getattr(m, "_modadapt_probes", None) for m in self.stack.modules()):
+            self.model.config._attn_implementation = "sdpa"
+
+
+def _prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             position_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The prompt through the model with a fresh `DynamicCache`: the last logits and its layers."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], cache.layers
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2): a linear map whose weight is stored `[in, out]`."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "weight")
+
+
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _sliding_window(config: Any, index: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if types[index] == "sliding_attention" else None
+    return window

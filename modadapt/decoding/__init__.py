@@ -1,0 +1,39 @@
+"""Decoding with a static KV cache and CUDA graphs, for dense and converted models alike.
+
+Eager decoding of a ~1B model is bound by the host: Python and kernel launches take several
+times the GPU's own time, and a MoD layer's decision needs a host sync, which eats most of what
+skipping saves. `GraphedDecoder` captures the decode step and replays it. A MoD layer's work runs
+only when some row keeps the token; how that branch is taken (`branches`):
+
+- ``"conditional"``: a CUDA conditional node, the GPU skips the layer itself (torch builds that
+  expose `CUDAGraph.begin_capture_to_if_node`; one graph per step);
+- ``"host"``: the step is captured as pieces between MoD layers; after each routing piece the
+  host polls the decision's byte in pinned memory and replays the layer's graph or not;
+- ``"select"``: one graph, every MoD layer always runs and `where` keeps the input of rows that
+  skip (no skipped work, no sync; what a large batch, where some row nearly always keeps, wants).
+
+``"auto"`` picks conditional where available, else host at batch 1 and select above. In every
+mode a row that skips writes no K/V that is kept and reads none, so each row generates what it
+would alone (rows computed in a step that another row keeps are discarded).
+
+The cache is static and compacted per row (`static_cache`). A MoD layer's capacity is what its
+rows kept in the prompt plus the new tokens, rounded up to `BUCKET` so that captured steps are
+reused across prompts; KV bytes shrink with the skipped pairs. The prompt runs eagerly (packed
+MoD layers where they apply) and its cache is copied in.
+
+One concept per module: `static_cache` (the buffers and the attention that reads them),
+`sampling` (token choice inside a graph), `step` (a step's pieces, capture and replay per branch
+mode), `decoder` (`GraphedDecoder`: prefill, decode, generate).
+
+What a family must provide (embedding, rotary embedding, final norm, head, the prompt's cache,
+the attention that reads the static cache) comes from its adapter (`Adapter.decode_parts`), so
+this package knows no model family. Supported: Llama-style decoders (`adapters.hf`: Llama,
+Mistral, Qwen2/3, Phi-3) without a sliding window in reach, and routers marked `graphable` (all
+built-in ones but attention routing, which reads the previous layer's attention map).
+"""
+
+from .decoder import BUCKET, CHECK_EVERY, GraphedDecoder
+from .sampling import Sampling
+from .step import BRANCHES, conditional_nodes_available
+
+__all__ = ["BRANCHES", "BUCKET", "CHECK_EVERY", "GraphedDecoder", "Sampling", "conditional_nodes_available"]

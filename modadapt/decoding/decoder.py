@@ -1,0 +1,256 @@
+"""`GraphedDecoder`: the public decode path: prefill eagerly, then replay captured steps.
+
+It owns what outlives one step: the model's parts, the captured steps (keyed on batch, bucketed
+capacities, new tokens and sampling, so that prompts of similar length reuse them), the prefill
+that copies the prompt's cache into a step's static buffers, and `generate`'s end-of-sequence
+handling, which follows `model.generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ModAdaptError
+from ..mod_layer import state_of
+from ..plugins import find_adapter
+from .sampling import Sampling, next_token
+from .step import BRANCHES, DecodeStep, StepLayer, conditional_nodes_available
+
+#: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
+BUCKET = 128
+_MAX_STEPS = 4  # captured steps kept per decoder (each holds its buffers)
+#: `generate` checks whether every row has ended once per this many steps (a host sync).
+CHECK_EVERY = 32
+
+
+class GraphedDecoder:
+    """Generation (greedy or sampled) for a model whose adapter provides `decode_parts` (built in:
+    Llama-style decoders), dense or converted, with a static, per-row compacted KV cache; on CUDA
+    each decode step replays captured CUDA graphs (see `modadapt.decoding`).
+
+    Greedy, `generate` gives the tokens `model.generate(..., do_sample=False)` gives, up to kernel
+    rounding. `cuda_graphs=False` (the default off CUDA) runs the same pieces eagerly. A captured
+    step reads the weights in place; when a router's parameters or buffers change in place
+    (training, `load_state_dict`: their version moves) the next `prefill` captures afresh, since
+    resolved cut-offs are tensors of their own. Replacing `.data` is not seen: call `reset()`.
+    """
+
+    def __init__(self, model: nn.Module, cuda_graphs: bool | None = None, branches: str = "auto"):
+        state = state_of(model)
+        adapter = state.adapter if state is not None else find_adapter(model)
+        parts = adapter.decode_parts(model)
+        if branches not in BRANCHES:
+            raise ModAdaptError(f"branches must be one of {', '.join(BRANCHES)}, got {branches!r}")
+        if branches == "conditional" and not conditional_nodes_available():
+            raise ModAdaptError("this torch has no CUDA graph conditional nodes; use branches='host' or 'auto'.")
+        self.model, self.parts, self.branches = model, parts, branches
+        self.params = next(model.parameters())
+        self.cuda_graphs = self.params.is_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not self.params.is_cuda:
+            raise ModAdaptError("cuda_graphs=True needs the model on a CUDA device.")
+        self.kv_heads, self.head_dim, self.window = parts.kv_heads, parts.head_dim, parts.window
+        self.embed, self.norm, self.rotary, self.head = parts.embed, parts.norm, parts.rotary, parts.head
+        _, stack = adapter.layer_stack(model)
+        mod = set(state.layer_indices) if state is not None else set()
+        for i in sorted(mod):
+            router = stack[i].router
+            if not router.graphable:
+                raise ModAdaptError(
+                    f"router {router.name!r} (layer {i}) cannot run inside a captured decode step; decode with "
+                    "model.generate instead."
+                )
+        self.layers = []
+        for i, layer in enumerate(stack):
+            names = layer.mod_state.call if i in mod else adapter.layer_call(model, layer, i)
+            forward = getattr(type(layer), "_mod_original", type(layer)).forward
+            self.layers.append(StepLayer(layer, forward, names, i in mod))
+        self.first_dense = next((i for i, layer in enumerate(self.layers) if not layer.mod), None)
+        self._router_tensors = [t for layer in self.layers if layer.mod
+                                for t in (*layer.module.router.parameters(), *layer.module.router.buffers())]
+        self._versions: tuple | None = None  # the router tensors' versions the captured steps saw
+        self._steps: dict[tuple, DecodeStep] = {}
+        self.last_step: DecodeStep | None = None
+
+    def reset(self) -> None:
+        """Drop every captured step (the next `prefill` captures afresh)."""
+        self._steps.clear()
+        self.last_step = None
+
+    def branches_for(self, batch: int) -> str:
+        """The branch mode used at `batch` (see `modadapt.decoding`)."""
+        if self.branches != "auto":
+            return self.branches
+        if conditional_nodes_available():
+            return "conditional"
+        return "host" if batch == 1 else "select"
+
+    # --- the public calls -------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+        """The prompt (left padding allowed) and up to `max_new_tokens` new tokens, as
+        `model.generate` returns them: greedy (the same tokens), or drawn with `do_sample`
+        (temperature, top-k, top-p; seed with `torch.manual_seed`). After a row's end-of-sequence
+        token come pad tokens, and generation stops once every row has ended (checked every
+        `CHECK_EVERY` steps). Arguments left None come from the model's generation config, as in
+        `model.generate` (transformers' defaults: temperature 1, top-k 50, top-p 1)."""
+        config = getattr(self.model, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        sampling = None
+        if do_sample:
+            def pick(value, name, default):
+                for candidate in (value, getattr(config, name, None)):
+                    if candidate is not None:
+                        return candidate
+                return default
+
+            top_p = pick(top_p, "top_p", 1.0)
+            sampling = Sampling(pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50),
+                                None if top_p == 1.0 else top_p)
+        step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling)
+        first = step.token.clone()
+        eos_ids = torch.tensor(eos, device=first.device, dtype=first.dtype)
+        done = 0
+        while done < max_new_tokens - 1:
+            chunk = min(CHECK_EVERY, max_new_tokens - 1 - done)
+            self.decode(chunk)
+            done += chunk
+            if eos and bool(torch.isin(torch.cat([first, step.out[:, :done]], 1), eos_ids).any(1).all()):
+                break  # every row has ended: the rest would be padding
+        new = torch.cat([first, step.out[:, :done]], dim=1)
+        if eos:
+            ended = torch.isin(new, eos_ids)
+            after = (ended.long().cumsum(1) - ended.long()) > 0  # past each row's first end token
+            new = new.masked_fill(after, pad)
+            if bool(ended.any(1).all()):  # as transformers: stop at the step the last row ended
+                new = new[:, : int(ended.long().argmax(1).max()) + 1]
+        return torch.cat([input_ids, new], dim=1)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                sampling: Sampling | None = None) -> DecodeStep:
+        """Run the prompt eagerly, copy its cache into the static buffers of a (captured) step
+        sized for `max_new_tokens`, and leave the first new token in the step's `token`."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ModAdaptError(f"input_ids must be [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ModAdaptError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if self.model.training:
+            raise ModAdaptError("graphed decoding runs in eval mode; call model.eval() first.")
+        state = state_of(self.model)
+        if state is not None and state.dense:
+            raise ModAdaptError("graphed decoding routes by itself; decode outside modadapt.dense(model), or use "
+                                "model.generate inside it.")
+        B, S = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ModAdaptError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, S)}")
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if self.window is not None and S + max_new_tokens > self.window:
+            raise ModAdaptError(
+                f"the model's sliding window ({self.window}) is shorter than prompt + new tokens "
+                f"({S + max_new_tokens}); graphed decoding has no windowed cache."
+            )
+        positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+        logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+        first = next_token(logits, sampling)
+        stored = [self._compacted(cache_layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
+        capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
+        versions = tuple((id(t), t._version) for t in self._router_tensors)
+        if versions != self._versions:  # routers changed: cut-offs resolved at capture may be stale
+            self.reset()
+            self._versions = versions
+        step = self._step_for(B, capacities, max_new_tokens, sampling)
+        for i, (k, v, n) in enumerate(stored):
+            step.keys[i].zero_()
+            step.values[i].zero_()
+            if k is not None:
+                step.keys[i][:, : k.shape[2]].copy_(k.transpose(1, 2))
+                step.values[i][:, : v.shape[2]].copy_(v.transpose(1, 2))
+            step.lengths[i].copy_(n)
+        step.token.copy_(first)
+        step.position.copy_(real.long().sum(-1, keepdim=True))
+        step.out.zero_()
+        step.count.zero_()
+        step.steps_done = 0
+        self.last_step = step
+        return step
+
+    @torch.inference_mode()
+    def decode(self, steps: int) -> None:
+        """`steps` decode steps after `prefill` (greedy or sampled, as the prefill chose)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ModAdaptError(f"steps must be an int >= 0, got {steps!r}")
+        step = self.last_step
+        if step is None:
+            raise ModAdaptError("call prefill (or generate) before decode.")
+        if step.steps_done + steps > step.out.shape[1]:
+            raise ModAdaptError(
+                f"prefill sized the cache for {step.out.shape[1]} steps; {step.steps_done} are done, "
+                f"{steps} more do not fit."
+            )
+        step.steps_done += steps
+        with self.parts.static_attention():
+            for _ in range(steps):
+                if step.graphs is not None:
+                    step.replay()
+                else:
+                    step.run_eager()
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(bytes allocated for K/V, bytes of K/V slots in use) of the last prefilled step."""
+        step = self.last_step
+        if step is None:
+            return 0, 0
+        allocated = sum(2 * k.numel() * k.element_size() for k in step.keys)
+        per_slot = [2 * k.shape[2] * k.shape[3] * k.element_size() for k in step.keys]
+        used = sum(int(n.sum()) * s for n, s in zip(step.lengths, per_slot))
+        return allocated, used
+
+    # --- internals ----------------------------------------------------------------------------
+    def _compacted(self, layer, mod: bool, real: torch.Tensor):
+        """(keys, values `[B, Hk, n, d]`, per-row counts `[B]`) of one prompt cache layer, each
+        row's stored real slots moved to the front (left padding and filler slots dropped)."""
+        B = real.shape[0]
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, torch.Tensor) or keys.numel() == 0:
+            return None, None, torch.zeros(B, dtype=torch.long, device=real.device)
+        valid = layer.mod_valid if mod else real  # reading mod_valid converts a packed cache to rows
+        keys, values = layer.keys, layer.values  # (after the conversion)
+        if valid is None or bool(valid.all()):
+            return keys, values, torch.full((B,), keys.shape[2], dtype=torch.long, device=keys.device)
+        counts = valid.long().sum(-1)
+        order = torch.sort(valid.long(), dim=1, descending=True, stable=True).indices  # real slots first
+        index = order.view(B, 1, -1, 1).expand(B, keys.shape[1], -1, keys.shape[3])
+        width = int(counts.max())
+        return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts
+
+    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None) -> DecodeStep:
+        key = (batch, capacities, new, sampling)
+        step = self._steps.get(key)
+        if step is not None:
+            return step
+        while len(self._steps) >= _MAX_STEPS:
+            self._steps.pop(next(iter(self._steps)))
+        step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling)
+        if self.cuda_graphs:
+            try:
+                with self.parts.static_attention():
+                    step.capture()
+            except RuntimeError as error:
+                raise ModAdaptError(
+                    f"capturing the decode step failed ({error}); a router whose causal rule syncs with "
+                    "the host, or a rotary embedding that resizes itself, cannot be graphed: use "
+                    "cuda_graphs=False."
+                ) from error
+        self._steps[key] = step
+        return step
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -1,0 +1,245 @@
+"""One decode step as pieces over static buffers, run eagerly or captured as CUDA graphs.
+
+A step is a list of pieces: the embedding, each dense layer, each MoD layer as its routing and
+its work, the head and the token pick. Capturing them is what removes the host cost of eager
+decoding; how a MoD layer's work is taken or skipped inside the capture is the `branches` mode
+(`BRANCHES`, described in `modadapt.decoding`). Rows that skip a layer write no K/V that is kept
+and read none, so each row generates what it would alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..adapters.base import LayerCall
+from ..errors import ModAdaptError
+from ..mod_layer import apply_gate
+from ..routers.base import RoutingContext
+from .sampling import Sampling, next_token
+from .static_cache import KeyLengths, StaticCache
+
+BRANCHES = ("auto", "conditional", "host", "select")
+_PENDING = 2  # a "host" branch decision not yet copied back
+
+
+def conditional_nodes_available() -> bool:
+    """Whether this torch can capture a graph branch that the GPU takes or skips itself."""
+    return hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+
+
+@dataclass
+class StepLayer:
+    """A layer of the stack as the step calls it: its original forward, bypassing `mod_forward`."""
+
+    module: nn.Module
+    forward: Callable  # the layer's original forward (unbound)
+    names: LayerCall  # its argument names
+    mod: bool
+
+
+class DecodeStep:
+    """The buffers of one shape (batch, capacities), the decode step as pieces over them, and
+    (on CUDA) its captured graphs. Pieces: `("run", fn)` always runs; `("if", i, fn)` runs MoD
+    layer `i` when the `pred` its routing piece left holds. `decoder` is the `GraphedDecoder`
+    that owns the step: its model parts and layers."""
+
+    def __init__(self, decoder: Any, batch: int, capacities: tuple[int, ...], new: int, mode: str,
+                 sampling: Sampling | None = None):
+        p = decoder.params
+        device, dtype = p.device, p.dtype
+        self.decoder, self.batch, self.capacities, self.sampling = decoder, batch, capacities, sampling
+        self.keys = [torch.zeros(batch, c, decoder.kv_heads, decoder.head_dim, device=device, dtype=dtype)
+                     for c in capacities]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        dense_length = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lengths = [torch.zeros(batch, dtype=torch.long, device=device) if layer.mod else dense_length
+                        for layer in decoder.layers]
+        self.dense_length = dense_length
+        self.cache = StaticCache(self.keys, self.values, self.lengths)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.out = torch.zeros(batch, new, dtype=torch.long, device=device)
+        self.count = torch.zeros(1, dtype=torch.long, device=device)
+        self.steps_done = 0  # decode steps since the prefill (the host's count of `count`)
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        self._cu_k = {c: cu_q * c for c in set(capacities)}
+        self._cu_q = cu_q
+        self._used = [torch.zeros(batch, dtype=torch.int32, device=device) for _ in capacities]
+        self.live: dict = {}  # tensors passed between pieces (kept referenced across graphs)
+        self.flags = self._flags = None  # pinned host copies of each MoD layer's decision ("host" branches)
+        self.graphs: list | None = None  # [(kind, graph, layer)] once captured
+        self.mode = mode  # the branches mode (eagerly, "host" and "conditional" check on the host)
+        self.pieces = self._pieces()
+
+    @property
+    def runs_only_when_kept(self) -> bool:
+        """Batch 1 with the MoD work behind a branch: it runs only for a kept token (no `where`)."""
+        return self.batch == 1 and self.mode != "select"
+
+    def _lengths(self, i: int) -> KeyLengths:
+        used = torch.add(self.lengths[i], 1, out=self._used[i])  # one kernel: add and narrow to int32
+        return KeyLengths(used, self._cu_q, self._cu_k[self.capacities[i]])
+
+    def _pieces(self) -> list:
+        d, pieces = self.decoder, [("run", self._begin)]
+        for i, layer in enumerate(d.layers):
+            if layer.mod:
+                pieces += [("run", functools.partial(self._route, i)), ("if", i, functools.partial(self._body, i))]
+            else:
+                pieces.append(("run", functools.partial(self._dense, i)))
+        return pieces + [("run", self._end)]
+
+    # --- the pieces ---------------------------------------------------------------------------
+    def _begin(self) -> None:
+        d, live = self.decoder, self.live
+        live["h"] = d.embed(self.token)
+        live["pe"] = d.rotary(live["h"], self.position)
+        if d.first_dense is not None:
+            live["dense"] = self._lengths(d.first_dense)
+
+    def _dense(self, i: int) -> None:
+        live = self.live
+        live["h"] = self._call(self.decoder.layers[i], live["h"], live["dense"], live["pe"])
+
+    def _route(self, i: int) -> None:
+        layer, live, B = self.decoder.layers[i], self.live, self.batch
+        router, h = layer.module.router, live["h"]
+        ctx = RoutingContext(layer_index=i, real=None, forced=None, positions=self.position, causal=True,
+                             training=False)
+        logits = router.score(h, ctx)
+        keep = router.causal_keep(logits, h, ctx).reshape(B, 1)
+        live[("keep", i)], live[("gate", i)] = keep, router.gate(logits)
+        if self.mode == "select":  # no branch: the layer always runs
+            pred = None
+        else:
+            live[("pred", i)] = pred = keep.reshape(()) if B == 1 else keep.any()
+        if self.flags is not None:  # the decision's byte (bool viewed as uint8: no kernel) to the host
+            self.flags[i].copy_(pred.view(torch.uint8), non_blocking=True)
+        # Needed only when the layer runs, but queued after the copy it runs while the host reacts.
+        live[("lengths", i)] = lengths = self._lengths(i)
+        if not self.runs_only_when_kept:
+            lengths.used.mul_(keep.view(-1))  # rows that skip read no K/V (their result is dropped)
+
+    def _body(self, i: int) -> None:
+        live = self.live
+        h, keep = live["h"], live[("keep", i)]
+        out = apply_gate(self._call(self.decoder.layers[i], h, live[("lengths", i)], live["pe"]), live[("gate", i)], h)
+        if self.runs_only_when_kept:  # batch 1, branch taken on the device or host: keep holds
+            h.copy_(out)
+            self.lengths[i].add_(1)
+        else:
+            torch.where(keep.unsqueeze(-1), out, h, out=h)  # rows that skip keep their input
+            self.lengths[i].add_(keep.view(-1))  # and their K/V slot is not counted
+
+    def _end(self) -> None:
+        d, h, B = self.decoder, self.live["h"], self.batch
+        self.dense_length += 1
+        nxt = next_token(d.head(d.norm(h)[:, -1]), self.sampling)
+        self.token.copy_(nxt)
+        self.position += 1
+        self.out.scatter_(1, self.count.expand(B, 1).clamp_max(self.out.shape[1] - 1), nxt)
+        self.count += 1
+
+    def _call(self, layer: StepLayer, h, lengths: KeyLengths, pe):
+        c = layer.names
+        kwargs = {c.hidden: h, c.mask: lengths, c.cache: self.cache, c.position_ids: self.position,
+                  "position_embeddings": pe}
+        out = layer.forward(layer.module, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    # --- running ------------------------------------------------------------------------------
+    def run_eager(self, warm: bool = False) -> None:
+        """The step without graphs; `warm` runs every MoD layer's work (so both sides are planned)."""
+        for piece in self.pieces:
+            if piece[0] == "run":
+                piece[1]()
+            elif warm or self.mode == "select" or bool(self.live[("pred", piece[1])]):
+                piece[2]()
+
+    def capture(self) -> None:
+        """Warm up on a side stream, then capture. The buffers hold scratch values here; the
+        caller fills them after. The random state is put back, so that the warm-up's draws do not
+        shift a sampled generation (the first with this step would differ from later ones)."""
+        device = self.token.device
+        rng = torch.cuda.get_rng_state(device)
+        try:
+            self._warm_up_and_capture()
+        finally:
+            torch.cuda.set_rng_state(rng, device)
+
+    def _warm_up_and_capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.run_eager(warm=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.mode == "host":
+            # uint8 so that a value the GPU never writes (_PENDING) marks "not arrived yet"
+            self.flags = torch.full((len(self.decoder.layers),), _PENDING, dtype=torch.uint8, pin_memory=True)
+            self._flags = self.flags.numpy()  # polled without the tensor dispatcher
+        graphs, pool, group = [], None, []
+
+        def capture_group(fns, kind, layer=None):
+            nonlocal pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                for fn in fns:
+                    fn()
+            pool = graph.pool()
+            graphs.append((kind, graph, layer))
+
+        if self.mode == "host":
+            for piece in self.pieces:
+                if piece[0] == "run":
+                    group.append(piece[1])
+                    continue
+                capture_group(group, "run")
+                group = []
+                capture_group([piece[2]], "if", piece[1])
+            capture_group(group, "run")
+        else:
+            capture_group([self._captured_step], "run")
+        self.graphs = graphs
+
+    def _captured_step(self) -> None:
+        """The whole step in one capture: MoD work in conditional nodes, or always run ("select")."""
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph() if self.mode == "conditional" else None
+        for piece in self.pieces:
+            if piece[0] == "run":
+                piece[1]()
+            elif graph is not None:
+                graph.begin_capture_to_if_node(self.live[("pred", piece[1])])
+                try:
+                    piece[2]()
+                finally:
+                    graph.end_capture_to_conditional_node()
+            else:
+                piece[2]()  # "select": computed for every row, `where` keeps the skipping rows' input
+
+    def replay(self) -> None:
+        """One step. With "host" branches the host waits once per MoD layer for the decision's
+        byte (polling pinned memory is quicker than a stream sync) and replays the layer's graph
+        or not; the GPU idles from the routing piece's end until the next graph starts, the
+        overhead `benchmarks/speed.py` prices (decode_graphs)."""
+        flags = self._flags
+        if flags is not None:
+            flags.fill(_PENDING)
+        for kind, graph, layer in self.graphs:
+            if kind == "run":
+                graph.replay()
+            else:
+                spins = 0
+                while flags[layer] == _PENDING:  # the copy lands after every earlier node ran
+                    spins += 1
+                    if spins > 1_000_000:  # slow, or the GPU failed: wait for it properly
+                        torch.cuda.current_stream().synchronize()
+                        if flags[layer] == _PENDING:
+                            raise ModAdaptError(f"MoD layer {layer}'s decision never reached the host")
+                if flags[layer]:
+                    graph.replay()
