@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import speed
 
-from modadapt.graphed_decode import GraphedDecoder
+from modadapt.decoding import GraphedDecoder
 
 
 def main() -> int:

@@ -803,7 +803,8 @@ def check_static_attention(device, dtype) -> dict:
     masked-SDPA fallback, on random K/V with random per-row lengths (B=32, GQA 32/8 heads; a
     quarter of the rows at length 0, as rows that skip a MoD layer in a batch: compared on the
     other rows, where the fallback is defined)."""
-    from modadapt import graphed_decode as gd
+    from modadapt.adapters.hf.attention import static_decode_attention
+    from modadapt.decoding import static_cache
 
     gen = torch.Generator(device="cpu").manual_seed(3)
     B, H, Hk, d, cap = 32, 32, 8, 64, 2304
@@ -813,17 +814,17 @@ def check_static_attention(device, dtype) -> dict:
     used[::4] = 0
     used = used.to(device, torch.int32)
     cu_q = torch.arange(B + 1, dtype=torch.int32, device=device)
-    lengths = gd._KeyLengths(used, cu_q, cu_q * cap)
-    key = gd.flash_key(q)
-    saved = gd._FLASH.get(key)
+    lengths = static_cache.KeyLengths(used, cu_q, cu_q * cap)
+    key = static_cache.flash_key(q)
+    saved = static_cache._FLASH.get(key)
     try:
-        gd._FLASH.pop(key, None)
-        fast = gd._static_decode_attention(None, q, k, v, lengths, scaling=d ** -0.5)[0].float()
-        flash = gd._FLASH.get(key)
-        gd._FLASH[key] = False
-        ref = gd._static_decode_attention(None, q, k, v, lengths, scaling=d ** -0.5)[0].float()
+        static_cache._FLASH.pop(key, None)
+        fast = static_decode_attention(None, q, k, v, lengths, scaling=d ** -0.5)[0].float()
+        flash = static_cache._FLASH.get(key)
+        static_cache._FLASH[key] = False
+        ref = static_decode_attention(None, q, k, v, lengths, scaling=d ** -0.5)[0].float()
     finally:
-        gd._FLASH.pop(key, None) if saved is None else gd._FLASH.__setitem__(key, saved)
+        static_cache._FLASH.pop(key, None) if saved is None else static_cache._FLASH.__setitem__(key, saved)
     rows = used > 0
     fast, ref = fast[rows], ref[rows]
     return dict(flash=flash, rel_diff=float((fast - ref).norm() / ref.norm()),
@@ -837,8 +838,7 @@ def run_decode_graphs(b: Bench) -> None:
     graph pieces at batch 1, else compute-and-select). Timed: `new` steps after the prompt (the
     prompt runs eagerly and is not timed, as in `decode`). Checked: teacher-forced tokens against
     eager greedy decoding of the same model."""
-    from modadapt import graphed_decode
-    from modadapt.graphed_decode import GraphedDecoder
+    from modadapt.decoding import GraphedDecoder, static_cache
 
     if b.device.type == "cuda":
         check = check_static_attention(b.device, b.dtype)
@@ -891,7 +891,7 @@ def run_decode_graphs(b: Bench) -> None:
                 ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt), ideal_basis="bytes",
                 dense_ms_per_step=dense["ms"] / new, mod_ms_per_step=mod["ms"] / new,
                 dense_tokens_per_s=B * new / dense["ms"] * 1e3, mod_tokens_per_s=B * new / mod["ms"] * 1e3,
-                kept_fraction=kept, branches=mod["branches"], flash_decode=any(graphed_decode._FLASH.values()),
+                kept_fraction=kept, branches=mod["branches"], flash_decode=any(static_cache._FLASH.values()),
                 dense_kv_bytes=dense["allocated"], mod_kv_bytes=mod["allocated"],
                 kv_ratio=mod["allocated"] / dense["allocated"], dense_kv_used_bytes=dense["used"],
                 mod_kv_used_bytes=mod["used"], kv_used_ratio=mod["used"] / dense["used"],

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import modadapt
-from modadapt.adapters.timm_vit import create_model
+from modadapt.adapters.timm import create_model
 from modadapt.metrics.measured_flops import measured_flops
 
 ROUTERS = ("attention", "topk", "random")

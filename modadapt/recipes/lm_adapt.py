@@ -287,16 +287,19 @@ def router_parameter_names(model: nn.Module) -> list[str]:
 
 
 def projection_names(model: nn.Module) -> list[str]:
-    """Full names of the linear maps (nn.Linear, GPT-2's Conv1D) inside the layer stack, routers excluded."""
+    """Full names of the family's linear maps (nn.Linear, GPT-2's Conv1D) inside the layer stack,
+    routers excluded."""
     from ..metrics.layer_stack import find_layers
+    from ..plugins import find_adapter
 
+    adapter = find_adapter(model)
     stack = find_layers(model)
     layer_ids = {id(layer) for layer in stack}
     prefixes = [name + "." for name, module in model.named_modules() if id(module) in layer_ids]
     return [
         name for name, module in model.named_modules()
         if any(name.startswith(p) for p in prefixes) and ".router." not in f".{name}."
-        and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+        and adapter.is_linear_map(module)
     ]
 
 
@@ -319,9 +322,11 @@ def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
         import peft
     except ImportError:
         raise ModAdaptError("train: lora needs peft; `pip install peft` (or modadapt[lora]).") from None
-    is_gpt2 = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    from ..plugins import find_adapter
+
+    transposed = find_adapter(model).transposed_linear_weights(model)
     lora = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           target_modules=projection_names(model), fan_in_fan_out=is_gpt2)
+                           target_modules=projection_names(model), fan_in_fan_out=transposed)
     wrapped = peft.get_peft_model(model, lora)
     for name, param in model.named_parameters():
         if name in routers:
