@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModAdaptError as exc:
         print(f"modadapt: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # a recipe's `Interrupted` says how to resume
+        print(f"modadapt: {exc or 'interrupted.'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

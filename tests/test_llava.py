@@ -230,7 +230,7 @@ def test_llava_adapt_recipe_trains_resumes_and_summarises(tmp_path, capsys):
     flags = ["train", "llava-adapt", "--data", str(data), "--eval-data", str(data), "-o", str(tmp_path / "run"),
              "--batch-size", "3", "--capacity", "0.5", "--layers", "1,3", "--no-progress", "--cpu", "--max-new-tokens", "2"]
     assert main([*flags, "--max-steps", "1"]) == 0
-    assert main([*flags, "--max-steps", "2", "--resume"]) == 0
+    assert main(["train", "llava-adapt", "-o", str(tmp_path / "run"), "--max-steps", "2", "--resume"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["mod_config"]["router"] == "shared-vl"
     roles = summary["eval"]["kept_fraction_by_role"]

@@ -22,7 +22,7 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import INFERENCE_ROUTING
 from ..errors import ModAdaptError
+from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
 from .training import RunCheckpoint, distillation_kl, train_epochs
 
@@ -45,6 +46,7 @@ class LlavaRecipeConfig(RecipeConfig):
     """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
 
     recipe = NAME
+    resumable = RecipeConfig.resumable | {"epochs", "eval_data", "max_new_tokens"}
 
     data: str = field(default="", metadata={"help": "LLaVA-format JSON file of training records"})
     eval_data: str = field(default="", metadata={"help": "LLaVA-format JSON file for evaluation ('' to skip)"})
@@ -69,7 +71,9 @@ class LlavaRecipeConfig(RecipeConfig):
     max_new_tokens: int = field(default=8, metadata={"help": "answer length limit for evaluation"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+                "steps, checkpointing, evaluation and progress"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
     seed: int = field(default=0, metadata={"help": "seed for new weights and shuffling"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -356,20 +360,20 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
 
 def run(cfg: LlavaRecipeConfig) -> dict:
     """Train, checkpoint, evaluate and write the run directory; returns the summary."""
-    import yaml
+    out = Path(cfg.output)
+    with RunCheckpoint(cfg) as checkpoint:
+        return _run(cfg, out, checkpoint)
 
+
+def _run(cfg: LlavaRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     import modadapt
 
-    out = Path(cfg.output)
-    checkpoint = RunCheckpoint(out, cfg.resume)
     train_records = read_records(cfg.data)
     eval_records = read_records(cfg.eval_data) if cfg.eval_data else None
 
     model = build_model(cfg)
     codec = ByteCodec(model.config)
     size = int(model.config.vision_config.image_size)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
 
     train_set = LlavaDataset(train_records, codec, size)
     teacher = modadapt.unload(copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
@@ -400,7 +404,7 @@ def run(cfg: LlavaRecipeConfig) -> dict:
 
         summary["mod_config"] = state_of(inner).config_dict()
         modadapt.save(inner, out / "model", overwrite=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()
     return summary
 

@@ -15,7 +15,9 @@ separately), plus ``distill`` × KL(dense teacher ‖ model) on the logits when 
 `accelerate` gives mixed precision, gradient accumulation and multi-GPU
 (``accelerate launch -m modadapt.cli train lm-adapt ...``). A step whose loss (or, outside fp16,
 gradient norm) is not finite is skipped; more than ``max_bad_steps`` of them abort the run.
-Checkpoints hold model, optimizer, scheduler, step and RNG state; ``resume: true`` continues.
+Checkpoints hold model, optimizer, scheduler, step and RNG state; ``resume: true`` continues
+with the run's saved configuration (flags may change only steps, checkpointing, evaluation
+batches and progress); SIGINT / SIGTERM stop at a step boundary with a checkpoint.
 The run ends with ``summary.json``: validation perplexity of the dense model and of the converted
 one before and after training, kept fraction per layer, FLOPs per token relative to dense; the
 adapted model is saved with `modadapt.save` in ``model/``. Defaults below, then a YAML file, then
@@ -28,10 +30,9 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from torch import nn
 
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
+from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
 from .training import RunCheckpoint, distillation_kl, lr_schedule
 
@@ -54,6 +56,7 @@ class LMAdaptConfig(RecipeConfig):
     """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
 
     recipe = "lm-adapt"
+    resumable = RecipeConfig.resumable | {"max_eval_blocks", "max_bad_steps"}
 
     data: str = field(default="", metadata={"help": "training text: .txt/.jsonl(.gz) file or dir, .parquet/.arrow, save_to_disk dir"})
     output: str = field(default="", metadata={"help": "run directory: checkpoints, model/, config.yaml, summary.json"})
@@ -84,7 +87,9 @@ class LMAdaptConfig(RecipeConfig):
     max_eval_blocks: int = field(default=0, metadata={"help": "evaluate on at most N validation blocks (0: all)"})
     max_train_blocks: int = field(default=0, metadata={"help": "train on at most the first N blocks (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+                "steps, checkpointing, evaluation and progress"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
     seed: int = field(default=0, metadata={"help": "seed for preset weights, data order and the held-out split"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -425,59 +430,48 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     many variants on one corpus tokenises it once); `cfg.data` is then only recorded.
     The seed is set before conversion, so router initialisation repeats with `cfg.seed`.
     """
-    import yaml
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     import modadapt
 
     out = Path(cfg.output)
-    checkpoint = RunCheckpoint(out, cfg.resume)
+    with RunCheckpoint(cfg) as checkpoint:
+        given = model is not None
+        set_seed(cfg.seed)
+        model, dense, found_tokenizer, extras = build_model(cfg, model)
+        tokenizer = tokenizer if given else found_tokenizer
+        if blocks is not None:
+            train_blocks, valid_blocks = blocks
+            if train_blocks.dim() != 2 or train_blocks.shape[1] != cfg.seq_len or valid_blocks.shape[1:] != train_blocks.shape[1:]:
+                raise ModAdaptError(f"blocks must be [N, seq_len={cfg.seq_len}] token tensors, got "
+                                    f"{tuple(train_blocks.shape)} and {tuple(valid_blocks.shape)}.")
+        else:
+            train_blocks, valid_blocks = load_blocks(cfg, tokenizer, model.config.vocab_size)
+        set_seed(cfg.seed)
 
-    given = model is not None
-    set_seed(cfg.seed)
-    model, dense, found_tokenizer, extras = build_model(cfg, model)
-    tokenizer = tokenizer if given else found_tokenizer
-    if blocks is not None:
-        train_blocks, valid_blocks = blocks
-        if train_blocks.dim() != 2 or train_blocks.shape[1] != cfg.seq_len or valid_blocks.shape[1:] != train_blocks.shape[1:]:
-            raise ModAdaptError(f"blocks must be [N, seq_len={cfg.seq_len}] token tensors, got "
-                                f"{tuple(train_blocks.shape)} and {tuple(valid_blocks.shape)}.")
-    else:
-        train_blocks, valid_blocks = load_blocks(cfg, tokenizer, model.config.vocab_size)
-    set_seed(cfg.seed)
-
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
-                              gradient_accumulation_steps=cfg.grad_accum)
-    inner = model
-    trained = select_trainable(model, cfg)
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if accelerator.is_main_process:
-            (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
+                                  gradient_accumulation_steps=cfg.grad_accum)
+        inner = model
+        trained = select_trainable(model, cfg)
+        params = [p for p in trained.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
         summary = _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params,
-                         train_blocks, valid_blocks, out, checkpoint)
+                         train_blocks, valid_blocks, checkpoint)
         if accelerator.is_main_process:
             if cfg.train == "lora":
                 trained.merge_and_unload()
             modadapt.save(inner, out / "model", overwrite=True, extra_files=extras)
             if given and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(out / "model"))
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         accelerator.wait_for_everyone()
-    except ModAdaptError:
-        if created and accelerator.is_main_process:  # a run refused at its start leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     return summary
 
 
 def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params, train_blocks, valid_blocks,
-           out, checkpoint) -> dict:
+           checkpoint) -> dict:
     from tqdm.auto import tqdm
 
     import modadapt
@@ -501,12 +495,12 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     step = 0
     history: dict = {"loss": [], "lm_loss": [], "aux_loss": [], "distill_loss": [], "kept_fraction": []}
     bad_steps = 0
-    if cfg.resume:
-        saved = checkpoint.load(accelerator)
+    saved = checkpoint.start(accelerator)
+    if saved:
         step, bad_steps, history = saved["step"], saved["bad_steps"], saved["history"]
 
-    def save_checkpoint() -> None:
-        checkpoint.save(accelerator, {"step": step, "bad_steps": bad_steps, "history": history})
+    def loop_state() -> dict:
+        return {"step": step, "bad_steps": bad_steps, "history": history}
 
     micro_per_epoch = math.ceil(len(train_blocks) / (cfg.batch_size * accelerator.num_processes))
     if micro_per_epoch < cfg.grad_accum:
@@ -573,7 +567,7 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", aux=f"{parts['aux_loss']:.2e}",
                                 kept=f"{parts['kept_fraction']:.3f}")
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint()
+                    checkpoint.save(accelerator, loop_state())
             else:
                 bad_steps += 1
                 if bad_steps > cfg.max_bad_steps:
@@ -584,10 +578,11 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
                     )
             finite = True
             parts = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "distill_loss": 0.0}
+            checkpoint.check_stop(accelerator, loop_state())
             if step >= cfg.max_steps:
                 break
     bar.close()
-    save_checkpoint()
+    checkpoint.end(accelerator, loop_state())
 
     after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
                      progress=show, desc="eval adapted")

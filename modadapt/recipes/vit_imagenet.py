@@ -17,7 +17,7 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import nn
 from ..adapters.timm_vit import input_size
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
+from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
 from .training import RunCheckpoint, train_epochs
 
@@ -39,6 +40,7 @@ class ViTRecipeConfig(RecipeConfig):
     """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
 
     recipe = "vit-imagenet"
+    resumable = RecipeConfig.resumable | {"epochs", "eval_split", "max_eval_samples", "num_workers"}
 
     data: str = field(default="", metadata={"help": "imagefolder dir, dir of parquet/arrow files, or save_to_disk dir"})
     output: str = field(default="", metadata={"help": "run directory: checkpoints, model, config.yaml, summary.json"})
@@ -66,7 +68,9 @@ class ViTRecipeConfig(RecipeConfig):
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "use only the first N eval images (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+                "steps, checkpointing, evaluation and progress"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
     seed: int = field(default=0, metadata={"help": "seed for weights of new models, shuffling and routing"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -231,13 +235,14 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
 
 def run(cfg: ViTRecipeConfig) -> dict:
     """Train, checkpoint, evaluate and write the run directory; returns the summary."""
-    import yaml
+    out = Path(cfg.output)
+    with RunCheckpoint(cfg) as checkpoint:
+        return _run(cfg, out, checkpoint)
 
+
+def _run(cfg: ViTRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     import modadapt
     from ..metrics.measured_flops import measured_flops
-
-    out = Path(cfg.output)
-    checkpoint = RunCheckpoint(out, cfg.resume)
 
     splits = load_splits(cfg.data)
     train_set = pick_split(splits, cfg.train_split, cfg.data)
@@ -260,10 +265,6 @@ def run(cfg: ViTRecipeConfig) -> dict:
     train_set.set_transform(train_tf)
     if eval_set is not None:
         eval_set.set_transform(eval_tf)
-
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = asdict(cfg)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
 
     def vit_loss(model, batch, accelerator):
         logits = model(batch["pixel_values"])
@@ -294,7 +295,7 @@ def run(cfg: ViTRecipeConfig) -> dict:
         summary["mod_config"] = state_of(inner).config_dict()
         model_dir = out / "model"
         modadapt.save(inner, model_dir, overwrite=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()
     return summary
 
