@@ -209,7 +209,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .recipes.lm_adapt import evaluate_saved
 
     result = evaluate_saved(args.model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                            dense=args.dense, batch_size=args.batch_size, progress=not args.quiet)
+                            dense=args.dense, batch_size=args.batch_size, device=args.device,
+                            progress=not args.quiet)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
@@ -310,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("eval", help="perplexity of a saved converted model on local text")
-    p.add_argument("model", help="directory written by `modadapt convert` or modadapt.save")
+    p.add_argument("model", help="directory written by `modadapt convert` or modadapt.save, or an lm-adapt run directory")
     p.add_argument("--data", required=True, help="local .txt/.jsonl file or directory (optionally .gz), or datasets files")
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=256, help="tokens per block (default: 256)")
+    p.add_argument("--seq-len", dest="seq_len", type=int,
+                   help="tokens per block (default: the run's own for an lm-adapt run's model, else 256)")
+    p.add_argument("--device", help="device to evaluate on (default: cuda when available, else cpu)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=0, help="use at most this many tokens (0: all)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="blocks per forward (default: 8)")
     p.add_argument("--dense", action="store_true", help="evaluate the dense model (routers removed) instead")

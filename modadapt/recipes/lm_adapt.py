@@ -617,25 +617,63 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     }
 
 
-def evaluate_saved(directory: str, data: str, *, seq_len: int = 256, max_tokens: int = 0, dense: bool = False,
-                   batch_size: int = 8, progress: bool = False) -> dict:
+def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max_tokens: int = 0,
+                   dense: bool = False, batch_size: int = 8, device: str | None = None,
+                   progress: bool = False) -> dict:
     """Perplexity of a `modadapt.save` directory on local text (``modadapt eval``); with `dense`,
-    of its dense model (`modadapt.unload`) instead. `max_tokens` caps the text (0: all of it)."""
+    of its dense model (`modadapt.unload`) instead. `max_tokens` caps the text (0: all of it).
+
+    An lm-adapt run directory, or its ``model/``, is evaluated as the run did: `seq_len` defaults
+    to the run's (else 256), so the perplexity matches its summary. `device` defaults to CUDA when
+    there is one, as the recipes do.
+    """
     import modadapt
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
 
-    if not (Path(directory) / META_FILE).is_file():
+    path = Path(directory)
+    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
+        path = path / "model"
+    if not (path / META_FILE).is_file():
         raise ModAdaptError(f"{directory} is not a directory saved by modadapt.save (no {META_FILE}).")
+    if seq_len is None:
+        seq_len = run_seq_len(path.parent) or 256
     if seq_len < 2 or max_tokens < 0 or batch_size < 1:
         raise ModAdaptError("seq_len must be >= 2, max_tokens >= 0 and batch_size >= 1.")
-    model = modadapt.load(directory)
-    ids = tokenize(read_corpus(data), model_tokenizer(directory), model.config.vocab_size)
+    device = eval_device(device)
+    model = modadapt.load(path, device=device)
+    ids = tokenize(read_corpus(data), model_tokenizer(str(path)), model.config.vocab_size)
     blocks = pack(ids[:max_tokens] if max_tokens else ids, seq_len, data)
     if dense:
         modadapt.unload(model)
     result = evaluate(model, blocks, batch_size=batch_size, progress=progress)
-    return {**result, "model": "dense" if dense else "converted", "blocks": len(blocks), "seq_len": seq_len}
+    return {**result, "model": "dense" if dense else "converted", "blocks": len(blocks), "seq_len": seq_len,
+            "device": str(device)}
+
+
+def run_seq_len(run_dir: Path) -> int | None:
+    """The ``seq_len`` an lm-adapt run directory trained with, or None if `run_dir` is not one."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = saved.get("seq_len") if isinstance(saved, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def eval_device(device: str | None) -> torch.device:
+    """`device` checked (CUDA must be there), or CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ModAdaptError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ModAdaptError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return chosen
 
 
 # --- lm-eval ----------------------------------------------------------------------------------------
