@@ -73,6 +73,7 @@ def load_source_model(source: str):
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import convert, save
     from .output_dir import check_output
+    from .persistence import META_FILE
     from .plugins import get_router
 
     fields = load_config_file(args.config) if args.config else {}
@@ -91,7 +92,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"router {config.router!r} decides by its own threshold and takes no --capacity; "
             f"see its arguments with `modadapt list routers`."
         )
-    out = check_output(args.output, args.overwrite)
+    out = check_output(args.output, args.overwrite, META_FILE)
     model, extras = load_source_model(args.model)
     before = sum(p.numel() for p in model.parameters())
     convert(model, config, adapter=args.adapter)
@@ -113,7 +114,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import build_preset, convert, mod_layers, routing_stats, save
+    from .output_dir import check_output
+    from .persistence import META_FILE
 
+    if args.output:  # refused before the work, not after it
+        check_output(args.output, args.overwrite, META_FILE)
     model = build_preset(args.preset)
     convert(model, router=args.router, capacity=args.capacity, layers="every-other")
     generator = torch.Generator().manual_seed(0)
@@ -145,7 +150,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .metrics.calibration import image_batches, image_tokens, model_tokenizer, read_text, text_batches
     from .metrics.report import analyze, write_report
     from .output_dir import check_output
-    from .metrics.selection import parse_rule
+    from .metrics.selection import REPORT_FILE, parse_rule
     from .plugins import get_router
     from .presets import preset_names
 
@@ -157,7 +162,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ModAdaptError(f"--tol must be a tolerance >= 0, got {args.tol}.")
     ModConfig(router=args.router, capacity=args.capacity)
     get_router(args.router)
-    check_output(Path(args.output), args.overwrite)
+    check_output(Path(args.output), args.overwrite, REPORT_FILE)
     if args.data is None and args.model not in preset_names():
         raise ModAdaptError("--data is required for a model directory; the built-in text is for the presets.")
     model, _ = load_source_model(args.model)
@@ -165,13 +170,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if model_type != "llava" and getattr(getattr(model, "config", None), "vocab_size", None) is not None:
         text, data_path, digest = read_text(args.data)
         tokenizer = model_tokenizer(args.model)
-        batches = text_batches(
+        batches, text_tokens = text_batches(
             text, tokenizer=tokenizer, vocab_size=model.config.vocab_size, samples=args.samples,
             seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         )
         tokens = args.seq_len
         data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
-                "samples": args.samples, "seq_len": tokens}
+                "samples": args.samples, "seq_len": tokens, "text_tokens": text_tokens}
+        if text_tokens < args.samples * tokens:
+            print(f"modadapt: warning: the text has {text_tokens} tokens, fewer than --samples {args.samples} x "
+                  f"--seq-len {tokens}: the windows overlap; give more text for independent samples.", file=sys.stderr)
     elif model_type == "llava":  # images + prompts
         from .recipes.llava_adapt import calibration_batches
 
@@ -196,6 +204,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         tol=args.tol, progress=not args.quiet,
     )
     write_report(report, args.output, overwrite=args.overwrite)
+    if report["tie"]:
+        print(f"modadapt: warning: {report['tie']}", file=sys.stderr)
     for row in report["layers"]:
         mark = "  selected" if row["selected"] else ""
         print(f"layer {row['layer']}: {args.metric} {row['mean']:.4f} +- {row['std']:.4f}{mark}")
@@ -280,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=field_help("adapter_kwargs"))
     p.add_argument("--adapter", help="registered adapter to convert with, when several claim the model "
                    "(default: the one that does; see `modadapt list adapters`)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory modadapt wrote before")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="convert a preset, generate with the cache and check it (offline)")
@@ -289,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default="threshold-p", help=field_help("router"))
     p.add_argument("--capacity", type=float, default=0.5, help=field_help("capacity"))
     p.add_argument("-o", "--output", help="also save the converted model here")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory modadapt wrote before")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("analyze", help="score layers (ARank or cosine) and pick the ones to convert")
@@ -307,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default="topk", help=field_help("router"))
     p.add_argument("--seed", type=int, default=0, help="seed that picks the calibration windows (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a report directory modadapt wrote before")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("eval", help="perplexity of a saved converted model on local text")

@@ -67,6 +67,7 @@ def test_convert_with_config_file_and_flag_override(tmp_path, capsys):
         (["tiny-llama", "--layers", "0,1"], "layer 0 cannot be converted"),
         (["tiny-llama", "--layers", "7"], "out of range"),
         (["tiny-llama", "--layers", "one"], "is not a layer list"),
+        (["tiny-llama", "--layers", "1,3,1"], "names layer 1 more than once"),
         (["tiny-llama", "--router-arg", "p"], "KEY=VALUE"),
         (["tiny-llama", "--router", "threshold-p", "--router-arg", "p=2"], "p must be in (0, 1)"),
         (["tiny-llama", "--router", "topk", "--router-arg", "bogus=1"], "has no argument 'bogus'"),
@@ -98,8 +99,14 @@ def test_non_empty_output_needs_overwrite(tmp_path, capsys):
     code, _, stderr = run(capsys, "convert", "tiny-llama", "-o", str(out))
     assert code == 2 and "not empty" in stderr
     assert (out / "keep.txt").read_text() == "mine"
-    assert main(["convert", "tiny-llama", "-o", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "modadapt.json").is_file()
+    # --overwrite replaces only what modadapt wrote: a directory of someone else's files is refused.
+    code, _, stderr = run(capsys, "convert", "tiny-llama", "-o", str(out), "--overwrite")
+    assert code == 2 and "was not written by modadapt" in stderr and stderr.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "mine"
+    assert main(["convert", "tiny-llama", "-o", str(mine)]) == 0
+    assert main(["convert", "tiny-llama", "--router", "topk", "-o", str(mine), "--overwrite"]) == 0
+    assert json.loads((mine / "modadapt.json").read_text())["mod_config"]["router"] == "topk"
 
 
 def test_list_json(capsys):
@@ -118,6 +125,16 @@ def test_demo_checks_cache_against_full_forward(tmp_path, capsys):
     assert code == 0
     assert "max |cached - full recompute|" in stdout
     assert (tmp_path / "demo" / "model.safetensors").is_file()
+
+
+def test_demo_refuses_an_existing_output_before_generating(tmp_path, capsys):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "notes.txt").write_text("mine")
+    code, stdout, stderr = run(capsys, "demo", "-o", str(tmp_path / "demo"))
+    assert code == 2 and stdout == "" and "not empty" in stderr
+    code, stdout, stderr = run(capsys, "demo", "-o", str(tmp_path / "demo"), "--overwrite")
+    assert code == 2 and stdout == "" and "was not written by modadapt" in stderr
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["notes.txt"]
 
 
 def test_convert_llava_with_adapter_options(tmp_path, capsys):

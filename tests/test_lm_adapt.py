@@ -161,6 +161,8 @@ def test_bad_inputs_are_clear_errors_and_leave_no_directory(corpus, tmp_path, ca
         run(config(corpus, out, router="random"))
     with pytest.raises(ModAdaptError, match="no checkpoint"):
         run(config(corpus, out, resume=True))
+    code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "-o", str(out), "--cpu", "--seq-len", "1024"])
+    assert code == 2 and "longer than the model's max_position_embeddings 512" in capsys.readouterr().err
     code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "-o", str(out), "--cpu",
                  "--router", "topk", "--router-arg", "colour=red"])
     assert code == 2 and "colour" in capsys.readouterr().err

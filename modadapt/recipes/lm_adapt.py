@@ -272,6 +272,14 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
     return model, dense.eval().requires_grad_(False), tokenizer, extras
 
 
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """Refuse blocks longer than the model's positions (they would train and score on garbage)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ModAdaptError(f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit}; "
+                            f"use --seq-len {limit} or less.")
+
+
 def router_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".router." in f".{name}"]
 
@@ -440,6 +448,7 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
         given = model is not None
         set_seed(cfg.seed)
         model, dense, found_tokenizer, extras = build_model(cfg, model)
+        check_seq_len(model, cfg.seq_len)
         tokenizer = tokenizer if given else found_tokenizer
         if blocks is not None:
             train_blocks, valid_blocks = blocks
@@ -642,6 +651,7 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
         raise ModAdaptError("seq_len must be >= 2, max_tokens >= 0 and batch_size >= 1.")
     device = eval_device(device)
     model = modadapt.load(path, device=device)
+    check_seq_len(model, seq_len)
     ids = tokenize(read_corpus(data), model_tokenizer(str(path)), model.config.vocab_size)
     blocks = pack(ids[:max_tokens] if max_tokens else ids, seq_len, data)
     if dense:
