@@ -70,6 +70,13 @@ def load_source_model(source: str):
     return model.eval(), extras
 
 
+def is_causal_lm(model: Any) -> bool:
+    """A text-only `transformers` model with an LM head (not a ViT, not LLaVA, which needs images)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "vocab_size", None) is not None and hasattr(model, "get_output_embeddings")
+            and getattr(config, "model_type", None) != "llava")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import convert, save
     from .output_dir import check_output
@@ -120,6 +127,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.output:  # refused before the work, not after it
         check_output(args.output, args.overwrite, META_FILE)
     model = build_preset(args.preset)
+    if not is_causal_lm(model):
+        raise ModAdaptError(f"demo generates text with a causal language model; preset {args.preset} is a "
+                            f"{type(model).__name__}. Use a text preset (e.g. tiny-llama), or `modadapt convert "
+                            f"{args.preset} -o DIR` to convert it.")
     convert(model, router=args.router, capacity=args.capacity, layers="every-other")
     generator = torch.Generator().manual_seed(0)
     for layer in mod_layers(model):  # a fresh router keeps every token; give it opinions

@@ -146,3 +146,44 @@ def test_convert_llava_with_adapter_options(tmp_path, capsys):
     assert meta["adapter_kwargs"] == {"protect": "question+answer", "route": "image"}
     code, _, err = run(capsys, "convert", "tiny-llava", "--adapter-arg", "bogus=1", "-o", str(tmp_path / "bad"))
     assert code == 2 and "has no option 'bogus'" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    """A saved ViT and LLaVA, an imagefolder and a LLaVA-format JSON: inputs of the wrong command."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("others")
+    for preset, router in (("tiny-vit", "attention"), ("tiny-llava", "shared-vl")):
+        model = modadapt.build_preset(preset)
+        modadapt.convert(model, router=router, capacity=0.5)
+        modadapt.save(model, root / preset)
+    for split in ("train", "validation"):
+        for label in "ab":
+            (root / "images" / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / "images" / split / label / "0.png")
+    Image.new("RGB", (8, 8)).save(root / "0.png")
+    (root / "llava.json").write_text(json.dumps([{"image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "0"}]}]))
+    (root / "text.txt").write_text("some text to score " * 40)
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--preset", "tiny-vit"], "demo generates text with a causal language model; preset tiny-vit is a"),
+    (["demo", "--preset", "tiny-llava"], "preset tiny-llava is a LlavaForConditionalGeneration"),
+    (["eval", "ROOT/tiny-vit", "--data", "ROOT/text.txt", "--seq-len", "16"], "eval measures the perplexity of causal"),
+    (["eval", "ROOT/tiny-llava", "--data", "ROOT/text.txt", "--seq-len", "16"], "holds a LlavaForConditionalGeneration"),
+    (["train", "vit-imagenet", "--model", "tiny-llama", "--data", "ROOT/images", "--cpu"],
+     "vit-imagenet trains timm vision transformers; tiny-llama is a LlamaForCausalLM"),
+    (["train", "llava-adapt", "--model", "tiny-llama", "--data", "ROOT/llava.json", "--cpu"],
+     "llava-adapt trains LLaVA models (LlavaForConditionalGeneration); tiny-llama is a LlamaForCausalLM"),
+])
+def test_a_model_of_the_wrong_kind_is_one_line(other_models, tmp_path, capsys, argv, message):
+    argv = [a.replace("ROOT", str(other_models)) for a in argv]
+    if argv[0] == "train":
+        argv += ["-o", str(tmp_path / "run")]
+    code, stdout, stderr = run(capsys, *argv)
+    lines = [line for line in stderr.split("\n") if line and not line.startswith("\r")]  # datasets' progress
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("modadapt: error: ") and message in lines[0]
+    assert list(tmp_path.iterdir()) == []

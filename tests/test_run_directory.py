@@ -121,6 +121,16 @@ def test_resume_without_a_run_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
+def test_a_fresh_run_that_crashes_before_its_first_checkpoint_leaves_nothing(text, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a library failed")
+
+    monkeypatch.setattr(lm_adapt, "load_blocks", broken)
+    with pytest.raises(RuntimeError):
+        main(lm_flags(text, tmp_path / "run"))
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- SIGINT / SIGTERM -----------------------------------------------------------------------------
 def signal_at_step(monkeypatch, n: int, signum=signal.SIGINT) -> None:
     """The n-th optimizer step receives `signum` (the handler runs inside the step)."""

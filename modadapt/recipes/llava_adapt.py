@@ -270,17 +270,31 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
                 "does not use model processors yet."
             )
         if (path / "modadapt.json").is_file():
-            return modadapt.load(path)
-        from transformers import LlavaForConditionalGeneration
+            return llava_model(modadapt.load(path), cfg.model)
+        from transformers import AutoConfig, LlavaForConditionalGeneration
 
+        try:
+            model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
+        except Exception as exc:
+            raise ModAdaptError(f"could not read the model config in {path}: {exc}") from None
+        if model_type != "llava":
+            raise ModAdaptError(f"llava-adapt trains LLaVA models; {path} holds a {model_type!r} model.")
         model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
     elif cfg.model in preset_names():
-        model = build_preset(cfg.model, seed=cfg.seed)
+        model = llava_model(build_preset(cfg.model, seed=cfg.seed), cfg.model)
     else:
         raise ModAdaptError(f"model {cfg.model!r} is neither a directory nor a preset.")
     modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
                      router_kwargs=dict(cfg.router_kwargs), adapter_kwargs=dict(cfg.adapter_kwargs),
                      inference_routing=cfg.inference_routing)
+    return model
+
+
+def llava_model(model: nn.Module, name: str) -> nn.Module:
+    """`model` if it is a LLaVA model, else a clear error (not a complaint about its config)."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "llava":
+        raise ModAdaptError(f"llava-adapt trains LLaVA models (LlavaForConditionalGeneration); {name} is a "
+                            f"{type(model).__name__} (lm-adapt trains language models, vit-imagenet timm ViTs).")
     return model
 
 

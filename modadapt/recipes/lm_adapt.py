@@ -245,7 +245,7 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
     The dense model is a copy taken before conversion, or `modadapt.unload` of a copy.
     """
     import modadapt
-    from ..cli import TOKENIZER_FILES, load_source_model
+    from ..cli import TOKENIZER_FILES, is_causal_lm, load_source_model
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
     from ..presets import build_preset, preset_names
@@ -261,7 +261,7 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
         else:
             model, extras = load_source_model(cfg.model)
         tokenizer = model_tokenizer(cfg.model)
-    if getattr(getattr(model, "config", None), "vocab_size", None) is None or not hasattr(model, "get_output_embeddings"):
+    if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
     if state_of(model) is not None:
         dense = modadapt.unload(copy.deepcopy(model))
@@ -637,6 +637,7 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
     there is one, as the recipes do.
     """
     import modadapt
+    from ..cli import is_causal_lm
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
 
@@ -651,6 +652,9 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
         raise ModAdaptError("seq_len must be >= 2, max_tokens >= 0 and batch_size >= 1.")
     device = eval_device(device)
     model = modadapt.load(path, device=device)
+    if not is_causal_lm(model):
+        raise ModAdaptError(f"eval measures the perplexity of causal language models on text; {directory} holds a "
+                            f"{type(model).__name__} (its recipe's summary.json has its accuracy).")
     check_seq_len(model, seq_len)
     ids = tokenize(read_corpus(data), model_tokenizer(str(path)), model.config.vocab_size)
     blocks = pack(ids[:max_tokens] if max_tokens else ids, seq_len, data)

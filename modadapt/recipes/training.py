@@ -58,8 +58,8 @@ class RunCheckpoint:
     RNG) in ``step-N/`` plus ``trainer_state.json``, the loop's own state (step, ...), replaced
     last, so a crash mid-save keeps the previous checkpoint. A fresh run refuses a non-empty
     directory, writes ``config.yaml`` first (a run stopped before its first checkpoint resumes from
-    its beginning) and removes what it wrote when it fails with a `ModAdaptError` before its first
-    checkpoint. A resumed run must match the saved ``config.yaml`` outside `cfg.resumable` and
+    its beginning) and removes what it wrote when it fails (an exception, not a signal) before its
+    first checkpoint. A resumed run must match the saved ``config.yaml`` outside `cfg.resumable` and
     writes nothing before its checkpoint has loaded.
 
     SIGINT / SIGTERM before `start` stop at once; from `start` to `end` the loop stops at the next
@@ -100,8 +100,8 @@ class RunCheckpoint:
     def __exit__(self, kind, exc, tb) -> bool:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        if kind is not None and issubclass(kind, ModAdaptError) and not self.cfg.resume and self.saved_step is None:
-            shutil.rmtree(self.out, ignore_errors=True)  # a fresh run refused before its first checkpoint leaves nothing
+        if kind is not None and issubclass(kind, Exception) and not self.cfg.resume and self.saved_step is None:
+            shutil.rmtree(self.out, ignore_errors=True)  # a fresh run failing before its first checkpoint leaves nothing
             if self.existed:
                 self.out.mkdir(parents=True, exist_ok=True)
         return False

@@ -174,9 +174,9 @@ def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     from ..presets import build_preset, preset_names
 
     if Path(cfg.model).is_dir():
-        return modadapt.load(cfg.model)
+        return vision_transformer(modadapt.load(cfg.model), cfg.model)
     if cfg.model in preset_names():
-        model = build_preset(cfg.model, seed=cfg.seed)
+        model = vision_transformer(build_preset(cfg.model, seed=cfg.seed), cfg.model)
         if cfg.model_kwargs:
             raise ModAdaptError("model_kwargs apply to timm model names, not presets.")
     else:
@@ -192,6 +192,14 @@ def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     modadapt.convert(
         model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers, router_kwargs=dict(cfg.router_kwargs)
     )
+    return model
+
+
+def vision_transformer(model: nn.Module, name: str) -> nn.Module:
+    """`model` if it is a timm ViT (patch embedding + blocks), else a clear error."""
+    if not (hasattr(model, "patch_embed") and hasattr(model, "blocks")):
+        raise ModAdaptError(f"vit-imagenet trains timm vision transformers; {name} is a {type(model).__name__} "
+                            "(lm-adapt trains language models, llava-adapt LLaVA).")
     return model
 
 
