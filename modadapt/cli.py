@@ -164,6 +164,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .metrics.selection import REPORT_FILE, parse_rule
     from .plugins import get_router
     from .presets import preset_names
+    from .recipes.lm_adapt import check_seq_len
 
     rule = parse_rule(args.select)
     for name, value, low in (("--samples", args.samples, 1), ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1)):
@@ -186,6 +187,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         )
         tokens = args.seq_len
+        check_seq_len(model, tokens)
         data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
                 "samples": args.samples, "seq_len": tokens, "text_tokens": text_tokens}
         if text_tokens < args.samples * tokens:
@@ -226,20 +228,49 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity of a saved converted model (or its dense original) on local text."""
-    from .recipes.lm_adapt import evaluate_saved
+    """Perplexity of a saved language model on text, top-1 of a ViT on images, answer accuracy of
+    a LLaVA model on LLaVA-format JSON (or of their dense originals)."""
+    from .persistence import META_FILE, read_meta
+    from .recipes.config import run_setting
 
-    result = evaluate_saved(args.model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                            dense=args.dense, batch_size=args.batch_size, device=args.device,
-                            progress=not args.quiet)
+    path = Path(args.model)
+    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
+        path = path / "model"  # a recipe's run directory
+    adapter = read_meta(path)["adapter"] if (path / META_FILE).is_file() else None
+    common = dict(dense=args.dense, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    if adapter in ("timm-vit", "llava"):
+        given = [flag for flag, value in (("--seq-len", args.seq_len), ("--max-tokens", args.max_tokens)) if value]
+        if given:
+            raise ModAdaptError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to language "
+                                f"models; {args.model} is a {adapter} model.")
+    if adapter != "llava" and args.max_new_tokens:
+        raise ModAdaptError(f"--max-new-tokens applies only to LLaVA models; {args.model} is not one.")
+    if adapter == "timm-vit":
+        from .recipes.vit_imagenet import evaluate_saved
+
+        result = evaluate_saved(str(path), args.data, **common)
+        summary = (f"{result['model']} top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f} (loss {result['loss']:.4f}, "
+                   f"{result['images']} images of split {result['split']})")
+    elif adapter == "llava":
+        from .recipes.llava_adapt import evaluate_saved
+
+        tokens = args.max_new_tokens or run_setting(path.parent, "max_new_tokens") or 8
+        result = evaluate_saved(str(path), args.data, max_new_tokens=tokens, **common)
+        summary = f"{result['model']} accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f}, {result['samples']} samples)"
+    else:
+        from .recipes.lm_adapt import evaluate_saved
+
+        result = evaluate_saved(args.model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens, **common)
+        summary = (f"{result['model']} perplexity {result['ppl']:.4f} (loss {result['loss']:.4f}, {result['tokens']} "
+                   f"tokens, {result['blocks']} blocks of {result['seq_len']})")
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
-    print(f"{result['model']} perplexity {result['ppl']:.4f} (loss {result['loss']:.4f}, {result['tokens']} tokens, "
-          f"{result['blocks']} blocks of {result['seq_len']})")
+    print(summary)
     for layer, fraction in result["kept_fraction"].items():
         print(f"  layer {layer}: kept fraction {fraction:.4f}")
-    print(f"FLOPs per token: {result['flops_per_token']:.4g} ({result['flops_ratio']:.3f} of dense)")
+    if "flops_ratio" in result:
+        print(f"FLOPs per token: {result['flops_per_token']:.4g} ({result['flops_ratio']:.3f} of dense)")
     return 0
 
 
@@ -331,14 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a report directory modadapt wrote before")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("eval", help="perplexity of a saved converted model on local text")
-    p.add_argument("model", help="directory written by `modadapt convert` or modadapt.save, or an lm-adapt run directory")
-    p.add_argument("--data", required=True, help="local .txt/.jsonl file or directory (optionally .gz), or datasets files")
+    p = sub.add_parser("eval", help="perplexity (LMs), top-1 (ViTs) or answer accuracy (LLaVA) of a saved model")
+    p.add_argument("model", help="directory written by `modadapt convert` or modadapt.save, or a recipe's run directory")
+    p.add_argument("--data", required=True, help="language models: local .txt/.jsonl file or directory (optionally "
+                   ".gz), or datasets files; timm ViTs: an image folder (its validation split); LLaVA: LLaVA-format JSON")
     p.add_argument("--seq-len", dest="seq_len", type=int,
                    help="tokens per block (default: the run's own for an lm-adapt run's model, else 256)")
     p.add_argument("--device", help="device to evaluate on (default: cuda when available, else cpu)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=0, help="use at most this many tokens (0: all)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="blocks per forward (default: 8)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8,
+                   help="blocks, images or samples per forward (default: 8)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
+                   help="LLaVA: answer length limit (default: the run's own, else 8)")
     p.add_argument("--dense", action="store_true", help="evaluate the dense model (routers removed) instead")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

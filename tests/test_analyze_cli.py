@@ -110,6 +110,7 @@ def test_cosine_metric_and_builtin_text(tmp_path, capsys):
     (["--select", "fraction=2"], "fraction"),
     (["--select", "best"], "--select"),
     (["--seq-len", "100000"], "fewer than --seq-len"),
+    (["--seq-len", "600"], "longer than the model's max_position_embeddings 512"),
     (["--capacity", "1.5"], "capacity"),
 ])
 def test_bad_input_is_a_one_line_error_without_output(tmp_path, capsys, argv, message):

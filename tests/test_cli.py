@@ -150,18 +150,22 @@ def test_convert_llava_with_adapter_options(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def other_models(tmp_path_factory):
-    """A saved ViT and LLaVA, an imagefolder and a LLaVA-format JSON: inputs of the wrong command."""
+    """Saved ViT, LLaVA and Llama models, image folders and a LLaVA-format JSON: inputs to give the
+    wrong command."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("others")
-    for preset, router in (("tiny-vit", "attention"), ("tiny-llava", "shared-vl")):
+    for preset, router in (("tiny-vit", "attention"), ("tiny-llava", "shared-vl"), ("tiny-llama", "topk")):
         model = modadapt.build_preset(preset)
         modadapt.convert(model, router=router, capacity=0.5)
-        modadapt.save(model, root / preset)
+        modadapt.save(model, root / (preset if preset != "tiny-llama" else "tiny-llama-mod"))
     for split in ("train", "validation"):
         for label in "ab":
             (root / "images" / split / label).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(root / "images" / split / label / "0.png")
+    for label in range(11):  # one class more than the tiny ViT's head
+        (root / "many" / f"c{label:02d}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / "many" / f"c{label:02d}" / "0.png")
     Image.new("RGB", (8, 8)).save(root / "0.png")
     (root / "llava.json").write_text(json.dumps([{"image": "0.png", "conversations": [
         {"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "0"}]}]))
@@ -172,14 +176,17 @@ def other_models(tmp_path_factory):
 @pytest.mark.parametrize("argv, message", [
     (["demo", "--preset", "tiny-vit"], "demo generates text with a causal language model; preset tiny-vit is a"),
     (["demo", "--preset", "tiny-llava"], "preset tiny-llava is a LlavaForConditionalGeneration"),
-    (["eval", "ROOT/tiny-vit", "--data", "ROOT/text.txt", "--seq-len", "16"], "eval measures the perplexity of causal"),
-    (["eval", "ROOT/tiny-llava", "--data", "ROOT/text.txt", "--seq-len", "16"], "holds a LlavaForConditionalGeneration"),
+    (["eval", "ROOT/tiny-vit", "--data", "ROOT/images", "--seq-len", "16"], "--seq-len applies only to language models"),
+    (["eval", "ROOT/tiny-vit", "--data", "ROOT/text.txt"], "text.txt is not a directory"),
+    (["eval", "ROOT/tiny-llava", "--data", "ROOT/text.txt"], "text.txt is not valid JSON"),
+    (["eval", "ROOT/tiny-vit", "--data", "ROOT/many"], "has labels up to 10 but the model's head has 10 classes"),
+    (["eval", "ROOT/tiny-llama-mod", "--data", "ROOT/llava.json", "--max-new-tokens", "4"], "applies only to LLaVA"),
     (["train", "vit-imagenet", "--model", "tiny-llama", "--data", "ROOT/images", "--cpu"],
      "vit-imagenet trains timm vision transformers; tiny-llama is a LlamaForCausalLM"),
     (["train", "llava-adapt", "--model", "tiny-llama", "--data", "ROOT/llava.json", "--cpu"],
      "llava-adapt trains LLaVA models (LlavaForConditionalGeneration); tiny-llama is a LlamaForCausalLM"),
 ])
-def test_a_model_of_the_wrong_kind_is_one_line(other_models, tmp_path, capsys, argv, message):
+def test_a_model_or_data_of_the_wrong_kind_is_one_line(other_models, tmp_path, capsys, argv, message):
     argv = [a.replace("ROOT", str(other_models)) for a in argv]
     if argv[0] == "train":
         argv += ["-o", str(tmp_path / "run")]

@@ -238,6 +238,13 @@ def test_llava_adapt_recipe_trains_resumes_and_summarises(tmp_path, capsys):
     flops = summary["flops_per_sample"]
     assert flops["dense"] > 0 and flops["ratio"] == pytest.approx(flops["mod"] / flops["dense"])
     assert modadapt.mod_layers(modadapt.load(tmp_path / "run" / "model"))
+    capsys.readouterr()
+    # `modadapt eval` of the run (its --max-new-tokens 2) gives the run's own accuracy and loss.
+    assert main(["eval", str(tmp_path / "run"), "--data", str(data), "--json", "--quiet", "--batch-size", "32"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["accuracy"] == summary["eval"]["accuracy"] and again["samples"] == 6
+    assert again["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+    assert again["kept_fraction"] == pytest.approx(summary["eval"]["kept_fraction"])
     assert main([*flags, "--max-steps", "1"]) == 2  # a non-empty run directory is refused
     assert "not empty" in capsys.readouterr().err
 

@@ -74,6 +74,19 @@ def read_run_config(output: str, config_cls: type) -> dict[str, Any]:
     return saved
 
 
+def run_setting(run_dir: Path, name: str) -> int | None:
+    """The integer setting `name` a recipe run in `run_dir` used (its ``config.yaml``), or None
+    when `run_dir` is not a run that has it: what ``modadapt eval`` matches by default."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = saved.get(name) if isinstance(saved, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def check_resumable(cfg: RecipeConfig, saved: dict[str, Any]) -> None:
     """Refuse a resume whose configuration differs from the run's saved one in a field that
     would make it a different run (any but `cfg.resumable`)."""

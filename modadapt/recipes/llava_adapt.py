@@ -33,7 +33,7 @@ from ..config import INFERENCE_ROUTING
 from ..errors import ModAdaptError
 from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, distillation_kl, train_epochs
+from .training import RunCheckpoint, distillation_kl, eval_device, train_epochs
 
 NAME = "llava-adapt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -318,24 +318,25 @@ def lm_flops(model: nn.Module, tokens: int, kept: dict[str, float]) -> dict:
     return {"dense": dense, "mod": mod, "ratio": mod / dense, "tokens": tokens}
 
 
-def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int, cfg: LlavaRecipeConfig,
-             accelerator) -> dict:
-    """Exact-match accuracy of greedy answers, loss, kept fractions per layer and token role."""
+def evaluate(inner: nn.Module, records: list[dict], codec: ByteCodec, size: int, *, batch_size: int,
+             max_new_tokens: int, progress: bool = False) -> dict:
+    """Exact-match accuracy of greedy answers, loss, kept fractions per layer and token role (one
+    process, on the model's device)."""
     from tqdm.auto import tqdm
 
     from ..adapters.llava import role_stats
+    from ..mod_layer import state_of
 
-    inner = accelerator.unwrap_model(model)
-    device = accelerator.device
-    model.eval()
+    device = next(inner.parameters()).device
+    converted = state_of(inner) is not None
+    inner.eval()
     correct = total = 0
     loss_sum = tokens = 0.0
     role_sums: dict[str, dict[str, list[int]]] = {}
     lengths = 0
     with torch.no_grad():
-        for start in tqdm(range(0, len(records), cfg.eval_batch_size), desc="eval",
-                          disable=not (cfg.progress and accelerator.is_main_process)):
-            chunk = records[start:start + cfg.eval_batch_size]
+        for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
+            chunk = records[start:start + batch_size]
             full = collate([(*codec.sample(r)[:2], load_image(r["image"], size)) for r in chunk], codec.pad)
             full = {k: v.to(device) for k, v in full.items()}
             out = inner(**full)
@@ -343,7 +344,7 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
             loss_sum += float(out.loss) * n
             tokens += n
             lengths += int(full["attention_mask"].sum())
-            for row in role_stats(inner):
+            for row in role_stats(inner) if converted else ():
                 acc = role_sums.setdefault(str(row["layer"]), {})
                 for role in ("image", "question", "answer"):
                     kept, seen = acc.setdefault(role, [0, 0])
@@ -352,7 +353,7 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
                               codec.pad)
             generated = inner.generate(
                 input_ids=prompts["input_ids"].to(device), attention_mask=prompts["attention_mask"].to(device),
-                pixel_values=prompts["pixel_values"].to(device), max_new_tokens=cfg.max_new_tokens,
+                pixel_values=prompts["pixel_values"].to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=codec.pad, eos_token_id=codec.eos,
             )
             width = prompts["input_ids"].shape[1]
@@ -370,6 +371,25 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(tokens, 1), "samples": total,
             "kept_fraction": kept_all, "kept_fraction_by_role": per_role,
             "mean_tokens": lengths / max(total, 1)}
+
+
+def evaluate_saved(directory: str, data: str, *, dense: bool = False, batch_size: int = 32,
+                   max_new_tokens: int = 8, device: str | None = None, progress: bool = False) -> dict:
+    """Exact-match answer accuracy and loss of a saved LLaVA model (``modadapt eval``) on
+    LLaVA-format JSON, as llava-adapt evaluates; with `dense`, of its dense model instead."""
+    import modadapt
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ModAdaptError("batch_size and max_new_tokens must be >= 1.")
+    device = eval_device(device)
+    model = llava_model(modadapt.load(directory, device=device), directory)
+    records = read_records(data)
+    codec = ByteCodec(model.config)
+    if dense:
+        modadapt.unload(model)
+    result = evaluate(model, records, codec, int(model.config.vision_config.image_size), batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, progress=progress)
+    return {**result, "model": "dense" if dense else "converted", "device": str(device)}
 
 
 def run(cfg: LlavaRecipeConfig) -> dict:
@@ -411,7 +431,8 @@ def _run(cfg: LlavaRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     inner = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         if eval_records is not None:
-            ev = evaluate(model, eval_records, codec, size, cfg, accelerator)
+            ev = evaluate(inner, eval_records, codec, size, batch_size=cfg.eval_batch_size,
+                          max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
             summary["eval"] = ev
             summary["flops_per_sample"] = lm_flops(inner, round(ev["mean_tokens"]), ev["kept_fraction"])
         from ..mod_layer import state_of

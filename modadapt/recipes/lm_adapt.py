@@ -43,8 +43,8 @@ from torch import nn
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
-from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, distillation_kl, lr_schedule
+from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
+from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
@@ -647,14 +647,14 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
     if not (path / META_FILE).is_file():
         raise ModAdaptError(f"{directory} is not a directory saved by modadapt.save (no {META_FILE}).")
     if seq_len is None:
-        seq_len = run_seq_len(path.parent) or 256
+        seq_len = run_setting(path.parent, "seq_len") or 256
     if seq_len < 2 or max_tokens < 0 or batch_size < 1:
         raise ModAdaptError("seq_len must be >= 2, max_tokens >= 0 and batch_size >= 1.")
     device = eval_device(device)
     model = modadapt.load(path, device=device)
     if not is_causal_lm(model):
-        raise ModAdaptError(f"eval measures the perplexity of causal language models on text; {directory} holds a "
-                            f"{type(model).__name__} (its recipe's summary.json has its accuracy).")
+        raise ModAdaptError(f"eval scores causal language models, timm ViTs and LLaVA models; {directory} holds a "
+                            f"{type(model).__name__}.")
     check_seq_len(model, seq_len)
     ids = tokenize(read_corpus(data), model_tokenizer(str(path)), model.config.vocab_size)
     blocks = pack(ids[:max_tokens] if max_tokens else ids, seq_len, data)
@@ -663,31 +663,6 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
     result = evaluate(model, blocks, batch_size=batch_size, progress=progress)
     return {**result, "model": "dense" if dense else "converted", "blocks": len(blocks), "seq_len": seq_len,
             "device": str(device)}
-
-
-def run_seq_len(run_dir: Path) -> int | None:
-    """The ``seq_len`` an lm-adapt run directory trained with, or None if `run_dir` is not one."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    value = saved.get("seq_len") if isinstance(saved, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def eval_device(device: str | None) -> torch.device:
-    """`device` checked (CUDA must be there), or CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise ModAdaptError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
-    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
-        raise ModAdaptError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    return chosen
 
 
 # --- lm-eval ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What every recipe's training loop shares: the run directory, its checkpoint, the LR schedule."""
+"""What every recipe shares: the run directory, its checkpoint, the LR schedule, the eval device."""
 
 from __future__ import annotations
 
@@ -30,6 +30,22 @@ def distillation_kl(student_logits, teacher_logits, temperature: float, mask=Non
         return student.sum() * 0.0
     return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
                     log_target=True, reduction="batchmean") * temperature**2
+
+
+def eval_device(device: str | None):
+    """The `torch.device` ``modadapt eval`` runs on: `device` checked (CUDA must be there), or CUDA
+    when available, else CPU (as the recipes train)."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ModAdaptError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ModAdaptError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return chosen
 
 
 def lr_schedule(warmup: int, total: int) -> Callable[[int], float]:

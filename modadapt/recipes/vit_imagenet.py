@@ -29,7 +29,7 @@ from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, train_epochs
+from .training import RunCheckpoint, eval_device, train_epochs
 
 NAME = "vit-imagenet"
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid"), "train": ("train",), "test": ("test",)}
@@ -211,6 +211,8 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 # --- training ---------------------------------------------------------------------------------------
 def evaluate(model, loader, accelerator, progress: bool) -> dict:
+    """Top-1 / top-5, loss and kept fraction per layer; `accelerator` None: one process, batches
+    moved to the model's device (``modadapt eval``)."""
     from tqdm.auto import tqdm
 
     import modadapt
@@ -219,18 +221,24 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     kept: dict[int, list[float]] = {}
-    inner = accelerator.unwrap_model(model)
+    inner = accelerator.unwrap_model(model) if accelerator is not None else model
+    converted = state_of(inner) is not None
+    device = next(inner.parameters()).device
     with torch.no_grad():
-        for batch in tqdm(loader, desc="eval", disable=not (progress and accelerator.is_main_process)):
+        for batch in tqdm(loader, desc="eval",
+                          disable=not (progress and (accelerator is None or accelerator.is_main_process))):
+            if accelerator is None:
+                batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(batch["pixel_values"]).float()
             labels = batch["labels"]
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            if accelerator is not None:
+                logits, labels = accelerator.gather_for_metrics((logits, labels))
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             correct1 += int((top[:, 0] == labels).sum())
             correct5 += int((top == labels[:, None]).any(-1).sum())
             total += labels.shape[0]
-            for row in modadapt.routing_stats(inner):
+            for row in modadapt.routing_stats(inner) if converted else ():
                 kept.setdefault(row["layer"], []).append(row["kept_fraction"])
     return {
         "top1": correct1 / max(total, 1),
@@ -239,6 +247,35 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
         "images": total,
         "kept_fraction": {str(k): sum(v) / len(v) for k, v in kept.items()},
     }
+
+
+def evaluate_saved(directory: str, data: str, *, dense: bool = False, batch_size: int = 128,
+                   device: str | None = None, progress: bool = False) -> dict:
+    """Top-1 / top-5 of a saved timm ViT (``modadapt eval``) on an image folder (any layout
+    `load_splits` reads): its validation split, or its only one, through the model's eval
+    transform; with `dense`, of its dense model instead."""
+    import modadapt
+
+    if batch_size < 1:
+        raise ModAdaptError("batch_size must be >= 1.")
+    device = eval_device(device)
+    model = vision_transformer(modadapt.load(directory, device=device), directory)
+    splits = load_splits(data)
+    name = next((a for a in SPLIT_ALIASES["validation"] if a in splits), None)
+    if name is None and len(splits) != 1:
+        raise ModAdaptError(f"{data} has splits {sorted(splits)} and none is a validation split to evaluate on.")
+    name = name or next(iter(splits))
+    split = pick_split(splits, name, data)
+    if max(split["label"]) >= model.num_classes:
+        raise ModAdaptError(f"{data} has labels up to {max(split['label'])} but the model's head has "
+                            f"{model.num_classes} classes; evaluate it on data of the classes it was trained on.")
+    _, eval_tf, _ = make_transforms(model, input_size(model), augment=False)
+    split.set_transform(eval_tf)
+    if dense:
+        modadapt.unload(model)
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, collate_fn=collate)
+    result = evaluate(model, loader, None, progress)
+    return {**result, "model": "dense" if dense else "converted", "split": name, "device": str(device)}
 
 
 def run(cfg: ViTRecipeConfig) -> dict:
