@@ -403,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    try:  # building the parser loads the plugins: their errors and a Ctrl-C there are one line too
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except ModAdaptError as exc:
         print(f"modadapt: error: {exc}", file=sys.stderr)

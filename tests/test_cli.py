@@ -194,3 +194,14 @@ def test_a_model_or_data_of_the_wrong_kind_is_one_line(other_models, tmp_path, c
     lines = [line for line in stderr.split("\n") if line and not line.startswith("\r")]  # datasets' progress
     assert code == 2 and len(lines) == 1 and lines[0].startswith("modadapt: error: ") and message in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plugin_that_fails_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
+    from modadapt import plugins
+
+    def broken(reload=False):
+        raise modadapt.ModAdaptError("plugin 'broken' failed to load: boom")
+
+    monkeypatch.setattr(plugins, "registry", broken)
+    code, _, stderr = run(capsys, "list", "routers")
+    assert code == 2 and stderr == "modadapt: error: plugin 'broken' failed to load: boom\n"
