@@ -70,9 +70,17 @@ def load_source_model(source: str):
     return model.eval(), extras
 
 
+def is_causal_lm(model: Any) -> bool:
+    """A text-only `transformers` model with an LM head (not a ViT, not LLaVA, which needs images)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "vocab_size", None) is not None and hasattr(model, "get_output_embeddings")
+            and getattr(config, "model_type", None) != "llava")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import convert, save
     from .output_dir import check_output
+    from .persistence import META_FILE
     from .plugins import get_router
 
     fields = load_config_file(args.config) if args.config else {}
@@ -91,7 +99,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"router {config.router!r} decides by its own threshold and takes no --capacity; "
             f"see its arguments with `modadapt list routers`."
         )
-    out = check_output(args.output, args.overwrite)
+    out = check_output(args.output, args.overwrite, META_FILE)
     model, extras = load_source_model(args.model)
     before = sum(p.numel() for p in model.parameters())
     convert(model, config, adapter=args.adapter)
@@ -113,8 +121,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import build_preset, convert, mod_layers, routing_stats, save
+    from .output_dir import check_output
+    from .persistence import META_FILE
 
+    if args.output:  # refused before the work, not after it
+        check_output(args.output, args.overwrite, META_FILE)
     model = build_preset(args.preset)
+    if not is_causal_lm(model):
+        raise ModAdaptError(f"demo generates text with a causal language model; preset {args.preset} is a "
+                            f"{type(model).__name__}. Use a text preset (e.g. tiny-llama), or `modadapt convert "
+                            f"{args.preset} -o DIR` to convert it.")
     convert(model, router=args.router, capacity=args.capacity, layers="every-other")
     generator = torch.Generator().manual_seed(0)
     for layer in mod_layers(model):  # a fresh router keeps every token; give it opinions
@@ -152,9 +168,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     )
     from .metrics.report import analyze, write_report
     from .output_dir import check_output
-    from .metrics.selection import parse_rule
+    from .metrics.selection import REPORT_FILE, parse_rule
     from .plugins import get_router
     from .presets import preset_names
+    from .recipes.lm_adapt import check_seq_len
 
     rule = parse_rule(args.select)
     for name, value, low in (("--samples", args.samples, 1), ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1)):
@@ -164,7 +181,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ModAdaptError(f"--tol must be a tolerance >= 0, got {args.tol}.")
     ModConfig(router=args.router, capacity=args.capacity)
     get_router(args.router)
-    check_output(Path(args.output), args.overwrite)
+    check_output(Path(args.output), args.overwrite, REPORT_FILE)
     if args.data is None and args.model not in preset_names():
         raise ModAdaptError("--data is required for a model directory; the built-in text is for the presets.")
     model, _ = load_source_model(args.model)
@@ -172,13 +189,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if kind == "text":
         text, data_path, digest = read_text(args.data)
         tokenizer = model_tokenizer(args.model)
-        batches = text_batches(
+        batches, text_tokens = text_batches(
             text, tokenizer=tokenizer, vocab_size=model.config.vocab_size, samples=args.samples,
             seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         )
         tokens = args.seq_len
+        check_seq_len(model, tokens)
         data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
-                "samples": args.samples, "seq_len": tokens}
+                "samples": args.samples, "seq_len": tokens, "text_tokens": text_tokens}
+        if text_tokens < args.samples * tokens:
+            print(f"modadapt: warning: the text has {text_tokens} tokens, fewer than --samples {args.samples} x "
+                  f"--seq-len {tokens}: the windows overlap; give more text for independent samples.", file=sys.stderr)
     elif kind == "llava":  # images + prompts
         from .recipes.llava_adapt import calibration_batches
 
@@ -203,6 +224,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         tol=args.tol, progress=not args.quiet,
     )
     write_report(report, args.output, overwrite=args.overwrite)
+    if report["tie"]:
+        print(f"modadapt: warning: {report['tie']}", file=sys.stderr)
     for row in report["layers"]:
         mark = "  selected" if row["selected"] else ""
         print(f"layer {row['layer']}: {args.metric} {row['mean']:.4f} +- {row['std']:.4f}{mark}")
@@ -212,19 +235,49 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity of a saved converted model (or its dense original) on local text."""
-    from .recipes.lm_adapt import evaluate_saved
+    """Perplexity of a saved language model on text, top-1 of a ViT on images, answer accuracy of
+    a LLaVA model on LLaVA-format JSON (or of their dense originals)."""
+    from .persistence import META_FILE, read_meta
+    from .recipes.config import run_setting
 
-    result = evaluate_saved(args.model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                            dense=args.dense, batch_size=args.batch_size, progress=not args.quiet)
+    path = Path(args.model)
+    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
+        path = path / "model"  # a recipe's run directory
+    adapter = read_meta(path)["adapter"] if (path / META_FILE).is_file() else None
+    common = dict(dense=args.dense, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    if adapter in ("timm-vit", "llava"):
+        given = [flag for flag, value in (("--seq-len", args.seq_len), ("--max-tokens", args.max_tokens)) if value]
+        if given:
+            raise ModAdaptError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to language "
+                                f"models; {args.model} is a {adapter} model.")
+    if adapter != "llava" and args.max_new_tokens:
+        raise ModAdaptError(f"--max-new-tokens applies only to LLaVA models; {args.model} is not one.")
+    if adapter == "timm-vit":
+        from .recipes.vit_imagenet import evaluate_saved
+
+        result = evaluate_saved(str(path), args.data, **common)
+        summary = (f"{result['model']} top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f} (loss {result['loss']:.4f}, "
+                   f"{result['images']} images of split {result['split']})")
+    elif adapter == "llava":
+        from .recipes.llava_adapt import evaluate_saved
+
+        tokens = args.max_new_tokens or run_setting(path.parent, "max_new_tokens") or 8
+        result = evaluate_saved(str(path), args.data, max_new_tokens=tokens, **common)
+        summary = f"{result['model']} accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f}, {result['samples']} samples)"
+    else:
+        from .recipes.lm_adapt import evaluate_saved
+
+        result = evaluate_saved(args.model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens, **common)
+        summary = (f"{result['model']} perplexity {result['ppl']:.4f} (loss {result['loss']:.4f}, {result['tokens']} "
+                   f"tokens, {result['blocks']} blocks of {result['seq_len']})")
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
-    print(f"{result['model']} perplexity {result['ppl']:.4f} (loss {result['loss']:.4f}, {result['tokens']} tokens, "
-          f"{result['blocks']} blocks of {result['seq_len']})")
+    print(summary)
     for layer, fraction in result["kept_fraction"].items():
         print(f"  layer {layer}: kept fraction {fraction:.4f}")
-    print(f"FLOPs per token: {result['flops_per_token']:.4g} ({result['flops_ratio']:.3f} of dense)")
+    if "flops_ratio" in result:
+        print(f"FLOPs per token: {result['flops_per_token']:.4g} ({result['flops_ratio']:.3f} of dense)")
     return 0
 
 
@@ -286,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=field_help("adapter_kwargs"))
     p.add_argument("--adapter", help="registered adapter to convert with, when several claim the model "
                    "(default: the one that does; see `modadapt list adapters`)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory modadapt wrote before")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="convert a preset, generate with the cache and check it (offline)")
@@ -295,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default="threshold-p", help=field_help("router"))
     p.add_argument("--capacity", type=float, default=0.5, help=field_help("capacity"))
     p.add_argument("-o", "--output", help="also save the converted model here")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory modadapt wrote before")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("analyze", help="score layers (ARank or cosine) and pick the ones to convert")
@@ -313,15 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default="topk", help=field_help("router"))
     p.add_argument("--seed", type=int, default=0, help="seed that picks the calibration windows (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a report directory modadapt wrote before")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("eval", help="perplexity of a saved converted model on local text")
-    p.add_argument("model", help="directory written by `modadapt convert` or modadapt.save")
-    p.add_argument("--data", required=True, help="local .txt/.jsonl file or directory (optionally .gz), or datasets files")
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=256, help="tokens per block (default: 256)")
+    p = sub.add_parser("eval", help="perplexity (LMs), top-1 (ViTs) or answer accuracy (LLaVA) of a saved model")
+    p.add_argument("model", help="directory written by `modadapt convert` or modadapt.save, or a recipe's run directory")
+    p.add_argument("--data", required=True, help="language models: local .txt/.jsonl file or directory (optionally "
+                   ".gz), or datasets files; timm ViTs: an image folder (its validation split); LLaVA: LLaVA-format JSON")
+    p.add_argument("--seq-len", dest="seq_len", type=int,
+                   help="tokens per block (default: the run's own for an lm-adapt run's model, else 256)")
+    p.add_argument("--device", help="device to evaluate on (default: cuda when available, else cpu)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=0, help="use at most this many tokens (0: all)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="blocks per forward (default: 8)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8,
+                   help="blocks, images or samples per forward (default: 8)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
+                   help="LLaVA: answer length limit (default: the run's own, else 8)")
     p.add_argument("--dense", action="store_true", help="evaluate the dense model (routers removed) instead")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -351,12 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    try:  # building the parser loads the plugins: their errors and a Ctrl-C there are one line too
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except ModAdaptError as exc:
         print(f"modadapt: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # a recipe's `Interrupted` says how to resume
+        print(f"modadapt: {exc or 'interrupted.'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def field_help(name: str) -> str:
 
 
 def normalize_layer_spec(spec: Any) -> str | list[int]:
-    """Turn a layer spec into a named rule or a sorted list of unique ints (not yet range-checked)."""
+    """Turn a layer spec into a named rule or a sorted list of ints, each named once (not yet
+    range-checked)."""
     if isinstance(spec, str):
         text = spec.strip()
         if text in LAYER_RULES:
@@ -150,7 +151,10 @@ def normalize_layer_spec(spec: Any) -> str | list[int]:
             raise ModAdaptError("layers is empty; name at least one layer to convert.")
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
             raise ModAdaptError(f"layers must be integers, got {list(spec)!r}.")
-        return sorted(set(spec))
+        twice = sorted({i for i in spec if list(spec).count(i) > 1})
+        if twice:
+            raise ModAdaptError(f"layers {list(spec)} names layer {twice[0]} more than once; name each layer once.")
+        return sorted(spec)
     raise ModAdaptError(f"layers must be a list of ints or one of {LAYER_RULES}, got {spec!r}.")
 
 

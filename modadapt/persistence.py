@@ -31,7 +31,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, extra_files=()) -> Path:
-    """Save a converted model to `directory` (created; must be new or empty unless `overwrite`).
+    """Save a converted model to `directory` (created; must be new or empty, or with `overwrite`
+    an earlier save: a directory without ``modadapt.json`` is never replaced).
 
     `extra_files` are copied in as they are (e.g. tokenizer files next to the source model).
     """
@@ -49,7 +50,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         "dtype": str(dtype).removeprefix("torch."),
         "mod_config": state.config_dict(),
     }
-    with atomic_directory(directory, overwrite) as tmp:
+    with atomic_directory(directory, META_FILE, overwrite) as tmp:
         state.adapter.save_base(model, str(tmp))
         save_model(model, str(tmp / WEIGHTS_FILE))
         for extra in extra_files:

@@ -110,6 +110,7 @@ def test_cosine_metric_and_builtin_text(tmp_path, capsys):
     (["--select", "fraction=2"], "fraction"),
     (["--select", "best"], "--select"),
     (["--seq-len", "100000"], "fewer than --seq-len"),
+    (["--seq-len", "600"], "longer than the model's max_position_embeddings 512"),
     (["--capacity", "1.5"], "capacity"),
 ])
 def test_bad_input_is_a_one_line_error_without_output(tmp_path, capsys, argv, message):
@@ -119,6 +120,22 @@ def test_bad_input_is_a_one_line_error_without_output(tmp_path, capsys, argv, me
     assert code == 2
     assert err.startswith("modadapt: error:") and message in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_short_text_and_tied_scores_are_reported(tmp_path, capsys):
+    """300 bytes cannot make 32 distinct windows of 128 tokens, and full-rank attention gives every
+    layer ARank 127: both are said, in the report and on stderr, not passed off as a measurement."""
+    data = tmp_path / "short.txt"
+    data.write_text("hello world, this is a small text. " * 9)
+    out = tmp_path / "report"
+    code, _, err = run(capsys, "analyze", "tiny-llama", "--data", str(data), "--quiet", "-o", str(out))
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["text_tokens"] == len(data.read_bytes()) and "fewer than --samples 32 x --seq-len 128" in err
+    assert "overlapping, from a text of 315 tokens" in (out / "report.md").read_text()
+    assert {r["mean"] for r in report["layers"]} == {127.0}
+    assert "layers [1, 2, 3] all score 127.0000" in report["tie"] and report["tie"] in err
+    assert report["tie"] in (out / "report.md").read_text()
 
 
 def test_existing_report_directory_is_not_overwritten(report_dir, capsys):

@@ -67,6 +67,7 @@ def test_convert_with_config_file_and_flag_override(tmp_path, capsys):
         (["tiny-llama", "--layers", "0,1"], "layer 0 cannot be converted"),
         (["tiny-llama", "--layers", "7"], "out of range"),
         (["tiny-llama", "--layers", "one"], "is not a layer list"),
+        (["tiny-llama", "--layers", "1,3,1"], "names layer 1 more than once"),
         (["tiny-llama", "--router-arg", "p"], "KEY=VALUE"),
         (["tiny-llama", "--router", "threshold-p", "--router-arg", "p=2"], "p must be in (0, 1)"),
         (["tiny-llama", "--router", "topk", "--router-arg", "bogus=1"], "has no argument 'bogus'"),
@@ -98,8 +99,14 @@ def test_non_empty_output_needs_overwrite(tmp_path, capsys):
     code, _, stderr = run(capsys, "convert", "tiny-llama", "-o", str(out))
     assert code == 2 and "not empty" in stderr
     assert (out / "keep.txt").read_text() == "mine"
-    assert main(["convert", "tiny-llama", "-o", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "modadapt.json").is_file()
+    # --overwrite replaces only what modadapt wrote: a directory of someone else's files is refused.
+    code, _, stderr = run(capsys, "convert", "tiny-llama", "-o", str(out), "--overwrite")
+    assert code == 2 and "was not written by modadapt" in stderr and stderr.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "mine"
+    assert main(["convert", "tiny-llama", "-o", str(mine)]) == 0
+    assert main(["convert", "tiny-llama", "--router", "topk", "-o", str(mine), "--overwrite"]) == 0
+    assert json.loads((mine / "modadapt.json").read_text())["mod_config"]["router"] == "topk"
 
 
 def test_list_json(capsys):
@@ -120,6 +127,16 @@ def test_demo_checks_cache_against_full_forward(tmp_path, capsys):
     assert (tmp_path / "demo" / "model.safetensors").is_file()
 
 
+def test_demo_refuses_an_existing_output_before_generating(tmp_path, capsys):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "notes.txt").write_text("mine")
+    code, stdout, stderr = run(capsys, "demo", "-o", str(tmp_path / "demo"))
+    assert code == 2 and stdout == "" and "not empty" in stderr
+    code, stdout, stderr = run(capsys, "demo", "-o", str(tmp_path / "demo"), "--overwrite")
+    assert code == 2 and stdout == "" and "was not written by modadapt" in stderr
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["notes.txt"]
+
+
 def test_convert_llava_with_adapter_options(tmp_path, capsys):
     out = tmp_path / "mod"
     code, _, _ = run(capsys, "convert", "tiny-llava", "--router", "shared-vl", "--capacity", "0.5", "--layers", "1,3",
@@ -129,3 +146,62 @@ def test_convert_llava_with_adapter_options(tmp_path, capsys):
     assert meta["adapter_kwargs"] == {"protect": "question+answer", "route": "image"}
     code, _, err = run(capsys, "convert", "tiny-llava", "--adapter-arg", "bogus=1", "-o", str(tmp_path / "bad"))
     assert code == 2 and "has no option 'bogus'" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    """Saved ViT, LLaVA and Llama models, image folders and a LLaVA-format JSON: inputs to give the
+    wrong command."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("others")
+    for preset, router in (("tiny-vit", "attention"), ("tiny-llava", "shared-vl"), ("tiny-llama", "topk")):
+        model = modadapt.build_preset(preset)
+        modadapt.convert(model, router=router, capacity=0.5)
+        modadapt.save(model, root / (preset if preset != "tiny-llama" else "tiny-llama-mod"))
+    for split in ("train", "validation"):
+        for label in "ab":
+            (root / "images" / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / "images" / split / label / "0.png")
+    for label in range(11):  # one class more than the tiny ViT's head
+        (root / "many" / f"c{label:02d}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / "many" / f"c{label:02d}" / "0.png")
+    Image.new("RGB", (8, 8)).save(root / "0.png")
+    (root / "llava.json").write_text(json.dumps([{"image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "0"}]}]))
+    (root / "text.txt").write_text("some text to score " * 40)
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--preset", "tiny-vit"], "demo generates text with a causal language model; preset tiny-vit is a"),
+    (["demo", "--preset", "tiny-llava"], "preset tiny-llava is a LlavaForConditionalGeneration"),
+    (["eval", "ROOT/tiny-vit", "--data", "ROOT/images", "--seq-len", "16"], "--seq-len applies only to language models"),
+    (["eval", "ROOT/tiny-vit", "--data", "ROOT/text.txt"], "text.txt is not a directory"),
+    (["eval", "ROOT/tiny-llava", "--data", "ROOT/text.txt"], "text.txt is not valid JSON"),
+    (["eval", "ROOT/tiny-vit", "--data", "ROOT/many"], "has labels up to 10 but the model's head has 10 classes"),
+    (["eval", "ROOT/tiny-llama-mod", "--data", "ROOT/llava.json", "--max-new-tokens", "4"], "applies only to LLaVA"),
+    (["train", "vit-imagenet", "--model", "tiny-llama", "--data", "ROOT/images", "--cpu"],
+     "vit-imagenet trains timm vision transformers; tiny-llama is a LlamaForCausalLM"),
+    (["train", "llava-adapt", "--model", "tiny-llama", "--data", "ROOT/llava.json", "--cpu"],
+     "llava-adapt trains LLaVA models (LlavaForConditionalGeneration); tiny-llama is a LlamaForCausalLM"),
+])
+def test_a_model_or_data_of_the_wrong_kind_is_one_line(other_models, tmp_path, capsys, argv, message):
+    argv = [a.replace("ROOT", str(other_models)) for a in argv]
+    if argv[0] == "train":
+        argv += ["-o", str(tmp_path / "run")]
+    code, stdout, stderr = run(capsys, *argv)
+    lines = [line for line in stderr.split("\n") if line and not line.startswith("\r")]  # datasets' progress
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("modadapt: error: ") and message in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plugin_that_fails_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
+    from modadapt import plugins
+
+    def broken(reload=False):
+        raise modadapt.ModAdaptError("plugin 'broken' failed to load: boom")
+
+    monkeypatch.setattr(plugins, "registry", broken)
+    code, _, stderr = run(capsys, "list", "routers")
+    assert code == 2 and stderr == "modadapt: error: plugin 'broken' failed to load: boom\n"

@@ -289,10 +289,15 @@ def test_failed_overwrite_keeps_the_previous_save(converted, tmp_path, ids):
     modadapt.load(target)  # still a complete, loadable save
 
 
-def test_overwrite_replaces_the_directory(converted, tmp_path):
+def test_overwrite_replaces_an_earlier_save_only(converted, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "stale.txt").write_text("old")
+    with pytest.raises(ModAdaptError, match="not written by modadapt"):  # not modadapt's: never deleted
+        modadapt.save(converted, target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["stale.txt"]
+    (target / "stale.txt").unlink()
+    modadapt.save(converted, target)
     modadapt.save(converted, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "modadapt.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

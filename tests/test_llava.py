@@ -230,7 +230,7 @@ def test_llava_adapt_recipe_trains_resumes_and_summarises(tmp_path, capsys):
     flags = ["train", "llava-adapt", "--data", str(data), "--eval-data", str(data), "-o", str(tmp_path / "run"),
              "--batch-size", "3", "--capacity", "0.5", "--layers", "1,3", "--no-progress", "--cpu", "--max-new-tokens", "2"]
     assert main([*flags, "--max-steps", "1"]) == 0
-    assert main([*flags, "--max-steps", "2", "--resume"]) == 0
+    assert main(["train", "llava-adapt", "-o", str(tmp_path / "run"), "--max-steps", "2", "--resume"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["mod_config"]["router"] == "shared-vl"
     roles = summary["eval"]["kept_fraction_by_role"]
@@ -238,6 +238,13 @@ def test_llava_adapt_recipe_trains_resumes_and_summarises(tmp_path, capsys):
     flops = summary["flops_per_sample"]
     assert flops["dense"] > 0 and flops["ratio"] == pytest.approx(flops["mod"] / flops["dense"])
     assert modadapt.mod_layers(modadapt.load(tmp_path / "run" / "model"))
+    capsys.readouterr()
+    # `modadapt eval` of the run (its --max-new-tokens 2) gives the run's own accuracy and loss.
+    assert main(["eval", str(tmp_path / "run"), "--data", str(data), "--json", "--quiet", "--batch-size", "32"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["accuracy"] == summary["eval"]["accuracy"] and again["samples"] == 6
+    assert again["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+    assert again["kept_fraction"] == pytest.approx(summary["eval"]["kept_fraction"])
     assert main([*flags, "--max-steps", "1"]) == 2  # a non-empty run directory is refused
     assert "not empty" in capsys.readouterr().err
 

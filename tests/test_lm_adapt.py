@@ -161,6 +161,8 @@ def test_bad_inputs_are_clear_errors_and_leave_no_directory(corpus, tmp_path, ca
         run(config(corpus, out, router="random"))
     with pytest.raises(ModAdaptError, match="no checkpoint"):
         run(config(corpus, out, resume=True))
+    code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "-o", str(out), "--cpu", "--seq-len", "1024"])
+    assert code == 2 and "longer than the model's max_position_embeddings 512" in capsys.readouterr().err
     code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "-o", str(out), "--cpu",
                  "--router", "topk", "--router-arg", "colour=red"])
     assert code == 2 and "colour" in capsys.readouterr().err
@@ -191,8 +193,18 @@ def test_eval_cli(corpus, routers_run, capsys, tmp_path):
     assert main(["eval", str(out / "model"), "--data", valid, "--seq-len", "32", "--quiet", "--dense"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("dense perplexity") and f"{summary['valid_ppl']['dense']:.4f}" in text
-    assert main(["eval", str(out), "--data", valid]) == 2
+    # Without --seq-len, a run's model is evaluated at the run's own (32, not 256), on the device asked for.
+    for model in (out / "model", out):
+        assert main(["eval", str(model), "--data", valid, "--quiet", "--json", "--device", "cpu"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["ppl"] == pytest.approx(summary["valid_ppl"]["converted_after"], rel=1e-5)
+        assert (result["seq_len"], result["device"]) == (32, "cpu")
+    assert main(["eval", str(out / "checkpoint"), "--data", valid]) == 2
     assert "not a directory saved by modadapt.save" in capsys.readouterr().err
+    assert main(["eval", str(out / "model"), "--data", valid, "--device", "cuda:99"]) == 2
+    assert "CUDA device(s)" in capsys.readouterr().err
+    assert main(["eval", str(out / "model"), "--data", valid, "--device", "gpu"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
     assert main(["eval", str(out / "model"), "--data", str(tmp_path / "nope.txt")]) == 2
 
 

@@ -34,7 +34,7 @@ def config(data, out, **extra):
     return ViTRecipeConfig(**{**base, **extra})
 
 
-def test_end_to_end_with_resume(imagefolder, tmp_path, monkeypatch, interrupt_at_step):
+def test_end_to_end_with_resume(imagefolder, tmp_path, monkeypatch, interrupt_at_step, capsys):
     straight = run(config(imagefolder, tmp_path / "a"))
     # The same run, killed in its 3rd optimizer step (mid-epoch: 3 steps per epoch), then resumed.
     interrupt_at_step(3)
@@ -42,9 +42,7 @@ def test_end_to_end_with_resume(imagefolder, tmp_path, monkeypatch, interrupt_at
         run(config(imagefolder, tmp_path / "b", save_every=1))
     monkeypatch.undo()
     assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text()) == {"step": 2}
-    code = main(["train", "vit-imagenet", "--data", str(imagefolder), "-o", str(tmp_path / "b"), "--resume",
-                 "--max-steps", "4", "--epochs", "2", "--batch-size", "4", "--no-augment", "--no-progress", "--cpu",
-                 "--lr", "1e-3"])
+    code = main(["train", "vit-imagenet", "-o", str(tmp_path / "b"), "--resume", "--save-every", "0"])
     assert code == 0
     resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert resumed["steps"] == straight["steps"] == 4
@@ -55,6 +53,14 @@ def test_end_to_end_with_resume(imagefolder, tmp_path, monkeypatch, interrupt_at
 
     ev = straight["eval"]
     assert ev["images"] == 6 and 0.0 <= ev["top1"] <= ev["top5"] <= 1.0
+    # `modadapt eval` of the run gives the run's own evaluation.
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "a"), "--data", str(imagefolder), "--json", "--quiet", "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["top1"], again["top5"], again["images"], again["split"]) == (ev["top1"], ev["top5"], 6, "validation")
+    assert again["loss"] == pytest.approx(ev["loss"], rel=1e-5)
+    assert main(["eval", str(tmp_path / "a"), "--data", str(imagefolder), "--quiet", "--dense"]) == 0
+    assert capsys.readouterr().out.startswith("dense top-1 ")
     assert set(ev["kept_fraction"]) == {"1", "3"} and all(0 < f < 1 for f in ev["kept_fraction"].values())
     assert straight["flops_ratio"] < 1.0 and straight["flops_per_image"]["mod"]["router"] > 0
     resolved = (tmp_path / "b" / "config.yaml").read_text()

@@ -162,17 +162,16 @@ def token_windows(ids: list[int], samples: int, seq_len: int, seed: int) -> torc
 
 def text_batches(
     text: str, *, tokenizer: Any, vocab_size: int, samples: int, seq_len: int, batch_size: int, seed: int
-) -> list[dict]:
-    """Model inputs (`input_ids`, `attention_mask`) of `samples` windows, `batch_size` per batch."""
+) -> tuple[list[dict], int]:
+    """`(batches, tokens in the text)`: model inputs (`input_ids`, `attention_mask`) of `samples`
+    windows, `batch_size` per batch; the count tells whether the windows had to overlap."""
     if tokenizer is not None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = [b % vocab_size for b in text.encode("utf-8")]
     windows = token_windows(ids, samples, seq_len, seed)
-    return [
-        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
-        for chunk in windows.split(batch_size)
-    ]
+    batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(batch_size)]
+    return batches, len(ids)
 
 
 def model_tokenizer(source: str) -> Any:

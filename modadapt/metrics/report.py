@@ -102,6 +102,7 @@ def analyze(
     selected = select_layers(
         [r["mean"] for r in rows], rule, lower_is_redundant=lower, candidates=convertible_layers(model, len(layers))
     )
+    tie = selection_tie([r["mean"] for r in rows], selected, convertible_layers(model, len(layers)), metric)
     hidden = _hidden_size(model)
     flops = model_layer_flops(model, layers, hidden, tokens, capacity, selected)
     for row, f in zip(rows, flops):
@@ -128,6 +129,7 @@ def analyze(
         "flops_tokens": tokens,
         "layers": rows,
         "selected_layers": selected,
+        "tie": tie,
         "convert_config": config,
         "convert_command": shlex.join(["modadapt", "convert", model_name, "-c", config_path, "-o", _default_out(model_name)]),
         "convert_command_flags": shlex.join([
@@ -135,6 +137,20 @@ def analyze(
             *(["--capacity", str(capacity)] if _capacity_based(router) else []), "-o", _default_out(model_name),
         ]),
     }
+
+
+def selection_tie(scores: list[float], selected: list[int], candidates: list[int], metric: str) -> str | None:
+    """A warning when selected and unselected layers score the same: the metric did not choose
+    between them, layer order did (e.g. ARank saturating at seq_len - 1 on every layer)."""
+    chosen = [i for i in candidates if i in selected]
+    tied = {scores[i] for i in chosen} & {scores[i] for i in candidates if i not in selected}
+    if not tied:
+        return None
+    value = min(tied)
+    layers = [i for i in candidates if scores[i] == value]
+    return (f"layers {layers} all score {value:.4f} ({metric}): the metric does not tell them apart, so "
+            f"{[i for i in layers if i in selected]} were chosen by layer order; try another --metric "
+            "(or, for arank, --tol).")
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -159,7 +175,7 @@ def write_report(report: dict, directory: str | os.PathLike, *, overwrite: bool 
     """Write the report files into `directory` atomically (temporary sibling, then rename)."""
     import yaml
 
-    with atomic_directory(directory, overwrite) as tmp:
+    with atomic_directory(directory, REPORT_FILE, overwrite) as tmp:
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         header = f"# ModConfig written by `modadapt analyze` ({report['metric']}, {_rule_text(report)}).\n"
         (tmp / CONFIG_FILE).write_text(header + yaml.safe_dump(report["convert_config"], sort_keys=False))
@@ -195,15 +211,23 @@ def _summary(report: dict) -> list[str]:
     direction = "lower" if report["lower_is_redundant"] else "higher"
     return [
         f"Model: {report['model']} ({report['model_class']}, {report['num_layers']} layers)",
-        f"Data: {data['path']} (sha256 {data['sha256'][:16]}..., {data['samples']} samples x {data['seq_len']} "
-        f"tokens, {'tokenizer: ' + data['tokenizer'] if 'tokenizer' in data else data.get('kind', 'text')}), "
+        f"Data: {data['path']} (sha256 {data['sha256'][:16]}..., {_samples_text(data)}, "
+        f"{'tokenizer: ' + data['tokenizer'] if 'tokenizer' in data else data.get('kind', 'text')}), "
         f"seed {report['seed']}",
+        *([f"Warning: {report['tie']}"] if report.get("tie") else []),
         f"Metric: {report['metric']} ({direction} = more redundant); rule {_rule_text(report)}; "
         f"layer 0 is never selected",
         f"Selected layers: {report['selected_layers']}",
         f"Layer FLOPs at capacity {report['capacity']} ({report['flops_tokens']} tokens): "
         f"{dense / 1e9:.4f} G dense -> {mod / 1e9:.4f} G MoD ({mod / dense:.1%})",
     ]
+
+
+def _samples_text(data: dict) -> str:
+    text = f"{data['samples']} samples x {data['seq_len']} tokens"
+    if data.get("text_tokens") is not None and data["text_tokens"] < data["samples"] * data["seq_len"]:
+        text += f" overlapping, from a text of {data['text_tokens']} tokens"
+    return text
 
 
 def render_markdown(report: dict) -> str:

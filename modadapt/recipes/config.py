@@ -11,19 +11,23 @@ import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..errors import ModAdaptError
 
 
 class RecipeConfig:
-    """Mixin for recipe config dataclasses; `recipe` names the recipe in error messages."""
+    """Mixin for recipe config dataclasses; `recipe` names the recipe in error messages and
+    `resumable` the fields a resumed run may change (the rest would make a different run)."""
 
     recipe: ClassVar[str] = "recipe"
+    resumable: ClassVar[frozenset[str]] = frozenset(
+        {"output", "resume", "max_steps", "save_every", "progress", "eval_batch_size"})
 
     @classmethod
     def resolve(cls, file: str | None, overrides: dict):
-        """The config from YAML `file` (optional) with the non-None `overrides` on top."""
+        """The config from YAML `file` (optional) with the non-None `overrides` on top; with
+        ``resume``, on top of the run directory's saved ``config.yaml``."""
         values: dict = {}
         if file:
             import yaml
@@ -43,7 +47,57 @@ class RecipeConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ModAdaptError(f"unknown {cls.recipe} fields {unknown}; known: {sorted(known)}.")
+        if values.get("resume"):
+            values = {**read_run_config(values.get("output", ""), cls), **values}
         return cls(**values)
+
+
+def read_run_config(output: str, config_cls: type) -> dict[str, Any]:
+    """The fields a run saved in ``OUTPUT/config.yaml``: what a resumed run starts from."""
+    import yaml
+
+    if not output:
+        raise ModAdaptError(f"{config_cls.recipe}: --resume needs the run directory (-o DIR).")
+    path = Path(output) / "config.yaml"
+    if not path.is_file():
+        raise ModAdaptError(f"resume: {output} has no checkpoint or config.yaml to resume from; "
+                            "start the run without --resume.")
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ModAdaptError(f"resume: {path} is corrupt; it is not the YAML mapping a run writes.")
+    unknown = sorted(set(saved) - {f.name for f in fields(config_cls)})
+    if unknown:
+        raise ModAdaptError(f"resume: {output} is not a {config_cls.recipe} run ({path} has fields {unknown}).")
+    return saved
+
+
+def run_setting(run_dir: Path, name: str) -> int | None:
+    """The integer setting `name` a recipe run in `run_dir` used (its ``config.yaml``), or None
+    when `run_dir` is not a run that has it: what ``modadapt eval`` matches by default."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = saved.get(name) if isinstance(saved, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_resumable(cfg: RecipeConfig, saved: dict[str, Any]) -> None:
+    """Refuse a resume whose configuration differs from the run's saved one in a field that
+    would make it a different run (any but `cfg.resumable`)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in cfg.resumable and f.name in saved and saved[f.name] != value:
+            changeable = ", ".join(sorted(cfg.resumable - {"output", "resume"}))
+            raise ModAdaptError(
+                f"resume: {f.name} is {saved[f.name]!r} in {Path(cfg.output) / 'config.yaml'}, not {value!r}; "
+                f"a resumed run keeps its configuration except {changeable} (start a new run to change {f.name})."
+            )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:

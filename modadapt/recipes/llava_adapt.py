@@ -22,7 +22,7 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ from torch import nn
 
 from ..config import INFERENCE_ROUTING
 from ..errors import ModAdaptError
+from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, distillation_kl, train_epochs
+from .training import RunCheckpoint, distillation_kl, eval_device, train_epochs
 
 NAME = "llava-adapt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -45,6 +46,7 @@ class LlavaRecipeConfig(RecipeConfig):
     """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
 
     recipe = NAME
+    resumable = RecipeConfig.resumable | {"epochs", "eval_data", "max_new_tokens"}
 
     data: str = field(default="", metadata={"help": "LLaVA-format JSON file of training records"})
     eval_data: str = field(default="", metadata={"help": "LLaVA-format JSON file for evaluation ('' to skip)"})
@@ -69,7 +71,9 @@ class LlavaRecipeConfig(RecipeConfig):
     max_new_tokens: int = field(default=8, metadata={"help": "answer length limit for evaluation"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+                "steps, checkpointing, evaluation and progress"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
     seed: int = field(default=0, metadata={"help": "seed for new weights and shuffling"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -266,17 +270,31 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
                 "does not use model processors yet."
             )
         if (path / "modadapt.json").is_file():
-            return modadapt.load(path)
-        from transformers import LlavaForConditionalGeneration
+            return llava_model(modadapt.load(path), cfg.model)
+        from transformers import AutoConfig, LlavaForConditionalGeneration
 
+        try:
+            model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
+        except Exception as exc:
+            raise ModAdaptError(f"could not read the model config in {path}: {exc}") from None
+        if model_type != "llava":
+            raise ModAdaptError(f"llava-adapt trains LLaVA models; {path} holds a {model_type!r} model.")
         model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
     elif cfg.model in preset_names():
-        model = build_preset(cfg.model, seed=cfg.seed)
+        model = llava_model(build_preset(cfg.model, seed=cfg.seed), cfg.model)
     else:
         raise ModAdaptError(f"model {cfg.model!r} is neither a directory nor a preset.")
     modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
                      router_kwargs=dict(cfg.router_kwargs), adapter_kwargs=dict(cfg.adapter_kwargs),
                      inference_routing=cfg.inference_routing)
+    return model
+
+
+def llava_model(model: nn.Module, name: str) -> nn.Module:
+    """`model` if it is a LLaVA model, else a clear error (not a complaint about its config)."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "llava":
+        raise ModAdaptError(f"llava-adapt trains LLaVA models (LlavaForConditionalGeneration); {name} is a "
+                            f"{type(model).__name__} (lm-adapt trains language models, vit-imagenet timm ViTs).")
     return model
 
 
@@ -292,24 +310,25 @@ def lm_flops(model: nn.Module, tokens: int, kept: dict[str, float]) -> dict:
     return {"dense": dense, "mod": mod, "ratio": mod / dense, "tokens": tokens}
 
 
-def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int, cfg: LlavaRecipeConfig,
-             accelerator) -> dict:
-    """Exact-match accuracy of greedy answers, loss, kept fractions per layer and token role."""
+def evaluate(inner: nn.Module, records: list[dict], codec: ByteCodec, size: int, *, batch_size: int,
+             max_new_tokens: int, progress: bool = False) -> dict:
+    """Exact-match accuracy of greedy answers, loss, kept fractions per layer and token role (one
+    process, on the model's device)."""
     from tqdm.auto import tqdm
 
     from ..adapters.hf.llava import role_stats
+    from ..mod_layer import state_of
 
-    inner = accelerator.unwrap_model(model)
-    device = accelerator.device
-    model.eval()
+    device = next(inner.parameters()).device
+    converted = state_of(inner) is not None
+    inner.eval()
     correct = total = 0
     loss_sum = tokens = 0.0
     role_sums: dict[str, dict[str, list[int]]] = {}
     lengths = 0
     with torch.no_grad():
-        for start in tqdm(range(0, len(records), cfg.eval_batch_size), desc="eval",
-                          disable=not (cfg.progress and accelerator.is_main_process)):
-            chunk = records[start:start + cfg.eval_batch_size]
+        for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
+            chunk = records[start:start + batch_size]
             full = collate([(*codec.sample(r)[:2], load_image(r["image"], size)) for r in chunk], codec.pad)
             full = {k: v.to(device) for k, v in full.items()}
             out = inner(**full)
@@ -317,7 +336,7 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
             loss_sum += float(out.loss) * n
             tokens += n
             lengths += int(full["attention_mask"].sum())
-            for row in role_stats(inner):
+            for row in role_stats(inner) if converted else ():
                 acc = role_sums.setdefault(str(row["layer"]), {})
                 for role in ("image", "question", "answer"):
                     kept, seen = acc.setdefault(role, [0, 0])
@@ -326,7 +345,7 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
                               codec.pad)
             generated = inner.generate(
                 input_ids=prompts["input_ids"].to(device), attention_mask=prompts["attention_mask"].to(device),
-                pixel_values=prompts["pixel_values"].to(device), max_new_tokens=cfg.max_new_tokens,
+                pixel_values=prompts["pixel_values"].to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=codec.pad, eos_token_id=codec.eos,
             )
             width = prompts["input_ids"].shape[1]
@@ -346,22 +365,41 @@ def evaluate(model: nn.Module, records: list[dict], codec: ByteCodec, size: int,
             "mean_tokens": lengths / max(total, 1)}
 
 
-def run(cfg: LlavaRecipeConfig) -> dict:
-    """Train, checkpoint, evaluate and write the run directory; returns the summary."""
-    import yaml
-
+def evaluate_saved(directory: str, data: str, *, dense: bool = False, batch_size: int = 32,
+                   max_new_tokens: int = 8, device: str | None = None, progress: bool = False) -> dict:
+    """Exact-match answer accuracy and loss of a saved LLaVA model (``modadapt eval``) on
+    LLaVA-format JSON, as llava-adapt evaluates; with `dense`, of its dense model instead."""
     import modadapt
 
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ModAdaptError("batch_size and max_new_tokens must be >= 1.")
+    device = eval_device(device)
+    model = llava_model(modadapt.load(directory, device=device), directory)
+    records = read_records(data)
+    codec = ByteCodec(model.config)
+    if dense:
+        modadapt.unload(model)
+    result = evaluate(model, records, codec, int(model.config.vision_config.image_size), batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, progress=progress)
+    return {**result, "model": "dense" if dense else "converted", "device": str(device)}
+
+
+def run(cfg: LlavaRecipeConfig) -> dict:
+    """Train, checkpoint, evaluate and write the run directory; returns the summary."""
     out = Path(cfg.output)
-    checkpoint = RunCheckpoint(out, cfg.resume)
+    with RunCheckpoint(cfg) as checkpoint:
+        return _run(cfg, out, checkpoint)
+
+
+def _run(cfg: LlavaRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
+    import modadapt
+
     train_records = read_records(cfg.data)
     eval_records = read_records(cfg.eval_data) if cfg.eval_data else None
 
     model = build_model(cfg)
     codec = ByteCodec(model.config)
     size = int(model.config.vision_config.image_size)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
 
     train_set = LlavaDataset(train_records, codec, size)
     teacher = modadapt.unload(copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
@@ -385,14 +423,15 @@ def run(cfg: LlavaRecipeConfig) -> dict:
     inner = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         if eval_records is not None:
-            ev = evaluate(model, eval_records, codec, size, cfg, accelerator)
+            ev = evaluate(inner, eval_records, codec, size, batch_size=cfg.eval_batch_size,
+                          max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
             summary["eval"] = ev
             summary["flops_per_sample"] = lm_flops(inner, round(ev["mean_tokens"]), ev["kept_fraction"])
         from ..mod_layer import state_of
 
         summary["mod_config"] = state_of(inner).config_dict()
         modadapt.save(inner, out / "model", overwrite=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()
     return summary
 

@@ -15,7 +15,9 @@ separately), plus ``distill`` × KL(dense teacher ‖ model) on the logits when 
 `accelerate` gives mixed precision, gradient accumulation and multi-GPU
 (``accelerate launch -m modadapt.cli train lm-adapt ...``). A step whose loss (or, outside fp16,
 gradient norm) is not finite is skipped; more than ``max_bad_steps`` of them abort the run.
-Checkpoints hold model, optimizer, scheduler, step and RNG state; ``resume: true`` continues.
+Checkpoints hold model, optimizer, scheduler, step and RNG state; ``resume: true`` continues
+with the run's saved configuration (flags may change only steps, checkpointing, evaluation
+batches and progress); SIGINT / SIGTERM stop at a step boundary with a checkpoint.
 The run ends with ``summary.json``: validation perplexity of the dense model and of the converted
 one before and after training, kept fraction per layer, FLOPs per token relative to dense; the
 adapted model is saved with `modadapt.save` in ``model/``. Defaults below, then a YAML file, then
@@ -28,10 +30,9 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,10 @@ from torch import nn
 from ..errors import ModAdaptError
 from ..metrics.flops import flops_table, sequence_flops
 from ..mod_layer import state_of
-from .config import RecipeConfig, add_config_arguments, overrides_from
+from ..output_dir import write_atomic
+from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
 from .schedule import AdaptationSchedule
-from .training import RunCheckpoint, distillation_kl, lr_schedule
+from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
@@ -56,6 +58,7 @@ class LMAdaptConfig(RecipeConfig):
     """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
 
     recipe = "lm-adapt"
+    resumable = RecipeConfig.resumable | {"max_eval_blocks", "max_bad_steps"}
 
     data: str = field(default="", metadata={"help": "training text: .txt/.jsonl(.gz) file or dir, .parquet/.arrow, save_to_disk dir"})
     output: str = field(default="", metadata={"help": "run directory: checkpoints, model/, config.yaml, summary.json"})
@@ -90,7 +93,9 @@ class LMAdaptConfig(RecipeConfig):
     max_eval_blocks: int = field(default=0, metadata={"help": "evaluate on at most N validation blocks (0: all)"})
     max_train_blocks: int = field(default=0, metadata={"help": "train on at most the first N blocks (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+                "steps, checkpointing, evaluation and progress"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
     seed: int = field(default=0, metadata={"help": "seed for preset weights, data order and the held-out split"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -255,7 +260,7 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
     The dense model is a copy taken before conversion, or `modadapt.unload` of a copy.
     """
     import modadapt
-    from ..cli import TOKENIZER_FILES, load_source_model
+    from ..cli import TOKENIZER_FILES, is_causal_lm, load_source_model
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
     from ..presets import build_preset, preset_names
@@ -271,7 +276,7 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
         else:
             model, extras = load_source_model(cfg.model)
         tokenizer = model_tokenizer(cfg.model)
-    if getattr(getattr(model, "config", None), "vocab_size", None) is None or not hasattr(model, "get_output_embeddings"):
+    if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
     if state_of(model) is not None:
         dense = modadapt.unload(copy.deepcopy(model))
@@ -280,6 +285,14 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
         modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
                          router_kwargs=dict(cfg.router_kwargs))
     return model, dense.eval().requires_grad_(False), tokenizer, extras
+
+
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """Refuse blocks longer than the model's positions (they would train and score on garbage)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ModAdaptError(f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit}; "
+                            f"use --seq-len {limit} or less.")
 
 
 def router_parameter_names(model: nn.Module) -> list[str]:
@@ -410,59 +423,49 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     many variants on one corpus tokenises it once); `cfg.data` is then only recorded.
     The seed is set before conversion, so router initialisation repeats with `cfg.seed`.
     """
-    import yaml
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     import modadapt
 
     out = Path(cfg.output)
-    checkpoint = RunCheckpoint(out, cfg.resume)
+    with RunCheckpoint(cfg) as checkpoint:
+        given = model is not None
+        set_seed(cfg.seed)
+        model, dense, found_tokenizer, extras = build_model(cfg, model)
+        check_seq_len(model, cfg.seq_len)
+        tokenizer = tokenizer if given else found_tokenizer
+        if blocks is not None:
+            train_blocks, valid_blocks = blocks
+            if train_blocks.dim() != 2 or train_blocks.shape[1] != cfg.seq_len or valid_blocks.shape[1:] != train_blocks.shape[1:]:
+                raise ModAdaptError(f"blocks must be [N, seq_len={cfg.seq_len}] token tensors, got "
+                                    f"{tuple(train_blocks.shape)} and {tuple(valid_blocks.shape)}.")
+        else:
+            train_blocks, valid_blocks = load_blocks(cfg, tokenizer, model.config.vocab_size)
+        set_seed(cfg.seed)
 
-    given = model is not None
-    set_seed(cfg.seed)
-    model, dense, found_tokenizer, extras = build_model(cfg, model)
-    tokenizer = tokenizer if given else found_tokenizer
-    if blocks is not None:
-        train_blocks, valid_blocks = blocks
-        if train_blocks.dim() != 2 or train_blocks.shape[1] != cfg.seq_len or valid_blocks.shape[1:] != train_blocks.shape[1:]:
-            raise ModAdaptError(f"blocks must be [N, seq_len={cfg.seq_len}] token tensors, got "
-                                f"{tuple(train_blocks.shape)} and {tuple(valid_blocks.shape)}.")
-    else:
-        train_blocks, valid_blocks = load_blocks(cfg, tokenizer, model.config.vocab_size)
-    set_seed(cfg.seed)
-
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
-                              gradient_accumulation_steps=cfg.grad_accum)
-    inner = model
-    trained = select_trainable(model, cfg)
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if accelerator.is_main_process:
-            (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=True))
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
+                                  gradient_accumulation_steps=cfg.grad_accum)
+        inner = model
+        trained = select_trainable(model, cfg)
+        params = [p for p in trained.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
         summary = _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params,
-                         train_blocks, valid_blocks, out, checkpoint)
+                         train_blocks, valid_blocks, checkpoint)
         if accelerator.is_main_process:
             if cfg.train == "lora":
                 trained.merge_and_unload()
             modadapt.save(inner, out / "model", overwrite=True, extra_files=extras)
             if given and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(out / "model"))
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         accelerator.wait_for_everyone()
-    except ModAdaptError:
-        if created and accelerator.is_main_process:  # a run refused at its start leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     return summary
 
 
 def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params, train_blocks, valid_blocks,
-           out, checkpoint) -> dict:
+           checkpoint) -> dict:
     from tqdm.auto import tqdm
 
     import modadapt
@@ -487,12 +490,12 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     step = 0
     history: dict = {"loss": [], "lm_loss": [], "aux_loss": [], "distill_loss": [], "kept_fraction": []}
     bad_steps = 0
-    if cfg.resume:
-        saved = checkpoint.load(accelerator)
+    saved = checkpoint.start(accelerator)
+    if saved:
         step, bad_steps, history = saved["step"], saved["bad_steps"], saved["history"]
 
-    def save_checkpoint() -> None:
-        checkpoint.save(accelerator, {"step": step, "bad_steps": bad_steps, "history": history})
+    def loop_state() -> dict:
+        return {"step": step, "bad_steps": bad_steps, "history": history}
 
     micro_per_epoch = math.ceil(len(train_blocks) / (cfg.batch_size * accelerator.num_processes))
     if micro_per_epoch < cfg.grad_accum:
@@ -561,7 +564,7 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", aux=f"{parts['aux_loss']:.2e}",
                                 kept=f"{parts['kept_fraction']:.3f}")
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint()
+                    checkpoint.save(accelerator, loop_state())
             else:
                 bad_steps += 1
                 if bad_steps > cfg.max_bad_steps:
@@ -572,11 +575,12 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
                     )
             finite = True
             parts = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "distill_loss": 0.0}
+            checkpoint.check_stop(accelerator, loop_state())
             if step >= cfg.max_steps:
                 break
     bar.close()
     schedule.finish()
-    save_checkpoint()
+    checkpoint.end(accelerator, loop_state())
 
     after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
                      progress=show, desc="eval adapted")
@@ -611,25 +615,43 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     }
 
 
-def evaluate_saved(directory: str, data: str, *, seq_len: int = 256, max_tokens: int = 0, dense: bool = False,
-                   batch_size: int = 8, progress: bool = False) -> dict:
+def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max_tokens: int = 0,
+                   dense: bool = False, batch_size: int = 8, device: str | None = None,
+                   progress: bool = False) -> dict:
     """Perplexity of a `modadapt.save` directory on local text (``modadapt eval``); with `dense`,
-    of its dense model (`modadapt.unload`) instead. `max_tokens` caps the text (0: all of it)."""
+    of its dense model (`modadapt.unload`) instead. `max_tokens` caps the text (0: all of it).
+
+    An lm-adapt run directory, or its ``model/``, is evaluated as the run did: `seq_len` defaults
+    to the run's (else 256), so the perplexity matches its summary. `device` defaults to CUDA when
+    there is one, as the recipes do.
+    """
     import modadapt
+    from ..cli import is_causal_lm
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
 
-    if not (Path(directory) / META_FILE).is_file():
+    path = Path(directory)
+    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
+        path = path / "model"
+    if not (path / META_FILE).is_file():
         raise ModAdaptError(f"{directory} is not a directory saved by modadapt.save (no {META_FILE}).")
+    if seq_len is None:
+        seq_len = run_setting(path.parent, "seq_len") or 256
     if seq_len < 2 or max_tokens < 0 or batch_size < 1:
         raise ModAdaptError("seq_len must be >= 2, max_tokens >= 0 and batch_size >= 1.")
-    model = modadapt.load(directory)
-    ids = tokenize(read_corpus(data), model_tokenizer(directory), model.config.vocab_size)
+    device = eval_device(device)
+    model = modadapt.load(path, device=device)
+    if not is_causal_lm(model):
+        raise ModAdaptError(f"eval scores causal language models, timm ViTs and LLaVA models; {directory} holds a "
+                            f"{type(model).__name__}.")
+    check_seq_len(model, seq_len)
+    ids = tokenize(read_corpus(data), model_tokenizer(str(path)), model.config.vocab_size)
     blocks = pack(ids[:max_tokens] if max_tokens else ids, seq_len, data)
     if dense:
         modadapt.unload(model)
     result = evaluate(model, blocks, batch_size=batch_size, progress=progress)
-    return {**result, "model": "dense" if dense else "converted", "blocks": len(blocks), "seq_len": seq_len}
+    return {**result, "model": "dense" if dense else "converted", "blocks": len(blocks), "seq_len": seq_len,
+            "device": str(device)}
 
 
 # --- lm-eval ----------------------------------------------------------------------------------------

@@ -1,13 +1,19 @@
-"""What every recipe's training loop shares: the run directory, its checkpoint, the LR schedule."""
+"""What every recipe shares: the run directory, its checkpoint, the LR schedule, the eval device."""
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
+import shutil
+import signal
+import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ModAdaptError
+from ..output_dir import write_atomic
 
 
 def distillation_kl(student_logits, teacher_logits, temperature: float, mask=None):
@@ -26,6 +32,22 @@ def distillation_kl(student_logits, teacher_logits, temperature: float, mask=Non
                     log_target=True, reduction="batchmean") * temperature**2
 
 
+def eval_device(device: str | None):
+    """The `torch.device` ``modadapt eval`` runs on: `device` checked (CUDA must be there), or CUDA
+    when available, else CPU (as the recipes train)."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ModAdaptError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ModAdaptError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return chosen
+
+
 def lr_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (a LambdaLR factor)."""
 
@@ -38,28 +60,145 @@ def lr_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+STATE_FILE = "trainer_state.json"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT / SIGTERM; the message says how to continue (the CLI exits 130)."""
+
+
 class RunCheckpoint:
-    """`OUT/checkpoint/`: accelerate's state (model, optimizer, scheduler, RNG) plus a small JSON of
-    the loop's own state (step, ...), saved together so a resumed run continues exactly."""
+    """The run directory of a recipe, used as a context manager around its run.
 
-    def __init__(self, output: str | Path, resume: bool):
-        self.out = Path(output)
+    Holds ``config.yaml`` and ``checkpoint/``: accelerate's state (model, optimizer, scheduler,
+    RNG) in ``step-N/`` plus ``trainer_state.json``, the loop's own state (step, ...), replaced
+    last, so a crash mid-save keeps the previous checkpoint. A fresh run refuses a non-empty
+    directory, writes ``config.yaml`` first (a run stopped before its first checkpoint resumes from
+    its beginning) and removes what it wrote when it fails (an exception, not a signal) before its
+    first checkpoint. A resumed run must match the saved ``config.yaml`` outside `cfg.resumable` and
+    writes nothing before its checkpoint has loaded.
+
+    SIGINT / SIGTERM before `start` stop at once; from `start` to `end` the loop stops at the next
+    step boundary (`check_stop`) with a checkpoint; a second signal stops at once.
+    """
+
+    def __init__(self, cfg):
+        from .config import check_resumable, read_run_config
+
+        self.cfg = cfg
+        self.out = Path(cfg.output)
         self.dir = self.out / "checkpoint"
-        self.state_file = self.dir / "trainer_state.json"
-        if resume and not self.state_file.is_file():
-            raise ModAdaptError(f"resume: {self.out} has no checkpoint to resume from.")
-        if not resume and self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+        self.state_file = self.dir / STATE_FILE
+        self.existed = self.out.exists()
+        if cfg.resume:
+            check_resumable(cfg, read_run_config(cfg.output, type(cfg)))
+        elif self.existed and (not self.out.is_dir() or any(self.out.iterdir())):
             raise ModAdaptError(f"{self.out} exists and is not empty; choose a new output directory or pass --resume.")
+        self.in_loop = False
+        self.signal_name: str | None = None
+        self.saved_step: int | None = None
+        self.previous: dict = {}
 
-    def load(self, accelerator) -> dict:
-        accelerator.load_state(str(self.dir))
-        return json.loads(self.state_file.read_text())
+    def __enter__(self) -> "RunCheckpoint":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        if not self.cfg.resume:
+            self.write_config()
+        return self
+
+    def write_config(self) -> None:
+        import yaml
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.out / "config.yaml", yaml.safe_dump(asdict(self.cfg), sort_keys=True))
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if kind is not None and issubclass(kind, Exception) and not self.cfg.resume and self.saved_step is None:
+            shutil.rmtree(self.out, ignore_errors=True)  # a fresh run failing before its first checkpoint leaves nothing
+            if self.existed:
+                self.out.mkdir(parents=True, exist_ok=True)
+        return False
+
+    def _on_signal(self, signum, frame) -> None:
+        first = self.signal_name is None
+        self.signal_name = signal.Signals(signum).name
+        if not (self.in_loop and first):
+            raise self.interrupted()
+
+    def interrupted(self) -> Interrupted:
+        command = f"modadapt train {self.cfg.recipe} -o {shlex.quote(str(self.out))} --resume"
+        if self.state_file.is_file():
+            step = json.loads(self.state_file.read_text())["step"]
+            return Interrupted(f"{self.signal_name}: stopped with a checkpoint at step {step}; continue with `{command}`.")
+        if (self.out / "config.yaml").is_file():
+            return Interrupted(f"{self.signal_name}: stopped before the first checkpoint; `{command}` starts the run "
+                               "from its beginning.")
+        return Interrupted(f"{self.signal_name}: stopped before the run wrote anything; run the same command again.")
+
+    def start(self, accelerator) -> dict | None:
+        """Begin the loop: load the checkpoint of a resumed run (its loop state, or None when it has
+        none yet), then record the fields it changed in ``config.yaml``."""
+        if not self.cfg.resume:
+            self.in_loop = True
+            return None
+        state = None
+        if self.state_file.is_file():
+            try:
+                state = json.loads(self.state_file.read_text())
+                saved = self.dir / f"step-{state['step']}"
+                accelerator.load_state(str(saved if saved.is_dir() else self.dir))  # else the older flat layout
+            except Exception as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModAdaptError(f"resume: cannot load the checkpoint in {self.dir} ({reason}); it is truncated, "
+                                    "corrupt or from another model.") from None
+            self.saved_step = state["step"]
+        if accelerator.is_main_process:
+            self.write_config()
+        accelerator.wait_for_everyone()
+        self.in_loop = True
+        return state
 
     def save(self, accelerator, state: dict) -> None:
+        """Checkpoint at `state["step"]` (once per step): the state directory first, then the
+        pointer to it, then the older directories go."""
+        if state["step"] == self.saved_step:
+            return
+        target = self.dir / f"step-{state['step']}"
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(self.dir))
+        if accelerator.is_main_process and target.exists():
+            shutil.rmtree(target)  # left by a crash: the pointer never named it
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(target))
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self.state_file.write_text(json.dumps(state))
+            write_atomic(self.state_file, json.dumps(state))
+            for old in self.dir.glob("step-*"):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        self.saved_step = state["step"]
+
+    def check_stop(self, accelerator, state: dict) -> None:
+        """At a step boundary: if a signal asked to stop (any process), checkpoint and raise `Interrupted`."""
+        requested = self.signal_name is not None
+        if accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor([float(requested)], device=accelerator.device)
+            requested = bool(accelerator.reduce(flag, reduction="sum").item())
+        if requested:
+            self.signal_name = self.signal_name or "SIGINT"
+            if state["step"]:
+                self.save(accelerator, state)
+            raise self.interrupted()
+
+    def end(self, accelerator, state: dict) -> None:
+        """The loop is done: the last checkpoint; from here a signal stops at once."""
+        self.save(accelerator, state)
+        self.in_loop = False
 
 
 def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, collate_fn=None, num_workers: int = 0):
@@ -68,7 +207,7 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
     every `cfg.save_every` steps and at each epoch end, a progress bar.
 
     `cfg` needs: mixed_precision, cpu, batch_size, epochs, max_steps, lr, weight_decay,
-    warmup_steps, grad_clip, save_every, seed, progress, resume. `loss_fn(model, batch, accelerator)`
+    warmup_steps, grad_clip, save_every, seed, progress. `loss_fn(model, batch, accelerator)`
     returns the training loss of a batch. Returns `(accelerator, prepared model, steps, losses)`.
     """
     import torch
@@ -83,7 +222,8 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    step = checkpoint.load(accelerator)["step"] if cfg.resume else 0
+    state = checkpoint.start(accelerator)
+    step = state["step"] if state else 0
 
     losses: list[float] = []
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process))
@@ -112,8 +252,9 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0:
                 checkpoint.save(accelerator, {"step": step})
+            checkpoint.check_stop(accelerator, {"step": step})
             if step >= total_steps:
                 break
     bar.close()
-    checkpoint.save(accelerator, {"step": step})
+    checkpoint.end(accelerator, {"step": step})
     return accelerator, model, step, losses

@@ -17,7 +17,7 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from torch import nn
 from ..adapters.timm import input_size
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
+from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, train_epochs
+from .training import RunCheckpoint, eval_device, train_epochs
 
 NAME = "vit-imagenet"
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid"), "train": ("train",), "test": ("test",)}
@@ -39,6 +40,7 @@ class ViTRecipeConfig(RecipeConfig):
     """Every field is a YAML key and a ``--flag`` (underscores become dashes)."""
 
     recipe = "vit-imagenet"
+    resumable = RecipeConfig.resumable | {"epochs", "eval_split", "max_eval_samples", "num_workers"}
 
     data: str = field(default="", metadata={"help": "imagefolder dir, dir of parquet/arrow files, or save_to_disk dir"})
     output: str = field(default="", metadata={"help": "run directory: checkpoints, model, config.yaml, summary.json"})
@@ -66,7 +68,9 @@ class ViTRecipeConfig(RecipeConfig):
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "use only the first N eval images (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last checkpoint"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+                "steps, checkpointing, evaluation and progress"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
     seed: int = field(default=0, metadata={"help": "seed for weights of new models, shuffling and routing"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -170,9 +174,9 @@ def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     from ..presets import build_preset, preset_names
 
     if Path(cfg.model).is_dir():
-        return modadapt.load(cfg.model)
+        return vision_transformer(modadapt.load(cfg.model), cfg.model)
     if cfg.model in preset_names():
-        model = build_preset(cfg.model, seed=cfg.seed)
+        model = vision_transformer(build_preset(cfg.model, seed=cfg.seed), cfg.model)
         if cfg.model_kwargs:
             raise ModAdaptError("model_kwargs apply to timm model names, not presets.")
     else:
@@ -191,6 +195,14 @@ def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     return model
 
 
+def vision_transformer(model: nn.Module, name: str) -> nn.Module:
+    """`model` if it is a timm ViT (patch embedding + blocks), else a clear error."""
+    if not (hasattr(model, "patch_embed") and hasattr(model, "blocks")):
+        raise ModAdaptError(f"vit-imagenet trains timm vision transformers; {name} is a {type(model).__name__} "
+                            "(lm-adapt trains language models, llava-adapt LLaVA).")
+    return model
+
+
 def dense_copy(model: nn.Module) -> nn.Module:
     import modadapt
 
@@ -199,6 +211,8 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 # --- training ---------------------------------------------------------------------------------------
 def evaluate(model, loader, accelerator, progress: bool) -> dict:
+    """Top-1 / top-5, loss and kept fraction per layer; `accelerator` None: one process, batches
+    moved to the model's device (``modadapt eval``)."""
     from tqdm.auto import tqdm
 
     import modadapt
@@ -207,18 +221,24 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     kept: dict[int, list[float]] = {}
-    inner = accelerator.unwrap_model(model)
+    inner = accelerator.unwrap_model(model) if accelerator is not None else model
+    converted = state_of(inner) is not None
+    device = next(inner.parameters()).device
     with torch.no_grad():
-        for batch in tqdm(loader, desc="eval", disable=not (progress and accelerator.is_main_process)):
+        for batch in tqdm(loader, desc="eval",
+                          disable=not (progress and (accelerator is None or accelerator.is_main_process))):
+            if accelerator is None:
+                batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(batch["pixel_values"]).float()
             labels = batch["labels"]
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            if accelerator is not None:
+                logits, labels = accelerator.gather_for_metrics((logits, labels))
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             correct1 += int((top[:, 0] == labels).sum())
             correct5 += int((top == labels[:, None]).any(-1).sum())
             total += labels.shape[0]
-            for row in modadapt.routing_stats(inner):
+            for row in modadapt.routing_stats(inner) if converted else ():
                 kept.setdefault(row["layer"], []).append(row["kept_fraction"])
     return {
         "top1": correct1 / max(total, 1),
@@ -229,15 +249,45 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
     }
 
 
+def evaluate_saved(directory: str, data: str, *, dense: bool = False, batch_size: int = 128,
+                   device: str | None = None, progress: bool = False) -> dict:
+    """Top-1 / top-5 of a saved timm ViT (``modadapt eval``) on an image folder (any layout
+    `load_splits` reads): its validation split, or its only one, through the model's eval
+    transform; with `dense`, of its dense model instead."""
+    import modadapt
+
+    if batch_size < 1:
+        raise ModAdaptError("batch_size must be >= 1.")
+    device = eval_device(device)
+    model = vision_transformer(modadapt.load(directory, device=device), directory)
+    splits = load_splits(data)
+    name = next((a for a in SPLIT_ALIASES["validation"] if a in splits), None)
+    if name is None and len(splits) != 1:
+        raise ModAdaptError(f"{data} has splits {sorted(splits)} and none is a validation split to evaluate on.")
+    name = name or next(iter(splits))
+    split = pick_split(splits, name, data)
+    if max(split["label"]) >= model.num_classes:
+        raise ModAdaptError(f"{data} has labels up to {max(split['label'])} but the model's head has "
+                            f"{model.num_classes} classes; evaluate it on data of the classes it was trained on.")
+    _, eval_tf, _ = make_transforms(model, input_size(model), augment=False)
+    split.set_transform(eval_tf)
+    if dense:
+        modadapt.unload(model)
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, collate_fn=collate)
+    result = evaluate(model, loader, None, progress)
+    return {**result, "model": "dense" if dense else "converted", "split": name, "device": str(device)}
+
+
 def run(cfg: ViTRecipeConfig) -> dict:
     """Train, checkpoint, evaluate and write the run directory; returns the summary."""
-    import yaml
+    out = Path(cfg.output)
+    with RunCheckpoint(cfg) as checkpoint:
+        return _run(cfg, out, checkpoint)
 
+
+def _run(cfg: ViTRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     import modadapt
     from ..metrics.measured_flops import measured_flops
-
-    out = Path(cfg.output)
-    checkpoint = RunCheckpoint(out, cfg.resume)
 
     splits = load_splits(cfg.data)
     train_set = pick_split(splits, cfg.train_split, cfg.data)
@@ -260,10 +310,6 @@ def run(cfg: ViTRecipeConfig) -> dict:
     train_set.set_transform(train_tf)
     if eval_set is not None:
         eval_set.set_transform(eval_tf)
-
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = asdict(cfg)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
 
     def vit_loss(model, batch, accelerator):
         logits = model(batch["pixel_values"])
@@ -294,7 +340,7 @@ def run(cfg: ViTRecipeConfig) -> dict:
         summary["mod_config"] = state_of(inner).config_dict()
         model_dir = out / "model"
         modadapt.save(inner, model_dir, overwrite=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()
     return summary
 
