@@ -37,6 +37,7 @@ import copy
 import gzip
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +50,9 @@ from modadapt.recipes.lm_adapt import LMAdaptConfig, evaluate, pack, read_corpus
 from modadapt.routers.base import kept_count
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from layer_drop import remove_layers  # noqa: E402
 DEFAULT_DATA = ROOT.parent.parent / "shared" / "data" / "python-docs-3.11"
 VOCAB = 256
 
@@ -167,16 +171,7 @@ def drop_layers(dense: nn.Module, target_ratio: float, seq_len: int) -> tuple[nn
         if best is None or abs(ratio - target_ratio) < abs(best[2] - target_ratio):
             best = (n, drop, ratio)
     _, drop, ratio = best
-    model = copy.deepcopy(dense)
-    stack = model.model.layers
-    kept = [layer for i, layer in enumerate(stack) if i not in drop]
-    model.model.layers = nn.ModuleList(kept)
-    model.config.num_hidden_layers = len(kept)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
-    for index, layer in enumerate(kept):
-        layer.self_attn.layer_idx = index
-    return model, drop, ratio
+    return remove_layers(dense, drop), drop, ratio
 
 
 def ideal_ratio(dense: nn.Module, kept_fraction: float, seq_len: int) -> float:
@@ -326,7 +321,6 @@ def variant_names(args: argparse.Namespace) -> list[str]:
 
 def main(argv=None) -> list[dict]:
     import shutil
-    import sys
 
     args = parse_args(argv)
     if args.tiny:  # tiny matrices: one thread avoids oversubscription on a busy CPU (10-100x faster)

@@ -31,6 +31,21 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("core_family", CORE_FAMILIES)
 
 
+# Text for recipe tests: code and prose, enough for a few dozen 32-token blocks.
+SAMPLE_TEXT = ("def add(a, b):\n    return a + b  # Python docs, roughly.\n" * 40
+               + "The quick brown fox jumps over the lazy dog. " * 40)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices on a shared CPU: one thread is many times faster than oversubscribed ones
+    (a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same global RNG state (dropout, sampling, random routers)."""

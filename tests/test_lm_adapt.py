@@ -14,21 +14,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import modadapt
 from modadapt.cli import main
+
+from conftest import SAMPLE_TEXT
 from modadapt.errors import ModAdaptError
 from modadapt.recipes.lm_adapt import LMAdaptConfig, pack, read_corpus, run, tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = ("def add(a, b):\n    return a + b  # Python docs, roughly.\n" * 40
-        + "The quick brown fox jumps over the lazy dog. " * 40)
+TEXT = SAMPLE_TEXT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices on a shared CPU: one thread is many times faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

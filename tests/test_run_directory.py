@@ -17,19 +17,15 @@ import torch
 
 import modadapt
 from modadapt.cli import main
+
+from conftest import SAMPLE_TEXT
 from modadapt.recipes import lm_adapt
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = ("def add(a, b):\n    return a + b  # Python docs, roughly.\n" * 40
-        + "The quick brown fox jumps over the lazy dog. " * 40)
+TEXT = SAMPLE_TEXT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from conftest import build_tiny, make_ids
 TEXT = "The quick brown fox jumps over the lazy dog; grep -r pattern dir lists matches. " * 60
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(tmp_path, **extra) -> LMAdaptConfig:
