@@ -174,8 +174,8 @@ class Router(nn.Module):
         tokens' entries are used). None = exactly 1, and no work at all.
 
         Exactly 1 with the gradient of sigmoid(logit): bounded. With the raw logit's gradient the
-        LM loss pushed the selected tokens' logits without limit; topk diverged after ~350 steps
-        of our H200 LM benchmark (router BCE ~600, LM loss 19)."""
+        LM loss pushes the selected tokens' logits without limit and training diverges (the
+        history is in docs/architecture.md)."""
         return straight_through_one(torch.sigmoid(logits)) if logits.requires_grad else None
 
     def aux_loss(

@@ -10,8 +10,8 @@ logit(p), so g = p) keeps every token with a gate of exactly 1, so it equals the
 while a layer keeps more than `target` and raises them while it keeps less. Without it a converted
 *pretrained* model collapses: the marginal value of a kept token's gate is ~0 at a trained optimum,
 so the load loss wins, every gate falls below p, and then no gradient reaches a token again (the
-straight-through gate has none on skipped tokens and `F_j = 0` zeroes the load loss): our GPU
-pilot kept 0 % of the tokens for every alpha. `target=none` is MoDification's loss as published.
+straight-through gate has none on skipped tokens and `F_j = 0` zeroes the load loss), at any
+alpha. `target=none` is MoDification's loss as published.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ per-token statistic, taught by an auxiliary BCE loss towards the top-k choice: t
 (`causal_rule=aux`) or a small stop-gradient predictor (`causal_rule=predictor`). The paper keeps
 a token when the statistic is >= 0 (`sigmoid >= 0.5`); with a capacity well under one half the BCE
 learns to say "skip" almost everywhere and that rule keeps far fewer tokens than the capacity
-(1.3 % for 12.5 % in our pilot). So by default (`causal_threshold=calibrated`) the cut-off is the
+(a small fraction of it). So by default (`causal_threshold=calibrated`) the cut-off is the
 statistic's top-k boundary, averaged over training steps; a number fixes it (0 = the paper).
 """
 
