@@ -109,13 +109,15 @@ class _Hooks:
                 return output
             aux = aux_loss(self.model)
             return output if aux is None else (output[0] + aux.to(output[0].dtype), *output[1:])
-        loss = output.get("loss") if hasattr(output, "get") else None
-        if loss is None:
+        if not hasattr(output, "get"):
             return output
-        aux = aux_loss(self.model)
-        if aux is not None:
+        aux, loss = aux_loss(self.model), output.get("loss")
+        if loss is not None and aux is not None:
             output["loss"] = loss + aux.to(loss.dtype)
             output["router_aux_loss"] = aux
+        elif hasattr(output, "to_tuple"):  # a ModelOutput: always answers `.router_aux_loss` (None:
+            # no routing loss in this forward), as a plain attribute, so its keys stay the model's
+            object.__setattr__(output, "router_aux_loss", aux)
         return output
 
 

@@ -568,6 +568,22 @@ def test_gradients_reach_every_router_parameter(family, tiny, ids, randomize_rou
         assert param.grad.abs().sum() > 0, f"{name} got a zero gradient"
 
 
+def test_router_aux_loss_is_always_an_attribute(tiny, ids):
+    """`out.router_aux_loss` answers on every output (None in eval mode, the loss without labels)
+    and is a key only when it was added to the loss, so `to_tuple()` keeps the model's layout."""
+    dense = tiny("llama")
+    x = ids(2, 10)
+    with torch.no_grad():
+        dense_out = dense.eval()(x)
+    model = modadapt.convert(dense, router="topk", capacity=0.5)
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert out.router_aux_loss is None and list(out.keys()) == list(dense_out.keys())
+    out = model.train()(x)
+    assert torch.equal(out.router_aux_loss, modadapt.aux_loss(model)) and "router_aux_loss" not in out.keys()
+    assert "router_aux_loss" in model(x, labels=x).keys()
+
+
 def test_aux_loss_only_while_training(tiny, ids, randomize_routers):
     model = _convert(tiny("llama"), randomize_routers, router="topk", capacity=0.5)
     x = ids(2, 10)

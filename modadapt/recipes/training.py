@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import re
 import shlex
 import shutil
 import signal
@@ -65,6 +68,30 @@ STATE_FILE = "trainer_state.json"
 
 class Interrupted(KeyboardInterrupt):
     """A run stopped by SIGINT / SIGTERM; the message says how to continue (the CLI exits 130)."""
+
+
+class _SharedRouterFilter(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ..." warning when every tensor it names is a
+    router's: a router shared by several layers (shared-vl) is one tensor under several names by
+    design, saved once and tied again on load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Removed shared tensor" not in message:  # accelerate may prefix "[RANK 0] "
+            return True
+        names = re.findall(r"'([^']+)'", message)
+        return not names or not all(".router." in f".{name}." for name in names)
+
+
+@contextlib.contextmanager
+def quiet_shared_routers():
+    """Within: accelerate does not warn about shared router tensors while saving a checkpoint."""
+    logger, rule = logging.getLogger("accelerate.utils.other"), _SharedRouterFilter()
+    logger.addFilter(rule)
+    try:
+        yield
+    finally:
+        logger.removeFilter(rule)
 
 
 class RunCheckpoint:
@@ -171,7 +198,8 @@ class RunCheckpoint:
         if accelerator.is_main_process and target.exists():
             shutil.rmtree(target)  # left by a crash: the pointer never named it
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(target))
+        with quiet_shared_routers():
+            accelerator.save_state(str(target))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_atomic(self.state_file, json.dumps(state))
