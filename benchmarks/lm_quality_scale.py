@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +51,6 @@ from pathlib import Path
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before CUDA starts
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -626,8 +626,6 @@ def run_task(task: dict, ctx: dict) -> dict:
         mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
         eval_batch_size=scale.adapt_batch, progress=False, seed=task["seed"], **routing, **options)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     began = time.time()
     summary = run(cfg, model=model, tokenizer=data["tokenizer"], blocks=(data["train"], data["valid"]))
@@ -642,7 +640,8 @@ def run_task(task: dict, ctx: dict) -> dict:
         "adapt_s": summary["train_time_s"], "wall_s": time.time() - began, "skipped_steps": summary["skipped_steps"],
         "final_train_loss": summary["final_train_loss"],
         "train_loss_start": sum(summary["history"]["loss"][:10]) / len(summary["history"]["loss"][:10]),
-        "train_loss_end": sum(summary["history"]["loss"][-10:]) / len(summary["history"]["loss"][-10:]), "target_flops_ratio": task.get("target_flops_ratio", 1.0),
+        "train_loss_end": sum(summary["history"]["loss"][-10:]) / len(summary["history"]["loss"][-10:]),
+        "target_flops_ratio": task.get("target_flops_ratio", 1.0),
         "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"], "jobs": args.jobs, "command": ctx["command"],
     }
     record["recipe_options"] = options
@@ -660,25 +659,19 @@ def run_task(task: dict, ctx: dict) -> dict:
     if task.get("router") in CAPACITY_ROUTERS:  # also the training-time top-k (not causal: perplexity only)
         record["valid_ppl_topk_routing"] = topk_routing_ppl(model, data["valid"], scale.adapt_batch, device)
     for name in ("checkpoint", "model"):  # 1.2 GB per run: a table of 60 runs would fill the disk
-        import shutil
-
         shutil.rmtree(out / name, ignore_errors=True)
     return record
 
 
 # --- records, table, goals ------------------------------------------------------------------------------
-def record_key(record: dict) -> str:
-    return task_id(record)
-
-
 def merge_records(args: argparse.Namespace, work: Path) -> list[dict]:
     """Records of earlier calls (``--append``: those in --out) with this work directory's runs."""
     records = {}
     if args.append and Path(args.out).is_file():
-        records.update({record_key(r): r for r in json.loads(Path(args.out).read_text())})
+        records.update({task_id(r): r for r in json.loads(Path(args.out).read_text())})
     for path in sorted((work / "records").glob("*.json")):
         record = json.loads(path.read_text())
-        records.setdefault(record_key(record), record)
+        records.setdefault(task_id(record), record)
     order = {name: i for i, name in enumerate(["dense", *VARIANTS])}
     return sorted(records.values(), key=lambda r: (r["level"], order.get(r["variant"], 99), r["seed"]))
 
@@ -887,7 +880,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"unknown variants {unknown}; choose from {known}")
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks, notes = plan(dense, scale, ctx["scores"], variants, seeds)
-    done = {record_key(r) for r in merge_records(args, work)}
+    done = {task_id(r) for r in merge_records(args, work)}
     pending = [t for t in tasks if task_id(t) not in done]
     for path in (work / "claims").glob("*") if (work / "claims").is_dir() else []:
         if path.name not in done:
