@@ -67,6 +67,19 @@ def test_end_to_end_with_resume(imagefolder, tmp_path, monkeypatch, interrupt_at
     assert "resume: true" in resolved and "router: attention" in resolved
 
 
+def test_augmented_runs_repeat_for_a_seed(imagefolder, tmp_path):
+    """timm's training augmentation draws from Python's `random`: a fixed seed repeats the run."""
+    import random
+
+    first = run(config(imagefolder, tmp_path / "a", augment=True, seed=3))
+    random.seed(12345)  # whatever state a previous caller left behind
+    torch.manual_seed(12345)
+    again = run(config(imagefolder, tmp_path / "b", augment=True, seed=3))
+    assert again["final_train_loss"] == first["final_train_loss"]
+    other = run(config(imagefolder, tmp_path / "c", augment=True, seed=4))
+    assert other["final_train_loss"] != first["final_train_loss"]
+
+
 def test_yaml_defaults_and_flag_overrides(tmp_path):
     file = tmp_path / "c.yaml"
     file.write_text("data: /x\noutput: /y\ncapacity: 0.25\nrouter: topk\n")

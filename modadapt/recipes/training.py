@@ -240,9 +240,13 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
     """
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    # Random augmentation draws from Python's, numpy's and torch's generators: seed all three (a
+    # resumed run gets them back from its checkpoint).
+    set_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
