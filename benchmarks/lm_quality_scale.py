@@ -811,6 +811,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.out = str(args.out or (Path(args.work) / "lm_quality_scale.json" if args.tiny else RESULTS))
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.new_pretrained and args.append:  # the appended runs would start from another model
+        p.error("--new-pretrained records a new pretrained model: write its runs to a new --out instead of --append")
     return args
 
 

@@ -54,6 +54,7 @@ def test_chunked_encoding_equals_one_call(bench, tmp_path, monkeypatch):
     assert len(cuts) > 20 and cuts[0] == 0 and cuts[-1] == len(text)
     assert all(text[c - 1] == "\n" and text[c] == "\n" and not text[c + 1].isspace() for c in cuts[1:-1])
     assert lm_adapt.chunk_boundaries(text) == cuts  # the chunk size tokenize() uses
+    assert lm_adapt.byte_level_without_prefix(tokenizer.backend_tokenizer)  # so tokenize() chunks
     assert lm_adapt.tokenize(text, tokenizer, 400) == whole
     # a tokenizer that marks where text starts is never chunked
     assert not lm_adapt.byte_level_without_prefix(None)
@@ -106,6 +107,15 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     assert "## FLOPs level 0.70" in table and "## FLOPs level 0.55" in table and "## Goals" in table
     assert "| layer-drop-cosine | layer-drop-cosine |" in table and "| 2 |" in table  # two seeds aggregated
     assert "no NaN or divergence" in table
+
+
+def test_bad_arguments_are_one_clear_error(bench, tiny_run, capsys):
+    work, _, _ = tiny_run
+    with pytest.raises(SystemExit):  # the appended runs would start from another model
+        bench.parse_args(["--new-pretrained", "--append"])
+    assert "write its runs to a new --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown variants"):
+        bench.main(["--tiny", "--work", str(work), "--variants", "topk,nope"])
 
 
 def test_static_baselines_drop_the_layers_their_metric_ranks(bench, tiny_run):
