@@ -843,20 +843,31 @@ def claim(work: Path, task: dict) -> bool:
 
 
 def work_through(ctx: dict, plan_file: Path) -> None:
-    """Run the plan's tasks that no other process has claimed, until none is left or the deadline."""
+    """Run the plan's tasks that no other process has claimed, until none is left or the deadline.
+    A run that finds the device's memory full (the other workers' peaks) gives its task back and
+    ends this worker: the others, fewer now, take the task up on their next pass."""
     plan_data = json.loads(plan_file.read_text())
     work = ctx["work"]
     (work / "records").mkdir(exist_ok=True)
-    for task in plan_data["tasks"]:
-        if plan_data["deadline"] and time.time() > plan_data["deadline"]:
-            break
-        if not claim(work, task):
-            continue
-        record = run_task(task, ctx)
-        (work / "records" / f"{task_id(task)}.json").write_text(json.dumps(record, indent=2) + "\n")
-        print(f"{task_id(task)}: valid ppl {record['valid_ppl']:.3f}, ood {record['ood_ppl']:.3f}, FLOPs "
-              f"{record['flops_ratio']:.3f}, kept {record['kept_fraction']:.3f}, agreement {record['agreement']:.3f}, "
-              f"{record['wall_s']:.0f}s", flush=True)
+    took = True
+    while took:  # passes over the plan until one claims nothing (a task given back is claimable again)
+        took = False
+        for task in plan_data["tasks"]:
+            if plan_data["deadline"] and time.time() > plan_data["deadline"]:
+                return
+            if (work / "records" / f"{task_id(task)}.json").is_file() or not claim(work, task):
+                continue
+            took = True
+            try:
+                record = run_task(task, ctx)
+            except torch.OutOfMemoryError:
+                (work / "claims" / task_id(task)).unlink()
+                print(f"{task_id(task)}: out of device memory; given back, this worker stops", flush=True)
+                return
+            (work / "records" / f"{task_id(task)}.json").write_text(json.dumps(record, indent=2) + "\n")
+            print(f"{task_id(task)}: valid ppl {record['valid_ppl']:.3f}, ood {record['ood_ppl']:.3f}, FLOPs "
+                  f"{record['flops_ratio']:.3f}, kept {record['kept_fraction']:.3f}, agreement "
+                  f"{record['agreement']:.3f}, {record['wall_s']:.0f}s", flush=True)
 
 
 def main(argv=None) -> list[dict]:

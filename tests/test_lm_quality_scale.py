@@ -195,3 +195,25 @@ def test_goals_are_judged_from_means_and_spreads(bench):
     assert judged["no NaN or divergence"][1]
     records[4]["train_loss_end"] = 3.5  # a rising loss is divergence
     assert not {g: ok for g, _, ok in bench.goals(records)}["no NaN or divergence"]
+
+
+def test_a_run_out_of_device_memory_is_given_back_and_run_by_another_worker(bench, tmp_path, monkeypatch, capsys):
+    tasks = [{"variant": "topk", "level": "0.70", "seed": s} for s in (0, 1, 2)]
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"tasks": tasks, "deadline": 0, "command": "c"}))
+    calls = []
+
+    def fake_run(task, ctx):
+        calls.append(bench.task_id(task))
+        if task["seed"] == 1 and ctx["name"] == "first":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {**task, "valid_ppl": 1.0, "ood_ppl": 1.0, "flops_ratio": 1.0, "kept_fraction": 1.0,
+                "agreement": 1.0, "wall_s": 0.0}
+
+    monkeypatch.setattr(bench, "run_task", fake_run)
+    bench.work_through({"work": tmp_path, "name": "first"}, plan_file)  # runs s0, gives s1 back, stops
+    assert calls == ["topk@0.70#s0", "topk@0.70#s1"]
+    assert "given back" in capsys.readouterr().out
+    bench.work_through({"work": tmp_path, "name": "second"}, plan_file)  # takes s1 up, then s2
+    assert calls[2:] == ["topk@0.70#s1", "topk@0.70#s2"]
+    assert sorted(p.stem for p in (tmp_path / "records").glob("*.json")) == [bench.task_id(t) for t in tasks]
