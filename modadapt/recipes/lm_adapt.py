@@ -44,12 +44,14 @@ from ..errors import ModAdaptError
 from ..metrics.flops import flops_table, sequence_flops
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
+from ..routers.base import Router
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
 from .schedule import AdaptationSchedule
 from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
+ROUTER_INITS = ("zero", "update-size")
 DATASET_SUFFIXES = (".parquet", ".arrow")
 
 
@@ -87,6 +89,11 @@ class LMAdaptConfig(RecipeConfig):
                                                        "frozen), within max_steps; 0: off"})
     distill: float = field(default=0.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
+    router_init: str = field(default="zero", metadata={"help": "zero: routers as converted; update-size: fit each "
+                                                        "linear router score to how much its layer moves each token "
+                                                        "(dense forwards over router_init_blocks training blocks)"})
+    router_init_blocks: int = field(default=32, metadata={"help": "training blocks the update-size fit runs on"})
+    router_lr_scale: float = field(default=1.0, metadata={"help": "router learning rate as a multiple of lr"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
     max_bad_steps: int = field(default=10, metadata={"help": "abort after this many skipped non-finite steps"})
     eval_batch_size: int = field(default=8, metadata={"help": "blocks per evaluation forward"})
@@ -121,6 +128,12 @@ class LMAdaptConfig(RecipeConfig):
         if self.router_steps and self.train == "routers":
             raise ModAdaptError("router_steps trains the routers first and then the model: use it with train: all or "
                                 "train: lora (train: routers trains only the routers throughout).")
+        if self.router_init not in ROUTER_INITS:
+            raise ModAdaptError(f"router_init must be one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}.")
+        if not isinstance(self.router_init_blocks, int) or self.router_init_blocks < 1:
+            raise ModAdaptError(f"router_init_blocks must be an integer >= 1, got {self.router_init_blocks!r}.")
+        if not self.router_lr_scale > 0:
+            raise ModAdaptError(f"router_lr_scale must be > 0, got {self.router_lr_scale!r}.")
         if not self.distill >= 0 or not self.distill_temperature > 0:
             raise ModAdaptError("distill must be >= 0 and distill_temperature > 0.")
         if not 0.0 < self.valid_fraction < 1.0:
@@ -316,6 +329,28 @@ def projection_names(model: nn.Module) -> list[str]:
     ]
 
 
+def fit_routers(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """`router_init: update-size` (see `modadapt.recipes.router_init`), on `device`, in float32."""
+    from .router_init import fit_router_scores
+
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    fitted = fit_router_scores(model, [{"input_ids": b.to(device), "use_cache": False} for b in blocks.split(batch_size)])
+    model.train(was_training)
+    print("router_init update-size: score/target correlation per layer "
+          + ", ".join(f"{i}: {r:.2f}" for i, r in fitted.items()), flush=True)
+
+
+def param_groups(trained: nn.Module, params: list, cfg: LMAdaptConfig) -> list:
+    """One optimizer group, or two when the routers' learning rate is scaled (`router_lr_scale`)."""
+    if cfg.router_lr_scale == 1.0:
+        return params
+    routers = {id(p) for m in trained.modules() if isinstance(m, Router) for p in m.parameters()}
+    return [{"params": [p for p in params if id(p) not in routers]},
+            {"params": [p for p in params if id(p) in routers], "lr": cfg.lr * cfg.router_lr_scale}]
+
+
 def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
     """Freeze what does not train; for `lora`, wrap the model with peft (returns the wrapper)."""
     routers = set(router_parameter_names(model))
@@ -363,7 +398,6 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
     from tqdm.auto import tqdm
 
     from ..convert import mod_layers
-    from ..routers.base import Router
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
@@ -447,9 +481,11 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                                   gradient_accumulation_steps=cfg.grad_accum)
         inner = model
+        if cfg.router_init == "update-size" and not cfg.resume:  # a resumed run restores its routers
+            fit_routers(model, train_blocks[: cfg.router_init_blocks], cfg.eval_batch_size, accelerator.device)
         trained = select_trainable(model, cfg)
         params = [p for p in trained.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(trained, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
         summary = _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params,
                          train_blocks, valid_blocks, checkpoint)
