@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import parse_router_args
 from ..errors import ModAdaptError
 from ..metrics.flops import flops_table, sequence_flops
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
+from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
 from .schedule import AdaptationSchedule
 from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule
@@ -260,22 +262,11 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
     The dense model is a copy taken before conversion, or `modadapt.unload` of a copy.
     """
     import modadapt
-    from ..cli import TOKENIZER_FILES, is_causal_lm, load_source_model
-    from ..metrics.calibration import model_tokenizer
-    from ..persistence import META_FILE
-    from ..presets import build_preset, preset_names
 
     tokenizer, extras = None, []
     if model is None:
-        path = Path(cfg.model)
-        if (path / META_FILE).is_file():
-            model = modadapt.load(path)
-            extras = [str(path / name) for name in TOKENIZER_FILES if (path / name).is_file()]
-        elif cfg.model in preset_names():
-            model = build_preset(cfg.model, seed=cfg.seed)
-        else:
-            model, extras = load_source_model(cfg.model)
-        tokenizer = model_tokenizer(cfg.model)
+        source = load_model(cfg.model, seed=cfg.seed)
+        model, tokenizer, extras = source.model, source.tokenizer, source.files
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
     if state_of(model) is not None:
@@ -626,7 +617,6 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
     there is one, as the recipes do.
     """
     import modadapt
-    from ..cli import is_causal_lm
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
 
@@ -681,8 +671,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..cli import parse_router_args
-
     overrides = overrides_from(args, LMAdaptConfig)
     if args.router_arg:
         overrides["router_kwargs"] = {**(overrides["router_kwargs"] or {}), **parse_router_args(args.router_arg)}

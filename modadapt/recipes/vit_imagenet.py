@@ -171,15 +171,17 @@ def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
     from ..adapters.timm import create_model
-    from ..presets import build_preset, preset_names
+    from ..presets import preset_names
+    from ..sources import load_model
 
-    if Path(cfg.model).is_dir():
-        return vision_transformer(modadapt.load(cfg.model), cfg.model)
-    if cfg.model in preset_names():
-        model = vision_transformer(build_preset(cfg.model, seed=cfg.seed), cfg.model)
+    if Path(cfg.model).is_dir() or cfg.model in preset_names():
+        source = load_model(cfg.model, seed=cfg.seed)
+        model = vision_transformer(source.model, cfg.model)
+        if source.converted:
+            return model
         if cfg.model_kwargs:
             raise ModAdaptError("model_kwargs apply to timm model names, not presets.")
-    else:
+    else:  # a timm model name, which only this recipe takes
         import timm
 
         if not timm.is_model(cfg.model):
