@@ -31,7 +31,6 @@ import copy
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from ..output_dir import write_atomic
 from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
 from .schedule import AdaptationSchedule
-from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule
+from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule, train_loop
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
@@ -457,10 +456,6 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
 def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params, train_blocks, valid_blocks,
            checkpoint) -> dict:
-    from tqdm.auto import tqdm
-
-    import modadapt
-
     show = cfg.progress and accelerator.is_main_process
     device = accelerator.device
     dense.to(device)
@@ -478,100 +473,28 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
     schedule = AdaptationSchedule(inner, capacity_warmup=cfg.capacity_warmup, router_steps=cfg.router_steps)
     model, optimizer = accelerator.prepare(trained, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    step = 0
-    history: dict = {"loss": [], "lm_loss": [], "aux_loss": [], "distill_loss": [], "kept_fraction": []}
-    bad_steps = 0
-    saved = checkpoint.start(accelerator)
-    if saved:
-        step, bad_steps, history = saved["step"], saved["bad_steps"], saved["history"]
-
-    def loop_state() -> dict:
-        return {"step": step, "bad_steps": bad_steps, "history": history}
-
-    micro_per_epoch = math.ceil(len(train_blocks) / (cfg.batch_size * accelerator.num_processes))
-    if micro_per_epoch < cfg.grad_accum:
-        raise ModAdaptError(
-            f"{len(train_blocks)} training blocks make {micro_per_epoch} micro-batches per epoch, fewer than "
-            f"grad_accum {cfg.grad_accum}; give more text or lower batch_size / grad_accum."
-        )
-    steps_per_epoch = micro_per_epoch // cfg.grad_accum
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="lm-adapt", disable=not show)
     T = cfg.distill_temperature
-    step_times: list[float] = []  # wall seconds per optimizer step of this process (the loss read syncs)
-    last = time.perf_counter()
-    while step < cfg.max_steps:
-        epoch, done = divmod(step, steps_per_epoch)
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order when resumed
-        loader = torch.utils.data.DataLoader(train_blocks, batch_size=cfg.batch_size, shuffle=True,
-                                             generator=generator, drop_last=False)
-        loader = accelerator.prepare(loader)
-        if done:
-            loader = accelerator.skip_first_batches(loader, done * cfg.grad_accum)
-        model.train()
-        finite = True
-        parts: dict = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "distill_loss": 0.0}
-        micro = 0
-        for batch in loader:
-            if micro == steps_per_epoch * cfg.grad_accum - done * cfg.grad_accum:
-                break  # a partial accumulation at the epoch's end would not be a full step
-            micro += 1
-            schedule.apply(step)
-            with accelerator.accumulate(model), accelerator.autocast():
-                outputs = model(input_ids=batch, labels=batch, use_cache=False)
-                loss = outputs.loss
-                aux = outputs.get("router_aux_loss")
-                parts["aux_loss"] += float(aux.detach()) / cfg.grad_accum if aux is not None else 0.0
-                parts["lm_loss"] += float(loss.detach() - (aux.detach() if aux is not None else 0)) / cfg.grad_accum
-                if teacher is not None:
-                    with torch.no_grad():
-                        target = teacher(input_ids=batch, use_cache=False).logits.float()
-                    kl = distillation_kl(outputs.logits, target, T)
-                    parts["distill_loss"] += float(kl.detach()) / cfg.grad_accum
-                    loss = loss + cfg.distill * kl
-                parts["loss"] += float(loss.detach()) / cfg.grad_accum
-                finite = finite and bool(torch.isfinite(loss.detach()))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    schedule.hold_base(step, params)
-                    norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-                    if cfg.mixed_precision != "fp16" and norm is not None and not torch.isfinite(norm):
-                        finite = False
-                    if finite:
-                        optimizer.step()
-                    optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            now = time.perf_counter()
-            step_times.append(now - last)
-            last = now
-            if finite:
-                scheduler.step()
-                step += 1
-                kept = [r["kept_fraction"] for r in modadapt.routing_stats(inner) if r["kept_fraction"] is not None]
-                parts["kept_fraction"] = sum(kept) / len(kept) if kept else 1.0
-                for key, value in parts.items():
-                    history[key].append(value)
-                bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.4f}", aux=f"{parts['aux_loss']:.2e}",
-                                kept=f"{parts['kept_fraction']:.3f}")
-                if cfg.save_every and step % cfg.save_every == 0:
-                    checkpoint.save(accelerator, loop_state())
-            else:
-                bad_steps += 1
-                if bad_steps > cfg.max_bad_steps:
-                    bar.close()
-                    raise ModAdaptError(
-                        f"{bad_steps} steps had a non-finite loss or gradient (limit max_bad_steps "
-                        f"{cfg.max_bad_steps}); lower lr, raise grad_clip strictness, or use bf16 instead of fp16."
-                    )
-            finite = True
-            parts = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "distill_loss": 0.0}
-            checkpoint.check_stop(accelerator, loop_state())
-            if step >= cfg.max_steps:
-                break
-    bar.close()
-    schedule.finish()
-    checkpoint.end(accelerator, loop_state())
+
+    def lm_loss(model, batch, accelerator):
+        """`outputs.loss` (routers' aux losses included) + distill x KL; the parts logged apart."""
+        outputs = model(input_ids=batch, labels=batch, use_cache=False)
+        loss = outputs.loss
+        aux = outputs.get("router_aux_loss")
+        parts = {"aux_loss": float(aux.detach()) if aux is not None else 0.0,
+                 "lm_loss": float(loss.detach() - (aux.detach() if aux is not None else 0)), "distill_loss": 0.0}
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(input_ids=batch, use_cache=False).logits.float()
+            kl = distillation_kl(outputs.logits, target, T)
+            parts["distill_loss"] = float(kl.detach())
+            loss = loss + cfg.distill * kl
+        return loss, parts
+
+    result = train_loop(cfg, accelerator, model, optimizer, scheduler, train_blocks, lm_loss, checkpoint,
+                        total_steps=cfg.max_steps, params=params, converted=inner, grad_accum=cfg.grad_accum,
+                        max_bad_steps=cfg.max_bad_steps, schedule=schedule,
+                        logged=("lm_loss", "aux_loss", "distill_loss"), desc="lm-adapt")
+    step, bad_steps, history, step_times = result.step, result.bad_steps, result.history, result.step_times
 
     after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
                      progress=show, desc="eval adapted")
