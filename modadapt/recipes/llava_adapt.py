@@ -391,6 +391,7 @@ def _run(cfg: LlavaRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     size = int(model.config.vision_config.image_size)
 
     train_set = LlavaDataset(train_records, codec, size)
+    # Every weight trains here, so the teacher (the model before conversion) is a frozen copy, the only one.
     teacher = modadapt.unload(copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
 
     def loss_fn(model, batch, _):

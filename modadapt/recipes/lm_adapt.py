@@ -27,6 +27,7 @@ flags; the resolved config is saved as ``config.yaml``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -254,11 +255,12 @@ def load_blocks(cfg: LMAdaptConfig, tokenizer: Any, vocab_size: int) -> tuple[to
 
 
 # --- model ------------------------------------------------------------------------------------------
-def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module, Any, list[str]]:
-    """`(converted model, dense model, tokenizer or None, tokenizer files)`.
+def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module | None, Any, list[str]]:
+    """`(converted model, frozen dense copy or None, tokenizer or None, tokenizer files)`.
 
     `model` (Python API) is used as it is when converted, else converted with `cfg`'s routing.
-    The dense model is a copy taken before conversion, or `modadapt.unload` of a copy.
+    The dense model is `original(model, ...)`, on the same weights; only distillation with
+    ``train: all`` copies it (taken before conversion, or `modadapt.unload` of a copy).
     """
     import modadapt
 
@@ -268,13 +270,35 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
         model, tokenizer, extras = source.model, source.tokenizer, source.files
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
+    # The teacher must be the weights the run starts from: once they train, only a copy keeps them.
+    copied = cfg.distill > 0 and cfg.train == "all"
+    teacher = None
     if state_of(model) is not None:
-        dense = modadapt.unload(copy.deepcopy(model))
+        teacher = modadapt.unload(copy.deepcopy(model)) if copied else None
     else:
-        dense = copy.deepcopy(model)
+        teacher = copy.deepcopy(model) if copied else None
         modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
                          router_kwargs=dict(cfg.router_kwargs))
-    return model, dense.eval().requires_grad_(False), tokenizer, extras
+    return model, teacher.eval().requires_grad_(False) if teacher is not None else None, tokenizer, extras
+
+
+@contextlib.contextmanager
+def original(inner: nn.Module, trained: nn.Module):
+    """Within: `inner` is the dense model it was converted from, in eval mode, on the same weights
+    (`modadapt.dense`, and peft's adapters off when `trained` is its LoRA wrapper). Exactly the
+    model the run started from while the base weights stay frozen (train: routers or lora)."""
+    import modadapt
+
+    was_training = inner.training
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(modadapt.dense(inner))
+        if trained is not inner:
+            stack.enter_context(trained.disable_adapter())
+        inner.eval()
+        try:
+            yield inner
+        finally:
+            inner.train(was_training)
 
 
 def check_seq_len(model: nn.Module, seq_len: int) -> None:
@@ -344,9 +368,10 @@ def model_router_name(model: nn.Module) -> str:
 # --- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, accelerator=None,
-             progress: bool = False, desc: str = "eval") -> dict:
+             progress: bool = False, desc: str = "eval", table: dict | None = None) -> dict:
     """Perplexity of `model` on `blocks` (eval mode, default routing), per-layer kept fractions and
-    FLOPs per token (the converted model's per-row kept counts in the formula of `sequence_flops`).
+    FLOPs per token (the converted model's per-row kept counts in the formula of `sequence_flops`;
+    `table`: its `flops_table`). A model inside `modadapt.dense` counts as the dense one.
 
     Under `accelerate` each process takes every n-th block and the sums are reduced.
     """
@@ -357,8 +382,9 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
-    converted = state_of(model) is not None
-    table = flops_table(model)
+    state = state_of(model)
+    converted = state is not None and not state.dense
+    table = flops_table(model) if table is None else table
     layers = mod_layers(model) if converted else []
     indices = [layer.mod_state.index for layer in layers]
     was_training = model.training
@@ -384,7 +410,8 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
             kept = {i: int(k[row]) for i, k in zip(indices, kept_rows)}
             sums[3] += sequence_flops(table, T, kept)
             sums[4] += sequence_flops(table, T)
-        sums[3] += sum(m.extra_flops() for m in model.modules() if isinstance(m, Router))
+        if converted:
+            sums[3] += sum(m.extra_flops() for m in model.modules() if isinstance(m, Router))
         for j, layer in enumerate(layers):
             sums[5 + 2 * j] += float(layer.mod_state.last_keep.sum())
             sums[6 + 2 * j] += layer.mod_state.last_keep.numel()
@@ -422,7 +449,7 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     with RunCheckpoint(cfg) as checkpoint:
         given = model is not None
         set_seed(cfg.seed)
-        model, dense, found_tokenizer, extras = build_model(cfg, model)
+        model, teacher, found_tokenizer, extras = build_model(cfg, model)
         check_seq_len(model, cfg.seq_len)
         tokenizer = tokenizer if given else found_tokenizer
         if blocks is not None:
@@ -437,11 +464,12 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                                   gradient_accumulation_steps=cfg.grad_accum)
         inner = model
+        dense_table = flops_table(inner)  # the dense model's FLOPs, before LoRA adds matrices to the layers
         trained = select_trainable(model, cfg)
         params = [p for p in trained.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
-        summary = _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params,
+        summary = _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler, params,
                          train_blocks, valid_blocks, checkpoint)
         if accelerator.is_main_process:
             if cfg.train == "lora":
@@ -454,21 +482,23 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     return summary
 
 
-def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params, train_blocks, valid_blocks,
-           checkpoint) -> dict:
+def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler, params, train_blocks,
+           valid_blocks, checkpoint) -> dict:
     show = cfg.progress and accelerator.is_main_process
-    device = accelerator.device
-    dense.to(device)
-    inner.to(device)
-    before = {
-        "dense": evaluate(dense, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                          progress=show, desc="eval dense"),
-        "converted": evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                              progress=show, desc="eval converted"),
-    }
-    teacher = dense if cfg.distill > 0 else None
-    if teacher is None:
-        dense.to("cpu")
+    inner.to(accelerator.device)
+    with original(inner, trained):
+        dense_eval = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+                              progress=show, desc="eval dense", table=dense_table)
+    before = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+                      progress=show, desc="eval converted")
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    def teacher_logits(batch):
+        if teacher is not None:
+            return teacher(input_ids=batch, use_cache=False).logits.float()
+        with original(inner, trained):
+            return inner(input_ids=batch, use_cache=False).logits.float()
 
     schedule = AdaptationSchedule(inner, capacity_warmup=cfg.capacity_warmup, router_steps=cfg.router_steps)
     model, optimizer = accelerator.prepare(trained, optimizer)
@@ -482,9 +512,9 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
         aux = outputs.get("router_aux_loss")
         parts = {"aux_loss": float(aux.detach()) if aux is not None else 0.0,
                  "lm_loss": float(loss.detach() - (aux.detach() if aux is not None else 0)), "distill_loss": 0.0}
-        if teacher is not None:
+        if cfg.distill > 0:
             with torch.no_grad():
-                target = teacher(input_ids=batch, use_cache=False).logits.float()
+                target = teacher_logits(batch)
             kl = distillation_kl(outputs.logits, target, T)
             parts["distill_loss"] = float(kl.detach())
             loss = loss + cfg.distill * kl
@@ -498,7 +528,6 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
 
     after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
                      progress=show, desc="eval adapted")
-    dense_eval = before["dense"]
     steady = sorted(step_times[min(5, len(step_times) // 2):])  # the first steps compile / warm up
     step_s = steady[len(steady) // 2] if steady else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len
@@ -516,15 +545,15 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
         "valid_blocks": len(valid_blocks),
         "train_blocks": len(train_blocks),
         "seq_len": cfg.seq_len,
-        "valid_ppl": {"dense": dense_eval["ppl"], "converted_before": before["converted"]["ppl"],
+        "valid_ppl": {"dense": dense_eval["ppl"], "converted_before": before["ppl"],
                       "converted_after": after["ppl"]},
-        "valid_loss": {"dense": dense_eval["loss"], "converted_before": before["converted"]["loss"],
+        "valid_loss": {"dense": dense_eval["loss"], "converted_before": before["loss"],
                        "converted_after": after["loss"]},
-        "kept_fraction": {"before": before["converted"]["kept_fraction"], "after": after["kept_fraction"]},
+        "kept_fraction": {"before": before["kept_fraction"], "after": after["kept_fraction"]},
         "flops_per_token": {"dense": dense_eval["flops_per_token"], "converted_before":
-                            before["converted"]["flops_per_token"], "converted_after": after["flops_per_token"]},
+                            before["flops_per_token"], "converted_after": after["flops_per_token"]},
         "flops_ratio": after["flops_ratio"],
-        "flops_ratio_before": before["converted"]["flops_ratio"],
+        "flops_ratio_before": before["flops_ratio"],
         "mod_config": state_of(inner).config_dict(),
     }
 
