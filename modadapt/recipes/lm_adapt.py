@@ -259,8 +259,9 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
     """`(converted model, frozen dense copy or None, tokenizer or None, tokenizer files)`.
 
     `model` (Python API) is used as it is when converted, else converted with `cfg`'s routing.
-    The dense model is `original(model, ...)`, on the same weights; only distillation with
-    ``train: all`` copies it (taken before conversion, or `modadapt.unload` of a copy).
+    The dense baseline, and the teacher while the base weights are frozen, is the model itself
+    under `original`; only distillation with ``train: all`` copies it (before conversion, or
+    `modadapt.unload` of a copy).
     """
     import modadapt
 
@@ -270,16 +271,14 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
         model, tokenizer, extras = source.model, source.tokenizer, source.files
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
-    # The teacher must be the weights the run starts from: once they train, only a copy keeps them.
-    copied = cfg.distill > 0 and cfg.train == "all"
     teacher = None
-    if state_of(model) is not None:
-        teacher = modadapt.unload(copy.deepcopy(model)) if copied else None
-    else:
-        teacher = copy.deepcopy(model) if copied else None
+    if cfg.distill > 0 and cfg.train == "all":  # the teacher is the starting weights, which train: only a copy keeps them
+        teacher = copy.deepcopy(model) if state_of(model) is None else modadapt.unload(copy.deepcopy(model))
+        teacher.eval().requires_grad_(False)
+    if state_of(model) is None:
         modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
                          router_kwargs=dict(cfg.router_kwargs))
-    return model, teacher.eval().requires_grad_(False) if teacher is not None else None, tokenizer, extras
+    return model, teacher, tokenizer, extras
 
 
 @contextlib.contextmanager
@@ -521,7 +520,7 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
         return loss, parts
 
     result = train_loop(cfg, accelerator, model, optimizer, scheduler, train_blocks, lm_loss, checkpoint,
-                        total_steps=cfg.max_steps, params=params, converted=inner, grad_accum=cfg.grad_accum,
+                        total_steps=cfg.max_steps, params=params, converted=inner,
                         max_bad_steps=cfg.max_bad_steps, schedule=schedule,
                         logged=("lm_loss", "aux_loss", "distill_loss"), desc="lm-adapt")
     step, bad_steps, history, step_times = result.step, result.bad_steps, result.history, result.step_times

@@ -245,7 +245,7 @@ class LoopResult:
 
 
 def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn, checkpoint: RunCheckpoint, *,
-               total_steps: int, params: list | None = None, converted=None, grad_accum: int = 1,
+               total_steps: int, params: list | None = None, converted=None,
                max_bad_steps: int | None = None, schedule=None, logged: tuple[str, ...] = (),
                epoch_checkpoints: bool = False, collate_fn=None, num_workers: int = 0,
                desc: str = "train") -> LoopResult:
@@ -255,7 +255,8 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
     `model`, `optimizer` (and `scheduler`, or registered for checkpointing) are already prepared by
     `accelerator`. Each epoch reshuffles `train_set` with ``cfg.seed + epoch``, so a resumed run
     (its checkpoint loaded by `checkpoint.start`) skips to the same batch. An optimizer step is
-    `grad_accum` micro-batches; an epoch's partial accumulation is dropped. `loss_fn(model, batch,
+    the accelerator's ``gradient_accumulation_steps`` micro-batches; an epoch's partial
+    accumulation is dropped. `loss_fn(model, batch,
     accelerator)` returns ``(loss, parts)``: `parts` are floats named in `logged`, averaged over the
     step into ``history`` beside ``loss`` and ``kept_fraction`` (of `converted`'s routers).
     `params` (default: the model's) are clipped at ``cfg.grad_clip`` and, with a `schedule`
@@ -271,6 +272,7 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
     from ..metrics.routing_stats import routing_stats
 
     params = list(model.parameters()) if params is None else params
+    grad_accum = accelerator.gradient_accumulation_steps
     keys = ("loss", *logged)
     history: dict[str, list[float]] = {key: [] for key in (*keys, "kept_fraction")}
     step = bad_steps = 0
@@ -396,6 +398,5 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
     result = train_loop(cfg, accelerator, model, optimizer, scheduler, train_set,
                         lambda model, batch, accelerator: (loss_fn(model, batch, accelerator), {}), checkpoint,
                         total_steps=total_steps, converted=inner if state_of(inner) is not None else None,
-                        epoch_checkpoints=True,
-                        collate_fn=collate_fn, num_workers=num_workers)
+                        epoch_checkpoints=True, collate_fn=collate_fn, num_workers=num_workers)
     return accelerator, result.model, result.step, result.history["loss"]
