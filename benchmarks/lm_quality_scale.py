@@ -154,6 +154,12 @@ VARIANTS = {
     "topk-capacities-cosine": Variant("topk", "every-other", capacities="cosine"),
     "topk-all-capacities-cosine": Variant("topk", "all-but-first", capacities="cosine"),
     "topk-all-capacities-arank": Variant("topk", "all-but-first", capacities="arank"),
+    # routers that start from what their layer does, or learn faster (the routers barely beat random)
+    "topk-fit": Variant("topk", "every-other", recipe={"router_init": "update-size"}),
+    "topk-distill-fit": Variant("topk", "every-other", recipe={"distill": 1.0, "router_init": "update-size"}),
+    "threshold-p-all-distill-fit": Variant("threshold-p", "all-but-first",
+                                           recipe={"distill": 1.0, "router_init": "update-size"}),
+    "topk-router-lr10": Variant("topk", "every-other", recipe={"router_lr_scale": 10.0}),
     # does the gap close with training? the best router and the best deletion, twice the steps
     "topk-distill-2x": Variant("topk", "every-other", recipe={"distill": 1.0}, budget=2),
     "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),

@@ -108,6 +108,8 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     assert by["topk-routers-first@0.70#s0"]["recipe_options"] == {"router_steps": 1}
     assert by["topk-distill@0.70#s0"]["recipe_options"] == {"distill": 1.0}
     assert by["topk-tanh@0.70#s0"]["router_kwargs"] == {"gate": "tanh"}
+    assert by["topk-distill-fit@0.70#s0"]["recipe_options"] == {"distill": 1.0, "router_init": "update-size"}
+    assert by["topk-router-lr10@0.70#s0"]["recipe_options"] == {"router_lr_scale": 10.0}
     capacities = by["topk-all-capacities-cosine@0.55#s0"]["capacities"]
     assert len(set(capacities.values())) > 1 and by["topk-all@0.55#s0"].get("capacities") is None
     table = (work / "lm_quality_scale.md").read_text()
