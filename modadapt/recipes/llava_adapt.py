@@ -407,7 +407,7 @@ def _run(cfg: LlavaRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     accelerator, model, step, losses = train_epochs(
         cfg, model, train_set, loss_fn, checkpoint, collate_fn=lambda rows: collate(rows, codec.pad),
     )
-    del teacher
+    teacher = None  # frees the copy before evaluation (loss_fn is done with it)
 
     summary: dict = {"steps": step, "final_train_loss": losses[-1] if losses else None}
     inner = accelerator.unwrap_model(model)
