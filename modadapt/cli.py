@@ -11,10 +11,7 @@ from typing import Any
 from .config import PACKING, ModConfig, field_help
 from .errors import ModAdaptError
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-)
+from .tokenizer import TOKENIZER_FILES  # noqa: F401 (re-exported: the recipes copy these files)
 
 
 def parse_router_args(items: list[str], flag: str = "--router-arg") -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """`save` and `load`: a self-contained directory that loads offline.
 
 Layout: ``modadapt.json`` (format, modadapt version, adapter, architecture description, the
-ModConfig and resolved layers), ``model.safetensors`` (every weight, routers included) and
-whatever the adapter needs to rebuild the architecture (for transformers: ``config.json``).
+ModConfig and resolved layers), ``model.safetensors`` (every weight, routers included),
+whatever the adapter needs to rebuild the architecture (for transformers: ``config.json``) and
+the tokenizer: the source model's files, a given tokenizer, or a byte-level preset's own.
 Saving goes through `output_dir.atomic_directory`, so a failure never leaves a half-written
 directory.
 """
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,19 +32,37 @@ META_FILE = "modadapt.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, extra_files=()) -> Path:
+def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, extra_files=(),
+         tokenizer: Any = None) -> Path:
     """Save a converted model to `directory` (created; must be new or empty, or with `overwrite`
     an earlier save: a directory without ``modadapt.json`` is never replaced).
 
-    `extra_files` are copied in as they are (e.g. tokenizer files next to the source model).
+    `extra_files` are copied in as they are (e.g. tokenizer files next to the source model);
+    `tokenizer` (a transformers tokenizer) is saved with its ``save_pretrained``. With neither, a
+    byte-level model (the text presets) gets its byte tokenizer (`modadapt.tokenizer`).
     """
     from safetensors.torch import save_model
 
+    meta = metadata(model)
+    with atomic_directory(directory, META_FILE, overwrite) as tmp:
+        state_of(model).adapter.save_base(model, str(tmp))
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        save_byte_tokenizer(model, tmp)
+        write_meta(meta, tmp)
+    return Path(directory)
+
+
+def metadata(model: nn.Module) -> dict:
+    """What ``modadapt.json`` records of a converted model (refused for a model not converted)."""
     state = state_of(model)
     if state is None:
         raise ModAdaptError("only converted models can be saved with modadapt.save; call convert first.")
     dtype = next(model.parameters()).dtype
-    meta = {
+    return {
         "format": FORMAT_VERSION,
         "modadapt_version": __version__,
         "adapter": state.adapter.name,
@@ -50,13 +70,18 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         "dtype": str(dtype).removeprefix("torch."),
         "mod_config": state.config_dict(),
     }
-    with atomic_directory(directory, META_FILE, overwrite) as tmp:
-        state.adapter.save_base(model, str(tmp))
-        save_model(model, str(tmp / WEIGHTS_FILE))
-        for extra in extra_files:
-            shutil.copy2(extra, tmp / Path(extra).name)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
+
+
+def write_meta(meta: dict, directory: str | os.PathLike) -> None:
+    (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def save_byte_tokenizer(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Save a byte-level model's tokenizer into `directory` unless it holds a tokenizer already."""
+    from .tokenizer import byte_tokenizer, has_tokenizer_files, is_byte_level
+
+    if is_byte_level(model) and not has_tokenizer_files(directory):
+        byte_tokenizer(model).save_pretrained(str(directory))
 
 
 def read_meta(directory: str | os.PathLike) -> dict:

@@ -655,8 +655,11 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
 
 
 # --- lm-eval ----------------------------------------------------------------------------------------
-def lm_eval_model(model: nn.Module, tokenizer: Any, **kwargs: Any) -> Any:
+def lm_eval_model(model: nn.Module, tokenizer: Any = None, **kwargs: Any) -> Any:
     """An lm-eval model wrapping the in-memory (converted) model: ``HFLM(pretrained=model, tokenizer=...)``.
+
+    `tokenizer` defaults to the model's own (`modadapt.tokenizer.tokenizer_for`): the one saved in
+    the directory it was loaded from, else a byte-level preset's byte tokenizer.
 
     Loglikelihood tasks (multiple choice, perplexity) score a whole sequence in one forward;
     generation tasks prefill and then decode with the KV cache. The default
@@ -664,12 +667,17 @@ def lm_eval_model(model: nn.Module, tokenizer: Any, **kwargs: Any) -> Any:
     continuation is scored the same way it would be generated; with ``"topk"`` loglikelihood tasks
     would see look-ahead routing that decoding cannot reproduce.
     """
+    from ..tokenizer import tokenizer_for
+
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise ModAdaptError("lm_eval_model needs lm-eval; `pip install lm-eval` (it is not a modadapt dependency).") from None
+        raise ModAdaptError("lm_eval_model needs lm-eval; `pip install lm-eval` (or modadapt[test]).") from None
     if tokenizer is None:
-        raise ModAdaptError("lm-eval needs the model's tokenizer; byte-level models have none to give it.")
+        tokenizer = tokenizer_for(model)
+    if tokenizer is None:
+        raise ModAdaptError("lm-eval needs the model's tokenizer and this model has none saved with it; pass "
+                            "tokenizer= (e.g. AutoTokenizer.from_pretrained of the original model).")
     return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 
