@@ -30,6 +30,7 @@ from .version import __version__
 FORMAT_VERSION = 1
 META_FILE = "modadapt.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, extra_files=(),
@@ -115,13 +116,11 @@ def read_meta(directory: str | os.PathLike) -> dict:
 def load(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
     """Load a model saved by `save`: the same architecture, routers and weights, offline."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     path = Path(directory)
     meta = read_meta(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModAdaptError(f"{path} has no {WEIGHTS_FILE}; the directory is incomplete.")
+    files = weight_files(path)
     adapter = get_adapter(meta["adapter"]).obj()
     try:
         model = adapter.build(str(path), meta["architecture"])
@@ -137,14 +136,54 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
     if not adapter.matches(model):
         raise ModAdaptError(f"{path}: the rebuilt model is not handled by adapter {meta['adapter']!r}.")
     convert(model, ModConfig.from_dict(meta["mod_config"]), adapter=meta["adapter"])
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device or "cpu"))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ModAdaptError(f"{weights} is corrupt or does not match the saved architecture: {exc}") from None
+    expected, loaded = set(model.state_dict()), set()
+    for file in files:
+        try:
+            state = load_file(str(file), device=str(device or "cpu"))
+            model.load_state_dict(state, strict=False)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModAdaptError(f"{file} is corrupt or does not match the saved architecture: {exc}") from None
+        loaded |= set(state)
+    unexpected = loaded - expected
+    missing = expected - loaded - shared_names(model, loaded)
     if missing or unexpected:
         raise ModAdaptError(
-            f"{weights} does not match the saved architecture: "
+            f"{files[0] if len(files) == 1 else path} does not match the saved architecture: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
         )
     model.eval()
     return model
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a saved directory: ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` names (a sharded `save_pretrained`)."""
+    single, index = path / WEIGHTS_FILE, path / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise ModAdaptError(f"{path} has no {WEIGHTS_FILE}; the directory is incomplete.")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ModAdaptError(f"{index} is corrupt: {exc}.") from None
+    files = [path / name for name in shards]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent or not files:
+        raise ModAdaptError(f"{path} lacks the weight shards {absent or 'its index names'}; the directory is incomplete.")
+    return files
+
+
+def shared_names(model: nn.Module, present: set[str]) -> set[str]:
+    """Names of `model`'s state dict whose tensor shares its storage with one in `present` (tied
+    embeddings, a router shared by several layers): files hold such a tensor once."""
+    by_storage: dict[tuple, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.device.type != "meta" and tensor.numel():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            by_storage.setdefault(key, []).append(name)
+    out = set()
+    for names in by_storage.values():
+        if len(names) > 1 and present & set(names):
+            out |= set(names) - present
+    return out
