@@ -17,6 +17,7 @@ from .dense import dense
 from .errors import ModAdaptError
 from .decoding import GraphedDecoder
 from .hookspecs import Preset, Recipe
+from .lora import peft_config
 from .metrics.routing_stats import routing_stats
 from .persistence import load, save
 from .plugins import hookimpl
@@ -43,6 +44,7 @@ __all__ = [
     "hookimpl",
     "load",
     "mod_layers",
+    "peft_config",
     "routing_stats",
     "save",
     "unload",

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import ModAdaptError
 from ..metrics.flops import flops_table, sequence_flops
+from ..lora import projection_names
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
@@ -297,23 +298,6 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
 
 def router_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".router." in f".{name}"]
-
-
-def projection_names(model: nn.Module) -> list[str]:
-    """Full names of the family's linear maps (nn.Linear, GPT-2's Conv1D) inside the layer stack,
-    routers excluded."""
-    from ..metrics.layer_stack import find_layers
-    from ..plugins import find_adapter
-
-    adapter = find_adapter(model)
-    stack = find_layers(model)
-    layer_ids = {id(layer) for layer in stack}
-    prefixes = [name + "." for name, module in model.named_modules() if id(module) in layer_ids]
-    return [
-        name for name, module in model.named_modules()
-        if any(name.startswith(p) for p in prefixes) and ".router." not in f".{name}."
-        and adapter.is_linear_map(module)
-    ]
 
 
 def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
