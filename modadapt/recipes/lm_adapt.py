@@ -145,12 +145,14 @@ def read_corpus(path: str) -> str:
     if is_saved or (files and all(f.suffix in DATASET_SUFFIXES for f in files)):
         import datasets
 
+        from ..local_data import load_local
+
         try:
             if is_saved:
                 loaded = datasets.load_from_disk(str(root))
             else:
                 builder = "parquet" if files[0].suffix == ".parquet" else "arrow"
-                loaded = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+                loaded = load_local(builder, data_files=[str(f) for f in files], split="train")
         except Exception as exc:
             raise ModAdaptError(f"could not read datasets files at {path}: {exc}") from None
         parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
