@@ -17,6 +17,8 @@
    training); layer deletion ``layer-drop-even`` / ``-cosine`` (ShortGPT: highest input/output
    similarity) / ``-arank`` (lowest attention-map rank), healed the same way. Routers sit on every
    other layer, on all layers but the first, or on the layers ARank / cosine rank most redundant.
+   Ablations change one thing each (distillation, capacity warm-up, ...); the budget ablation
+   (``*-2x``) doubles the steps, and the goals compare equal budgets only.
 5. **Metrics** per run and seed: valid and out-of-domain perplexity, FLOPs per token relative to
    dense, kept fraction per layer, adaptation tokens and time, and next-token agreement with the
    dense model on its own greedy continuations (32 tokens after 64 valid prompts).
@@ -116,13 +118,16 @@ class Variant:
     metric ranks most redundant. `recipe`: lm-adapt options (``capacity_warmup`` and
     ``router_steps`` as fractions of the adaptation steps). `capacities`: per-layer capacities in
     proportion to a layer's need by that metric (ARank; cosine: 1 - similarity, ShortGPT's block
-    influence), scaled to the level's FLOPs, instead of one capacity for all layers."""
+    influence), scaled to the level's FLOPs, instead of one capacity for all layers. `budget`:
+    adaptation steps as a multiple of the shared budget (> 1 only in the budget ablation, which the
+    goals leave out: they compare equal budgets)."""
 
     router: str
     placement: str = "-"
     recipe: dict = field(default_factory=dict)
     router_kwargs: dict = field(default_factory=dict)
     capacities: str | None = None
+    budget: int = 1
 
 
 VARIANTS = {
@@ -149,6 +154,16 @@ VARIANTS = {
     "topk-capacities-cosine": Variant("topk", "every-other", capacities="cosine"),
     "topk-all-capacities-cosine": Variant("topk", "all-but-first", capacities="cosine"),
     "topk-all-capacities-arank": Variant("topk", "all-but-first", capacities="arank"),
+    # routers that start from what their layer does, or learn faster (the routers barely beat random)
+    "topk-fit": Variant("topk", "every-other", recipe={"router_init": "update-size"}),
+    "topk-distill-fit": Variant("topk", "every-other", recipe={"distill": 1.0, "router_init": "update-size"}),
+    "threshold-p-all-distill-fit": Variant("threshold-p", "all-but-first",
+                                           recipe={"distill": 1.0, "router_init": "update-size"}),
+    "topk-router-lr10": Variant("topk", "every-other", recipe={"router_lr_scale": 10.0}),
+    # does the gap close with training? the best router and the best deletion, twice the steps
+    "topk-distill-2x": Variant("topk", "every-other", recipe={"distill": 1.0}, budget=2),
+    "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),
+    "layer-drop-even-2x": Variant("layer-drop-even", budget=2),
 }
 STEP_OPTIONS = ("capacity_warmup", "router_steps")  # given as fractions of the adaptation steps
 
@@ -597,7 +612,8 @@ def run_task(task: dict, ctx: dict) -> dict:
     layers = dense.config.num_hidden_layers
     out = Path(args.work) / "runs" / task_id(task).replace("@", "_").replace("#", "_")
     variant = VARIANTS[task["variant"]]
-    options = recipe_options(variant, scale.adapt_steps)
+    steps = scale.adapt_steps * variant.budget
+    options = recipe_options(variant, steps)
     routing, drop = dict(EXACTLY_DENSE), None
     if variant.router == "dense-adapt":
         model = copy.deepcopy(dense)
@@ -621,7 +637,7 @@ def run_task(task: dict, ctx: dict) -> dict:
                 layer.router.target_share = task["capacities"][str(layer.mod_state.index)]
     cfg = LMAdaptConfig(
         data=str(Path(args.data_dir) / "train.txt.gz"), valid_data=str(Path(args.data_dir) / "valid.txt.gz"),
-        output=str(out), seq_len=scale.seq_len, batch_size=scale.adapt_batch, max_steps=scale.adapt_steps,
+        output=str(out), seq_len=scale.seq_len, batch_size=scale.adapt_batch, max_steps=steps,
         lr=scale.adapt_lr, warmup_steps=scale.adapt_warmup, train="all",
         mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
         eval_batch_size=scale.adapt_batch, progress=False, seed=task["seed"], **routing, **options)
@@ -645,6 +661,7 @@ def run_task(task: dict, ctx: dict) -> dict:
         "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"], "jobs": args.jobs, "command": ctx["command"],
     }
     record["recipe_options"] = options
+    record["budget"] = variant.budget
     if drop is not None:
         record.update(router=variant.router, placement=",".join(map(str, drop)), dropped_layers=drop,
                       flops_ratio=drop_ratio(dense, drop, scale.seq_len), kept_fraction=(layers - len(drop)) / layers)
@@ -691,6 +708,7 @@ def aggregate(records: list[dict]) -> dict:
         stats = {m: mean_std([r[m] for r in rows]) for m in ("valid_ppl", "ood_ppl", "flops_ratio", "kept_fraction",
                                                               "agreement")}
         out[key] = {**stats, "seeds": len(rows), "router": rows[0]["router"], "placement": rows[0]["placement"],
+                    "budget": rows[0].get("budget", 1),
                     "finite": all(math.isfinite(r["valid_ppl"]) and math.isfinite(r["ood_ppl"]) for r in rows),
                     "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows)}
     return out
@@ -702,7 +720,7 @@ DIVERGED = 0.1  # nats: a training loss that ends this much above its start dive
 
 def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
     """(goal, what was measured, met) for each goal the records can answer."""
-    table = aggregate(records)
+    table = {k: s for k, s in aggregate(records).items() if s["budget"] == 1}  # equal budgets only
     fmt = lambda s: f"{s[0]:.3f} ± {s[1]:.3f}"  # noqa: E731
     out = []
     for level in LEVELS:
@@ -843,20 +861,31 @@ def claim(work: Path, task: dict) -> bool:
 
 
 def work_through(ctx: dict, plan_file: Path) -> None:
-    """Run the plan's tasks that no other process has claimed, until none is left or the deadline."""
+    """Run the plan's tasks that no other process has claimed, until none is left or the deadline.
+    A run that finds the device's memory full (the other workers' peaks) gives its task back and
+    ends this worker: the others, fewer now, take the task up on their next pass."""
     plan_data = json.loads(plan_file.read_text())
     work = ctx["work"]
     (work / "records").mkdir(exist_ok=True)
-    for task in plan_data["tasks"]:
-        if plan_data["deadline"] and time.time() > plan_data["deadline"]:
-            break
-        if not claim(work, task):
-            continue
-        record = run_task(task, ctx)
-        (work / "records" / f"{task_id(task)}.json").write_text(json.dumps(record, indent=2) + "\n")
-        print(f"{task_id(task)}: valid ppl {record['valid_ppl']:.3f}, ood {record['ood_ppl']:.3f}, FLOPs "
-              f"{record['flops_ratio']:.3f}, kept {record['kept_fraction']:.3f}, agreement {record['agreement']:.3f}, "
-              f"{record['wall_s']:.0f}s", flush=True)
+    took = True
+    while took:  # passes over the plan until one claims nothing (a task given back is claimable again)
+        took = False
+        for task in plan_data["tasks"]:
+            if plan_data["deadline"] and time.time() > plan_data["deadline"]:
+                return
+            if (work / "records" / f"{task_id(task)}.json").is_file() or not claim(work, task):
+                continue
+            took = True
+            try:
+                record = run_task(task, ctx)
+            except torch.OutOfMemoryError:
+                (work / "claims" / task_id(task)).unlink()
+                print(f"{task_id(task)}: out of device memory; given back, this worker stops", flush=True)
+                return
+            (work / "records" / f"{task_id(task)}.json").write_text(json.dumps(record, indent=2) + "\n")
+            print(f"{task_id(task)}: valid ppl {record['valid_ppl']:.3f}, ood {record['ood_ppl']:.3f}, FLOPs "
+                  f"{record['flops_ratio']:.3f}, kept {record['kept_fraction']:.3f}, agreement "
+                  f"{record['agreement']:.3f}, {record['wall_s']:.0f}s", flush=True)
 
 
 def main(argv=None) -> list[dict]:

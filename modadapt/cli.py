@@ -6,26 +6,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from .config import PACKING, ModConfig, field_help
+from .deprecation import moved_names
 from .errors import ModAdaptError
 
-from .tokenizer import TOKENIZER_FILES  # noqa: F401 (re-exported: the recipes copy these files)
-
-
-def parse_router_args(items: list[str], flag: str = "--router-arg") -> dict[str, Any]:
-    """`KEY=VALUE` strings to a dict; values are parsed as JSON when they can be (numbers, bools)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ModAdaptError(f"{flag} expects KEY=VALUE, got {item!r}.")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+# The CLI imports what it uses inside its commands, so that these old names go through the alias.
+__getattr__ = moved_names(__name__, {
+    "TOKENIZER_FILES": "modadapt.sources:TOKENIZER_FILES",
+    "is_causal_lm": "modadapt.sources:is_causal_lm",
+    "load_source_model": "modadapt.sources:load_source_model",
+    "parse_router_args": "modadapt.config:parse_router_args",
+})
 
 
 def load_config_file(path: str) -> dict:
@@ -43,42 +35,13 @@ def load_config_file(path: str) -> dict:
     return data.get("mod_config", data)
 
 
-def load_source_model(source: str):
-    """A preset name or a local transformers model directory."""
-    from .presets import build_preset, preset_names
-
-    presets = preset_names()
-    if source in presets:
-        return build_preset(source), []
-    path = Path(source)
-    if not path.exists():
-        raise ModAdaptError(f"MODEL {source!r} is neither a local directory nor a preset ({', '.join(presets)}).")
-    if (path / "modadapt.json").is_file():
-        raise ModAdaptError(f"{source} is already a converted model; convert its original instead.")
-    if not (path / "config.json").is_file():
-        raise ModAdaptError(f"{source} has no config.json: it is not a transformers model directory.")
-    import transformers
-
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise ModAdaptError(f"could not load {source}: {exc}") from None
-    extras = [str(path / name) for name in TOKENIZER_FILES if (path / name).is_file()]
-    return model.eval(), extras
-
-
-def is_causal_lm(model: Any) -> bool:
-    """A text-only `transformers` model with an LM head (not a ViT, not LLaVA, which needs images)."""
-    config = getattr(model, "config", None)
-    return (getattr(config, "vocab_size", None) is not None and hasattr(model, "get_output_embeddings")
-            and getattr(config, "model_type", None) != "llava")
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import convert, save
+    from .config import parse_router_args
     from .output_dir import check_output
     from .persistence import META_FILE
     from .plugins import get_router
+    from .sources import load_model
 
     fields = load_config_file(args.config) if args.config else {}
     for name in ("router", "layers", "capacity", "inference_routing", "packing", "pack_bucket"):
@@ -97,7 +60,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"see its arguments with `modadapt list routers`."
         )
     out = check_output(args.output, args.overwrite, META_FILE)
-    model, extras = load_source_model(args.model)
+    source = load_model(args.model, converted=False)
+    model, extras = source.model, source.files
     before = sum(p.numel() for p in model.parameters())
     convert(model, config, adapter=args.adapter)
     added = sum(p.numel() for p in model.parameters()) - before
@@ -120,6 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import build_preset, convert, mod_layers, routing_stats, save
     from .output_dir import check_output
     from .persistence import META_FILE
+    from .sources import is_causal_lm
 
     if args.output:  # refused before the work, not after it
         check_output(args.output, args.overwrite, META_FILE)
@@ -159,7 +124,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         calibration_kind,
         image_batches,
         image_tokens,
-        model_tokenizer,
         read_text,
         text_batches,
     )
@@ -169,6 +133,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .plugins import get_router
     from .presets import preset_names
     from .recipes.lm_adapt import check_seq_len
+    from .sources import load_model
 
     rule = parse_rule(args.select)
     for name, value, low in (("--samples", args.samples, 1), ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1)):
@@ -181,11 +146,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     check_output(Path(args.output), args.overwrite, REPORT_FILE)
     if args.data is None and args.model not in preset_names():
         raise ModAdaptError("--data is required for a model directory; the built-in text is for the presets.")
-    model, _ = load_source_model(args.model)
+    source = load_model(args.model, converted=False)
+    model = source.model
     kind = calibration_kind(model)
     if kind == "text":
         text, data_path, digest = read_text(args.data)
-        tokenizer = model_tokenizer(args.model)
+        tokenizer = source.tokenizer
         batches, text_tokens = text_batches(
             text, tokenizer=tokenizer, vocab_size=model.config.vocab_size, samples=args.samples,
             seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,

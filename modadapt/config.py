@@ -127,6 +127,21 @@ def field_help(name: str) -> str:
     raise KeyError(name)
 
 
+def parse_router_args(items: list[str], flag: str = "--router-arg") -> dict[str, Any]:
+    """`KEY=VALUE` strings (``--router-arg``, ``--adapter-arg``) as `router_kwargs` /
+    `adapter_kwargs`; values are parsed as JSON when they can be (numbers, bools)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ModAdaptError(f"{flag} expects KEY=VALUE, got {item!r}.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def normalize_layer_spec(spec: Any) -> str | list[int]:
     """Turn a layer spec into a named rule or a sorted list of ints, each named once (not yet
     range-checked)."""

@@ -25,11 +25,6 @@ from .errors import ModAdaptError
 #: The config attribute that marks a byte-level model, and its value.
 BYTE_LEVEL_KEY, BYTE_LEVEL = "modadapt_tokenizer", "bytes"
 BYTE_VOCAB = 256
-#: Files of a transformers tokenizer (and generation settings) that travel with a model directory.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-)
 #: The files whose presence means a directory has a tokenizer of its own.
 OWN_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 

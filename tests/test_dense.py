@@ -101,3 +101,16 @@ def test_graphed_decoder_refuses_to_decode_inside_dense(tiny, ids, randomize_rou
     with modadapt.dense(model), pytest.raises(modadapt.ModAdaptError, match="outside modadapt.dense"):
         decoder.generate(ids(1, 5), max_new_tokens=2)
     assert decoder.generate(ids(1, 5), max_new_tokens=2).shape == (1, 7)
+
+
+def test_measured_flops_inside_dense_are_the_unloaded_models():
+    """vit-imagenet counts its dense FLOPs this way instead of on a copy: the routers count nothing."""
+    from modadapt.metrics.measured_flops import measured_flops
+
+    model = modadapt.convert(modadapt.build_preset("tiny-vit"), router="attention", capacity=0.25).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    routed = measured_flops(model, x)
+    with modadapt.dense(model):
+        inside = measured_flops(model, x)
+    assert inside == measured_flops(modadapt.unload(copy.deepcopy(model)), x)
+    assert inside["router"] == 0 and routed["router"] > 0 and routed["total"] < inside["total"]

@@ -6,6 +6,8 @@ import importlib
 
 import pytest
 
+import modadapt
+
 MOVED = [
     ("modadapt.convert", "state_of", "modadapt.mod_layer"),
     ("modadapt.convert", "find_adapter", "modadapt.plugins"),
@@ -18,6 +20,10 @@ MOVED = [
     ("modadapt.adapters.timm_vit", "create_model", "modadapt.adapters.timm.vit"),
     ("modadapt.kv_cache", "mod_cache_layer", "modadapt.adapters.hf.kv_cache"),
     ("modadapt.varlen", "transformers_varlen_attention", "modadapt.adapters.hf.attention"),
+    ("modadapt.cli", "load_source_model", "modadapt.sources"),
+    ("modadapt.cli", "TOKENIZER_FILES", "modadapt.sources"),
+    ("modadapt.cli", "is_causal_lm", "modadapt.sources"),
+    ("modadapt.cli", "parse_router_args", "modadapt.config"),
 ]
 
 
@@ -48,3 +54,12 @@ def test_a_renamed_private_name_of_the_old_decode_module_still_resolves():
     assert _KeyLengths is static_cache.KeyLengths
     with pytest.warns(DeprecationWarning):
         assert importlib.import_module("modadapt.graphed_decode")._FLASH is static_cache._FLASH
+
+
+def test_the_old_cli_loader_keeps_its_signature():
+    with pytest.warns(DeprecationWarning):
+        from modadapt.cli import load_source_model
+    model, files = load_source_model("tiny-llama")
+    assert files == [] and model.config.model_type == "llama"
+    with pytest.raises(modadapt.ModAdaptError, match="neither a local directory nor a preset"):
+        load_source_model("no/such/dir")

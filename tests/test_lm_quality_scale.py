@@ -74,6 +74,10 @@ def test_tokenizer_is_a_transformers_tokenizer_beside_the_model(bench, tiny_run)
     assert again.vocab_size == tokenizer.vocab_size
 
 
+def by_budget(records, budget):
+    return {r["variant"] for r in records if r.get("budget") == budget}
+
+
 def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     work, first, both = tiny_run
     assert json.loads((work / "lm_quality_scale.json").read_text()) == both
@@ -91,7 +95,10 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
                 "kept_fraction", "adapt_tokens", "agreement", "command"} <= set(r)
         assert r["valid_ppl"] > 1 and r["ood_ppl"] > 1 and 0 < r["flops_ratio"] <= 1.001 and 0 <= r["agreement"] <= 1
     adapted = [r for r in both if r["variant"] != "dense"]
-    assert all(r["adapt_tokens"] == bench.TINY.adapt_steps * bench.TINY.adapt_batch * bench.TINY.seq_len for r in adapted)
+    for r in adapted:  # the shared budget, or its multiple in the budget ablation
+        steps = bench.TINY.adapt_steps * bench.VARIANTS[r["variant"]].budget
+        assert r["adapt_tokens"] == steps * bench.TINY.adapt_batch * bench.TINY.seq_len and r["adapt_steps"] == steps
+    assert by_budget(adapted, 2) == {"topk-distill-2x", "threshold-p-all-distill-2x", "layer-drop-even-2x"}
     levels = bench.levels(bench.build_dense(bench.TINY, 0), bench.TINY.seq_len)
     for r in adapted:
         if r["router"] in bench.STATIC:
@@ -101,6 +108,8 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     assert by["topk-routers-first@0.70#s0"]["recipe_options"] == {"router_steps": 1}
     assert by["topk-distill@0.70#s0"]["recipe_options"] == {"distill": 1.0}
     assert by["topk-tanh@0.70#s0"]["router_kwargs"] == {"gate": "tanh"}
+    assert by["topk-distill-fit@0.70#s0"]["recipe_options"] == {"distill": 1.0, "router_init": "update-size"}
+    assert by["topk-router-lr10@0.70#s0"]["recipe_options"] == {"router_lr_scale": 10.0}
     capacities = by["topk-all-capacities-cosine@0.55#s0"]["capacities"]
     assert len(set(capacities.values())) > 1 and by["topk-all@0.55#s0"].get("capacities") is None
     table = (work / "lm_quality_scale.md").read_text()
@@ -193,5 +202,32 @@ def test_goals_are_judged_from_means_and_spreads(bench):
     assert not judged["FLOPs 0.70: best learned router beats best static baseline on ood ppl by > max std"][1]
     assert judged["topk beats random at FLOPs 0.70"][1]
     assert judged["no NaN or divergence"][1]
+    # a longer adaptation (the budget ablation) never enters the equal-budget comparisons
+    longer = [dict(rec("topk-distill-2x", "0.70", s, "topk", 6.0, 15.0, 0.68), budget=2) for s in range(3)]
+    compared = lambda rs: {g: m for g, m, _ in bench.goals(rs) if g != "no NaN or divergence"}  # noqa: E731
+    assert compared(records + longer) == compared(records)
+    assert "all 15 runs finite" in {g: m for g, m, _ in bench.goals(records + longer)}["no NaN or divergence"]
     records[4]["train_loss_end"] = 3.5  # a rising loss is divergence
     assert not {g: ok for g, _, ok in bench.goals(records)}["no NaN or divergence"]
+
+
+def test_a_run_out_of_device_memory_is_given_back_and_run_by_another_worker(bench, tmp_path, monkeypatch, capsys):
+    tasks = [{"variant": "topk", "level": "0.70", "seed": s} for s in (0, 1, 2)]
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"tasks": tasks, "deadline": 0, "command": "c"}))
+    calls = []
+
+    def fake_run(task, ctx):
+        calls.append(bench.task_id(task))
+        if task["seed"] == 1 and ctx["name"] == "first":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {**task, "valid_ppl": 1.0, "ood_ppl": 1.0, "flops_ratio": 1.0, "kept_fraction": 1.0,
+                "agreement": 1.0, "wall_s": 0.0}
+
+    monkeypatch.setattr(bench, "run_task", fake_run)
+    bench.work_through({"work": tmp_path, "name": "first"}, plan_file)  # runs s0, gives s1 back, stops
+    assert calls == ["topk@0.70#s0", "topk@0.70#s1"]
+    assert "given back" in capsys.readouterr().out
+    bench.work_through({"work": tmp_path, "name": "second"}, plan_file)  # takes s1 up, then s2
+    assert calls[2:] == ["topk@0.70#s1", "topk@0.70#s2"]
+    assert sorted(p.stem for p in (tmp_path / "records").glob("*.json")) == [bench.task_id(t) for t in tasks]

@@ -254,14 +254,15 @@ def register_recipes(register):
 
 
 def test_plugin_preset_and_recipe(plugin, capsys):
-    from modadapt.cli import load_source_model, main
+    from modadapt.cli import main
+    from modadapt.sources import load_model
 
     reg = plugin(PRESET_AND_RECIPE)
     assert reg.get("preset", "tiny-toy").provider == "test-plugin"
     a, b = modadapt.build_preset("tiny-toy", seed=3), modadapt.build_preset("tiny-toy", seed=3)
     assert a.config.num_hidden_layers == 2 and not a.training
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    assert load_source_model("tiny-toy")[0].config.hidden_size == 32
+    assert load_model("tiny-toy").model.config.hidden_size == 32
     assert main(["list", "presets", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["tiny-toy"]["summary"] == "a two-layer Llama" and rows["tiny-llama"]["provider"] == "modadapt"

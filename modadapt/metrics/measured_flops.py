@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..mod_layer import state_of
 from ..routers.base import Router
 
 
@@ -25,7 +26,8 @@ def _is_timm_attention(module: nn.Module) -> bool:
 
 
 def measured_flops(model: nn.Module, inputs: torch.Tensor) -> dict:
-    """FLOPs of `model(inputs)` (timm ViTs, converted or not) under `torch.no_grad()`.
+    """FLOPs of `model(inputs)` (timm ViTs, converted or not; inside `modadapt.dense` its routers
+    count nothing) under `torch.no_grad()`.
 
     Returns:
         ``total``, ``matmul`` (flop counter, SDPA excluded), ``attention`` (formula) and
@@ -49,7 +51,8 @@ def measured_flops(model: nn.Module, inputs: torch.Tensor) -> dict:
     matmul = sum(
         n for op, n in counter.get_flop_counts().get("Global", {}).items() if "scaled_dot_product" not in str(op)
     )
-    routers = [m for m in model.modules() if isinstance(m, Router)]
+    state = state_of(model)
+    routers = [m for m in model.modules() if isinstance(m, Router)] if state is None or not state.dense else []
     router = sum(r.extra_flops() for r in routers)
     matmul -= sum(r.extra_flops(matmul_only=True) for r in routers)  # the counter saw q.k: count it once
     return {"total": matmul + attention + router, "matmul": matmul, "attention": attention, "router": router}

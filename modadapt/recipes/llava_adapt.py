@@ -260,30 +260,19 @@ def calibration_batches(data: str | None, model: nn.Module, *, samples: int, bat
 def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
-    from ..presets import build_preset, preset_names
+    from ..sources import load_model
 
     path = Path(cfg.model)
-    if path.is_dir():
-        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")):
-            raise ModAdaptError(
-                f"{path} brings its own tokenizer/processor; llava-adapt tokenises as bytes (tiny models) and "
-                "does not use model processors yet."
-            )
-        if (path / "modadapt.json").is_file():
-            return llava_model(modadapt.load(path), cfg.model)
-        from transformers import AutoConfig, LlavaForConditionalGeneration
-
-        try:
-            model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
-        except Exception as exc:
-            raise ModAdaptError(f"could not read the model config in {path}: {exc}") from None
-        if model_type != "llava":
-            raise ModAdaptError(f"llava-adapt trains LLaVA models; {path} holds a {model_type!r} model.")
-        model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
-    elif cfg.model in preset_names():
-        model = llava_model(build_preset(cfg.model, seed=cfg.seed), cfg.model)
-    else:
-        raise ModAdaptError(f"model {cfg.model!r} is neither a directory nor a preset.")
+    if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                            "preprocessor_config.json")):
+        raise ModAdaptError(
+            f"{path} brings its own tokenizer/processor; llava-adapt tokenises as bytes (tiny models) and "
+            "does not use model processors yet."
+        )
+    source = load_model(cfg.model, seed=cfg.seed)
+    model = llava_model(source.model, cfg.model)
+    if source.converted:
+        return model
     modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
                      router_kwargs=dict(cfg.router_kwargs), adapter_kwargs=dict(cfg.adapter_kwargs),
                      inference_routing=cfg.inference_routing)
@@ -402,6 +391,7 @@ def _run(cfg: LlavaRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     size = int(model.config.vision_config.image_size)
 
     train_set = LlavaDataset(train_records, codec, size)
+    # Every weight trains here, so the teacher (the model before conversion) is a frozen copy, the only one.
     teacher = modadapt.unload(copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
 
     def loss_fn(model, batch, _):

@@ -27,11 +27,11 @@ flags; the resolved config is saved as ``config.yaml``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,17 +40,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import parse_router_args
 from ..errors import ModAdaptError
 from ..metrics.flops import flops_table, sequence_flops
 from ..lora import projection_names
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
+from ..routers.base import Router
+from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
 from .schedule import AdaptationSchedule
-from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule
+from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule, train_loop
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
+ROUTER_INITS = ("zero", "update-size")
 DATASET_SUFFIXES = (".parquet", ".arrow")
 
 
@@ -88,6 +92,11 @@ class LMAdaptConfig(RecipeConfig):
                                                        "frozen), within max_steps; 0: off"})
     distill: float = field(default=0.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
+    router_init: str = field(default="zero", metadata={"help": "zero: routers as converted; update-size: fit each "
+                                                        "linear router score to how much its layer moves each token "
+                                                        "(dense forwards over router_init_blocks training blocks)"})
+    router_init_blocks: int = field(default=32, metadata={"help": "training blocks the update-size fit runs on"})
+    router_lr_scale: float = field(default=1.0, metadata={"help": "router learning rate as a multiple of lr"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
     max_bad_steps: int = field(default=10, metadata={"help": "abort after this many skipped non-finite steps"})
     eval_batch_size: int = field(default=8, metadata={"help": "blocks per evaluation forward"})
@@ -122,6 +131,12 @@ class LMAdaptConfig(RecipeConfig):
         if self.router_steps and self.train == "routers":
             raise ModAdaptError("router_steps trains the routers first and then the model: use it with train: all or "
                                 "train: lora (train: routers trains only the routers throughout).")
+        if self.router_init not in ROUTER_INITS:
+            raise ModAdaptError(f"router_init must be one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}.")
+        if not isinstance(self.router_init_blocks, int) or self.router_init_blocks < 1:
+            raise ModAdaptError(f"router_init_blocks must be an integer >= 1, got {self.router_init_blocks!r}.")
+        if not self.router_lr_scale > 0:
+            raise ModAdaptError(f"router_lr_scale must be > 0, got {self.router_lr_scale!r}.")
         if not self.distill >= 0 or not self.distill_temperature > 0:
             raise ModAdaptError("distill must be >= 0 and distill_temperature > 0.")
         if not 0.0 < self.valid_fraction < 1.0:
@@ -256,38 +271,49 @@ def load_blocks(cfg: LMAdaptConfig, tokenizer: Any, vocab_size: int) -> tuple[to
 
 
 # --- model ------------------------------------------------------------------------------------------
-def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module, Any, list[str]]:
-    """`(converted model, dense model, tokenizer or None, tokenizer files)`.
+def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module | None, Any, list[str]]:
+    """`(converted model, frozen dense copy or None, tokenizer or None, tokenizer files)`.
 
     `model` (Python API) is used as it is when converted, else converted with `cfg`'s routing.
-    The dense model is a copy taken before conversion, or `modadapt.unload` of a copy.
+    The dense baseline, and the teacher while the base weights are frozen, is the model itself
+    under `original`; only distillation with ``train: all`` copies it (before conversion, or
+    `modadapt.unload` of a copy).
     """
     import modadapt
-    from ..cli import TOKENIZER_FILES, is_causal_lm, load_source_model
-    from ..metrics.calibration import model_tokenizer
-    from ..persistence import META_FILE
-    from ..presets import build_preset, preset_names
 
     tokenizer, extras = None, []
     if model is None:
-        path = Path(cfg.model)
-        if (path / META_FILE).is_file():
-            model = modadapt.load(path)
-            extras = [str(path / name) for name in TOKENIZER_FILES if (path / name).is_file()]
-        elif cfg.model in preset_names():
-            model = build_preset(cfg.model, seed=cfg.seed)
-        else:
-            model, extras = load_source_model(cfg.model)
-        tokenizer = model_tokenizer(cfg.model)
+        source = load_model(cfg.model, seed=cfg.seed)
+        model, tokenizer, extras = source.model, source.tokenizer, source.files
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
-    if state_of(model) is not None:
-        dense = modadapt.unload(copy.deepcopy(model))
-    else:
-        dense = copy.deepcopy(model)
+    teacher = None
+    if cfg.distill > 0 and cfg.train == "all":  # the teacher is the starting weights, which train: only a copy keeps them
+        teacher = copy.deepcopy(model) if state_of(model) is None else modadapt.unload(copy.deepcopy(model))
+        teacher.eval().requires_grad_(False)
+    if state_of(model) is None:
         modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
                          router_kwargs=dict(cfg.router_kwargs))
-    return model, dense.eval().requires_grad_(False), tokenizer, extras
+    return model, teacher, tokenizer, extras
+
+
+@contextlib.contextmanager
+def original(inner: nn.Module, trained: nn.Module):
+    """Within: `inner` is the dense model it was converted from, in eval mode, on the same weights
+    (`modadapt.dense`, and peft's adapters off when `trained` is its LoRA wrapper). Exactly the
+    model the run started from while the base weights stay frozen (train: routers or lora)."""
+    import modadapt
+
+    was_training = inner.training
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(modadapt.dense(inner))
+        if trained is not inner:
+            stack.enter_context(trained.disable_adapter())
+        inner.eval()
+        try:
+            yield inner
+        finally:
+            inner.train(was_training)
 
 
 def check_seq_len(model: nn.Module, seq_len: int) -> None:
@@ -300,6 +326,28 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
 
 def router_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".router." in f".{name}"]
+
+
+def fit_routers(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """`router_init: update-size` (see `modadapt.recipes.router_init`), on `device`, in float32."""
+    from .router_init import fit_router_scores
+
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    fitted = fit_router_scores(model, [{"input_ids": b.to(device), "use_cache": False} for b in blocks.split(batch_size)])
+    model.train(was_training)
+    print("router_init update-size: score/target correlation per layer "
+          + ", ".join(f"{i}: {r:.2f}" for i, r in fitted.items()), flush=True)
+
+
+def param_groups(trained: nn.Module, params: list, cfg: LMAdaptConfig) -> list:
+    """One optimizer group, or two when the routers' learning rate is scaled (`router_lr_scale`)."""
+    if cfg.router_lr_scale == 1.0:
+        return params
+    routers = {id(p) for m in trained.modules() if isinstance(m, Router) for p in m.parameters()}
+    return [{"params": [p for p in params if id(p) not in routers]},
+            {"params": [p for p in params if id(p) in routers], "lr": cfg.lr * cfg.router_lr_scale}]
 
 
 def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
@@ -340,21 +388,22 @@ def model_router_name(model: nn.Module) -> str:
 # --- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, accelerator=None,
-             progress: bool = False, desc: str = "eval") -> dict:
+             progress: bool = False, desc: str = "eval", table: dict | None = None) -> dict:
     """Perplexity of `model` on `blocks` (eval mode, default routing), per-layer kept fractions and
-    FLOPs per token (the converted model's per-row kept counts in the formula of `sequence_flops`).
+    FLOPs per token (the converted model's per-row kept counts in the formula of `sequence_flops`;
+    `table`: its `flops_table`). A model inside `modadapt.dense` counts as the dense one.
 
     Under `accelerate` each process takes every n-th block and the sums are reduced.
     """
     from tqdm.auto import tqdm
 
     from ..convert import mod_layers
-    from ..routers.base import Router
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
-    converted = state_of(model) is not None
-    table = flops_table(model)
+    state = state_of(model)
+    converted = state is not None and not state.dense
+    table = flops_table(model) if table is None else table
     layers = mod_layers(model) if converted else []
     indices = [layer.mod_state.index for layer in layers]
     was_training = model.training
@@ -380,7 +429,8 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
             kept = {i: int(k[row]) for i, k in zip(indices, kept_rows)}
             sums[3] += sequence_flops(table, T, kept)
             sums[4] += sequence_flops(table, T)
-        sums[3] += sum(m.extra_flops() for m in model.modules() if isinstance(m, Router))
+        if converted:
+            sums[3] += sum(m.extra_flops() for m in model.modules() if isinstance(m, Router))
         for j, layer in enumerate(layers):
             sums[5 + 2 * j] += float(layer.mod_state.last_keep.sum())
             sums[6 + 2 * j] += layer.mod_state.last_keep.numel()
@@ -418,7 +468,7 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     with RunCheckpoint(cfg) as checkpoint:
         given = model is not None
         set_seed(cfg.seed)
-        model, dense, found_tokenizer, extras = build_model(cfg, model)
+        model, teacher, found_tokenizer, extras = build_model(cfg, model)
         check_seq_len(model, cfg.seq_len)
         tokenizer = tokenizer if given else found_tokenizer
         if blocks is not None:
@@ -433,11 +483,14 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                                   gradient_accumulation_steps=cfg.grad_accum)
         inner = model
+        if cfg.router_init == "update-size" and not cfg.resume:  # a resumed run restores its routers
+            fit_routers(model, train_blocks[: cfg.router_init_blocks], cfg.eval_batch_size, accelerator.device)
+        dense_table = flops_table(inner)  # the dense model's FLOPs, before LoRA adds matrices to the layers
         trained = select_trainable(model, cfg)
         params = [p for p in trained.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(trained, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
-        summary = _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params,
+        summary = _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler, params,
                          train_blocks, valid_blocks, checkpoint)
         if accelerator.is_main_process:
             if cfg.train == "lora":
@@ -450,127 +503,52 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     return summary
 
 
-def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params, train_blocks, valid_blocks,
-           checkpoint) -> dict:
-    from tqdm.auto import tqdm
-
-    import modadapt
-
+def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler, params, train_blocks,
+           valid_blocks, checkpoint) -> dict:
     show = cfg.progress and accelerator.is_main_process
-    device = accelerator.device
-    dense.to(device)
-    inner.to(device)
-    before = {
-        "dense": evaluate(dense, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                          progress=show, desc="eval dense"),
-        "converted": evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                              progress=show, desc="eval converted"),
-    }
-    teacher = dense if cfg.distill > 0 else None
-    if teacher is None:
-        dense.to("cpu")
+    inner.to(accelerator.device)
+    with original(inner, trained):
+        dense_eval = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+                              progress=show, desc="eval dense", table=dense_table)
+    before = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
+                      progress=show, desc="eval converted")
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    def teacher_logits(batch):
+        if teacher is not None:
+            return teacher(input_ids=batch, use_cache=False).logits.float()
+        with original(inner, trained):
+            return inner(input_ids=batch, use_cache=False).logits.float()
 
     schedule = AdaptationSchedule(inner, capacity_warmup=cfg.capacity_warmup, router_steps=cfg.router_steps)
     model, optimizer = accelerator.prepare(trained, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    step = 0
-    history: dict = {"loss": [], "lm_loss": [], "aux_loss": [], "distill_loss": [], "kept_fraction": []}
-    bad_steps = 0
-    saved = checkpoint.start(accelerator)
-    if saved:
-        step, bad_steps, history = saved["step"], saved["bad_steps"], saved["history"]
-
-    def loop_state() -> dict:
-        return {"step": step, "bad_steps": bad_steps, "history": history}
-
-    micro_per_epoch = math.ceil(len(train_blocks) / (cfg.batch_size * accelerator.num_processes))
-    if micro_per_epoch < cfg.grad_accum:
-        raise ModAdaptError(
-            f"{len(train_blocks)} training blocks make {micro_per_epoch} micro-batches per epoch, fewer than "
-            f"grad_accum {cfg.grad_accum}; give more text or lower batch_size / grad_accum."
-        )
-    steps_per_epoch = micro_per_epoch // cfg.grad_accum
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="lm-adapt", disable=not show)
     T = cfg.distill_temperature
-    step_times: list[float] = []  # wall seconds per optimizer step of this process (the loss read syncs)
-    last = time.perf_counter()
-    while step < cfg.max_steps:
-        epoch, done = divmod(step, steps_per_epoch)
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order when resumed
-        loader = torch.utils.data.DataLoader(train_blocks, batch_size=cfg.batch_size, shuffle=True,
-                                             generator=generator, drop_last=False)
-        loader = accelerator.prepare(loader)
-        if done:
-            loader = accelerator.skip_first_batches(loader, done * cfg.grad_accum)
-        model.train()
-        finite = True
-        parts: dict = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "distill_loss": 0.0}
-        micro = 0
-        for batch in loader:
-            if micro == steps_per_epoch * cfg.grad_accum - done * cfg.grad_accum:
-                break  # a partial accumulation at the epoch's end would not be a full step
-            micro += 1
-            schedule.apply(step)
-            with accelerator.accumulate(model), accelerator.autocast():
-                outputs = model(input_ids=batch, labels=batch, use_cache=False)
-                loss = outputs.loss
-                aux = outputs.get("router_aux_loss")
-                parts["aux_loss"] += float(aux.detach()) / cfg.grad_accum if aux is not None else 0.0
-                parts["lm_loss"] += float(loss.detach() - (aux.detach() if aux is not None else 0)) / cfg.grad_accum
-                if teacher is not None:
-                    with torch.no_grad():
-                        target = teacher(input_ids=batch, use_cache=False).logits.float()
-                    kl = distillation_kl(outputs.logits, target, T)
-                    parts["distill_loss"] += float(kl.detach()) / cfg.grad_accum
-                    loss = loss + cfg.distill * kl
-                parts["loss"] += float(loss.detach()) / cfg.grad_accum
-                finite = finite and bool(torch.isfinite(loss.detach()))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    schedule.hold_base(step, params)
-                    norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-                    if cfg.mixed_precision != "fp16" and norm is not None and not torch.isfinite(norm):
-                        finite = False
-                    if finite:
-                        optimizer.step()
-                    optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            now = time.perf_counter()
-            step_times.append(now - last)
-            last = now
-            if finite:
-                scheduler.step()
-                step += 1
-                kept = [r["kept_fraction"] for r in modadapt.routing_stats(inner) if r["kept_fraction"] is not None]
-                parts["kept_fraction"] = sum(kept) / len(kept) if kept else 1.0
-                for key, value in parts.items():
-                    history[key].append(value)
-                bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.4f}", aux=f"{parts['aux_loss']:.2e}",
-                                kept=f"{parts['kept_fraction']:.3f}")
-                if cfg.save_every and step % cfg.save_every == 0:
-                    checkpoint.save(accelerator, loop_state())
-            else:
-                bad_steps += 1
-                if bad_steps > cfg.max_bad_steps:
-                    bar.close()
-                    raise ModAdaptError(
-                        f"{bad_steps} steps had a non-finite loss or gradient (limit max_bad_steps "
-                        f"{cfg.max_bad_steps}); lower lr, raise grad_clip strictness, or use bf16 instead of fp16."
-                    )
-            finite = True
-            parts = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "distill_loss": 0.0}
-            checkpoint.check_stop(accelerator, loop_state())
-            if step >= cfg.max_steps:
-                break
-    bar.close()
-    schedule.finish()
-    checkpoint.end(accelerator, loop_state())
+
+    def lm_loss(model, batch, accelerator):
+        """`outputs.loss` (routers' aux losses included) + distill x KL; the parts logged apart."""
+        outputs = model(input_ids=batch, labels=batch, use_cache=False)
+        loss = outputs.loss
+        aux = outputs.get("router_aux_loss")
+        parts = {"aux_loss": float(aux.detach()) if aux is not None else 0.0,
+                 "lm_loss": float(loss.detach() - (aux.detach() if aux is not None else 0)), "distill_loss": 0.0}
+        if cfg.distill > 0:
+            with torch.no_grad():
+                target = teacher_logits(batch)
+            kl = distillation_kl(outputs.logits, target, T)
+            parts["distill_loss"] = float(kl.detach())
+            loss = loss + cfg.distill * kl
+        return loss, parts
+
+    result = train_loop(cfg, accelerator, model, optimizer, scheduler, train_blocks, lm_loss, checkpoint,
+                        total_steps=cfg.max_steps, params=params, converted=inner,
+                        max_bad_steps=cfg.max_bad_steps, schedule=schedule,
+                        logged=("lm_loss", "aux_loss", "distill_loss"), desc="lm-adapt")
+    step, bad_steps, history, step_times = result.step, result.bad_steps, result.history, result.step_times
 
     after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
                      progress=show, desc="eval adapted")
-    dense_eval = before["dense"]
     steady = sorted(step_times[min(5, len(step_times) // 2):])  # the first steps compile / warm up
     step_s = steady[len(steady) // 2] if steady else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len
@@ -588,15 +566,15 @@ def _train(cfg, accelerator, trained, inner, dense, optimizer, scheduler, params
         "valid_blocks": len(valid_blocks),
         "train_blocks": len(train_blocks),
         "seq_len": cfg.seq_len,
-        "valid_ppl": {"dense": dense_eval["ppl"], "converted_before": before["converted"]["ppl"],
+        "valid_ppl": {"dense": dense_eval["ppl"], "converted_before": before["ppl"],
                       "converted_after": after["ppl"]},
-        "valid_loss": {"dense": dense_eval["loss"], "converted_before": before["converted"]["loss"],
+        "valid_loss": {"dense": dense_eval["loss"], "converted_before": before["loss"],
                        "converted_after": after["loss"]},
-        "kept_fraction": {"before": before["converted"]["kept_fraction"], "after": after["kept_fraction"]},
+        "kept_fraction": {"before": before["kept_fraction"], "after": after["kept_fraction"]},
         "flops_per_token": {"dense": dense_eval["flops_per_token"], "converted_before":
-                            before["converted"]["flops_per_token"], "converted_after": after["flops_per_token"]},
+                            before["flops_per_token"], "converted_after": after["flops_per_token"]},
         "flops_ratio": after["flops_ratio"],
-        "flops_ratio_before": before["converted"]["flops_ratio"],
+        "flops_ratio_before": before["flops_ratio"],
         "mod_config": state_of(inner).config_dict(),
     }
 
@@ -612,7 +590,6 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
     there is one, as the recipes do.
     """
     import modadapt
-    from ..cli import is_causal_lm
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
 
@@ -675,8 +652,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..cli import parse_router_args
-
     overrides = overrides_from(args, LMAdaptConfig)
     if args.router_arg:
         overrides["router_kwargs"] = {**(overrides["router_kwargs"] or {}), **parse_router_args(args.router_arg)}

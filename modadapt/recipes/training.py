@@ -1,4 +1,5 @@
-"""What every recipe shares: the run directory, its checkpoint, the LR schedule, the eval device."""
+"""What every recipe shares: the run directory, its checkpoint, the training loop, the LR schedule,
+the eval device."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import shlex
 import shutil
 import signal
 import threading
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import ModAdaptError
+from ..mod_layer import state_of
 from ..output_dir import write_atomic
 
 
@@ -229,10 +232,148 @@ class RunCheckpoint:
         self.in_loop = False
 
 
+@dataclass
+class LoopResult:
+    """What `train_loop` leaves: the prepared model, the optimizer steps taken (over all resumes),
+    the skipped ones, the per-step `history` and this process's wall seconds per step."""
+
+    model: Any
+    step: int
+    bad_steps: int
+    history: dict[str, list[float]]
+    step_times: list[float] = field(default_factory=list)
+
+
+def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn, checkpoint: RunCheckpoint, *,
+               total_steps: int, params: list | None = None, converted=None,
+               max_bad_steps: int | None = None, schedule=None, logged: tuple[str, ...] = (),
+               epoch_checkpoints: bool = False, collate_fn=None, num_workers: int = 0,
+               desc: str = "train") -> LoopResult:
+    """The training loop of every recipe, so that resuming, accumulation, skipping and the
+    adaptation schedule mean the same thing in each (and are tested once).
+
+    `model`, `optimizer` (and `scheduler`, or registered for checkpointing) are already prepared by
+    `accelerator`. Each epoch reshuffles `train_set` with ``cfg.seed + epoch``, so a resumed run
+    (its checkpoint loaded by `checkpoint.start`) skips to the same batch. An optimizer step is
+    the accelerator's ``gradient_accumulation_steps`` micro-batches; an epoch's partial
+    accumulation is dropped. `loss_fn(model, batch,
+    accelerator)` returns ``(loss, parts)``: `parts` are floats named in `logged`, averaged over the
+    step into ``history`` beside ``loss`` and ``kept_fraction`` (of `converted`'s routers).
+    `params` (default: the model's) are clipped at ``cfg.grad_clip`` and, with a `schedule`
+    (`AdaptationSchedule`), held during its router stage. With `max_bad_steps`, a step whose loss
+    (or, outside fp16, gradient norm) is not finite is skipped, and one too many aborts the run.
+    Checkpoints: every ``cfg.save_every`` steps, at epoch ends with `epoch_checkpoints`, at the end
+    and when a signal stops the run. `cfg` needs batch_size, seed, grad_clip, save_every, progress
+    and mixed_precision.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..metrics.routing_stats import routing_stats
+
+    params = list(model.parameters()) if params is None else params
+    grad_accum = accelerator.gradient_accumulation_steps
+    keys = ("loss", *logged)
+    history: dict[str, list[float]] = {key: [] for key in (*keys, "kept_fraction")}
+    step = bad_steps = 0
+    saved = checkpoint.start(accelerator)
+    if saved:  # an image recipe's checkpoint from before this loop holds the step only
+        step, bad_steps, history = saved["step"], saved.get("bad_steps", 0), saved.get("history", history)
+
+    def loop_state() -> dict:
+        return {"step": step, "bad_steps": bad_steps, "history": history}
+
+    micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
+    if micro_per_epoch < grad_accum:
+        raise ModAdaptError(
+            f"{len(train_set)} training examples make {micro_per_epoch} micro-batches per epoch, fewer than "
+            f"grad_accum {grad_accum}; give more data or lower batch_size / grad_accum."
+        )
+    steps_per_epoch = micro_per_epoch // grad_accum
+    checks = max_bad_steps is not None
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not (cfg.progress and accelerator.is_main_process))
+    step_times: list[float] = []  # wall seconds per optimizer step of this process (the loss read syncs)
+    last = time.perf_counter()
+    while step < total_steps:
+        epoch, done = divmod(step, steps_per_epoch)
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order when resumed
+        loader = accelerator.prepare(torch.utils.data.DataLoader(
+            train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+            num_workers=num_workers, collate_fn=collate_fn,
+        ))
+        if done:
+            loader = accelerator.skip_first_batches(loader, done * grad_accum)
+        model.train()
+        finite = True
+        parts = dict.fromkeys(keys, 0.0)
+        micro = 0
+        for batch in loader:
+            if micro == (steps_per_epoch - done) * grad_accum:
+                break  # a partial accumulation at the epoch's end would not be a full step
+            micro += 1
+            if schedule is not None:
+                schedule.apply(step)
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss, reported = loss_fn(model, batch, accelerator)
+                for key, value in reported.items():
+                    parts[key] += value / grad_accum
+                parts["loss"] += float(loss.detach()) / grad_accum
+                if checks:
+                    finite = finite and bool(torch.isfinite(loss.detach()))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if schedule is not None:
+                        schedule.hold_base(step, params)
+                    if cfg.grad_clip or checks:
+                        norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+                        if checks and cfg.mixed_precision != "fp16" and norm is not None and not torch.isfinite(norm):
+                            finite = False
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            now = time.perf_counter()
+            step_times.append(now - last)
+            last = now
+            if finite:
+                scheduler.step()
+                step += 1
+                kept = [r["kept_fraction"] for r in routing_stats(converted)
+                        if r["kept_fraction"] is not None] if converted is not None else []
+                parts["kept_fraction"] = sum(kept) / len(kept) if kept else 1.0
+                for key, value in parts.items():
+                    history[key].append(value)
+                shown = {"loss": f"{parts['loss']:.4f}"}
+                if "aux_loss" in parts:
+                    shown["aux"] = f"{parts['aux_loss']:.2e}"
+                bar.update(1)
+                bar.set_postfix(**shown, kept=f"{parts['kept_fraction']:.3f}")
+                if (cfg.save_every and step % cfg.save_every == 0) or (epoch_checkpoints and step % steps_per_epoch == 0):
+                    checkpoint.save(accelerator, loop_state())
+            else:
+                bad_steps += 1
+                if bad_steps > max_bad_steps:
+                    bar.close()
+                    raise ModAdaptError(
+                        f"{bad_steps} steps had a non-finite loss or gradient (limit max_bad_steps "
+                        f"{max_bad_steps}); lower lr, raise grad_clip strictness, or use bf16 instead of fp16."
+                    )
+            finite = True
+            parts = dict.fromkeys(keys, 0.0)
+            checkpoint.check_stop(accelerator, loop_state())
+            if step >= total_steps:
+                break
+    bar.close()
+    if schedule is not None:
+        schedule.finish()
+    checkpoint.end(accelerator, loop_state())
+    return LoopResult(model, step, bad_steps, history, step_times)
+
+
 def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, collate_fn=None, num_workers: int = 0):
-    """The epoch loop the image recipes share: AdamW with warm-up + cosine, accelerate (mixed
-    precision, several processes), resumable mid-epoch with the same data order, checkpoints
-    every `cfg.save_every` steps and at each epoch end, a progress bar.
+    """`train_loop` as the image recipes set it up: every parameter trains with AdamW (warm-up +
+    cosine), accelerate prepares model, optimizer and scheduler, checkpoints also at each epoch end.
 
     `cfg` needs: mixed_precision, cpu, batch_size, epochs, max_steps, lr, weight_decay,
     warmup_steps, grad_clip, save_every, seed, progress. `loss_fn(model, batch, accelerator)`
@@ -241,7 +382,6 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     # Random augmentation draws from Python's, numpy's and torch's generators: seed all three (a
@@ -254,39 +394,9 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = checkpoint.start(accelerator)
-    step = state["step"] if state else 0
-
-    losses: list[float] = []
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process))
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)  # same order when resumed
-        loader = accelerator.prepare(torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-            num_workers=num_workers, collate_fn=collate_fn,
-        ))
-        if done_in_epoch:
-            loader = accelerator.skip_first_batches(loader, done_in_epoch)
-        model.train()
-        for batch in loader:
-            with accelerator.autocast():
-                loss = loss_fn(model, batch, accelerator)
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0:
-                checkpoint.save(accelerator, {"step": step})
-            checkpoint.check_stop(accelerator, {"step": step})
-            if step >= total_steps:
-                break
-    bar.close()
-    checkpoint.end(accelerator, {"step": step})
-    return accelerator, model, step, losses
+    inner = accelerator.unwrap_model(model)
+    result = train_loop(cfg, accelerator, model, optimizer, scheduler, train_set,
+                        lambda model, batch, accelerator: (loss_fn(model, batch, accelerator), {}), checkpoint,
+                        total_steps=total_steps, converted=inner if state_of(inner) is not None else None,
+                        epoch_checkpoints=True, collate_fn=collate_fn, num_workers=num_workers)
+    return accelerator, result.model, result.step, result.history["loss"]

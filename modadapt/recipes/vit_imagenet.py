@@ -14,7 +14,6 @@ the resolved config is saved as ``config.yaml``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from dataclasses import dataclass, field
@@ -173,15 +172,17 @@ def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
     from ..adapters.timm import create_model
-    from ..presets import build_preset, preset_names
+    from ..presets import preset_names
+    from ..sources import load_model
 
-    if Path(cfg.model).is_dir():
-        return vision_transformer(modadapt.load(cfg.model), cfg.model)
-    if cfg.model in preset_names():
-        model = vision_transformer(build_preset(cfg.model, seed=cfg.seed), cfg.model)
+    if Path(cfg.model).is_dir() or cfg.model in preset_names():
+        source = load_model(cfg.model, seed=cfg.seed)
+        model = vision_transformer(source.model, cfg.model)
+        if source.converted:
+            return model
         if cfg.model_kwargs:
             raise ModAdaptError("model_kwargs apply to timm model names, not presets.")
-    else:
+    else:  # a timm model name, which only this recipe takes
         import timm
 
         if not timm.is_model(cfg.model):
@@ -203,12 +204,6 @@ def vision_transformer(model: nn.Module, name: str) -> nn.Module:
         raise ModAdaptError(f"vit-imagenet trains timm vision transformers; {name} is a {type(model).__name__} "
                             "(lm-adapt trains language models, llava-adapt LLaVA).")
     return model
-
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    import modadapt
-
-    return modadapt.unload(copy.deepcopy(model))
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -334,7 +329,9 @@ def _run(cfg: ViTRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     if accelerator.is_main_process:
         example = torch.zeros(1, *size, device=next(inner.parameters()).device)
         inner.eval()
-        flops = {"mod": measured_flops(inner, example), "dense": measured_flops(dense_copy(inner), example)}
+        with modadapt.dense(inner):  # the same weights, routers bypassed: no copy of the model
+            dense_flops = measured_flops(inner, example)
+        flops = {"mod": measured_flops(inner, example), "dense": dense_flops}
         summary["flops_per_image"] = flops
         summary["flops_ratio"] = flops["mod"]["total"] / flops["dense"]["total"]
         summary["input_size"] = list(size)
