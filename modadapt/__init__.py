@@ -8,6 +8,7 @@ Public API::
     model = modadapt.load("out/")
     with modadapt.dense(model): ...   # the dense original on the same weights
     modadapt.unload(model)
+    tokenizer = modadapt.byte_tokenizer(model)   # the byte-level presets' tokenizer (ids = bytes)
 """
 
 from .config import ModConfig
@@ -16,11 +17,13 @@ from .dense import dense
 from .errors import ModAdaptError
 from .decoding import GraphedDecoder
 from .hookspecs import Preset, Recipe
+from .lora import peft_config
 from .metrics.routing_stats import routing_stats
 from .persistence import load, save
 from .plugins import hookimpl
 from .presets import build_preset
 from .routers.base import Router, RoutingContext, RoutingDecision
+from .tokenizer import byte_tokenizer
 from .version import __version__
 
 __all__ = [
@@ -35,11 +38,13 @@ __all__ = [
     "RoutingDecision",
     "aux_loss",
     "build_preset",
+    "byte_tokenizer",
     "convert",
     "dense",
     "hookimpl",
     "load",
     "mod_layers",
+    "peft_config",
     "routing_stats",
     "save",
     "unload",

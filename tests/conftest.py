@@ -31,6 +31,10 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("core_family", CORE_FAMILIES)
 
 
+#: What `modadapt.save` writes for a byte-level text preset: config, metadata, weights and the
+#: preset's byte tokenizer.
+SAVED_FILES = ["config.json", "modadapt.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
 # Text for recipe tests: code and prose, enough for a few dozen 32-token blocks.
 SAMPLE_TEXT = ("def add(a, b):\n    return a + b  # Python docs, roughly.\n" * 40
                + "The quick brown fox jumps over the lazy dog. " * 40)

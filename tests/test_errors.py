@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import modadapt
+from conftest import SAVED_FILES
 from modadapt import ModAdaptError, ModConfig
 from modadapt.mod_layer import state_of
 from modadapt.masks import subset_attention_mask
@@ -299,7 +300,7 @@ def test_overwrite_replaces_an_earlier_save_only(converted, tmp_path):
     (target / "stale.txt").unlink()
     modadapt.save(converted, target)
     modadapt.save(converted, target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "modadapt.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == SAVED_FILES
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

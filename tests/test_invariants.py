@@ -18,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 import modadapt
+from conftest import SAVED_FILES
 from modadapt.mod_layer import state_of
 from modadapt.plugins import find_adapter
 
@@ -443,7 +444,7 @@ def test_save_load_reproduces_outputs(core_family, tiny, ids, left_pad, randomiz
         expected = model(x, attention_mask=mask, position_ids=pos).logits
         expected_keeps = [layer.mod_state.last_keep.clone() for layer in modadapt.mod_layers(model)]
     saved = modadapt.save(model, tmp_path / "saved")
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "modadapt.json", "model.safetensors"]
+    assert sorted(p.name for p in saved.iterdir()) == SAVED_FILES
     assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary directory left behind
 
     loaded = modadapt.load(tmp_path / "saved")

@@ -122,3 +122,23 @@ def test_parquet_in_hf_imagenet_layout(tmp_path):
     (tmp_path / "data" / "extra-0.parquet").write_bytes(b"")
     with pytest.raises(ModAdaptError, match="cannot tell its split"):
         load_splits(str(tmp_path))
+
+
+def test_a_local_imagefolder_loads_without_a_download_bar(tmp_path, capfd):
+    """datasets "downloads" local files behind a "Downloading data" bar (from 16 files on); the
+    recipe turns that bar off, keeps the real work's progress, and still surfaces datasets' errors."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "validation"):
+        for label in ("a", "b"):
+            (tmp_path / "many" / split / label).mkdir(parents=True)
+            for i in range(10):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "many" / split / label / f"{i}.png")
+    capfd.readouterr()
+    splits = load_splits(str(tmp_path / "many"))
+    err = capfd.readouterr().err
+    assert {name: len(part) for name, part in splits.items()} == {"train": 20, "validation": 20}
+    assert "Downloading" not in err and "Generating train split" in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train-0.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(Exception, match="(?i)parquet"):
+        load_splits(str(tmp_path / "bad"))

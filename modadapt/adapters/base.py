@@ -220,6 +220,12 @@ class Adapter:
         """JSON-able description from which `build` can recreate the architecture."""
         raise NotImplementedError
 
+    def attach(self, model: nn.Module) -> list:
+        """Called by `convert` once the model is converted: attach what the family needs on the
+        model itself (transformers: a `save_pretrained` that writes a modadapt directory).
+        Returns handles with `remove()` that `unload` calls."""
+        return []
+
     def save_base(self, model: nn.Module, directory: str) -> None:
         """Write what `build` needs besides `describe()` (e.g. the model's config file)."""
 

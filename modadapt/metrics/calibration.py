@@ -175,16 +175,11 @@ def text_batches(
 
 
 def model_tokenizer(source: str) -> Any:
-    """The tokenizer saved in model directory `source`, or None (presets, directories without one)."""
-    path = Path(source)
-    if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return None
-    from transformers import AutoTokenizer
+    """The tokenizer saved in model directory `source`, or None (presets, directories without one:
+    their text is read as bytes, which is what a byte-level preset's tokenizer gives too)."""
+    from ..tokenizer import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise ModAdaptError(f"could not load the tokenizer in {source}: {exc}") from None
+    return load_tokenizer(source) if Path(source).is_dir() else None
 
 
 # --- reading images ------------------------------------------------------------------------------

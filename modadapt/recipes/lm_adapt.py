@@ -43,6 +43,7 @@ from torch import nn
 from ..config import parse_router_args
 from ..errors import ModAdaptError
 from ..metrics.flops import flops_table, sequence_flops
+from ..lora import projection_names
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
 from ..routers.base import Router
@@ -159,12 +160,14 @@ def read_corpus(path: str) -> str:
     if is_saved or (files and all(f.suffix in DATASET_SUFFIXES for f in files)):
         import datasets
 
+        from ..local_data import load_local
+
         try:
             if is_saved:
                 loaded = datasets.load_from_disk(str(root))
             else:
                 builder = "parquet" if files[0].suffix == ".parquet" else "arrow"
-                loaded = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+                loaded = load_local(builder, data_files=[str(f) for f in files], split="train")
         except Exception as exc:
             raise ModAdaptError(f"could not read datasets files at {path}: {exc}") from None
         parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
@@ -323,23 +326,6 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
 
 def router_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".router." in f".{name}"]
-
-
-def projection_names(model: nn.Module) -> list[str]:
-    """Full names of the family's linear maps (nn.Linear, GPT-2's Conv1D) inside the layer stack,
-    routers excluded."""
-    from ..metrics.layer_stack import find_layers
-    from ..plugins import find_adapter
-
-    adapter = find_adapter(model)
-    stack = find_layers(model)
-    layer_ids = {id(layer) for layer in stack}
-    prefixes = [name + "." for name, module in model.named_modules() if id(module) in layer_ids]
-    return [
-        name for name, module in model.named_modules()
-        if any(name.startswith(p) for p in prefixes) and ".router." not in f".{name}."
-        and adapter.is_linear_map(module)
-    ]
 
 
 def fit_routers(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> None:
@@ -632,8 +618,11 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
 
 
 # --- lm-eval ----------------------------------------------------------------------------------------
-def lm_eval_model(model: nn.Module, tokenizer: Any, **kwargs: Any) -> Any:
+def lm_eval_model(model: nn.Module, tokenizer: Any = None, **kwargs: Any) -> Any:
     """An lm-eval model wrapping the in-memory (converted) model: ``HFLM(pretrained=model, tokenizer=...)``.
+
+    `tokenizer` defaults to the model's own (`modadapt.tokenizer.tokenizer_for`): the one saved in
+    the directory it was loaded from, else a byte-level preset's byte tokenizer.
 
     Loglikelihood tasks (multiple choice, perplexity) score a whole sequence in one forward;
     generation tasks prefill and then decode with the KV cache. The default
@@ -641,12 +630,17 @@ def lm_eval_model(model: nn.Module, tokenizer: Any, **kwargs: Any) -> Any:
     continuation is scored the same way it would be generated; with ``"topk"`` loglikelihood tasks
     would see look-ahead routing that decoding cannot reproduce.
     """
+    from ..tokenizer import tokenizer_for
+
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise ModAdaptError("lm_eval_model needs lm-eval; `pip install lm-eval` (it is not a modadapt dependency).") from None
+        raise ModAdaptError("lm_eval_model needs lm-eval; `pip install lm-eval` (or modadapt[test]).") from None
     if tokenizer is None:
-        raise ModAdaptError("lm-eval needs the model's tokenizer; byte-level models have none to give it.")
+        tokenizer = tokenizer_for(model)
+    if tokenizer is None:
+        raise ModAdaptError("lm-eval needs the model's tokenizer and this model has none saved with it; pass "
+                            "tokenizer= (e.g. AutoTokenizer.from_pretrained of the original model).")
     return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 

@@ -92,6 +92,8 @@ def load_splits(path: str) -> Any:
     """A `datasets.DatasetDict` from an imagefolder, parquet/arrow files or a save_to_disk dir."""
     import datasets
 
+    from ..local_data import load_local
+
     root = Path(path)
     if not root.exists():
         raise ModAdaptError(f"data path {path} does not exist.")
@@ -112,14 +114,14 @@ def load_splits(path: str) -> Any:
                         "as in the Hugging Face ImageNet layout."
                     )
                 by_split.setdefault(split, []).append(str(file))
-            return datasets.load_dataset(builder, data_files=by_split)
+            return load_local(builder, data_files=by_split)
     images = [p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")]
     if not images:
         raise ModAdaptError(
             f"data path {path} holds no images, parquet or arrow files; expected an imagefolder "
             "(train/<class>/*.png), HF ImageNet-layout parquet files, or a save_to_disk directory."
         )
-    return datasets.load_dataset("imagefolder", data_dir=str(root))
+    return load_local("imagefolder", data_dir=str(root))
 
 
 def pick_split(splits: Any, name: str, path: str) -> Any:

@@ -25,6 +25,7 @@ from .attention import (
     use_attention,
 )
 from .attention_maps import eager_attention_maps
+from .auto import attach_save_pretrained, base_config, wrap_config
 from .kv_cache import mod_cache_layer
 
 #: Families converted, trained and generated with in the test suite.
@@ -197,11 +198,15 @@ class HFDecoderAdapter(Adapter):
 
     def save_base(self, model: nn.Module, directory: str) -> None:
         model.config.save_pretrained(directory)
+        wrap_config(directory)  # a dense class must not load a MoD directory (see auto.py)
+
+    def attach(self, model: nn.Module) -> list:
+        return attach_save_pretrained(model)
 
     def build(self, directory: str, description: dict) -> nn.Module:
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(directory)
+        config = base_config(directory)
         cls = getattr(transformers, description.get("class", ""), None)
         if cls is None:
             raise ModAdaptError(

@@ -1,5 +1,9 @@
 """Tiny transformers models with random weights, one per family of this folder: full models built
-from a config in code (no download), so that every family can be tried offline and tested."""
+from a config in code (no download), so that every family can be tried offline and tested.
+
+The text decoders read UTF-8 bytes (a 256-token vocabulary) and are marked byte-level, so that they
+come with a real tokenizer (`modadapt.tokenizer.byte_tokenizer`). `tiny-llava` is not: the
+llava-adapt recipe encodes its text with its own byte codec (bytes shifted past the special ids)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Callable
 from torch import nn
 
 from ...hookspecs import Preset
+from ...tokenizer import mark_byte_level
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -20,7 +25,7 @@ def _llama_like(config_name: str, model_name: str, **extra) -> Callable[[], nn.M
 
         config = getattr(transformers, config_name)(**{**_COMMON, **extra})
         config._attn_implementation = "sdpa"
-        return getattr(transformers, model_name)(config)
+        return mark_byte_level(getattr(transformers, model_name)(config))
 
     return build
 
@@ -30,7 +35,7 @@ def _gpt2() -> nn.Module:
 
     config = GPT2Config(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0)
     config._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(config)
+    return mark_byte_level(GPT2LMHeadModel(config))
 
 
 def _tiny_llava() -> nn.Module:
