@@ -9,6 +9,7 @@ the measured speedup next to the ideal one (FLOPs for prefill/training, bytes fo
     python benchmarks/speed.py --tiny                   # CPU smoke test, seconds
     python benchmarks/speed.py --out results.json       # GPU (see benchmarks/README.md)
     python benchmarks/speed.py --compile --scenarios prefill,train --routers topk --out compiled.json
+    python benchmarks/speed.py --scenarios decode_speculative --speculate-k 2,4,6 --draft routers --draft margin=0.5
 
 With --compile, prefill and training run dense and MoD alike through torch.compile (fullgraph for
 dense and topk); decode and the layer breakdown stay eager.
@@ -59,6 +60,8 @@ FULL = dict(
     train=dict(batch=8, seq=2048, goals={"topk": 1.5}),
     layer=dict(batch=8, seq=2048),
     calibration=dict(batch=2, seq=1024),
+    speculate=[dict(batch=1, context=2048, new=128), dict(batch=8, context=2048, new=128)],
+    speculate_k=(2, 4, 6),
     warmup=3, repeats=10, decode_warmup=1, decode_repeats=3, decode_fresh_repeats=2,
     train_warmup=2, train_repeats=5,
 )
@@ -72,6 +75,8 @@ TINY = dict(
     train=dict(batch=4, seq=64, goals={"topk": 1.5}),
     layer=dict(batch=4, seq=64),
     calibration=dict(batch=2, seq=64),
+    speculate=[dict(batch=1, context=64, new=8), dict(batch=2, context=64, new=8)],
+    speculate_k=(2,),
     warmup=1, repeats=3, decode_warmup=1, decode_repeats=2, decode_fresh_repeats=1,
     train_warmup=1, train_repeats=2,
 )
@@ -84,7 +89,7 @@ ROUTERS = {
 }
 KV_GOAL = {"threshold-p": 0.8}  # mod_kv_bytes / dense_kv_bytes at most this
 ROUTER_OVERHEAD_GOAL = 0.05  # route() time / dense layer time at most this
-SCENARIOS = ("check", "prefill", "layer", "decode_layer", "decode", "decode_graphs", "train")
+SCENARIOS = ("check", "prefill", "layer", "decode_layer", "decode", "decode_graphs", "decode_speculative", "train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -912,6 +917,108 @@ def run_decode_graphs(b: Bench) -> None:
             b.add(record)
 
 
+def speculative_round_bytes(s: Shape, B: int, context: int, k: int, kept: list[float], elt: int) -> float:
+    """Bytes one speculative round reads: `k` draft steps (a MoD layer's weights when any row
+    keeps the token, probability `1 - (1 - f)^B`; a row that keeps reads the dense cache of that
+    layer, `f` of the rows) and one verification (every weight and the whole cache, once for all
+    `k + 1` tokens). `kept` is each MoD layer's measured draft keep fraction."""
+    f = dict(zip(s.mod_layers, kept))
+    kv_read = B * context * s.kv * 2 * elt
+    step = s.head_params * elt + B * s.D * elt
+    for i in range(s.L):
+        if i in f:
+            step += (1 - (1 - f[i]) ** B) * s.layer_params * elt + f[i] * kv_read
+        else:
+            step += s.layer_params * elt + kv_read
+    verify = decode_bytes(s, B, context, 1, None, elt)
+    return k * step + verify
+
+
+def speculate_models(b: Bench) -> dict:
+    """name -> (converted model, its dense twin, shape): the benchmark's MoD models (random
+    weights: acceptance says little, the costs are real) and, with --speculate-model, a saved
+    converted model (`modadapt.save`), whose acceptance is what the measurement is for."""
+    models = {router: (model, b.dense, b.shape) for router, (model, _, _) in b.mods.items()}
+    if b.args.speculate_model:
+        model = modadapt.load(b.args.speculate_model).to(b.device, b.dtype).eval()
+        dense = modadapt.unload(copy.deepcopy(model))
+        shape = Shape.of(dense)
+        shape.mod_layers = list(model._modadapt_state.layer_indices)
+        models["loaded"] = (model, dense, shape)
+    return models
+
+
+def run_decode_speculative(b: Bench) -> None:
+    """Speculative decoding (`GraphedDecoder(model, speculate=K, draft=...)`: the routing drafts K
+    tokens, the dense computation of the same weights verifies them in one forward) against
+    graphed dense decoding of the same weights, greedy. Timed: the rounds until every row has
+    `new` tokens (the prompt and its capture are not timed; generate's host check every
+    `CHECK_EVERY // (K + 1)` rounds is). Recorded: tokens/s of both, the acceptance (accepted
+    drafts / drafted tokens), tokens per round, each MoD layer's draft keep fraction, and how many
+    leading tokens equal dense graphed decoding's (greedy speculation is exact up to kernel
+    rounding: in bf16 a near-tie may flip)."""
+    from modadapt.decoding import CHECK_EVERY, Draft, GraphedDecoder, static_cache
+
+    elt = torch.finfo(b.dtype).bits // 8
+    ks = [int(k) for k in b.args.speculate_k.split(",")] if b.args.speculate_k else list(b.size["speculate_k"])
+    drafts = [Draft.of(d) for d in (b.args.draft or ["routers"])]
+    for name, (model, dense, shape) in speculate_models(b).items():
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        for setting in b.size["speculate"]:
+            B, ctx, new = setting["batch"], setting["context"], setting["new"]
+            ids = torch.randint(0, vocab, (B, ctx), generator=torch.Generator().manual_seed(13)).to(b.device)
+            plain = GraphedDecoder(dense, branches=b.args.graph_branches)
+            reference = plain.generate(ids, max_new_tokens=new, eos_token_id=[])[:, ctx:]
+            times = []
+            for r in range(b.size["decode_warmup"] + b.size["decode_repeats"]):
+                plain.prefill(ids, None, new)
+                ms = b.clock.time(lambda: plain.decode(new - 1))
+                if r >= b.size["decode_warmup"]:
+                    times.append(ms)
+            dense_ms, dense_times = statistics.median(times), times
+            dense_step = decode_bytes(shape, B, ctx, 1, None, elt)
+            for k, draft in itertools.product(ks, drafts):
+                decoder = GraphedDecoder(model, branches=b.args.graph_branches, speculate=k, draft=draft)
+                every = max(1, CHECK_EVERY // (k + 1))
+
+                def rounds(step):
+                    fewest = 1
+                    while fewest < new:
+                        decoder.decode(min(every, new - fewest))
+                        fewest = int(step.count.min())
+
+                times = []
+                for r in range(b.size["decode_warmup"] + b.size["decode_repeats"]):
+                    step = decoder.prefill(ids, None, new)
+                    ms = b.clock.time(lambda: rounds(step))
+                    if r >= b.size["decode_warmup"]:
+                        times.append(ms)
+                tokens, stats = step.out[:, :new], decoder.speculation_stats()
+                same = (tokens == reference).long().cumprod(1).sum(1).float() / new
+                step = decoder.prefill(ids, None, new)  # one round's drafts: what each MoD layer kept
+                with torch.inference_mode(), decoder.parts.static_attention():
+                    for _ in range(k):
+                        step.draft.replay() if step.draft.graphs is not None else step.draft.run_eager()
+                kept = [float((step.draft.lengths[i] - step.base).float().mean()) / k for i in shape.mod_layers]
+                spec_ms = statistics.median(times)
+                per_round = stats["tokens_per_round"]
+                b.add(dict(
+                    scenario=f"decode_speculative_b{B}_ctx{ctx}_k{k}", router=name, batch=B, context=ctx,
+                    new_tokens=new, k=k, draft=str(draft), dense_ms=dense_ms, mod_ms=spec_ms,
+                    speedup=dense_ms / spec_ms,
+                    ideal_speedup=per_round * dense_step / speculative_round_bytes(shape, B, ctx, k, kept, elt),
+                    ideal_basis="bytes at the measured acceptance",
+                    dense_tokens_per_s=B * (new - 1) / dense_ms * 1e3,
+                    mod_tokens_per_s=B * (new - 1) / spec_ms * 1e3,  # tokens after the prefill's
+                    acceptance=stats["acceptance"], tokens_per_round=per_round, rounds=stats["rounds"],
+                    accepted=stats["accepted"], draft_kept_fraction=kept,
+                    same_prefix_as_dense=float(same.mean()), same_prefix_worst_row=float(same.min()),
+                    branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
+                    flash_decode=any(static_cache._FLASH.values()), goal=None, met=None,
+                    dense_times_ms=dense_times, mod_times_ms=times,
+                ))
+
+
 def _oom_types() -> tuple:
     return (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
 
@@ -1101,6 +1208,11 @@ def format_row(r: dict) -> str:
         if r.get("slot_fraction") is not None:
             kv += f"; cache slots {r['slot_fraction']:.3f} of tokens (filler included)"
         extra.append(kv)
+    if "tokens_per_round" in r:
+        extra.append(f"K {r['k']}, draft {r['draft']}: acceptance {r['acceptance']:.3f}, {r['tokens_per_round']:.2f} "
+                     f"tokens/round; tok/s {r['dense_tokens_per_s']:.0f} -> {r['mod_tokens_per_s']:.0f}; leading "
+                     f"tokens as dense {r['same_prefix_as_dense']:.3f} (worst row {r['same_prefix_worst_row']:.3f}); "
+                     f"branches {r['branches']}")
     if "mod_teacher_forced_agreement" in r:
         extra.append(f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "
                      f"{r['dense_teacher_forced_agreement']:.3f}, MoD {r['mod_teacher_forced_agreement']:.3f} "
@@ -1161,6 +1273,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile mode, e.g. 'max-autotune-no-cudagraphs' (default: PyTorch's default)")
     parser.add_argument("--graph-branches", default="auto", choices=("auto", "conditional", "host", "select"),
                         help="decode_graphs: how MoD layers branch in the captured step (GraphedDecoder's branches)")
+    parser.add_argument("--speculate-k", default=None,
+                        help="decode_speculative: comma list of K (draft tokens per verification); default 2,4,6 "
+                        "(--tiny: 2)")
+    parser.add_argument("--draft", action="append", default=None,
+                        help="decode_speculative: a draft depth (modadapt.decoding.Draft string: 'routers', "
+                        "'margin=0.5', 'skip=all', 'skip=2,6;margin=0.25'); repeat to sweep (default: routers)")
+    parser.add_argument("--speculate-model", default=None, metavar="DIR",
+                        help="decode_speculative: also a converted model saved with modadapt.save (trained: its "
+                        "acceptance is what matters), verified by its own dense computation")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip scenarios that would start after this many seconds (partial JSON is kept)")
     args = parser.parse_args(argv)
@@ -1257,7 +1378,7 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
         compile_models(bench, args.compile_mode, scenarios)
     print(HEADER, flush=True)
     runners = {"check": run_packed_check, "prefill": run_prefill, "layer": run_layer, "decode_layer": run_decode_layer, "decode": run_decode,
-               "decode_graphs": run_decode_graphs, "train": run_train}
+               "decode_graphs": run_decode_graphs, "decode_speculative": run_decode_speculative, "train": run_train}
     for name in scenarios:
         elapsed = time.perf_counter() - t_start
         if args.budget_s is not None and elapsed > args.budget_s:

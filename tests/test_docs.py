@@ -53,6 +53,12 @@ GPU = {
         "model = modadapt.convert(modadapt.build_preset('tiny-llama').cuda(), router='topk', capacity=0.5)\n"
         "input_ids = torch.randint(3, 256, (2, 8), device='cuda'); mask = torch.ones_like(input_ids)\n",
     ),
+    ("docs/decoding.md", "speculate=4)       # K = 4"): (
+        "GraphedDecoder captures CUDA graphs (tests/test_speculative_decode.py runs its eager path on CPU)",
+        "import modadapt, torch\n"
+        "model = modadapt.convert(modadapt.build_preset('tiny-llama').cuda(), router='topk', capacity=0.5)\n"
+        "input_ids = torch.randint(3, 256, (2, 8), device='cuda'); mask = torch.ones_like(input_ids)\n",
+    ),
 }
 #: Shell blocks whose other commands set up a machine (venv, pip): only their `modadapt` commands run.
 ONLY_MODADAPT = {("README.md", "modadapt demo"): "the virtual environment and PyPI installs are left out"}
@@ -63,6 +69,11 @@ PRELUDE = {
         "import modadapt, torch\n"
         "modadapt.build_preset('tiny-llama').save_pretrained('dense-llama')\n"
         "input_ids = torch.randint(3, 256, (2, 12)); mask = torch.ones_like(input_ids)\n"
+    ),
+    ("docs/decoding.md", "assistant_model=draft.eval()"): (
+        "import copy, modadapt, torch\n"
+        "model = modadapt.build_preset('tiny-llama').eval()\n"
+        "input_ids = torch.randint(3, 256, (1, 8))\n"
     ),
     ("docs/recipes.md", "modadapt.peft_config(model, r=8)"): (
         "import modadapt, peft\n"

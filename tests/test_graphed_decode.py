@@ -157,6 +157,37 @@ def test_static_attention_reads_only_used_slots():
     torch.testing.assert_close(out2, out)
 
 
+def test_static_attention_several_queries_per_row():
+    """A speculative verification feeds T tokens per row: written at consecutive slots ending at
+    the row's used length, each attends causally (the slots before its own, and itself)."""
+    from modadapt.adapters.hf.attention import static_decode_attention
+    from modadapt.decoding.static_cache import KeyLengths, StaticCache
+
+    gen = torch.Generator().manual_seed(1)
+    B, H, Hk, d, cap, T = 3, 4, 2, 8, 16, 3
+    q = torch.randn(B, H, T, d, generator=gen)
+    k, v = torch.randn(B, cap, Hk, d, generator=gen), torch.randn(B, cap, Hk, d, generator=gen)
+    base = torch.tensor([2, 13, 0])
+    new_k, new_v = torch.randn(B, Hk, T, d, generator=gen), torch.randn(B, Hk, T, d, generator=gen)
+    StaticCache([k], [v], [base]).update(new_k, new_v, 0)
+    for b in range(B):
+        n = int(base[b])
+        assert torch.equal(k[b, n:n + T], new_k[b].transpose(0, 1)) and torch.equal(v[b, n:n + T], new_v[b].transpose(0, 1))
+    used = (base + T).to(torch.int32)
+    cu = torch.arange(B + 1, dtype=torch.int32)
+    out, _ = static_decode_attention(None, q, k, v, KeyLengths(used, cu * T, cu * cap, queries=T), scaling=0.3)
+    assert out.shape == (B, T, H, d)
+    for b in range(B):
+        for t in range(T):
+            n = int(base[b]) + t + 1  # its own slot and the ones before
+            keys = k[b, :n].transpose(0, 1).repeat_interleave(H // Hk, 0)
+            values = v[b, :n].transpose(0, 1).repeat_interleave(H // Hk, 0)
+            weights = torch.softmax(q[b, :, t:t + 1] @ keys.transpose(1, 2) * 0.3, -1)
+            torch.testing.assert_close(out[b, t], (weights @ values)[:, 0])
+    with pytest.raises(ModAdaptError, match="only runs"):  # queries must match what the lengths say
+        static_decode_attention(None, q, k, v, KeyLengths(used, cu, cu * cap), scaling=0.3)
+
+
 def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
     model = tiny("mistral")
     model.config.sliding_window = 8

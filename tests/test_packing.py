@@ -235,7 +235,7 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     records = json.loads(out.read_text())
     scenarios = {r["scenario"].split("_b")[0] for r in records}
     assert {"varlen_kernel_check", "packed_check", "prefill", "layer", "decode_layer", "decode", "decode_graphs",
-            "train"} <= scenarios
+            "decode_speculative", "train"} <= scenarios
     priced = [r for r in records if r["scenario"].startswith("decode_layer")]
     assert {r["router"] for r in priced} == {"topk", "threshold-p"}
     assert all(r["all_skip_step_ms"] > 0 and r["all_keep_step_ms"] > 0 for r in priced)
@@ -244,5 +244,10 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     # the graphed decoder's pieces, run eagerly on CPU, emit eager decoding's tokens
     assert all(r["dense_teacher_forced_agreement"] == r["mod_teacher_forced_agreement"] == 1.0 for r in graphed)
     assert all(r["skip_saves_us"] is not None for r in graphed if r["batch"] == 1)
+    speculative = [r for r in records if r["scenario"].startswith("decode_speculative")]
+    assert {(r["router"], r["batch"]) for r in speculative} == {(router, b) for router in ("topk", "threshold-p")
+                                                                for b in (1, 2)}
+    assert all(0 <= r["acceptance"] <= 1 and 1 <= r["tokens_per_round"] <= r["k"] + 1 for r in speculative)
+    assert all(r["mod_tokens_per_s"] > 0 and r["ideal_speedup"] > 0 for r in speculative)
     check = next(r for r in records if r["scenario"].startswith("packed_check"))
     assert check["layer_rel_diff"] < 1e-2 and check["decode_decisions_flipped"] == {"packed": 0, "padded": 0}

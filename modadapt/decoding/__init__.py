@@ -23,7 +23,8 @@ MoD layers where they apply) and its cache is copied in.
 
 One concept per module: `static_cache` (the buffers and the attention that reads them),
 `sampling` (token choice inside a graph), `step` (a step's pieces, capture and replay per branch
-mode), `decoder` (`GraphedDecoder`: prefill, decode, generate).
+mode), `speculate` (speculative decoding: the routing drafts, the dense computation verifies),
+`decoder` (`GraphedDecoder`: prefill, decode, generate).
 
 What a family must provide (embedding, rotary embedding, final norm, head, the prompt's cache,
 the attention that reads the static cache) comes from its adapter (`Adapter.decode_parts`), so
@@ -34,6 +35,7 @@ built-in ones but attention routing, which reads the previous layer's attention 
 
 from .decoder import BUCKET, CHECK_EVERY, GraphedDecoder
 from .sampling import Sampling
+from .speculate import Draft
 from .step import BRANCHES, conditional_nodes_available
 
-__all__ = ["BRANCHES", "BUCKET", "CHECK_EVERY", "GraphedDecoder", "Sampling", "conditional_nodes_available"]
+__all__ = ["BRANCHES", "BUCKET", "CHECK_EVERY", "Draft", "GraphedDecoder", "Sampling", "conditional_nodes_available"]

@@ -3,7 +3,8 @@
 It owns what outlives one step: the model's parts, the captured steps (keyed on batch, bucketed
 capacities, new tokens and sampling, so that prompts of similar length reuse them), the prefill
 that copies the prompt's cache into a step's static buffers, and `generate`'s end-of-sequence
-handling, which follows `model.generate`.
+handling, which follows `model.generate`. With `speculate=K` a step is a speculative round
+(`speculate`: K draft tokens by the routing, one dense verification).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..dense import dense
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from ..plugins import find_adapter
 from .sampling import Sampling, next_token
+from .speculate import Draft, SpeculativeStep
 from .step import BRANCHES, DecodeStep, StepLayer, conditional_nodes_available
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
@@ -34,9 +37,20 @@ class GraphedDecoder:
     step reads the weights in place; when a router's parameters or buffers change in place
     (training, `load_state_dict`: their version moves) the next `prefill` captures afresh, since
     resolved cut-offs are tensors of their own. Replacing `.data` is not seen: call `reset()`.
+
+    `speculate=K` (K >= 1; 0, the default, decodes one token per step) decodes a converted model
+    speculatively: its routing drafts K tokens, the dense computation of the same weights checks
+    them in one forward of K + 1 tokens, and the output is the dense model's
+    (`modadapt.unload(model)`'s): its greedy tokens, or draws from its distribution. `draft` sets
+    how deep the draft runs (`modadapt.decoding.Draft`: the routers' choice by default, a
+    `margin` to keep fewer tokens, MoD layers to `skip`). See `modadapt.decoding.speculate`.
     """
 
-    def __init__(self, model: nn.Module, cuda_graphs: bool | None = None, branches: str = "auto"):
+    def __init__(self, model: nn.Module, cuda_graphs: bool | None = None, branches: str = "auto",
+                 speculate: int = 0, draft: Draft | dict | str | None = None):
+        if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
+            raise ModAdaptError(f"speculate must be an int >= 0 (draft tokens per verification; 0: off), "
+                                f"got {speculate!r}")
         state = state_of(model)
         adapter = state.adapter if state is not None else find_adapter(model)
         parts = adapter.decode_parts(model)
@@ -66,6 +80,18 @@ class GraphedDecoder:
             forward = getattr(type(layer), "_mod_original", type(layer)).forward
             self.layers.append(StepLayer(layer, forward, names, i in mod))
         self.first_dense = next((i for i, layer in enumerate(self.layers) if not layer.mod), None)
+        self.speculate, self.draft = speculate, None
+        if speculate:
+            if not mod:
+                raise ModAdaptError(
+                    "speculate needs a converted model: the draft is its routing and the dense computation of "
+                    "the same weights verifies it; this model has no MoD layer, so there is nothing to draft "
+                    "from (modadapt.convert it, or use speculate=0)."
+                )
+            self.draft = Draft.of(draft)
+            self.draft.skipped(sorted(mod))  # checks the layers it names
+        elif draft is not None:
+            raise ModAdaptError("draft= sets how a speculative draft routes; pass speculate=K (K >= 1) with it.")
         self._router_tensors = [t for layer in self.layers if layer.mod
                                 for t in (*layer.module.router.parameters(), *layer.module.router.buffers())]
         self._versions: tuple | None = None  # the router tensors' versions the captured steps saw
@@ -114,16 +140,19 @@ class GraphedDecoder:
             sampling = Sampling(pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50),
                                 None if top_p == 1.0 else top_p)
         step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling)
-        first = step.token.clone()
-        eos_ids = torch.tensor(eos, device=first.device, dtype=first.dtype)
-        done = 0
-        while done < max_new_tokens - 1:
-            chunk = min(CHECK_EVERY, max_new_tokens - 1 - done)
-            self.decode(chunk)
-            done += chunk
-            if eos and bool(torch.isin(torch.cat([first, step.out[:, :done]], 1), eos_ids).any(1).all()):
-                break  # every row has ended: the rest would be padding
-        new = torch.cat([first, step.out[:, :done]], dim=1)
+        eos_ids = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
+        if self.speculate:
+            new = self._generate_speculative(step, max_new_tokens, eos_ids if eos else None)
+        else:
+            first = step.token.clone()
+            done = 0
+            while done < max_new_tokens - 1:
+                chunk = min(CHECK_EVERY, max_new_tokens - 1 - done)
+                self.decode(chunk)
+                done += chunk
+                if eos and bool(torch.isin(torch.cat([first, step.out[:, :done]], 1), eos_ids).any(1).all()):
+                    break  # every row has ended: the rest would be padding
+            new = torch.cat([first, step.out[:, :done]], dim=1)
         if eos:
             ended = torch.isin(new, eos_ids)
             after = (ended.long().cumsum(1) - ended.long()) > 0  # past each row's first end token
@@ -132,11 +161,31 @@ class GraphedDecoder:
                 new = new[:, : int(ended.long().argmax(1).max()) + 1]
         return torch.cat([input_ids, new], dim=1)
 
+    def _generate_speculative(self, step: SpeculativeStep, max_new_tokens: int,
+                              eos_ids: torch.Tensor | None) -> torch.Tensor:
+        """Rounds until every row has `max_new_tokens` tokens or has ended: `[B, max_new_tokens]`
+        (past a row's end whatever it drew; the caller pads there). Every round gives every row
+        at least one token, so a row that still lacks `n` is done after at most `n` more rounds;
+        the host reads the counts back once per `CHECK_EVERY // (K + 1)` rounds."""
+        every = max(1, CHECK_EVERY // (self.speculate + 1))
+        fewest = 1  # the prefill's token
+        columns = torch.arange(step.out.shape[1], device=step.out.device)
+        while fewest < max_new_tokens:
+            self.decode(min(every, max_new_tokens - fewest))
+            counts = step.count.clone()
+            fewest = int(counts.min())
+            if eos_ids is not None and fewest < max_new_tokens:
+                emitted = torch.isin(step.out, eos_ids) & (columns < counts[:, None])
+                if bool(emitted.any(1).all()):
+                    break  # every row has ended: the rest would be padding
+        return step.out[:, :max_new_tokens].clone()
+
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
-                sampling: Sampling | None = None) -> DecodeStep:
+                sampling: Sampling | None = None) -> DecodeStep | SpeculativeStep:
         """Run the prompt eagerly, copy its cache into the static buffers of a (captured) step
-        sized for `max_new_tokens`, and leave the first new token in the step's `token`."""
+        sized for `max_new_tokens`, and leave the first new token in the step's `token`
+        (speculating: the prompt runs densely, and the step's `out[:, 0]` holds the token)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ModAdaptError(f"input_ids must be [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -157,10 +206,18 @@ class GraphedDecoder:
                 f"({S + max_new_tokens}); graphed decoding has no windowed cache."
             )
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
-        logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+        if self.speculate:  # the verifier's cache: the prompt through every layer densely
+            with dense(self.model):
+                logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+            stored = [self._compacted(cache_layers[i], False, real) for i in range(len(self.layers))]
+            # a row's writes reach `count - 1 + 2K` past its prompt (rows that are done still run)
+            width = _round_up(int(stored[0][2].max()) + max_new_tokens + 2 * self.speculate + 1, BUCKET)
+            capacities = (width,) * len(self.layers)
+        else:
+            logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+            stored = [self._compacted(cache_layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
+            capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
         first = next_token(logits, sampling)
-        stored = [self._compacted(cache_layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
-        capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
         versions = tuple((id(t), t._version) for t in self._router_tensors)
         if versions != self._versions:  # routers changed: cut-offs resolved at capture may be stale
             self.reset()
@@ -172,7 +229,12 @@ class GraphedDecoder:
             if k is not None:
                 step.keys[i][:, : k.shape[2]].copy_(k.transpose(1, 2))
                 step.values[i][:, : v.shape[2]].copy_(v.transpose(1, 2))
-            step.lengths[i].copy_(n)
+            if not self.speculate:
+                step.lengths[i].copy_(n)
+        self.last_step = step
+        if self.speculate:
+            step.start(first, stored[0][2])
+            return step
         step.token.copy_(first)
         step.position.copy_(real.long().sum(-1, keepdim=True))
         step.out.zero_()
@@ -183,12 +245,19 @@ class GraphedDecoder:
 
     @torch.inference_mode()
     def decode(self, steps: int) -> None:
-        """`steps` decode steps after `prefill` (greedy or sampled, as the prefill chose)."""
+        """`steps` decode steps after `prefill` (greedy or sampled, as the prefill chose).
+        Speculating, `steps` rounds (K draft steps and a verification each); a row that has its
+        `max_new_tokens` stops advancing, so any number of rounds fits the cache."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ModAdaptError(f"steps must be an int >= 0, got {steps!r}")
         step = self.last_step
         if step is None:
             raise ModAdaptError("call prefill (or generate) before decode.")
+        if isinstance(step, SpeculativeStep):
+            with self.parts.static_attention():
+                for _ in range(steps):
+                    step.run_round()
+            return
         if step.steps_done + steps > step.out.shape[1]:
             raise ModAdaptError(
                 f"prefill sized the cache for {step.out.shape[1]} steps; {step.steps_done} are done, "
@@ -201,6 +270,12 @@ class GraphedDecoder:
                     step.replay()
                 else:
                     step.run_eager()
+
+    def speculation_stats(self) -> dict | None:
+        """Speculating, what the rounds since the last `prefill` accepted (per row and overall:
+        `acceptance` = accepted drafts / drafted tokens, `tokens_per_round`); else None."""
+        step = self.last_step
+        return step.stats() if isinstance(step, SpeculativeStep) else None
 
     def kv_bytes(self) -> tuple[int, int]:
         """(bytes allocated for K/V, bytes of K/V slots in use) of the last prefilled step."""
@@ -230,14 +305,19 @@ class GraphedDecoder:
         width = int(counts.max())
         return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts
 
-    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None) -> DecodeStep:
+    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None):
         key = (batch, capacities, new, sampling)
         step = self._steps.get(key)
         if step is not None:
             return step
         while len(self._steps) >= _MAX_STEPS:
             self._steps.pop(next(iter(self._steps)))
-        step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling)
+        if self.speculate:
+            mod_layers = [i for i, layer in enumerate(self.layers) if layer.mod]
+            step = SpeculativeStep(self, batch, capacities[0], new, self.speculate, self.branches_for(batch),
+                                   sampling, self.draft, mod_layers)
+        else:
+            step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling)
         if self.cuda_graphs:
             try:
                 with self.parts.static_attention():

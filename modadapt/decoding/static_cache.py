@@ -5,7 +5,9 @@ tokens. So each layer holds each row's kept tokens' K/V in slots `[0, length)` o
 `[B, capacity, Hk, d]`, `update` writes a row's new K/V at that row's length, and attention reads
 only each row's used slots (flash attention with per-row used lengths on CUDA; elsewhere a
 length mask, over buffers that start zeroed). The model family's attention function hands its
-query and the buffers to `static_cache_attention`.
+query and the buffers to `static_cache_attention`. A decode step feeds one token per row; a
+speculative verification (`speculate`) feeds several, written at consecutive slots from the
+row's length and attended causally (each sees the slots before it and itself).
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ _FLASH: dict[tuple, bool] = {}  # per (device, dtype, head size): whether flash 
 class KeyLengths:
     """Passed where the layer expects its attention mask: each row's used cache slots."""
 
-    used: torch.Tensor  # [B] int32: slots holding K/V, the token being decoded included
-    cu_q: torch.Tensor  # [B + 1] int32 query offsets (one token per row)
+    used: torch.Tensor  # [B] int32: slots holding K/V, the tokens being decoded included
+    cu_q: torch.Tensor  # [B + 1] int32 query offsets (`queries` tokens per row)
     cu_k: torch.Tensor  # [B + 1] int32 row starts in the flattened cache (multiples of capacity)
+    queries: int = 1  # query tokens per row, the last `queries` of its used slots (causal among them)
 
     def mask(self, capacity: int) -> torch.Tensor:
+        """`[B, 1, queries, capacity]`: the slots each query reads."""
         slots = torch.arange(capacity, device=self.used.device)
-        return (slots < self.used[:, None]).view(-1, 1, 1, capacity)
+        if self.queries == 1:
+            return (slots < self.used[:, None]).view(-1, 1, 1, capacity)
+        T = self.queries
+        own = self.used[:, None] - T + torch.arange(T, device=self.used.device)  # [B, T]: each query's slot
+        return (slots <= own[..., None]).view(-1, 1, T, capacity)
 
 
 class StaticCache:
@@ -42,8 +50,11 @@ class StaticCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v, length = self.keys[layer_idx], self.values[layer_idx], self.lengths[layer_idx]
-        B, Hk, _, d = key.shape
-        slot = length.view(B, 1, 1, 1).expand(B, 1, Hk, d)
+        B, Hk, T, d = key.shape
+        if T == 1:
+            slot = length.view(B, 1, 1, 1).expand(B, 1, Hk, d)
+        else:  # consecutive slots from the row's length
+            slot = (length.view(B, 1) + torch.arange(T, device=length.device)).view(B, T, 1, 1).expand(B, T, Hk, d)
         k.scatter_(1, slot, key.transpose(1, 2).to(k.dtype))
         v.scatter_(1, slot, value.transpose(1, 2).to(v.dtype))
         return k, v
@@ -56,27 +67,36 @@ def flash_key(query: torch.Tensor) -> tuple:
 
 def static_cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: KeyLengths,
                            scale: float | None) -> torch.Tensor:
-    """One query token per row (`[B, H, 1, d]`) against the static cache `[B, capacity, Hk, d]`,
-    reading each row's used slots only; returns `[B, 1, H, d]`."""
-    B, H, _, d = query.shape
+    """`T = lengths.queries` query tokens per row (`[B, H, T, d]`) against the static cache
+    `[B, capacity, Hk, d]`, reading each row's used slots only (causally among the last `T`);
+    returns `[B, T, H, d]`."""
+    B, H, T, d = query.shape
     _, capacity, Hk, _ = key.shape
-    q = query.transpose(1, 2).reshape(B, H, d)
+    q = query.transpose(1, 2).reshape(B * T, H, d)
     flash = flash_key(query)
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _FLASH.get(flash) is not False:
         try:
+            # Causal in flash's varlen kernel is aligned to each row's end (its used length):
+            # query t of a row sees its slots up to `used - T + t`.
             out = torch.ops.aten._flash_attention_forward(
                 q, key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d), lengths.cu_q, lengths.cu_k,
-                1, capacity, 0.0, False, False, scale=scale, seqused_k=lengths.used,
+                T, capacity, 0.0, T > 1, False, scale=scale, seqused_k=lengths.used,
             )[0]
             _FLASH[flash] = True
-            return out.view(B, 1, H, d)
+            return out.view(B, T, H, d)
         except (RuntimeError, TypeError):
             if _FLASH.get(flash):  # it ran before on such tensors: this is a real error
                 raise
             _FLASH[flash] = False
     # The query heads of each K/V head go as that head's queries: no repeat_kv copy of the cache.
-    out = F.scaled_dot_product_attention(
-        q.view(B, Hk, H // Hk, d), key.transpose(1, 2), value.transpose(1, 2),
-        attn_mask=lengths.mask(capacity), scale=scale,
-    )
-    return out.reshape(B, 1, H, d)
+    G = H // Hk
+    mask = lengths.mask(capacity)
+    if T == 1:
+        q = q.view(B, Hk, G, d)
+    else:  # queries ordered (head of the group, token): each row of the mask repeated per head
+        q = query.reshape(B, Hk, G * T, d)
+        mask = mask.unsqueeze(2).expand(B, 1, G, T, capacity).reshape(B, 1, G * T, capacity)
+    out = F.scaled_dot_product_attention(q, key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale)
+    if T == 1:
+        return out.reshape(B, 1, H, d)
+    return out.view(B, H, T, d).transpose(1, 2).contiguous()

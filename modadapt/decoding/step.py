@@ -112,7 +112,7 @@ class DecodeStep:
         ctx = RoutingContext(layer_index=i, real=None, forced=None, positions=self.position, causal=True,
                              training=False)
         logits = router.score(h, ctx)
-        keep = router.causal_keep(logits, h, ctx).reshape(B, 1)
+        keep = self._keep(router, logits, h, ctx).reshape(B, 1)
         live[("keep", i)], live[("gate", i)] = keep, router.gate(logits)
         if self.mode == "select":  # no branch: the layer always runs
             pred = None
@@ -124,6 +124,10 @@ class DecodeStep:
         live[("lengths", i)] = lengths = self._lengths(i)
         if not self.runs_only_when_kept:
             lengths.used.mul_(keep.view(-1))  # rows that skip read no K/V (their result is dropped)
+
+    def _keep(self, router, logits: torch.Tensor, h: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """The routing decision of a MoD layer: its router's causal rule (a draft narrows it)."""
+        return router.causal_keep(logits, h, ctx)
 
     def _body(self, i: int) -> None:
         live = self.live

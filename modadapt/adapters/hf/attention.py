@@ -73,10 +73,11 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 
 def static_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                             is_causal=None, **kwargs):
-    """The attention function of a graphed decode step: one query token per row (`[B, H, 1, d]`)
-    against the static cache `[B, capacity, Hk, d]`; the mask argument carries the used lengths.
-    Returns `([B, 1, H, d], None)` like the SDPA function."""
-    if query.shape[2] != 1 or not isinstance(attention_mask, KeyLengths):
+    """The attention function of a graphed decode step: one query token per row (`[B, H, 1, d]`;
+    a speculative verification: `attention_mask.queries`) against the static cache
+    `[B, capacity, Hk, d]`; the mask argument carries the used lengths. Returns
+    `([B, T, H, d], None)` like the SDPA function."""
+    if not isinstance(attention_mask, KeyLengths) or query.shape[2] != attention_mask.queries:
         raise ModAdaptError(f"{STATIC_ATTENTION} attention only runs GraphedDecoder's decode steps.")
     return static_cache_attention(query, key, value, attention_mask, scaling), None
 
