@@ -115,7 +115,8 @@ class Variant:
 
     `router` is a router name, ``dense-adapt`` or a `STATIC` deletion. `placement` (routers): every
     other layer, all but the first, or as many layers as every-other that the ``arank`` / ``cosine``
-    metric ranks most redundant. `recipe`: lm-adapt options (``capacity_warmup`` and
+    metric ranks most redundant, or ``even+N`` (N more evenly spaced layers than deletion removes at
+    the level). `recipe`: lm-adapt options (``capacity_warmup`` and
     ``router_steps`` as fractions of the adaptation steps). `capacities`: per-layer capacities in
     proportion to a layer's need by that metric (ARank; cosine: 1 - similarity, ShortGPT's block
     influence), scaled to the level's FLOPs, instead of one capacity for all layers. `budget`:
@@ -128,6 +129,7 @@ class Variant:
     router_kwargs: dict = field(default_factory=dict)
     capacities: str | None = None
     budget: int = 1
+    level: str | None = None  # only this compute level (elsewhere it repeats another variant)
 
 
 VARIANTS = {
@@ -160,6 +162,11 @@ VARIANTS = {
     "threshold-p-all-distill-fit": Variant("threshold-p", "all-but-first",
                                            recipe={"distill": 1.0, "router_init": "update-size"}),
     "topk-router-lr10": Variant("topk", "every-other", recipe={"router_lr_scale": 10.0}),
+    # soft deletion: routers on one or two more evenly spaced layers than deletion removes
+    "topk-even+1": Variant("topk", "even+1"),
+    "random-even+1": Variant("random", "even+1"),
+    "topk-distill-even+1": Variant("topk", "even+1", recipe={"distill": 1.0}),
+    "topk-distill-even+2": Variant("topk", "even+2", recipe={"distill": 1.0}, level="0.55"),  # 0.70: every other
     # does the gap close with training? the best router and the best deletion, twice the steps
     "topk-distill-2x": Variant("topk", "every-other", recipe={"distill": 1.0}, budget=2),
     "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),
@@ -456,12 +463,16 @@ def levels(model: nn.Module, tokens: int) -> dict:
     return out
 
 
-def placement_layers(placement: str, layers: int, scores: dict) -> list[int]:
+def placement_layers(placement: str, layers: int, scores: dict, drop: int) -> list[int]:
+    """The routed layers; ``even+N``: as evenly spaced as deletion's, N more than the `drop` layers
+    deletion removes at this level (soft deletion: those layers keep their busiest tokens)."""
     every_other = list(range(1, layers, 2))
     if placement == "every-other":
         return every_other
     if placement == "all-but-first":
         return list(range(1, layers))
+    if placement.startswith("even+"):
+        return evenly_spaced(min(layers - 1, drop + int(placement.removeprefix("even+"))), layers)
     return most_redundant(scores[placement], len(every_other), lower_is_redundant=placement == "arank")
 
 
@@ -535,11 +546,13 @@ def plan(model: nn.Module, scale: Scale, scores: dict, variants: list[str], seed
                 continue
             spec_of = VARIANTS[variant]
             for level, spec in levels(model, T).items():
+                if spec_of.level not in (None, level):
+                    continue
                 task = {"variant": variant, "level": level, "seed": seed, "target_flops_ratio": spec["flops_ratio"]}
                 if spec_of.router in STATIC:
                     task["drop_count"] = spec["drop"]
                 else:
-                    routed = placement_layers(spec_of.placement, layers, scores)
+                    routed = placement_layers(spec_of.placement, layers, scores, spec["drop"])
                     if spec_of.capacities:
                         capacities = solve_capacities(model, routed, layer_need(scores, spec_of.capacities, routed),
                                                       spec["flops_ratio"], T)

@@ -110,6 +110,9 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     assert by["topk-tanh@0.70#s0"]["router_kwargs"] == {"gate": "tanh"}
     assert by["topk-distill-fit@0.70#s0"]["recipe_options"] == {"distill": 1.0, "router_init": "update-size"}
     assert by["topk-router-lr10@0.70#s0"]["recipe_options"] == {"router_lr_scale": 10.0}
+    for level, spec in levels.items():  # soft deletion: one more evenly spaced layer than deletion removes
+        assert by[f"topk-even+1@{level}#s0"]["routed_layers"] == bench.evenly_spaced(spec["drop"] + 1, 6)
+    assert "topk-distill-even+2@0.55#s0" in by and "topk-distill-even+2@0.70#s0" not in by  # 0.70: every other
     capacities = by["topk-all-capacities-cosine@0.55#s0"]["capacities"]
     assert len(set(capacities.values())) > 1 and by["topk-all@0.55#s0"].get("capacities") is None
     table = (work / "lm_quality_scale.md").read_text()
