@@ -244,6 +244,10 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     # the graphed decoder's pieces, run eagerly on CPU, emit eager decoding's tokens
     assert all(r["dense_teacher_forced_agreement"] == r["mod_teacher_forced_agreement"] == 1.0 for r in graphed)
     assert all(r["skip_saves_us"] is not None for r in graphed if r["batch"] == 1)
+    # each shape's dense step next to its bytes bound and transformers' own static-cache decoding
+    assert all(r["bytes_bound_ms"] > 0 and r["copy_bandwidth_bytes_s"] > 0 and r["context"] > 0 for r in graphed)
+    assert all(r["dense_vs_bound"] == pytest.approx(r["dense_ms_per_step"] / r["bytes_bound_ms"]) for r in graphed)
+    assert all(r["dense_hf_static_error"] is None and r["dense_hf_static_ms"] > 0 for r in graphed)
     speculative = [r for r in records if r["scenario"].startswith("decode_speculative")]
     assert {(r["router"], r["batch"]) for r in speculative} == {(router, b) for router in ("topk", "threshold-p")
                                                                 for b in (1, 2)}
