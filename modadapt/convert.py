@@ -114,12 +114,35 @@ class _Hooks:
             return output
         aux, loss = aux_loss(self.model), output.get("loss")
         if loss is not None and aux is not None:
+            if dataclasses.is_dataclass(output) and hasattr(output, "to_tuple"):
+                # a ModelOutput: its type with a `router_aux_loss` field, which torch's pytree (DDP's
+                # find_unused_parameters takes the output apart and builds it again) can rebuild
+                values = {**output, "loss": loss + aux.to(loss.dtype), "router_aux_loss": aux}
+                return output_with_router_aux_loss(type(output))(**values)
             output["loss"] = loss + aux.to(loss.dtype)
             output["router_aux_loss"] = aux
         elif hasattr(output, "to_tuple"):  # a ModelOutput: always answers `.router_aux_loss` (None:
             # no routing loss in this forward), as a plain attribute, so its keys stay the model's
             object.__setattr__(output, "router_aux_loss", aux)
         return output
+
+
+_WITH_AUX: dict[type, type] = {}
+
+
+def output_with_router_aux_loss(output_type: type) -> type:
+    """The subclass of a ModelOutput dataclass with one more field, ``router_aux_loss`` (default
+    None), made once per type and kept in this module under its name (so it pickles)."""
+    made = _WITH_AUX.get(output_type)
+    if made is None:
+        name = f"{output_type.__name__}WithRouterAuxLoss"
+        made = dataclasses.make_dataclass(
+            name, [("router_aux_loss", "torch.Tensor | None", dataclasses.field(default=None))],
+            bases=(output_type,), namespace={"__module__": __name__})
+        if name not in globals():
+            globals()[name] = made
+        _WITH_AUX[output_type] = made
+    return made
 
 
 def _install_hooks(model: nn.Module, stack_owner: nn.Module, state: ModelState) -> None:
