@@ -50,7 +50,8 @@ from ..routers.base import Router
 from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
 from .schedule import AdaptationSchedule
-from .training import RunCheckpoint, distillation_kl, eval_device, lr_schedule, train_loop
+from .training import (RunCheckpoint, distillation_kl, eval_device, launched_rank, lr_schedule, make_accelerator,
+                       train_loop)
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
@@ -337,8 +338,9 @@ def fit_routers(model: nn.Module, blocks: torch.Tensor, batch_size: int, device:
     model.eval()
     fitted = fit_router_scores(model, [{"input_ids": b.to(device), "use_cache": False} for b in blocks.split(batch_size)])
     model.train(was_training)
-    print("router_init update-size: score/target correlation per layer "
-          + ", ".join(f"{i}: {r:.2f}" for i, r in fitted.items()), flush=True)
+    if launched_rank() == 0:  # every process fits the same routers on the same blocks; one says so
+        print("router_init update-size: score/target correlation per layer "
+              + ", ".join(f"{i}: {r:.2f}" for i, r in fitted.items()), flush=True)
 
 
 def param_groups(trained: nn.Module, params: list, cfg: LMAdaptConfig) -> list:
@@ -459,7 +461,6 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     many variants on one corpus tokenises it once); `cfg.data` is then only recorded.
     The seed is set before conversion, so router initialisation repeats with `cfg.seed`.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     import modadapt
@@ -480,8 +481,7 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
             train_blocks, valid_blocks = load_blocks(cfg, tokenizer, model.config.vocab_size)
         set_seed(cfg.seed)
 
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
-                                  gradient_accumulation_steps=cfg.grad_accum)
+        accelerator = make_accelerator(cfg, fsdp=True, gradient_accumulation_steps=cfg.grad_accum)
         inner = model
         if cfg.router_init == "update-size" and not cfg.resume:  # a resumed run restores its routers
             fit_routers(model, train_blocks[: cfg.router_init_blocks], cfg.eval_batch_size, accelerator.device)

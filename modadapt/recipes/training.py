@@ -66,6 +66,111 @@ def lr_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def launched_rank() -> int:
+    """This process's rank under a distributed launcher (``RANK`` or an MPI launcher's), 0 without
+    one: known before the process group exists."""
+    import os
+
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE`` of torchrun / ``accelerate launch
+    --multi_gpu``, or an MPI launcher's size); 1 without a distributed launcher."""
+    import os
+
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+SEVERAL_PROCESSES = ("start several processes with `accelerate launch --multi_gpu --num_processes N -m modadapt.cli "
+                     "train ...` (add the recipe's --cpu flag on a CPU machine) or `torchrun --nproc_per_node N -m "
+                     "modadapt.cli train ...`; see docs/recipes.md, \"Several processes\"")
+
+
+def make_accelerator(cfg, *, fsdp: bool = False, **kwargs):
+    """The `accelerate.Accelerator` a recipe trains with, for one process or several.
+
+    One process: ``Accelerator(mixed_precision, cpu=cfg.cpu)`` as always. Several (a distributed
+    launcher's environment): on a machine without an accelerator device, or with ``cfg.cpu``, the
+    processes form a gloo group on CPU (accelerate runs them as independent single processes
+    unless told ``cpu``); DDP is told that a step may leave parameters without a gradient
+    (`find_unused_parameters`: a layer whose router kept no token of a process's batch, frozen
+    stages). FSDP (``accelerate launch --use_fsdp``) is accepted only where `fsdp` (lm-adapt); on
+    CPU it is switched on by hand, since accelerate ties its FSDP mode to GPU-like devices
+    (`enable_fsdp_on_cpu`). A launch whose processes did not join one group is an error, not a
+    run trained N times over.
+    """
+    import os
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    world = launched_processes()
+    env_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if world == 1 and env_cpu and os.environ.get("MASTER_ADDR"):
+        # `accelerate launch --cpu --num_processes N` (N > 1) sets MASTER_ADDR but runs this script once.
+        raise ModAdaptError(f"`accelerate launch --cpu` starts a single process whatever --num_processes says; "
+                            f"{SEVERAL_PROCESSES}.")
+    cpu = cfg.cpu
+    if world > 1 and not cpu and not torch.accelerator.is_available():
+        cpu = True  # several CPU processes: gloo
+    handlers = list(kwargs.pop("kwargs_handlers", []))
+    if world > 1:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, kwargs_handlers=handlers, **kwargs)
+    if world > 1 and accelerator.num_processes != world:
+        raise ModAdaptError(f"the launcher started {world} processes but accelerate sees {accelerator.num_processes} "
+                            f"({accelerator.distributed_type}); {SEVERAL_PROCESSES}.")
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if wants_fsdp and not fsdp:
+        raise ModAdaptError(f"{cfg.recipe} trains with DDP on several processes; FSDP (accelerate launch --use_fsdp) "
+                            "is supported by lm-adapt only.")
+    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        enable_fsdp_on_cpu(accelerator)
+    if wants_fsdp and accelerator.distributed_type != DistributedType.FSDP:
+        raise ModAdaptError(f"FSDP was asked for but accelerate runs {accelerator.distributed_type} on "
+                            f"{accelerator.num_processes} process(es); launch with `accelerate launch --use_fsdp "
+                            "--num_processes N` (N > 1).")
+    return accelerator
+
+
+def enable_fsdp_on_cpu(accelerator) -> None:
+    """Turn a multi-CPU (gloo) accelerator into an FSDP one, with the FSDP plugin from the launch
+    environment. accelerate only enters its FSDP mode on GPU-like devices, although FSDP2
+    (`fully_shard`) shards and gathers over gloo on CPU; only FSDP2 is supported here."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ModAdaptError("FSDP on CPU needs FSDP2 (accelerate launch --use_fsdp --fsdp_version 2): FSDP1 moves "
+                            "its flat parameters to a CUDA device.")
+    state = accelerator.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+
+
+def mean_over_processes(accelerator, values: list[float]) -> list[float]:
+    """`values` (one per name, the same names on every process) averaged over the processes;
+    as they are with one."""
+    if accelerator.num_processes == 1:
+        return values
+    import torch
+
+    reduced = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "mean")
+    return reduced.tolist()
+
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -106,7 +211,8 @@ class RunCheckpoint:
     directory, writes ``config.yaml`` first (a run stopped before its first checkpoint resumes from
     its beginning) and removes what it wrote when it fails (an exception, not a signal) before its
     first checkpoint. A resumed run must match the saved ``config.yaml`` outside `cfg.resumable` and
-    writes nothing before its checkpoint has loaded.
+    writes nothing before its checkpoint has loaded. Under a launcher of several processes only
+    the first (``RANK`` 0) checks, writes and cleans up the directory.
 
     SIGINT / SIGTERM before `start` stop at once; from `start` to `end` the loop stops at the next
     step boundary (`check_stop`) with a checkpoint; a second signal stops at once.
@@ -120,9 +226,12 @@ class RunCheckpoint:
         self.dir = self.out / "checkpoint"
         self.state_file = self.dir / STATE_FILE
         self.existed = self.out.exists()
+        # Under a launcher of several processes only the first checks and writes the directory
+        # (the others would find its config.yaml); a failure there stops them all.
+        self.main = launched_rank() == 0
         if cfg.resume:
             check_resumable(cfg, read_run_config(cfg.output, type(cfg)))
-        elif self.existed and (not self.out.is_dir() or any(self.out.iterdir())):
+        elif self.main and self.existed and (not self.out.is_dir() or any(self.out.iterdir())):
             raise ModAdaptError(f"{self.out} exists and is not empty; choose a new output directory or pass --resume.")
         self.in_loop = False
         self.signal_name: str | None = None
@@ -133,7 +242,7 @@ class RunCheckpoint:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._on_signal)
-        if not self.cfg.resume:
+        if not self.cfg.resume and self.main:
             self.write_config()
         return self
 
@@ -146,7 +255,8 @@ class RunCheckpoint:
     def __exit__(self, kind, exc, tb) -> bool:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        if kind is not None and issubclass(kind, Exception) and not self.cfg.resume and self.saved_step is None:
+        if (kind is not None and issubclass(kind, Exception) and not self.cfg.resume and self.saved_step is None
+                and self.main):
             shutil.rmtree(self.out, ignore_errors=True)  # a fresh run failing before its first checkpoint leaves nothing
             if self.existed:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +368,10 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
     the accelerator's ``gradient_accumulation_steps`` micro-batches; an epoch's partial
     accumulation is dropped. `loss_fn(model, batch,
     accelerator)` returns ``(loss, parts)``: `parts` are floats named in `logged`, averaged over the
-    step into ``history`` beside ``loss`` and ``kept_fraction`` (of `converted`'s routers).
+    step into ``history`` beside ``loss``, ``kept_fraction`` (of `converted`'s routers) and ``lr``
+    (the first parameter group's, as the step used it). With several processes each process
+    takes its share of every batch (accelerate's data loader) and the history is the mean over
+    the processes, the global batch's; a non-finite loss on any process skips the step on all.
     `params` (default: the model's) are clipped at ``cfg.grad_clip`` and, with a `schedule`
     (`AdaptationSchedule`), held during its router stage. With `max_bad_steps`, a step whose loss
     (or, outside fp16, gradient norm) is not finite is skipped, and one too many aborts the run.
@@ -274,11 +387,12 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
     params = list(model.parameters()) if params is None else params
     grad_accum = accelerator.gradient_accumulation_steps
     keys = ("loss", *logged)
-    history: dict[str, list[float]] = {key: [] for key in (*keys, "kept_fraction")}
+    history: dict[str, list[float]] = {key: [] for key in (*keys, "kept_fraction", "lr")}
     step = bad_steps = 0
     saved = checkpoint.start(accelerator)
     if saved:  # an image recipe's checkpoint from before this loop holds the step only
-        step, bad_steps, history = saved["step"], saved.get("bad_steps", 0), saved.get("history", history)
+        step, bad_steps = saved["step"], saved.get("bad_steps", 0)
+        history = {**history, **saved.get("history", {})}  # one from before "lr" was recorded lacks it
 
     def loop_state() -> dict:
         return {"step": step, "bad_steps": bad_steps, "history": history}
@@ -322,6 +436,8 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
                     finite = finite and bool(torch.isfinite(loss.detach()))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    if checks and accelerator.num_processes > 1:  # every process skips the step, or none
+                        finite = mean_over_processes(accelerator, [float(finite)])[0] == 1.0
                     if schedule is not None:
                         schedule.hold_base(step, params)
                     if cfg.grad_clip or checks:
@@ -337,11 +453,16 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
             step_times.append(now - last)
             last = now
             if finite:
+                lr = optimizer.param_groups[0]["lr"]  # what this step used (the first group's)
                 scheduler.step()
                 step += 1
                 kept = [r["kept_fraction"] for r in routing_stats(converted)
                         if r["kept_fraction"] is not None] if converted is not None else []
                 parts["kept_fraction"] = sum(kept) / len(kept) if kept else 1.0
+                # What each process saw of the global batch (equal shares): averaged, so the
+                # history is the global batch's with any number of processes.
+                parts = dict(zip(parts, mean_over_processes(accelerator, list(parts.values()))))
+                parts["lr"] = lr
                 for key, value in parts.items():
                     history[key].append(value)
                 shown = {"loss": f"{parts['loss']:.4f}"}
@@ -373,20 +494,21 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
 
 def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, collate_fn=None, num_workers: int = 0):
     """`train_loop` as the image recipes set it up: every parameter trains with AdamW (warm-up +
-    cosine), accelerate prepares model, optimizer and scheduler, checkpoints also at each epoch end.
+    cosine, one scheduler step per optimizer step with any number of processes), accelerate
+    prepares model, optimizer and scheduler, checkpoints also at each epoch end.
 
     `cfg` needs: mixed_precision, cpu, batch_size, epochs, max_steps, lr, weight_decay,
     warmup_steps, grad_clip, save_every, seed, progress. `loss_fn(model, batch, accelerator)`
     returns the training loss of a batch. Returns `(accelerator, prepared model, steps, losses)`.
     """
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    accelerator = make_accelerator(cfg)
     # Random augmentation draws from Python's, numpy's and torch's generators: seed all three (a
-    # resumed run gets them back from its checkpoint).
-    set_seed(cfg.seed)
+    # resumed run gets them back from its checkpoint), differently on each process (the seed
+    # plus its index: 0 alone), so that processes do not augment in lockstep.
+    set_seed(cfg.seed, device_specific=True)
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * accelerator.num_processes))
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:

@@ -237,12 +237,18 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
             total += labels.shape[0]
             for row in modadapt.routing_stats(inner) if converted else ():
                 kept.setdefault(row["layer"], []).append(row["kept_fraction"])
+    kept_fraction = {str(k): sum(v) / len(v) for k, v in kept.items()}
+    if accelerator is not None and accelerator.num_processes > 1 and kept_fraction:
+        # each process routed its own share of the images (the same number of batches on each)
+        from .training import mean_over_processes
+
+        kept_fraction = dict(zip(kept_fraction, mean_over_processes(accelerator, list(kept_fraction.values()))))
     return {
         "top1": correct1 / max(total, 1),
         "top5": correct5 / max(total, 1),
         "loss": loss_sum / max(total, 1),
         "images": total,
-        "kept_fraction": {str(k): sum(v) / len(v) for k, v in kept.items()},
+        "kept_fraction": kept_fraction,
     }
 
 
