@@ -33,7 +33,7 @@ from ..config import INFERENCE_ROUTING
 from ..errors import ModAdaptError
 from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, distillation_kl, eval_device, train_epochs
+from .training import RunCheckpoint, distillation_kl, eval_device, launched_rank, train_epochs
 
 NAME = "llava-adapt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -434,6 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = LlavaRecipeConfig.resolve(args.config, overrides_from(args, LlavaRecipeConfig))
     summary = run(cfg)
+    if launched_rank():  # one report for a run of several processes, from the first
+        return 0
     ev = summary.get("eval")
     if ev:
         print(f"accuracy {ev['accuracy']:.4f}  loss {ev['loss']:.4f}  ({ev['samples']} samples)")

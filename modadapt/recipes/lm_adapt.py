@@ -657,6 +657,8 @@ def main(args: argparse.Namespace) -> int:
         overrides["router_kwargs"] = {**(overrides["router_kwargs"] or {}), **parse_router_args(args.router_arg)}
     cfg = LMAdaptConfig.resolve(args.config, overrides)
     summary = run(cfg)
+    if launched_rank():  # one report for a run of several processes, from the first
+        return 0
     ppl = summary["valid_ppl"]
     print(f"valid perplexity: dense {ppl['dense']:.3f}  converted {ppl['converted_before']:.3f} -> "
           f"adapted {ppl['converted_after']:.3f}")

@@ -28,7 +28,7 @@ from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, eval_device, train_epochs
+from .training import RunCheckpoint, eval_device, launched_rank, train_epochs
 
 NAME = "vit-imagenet"
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid"), "train": ("train",), "test": ("test",)}
@@ -359,6 +359,8 @@ def main(args: argparse.Namespace) -> int:
     overrides = overrides_from(args, ViTRecipeConfig)
     cfg = ViTRecipeConfig.resolve(args.config, overrides)
     summary = run(cfg)
+    if launched_rank():  # one report for a run of several processes, from the first
+        return 0
     ev = summary.get("eval")
     if ev:
         print(f"top-1 {ev['top1']:.4f}  top-5 {ev['top5']:.4f}  ({ev['images']} images)")
