@@ -516,6 +516,10 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The schedule counts optimizer steps (`total_steps` already divides the data by the
+    # processes): one scheduler step per optimizer step. accelerate's default steps a prepared
+    # scheduler once per process, which ended the cosine after 1/N of an N-process run.
+    scheduler.split_batches = True
     inner = accelerator.unwrap_model(model)
     result = train_loop(cfg, accelerator, model, optimizer, scheduler, train_set,
                         lambda model, batch, accelerator: (loss_fn(model, batch, accelerator), {}), checkpoint,
