@@ -30,6 +30,47 @@ def test_model_output_with_router_aux_loss_survives_pytree():
     assert list(pickle.loads(pickle.dumps(out)).keys()) == list(out.keys())
 
 
+
+def test_threshold_load_over_processes_equals_the_whole_batch():
+    """threshold-p's load loss takes the kept fraction of the global batch within
+    `statistics_over_processes`: two halves on two "processes" (the other's counts added by the
+    sum) average to the whole batch's loss and gradient, as DDP averages them."""
+    from modadapt.routers.base import RoutingContext, statistics_over_processes
+    from modadapt.routers.threshold import ThresholdRouter
+
+    torch.manual_seed(0)
+    router = ThresholdRouter(8, 0.5, 0)
+    with torch.no_grad():
+        router.scorer.weight.normal_()
+    hidden = torch.randn(4, 6, 8)
+
+    def aux(rows, process_sum=None):
+        h = hidden[rows]
+        ctx = RoutingContext(layer_index=0, real=None, forced=None, positions=torch.arange(6).expand(len(h), 6),
+                             causal=False, training=True)
+        router.zero_grad()
+        logits = router.score(h, ctx)
+        keep = router.causal_keep(logits, h, ctx)
+        if process_sum is None:
+            loss = router.aux_loss(logits, keep, h, ctx)
+        else:
+            with statistics_over_processes(process_sum):
+                loss = router.aux_loss(logits, keep, h, ctx)
+        loss.backward()
+        return loss.detach(), router.scorer.weight.grad.clone()
+
+    whole, whole_grad = aux(slice(0, 4))
+    counts = {}
+    for name, rows in (("a", slice(0, 2)), ("b", slice(2, 4))):
+        aux(rows, lambda t, name=name: counts.setdefault(name, t.clone()))
+    a, a_grad = aux(slice(0, 2), lambda t: t + counts["b"])
+    b, b_grad = aux(slice(2, 4), lambda t: t + counts["a"])
+    torch.testing.assert_close((a + b) / 2, whole)
+    torch.testing.assert_close((a_grad + b_grad) / 2, whole_grad)
+    local, _ = aux(slice(0, 2))  # outside the context: the process's own kept fraction
+    assert not torch.allclose(local, a)
+
+
 # --- launching 2 processes --------------------------------------------------------------------------
 import json  # noqa: E402
 import os  # noqa: E402

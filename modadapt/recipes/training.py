@@ -383,6 +383,7 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
     from tqdm.auto import tqdm
 
     from ..metrics.routing_stats import routing_stats
+    from ..routers.base import statistics_over_processes
 
     params = list(model.parameters()) if params is None else params
     grad_accum = accelerator.gradient_accumulation_steps
@@ -405,6 +406,12 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
         )
     steps_per_epoch = micro_per_epoch // grad_accum
     checks = max_bad_steps is not None
+    # Several processes: routers take their batch statistics (threshold-p's load) over the global batch.
+    def statistics():
+        if accelerator.num_processes == 1:
+            return contextlib.nullcontext()
+        return statistics_over_processes(lambda t: accelerator.reduce(t, reduction="sum"))
+
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not (cfg.progress and accelerator.is_main_process))
     step_times: list[float] = []  # wall seconds per optimizer step of this process (the loss read syncs)
     last = time.perf_counter()
@@ -427,7 +434,7 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
             micro += 1
             if schedule is not None:
                 schedule.apply(step)
-            with accelerator.accumulate(model), accelerator.autocast():
+            with accelerator.accumulate(model), accelerator.autocast(), statistics():
                 loss, reported = loss_fn(model, batch, accelerator)
                 for key, value in reported.items():
                     parts[key] += value / grad_accum

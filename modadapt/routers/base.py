@@ -8,6 +8,7 @@ gates and auxiliary losses. A router author implements `score`, `causal_keep` an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -19,6 +20,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from .options import RouterOptions, calibrated_option, legacy_options, parse_options
+
+_PROCESS_SUM: list = []  # the training loop's sum over its processes, while it runs several
+
+
+@contextlib.contextmanager
+def statistics_over_processes(process_sum):
+    """Within: the batch statistics routers take without gradient (threshold-p's kept fraction
+    in its load loss, a calibrated cut-off's batch boundary) are over the global batch of a
+    data-parallel step, not one process's share, so N processes train as one would on their
+    whole batch. `process_sum(tensor)` sums a tensor over the processes; every process must run
+    the same training forwards (a recipe's loop does). Outside, statistics are per call."""
+    _PROCESS_SUM.append(process_sum)
+    try:
+        yield
+    finally:
+        _PROCESS_SUM.pop()
+
+
+def over_processes() -> bool:
+    """Whether batch statistics are summed over processes here (`statistics_over_processes`)."""
+    return bool(_PROCESS_SUM)
+
+
+def process_sum(values: torch.Tensor) -> torch.Tensor:
+    """`values` (no gradient) summed over the processes within `statistics_over_processes`."""
+    return _PROCESS_SUM[-1](values.detach())
 
 
 @dataclass
@@ -282,6 +309,10 @@ class Router(nn.Module):
     def _calibrate(self, logits: torch.Tensor, hidden: torch.Tensor, capacity: float, ctx: RoutingContext) -> None:
         stat = self.rule_statistic(logits, hidden).detach().float()
         batch = topk_boundary(stat, capacity, ctx.routed())
+        if over_processes():  # the processes' boundaries averaged: every process keeps the same cut-off
+            here = ~torch.isnan(batch)
+            summed = process_sum(torch.stack([torch.where(here, batch, 0.0), here.float()]))
+            batch = torch.where(summed[1] > 0, summed[0] / summed[1].clamp_min(1), float("nan"))
         slot = self.calibration_slot(ctx.layer_index)
         old, seen = self.calibrated_threshold[slot], self.calibration_steps[slot]
         m = self.calibration_momentum

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Router, RoutingContext, straight_through_one
+from .base import Router, RoutingContext, over_processes, process_sum, straight_through_one
 from .linear_score import LinearScore
 from .options import RouterOptions, option
 
@@ -88,5 +88,9 @@ class ThresholdRouter(Router):
             real = ctx.real.to(g.dtype)
             n = real.sum().clamp_min(1)
             kept_fraction, mean_gate = (keep.to(g.dtype) * real).sum() / n, (g * real).sum() / n
+        if over_processes():  # a data-parallel step: the kept fraction of the processes' whole batch
+            real = torch.ones_like(keep, dtype=torch.float) if ctx.real is None else ctx.real.float()
+            summed = process_sum(torch.stack([(keep.float() * real).sum(), real.sum()]))
+            kept_fraction = (summed[0] / summed[1].clamp_min(1)).to(kept_fraction.dtype)
         load = kept_fraction.detach() if self.target is None else kept_fraction.detach() - self.target
         return self.alpha * load * mean_gate
