@@ -50,8 +50,8 @@ class HFDecoderAdapter(Adapter):
     def layer_stack(self, model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
         decoder = model.get_decoder()
         names = set(getattr(model, "_no_split_modules", None) or [])
-        for child in decoder.children():
-            if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in names:
+        for child in decoder.children():  # by class name, also of a subclass (FSDP2's FSDP<Layer>)
+            if isinstance(child, nn.ModuleList) and len(child) and names & {c.__name__ for c in type(child[0]).__mro__}:
                 return decoder, child
         # A converted model's layers carry a `Mod` prefix; look through it.
         for child in decoder.children():
