@@ -71,6 +71,68 @@ def test_threshold_load_over_processes_equals_the_whole_batch():
     assert not torch.allclose(local, a)
 
 
+
+def test_fsdp_wrap_names_find_the_mod_layer_classes():
+    """FSDP's transformer auto-wrap looks classes up by exact name; the MoD subclasses modadapt
+    makes (`ModLlamaDecoderLayer`) are found from their original's name, also where no layer
+    of the original class is left."""
+    from torch import nn
+
+    from modadapt.mod_layer import mod_class
+    from modadapt.recipes.training import fsdp_wrap_names
+
+    model = modadapt.convert(modadapt.build_preset("tiny-llama", seed=0), router="topk", capacity=0.5)
+    assert fsdp_wrap_names(model, ["LlamaDecoderLayer"]) == ["LlamaDecoderLayer", "ModLlamaDecoderLayer"]
+    only_mod = nn.Sequential(mod_class(nn.Linear)(2, 2), mod_class(nn.Linear)(2, 2))
+    assert fsdp_wrap_names(only_mod, ["Linear"]) == ["ModLinear"]
+    assert fsdp_wrap_names(only_mod, ["Conv2d"]) == []
+
+
+def test_meta_copy_takes_a_gathered_state_and_saves(tmp_path):
+    """What the first process of an FSDP run keeps: a weightless copy (rotary buffers real), into
+    which the gathered full state dict loads, views into one buffer copied out, ties kept; it
+    saves and loads as the model itself."""
+    from modadapt.recipes.training import load_full_state, meta_copy
+
+    model = modadapt.convert(modadapt.build_preset("tiny-llama", seed=0), router="threshold-p")
+    skeleton, inner = meta_copy(model, model)
+    assert inner is skeleton and all(p.is_meta for p in skeleton.parameters())
+    state = model.state_dict()
+    flat = torch.cat([t.flatten() for t in state.values()])  # as FSDP may gather: views into one buffer
+    views, at = {}, 0
+    for name, t in state.items():
+        views[name] = flat[at:at + t.numel()].view_as(t)
+        at += t.numel()
+    load_full_state(skeleton, views)
+    modadapt.save(skeleton, tmp_path / "m")
+    again = modadapt.load(tmp_path / "m")
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model.eval()(ids).logits)
+
+
+def test_launch_mistakes_are_clear_errors(monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` runs the script once (an error naming the
+    commands that work), and FSDP is lm-adapt's only; both before accelerate starts."""
+    from types import SimpleNamespace
+
+    from modadapt.errors import ModAdaptError
+    from modadapt.recipes.training import make_accelerator
+
+    cfg = SimpleNamespace(cpu=True, mixed_precision="no", recipe="vit-imagenet")
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with monkeypatch.context() as env:
+        env.setenv("ACCELERATE_USE_CPU", "True")
+        env.setenv("MASTER_ADDR", "127.0.0.1")
+        with pytest.raises(ModAdaptError, match=r"single process.*--multi_gpu --num_processes N.*torchrun"):
+            make_accelerator(cfg)
+    with monkeypatch.context() as env:
+        env.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(ModAdaptError, match="FSDP .* lm-adapt only"):
+            make_accelerator(cfg)
+
+
 # --- launching 2 processes --------------------------------------------------------------------------
 import json  # noqa: E402
 import os  # noqa: E402
@@ -194,4 +256,110 @@ def test_vit_ddp_two_processes_match_one_and_keep_the_lr_schedule(images16, tmp_
     assert two["eval"]["images"] == 4 and two["eval"]["top1"] == one["eval"]["top1"]
     assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
     assert two["eval"]["kept_fraction"] == pytest.approx(one["eval"]["kept_fraction"])
+    assert_same_weights(modadapt.load(tmp_path / "one" / "model"), modadapt.load(tmp_path / "two" / "model"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from conftest import SAMPLE_TEXT
+
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(SAMPLE_TEXT)
+    return path
+
+
+def lm_flags(corpus, out, *extra) -> list[str]:
+    """lm-adapt on 64 training blocks of 32 tokens (8 global batches of 8), 6 validation ones."""
+    return ["train", "lm-adapt", "--data", str(corpus), "-o", str(out), "--seq-len", "32", "--max-train-blocks", "64",
+            "--lr", "1e-2", "--no-progress", "--cpu", *extra]
+
+
+def lm_one_process(corpus, out, batch_size: int, *extra, resume_to: int | None = None) -> dict:
+    """The same recipe in this process (1 process), optionally resumed to more steps."""
+    from modadapt.cli import main
+
+    assert main(lm_flags(corpus, out, "--batch-size", str(batch_size), *extra)) == 0
+    if resume_to:
+        assert main(["train", "lm-adapt", "-o", str(out), "--resume", "--max-steps", str(resume_to)]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@needs_gloo
+def test_lm_adapt_ddp_two_processes_match_one_and_resume(corpus, tmp_path):
+    """lm-adapt (threshold-p, every weight trains after a router-only step) on 2 processes x
+    batch 4, stopped after 2 steps and resumed to 4, equals 1 process x batch 8 run the same way:
+    losses (LM, routers' load loss over the global batch), kept fractions and learning rates per
+    step, the adapted validation loss, and the saved model, written once by the first process."""
+    extra = ("--train", "all", "--router-steps", "1", "--max-steps", "2", "--save-every", "1")
+    one = lm_one_process(corpus, tmp_path / "one", 8, *extra, resume_to=4)
+    out = launch(lm_flags(corpus, tmp_path / "two", "--batch-size", "4", *extra))
+    assert out.count("valid perplexity") == 1
+    out = launch(["train", "lm-adapt", "-o", str(tmp_path / "two"), "--resume", "--max-steps", "4"])
+    assert out.count("valid perplexity") == 1
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (two["processes"], two["sharding"], two["steps"]) == (2, "ddp", 4) and one["processes"] == 1
+    assert_same_history(one["history"], two["history"], keys=("loss", "lm_loss", "aux_loss", "kept_fraction", "lr"))
+    assert min(two["history"]["kept_fraction"]) < 1.0  # the routers did skip tokens
+    assert two["valid_loss"]["converted_after"] == pytest.approx(one["valid_loss"]["converted_after"], rel=1e-5)
+    assert two["kept_fraction"]["after"] == pytest.approx(one["kept_fraction"]["after"], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "two" / "model").iterdir()) == ["config.json", "modadapt.json",
+                                                                              "model.safetensors"]
+    assert_same_weights(modadapt.load(tmp_path / "one" / "model"), modadapt.load(tmp_path / "two" / "model"))
+
+
+@needs_gloo
+def test_lm_adapt_fsdp_two_cpu_processes_match_one(corpus, tmp_path):
+    """FSDP2 through accelerate's plugin (full sharding, transformer-layer auto wrap) on 2 CPU
+    processes: every decoder layer, the MoD ones too, and every router is its own unit; LoRA
+    with distillation from the model itself trains as on 1 process; the saved directory,
+    gathered on the first process, loads and gives the 1-process model's logits."""
+    pytest.importorskip("peft")
+    extra = ("--train", "lora", "--distill", "0.5", "--max-steps", "3")
+    one = lm_one_process(corpus, tmp_path / "one", 8, *extra)
+    out = launch(lm_flags(corpus, tmp_path / "two", "--batch-size", "4", *extra), launcher="accelerate", fsdp=True)
+    assert out.count("valid perplexity") == 1
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (two["processes"], two["sharding"]) == (2, "fsdp")
+    # tiny-llama: 4 layers (1 and 3 converted), their 2 routers, embedding, the tail (norm + head), the root
+    assert two["fsdp_units"] == {"Embedding": 1, "LlamaDecoderLayer": 2, "ModLlamaDecoderLayer": 2, "PeftModel": 1,
+                                 "ThresholdRouter": 2, "Linear": 1}
+    assert_same_history(one["history"], two["history"], keys=("loss", "lm_loss", "aux_loss", "distill_loss",
+                                                             "kept_fraction", "lr"))
+    assert two["valid_loss"]["converted_after"] == pytest.approx(one["valid_loss"]["converted_after"], rel=1e-5)
+    a, b = modadapt.load(tmp_path / "one" / "model"), modadapt.load(tmp_path / "two" / "model")
+    assert type(b.model.layers[1]).__name__ == "ModLlamaDecoderLayer"  # a plain model again, LoRA merged
+    assert_same_weights(a, b)
+    ids = torch.randint(0, a.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits, a(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@needs_gloo
+def test_llava_adapt_ddp_two_processes_match_one(tmp_path):
+    """llava-adapt (shared-vl router) on 2 processes x batch 2 equals 1 process x batch 4 (every
+    answer one digit, so each process's loss averages as many tokens): losses, kept fractions,
+    learning rates, the evaluation (on the first process) and the saved model."""
+    from PIL import Image
+
+    from modadapt.recipes.llava_adapt import LlavaRecipeConfig, run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        Image.new("RGB", (8, 8), (30 * i, 10 * i, 0)).save(data / f"{i}.png")
+    records = [{"image": f"{i}.png", "conversations": [{"from": "human", "value": "What is <image>\nthis?"},
+                                                       {"from": "gpt", "value": str(i)}]} for i in range(8)]
+    (data / "data.json").write_text(json.dumps(records))
+    common = dict(data=str(data / "data.json"), eval_data=str(data / "data.json"), epochs=2, lr=1e-3,
+                  warmup_steps=1, max_new_tokens=2, progress=False, cpu=True)
+    one = run(LlavaRecipeConfig(output=str(tmp_path / "one"), batch_size=4, **common))
+    out = launch(["train", "llava-adapt", "--data", common["data"], "--eval-data", common["eval_data"], "-o",
+                  str(tmp_path / "two"), "--batch-size", "2", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "1",
+                  "--max-new-tokens", "2", "--no-progress", "--cpu"])
+    assert out.count("accuracy ") == 1
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["steps"] == two["steps"] == 4
+    assert_same_history(history(tmp_path / "one"), history(tmp_path / "two"))
+    assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
+    assert two["eval"]["accuracy"] == one["eval"]["accuracy"]
     assert_same_weights(modadapt.load(tmp_path / "one" / "model"), modadapt.load(tmp_path / "two" / "model"))

@@ -50,7 +50,8 @@ from ..routers.base import Router
 from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
 from .schedule import AdaptationSchedule
-from .training import (RunCheckpoint, distillation_kl, eval_device, launched_rank, lr_schedule, make_accelerator,
+from .training import (RunCheckpoint, distillation_kl, eval_device, finish_fsdp_wrap, fsdp_units, is_fsdp,
+                       launched_rank, load_full_state, lr_schedule, make_accelerator, meta_copy, set_fsdp_wrap,
                        train_loop)
 
 NAME = "lm-adapt"
@@ -390,12 +391,15 @@ def model_router_name(model: nn.Module) -> str:
 # --- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, accelerator=None,
-             progress: bool = False, desc: str = "eval", table: dict | None = None) -> dict:
+             progress: bool = False, desc: str = "eval", table: dict | None = None,
+             runner: nn.Module | None = None) -> dict:
     """Perplexity of `model` on `blocks` (eval mode, default routing), per-layer kept fractions and
     FLOPs per token (the converted model's per-row kept counts in the formula of `sequence_flops`;
     `table`: its `flops_table`). A model inside `modadapt.dense` counts as the dense one.
 
-    Under `accelerate` each process takes every n-th block and the sums are reduced.
+    Under `accelerate` each process takes every n-th block and the sums are reduced. `runner`
+    (FSDP: the sharded model that holds `model`) is what is called; every process then runs the
+    same number of forwards (FSDP gathers each layer from all of them), the extra ones uncounted.
     """
     from tqdm.auto import tqdm
 
@@ -414,13 +418,19 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
     # loss sum, predicted tokens, input tokens, mod FLOPs, dense FLOPs, then kept and all tokens per MoD layer
     sums = torch.zeros(5 + 2 * len(layers), dtype=torch.float64)
     batches = mine.split(batch_size)
+    call = model if runner is None else runner
+    if runner is not None:
+        runner.eval()
+        for _ in range(math.ceil(len(blocks[0::world]) / batch_size) - len(batches)):  # in step with the others
+            with accelerator.autocast():
+                call(input_ids=blocks[:1].to(device), use_cache=False)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
         if accelerator is not None:
             with accelerator.autocast():
-                logits = model(input_ids=batch, use_cache=False).logits
+                logits = call(input_ids=batch, use_cache=False).logits
         else:
-            logits = model(input_ids=batch, use_cache=False).logits
+            logits = call(input_ids=batch, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         B, T = batch.shape
         sums[0] += float(loss)
@@ -437,6 +447,8 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
             sums[5 + 2 * j] += float(layer.mod_state.last_keep.sum())
             sums[6 + 2 * j] += layer.mod_state.last_keep.numel()
     model.train(was_training)
+    if runner is not None:
+        runner.train(was_training)
     if accelerator is not None and world > 1:
         sums = accelerator.reduce(sums.to(device), reduction="sum").cpu()
     loss = float(sums[0] / sums[1])
@@ -490,8 +502,16 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
         params = [p for p in trained.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(param_groups(trained, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, cfg.max_steps))
-        summary = _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler, params,
-                         train_blocks, valid_blocks, checkpoint)
+        sharded = is_fsdp(accelerator)
+        # FSDP shards the model in place: the main process keeps a weightless copy to save the gathered weights in.
+        skeleton = meta_copy(trained, inner) if sharded and accelerator.is_main_process else None
+        summary, prepared = _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler,
+                                   params, train_blocks, valid_blocks, checkpoint)
+        if sharded:
+            full = accelerator.get_state_dict(prepared)  # every process takes part; the main one gets it all
+            if accelerator.is_main_process:
+                trained, inner = skeleton
+                load_full_state(trained, full)
         if accelerator.is_main_process:
             if cfg.train == "lora":
                 trained.merge_and_unload()
@@ -504,14 +524,29 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
 
 def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler, params, train_blocks,
-           valid_blocks, checkpoint) -> dict:
+           valid_blocks, checkpoint) -> tuple[dict, nn.Module]:
+    """Evaluate, train, evaluate: `(summary, prepared model)`.
+
+    Under FSDP the model is sharded first (never whole on a device: what FSDP is for) and each
+    evaluation runs on the shards, every process in step; the parameters to clip and hold are
+    the sharded ones (FSDP replaces them)."""
     show = cfg.progress and accelerator.is_main_process
-    inner.to(accelerator.device)
+    sharded = is_fsdp(accelerator)
+    converted_table = None
+    if sharded:
+        set_fsdp_wrap(accelerator, trained)
+        converted_table = flops_table(inner)
+        model, optimizer = accelerator.prepare(trained, optimizer)
+        finish_fsdp_wrap(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        inner.to(accelerator.device)
+    runner = model if sharded else None
     with original(inner, trained):
         dense_eval = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                              progress=show, desc="eval dense", table=dense_table)
+                              progress=show, desc="eval dense", table=dense_table, runner=runner)
     before = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                      progress=show, desc="eval converted")
+                      progress=show, desc="eval converted", table=converted_table, runner=runner)
     if teacher is not None:
         teacher.to(accelerator.device)
 
@@ -519,23 +554,30 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
         if teacher is not None:
             return teacher(input_ids=batch, use_cache=False).logits.float()
         with original(inner, trained):
-            return inner(input_ids=batch, use_cache=False).logits.float()
+            return (runner or inner)(input_ids=batch, use_cache=False).logits.float()
 
+    if not sharded:
+        model, optimizer = accelerator.prepare(trained, optimizer)
     schedule = AdaptationSchedule(inner, capacity_warmup=cfg.capacity_warmup, router_steps=cfg.router_steps)
-    model, optimizer = accelerator.prepare(trained, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     T = cfg.distill_temperature
 
     def lm_loss(model, batch, accelerator):
         """`outputs.loss` (routers' aux losses included) + distill x KL; the parts logged apart."""
+        target = None
+        if cfg.distill > 0 and sharded and teacher is None:
+            # the teacher is the sharded model itself: its forward first, not between the student's and its backward
+            with torch.no_grad():
+                target = teacher_logits(batch)
         outputs = model(input_ids=batch, labels=batch, use_cache=False)
         loss = outputs.loss
         aux = outputs.get("router_aux_loss")
         parts = {"aux_loss": float(aux.detach()) if aux is not None else 0.0,
                  "lm_loss": float(loss.detach() - (aux.detach() if aux is not None else 0)), "distill_loss": 0.0}
         if cfg.distill > 0:
-            with torch.no_grad():
-                target = teacher_logits(batch)
+            if target is None:
+                with torch.no_grad():
+                    target = teacher_logits(batch)
             kl = distillation_kl(outputs.logits, target, T)
             parts["distill_loss"] = float(kl.detach())
             loss = loss + cfg.distill * kl
@@ -548,7 +590,7 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
     step, bad_steps, history, step_times = result.step, result.bad_steps, result.history, result.step_times
 
     after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                     progress=show, desc="eval adapted")
+                     progress=show, desc="eval adapted", table=converted_table, runner=runner)
     steady = sorted(step_times[min(5, len(step_times) // 2):])  # the first steps compile / warm up
     step_s = steady[len(steady) // 2] if steady else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len
@@ -576,7 +618,9 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
         "flops_ratio": after["flops_ratio"],
         "flops_ratio_before": before["flops_ratio"],
         "mod_config": state_of(inner).config_dict(),
-    }
+        "sharding": "fsdp" if sharded else ("ddp" if accelerator.num_processes > 1 else "none"),
+        **({"fsdp_units": fsdp_units(model)} if sharded else {}),
+    }, model
 
 
 def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max_tokens: int = 0,

@@ -120,6 +120,10 @@ def make_accelerator(cfg, *, fsdp: bool = False, **kwargs):
         # `accelerate launch --cpu --num_processes N` (N > 1) sets MASTER_ADDR but runs this script once.
         raise ModAdaptError(f"`accelerate launch --cpu` starts a single process whatever --num_processes says; "
                             f"{SEVERAL_PROCESSES}.")
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if wants_fsdp and not fsdp:
+        raise ModAdaptError(f"{cfg.recipe} trains with DDP on several processes; FSDP (accelerate launch --use_fsdp) "
+                            "is supported by lm-adapt only.")
     cpu = cfg.cpu
     if world > 1 and not cpu and not torch.accelerator.is_available():
         cpu = True  # several CPU processes: gloo
@@ -130,10 +134,6 @@ def make_accelerator(cfg, *, fsdp: bool = False, **kwargs):
     if world > 1 and accelerator.num_processes != world:
         raise ModAdaptError(f"the launcher started {world} processes but accelerate sees {accelerator.num_processes} "
                             f"({accelerator.distributed_type}); {SEVERAL_PROCESSES}.")
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    if wants_fsdp and not fsdp:
-        raise ModAdaptError(f"{cfg.recipe} trains with DDP on several processes; FSDP (accelerate launch --use_fsdp) "
-                            "is supported by lm-adapt only.")
     if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         enable_fsdp_on_cpu(accelerator)
     if wants_fsdp and accelerator.distributed_type != DistributedType.FSDP:
@@ -147,17 +147,157 @@ def enable_fsdp_on_cpu(accelerator) -> None:
     """Turn a multi-CPU (gloo) accelerator into an FSDP one, with the FSDP plugin from the launch
     environment. accelerate only enters its FSDP mode on GPU-like devices, although FSDP2
     (`fully_shard`) shards and gathers over gloo on CPU; only FSDP2 is supported here."""
+    from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise ModAdaptError("FSDP on CPU needs FSDP2 (accelerate launch --use_fsdp --fsdp_version 2): FSDP1 moves "
-                            "its flat parameters to a CUDA device.")
+        raise ModAdaptError("FSDP on CPU needs FSDP2 (accelerate launch --use_fsdp --fsdp_version 2): accelerate's "
+                            "FSDP1 wants a GPU-like device (with sync_module_states, its launch default) and FSDP1 "
+                            "refuses the CPU device accelerate gives it ('Inconsistent compute device and `device_id`: "
+                            "cpu vs cpu:0').")
     state = accelerator.state
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does for GPUs
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def fsdp_wrap_names(model, names: list[str]) -> list[str]:
+    """The class names to give FSDP's transformer auto-wrap policy for `names` (decoder layer
+    classes, e.g. ``LlamaDecoderLayer``): each one the model has, and the MoD subclass modadapt
+    made of it (``ModLlamaDecoderLayer``, see `mod_layer.mod_class`), which accelerate's lookup
+    by exact class name would miss, so that every converted layer is its own FSDP unit too (all
+    of them when every layer is converted and the original name is gone)."""
+    present = {type(m).__name__: type(m) for m in model.modules()}
+    found: list[str] = []
+    for name in names:
+        matches = [n for n, cls in present.items()
+                   if n == name or getattr(cls, "_mod_original", type(None)).__name__ == name]
+        found += [n for n in sorted(matches) if n not in found]
+    return found
+
+
+def set_fsdp_wrap(accelerator, model) -> None:
+    """Before `prepare`: the FSDP units of a converted model. With the transformer-based
+    auto-wrap policy (chosen, or none chosen: no ``--fsdp_auto_wrap_policy``) each decoder layer
+    is a unit, MoD or not (by class, as `fsdp_wrap_names` extends them: the names given with
+    ``--fsdp_transformer_layer_cls_to_wrap``, else the model's ``_no_split_modules``, else the
+    layer stack's own classes), and so is each router with parameters (`finish_fsdp_wrap`
+    keeps its few weights gathered from forward to backward). ``NO_WRAP`` (the whole model one
+    unit) is left as chosen; a size-based policy is refused: it could put a router in its
+    layer's unit, whose weights FSDP frees after the forward although the router's auxiliary
+    loss, or a layer that kept no token, reaches them in the backward without passing through
+    the layer's output, where FSDP gathers them again."""
+    import os
+
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    from ..convert import mod_layers
+    from ..metrics.layer_stack import find_layers
+    from ..mod_layer import state_of
+
+    plugin = accelerator.state.fsdp_plugin
+    # Every process built the same model itself (before the process group existed, so transformers
+    # loaded it whole everywhere); accelerate's rank-0 broadcast instead (cpu_ram_efficient_loading,
+    # on by default in `accelerate launch`) fails on buffers in the state dict, such as the routers'
+    # calibrated cut-offs.
+    plugin.cpu_ram_efficient_loading = False
+    chosen = os.environ.get("FSDP_AUTO_WRAP_POLICY")
+    if plugin.auto_wrap_policy is size_based_auto_wrap_policy:
+        raise ModAdaptError("FSDP: use --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP (or leave it out) with a MoD "
+                            "model: a size-based policy can leave a router inside its layer's unit, which breaks "
+                            "the backward of its auxiliary loss.")
+    if chosen is not None and plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+        return  # NO_WRAP
+    names = plugin.transformer_cls_names_to_wrap or list(getattr(model, "_no_split_modules", None) or [])
+    if not names:
+        names = sorted({getattr(type(layer), "_mod_original", type(layer)).__name__ for layer in find_layers(model)})
+    wrap = fsdp_wrap_names(model, names)
+    if not wrap:
+        raise ModAdaptError(f"FSDP: the model has no layer of the classes {names} to wrap; give the decoder layer "
+                            "class with --fsdp_transformer_layer_cls_to_wrap.")
+    inner = next((m for m in model.modules() if state_of(m) is not None), None)
+    routers = sorted({type(layer.router).__name__ for layer in mod_layers(inner)
+                      if any(True for _ in layer.router.parameters())}) if inner is not None else []
+    plugin.auto_wrap_policy = transformer_auto_wrap_policy
+    plugin.transformer_cls_names_to_wrap = wrap + [name for name in routers if name not in wrap]
+
+
+def finish_fsdp_wrap(model) -> None:
+    """After `prepare`: each router unit gathers its weights for `Router.route` (what the MoD
+    layer calls, not `forward`) and keeps them until the backward has used them (they are a
+    few vectors)."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    from ..convert import mod_layers
+    from ..mod_layer import state_of
+
+    inner = next((m for m in model.modules() if state_of(m) is not None), None)
+    seen = set()
+    for layer in mod_layers(inner) if inner is not None else []:
+        router = layer.router
+        if isinstance(router, FSDPModule) and id(router) not in seen:
+            seen.add(id(router))
+            router.set_reshard_after_forward(False)
+            register_fsdp_forward_method(router, "route")
+
+
+def fsdp_units(model) -> dict[str, int]:
+    """How many FSDP units of each class (as before FSDP renamed it) an FSDP-prepared model has."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            name = type(module).__name__.removeprefix("FSDP")
+            units[name] = units.get(name, 0) + 1
+    return dict(sorted(units.items()))
+
+
+def meta_copy(model, inner=None):
+    """A copy of `model` with every parameter and state-dict buffer on the meta device (no
+    memory; the buffers a state dict leaves out, such as rotary frequencies, are copied), and the
+    copy of `inner` (a module inside it) when given: `(copy, inner's copy)`. What the main
+    process keeps of an FSDP run, to load the gathered full state dict into and save."""
+    import copy
+    import itertools
+
+    import torch
+    from torch import nn
+
+    kept = {id(buffer) for module in model.modules() for name, buffer in module.named_buffers(recurse=False)
+            if name in module._non_persistent_buffers_set}
+    memo: dict = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if id(tensor) in kept:
+            continue
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    copied = copy.deepcopy(model, memo)
+    return (copied, memo[id(inner)]) if inner is not None else copied
+
+
+def load_full_state(model, state: dict) -> None:
+    """Load a gathered full state dict (`Accelerator.get_state_dict` of an FSDP model) into a
+    `meta_copy`: its tensors replace the meta ones (tied weights tied again). A tensor that is a
+    view into a larger gathered buffer is copied out (safetensors saves whole storages only)."""
+    for name, tensor in state.items():
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            state[name] = tensor.clone()
+    model.load_state_dict(state, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ModAdaptError(f"FSDP: the gathered state dict lacks {left[:5]}; cannot save the model.")
 
 
 def mean_over_processes(accelerator, values: list[float]) -> list[float]:
