@@ -360,7 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .plugins import registry
 
-    p = sub.add_parser("train", help="fine-tune a converted model with a recipe (see `modadapt list recipes`)")
+    p = sub.add_parser(
+        "train", help="fine-tune a converted model with a recipe (see `modadapt list recipes`)",
+        description="Fine-tune a converted model with a recipe. Several processes (batch sizes are per process): "
+                    "`accelerate launch --multi_gpu --num_processes N -m modadapt.cli train RECIPE ...` (DDP; add "
+                    "the recipe's --cpu on a CPU machine) or `torchrun --nproc_per_node N -m modadapt.cli train "
+                    "RECIPE ...`; lm-adapt also with FSDP2: `accelerate launch --use_fsdp --fsdp_version 2 "
+                    "--num_processes N -m modadapt.cli train lm-adapt ...`. See docs/recipes.md, \"Several processes\".")
     recipes = p.add_subparsers(dest="recipe", required=True)
     for entry in registry().list("recipe"):
         recipe = entry.obj

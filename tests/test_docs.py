@@ -44,6 +44,9 @@ SKIP = {
                                                   "(tests/test_vit_recipe.py runs the recipe)",
     ("docs/recipes.md", "--data train.json --eval-data test.json"): "needs LLaVA-format data "
                                                                     "(tests/test_llava.py runs the recipe)",
+    ("docs/recipes.md", "accelerate launch --multi_gpu --num_processes N"): "launches several processes, N of them "
+                                                                            "on GPUs; tests/test_processes.py runs "
+                                                                            "these launches on 2 CPU processes",
 }
 #: Blocks that need CUDA: the reason, and the names they assume.
 GPU = {

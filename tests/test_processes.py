@@ -7,8 +7,16 @@ two): the same loss curve, learning rates and saved model; resume works under 2 
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
 import modadapt
@@ -134,16 +142,6 @@ def test_launch_mistakes_are_clear_errors(monkeypatch):
 
 
 # --- launching 2 processes --------------------------------------------------------------------------
-import json  # noqa: E402
-import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -163,7 +161,10 @@ def _no_gloo_reason() -> str | None:
     return None
 
 
-needs_gloo = pytest.mark.skipif(_no_gloo_reason() is not None, reason=str(_no_gloo_reason()))
+def needs_gloo(test):
+    """A test that launches 2 processes: marked `processes`, skipped (saying why) without gloo."""
+    reason = _no_gloo_reason()
+    return pytest.mark.processes(pytest.mark.skipif(reason is not None, reason=str(reason))(test))
 
 
 def free_port() -> int:

@@ -9,7 +9,9 @@ becomes ``<bos>USER: {human}\\nASSISTANT: {gpt}<eos>...`` with the image's place
 role). Text is tokenised as bytes (the presets' tokenizer-free convention), images are resized to
 the vision tower's size and scaled to [-1, 1]; models that bring their own processor are refused.
 
-Training uses `accelerate` (mixed precision, several GPUs), checkpoints hold model, optimizer,
+Training uses `accelerate` (mixed precision, DDP on several processes: ``accelerate launch
+--multi_gpu --num_processes N -m modadapt.cli train llava-adapt ...``, plus ``--cpu`` on CPU;
+``batch_size`` is per process), checkpoints hold model, optimizer,
 scheduler and RNG state (``resume: true`` continues), and the run ends with an evaluation on
 ``eval_data`` (exact-match accuracy of greedy answers, loss) and ``summary.json``: loss, kept
 fraction per layer and per token role (image / question / answer), and language-model FLOPs per
@@ -74,7 +76,8 @@ class LlavaRecipeConfig(RecipeConfig):
     resume: bool = field(default=False, metadata={
         "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
                 "steps, checkpointing, evaluation and progress"})
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present (several "
+                                                            "processes: a gloo group)"})
     seed: int = field(default=0, metadata={"help": "seed for new weights and shuffling"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     distill: float = field(default=0.0, metadata={

@@ -12,8 +12,12 @@ What trains: ``routers`` (router parameters only), ``lora`` (routers + LoRA adap
 attention and MLP projections, via `peft`; merged into the weights at the end) or ``all``. The loss
 is the model's ``outputs.loss``, which already includes the routers' auxiliary losses (logged
 separately), plus ``distill`` × KL(dense teacher ‖ model) on the logits when ``distill > 0``.
-`accelerate` gives mixed precision, gradient accumulation and multi-GPU
-(``accelerate launch -m modadapt.cli train lm-adapt ...``). A step whose loss (or, outside fp16,
+`accelerate` gives mixed precision, gradient accumulation and several processes, on GPUs or CPU:
+DDP (``accelerate launch --multi_gpu --num_processes N -m modadapt.cli train lm-adapt ...``, plus
+``--cpu`` on CPU, or ``torchrun --nproc_per_node N -m modadapt.cli ...``) and FSDP2 for models that
+do not fit one GPU (``accelerate launch --use_fsdp --fsdp_version 2 --num_processes N -m
+modadapt.cli train lm-adapt ...``); ``batch_size`` is per process (docs/recipes.md, "Several
+processes"). A step whose loss (or, outside fp16,
 gradient norm) is not finite is skipped; more than ``max_bad_steps`` of them abort the run.
 Checkpoints hold model, optimizer, scheduler, step and RNG state; ``resume: true`` continues
 with the run's saved configuration (flags may change only steps, checkpointing, evaluation
@@ -108,7 +112,8 @@ class LMAdaptConfig(RecipeConfig):
     resume: bool = field(default=False, metadata={
         "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
                 "steps, checkpointing, evaluation and progress"})
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present (several "
+                                                            "processes: a gloo group)"})
     seed: int = field(default=0, metadata={"help": "seed for preset weights, data order and the held-out split"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 

@@ -4,7 +4,9 @@ Data is read with `datasets`: an `imagefolder` directory (``train/<class>/*.png`
 ``validation/<class>/*.png``), local parquet or arrow files in the Hugging Face ImageNet layout
 (``image`` and ``label`` columns, split named by the file prefix: ``train-*.parquet``), or a
 `save_to_disk` directory. Images go through timm's data config and transforms; `accelerate` gives
-mixed precision and multi-GPU (``accelerate launch -m modadapt.cli train vit-imagenet ...``).
+mixed precision and DDP on several processes, GPUs or CPU (``accelerate launch --multi_gpu
+--num_processes N -m modadapt.cli train vit-imagenet ...``, plus ``--cpu`` on CPU; ``batch_size`` is
+per process; docs/recipes.md, "Several processes").
 Checkpoints hold model, optimizer, scheduler and RNG state; ``resume: true`` continues from the
 last one. The run ends with top-1/top-5 on the eval split and ``summary.json`` (accuracy, FLOPs
 per image dense vs MoD, kept fraction per layer). Defaults below, then a YAML file, then flags;
@@ -70,7 +72,8 @@ class ViTRecipeConfig(RecipeConfig):
     resume: bool = field(default=False, metadata={
         "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
                 "steps, checkpointing, evaluation and progress"})
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present (several "
+                                                            "processes: a gloo group)"})
     seed: int = field(default=0, metadata={"help": "seed for weights of new models, shuffling and routing"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
