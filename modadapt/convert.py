@@ -95,7 +95,8 @@ class _Hooks:
             self.state.roles, self.pending = self.pending, None
         else:
             self.state.roles = self.state.adapter.token_roles(module, args, kwargs)
-        if module.training and kwargs.get("past_key_values") is None and kwargs.get("use_cache", False) is None:
+        no_cache = all(kwargs.get(layer.call.cache) is None for layer in self.state.layers if layer.call.cache)
+        if module.training and no_cache and kwargs.get("use_cache", False) is None:
             # A training forward has no use for a KV cache; not building one keeps it compilable.
             return args, {**kwargs, "use_cache": False}
         return None

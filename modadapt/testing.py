@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import modadapt
+from .adapters.hf.versions import cache_argument, returned_cache
 from .mod_layer import state_of
 from .plugins import find_adapter, get_router
 
@@ -122,10 +123,10 @@ class RouterConformance:
         with torch.no_grad():
             full = model(**inputs).logits
             out = model(**{**inputs, "input_ids": ids[:, :start]}, use_cache=True)
-            cache, steps = out.past_key_values, [out.logits]
+            cache, steps = returned_cache(out), [out.logits]
             for t in range(start, ids.shape[1]):
-                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(ids[:, t : t + 1], **{cache_argument(model.forward): cache}, use_cache=True)
+                cache = returned_cache(out)
                 steps.append(out.logits)
         torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
 

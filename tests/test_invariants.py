@@ -325,6 +325,18 @@ def test_cache_crop_then_decode_equals_full_forward(core_family, tiny, ids, rand
     torch.testing.assert_close(out.logits, full[:, 9:], rtol=0, atol=1e-5)
 
 
+def test_training_forward_keeps_a_cache_it_is_given(core_family, tiny, ids, randomize_routers):
+    """A training forward turns the KV cache off only when none is passed, whatever the model
+    calls its cache argument (`cache` from transformers 5.24, `past_key_values` before)."""
+    from modadapt.adapters.hf.versions import cache_argument, returned_cache
+
+    model = _convert(tiny(core_family), randomize_routers, router="threshold-p").train()
+    cache = DynamicCache(config=model.config)
+    out = model(ids(2, 8), **{cache_argument(model.forward): cache})
+    assert returned_cache(out) is cache and cache.get_seq_length() == 8
+    assert returned_cache(model(ids(2, 8))) is None  # none given: none built
+
+
 def test_eager_attention_matches_sdpa(core_family, tiny, ids, left_pad, randomize_routers):
     """MoD masks are built for both kernels: same logits, with padding and a cache."""
     model = _convert(tiny(core_family), randomize_routers, router="threshold-p")

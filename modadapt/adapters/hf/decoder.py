@@ -27,6 +27,7 @@ from .attention import (
 from .attention_maps import eager_attention_maps
 from .auto import attach_save_pretrained, base_config, wrap_config
 from .kv_cache import mod_cache_layer
+from .versions import cache_argument
 
 #: Families converted, trained and generated with in the test suite.
 TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
@@ -78,7 +79,7 @@ class HFDecoderAdapter(Adapter):
         forward = getattr(type(layer), "_mod_original", type(layer)).forward
         signature = inspect.signature(forward)
         params = signature.parameters
-        cache = next((n for n in ("past_key_values", "past_key_value") if n in params), "past_key_values")
+        cache = cache_argument(forward)  # `cache` from transformers 5.24, `past_key_values` before
         config = model.config.get_text_config(decoder=True)
         register_attention_functions()  # what `packed_attention` switches to (once per process)
         return LayerCall(
@@ -237,7 +238,7 @@ def _prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                **{cache_argument(model.forward): cache}, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], cache.layers
 
 
