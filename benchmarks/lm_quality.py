@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from layer_drop import remove_layers  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent.parent / "shared" / "data" / "python-docs-3.11"
 VOCAB = 256
 
@@ -60,7 +61,9 @@ VOCAB = 256
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="directory with train.txt.gz and valid.txt.gz")
-    p.add_argument("--out", help="JSON records (default: benchmarks/results/lm_quality.json; --tiny: WORK/lm_quality.json)")
+    p.add_argument(
+        "--out", help="JSON records (default: benchmarks/results/lm_quality.json; --tiny: WORK/lm_quality.json)"
+    )
     p.add_argument("--work", default="/tmp/modadapt-lm-quality", help="run directories and the pretrained model")
     p.add_argument("--tiny", action="store_true", help="tiny model and budget on a slice of the text (CPU smoke test)")
     p.add_argument("--hidden", type=int, default=512)
@@ -68,25 +71,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--pretrain-steps", type=int, default=1500,
-                   help="about 2.4 epochs of the training text; after 4000 (6.5 epochs) a model with 3 of its 8 "
-                        "layers dropped and re-trained beat the dense one (2.360 vs 2.374): over-fitting")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=1500,
+        help="about 2.4 epochs of the training text; after 4000 (6.5 epochs) a model with 3 of its 8 "
+        "layers dropped and re-trained beat the dense one (2.360 vs 2.374): over-fitting",
+    )
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--adapt-steps", type=int, default=500)
     p.add_argument("--adapt-lr", type=float, default=3e-4)
-    p.add_argument("--train", default="all", choices=["routers", "lora", "all"],
-                   help="what adaptation trains (routers: layer dropping, random and attention have nothing to train)")
+    p.add_argument(
+        "--train",
+        default="all",
+        choices=["routers", "lora", "all"],
+        help="what adaptation trains (routers: layer dropping, random and attention have nothing to train)",
+    )
     p.add_argument("--alphas", default="0.01,0.03,0.1", help="threshold-p load-reducing loss weights")
-    p.add_argument("--target", type=float, default=0.4,
-                   help="threshold-p's target kept fraction per MoD layer (0.4 on every other layer: FLOPs ~0.70 x dense)")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=0.4,
+        help="threshold-p's target kept fraction per MoD layer (0.4 on every other layer: FLOPs ~0.70 x dense)",
+    )
     p.add_argument("--capacity", type=float, default=0.125)
     p.add_argument("--distill", type=float, default=0.0, help="distillation weight of the recipe")
     p.add_argument("--max-eval-blocks", type=int, default=0, help="cap the validation blocks (0: all)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="all", help="comma list of variants to run (default: all; see the table)")
-    p.add_argument("--pretrained", help="load the dense model from this directory (written by --save-pretrained) "
-                   "instead of pretraining")
+    p.add_argument(
+        "--pretrained",
+        help="load the dense model from this directory (written by --save-pretrained) instead of pretraining",
+    )
     p.add_argument("--save-pretrained", help="after pretraining, save the dense model here (bf16, 15 MB shards)")
     p.add_argument("--append", action="store_true", help="keep the records already in --out and skip their variants")
     p.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds (0: no limit)")
@@ -95,8 +112,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hidden, args.layers, args.heads, args.seq_len, args.batch_size = 32, 4, 4, 32, 8
         args.pretrain_steps, args.adapt_steps, args.max_eval_blocks = 20, 3, 8
         args.alphas = "0.01,0.1"
-    args.out = Path(args.out) if args.out else (Path(args.work) / "lm_quality.json" if args.tiny
-                                                 else ROOT / "results" / "lm_quality.json")
+    args.out = (
+        Path(args.out)
+        if args.out
+        else (Path(args.work) / "lm_quality.json" if args.tiny else ROOT / "results" / "lm_quality.json")
+    )
     return args
 
 
@@ -122,10 +142,19 @@ def text_files(args: argparse.Namespace, work: Path) -> tuple[str, str]:
 def build_dense(args: argparse.Namespace) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 32 * 32 or 64,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=max(2048, args.seq_len),
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 32 * 32 or 64,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(2048, args.seq_len),
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(config)
@@ -187,8 +216,17 @@ def ideal_ratio(dense: nn.Module, kept_fraction: float, seq_len: int) -> float:
 
 def dense_record(dense: nn.Module, valid_blocks: torch.Tensor, args: argparse.Namespace, **extra) -> dict:
     result = evaluate(dense, valid_blocks, batch_size=args.batch_size)
-    return {"variant": "dense", "router": "dense", "arguments": "", "valid_ppl": result["ppl"], "valid_ppl_before": None,
-            "flops_ratio": 1.0, "kept_fraction": 1.0, "parameters": sum(p.numel() for p in dense.parameters()), **extra}
+    return {
+        "variant": "dense",
+        "router": "dense",
+        "arguments": "",
+        "valid_ppl": result["ppl"],
+        "valid_ppl_before": None,
+        "flops_ratio": 1.0,
+        "kept_fraction": 1.0,
+        "parameters": sum(p.numel() for p in dense.parameters()),
+        **extra,
+    }
 
 
 def topk_routing_ppl(model: nn.Module, blocks: torch.Tensor, args: argparse.Namespace) -> float:
@@ -268,26 +306,47 @@ def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
         return out
     thresholds = [r for r in records if r["router"] == "threshold-p"]
     if thresholds:
-        best = min(thresholds, key=lambda r: (r["valid_ppl"] > 1.03 * dense["valid_ppl"] or r["flops_ratio"] > 0.75,
-                                              r["valid_ppl"]))
+        best = min(
+            thresholds,
+            key=lambda r: (r["valid_ppl"] > 1.03 * dense["valid_ppl"] or r["flops_ratio"] > 0.75, r["valid_ppl"]),
+        )
         met = best["valid_ppl"] <= 1.03 * dense["valid_ppl"] and best["flops_ratio"] <= 0.75
-        out.append(("threshold-p within 3% of dense ppl at >= 25% fewer FLOPs",
-                    f"{best['variant']}: ppl {best['valid_ppl']:.3f} = {best['valid_ppl'] / dense['valid_ppl']:.3f} x dense, "
-                    f"FLOPs {best['flops_ratio']:.3f} x dense", met))
+        out.append(
+            (
+                "threshold-p within 3% of dense ppl at >= 25% fewer FLOPs",
+                f"{best['variant']}: ppl {best['valid_ppl']:.3f} = {best['valid_ppl'] / dense['valid_ppl']:.3f} x dense, "
+                f"FLOPs {best['flops_ratio']:.3f} x dense",
+                met,
+            )
+        )
     for learned in (r for r in records if r["router"] in LEARNED):
         for kind in ("random", "layer-drop"):
             baseline = baseline_ppl(records, kind, learned["flops_ratio"])
             if baseline is None:
                 continue
             ppl, how, matched = baseline
-            out.append((f"{learned['variant']} beats {kind} at matched FLOPs",
-                        f"ppl {learned['valid_ppl']:.3f} vs {ppl:.3f} at FLOPs {learned['flops_ratio']:.3f} ({how})",
-                        matched and learned["valid_ppl"] < ppl))
+            out.append(
+                (
+                    f"{learned['variant']} beats {kind} at matched FLOPs",
+                    f"ppl {learned['valid_ppl']:.3f} vs {ppl:.3f} at FLOPs {learned['flops_ratio']:.3f} ({how})",
+                    matched and learned["valid_ppl"] < ppl,
+                )
+            )
     # Divergence: a non-finite perplexity, skipped (non-finite) steps, or ending above twice dense's.
-    broken = [r["variant"] for r in records if not math.isfinite(r["valid_ppl"]) or r.get("skipped_steps", 0)
-              or r["valid_ppl"] > 2 * dense["valid_ppl"]]
-    out.append(("no NaN or divergence", "all runs finite, no skipped steps, ppl < 2 x dense" if not broken else
-                f"non-finite, skipped steps or ppl > 2 x dense in {', '.join(broken)}", not broken))
+    broken = [
+        r["variant"]
+        for r in records
+        if not math.isfinite(r["valid_ppl"]) or r.get("skipped_steps", 0) or r["valid_ppl"] > 2 * dense["valid_ppl"]
+    ]
+    out.append(
+        (
+            "no NaN or divergence",
+            "all runs finite, no skipped steps, ppl < 2 x dense"
+            if not broken
+            else f"non-finite, skipped steps or ppl > 2 x dense in {', '.join(broken)}",
+            not broken,
+        )
+    )
     return out
 
 
@@ -295,16 +354,25 @@ def write(records: list[dict], out: Path, meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")
     commands = list(dict.fromkeys(r["command"] for r in records if r.get("command")))
-    lines = [f"# LM quality: {meta['description']}", "", "Produced by:", "",
-             *(f"    {command}" for command in commands), "",
-             "| variant | router | arguments | valid ppl | ppl before adapt | ppl, top-k routing | FLOPs / dense | "
-             "kept fraction | skipped steps | adapt s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# LM quality: {meta['description']}",
+        "",
+        "Produced by:",
+        "",
+        *(f"    {command}" for command in commands),
+        "",
+        "| variant | router | arguments | valid ppl | ppl before adapt | ppl, top-k routing | FLOPs / dense | "
+        "kept fraction | skipped steps | adapt s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in records:
         before = f"{r['valid_ppl_before']:.3f}" if r.get("valid_ppl_before") is not None else "-"
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
         topk = f"{r['valid_ppl_topk_routing']:.3f}" if r.get("valid_ppl_topk_routing") is not None else "-"
-        lines.append(f"| {r['variant']} | {r['router']} | {r.get('arguments', '')} | {r['valid_ppl']:.3f} | {before} | {topk} | "
-                     f"{r['flops_ratio']:.3f} | {r['kept_fraction']:.3f} | {r.get('skipped_steps', 0)} | {wall} |")
+        lines.append(
+            f"| {r['variant']} | {r['router']} | {r.get('arguments', '')} | {r['valid_ppl']:.3f} | {before} | {topk} | "
+            f"{r['flops_ratio']:.3f} | {r['kept_fraction']:.3f} | {r.get('skipped_steps', 0)} | {wall} |"
+        )
     lines += ["", "## Goals (issue 7)", "", "| goal | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {goal} | {measured} | {'yes' if met else '**no**'} |" for goal, measured, met in goals(records)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -345,36 +413,57 @@ def main(argv=None) -> list[dict]:
         dense, saved = load_pretrained(Path(args.pretrained))
         print(f"dense Llama loaded from {args.pretrained}", flush=True)
         if "dense" not in done:
-            records.insert(0, dense_record(dense.to(device).eval(), valid_blocks, args,
-                                           pretrain_final_loss=saved.get("pretrain_final_loss")))
+            records.insert(
+                0,
+                dense_record(
+                    dense.to(device).eval(), valid_blocks, args, pretrain_final_loss=saved.get("pretrain_final_loss")
+                ),
+            )
     else:
         train_blocks = pack(tokenize(read_corpus(train_file), None, VOCAB), args.seq_len, train_file)
         dense = build_dense(args)
-        print(f"dense Llama: {sum(p.numel() for p in dense.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(train_blocks)} training blocks of {args.seq_len} bytes", flush=True)
+        print(
+            f"dense Llama: {sum(p.numel() for p in dense.parameters()) / 1e6:.2f}M parameters, "
+            f"{len(train_blocks)} training blocks of {args.seq_len} bytes",
+            flush=True,
+        )
         losses = pretrain(dense, train_blocks, args, device)
         round_to_bf16(dense)
-        record = dense_record(dense.eval(), valid_blocks, args, pretrain_final_loss=losses[-1],
-                              pretrain_s=time.time() - start)
+        record = dense_record(
+            dense.eval(), valid_blocks, args, pretrain_final_loss=losses[-1], pretrain_s=time.time() - start
+        )
         records = [record] + [r for r in records if r["variant"] != "dense"]
         if args.save_pretrained:
             save_pretrained(dense, Path(args.save_pretrained), record)
     dense.to("cpu").eval()
     command = "python benchmarks/lm_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     records[0].setdefault("command", command)
-    meta = {"description": f"Llama {dense.config.num_hidden_layers}x{dense.config.hidden_size}, byte-level, "
-                           f"{args.adapt_steps} adaptation steps (train: {args.train})"}
+    meta = {
+        "description": f"Llama {dense.config.num_hidden_layers}x{dense.config.hidden_size}, byte-level, "
+        f"{args.adapt_steps} adaptation steps (train: {args.train})"
+    }
     order = ["dense", *known]  # records of a run split over calls stay in run order
     write(records, args.out, meta)
     layers = dense.config.num_hidden_layers
 
     def adapt(name: str, model: nn.Module, **routing) -> dict:
         cfg = LMAdaptConfig(
-            data=train_file, valid_data=valid_file, output=str(work / name), seq_len=args.seq_len,
-            batch_size=args.batch_size, max_steps=args.adapt_steps, lr=args.adapt_lr, train=args.train,
-            distill=args.distill, mixed_precision=args.mixed_precision, cpu=device.type == "cpu",
-            max_eval_blocks=args.max_eval_blocks, eval_batch_size=args.batch_size, progress=not args.tiny,
-            seed=args.seed, **routing,
+            data=train_file,
+            valid_data=valid_file,
+            output=str(work / name),
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_steps=args.adapt_steps,
+            lr=args.adapt_lr,
+            train=args.train,
+            distill=args.distill,
+            mixed_precision=args.mixed_precision,
+            cpu=device.type == "cpu",
+            max_eval_blocks=args.max_eval_blocks,
+            eval_batch_size=args.batch_size,
+            progress=not args.tiny,
+            seed=args.seed,
+            **routing,
         )
         shutil.rmtree(cfg.output, ignore_errors=True)
         return run(cfg, model=model)
@@ -393,9 +482,13 @@ def main(argv=None) -> list[dict]:
             kept = [r["kept_fraction"] for r in thresholds()]
             capacity = max(round(sum(kept) / len(kept), 3), 1 / args.seq_len) if kept else args.target
             return dict(router="random", capacity=capacity, layers="every-other")
-        ratio = (ideal_ratio(dense, args.capacity, args.seq_len) if name == "layer-drop" else
-                 sum(r["flops_ratio"] for r in thresholds()) / len(thresholds()) if thresholds() else
-                 ideal_ratio(dense, args.target, args.seq_len))
+        ratio = (
+            ideal_ratio(dense, args.capacity, args.seq_len)
+            if name == "layer-drop"
+            else sum(r["flops_ratio"] for r in thresholds()) / len(thresholds())
+            if thresholds()
+            else ideal_ratio(dense, args.target, args.seq_len)
+        )
         return dict(target_flops_ratio=ratio)
 
     for name in wanted:
@@ -408,32 +501,57 @@ def main(argv=None) -> list[dict]:
         began = time.time()
         if name == "dense-adapt":
             summary = adapt(name, copy.deepcopy(dense), **EXACTLY_DENSE)
-            record = {"router": "dense", "arguments": "", "flops_ratio": 1.0, "kept_fraction": 1.0,
-                      "valid_ppl_before": summary["valid_ppl"]["dense"]}
+            record = {
+                "router": "dense",
+                "arguments": "",
+                "flops_ratio": 1.0,
+                "kept_fraction": 1.0,
+                "valid_ppl_before": summary["valid_ppl"]["dense"],
+            }
         elif "target_flops_ratio" in (routing := spec(name)):
             dropped, drop, ratio = drop_layers(dense, routing["target_flops_ratio"], args.seq_len)
             summary = adapt(name, dropped, **EXACTLY_DENSE)
-            record = {"router": "layer-drop", "arguments": json.dumps({"dropped_layers": drop}), "flops_ratio": ratio,
-                      "valid_ppl_before": summary["valid_ppl"]["dense"], "kept_fraction": (layers - len(drop)) / layers,
-                      "target_flops_ratio": routing["target_flops_ratio"]}
+            record = {
+                "router": "layer-drop",
+                "arguments": json.dumps({"dropped_layers": drop}),
+                "flops_ratio": ratio,
+                "valid_ppl_before": summary["valid_ppl"]["dense"],
+                "kept_fraction": (layers - len(drop)) / layers,
+                "target_flops_ratio": routing["target_flops_ratio"],
+            }
         else:
             model = copy.deepcopy(dense)
             summary = adapt(name, model, **routing)
             kept = summary["kept_fraction"]["after"]
             arguments = routing.get("router_kwargs") or {"capacity": routing["capacity"]}
-            record = {"router": routing["router"], "arguments": json.dumps(arguments),
-                      "valid_ppl_before": summary["valid_ppl"]["converted_before"], "flops_ratio": summary["flops_ratio"],
-                      "kept_fraction": sum(kept.values()) / len(kept), "kept_fraction_per_layer": kept}
+            record = {
+                "router": routing["router"],
+                "arguments": json.dumps(arguments),
+                "valid_ppl_before": summary["valid_ppl"]["converted_before"],
+                "flops_ratio": summary["flops_ratio"],
+                "kept_fraction": sum(kept.values()) / len(kept),
+                "kept_fraction_per_layer": kept,
+            }
             if "capacity" in routing:  # also the training-time top-k (not causal: perplexity only)
                 record["valid_ppl_topk_routing"] = topk_routing_ppl(model, valid_blocks, args)
-        record = {"variant": name, **record, "valid_ppl": summary["valid_ppl"]["converted_after"],
-                  "skipped_steps": summary["skipped_steps"], "final_train_loss": summary["final_train_loss"],
-                  "step_time_s": summary["step_time_s"], "wall_s": time.time() - began, "command": command}
+        record = {
+            "variant": name,
+            **record,
+            "valid_ppl": summary["valid_ppl"]["converted_after"],
+            "skipped_steps": summary["skipped_steps"],
+            "final_train_loss": summary["final_train_loss"],
+            "step_time_s": summary["step_time_s"],
+            "wall_s": time.time() - began,
+            "command": command,
+        }
         records.append(record)
         records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
         write(records, args.out, meta)
-        print(f"{name}: valid ppl {record['valid_ppl']:.3f}, FLOPs ratio {record['flops_ratio']:.3f}, "
-              f"kept {record['kept_fraction']:.3f}, {record['wall_s']:.0f}s", flush=True)
+        print(
+            f"{name}: valid ppl {record['valid_ppl']:.3f}, FLOPs ratio {record['flops_ratio']:.3f}, "
+            f"kept {record['kept_fraction']:.3f}, {record['wall_s']:.0f}s",
+            flush=True,
+        )
     for goal, measured, met in goals(records):
         print(f"goal: {goal}: {measured} -> {'met' if met else 'NOT met'}", flush=True)
     print(f"{time.time() - start:.0f}s in all; records in {args.out}", flush=True)

@@ -91,18 +91,37 @@ class Scale:
     adapt_batch: int = 32
     adapt_lr: float = 3e-4
     adapt_warmup: int = 25
-    eval_blocks: int = 512      # valid and ood blocks evaluated, evenly spaced over each split
+    eval_blocks: int = 512  # valid and ood blocks evaluated, evenly spaced over each split
     calibration_samples: int = 32  # train blocks that the layer metrics are computed on ...
-    calibration_len: int = 256     # ... their first tokens (ARank takes one SVD per head and map)
+    calibration_len: int = 256  # ... their first tokens (ARank takes one SVD per head and map)
     prompts: int = 64
     prompt_len: int = 64
     generated: int = 32
-    text_chars: int = 0         # 0: whole splits; else the first N characters of each (tiny)
+    text_chars: int = 0  # 0: whole splits; else the first N characters of each (tiny)
 
 
-TINY = Scale(vocab=300, hidden=32, layers=6, heads=4, intermediate=64, seq_len=32, pretrain_epochs=1,
-             pretrain_batch=8, pretrain_lr=3e-3, pretrain_warmup=2, adapt_steps=2, adapt_batch=4, adapt_warmup=0,
-             eval_blocks=8, calibration_samples=4, calibration_len=16, prompts=4, prompt_len=8, generated=4, text_chars=30_000)
+TINY = Scale(
+    vocab=300,
+    hidden=32,
+    layers=6,
+    heads=4,
+    intermediate=64,
+    seq_len=32,
+    pretrain_epochs=1,
+    pretrain_batch=8,
+    pretrain_lr=3e-3,
+    pretrain_warmup=2,
+    adapt_steps=2,
+    adapt_batch=4,
+    adapt_warmup=0,
+    eval_blocks=8,
+    calibration_samples=4,
+    calibration_len=16,
+    prompts=4,
+    prompt_len=8,
+    generated=4,
+    text_chars=30_000,
+)
 
 LEVELS = {"0.70": 0.70, "0.55": 0.55}  # nominal FLOPs ratios; each is met by deleting whole layers
 LEARNED = ("topk", "threshold-p", "attention")
@@ -159,8 +178,9 @@ VARIANTS = {
     # routers that start from what their layer does, or learn faster (the routers barely beat random)
     "topk-fit": Variant("topk", "every-other", recipe={"router_init": "update-size"}),
     "topk-distill-fit": Variant("topk", "every-other", recipe={"distill": 1.0, "router_init": "update-size"}),
-    "threshold-p-all-distill-fit": Variant("threshold-p", "all-but-first",
-                                           recipe={"distill": 1.0, "router_init": "update-size"}),
+    "threshold-p-all-distill-fit": Variant(
+        "threshold-p", "all-but-first", recipe={"distill": 1.0, "router_init": "update-size"}
+    ),
     "topk-router-lr10": Variant("topk", "every-other", recipe={"router_lr_scale": 10.0}),
     # soft deletion: routers on one or two more evenly spaced layers than deletion removes
     "topk-even+1": Variant("topk", "even+1"),
@@ -177,8 +197,10 @@ STEP_OPTIONS = ("capacity_warmup", "router_steps")  # given as fractions of the 
 
 def recipe_options(variant: Variant, steps: int) -> dict:
     """The variant's lm-adapt options, step counts resolved (at least 1, less than `steps`)."""
-    return {key: min(steps - 1, max(1, round(value * steps))) if key in STEP_OPTIONS else value
-            for key, value in variant.recipe.items()}
+    return {
+        key: min(steps - 1, max(1, round(value * steps))) if key in STEP_OPTIONS else value
+        for key, value in variant.recipe.items()
+    }
 
 
 THRESHOLD_ALPHA = 0.1  # threshold-p's load-loss weight (the small-scale benchmark's best)
@@ -206,12 +228,17 @@ def train_tokenizer(text: str, vocab: int, directory: Path):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     step = 1 << 20
-    backend.train_from_iterator((text[i:i + step] for i in range(0, len(text), step)), trainer, length=len(text))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                        model_max_length=1 << 30)
+    backend.train_from_iterator((text[i : i + step] for i in range(0, len(text), step)), trainer, length=len(text))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS, bos_token=EOS, unk_token=EOS, model_max_length=1 << 30
+    )
     tokenizer.save_pretrained(str(directory))
     return tokenizer
 
@@ -242,14 +269,23 @@ def prepare_data(args: argparse.Namespace, scale: Scale, work: Path) -> dict:
     blocks = {split: pack(ids[split], scale.seq_len, split) for split in SPLITS}
     valid = spread(blocks["valid"], scale.eval_blocks)
     data = {
-        "train": blocks["train"], "valid": valid, "ood": spread(blocks["ood"], scale.eval_blocks),
+        "train": blocks["train"],
+        "valid": valid,
+        "ood": spread(blocks["ood"], scale.eval_blocks),
         "prompts": spread(blocks["valid"], scale.prompts)[:, : scale.prompt_len],
-        "calibration": blocks["train"][torch.randperm(len(blocks["train"]),
-                                                      generator=torch.Generator().manual_seed(0))[: scale.calibration_samples]],
-        "stats": {"characters": {s: len(t) for s, t in texts.items()}, "tokens": {s: len(i) for s, i in ids.items()},
-                  "blocks": {s: len(b) for s, b in blocks.items()},
-                  "calibration_len": scale.calibration_len,
-                  "tokenizer_sha256": file_sha256(tok_dir / "tokenizer.json"), "prepare_s": time.time() - began},
+        "calibration": blocks["train"][
+            torch.randperm(len(blocks["train"]), generator=torch.Generator().manual_seed(0))[
+                : scale.calibration_samples
+            ]
+        ],
+        "stats": {
+            "characters": {s: len(t) for s, t in texts.items()},
+            "tokens": {s: len(i) for s, i in ids.items()},
+            "blocks": {s: len(b) for s, b in blocks.items()},
+            "calibration_len": scale.calibration_len,
+            "tokenizer_sha256": file_sha256(tok_dir / "tokenizer.json"),
+            "prepare_s": time.time() - began,
+        },
     }
     torch.save(data, cache)
     print(f"data: {data['stats']['tokens']} tokens ({data['stats']['prepare_s']:.0f}s)", flush=True)
@@ -260,10 +296,19 @@ def prepare_data(args: argparse.Namespace, scale: Scale, work: Path) -> dict:
 def build_dense(scale: Scale, seed: int) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=scale.vocab, hidden_size=scale.hidden, intermediate_size=scale.intermediate,
-                         num_hidden_layers=scale.layers, num_attention_heads=scale.heads,
-                         num_key_value_heads=scale.heads, max_position_embeddings=max(2048, scale.seq_len),
-                         bos_token_id=0, eos_token_id=0, pad_token_id=None, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=scale.vocab,
+        hidden_size=scale.hidden,
+        intermediate_size=scale.intermediate,
+        num_hidden_layers=scale.layers,
+        num_attention_heads=scale.heads,
+        num_key_value_heads=scale.heads,
+        max_position_embeddings=max(2048, scale.seq_len),
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -291,14 +336,21 @@ def pretrain(model: nn.Module, data: dict, scale: Scale, device: torch.device, s
     if cuda:  # strict: SDPA then takes flash attention's deterministic backward, never cuDNN's
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=scale.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=cuda)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=scale.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(scale.pretrain_warmup, steps))
     step_fn = torch.compile(model) if cuda else model
     log_every = max(1, steps // 100)
-    curve = {"step": [], "train_loss": [], "valid_step": [], "valid_loss": [], "tokens_per_step":
-             scale.pretrain_batch * scale.seq_len, "steps": steps,
-             "deterministic": "strict" if cuda else "cpu"}
+    curve = {
+        "step": [],
+        "train_loss": [],
+        "valid_step": [],
+        "valid_loss": [],
+        "tokens_per_step": scale.pretrain_batch * scale.seq_len,
+        "steps": steps,
+        "deterministic": "strict" if cuda else "cpu",
+    }
 
     def forward_backward(batch: torch.Tensor) -> torch.Tensor:
         with autocast(device):
@@ -311,7 +363,9 @@ def pretrain(model: nn.Module, data: dict, scale: Scale, device: torch.device, s
     for epoch in range(scale.pretrain_epochs):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         for i in range(steps_per_epoch):
-            batch = train[order[i * scale.pretrain_batch:(i + 1) * scale.pretrain_batch]].to(device, non_blocking=True)
+            batch = train[order[i * scale.pretrain_batch : (i + 1) * scale.pretrain_batch]].to(
+                device, non_blocking=True
+            )
             try:
                 loss = forward_backward(batch)
             except RuntimeError as error:  # an op without a deterministic kernel: say so, go on
@@ -338,8 +392,11 @@ def pretrain(model: nn.Module, data: dict, scale: Scale, device: torch.device, s
                 curve["valid_step"].append(step)
                 curve["valid_loss"].append(mean_loss(model, data["valid"], scale.pretrain_batch, device))
                 model.train()
-                print(f"pretrain step {step}/{steps}: train {curve['train_loss'][-1]:.4f} valid "
-                      f"{curve['valid_loss'][-1]:.4f} ({time.time() - began:.0f}s)", flush=True)
+                print(
+                    f"pretrain step {step}/{steps}: train {curve['train_loss'][-1]:.4f} valid "
+                    f"{curve['valid_loss'][-1]:.4f} ({time.time() - began:.0f}s)",
+                    flush=True,
+                )
     curve["pretrain_s"] = time.time() - began
     curve["tokens_per_s"] = steps * curve["tokens_per_step"] / curve["pretrain_s"]
     return curve
@@ -383,17 +440,26 @@ def pretrained_model(args: argparse.Namespace, scale: Scale, data: dict, work: P
         torch.cuda.empty_cache()  # the adaptation workers share the device
     round_to_bf16(model)
     model.eval()
-    record = {"model": {"params": sum(p.numel() for p in model.parameters()), **asdict(scale)},
-              "data": data["stats"], "seed": args.seed, **dense_eval(model, data, scale, device),
-              "weights_sha256": weights_sha256(model), "curve": curve, "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    record = {
+        "model": {"params": sum(p.numel() for p in model.parameters()), **asdict(scale)},
+        "data": data["stats"],
+        "seed": args.seed,
+        **dense_eval(model, data, scale, device),
+        "weights_sha256": weights_sha256(model),
+        "curve": curve,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    }
     check_rebuild(args, record)
     model.to(torch.bfloat16).save_pretrained(str(directory))
     model.float()
     data["tokenizer"].save_pretrained(str(directory))
     record_file.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"pretrained: {record['model']['params'] / 1e6:.1f}M parameters, valid ppl {record['valid_ppl']:.3f}, "
-          f"ood ppl {record['ood_ppl']:.3f}, {curve['tokens_per_s']:,.0f} tokens/s", flush=True)
+    print(
+        f"pretrained: {record['model']['params'] / 1e6:.1f}M parameters, valid ppl {record['valid_ppl']:.3f}, "
+        f"ood ppl {record['ood_ppl']:.3f}, {curve['tokens_per_s']:,.0f} tokens/s",
+        flush=True,
+    )
     return model, record
 
 
@@ -411,14 +477,22 @@ def check_rebuild(args: argparse.Namespace, record: dict) -> None:
     known = json.loads(PRETRAIN_RECORD.read_text())
     same_tokenizer = known["data"]["tokenizer_sha256"] == record["data"]["tokenizer_sha256"]
     drift = abs(record["valid_loss"] - known["valid_loss"]) / known["valid_loss"]
-    record["rebuild"] = {"recorded_valid_loss": known["valid_loss"], "relative_difference": drift,
-                         "same_weights": known.get("weights_sha256") == record["weights_sha256"]}
+    record["rebuild"] = {
+        "recorded_valid_loss": known["valid_loss"],
+        "relative_difference": drift,
+        "same_weights": known.get("weights_sha256") == record["weights_sha256"],
+    }
     if not same_tokenizer or drift > REBUILD_TOLERANCE:
-        raise SystemExit(f"the rebuilt model is not the recorded one (tokenizer same: {same_tokenizer}, valid loss "
-                         f"{record['valid_loss']:.5f} vs {known['valid_loss']:.5f}); pass --new-pretrained to "
-                         "record a new one")
-    print(f"rebuilt model matches the record: valid loss {record['valid_loss']:.5f} vs {known['valid_loss']:.5f} "
-          f"(weights identical: {record['rebuild']['same_weights']})", flush=True)
+        raise SystemExit(
+            f"the rebuilt model is not the recorded one (tokenizer same: {same_tokenizer}, valid loss "
+            f"{record['valid_loss']:.5f} vs {known['valid_loss']:.5f}); pass --new-pretrained to "
+            "record a new one"
+        )
+    print(
+        f"rebuilt model matches the record: valid loss {record['valid_loss']:.5f} vs {known['valid_loss']:.5f} "
+        f"(weights identical: {record['rebuild']['same_weights']})",
+        flush=True,
+    )
 
 
 # --- layer metrics, levels, placements ----------------------------------------------------------------
@@ -510,8 +584,9 @@ def layer_need(scores: dict, metric: str, routed: list[int]) -> list[float]:
     return [scores["arank"][i] if metric == "arank" else 1.0 - scores["cosine"][i] for i in routed]
 
 
-def solve_capacities(model: nn.Module, routed: list[int], need: list[float], target: float,
-                     tokens: int) -> dict[int, float] | None:
+def solve_capacities(
+    model: nn.Module, routed: list[int], need: list[float], target: float, tokens: int
+) -> dict[int, float] | None:
     """Per-layer capacities `min(1, s * need)` (at least one token) with the largest `s` whose FLOPs
     ratio does not exceed `target`; None when one token per layer already exceeds it."""
     table = dense_table(model, routed)
@@ -534,7 +609,9 @@ def task_id(task: dict) -> str:
     return f"{task['variant']}@{task['level']}#s{task['seed']}"
 
 
-def plan(model: nn.Module, scale: Scale, scores: dict, variants: list[str], seeds: list[int]) -> tuple[list[dict], list[str]]:
+def plan(
+    model: nn.Module, scale: Scale, scores: dict, variants: list[str], seeds: list[int]
+) -> tuple[list[dict], list[str]]:
     """Every (variant, level, seed) task in run order (all variants of a seed before the next
     seed), and notes on what cannot run (a placement that cannot reach a level's FLOPs)."""
     layers, T = model.config.num_hidden_layers, scale.seq_len
@@ -554,20 +631,25 @@ def plan(model: nn.Module, scale: Scale, scores: dict, variants: list[str], seed
                 else:
                     routed = placement_layers(spec_of.placement, layers, scores, spec["drop"])
                     if spec_of.capacities:
-                        capacities = solve_capacities(model, routed, layer_need(scores, spec_of.capacities, routed),
-                                                      spec["flops_ratio"], T)
+                        capacities = solve_capacities(
+                            model, routed, layer_need(scores, spec_of.capacities, routed), spec["flops_ratio"], T
+                        )
                         capacity = None if capacities is None else sum(capacities.values()) / len(capacities)
                     else:
                         capacities = None
-                        capacity = solve_capacity(model, routed, spec["flops_ratio"], T,
-                                                  router_extra_flops(model, spec_of.router, routed, T))
+                        capacity = solve_capacity(
+                            model, routed, spec["flops_ratio"], T, router_extra_flops(model, spec_of.router, routed, T)
+                        )
                     if capacity is None:
                         if seed == seeds[0]:
-                            notes.append(f"{variant} at {level}: routers on {spec_of.placement} layers {routed} cannot "
-                                         f"reach FLOPs {spec['flops_ratio']:.3f} (the dense layers alone exceed it)")
+                            notes.append(
+                                f"{variant} at {level}: routers on {spec_of.placement} layers {routed} cannot "
+                                f"reach FLOPs {spec['flops_ratio']:.3f} (the dense layers alone exceed it)"
+                            )
                         continue
-                    task.update(router=spec_of.router, placement=spec_of.placement, routed_layers=routed,
-                                capacity=capacity)
+                    task.update(
+                        router=spec_of.router, placement=spec_of.placement, routed_layers=routed, capacity=capacity
+                    )
                     if capacities:
                         task["capacities"] = {str(i): c for i, c in capacities.items()}
                 tasks.append(task)
@@ -582,13 +664,20 @@ def static_drop(task: dict, scores: dict, layers: int) -> list[int]:
 
 
 @torch.no_grad()
-def reference_continuations(dense: nn.Module, prompts: torch.Tensor, scale: Scale, device: torch.device) -> torch.Tensor:
+def reference_continuations(
+    dense: nn.Module, prompts: torch.Tensor, scale: Scale, device: torch.device
+) -> torch.Tensor:
     """The dense model's greedy continuations of the prompts: `[P, prompt_len + generated]`."""
     dense.to(device).eval()
     with autocast(device):
-        out = dense.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
-                             max_new_tokens=scale.generated, min_new_tokens=scale.generated, do_sample=False,
-                             pad_token_id=0)
+        out = dense.generate(
+            prompts.to(device),
+            attention_mask=torch.ones_like(prompts, device=device),
+            max_new_tokens=scale.generated,
+            min_new_tokens=scale.generated,
+            do_sample=False,
+            pad_token_id=0,
+        )
     return out.cpu()
 
 
@@ -599,7 +688,7 @@ def agreement(model: nn.Module, sequences: torch.Tensor, prompt_len: int, device
     model.eval()
     with autocast(device):
         logits = model(input_ids=sequences.to(device), use_cache=False).logits
-    predicted = logits[:, prompt_len - 1:-1].argmax(-1).cpu()
+    predicted = logits[:, prompt_len - 1 : -1].argmax(-1).cpu()
     return float((predicted == sequences[:, prompt_len:]).float().mean())
 
 
@@ -640,52 +729,94 @@ def run_task(task: dict, ctx: dict) -> dict:
             kwargs.update(alpha=THRESHOLD_ALPHA, target=task["capacity"])
         if task["router"] == "random":  # the control's choice of tokens varies with the seed too
             kwargs["seed"] = task["seed"]
-        routing = {"router": task["router"], "capacity": task["capacity"],
-                   "layers": ",".join(map(str, task["routed_layers"])), "router_kwargs": kwargs}
+        routing = {
+            "router": task["router"],
+            "capacity": task["capacity"],
+            "layers": ",".join(map(str, task["routed_layers"])),
+            "router_kwargs": kwargs,
+        }
         if task.get("capacities"):  # converted here, each layer's router given its own share
             torch.manual_seed(task["seed"])
-            modadapt.convert(model, router=task["router"], capacity=task["capacity"], layers=task["routed_layers"],
-                             router_kwargs=kwargs)
+            modadapt.convert(
+                model,
+                router=task["router"],
+                capacity=task["capacity"],
+                layers=task["routed_layers"],
+                router_kwargs=kwargs,
+            )
             for layer in modadapt.mod_layers(model):
                 layer.router.target_share = task["capacities"][str(layer.mod_state.index)]
     cfg = LMAdaptConfig(
-        data=str(Path(args.data_dir) / "train.txt.gz"), valid_data=str(Path(args.data_dir) / "valid.txt.gz"),
-        output=str(out), seq_len=scale.seq_len, batch_size=scale.adapt_batch, max_steps=steps,
-        lr=scale.adapt_lr, warmup_steps=scale.adapt_warmup, train="all",
-        mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
-        eval_batch_size=scale.adapt_batch, progress=False, seed=task["seed"], **routing, **options)
+        data=str(Path(args.data_dir) / "train.txt.gz"),
+        valid_data=str(Path(args.data_dir) / "valid.txt.gz"),
+        output=str(out),
+        seq_len=scale.seq_len,
+        batch_size=scale.adapt_batch,
+        max_steps=steps,
+        lr=scale.adapt_lr,
+        warmup_steps=scale.adapt_warmup,
+        train="all",
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        cpu=device.type == "cpu",
+        eval_batch_size=scale.adapt_batch,
+        progress=False,
+        seed=task["seed"],
+        **routing,
+        **options,
+    )
     if out.exists():
         shutil.rmtree(out)
     began = time.time()
     summary = run(cfg, model=model, tokenizer=data["tokenizer"], blocks=(data["train"], data["valid"]))
     ood = mean_loss(model, data["ood"], scale.adapt_batch, device)
     record = {
-        "variant": task["variant"], "level": task["level"], "seed": task["seed"],
-        "params": sum(p.numel() for p in model.parameters()), "layers": layers - len(drop or []),
-        "valid_ppl": summary["valid_ppl"]["converted_after"], "ood_ppl": math.exp(ood),
+        "variant": task["variant"],
+        "level": task["level"],
+        "seed": task["seed"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "layers": layers - len(drop or []),
+        "valid_ppl": summary["valid_ppl"]["converted_after"],
+        "ood_ppl": math.exp(ood),
         "valid_ppl_before": summary["valid_ppl"]["converted_before"],
         "agreement": agreement(model, ctx["reference"], scale.prompt_len, device),
-        "adapt_tokens": summary["steps"] * scale.adapt_batch * scale.seq_len, "adapt_steps": summary["steps"],
-        "adapt_s": summary["train_time_s"], "wall_s": time.time() - began, "skipped_steps": summary["skipped_steps"],
+        "adapt_tokens": summary["steps"] * scale.adapt_batch * scale.seq_len,
+        "adapt_steps": summary["steps"],
+        "adapt_s": summary["train_time_s"],
+        "wall_s": time.time() - began,
+        "skipped_steps": summary["skipped_steps"],
         "final_train_loss": summary["final_train_loss"],
         "train_loss_start": sum(summary["history"]["loss"][:10]) / len(summary["history"]["loss"][:10]),
         "train_loss_end": sum(summary["history"]["loss"][-10:]) / len(summary["history"]["loss"][-10:]),
         "target_flops_ratio": task.get("target_flops_ratio", 1.0),
-        "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"], "jobs": args.jobs, "command": ctx["command"],
+        "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"],
+        "jobs": args.jobs,
+        "command": ctx["command"],
     }
     record["recipe_options"] = options
     record["budget"] = variant.budget
     if drop is not None:
-        record.update(router=variant.router, placement=",".join(map(str, drop)), dropped_layers=drop,
-                      flops_ratio=drop_ratio(dense, drop, scale.seq_len), kept_fraction=(layers - len(drop)) / layers)
+        record.update(
+            router=variant.router,
+            placement=",".join(map(str, drop)),
+            dropped_layers=drop,
+            flops_ratio=drop_ratio(dense, drop, scale.seq_len),
+            kept_fraction=(layers - len(drop)) / layers,
+        )
     elif task["variant"] == "dense-adapt":
         record.update(router="dense-adapt", placement="-", flops_ratio=1.0, kept_fraction=1.0)
     else:
         kept = summary["kept_fraction"]["after"]
-        record.update(router=task["router"], placement=task["placement"], routed_layers=task["routed_layers"],
-                      capacity=task["capacity"], flops_ratio=summary["flops_ratio"],
-                      kept_fraction=sum(kept.values()) / len(kept), kept_fraction_per_layer=kept,
-                      router_kwargs=routing["router_kwargs"], capacities=task.get("capacities"))
+        record.update(
+            router=task["router"],
+            placement=task["placement"],
+            routed_layers=task["routed_layers"],
+            capacity=task["capacity"],
+            flops_ratio=summary["flops_ratio"],
+            kept_fraction=sum(kept.values()) / len(kept),
+            kept_fraction_per_layer=kept,
+            router_kwargs=routing["router_kwargs"],
+            capacities=task.get("capacities"),
+        )
     if task.get("router") in CAPACITY_ROUTERS:  # also the training-time top-k (not causal: perplexity only)
         record["valid_ppl_topk_routing"] = topk_routing_ppl(model, data["valid"], scale.adapt_batch, device)
     for name in ("checkpoint", "model"):  # 1.2 GB per run: a table of 60 runs would fill the disk
@@ -718,12 +849,19 @@ def aggregate(records: list[dict]) -> dict:
         groups.setdefault((r["level"], r["variant"]), []).append(r)
     out = {}
     for key, rows in groups.items():
-        stats = {m: mean_std([r[m] for r in rows]) for m in ("valid_ppl", "ood_ppl", "flops_ratio", "kept_fraction",
-                                                              "agreement")}
-        out[key] = {**stats, "seeds": len(rows), "router": rows[0]["router"], "placement": rows[0]["placement"],
-                    "budget": rows[0].get("budget", 1),
-                    "finite": all(math.isfinite(r["valid_ppl"]) and math.isfinite(r["ood_ppl"]) for r in rows),
-                    "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows)}
+        stats = {
+            m: mean_std([r[m] for r in rows])
+            for m in ("valid_ppl", "ood_ppl", "flops_ratio", "kept_fraction", "agreement")
+        }
+        out[key] = {
+            **stats,
+            "seeds": len(rows),
+            "router": rows[0]["router"],
+            "placement": rows[0]["placement"],
+            "budget": rows[0].get("budget", 1),
+            "finite": all(math.isfinite(r["valid_ppl"]) and math.isfinite(r["ood_ppl"]) for r in rows),
+            "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows),
+        }
     return out
 
 
@@ -748,39 +886,74 @@ def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
             sm, ss = static[best_s][metric]
             seeds = min(learned[best_l]["seeds"], static[best_s]["seeds"])
             margin = max(ls, ss)
-            out.append((f"FLOPs {level}: best learned router beats best static baseline on {label} ppl by > max std",
-                        f"{best_l} {fmt(learned[best_l][metric])} vs {best_s} {fmt(static[best_s][metric])} "
-                        f"({seeds} seed{'s' if seeds != 1 else ''})", seeds >= 2 and lm + margin < sm))
+            out.append(
+                (
+                    f"FLOPs {level}: best learned router beats best static baseline on {label} ppl by > max std",
+                    f"{best_l} {fmt(learned[best_l][metric])} vs {best_s} {fmt(static[best_s][metric])} "
+                    f"({seeds} seed{'s' if seeds != 1 else ''})",
+                    seeds >= 2 and lm + margin < sm,
+                )
+            )
     adapted = table.get(("1.00", "dense-adapt"))
     thresholds = {k: s for k, s in table.items() if s["router"] == "threshold-p" and s["flops_ratio"][0] <= 0.70 + 1e-9}
     if adapted and thresholds:
         key = min(thresholds, key=lambda k: thresholds[k]["valid_ppl"][0])
         ratio = thresholds[key]["valid_ppl"][0] / adapted["valid_ppl"][0]
-        out.append(("threshold-p within 2% of dense-adapt valid ppl at <= 0.70 FLOPs",
-                    f"{key[1]} at {key[0]}: {fmt(thresholds[key]['valid_ppl'])} = {ratio:.4f} x dense-adapt "
-                    f"{fmt(adapted['valid_ppl'])}, FLOPs {thresholds[key]['flops_ratio'][0]:.3f}", ratio <= 1.02))
+        out.append(
+            (
+                "threshold-p within 2% of dense-adapt valid ppl at <= 0.70 FLOPs",
+                f"{key[1]} at {key[0]}: {fmt(thresholds[key]['valid_ppl'])} = {ratio:.4f} x dense-adapt "
+                f"{fmt(adapted['valid_ppl'])}, FLOPs {thresholds[key]['flops_ratio'][0]:.3f}",
+                ratio <= 1.02,
+            )
+        )
     for (level, variant), s in table.items():
         if s["router"] not in LEARNED:
             continue
-        control = next(((k, c) for k, c in table.items() if k[0] == level and c["router"] == "random"
-                        and c["placement"] == s["placement"]), None)
+        control = next(
+            (
+                (k, c)
+                for k, c in table.items()
+                if k[0] == level and c["router"] == "random" and c["placement"] == s["placement"]
+            ),
+            None,
+        )
         if control is None:
             continue
         matched = abs(control[1]["flops_ratio"][0] - s["flops_ratio"][0]) <= MATCHED
-        out.append((f"{variant} beats random at FLOPs {level}",
-                    f"{fmt(s['valid_ppl'])} vs {control[0][1]} {fmt(control[1]['valid_ppl'])} (FLOPs "
-                    f"{s['flops_ratio'][0]:.3f} vs {control[1]['flops_ratio'][0]:.3f}"
-                    f"{'' if matched else ', not matched'})", matched and s["valid_ppl"][0] < control[1]["valid_ppl"][0]))
+        out.append(
+            (
+                f"{variant} beats random at FLOPs {level}",
+                f"{fmt(s['valid_ppl'])} vs {control[0][1]} {fmt(control[1]['valid_ppl'])} (FLOPs "
+                f"{s['flops_ratio'][0]:.3f} vs {control[1]['flops_ratio'][0]:.3f}"
+                f"{'' if matched else ', not matched'})",
+                matched and s["valid_ppl"][0] < control[1]["valid_ppl"][0],
+            )
+        )
     # Divergence: a non-finite perplexity, skipped (non-finite) steps, or a training loss that ends
     # higher than it started (first and last ten steps).
     runs = [r for r in records if r["variant"] != "dense"]
-    broken = [task_id(r) for r in runs if not (math.isfinite(r["valid_ppl"]) and math.isfinite(r["ood_ppl"]))
-              or r.get("skipped_steps") or r.get("train_loss_end", -math.inf) > r.get("train_loss_start", math.inf) + DIVERGED]
+    broken = [
+        task_id(r)
+        for r in runs
+        if not (math.isfinite(r["valid_ppl"]) and math.isfinite(r["ood_ppl"]))
+        or r.get("skipped_steps")
+        or r.get("train_loss_end", -math.inf) > r.get("train_loss_start", math.inf) + DIVERGED
+    ]
     curves = sum("train_loss_end" in r for r in runs)
     if runs:
-        out.append(("no NaN or divergence", (f"all {len(runs)} runs finite, no skipped steps, training loss of "
-                    f"{curves} recorded curves ends below its start + {DIVERGED}") if not broken else
-                    f"non-finite, skipped steps or rising loss in {', '.join(broken)}", not broken))
+        out.append(
+            (
+                "no NaN or divergence",
+                (
+                    f"all {len(runs)} runs finite, no skipped steps, training loss of "
+                    f"{curves} recorded curves ends below its start + {DIVERGED}"
+                )
+                if not broken
+                else f"non-finite, skipped steps or rising loss in {', '.join(broken)}",
+                not broken,
+            )
+        )
     return out
 
 
@@ -793,29 +966,50 @@ def write(records: list[dict], out: Path) -> None:
     meta = {"description": dense.get("description", ""), "notes": dense.get("notes", [])}
     table = aggregate(records)
     fmt = lambda s, d=3: f"{s[0]:.{d}f} ± {s[1]:.{d}f}"  # noqa: E731
-    lines = [f"# LM quality at scale: {meta['description']}", "", "Produced by (each call adds runs):", "",
-             *(f"    {c}" for c in dict.fromkeys(r["command"] for r in records if r.get("command"))), ""]
+    lines = [
+        f"# LM quality at scale: {meta['description']}",
+        "",
+        "Produced by (each call adds runs):",
+        "",
+        *(f"    {c}" for c in dict.fromkeys(r["command"] for r in records if r.get("command"))),
+        "",
+    ]
     for level in ("1.00", *LEVELS):
         rows = [(k, s) for k, s in table.items() if k[0] == level]
         if not rows:
             continue
         title = "dense and dense-adapt" if level == "1.00" else f"FLOPs level {level}"
-        lines += [f"## {title}", "", "| variant | router | placement | seeds | valid ppl | ood ppl | FLOPs / dense | "
-                  "kept fraction | agreement |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {title}",
+            "",
+            "| variant | router | placement | seeds | valid ppl | ood ppl | FLOPs / dense | "
+            "kept fraction | agreement |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for (_, variant), s in rows:
-            lines.append(f"| {variant} | {s['router']} | {s['placement']} | {s['seeds']} | {fmt(s['valid_ppl'])} | "
-                         f"{fmt(s['ood_ppl'])} | {fmt(s['flops_ratio'])} | {fmt(s['kept_fraction'])} | "
-                         f"{fmt(s['agreement'])} |")
+            lines.append(
+                f"| {variant} | {s['router']} | {s['placement']} | {s['seeds']} | {fmt(s['valid_ppl'])} | "
+                f"{fmt(s['ood_ppl'])} | {fmt(s['flops_ratio'])} | {fmt(s['kept_fraction'])} | "
+                f"{fmt(s['agreement'])} |"
+            )
         lines.append("")
     lines += ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {g} | {m} | {'yes' if ok else '**no**'} |" for g, m, ok in goals(records)]
     rebuilt = [r for r in records if abs(r.get("pretrained_valid_ppl", dense["valid_ppl"]) - dense["valid_ppl"]) > 1e-6]
     if rebuilt:
-        lines += ["", "## Runs from a rebuilt pretrained model", "",
-                  "These runs started from a rebuild whose valid loss matched the record within the tolerance but "
-                  "whose weights were not identical:", "",
-                  *(f"- {task_id(r)}: pretrained valid ppl {r['pretrained_valid_ppl']:.3f} (recorded "
-                    f"{dense['valid_ppl']:.3f})" for r in rebuilt)]
+        lines += [
+            "",
+            "## Runs from a rebuilt pretrained model",
+            "",
+            "These runs started from a rebuild whose valid loss matched the record within the tolerance but "
+            "whose weights were not identical:",
+            "",
+            *(
+                f"- {task_id(r)}: pretrained valid ppl {r['pretrained_valid_ppl']:.3f} (recorded "
+                f"{dense['valid_ppl']:.3f})"
+                for r in rebuilt
+            ),
+        ]
     if meta["notes"]:
         lines += ["", "## Not run", "", *(f"- {n}" for n in meta["notes"])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -826,7 +1020,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="directory with train/valid/ood .txt.gz")
     p.add_argument("--work", default="/tmp/modadapt-lm-scale", help="tokenizer, pretrained model, runs, records")
-    p.add_argument("--out", help=f"JSON records (default {RESULTS.relative_to(ROOT.parent)}; --tiny: WORK/lm_quality_scale.json)")
+    p.add_argument(
+        "--out", help=f"JSON records (default {RESULTS.relative_to(ROOT.parent)}; --tiny: WORK/lm_quality_scale.json)"
+    )
     p.add_argument("--tiny", action="store_true", help="tiny model and budget on slices of the text (CPU, the tests)")
     p.add_argument("--variants", default="all", help=f"comma list (default: all): {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="adaptation seeds (the pretrained model is one)")
@@ -834,8 +1030,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="adaptations run at once (processes on one device)")
     p.add_argument("--budget-s", type=float, default=0, help="start no run after this many seconds (0: no limit)")
     p.add_argument("--append", action="store_true", help="keep the records already in --out and skip their runs")
-    p.add_argument("--new-pretrained", action="store_true", help="record the pretrained model built now as the "
-                   "reference (else a rebuild must match the recorded one)")
+    p.add_argument(
+        "--new-pretrained",
+        action="store_true",
+        help="record the pretrained model built now as the reference (else a rebuild must match the recorded one)",
+    )
     p.add_argument("--table-only", action="store_true", help="only rewrite the Markdown table from the --out records")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run tasks from this plan file
     args = p.parse_args(argv)
@@ -859,8 +1058,18 @@ def context(args: argparse.Namespace, command: str) -> dict:
     reference_file = work / "reference.pt"
     if not reference_file.is_file():
         torch.save(reference_continuations(dense, data["prompts"], scale, device), reference_file)
-    return {"args": args, "scale": scale, "work": work, "device": device, "data": data, "dense": dense,
-            "pretrain": record, "scores": scores, "reference": torch.load(reference_file), "command": command}
+    return {
+        "args": args,
+        "scale": scale,
+        "work": work,
+        "device": device,
+        "data": data,
+        "dense": dense,
+        "pretrain": record,
+        "scores": scores,
+        "reference": torch.load(reference_file),
+        "command": command,
+    }
 
 
 def claim(work: Path, task: dict) -> bool:
@@ -896,9 +1105,12 @@ def work_through(ctx: dict, plan_file: Path) -> None:
                 print(f"{task_id(task)}: out of device memory; given back, this worker stops", flush=True)
                 return
             (work / "records" / f"{task_id(task)}.json").write_text(json.dumps(record, indent=2) + "\n")
-            print(f"{task_id(task)}: valid ppl {record['valid_ppl']:.3f}, ood {record['ood_ppl']:.3f}, FLOPs "
-                  f"{record['flops_ratio']:.3f}, kept {record['kept_fraction']:.3f}, agreement "
-                  f"{record['agreement']:.3f}, {record['wall_s']:.0f}s", flush=True)
+            print(
+                f"{task_id(task)}: valid ppl {record['valid_ppl']:.3f}, ood {record['ood_ppl']:.3f}, FLOPs "
+                f"{record['flops_ratio']:.3f}, kept {record['kept_fraction']:.3f}, agreement "
+                f"{record['agreement']:.3f}, {record['wall_s']:.0f}s",
+                flush=True,
+            )
 
 
 def main(argv=None) -> list[dict]:
@@ -930,8 +1142,9 @@ def main(argv=None) -> list[dict]:
         if path.name not in done:
             path.unlink()  # a claim whose run never finished (an interrupted call) is free again
     plan_file = work / "plan.json"
-    plan_file.write_text(json.dumps({"tasks": pending, "deadline": start + args.budget_s if args.budget_s else 0,
-                                     "command": command}))
+    plan_file.write_text(
+        json.dumps({"tasks": pending, "deadline": start + args.budget_s if args.budget_s else 0, "command": command})
+    )
     print(f"{len(pending)} of {len(tasks)} runs to do; levels {levels(dense, scale.seq_len)}", flush=True)
     if args.jobs == 1:
         work_through(ctx, plan_file)
@@ -946,13 +1159,27 @@ def main(argv=None) -> list[dict]:
             print(f"worker exit codes {codes}; see {work}/worker-*.log", flush=True)
     records = merge_records(args, work)
     dense = next((r for r in records if r["variant"] == "dense"), None) or {  # the recorded one stays
-        "variant": "dense", "level": "1.00", "seed": args.seed, "router": "dense", "placement": "-",
-        "params": ctx["pretrain"]["model"]["params"], "layers": scale.layers, "flops_ratio": 1.0, "kept_fraction": 1.0,
-        "valid_ppl": ctx["pretrain"]["valid_ppl"], "ood_ppl": ctx["pretrain"]["ood_ppl"], "agreement": 1.0,
-        "adapt_tokens": 0, "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"], "command": command}
-    dense["description"] = (f"Llama {scale.layers} x {scale.hidden}, {dense['params'] / 1e6:.1f}M parameters, BPE "
-                            f"{scale.vocab}, {scale.adapt_steps} adaptation steps of {scale.adapt_batch} x "
-                            f"{scale.seq_len} tokens")
+        "variant": "dense",
+        "level": "1.00",
+        "seed": args.seed,
+        "router": "dense",
+        "placement": "-",
+        "params": ctx["pretrain"]["model"]["params"],
+        "layers": scale.layers,
+        "flops_ratio": 1.0,
+        "kept_fraction": 1.0,
+        "valid_ppl": ctx["pretrain"]["valid_ppl"],
+        "ood_ppl": ctx["pretrain"]["ood_ppl"],
+        "agreement": 1.0,
+        "adapt_tokens": 0,
+        "pretrained_valid_ppl": ctx["pretrain"]["valid_ppl"],
+        "command": command,
+    }
+    dense["description"] = (
+        f"Llama {scale.layers} x {scale.hidden}, {dense['params'] / 1e6:.1f}M parameters, BPE "
+        f"{scale.vocab}, {scale.adapt_steps} adaptation steps of {scale.adapt_batch} x "
+        f"{scale.seq_len} tokens"
+    )
     dense["notes"] = notes
     records = [dense] + [r for r in records if r["variant"] != "dense"]
     write(records, Path(args.out))

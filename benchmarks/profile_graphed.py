@@ -44,8 +44,10 @@ def main() -> int:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         decoder.decode(args.steps)
         torch.cuda.synchronize()
-    print(f"# batch {args.batch}, router {args.router}, branches {decoder.branches_for(args.batch)}; "
-          f"per-step times are totals / {args.steps}")
+    print(
+        f"# batch {args.batch}, router {args.router}, branches {decoder.branches_for(args.batch)}; "
+        f"per-step times are totals / {args.steps}"
+    )
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
     return 0
 

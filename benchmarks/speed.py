@@ -42,8 +42,8 @@ import torch.nn.functional as F
 import modadapt
 from modadapt import varlen
 from modadapt.masks import subset_attention_mask
-from modadapt.mod_layer import can_pack
 from modadapt.metrics.flops import processing_flops, sequence_flops
+from modadapt.mod_layer import can_pack
 from modadapt.routers.base import RoutingContext, kept_count
 
 # --------------------------------------------------------------------------------------------
@@ -51,40 +51,72 @@ from modadapt.routers.base import RoutingContext, kept_count
 # --------------------------------------------------------------------------------------------
 
 FULL = dict(
-    model=dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=32000, max_position_embeddings=34816),
-    prefill=[dict(batch=1, seq=4096, goals={"topk": 1.6}),
-             dict(batch=8, seq=2048, goals={"topk": 1.6, "threshold-p": 1.25})],
+    model=dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=32000,
+        max_position_embeddings=34816,
+    ),
+    prefill=[
+        dict(batch=1, seq=4096, goals={"topk": 1.6}),
+        dict(batch=8, seq=2048, goals={"topk": 1.6, "threshold-p": 1.25}),
+    ],
     # decode_graphs sweeps these (the decode-at-batch goals); the eager `decode` takes the first two
-    decode=[dict(batch=1, context=2048, new=128, goals={"threshold-p": 1.25, "topk": 1.6}),
-            dict(batch=32, context=2048, new=128, goals={"threshold-p": 1.15, "topk": 1.25}),
-            dict(batch=128, context=2048, new=128, goals={}),
-            dict(batch=1, context=32768, new=128, goals={}),
-            dict(batch=8, context=32768, new=128, goals={"threshold-p": 1.3, "topk": 1.5})],
+    decode=[
+        dict(batch=1, context=2048, new=128, goals={"threshold-p": 1.25, "topk": 1.6}),
+        dict(batch=32, context=2048, new=128, goals={"threshold-p": 1.15, "topk": 1.25}),
+        dict(batch=128, context=2048, new=128, goals={}),
+        dict(batch=1, context=32768, new=128, goals={}),
+        dict(batch=8, context=32768, new=128, goals={"threshold-p": 1.3, "topk": 1.5}),
+    ],
     eager_decode=2,
     train=dict(batch=8, seq=2048, goals={"topk": 1.5}),
     layer=dict(batch=8, seq=2048),
     calibration=dict(batch=2, seq=1024),
     speculate=[dict(batch=1, context=2048, new=128), dict(batch=8, context=2048, new=128)],
     speculate_k=(2, 4, 6),
-    warmup=3, repeats=10, decode_warmup=1, decode_repeats=3, decode_fresh_repeats=2,
-    train_warmup=2, train_repeats=5,
+    warmup=3,
+    repeats=10,
+    decode_warmup=1,
+    decode_repeats=3,
+    decode_fresh_repeats=2,
+    train_warmup=2,
+    train_repeats=5,
 )
 TINY = dict(
-    model=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=128, vocab_size=256, max_position_embeddings=512),
-    prefill=[dict(batch=1, seq=128, goals={"topk": 1.6}),
-             dict(batch=4, seq=64, goals={"topk": 1.6, "threshold-p": 1.25})],
-    decode=[dict(batch=1, context=64, new=8, goals={"threshold-p": 1.25, "topk": 1.6}),
-            dict(batch=4, context=64, new=8, goals={"threshold-p": 1.15, "topk": 1.25})],
+    model=dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=512,
+    ),
+    prefill=[
+        dict(batch=1, seq=128, goals={"topk": 1.6}),
+        dict(batch=4, seq=64, goals={"topk": 1.6, "threshold-p": 1.25}),
+    ],
+    decode=[
+        dict(batch=1, context=64, new=8, goals={"threshold-p": 1.25, "topk": 1.6}),
+        dict(batch=4, context=64, new=8, goals={"threshold-p": 1.15, "topk": 1.25}),
+    ],
     eager_decode=2,
     train=dict(batch=4, seq=64, goals={"topk": 1.5}),
     layer=dict(batch=4, seq=64),
     calibration=dict(batch=2, seq=64),
     speculate=[dict(batch=1, context=64, new=8), dict(batch=2, context=64, new=8)],
     speculate_k=(2,),
-    warmup=1, repeats=3, decode_warmup=1, decode_repeats=2, decode_fresh_repeats=1,
-    train_warmup=1, train_repeats=2,
+    warmup=1,
+    repeats=3,
+    decode_warmup=1,
+    decode_repeats=2,
+    decode_fresh_repeats=1,
+    train_warmup=1,
+    train_repeats=2,
 )
 ROUTERS = {
     # name: (convert kwargs, kept fraction the router is calibrated to under its causal rule)
@@ -162,8 +194,15 @@ def hf_static_step_ms(model: torch.nn.Module, ids: torch.Tensor, new: int, clock
     mask = torch.ones_like(ids)
 
     def gen(n):
-        return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      cache_implementation="static", pad_token_id=0)
+        return lambda: model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=0,
+        )
 
     gen(new)()  # warm-up: captures / compiles the static decode
     full = statistics.median(clock.time(gen(new)) for _ in range(2))
@@ -274,13 +313,17 @@ class Shape:
     head_params: int  # final norm + lm_head (read every decode step)
 
     @classmethod
-    def of(cls, model) -> "Shape":
+    def of(cls, model) -> Shape:
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         layers = model.model.layers
         return cls(
-            D=c.hidden_size, I=c.intermediate_size, V=c.vocab_size, L=c.num_hidden_layers,
-            kv=c.num_key_value_heads * head_dim, mod_layers=[],
+            D=c.hidden_size,
+            I=c.intermediate_size,
+            V=c.vocab_size,
+            L=c.num_hidden_layers,
+            kv=c.num_key_value_heads * head_dim,
+            mod_layers=[],
             layer_params=sum(p.numel() for p in layers[0].parameters()),
             head_params=sum(p.numel() for p in model.lm_head.parameters())
             + sum(p.numel() for p in model.model.norm.parameters()),
@@ -382,8 +425,12 @@ class Bench:
 
 def compile_fields(b: Bench, model, dense_compile_s, mod_compile_s) -> dict:
     """Record fields saying how dense and MoD ran (eager or compiled) and what compiling cost."""
-    return dict(dense_compiled=b.is_compiled(b.dense), mod_compiled=b.is_compiled(model),
-                dense_compile_s=dense_compile_s, mod_compile_s=mod_compile_s)
+    return dict(
+        dense_compiled=b.is_compiled(b.dense),
+        mod_compiled=b.is_compiled(model),
+        dense_compile_s=dense_compile_s,
+        mod_compile_s=mod_compile_s,
+    )
 
 
 def mean_kept(model) -> float | None:
@@ -402,6 +449,7 @@ def run_prefill(b: Bench) -> None:
                 turn["i"] += 1
                 with torch.inference_mode():
                     model(input_ids=inputs[turn["i"] % len(inputs)], use_cache=False, logits_to_keep=1)
+
             return fn
 
         case = f"prefill_b{B}_s{T}"
@@ -411,23 +459,36 @@ def run_prefill(b: Bench) -> None:
             dense_ms, dense_all = b.clock.median(make(b.fast(b.dense)), b.size["warmup"], b.size["repeats"])
         dense_host = b.clock.host_median
         dense_flops = model_flops(b.shape, B, T, None, 1)
-        for router, (model, nominal, _) in b.mods.items():
+        for router, (model, _nominal, _) in b.mods.items():
             mod_compile = b.first_call(model, make(b.fast(model)), router, case)
             with peak_memory(b.device, mem, "mod"):
                 mod_ms, mod_all = b.clock.median(make(b.fast(model)), b.size["warmup"], b.size["repeats"])
             mod_host = b.clock.host_median
             kept = mean_kept(model)
             goal = setting["goals"].get(router)
-            b.add(dict(
-                scenario=f"prefill_b{B}_s{T}", router=router, batch=B, seq=T,
-                dense_ms=dense_ms, mod_ms=mod_ms, speedup=dense_ms / mod_ms,
-                ideal_speedup=dense_flops / model_flops(b.shape, B, T, kept, 1), ideal_basis="flops",
-                kept_fraction=kept, goal=goal, met=None if goal is None else dense_ms / mod_ms >= goal,
-                dense_host_ms=dense_host, mod_host_ms=mod_host,
-                dense_peak_bytes=mem["dense"], mod_peak_bytes=mem["mod"],
-                dense_times_ms=dense_all, mod_times_ms=mod_all,
-                **compile_fields(b, model, dense_compile, mod_compile),
-            ))
+            b.add(
+                dict(
+                    scenario=f"prefill_b{B}_s{T}",
+                    router=router,
+                    batch=B,
+                    seq=T,
+                    dense_ms=dense_ms,
+                    mod_ms=mod_ms,
+                    speedup=dense_ms / mod_ms,
+                    ideal_speedup=dense_flops / model_flops(b.shape, B, T, kept, 1),
+                    ideal_basis="flops",
+                    kept_fraction=kept,
+                    goal=goal,
+                    met=None if goal is None else dense_ms / mod_ms >= goal,
+                    dense_host_ms=dense_host,
+                    mod_host_ms=mod_host,
+                    dense_peak_bytes=mem["dense"],
+                    mod_peak_bytes=mem["mod"],
+                    dense_times_ms=dense_all,
+                    mod_times_ms=mod_all,
+                    **compile_fields(b, model, dense_compile, mod_compile),
+                )
+            )
 
 
 def run_layer(b: Bench) -> None:
@@ -454,9 +515,13 @@ def run_layer(b: Bench) -> None:
         state = layer.mod_state
         causal = not model.training and state.model.config.inference_routing == "causal"
         ctx = RoutingContext(
-            layer_index=index, real=None, forced=None,
+            layer_index=index,
+            real=None,
+            forced=None,
             positions=torch.arange(T, device=b.device).expand(B, T),
-            causal=causal, training=False, pack=can_pack(layer, hidden, None, T, causal),
+            causal=causal,
+            training=False,
+            pack=can_pack(layer, hidden, None, T, causal),
         )
 
         def mod_fn():
@@ -489,15 +554,24 @@ def run_layer(b: Bench) -> None:
                 return None
             with torch.inference_mode():
                 return subset_attention_mask(
-                    "sdpa", query_index=idx, query_valid=decision.valid, past_index=None, past_valid=None,
-                    causal=True, window=None, span=T, dtype=hidden.dtype)
+                    "sdpa",
+                    query_index=idx,
+                    query_valid=decision.valid,
+                    past_index=None,
+                    past_valid=None,
+                    causal=True,
+                    window=None,
+                    span=T,
+                    dtype=hidden.dtype,
+                )
 
         mask = mask_fn()
 
         def inner_fn():
-            with torch.inference_mode(), (state.call.packed_attention() if packed else contextlib.nullcontext()):
-                layer._mod_original.forward(layer, sub, attention_mask=mask, position_ids=pos,
-                                            position_embeddings=pe, use_cache=False, **extra)
+            with torch.inference_mode(), state.call.packed_attention() if packed else contextlib.nullcontext():
+                layer._mod_original.forward(
+                    layer, sub, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=False, **extra
+                )
 
         mod_ms, _ = b.clock.median(mod_fn, warm, reps)
         mod_host = b.clock.host_median
@@ -507,17 +581,36 @@ def run_layer(b: Bench) -> None:
         inner_ms, _ = b.clock.median(inner_fn, warm, reps)
         kept = float(decision.keep.float().mean())
         overhead = route_ms / dense_ms
-        b.add(dict(
-            scenario=f"layer_b{B}_s{T}", router=router, batch=B, seq=T, layer=index,
-            dense_ms=dense_ms, mod_ms=mod_ms, speedup=dense_ms / mod_ms,
-            ideal_speedup=layer_flops(b.shape, B, T) / (layer_flops(b.shape, B, T, kept) + 2 * B * T * b.shape.D),
-            ideal_basis="flops", kept_fraction=kept, slots=K, masked=mask is not None, packed=packed, rows=rows,
-            route_ms=route_ms, mask_ms=mask_ms, subset_layer_ms=inner_ms,
-            other_ms=mod_ms - route_ms - mask_ms - inner_ms,
-            dense_host_ms=dense_host, mod_host_ms=mod_host, route_host_ms=route_host,
-            router_overhead=overhead, goal=ROUTER_OVERHEAD_GOAL, goal_kind="router_overhead<=",
-            met=overhead <= ROUTER_OVERHEAD_GOAL,
-        ))
+        b.add(
+            dict(
+                scenario=f"layer_b{B}_s{T}",
+                router=router,
+                batch=B,
+                seq=T,
+                layer=index,
+                dense_ms=dense_ms,
+                mod_ms=mod_ms,
+                speedup=dense_ms / mod_ms,
+                ideal_speedup=layer_flops(b.shape, B, T) / (layer_flops(b.shape, B, T, kept) + 2 * B * T * b.shape.D),
+                ideal_basis="flops",
+                kept_fraction=kept,
+                slots=K,
+                masked=mask is not None,
+                packed=packed,
+                rows=rows,
+                route_ms=route_ms,
+                mask_ms=mask_ms,
+                subset_layer_ms=inner_ms,
+                other_ms=mod_ms - route_ms - mask_ms - inner_ms,
+                dense_host_ms=dense_host,
+                mod_host_ms=mod_host,
+                route_host_ms=route_host,
+                router_overhead=overhead,
+                goal=ROUTER_OVERHEAD_GOAL,
+                goal_kind="router_overhead<=",
+                met=overhead <= ROUTER_OVERHEAD_GOAL,
+            )
+        )
 
 
 def check_varlen_kernel(device, dtype) -> dict:
@@ -557,8 +650,10 @@ def decode_and_forward(model, ids: torch.Tensor, T: int):
             steps.append(out.logits.float())
             keeps.append([m.mod_state.last_keep for m in layers])
         full = model(input_ids=ids[:4, : prompt + 16], use_cache=False).logits[:, prompt - 1 :].float()
-    flips = sum(int((torch.cat([k[i] for k in keeps], 1) != m.mod_state.last_keep[:, prompt:]).sum())
-                for i, m in enumerate(layers))
+    flips = sum(
+        int((torch.cat([k[i] for k in keeps], 1) != m.mod_state.last_keep[:, prompt:]).sum())
+        for i, m in enumerate(layers)
+    )
     model.mod_check_flips = flips  # decisions at the decode positions that differ from the forward's
     return torch.cat(steps, 1), full, out.past_key_values
 
@@ -584,8 +679,11 @@ def run_packed_check(b: Bench) -> None:
         layer = modadapt.mod_layers(model)[0]
         args, kwargs = _layer_inputs(model, layer, ids)
         hidden = _hidden_of(args, kwargs).clone()
-        rest = {k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone() if torch.is_tensor(v) else v)
-                for k, v in kwargs.items() if k != "hidden_states"}
+        rest = {
+            k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone() if torch.is_tensor(v) else v)
+            for k, v in kwargs.items()
+            if k != "hidden_states"
+        }
         probe = torch.randn(hidden.shape, generator=torch.Generator(device="cpu").manual_seed(5)).to(hidden)
         layer_out, layer_grads, outs, keeps, decoded, full, layouts, flips = {}, {}, {}, {}, {}, {}, {}, {}
         for packing in ("packed", "padded"):
@@ -595,14 +693,17 @@ def run_packed_check(b: Bench) -> None:
             y = y[0] if isinstance(y, tuple) else y
             (y.float() * probe.float()).sum().backward()
             layer_out[packing] = y.detach().float()
-            layer_grads[packing] = torch.cat([x.grad.float().flatten()] + [p.grad.float().flatten() for p in layer.router.parameters()])
+            layer_grads[packing] = torch.cat(
+                [x.grad.float().flatten()] + [p.grad.float().flatten() for p in layer.router.parameters()]
+            )
             layer.zero_grad(set_to_none=True)
             with torch.inference_mode():
                 outs[packing] = model.model(input_ids=ids, use_cache=False).last_hidden_state.float()
             keeps[packing] = [m.mod_state.last_keep.clone() for m in modadapt.mod_layers(model)]
             decoded[packing], full[packing], cache = decode_and_forward(model, ids, T)
-            layouts[packing] = [cache.layers[m.mod_state.index].mod_segments is not None
-                                for m in modadapt.mod_layers(model)]
+            layouts[packing] = [
+                cache.layers[m.mod_state.index].mod_segments is not None for m in modadapt.mod_layers(model)
+            ]
             flips[packing] = model.mod_check_flips
         config.packing = "auto"
 
@@ -611,7 +712,10 @@ def run_packed_check(b: Bench) -> None:
 
         same = sum(int((a == c).sum()) for a, c in zip(keeps["packed"], keeps["padded"]))
         record = dict(
-            scenario=f"packed_check_b{B}_s{T}", router=router, batch=B, seq=T,
+            scenario=f"packed_check_b{B}_s{T}",
+            router=router,
+            batch=B,
+            seq=T,
             flash_varlen=varlen.has_fast_kernel(hidden),
             layer_max_abs_diff=float((layer_out["packed"] - layer_out["padded"]).abs().max()),
             layer_max_abs_value=float(layer_out["padded"].abs().max()),
@@ -621,22 +725,26 @@ def run_packed_check(b: Bench) -> None:
             model_equal_decisions=same / sum(k.numel() for k in keeps["packed"]),
             decode_logits_rel_diff=rel(decoded["packed"], decoded["padded"]),
             decode_same_argmax=float((decoded["packed"].argmax(-1) == decoded["padded"].argmax(-1)).float().mean()),
-            decode_vs_forward_rel_diff={"packed": rel(decoded["packed"], full["packed"]),
-                                        "padded": rel(decoded["padded"], full["padded"]),
-                                        "dense": rel(*decode_and_forward(b.dense, ids, T)[:2])},
+            decode_vs_forward_rel_diff={
+                "packed": rel(decoded["packed"], full["packed"]),
+                "padded": rel(decoded["padded"], full["padded"]),
+                "dense": rel(*decode_and_forward(b.dense, ids, T)[:2]),
+            },
             decode_decisions_flipped=flips,  # of 4 rows x 16 positions x MoD layers
             decode_cache_packed_layers=sum(layouts["packed"]),
         )
         b.add(record)
-        print(f"# packed vs padded ({router}), flash varlen {record['flash_varlen']}: one layer: max |diff| "
-              f"{record['layer_max_abs_diff']:.4g} (max |value| {record['layer_max_abs_value']:.3g}), relative "
-              f"{record['layer_rel_diff']:.3g}, gradients relative {record['layer_grad_rel_diff']:.3g}; whole model: "
-              f"relative {record['model_rel_diff']:.3g}, equal decisions {record['model_equal_decisions']:.4f}; "
-              f"cached prefill + 16 decode steps (B=4): logits relative {record['decode_logits_rel_diff']:.3g}, "
-              f"same argmax {record['decode_same_argmax']:.3f}, packed cache layers {record['decode_cache_packed_layers']}; "
-              f"decode vs forward without cache, relative: {record['decode_vs_forward_rel_diff']}, "
-              f"decisions flipped {flips}",
-              flush=True)
+        print(
+            f"# packed vs padded ({router}), flash varlen {record['flash_varlen']}: one layer: max |diff| "
+            f"{record['layer_max_abs_diff']:.4g} (max |value| {record['layer_max_abs_value']:.3g}), relative "
+            f"{record['layer_rel_diff']:.3g}, gradients relative {record['layer_grad_rel_diff']:.3g}; whole model: "
+            f"relative {record['model_rel_diff']:.3g}, equal decisions {record['model_equal_decisions']:.4f}; "
+            f"cached prefill + 16 decode steps (B=4): logits relative {record['decode_logits_rel_diff']:.3g}, "
+            f"same argmax {record['decode_same_argmax']:.3f}, packed cache layers {record['decode_cache_packed_layers']}; "
+            f"decode vs forward without cache, relative: {record['decode_vs_forward_rel_diff']}, "
+            f"decisions flipped {flips}",
+            flush=True,
+        )
 
 
 def forced_routing(model, measure) -> dict:
@@ -663,7 +771,9 @@ def mod_layer_price(dense_step_ms: float, forced: dict, mod_layers: int) -> dict
     """Per MoD layer: what a skip saves against a dense layer and what a kept token costs beyond
     one, from step times with every router forced to skip / keep (`forced_routing`)."""
     return dict(
-        all_skip_step_ms=forced["skip"], all_keep_step_ms=forced["keep"], mod_layers=mod_layers,
+        all_skip_step_ms=forced["skip"],
+        all_keep_step_ms=forced["keep"],
+        mod_layers=mod_layers,
         skip_saves_us=(dense_step_ms - forced["skip"]) / mod_layers * 1e3,
         keep_costs_extra_us=(forced["keep"] - dense_step_ms) / mod_layers * 1e3,
     )
@@ -686,15 +796,20 @@ def run_decode_layer(b: Bench) -> None:
     dense = step_ms(b.dense)
     for router, (model, _, _) in b.mods.items():
         record = dict(
-            scenario=f"decode_layer_b{B}_ctx{ctx}", router=router, dense_step_ms=dense,
+            scenario=f"decode_layer_b{B}_ctx{ctx}",
+            router=router,
+            dense_step_ms=dense,
             **mod_layer_price(dense, forced_routing(model, lambda: step_ms(model)), len(modadapt.mod_layers(model))),
             dense_layer_us_upper_bound=dense / b.shape.L * 1e3,
         )
         b.add(record)
-        print(f"# decode step B={B} ({router}): dense {dense:.2f} ms; every MoD layer skipping "
-              f"{record['all_skip_step_ms']:.2f} ms, keeping {record['all_keep_step_ms']:.2f} ms: a skip saves "
-              f"{record['skip_saves_us']:.0f} us, a kept token costs {record['keep_costs_extra_us']:.0f} us beyond a "
-              f"dense layer (a dense layer is at most {record['dense_layer_us_upper_bound']:.0f} us)", flush=True)
+        print(
+            f"# decode step B={B} ({router}): dense {dense:.2f} ms; every MoD layer skipping "
+            f"{record['all_skip_step_ms']:.2f} ms, keeping {record['all_keep_step_ms']:.2f} ms: a skip saves "
+            f"{record['skip_saves_us']:.0f} us, a kept token costs {record['keep_costs_extra_us']:.0f} us beyond a "
+            f"dense layer (a dense layer is at most {record['dense_layer_us_upper_bound']:.0f} us)",
+            flush=True,
+        )
 
 
 def kv_bytes(cache) -> tuple[int, int]:
@@ -766,8 +881,10 @@ def run_decode(b: Bench) -> None:
             """Each run on a prompt no earlier run used: per-layer MoD cache lengths then differ
             from every earlier run, as they do in service, so shape-keyed caches (cuDNN attention
             graphs) miss. The dense cache lengths depend on the prompt length alone."""
-            times = [decode_once(model, b.ids(B, ctx, 1000 + r), new, b.clock)[0]
-                     for r in range(b.size["decode_fresh_repeats"])]
+            times = [
+                decode_once(model, b.ids(B, ctx, 1000 + r), new, b.clock)[0]
+                for r in range(b.size["decode_fresh_repeats"])
+            ]
             return statistics.median(times), times
 
         dense_ms, dense_all, dense_cache, dense_peak = measure(b.dense)
@@ -785,22 +902,43 @@ def run_decode(b: Bench) -> None:
             f = kept if kept is not None else nominal
             goal, kv_goal = setting["goals"].get(router), KV_GOAL.get(router)
             speedup = dense_ms / mod_ms
-            b.add(dict(
-                scenario=f"decode_b{B}_ctx{ctx}", router=router, batch=B, context=ctx, new_tokens=new,
-                dense_ms=dense_ms, mod_ms=mod_ms, speedup=speedup,
-                ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, f, elt), ideal_basis="bytes",
-                dense_ms_per_step=dense_ms / new, mod_ms_per_step=mod_ms / new,
-                dense_tokens_per_s=B * new / dense_ms * 1e3, mod_tokens_per_s=B * new / mod_ms * 1e3,
-                kept_fraction=kept, slot_fraction=slots,
-                dense_kv_bytes=dense_kv, mod_kv_bytes=mod_kv, kv_ratio=mod_kv / dense_kv, mod_book_bytes=book,
-                kv_goal=kv_goal, kv_met=None if kv_goal is None else mod_kv / dense_kv <= kv_goal,
-                goal=goal, met=None if goal is None else speedup >= goal,
-                dense_peak_bytes=dense_peak, mod_peak_bytes=mod_peak,
-                dense_times_ms=dense_all, mod_times_ms=mod_all,
-                dense_ms_fresh_prompt=dense_fresh, mod_ms_fresh_prompt=mod_fresh,
-                speedup_fresh_prompt=dense_fresh / mod_fresh,
-                dense_times_ms_fresh_prompt=dense_fresh_all, mod_times_ms_fresh_prompt=mod_fresh_all,
-            ))
+            b.add(
+                dict(
+                    scenario=f"decode_b{B}_ctx{ctx}",
+                    router=router,
+                    batch=B,
+                    context=ctx,
+                    new_tokens=new,
+                    dense_ms=dense_ms,
+                    mod_ms=mod_ms,
+                    speedup=speedup,
+                    ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, f, elt),
+                    ideal_basis="bytes",
+                    dense_ms_per_step=dense_ms / new,
+                    mod_ms_per_step=mod_ms / new,
+                    dense_tokens_per_s=B * new / dense_ms * 1e3,
+                    mod_tokens_per_s=B * new / mod_ms * 1e3,
+                    kept_fraction=kept,
+                    slot_fraction=slots,
+                    dense_kv_bytes=dense_kv,
+                    mod_kv_bytes=mod_kv,
+                    kv_ratio=mod_kv / dense_kv,
+                    mod_book_bytes=book,
+                    kv_goal=kv_goal,
+                    kv_met=None if kv_goal is None else mod_kv / dense_kv <= kv_goal,
+                    goal=goal,
+                    met=None if goal is None else speedup >= goal,
+                    dense_peak_bytes=dense_peak,
+                    mod_peak_bytes=mod_peak,
+                    dense_times_ms=dense_all,
+                    mod_times_ms=mod_all,
+                    dense_ms_fresh_prompt=dense_fresh,
+                    mod_ms_fresh_prompt=mod_fresh,
+                    speedup_fresh_prompt=dense_fresh / mod_fresh,
+                    dense_times_ms_fresh_prompt=dense_fresh_all,
+                    mod_times_ms_fresh_prompt=mod_fresh_all,
+                )
+            )
 
 
 def greedy_tokens(model, ids: torch.Tensor, new: int) -> torch.Tensor:
@@ -856,16 +994,20 @@ def check_static_attention(device, dtype) -> dict:
     saved = static_cache._FLASH.get(key)
     try:
         static_cache._FLASH.pop(key, None)
-        fast = static_decode_attention(None, q, k, v, lengths, scaling=d ** -0.5)[0].float()
+        fast = static_decode_attention(None, q, k, v, lengths, scaling=d**-0.5)[0].float()
         flash = static_cache._FLASH.get(key)
         static_cache._FLASH[key] = False
-        ref = static_decode_attention(None, q, k, v, lengths, scaling=d ** -0.5)[0].float()
+        ref = static_decode_attention(None, q, k, v, lengths, scaling=d**-0.5)[0].float()
     finally:
         static_cache._FLASH.pop(key, None) if saved is None else static_cache._FLASH.__setitem__(key, saved)
     rows = used > 0
     fast, ref = fast[rows], ref[rows]
-    return dict(flash=flash, rel_diff=float((fast - ref).norm() / ref.norm()),
-                max_abs_diff=float((fast - ref).abs().max()), zero_length_rows=int((~rows).sum()))
+    return dict(
+        flash=flash,
+        rel_diff=float((fast - ref).norm() / ref.norm()),
+        max_abs_diff=float((fast - ref).abs().max()),
+        zero_length_rows=int((~rows).sum()),
+    )
 
 
 def run_decode_graphs(b: Bench) -> None:
@@ -906,16 +1048,26 @@ def run_decode_graphs(b: Bench) -> None:
             allocated, used = decoder.kv_bytes()
             forced = {}
             if B == 1 and model is not b.dense:  # price one MoD layer in the graphed step (see decode_layer)
+
                 def graphed_step_ms():
                     decoder.prefill(ids, None, new)
                     return b.clock.time(lambda: decoder.decode(new)) / new
 
                 forced = forced_routing(model, graphed_step_ms)
             agreement, worst_row = teacher_forced_agreement(decoder, ids, greedy_tokens(model, ids, min(new, 32)))
-            return dict(ms=statistics.median(times), times=times, first_s=first_s, peak=mem["peak"],
-                        allocated=allocated, used=used, added=added, agreement=agreement, worst_row=worst_row,
-                        branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
-                        forced=forced)
+            return dict(
+                ms=statistics.median(times),
+                times=times,
+                first_s=first_s,
+                peak=mem["peak"],
+                allocated=allocated,
+                used=used,
+                added=added,
+                agreement=agreement,
+                worst_row=worst_row,
+                branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
+                forced=forced,
+            )
 
         dense = measure(b.dense)
         dense_bytes = decode_bytes(b.shape, B, ctx, new, None, elt)
@@ -925,41 +1077,73 @@ def run_decode_graphs(b: Bench) -> None:
         except Exception as error:  # noqa: BLE001 - the user's alternative failing is a result too
             hf_ms, hf_error = None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         step_ms = dense["ms"] / new
-        print(f"# dense graphed B={B} ctx={ctx}: {step_ms:.3f} ms/step, bytes bound {bound_ms:.3f} ms "
-              f"({step_ms / bound_ms:.2f}x), transformers static-cache "
-              f"{'failed: ' + hf_error if hf_ms is None else f'{hf_ms:.3f} ms'}", flush=True)
-        bound = dict(bytes_bound_ms=bound_ms, copy_bandwidth_bytes_s=bandwidth, dense_vs_bound=step_ms / bound_ms,
-                     dense_hf_static_ms=hf_ms, dense_hf_static_error=hf_error,
-                     dense_beats_hf_static=None if hf_ms is None else step_ms < hf_ms)
-        for router, (model, nominal, _) in b.mods.items():
+        print(
+            f"# dense graphed B={B} ctx={ctx}: {step_ms:.3f} ms/step, bytes bound {bound_ms:.3f} ms "
+            f"({step_ms / bound_ms:.2f}x), transformers static-cache "
+            f"{'failed: ' + hf_error if hf_ms is None else f'{hf_ms:.3f} ms'}",
+            flush=True,
+        )
+        bound = dict(
+            bytes_bound_ms=bound_ms,
+            copy_bandwidth_bytes_s=bandwidth,
+            dense_vs_bound=step_ms / bound_ms,
+            dense_hf_static_ms=hf_ms,
+            dense_hf_static_error=hf_error,
+            dense_beats_hf_static=None if hf_ms is None else step_ms < hf_ms,
+        )
+        for router, (model, _nominal, _) in b.mods.items():
             mod = measure(model)
             kept = statistics.mean(mod["added"][i] for i in b.shape.mod_layers)
             goal = setting["goals"].get(router)
             speedup = dense["ms"] / mod["ms"]
             record = dict(
-                scenario=f"decode_graphs_b{B}_ctx{ctx}", router=router, batch=B, context=ctx, new_tokens=new,
-                dense_ms=dense["ms"], mod_ms=mod["ms"], speedup=speedup,
-                ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt), ideal_basis="bytes",
-                dense_ms_per_step=dense["ms"] / new, mod_ms_per_step=mod["ms"] / new,
-                dense_tokens_per_s=B * new / dense["ms"] * 1e3, mod_tokens_per_s=B * new / mod["ms"] * 1e3,
-                kept_fraction=kept, branches=mod["branches"], flash_decode=any(static_cache._FLASH.values()),
-                dense_kv_bytes=dense["allocated"], mod_kv_bytes=mod["allocated"],
-                kv_ratio=mod["allocated"] / dense["allocated"], dense_kv_used_bytes=dense["used"],
-                mod_kv_used_bytes=mod["used"], kv_used_ratio=mod["used"] / dense["used"],
-                goal=goal, met=None if goal is None else speedup >= goal,
-                dense_peak_bytes=dense["peak"], mod_peak_bytes=mod["peak"],
-                dense_times_ms=dense["times"], mod_times_ms=mod["times"],
-                dense_first_call_s=dense["first_s"], mod_first_call_s=mod["first_s"],
-                dense_teacher_forced_agreement=dense["agreement"], mod_teacher_forced_agreement=mod["agreement"],
-                dense_worst_row_agreement=dense["worst_row"], mod_worst_row_agreement=mod["worst_row"], **bound,
+                scenario=f"decode_graphs_b{B}_ctx{ctx}",
+                router=router,
+                batch=B,
+                context=ctx,
+                new_tokens=new,
+                dense_ms=dense["ms"],
+                mod_ms=mod["ms"],
+                speedup=speedup,
+                ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt),
+                ideal_basis="bytes",
+                dense_ms_per_step=dense["ms"] / new,
+                mod_ms_per_step=mod["ms"] / new,
+                dense_tokens_per_s=B * new / dense["ms"] * 1e3,
+                mod_tokens_per_s=B * new / mod["ms"] * 1e3,
+                kept_fraction=kept,
+                branches=mod["branches"],
+                flash_decode=any(static_cache._FLASH.values()),
+                dense_kv_bytes=dense["allocated"],
+                mod_kv_bytes=mod["allocated"],
+                kv_ratio=mod["allocated"] / dense["allocated"],
+                dense_kv_used_bytes=dense["used"],
+                mod_kv_used_bytes=mod["used"],
+                kv_used_ratio=mod["used"] / dense["used"],
+                goal=goal,
+                met=None if goal is None else speedup >= goal,
+                dense_peak_bytes=dense["peak"],
+                mod_peak_bytes=mod["peak"],
+                dense_times_ms=dense["times"],
+                mod_times_ms=mod["times"],
+                dense_first_call_s=dense["first_s"],
+                mod_first_call_s=mod["first_s"],
+                dense_teacher_forced_agreement=dense["agreement"],
+                mod_teacher_forced_agreement=mod["agreement"],
+                dense_worst_row_agreement=dense["worst_row"],
+                mod_worst_row_agreement=mod["worst_row"],
+                **bound,
             )
             if mod["forced"]:
                 step_ms = dense["ms"] / new
                 record.update(mod_layer_price(step_ms, mod["forced"], len(modadapt.mod_layers(model))))
-                print(f"# graphed step B=1 ({router}): dense {step_ms:.3f} ms; all MoD layers skipping "
-                      f"{mod['forced']['skip']:.3f} ms, keeping {mod['forced']['keep']:.3f} ms: a skip saves "
-                      f"{record['skip_saves_us']:.0f} us, a kept token costs "
-                      f"{record['keep_costs_extra_us']:.0f} us beyond a dense layer", flush=True)
+                print(
+                    f"# graphed step B=1 ({router}): dense {step_ms:.3f} ms; all MoD layers skipping "
+                    f"{mod['forced']['skip']:.3f} ms, keeping {mod['forced']['keep']:.3f} ms: a skip saves "
+                    f"{record['skip_saves_us']:.0f} us, a kept token costs "
+                    f"{record['keep_costs_extra_us']:.0f} us beyond a dense layer",
+                    flush=True,
+                )
             b.add(record)
 
 
@@ -1048,21 +1232,37 @@ def run_decode_speculative(b: Bench) -> None:
                 kept = [float((step.draft.lengths[i] - step.base).float().mean()) / k for i in shape.mod_layers]
                 spec_ms = statistics.median(times)
                 per_round = stats["tokens_per_round"]
-                b.add(dict(
-                    scenario=f"decode_speculative_b{B}_ctx{ctx}_k{k}", router=name, batch=B, context=ctx,
-                    new_tokens=new, k=k, draft=str(draft), dense_ms=dense_ms, mod_ms=spec_ms,
-                    speedup=dense_ms / spec_ms,
-                    ideal_speedup=per_round * dense_step / speculative_round_bytes(shape, B, ctx, k, kept, elt),
-                    ideal_basis="bytes at the measured acceptance",
-                    dense_tokens_per_s=B * (new - 1) / dense_ms * 1e3,
-                    mod_tokens_per_s=B * (new - 1) / spec_ms * 1e3,  # tokens after the prefill's
-                    acceptance=stats["acceptance"], tokens_per_round=per_round, rounds=stats["rounds"],
-                    accepted=stats["accepted"], draft_kept_fraction=kept,
-                    same_prefix_as_dense=float(same.mean()), same_prefix_worst_row=float(same.min()),
-                    branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
-                    flash_decode=any(static_cache._FLASH.values()), goal=None, met=None,
-                    dense_times_ms=dense_times, mod_times_ms=times,
-                ))
+                b.add(
+                    dict(
+                        scenario=f"decode_speculative_b{B}_ctx{ctx}_k{k}",
+                        router=name,
+                        batch=B,
+                        context=ctx,
+                        new_tokens=new,
+                        k=k,
+                        draft=str(draft),
+                        dense_ms=dense_ms,
+                        mod_ms=spec_ms,
+                        speedup=dense_ms / spec_ms,
+                        ideal_speedup=per_round * dense_step / speculative_round_bytes(shape, B, ctx, k, kept, elt),
+                        ideal_basis="bytes at the measured acceptance",
+                        dense_tokens_per_s=B * (new - 1) / dense_ms * 1e3,
+                        mod_tokens_per_s=B * (new - 1) / spec_ms * 1e3,  # tokens after the prefill's
+                        acceptance=stats["acceptance"],
+                        tokens_per_round=per_round,
+                        rounds=stats["rounds"],
+                        accepted=stats["accepted"],
+                        draft_kept_fraction=kept,
+                        same_prefix_as_dense=float(same.mean()),
+                        same_prefix_worst_row=float(same.min()),
+                        branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
+                        flash_decode=any(static_cache._FLASH.values()),
+                        goal=None,
+                        met=None,
+                        dense_times_ms=dense_times,
+                        mod_times_ms=times,
+                    )
+                )
 
 
 def _oom_types() -> tuple:
@@ -1082,6 +1282,7 @@ def run_train(b: Bench) -> None:
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
+
         return fn
 
     compile_s = {}
@@ -1111,27 +1312,46 @@ def run_train(b: Bench) -> None:
             print(f"train: OOM at batch {batch}, trying {batch // 2}", flush=True)
             batch //= 2
     dense_flops = 3 * model_flops(b.shape, batch, T, None, T)
-    for router, (model, nominal, _) in b.mods.items():
+    for router, (model, _nominal, _) in b.mods.items():
         mod_ms, mod_all, mod_peak = measure(model, batch, router)
         kept = mean_kept(model)
         goal = setting["goals"].get(router)
-        b.add(dict(
-            scenario=f"train_b{batch}_s{T}", router=router, batch=batch, requested_batch=B, seq=T,
-            dense_ms=dense_ms, mod_ms=mod_ms, speedup=dense_ms / mod_ms,
-            ideal_speedup=dense_flops / (3 * model_flops(b.shape, batch, T, kept, T)), ideal_basis="flops",
-            kept_fraction=kept, goal=goal, met=None if goal is None else dense_ms / mod_ms >= goal,
-            dense_peak_bytes=dense_peak, mod_peak_bytes=mod_peak,
-            dense_times_ms=dense_all, mod_times_ms=mod_all,
-            **compile_fields(b, model, compile_s.get("dense"), compile_s.get(router)),
-        ))
+        b.add(
+            dict(
+                scenario=f"train_b{batch}_s{T}",
+                router=router,
+                batch=batch,
+                requested_batch=B,
+                seq=T,
+                dense_ms=dense_ms,
+                mod_ms=mod_ms,
+                speedup=dense_ms / mod_ms,
+                ideal_speedup=dense_flops / (3 * model_flops(b.shape, batch, T, kept, T)),
+                ideal_basis="flops",
+                kept_fraction=kept,
+                goal=goal,
+                met=None if goal is None else dense_ms / mod_ms >= goal,
+                dense_peak_bytes=dense_peak,
+                mod_peak_bytes=mod_peak,
+                dense_times_ms=dense_all,
+                mod_times_ms=mod_all,
+                **compile_fields(b, model, compile_s.get("dense"), compile_s.get(router)),
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Profile (optional): where MoD time goes, with host syncs counted
 # --------------------------------------------------------------------------------------------
 
-SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::item",
-               "aten::nonzero", "cudaMemcpyAsync")
+SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::nonzero",
+    "cudaMemcpyAsync",
+)
 
 
 def _prefill_case(b: Bench, model, setting: dict):
@@ -1160,15 +1380,19 @@ def _decode_case(b: Bench, model, setting: dict):
     ids = b.ids(setting["batch"], setting["context"], 32)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        token = model(input_ids=ids, past_key_values=cache, use_cache=True,
-                      logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        token = (
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            .logits[:, -1]
+            .argmax(-1, keepdim=True)
+        )
 
     def run():
         nonlocal token
         with torch.inference_mode():
             for _ in range(steps):
-                token = model(input_ids=token, past_key_values=cache,
-                              use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                token = (
+                    model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                )
 
     return run, steps
 
@@ -1184,7 +1408,10 @@ def run_profile(b: Bench, path: str) -> None:
     cases = []
     for name, model in [("dense", b.dense)] + [(r, m) for r, (m, _, _) in b.mods.items()]:
         cases += [(f"prefill_b{s['batch']}_s{s['seq']}", name, model, _prefill_case, s) for s in b.size["prefill"]]
-        cases += [(f"decode_b{s['batch']}_ctx{s['context']}", name, model, _decode_case, s) for s in b.size["decode"][: b.size["eager_decode"]]]
+        cases += [
+            (f"decode_b{s['batch']}_ctx{s['context']}", name, model, _decode_case, s)
+            for s in b.size["decode"][: b.size["eager_decode"]]
+        ]
     summary = []
     with open(path, "w") as fh:
         for scenario, name, model, make_case, setting in cases:
@@ -1196,11 +1423,20 @@ def run_profile(b: Bench, path: str) -> None:
                 b.clock.sync()
                 wall = (time.perf_counter() - t0) * 1e3
             averages = prof.key_averages()
-            device_us = sum(getattr(e, "self_device_time_total", 0) for e in averages
-                            if str(getattr(e, "device_type", "")).endswith("CUDA"))
+            device_us = sum(
+                getattr(e, "self_device_time_total", 0)
+                for e in averages
+                if str(getattr(e, "device_type", "")).endswith("CUDA")
+            )
             syncs = {e.key: e.count // steps for e in averages if e.key in SYNC_EVENTS}
-            row = dict(scenario=scenario, model=name, steps=steps, wall_ms_per_step=wall / steps,
-                       kernel_ms_per_step=device_us / 1e3 / steps, per_step_counts=syncs)
+            row = dict(
+                scenario=scenario,
+                model=name,
+                steps=steps,
+                wall_ms_per_step=wall / steps,
+                kernel_ms_per_step=device_us / 1e3 / steps,
+                per_step_counts=syncs,
+            )
             summary.append(row)
             fh.write(f"\n===== {scenario} / {name}: {json.dumps(row)}\n")
             fh.write(averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows))
@@ -1208,8 +1444,11 @@ def run_profile(b: Bench, path: str) -> None:
                 fh.write(f"\n----- {scenario} / {name}, by host (CPU) time\n")
                 fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
             fh.write("\n")
-            print(f"profile {scenario:>20s} {name:>12s}: wall {wall / steps:8.2f} ms/step, "
-                  f"kernels {device_us / 1e3 / steps:8.2f} ms/step, counts/step {syncs}", flush=True)
+            print(
+                f"profile {scenario:>20s} {name:>12s}: wall {wall / steps:8.2f} ms/step, "
+                f"kernels {device_us / 1e3 / steps:8.2f} ms/step, counts/step {syncs}",
+                flush=True,
+            )
     b.records.append({"scenario": "profile_summary", "router": None, "rows": summary, **b.env})
     if b.args.out:
         write_json(b.args.out, b.records)
@@ -1231,38 +1470,50 @@ def format_row(r: dict) -> str:
     else:
         goal_text = f">={goal:.2f}x"
     met = r.get("met")
-    line = (f"{r['scenario']:<24} {r['router']:<18} {r['dense_ms']:>10.2f} {r['mod_ms']:>10.2f} "
-            f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {goal_text:>12} "
-            f"{'-' if met is None else ('yes' if met else 'NO'):>5}")
+    line = (
+        f"{r['scenario']:<24} {r['router']:<18} {r['dense_ms']:>10.2f} {r['mod_ms']:>10.2f} "
+        f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {goal_text:>12} "
+        f"{'-' if met is None else ('yes' if met else 'NO'):>5}"
+    )
     extra = []
     if r.get("kept_fraction") is not None:
         extra.append(f"kept {r['kept_fraction']:.3f}")
     if "router_overhead" in r:
-        extra.append(f"router {r['route_ms']:.3f} ms = {r['router_overhead']:.1%} of dense layer; "
-                     f"mask {r['mask_ms']:.3f} ms; layer-on-subset {r['subset_layer_ms']:.3f} ms; "
-                     f"other {r['other_ms']:.3f} ms")
+        extra.append(
+            f"router {r['route_ms']:.3f} ms = {r['router_overhead']:.1%} of dense layer; "
+            f"mask {r['mask_ms']:.3f} ms; layer-on-subset {r['subset_layer_ms']:.3f} ms; "
+            f"other {r['other_ms']:.3f} ms"
+        )
     if "dense_kv_bytes" in r:
         kv_goal = r.get("kv_goal")
-        kv = (f"tok/s {r['dense_tokens_per_s']:.0f} -> {r['mod_tokens_per_s']:.0f}; KV "
-              f"{r['dense_kv_bytes'] / 2**20:.1f} -> {r['mod_kv_bytes'] / 2**20:.1f} MiB ({r['kv_ratio']:.2f}x")
+        kv = (
+            f"tok/s {r['dense_tokens_per_s']:.0f} -> {r['mod_tokens_per_s']:.0f}; KV "
+            f"{r['dense_kv_bytes'] / 2**20:.1f} -> {r['mod_kv_bytes'] / 2**20:.1f} MiB ({r['kv_ratio']:.2f}x"
+        )
         if kv_goal is not None:
             kv += f", goal <={kv_goal}: {'yes' if r['kv_met'] else 'NO'}"
         kv += ")"
         if r.get("mod_ms_fresh_prompt") is not None:
-            kv += (f"; fresh prompts: {r['dense_ms_fresh_prompt']:.1f} vs {r['mod_ms_fresh_prompt']:.1f} ms "
-                   f"({r['speedup_fresh_prompt']:.2f}x)")
+            kv += (
+                f"; fresh prompts: {r['dense_ms_fresh_prompt']:.1f} vs {r['mod_ms_fresh_prompt']:.1f} ms "
+                f"({r['speedup_fresh_prompt']:.2f}x)"
+            )
         if r.get("slot_fraction") is not None:
             kv += f"; cache slots {r['slot_fraction']:.3f} of tokens (filler included)"
         extra.append(kv)
     if "tokens_per_round" in r:
-        extra.append(f"K {r['k']}, draft {r['draft']}: acceptance {r['acceptance']:.3f}, {r['tokens_per_round']:.2f} "
-                     f"tokens/round; tok/s {r['dense_tokens_per_s']:.0f} -> {r['mod_tokens_per_s']:.0f}; leading "
-                     f"tokens as dense {r['same_prefix_as_dense']:.3f} (worst row {r['same_prefix_worst_row']:.3f}); "
-                     f"branches {r['branches']}")
+        extra.append(
+            f"K {r['k']}, draft {r['draft']}: acceptance {r['acceptance']:.3f}, {r['tokens_per_round']:.2f} "
+            f"tokens/round; tok/s {r['dense_tokens_per_s']:.0f} -> {r['mod_tokens_per_s']:.0f}; leading "
+            f"tokens as dense {r['same_prefix_as_dense']:.3f} (worst row {r['same_prefix_worst_row']:.3f}); "
+            f"branches {r['branches']}"
+        )
     if "mod_teacher_forced_agreement" in r:
-        extra.append(f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "
-                     f"{r['dense_teacher_forced_agreement']:.3f}, MoD {r['mod_teacher_forced_agreement']:.3f} "
-                     f"(worst row {r['dense_worst_row_agreement']:.3f}, {r['mod_worst_row_agreement']:.3f})")
+        extra.append(
+            f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "
+            f"{r['dense_teacher_forced_agreement']:.3f}, MoD {r['mod_teacher_forced_agreement']:.3f} "
+            f"(worst row {r['dense_worst_row_agreement']:.3f}, {r['mod_worst_row_agreement']:.3f})"
+        )
     if r.get("mod_host_ms") is not None and "router_overhead" not in r:
         extra.append(f"host {r['dense_host_ms']:.1f} -> {r['mod_host_ms']:.1f} ms")
     if r.get("dense_peak_bytes") is not None:
@@ -1290,16 +1541,24 @@ def environment(device: torch.device, dtype: torch.dtype, model_cfg: dict, tiny:
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return dict(
-        gpu=gpu, device=str(device), dtype=str(dtype).replace("torch.", ""), attn_implementation="sdpa",
-        torch=torch.__version__, transformers=transformers.__version__, modadapt=modadapt.__version__,
-        python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        size="tiny" if tiny else "full", model_config=model_cfg,
+        gpu=gpu,
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        attn_implementation="sdpa",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        modadapt=modadapt.__version__,
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        size="tiny" if tiny else "full",
+        model_config=model_cfg,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model and shapes: a CPU smoke test in seconds")
     parser.add_argument("--out", help="write the JSON records here (rewritten after every scenario)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -1307,29 +1566,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routers", default=",".join(ROUTERS), help=f"comma list of {', '.join(ROUTERS)}")
     parser.add_argument("--profile", metavar="PATH", help="also profile prefill and decode; write tables to PATH")
     parser.add_argument("--profile-rows", default=25, type=int, help="rows per profiler table")
-    parser.add_argument("--sdpa-backends", default=None,
-                        help="restrict SDPA to these backends for dense and MoD alike, e.g. "
-                        "'flash,efficient,math' (default: PyTorch's choice, cuDNN first on H100)")
-    parser.add_argument("--compile", action="store_true",
-                        help="prefill and training run dense and MoD through torch.compile (fullgraph for dense "
-                        "and topk; threshold-p syncs with the host in every MoD layer, so it compiles with graph "
-                        "breaks); decode and the layer breakdown stay eager. The compiling first call of each "
-                        "shape is timed apart and kept out of the measurements")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode, e.g. 'max-autotune-no-cudagraphs' (default: PyTorch's default)")
-    parser.add_argument("--graph-branches", default="auto", choices=("auto", "conditional", "host", "select"),
-                        help="decode_graphs: how MoD layers branch in the captured step (GraphedDecoder's branches)")
-    parser.add_argument("--speculate-k", default=None,
-                        help="decode_speculative: comma list of K (draft tokens per verification); default 2,4,6 "
-                        "(--tiny: 2)")
-    parser.add_argument("--draft", action="append", default=None,
-                        help="decode_speculative: a draft depth (modadapt.decoding.Draft string: 'routers', "
-                        "'margin=0.5', 'skip=all', 'skip=2,6;margin=0.25'); repeat to sweep (default: routers)")
-    parser.add_argument("--speculate-model", default=None, metavar="DIR",
-                        help="decode_speculative: also a converted model saved with modadapt.save (trained: its "
-                        "acceptance is what matters), verified by its own dense computation")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip scenarios that would start after this many seconds (partial JSON is kept)")
+    parser.add_argument(
+        "--sdpa-backends",
+        default=None,
+        help="restrict SDPA to these backends for dense and MoD alike, e.g. "
+        "'flash,efficient,math' (default: PyTorch's choice, cuDNN first on H100)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="prefill and training run dense and MoD through torch.compile (fullgraph for dense "
+        "and topk; threshold-p syncs with the host in every MoD layer, so it compiles with graph "
+        "breaks); decode and the layer breakdown stay eager. The compiling first call of each "
+        "shape is timed apart and kept out of the measurements",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode, e.g. 'max-autotune-no-cudagraphs' (default: PyTorch's default)",
+    )
+    parser.add_argument(
+        "--graph-branches",
+        default="auto",
+        choices=("auto", "conditional", "host", "select"),
+        help="decode_graphs: how MoD layers branch in the captured step (GraphedDecoder's branches)",
+    )
+    parser.add_argument(
+        "--speculate-k",
+        default=None,
+        help="decode_speculative: comma list of K (draft tokens per verification); default 2,4,6 (--tiny: 2)",
+    )
+    parser.add_argument(
+        "--draft",
+        action="append",
+        default=None,
+        help="decode_speculative: a draft depth (modadapt.decoding.Draft string: 'routers', "
+        "'margin=0.5', 'skip=all', 'skip=2,6;margin=0.25'); repeat to sweep (default: routers)",
+    )
+    parser.add_argument(
+        "--speculate-model",
+        default=None,
+        metavar="DIR",
+        help="decode_speculative: also a converted model saved with modadapt.save (trained: its "
+        "acceptance is what matters), verified by its own dense computation",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip scenarios that would start after this many seconds (partial JSON is kept)",
+    )
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -1356,8 +1642,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.sdpa_backends:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                     "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+            names = {
+                "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH,
+                "cudnn": SDPBackend.CUDNN_ATTENTION,
+            }
             bad = sorted(set(args.sdpa_backends.split(",")) - set(names))
             if bad:
                 parser.error(f"unknown SDPA backend {bad}; choose from {', '.join(names)}")
@@ -1381,8 +1671,7 @@ def compile_models(b: Bench, mode: str | None, scenarios: list[str]) -> None:
 
     # Dense and MoD share LlamaForCausalLM.forward: every (model, shape, mode) is a cache entry of
     # that one code object, more than the default limit of 8 when all routers and shapes run.
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     kwargs = {"dynamic": False} | ({"mode": mode} if mode else {})
@@ -1390,41 +1679,66 @@ def compile_models(b: Bench, mode: str | None, scenarios: list[str]) -> None:
     for router, (model, _, _) in b.mods.items():
         b.compiled[id(model)] = torch.compile(model, fullgraph=router == "topk", **kwargs)
     full = ", ".join(f"{r}: fullgraph={r == 'topk'}" for r in b.mods)
-    print(f"# --compile (mode {mode or 'default'}, dynamic=False): prefill and train compiled "
-          f"(dense: fullgraph=True; {full})", flush=True)
+    print(
+        f"# --compile (mode {mode or 'default'}, dynamic=False): prefill and train compiled "
+        f"(dense: fullgraph=True; {full})",
+        flush=True,
+    )
     eager = [s for s in scenarios if s in ("decode", "layer")]
     if eager:
-        print(f"# --compile: {', '.join(eager)} stay eager (decode: the DynamicCache MoD layers keep "
-              "is not traceable yet; layer: the breakdown times single calls)", flush=True)
+        print(
+            f"# --compile: {', '.join(eager)} stay eager (decode: the DynamicCache MoD layers keep "
+            "is not traceable yet; layer: the breakdown times single calls)",
+            flush=True,
+        )
 
 
 def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
-    print(f"# {env['gpu'] or env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
-          f"{env['dtype']}, sdpa, {env['date']}", flush=True)
+    print(
+        f"# {env['gpu'] or env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"{env['dtype']}, sdpa, {env['date']}",
+        flush=True,
+    )
     dense = build_dense(size["model"], device, dtype)
     shape = Shape.of(dense)
     n_params = sum(p.numel() for p in dense.parameters())
     print(f"# dense Llama: {n_params / 1e9:.3f}B parameters, {shape.L} layers", flush=True)
     calib = torch.Generator(device="cpu").manual_seed(99)
-    calib_ids = torch.randint(0, shape.V, (size["calibration"]["batch"], size["calibration"]["seq"]),
-                              generator=calib).to(device)
+    calib_ids = torch.randint(
+        0, shape.V, (size["calibration"]["batch"], size["calibration"]["seq"]), generator=calib
+    ).to(device)
     mods = {}
     for router in routers:
         seed = 100 + list(ROUTERS).index(router.removesuffix("-padded"))  # a padded twin routes alike
         model, nominal, reached = make_mod(dense, router, calib_ids, seed=seed)
         mods[router] = (model, nominal, reached)
         shape.mod_layers = list(model._modadapt_state.layer_indices)
-        print(f"# {router}: MoD layers {shape.mod_layers}; causal rule calibrated to keep {nominal} "
-              f"(reached per layer on the calibration batch: {', '.join(f'{x:.3f}' for x in reached)})", flush=True)
-    env = {**env, "parameters": n_params, "mod_layers": shape.mod_layers,
-           "calibrated_fraction": {r: mods[r][1] for r in mods}}
+        print(
+            f"# {router}: MoD layers {shape.mod_layers}; causal rule calibrated to keep {nominal} "
+            f"(reached per layer on the calibration batch: {', '.join(f'{x:.3f}' for x in reached)})",
+            flush=True,
+        )
+    env = {
+        **env,
+        "parameters": n_params,
+        "mod_layers": shape.mod_layers,
+        "calibrated_fraction": {r: mods[r][1] for r in mods},
+    }
     clock = Clock(device)
     bench = Bench(args, size, device, dtype, clock, dense, mods, shape, env)
     if args.compile:
         compile_models(bench, args.compile_mode, scenarios)
     print(HEADER, flush=True)
-    runners = {"check": run_packed_check, "prefill": run_prefill, "layer": run_layer, "decode_layer": run_decode_layer, "decode": run_decode,
-               "decode_graphs": run_decode_graphs, "decode_speculative": run_decode_speculative, "train": run_train}
+    runners = {
+        "check": run_packed_check,
+        "prefill": run_prefill,
+        "layer": run_layer,
+        "decode_layer": run_decode_layer,
+        "decode": run_decode,
+        "decode_graphs": run_decode_graphs,
+        "decode_speculative": run_decode_speculative,
+        "train": run_train,
+    }
     for name in scenarios:
         elapsed = time.perf_counter() - t_start
         if args.budget_s is not None and elapsed > args.budget_s:

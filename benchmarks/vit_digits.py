@@ -94,8 +94,17 @@ def main() -> None:
     for seed in range(args.seeds):
         x_tr, y_tr, x_te, y_te = load_digits_tensors(seed)
         torch.manual_seed(seed)
-        dense = create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4,
-                             num_heads=4, mlp_ratio=2.0, num_classes=10)
+        dense = create_model(
+            "vit_tiny_patch16_224",
+            img_size=8,
+            patch_size=2,
+            in_chans=1,
+            embed_dim=64,
+            depth=4,
+            num_heads=4,
+            mlp_ratio=2.0,
+            num_classes=10,
+        )
         train(dense, x_tr, y_tr, epochs=args.dense_epochs, lr=1e-3, seed=seed)
         dense_acc, _ = evaluate(dense, x_te, y_te)
         dense_flops = measured_flops(dense, x_te[:1])["total"]
@@ -112,17 +121,26 @@ def main() -> None:
             train(model, x_tr, y_tr, epochs=args.finetune_epochs, lr=3e-4, seed=seed + 100)
             after, kept = evaluate(model, x_te, y_te)
             flops = measured_flops(model, x_te[:1])
-            row[router] = {"accuracy_before_ft": before, "accuracy": after, "flops": flops["total"],
-                           "router_flops": flops["router"], "kept_fraction": kept}
+            row[router] = {
+                "accuracy_before_ft": before,
+                "accuracy": after,
+                "flops": flops["total"],
+                "router_flops": flops["router"],
+                "kept_fraction": kept,
+            }
         runs.append(row)
         print(json.dumps(row), flush=True)
     import platform
 
     import timm
 
-    result = {"config": vars(args), "seconds": round(time.time() - started, 1), "runs": runs,
-              "torch": torch.__version__,
-              "machine": f"{platform.machine()} CPU, {args.threads} threads, timm {timm.__version__}"}
+    result = {
+        "config": vars(args),
+        "seconds": round(time.time() - started, 1),
+        "runs": runs,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} CPU, {args.threads} threads, timm {timm.__version__}",
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -13,9 +13,9 @@ Public API::
 
 from .config import ModConfig
 from .convert import aux_loss, convert, mod_layers, unload
+from .decoding import GraphedDecoder
 from .dense import dense
 from .errors import ModAdaptError
-from .decoding import GraphedDecoder
 from .hookspecs import Preset, Recipe
 from .lora import peft_config
 from .metrics.routing_stats import routing_stats

@@ -24,11 +24,10 @@ and then calls the SDPA implementation, so outputs are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
-from torch import nn
 
 from .deprecation import moved_names
 
@@ -81,7 +80,7 @@ class AttentionProbe:
             self._undo.pop()()
         self.records.clear()
 
-    def __enter__(self) -> "AttentionProbe":
+    def __enter__(self) -> AttentionProbe:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -89,8 +88,15 @@ class AttentionProbe:
 
 
 def allowed_keys(
-    rows: int, start: int, q_len: int, k_len: int, *, causal: bool, valid: torch.Tensor | None,
-    mask: torch.Tensor | None, device: torch.device,
+    rows: int,
+    start: int,
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    valid: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    device: torch.device,
 ) -> torch.Tensor | None:
     """`[B or 1, 1 or H, rows, Tk]` bool of the keys query rows `start..start+rows` may see (None: all)."""
     allowed = None
@@ -107,8 +113,14 @@ def allowed_keys(
 
 
 def attention_blocks(
-    q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, valid: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None, chunk: int = 256,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    valid: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    chunk: int = 256,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield `(start, probs)`: the softmax attention of query rows `start..start+rows` as
     `[B, H, rows, Tk]` float32, `chunk` rows at a time (the full map is never held).
@@ -142,8 +154,14 @@ def attention_blocks(
 
 
 def column_mean_attention(
-    q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, valid: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None, chunk: int = 256,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    valid: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    chunk: int = 256,
 ) -> torch.Tensor:
     """`[B, Tk]` attention each key receives, averaged over heads and over the queries allowed to
     see it (A-MoD's routing statistic). Arguments as for `attention_blocks`; `valid` also drops

@@ -12,12 +12,15 @@ from .deprecation import moved_names
 from .errors import ModAdaptError
 
 # The CLI imports what it uses inside its commands, so that these old names go through the alias.
-__getattr__ = moved_names(__name__, {
-    "TOKENIZER_FILES": "modadapt.sources:TOKENIZER_FILES",
-    "is_causal_lm": "modadapt.sources:is_causal_lm",
-    "load_source_model": "modadapt.sources:load_source_model",
-    "parse_router_args": "modadapt.config:parse_router_args",
-})
+__getattr__ = moved_names(
+    __name__,
+    {
+        "TOKENIZER_FILES": "modadapt.sources:TOKENIZER_FILES",
+        "is_causal_lm": "modadapt.sources:is_causal_lm",
+        "load_source_model": "modadapt.sources:load_source_model",
+        "parse_router_args": "modadapt.config:parse_router_args",
+    },
+)
 
 
 def load_config_file(path: str) -> dict:
@@ -51,7 +54,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.router_arg:
         fields["router_kwargs"] = {**fields.get("router_kwargs", {}), **parse_router_args(args.router_arg)}
     if args.adapter_arg:
-        fields["adapter_kwargs"] = {**fields.get("adapter_kwargs", {}), **parse_router_args(args.adapter_arg, "--adapter-arg")}
+        fields["adapter_kwargs"] = {
+            **fields.get("adapter_kwargs", {}),
+            **parse_router_args(args.adapter_arg, "--adapter-arg"),
+        }
     config = ModConfig.from_dict(fields)
     router_cls = get_router(config.router).obj
     if args.capacity is not None and not router_cls.capacity_based:
@@ -90,19 +96,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         check_output(args.output, args.overwrite, META_FILE)
     model = build_preset(args.preset)
     if not is_causal_lm(model):
-        raise ModAdaptError(f"demo generates text with a causal language model; preset {args.preset} is a "
-                            f"{type(model).__name__}. Use a text preset (e.g. tiny-llama), or `modadapt convert "
-                            f"{args.preset} -o DIR` to convert it.")
+        raise ModAdaptError(
+            f"demo generates text with a causal language model; preset {args.preset} is a "
+            f"{type(model).__name__}. Use a text preset (e.g. tiny-llama), or `modadapt convert "
+            f"{args.preset} -o DIR` to convert it."
+        )
     convert(model, router=args.router, capacity=args.capacity, layers="every-other")
     generator = torch.Generator().manual_seed(0)
     for layer in mod_layers(model):  # a fresh router keeps every token; give it opinions
         for name, param in layer.router.named_parameters():
-            param.data = torch.zeros_like(param) if name.endswith("bias") else torch.randn(param.shape, generator=generator)
+            param.data = (
+                torch.zeros_like(param) if name.endswith("bias") else torch.randn(param.shape, generator=generator)
+            )
     prompt = torch.randint(0, model.config.vocab_size, (2, 12), generator=generator)
     with torch.no_grad():
         out = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=16,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
         )
         full = model(out.sequences).logits[:, prompt.shape[1] - 1 : -1]
     cached = torch.stack(out.logits, dim=1)
@@ -128,15 +143,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         text_batches,
     )
     from .metrics.report import analyze, write_report
-    from .output_dir import check_output
     from .metrics.selection import REPORT_FILE, parse_rule
+    from .output_dir import check_output
     from .plugins import get_router
     from .presets import preset_names
     from .recipes.lm_adapt import check_seq_len
     from .sources import load_model
 
     rule = parse_rule(args.select)
-    for name, value, low in (("--samples", args.samples, 1), ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1)):
+    for name, value, low in (
+        ("--samples", args.samples, 1),
+        ("--seq-len", args.seq_len, 2),
+        ("--batch-size", args.batch_size, 1),
+    ):
         if value < low:
             raise ModAdaptError(f"{name} must be at least {low}, got {value}.")
     if args.tol is not None and not args.tol >= 0:
@@ -153,38 +172,69 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         text, data_path, digest = read_text(args.data)
         tokenizer = source.tokenizer
         batches, text_tokens = text_batches(
-            text, tokenizer=tokenizer, vocab_size=model.config.vocab_size, samples=args.samples,
-            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+            text,
+            tokenizer=tokenizer,
+            vocab_size=model.config.vocab_size,
+            samples=args.samples,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            seed=args.seed,
         )
         tokens = args.seq_len
         check_seq_len(model, tokens)
-        data = {"path": data_path, "sha256": digest, "tokenizer": "model" if tokenizer is not None else "bytes",
-                "samples": args.samples, "seq_len": tokens, "text_tokens": text_tokens}
+        data = {
+            "path": data_path,
+            "sha256": digest,
+            "tokenizer": "model" if tokenizer is not None else "bytes",
+            "samples": args.samples,
+            "seq_len": tokens,
+            "text_tokens": text_tokens,
+        }
         if text_tokens < args.samples * tokens:
-            print(f"modadapt: warning: the text has {text_tokens} tokens, fewer than --samples {args.samples} x "
-                  f"--seq-len {tokens}: the windows overlap; give more text for independent samples.", file=sys.stderr)
+            print(
+                f"modadapt: warning: the text has {text_tokens} tokens, fewer than --samples {args.samples} x "
+                f"--seq-len {tokens}: the windows overlap; give more text for independent samples.",
+                file=sys.stderr,
+            )
     elif kind == "llava":  # images + prompts
         from .recipes.llava_adapt import calibration_batches
 
-        batches, data_path, digest = calibration_batches(args.data, model, samples=args.samples,
-                                                         batch_size=args.batch_size, seed=args.seed)
+        batches, data_path, digest = calibration_batches(
+            args.data, model, samples=args.samples, batch_size=args.batch_size, seed=args.seed
+        )
         tokens = round(sum(int(b["attention_mask"].sum()) for b in batches) / sum(len(b["input_ids"]) for b in batches))
         data = {"path": data_path, "sha256": digest, "kind": "llava", "samples": args.samples, "seq_len": tokens}
     elif kind == "images":
-        batches, data_path, digest = image_batches(args.data, model, samples=args.samples,
-                                                   batch_size=args.batch_size, seed=args.seed)
+        batches, data_path, digest = image_batches(
+            args.data, model, samples=args.samples, batch_size=args.batch_size, seed=args.seed
+        )
         tokens = image_tokens(model)
-        data = {"path": data_path, "sha256": digest, "kind": "images",
-                "samples": sum(len(b) for b in batches), "seq_len": tokens}
+        data = {
+            "path": data_path,
+            "sha256": digest,
+            "kind": "images",
+            "samples": sum(len(b) for b in batches),
+            "seq_len": tokens,
+        }
     else:
         raise ModAdaptError(
             f"{args.model}: `analyze` reads text for language models, images for timm ViTs and "
             "LLaVA-format JSON for LLaVA models."
         )
     report = analyze(
-        model, batches, model_name=args.model, data=data, seed=args.seed, metric=args.metric, rule=rule,
-        capacity=args.capacity, router=args.router, tokens=tokens, output=args.output,
-        tol=args.tol, progress=not args.quiet,
+        model,
+        batches,
+        model_name=args.model,
+        data=data,
+        seed=args.seed,
+        metric=args.metric,
+        rule=rule,
+        capacity=args.capacity,
+        router=args.router,
+        tokens=tokens,
+        output=args.output,
+        tol=args.tol,
+        progress=not args.quiet,
     )
     write_report(report, args.output, overwrite=args.overwrite)
     if report["tie"]:
@@ -211,16 +261,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if adapter in ("timm-vit", "llava"):
         given = [flag for flag, value in (("--seq-len", args.seq_len), ("--max-tokens", args.max_tokens)) if value]
         if given:
-            raise ModAdaptError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to language "
-                                f"models; {args.model} is a {adapter} model.")
+            raise ModAdaptError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to language "
+                f"models; {args.model} is a {adapter} model."
+            )
     if adapter != "llava" and args.max_new_tokens:
         raise ModAdaptError(f"--max-new-tokens applies only to LLaVA models; {args.model} is not one.")
     if adapter == "timm-vit":
         from .recipes.vit_imagenet import evaluate_saved
 
         result = evaluate_saved(str(path), args.data, **common)
-        summary = (f"{result['model']} top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f} (loss {result['loss']:.4f}, "
-                   f"{result['images']} images of split {result['split']})")
+        summary = (
+            f"{result['model']} top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f} (loss {result['loss']:.4f}, "
+            f"{result['images']} images of split {result['split']})"
+        )
     elif adapter == "llava":
         from .recipes.llava_adapt import evaluate_saved
 
@@ -231,8 +285,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .recipes.lm_adapt import evaluate_saved
 
         result = evaluate_saved(args.model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens, **common)
-        summary = (f"{result['model']} perplexity {result['ppl']:.4f} (loss {result['loss']:.4f}, {result['tokens']} "
-                   f"tokens, {result['blocks']} blocks of {result['seq_len']})")
+        summary = (
+            f"{result['model']} perplexity {result['ppl']:.4f} (loss {result['loss']:.4f}, {result['tokens']} "
+            f"tokens, {result['blocks']} blocks of {result['seq_len']})"
+        )
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
@@ -298,16 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", choices=PACKING, help=field_help("packing"))
     p.add_argument("--pack-bucket", dest="pack_bucket", type=int, metavar="N", help=field_help("pack_bucket"))
     p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("router_kwargs"))
-    p.add_argument("--adapter-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help=field_help("adapter_kwargs"))
-    p.add_argument("--adapter", help="registered adapter to convert with, when several claim the model "
-                   "(default: the one that does; see `modadapt list adapters`)")
+    p.add_argument("--adapter-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("adapter_kwargs"))
+    p.add_argument(
+        "--adapter",
+        help="registered adapter to convert with, when several claim the model "
+        "(default: the one that does; see `modadapt list adapters`)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an output directory modadapt wrote before")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="convert a preset, generate with the cache and check it (offline)")
-    p.add_argument("--preset", default="tiny-llama",
-                   help="preset model (default: tiny-llama; see `modadapt list presets`)")
+    p.add_argument(
+        "--preset", default="tiny-llama", help="preset model (default: tiny-llama; see `modadapt list presets`)"
+    )
     p.add_argument("--router", default="threshold-p", help=field_help("router"))
     p.add_argument("--capacity", type=float, default=0.5, help=field_help("capacity"))
     p.add_argument("-o", "--output", help="also save the converted model here")
@@ -317,14 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="score layers (ARank or cosine) and pick the ones to convert")
     p.add_argument("model", help="local transformers model directory, or a preset such as tiny-llama")
     p.add_argument("-o", "--output", required=True, help="report directory to write (must be new or empty)")
-    p.add_argument("--data", help="text models: local .txt/.jsonl file or directory (optionally .gz); timm ViTs: a "
-                   "folder of images; LLaVA: a LLaVA-format JSON file; presets default to built-in data")
+    p.add_argument(
+        "--data",
+        help="text models: local .txt/.jsonl file or directory (optionally .gz); timm ViTs: a "
+        "folder of images; LLaVA: a LLaVA-format JSON file; presets default to built-in data",
+    )
     p.add_argument("--samples", type=int, default=32, help="number of calibration sequences (default: 32)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)")
-    p.add_argument("--metric", choices=["arank", "cosine"], default="arank", help="layer-redundancy metric (default: arank)")
+    p.add_argument(
+        "--metric", choices=["arank", "cosine"], default="arank", help="layer-redundancy metric (default: arank)"
+    )
     p.add_argument("--tol", type=float, help="ARank: absolute singular-value tolerance (default: matrix_rank's own)")
-    p.add_argument("--select", default="fraction=0.5", help="fraction=F, count=K or threshold=X (default: fraction=0.5)")
+    p.add_argument(
+        "--select", default="fraction=0.5", help="fraction=F, count=K or threshold=X (default: fraction=0.5)"
+    )
     p.add_argument("--capacity", type=float, default=0.125, help=field_help("capacity"))
     p.add_argument("--router", default="topk", help=field_help("router"))
     p.add_argument("--seed", type=int, default=0, help="seed that picks the calibration windows (default: 0)")
@@ -333,17 +399,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("eval", help="perplexity (LMs), top-1 (ViTs) or answer accuracy (LLaVA) of a saved model")
-    p.add_argument("model", help="directory written by `modadapt convert` or modadapt.save, or a recipe's run directory")
-    p.add_argument("--data", required=True, help="language models: local .txt/.jsonl file or directory (optionally "
-                   ".gz), or datasets files; timm ViTs: an image folder (its validation split); LLaVA: LLaVA-format JSON")
-    p.add_argument("--seq-len", dest="seq_len", type=int,
-                   help="tokens per block (default: the run's own for an lm-adapt run's model, else 256)")
+    p.add_argument(
+        "model", help="directory written by `modadapt convert` or modadapt.save, or a recipe's run directory"
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="language models: local .txt/.jsonl file or directory (optionally "
+        ".gz), or datasets files; timm ViTs: an image folder (its validation split); LLaVA: LLaVA-format JSON",
+    )
+    p.add_argument(
+        "--seq-len",
+        dest="seq_len",
+        type=int,
+        help="tokens per block (default: the run's own for an lm-adapt run's model, else 256)",
+    )
     p.add_argument("--device", help="device to evaluate on (default: cuda when available, else cpu)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=0, help="use at most this many tokens (0: all)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8,
-                   help="blocks, images or samples per forward (default: 8)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
-                   help="LLaVA: answer length limit (default: the run's own, else 8)")
+    p.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=8,
+        help="blocks, images or samples per forward (default: 8)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        help="LLaVA: answer length limit (default: the run's own, else 8)",
+    )
     p.add_argument("--dense", action="store_true", help="evaluate the dense model (routers removed) instead")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -361,18 +446,24 @@ def build_parser() -> argparse.ArgumentParser:
     from .plugins import registry
 
     p = sub.add_parser(
-        "train", help="fine-tune a converted model with a recipe (see `modadapt list recipes`)",
+        "train",
+        help="fine-tune a converted model with a recipe (see `modadapt list recipes`)",
         description="Fine-tune a converted model with a recipe. Several processes (batch sizes are per process): "
-                    "`accelerate launch --multi_gpu --num_processes N -m modadapt.cli train RECIPE ...` (DDP; add "
-                    "the recipe's --cpu on a CPU machine) or `torchrun --nproc_per_node N -m modadapt.cli train "
-                    "RECIPE ...`; lm-adapt also with FSDP2: `accelerate launch --use_fsdp --fsdp_version 2 "
-                    "--num_processes N -m modadapt.cli train lm-adapt ...`. See docs/recipes.md, \"Several processes\".")
+        "`accelerate launch --multi_gpu --num_processes N -m modadapt.cli train RECIPE ...` (DDP; add "
+        "the recipe's --cpu on a CPU machine) or `torchrun --nproc_per_node N -m modadapt.cli train "
+        "RECIPE ...`; lm-adapt also with FSDP2: `accelerate launch --use_fsdp --fsdp_version 2 "
+        '--num_processes N -m modadapt.cli train lm-adapt ...`. See docs/recipes.md, "Several processes".',
+    )
     recipes = p.add_subparsers(dest="recipe", required=True)
     for entry in registry().list("recipe"):
         recipe = entry.obj
         description = recipe.description
-        r = recipes.add_parser(entry.name, help=description.splitlines()[0] if description else None,
-                               description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        r = recipes.add_parser(
+            entry.name,
+            help=description.splitlines()[0] if description else None,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         recipe.add_arguments(r)
         r.set_defaults(func=recipe.main)
     return parser

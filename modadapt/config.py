@@ -108,7 +108,7 @@ class ModConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModConfig":
+    def from_dict(cls, data: dict) -> ModConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -152,14 +152,13 @@ def normalize_layer_spec(spec: Any) -> str | list[int]:
         if text.startswith(FROM_REPORT):
             from .metrics.selection import read_selection
 
-            read_selection(text[len(FROM_REPORT):])  # a missing or corrupt report fails here, early
+            read_selection(text[len(FROM_REPORT) :])  # a missing or corrupt report fails here, early
             return text
         try:
             spec = [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
             raise ModAdaptError(
-                f"layers {text!r} is not a layer list; use e.g. '1,3,5', "
-                f"or one of {', '.join(LAYER_RULES)}."
+                f"layers {text!r} is not a layer list; use e.g. '1,3,5', or one of {', '.join(LAYER_RULES)}."
             ) from None
     if isinstance(spec, (list, tuple)):
         if not spec:
@@ -182,7 +181,7 @@ def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
     elif isinstance(spec, str) and spec.startswith(FROM_REPORT):
         from .metrics.selection import read_selection
 
-        layers, analysed = read_selection(spec[len(FROM_REPORT):])
+        layers, analysed = read_selection(spec[len(FROM_REPORT) :])
         if analysed != num_layers:
             raise ModAdaptError(
                 f"--layers {spec}: that report analysed a model with {analysed} layers, but this model has "

@@ -16,12 +16,14 @@ from .errors import ModAdaptError
 from .mod_layer import STATE_ATTR, LayerState, ModelState, mod_class
 from .plugins import get_router
 
-__getattr__ = moved_names(__name__, {"find_adapter": "modadapt.plugins:find_adapter",
-                                     "state_of": "modadapt.mod_layer:state_of"})
+__getattr__ = moved_names(
+    __name__, {"find_adapter": "modadapt.plugins:find_adapter", "state_of": "modadapt.mod_layer:state_of"}
+)
 
 
-def convert(model: nn.Module, config: ModConfig | None = None, *, adapter: str | None = None,
-            **overrides: Any) -> nn.Module:
+def convert(
+    model: nn.Module, config: ModConfig | None = None, *, adapter: str | None = None, **overrides: Any
+) -> nn.Module:
     """Convert `model` to Mixture-of-Depths in place and return it.
 
     Args:
@@ -34,7 +36,9 @@ def convert(model: nn.Module, config: ModConfig | None = None, *, adapter: str |
     known = {f.name for f in dataclasses.fields(ModConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ModAdaptError(f"convert() got unknown option {unknown[0]!r}; ModConfig fields: {', '.join(sorted(known))}.")
+        raise ModAdaptError(
+            f"convert() got unknown option {unknown[0]!r}; ModConfig fields: {', '.join(sorted(known))}."
+        )
     if config is None:
         config = ModConfig(**overrides)
     elif overrides:
@@ -138,8 +142,11 @@ def output_with_router_aux_loss(output_type: type) -> type:
     if made is None:
         name = f"{output_type.__name__}WithRouterAuxLoss"
         made = dataclasses.make_dataclass(
-            name, [("router_aux_loss", "torch.Tensor | None", dataclasses.field(default=None))],
-            bases=(output_type,), namespace={"__module__": __name__})
+            name,
+            [("router_aux_loss", "torch.Tensor | None", dataclasses.field(default=None))],
+            bases=(output_type,),
+            namespace={"__module__": __name__},
+        )
         if name not in globals():
             globals()[name] = made
         _WITH_AUX[output_type] = made

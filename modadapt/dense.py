@@ -12,7 +12,7 @@ belongs to the mode it was filled in: do not continue a routed cache densely, no
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

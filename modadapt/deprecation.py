@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def moved_names(module: str, moves: dict[str, str]) -> Callable[[str], Any]:
@@ -20,8 +21,11 @@ def moved_names(module: str, moves: dict[str, str]) -> Callable[[str], Any]:
         if target is None:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
         new_module, _, new_name = target.partition(":")
-        warnings.warn(f"{module}.{name} moved to {new_module}.{new_name}; the old name goes away in the next release.",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{module}.{name} moved to {new_module}.{new_name}; the old name goes away in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(new_module), new_name)
 
     return __getattr__

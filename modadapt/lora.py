@@ -33,9 +33,9 @@ def projection_names(model: nn.Module) -> list[str]:
     layer_ids = {id(layer) for layer in stack}
     prefixes = [name + "." for name, module in model.named_modules() if id(module) in layer_ids]
     return [
-        name for name, module in model.named_modules()
-        if any(name.startswith(p) for p in prefixes) and ".router." not in f".{name}."
-        and adapter.is_linear_map(module)
+        name
+        for name, module in model.named_modules()
+        if any(name.startswith(p) for p in prefixes) and ".router." not in f".{name}." and adapter.is_linear_map(module)
     ]
 
 
@@ -82,14 +82,18 @@ def peft_config(model: nn.Module, config: Any = None, **lora_kwargs: Any) -> Any
     if config is None:
         from .plugins import find_adapter
 
-        defaults = {"target_modules": projection_names(model),
-                    "fan_in_fan_out": find_adapter(model).transposed_linear_weights(model)}
+        defaults = {
+            "target_modules": projection_names(model),
+            "fan_in_fan_out": find_adapter(model).transposed_linear_weights(model),
+        }
         try:
             config = peft.LoraConfig(**{**defaults, **lora_kwargs})
         except (TypeError, ValueError) as exc:
             raise ModAdaptError(f"peft_config: {exc}") from None
     elif not hasattr(config, "modules_to_save"):
-        raise ModAdaptError(f"{type(config).__name__} has no modules_to_save: peft cannot keep the routers trainable with it.")
+        raise ModAdaptError(
+            f"{type(config).__name__} has no modules_to_save: peft cannot keep the routers trainable with it."
+        )
     else:
         config = copy.deepcopy(config)
     listed = list(config.modules_to_save or [])

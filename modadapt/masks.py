@@ -58,8 +58,10 @@ def subset_attention_mask(
         else:
             ones = torch.ones_like(key_index, dtype=torch.bool)
             key_valid = torch.cat(
-                [ones[:, : past_index.shape[1]] if past_valid is None else past_valid,
-                 ones[:, past_index.shape[1]:] if query_valid is None else query_valid],
+                [
+                    ones[:, : past_index.shape[1]] if past_valid is None else past_valid,
+                    ones[:, past_index.shape[1] :] if query_valid is None else query_valid,
+                ],
                 dim=1,
             )
     allowed = torch.ones(B, K, key_index.shape[1], dtype=torch.bool, device=query_index.device)

@@ -167,8 +167,12 @@ def _plain_decode_step(state: LayerState, book, seen: int) -> bool:
     then runs on its input as is, with no mask (the token may see every cached key)."""
     roles, window = state.model.roles, state.call.window
     return (
-        book is not None and book.mod_all_valid and roles.real is None and roles.forced is None
-        and not state.call.prefix_tokens and (window is None or seen + 1 <= window)
+        book is not None
+        and book.mod_all_valid
+        and roles.real is None
+        and roles.forced is None
+        and not state.call.prefix_tokens
+        and (window is None or seen + 1 <= window)
         and not torch.is_grad_enabled()
     )
 
@@ -284,8 +288,9 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
 
-def _run_packed(layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int,
-                longest: int):
+def _run_packed(
+    layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int, longest: int
+):
     """The original layer on all rows' kept tokens as one sequence; its attention runs per row
     (`modadapt.varlen`) and, with a cache, appends the new K/V to the packed cache itself.
     `longest` bounds a segment's length (`T`, or a bucket's filler segment)."""
@@ -301,8 +306,9 @@ def _run_packed(layer: nn.Module, arguments: _CallArguments, decision: RoutingDe
         return layer._mod_original.forward(layer, **arguments.named)
 
 
-def _run_rows(layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int,
-              dtype: torch.dtype):
+def _run_rows(
+    layer: nn.Module, arguments: _CallArguments, decision: RoutingDecision, book, T: int, seen: int, dtype: torch.dtype
+):
     """The original layer on each row's kept tokens (filler slots where rows keep fewer), with a
     mask built from the tokens' sequence indices; the cache is kept in the rows layout."""
     call = layer.mod_state.call

@@ -6,8 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import ModAdaptError
 
@@ -22,8 +22,10 @@ def check_output(target: str | os.PathLike, overwrite: bool, marker: str) -> Pat
         if not overwrite:
             raise ModAdaptError(f"{target} exists and is not empty; choose a new -o or pass --overwrite.")
         if not (target / marker).is_file():
-            raise ModAdaptError(f"{target} was not written by modadapt (it has no {marker}); --overwrite replaces "
-                                "only modadapt's own output, so choose a new -o or empty it.")
+            raise ModAdaptError(
+                f"{target} was not written by modadapt (it has no {marker}); --overwrite replaces "
+                "only modadapt's own output, so choose a new -o or empty it."
+            )
     return target
 
 

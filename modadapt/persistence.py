@@ -33,8 +33,9 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, extra_files=(),
-         tokenizer: Any = None) -> Path:
+def save(
+    model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, extra_files=(), tokenizer: Any = None
+) -> Path:
     """Save a converted model to `directory` (created; must be new or empty, or with `overwrite`
     an earlier save: a directory without ``modadapt.json`` is never replaced).
 
@@ -170,7 +171,9 @@ def weight_files(path: Path) -> list[Path]:
     files = [path / name for name in shards]
     absent = [f.name for f in files if not f.is_file()]
     if absent or not files:
-        raise ModAdaptError(f"{path} lacks the weight shards {absent or 'its index names'}; the directory is incomplete.")
+        raise ModAdaptError(
+            f"{path} lacks the weight shards {absent or 'its index names'}; the directory is incomplete."
+        )
     return files
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 from torch import nn
@@ -34,8 +35,12 @@ from .errors import ModAdaptError
 from .hookspecs import PROJECT, HookSpecs, Preset, Recipe, hookimpl, hookspec  # noqa: F401 (re-exported)
 from .routers import base as router_contract
 
-BUILTIN_MODULES = ("modadapt.routers.builtin", "modadapt.adapters.builtin", "modadapt.presets",
-                   "modadapt.recipes.builtin")
+BUILTIN_MODULES = (
+    "modadapt.routers.builtin",
+    "modadapt.adapters.builtin",
+    "modadapt.presets",
+    "modadapt.recipes.builtin",
+)
 
 
 def _record_violation(kind: type) -> Callable[[Any], str | None]:
@@ -64,7 +69,12 @@ class Registration:
     def as_dict(self) -> dict:
         doc = getattr(self.obj, "description", "") or (self.obj.__doc__ if isinstance(self.obj, type) else "") or ""
         doc = doc.strip()
-        return {"name": self.name, "provider": self.provider, "kind": self.kind, "summary": doc.splitlines()[0] if doc else ""}
+        return {
+            "name": self.name,
+            "provider": self.provider,
+            "kind": self.kind,
+            "summary": doc.splitlines()[0] if doc else "",
+        }
 
 
 class Registry:

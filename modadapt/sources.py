@@ -18,8 +18,15 @@ from .errors import ModAdaptError
 #: Files beside a model's weights that belong to its tokenizer or generation settings: copied next
 #: to a converted / adapted model so that it loads with them.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
 )
 
 
@@ -67,7 +74,9 @@ def load_model(source: str, *, seed: int = 0, converted: bool = True) -> ModelSo
 
     try:
         model_type = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
-        auto = transformers.LlavaForConditionalGeneration if model_type == "llava" else transformers.AutoModelForCausalLM
+        auto = (
+            transformers.LlavaForConditionalGeneration if model_type == "llava" else transformers.AutoModelForCausalLM
+        )
         model = auto.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise ModAdaptError(f"could not load {source}: {exc}") from None
@@ -84,5 +93,8 @@ def load_source_model(source: str) -> tuple[nn.Module, list[str]]:
 def is_causal_lm(model: Any) -> bool:
     """A text-only `transformers` model with an LM head (not a ViT, not LLaVA, which needs images)."""
     config = getattr(model, "config", None)
-    return (getattr(config, "vocab_size", None) is not None and hasattr(model, "get_output_embeddings")
-            and getattr(config, "model_type", None) != "llava")
+    return (
+        getattr(config, "vocab_size", None) is not None
+        and hasattr(model, "get_output_embeddings")
+        and getattr(config, "model_type", None) != "llava"
+    )

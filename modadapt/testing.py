@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import modadapt
+
 from .adapters.hf.versions import cache_argument, returned_cache
 from .mod_layer import state_of
 from .plugins import find_adapter, get_router
@@ -54,8 +55,9 @@ class RouterConformance:
     def make_model(self, randomize: bool = True, **config: Any) -> nn.Module:
         model = modadapt.build_preset(self.preset)
         layers = self.layers if self.layers is not None else get_router(self.router_name).obj.densest_layers
-        options = dict(router=self.router_name, capacity=self.capacity, layers=layers,
-                       router_kwargs=dict(self.router_kwargs))
+        options = dict(
+            router=self.router_name, capacity=self.capacity, layers=layers, router_kwargs=dict(self.router_kwargs)
+        )
         modadapt.convert(model, **{**options, **config})
         if randomize:
             generator = torch.Generator().manual_seed(0)
@@ -163,8 +165,9 @@ class AdapterConformance(RouterConformance):
             dense = _output(model(**inputs))
             converted = copy.deepcopy(model)
             layers = self.layers if self.layers is not None else get_router(self.router_name).obj.densest_layers
-            modadapt.convert(converted, router=self.router_name, capacity=1.0, layers=layers,
-                             router_kwargs=dict(self.router_kwargs))
+            modadapt.convert(
+                converted, router=self.router_name, capacity=1.0, layers=layers, router_kwargs=dict(self.router_kwargs)
+            )
             routed = _output(converted(**inputs))
         assert torch.equal(routed, dense)
         assert all(row["kept_fraction"] == 1.0 for row in modadapt.routing_stats(converted))

@@ -92,9 +92,12 @@ def byte_tokenizer(model_or_config: Any) -> Any:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     ids = special_tokens(config)
-    backend.add_special_tokens([AddedToken(symbols[i], special=True, normalized=False) for i in sorted(set(ids.values()))])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, split_special_tokens=True,
-                                   **{f"{role}_token": symbols[i] for role, i in ids.items()})
+    backend.add_special_tokens(
+        [AddedToken(symbols[i], special=True, normalized=False) for i in sorted(set(ids.values()))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, split_special_tokens=True, **{f"{role}_token": symbols[i] for role, i in ids.items()}
+    )
 
 
 def load_tokenizer(directory: str | Path) -> Any:

@@ -21,11 +21,14 @@ import torch.nn.functional as F
 
 from .deprecation import moved_names
 
-__getattr__ = moved_names(__name__, {
-    "VARLEN_ATTENTION": "modadapt.adapters.hf.attention:VARLEN_ATTENTION",
-    "transformers_varlen_attention": "modadapt.adapters.hf.attention:transformers_varlen_attention",
-    "register_transformers_attention": "modadapt.adapters.hf.attention:register_attention_functions",
-})
+__getattr__ = moved_names(
+    __name__,
+    {
+        "VARLEN_ATTENTION": "modadapt.adapters.hf.attention:VARLEN_ATTENTION",
+        "transformers_varlen_attention": "modadapt.adapters.hf.attention:transformers_varlen_attention",
+        "register_transformers_attention": "modadapt.adapters.hf.attention:register_attention_functions",
+    },
+)
 
 #: Keyword arguments a packed layer call passes through to that attention function: the query
 #: row offsets, `(max query length, max key length)` bounds, and (with a KV cache) a callable
@@ -93,8 +96,12 @@ def _reference(query, key, value, q_segments, k_segments, *, scale, causal, drop
         if not len(q):
             continue
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            dropout_p=dropout, is_causal=causal and len(q) > 1, scale=scale,
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            dropout_p=dropout,
+            is_causal=causal and len(q) > 1,
+            scale=scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
         outputs.append(out[0].transpose(0, 1))

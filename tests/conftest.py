@@ -36,8 +36,10 @@ def pytest_generate_tests(metafunc):
 SAVED_FILES = ["config.json", "modadapt.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 # Text for recipe tests: code and prose, enough for a few dozen 32-token blocks.
-SAMPLE_TEXT = ("def add(a, b):\n    return a + b  # Python docs, roughly.\n" * 40
-               + "The quick brown fox jumps over the lazy dog. " * 40)
+SAMPLE_TEXT = (
+    "def add(a, b):\n    return a + b  # Python docs, roughly.\n" * 40
+    + "The quick brown fox jumps over the lazy dog. " * 40
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +118,8 @@ def left_pad_batch(prompts: list[torch.Tensor], pad_id: int = 0):
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        input_ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, mask, position_ids
 

@@ -11,8 +11,9 @@ from modadapt.errors import ModAdaptError
 from modadapt.plugins import find_adapter
 
 
-@pytest.mark.parametrize("preset, kind", [("tiny-llama", "text"), ("tiny-gpt2", "text"), ("tiny-vit", "images"),
-                                          ("tiny-llava", "llava")])
+@pytest.mark.parametrize(
+    "preset, kind", [("tiny-llama", "text"), ("tiny-gpt2", "text"), ("tiny-vit", "images"), ("tiny-llava", "llava")]
+)
 def test_calibration_kind_comes_from_the_adapter(preset, kind):
     from modadapt.metrics.calibration import calibration_kind
 

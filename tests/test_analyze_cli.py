@@ -27,8 +27,27 @@ def report_dir(tmp_path_factory):
     data = base / "calib.txt"
     data.write_text(TEXT)
     out = base / "report"
-    code = main(["analyze", "tiny-llama", "--data", str(data), "--samples", "6", "--seq-len", "32",
-                 "--batch-size", "4", "--select", "count=2", "--capacity", "0.25", "--quiet", "-o", str(out)])
+    code = main(
+        [
+            "analyze",
+            "tiny-llama",
+            "--data",
+            str(data),
+            "--samples",
+            "6",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--select",
+            "count=2",
+            "--capacity",
+            "0.25",
+            "--quiet",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -48,7 +67,12 @@ def test_report_contents(report_dir):
     assert f"-c {report_dir}/convert.yaml" in report["convert_command"]
     assert report["convert_command"] in (report_dir / "report.md").read_text()
     assert sorted(p.name for p in report_dir.iterdir()) == [
-        "convert.yaml", "flops.png", "metric.png", "report.html", "report.json", "report.md"
+        "convert.yaml",
+        "flops.png",
+        "metric.png",
+        "report.html",
+        "report.json",
+        "report.md",
     ]
     assert not [p for p in report_dir.parent.iterdir() if p.name.startswith(".report")]  # no temp left
 
@@ -87,15 +111,31 @@ def test_from_report_errors(report_dir, tmp_path, capsys):
     cases = [(tmp_path / "missing", "does not exist"), (corrupt, "corrupt"), (other, "6 layers")]
     for directory, message in cases:
         out = tmp_path / "out"
-        code, _, err = run(capsys, "convert", "tiny-llama", "--router", "topk", "--layers", f"from:{directory}", "-o", str(out))
+        code, _, err = run(
+            capsys, "convert", "tiny-llama", "--router", "topk", "--layers", f"from:{directory}", "-o", str(out)
+        )
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
         assert not out.exists()
 
 
 def test_cosine_metric_and_builtin_text(tmp_path, capsys):
     out = tmp_path / "cos"
-    code, stdout, err = run(capsys, "analyze", "tiny-gpt2", "--metric", "cosine", "--samples", "3", "--seq-len", "16",
-                            "--select", "threshold=-1", "--quiet", "-o", str(out))
+    code, stdout, err = run(
+        capsys,
+        "analyze",
+        "tiny-gpt2",
+        "--metric",
+        "cosine",
+        "--samples",
+        "3",
+        "--seq-len",
+        "16",
+        "--select",
+        "threshold=-1",
+        "--quiet",
+        "-o",
+        str(out),
+    )
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["path"] == "builtin:default" and report["metric"] == "cosine"
@@ -104,19 +144,24 @@ def test_cosine_metric_and_builtin_text(tmp_path, capsys):
     assert "selected layers [1, 2, 3]" in stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "MISSING"], "does not exist"),
-    (["--samples", "0"], "--samples"),
-    (["--select", "fraction=2"], "fraction"),
-    (["--select", "best"], "--select"),
-    (["--seq-len", "100000"], "fewer than --seq-len"),
-    (["--seq-len", "600"], "longer than the model's max_position_embeddings 512"),
-    (["--capacity", "1.5"], "capacity"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "MISSING"], "does not exist"),
+        (["--samples", "0"], "--samples"),
+        (["--select", "fraction=2"], "fraction"),
+        (["--select", "best"], "--select"),
+        (["--seq-len", "100000"], "fewer than --seq-len"),
+        (["--seq-len", "600"], "longer than the model's max_position_embeddings 512"),
+        (["--capacity", "1.5"], "capacity"),
+    ],
+)
 def test_bad_input_is_a_one_line_error_without_output(tmp_path, capsys, argv, message):
     out = tmp_path / "report"
     argv = [a.replace("MISSING", str(tmp_path / "nope.txt")) for a in argv]
-    code, _, err = run(capsys, "analyze", "tiny-llama", "--samples", "2", "--seq-len", "16", "--quiet", *argv, "-o", str(out))
+    code, _, err = run(
+        capsys, "analyze", "tiny-llama", "--samples", "2", "--seq-len", "16", "--quiet", *argv, "-o", str(out)
+    )
     assert code == 2
     assert err.startswith("modadapt: error:") and message in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
@@ -140,7 +185,9 @@ def test_short_text_and_tied_scores_are_reported(tmp_path, capsys):
 
 def test_existing_report_directory_is_not_overwritten(report_dir, capsys):
     before = (report_dir / "report.json").read_text()
-    code, _, err = run(capsys, "analyze", "tiny-llama", "--samples", "2", "--seq-len", "16", "--quiet", "-o", str(report_dir))
+    code, _, err = run(
+        capsys, "analyze", "tiny-llama", "--samples", "2", "--seq-len", "16", "--quiet", "-o", str(report_dir)
+    )
     assert code == 2 and "--overwrite" in err
     assert (report_dir / "report.json").read_text() == before
 
@@ -160,15 +207,34 @@ def test_vit_analysis_reads_an_image_folder(tmp_path, capsys):
     images = tmp_path / "images"
     _image_folder(images)
     out = tmp_path / "report"
-    assert main(["analyze", "tiny-vit", "--data", str(images), "--samples", "4", "--batch-size", "2",
-                 "-o", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "tiny-vit",
+                "--data",
+                str(images),
+                "--samples",
+                "4",
+                "--batch-size",
+                "2",
+                "-o",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["kind"] == "images" and report["data"]["samples"] == 4
     assert report["data"]["seq_len"] == 65  # 64 patches + the class token of tiny-vit
     assert len(report["layers"]) == 4 and 0 not in report["selected_layers"]
     capsys.readouterr()
     assert main(["convert", "tiny-vit", "-c", str(out / "convert.yaml"), "-o", str(tmp_path / "mod")]) == 0
-    assert json.loads((tmp_path / "mod" / "modadapt.json").read_text())["mod_config"]["layers"] == report["selected_layers"]
+    assert (
+        json.loads((tmp_path / "mod" / "modadapt.json").read_text())["mod_config"]["layers"]
+        == report["selected_layers"]
+    )
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "corrupt"])
@@ -182,15 +248,23 @@ def test_vit_analysis_bad_image_data(tmp_path, capsys, kind):
     assert main(["analyze", "tiny-vit", "--data", str(images), "-o", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("modadapt: error: ") and err.count("\n") == 1
-    assert {"missing": "does not exist", "empty": "holds no image files", "corrupt": "not a readable image"}[kind] in err
+    assert {"missing": "does not exist", "empty": "holds no image files", "corrupt": "not a readable image"}[
+        kind
+    ] in err
     assert not out.exists()
 
 
 def test_llava_analysis_reads_llava_json(tmp_path, capsys):
     _image_folder(tmp_path, count=3, size=(32, 32))
     records = [
-        {"id": str(i), "image": f"cls/{i}.png",
-         "conversations": [{"from": "human", "value": "<image>\nWhat digit is this?"}, {"from": "gpt", "value": str(i)}]}
+        {
+            "id": str(i),
+            "image": f"cls/{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat digit is this?"},
+                {"from": "gpt", "value": str(i)},
+            ],
+        }
         for i in range(3)
     ]
     data = tmp_path / "train.json"

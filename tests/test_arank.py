@@ -115,9 +115,7 @@ def test_driver_probe_equals_eager_fallback_and_restores_the_kernel(monkeypatch)
     for a, b in zip(probed, eager):
         assert a["mean"] == pytest.approx(b["mean"]) and a["std"] == pytest.approx(b["std"])
     # the driver removed padding: each sample alone (no padding) gives the same ranks
-    alone = [
-        layer_aranks(model, [{"input_ids": ids[i : i + 1, : int(mask[i].sum())]}]) for i in range(3)
-    ]
+    alone = [layer_aranks(model, [{"input_ids": ids[i : i + 1, : int(mask[i].sum())]}]) for i in range(3)]
     for layer in range(4):
         expected = torch.tensor([alone[i][layer]["mean"] for i in range(3)])
         assert probed[layer]["mean"] == pytest.approx(expected.mean().item())
@@ -153,7 +151,9 @@ def test_bert_fallback_matches_output_attentions():
 def test_timm_vit_probe_equals_unfused_fallback(monkeypatch):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3, num_classes=10)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3, num_classes=10
+    )
     fused = [block.attn.fused_attn for block in model.blocks]
     images = [torch.randn(2, 3, 32, 32)]
     rows = layer_aranks(model, images)  # through the timm adapter's probe when it is installed

@@ -117,8 +117,15 @@ def test_llm_cached_generation_equals_full_forward_with_padding():
     mask[0, :3] = 0
     ids[0, :3] = 0
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                             output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         full_mask = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
         full = model(out.sequences, attention_mask=full_mask, position_ids=positions).logits[:, 7:-1]

@@ -17,9 +17,25 @@ def run(capsys, *argv):
 
 def test_convert_preset_and_load(tmp_path, capsys):
     out = tmp_path / "mod"
-    code, stdout, _ = run(capsys, "convert", "tiny-llama", "--router", "topk", "--capacity", "0.5",
-                          "--layers", "1,3", "--router-arg", "aux_coef=0.1", "--packing", "padded",
-                          "--pack-bucket", "128", "-o", str(out))
+    code, stdout, _ = run(
+        capsys,
+        "convert",
+        "tiny-llama",
+        "--router",
+        "topk",
+        "--capacity",
+        "0.5",
+        "--layers",
+        "1,3",
+        "--router-arg",
+        "aux_coef=0.1",
+        "--packing",
+        "padded",
+        "--pack-bucket",
+        "128",
+        "-o",
+        str(out),
+    )
     assert code == 0
     assert "layers [1, 3]" in stdout and "router" in stdout and "parameters" in stdout
     meta = json.loads((out / "modadapt.json").read_text())
@@ -115,7 +131,10 @@ def test_list_json(capsys):
     assert code == 0 and {"topk", "threshold-p", "random"} <= set(rows)
     assert rows["threshold-p"]["arguments"]["p"] == 0.5 and rows["topk"]["provider"] == "modadapt"
     assert rows["topk"]["arguments"]["causal_threshold"] == "calibrated"  # learnt cut-offs are named, not None
-    assert rows["attention"]["arguments"]["threshold"] == "calibrated" and rows["threshold-p"]["arguments"]["target"] == 0.5
+    assert (
+        rows["attention"]["arguments"]["threshold"] == "calibrated"
+        and rows["threshold-p"]["arguments"]["target"] == 0.5
+    )
     code, stdout, _ = run(capsys, "list", "adapters", "--json")
     assert any(row["name"] == "hf-decoder" for row in json.loads(stdout))
 
@@ -139,8 +158,23 @@ def test_demo_refuses_an_existing_output_before_generating(tmp_path, capsys):
 
 def test_convert_llava_with_adapter_options(tmp_path, capsys):
     out = tmp_path / "mod"
-    code, _, _ = run(capsys, "convert", "tiny-llava", "--router", "shared-vl", "--capacity", "0.5", "--layers", "1,3",
-                     "--adapter-arg", "protect=question+answer", "--adapter-arg", "route=image", "-o", str(out))
+    code, _, _ = run(
+        capsys,
+        "convert",
+        "tiny-llava",
+        "--router",
+        "shared-vl",
+        "--capacity",
+        "0.5",
+        "--layers",
+        "1,3",
+        "--adapter-arg",
+        "protect=question+answer",
+        "--adapter-arg",
+        "route=image",
+        "-o",
+        str(out),
+    )
     assert code == 0
     meta = json.loads((out / "modadapt.json").read_text())["mod_config"]
     assert meta["adapter_kwargs"] == {"protect": "question+answer", "route": "image"}
@@ -167,25 +201,46 @@ def other_models(tmp_path_factory):
         (root / "many" / f"c{label:02d}").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(root / "many" / f"c{label:02d}" / "0.png")
     Image.new("RGB", (8, 8)).save(root / "0.png")
-    (root / "llava.json").write_text(json.dumps([{"image": "0.png", "conversations": [
-        {"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "0"}]}]))
+    (root / "llava.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": "0.png",
+                    "conversations": [{"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "0"}],
+                }
+            ]
+        )
+    )
     (root / "text.txt").write_text("some text to score " * 40)
     return root
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--preset", "tiny-vit"], "demo generates text with a causal language model; preset tiny-vit is a"),
-    (["demo", "--preset", "tiny-llava"], "preset tiny-llava is a LlavaForConditionalGeneration"),
-    (["eval", "ROOT/tiny-vit", "--data", "ROOT/images", "--seq-len", "16"], "--seq-len applies only to language models"),
-    (["eval", "ROOT/tiny-vit", "--data", "ROOT/text.txt"], "text.txt is not a directory"),
-    (["eval", "ROOT/tiny-llava", "--data", "ROOT/text.txt"], "text.txt is not valid JSON"),
-    (["eval", "ROOT/tiny-vit", "--data", "ROOT/many"], "has labels up to 10 but the model's head has 10 classes"),
-    (["eval", "ROOT/tiny-llama-mod", "--data", "ROOT/llava.json", "--max-new-tokens", "4"], "applies only to LLaVA"),
-    (["train", "vit-imagenet", "--model", "tiny-llama", "--data", "ROOT/images", "--cpu"],
-     "vit-imagenet trains timm vision transformers; tiny-llama is a LlamaForCausalLM"),
-    (["train", "llava-adapt", "--model", "tiny-llama", "--data", "ROOT/llava.json", "--cpu"],
-     "llava-adapt trains LLaVA models (LlavaForConditionalGeneration); tiny-llama is a LlamaForCausalLM"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--preset", "tiny-vit"], "demo generates text with a causal language model; preset tiny-vit is a"),
+        (["demo", "--preset", "tiny-llava"], "preset tiny-llava is a LlavaForConditionalGeneration"),
+        (
+            ["eval", "ROOT/tiny-vit", "--data", "ROOT/images", "--seq-len", "16"],
+            "--seq-len applies only to language models",
+        ),
+        (["eval", "ROOT/tiny-vit", "--data", "ROOT/text.txt"], "text.txt is not a directory"),
+        (["eval", "ROOT/tiny-llava", "--data", "ROOT/text.txt"], "text.txt is not valid JSON"),
+        (["eval", "ROOT/tiny-vit", "--data", "ROOT/many"], "has labels up to 10 but the model's head has 10 classes"),
+        (
+            ["eval", "ROOT/tiny-llama-mod", "--data", "ROOT/llava.json", "--max-new-tokens", "4"],
+            "applies only to LLaVA",
+        ),
+        (
+            ["train", "vit-imagenet", "--model", "tiny-llama", "--data", "ROOT/images", "--cpu"],
+            "vit-imagenet trains timm vision transformers; tiny-llama is a LlamaForCausalLM",
+        ),
+        (
+            ["train", "llava-adapt", "--model", "tiny-llama", "--data", "ROOT/llava.json", "--cpu"],
+            "llava-adapt trains LLaVA models (LlavaForConditionalGeneration); tiny-llama is a LlamaForCausalLM",
+        ),
+    ],
+)
 def test_a_model_or_data_of_the_wrong_kind_is_one_line(other_models, tmp_path, capsys, argv, message):
     argv = [a.replace("ROOT", str(other_models)) for a in argv]
     if argv[0] == "train":

@@ -20,8 +20,9 @@ def test_compiled_equals_eager_inference_and_training():
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, eager, rtol=1e-5, atol=1e-5)
         with torch._dynamo.config.patch(error_on_recompile=True):  # nothing in the MoD path changes per call
             other = torch.randint(0, 256, (2, 16), generator=generator)
-            torch.testing.assert_close(compiled(other, use_cache=False).logits, model(other, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                compiled(other, use_cache=False).logits, model(other, use_cache=False).logits, rtol=1e-5, atol=1e-5
+            )
     assert not all(k.all() for k in keep_eager)  # tokens were really skipped
 
     model.train()

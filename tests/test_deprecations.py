@@ -41,15 +41,16 @@ def test_from_import_of_an_old_path_works():
 
 def test_unknown_names_still_raise_attribute_error():
     with pytest.raises(AttributeError, match="module 'modadapt.convert' has no attribute 'nope'"):
-        importlib.import_module("modadapt.convert").nope
+        _ = importlib.import_module("modadapt.convert").nope
 
 
 def test_a_renamed_private_name_of_the_old_decode_module_still_resolves():
     """Benchmarks read the decode attention's internals through the old module."""
     from modadapt.decoding import static_cache
 
-    with pytest.warns(DeprecationWarning, match="graphed_decode._KeyLengths moved to "
-                                                "modadapt.decoding.static_cache.KeyLengths"):
+    with pytest.warns(
+        DeprecationWarning, match="graphed_decode._KeyLengths moved to modadapt.decoding.static_cache.KeyLengths"
+    ):
         from modadapt.graphed_decode import _KeyLengths
     assert _KeyLengths is static_cache.KeyLengths
     with pytest.warns(DeprecationWarning):

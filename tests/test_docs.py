@@ -18,14 +18,13 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-import tomllib
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
-
 from conftest import SAMPLE_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,18 +34,18 @@ FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SKIP = {
     ("README.md", "python -m pytest"): "runs this test suite in a new virtual environment (PyPI installs, minutes)",
     ("docs/arank.md", "-c REPORT/convert.yaml"): "synopsis: MODEL, REPORT and OUT are placeholders "
-                                                 "(the same commands run in README.md's quick start)",
+    "(the same commands run in README.md's quick start)",
     ("docs/recipes.md", "modadapt convert MODEL --router NAME"): "synopsis of every command: MODEL, NAME, DIR, ... "
-                                                                  "are placeholders",
+    "are placeholders",
     ("docs/recipes.md", "--model path/to/llama --router threshold-p"): "needs a pretrained model and corpus files "
-                                                                      "(path/to/llama, train.txt.gz); tests/test_lm_adapt.py runs the recipe",
+    "(path/to/llama, train.txt.gz); tests/test_lm_adapt.py runs the recipe",
     ("docs/recipes.md", "--data /data/imagenet"): "needs ImageNet and downloads pretrained weights "
-                                                  "(tests/test_vit_recipe.py runs the recipe)",
+    "(tests/test_vit_recipe.py runs the recipe)",
     ("docs/recipes.md", "--data train.json --eval-data test.json"): "needs LLaVA-format data "
-                                                                    "(tests/test_llava.py runs the recipe)",
+    "(tests/test_llava.py runs the recipe)",
     ("docs/recipes.md", "accelerate launch --multi_gpu --num_processes N"): "launches several processes, N of them "
-                                                                            "on GPUs; tests/test_processes.py runs "
-                                                                            "these launches on 2 CPU processes",
+    "on GPUs; tests/test_processes.py runs "
+    "these launches on 2 CPU processes",
 }
 #: Blocks that need CUDA: the reason, and the names they assume.
 GPU = {
@@ -125,8 +124,12 @@ BLOCKS = blocks()
 
 def key_of(block: Block):
     """The key (file, text) that lists `block` in one of the tables, or None."""
-    keys = [k for table in (SKIP, GPU, ONLY_MODADAPT, PRELUDE, DATA, REPLACE) for k in table
-            if k[0] == block.file and k[1] in block.code]
+    keys = [
+        k
+        for table in (SKIP, GPU, ONLY_MODADAPT, PRELUDE, DATA, REPLACE)
+        for k in table
+        if k[0] == block.file and k[1] in block.code
+    ]
     assert len(set(keys)) <= 1, f"{block.id} matches several keys: {sorted(set(keys))}"
     return keys[0] if keys else None
 
@@ -147,7 +150,9 @@ def shell_commands(block: Block) -> list[list[str]]:
         line = re.sub(r"\s*\[[^\]]*\]", "", line)
         tokens = shlex.split(line, comments=True)
         while tokens:
-            command, tokens = (tokens[: tokens.index("&&")], tokens[tokens.index("&&") + 1:]) if "&&" in tokens else (tokens, [])
+            command, tokens = (
+                (tokens[: tokens.index("&&")], tokens[tokens.index("&&") + 1 :]) if "&&" in tokens else (tokens, [])
+            )
             if command and command[0] == "modadapt":
                 placeholders = [t for t in command if re.fullmatch(r"[A-Z][A-Z_]{2,}(\.\w+)?/?", t)]
                 assert not placeholders, f"{block.id}: placeholders {placeholders}; list the block in SKIP"

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 import transformers
+from conftest import SAVED_FILES
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import modadapt
-from conftest import SAVED_FILES
 from modadapt import ModAdaptError, ModConfig
-from modadapt.mod_layer import state_of
 from modadapt.masks import subset_attention_mask
+from modadapt.mod_layer import state_of
 from modadapt.plugins import registry
 
 
@@ -272,7 +272,7 @@ def test_saving_into_an_empty_directory_works(converted, tmp_path, ids):
 
 
 def test_failed_save_leaves_no_temporary_directory(converted, tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError):
         modadapt.save(converted, tmp_path / "out", extra_files=[str(tmp_path / "missing-tokenizer.json")])
     assert list(tmp_path.iterdir()) == []
 
@@ -283,7 +283,7 @@ def test_failed_overwrite_keeps_the_previous_save(converted, tmp_path, ids):
     before = _tree(target)
     with torch.no_grad():
         converted.model.layers[1].router.scorer.weight.mul_(-1)  # a different model to save over it
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError):
         modadapt.save(converted, target, overwrite=True, extra_files=[str(tmp_path / "missing.json")])
     assert _tree(target) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -352,9 +352,7 @@ def test_metadata_from_a_newer_format(saved):
         modadapt.load(saved)
 
 
-@pytest.mark.parametrize(
-    "edit", [{"format": "1"}, {"mod_config": None}], ids=["format-str", "config-null"]
-)
+@pytest.mark.parametrize("edit", [{"format": "1"}, {"mod_config": None}], ids=["format-str", "config-null"])
 def test_wrongly_typed_metadata_is_a_clear_error(saved, edit):
     _write_meta(saved, {**_meta(saved), **edit})
     with pytest.raises(ModAdaptError):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import modadapt
-from modadapt.mod_layer import state_of
-from modadapt.errors import ModAdaptError
 from modadapt.decoding import BUCKET, GraphedDecoder, conditional_nodes_available
+from modadapt.errors import ModAdaptError
+from modadapt.mod_layer import state_of
 
 GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
@@ -172,7 +172,9 @@ def test_static_attention_several_queries_per_row():
     StaticCache([k], [v], [base]).update(new_k, new_v, 0)
     for b in range(B):
         n = int(base[b])
-        assert torch.equal(k[b, n:n + T], new_k[b].transpose(0, 1)) and torch.equal(v[b, n:n + T], new_v[b].transpose(0, 1))
+        assert torch.equal(k[b, n : n + T], new_k[b].transpose(0, 1)) and torch.equal(
+            v[b, n : n + T], new_v[b].transpose(0, 1)
+        )
     used = (base + T).to(torch.int32)
     cu = torch.arange(B + 1, dtype=torch.int32)
     out, _ = static_decode_attention(None, q, k, v, KeyLengths(used, cu * T, cu * cap, queries=T), scaling=0.3)
@@ -182,7 +184,7 @@ def test_static_attention_several_queries_per_row():
             n = int(base[b]) + t + 1  # its own slot and the ones before
             keys = k[b, :n].transpose(0, 1).repeat_interleave(H // Hk, 0)
             values = v[b, :n].transpose(0, 1).repeat_interleave(H // Hk, 0)
-            weights = torch.softmax(q[b, :, t:t + 1] @ keys.transpose(1, 2) * 0.3, -1)
+            weights = torch.softmax(q[b, :, t : t + 1] @ keys.transpose(1, 2) * 0.3, -1)
             torch.testing.assert_close(out[b, t], (weights @ values)[:, 0])
     with pytest.raises(ModAdaptError, match="only runs"):  # queries must match what the lengths say
         static_decode_attention(None, q, k, v, KeyLengths(used, cu, cu * cap), scaling=0.3)
@@ -206,18 +208,18 @@ def test_graphed_decoder_select_branches(batch, tiny, ids, randomize_routers):
 
 
 @pytest.mark.parametrize("both_rows_end", [False, True])
-def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, ids, left_pad, randomize_routers,
-                                                  monkeypatch):
+def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, ids, left_pad, randomize_routers, monkeypatch):
     import modadapt.decoding.decoder as gd
 
     monkeypatch.setattr(gd, "CHECK_EVERY", 4)
     model = _converted(tiny, "llama", randomize_routers)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 9)])
-    free = _greedy(model, x, mask, 24)[:, x.shape[1]:]
+    free = _greedy(model, x, mask, 24)[:, x.shape[1] :]
     eos = [int(free[0, 5])] + ([int(free[1, 4])] if both_rows_end else [])
     with torch.no_grad():
-        expected = model.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                                  eos_token_id=eos, pad_token_id=0)
+        expected = model.generate(
+            x, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
     decoder = GraphedDecoder(model)
     got = decoder.generate(x, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, expected)
@@ -246,13 +248,15 @@ def test_captured_graphs_match_generate_on_cuda():
             got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
             assert decoder.last_step.graphs is not None
             assert torch.equal(got, expected), (router, branches, len(prompts), decoder.last_step.mode)
-            assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, top_k=1),
-                               expected)  # a captured draw of the argmax
+            assert torch.equal(
+                decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, top_k=1), expected
+            )  # a captured draw of the argmax
             draws = []
             for seed in (0, 0, 1):  # replays draw from the default generator's current state
                 torch.manual_seed(seed)
-                draws.append(decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True,
-                                              temperature=2.0))
+                draws.append(
+                    decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=2.0)
+                )
             assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
@@ -334,15 +338,15 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
     very kernels the eager pieces run, so the tokens are equal (greedy, every branch mode)."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    from modadapt.decoding import static_cache
-    from modadapt.decoding import BRANCHES
+    from modadapt.decoding import BRANCHES, static_cache
 
     model = modadapt.convert(build_tiny("llama"), router="threshold-p", layers="all-but-first")
     model = randomize_router_weights(model).eval().cuda().to(torch.bfloat16)
     x, mask, _ = (t.cuda() for t in left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]))
     for batch in (1, 3):
-        eager = GraphedDecoder(model, cuda_graphs=False).generate(x[:batch], attention_mask=mask[:batch],
-                                                                   max_new_tokens=40)
+        eager = GraphedDecoder(model, cuda_graphs=False).generate(
+            x[:batch], attention_mask=mask[:batch], max_new_tokens=40
+        )
         for branches in [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]:
             graphed = GraphedDecoder(model, branches=branches)
             assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)

@@ -110,7 +110,10 @@ def test_graph_reads_every_kind_of_import(tmp_path):
     (pkg / "sub" / "c.py").write_text("from .. import a\n")
     graph = import_graph(pkg, "pkg")
     assert graph == {
-        "pkg": {"pkg.a"}, "pkg.a": {"pkg.sub.b"}, "pkg.sub": set(), "pkg.sub.b": {"pkg.a", "pkg.sub.c"},
+        "pkg": {"pkg.a"},
+        "pkg.a": {"pkg.sub.b"},
+        "pkg.sub": set(),
+        "pkg.sub.b": {"pkg.a", "pkg.sub.c"},
         "pkg.sub.c": {"pkg.a"},
     }
     assert cycles(graph) == [frozenset({"pkg.a", "pkg.sub.b", "pkg.sub.c"})]

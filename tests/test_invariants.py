@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import SAVED_FILES
 from torch import nn
 from transformers import DynamicCache
 
 import modadapt
-from conftest import SAVED_FILES
 from modadapt.mod_layer import state_of
 from modadapt.plugins import find_adapter
 
@@ -96,7 +96,11 @@ def test_full_capacity_equals_dense_eval(family, tiny, ids, config):
 
 @pytest.mark.parametrize(
     "config",
-    [dict(router="topk", capacity=1.0), dict(router="threshold-p"), dict(router="threshold-p", router_kwargs={"alpha": 0.5})],
+    [
+        dict(router="topk", capacity=1.0),
+        dict(router="threshold-p"),
+        dict(router="threshold-p", router_kwargs={"alpha": 0.5}),
+    ],
     ids=["topk-1.0", "threshold-p-fresh", "threshold-p-alpha0.5"],
 )
 def test_full_capacity_equals_dense_train(family, tiny, ids, config):
@@ -216,7 +220,7 @@ def _check_generate_matches_recompute(model, prompt, steps=8):
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, full[:, start + step], rtol=0, atol=1e-5)
     # greedy: each generated token is the argmax of the recomputed logits
-    assert torch.equal(out.sequences[:, prompt.shape[1]:], full[:, start:-1].argmax(-1))
+    assert torch.equal(out.sequences[:, prompt.shape[1] :], full[:, start:-1].argmax(-1))
     return out
 
 
@@ -379,7 +383,7 @@ def test_left_padded_batch_equals_each_prompt_alone(core_family, tiny, ids, left
                 assert torch.equal(batch_keeps[i][row, start:], layer.mod_state.last_keep[0])
                 kept_alone[i] += int(layer.mod_state.last_keep.sum())
             alone_generated = model.generate(prompt[None], max_new_tokens=6, do_sample=False)
-            assert torch.equal(generated[row, width:], alone_generated[0, len(prompt):])
+            assert torch.equal(generated[row, width:], alone_generated[0, len(prompt) :])
 
     # padding is never kept, and never counted
     for keep in batch_keeps:
@@ -434,7 +438,7 @@ def test_left_padded_batch_topk_keeps_what_alone_keeps(tiny, ids, left_pad, rand
             for i, layer in enumerate(modadapt.mod_layers(model)):
                 alone = layer.mod_state.last_keep[0]
                 assert int(alone.sum()) == -(-len(prompt) * round(capacity * 100) // 100)
-                assert torch.equal(batch_keeps[i][row, width - len(prompt):], alone)
+                assert torch.equal(batch_keeps[i][row, width - len(prompt) :], alone)
 
 
 # --- 5. persistence and unload --------------------------------------------------------------
@@ -462,7 +466,9 @@ def test_save_load_reproduces_outputs(core_family, tiny, ids, left_pad, randomiz
     loaded = modadapt.load(tmp_path / "saved")
     assert not loaded.training
     assert type(loaded) is type(model)
-    assert [type(layer) for layer in modadapt.mod_layers(loaded)] == [type(layer) for layer in modadapt.mod_layers(model)]
+    assert [type(layer) for layer in modadapt.mod_layers(loaded)] == [
+        type(layer) for layer in modadapt.mod_layers(model)
+    ]
     assert state_of(loaded).config.to_dict() == {
         **state_of(model).config.to_dict(),
         "layers": state_of(model).layer_indices,
@@ -572,7 +578,9 @@ def test_gradients_reach_every_router_parameter(family, tiny, ids, randomize_rou
         assert layer.mod_state.last_aux is not None and torch.isfinite(layer.mod_state.last_aux)
     out.loss.backward()
     router_params = [(n, p) for n, p in model.named_parameters() if ".router." in n]
-    expected = 2 * len(modadapt.mod_layers(model)) + (4 * len(modadapt.mod_layers(model)) if "predictor" in router else 0)
+    expected = 2 * len(modadapt.mod_layers(model)) + (
+        4 * len(modadapt.mod_layers(model)) if "predictor" in router else 0
+    )
     assert len(router_params) == expected
     for name, param in router_params:
         assert param.requires_grad
@@ -648,7 +656,9 @@ def test_output_hidden_states_shapes_equal_dense(family, tiny, ids, left_pad, ra
 
 @pytest.mark.parametrize("router", ["topk", "threshold-p"])
 def test_gradient_checkpointing_gives_same_loss_and_grads(core_family, tiny, ids, randomize_routers, router):
-    config = dict(router=router, capacity=0.5) if router == "topk" else dict(router=router, router_kwargs={"alpha": 0.1})
+    config = (
+        dict(router=router, capacity=0.5) if router == "topk" else dict(router=router, router_kwargs={"alpha": 0.1})
+    )
     model = _convert(tiny(core_family), randomize_routers, **config).train()
     x = ids(2, 12)
 
@@ -782,7 +792,7 @@ def test_sampling_several_sequences_matches_recompute(core_family, tiny, ids, le
     assert not torch.equal(out.sequences[0, width:], out.sequences[1, width:])
     for row in range(4):
         prompt = prompts[row // 2]
-        sequence = out.sequences[row, width - len(prompt):]
+        sequence = out.sequences[row, width - len(prompt) :]
         with torch.no_grad():
             alone = model(sequence[None]).logits[0]
         for step, logits in enumerate(out.logits):

@@ -9,9 +9,9 @@ import torch
 
 import modadapt
 from modadapt.adapters.hf.llava import role_stats
+from modadapt.errors import ModAdaptError
 from modadapt.mod_layer import state_of
 from modadapt.plugins import find_adapter
-from modadapt.errors import ModAdaptError
 
 IMG = 3  # tiny-llava's image token id
 N_IMG = 16  # image tokens per image in tiny-llava
@@ -41,8 +41,13 @@ def randomize(model, seed=0, scale=2.0):
 def prompt(before: int, after: int, seed: int) -> torch.Tensor:
     """Text, an image (16 placeholders) in the middle of the prompt, more text."""
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randint(4, 256, (before,), generator=g), torch.full((N_IMG,), IMG),
-                      torch.randint(4, 256, (after,), generator=g)])
+    return torch.cat(
+        [
+            torch.randint(4, 256, (before,), generator=g),
+            torch.full((N_IMG,), IMG),
+            torch.randint(4, 256, (after,), generator=g),
+        ]
+    )
 
 
 def left_pad(prompts):
@@ -50,8 +55,8 @@ def left_pad(prompts):
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
     return ids, mask
 
 
@@ -94,12 +99,18 @@ def test_protected_tokens_never_skipped_and_not_counted():
     assert all(row["image_tokens"] == 2 * N_IMG for row in stats)
 
 
-@pytest.mark.parametrize("protect,route,expect_text_forced", [
-    ("question+answer", "all", True), ("none", "all", False), ("none", "image", True),
-])
+@pytest.mark.parametrize(
+    "protect,route,expect_text_forced",
+    [
+        ("question+answer", "all", True),
+        ("none", "all", False),
+        ("none", "image", True),
+    ],
+)
 def test_protect_and_route_options(protect, route, expect_text_forced):
-    model = randomize(llava(router="topk", capacity=0.25, layers=[1, 3],
-                            adapter_kwargs={"protect": protect, "route": route})).train()
+    model = randomize(
+        llava(router="topk", capacity=0.25, layers=[1, 3], adapter_kwargs={"protect": protect, "route": route})
+    ).train()
     ids = prompt(5, 5, 3)[None]
     labels = ids.clone()
     labels[:, :-3] = -100
@@ -120,8 +131,9 @@ def test_bad_adapter_option_is_clear_error():
 
 
 def test_image_masks_with_image_not_first_and_left_padding():
-    model = randomize(llava(router="shared-vl", capacity=0.5, layers="all-but-first",
-                            adapter_kwargs={"inference_text": "routed"}))
+    model = randomize(
+        llava(router="shared-vl", capacity=0.5, layers="all-but-first", adapter_kwargs={"inference_text": "routed"})
+    )
     prompts = [prompt(2, 9, 4), prompt(8, 1, 5)]
     ids, mask = left_pad(prompts)
     px = pixels(2, seed=1)
@@ -133,13 +145,13 @@ def test_image_masks_with_image_not_first_and_left_padding():
         for row, p in enumerate(prompts):
             expect = torch.zeros(width, dtype=torch.bool)
             start = width - len(p) + int((p == IMG).nonzero()[0])
-            expect[start:start + N_IMG] = True
+            expect[start : start + N_IMG] = True
             assert torch.equal(roles.extra["image"][row], expect)
             assert not roles.extra["question"][row][: width - len(p)].any()  # padding is no role
-            alone = model(input_ids=p[None], pixel_values=px[row:row + 1]).logits
-            torch.testing.assert_close(batched[row, width - len(p):], alone[0], atol=1e-5, rtol=1e-5)
+            alone = model(input_ids=p[None], pixel_values=px[row : row + 1]).logits
+            torch.testing.assert_close(batched[row, width - len(p) :], alone[0], atol=1e-5, rtol=1e-5)
             for keep, layer in zip(keeps, modadapt.mod_layers(model)):
-                assert torch.equal(keep[row, width - len(p):], layer.mod_state.last_keep[0])
+                assert torch.equal(keep[row, width - len(p) :], layer.mod_state.last_keep[0])
     skipped = [int((~k & roles.extra["image"]).sum()) for k in keeps]
     assert sum(skipped) > 0  # the routers really skip image tokens
 
@@ -154,30 +166,36 @@ def test_shared_router_is_one_parameter_set():
     assert len(keys) == 6 and len({model.state_dict()[k].data_ptr() for k in keys}) == 2
     calibration = [k for k in model.state_dict() if ".router.calibrat" in k]  # one shared cut-off too
     assert len(calibration) == 6 and len({model.state_dict()[k].data_ptr() for k in calibration}) == 2
-    per_layer = llava(router="shared-vl", capacity=0.5, layers="all-but-first",
-                      router_kwargs={"per_layer": True})
+    per_layer = llava(router="shared-vl", capacity=0.5, layers="all-but-first", router_kwargs={"per_layer": True})
     assert len(list(per_layer.parameters())) == dense_params + 6
 
 
 @pytest.mark.parametrize("packing", ["padded", "packed"])
 def test_batched_generation_equals_per_sample(packing):
-    model = randomize(llava(router="shared-vl", capacity=0.5, layers="all-but-first", packing=packing,
-                            adapter_kwargs={"inference_text": "routed"}), seed=1)
+    model = randomize(
+        llava(
+            router="shared-vl",
+            capacity=0.5,
+            layers="all-but-first",
+            packing=packing,
+            adapter_kwargs={"inference_text": "routed"},
+        ),
+        seed=1,
+    )
     prompts = [prompt(1, 6, 6), prompt(6, 2, 7)]
     ids, mask = left_pad(prompts)
     px = pixels(2, seed=2)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kwargs)
     for row, p in enumerate(prompts):
-        alone = model.generate(input_ids=p[None], pixel_values=px[row:row + 1], **kwargs)
-        assert torch.equal(batched[row, ids.shape[1]:], alone[0, len(p):])
-        full = model(input_ids=alone, pixel_values=px[row:row + 1]).logits  # prefill + decode == full forward
-        assert torch.equal(full[0, len(p) - 1:-1].argmax(-1), alone[0, len(p):])
+        alone = model.generate(input_ids=p[None], pixel_values=px[row : row + 1], **kwargs)
+        assert torch.equal(batched[row, ids.shape[1] :], alone[0, len(p) :])
+        full = model(input_ids=alone, pixel_values=px[row : row + 1]).logits  # prefill + decode == full forward
+        assert torch.equal(full[0, len(p) - 1 : -1].argmax(-1), alone[0, len(p) :])
 
 
 def test_save_load_round_trip(tmp_path):
-    model = randomize(llava(router="shared-vl", capacity=0.5, layers=[1, 2],
-                            adapter_kwargs={"route": "image"}))
+    model = randomize(llava(router="shared-vl", capacity=0.5, layers=[1, 2], adapter_kwargs={"route": "image"}))
     ids = prompt(3, 3, 8)[None]
     with torch.no_grad():
         ref = model(input_ids=ids, pixel_values=pixels(1)).logits
@@ -197,24 +215,45 @@ def write_data(root, records=None, n=6):
     for i in range(n):
         Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(root / f"{i}.png")
     if records is None:
-        records = [{"id": f"s{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "What is <image>\nthis?"}, {"from": "gpt", "value": str(i)}]} for i in range(n)]
+        records = [
+            {
+                "id": f"s{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "What is <image>\nthis?"},
+                    {"from": "gpt", "value": str(i)},
+                ],
+            }
+            for i in range(n)
+        ]
     (root / "data.json").write_text(json.dumps(records))
     return root / "data.json"
 
 
-GOOD = {"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "0"}]}
+GOOD = {
+    "image": "0.png",
+    "conversations": [{"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "0"}],
+}
 
 
-@pytest.mark.parametrize("bad,message", [
-    ({**GOOD, "image": "missing.png"}, r"record 1 \(id 'b'\): image file .*missing.png does not exist"),
-    ({**GOOD, "conversations": [{"from": "human", "value": "Digit?"}, {"from": "gpt", "value": "0"}]},
-     r"record 1 \(id 'b'\): the first human turn must contain <image>"),
-    ({**GOOD, "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "0"}]},
-     r"record 1 \(id 'b'\): turn 0 is from 'gpt' but turns must alternate"),
-    ({**GOOD, "conversations": [{"from": "human", "value": "<image>"}, {"from": "bot", "value": "0"}]},
-     r"record 1 \(id 'b'\): turn 1 has unknown role 'bot'"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({**GOOD, "image": "missing.png"}, r"record 1 \(id 'b'\): image file .*missing.png does not exist"),
+        (
+            {**GOOD, "conversations": [{"from": "human", "value": "Digit?"}, {"from": "gpt", "value": "0"}]},
+            r"record 1 \(id 'b'\): the first human turn must contain <image>",
+        ),
+        (
+            {**GOOD, "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "0"}]},
+            r"record 1 \(id 'b'\): turn 0 is from 'gpt' but turns must alternate",
+        ),
+        (
+            {**GOOD, "conversations": [{"from": "human", "value": "<image>"}, {"from": "bot", "value": "0"}]},
+            r"record 1 \(id 'b'\): turn 1 has unknown role 'bot'",
+        ),
+    ],
+)
 def test_bad_llava_json_names_the_record(tmp_path, bad, message):
     from modadapt.recipes.llava_adapt import read_records
 
@@ -227,8 +266,26 @@ def test_llava_adapt_recipe_trains_resumes_and_summarises(tmp_path, capsys, capl
     from modadapt.cli import main
 
     data = write_data(tmp_path / "data")
-    flags = ["train", "llava-adapt", "--data", str(data), "--eval-data", str(data), "-o", str(tmp_path / "run"),
-             "--batch-size", "3", "--capacity", "0.5", "--layers", "1,3", "--no-progress", "--cpu", "--max-new-tokens", "2"]
+    flags = [
+        "train",
+        "llava-adapt",
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "-o",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "3",
+        "--capacity",
+        "0.5",
+        "--layers",
+        "1,3",
+        "--no-progress",
+        "--cpu",
+        "--max-new-tokens",
+        "2",
+    ]
     assert main([*flags, "--max-steps", "1"]) == 0
     # the shared router is one tensor under several names: no warning about it on every save
     assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
@@ -258,9 +315,31 @@ def test_llava_adapt_inference_routing_reaches_the_model(tmp_path, capsys):
     with pytest.raises(ModAdaptError, match="inference_routing must be one of"):
         LlavaRecipeConfig(data="x.json", output=str(tmp_path / "r"), inference_routing="lookahead")
     data = write_data(tmp_path / "data")
-    assert main(["train", "llava-adapt", "--data", str(data), "-o", str(tmp_path / "run"), "--batch-size", "3",
-                 "--capacity", "0.5", "--layers", "1", "--no-progress", "--cpu", "--max-steps", "1",
-                 "--inference-routing", "topk"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "llava-adapt",
+                "--data",
+                str(data),
+                "-o",
+                str(tmp_path / "run"),
+                "--batch-size",
+                "3",
+                "--capacity",
+                "0.5",
+                "--layers",
+                "1",
+                "--no-progress",
+                "--cpu",
+                "--max-steps",
+                "1",
+                "--inference-routing",
+                "topk",
+            ]
+        )
+        == 0
+    )
 
     assert state_of(modadapt.load(tmp_path / "run" / "model")).config.inference_routing == "topk"
 
@@ -284,13 +363,39 @@ def test_llava_adapt_distills_from_the_dense_model(tmp_path, monkeypatch):
     data = write_data(tmp_path / "data")
     losses = []
     for distill in ("0", "5"):
-        assert main(["train", "llava-adapt", "--data", str(data), "-o", str(tmp_path / f"run{distill}"),
-                     "--batch-size", "3", "--capacity", "0.5", "--layers", "1,3", "--no-progress", "--cpu",
-                     "--max-steps", "2", "--distill", distill, "--distill-temperature", "2"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "llava-adapt",
+                    "--data",
+                    str(data),
+                    "-o",
+                    str(tmp_path / f"run{distill}"),
+                    "--batch-size",
+                    "3",
+                    "--capacity",
+                    "0.5",
+                    "--layers",
+                    "1,3",
+                    "--no-progress",
+                    "--cpu",
+                    "--max-steps",
+                    "2",
+                    "--distill",
+                    distill,
+                    "--distill-temperature",
+                    "2",
+                ]
+            )
+            == 0
+        )
         losses.append(json.loads((tmp_path / f"run{distill}" / "summary.json").read_text())["final_train_loss"])
     assert len(seen) == 2  # only the distilling run, once per step
-    for answer_tokens, shape, temperature, self_kl in seen:
-        assert answer_tokens == 3 * 2 and temperature == 2.0 and self_kl == pytest.approx(0.0, abs=1e-6)  # "0".."5" + eos
+    for answer_tokens, _shape, temperature, self_kl in seen:
+        assert (
+            answer_tokens == 3 * 2 and temperature == 2.0 and self_kl == pytest.approx(0.0, abs=1e-6)
+        )  # "0".."5" + eos
     assert losses[1] != losses[0]
 
 
@@ -300,8 +405,9 @@ def test_distillation_kl_counts_only_masked_tokens():
     student, teacher = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
     mask = torch.zeros(2, 4, dtype=torch.bool)
     mask[1, 2] = True
-    expected = torch.nn.functional.kl_div(student[1, 2].log_softmax(-1), teacher[1, 2].log_softmax(-1),
-                                          log_target=True, reduction="sum")
+    expected = torch.nn.functional.kl_div(
+        student[1, 2].log_softmax(-1), teacher[1, 2].log_softmax(-1), log_target=True, reduction="sum"
+    )
     assert float(distillation_kl(student, teacher, 1.0, mask)) == pytest.approx(float(expected), rel=1e-5)
     assert float(distillation_kl(student, teacher, 1.0, torch.zeros_like(mask))) == 0.0
 
@@ -314,7 +420,9 @@ def test_shared_router_calibrates_each_layer_apart(tmp_path):
     router = modadapt.mod_layers(model)[0].router
     assert router.calibrated_threshold.shape == (3,)
     scores = []
-    hook = router.classifier.register_forward_hook(lambda m, a, out: scores.append((out[..., 1] - out[..., 0]).detach()))
+    hook = router.classifier.register_forward_hook(
+        lambda m, a, out: scores.append((out[..., 1] - out[..., 0]).detach())
+    )
     ids = torch.stack([prompt(5, 7, seed) for seed in range(4)])
     image = ids == IMG
     model.train()

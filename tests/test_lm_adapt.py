@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT
 from torch.utils.flop_counter import FlopCounterMode
 
 import modadapt
 from modadapt.cli import main
-
-from conftest import SAMPLE_TEXT
 from modadapt.errors import ModAdaptError
 from modadapt.recipes.lm_adapt import LMAdaptConfig, pack, read_corpus, run, tokenize
 
@@ -37,9 +36,20 @@ def corpus(tmp_path_factory):
 
 
 def config(corpus, out, **extra) -> LMAdaptConfig:
-    base = dict(data=str(corpus / "train.txt"), valid_data=str(corpus / "valid.jsonl.gz"), output=str(out),
-                seq_len=32, batch_size=4, max_steps=4, lr=1e-2, progress=False, cpu=True,
-                router="topk", capacity=0.5, max_train_blocks=24)
+    base = dict(
+        data=str(corpus / "train.txt"),
+        valid_data=str(corpus / "valid.jsonl.gz"),
+        output=str(out),
+        seq_len=32,
+        batch_size=4,
+        max_steps=4,
+        lr=1e-2,
+        progress=False,
+        cpu=True,
+        router="topk",
+        capacity=0.5,
+        max_train_blocks=24,
+    )
     return LMAdaptConfig(**{**base, **extra})
 
 
@@ -77,10 +87,35 @@ def test_routers_only_with_resume(corpus, routers_run, tmp_path, monkeypatch, in
     monkeypatch.undo()
     state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2
-    code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "--valid-data",
-                 str(corpus / "valid.jsonl.gz"), "-o", str(tmp_path / "b"), "--resume", "--seq-len", "32",
-                 "--batch-size", "4", "--max-steps", "4", "--lr", "1e-2", "--no-progress", "--cpu",
-                 "--router", "topk", "--capacity", "0.5", "--max-train-blocks", "24"])
+    code = main(
+        [
+            "train",
+            "lm-adapt",
+            "--data",
+            str(corpus / "train.txt"),
+            "--valid-data",
+            str(corpus / "valid.jsonl.gz"),
+            "-o",
+            str(tmp_path / "b"),
+            "--resume",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+            "--lr",
+            "1e-2",
+            "--no-progress",
+            "--cpu",
+            "--router",
+            "topk",
+            "--capacity",
+            "0.5",
+            "--max-train-blocks",
+            "24",
+        ]
+    )
     assert code == 0
     resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert resumed["history"]["loss"] == pytest.approx(straight["history"]["loss"], rel=1e-5)
@@ -112,8 +147,16 @@ def test_python_model_distillation_and_flops_ratio(corpus, tmp_path):
     with torch.no_grad():
         for layer in modadapt.mod_layers(model):
             layer.router.scorer.weight.copy_(torch.randn(layer.router.scorer.weight.shape, generator=generator))
-    cfg = config(corpus, tmp_path / "run", train="all", distill=0.5, max_steps=2, eval_batch_size=3,
-                 lr=1e-3, router="ignored-for-a-converted-model")
+    cfg = config(
+        corpus,
+        tmp_path / "run",
+        train="all",
+        distill=0.5,
+        max_steps=2,
+        eval_batch_size=3,
+        lr=1e-3,
+        router="ignored-for-a-converted-model",
+    )
     summary = run(cfg, model=model)
     assert all(d > 0 for d in summary["history"]["distill_loss"])
     kept = summary["kept_fraction"]["after"]
@@ -135,7 +178,9 @@ def test_lora_trains_routers_and_adapters(corpus, tmp_path):
     adapted = modadapt.load(tmp_path / "lora" / "model").state_dict()
     assert not any("lora" in k for k in adapted)  # merged into the weights
     assert set(adapted) - {k for k in adapted if ".router." in k} == set(dense)
-    assert not torch.equal(adapted["model.layers.1.self_attn.q_proj.weight"], dense["model.layers.1.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        adapted["model.layers.1.self_attn.q_proj.weight"], dense["model.layers.1.self_attn.q_proj.weight"]
+    )
     torch.testing.assert_close(adapted["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
     assert summary["trainable_parameters"] < sum(v.numel() for v in dense.values()) // 4
 
@@ -156,10 +201,25 @@ def test_bad_inputs_are_clear_errors_and_leave_no_directory(corpus, tmp_path, ca
         run(config(corpus, out, router="random"))
     with pytest.raises(ModAdaptError, match="no checkpoint"):
         run(config(corpus, out, resume=True))
-    code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "-o", str(out), "--cpu", "--seq-len", "1024"])
+    code = main(
+        ["train", "lm-adapt", "--data", str(corpus / "train.txt"), "-o", str(out), "--cpu", "--seq-len", "1024"]
+    )
     assert code == 2 and "longer than the model's max_position_embeddings 512" in capsys.readouterr().err
-    code = main(["train", "lm-adapt", "--data", str(corpus / "train.txt"), "-o", str(out), "--cpu",
-                 "--router", "topk", "--router-arg", "colour=red"])
+    code = main(
+        [
+            "train",
+            "lm-adapt",
+            "--data",
+            str(corpus / "train.txt"),
+            "-o",
+            str(out),
+            "--cpu",
+            "--router",
+            "topk",
+            "--router-arg",
+            "colour=red",
+        ]
+    )
     assert code == 2 and "colour" in capsys.readouterr().err
     file = tmp_path / "c.yaml"
     file.write_text(f"data: {corpus / 'train.txt'}\noutput: {out}\nseq_lenn: 8\n")
@@ -230,8 +290,17 @@ def test_quality_benchmark_tiny(tmp_path):
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "lm_quality.json").read_text()) == records
     assert [r["variant"] for r in records] == [
-        "dense", "dense-adapt", "topk", "attention", "random", "layer-drop", "threshold-p-a0.01", "threshold-p-a0.1",
-        "random-matched", "layer-drop-matched"]
+        "dense",
+        "dense-adapt",
+        "topk",
+        "attention",
+        "random",
+        "layer-drop",
+        "threshold-p-a0.01",
+        "threshold-p-a0.1",
+        "random-matched",
+        "layer-drop-matched",
+    ]
     for record in records:
         assert {"router", "valid_ppl", "flops_ratio", "kept_fraction"} <= set(record)
         assert record["valid_ppl"] > 1 and 0 < record["flops_ratio"] <= 1 and 0 <= record["kept_fraction"] <= 1
@@ -240,8 +309,11 @@ def test_quality_benchmark_tiny(tmp_path):
     assert all(by[v]["valid_ppl_topk_routing"] > 1 for v in ("topk", "attention", "random"))
     thresholds = [by["threshold-p-a0.01"], by["threshold-p-a0.1"]]
     assert json.loads(by["random-matched"]["arguments"])["capacity"] == pytest.approx(
-        max(sum(r["kept_fraction"] for r in thresholds) / 2, 1 / 32), abs=1e-3)
-    assert by["layer-drop-matched"]["target_flops_ratio"] == pytest.approx(sum(r["flops_ratio"] for r in thresholds) / 2)
+        max(sum(r["kept_fraction"] for r in thresholds) / 2, 1 / 32), abs=1e-3
+    )
+    assert by["layer-drop-matched"]["target_flops_ratio"] == pytest.approx(
+        sum(r["flops_ratio"] for r in thresholds) / 2
+    )
     table = (tmp_path / "lm_quality.md").read_text()
     assert by["layer-drop"]["flops_ratio"] < 1 and "| layer-drop |" in table
     assert "## Goals (issue 7)" in table and "| no NaN or divergence |" in table
@@ -254,9 +326,21 @@ def test_quality_benchmark_continues_from_saved_weights(tmp_path):
     threads = torch.get_num_threads()
     pretrained = tmp_path / "pretrained"
     try:
-        first = bench.main(["--tiny", "--work", str(tmp_path), "--variants", "random", "--save-pretrained", str(pretrained)])
-        second = bench.main(["--tiny", "--work", str(tmp_path), "--variants", "random,topk", "--pretrained",
-                             str(pretrained), "--append"])
+        first = bench.main(
+            ["--tiny", "--work", str(tmp_path), "--variants", "random", "--save-pretrained", str(pretrained)]
+        )
+        second = bench.main(
+            [
+                "--tiny",
+                "--work",
+                str(tmp_path),
+                "--variants",
+                "random,topk",
+                "--pretrained",
+                str(pretrained),
+                "--append",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert [r["variant"] for r in first] == ["dense", "random"]
@@ -266,7 +350,9 @@ def test_quality_benchmark_continues_from_saved_weights(tmp_path):
     valid = str(tmp_path / "valid.txt")
     blocks = bench.pack(bench.tokenize(bench.read_corpus(valid), None, bench.VOCAB), 32, valid)[:8]  # as --tiny
     again = bench.dense_record(reloaded, blocks, bench.parse_args(["--tiny"]))
-    assert again["valid_ppl"] == pytest.approx(first[0]["valid_ppl"], rel=1e-5) and saved == {k: v for k, v in first[0].items() if k != "command"}
+    assert again["valid_ppl"] == pytest.approx(first[0]["valid_ppl"], rel=1e-5) and saved == {
+        k: v for k, v in first[0].items() if k != "command"
+    }
     with pytest.raises(SystemExit, match="unknown variants"):
         bench.main(["--tiny", "--work", str(tmp_path), "--variants", "nope"])
 
@@ -274,11 +360,17 @@ def test_quality_benchmark_continues_from_saved_weights(tmp_path):
 def test_quality_goals_are_judged_from_the_records():
     bench = load_quality_benchmark()
     rec = lambda variant, router, ppl, flops, **extra: dict(
-        variant=variant, router=router, valid_ppl=ppl, flops_ratio=flops, **extra)
-    records = [rec("dense", "dense", 2.0, 1.0), rec("dense-adapt", "dense", 1.9, 1.0),
-               rec("topk", "topk", 2.2, 0.56), rec("random", "random", 2.3, 0.55),
-               rec("layer-drop", "layer-drop", 2.6, 0.50), rec("layer-drop-matched", "layer-drop", 2.0, 0.625),
-               rec("threshold-p-a0.1", "threshold-p", 2.05, 0.70)]
+        variant=variant, router=router, valid_ppl=ppl, flops_ratio=flops, **extra
+    )
+    records = [
+        rec("dense", "dense", 2.0, 1.0),
+        rec("dense-adapt", "dense", 1.9, 1.0),
+        rec("topk", "topk", 2.2, 0.56),
+        rec("random", "random", 2.3, 0.55),
+        rec("layer-drop", "layer-drop", 2.6, 0.50),
+        rec("layer-drop-matched", "layer-drop", 2.0, 0.625),
+        rec("threshold-p-a0.1", "threshold-p", 2.05, 0.70),
+    ]
     judged = {goal: (measured, met) for goal, measured, met in bench.goals(records)}
     assert judged["threshold-p within 3% of dense ppl at >= 25% fewer FLOPs"][1]
     assert judged["topk beats random at matched FLOPs"][1]  # 2.2 < 2.3 at 0.55, the nearest run

@@ -27,12 +27,16 @@ import pytest
 import modadapt
 from modadapt.cli import main
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (it is in the test extra: pip install -e .[test])")
+lm_eval = pytest.importorskip(
+    "lm_eval", reason="lm-eval is not installed (it is in the test extra: pip install -e .[test])"
+)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DOCUMENT = ("Mixture-of-Depths routes each token either through a layer or around it. The router is "
-            "trained with the model; at decode time a causal rule decides alone, so the cache stays exact. "
-            "Skipped tokens keep their hidden state and write no keys or values.")
+DOCUMENT = (
+    "Mixture-of-Depths routes each token either through a layer or around it. The router is "
+    "trained with the model; at decode time a causal rule decides alone, so the cache stays exact. "
+    "Skipped tokens keep their hidden state and write no keys or values."
+)
 
 TASK = """\
 task: modadapt_local_ppl
@@ -69,14 +73,34 @@ def test_lm_eval_perplexity_matches_modadapt_eval(tmp_path, capsys, monkeypatch,
     (tmp_path / "tasks" / "local_ppl.yaml").write_text(TASK.format(data=data))
     lm = lm_eval_model(modadapt.load(tmp_path / "mod"), batch_size=1, max_length=512)  # tokenizer: the saved one
     assert lm.prefix_token_id == 1 and lm.tok_encode(DOCUMENT) == list(DOCUMENT.encode())
-    out = lm_eval.simple_evaluate(model=lm, tasks=["modadapt_local_ppl"], bootstrap_iters=0, log_samples=False,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["modadapt_local_ppl"],
+        bootstrap_iters=0,
+        log_samples=False,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+    )
     metrics = out["results"]["modadapt_local_ppl"]
 
     (tmp_path / "eval.txt").write_bytes(b"\x01" + DOCUMENT.encode())  # BOS + the document: one block
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "mod"), "--data", str(tmp_path / "eval.txt"),
-                 "--seq-len", str(len(DOCUMENT.encode()) + 1), "--json", "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "mod"),
+                "--data",
+                str(tmp_path / "eval.txt"),
+                "--seq-len",
+                str(len(DOCUMENT.encode()) + 1),
+                "--json",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ours = json.loads(capsys.readouterr().out)
     assert (ours["blocks"], ours["tokens"]) == (1, len(DOCUMENT.encode()))
     nll = ours["loss"] * ours["tokens"]  # summed over the document's tokens

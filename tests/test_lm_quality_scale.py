@@ -68,8 +68,9 @@ def test_tokenizer_is_a_transformers_tokenizer_beside_the_model(bench, tiny_run)
     assert tokenizer is not None and tokenizer.eos_token == bench.EOS and len(tokenizer) == bench.TINY.vocab
     text = "Set the option with :set tabstop=4 in vim."
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-    again = bench.train_tokenizer(bench.read_split(bench.DEFAULT_DATA, "train", bench.TINY.text_chars),
-                                  bench.TINY.vocab, work / "tok-again")
+    again = bench.train_tokenizer(
+        bench.read_split(bench.DEFAULT_DATA, "train", bench.TINY.text_chars), bench.TINY.vocab, work / "tok-again"
+    )
     assert (work / "tok-again" / "tokenizer.json").read_text() == (work / "tokenizer" / "tokenizer.json").read_text()
     assert again.vocab_size == tokenizer.vocab_size
 
@@ -81,18 +82,44 @@ def by_budget(records, budget):
 def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     work, first, both = tiny_run
     assert json.loads((work / "lm_quality_scale.json").read_text()) == both
-    planned, notes = bench.plan(bench.build_dense(bench.TINY, 0), bench.TINY,
-                                json.loads((work / "layer_scores.json").read_text()),
-                                list(bench.VARIANTS), [0, 1])
+    planned, notes = bench.plan(
+        bench.build_dense(bench.TINY, 0),
+        bench.TINY,
+        json.loads((work / "layer_scores.json").read_text()),
+        list(bench.VARIANTS),
+        [0, 1],
+    )
     assert sorted(bench.task_id(t) for t in planned) == sorted(bench.task_id(r) for r in both[1:])
     assert {bench.task_id(r) for r in first} <= {bench.task_id(r) for r in both}  # seed 0 kept, not rerun
     assert {r["seed"] for r in both[1:]} == {0, 1} and both[0]["variant"] == "dense"
     routers = {r["router"] for r in both}
-    assert {"topk", "threshold-p", "attention", "random", "dense", "dense-adapt", "layer-drop-even",
-            "layer-drop-cosine", "layer-drop-arank"} <= routers
+    assert {
+        "topk",
+        "threshold-p",
+        "attention",
+        "random",
+        "dense",
+        "dense-adapt",
+        "layer-drop-even",
+        "layer-drop-cosine",
+        "layer-drop-arank",
+    } <= routers
     for r in both:
-        assert {"variant", "router", "placement", "seed", "params", "layers", "flops_ratio", "valid_ppl", "ood_ppl",
-                "kept_fraction", "adapt_tokens", "agreement", "command"} <= set(r)
+        assert {
+            "variant",
+            "router",
+            "placement",
+            "seed",
+            "params",
+            "layers",
+            "flops_ratio",
+            "valid_ppl",
+            "ood_ppl",
+            "kept_fraction",
+            "adapt_tokens",
+            "agreement",
+            "command",
+        } <= set(r)
         assert r["valid_ppl"] > 1 and r["ood_ppl"] > 1 and 0 < r["flops_ratio"] <= 1.001 and 0 <= r["agreement"] <= 1
     adapted = [r for r in both if r["variant"] != "dense"]
     for r in adapted:  # the shared budget, or its multiple in the budget ablation
@@ -102,7 +129,9 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     levels = bench.levels(bench.build_dense(bench.TINY, 0), bench.TINY.seq_len)
     for r in adapted:
         if r["router"] in bench.STATIC:
-            assert len(r["dropped_layers"]) == levels[r["level"]]["drop"] and r["layers"] == 6 - len(r["dropped_layers"])
+            assert len(r["dropped_layers"]) == levels[r["level"]]["drop"] and r["layers"] == 6 - len(
+                r["dropped_layers"]
+            )
     by = {bench.task_id(r): r for r in both}
     assert by["topk-warmup@0.70#s0"]["recipe_options"] == {"capacity_warmup": 1}  # half of 2 steps
     assert by["topk-routers-first@0.70#s0"]["recipe_options"] == {"router_steps": 1}
@@ -165,8 +194,9 @@ def test_flops_ratios_agree_with_a_direct_count(bench):
         assert bench.drop_ratio(dense, drop, T) == pytest.approx(counted_flops(dropped, tokens) / full, rel=1e-9)
     routed = [1, 3, 5]
     capacity = bench.solve_capacity(dense, routed, 0.7, T)
-    converted = modadapt.convert(copy.deepcopy(dense), router="topk", capacity=capacity, layers=routed,
-                                 inference_routing="topk")
+    converted = modadapt.convert(
+        copy.deepcopy(dense), router="topk", capacity=capacity, layers=routed, inference_routing="topk"
+    )
     formula = bench.sequence_flops(bench.dense_table(dense, routed), T, {i: round(capacity * T) for i in routed})
     assert formula / bench.sequence_flops(bench.flops_table(dense), T) <= 0.7
     assert formula * 2 == pytest.approx(counted_flops(converted, tokens), rel=1e-9)
@@ -189,16 +219,30 @@ def test_flops_ratios_agree_with_a_direct_count(bench):
 
 def test_goals_are_judged_from_means_and_spreads(bench):
     def rec(variant, level, seed, router, valid, ood, flops, placement="every-other"):
-        return dict(variant=variant, level=level, seed=seed, router=router, placement=placement, valid_ppl=valid,
-                    ood_ppl=ood, flops_ratio=flops, kept_fraction=0.5, agreement=0.9, skipped_steps=0,
-                    train_loss_start=3.0, train_loss_end=2.0)
+        return dict(
+            variant=variant,
+            level=level,
+            seed=seed,
+            router=router,
+            placement=placement,
+            valid_ppl=valid,
+            ood_ppl=ood,
+            flops_ratio=flops,
+            kept_fraction=0.5,
+            agreement=0.9,
+            skipped_steps=0,
+            train_loss_start=3.0,
+            train_loss_end=2.0,
+        )
 
     records = [rec("dense", "1.00", 0, "dense", 7.0, 20.0, 1.0)]
     records += [rec("dense-adapt", "1.00", s, "dense-adapt", 7.0 + 0.01 * s, 20.0, 1.0) for s in range(3)]
     records += [rec("topk", "0.70", s, "topk", 7.1 + 0.01 * s, 21.0 + 0.1 * s, 0.68) for s in range(3)]
     records += [rec("random", "0.70", s, "random", 7.5, 22.0, 0.69) for s in range(3)]
-    records += [rec("layer-drop-even", "0.70", s, "layer-drop-even", 7.3 + 0.1 * s, 21.0 + 0.1 * s, 0.686, "2,5")
-                for s in range(3)]
+    records += [
+        rec("layer-drop-even", "0.70", s, "layer-drop-even", 7.3 + 0.1 * s, 21.0 + 0.1 * s, 0.686, "2,5")
+        for s in range(3)
+    ]
     judged = {goal: (measured, met) for goal, measured, met in bench.goals(records)}
     # valid: 7.11 + 0.1 (the larger std) < 7.4; ood: 21.1 vs 21.1, not beaten
     assert judged["FLOPs 0.70: best learned router beats best static baseline on valid ppl by > max std"][1]
@@ -224,8 +268,15 @@ def test_a_run_out_of_device_memory_is_given_back_and_run_by_another_worker(benc
         calls.append(bench.task_id(task))
         if task["seed"] == 1 and ctx["name"] == "first":
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return {**task, "valid_ppl": 1.0, "ood_ppl": 1.0, "flops_ratio": 1.0, "kept_fraction": 1.0,
-                "agreement": 1.0, "wall_s": 0.0}
+        return {
+            **task,
+            "valid_ppl": 1.0,
+            "ood_ppl": 1.0,
+            "flops_ratio": 1.0,
+            "kept_fraction": 1.0,
+            "agreement": 1.0,
+            "wall_s": 0.0,
+        }
 
     monkeypatch.setattr(bench, "run_task", fake_run)
     bench.work_through({"work": tmp_path, "name": "first"}, plan_file)  # runs s0, gives s1 back, stops

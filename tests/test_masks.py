@@ -13,8 +13,12 @@ def explicit(query_index, query_valid, past_index, past_valid, window):
     keys = query_index if past_index is None else torch.cat([past_index, query_index], 1)
     if query_valid is None:
         query_valid = torch.ones_like(query_index, dtype=torch.bool)
-    valid = query_valid if past_index is None else torch.cat(
-        [past_valid if past_valid is not None else torch.ones_like(past_index, dtype=torch.bool), query_valid], 1
+    valid = (
+        query_valid
+        if past_index is None
+        else torch.cat(
+            [past_valid if past_valid is not None else torch.ones_like(past_index, dtype=torch.bool), query_valid], 1
+        )
     )
     P = keys.shape[1] - K
     out = torch.zeros(B, 1, K, keys.shape[1], dtype=torch.bool)
@@ -62,8 +66,15 @@ def test_shortcuts_equal_explicit_rule(impl, case):
             past_valid = torch.tensor([[True, True, True, True], [True, False, True, True]])
         query_index = torch.tensor([[8], [8]]) if case.startswith("decode") else torch.tensor([[8, 10], [9, 11]])
     mask = subset_attention_mask(
-        impl, query_index=query_index, query_valid=query_valid, past_index=past_index, past_valid=past_valid,
-        causal=True, window=window, span=12, dtype=torch.float32,
+        impl,
+        query_index=query_index,
+        query_valid=query_valid,
+        past_index=past_index,
+        past_valid=past_valid,
+        causal=True,
+        window=window,
+        span=12,
+        dtype=torch.float32,
     )
     want = explicit(query_index, query_valid, past_index, past_valid, window)
     K, P = query_index.shape[1], 0 if past_index is None else past_index.shape[1]
@@ -90,6 +101,13 @@ def test_unsupported_kernel_is_a_clear_error():
 
     with pytest.raises(ModAdaptError, match="attn_implementation"):
         subset_attention_mask(
-            "flash_attention_2", query_index=torch.zeros(1, 1, dtype=torch.long), query_valid=None,
-            past_index=None, past_valid=None, causal=True, window=None, span=1, dtype=torch.float32,
+            "flash_attention_2",
+            query_index=torch.zeros(1, 1, dtype=torch.long),
+            query_valid=None,
+            past_index=None,
+            past_valid=None,
+            causal=True,
+            window=None,
+            span=1,
+            dtype=torch.float32,
         )

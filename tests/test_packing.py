@@ -87,13 +87,15 @@ def test_packed_training_gives_padded_loss_and_gradients(core_family, tiny, ids,
 
 
 @pytest.mark.parametrize("bucket", [1, 7, 64])
-def test_bucketed_packing_gives_the_exact_pack(core_family, bucket, tiny, ids, left_pad, randomize_routers,
-                                               packed_calls):
+def test_bucketed_packing_gives_the_exact_pack(
+    core_family, bucket, tiny, ids, left_pad, randomize_routers, packed_calls
+):
     """`pack_bucket` pads a packed call without a cache with filler tokens in a segment of their
     own: logits (left padding, eval), the training loss and every gradient equal the exact pack."""
     exact = modadapt.convert(tiny(core_family), router="threshold-p", layers="all-but-first", packing="packed")
-    bucketed = modadapt.convert(tiny(core_family), router="threshold-p", layers="all-but-first", packing="packed",
-                                pack_bucket=bucket)
+    bucketed = modadapt.convert(
+        tiny(core_family), router="threshold-p", layers="all-but-first", packing="packed", pack_bucket=bucket
+    )
     for model in (exact, bucketed):
         randomize_routers(model)
         for module in model.modules():
@@ -173,8 +175,10 @@ def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, rando
         prompts, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 3, 9)])
         expected = padded.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False)
         got = packed.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        beams = [m.generate(prompts, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
-                 for m in (padded, packed)]
+        beams = [
+            m.generate(prompts, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+            for m in (padded, packed)
+        ]
     assert torch.equal(got, expected)
     assert torch.equal(beams[1], beams[0])
 
@@ -209,7 +213,12 @@ def test_varlen_attention_rejects_softcap():
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(ModAdaptError, match="softcap"):
         transformers_varlen_attention(
-            nn.Module(), q, q, q, None, softcap=30.0,
+            nn.Module(),
+            q,
+            q,
+            q,
+            None,
+            softcap=30.0,
             **{varlen.SEGMENTS_KWARG: torch.tensor([0, 3]), varlen.MAX_LEN_KWARG: (3, 3)},
         )
 
@@ -234,8 +243,17 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
         torch.set_num_threads(threads)  # the smoke test pins one thread
     records = json.loads(out.read_text())
     scenarios = {r["scenario"].split("_b")[0] for r in records}
-    assert {"varlen_kernel_check", "packed_check", "prefill", "layer", "decode_layer", "decode", "decode_graphs",
-            "decode_speculative", "train"} <= scenarios
+    assert {
+        "varlen_kernel_check",
+        "packed_check",
+        "prefill",
+        "layer",
+        "decode_layer",
+        "decode",
+        "decode_graphs",
+        "decode_speculative",
+        "train",
+    } <= scenarios
     priced = [r for r in records if r["scenario"].startswith("decode_layer")]
     assert {r["router"] for r in priced} == {"topk", "threshold-p"}
     assert all(r["all_skip_step_ms"] > 0 and r["all_keep_step_ms"] > 0 for r in priced)
@@ -249,8 +267,9 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     assert all(r["dense_vs_bound"] == pytest.approx(r["dense_ms_per_step"] / r["bytes_bound_ms"]) for r in graphed)
     assert all(r["dense_hf_static_error"] is None and r["dense_hf_static_ms"] > 0 for r in graphed)
     speculative = [r for r in records if r["scenario"].startswith("decode_speculative")]
-    assert {(r["router"], r["batch"]) for r in speculative} == {(router, b) for router in ("topk", "threshold-p")
-                                                                for b in (1, 2)}
+    assert {(r["router"], r["batch"]) for r in speculative} == {
+        (router, b) for router in ("topk", "threshold-p") for b in (1, 2)
+    }
     assert all(0 <= r["acceptance"] <= 1 and 1 <= r["tokens_per_round"] <= r["k"] + 1 for r in speculative)
     assert all(r["mod_tokens_per_s"] > 0 and r["ideal_speedup"] > 0 for r in speculative)
     check = next(r for r in records if r["scenario"].startswith("packed_check"))

@@ -79,7 +79,10 @@ def test_cli_lists_plugin_with_provider(fake_plugin):
     env = {**os.environ, "PYTHONPATH": str(fake_plugin)}
     out = subprocess.run(
         [sys.executable, "-m", "modadapt.cli", "list", "routers", "--json"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rows = {row["name"]: row for row in json.loads(out.stdout)}
     assert rows["every-other-token"]["provider"] == "fake-router-plugin"
@@ -171,16 +174,20 @@ def plugin(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "body, reason",
     [
-        ("class Bad(Router):\n    name = 'bad'\n    def score(self, hidden, ctx):\n        return hidden[..., 0]\n",
-         "Bad does not implement `causal_keep`"),
+        (
+            "class Bad(Router):\n    name = 'bad'\n    def score(self, hidden, ctx):\n        return hidden[..., 0]\n",
+            "Bad does not implement `causal_keep`",
+        ),
         ("class Bad:\n    name = 'bad'\n", "is not a subclass of modadapt.Router"),
         ("class Bad(Router):\n    name = 'bad'\n    causal = 'yes'\n", "Bad.causal must be True or False"),
     ],
     ids=["missing-method", "not-a-router", "bad-flag"],
 )
 def test_router_breaking_the_contract_is_refused(plugin, body, reason):
-    source = (f"from modadapt import Router, hookimpl\n{body}\n"
-              "@hookimpl\ndef register_routers(register):\n    register(Bad)\n")
+    source = (
+        f"from modadapt import Router, hookimpl\n{body}\n"
+        "@hookimpl\ndef register_routers(register):\n    register(Bad)\n"
+    )
     with pytest.raises(modadapt.ModAdaptError) as err:
         plugin(source)
     message = str(err.value)
@@ -275,16 +282,20 @@ def test_plugin_preset_and_recipe(plugin, capsys):
 
 
 def test_preset_or_recipe_of_the_wrong_type_is_refused(plugin):
-    source = ("from modadapt import hookimpl\n"
-              "@hookimpl\ndef register_presets(register):\n    register(lambda: None, name='x')\n")
+    source = (
+        "from modadapt import hookimpl\n"
+        "@hookimpl\ndef register_presets(register):\n    register(lambda: None, name='x')\n"
+    )
     with pytest.raises(modadapt.ModAdaptError, match="a preset that breaks its contract: .* is not a modadapt.Preset"):
         plugin(source)
 
 
 def test_extra_flops_is_part_of_the_router_contract():
     model = modadapt.convert(modadapt.build_preset("tiny-llama"), router="topk")
-    assert all(layer.router.extra_flops() == 0 == layer.router.extra_flops(matmul_only=True)
-               for layer in modadapt.mod_layers(model))
+    assert all(
+        layer.router.extra_flops() == 0 == layer.router.extra_flops(matmul_only=True)
+        for layer in modadapt.mod_layers(model)
+    )
 
 
 PEEKING_ROUTER = """

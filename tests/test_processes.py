@@ -38,7 +38,6 @@ def test_model_output_with_router_aux_loss_survives_pytree():
     assert list(pickle.loads(pickle.dumps(out)).keys()) == list(out.keys())
 
 
-
 def test_threshold_load_over_processes_equals_the_whole_batch():
     """threshold-p's load loss takes the kept fraction of the global batch within
     `statistics_over_processes`: two halves on two "processes" (the other's counts added by the
@@ -54,8 +53,14 @@ def test_threshold_load_over_processes_equals_the_whole_batch():
 
     def aux(rows, process_sum=None):
         h = hidden[rows]
-        ctx = RoutingContext(layer_index=0, real=None, forced=None, positions=torch.arange(6).expand(len(h), 6),
-                             causal=False, training=True)
+        ctx = RoutingContext(
+            layer_index=0,
+            real=None,
+            forced=None,
+            positions=torch.arange(6).expand(len(h), 6),
+            causal=False,
+            training=True,
+        )
         router.zero_grad()
         logits = router.score(h, ctx)
         keep = router.causal_keep(logits, h, ctx)
@@ -77,7 +82,6 @@ def test_threshold_load_over_processes_equals_the_whole_batch():
     torch.testing.assert_close((a_grad + b_grad) / 2, whole_grad)
     local, _ = aux(slice(0, 2))  # outside the context: the process's own kept fraction
     assert not torch.allclose(local, a)
-
 
 
 def test_fsdp_wrap_names_find_the_mod_layer_classes():
@@ -109,7 +113,7 @@ def test_meta_copy_takes_a_gathered_state_and_saves(tmp_path):
     flat = torch.cat([t.flatten() for t in state.values()])  # as FSDP may gather: views into one buffer
     views, at = {}, 0
     for name, t in state.items():
-        views[name] = flat[at:at + t.numel()].view_as(t)
+        views[name] = flat[at : at + t.numel()].view_as(t)
         at += t.numel()
     load_full_state(skeleton, views)
     modadapt.save(skeleton, tmp_path / "m")
@@ -182,20 +186,61 @@ def launch(args: list[str], *, launcher: str = "torchrun", fsdp: bool = False, t
     """
     port = str(free_port())
     if launcher == "torchrun":
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", port]
+        head = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
     else:
-        head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-                "--main_process_port", port]
-        head += (["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true",
-                  "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
-                 if fsdp else ["--multi_gpu"])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+        head = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+        ]
+        head += (
+            [
+                "--use_fsdp",
+                "--fsdp_version",
+                "2",
+                "--fsdp_reshard_after_forward",
+                "true",
+                "--fsdp_auto_wrap_policy",
+                "TRANSFORMER_BASED_WRAP",
+                "--fsdp_state_dict_type",
+                "SHARDED_STATE_DICT",
+            ]
+            if fsdp
+            else ["--multi_gpu"]
+        )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
     started = time.perf_counter()
-    proc = subprocess.run([*head, "-m", "modadapt.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [*head, "-m", "modadapt.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     print(f"2 processes ({launcher}{', fsdp' if fsdp else ''}): {time.perf_counter() - started:.1f} s")
     return proc.stdout
@@ -231,7 +276,9 @@ def images16(tmp_path_factory):
         for label in ("cat", "dog"):
             (root / split / label).mkdir(parents=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+                    root / split / label / f"{i}.png"
+                )
     return root
 
 
@@ -242,12 +289,40 @@ def test_vit_ddp_two_processes_match_one_and_keep_the_lr_schedule(images16, tmp_
     trained model, written once; eval counts each validation image once."""
     from modadapt.recipes.vit_imagenet import ViTRecipeConfig, run
 
-    common = dict(data=str(images16), epochs=3, augment=False, lr=1e-3, warmup_steps=1, eval_batch_size=4,
-                  progress=False, cpu=True)
+    common = dict(
+        data=str(images16),
+        epochs=3,
+        augment=False,
+        lr=1e-3,
+        warmup_steps=1,
+        eval_batch_size=4,
+        progress=False,
+        cpu=True,
+    )
     one = run(ViTRecipeConfig(output=str(tmp_path / "one"), batch_size=8, **common))
-    out = launch(["train", "vit-imagenet", "--data", str(images16), "-o", str(tmp_path / "two"), "--batch-size", "4",
-                  "--epochs", "3", "--no-augment", "--lr", "1e-3", "--warmup-steps", "1", "--eval-batch-size", "4",
-                  "--no-progress", "--cpu"])
+    out = launch(
+        [
+            "train",
+            "vit-imagenet",
+            "--data",
+            str(images16),
+            "-o",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "4",
+            "--epochs",
+            "3",
+            "--no-augment",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--eval-batch-size",
+            "4",
+            "--no-progress",
+            "--cpu",
+        ]
+    )
     assert out.count("top-1 ") == 1  # one report, from the first process
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert one["steps"] == two["steps"] == 6
@@ -271,8 +346,23 @@ def corpus(tmp_path_factory):
 
 def lm_flags(corpus, out, *extra) -> list[str]:
     """lm-adapt on 64 training blocks of 32 tokens (8 global batches of 8), 6 validation ones."""
-    return ["train", "lm-adapt", "--data", str(corpus), "-o", str(out), "--seq-len", "32", "--max-train-blocks", "64",
-            "--lr", "1e-2", "--no-progress", "--cpu", *extra]
+    return [
+        "train",
+        "lm-adapt",
+        "--data",
+        str(corpus),
+        "-o",
+        str(out),
+        "--seq-len",
+        "32",
+        "--max-train-blocks",
+        "64",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        "--cpu",
+        *extra,
+    ]
 
 
 def lm_one_process(corpus, out, batch_size: int, *extra, resume_to: int | None = None) -> dict:
@@ -303,8 +393,11 @@ def test_lm_adapt_ddp_two_processes_match_one_and_resume(corpus, tmp_path):
     assert min(two["history"]["kept_fraction"]) < 1.0  # the routers did skip tokens
     assert two["valid_loss"]["converted_after"] == pytest.approx(one["valid_loss"]["converted_after"], rel=1e-5)
     assert two["kept_fraction"]["after"] == pytest.approx(one["kept_fraction"]["after"], abs=1e-6)
-    assert sorted(p.name for p in (tmp_path / "two" / "model").iterdir()) == ["config.json", "modadapt.json",
-                                                                              "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "two" / "model").iterdir()) == [
+        "config.json",
+        "modadapt.json",
+        "model.safetensors",
+    ]
     assert_same_weights(modadapt.load(tmp_path / "one" / "model"), modadapt.load(tmp_path / "two" / "model"))
 
 
@@ -322,10 +415,17 @@ def test_lm_adapt_fsdp_two_cpu_processes_match_one(corpus, tmp_path):
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (two["processes"], two["sharding"]) == (2, "fsdp")
     # tiny-llama: 4 layers (1 and 3 converted), their 2 routers, embedding, the tail (norm + head), the root
-    assert two["fsdp_units"] == {"Embedding": 1, "LlamaDecoderLayer": 2, "ModLlamaDecoderLayer": 2, "PeftModel": 1,
-                                 "ThresholdRouter": 2, "Linear": 1}
-    assert_same_history(one["history"], two["history"], keys=("loss", "lm_loss", "aux_loss", "distill_loss",
-                                                             "kept_fraction", "lr"))
+    assert two["fsdp_units"] == {
+        "Embedding": 1,
+        "LlamaDecoderLayer": 2,
+        "ModLlamaDecoderLayer": 2,
+        "PeftModel": 1,
+        "ThresholdRouter": 2,
+        "Linear": 1,
+    }
+    assert_same_history(
+        one["history"], two["history"], keys=("loss", "lm_loss", "aux_loss", "distill_loss", "kept_fraction", "lr")
+    )
     assert two["valid_loss"]["converted_after"] == pytest.approx(one["valid_loss"]["converted_after"], rel=1e-5)
     a, b = modadapt.load(tmp_path / "one" / "model"), modadapt.load(tmp_path / "two" / "model")
     assert type(b.model.layers[1]).__name__ == "ModLlamaDecoderLayer"  # a plain model again, LoRA merged
@@ -348,15 +448,49 @@ def test_llava_adapt_ddp_two_processes_match_one(tmp_path):
     data.mkdir()
     for i in range(8):
         Image.new("RGB", (8, 8), (30 * i, 10 * i, 0)).save(data / f"{i}.png")
-    records = [{"image": f"{i}.png", "conversations": [{"from": "human", "value": "What is <image>\nthis?"},
-                                                       {"from": "gpt", "value": str(i)}]} for i in range(8)]
+    records = [
+        {
+            "image": f"{i}.png",
+            "conversations": [{"from": "human", "value": "What is <image>\nthis?"}, {"from": "gpt", "value": str(i)}],
+        }
+        for i in range(8)
+    ]
     (data / "data.json").write_text(json.dumps(records))
-    common = dict(data=str(data / "data.json"), eval_data=str(data / "data.json"), epochs=2, lr=1e-3,
-                  warmup_steps=1, max_new_tokens=2, progress=False, cpu=True)
+    common = dict(
+        data=str(data / "data.json"),
+        eval_data=str(data / "data.json"),
+        epochs=2,
+        lr=1e-3,
+        warmup_steps=1,
+        max_new_tokens=2,
+        progress=False,
+        cpu=True,
+    )
     one = run(LlavaRecipeConfig(output=str(tmp_path / "one"), batch_size=4, **common))
-    out = launch(["train", "llava-adapt", "--data", common["data"], "--eval-data", common["eval_data"], "-o",
-                  str(tmp_path / "two"), "--batch-size", "2", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "1",
-                  "--max-new-tokens", "2", "--no-progress", "--cpu"])
+    out = launch(
+        [
+            "train",
+            "llava-adapt",
+            "--data",
+            common["data"],
+            "--eval-data",
+            common["eval_data"],
+            "-o",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "2",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--no-progress",
+            "--cpu",
+        ]
+    )
     assert out.count("accuracy ") == 1
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert one["steps"] == two["steps"] == 4

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_tiny, make_ids
 
 import modadapt
 from modadapt.errors import ModAdaptError
 from modadapt.recipes.lm_adapt import LMAdaptConfig, run
 from modadapt.recipes.router_init import collect, fit_router_scores, ridge_fit, update_size
-
-from conftest import build_tiny, make_ids
 
 TEXT = "The quick brown fox jumps over the lazy dog; grep -r pattern dir lists matches. " * 60
 
@@ -35,8 +34,9 @@ def test_fit_is_the_ridge_solution_over_real_tokens_only():
         # an independent solve of the same problem: centred ridge, then unit-variance scores
         xc = x - x.mean(0)
         gram = xc.T @ xc
-        w = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype),
-                               xc.T @ (y - y.mean()))
+        w = torch.linalg.solve(
+            gram + 1e-3 * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ (y - y.mean())
+        )
         w = w / (xc @ w).std()
         scorer = layer.router.scorer
         assert torch.allclose(scorer.weight.double().flatten(), w, rtol=1e-4, atol=1e-6)
@@ -52,10 +52,15 @@ def test_fitted_router_keeps_the_tokens_its_layer_moves_most():
     ids = batches()[0]["input_ids"][1:]
     hooks, seen = [], {}
     for layer in modadapt.mod_layers(model):
-        hooks.append(layer.register_forward_hook(
-            lambda m, a, k, out: seen.__setitem__(m.mod_state.index, (k.get("hidden_states", a[0] if a else None),
-                                                                       out[0] if isinstance(out, tuple) else out)),
-            with_kwargs=True))
+        hooks.append(
+            layer.register_forward_hook(
+                lambda m, a, k, out: seen.__setitem__(
+                    m.mod_state.index,
+                    (k.get("hidden_states", a[0] if a else None), out[0] if isinstance(out, tuple) else out),
+                ),
+                with_kwargs=True,
+            )
+        )
     with torch.no_grad(), modadapt.dense(model):
         model(input_ids=ids)
     for h in hooks:
@@ -87,9 +92,21 @@ def test_ridge_fit_recovers_a_linear_target():
 def config(tmp_path, **extra) -> LMAdaptConfig:
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "train.txt").write_text(TEXT)
-    base = dict(data=str(tmp_path / "train.txt"), output=str(tmp_path / "run"), seq_len=32, batch_size=4,
-                max_steps=1, lr=1e-3, progress=False, cpu=True, router="topk", capacity=0.25, train="all",
-                max_train_blocks=24, max_eval_blocks=4)
+    base = dict(
+        data=str(tmp_path / "train.txt"),
+        output=str(tmp_path / "run"),
+        seq_len=32,
+        batch_size=4,
+        max_steps=1,
+        lr=1e-3,
+        progress=False,
+        cpu=True,
+        router="topk",
+        capacity=0.25,
+        train="all",
+        max_train_blocks=24,
+        max_eval_blocks=4,
+    )
     return LMAdaptConfig(**{**base, **extra})
 
 

@@ -39,8 +39,12 @@ def test_values_are_converted_to_the_declared_types(given, expected):
     options = parse_options(ThresholdOptions, "threshold-p", given)
     for name, value in expected.items():
         assert options[name] == value and type(options[name]) is type(value)
-    assert asdict(parse_options(ThresholdOptions, "threshold-p", {})) == {"p": 0.5, "alpha": 0.01,
-                                                                   "gate": "straight-through", "target": 0.5}
+    assert asdict(parse_options(ThresholdOptions, "threshold-p", {})) == {
+        "p": 0.5,
+        "alpha": 0.01,
+        "gate": "straight-through",
+        "target": 0.5,
+    }
 
 
 def test_ints_bools_and_calibrated_cutoffs():
@@ -61,8 +65,11 @@ def test_ints_bools_and_calibrated_cutoffs():
         ("topk", {"causal_threshold": "high"}, "argument 'causal_threshold' must be a number, or none / calibrated"),
         ("attention", {"chunk": 0}, "attention: chunk must be >= 1, got 0."),
         ("random", {"seed": 1.5}, "router 'random': argument 'seed' must be a int (like its default 0), got 1.5."),
-        ("shared-vl", {"colour": "red"}, "router 'shared-vl' has no argument 'colour'; its arguments are: "
-                                         "aux_coef, causal_threshold, per_layer."),
+        (
+            "shared-vl",
+            {"colour": "red"},
+            "router 'shared-vl' has no argument 'colour'; its arguments are: aux_coef, causal_threshold, per_layer.",
+        ),
     ],
 )
 def test_bad_values_are_one_clear_error(router, kwargs, message):
@@ -86,6 +93,7 @@ def test_list_routers_prints_each_option_with_help_and_default(capsys):
 
 def test_a_router_declared_the_old_way_still_works():
     with pytest.warns(DeprecationWarning, match="RouterOptions"):
+
         class OldRouter(Router):
             name = "old"
             arguments = {"bias": 0.0, "cutoff": None, "target": 0.5, "steps": 3}
@@ -129,8 +137,9 @@ def test_a_router_declared_with_options_emits_no_warning():
 
 
 def test_directories_saved_with_spelt_out_values_still_load(tmp_path):
-    model = modadapt.convert(modadapt.build_preset("tiny-llama"), router="threshold-p",
-                             router_kwargs={"target": "none", "p": "0.4"})
+    model = modadapt.convert(
+        modadapt.build_preset("tiny-llama"), router="threshold-p", router_kwargs={"target": "none", "p": "0.4"}
+    )
     modadapt.save(model, tmp_path / "saved")
     meta = json.loads((tmp_path / "saved" / "modadapt.json").read_text())
     assert meta["mod_config"]["router_kwargs"] == {"target": "none", "p": "0.4"}  # stored as the user gave them

@@ -33,7 +33,7 @@ def ctx_for(B, T, *, real=None, forced=None, causal=False, training=True, positi
 def left_padded_real(lengths, T):
     real = torch.zeros(len(lengths), T, dtype=torch.bool)
     for row, n in enumerate(lengths):
-        real[row, T - n:] = True
+        real[row, T - n :] = True
     return real
 
 
@@ -87,9 +87,9 @@ def test_select_topk_padded_row_keeps_what_it_keeps_alone(capacity):
         assert not keep[~real].any()
         assert_packed(indices, valid, keep)
         for row, n in enumerate(lengths):
-            _, _, alone = select_topk(logits[row:row + 1, T - n:], capacity, None, None)
+            _, _, alone = select_topk(logits[row : row + 1, T - n :], capacity, None, None)
             assert int(keep[row].sum()) == exact_kept(capacity, n), (T, n)
-            assert torch.equal(keep[row, T - n:], alone[0]), (T, n)
+            assert torch.equal(keep[row, T - n :], alone[0]), (T, n)
 
 
 def test_select_topk_all_real_mask_equals_no_mask():
@@ -501,7 +501,14 @@ def test_routed_tokens_exclude_padding_forced_and_prefix():
     real = left_padded_real([4, 2], 5)
     forced = torch.zeros(2, 5, dtype=torch.bool)
     forced[0, 3] = True
-    ctx = RoutingContext(layer_index=1, real=real, forced=forced, positions=torch.arange(5).expand(2, 5),
-                         causal=False, training=True, prefix=2)
+    ctx = RoutingContext(
+        layer_index=1,
+        real=real,
+        forced=forced,
+        positions=torch.arange(5).expand(2, 5),
+        causal=False,
+        training=True,
+        prefix=2,
+    )
     assert ctx.routed().tolist() == [[False, False, True, False, True], [False, False, False, True, True]]
     assert ctx_for(2, 3).routed().all()

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT
 
 import modadapt
 from modadapt.cli import main
-
-from conftest import SAMPLE_TEXT
 from modadapt.recipes import lm_adapt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +35,31 @@ def text(tmp_path_factory):
 
 
 def lm_flags(text, out, steps=4, *extra):
-    return ["train", "lm-adapt", "--data", str(text), "-o", str(out), "--seq-len", "32", "--batch-size", "4",
-            "--max-steps", str(steps), "--lr", "1e-2", "--no-progress", "--cpu", "--router", "topk",
-            "--capacity", "0.5", "--max-train-blocks", "24", *extra]
+    return [
+        "train",
+        "lm-adapt",
+        "--data",
+        str(text),
+        "-o",
+        str(out),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        str(steps),
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        "--cpu",
+        "--router",
+        "topk",
+        "--capacity",
+        "0.5",
+        "--max-train-blocks",
+        "24",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +106,9 @@ def test_resume_restores_the_runs_configuration(text, tmp_path, capsys):
     assert (saved["router"], saved["max_steps"], saved["resume"], saved["data"]) == ("topk", 4, True, str(text))
 
 
-@pytest.mark.parametrize("flag, value", [("--router", "threshold-p"), ("--model", "tiny-gpt2"), ("--seq-len", "16"),
-                                         ("--lr", "0.5")])
+@pytest.mark.parametrize(
+    "flag, value", [("--router", "threshold-p"), ("--model", "tiny-gpt2"), ("--seq-len", "16"), ("--lr", "0.5")]
+)
 def test_resume_that_changes_the_run_is_one_line_and_changes_nothing(text, tmp_path, capsys, flag, value):
     out = tmp_path / "run"
     assert main(lm_flags(text, out, 2)) == 0
@@ -142,12 +164,16 @@ def signal_at_step(monkeypatch, n: int, signum=signal.SIGINT) -> None:
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
-@pytest.mark.parametrize("save_every, at, signum, stopped_at", [
-    (0, 2, signal.SIGINT, 2),   # no checkpoint yet: the stop writes one
-    (2, 3, signal.SIGTERM, 3),  # after the first checkpoint
-])
+@pytest.mark.parametrize(
+    "save_every, at, signum, stopped_at",
+    [
+        (0, 2, signal.SIGINT, 2),  # no checkpoint yet: the stop writes one
+        (2, 3, signal.SIGTERM, 3),  # after the first checkpoint
+    ],
+)
 def test_signal_stops_at_a_step_boundary_and_resume_equals_the_straight_run(
-        text, straight, tmp_path, capsys, monkeypatch, save_every, at, signum, stopped_at):
+    text, straight, tmp_path, capsys, monkeypatch, save_every, at, signum, stopped_at
+):
     out = tmp_path / "run"
     signal_at_step(monkeypatch, at, signum)
     assert main(lm_flags(text, out, 4, "--save-every", str(save_every))) == 130
@@ -159,8 +185,9 @@ def test_signal_stops_at_a_step_boundary_and_resume_equals_the_straight_run(
     assert_same_run(straight, out)
 
 
-def test_signal_before_the_first_step_leaves_a_run_that_resume_starts_afresh(text, straight, tmp_path, capsys,
-                                                                              monkeypatch):
+def test_signal_before_the_first_step_leaves_a_run_that_resume_starts_afresh(
+    text, straight, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "run"
     real = lm_adapt.evaluate
 
@@ -187,9 +214,25 @@ def test_vit_recipe_stops_on_sigint_and_resumes_exactly(tmp_path, capsys, monkey
             (tmp_path / "data" / split / label).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
-                    tmp_path / "data" / split / label / f"{i}.png")
-    flags = ["train", "vit-imagenet", "--data", str(tmp_path / "data"), "--batch-size", "2", "--max-steps", "4",
-             "--epochs", "2", "--no-augment", "--no-progress", "--cpu", "--lr", "1e-3"]
+                    tmp_path / "data" / split / label / f"{i}.png"
+                )
+    flags = [
+        "train",
+        "vit-imagenet",
+        "--data",
+        str(tmp_path / "data"),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--epochs",
+        "2",
+        "--no-augment",
+        "--no-progress",
+        "--cpu",
+        "--lr",
+        "1e-3",
+    ]
     assert main([*flags, "-o", str(tmp_path / "a")]) == 0
     capsys.readouterr()
     signal_at_step(monkeypatch, 2)
@@ -209,8 +252,14 @@ def test_ctrl_c_of_a_real_process(text, tmp_path):
     assert main(lm_flags(text, reference, steps)) == 0
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "modadapt.cli", *lm_flags(text, out, steps, "--save-every", "1")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modadapt.cli", *lm_flags(text, out, steps, "--save-every", "1")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (out / "checkpoint" / "trainer_state.json").is_file() and proc.poll() is None:
         assert time.monotonic() < deadline

@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
+from conftest import build_tiny, make_ids
 
 import modadapt
 from modadapt.errors import ModAdaptError
 from modadapt.recipes.lm_adapt import LMAdaptConfig, run
 from modadapt.recipes.schedule import AdaptationSchedule
-
-from conftest import build_tiny, make_ids
 
 TEXT = "The quick brown fox jumps over the lazy dog; grep -r pattern dir lists matches. " * 60
 
@@ -22,9 +21,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def config(tmp_path, **extra) -> LMAdaptConfig:
     (tmp_path / "train.txt").write_text(TEXT)
-    base = dict(data=str(tmp_path / "train.txt"), output=str(tmp_path / "run"), seq_len=32, batch_size=4,
-                max_steps=6, lr=1e-3, progress=False, cpu=True, router="topk", capacity=0.25, train="all",
-                max_train_blocks=24, max_eval_blocks=4)
+    base = dict(
+        data=str(tmp_path / "train.txt"),
+        output=str(tmp_path / "run"),
+        seq_len=32,
+        batch_size=4,
+        max_steps=6,
+        lr=1e-3,
+        progress=False,
+        cpu=True,
+        router="topk",
+        capacity=0.25,
+        train="all",
+        max_train_blocks=24,
+        max_eval_blocks=4,
+    )
     return LMAdaptConfig(**{**base, **extra})
 
 
@@ -93,8 +104,9 @@ def test_router_stage_in_the_recipe(tmp_path, monkeypatch):
 def test_tanh_gate_starts_dense_and_learns():
     dense = build_tiny()
     ids = make_ids(2, 16)
-    model = modadapt.convert(copy.deepcopy(dense), router="topk", capacity=1.0, layers=[1, 3],
-                             router_kwargs={"gate": "tanh"})
+    model = modadapt.convert(
+        copy.deepcopy(dense), router="topk", capacity=1.0, layers=[1, 3], router_kwargs={"gate": "tanh"}
+    )
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids=ids).logits, dense.eval()(input_ids=ids).logits)
     model.train()

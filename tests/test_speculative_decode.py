@@ -23,8 +23,7 @@ GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 def _greedy(model, x, mask, new, **kwargs):
     with torch.no_grad():
-        return model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              **kwargs)
+        return model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
 
 
 def _pair(tiny, family, randomize_routers, router="threshold-p", **config):
@@ -78,7 +77,7 @@ def test_verifier_cache_holds_the_dense_model_cache(tiny, ids, randomize_routers
         base = int(step.base[b])
         assert base == 8 + int(step.count[b]) - 1  # every emitted token but the last is cached
         tokens = torch.cat([x[b], step.out[b, : base - 8]])[None]
-        assert torch.equal(tokens[0, : out.shape[1]], out[b, : base])
+        assert torch.equal(tokens[0, : out.shape[1]], out[b, :base])
         cache = DynamicCache(config=dense.config)
         with torch.no_grad():
             dense(tokens, past_key_values=cache, use_cache=True)
@@ -97,11 +96,12 @@ def test_speculative_stops_at_end_of_sequence(both_rows_end, tiny, ids, left_pad
     monkeypatch.setattr(gd, "CHECK_EVERY", 8)
     dense, model = _pair(tiny, "llama", randomize_routers)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 9)])
-    free = _greedy(dense, x, mask, 24)[:, x.shape[1]:]
+    free = _greedy(dense, x, mask, 24)[:, x.shape[1] :]
     eos = [int(free[0, 5])] + ([int(free[1, 4])] if both_rows_end else [])
     with torch.no_grad():
-        expected = dense.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos,
-                                  pad_token_id=0)
+        expected = dense.generate(
+            x, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
     decoder = GraphedDecoder(model, speculate=4)
     got = decoder.generate(x, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, expected)
@@ -151,9 +151,15 @@ def test_draft_from_strings_and_dicts():
     assert Draft.of({"skip": "all"}) == Draft(skip="all")
     for draft in (Draft(), Draft(skip=(3,), margin=-1.5), Draft(skip="all", margin=2)):
         assert Draft.of(str(draft)) == draft  # a sweep's labels read back
-    for bad, match in [("depth=3", "cannot read draft"), ("margin=x", "margin must be a number"),
-                       ("skip=1,b", "skip must be"), ({"margin": 1, "layers": [2]}, "no option 'layers'"),
-                       (Draft(margin=float("nan")), "finite"), (Draft(skip="some"), "'all'"), (3, "must be a")]:
+    for bad, match in [
+        ("depth=3", "cannot read draft"),
+        ("margin=x", "margin must be a number"),
+        ("skip=1,b", "skip must be"),
+        ({"margin": 1, "layers": [2]}, "no option 'layers'"),
+        (Draft(margin=float("nan")), "finite"),
+        (Draft(skip="some"), "'all'"),
+        (3, "must be a"),
+    ]:
         with pytest.raises(ModAdaptError, match=match):
             Draft.of(bad)
 
@@ -168,8 +174,9 @@ def test_speculative_bad_input(tiny, ids, randomize_routers):
     with pytest.raises(ModAdaptError, match="pass speculate"):
         GraphedDecoder(model, draft="margin=1")
     with pytest.raises(ModAdaptError, match="layer 2, which is not a MoD layer"):
-        GraphedDecoder(modadapt.convert(tiny("llama"), router="threshold-p", layers=[1, 3]), speculate=2,
-                       draft={"skip": [2]})
+        GraphedDecoder(
+            modadapt.convert(tiny("llama"), router="threshold-p", layers=[1, 3]), speculate=2, draft={"skip": [2]}
+        )
     attention_routed = modadapt.convert(tiny("llama"), router="attention", layers="every-other")
     with pytest.raises(ModAdaptError, match="'attention'.*captured"):
         GraphedDecoder(attention_routed, speculate=2)
@@ -242,13 +249,21 @@ def _chi_square_bound(df: int, z: float = 3.72) -> float:
 def _tiny_vocab_model():
     """A 4-layer Llama over 5 tokens with sharp, different next-token distributions, converted
     with routers that skip a lot: a draft whose distribution is far from the dense model's."""
+    from conftest import randomize_router_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import randomize_router_weights
-
-    config = LlamaConfig(vocab_size=5, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=None, eos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=5,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -293,10 +308,16 @@ def test_speculative_sampling_distribution_is_the_dense_models(temperature, top_
     def chi_square(draft):
         decoder = GraphedDecoder(model, speculate=2, draft=draft)
         torch.manual_seed(1)
-        out = decoder.generate(torch.tensor([prompt]).expand(draws, -1), max_new_tokens=n, do_sample=True,
-                               temperature=temperature, top_k=top_k, top_p=top_p)
+        out = decoder.generate(
+            torch.tensor([prompt]).expand(draws, -1),
+            max_new_tokens=n,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
         counts = {}
-        for row in out[:, len(prompt):].tolist():
+        for row in out[:, len(prompt) :].tolist():
             counts[tuple(row)] = counts.get(tuple(row), 0) + 1
         return (*_chi_square(exact, counts, draws), decoder.speculation_stats()["acceptance"])
 
@@ -357,8 +378,9 @@ def test_captured_speculation_matches_dense_generate_on_cuda():
                 draws = []
                 for seed in (0, 0, 1):
                     torch.manual_seed(seed)
-                    draws.append(decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True,
-                                                  temperature=2.0))
+                    draws.append(
+                        decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=2.0)
+                    )
                 assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
@@ -375,7 +397,8 @@ def test_captured_speculation_equals_its_eager_rounds_in_bf16():
     x, mask, _ = (t.cuda() for t in left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]))
     for batch in (1, 3):
         eager = GraphedDecoder(model, cuda_graphs=False, speculate=3).generate(
-            x[:batch], attention_mask=mask[:batch], max_new_tokens=40)
+            x[:batch], attention_mask=mask[:batch], max_new_tokens=40
+        )
         for branches in _modes():
             graphed = GraphedDecoder(model, branches=branches, speculate=3)
             assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)
@@ -396,12 +419,12 @@ def test_flash_verification_attention_matches_the_masked_fallback_on_cuda():
     used = torch.randint(T, cap, (B,), generator=gen).cuda().int()
     cu = torch.arange(B + 1, dtype=torch.int32, device="cuda")
     lengths = KeyLengths(used, cu * T, cu * cap, queries=T)
-    flash = static_cache_attention(q, k, v, lengths, d ** -0.5).float()
+    flash = static_cache_attention(q, k, v, lengths, d**-0.5).float()
     key = static_cache.flash_key(q)
     assert static_cache._FLASH.get(key)
     static_cache._FLASH[key] = False
     try:
-        reference = static_cache_attention(q, k, v, lengths, d ** -0.5).float()
+        reference = static_cache_attention(q, k, v, lengths, d**-0.5).float()
     finally:
         static_cache._FLASH[key] = True
     assert (flash - reference).norm() / reference.norm() < 1e-2

@@ -54,7 +54,10 @@ def test_saved_directories_carry_the_tokenizer_and_text_generation_works(tmp_pat
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape == (2, batch["input_ids"].shape[1] + 5)
-        assert tok.batch_decode(out[:, : batch["input_ids"].shape[1]], skip_special_tokens=True) == ["Hello", "a longer prompt"]
+        assert tok.batch_decode(out[:, : batch["input_ids"].shape[1]], skip_special_tokens=True) == [
+            "Hello",
+            "a longer prompt",
+        ]
         assert type(tokenizer_for(model)).__name__ == type(tok).__name__  # found through the load directory
 
 
@@ -65,7 +68,9 @@ def test_an_explicit_tokenizer_or_source_files_win(tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "given").eos_token_id == 0  # not llama's 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (pip install -e .[test])")
+@pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (pip install -e .[test])"
+)
 def test_lm_eval_model_finds_the_tokenizer(tmp_path):
     from modadapt.recipes.lm_adapt import lm_eval_model
 

@@ -12,14 +12,13 @@ import copy
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT
 
 import modadapt
 from modadapt.recipes import lm_adapt
 from modadapt.recipes.lm_adapt import LMAdaptConfig, evaluate, original, pack, run, select_trainable, tokenize
 from modadapt.recipes.schedule import AdaptationSchedule
 from modadapt.recipes.training import distillation_kl, lr_schedule
-
-from conftest import SAMPLE_TEXT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +69,7 @@ def plain_loop(start, cfg, train_blocks):
         trained.train()
         for s in range(steps_per_epoch):
             total = 0.0
-            for batch in micro[s * accum:(s + 1) * accum]:
+            for batch in micro[s * accum : (s + 1) * accum]:
                 schedule.apply(step)
                 out = trained(input_ids=batch, labels=batch, use_cache=False)
                 loss = out.loss
@@ -96,19 +95,34 @@ def plain_loop(start, cfg, train_blocks):
     return losses, model
 
 
-@pytest.mark.parametrize("train, distill, grad_accum, capacity_warmup, router_steps", [
-    ("routers", 1.0, 2, 3, 0),  # the teacher is the model itself under modadapt.dense
-    ("lora", 0.5, 1, 0, 2),     # ... with peft's adapters off too
-    ("all", 0.5, 3, 0, 1),      # the base trains: the teacher is the one frozen copy
-])
-def test_lm_adapt_equals_a_plain_loop(tmp_path, monkeypatch, train, distill, grad_accum, capacity_warmup,
-                                      router_steps):
+@pytest.mark.parametrize(
+    "train, distill, grad_accum, capacity_warmup, router_steps",
+    [
+        ("routers", 1.0, 2, 3, 0),  # the teacher is the model itself under modadapt.dense
+        ("lora", 0.5, 1, 0, 2),  # ... with peft's adapters off too
+        ("all", 0.5, 3, 0, 1),  # the base trains: the teacher is the one frozen copy
+    ],
+)
+def test_lm_adapt_equals_a_plain_loop(tmp_path, monkeypatch, train, distill, grad_accum, capacity_warmup, router_steps):
     if train == "lora":
         pytest.importorskip("peft")
     train_blocks, valid_blocks = blocks()
-    cfg = LMAdaptConfig(data="given", output=str(tmp_path / "run"), seq_len=SEQ, batch_size=2, grad_accum=grad_accum,
-                        max_steps=5, lr=1e-2, train=train, distill=distill, distill_temperature=2.0,
-                        capacity_warmup=capacity_warmup, router_steps=router_steps, progress=False, cpu=True)
+    cfg = LMAdaptConfig(
+        data="given",
+        output=str(tmp_path / "run"),
+        seq_len=SEQ,
+        batch_size=2,
+        grad_accum=grad_accum,
+        max_steps=5,
+        lr=1e-2,
+        train=train,
+        distill=distill,
+        distill_temperature=2.0,
+        capacity_warmup=capacity_warmup,
+        router_steps=router_steps,
+        progress=False,
+        cpu=True,
+    )
     start = converted_model()
     expected_losses, expected = plain_loop(start, cfg, train_blocks)
     dense_ppl = evaluate(modadapt.unload(copy.deepcopy(start)), valid_blocks, batch_size=8)["ppl"]
@@ -138,10 +152,19 @@ def test_accumulation_sees_each_block_once_per_epoch_in_the_seeded_order(tmp_pat
     train_blocks, valid_blocks = blocks()
     seen = []
     model = converted_model()
-    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()) if m.training else None,
-                                    with_kwargs=True)
-    cfg = LMAdaptConfig(data="given", output=str(tmp_path / "run"), seq_len=SEQ, batch_size=2, grad_accum=3,
-                        max_steps=3, progress=False, cpu=True)
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].clone()) if m.training else None, with_kwargs=True
+    )
+    cfg = LMAdaptConfig(
+        data="given",
+        output=str(tmp_path / "run"),
+        seq_len=SEQ,
+        batch_size=2,
+        grad_accum=3,
+        max_steps=3,
+        progress=False,
+        cpu=True,
+    )
     run(cfg, model=model, blocks=(train_blocks, valid_blocks))
     expected = []
     for epoch in (0, 1):

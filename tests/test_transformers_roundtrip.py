@@ -41,8 +41,15 @@ def test_trainer_save_model_and_checkpoints_load_with_modadapt(core_family, tiny
     model = _converted(tiny, randomize_routers, core_family)  # llama, and gpt2's tied embeddings
     data = [{"input_ids": row, "labels": row.clone()} for row in ids(4, 16, seed=5)]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
-        report_to=[], save_strategy="steps", save_steps=2, use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
@@ -93,12 +100,20 @@ def test_a_dense_class_never_loads_a_mod_directory_silently(tiny, randomize_rout
     dense model, drop the router weights as "unexpected" and compute different logits)."""
     model = _converted(tiny, randomize_routers)
     model.save_pretrained(tmp_path / "mod")
-    code = ("import sys, transformers\n"
-            "transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
-            "assert 'modadapt' not in sys.modules\n")
+    code = (
+        "import sys, transformers\n"
+        "transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "assert 'modadapt' not in sys.modules\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "mod")], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "mod")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "model type `modadapt`" in done.stderr
 

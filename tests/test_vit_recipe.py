@@ -29,8 +29,18 @@ def imagefolder(tmp_path_factory):
 
 
 def config(data, out, **extra):
-    base = dict(data=str(data), output=str(out), batch_size=4, eval_batch_size=8, max_steps=4, epochs=2,
-                augment=False, progress=False, cpu=True, lr=1e-3)
+    base = dict(
+        data=str(data),
+        output=str(out),
+        batch_size=4,
+        eval_batch_size=8,
+        max_steps=4,
+        epochs=2,
+        augment=False,
+        progress=False,
+        cpu=True,
+        lr=1e-3,
+    )
     return ViTRecipeConfig(**{**base, **extra})
 
 
@@ -132,7 +142,9 @@ def test_a_local_imagefolder_loads_without_a_download_bar(tmp_path, capfd):
         for label in ("a", "b"):
             (tmp_path / "many" / split / label).mkdir(parents=True)
             for i in range(10):
-                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "many" / split / label / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "many" / split / label / f"{i}.png"
+                )
     capfd.readouterr()
     splits = load_splits(str(tmp_path / "many"))
     err = capfd.readouterr().err

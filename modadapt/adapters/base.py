@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -155,7 +157,7 @@ class Adapter:
         only embeddings). None: the stack owner. Its call must run the stack at most once."""
         return None
 
-    def attention_probe(self, model: nn.Module, layers: list[int]) -> "AttentionProbe":
+    def attention_probe(self, model: nn.Module, layers: list[int]) -> AttentionProbe:
         """Start recording the query/key tensors of `layers` on every forward, leaving the
         attention kernels as they are (see `modadapt.attention_probe`). Used by attention-map
         routing and ARank; `remove()` on the result detaches it."""
@@ -200,8 +202,9 @@ class Adapter:
         encoder, say), so that analysis (ARank, cosine) still runs on it. None: not one it knows."""
         return None
 
-    def attention_maps(self, model: nn.Module, layers: nn.ModuleList,
-                       callback: AttentionMapCallback) -> ContextManager[None]:
+    def attention_maps(
+        self, model: nn.Module, layers: nn.ModuleList, callback: AttentionMapCallback
+    ) -> ContextManager[None]:
         """A context inside which each forward hands `callback` every layer's attention
         probabilities, with the kernel switched to one that materialises them inside the context
         only: ARank's route for models an attention probe cannot observe."""

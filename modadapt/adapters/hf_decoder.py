@@ -3,8 +3,11 @@ working from here for one release, with a DeprecationWarning."""
 
 from ..deprecation import moved_names
 
-__getattr__ = moved_names(__name__, {
-    "HFDecoderAdapter": "modadapt.adapters.hf.decoder:HFDecoderAdapter",
-    "TESTED_FAMILIES": "modadapt.adapters.hf.decoder:TESTED_FAMILIES",
-    "use_attention": "modadapt.adapters.hf.attention:use_attention",
-})
+__getattr__ = moved_names(
+    __name__,
+    {
+        "HFDecoderAdapter": "modadapt.adapters.hf.decoder:HFDecoderAdapter",
+        "TESTED_FAMILIES": "modadapt.adapters.hf.decoder:TESTED_FAMILIES",
+        "use_attention": "modadapt.adapters.hf.attention:use_attention",
+    },
+)

@@ -46,11 +46,18 @@ class GraphedDecoder:
     `margin` to keep fewer tokens, MoD layers to `skip`). See `modadapt.decoding.speculate`.
     """
 
-    def __init__(self, model: nn.Module, cuda_graphs: bool | None = None, branches: str = "auto",
-                 speculate: int = 0, draft: Draft | dict | str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cuda_graphs: bool | None = None,
+        branches: str = "auto",
+        speculate: int = 0,
+        draft: Draft | dict | str | None = None,
+    ):
         if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
-            raise ModAdaptError(f"speculate must be an int >= 0 (draft tokens per verification; 0: off), "
-                                f"got {speculate!r}")
+            raise ModAdaptError(
+                f"speculate must be an int >= 0 (draft tokens per verification; 0: off), got {speculate!r}"
+            )
         state = state_of(model)
         adapter = state.adapter if state is not None else find_adapter(model)
         parts = adapter.decode_parts(model)
@@ -92,8 +99,12 @@ class GraphedDecoder:
             self.draft.skipped(sorted(mod))  # checks the layers it names
         elif draft is not None:
             raise ModAdaptError("draft= sets how a speculative draft routes; pass speculate=K (K >= 1) with it.")
-        self._router_tensors = [t for layer in self.layers if layer.mod
-                                for t in (*layer.module.router.parameters(), *layer.module.router.buffers())]
+        self._router_tensors = [
+            t
+            for layer in self.layers
+            if layer.mod
+            for t in (*layer.module.router.parameters(), *layer.module.router.buffers())
+        ]
         self._versions: tuple | None = None  # the router tensors' versions the captured steps saw
         self._steps: dict[tuple, DecodeStep] = {}
         self.last_step: DecodeStep | None = None
@@ -113,10 +124,18 @@ class GraphedDecoder:
 
     # --- the public calls -------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> torch.Tensor:
         """The prompt (left padding allowed) and up to `max_new_tokens` new tokens, as
         `model.generate` returns them: greedy (the same tokens), or drawn with `do_sample`
         (temperature, top-k, top-p; seed with `torch.manual_seed`). After a row's end-of-sequence
@@ -130,6 +149,7 @@ class GraphedDecoder:
         pad = pad if pad is not None else (eos[0] if eos else 0)
         sampling = None
         if do_sample:
+
             def pick(value, name, default):
                 for candidate in (value, getattr(config, name, None)):
                     if candidate is not None:
@@ -137,8 +157,9 @@ class GraphedDecoder:
                 return default
 
             top_p = pick(top_p, "top_p", 1.0)
-            sampling = Sampling(pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50),
-                                None if top_p == 1.0 else top_p)
+            sampling = Sampling(
+                pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50), None if top_p == 1.0 else top_p
+            )
         step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling)
         eos_ids = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
         if self.speculate:
@@ -161,8 +182,9 @@ class GraphedDecoder:
                 new = new[:, : int(ended.long().argmax(1).max()) + 1]
         return torch.cat([input_ids, new], dim=1)
 
-    def _generate_speculative(self, step: SpeculativeStep, max_new_tokens: int,
-                              eos_ids: torch.Tensor | None) -> torch.Tensor:
+    def _generate_speculative(
+        self, step: SpeculativeStep, max_new_tokens: int, eos_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         """Rounds until every row has `max_new_tokens` tokens or has ended: `[B, max_new_tokens]`
         (past a row's end whatever it drew; the caller pads there). Every round gives every row
         at least one token, so a row that still lacks `n` is done after at most `n` more rounds;
@@ -181,8 +203,13 @@ class GraphedDecoder:
         return step.out[:, :max_new_tokens].clone()
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
-                sampling: Sampling | None = None) -> DecodeStep | SpeculativeStep:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+    ) -> DecodeStep | SpeculativeStep:
         """Run the prompt eagerly, copy its cache into the static buffers of a (captured) step
         sized for `max_new_tokens`, and leave the first new token in the step's `token`
         (speculating: the prompt runs densely, and the step's `out[:, 0]` holds the token)."""
@@ -194,8 +221,10 @@ class GraphedDecoder:
             raise ModAdaptError("graphed decoding runs in eval mode; call model.eval() first.")
         state = state_of(self.model)
         if state is not None and state.dense:
-            raise ModAdaptError("graphed decoding routes by itself; decode outside modadapt.dense(model), or use "
-                                "model.generate inside it.")
+            raise ModAdaptError(
+                "graphed decoding routes by itself; decode outside modadapt.dense(model), or use "
+                "model.generate inside it."
+            )
         B, S = input_ids.shape
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ModAdaptError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, S)}")
@@ -314,8 +343,17 @@ class GraphedDecoder:
             self._steps.pop(next(iter(self._steps)))
         if self.speculate:
             mod_layers = [i for i, layer in enumerate(self.layers) if layer.mod]
-            step = SpeculativeStep(self, batch, capacities[0], new, self.speculate, self.branches_for(batch),
-                                   sampling, self.draft, mod_layers)
+            step = SpeculativeStep(
+                self,
+                batch,
+                capacities[0],
+                new,
+                self.speculate,
+                self.branches_for(batch),
+                sampling,
+                self.draft,
+                mod_layers,
+            )
         else:
             step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling)
         if self.cuda_graphs:

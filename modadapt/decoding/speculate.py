@@ -65,7 +65,7 @@ class Draft:
     margin: float = 0.0
 
     @classmethod
-    def of(cls, value: Any) -> "Draft":
+    def of(cls, value: Any) -> Draft:
         if value is None:
             return cls()
         if isinstance(value, Draft):
@@ -82,7 +82,7 @@ class Draft:
         raise ModAdaptError(f"draft must be a modadapt.decoding.Draft, a dict or a string, got {value!r}")
 
     @classmethod
-    def _parse(cls, text: str) -> "Draft":
+    def _parse(cls, text: str) -> Draft:
         text = text.strip()
         if text in ("", "routers"):
             return cls()
@@ -105,10 +105,12 @@ class Draft:
                 try:
                     fields[name] = tuple(int(v) for v in value.split(",") if v.strip())
                 except ValueError:
-                    raise ModAdaptError(f"draft skip must be 'all' or layer indices like '2,4', got {value!r}") from None
+                    raise ModAdaptError(
+                        f"draft skip must be 'all' or layer indices like '2,4', got {value!r}"
+                    ) from None
         return cls(**fields)._checked()
 
-    def _checked(self) -> "Draft":
+    def _checked(self) -> Draft:
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not math.isfinite(self.margin):
             raise ModAdaptError(f"draft margin must be a finite number, got {self.margin!r}")
         if isinstance(self.skip, str):
@@ -147,8 +149,9 @@ def greedy_acceptance(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch
     return accepted, best.gather(1, accepted[:, None])
 
 
-def sampled_acceptance(logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor,
-                       sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_acceptance(
+    logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor, sampling: Sampling
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023). `draft_probs` `[B, K + 1, V]`
     holds the distributions the drafts were drawn from (its last slice zero). Draft `j` is accepted
     with probability `min(1, p_j(x) / q_j(x))` while every earlier one was; at the first rejection
@@ -175,14 +178,22 @@ class DraftStep(DecodeStep):
     drafts (`count`: the draft's index in the round); sampling, `probs` `[B, K + 1, V]` the
     distributions they were drawn from."""
 
-    def __init__(self, decoder: Any, batch: int, capacity: int, k: int, mode: str, sampling: Sampling | None,
-                 skip: frozenset[int], margin: float):
+    def __init__(
+        self,
+        decoder: Any,
+        batch: int,
+        capacity: int,
+        k: int,
+        mode: str,
+        sampling: Sampling | None,
+        skip: frozenset[int],
+        margin: float,
+    ):
         self.skip, self.margin = skip, float(margin)
         super().__init__(decoder, batch, (capacity,) * len(decoder.layers), k, mode, sampling)
         head = decoder.head
         vocab = getattr(head, "out_features", None) or head.weight.shape[0]
-        self.probs = (torch.zeros(batch, k + 1, vocab, device=self.token.device)
-                      if sampling is not None else None)
+        self.probs = torch.zeros(batch, k + 1, vocab, device=self.token.device) if sampling is not None else None
 
     def _pieces(self) -> list:
         d, pieces = self.decoder, [("run", self._begin)]
@@ -221,8 +232,18 @@ class SpeculativeStep:
     Per row, `base` tokens are in the cache (all layers alike) and `fed` is the emitted token the
     next round feeds first."""
 
-    def __init__(self, decoder: Any, batch: int, capacity: int, new: int, k: int, mode: str,
-                 sampling: Sampling | None, draft: Draft, mod_layers: list[int]):
+    def __init__(
+        self,
+        decoder: Any,
+        batch: int,
+        capacity: int,
+        new: int,
+        k: int,
+        mode: str,
+        sampling: Sampling | None,
+        draft: Draft,
+        mod_layers: list[int],
+    ):
         self.decoder, self.batch, self.k, self.new, self.sampling = decoder, batch, k, new, sampling
         self.draft = DraftStep(decoder, batch, capacity, k, mode, sampling, draft.skipped(mod_layers), draft.margin)
         self.mode, self.capacities = mode, self.draft.capacities
@@ -302,8 +323,13 @@ class SpeculativeStep:
 
     def _call(self, layer: StepLayer, h, lengths: KeyLengths, pe, positions):
         c = layer.names
-        kwargs = {c.hidden: h, c.mask: lengths, c.cache: self.cache, c.position_ids: positions,
-                  "position_embeddings": pe}
+        kwargs = {
+            c.hidden: h,
+            c.mask: lengths,
+            c.cache: self.cache,
+            c.position_ids: positions,
+            "position_embeddings": pe,
+        }
         out = layer.forward(layer.module, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -347,7 +373,9 @@ class SpeculativeStep:
         rounds, accepted = self.rounds.tolist(), self.accepted.tolist()
         drafted = sum(rounds) * self.k
         return dict(
-            k=self.k, rounds=rounds, accepted=accepted,
+            k=self.k,
+            rounds=rounds,
+            accepted=accepted,
             acceptance=sum(accepted) / drafted if drafted else None,  # accepted drafts / drafted tokens
             tokens_per_round=(sum(accepted) + sum(rounds)) / sum(rounds) if sum(rounds) else None,
         )

@@ -65,8 +65,9 @@ def flash_key(query: torch.Tensor) -> tuple:
     return (str(query.device), query.dtype, query.shape[-1])
 
 
-def static_cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: KeyLengths,
-                           scale: float | None) -> torch.Tensor:
+def static_cache_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: KeyLengths, scale: float | None
+) -> torch.Tensor:
     """`T = lengths.queries` query tokens per row (`[B, H, T, d]`) against the static cache
     `[B, capacity, Hk, d]`, reading each row's used slots only (causally among the last `T`);
     returns `[B, T, H, d]`."""
@@ -79,8 +80,18 @@ def static_cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             # Causal in flash's varlen kernel is aligned to each row's end (its used length):
             # query t of a row sees its slots up to `used - T + t`.
             out = torch.ops.aten._flash_attention_forward(
-                q, key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d), lengths.cu_q, lengths.cu_k,
-                T, capacity, 0.0, T > 1, False, scale=scale, seqused_k=lengths.used,
+                q,
+                key.view(B * capacity, Hk, d),
+                value.view(B * capacity, Hk, d),
+                lengths.cu_q,
+                lengths.cu_k,
+                T,
+                capacity,
+                0.0,
+                T > 1,
+                False,
+                scale=scale,
+                seqused_k=lengths.used,
             )[0]
             _FLASH[flash] = True
             return out.view(B, T, H, d)

@@ -10,8 +10,9 @@ and read none, so each row generates what it would alone.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,17 +49,27 @@ class DecodeStep:
     layer `i` when the `pred` its routing piece left holds. `decoder` is the `GraphedDecoder`
     that owns the step: its model parts and layers."""
 
-    def __init__(self, decoder: Any, batch: int, capacities: tuple[int, ...], new: int, mode: str,
-                 sampling: Sampling | None = None):
+    def __init__(
+        self,
+        decoder: Any,
+        batch: int,
+        capacities: tuple[int, ...],
+        new: int,
+        mode: str,
+        sampling: Sampling | None = None,
+    ):
         p = decoder.params
         device, dtype = p.device, p.dtype
         self.decoder, self.batch, self.capacities, self.sampling = decoder, batch, capacities, sampling
-        self.keys = [torch.zeros(batch, c, decoder.kv_heads, decoder.head_dim, device=device, dtype=dtype)
-                     for c in capacities]
+        self.keys = [
+            torch.zeros(batch, c, decoder.kv_heads, decoder.head_dim, device=device, dtype=dtype) for c in capacities
+        ]
         self.values = [torch.zeros_like(k) for k in self.keys]
         dense_length = torch.zeros(batch, dtype=torch.long, device=device)
-        self.lengths = [torch.zeros(batch, dtype=torch.long, device=device) if layer.mod else dense_length
-                        for layer in decoder.layers]
+        self.lengths = [
+            torch.zeros(batch, dtype=torch.long, device=device) if layer.mod else dense_length
+            for layer in decoder.layers
+        ]
         self.dense_length = dense_length
         self.cache = StaticCache(self.keys, self.values, self.lengths)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -109,8 +120,9 @@ class DecodeStep:
     def _route(self, i: int) -> None:
         layer, live, B = self.decoder.layers[i], self.live, self.batch
         router, h = layer.module.router, live["h"]
-        ctx = RoutingContext(layer_index=i, real=None, forced=None, positions=self.position, causal=True,
-                             training=False)
+        ctx = RoutingContext(
+            layer_index=i, real=None, forced=None, positions=self.position, causal=True, training=False
+        )
         logits = router.score(h, ctx)
         keep = self._keep(router, logits, h, ctx).reshape(B, 1)
         live[("keep", i)], live[("gate", i)] = keep, router.gate(logits)
@@ -151,8 +163,13 @@ class DecodeStep:
 
     def _call(self, layer: StepLayer, h, lengths: KeyLengths, pe):
         c = layer.names
-        kwargs = {c.hidden: h, c.mask: lengths, c.cache: self.cache, c.position_ids: self.position,
-                  "position_embeddings": pe}
+        kwargs = {
+            c.hidden: h,
+            c.mask: lengths,
+            c.cache: self.cache,
+            c.position_ids: self.position,
+            "position_embeddings": pe,
+        }
         out = layer.forward(layer.module, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 

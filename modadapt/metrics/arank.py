@@ -14,7 +14,7 @@ one `matrix_rank` would use on that sub-map.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn

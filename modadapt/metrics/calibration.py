@@ -14,15 +14,16 @@ import gzip
 import hashlib
 import json
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ModAdaptError
 
-Batch = Union[dict, torch.Tensor]
+Batch = dict | torch.Tensor
 TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN_DATA = "builtin:default"

@@ -7,7 +7,7 @@ so skipping tokens there costs little. One forward pass, no attention maps, any 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

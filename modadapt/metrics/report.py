@@ -15,8 +15,8 @@ import json
 import os
 import platform
 import shlex
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from torch import nn
 
@@ -112,7 +112,9 @@ def analyze(
     return {
         "format": FORMAT_VERSION,
         "versions": {
-            "modadapt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "modadapt": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "python": platform.python_version(),
         },
         "model": model_name,
@@ -131,11 +133,23 @@ def analyze(
         "selected_layers": selected,
         "tie": tie,
         "convert_config": config,
-        "convert_command": shlex.join(["modadapt", "convert", model_name, "-c", config_path, "-o", _default_out(model_name)]),
-        "convert_command_flags": shlex.join([
-            "modadapt", "convert", model_name, "--router", router, "--layers", f"from:{output}",
-            *(["--capacity", str(capacity)] if _capacity_based(router) else []), "-o", _default_out(model_name),
-        ]),
+        "convert_command": shlex.join(
+            ["modadapt", "convert", model_name, "-c", config_path, "-o", _default_out(model_name)]
+        ),
+        "convert_command_flags": shlex.join(
+            [
+                "modadapt",
+                "convert",
+                model_name,
+                "--router",
+                router,
+                "--layers",
+                f"from:{output}",
+                *(["--capacity", str(capacity)] if _capacity_based(router) else []),
+                "-o",
+                _default_out(model_name),
+            ]
+        ),
     }
 
 
@@ -148,16 +162,18 @@ def selection_tie(scores: list[float], selected: list[int], candidates: list[int
         return None
     value = min(tied)
     layers = [i for i in candidates if scores[i] == value]
-    return (f"layers {layers} all score {value:.4f} ({metric}): the metric does not tell them apart, so "
-            f"{[i for i in layers if i in selected]} were chosen by layer order; try another --metric "
-            "(or, for arank, --tol).")
+    return (
+        f"layers {layers} all score {value:.4f} ({metric}): the metric does not tell them apart, so "
+        f"{[i for i in layers if i in selected]} were chosen by layer order; try another --metric "
+        "(or, for arank, --tol)."
+    )
 
 
 def _hidden_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         return config.get_text_config(decoder=True).hidden_size
-    return int(getattr(model, "embed_dim"))
+    return int(model.embed_dim)
 
 
 def _capacity_based(router: str) -> bool:
@@ -197,10 +213,17 @@ def _table(report: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in report["layers"]:
         norm = "" if r["normalized_mean"] is None else f"{r['normalized_mean']:.4f}"
-        rows.append([
-            str(r["layer"]), f"{r['mean']:.4f}", f"{r['std']:.4f}", norm,
-            f"{r['flops_dense'] / 1e9:.4f}", f"{r['flops_mod'] / 1e9:.4f}", "yes" if r["selected"] else "",
-        ])
+        rows.append(
+            [
+                str(r["layer"]),
+                f"{r['mean']:.4f}",
+                f"{r['std']:.4f}",
+                norm,
+                f"{r['flops_dense'] / 1e9:.4f}",
+                f"{r['flops_mod'] / 1e9:.4f}",
+                "yes" if r["selected"] else "",
+            ]
+        )
     return head, rows
 
 
@@ -234,7 +257,16 @@ def render_markdown(report: dict) -> str:
     head, rows = _table(report)
     lines = [f"# Layer analysis: {report['model']}", ""]
     lines += [f"- {line}" for line in _summary(report)]
-    lines += ["", "Reproduce the selection:", "", "```bash", report["convert_command"], report["convert_command_flags"], "```", ""]
+    lines += [
+        "",
+        "Reproduce the selection:",
+        "",
+        "```bash",
+        report["convert_command"],
+        report["convert_command_flags"],
+        "```",
+        "",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "![metric per layer](metric.png)", "", "![FLOPs per layer](flops.png)", ""]
@@ -248,15 +280,21 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
         f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
         for name, png in figures.items()
     )
-    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows
-    ) + "</table>"
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>"
+    )
     summary = "".join(f"<li>{esc(line)}</li>" for line in _summary(report))
     command = esc(report["convert_command"] + "\n" + report["convert_command_flags"])
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #999;padding:.2em .6em;text-align:right}img{max-width:100%}")
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #999;padding:.2em .6em;text-align:right}img{max-width:100%}"
+    )
     return (
-        f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Layer analysis: {esc(report['model'])}</title>"
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>Layer analysis: {esc(report["model"])}</title>'
         f"<style>{style}</style></head><body><h1>Layer analysis: {esc(report['model'])}</h1><ul>{summary}</ul>"
         f"<p>Reproduce the selection:</p><pre>{command}</pre>{table}{images}</body></html>\n"
     )
@@ -291,8 +329,11 @@ def _metric_figure(report: dict) -> bytes:
 
     handles = [Patch(color="tab:orange", label="selected"), Patch(color="tab:blue", label="not selected")]
     if report["rule"]["name"] == "threshold":
-        handles.append(ax.axhline(report["rule"]["value"], color="tab:red", linestyle="--",
-                                  label=f"threshold {report['rule']['value']}"))
+        handles.append(
+            ax.axhline(
+                report["rule"]["value"], color="tab:red", linestyle="--", label=f"threshold {report['rule']['value']}"
+            )
+        )
     ax.set_xlabel("layer")
     ax.set_ylabel(LABELS[report["metric"]])
     ax.set_xticks(x)
@@ -307,7 +348,12 @@ def _flops_figure(report: dict) -> bytes:
     x = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar([i - 0.2 for i in x], [r["flops_dense"] / 1e9 for r in rows], width=0.4, label="dense")
-    ax.bar([i + 0.2 for i in x], [r["flops_mod"] / 1e9 for r in rows], width=0.4, label=f"MoD, capacity {report['capacity']}")
+    ax.bar(
+        [i + 0.2 for i in x],
+        [r["flops_mod"] / 1e9 for r in rows],
+        width=0.4,
+        label=f"MoD, capacity {report['capacity']}",
+    )
     ax.set_xlabel("layer")
     ax.set_ylabel(f"GFLOPs per sequence of {report['flops_tokens']} tokens")
     ax.set_xticks(x)

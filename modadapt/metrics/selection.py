@@ -55,7 +55,9 @@ def select_layers(
         chosen = ranked[: max(1, math.ceil(value * len(candidates)))]
     elif name == "count":
         if value > len(candidates):
-            raise ModAdaptError(f"--select count={value} asks for more layers than the {len(candidates)} that may be converted.")
+            raise ModAdaptError(
+                f"--select count={value} asks for more layers than the {len(candidates)} that may be converted."
+            )
         chosen = ranked[:value]
     else:
         chosen = [i for i in candidates if sign * scores[i] < sign * value]

@@ -10,8 +10,11 @@ from types import ModuleType
 from ..hookspecs import Recipe
 from ..plugins import get_recipe
 
-RECIPES = {"vit-imagenet": "modadapt.recipes.vit_imagenet", "lm-adapt": "modadapt.recipes.lm_adapt",
-           "llava-adapt": "modadapt.recipes.llava_adapt"}
+RECIPES = {
+    "vit-imagenet": "modadapt.recipes.vit_imagenet",
+    "lm-adapt": "modadapt.recipes.lm_adapt",
+    "llava-adapt": "modadapt.recipes.llava_adapt",
+}
 
 __all__ = ["RECIPES", "Recipe", "recipe_module"]
 

@@ -22,7 +22,8 @@ class RecipeConfig:
 
     recipe: ClassVar[str] = "recipe"
     resumable: ClassVar[frozenset[str]] = frozenset(
-        {"output", "resume", "max_steps", "save_every", "progress", "eval_batch_size"})
+        {"output", "resume", "max_steps", "save_every", "progress", "eval_batch_size"}
+    )
 
     @classmethod
     def resolve(cls, file: str | None, overrides: dict):
@@ -60,8 +61,9 @@ def read_run_config(output: str, config_cls: type) -> dict[str, Any]:
         raise ModAdaptError(f"{config_cls.recipe}: --resume needs the run directory (-o DIR).")
     path = Path(output) / "config.yaml"
     if not path.is_file():
-        raise ModAdaptError(f"resume: {output} has no checkpoint or config.yaml to resume from; "
-                            "start the run without --resume.")
+        raise ModAdaptError(
+            f"resume: {output} has no checkpoint or config.yaml to resume from; start the run without --resume."
+        )
     try:
         saved = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
@@ -107,8 +109,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         flag = "--" + f.name.replace("_", "-")
         names = [flag, "-o"] if f.name == "output" else [flag]
         if f.type in ("bool", bool):
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f.metadata["help"])
+            parser.add_argument(
+                *names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
+            )
         elif f.type in ("dict", dict):
             parser.add_argument(*names, dest=f.name, type=json_dict, default=None, help=f.metadata["help"])
         else:

@@ -58,10 +58,16 @@ class LlavaRecipeConfig(RecipeConfig):
     capacity: float = field(default=0.5, metadata={"help": "fraction of routed tokens kept per MoD layer"})
     layers: str = field(default="every-other", metadata={"help": "layers to convert (e.g. every-other, 1,3)"})
     router_kwargs: dict = field(default_factory=dict, metadata={"help": "router arguments (JSON)"})
-    adapter_kwargs: dict = field(default_factory=dict, metadata={"help": "LLaVA adapter options (JSON): protect, route, inference_text"})
-    inference_routing: str = field(default="causal", metadata={
-        "help": "eval-mode routing of a new conversion: causal (each token by the causal rule) or topk (a prompt's "
-                "image tokens by the training-time top-k: the whole image is in the prompt; decode stays causal)"})
+    adapter_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "LLaVA adapter options (JSON): protect, route, inference_text"}
+    )
+    inference_routing: str = field(
+        default="causal",
+        metadata={
+            "help": "eval-mode routing of a new conversion: causal (each token by the causal rule) or topk (a prompt's "
+            "image tokens by the training-time top-k: the whole image is in the prompt; decode stays causal)"
+        },
+    )
     epochs: int = field(default=1, metadata={"help": "training epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
     batch_size: int = field(default=16, metadata={"help": "training batch size per process"})
@@ -73,16 +79,25 @@ class LlavaRecipeConfig(RecipeConfig):
     max_new_tokens: int = field(default=8, metadata={"help": "answer length limit for evaluation"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
-                "steps, checkpointing, evaluation and progress"})
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present (several "
-                                                            "processes: a gloo group)"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+            "steps, checkpointing, evaluation and progress"
+        },
+    )
+    cpu: bool = field(
+        default=False, metadata={"help": "run on CPU even if a GPU is present (several processes: a gloo group)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for new weights and shuffling"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    distill: float = field(default=0.0, metadata={
-        "help": "weight of KL(model before conversion || model) on the answer tokens' logits (0: off); the "
-                "teacher is the dense model the run starts from"})
+    distill: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of KL(model before conversion || model) on the answer tokens' logits (0: off); the "
+            "teacher is the dense model the run starts from"
+        },
+    )
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
 
     def __post_init__(self) -> None:
@@ -93,13 +108,14 @@ class LlavaRecipeConfig(RecipeConfig):
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ModAdaptError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
         if self.inference_routing not in INFERENCE_ROUTING:
-            raise ModAdaptError(f"inference_routing must be one of {INFERENCE_ROUTING}, got {self.inference_routing!r}.")
+            raise ModAdaptError(
+                f"inference_routing must be one of {INFERENCE_ROUTING}, got {self.inference_routing!r}."
+            )
         for name in ("epochs", "batch_size", "eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ModAdaptError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if not self.distill >= 0 or not self.distill_temperature > 0:
             raise ModAdaptError("distill must be >= 0 and distill_temperature > 0.")
-
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -119,7 +135,11 @@ def read_records(path: str | Path) -> list[dict]:
 
 def _record(path: Path, index: int, raw: Any) -> dict:
     name = f"{path}: record {index}" + (f" (id {raw['id']!r})" if isinstance(raw, dict) and "id" in raw else "")
-    if not isinstance(raw, dict) or not isinstance(raw.get("image"), str) or not isinstance(raw.get("conversations"), list):
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("image"), str)
+        or not isinstance(raw.get("conversations"), list)
+    ):
         raise ModAdaptError(f"{name} needs an 'image' path and a 'conversations' list.")
     image = path.parent / raw["image"]
     if not image.is_file():
@@ -209,11 +229,15 @@ def collate(rows: list[tuple[list[int], list[int], torch.Tensor]], pad: int) -> 
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for r, (i, lab, _) in enumerate(rows):
-        ids[r, width - len(i):] = torch.tensor(i)
-        labels[r, width - len(i):] = torch.tensor(lab)
-        mask[r, width - len(i):] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.stack([img for _, _, img in rows])}
+        ids[r, width - len(i) :] = torch.tensor(i)
+        labels[r, width - len(i) :] = torch.tensor(lab)
+        mask[r, width - len(i) :] = 1
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "pixel_values": torch.stack([img for _, _, img in rows]),
+    }
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -228,8 +252,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         return ids, labels, load_image(self.records[index]["image"], self.size)
 
 
-def calibration_batches(data: str | None, model: nn.Module, *, samples: int, batch_size: int,
-                        seed: int) -> tuple[list[dict], str, str]:
+def calibration_batches(
+    data: str | None, model: nn.Module, *, samples: int, batch_size: int, seed: int
+) -> tuple[list[dict], str, str]:
     """`(batches, path as recorded, sha256)` of image + prompt inputs for layer analysis.
 
     `data` is a LLaVA-format JSON file (its first `samples` records, answers included); None gives
@@ -263,11 +288,13 @@ def calibration_batches(data: str | None, model: nn.Module, *, samples: int, bat
 def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
+
     from ..sources import load_model
 
     path = Path(cfg.model)
-    if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                            "preprocessor_config.json")):
+    if path.is_dir() and any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+    ):
         raise ModAdaptError(
             f"{path} brings its own tokenizer/processor; llava-adapt tokenises as bytes (tiny models) and "
             "does not use model processors yet."
@@ -276,17 +303,25 @@ def build_model(cfg: LlavaRecipeConfig) -> nn.Module:
     model = llava_model(source.model, cfg.model)
     if source.converted:
         return model
-    modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
-                     router_kwargs=dict(cfg.router_kwargs), adapter_kwargs=dict(cfg.adapter_kwargs),
-                     inference_routing=cfg.inference_routing)
+    modadapt.convert(
+        model,
+        router=cfg.router,
+        capacity=cfg.capacity,
+        layers=cfg.layers,
+        router_kwargs=dict(cfg.router_kwargs),
+        adapter_kwargs=dict(cfg.adapter_kwargs),
+        inference_routing=cfg.inference_routing,
+    )
     return model
 
 
 def llava_model(model: nn.Module, name: str) -> nn.Module:
     """`model` if it is a LLaVA model, else a clear error (not a complaint about its config)."""
     if getattr(getattr(model, "config", None), "model_type", None) != "llava":
-        raise ModAdaptError(f"llava-adapt trains LLaVA models (LlavaForConditionalGeneration); {name} is a "
-                            f"{type(model).__name__} (lm-adapt trains language models, vit-imagenet timm ViTs).")
+        raise ModAdaptError(
+            f"llava-adapt trains LLaVA models (LlavaForConditionalGeneration); {name} is a "
+            f"{type(model).__name__} (lm-adapt trains language models, vit-imagenet timm ViTs)."
+        )
     return model
 
 
@@ -302,8 +337,16 @@ def lm_flops(model: nn.Module, tokens: int, kept: dict[str, float]) -> dict:
     return {"dense": dense, "mod": mod, "ratio": mod / dense, "tokens": tokens}
 
 
-def evaluate(inner: nn.Module, records: list[dict], codec: ByteCodec, size: int, *, batch_size: int,
-             max_new_tokens: int, progress: bool = False) -> dict:
+def evaluate(
+    inner: nn.Module,
+    records: list[dict],
+    codec: ByteCodec,
+    size: int,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool = False,
+) -> dict:
     """Exact-match accuracy of greedy answers, loss, kept fractions per layer and token role (one
     process, on the model's device)."""
     from tqdm.auto import tqdm
@@ -320,7 +363,7 @@ def evaluate(inner: nn.Module, records: list[dict], codec: ByteCodec, size: int,
     lengths = 0
     with torch.no_grad():
         for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
-            chunk = records[start:start + batch_size]
+            chunk = records[start : start + batch_size]
             full = collate([(*codec.sample(r)[:2], load_image(r["image"], size)) for r in chunk], codec.pad)
             full = {k: v.to(device) for k, v in full.items()}
             out = inner(**full)
@@ -333,12 +376,17 @@ def evaluate(inner: nn.Module, records: list[dict], codec: ByteCodec, size: int,
                 for role in ("image", "question", "answer"):
                     kept, seen = acc.setdefault(role, [0, 0])
                     acc[role] = [kept + row[f"{role}_kept"], seen + row[f"{role}_tokens"]]
-            prompts = collate([(*codec.sample(r, with_answer=False)[:2], load_image(r["image"], size)) for r in chunk],
-                              codec.pad)
+            prompts = collate(
+                [(*codec.sample(r, with_answer=False)[:2], load_image(r["image"], size)) for r in chunk], codec.pad
+            )
             generated = inner.generate(
-                input_ids=prompts["input_ids"].to(device), attention_mask=prompts["attention_mask"].to(device),
-                pixel_values=prompts["pixel_values"].to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=codec.pad, eos_token_id=codec.eos,
+                input_ids=prompts["input_ids"].to(device),
+                attention_mask=prompts["attention_mask"].to(device),
+                pixel_values=prompts["pixel_values"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=codec.pad,
+                eos_token_id=codec.eos,
             )
             width = prompts["input_ids"].shape[1]
             for r, record in enumerate(chunk):
@@ -352,13 +400,26 @@ def evaluate(inner: nn.Module, records: list[dict], codec: ByteCodec, size: int,
         layer: sum(k for k, _ in roles.values()) / max(1, sum(s for _, s in roles.values()))
         for layer, roles in role_sums.items()
     }
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(tokens, 1), "samples": total,
-            "kept_fraction": kept_all, "kept_fraction_by_role": per_role,
-            "mean_tokens": lengths / max(total, 1)}
+    return {
+        "accuracy": correct / max(total, 1),
+        "loss": loss_sum / max(tokens, 1),
+        "samples": total,
+        "kept_fraction": kept_all,
+        "kept_fraction_by_role": per_role,
+        "mean_tokens": lengths / max(total, 1),
+    }
 
 
-def evaluate_saved(directory: str, data: str, *, dense: bool = False, batch_size: int = 32,
-                   max_new_tokens: int = 8, device: str | None = None, progress: bool = False) -> dict:
+def evaluate_saved(
+    directory: str,
+    data: str,
+    *,
+    dense: bool = False,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Exact-match answer accuracy and loss of a saved LLaVA model (``modadapt eval``) on
     LLaVA-format JSON, as llava-adapt evaluates; with `dense`, of its dense model instead."""
     import modadapt
@@ -371,8 +432,15 @@ def evaluate_saved(directory: str, data: str, *, dense: bool = False, batch_size
     codec = ByteCodec(model.config)
     if dense:
         modadapt.unload(model)
-    result = evaluate(model, records, codec, int(model.config.vision_config.image_size), batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, progress=progress)
+    result = evaluate(
+        model,
+        records,
+        codec,
+        int(model.config.vision_config.image_size),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
     return {**result, "model": "dense" if dense else "converted", "device": str(device)}
 
 
@@ -408,7 +476,12 @@ def _run(cfg: LlavaRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
         return out.loss + cfg.distill * distillation_kl(out.logits, target, cfg.distill_temperature, answer)
 
     accelerator, model, step, losses = train_epochs(
-        cfg, model, train_set, loss_fn, checkpoint, collate_fn=lambda rows: collate(rows, codec.pad),
+        cfg,
+        model,
+        train_set,
+        loss_fn,
+        checkpoint,
+        collate_fn=lambda rows: collate(rows, codec.pad),
     )
     teacher = None  # frees the copy before evaluation (loss_fn is done with it)
 
@@ -416,8 +489,15 @@ def _run(cfg: LlavaRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     inner = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         if eval_records is not None:
-            ev = evaluate(inner, eval_records, codec, size, batch_size=cfg.eval_batch_size,
-                          max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
+            ev = evaluate(
+                inner,
+                eval_records,
+                codec,
+                size,
+                batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+                progress=cfg.progress,
+            )
             summary["eval"] = ev
             summary["flops_per_sample"] = lm_flops(inner, round(ev["mean_tokens"]), ev["kept_fraction"])
         from ..mod_layer import state_of

@@ -46,17 +46,29 @@ from torch import nn
 
 from ..config import parse_router_args
 from ..errors import ModAdaptError
-from ..metrics.flops import flops_table, sequence_flops
 from ..lora import projection_names
+from ..metrics.flops import flops_table, sequence_flops
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
 from ..routers.base import Router
 from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
 from .schedule import AdaptationSchedule
-from .training import (RunCheckpoint, distillation_kl, eval_device, finish_fsdp_wrap, fsdp_units, is_fsdp,
-                       launched_rank, load_full_state, lr_schedule, make_accelerator, meta_copy, set_fsdp_wrap,
-                       train_loop)
+from .training import (
+    RunCheckpoint,
+    distillation_kl,
+    eval_device,
+    finish_fsdp_wrap,
+    fsdp_units,
+    is_fsdp,
+    launched_rank,
+    load_full_state,
+    lr_schedule,
+    make_accelerator,
+    meta_copy,
+    set_fsdp_wrap,
+    train_loop,
+)
 
 NAME = "lm-adapt"
 TRAIN_MODES = ("routers", "lora", "all")
@@ -71,16 +83,30 @@ class LMAdaptConfig(RecipeConfig):
     recipe = "lm-adapt"
     resumable = RecipeConfig.resumable | {"max_eval_blocks", "max_bad_steps"}
 
-    data: str = field(default="", metadata={"help": "training text: .txt/.jsonl(.gz) file or dir, .parquet/.arrow, save_to_disk dir"})
+    data: str = field(
+        default="", metadata={"help": "training text: .txt/.jsonl(.gz) file or dir, .parquet/.arrow, save_to_disk dir"}
+    )
     output: str = field(default="", metadata={"help": "run directory: checkpoints, model/, config.yaml, summary.json"})
-    valid_data: str = field(default="", metadata={"help": "validation text (same formats); '' = hold out valid_fraction of data"})
-    valid_fraction: float = field(default=0.05, metadata={"help": "share of the training blocks held out when valid_data is ''"})
+    valid_data: str = field(
+        default="", metadata={"help": "validation text (same formats); '' = hold out valid_fraction of data"}
+    )
+    valid_fraction: float = field(
+        default=0.05, metadata={"help": "share of the training blocks held out when valid_data is ''"}
+    )
     model: str = field(default="tiny-llama", metadata={"help": "modadapt.save dir, dense transformers dir, or preset"})
-    router: str = field(default="threshold-p", metadata={"help": "router for a dense model (ignored for a saved MoD model)"})
+    router: str = field(
+        default="threshold-p", metadata={"help": "router for a dense model (ignored for a saved MoD model)"}
+    )
     capacity: float = field(default=0.125, metadata={"help": "fraction of tokens a capacity router keeps"})
-    layers: str = field(default="every-other", metadata={"help": "layers to convert (every-other, all-but-first, 1,3,5)"})
-    router_kwargs: dict = field(default_factory=dict, metadata={"help": "router arguments (JSON; CLI also --router-arg K=V)"})
-    train: str = field(default="routers", metadata={"help": "what trains: routers, lora (routers + LoRA via peft), all"})
+    layers: str = field(
+        default="every-other", metadata={"help": "layers to convert (every-other, all-but-first, 1,3,5)"}
+    )
+    router_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "router arguments (JSON; CLI also --router-arg K=V)"}
+    )
+    train: str = field(
+        default="routers", metadata={"help": "what trains: routers, lora (routers + LoRA via peft), all"}
+    )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (train: lora)"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (train: lora)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (train: lora)"})
@@ -92,15 +118,27 @@ class LMAdaptConfig(RecipeConfig):
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
-    capacity_warmup: int = field(default=0, metadata={"help": "steps over which every router goes from keeping all "
-                                                          "tokens to its capacity (threshold-p: its target); 0: off"})
-    router_steps: int = field(default=0, metadata={"help": "first steps that train the routers only (the model "
-                                                       "frozen), within max_steps; 0: off"})
+    capacity_warmup: int = field(
+        default=0,
+        metadata={
+            "help": "steps over which every router goes from keeping all "
+            "tokens to its capacity (threshold-p: its target); 0: off"
+        },
+    )
+    router_steps: int = field(
+        default=0,
+        metadata={"help": "first steps that train the routers only (the model frozen), within max_steps; 0: off"},
+    )
     distill: float = field(default=0.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
-    router_init: str = field(default="zero", metadata={"help": "zero: routers as converted; update-size: fit each "
-                                                        "linear router score to how much its layer moves each token "
-                                                        "(dense forwards over router_init_blocks training blocks)"})
+    router_init: str = field(
+        default="zero",
+        metadata={
+            "help": "zero: routers as converted; update-size: fit each "
+            "linear router score to how much its layer moves each token "
+            "(dense forwards over router_init_blocks training blocks)"
+        },
+    )
     router_init_blocks: int = field(default=32, metadata={"help": "training blocks the update-size fit runs on"})
     router_lr_scale: float = field(default=1.0, metadata={"help": "router learning rate as a multiple of lr"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
@@ -109,11 +147,16 @@ class LMAdaptConfig(RecipeConfig):
     max_eval_blocks: int = field(default=0, metadata={"help": "evaluate on at most N validation blocks (0: all)"})
     max_train_blocks: int = field(default=0, metadata={"help": "train on at most the first N blocks (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
-                "steps, checkpointing, evaluation and progress"})
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present (several "
-                                                            "processes: a gloo group)"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+            "steps, checkpointing, evaluation and progress"
+        },
+    )
+    cpu: bool = field(
+        default=False, metadata={"help": "run on CPU even if a GPU is present (several processes: a gloo group)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for preset weights, data order and the held-out split"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -126,18 +169,28 @@ class LMAdaptConfig(RecipeConfig):
             raise ModAdaptError(f"train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ModAdaptError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
-        for name, low in (("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("max_steps", 1),
-                          ("eval_batch_size", 1), ("lora_rank", 1), ("max_bad_steps", 0)):
+        for name, low in (
+            ("seq_len", 2),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("max_steps", 1),
+            ("eval_batch_size", 1),
+            ("lora_rank", 1),
+            ("max_bad_steps", 0),
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ModAdaptError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}.")
         for name in ("capacity_warmup", "router_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.max_steps:
-                raise ModAdaptError(f"{name} must be an integer from 0 to max_steps - 1 ({self.max_steps - 1}), "
-                                    f"got {value!r}.")
+                raise ModAdaptError(
+                    f"{name} must be an integer from 0 to max_steps - 1 ({self.max_steps - 1}), got {value!r}."
+                )
         if self.router_steps and self.train == "routers":
-            raise ModAdaptError("router_steps trains the routers first and then the model: use it with train: all or "
-                                "train: lora (train: routers trains only the routers throughout).")
+            raise ModAdaptError(
+                "router_steps trains the routers first and then the model: use it with train: all or "
+                "train: lora (train: routers trains only the routers throughout)."
+            )
         if self.router_init not in ROUTER_INITS:
             raise ModAdaptError(f"router_init must be one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}.")
         if not isinstance(self.router_init_blocks, int) or self.router_init_blocks < 1:
@@ -150,7 +203,6 @@ class LMAdaptConfig(RecipeConfig):
             raise ModAdaptError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}.")
         if not self.lr > 0:
             raise ModAdaptError(f"lr must be > 0, got {self.lr}.")
-
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -212,8 +264,11 @@ def byte_level_without_prefix(backend: Any) -> bool:
     depends on where the text starts: a ByteLevel pre-tokenizer without a prefix space and no
     normalizer (SentencePiece-style tokenizers mark the start of every text, so chunks differ)."""
     pre = getattr(backend, "pre_tokenizer", None)
-    return (type(pre).__name__ == "ByteLevel" and not getattr(pre, "add_prefix_space", True)
-            and getattr(backend, "normalizer", None) is None)
+    return (
+        type(pre).__name__ == "ByteLevel"
+        and not getattr(pre, "add_prefix_space", True)
+        and getattr(backend, "normalizer", None) is None
+    )
 
 
 def chunk_boundaries(text: str, size: int | None = None) -> list[int]:
@@ -278,7 +333,9 @@ def load_blocks(cfg: LMAdaptConfig, tokenizer: Any, vocab_size: int) -> tuple[to
 
 
 # --- model ------------------------------------------------------------------------------------------
-def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module | None, Any, list[str]]:
+def build_model(
+    cfg: LMAdaptConfig, model: nn.Module | None = None
+) -> tuple[nn.Module, nn.Module | None, Any, list[str]]:
     """`(converted model, frozen dense copy or None, tokenizer or None, tokenizer files)`.
 
     `model` (Python API) is used as it is when converted, else converted with `cfg`'s routing.
@@ -295,12 +352,15 @@ def build_model(cfg: LMAdaptConfig, model: nn.Module | None = None) -> tuple[nn.
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
     teacher = None
-    if cfg.distill > 0 and cfg.train == "all":  # the teacher is the starting weights, which train: only a copy keeps them
+    if (
+        cfg.distill > 0 and cfg.train == "all"
+    ):  # the teacher is the starting weights, which train: only a copy keeps them
         teacher = copy.deepcopy(model) if state_of(model) is None else modadapt.unload(copy.deepcopy(model))
         teacher.eval().requires_grad_(False)
     if state_of(model) is None:
-        modadapt.convert(model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers,
-                         router_kwargs=dict(cfg.router_kwargs))
+        modadapt.convert(
+            model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers, router_kwargs=dict(cfg.router_kwargs)
+        )
     return model, teacher, tokenizer, extras
 
 
@@ -327,8 +387,10 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
     """Refuse blocks longer than the model's positions (they would train and score on garbage)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
-        raise ModAdaptError(f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit}; "
-                            f"use --seq-len {limit} or less.")
+        raise ModAdaptError(
+            f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit}; "
+            f"use --seq-len {limit} or less."
+        )
 
 
 def router_parameter_names(model: nn.Module) -> list[str]:
@@ -342,11 +404,16 @@ def fit_routers(model: nn.Module, blocks: torch.Tensor, batch_size: int, device:
     model.to(device)
     was_training = model.training
     model.eval()
-    fitted = fit_router_scores(model, [{"input_ids": b.to(device), "use_cache": False} for b in blocks.split(batch_size)])
+    fitted = fit_router_scores(
+        model, [{"input_ids": b.to(device), "use_cache": False} for b in blocks.split(batch_size)]
+    )
     model.train(was_training)
     if launched_rank() == 0:  # every process fits the same routers on the same blocks; one says so
-        print("router_init update-size: score/target correlation per layer "
-              + ", ".join(f"{i}: {r:.2f}" for i, r in fitted.items()), flush=True)
+        print(
+            "router_init update-size: score/target correlation per layer "
+            + ", ".join(f"{i}: {r:.2f}" for i, r in fitted.items()),
+            flush=True,
+        )
 
 
 def param_groups(trained: nn.Module, params: list, cfg: LMAdaptConfig) -> list:
@@ -354,8 +421,10 @@ def param_groups(trained: nn.Module, params: list, cfg: LMAdaptConfig) -> list:
     if cfg.router_lr_scale == 1.0:
         return params
     routers = {id(p) for m in trained.modules() if isinstance(m, Router) for p in m.parameters()}
-    return [{"params": [p for p in params if id(p) not in routers]},
-            {"params": [p for p in params if id(p) in routers], "lr": cfg.lr * cfg.router_lr_scale}]
+    return [
+        {"params": [p for p in params if id(p) not in routers]},
+        {"params": [p for p in params if id(p) in routers], "lr": cfg.lr * cfg.router_lr_scale},
+    ]
 
 
 def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
@@ -380,8 +449,13 @@ def select_trainable(model: nn.Module, cfg: LMAdaptConfig) -> nn.Module:
     from ..plugins import find_adapter
 
     transposed = find_adapter(model).transposed_linear_weights(model)
-    lora = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           target_modules=projection_names(model), fan_in_fan_out=transposed)
+    lora = peft.LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=projection_names(model),
+        fan_in_fan_out=transposed,
+    )
     wrapped = peft.get_peft_model(model, lora)
     for name, param in model.named_parameters():
         if name in routers:
@@ -395,9 +469,17 @@ def model_router_name(model: nn.Module) -> str:
 
 # --- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, accelerator=None,
-             progress: bool = False, desc: str = "eval", table: dict | None = None,
-             runner: nn.Module | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int,
+    accelerator=None,
+    progress: bool = False,
+    desc: str = "eval",
+    table: dict | None = None,
+    runner: nn.Module | None = None,
+) -> dict:
     """Perplexity of `model` on `blocks` (eval mode, default routing), per-layer kept fractions and
     FLOPs per token (the converted model's per-row kept counts in the formula of `sequence_flops`;
     `table`: its `flops_table`). A model inside `modadapt.dense` counts as the dense one.
@@ -468,8 +550,12 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, *, batch_size: int, acceler
 
 
 # --- training ---------------------------------------------------------------------------------------
-def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = None,
-        blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+def run(
+    cfg: LMAdaptConfig,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict:
     """Adapt, checkpoint, evaluate and write the run directory; returns the summary.
 
     `model` (optional) is an in-memory causal LM, converted or dense (then converted with `cfg`);
@@ -491,9 +577,15 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
         tokenizer = tokenizer if given else found_tokenizer
         if blocks is not None:
             train_blocks, valid_blocks = blocks
-            if train_blocks.dim() != 2 or train_blocks.shape[1] != cfg.seq_len or valid_blocks.shape[1:] != train_blocks.shape[1:]:
-                raise ModAdaptError(f"blocks must be [N, seq_len={cfg.seq_len}] token tensors, got "
-                                    f"{tuple(train_blocks.shape)} and {tuple(valid_blocks.shape)}.")
+            if (
+                train_blocks.dim() != 2
+                or train_blocks.shape[1] != cfg.seq_len
+                or valid_blocks.shape[1:] != train_blocks.shape[1:]
+            ):
+                raise ModAdaptError(
+                    f"blocks must be [N, seq_len={cfg.seq_len}] token tensors, got "
+                    f"{tuple(train_blocks.shape)} and {tuple(valid_blocks.shape)}."
+                )
         else:
             train_blocks, valid_blocks = load_blocks(cfg, tokenizer, model.config.vocab_size)
         set_seed(cfg.seed)
@@ -510,8 +602,20 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
         sharded = is_fsdp(accelerator)
         # FSDP shards the model in place: the main process keeps a weightless copy to save the gathered weights in.
         skeleton = meta_copy(trained, inner) if sharded and accelerator.is_main_process else None
-        summary, prepared = _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler,
-                                   params, train_blocks, valid_blocks, checkpoint)
+        summary, prepared = _train(
+            cfg,
+            accelerator,
+            trained,
+            inner,
+            teacher,
+            dense_table,
+            optimizer,
+            scheduler,
+            params,
+            train_blocks,
+            valid_blocks,
+            checkpoint,
+        )
         if sharded:
             full = accelerator.get_state_dict(prepared)  # every process takes part; the main one gets it all
             if accelerator.is_main_process:
@@ -528,8 +632,20 @@ def run(cfg: LMAdaptConfig, model: nn.Module | None = None, tokenizer: Any = Non
     return summary
 
 
-def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, scheduler, params, train_blocks,
-           valid_blocks, checkpoint) -> tuple[dict, nn.Module]:
+def _train(
+    cfg,
+    accelerator,
+    trained,
+    inner,
+    teacher,
+    dense_table,
+    optimizer,
+    scheduler,
+    params,
+    train_blocks,
+    valid_blocks,
+    checkpoint,
+) -> tuple[dict, nn.Module]:
     """Evaluate, train, evaluate: `(summary, prepared model)`.
 
     Under FSDP the model is sharded first (never whole on a device: what FSDP is for) and each
@@ -548,10 +664,26 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
         inner.to(accelerator.device)
     runner = model if sharded else None
     with original(inner, trained):
-        dense_eval = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                              progress=show, desc="eval dense", table=dense_table, runner=runner)
-    before = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                      progress=show, desc="eval converted", table=converted_table, runner=runner)
+        dense_eval = evaluate(
+            inner,
+            valid_blocks,
+            batch_size=cfg.eval_batch_size,
+            accelerator=accelerator,
+            progress=show,
+            desc="eval dense",
+            table=dense_table,
+            runner=runner,
+        )
+    before = evaluate(
+        inner,
+        valid_blocks,
+        batch_size=cfg.eval_batch_size,
+        accelerator=accelerator,
+        progress=show,
+        desc="eval converted",
+        table=converted_table,
+        runner=runner,
+    )
     if teacher is not None:
         teacher.to(accelerator.device)
 
@@ -577,8 +709,11 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
         outputs = model(input_ids=batch, labels=batch, use_cache=False)
         loss = outputs.loss
         aux = outputs.get("router_aux_loss")
-        parts = {"aux_loss": float(aux.detach()) if aux is not None else 0.0,
-                 "lm_loss": float(loss.detach() - (aux.detach() if aux is not None else 0)), "distill_loss": 0.0}
+        parts = {
+            "aux_loss": float(aux.detach()) if aux is not None else 0.0,
+            "lm_loss": float(loss.detach() - (aux.detach() if aux is not None else 0)),
+            "distill_loss": 0.0,
+        }
         if cfg.distill > 0:
             if target is None:
                 with torch.no_grad():
@@ -588,15 +723,36 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
             loss = loss + cfg.distill * kl
         return loss, parts
 
-    result = train_loop(cfg, accelerator, model, optimizer, scheduler, train_blocks, lm_loss, checkpoint,
-                        total_steps=cfg.max_steps, params=params, converted=inner,
-                        max_bad_steps=cfg.max_bad_steps, schedule=schedule,
-                        logged=("lm_loss", "aux_loss", "distill_loss"), desc="lm-adapt")
+    result = train_loop(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_blocks,
+        lm_loss,
+        checkpoint,
+        total_steps=cfg.max_steps,
+        params=params,
+        converted=inner,
+        max_bad_steps=cfg.max_bad_steps,
+        schedule=schedule,
+        logged=("lm_loss", "aux_loss", "distill_loss"),
+        desc="lm-adapt",
+    )
     step, bad_steps, history, step_times = result.step, result.bad_steps, result.history, result.step_times
 
-    after = evaluate(inner, valid_blocks, batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                     progress=show, desc="eval adapted", table=converted_table, runner=runner)
-    steady = sorted(step_times[min(5, len(step_times) // 2):])  # the first steps compile / warm up
+    after = evaluate(
+        inner,
+        valid_blocks,
+        batch_size=cfg.eval_batch_size,
+        accelerator=accelerator,
+        progress=show,
+        desc="eval adapted",
+        table=converted_table,
+        runner=runner,
+    )
+    steady = sorted(step_times[min(5, len(step_times) // 2) :])  # the first steps compile / warm up
     step_s = steady[len(steady) // 2] if steady else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes * cfg.seq_len
     return {
@@ -613,13 +769,18 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
         "valid_blocks": len(valid_blocks),
         "train_blocks": len(train_blocks),
         "seq_len": cfg.seq_len,
-        "valid_ppl": {"dense": dense_eval["ppl"], "converted_before": before["ppl"],
-                      "converted_after": after["ppl"]},
-        "valid_loss": {"dense": dense_eval["loss"], "converted_before": before["loss"],
-                       "converted_after": after["loss"]},
+        "valid_ppl": {"dense": dense_eval["ppl"], "converted_before": before["ppl"], "converted_after": after["ppl"]},
+        "valid_loss": {
+            "dense": dense_eval["loss"],
+            "converted_before": before["loss"],
+            "converted_after": after["loss"],
+        },
         "kept_fraction": {"before": before["kept_fraction"], "after": after["kept_fraction"]},
-        "flops_per_token": {"dense": dense_eval["flops_per_token"], "converted_before":
-                            before["flops_per_token"], "converted_after": after["flops_per_token"]},
+        "flops_per_token": {
+            "dense": dense_eval["flops_per_token"],
+            "converted_before": before["flops_per_token"],
+            "converted_after": after["flops_per_token"],
+        },
         "flops_ratio": after["flops_ratio"],
         "flops_ratio_before": before["flops_ratio"],
         "mod_config": state_of(inner).config_dict(),
@@ -628,9 +789,17 @@ def _train(cfg, accelerator, trained, inner, teacher, dense_table, optimizer, sc
     }, model
 
 
-def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max_tokens: int = 0,
-                   dense: bool = False, batch_size: int = 8, device: str | None = None,
-                   progress: bool = False) -> dict:
+def evaluate_saved(
+    directory: str,
+    data: str,
+    *,
+    seq_len: int | None = None,
+    max_tokens: int = 0,
+    dense: bool = False,
+    batch_size: int = 8,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Perplexity of a `modadapt.save` directory on local text (``modadapt eval``); with `dense`,
     of its dense model (`modadapt.unload`) instead. `max_tokens` caps the text (0: all of it).
 
@@ -639,6 +808,7 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
     there is one, as the recipes do.
     """
     import modadapt
+
     from ..metrics.calibration import model_tokenizer
     from ..persistence import META_FILE
 
@@ -654,16 +824,23 @@ def evaluate_saved(directory: str, data: str, *, seq_len: int | None = None, max
     device = eval_device(device)
     model = modadapt.load(path, device=device)
     if not is_causal_lm(model):
-        raise ModAdaptError(f"eval scores causal language models, timm ViTs and LLaVA models; {directory} holds a "
-                            f"{type(model).__name__}.")
+        raise ModAdaptError(
+            f"eval scores causal language models, timm ViTs and LLaVA models; {directory} holds a "
+            f"{type(model).__name__}."
+        )
     check_seq_len(model, seq_len)
     ids = tokenize(read_corpus(data), model_tokenizer(str(path)), model.config.vocab_size)
     blocks = pack(ids[:max_tokens] if max_tokens else ids, seq_len, data)
     if dense:
         modadapt.unload(model)
     result = evaluate(model, blocks, batch_size=batch_size, progress=progress)
-    return {**result, "model": "dense" if dense else "converted", "blocks": len(blocks), "seq_len": seq_len,
-            "device": str(device)}
+    return {
+        **result,
+        "model": "dense" if dense else "converted",
+        "blocks": len(blocks),
+        "seq_len": seq_len,
+        "device": str(device),
+    }
 
 
 # --- lm-eval ----------------------------------------------------------------------------------------
@@ -688,16 +865,24 @@ def lm_eval_model(model: nn.Module, tokenizer: Any = None, **kwargs: Any) -> Any
     if tokenizer is None:
         tokenizer = tokenizer_for(model)
     if tokenizer is None:
-        raise ModAdaptError("lm-eval needs the model's tokenizer and this model has none saved with it; pass "
-                            "tokenizer= (e.g. AutoTokenizer.from_pretrained of the original model).")
+        raise ModAdaptError(
+            "lm-eval needs the model's tokenizer and this model has none saved with it; pass "
+            "tokenizer= (e.g. AutoTokenizer.from_pretrained of the original model)."
+        )
     return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 
 # --- command line -----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, LMAdaptConfig)
-    parser.add_argument("--router-arg", dest="router_arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="one router argument (merged into router_kwargs)")
+    parser.add_argument(
+        "--router-arg",
+        dest="router_arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one router argument (merged into router_kwargs)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -709,13 +894,17 @@ def main(args: argparse.Namespace) -> int:
     if launched_rank():  # one report for a run of several processes, from the first
         return 0
     ppl = summary["valid_ppl"]
-    print(f"valid perplexity: dense {ppl['dense']:.3f}  converted {ppl['converted_before']:.3f} -> "
-          f"adapted {ppl['converted_after']:.3f}")
+    print(
+        f"valid perplexity: dense {ppl['dense']:.3f}  converted {ppl['converted_before']:.3f} -> "
+        f"adapted {ppl['converted_after']:.3f}"
+    )
     kept = ", ".join(f"{k}: {v:.3f}" for k, v in summary["kept_fraction"]["after"].items())
     print(f"kept fraction per layer: {kept}")
     print(f"FLOPs per token: MoD / dense = {summary['flops_ratio']:.3f}  ({summary['skipped_steps']} steps skipped)")
     if summary.get("step_time_s"):
-        print(f"training: {summary['step_time_s'] * 1000:.1f} ms per step (median), {summary['tokens_per_s']:,.0f} "
-              f"tokens/s on {summary['processes']} process(es)")
+        print(
+            f"training: {summary['step_time_s'] * 1000:.1f} ms per step (median), {summary['tokens_per_s']:,.0f} "
+            f"tokens/s on {summary['processes']} process(es)"
+        )
     print(f"run directory: {cfg.output}", file=sys.stderr)
     return 0

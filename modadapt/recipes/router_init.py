@@ -11,7 +11,7 @@ lowest and are skipped first. One closed-form solve per layer, no gradient steps
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -85,8 +85,10 @@ def fit_router_scores(model: nn.Module, batches: Iterable[dict], ridge: float = 
     with none is an error. Returns each fitted layer's correlation between score and target."""
     layers = [layer for layer in mod_layers(model) if isinstance(getattr(layer.router, "scorer", None), LinearScore)]
     if not layers:
-        raise ModAdaptError("router_init=update-size needs routers with a learned linear score (topk, threshold-p); "
-                            "this model's routers have none.")
+        raise ModAdaptError(
+            "router_init=update-size needs routers with a learned linear score (topk, threshold-p); "
+            "this model's routers have none."
+        )
     data = collect(model, batches)
     fitted = {}
     for layer in layers:

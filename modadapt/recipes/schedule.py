@@ -29,8 +29,10 @@ class AdaptationSchedule:
         if capacity_warmup:
             for router in self.routers:
                 if router.target_share is None:
-                    raise ModAdaptError(f"capacity_warmup needs a router with a target share of tokens; "
-                                        f"{router.name!r} here has none (threshold-p: set its target).")
+                    raise ModAdaptError(
+                        f"capacity_warmup needs a router with a target share of tokens; "
+                        f"{router.name!r} here has none (threshold-p: set its target)."
+                    )
         self.targets = [router.target_share for router in self.routers]
         self.router_params = {id(p) for router in self.routers for p in router.parameters()}
 

@@ -13,9 +13,10 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
@@ -34,8 +35,15 @@ def distillation_kl(student_logits, teacher_logits, temperature: float, mask=Non
         student, teacher = student.flatten(0, -2), teacher.flatten(0, -2)
     if not len(student):
         return student.sum() * 0.0
-    return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                    log_target=True, reduction="batchmean") * temperature**2
+    return (
+        F.kl_div(
+            F.log_softmax(student / temperature, -1),
+            F.log_softmax(teacher / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
 
 
 def eval_device(device: str | None):
@@ -90,9 +98,11 @@ def launched_processes() -> int:
     return 1
 
 
-SEVERAL_PROCESSES = ("start several processes with `accelerate launch --multi_gpu --num_processes N -m modadapt.cli "
-                     "train ...` (add the recipe's --cpu flag on a CPU machine) or `torchrun --nproc_per_node N -m "
-                     "modadapt.cli train ...`; see docs/recipes.md, \"Several processes\"")
+SEVERAL_PROCESSES = (
+    "start several processes with `accelerate launch --multi_gpu --num_processes N -m modadapt.cli "
+    "train ...` (add the recipe's --cpu flag on a CPU machine) or `torchrun --nproc_per_node N -m "
+    'modadapt.cli train ...`; see docs/recipes.md, "Several processes"'
+)
 
 
 def make_accelerator(cfg, *, fsdp: bool = False, **kwargs):
@@ -118,12 +128,15 @@ def make_accelerator(cfg, *, fsdp: bool = False, **kwargs):
     env_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if world == 1 and env_cpu and os.environ.get("MASTER_ADDR"):
         # `accelerate launch --cpu --num_processes N` (N > 1) sets MASTER_ADDR but runs this script once.
-        raise ModAdaptError(f"`accelerate launch --cpu` starts a single process whatever --num_processes says; "
-                            f"{SEVERAL_PROCESSES}.")
+        raise ModAdaptError(
+            f"`accelerate launch --cpu` starts a single process whatever --num_processes says; {SEVERAL_PROCESSES}."
+        )
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if wants_fsdp and not fsdp:
-        raise ModAdaptError(f"{cfg.recipe} trains with DDP on several processes; FSDP (accelerate launch --use_fsdp) "
-                            "is supported by lm-adapt only.")
+        raise ModAdaptError(
+            f"{cfg.recipe} trains with DDP on several processes; FSDP (accelerate launch --use_fsdp) "
+            "is supported by lm-adapt only."
+        )
     cpu = cfg.cpu
     if world > 1 and not cpu and not torch.accelerator.is_available():
         cpu = True  # several CPU processes: gloo
@@ -132,14 +145,18 @@ def make_accelerator(cfg, *, fsdp: bool = False, **kwargs):
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, kwargs_handlers=handlers, **kwargs)
     if world > 1 and accelerator.num_processes != world:
-        raise ModAdaptError(f"the launcher started {world} processes but accelerate sees {accelerator.num_processes} "
-                            f"({accelerator.distributed_type}); {SEVERAL_PROCESSES}.")
+        raise ModAdaptError(
+            f"the launcher started {world} processes but accelerate sees {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); {SEVERAL_PROCESSES}."
+        )
     if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         enable_fsdp_on_cpu(accelerator)
     if wants_fsdp and accelerator.distributed_type != DistributedType.FSDP:
-        raise ModAdaptError(f"FSDP was asked for but accelerate runs {accelerator.distributed_type} on "
-                            f"{accelerator.num_processes} process(es); launch with `accelerate launch --use_fsdp "
-                            "--num_processes N` (N > 1).")
+        raise ModAdaptError(
+            f"FSDP was asked for but accelerate runs {accelerator.distributed_type} on "
+            f"{accelerator.num_processes} process(es); launch with `accelerate launch --use_fsdp "
+            "--num_processes N` (N > 1)."
+        )
     return accelerator
 
 
@@ -152,10 +169,12 @@ def enable_fsdp_on_cpu(accelerator) -> None:
 
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise ModAdaptError("FSDP on CPU needs FSDP2 (accelerate launch --use_fsdp --fsdp_version 2): accelerate's "
-                            "FSDP1 wants a GPU-like device (with sync_module_states, its launch default) and FSDP1 "
-                            "refuses the CPU device accelerate gives it ('Inconsistent compute device and `device_id`: "
-                            "cpu vs cpu:0').")
+        raise ModAdaptError(
+            "FSDP on CPU needs FSDP2 (accelerate launch --use_fsdp --fsdp_version 2): accelerate's "
+            "FSDP1 wants a GPU-like device (with sync_module_states, its launch default) and FSDP1 "
+            "refuses the CPU device accelerate gives it ('Inconsistent compute device and `device_id`: "
+            "cpu vs cpu:0')."
+        )
     state = accelerator.state
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
@@ -179,8 +198,9 @@ def fsdp_wrap_names(model, names: list[str]) -> list[str]:
     present = {type(m).__name__: type(m) for m in model.modules()}
     found: list[str] = []
     for name in names:
-        matches = [n for n, cls in present.items()
-                   if n == name or getattr(cls, "_mod_original", type(None)).__name__ == name]
+        matches = [
+            n for n, cls in present.items() if n == name or getattr(cls, "_mod_original", type(None)).__name__ == name
+        ]
         found += [n for n in sorted(matches) if n not in found]
     return found
 
@@ -212,9 +232,11 @@ def set_fsdp_wrap(accelerator, model) -> None:
     plugin.cpu_ram_efficient_loading = False
     chosen = os.environ.get("FSDP_AUTO_WRAP_POLICY")
     if plugin.auto_wrap_policy is size_based_auto_wrap_policy:
-        raise ModAdaptError("FSDP: use --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP (or leave it out) with a MoD "
-                            "model: a size-based policy can leave a router inside its layer's unit, which breaks "
-                            "the backward of its auxiliary loss.")
+        raise ModAdaptError(
+            "FSDP: use --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP (or leave it out) with a MoD "
+            "model: a size-based policy can leave a router inside its layer's unit, which breaks "
+            "the backward of its auxiliary loss."
+        )
     if chosen is not None and plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
         return  # NO_WRAP
     names = plugin.transformer_cls_names_to_wrap or list(getattr(model, "_no_split_modules", None) or [])
@@ -222,11 +244,18 @@ def set_fsdp_wrap(accelerator, model) -> None:
         names = sorted({getattr(type(layer), "_mod_original", type(layer)).__name__ for layer in find_layers(model)})
     wrap = fsdp_wrap_names(model, names)
     if not wrap:
-        raise ModAdaptError(f"FSDP: the model has no layer of the classes {names} to wrap; give the decoder layer "
-                            "class with --fsdp_transformer_layer_cls_to_wrap.")
+        raise ModAdaptError(
+            f"FSDP: the model has no layer of the classes {names} to wrap; give the decoder layer "
+            "class with --fsdp_transformer_layer_cls_to_wrap."
+        )
     inner = next((m for m in model.modules() if state_of(m) is not None), None)
-    routers = sorted({type(layer.router).__name__ for layer in mod_layers(inner)
-                      if any(True for _ in layer.router.parameters())}) if inner is not None else []
+    routers = (
+        sorted(
+            {type(layer.router).__name__ for layer in mod_layers(inner) if any(True for _ in layer.router.parameters())}
+        )
+        if inner is not None
+        else []
+    )
     plugin.auto_wrap_policy = transformer_auto_wrap_policy
     plugin.transformer_cls_names_to_wrap = wrap + [name for name in routers if name not in wrap]
 
@@ -273,8 +302,12 @@ def meta_copy(model, inner=None):
     import torch
     from torch import nn
 
-    kept = {id(buffer) for module in model.modules() for name, buffer in module.named_buffers(recurse=False)
-            if name in module._non_persistent_buffers_set}
+    kept = {
+        id(buffer)
+        for module in model.modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if name in module._non_persistent_buffers_set
+    }
     memo: dict = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if id(tensor) in kept:
@@ -378,7 +411,7 @@ class RunCheckpoint:
         self.saved_step: int | None = None
         self.previous: dict = {}
 
-    def __enter__(self) -> "RunCheckpoint":
+    def __enter__(self) -> RunCheckpoint:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._on_signal)
@@ -395,9 +428,16 @@ class RunCheckpoint:
     def __exit__(self, kind, exc, tb) -> bool:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        if (kind is not None and issubclass(kind, Exception) and not self.cfg.resume and self.saved_step is None
-                and self.main):
-            shutil.rmtree(self.out, ignore_errors=True)  # a fresh run failing before its first checkpoint leaves nothing
+        if (
+            kind is not None
+            and issubclass(kind, Exception)
+            and not self.cfg.resume
+            and self.saved_step is None
+            and self.main
+        ):
+            shutil.rmtree(
+                self.out, ignore_errors=True
+            )  # a fresh run failing before its first checkpoint leaves nothing
             if self.existed:
                 self.out.mkdir(parents=True, exist_ok=True)
         return False
@@ -412,10 +452,14 @@ class RunCheckpoint:
         command = f"modadapt train {self.cfg.recipe} -o {shlex.quote(str(self.out))} --resume"
         if self.state_file.is_file():
             step = json.loads(self.state_file.read_text())["step"]
-            return Interrupted(f"{self.signal_name}: stopped with a checkpoint at step {step}; continue with `{command}`.")
+            return Interrupted(
+                f"{self.signal_name}: stopped with a checkpoint at step {step}; continue with `{command}`."
+            )
         if (self.out / "config.yaml").is_file():
-            return Interrupted(f"{self.signal_name}: stopped before the first checkpoint; `{command}` starts the run "
-                               "from its beginning.")
+            return Interrupted(
+                f"{self.signal_name}: stopped before the first checkpoint; `{command}` starts the run "
+                "from its beginning."
+            )
         return Interrupted(f"{self.signal_name}: stopped before the run wrote anything; run the same command again.")
 
     def start(self, accelerator) -> dict | None:
@@ -432,8 +476,10 @@ class RunCheckpoint:
                 accelerator.load_state(str(saved if saved.is_dir() else self.dir))  # else the older flat layout
             except Exception as exc:
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModAdaptError(f"resume: cannot load the checkpoint in {self.dir} ({reason}); it is truncated, "
-                                    "corrupt or from another model.") from None
+                raise ModAdaptError(
+                    f"resume: cannot load the checkpoint in {self.dir} ({reason}); it is truncated, "
+                    "corrupt or from another model."
+                ) from None
             self.saved_step = state["step"]
         if accelerator.is_main_process:
             self.write_config()
@@ -494,11 +540,27 @@ class LoopResult:
     step_times: list[float] = field(default_factory=list)
 
 
-def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn, checkpoint: RunCheckpoint, *,
-               total_steps: int, params: list | None = None, converted=None,
-               max_bad_steps: int | None = None, schedule=None, logged: tuple[str, ...] = (),
-               epoch_checkpoints: bool = False, collate_fn=None, num_workers: int = 0,
-               desc: str = "train") -> LoopResult:
+def train_loop(
+    cfg,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    train_set,
+    loss_fn,
+    checkpoint: RunCheckpoint,
+    *,
+    total_steps: int,
+    params: list | None = None,
+    converted=None,
+    max_bad_steps: int | None = None,
+    schedule=None,
+    logged: tuple[str, ...] = (),
+    epoch_checkpoints: bool = False,
+    collate_fn=None,
+    num_workers: int = 0,
+    desc: str = "train",
+) -> LoopResult:
     """The training loop of every recipe, so that resuming, accumulation, skipping and the
     adaptation schedule mean the same thing in each (and are tested once).
 
@@ -546,6 +608,7 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
         )
     steps_per_epoch = micro_per_epoch // grad_accum
     checks = max_bad_steps is not None
+
     # Several processes: routers take their batch statistics (threshold-p's load) over the global batch.
     def statistics():
         if accelerator.num_processes == 1:
@@ -558,10 +621,16 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
     while step < total_steps:
         epoch, done = divmod(step, steps_per_epoch)
         generator = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order when resumed
-        loader = accelerator.prepare(torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-            num_workers=num_workers, collate_fn=collate_fn,
-        ))
+        loader = accelerator.prepare(
+            torch.utils.data.DataLoader(
+                train_set,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                generator=generator,
+                num_workers=num_workers,
+                collate_fn=collate_fn,
+            )
+        )
         if done:
             loader = accelerator.skip_first_batches(loader, done * grad_accum)
         model.train()
@@ -603,8 +672,11 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
                 lr = optimizer.param_groups[0]["lr"]  # what this step used (the first group's)
                 scheduler.step()
                 step += 1
-                kept = [r["kept_fraction"] for r in routing_stats(converted)
-                        if r["kept_fraction"] is not None] if converted is not None else []
+                kept = (
+                    [r["kept_fraction"] for r in routing_stats(converted) if r["kept_fraction"] is not None]
+                    if converted is not None
+                    else []
+                )
                 parts["kept_fraction"] = sum(kept) / len(kept) if kept else 1.0
                 # What each process saw of the global batch (equal shares): averaged, so the
                 # history is the global batch's with any number of processes.
@@ -617,7 +689,9 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, train_set, loss_fn
                     shown["aux"] = f"{parts['aux_loss']:.2e}"
                 bar.update(1)
                 bar.set_postfix(**shown, kept=f"{parts['kept_fraction']:.3f}")
-                if (cfg.save_every and step % cfg.save_every == 0) or (epoch_checkpoints and step % steps_per_epoch == 0):
+                if (cfg.save_every and step % cfg.save_every == 0) or (
+                    epoch_checkpoints and step % steps_per_epoch == 0
+                ):
                     checkpoint.save(accelerator, loop_state())
             else:
                 bad_steps += 1
@@ -668,8 +742,19 @@ def train_epochs(cfg, model, train_set, loss_fn, checkpoint: RunCheckpoint, *, c
     # scheduler once per process, which ended the cosine after 1/N of an N-process run.
     scheduler.split_batches = True
     inner = accelerator.unwrap_model(model)
-    result = train_loop(cfg, accelerator, model, optimizer, scheduler, train_set,
-                        lambda model, batch, accelerator: (loss_fn(model, batch, accelerator), {}), checkpoint,
-                        total_steps=total_steps, converted=inner if state_of(inner) is not None else None,
-                        epoch_checkpoints=True, collate_fn=collate_fn, num_workers=num_workers)
+    result = train_loop(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_set,
+        lambda model, batch, accelerator: (loss_fn(model, batch, accelerator), {}),
+        checkpoint,
+        total_steps=total_steps,
+        converted=inner if state_of(inner) is not None else None,
+        epoch_checkpoints=True,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+    )
     return accelerator, result.model, result.step, result.history["loss"]

@@ -69,11 +69,16 @@ class ViTRecipeConfig(RecipeConfig):
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "use only the first N eval images (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
-                "steps, checkpointing, evaluation and progress"})
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present (several "
-                                                            "processes: a gloo group)"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+            "steps, checkpointing, evaluation and progress"
+        },
+    )
+    cpu: bool = field(
+        default=False, metadata={"help": "run on CPU even if a GPU is present (several processes: a gloo group)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for weights of new models, shuffling and routing"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -87,7 +92,6 @@ class ViTRecipeConfig(RecipeConfig):
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ModAdaptError(f"{name} must be >= 1, got {getattr(self, name)}.")
-
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -174,6 +178,7 @@ def collate(rows: list[dict]) -> dict:
 def build_model(cfg: ViTRecipeConfig) -> nn.Module:
     """The model to fine-tune, converted (a saved MoD directory keeps its own routing)."""
     import modadapt
+
     from ..adapters.timm import create_model
     from ..presets import preset_names
     from ..sources import load_model
@@ -204,8 +209,10 @@ def build_model(cfg: ViTRecipeConfig) -> nn.Module:
 def vision_transformer(model: nn.Module, name: str) -> nn.Module:
     """`model` if it is a timm ViT (patch embedding + blocks), else a clear error."""
     if not (hasattr(model, "patch_embed") and hasattr(model, "blocks")):
-        raise ModAdaptError(f"vit-imagenet trains timm vision transformers; {name} is a {type(model).__name__} "
-                            "(lm-adapt trains language models, llava-adapt LLaVA).")
+        raise ModAdaptError(
+            f"vit-imagenet trains timm vision transformers; {name} is a {type(model).__name__} "
+            "(lm-adapt trains language models, llava-adapt LLaVA)."
+        )
     return model
 
 
@@ -225,8 +232,9 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
     converted = state_of(inner) is not None
     device = next(inner.parameters()).device
     with torch.no_grad():
-        for batch in tqdm(loader, desc="eval",
-                          disable=not (progress and (accelerator is None or accelerator.is_main_process))):
+        for batch in tqdm(
+            loader, desc="eval", disable=not (progress and (accelerator is None or accelerator.is_main_process))
+        ):
             if accelerator is None:
                 batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(batch["pixel_values"]).float()
@@ -255,8 +263,15 @@ def evaluate(model, loader, accelerator, progress: bool) -> dict:
     }
 
 
-def evaluate_saved(directory: str, data: str, *, dense: bool = False, batch_size: int = 128,
-                   device: str | None = None, progress: bool = False) -> dict:
+def evaluate_saved(
+    directory: str,
+    data: str,
+    *,
+    dense: bool = False,
+    batch_size: int = 128,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Top-1 / top-5 of a saved timm ViT (``modadapt eval``) on an image folder (any layout
     `load_splits` reads): its validation split, or its only one, through the model's eval
     transform; with `dense`, of its dense model instead."""
@@ -273,8 +288,10 @@ def evaluate_saved(directory: str, data: str, *, dense: bool = False, batch_size
     name = name or next(iter(splits))
     split = pick_split(splits, name, data)
     if max(split["label"]) >= model.num_classes:
-        raise ModAdaptError(f"{data} has labels up to {max(split['label'])} but the model's head has "
-                            f"{model.num_classes} classes; evaluate it on data of the classes it was trained on.")
+        raise ModAdaptError(
+            f"{data} has labels up to {max(split['label'])} but the model's head has "
+            f"{model.num_classes} classes; evaluate it on data of the classes it was trained on."
+        )
     _, eval_tf, _ = make_transforms(model, input_size(model), augment=False)
     split.set_transform(eval_tf)
     if dense:
@@ -293,6 +310,7 @@ def run(cfg: ViTRecipeConfig) -> dict:
 
 def _run(cfg: ViTRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     import modadapt
+
     from ..metrics.measured_flops import measured_flops
 
     splits = load_splits(cfg.data)
@@ -330,8 +348,9 @@ def _run(cfg: ViTRecipeConfig, out: Path, checkpoint: RunCheckpoint) -> dict:
     summary: dict = {"steps": step, "final_train_loss": loss_history[-1] if loss_history else None}
     if eval_set is not None:
         eval_loader = accelerator.prepare(
-            torch.utils.data.DataLoader(eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate,
-                                        num_workers=cfg.num_workers)
+            torch.utils.data.DataLoader(
+                eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate, num_workers=cfg.num_workers
+            )
         )
         summary["eval"] = evaluate(model, eval_loader, accelerator, cfg.progress)
     inner = accelerator.unwrap_model(model)

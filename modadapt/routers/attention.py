@@ -43,8 +43,12 @@ def attention_router_flops(batch: int, queries: int, keys: int, heads: int, head
 class AttentionOptions(RouterOptions):
     # 1.0 before calibration: self-attention at least uniform.
     threshold: float | None = option(
-        None, "causal decoders keep token j iff its self-attention score >= threshold; calibrated: the "
-        "top-k boundary learnt while training (1.0 before any step)", none="calibrated", calibrated=1.0)
+        None,
+        "causal decoders keep token j iff its self-attention score >= threshold; calibrated: the "
+        "top-k boundary learnt while training (1.0 before any step)",
+        none="calibrated",
+        calibrated=1.0,
+    )
     chunk: int = option(256, "query rows per block when the attention map is recomputed", low=1)
 
 

@@ -171,7 +171,8 @@ class Router(nn.Module):
             warnings.warn(
                 f"router {cls.__qualname__}: declare its arguments as a RouterOptions dataclass (`Options`) "
                 "instead of `arguments` / `nullable` / `causal_cutoff`; the old way goes away in the next release.",
-                DeprecationWarning, stacklevel=2,
+                DeprecationWarning,
+                stacklevel=2,
             )
             cls.Options = legacy_options(cls)
         if isinstance(cls.Options, type) and issubclass(cls.Options, RouterOptions):

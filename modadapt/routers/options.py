@@ -29,9 +29,17 @@ from ..errors import ModAdaptError
 _NONE_WORDS = ("none", "calibrated", "")
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
-           high: float | None = None, open_interval: bool = False, none: str = "none",
-           calibrated: float | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    open_interval: bool = False,
+    none: str = "none",
+    calibrated: float | None = None,
+) -> Any:
     """A router option: its default, one line of help and its constraints.
 
     Args:
@@ -43,8 +51,9 @@ def option(default: Any, help: str, *, choices: tuple | None = None, low: float 
         calibrated: Marks the option that fixes a learnt causal cut-off (None: learn it, see
             `Router.causal_threshold`); the value is the cut-off used before any training step.
     """
-    meta = dict(help=help, choices=choices, low=low, high=high, open_interval=open_interval, none=none,
-                calibrated=calibrated)
+    meta = dict(
+        help=help, choices=choices, low=low, high=high, open_interval=open_interval, none=none, calibrated=calibrated
+    )
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -149,13 +158,15 @@ def describe_options(cls: type[RouterOptions]) -> list[dict[str, Any]]:
     for f in fields(cls):
         kind, nullable = _type_of(cls, f.name)
         meta = f.metadata
-        out.append({
-            "name": f.name,
-            "type": kind.__name__ + (f" | {meta.get('none', 'none')}" if nullable else ""),
-            "default": f.default if f.default is not None else meta.get("none", "none"),
-            "help": meta.get("help", ""),
-            "allowed": _constraint(meta) if meta else None,
-        })
+        out.append(
+            {
+                "name": f.name,
+                "type": kind.__name__ + (f" | {meta.get('none', 'none')}" if nullable else ""),
+                "default": f.default if f.default is not None else meta.get("none", "none"),
+                "help": meta.get("help", ""),
+                "allowed": _constraint(meta) if meta else None,
+            }
+        )
     return out
 
 

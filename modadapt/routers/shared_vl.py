@@ -35,8 +35,12 @@ class SharedVLOptions(RouterOptions):
     aux_coef: float = option(0.01, "weight of the auxiliary cross-entropy toward the top-k choice", low=0)
     per_layer: bool = option(False, "give every MoD layer its own router instead of one shared by all")
     causal_threshold: float | None = option(
-        None, "cut-off of the causal rule on the process - skip logit; calibrated: the top-k boundary learnt "
-        "while training (0 = the paper's p_process >= 0.5)", none="calibrated", calibrated=0.0)
+        None,
+        "cut-off of the causal rule on the process - skip logit; calibrated: the top-k boundary learnt "
+        "while training (0 = the paper's p_process >= 0.5)",
+        none="calibrated",
+        calibrated=0.0,
+    )
 
 
 class SharedVLRouter(Router):

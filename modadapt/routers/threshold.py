@@ -30,10 +30,18 @@ from .options import RouterOptions, option
 class ThresholdOptions(RouterOptions):
     p: float = option(0.5, "keep a token iff sigmoid(w.x + b) >= p", low=0, high=1, open_interval=True)
     alpha: float = option(0.01, "weight of the layer load-reducing loss", low=0)
-    gate: str = option("straight-through", "factor on a kept token's delta: exactly 1 with sigmoid's gradient "
-                       "(straight-through) or the sigmoid itself", choices=("straight-through", "sigmoid"))
-    target: float | None = option(0.5, "kept fraction the load loss steers each layer to; none: "
-                                  "MoDification's loss as published (collapses on pretrained models)", low=0, high=1)
+    gate: str = option(
+        "straight-through",
+        "factor on a kept token's delta: exactly 1 with sigmoid's gradient (straight-through) or the sigmoid itself",
+        choices=("straight-through", "sigmoid"),
+    )
+    target: float | None = option(
+        0.5,
+        "kept fraction the load loss steers each layer to; none: "
+        "MoDification's loss as published (collapses on pretrained models)",
+        low=0,
+        high=1,
+    )
 
 
 class ThresholdRouter(Router):

@@ -12,11 +12,11 @@ statistic's top-k boundary, averaged over training steps; a number fixes it (0 =
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dataclasses import dataclass
 
 from .base import Router, RoutingContext
 from .linear_score import LinearScore
@@ -25,17 +25,28 @@ from .options import RouterOptions, option
 
 @dataclass(frozen=True)
 class TopKOptions(RouterOptions):
-    aux_coef: float = option(0.01, "weight of the auxiliary BCE loss that teaches the causal rule the top-k choice",
-                             low=0)
-    causal_rule: str = option("aux", "the causal rule's statistic: the score itself (aux) or a small "
-                              "stop-gradient predictor", choices=("aux", "predictor"))
+    aux_coef: float = option(
+        0.01, "weight of the auxiliary BCE loss that teaches the causal rule the top-k choice", low=0
+    )
+    causal_rule: str = option(
+        "aux",
+        "the causal rule's statistic: the score itself (aux) or a small stop-gradient predictor",
+        choices=("aux", "predictor"),
+    )
     predictor_hidden: int = option(64, "hidden width of the predictor (causal_rule=predictor)", low=1)
-    gate: str = option("straight-through", "factor on a kept token's delta: exactly 1 with sigmoid's gradient "
-                       "(straight-through) or p-MoD's 1 + 0.2 tanh(score) (tanh; 1 at a fresh router)",
-                       choices=("straight-through", "tanh"))
+    gate: str = option(
+        "straight-through",
+        "factor on a kept token's delta: exactly 1 with sigmoid's gradient "
+        "(straight-through) or p-MoD's 1 + 0.2 tanh(score) (tanh; 1 at a fresh router)",
+        choices=("straight-through", "tanh"),
+    )
     causal_threshold: float | None = option(
-        None, "cut-off of the causal rule; calibrated: the top-k boundary learnt while training "
-        "(0 = the paper's sigmoid >= 0.5)", none="calibrated", calibrated=0.0)
+        None,
+        "cut-off of the causal rule; calibrated: the top-k boundary learnt while training "
+        "(0 = the paper's sigmoid >= 0.5)",
+        none="calibrated",
+        calibrated=0.0,
+    )
 
 
 class TopKRouter(Router):

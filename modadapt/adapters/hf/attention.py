@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ...attention_probe import PROBE_ATTENTION
 from ...decoding.static_cache import STATIC_ATTENTION, KeyLengths, static_cache_attention
@@ -27,8 +28,7 @@ from ...varlen import APPEND_KWARG, MAX_LEN_KWARG, SEGMENTS_KWARG, varlen_attent
 #: Name of the transformers attention function that runs packed segments.
 VARLEN_ATTENTION = "modadapt_varlen"
 
-__all__ = ["PROBE_ATTENTION", "STATIC_ATTENTION", "VARLEN_ATTENTION", "register_attention_functions",
-           "use_attention"]
+__all__ = ["PROBE_ATTENTION", "STATIC_ATTENTION", "VARLEN_ATTENTION", "register_attention_functions", "use_attention"]
 
 
 def transformers_varlen_attention(
@@ -49,16 +49,21 @@ def transformers_varlen_attention(
         key, value, k_segments, has_past = append(key, value, segments)
     max_q, max_k = kwargs[MAX_LEN_KWARG]
     out = varlen_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), segments, k_segments,
-        max_q, max_k, scale=scaling,
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        segments,
+        k_segments,
+        max_q,
+        max_k,
+        scale=scaling,
         causal=bool(causal) and not has_past,  # with a past: one new token per row, which sees it all
         dropout=dropout,
     )
     return out[None], None
 
 
-def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                    **kwargs):
+def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """SDPA attention that first hands q/k to the probes watching `module`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -71,8 +76,9 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     )
 
 
-def static_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                            is_causal=None, **kwargs):
+def static_decode_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """The attention function of a graphed decode step: one query token per row (`[B, H, 1, d]`;
     a speculative verification: `attention_mask.queries`) against the static cache
     `[B, capacity, Hk, d]`; the mask argument carries the used lengths. Returns

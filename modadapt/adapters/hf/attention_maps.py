@@ -4,7 +4,7 @@ of models an attention probe cannot observe, converted or not (a BERT encoder in
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -40,8 +40,7 @@ def _matches(name: str, module: nn.Module, target, layer_name: str | None) -> bo
 
 
 @contextlib.contextmanager
-def eager_attention_maps(model: nn.Module, layers: nn.ModuleList,
-                         callback: AttentionMapCallback) -> Iterator[None]:
+def eager_attention_maps(model: nn.Module, layers: nn.ModuleList, callback: AttentionMapCallback) -> Iterator[None]:
     """Each layer's attention probabilities to `callback`, from eager attention (switched to
     inside the context only), read where the model's `_can_record_outputs` says they are."""
     targets = _attention_targets(model)

@@ -46,8 +46,7 @@ def wrap_config(directory: str | Path) -> None:
     base = json.loads(path.read_text())
     if base.get("model_type") == MODEL_TYPE:
         return
-    wrapped = {"model_type": MODEL_TYPE, "base_config": base,
-               "transformers_version": base.get("transformers_version")}
+    wrapped = {"model_type": MODEL_TYPE, "base_config": base, "transformers_version": base.get("transformers_version")}
     path.write_text(json.dumps(wrapped, indent=2, sort_keys=True) + "\n")
 
 
@@ -68,8 +67,9 @@ def base_config(directory: str | Path) -> PretrainedConfig:
     base = data.get("base_config")
     kind = base.get("model_type") if isinstance(base, dict) else None
     if kind not in transformers.CONFIG_MAPPING:
-        raise ModAdaptError(f"{path}: base_config has no model type transformers knows ({kind!r}); "
-                            "could not rebuild the architecture.")
+        raise ModAdaptError(
+            f"{path}: base_config has no model type transformers knows ({kind!r}); could not rebuild the architecture."
+        )
     config = transformers.CONFIG_MAPPING[kind].from_dict(base)
     config._name_or_path = str(directory)
     return config
@@ -83,16 +83,25 @@ class SavePretrained:
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
-    def __call__(self, save_directory: str, is_main_process: bool = True, state_dict: dict | None = None,
-                 push_to_hub: bool = False, **kwargs: Any) -> None:
+    def __call__(
+        self,
+        save_directory: str,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
         from ...persistence import metadata, save_byte_tokenizer, write_meta
 
         if push_to_hub:
-            raise ModAdaptError("save_pretrained(push_to_hub=True) of a MoD model: save it locally, then upload "
-                                "the directory (huggingface_hub.upload_folder); modadapt.load reads it back.")
+            raise ModAdaptError(
+                "save_pretrained(push_to_hub=True) of a MoD model: save it locally, then upload "
+                "the directory (huggingface_hub.upload_folder); modadapt.load reads it back."
+            )
         if kwargs.get("variant"):
-            raise ModAdaptError("save_pretrained(variant=...) of a MoD model: modadapt.load reads model.safetensors; "
-                                "leave variant out.")
+            raise ModAdaptError(
+                "save_pretrained(variant=...) of a MoD model: modadapt.load reads model.safetensors; leave variant out."
+            )
         model = self.model
         original = type(model).save_pretrained
         if "save_original_format" in inspect.signature(original).parameters:
@@ -141,9 +150,23 @@ def attach_save_pretrained(model: torch.nn.Module) -> list:
 
 # --- AutoModel*.from_pretrained -------------------------------------------------------------------------
 #: Arguments transformers' Auto classes pass along that mean nothing for a local MoD directory.
-_PASSED_ALONG = {"config", "cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
-                 "_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "code_revision",
-                 "use_safetensors", "low_cpu_mem_usage", "subfolder"}
+_PASSED_ALONG = {
+    "config",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "token",
+    "_from_auto",
+    "_from_pipeline",
+    "trust_remote_code",
+    "adapter_kwargs",
+    "code_revision",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+    "subfolder",
+}
 
 
 def restore(name_or_path: str, model_args: tuple, kwargs: dict) -> torch.nn.Module:
@@ -155,22 +178,34 @@ def restore(name_or_path: str, model_args: tuple, kwargs: dict) -> torch.nn.Modu
     if kwargs.get("subfolder"):
         path = path / kwargs["subfolder"]
     if not path.is_dir():
-        raise ModAdaptError(f"{name_or_path} is a modadapt model; modadapt loads local directories (download it "
-                            "first, e.g. huggingface_hub.snapshot_download).")
+        raise ModAdaptError(
+            f"{name_or_path} is a modadapt model; modadapt loads local directories (download it "
+            "first, e.g. huggingface_hub.snapshot_download)."
+        )
     if model_args:
         raise ModAdaptError(f"from_pretrained of the modadapt directory {path} takes no positional model arguments.")
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     device = kwargs.get("device_map")
     attn = kwargs.get("attn_implementation")
-    unsupported = sorted(k for k, v in kwargs.items() if k not in _PASSED_ALONG | {"dtype", "torch_dtype", "device_map",
-                         "attn_implementation"} and v not in (None, False, {}, ()))
+    unsupported = sorted(
+        k
+        for k, v in kwargs.items()
+        if k not in _PASSED_ALONG | {"dtype", "torch_dtype", "device_map", "attn_implementation"}
+        and v not in (None, False, {}, ())
+    )
     if unsupported:
-        raise ModAdaptError(f"from_pretrained of the modadapt directory {path}: {', '.join(unsupported)} "
-                            "is not supported; load it with modadapt.load and adjust the model afterwards.")
+        raise ModAdaptError(
+            f"from_pretrained of the modadapt directory {path}: {', '.join(unsupported)} "
+            "is not supported; load it with modadapt.load and adjust the model afterwards."
+        )
     if isinstance(device, dict) or device == "auto":
         if isinstance(device, dict) and len(set(device.values())) > 1:
             raise ModAdaptError("a modadapt model loads onto one device; give device_map a single device.")
-        device = next(iter(device.values())) if isinstance(device, dict) else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = (
+            next(iter(device.values()))
+            if isinstance(device, dict)
+            else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
     if isinstance(device, int):
         device = torch.device("cuda", device)
     model = load(path, device=device)
@@ -194,8 +229,10 @@ class _Restorer:
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> None:
-        raise ModAdaptError("a modadapt config describes a saved MoD directory; build the dense model from its "
-                            "base_config and convert it, or load the directory with modadapt.load.")
+        raise ModAdaptError(
+            "a modadapt config describes a saved MoD directory; build the dense model from its "
+            "base_config and convert it, or load the directory with modadapt.load."
+        )
 
     _from_config = from_config
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -189,8 +190,9 @@ class HFDecoderAdapter(Adapter):
                 return module
         return None
 
-    def attention_maps(self, model: nn.Module, layers: nn.ModuleList,
-                       callback: AttentionMapCallback) -> ContextManager[None]:
+    def attention_maps(
+        self, model: nn.Module, layers: nn.ModuleList, callback: AttentionMapCallback
+    ) -> ContextManager[None]:
         return eager_attention_maps(model, layers, callback)
 
     # --- persistence ---------------------------------------------------------------------------
@@ -231,14 +233,21 @@ class _DetachProbe:
             self.model.config._attn_implementation = "sdpa"
 
 
-def _prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-             position_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+def _prefill(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, list]:
     """The prompt through the model with a fresh `DynamicCache`: the last logits and its layers."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                **{cache_argument(model.forward): cache}, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{cache_argument(model.forward): cache},
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1], cache.layers
 
 

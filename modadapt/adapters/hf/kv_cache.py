@@ -208,9 +208,7 @@ def mod_cache_layer(cache: Cache, layer_index: int):
     """The cache layer of a MoD layer, created and given bookkeeping on first use."""
     layers = getattr(cache, "layers", None)
     if layers is None:
-        raise ModAdaptError(
-            f"MoD layers need a transformers Cache with per-layer storage, got {type(cache).__name__}."
-        )
+        raise ModAdaptError(f"MoD layers need a transformers Cache with per-layer storage, got {type(cache).__name__}.")
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) <= layer_index and replicate is not None:
         layers.append(replicate())

@@ -84,8 +84,9 @@ class LlavaAdapter(HFDecoderAdapter):
         vision = config.vision_config
         return {
             "input_ids": torch.cat([text[:, :before], placeholders, text[:, before:]], dim=1),
-            "pixel_values": torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size,
-                                        generator=generator),
+            "pixel_values": torch.randn(
+                batch, vision.num_channels, vision.image_size, vision.image_size, generator=generator
+            ),
         }
 
     def calibration_kind(self, model: nn.Module) -> str:
@@ -121,7 +122,9 @@ class LlavaAdapter(HFDecoderAdapter):
             protected = text
         if protected is not None and not compiling and not bool(protected.any()):
             protected = None
-        self.last_roles = TokenRoles(real=real, forced=protected, extra={"image": image, "question": question, "answer": answer})
+        self.last_roles = TokenRoles(
+            real=real, forced=protected, extra={"image": image, "question": question, "answer": answer}
+        )
         return self.last_roles
 
 
@@ -146,7 +149,7 @@ def role_stats(model: nn.Module) -> list[dict]:
             if keep is None:
                 kept = total = 0
             else:
-                mask = mask[:, -keep.shape[1]:]
+                mask = mask[:, -keep.shape[1] :]
                 kept, total = int((keep & mask).sum()), int(mask.sum())
             row[f"{role}_kept"], row[f"{role}_tokens"] = kept, total
             row[f"{role}_kept_fraction"] = kept / total if total else None

@@ -7,16 +7,25 @@ llava-adapt recipe encodes its text with its own byte codec (bytes shifted past 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
 from ...hookspecs import Preset
 from ...tokenizer import mark_byte_level
 
-_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def _llama_like(config_name: str, model_name: str, **extra) -> Callable[[], nn.Module]:
@@ -42,10 +51,18 @@ def _tiny_llava() -> nn.Module:
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     # 32x32 RGB, 8x8 patches: 16 image tokens (CLIP's class token is dropped); image token id 3.
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=dict(model_type="llama", **_COMMON), image_token_index=3,
-                         image_seq_length=16)
+    vision = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=dict(model_type="llama", **_COMMON), image_token_index=3, image_seq_length=16
+    )
     config._attn_implementation = "sdpa"
     return LlavaForConditionalGeneration(config)
 

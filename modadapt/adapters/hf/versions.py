@@ -8,7 +8,8 @@ until 5.40), and model outputs return it as `cache` (`past_key_values` reads it,
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 #: Names a transformers forward takes its KV cache by, newest first: `cache` (5.24 and later),
 #: `past_key_values` (5.17-5.23), `past_key_value` (older remote-code layers).

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,8 +64,11 @@ class TimmViTAdapter(Adapter):
     def example_inputs(self, model: nn.Module, batch: int, length: int, seed: int) -> dict[str, Any]:
         """Random images at the model's native size (the token count is the model's: `length` is unused)."""
         size = tuple(model.patch_embed.img_size)
-        return {"x": torch.randn(batch, model.patch_embed.proj.in_channels, *size,
-                                 generator=torch.Generator().manual_seed(seed))}
+        return {
+            "x": torch.randn(
+                batch, model.patch_embed.proj.in_channels, *size, generator=torch.Generator().manual_seed(seed)
+            )
+        }
 
     def calibration_kind(self, model: nn.Module) -> str:
         return "images"
@@ -121,21 +125,26 @@ class TimmViTAdapter(Adapter):
         return blocks if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) else None
 
     @contextlib.contextmanager
-    def attention_maps(self, model: nn.Module, layers: nn.ModuleList,
-                       callback: AttentionMapCallback) -> Iterator[None]:
+    def attention_maps(self, model: nn.Module, layers: nn.ModuleList, callback: AttentionMapCallback) -> Iterator[None]:
         """The blocks' unfused attention path (inside the context only), hooked where it applies
         `attn_drop` to the softmax probabilities."""
         handles, fused = [], []
         for index, block in enumerate(layers):
             attn = getattr(block, "attn", None)
-            if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module) or not hasattr(attn, "fused_attn"):
+            if (
+                attn is None
+                or not isinstance(getattr(attn, "attn_drop", None), nn.Module)
+                or not hasattr(attn, "fused_attn")
+            ):
                 raise ModAdaptError(
                     f"block {index} ({type(block).__name__}) has no timm-style attention (attn.attn_drop); "
                     "ARank cannot read its maps."
                 )
-            handles.append(attn.attn_drop.register_forward_hook(
-                lambda module, args, output, index=index: callback(index, output, False)
-            ))
+            handles.append(
+                attn.attn_drop.register_forward_hook(
+                    lambda module, args, output, index=index: callback(index, output, False)
+                )
+            )
             fused.append((attn, attn.fused_attn))
             attn.fused_attn = False
         try:
