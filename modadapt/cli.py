@@ -477,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modadapt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a recipe's `Interrupted` says how to resume
-        print(f"modadapt: {exc or 'interrupted.'}", file=sys.stderr)
+        from .recipes.training import launched_rank
+
+        if launched_rank() == 0:  # several processes stop together: the first one says so
+            print(f"modadapt: {exc or 'interrupted.'}", file=sys.stderr)
         return 130
 
 

@@ -393,11 +393,8 @@ def test_lm_adapt_ddp_two_processes_match_one_and_resume(corpus, tmp_path):
     assert min(two["history"]["kept_fraction"]) < 1.0  # the routers did skip tokens
     assert two["valid_loss"]["converted_after"] == pytest.approx(one["valid_loss"]["converted_after"], rel=1e-5)
     assert two["kept_fraction"]["after"] == pytest.approx(one["kept_fraction"]["after"], abs=1e-6)
-    assert sorted(p.name for p in (tmp_path / "two" / "model").iterdir()) == [
-        "config.json",
-        "modadapt.json",
-        "model.safetensors",
-    ]
+    files = sorted(p.name for p in (tmp_path / "two" / "model").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "one" / "model").iterdir()) and "model.safetensors" in files
     assert_same_weights(modadapt.load(tmp_path / "one" / "model"), modadapt.load(tmp_path / "two" / "model"))
 
 

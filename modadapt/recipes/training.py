@@ -450,10 +450,12 @@ class RunCheckpoint:
 
     def interrupted(self) -> Interrupted:
         command = f"modadapt train {self.cfg.recipe} -o {shlex.quote(str(self.out))} --resume"
+        # several processes: the same launch again (each process has its part of the checkpoint)
+        launch = f" under the same launcher ({launched_processes()} processes)" if launched_processes() > 1 else ""
         if self.state_file.is_file():
             step = json.loads(self.state_file.read_text())["step"]
             return Interrupted(
-                f"{self.signal_name}: stopped with a checkpoint at step {step}; continue with `{command}`."
+                f"{self.signal_name}: stopped with a checkpoint at step {step}; continue with `{command}`{launch}."
             )
         if (self.out / "config.yaml").is_file():
             return Interrupted(
