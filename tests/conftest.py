@@ -42,6 +42,35 @@ SAMPLE_TEXT = (
 )
 
 
+# Text for short lm-adapt runs that vary one recipe option (schedules, router init).
+RECIPE_TEXT = "The quick brown fox jumps over the lazy dog; grep -r pattern dir lists matches. " * 60
+
+
+def lm_adapt_config(tmp_path, **extra):
+    """A short lm-adapt run in `tmp_path` on `RECIPE_TEXT` (topk at 0.25, everything trains, 6
+    steps of 4 x 32 tokens); `extra` overrides any field."""
+    from modadapt.recipes.lm_adapt import LMAdaptConfig
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "train.txt").write_text(RECIPE_TEXT)
+    base = dict(
+        data=str(tmp_path / "train.txt"),
+        output=str(tmp_path / "run"),
+        seq_len=32,
+        batch_size=4,
+        max_steps=6,
+        lr=1e-3,
+        progress=False,
+        cpu=True,
+        router="topk",
+        capacity=0.25,
+        train="all",
+        max_train_blocks=24,
+        max_eval_blocks=4,
+    )
+    return LMAdaptConfig(**{**base, **extra})
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices on a shared CPU: one thread is many times faster than oversubscribed ones

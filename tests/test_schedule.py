@@ -6,37 +6,17 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny, make_ids
+from conftest import build_tiny, lm_adapt_config, make_ids
 
 import modadapt
 from modadapt.errors import ModAdaptError
-from modadapt.recipes.lm_adapt import LMAdaptConfig, run
+from modadapt.recipes.lm_adapt import run
 from modadapt.recipes.schedule import AdaptationSchedule
-
-TEXT = "The quick brown fox jumps over the lazy dog; grep -r pattern dir lists matches. " * 60
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def config(tmp_path, **extra) -> LMAdaptConfig:
-    (tmp_path / "train.txt").write_text(TEXT)
-    base = dict(
-        data=str(tmp_path / "train.txt"),
-        output=str(tmp_path / "run"),
-        seq_len=32,
-        batch_size=4,
-        max_steps=6,
-        lr=1e-3,
-        progress=False,
-        cpu=True,
-        router="topk",
-        capacity=0.25,
-        train="all",
-        max_train_blocks=24,
-        max_eval_blocks=4,
-    )
-    return LMAdaptConfig(**{**base, **extra})
+config = lm_adapt_config
 
 
 def test_capacity_warms_up_from_dense_to_the_target(tmp_path):

@@ -398,7 +398,8 @@ def router_parameter_names(model: nn.Module) -> list[str]:
 
 
 def fit_routers(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> None:
-    """`router_init: update-size` (see `modadapt.recipes.router_init`), on `device`, in float32."""
+    """`router_init: update-size` (see `modadapt.recipes.router_init`): dense forwards on `device`
+    in the model's dtype, the fit in float64."""
     from .router_init import fit_router_scores
 
     model.to(device)

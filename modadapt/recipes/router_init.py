@@ -34,35 +34,30 @@ def update_size(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect(model: nn.Module, batches: Iterable[dict]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """`{layer index: (inputs [N, d], update sizes [N])}` of every MoD layer over `batches`
-    (dicts of model inputs; tokens where ``attention_mask`` is 0 are left out), run dense."""
+    (dicts of model inputs; tokens where ``attention_mask`` is 0 are left out), run dense. Each
+    layer's real tokens are taken as it runs (float64, on the CPU), so no activations pile up."""
     seen: dict[int, list] = {}
-    handles = []
+    real: list[torch.Tensor | None] = [None]  # the running batch's attention mask
 
     def hook(layer, args, kwargs, output):
         hidden = _CallArguments(layer.mod_state.call, layer, args, kwargs).get(layer.mod_state.call.hidden)
         out = output[0] if isinstance(output, tuple) else output
-        seen.setdefault(layer.mod_state.index, []).append((hidden.detach(), out.detach(), mask))
+        keep = real[0].bool() if real[0] is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
+        keep = keep.to(hidden.device)
+        seen.setdefault(layer.mod_state.index, []).append(
+            (hidden[keep].double().cpu(), update_size(hidden[keep], out[keep]).cpu())
+        )
 
-    for layer in mod_layers(model):
-        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
-    mask = None
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in mod_layers(model)]
     try:
         with dense(model):
             for batch in batches:
-                mask = batch.get("attention_mask")
+                real[0] = batch.get("attention_mask")
                 model(**batch)
     finally:
         for handle in handles:
             handle.remove()
-    data = {}
-    for index, rows in seen.items():
-        xs, ys = [], []
-        for hidden, out, m in rows:
-            keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if m is None else m.bool()
-            xs.append(hidden[keep].double().cpu())
-            ys.append(update_size(hidden[keep], out[keep]).cpu())
-        data[index] = (torch.cat(xs), torch.cat(ys))
-    return data
+    return {i: (torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])) for i, rows in seen.items()}
 
 
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, float]:
