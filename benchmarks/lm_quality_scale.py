@@ -819,8 +819,11 @@ def run_task(task: dict, ctx: dict) -> dict:
         )
     if task.get("router") in CAPACITY_ROUTERS:  # also the training-time top-k (not causal: perplexity only)
         record["valid_ppl_topk_routing"] = topk_routing_ppl(model, data["valid"], scale.adapt_batch, device)
-    for name in ("checkpoint", "model"):  # 1.2 GB per run: a table of 60 runs would fill the disk
+    keep = task["variant"] in args.keep_models.split(",")  # e.g. for speed.py's speculative decoding
+    for name in ("checkpoint",) if keep else ("checkpoint", "model"):  # 1.2 GB per run: 60 would fill the disk
         shutil.rmtree(out / name, ignore_errors=True)
+    if keep:
+        record["model_dir"] = str(out / "model")
     return record
 
 
@@ -1029,6 +1032,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
     p.add_argument("--jobs", type=int, default=1, help="adaptations run at once (processes on one device)")
     p.add_argument("--budget-s", type=float, default=0, help="start no run after this many seconds (0: no limit)")
+    p.add_argument(
+        "--keep-models",
+        default="",
+        help="comma list of variants whose adapted model stays in WORK/runs/RUN/model (modadapt.save)",
+    )
     p.add_argument("--append", action="store_true", help="keep the records already in --out and skip their runs")
     p.add_argument(
         "--new-pretrained",

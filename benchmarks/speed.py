@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gzip
 import itertools
 import json
 import math
@@ -35,6 +36,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -1165,17 +1167,41 @@ def speculative_round_bytes(s: Shape, B: int, context: int, k: int, kept: list[f
 
 
 def speculate_models(b: Bench) -> dict:
-    """name -> (converted model, its dense twin, shape): the benchmark's MoD models (random
-    weights: acceptance says little, the costs are real) and, with --speculate-model, a saved
-    converted model (`modadapt.save`), whose acceptance is what the measurement is for."""
-    models = {router: (model, b.dense, b.shape) for router, (model, _, _) in b.mods.items()}
-    if b.args.speculate_model:
-        model = modadapt.load(b.args.speculate_model).to(b.device, b.dtype).eval()
+    """name -> (converted model, its dense twin, shape, directory or None): with --speculate-model, the saved converted
+    models (`modadapt.save`; trained: their acceptance is what the measurement is for), named by
+    their directory (``run/model`` by ``run``); without, the benchmark's MoD models (random
+    weights: acceptance says little, the costs are real)."""
+    if not b.args.speculate_model:
+        return {router: (model, b.dense, b.shape, None) for router, (model, _, _) in b.mods.items()}
+    models = {}
+    for directory in b.args.speculate_model:
+        path = Path(directory)
+        name = path.parent.name if path.name == "model" else path.name
+        model = modadapt.load(path).to(b.device, b.dtype).eval()
         dense = modadapt.unload(copy.deepcopy(model))
         shape = Shape.of(dense)
         shape.mod_layers = list(model._modadapt_state.layer_indices)
-        models["loaded"] = (model, dense, shape)
+        models[name] = (model, dense, shape, str(path))
     return models
+
+
+def speculate_prompts(b: Bench, directory: str | None, vocab: int, B: int, ctx: int) -> torch.Tensor:
+    """`B` prompts of `ctx` tokens: with --speculate-text, windows spread over that text, tokenized
+    by the tokenizer saved beside the model (acceptance on real text is the number that matters);
+    else random tokens."""
+    if not (b.args.speculate_text and directory):
+        return torch.randint(0, vocab, (B, ctx), generator=torch.Generator().manual_seed(13)).to(b.device)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    opener = gzip.open if b.args.speculate_text.endswith(".gz") else open
+    with opener(b.args.speculate_text, "rt", encoding="utf-8") as f:
+        text = f.read(B * ctx * 12)  # a few characters per token, with room to spread the windows
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    if len(ids) < B * ctx:
+        raise SystemExit(f"--speculate-text: {len(ids)} tokens, fewer than {B} prompts of {ctx}")
+    starts = torch.linspace(0, len(ids) - ctx, B).long()
+    return torch.stack([ids[s : s + ctx] for s in starts.tolist()]).to(b.device)
 
 
 def run_decode_speculative(b: Bench) -> None:
@@ -1192,11 +1218,11 @@ def run_decode_speculative(b: Bench) -> None:
     elt = torch.finfo(b.dtype).bits // 8
     ks = [int(k) for k in b.args.speculate_k.split(",")] if b.args.speculate_k else list(b.size["speculate_k"])
     drafts = [Draft.of(d) for d in (b.args.draft or ["routers"])]
-    for name, (model, dense, shape) in speculate_models(b).items():
+    for name, (model, dense, shape, directory) in speculate_models(b).items():
         vocab = model.config.get_text_config(decoder=True).vocab_size
         for setting in b.size["speculate"]:
-            B, ctx, new = setting["batch"], setting["context"], setting["new"]
-            ids = torch.randint(0, vocab, (B, ctx), generator=torch.Generator().manual_seed(13)).to(b.device)
+            B, ctx, new = setting["batch"], b.args.speculate_context or setting["context"], setting["new"]
+            ids = speculate_prompts(b, directory, vocab, B, ctx)
             plain = GraphedDecoder(dense, branches=b.args.graph_branches)
             reference = plain.generate(ids, max_new_tokens=new, eos_token_id=[])[:, ctx:]
             times = []
@@ -1605,10 +1631,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--speculate-model",
+        action="append",
         default=None,
         metavar="DIR",
-        help="decode_speculative: also a converted model saved with modadapt.save (trained: its "
-        "acceptance is what matters), verified by its own dense computation",
+        help="decode_speculative: a converted model saved with modadapt.save (trained: its acceptance "
+        "is what matters), verified by its own dense computation; repeat for several. Given, only "
+        "these models are measured",
+    )
+    parser.add_argument(
+        "--speculate-text",
+        default=None,
+        metavar="FILE",
+        help="decode_speculative: prompts from this .txt(.gz), tokenized by the tokenizer saved with "
+        "each --speculate-model (default: random tokens)",
+    )
+    parser.add_argument(
+        "--speculate-context",
+        type=int,
+        default=None,
+        help="decode_speculative: prompt tokens at every batch (default: the size's; a loaded model "
+        "trained on shorter blocks wants fewer)",
     )
     parser.add_argument(
         "--budget-s",
