@@ -35,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1056,7 +1057,13 @@ def run_decode_graphs(b: Bench) -> None:
                     return b.clock.time(lambda: decoder.decode(new)) / new
 
                 forced = forced_routing(model, graphed_step_ms)
-            agreement, worst_row = teacher_forced_agreement(decoder, ids, greedy_tokens(model, ids, min(new, 32)))
+            try:  # a failure here (a second capture, for fewer new tokens) keeps the timings above
+                agreement, worst_row = teacher_forced_agreement(decoder, ids, greedy_tokens(model, ids, min(new, 32)))
+                agreement_error = None
+            except Exception as error:  # noqa: BLE001 - recorded, with the traceback in the log
+                traceback.print_exc()
+                agreement, worst_row = None, None
+                agreement_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             return dict(
                 ms=statistics.median(times),
                 times=times,
@@ -1067,6 +1074,7 @@ def run_decode_graphs(b: Bench) -> None:
                 added=added,
                 agreement=agreement,
                 worst_row=worst_row,
+                agreement_error=agreement_error,
                 branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
                 forced=forced,
             )
@@ -1094,7 +1102,14 @@ def run_decode_graphs(b: Bench) -> None:
             dense_beats_hf_static=None if hf_ms is None else step_ms < hf_ms,
         )
         for router, (model, _nominal, _) in b.mods.items():
-            mod = measure(model)
+            try:
+                mod = measure(model)
+            except Exception as error:  # noqa: BLE001 - one failing cell is a result; the sweep goes on
+                traceback.print_exc()
+                message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                print(f"# decode_graphs B={B} ctx={ctx} {router}: FAILED {message}", flush=True)
+                b.add(dict(scenario=f"decode_graphs_b{B}_ctx{ctx}", router=router, batch=B, context=ctx, error=message))
+                continue
             kept = statistics.mean(mod["added"][i] for i in b.shape.mod_layers)
             goal = setting["goals"].get(router)
             speedup = dense["ms"] / mod["ms"]
@@ -1134,6 +1149,8 @@ def run_decode_graphs(b: Bench) -> None:
                 mod_teacher_forced_agreement=mod["agreement"],
                 dense_worst_row_agreement=dense["worst_row"],
                 mod_worst_row_agreement=mod["worst_row"],
+                dense_agreement_error=dense["agreement_error"],
+                mod_agreement_error=mod["agreement_error"],
                 **bound,
             )
             if mod["forced"]:

@@ -110,4 +110,5 @@ def static_cache_attention(
     out = F.scaled_dot_product_attention(q, key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale)
     if T == 1:
         return out.reshape(B, 1, H, d)
-    return out.view(B, H, T, d).transpose(1, 2).contiguous()
+    # reshape: SDPA's CUDA kernels may return a transposed layout that a view cannot take
+    return out.reshape(B, H, T, d).transpose(1, 2).contiguous()
