@@ -1121,6 +1121,11 @@ def work_through(ctx: dict, plan_file: Path) -> None:
             )
 
 
+def unfinished(work: Path, tasks: list[dict]) -> list[str]:
+    """The ids of `tasks` with no record in `work`: a call that ends must say what it left undone."""
+    return [task_id(t) for t in tasks if not (work / "records" / f"{task_id(t)}.json").is_file()]
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.tiny:  # tiny matrices: one thread avoids oversubscription on a busy CPU
@@ -1165,6 +1170,13 @@ def main(argv=None) -> list[dict]:
         codes = [proc.wait() for proc in procs]
         if any(codes):
             print(f"worker exit codes {codes}; see {work}/worker-*.log", flush=True)
+    missing = unfinished(work, pending)
+    if missing:
+        print(
+            f"{len(missing)} planned runs not done (the --budget-s deadline passed, or a run that ran out of "
+            f"memory was given back after the other workers stopped): {', '.join(missing)}; call again to run them",
+            flush=True,
+        )
     records = merge_records(args, work)
     dense = next((r for r in records if r["variant"] == "dense"), None) or {  # the recorded one stays
         "variant": "dense",
