@@ -421,3 +421,124 @@ def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_r
     monkeypatch.setattr(varlen, "_reference", lambda *a, **k: calls.append(1) or reference(*a, **k))
     assert torch.equal(GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), expected)
     assert calls, "the prompt did not run packed"
+
+
+# --- compile=True: the layers through torch.compile (inductor on CPU here: a C++ compiler) ------------
+def _counting(monkeypatch):
+    """Swap the decoder's torch.compile backend for inductor behind a counter of compiled frames."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from modadapt.decoding import compiled
+
+    counter = CompileCounterWithBackend("inductor")
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    return counter
+
+
+@pytest.mark.parametrize("router, branches", [(None, "auto"), ("topk", "select"), ("threshold-p", "host")])
+def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, randomize_routers, monkeypatch):
+    """compile=True: batch 1 and a left-padded batch give `model.generate`'s greedy tokens. Each
+    shape compiles in its step's warm-up (inside `prefill`), never while decoding: a second prompt
+    of the same shapes, and a new step of the same shapes (sampling), compile nothing."""
+    model = tiny("llama") if router is None else _converted(tiny, "llama", randomize_routers, router=router)
+    counter = _counting(monkeypatch)
+    decoder = GraphedDecoder(model, branches=branches, compile=True)
+    for prompts in ([ids(1, 9, seed=3)[0]], [ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+        x, mask, _ = left_pad(prompts)
+        before = counter.frame_count
+        decoder.prefill(x, mask, 10)
+        warmed = counter.frame_count
+        assert warmed > before  # this batch size compiled in the warm-up
+        decoder.decode(9)
+        assert counter.frame_count == warmed  # decoding compiled nothing
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=10), _greedy(model, x, mask, 10))
+        other = torch.where(mask.bool(), (x * 7 + 1) % 255 + 1, x)  # another prompt of the same shapes
+        assert torch.equal(
+            decoder.generate(other, attention_mask=mask, max_new_tokens=10), _greedy(model, other, mask, 10)
+        )
+        assert counter.frame_count == warmed and len(decoder._steps) == len(set(decoder._steps))
+    assert decoder.last_step.mode == decoder.branches_for(3)
+    torch.manual_seed(1)  # a sampled step: a new step of seen shapes, whose warm-up leaves the seed alone
+    drawn = decoder.generate(x, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=2.0)
+    assert counter.frame_count == warmed
+    torch.manual_seed(1)
+    plain = GraphedDecoder(model, branches=branches).generate(
+        x, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=2.0
+    )
+    assert torch.equal(drawn, plain)
+
+
+def test_compiled_step_errors(tiny, ids, monkeypatch):
+    """Bad input, no torch.compile here, and a compile that fails: each one clear error."""
+    from modadapt.decoding import compiled
+
+    model = tiny("llama")
+    for bad in ("inductor", 1, None):
+        with pytest.raises(ModAdaptError, match="compile must be True or False"):
+            GraphedDecoder(model, compile=bad)
+    with monkeypatch.context() as m:
+        m.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+        with pytest.raises(ModAdaptError, match="compile=False"):
+            GraphedDecoder(model, compile=True)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    decoder = GraphedDecoder(model, compile=True)
+    with pytest.raises(
+        ModAdaptError, match=r"torch.compile failed on the decode step.*no compiler on this machine.*compile=False"
+    ):
+        decoder.generate(ids(1, 5), max_new_tokens=3)
+    assert torch.equal(GraphedDecoder(model).generate(ids(1, 5), max_new_tokens=3), _greedy(model, ids(1, 5), None, 3))
+
+
+def test_compiled_step_refuses_to_compile_after_its_warm_up(tiny, ids, monkeypatch):
+    """A guard that fails after the warm-up (here: one layer put in training mode) is an error
+    naming compile=False, not a silent compile while decoding (or, on CUDA, inside a capture)."""
+    model = tiny("llama")
+    _counting(monkeypatch)
+    decoder = GraphedDecoder(model, compile=True)
+    decoder.prefill(ids(1, 5), None, 4)
+    decoder.layers[1].module.train()
+    with pytest.raises(ModAdaptError, match="compile again after its warm-up.*compile=False"):
+        decoder.decode(1)
+    decoder.layers[1].module.eval()
+    decoder.decode(1)  # the compiled step again
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_compiled_captured_graphs_match_generate_on_cuda():
+    """compile=True on CUDA (inductor's Triton kernels inside the captured graphs), float32,
+    every branch mode: `model.generate`'s greedy tokens, and a replayed step compiles nothing.
+    Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from modadapt.decoding import BRANCHES, compiled
+
+    modes = [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    counter = CompileCounterWithBackend("inductor")
+    saved, compiled.BACKEND = compiled.BACKEND, counter
+    try:
+        for router, branches in [(None, "auto")] + [("threshold-p", b) for b in modes] + [("topk", "auto")]:
+            model = build_tiny("llama")
+            if router is not None:
+                model = modadapt.convert(model, router=router, layers="all-but-first")
+                model = randomize_router_weights(model).eval()
+            model = model.cuda()
+            decoder = GraphedDecoder(model, branches=branches, compile=True)
+            for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+                x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
+                expected = _greedy(model, x, mask, 40)
+                assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40), expected), (
+                    router,
+                    branches,
+                    len(prompts),
+                )
+                assert decoder.last_step.graphs is not None
+                frames = counter.frame_count
+                assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40), expected)
+                assert counter.frame_count == frames
+    finally:
+        compiled.BACKEND = saved

@@ -63,6 +63,29 @@ def test_speculative_greedy_other_routers_and_branches(router, tiny, ids, left_p
         assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), expected)
 
 
+def test_compiled_speculation_equals_dense_greedy(tiny, ids, left_pad, randomize_routers, monkeypatch):
+    """compile=True: the draft steps' and the verification's layers through torch.compile give
+    the dense model's greedy tokens at batch 1 and in a left-padded batch; each shape compiles in
+    the warm-up (inside `prefill`), the rounds compile nothing."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from modadapt.decoding import compiled
+
+    counter = CompileCounterWithBackend("inductor")
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    dense, model = _pair(tiny, "llama", randomize_routers)
+    decoder = GraphedDecoder(model, speculate=2, compile=True)
+    for prompts in ([ids(1, 9, seed=3)[0]], [ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+        x, mask, _ = left_pad(prompts)
+        before = counter.frame_count
+        decoder.prefill(x, mask, 12)
+        warmed = counter.frame_count
+        assert warmed > before
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), _greedy(dense, x, mask, 12))
+        assert counter.frame_count == warmed
+        assert 0 < decoder.speculation_stats()["acceptance"] < 1
+
+
 def test_verifier_cache_holds_the_dense_model_cache(tiny, ids, randomize_routers):
     """After generating, every layer's slots `[0, base)` of each row hold the dense model's K/V of
     the row's tokens (the draft's writes were all overwritten), and nothing else is counted."""
@@ -382,6 +405,24 @@ def test_captured_speculation_matches_dense_generate_on_cuda():
                         decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=2.0)
                     )
                 assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_compiled_captured_speculation_matches_dense_generate_on_cuda():
+    """compile=True on CUDA: the captured draft steps (every branch mode) and verification replay
+    inductor's kernels and give the dense model's greedy tokens in float32."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+
+    dense = build_tiny("llama").cuda()
+    model = modadapt.convert(copy.deepcopy(dense), router="threshold-p", layers="all-but-first")
+    model = randomize_router_weights(model).eval()
+    for branches in _modes():
+        decoder = GraphedDecoder(model, branches=branches, speculate=2, compile=True)
+        for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+            x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
+            got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
+            assert decoder.last_step.graph is not None and decoder.last_step.graphs is not None
+            assert torch.equal(got, _greedy(dense, x, mask, 40)), (branches, len(prompts), decoder.last_step.mode)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")

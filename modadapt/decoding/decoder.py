@@ -16,6 +16,7 @@ from ..dense import dense
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from ..plugins import find_adapter
+from .compiled import NoCompiler, StepCompiler, check_compile
 from .sampling import Sampling, next_token
 from .speculate import Draft, SpeculativeStep
 from .step import BRANCHES, DecodeStep, StepLayer, conditional_nodes_available
@@ -44,6 +45,12 @@ class GraphedDecoder:
     (`modadapt.unload(model)`'s): its greedy tokens, or draws from its distribution. `draft` sets
     how deep the draft runs (`modadapt.decoding.Draft`: the routers' choice by default, a
     `margin` to keep fewer tokens, MoD layers to `skip`). See `modadapt.decoding.speculate`.
+
+    `compile=True` runs each layer's forward, the rotary embedding and the final norm through
+    `torch.compile` (inductor, static shapes), so that their small elementwise kernels fuse; the
+    static cache's write and the attention that reads it stay eager, between compiled graphs.
+    Each new step shape compiles in the step's warm-up, before its capture (the first `prefill`
+    of a shape takes that long); nothing compiles after it. See `modadapt.decoding.compiled`.
     """
 
     def __init__(
@@ -53,6 +60,7 @@ class GraphedDecoder:
         branches: str = "auto",
         speculate: int = 0,
         draft: Draft | dict | str | None = None,
+        compile: bool = False,
     ):
         if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
             raise ModAdaptError(
@@ -70,8 +78,11 @@ class GraphedDecoder:
         self.cuda_graphs = self.params.is_cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not self.params.is_cuda:
             raise ModAdaptError("cuda_graphs=True needs the model on a CUDA device.")
+        self.compile = check_compile(compile, self.params.device)
+        self.compiler = StepCompiler() if self.compile else NoCompiler()
         self.kv_heads, self.head_dim, self.window = parts.kv_heads, parts.head_dim, parts.window
-        self.embed, self.norm, self.rotary, self.head = parts.embed, parts.norm, parts.rotary, parts.head
+        self.embed, self.head = parts.embed, parts.head
+        self.norm, self.rotary = self.compiler.compile(parts.norm), self.compiler.compile(parts.rotary)
         _, stack = adapter.layer_stack(model)
         mod = set(state.layer_indices) if state is not None else set()
         for i in sorted(mod):
@@ -85,7 +96,7 @@ class GraphedDecoder:
         for i, layer in enumerate(stack):
             names = layer.mod_state.call if i in mod else adapter.layer_call(model, layer, i)
             forward = getattr(type(layer), "_mod_original", type(layer)).forward
-            self.layers.append(StepLayer(layer, forward, names, i in mod))
+            self.layers.append(StepLayer(layer, self.compiler.compile(forward), names, i in mod))
         self.first_dense = next((i for i, layer in enumerate(self.layers) if not layer.mod), None)
         self.speculate, self.draft = speculate, None
         if speculate:
@@ -283,7 +294,7 @@ class GraphedDecoder:
         if step is None:
             raise ModAdaptError("call prefill (or generate) before decode.")
         if isinstance(step, SpeculativeStep):
-            with self.parts.static_attention():
+            with self.parts.static_attention(), self.compiler.compiled():
                 for _ in range(steps):
                     step.run_round()
             return
@@ -293,7 +304,7 @@ class GraphedDecoder:
                 f"{steps} more do not fit."
             )
         step.steps_done += steps
-        with self.parts.static_attention():
+        with self.parts.static_attention(), self.compiler.compiled():
             for _ in range(steps):
                 if step.graphs is not None:
                     step.replay()
@@ -366,6 +377,14 @@ class GraphedDecoder:
                     "the host, or a rotary embedding that resizes itself, cannot be graphed: use "
                     "cuda_graphs=False."
                 ) from error
+        elif self.compile:  # no capture: the warm-up alone compiles (on scratch values, as a capture's)
+            device = self.params.device
+            rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+            try:
+                with self.parts.static_attention():
+                    step.warm_up()
+            finally:  # its draws must not shift a sampled generation (as a capture's)
+                torch.cuda.set_rng_state(rng, device) if device.type == "cuda" else torch.set_rng_state(rng)
         self._steps[key] = step
         return step
 

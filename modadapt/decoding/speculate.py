@@ -347,6 +347,19 @@ class SpeculativeStep:
             self._verify()
         self.rounds_done += 1
 
+    def warm_up(self) -> None:
+        """The draft step's warm-up (`DecodeStep.warm_up`) and two verifications, on scratch
+        values; with `compile`, only the first run of each compiles."""
+        self.draft.warm_up()
+        self._warm_up_verification()
+
+    def _warm_up_verification(self) -> None:
+        compiler = self.decoder.compiler
+        with compiler.compiling():
+            self._verify()
+        with compiler.compiled():
+            self._verify()
+
     def capture(self) -> None:
         """Capture the draft step (as `DecodeStep.capture`, per branch mode) and the verification
         (one graph). The buffers hold scratch values after; the caller fills them. The random
@@ -358,11 +371,10 @@ class SpeculativeStep:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._verify()
+                self._warm_up_verification()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with self.decoder.compiler.compiled(), torch.cuda.graph(graph):
                 self._verify()
             self.graph = graph
         finally:

@@ -51,6 +51,7 @@ class StaticCache:
     def __init__(self, keys: list, values: list, lengths: list):
         self.keys, self.values, self.lengths = keys, values, lengths
 
+    @torch.compiler.disable  # in place into the buffers, eagerly (see `modadapt.decoding.compiled`)
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v, length = self.keys[layer_idx], self.values[layer_idx], self.lengths[layer_idx]
         B, Hk, T, d = key.shape
@@ -82,6 +83,7 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scal
     )[0]
 
 
+@torch.compiler.disable  # flash, its fallback and its `_FLASH` bookkeeping stay eager (a graph break)
 def static_cache_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: KeyLengths, scale: float | None
 ) -> torch.Tensor:

@@ -38,7 +38,7 @@ class StepLayer:
     """A layer of the stack as the step calls it: its original forward, bypassing `mod_forward`."""
 
     module: nn.Module
-    forward: Callable  # the layer's original forward (unbound)
+    forward: Callable  # the layer's original forward (unbound; through torch.compile with `compile`)
     names: LayerCall  # its argument names
     mod: bool
 
@@ -194,12 +194,20 @@ class DecodeStep:
         finally:
             torch.cuda.set_rng_state(rng, device)
 
+    def warm_up(self) -> None:
+        """Run every piece twice, each MoD layer's work included, on the buffers' scratch values.
+        With `compile`, the first run compiles; the second, like everything after it, must not."""
+        compiler = self.decoder.compiler
+        with compiler.compiling():
+            self.run_eager(warm=True)
+        with compiler.compiled():
+            self.run_eager(warm=True)
+
     def _warm_up_and_capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.run_eager(warm=True)
+            self.warm_up()
         torch.cuda.current_stream().wait_stream(stream)
         if self.mode == "host":
             # uint8 so that a value the GPU never writes (_PENDING) marks "not arrived yet"
@@ -210,7 +218,7 @@ class DecodeStep:
         def capture_group(fns, kind, layer=None):
             nonlocal pool
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with self.decoder.compiler.compiled(), torch.cuda.graph(graph, pool=pool):
                 for fn in fns:
                     fn()
             pool = graph.pool()
