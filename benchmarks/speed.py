@@ -10,9 +10,12 @@ the measured speedup next to the ideal one (FLOPs for prefill/training, bytes fo
     python benchmarks/speed.py --out results.json       # GPU (see benchmarks/README.md)
     python benchmarks/speed.py --compile --scenarios prefill,train --routers topk --out compiled.json
     python benchmarks/speed.py --scenarios decode_speculative --speculate-k 2,4,6 --draft routers --draft margin=0.5
+    python benchmarks/speed.py --scenarios decode_graphs --routers topk,threshold-p --graph-compile --out fused.json
 
 With --compile, prefill and training run dense and MoD alike through torch.compile (fullgraph for
-dense and topk); decode and the layer breakdown stay eager.
+dense and topk); decode and the layer breakdown stay eager. With --graph-compile, decode_graphs and
+decode_speculative build `GraphedDecoder(..., compile=True)`: the layers of the captured step
+through torch.compile (inductor), so its small kernels fuse.
 
 Router weights: a fresh conversion has zero routers (every token kept), so the script gives each
 MoD layer's router a random score direction and a bias at the right quantile of the scores on a
@@ -1034,11 +1037,11 @@ def run_decode_graphs(b: Bench) -> None:
         ids = b.ids(B, ctx, 11)
 
         def measure(model):
-            decoder = GraphedDecoder(model, branches=b.args.graph_branches)
+            decoder = GraphedDecoder(model, branches=b.args.graph_branches, compile=b.args.graph_compile)
             t0 = time.perf_counter()
             decoder.prefill(ids, None, new)
             b.clock.sync()
-            first_s = time.perf_counter() - t0  # includes the capture
+            first_s = time.perf_counter() - t0  # includes the capture (and with --graph-compile, compiling)
             times, mem = [], {}
             with peak_memory(b.device, mem, "peak"):
                 for r in range(b.size["decode_warmup"] + b.size["decode_repeats"]):
@@ -1088,9 +1091,9 @@ def run_decode_graphs(b: Bench) -> None:
             hf_ms, hf_error = None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         step_ms = dense["ms"] / new
         print(
-            f"# dense graphed B={B} ctx={ctx}: {step_ms:.3f} ms/step, bytes bound {bound_ms:.3f} ms "
-            f"({step_ms / bound_ms:.2f}x), transformers static-cache "
-            f"{'failed: ' + hf_error if hf_ms is None else f'{hf_ms:.3f} ms'}",
+            f"# dense graphed{' compiled' if b.args.graph_compile else ''} B={B} ctx={ctx}: {step_ms:.3f} ms/step, "
+            f"bytes bound {bound_ms:.3f} ms ({step_ms / bound_ms:.2f}x), first call {dense['first_s']:.1f} s, "
+            f"transformers static-cache {'failed: ' + hf_error if hf_ms is None else f'{hf_ms:.3f} ms'}",
             flush=True,
         )
         bound = dict(
@@ -1108,7 +1111,16 @@ def run_decode_graphs(b: Bench) -> None:
                 traceback.print_exc()
                 message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
                 print(f"# decode_graphs B={B} ctx={ctx} {router}: FAILED {message}", flush=True)
-                b.add(dict(scenario=f"decode_graphs_b{B}_ctx{ctx}", router=router, batch=B, context=ctx, error=message))
+                b.add(
+                    dict(
+                        scenario=f"decode_graphs_b{B}_ctx{ctx}",
+                        router=router,
+                        batch=B,
+                        context=ctx,
+                        graph_compile=b.args.graph_compile,
+                        error=message,
+                    )
+                )
                 continue
             kept = statistics.mean(mod["added"][i] for i in b.shape.mod_layers)
             goal = setting["goals"].get(router)
@@ -1130,6 +1142,7 @@ def run_decode_graphs(b: Bench) -> None:
                 mod_tokens_per_s=B * new / mod["ms"] * 1e3,
                 kept_fraction=kept,
                 branches=mod["branches"],
+                graph_compile=b.args.graph_compile,
                 flash_decode=any(static_cache._FLASH.values()),
                 dense_kv_bytes=dense["allocated"],
                 mod_kv_bytes=mod["allocated"],
@@ -1240,7 +1253,11 @@ def run_decode_speculative(b: Bench) -> None:
         for setting in b.size["speculate"]:
             B, ctx, new = setting["batch"], b.args.speculate_context or setting["context"], setting["new"]
             ids = speculate_prompts(b, directory, vocab, B, ctx)
-            plain = GraphedDecoder(dense, branches=b.args.graph_branches)
+            plain = GraphedDecoder(dense, branches=b.args.graph_branches, compile=b.args.graph_compile)
+            t0 = time.perf_counter()
+            plain.prefill(ids, None, new)
+            b.clock.sync()
+            dense_first_s = time.perf_counter() - t0  # the capture (and with --graph-compile, compiling)
             reference = plain.generate(ids, max_new_tokens=new, eos_token_id=[])[:, ctx:]
             times = []
             for r in range(b.size["decode_warmup"] + b.size["decode_repeats"]):
@@ -1251,8 +1268,14 @@ def run_decode_speculative(b: Bench) -> None:
             dense_ms, dense_times = statistics.median(times), times
             dense_step = decode_bytes(shape, B, ctx, 1, None, elt)
             for k, draft in itertools.product(ks, drafts):
-                decoder = GraphedDecoder(model, branches=b.args.graph_branches, speculate=k, draft=draft)
+                decoder = GraphedDecoder(
+                    model, branches=b.args.graph_branches, speculate=k, draft=draft, compile=b.args.graph_compile
+                )
                 every = max(1, CHECK_EVERY // (k + 1))
+                t0 = time.perf_counter()
+                decoder.prefill(ids, None, new)
+                b.clock.sync()
+                first_s = time.perf_counter() - t0
 
                 def rounds(step):
                     fewest = 1
@@ -1299,7 +1322,10 @@ def run_decode_speculative(b: Bench) -> None:
                         same_prefix_as_dense=float(same.mean()),
                         same_prefix_worst_row=float(same.min()),
                         branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
+                        graph_compile=b.args.graph_compile,
                         flash_decode=any(static_cache._FLASH.values()),
+                        dense_first_call_s=dense_first_s,
+                        mod_first_call_s=first_s,
                         goal=None,
                         met=None,
                         dense_times_ms=dense_times,
@@ -1635,6 +1661,13 @@ def main(argv: list[str] | None = None) -> int:
         help="decode_graphs: how MoD layers branch in the captured step (GraphedDecoder's branches)",
     )
     parser.add_argument(
+        "--graph-compile",
+        action="store_true",
+        help="decode_graphs, decode_speculative: GraphedDecoder(compile=True), the captured step's layers "
+        "through torch.compile (inductor) so that their small kernels fuse; each shape compiles in the "
+        "first prefill, timed apart (first_call_s), outside the warm-up and repeats",
+    )
+    parser.add_argument(
         "--speculate-k",
         default=None,
         help="decode_speculative: comma list of K (draft tokens per verification); default 2,4,6 (--tiny: 2)",
@@ -1697,6 +1730,7 @@ def main(argv: list[str] | None = None) -> int:
     env["sdpa_backends"] = args.sdpa_backends or "default"
     env["compile"] = bool(args.compile)
     env["compile_mode"] = (args.compile_mode or "default") if args.compile else None
+    env["graph_compile"] = bool(args.graph_compile)
     with contextlib.ExitStack() as stack:
         if args.sdpa_backends:
             from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -27,6 +27,11 @@ layer is its own cache entry on the one forward they share; the warm-up lifts Dy
 limit (8 per code object) for that, and makes hitting it an error rather than a silent eager
 fallback. The wrappers of the layers' forward are shared by every decoder of the process, so a
 second decoder of the same layer class and step shapes compiles nothing.
+
+Rounding: inductor is told to round half-precision intermediates where eager does
+(`emulate_precision_casts`), since MoD routing thresholds a score and a last-bit difference
+would flip decisions. In float32 (and bf16 on CPU) the compiled step gives the uncompiled one's
+tokens; on CUDA, Triton's reduction order may still differ in the last bit (up to kernel rounding).
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ class StepCompiler:
         if flag is not None:
             limits[flag] = True  # past the limit: an error, not a silent eager fallback
         try:
-            with config.patch(**limits):
+            with config.patch(**limits), _eager_rounding():
                 yield
         except (ModAdaptError, torch.OutOfMemoryError):
             raise
@@ -125,6 +130,20 @@ class StepCompiler:
                 f"{_first_line(error)}); a captured graph must replay the warm-up's kernels. Please report "
                 f"it; {_OFF}."
             ) from error
+
+
+def _eager_rounding() -> contextlib.AbstractContextManager[None]:
+    """Inductor keeps a fused chain's half-precision intermediates in float32 unless told to round
+    them where eager rounds (`emulate_precision_casts`); a MoD router compares its score with a
+    cut-off, so a last-bit difference flips decisions and the tokens drift from the uncompiled
+    step's. Rounded as eager rounds, they agree (bf16 on CPU: the same tokens)."""
+    try:
+        from torch._inductor import config
+    except ImportError:  # no inductor: nothing to set
+        return contextlib.nullcontext()
+    if not hasattr(config, "emulate_precision_casts"):
+        return contextlib.nullcontext()
+    return config.patch(emulate_precision_casts=True)
 
 
 def _wrap(fn: Callable) -> Callable:
