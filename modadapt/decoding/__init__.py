@@ -24,6 +24,7 @@ MoD layers where they apply) and its cache is copied in.
 One concept per module: `static_cache` (the buffers and the attention that reads them),
 `sampling` (token choice inside a graph), `step` (a step's pieces, capture and replay per branch
 mode), `speculate` (speculative decoding: the routing drafts, the dense computation verifies),
+`compiled` (`compile=True`: the step's layers through `torch.compile`, compiled in the warm-up),
 `decoder` (`GraphedDecoder`: prefill, decode, generate).
 
 What a family must provide (embedding, rotary embedding, final norm, head, the prompt's cache,
