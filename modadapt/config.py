@@ -27,7 +27,8 @@ class ModConfig:
         metadata={
             "help": "Layers to convert: a list of indices, a comma list such as '1,3,5', "
             "'every-other' (1, 3, 5, ...), 'all-but-first', or 'from:REPORT_DIR' (the layers a "
-            "`modadapt analyze` report selected). Layer 0 is never converted."
+            "`modadapt analyze` report selected). Layer 0 is never converted; the two rules pass over "
+            "the layers a family keeps dense (Gemma 2/3: the first layer of each attention type)."
         },
     )
     capacity: float = field(

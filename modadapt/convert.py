@@ -10,7 +10,7 @@ from torch import nn
 
 from . import mod_layer, plugins
 from .adapters.base import TokenRoles
-from .config import ModConfig, resolve_layers
+from .config import LAYER_RULES, ModConfig, resolve_layers
 from .deprecation import moved_names
 from .errors import ModAdaptError
 from .mod_layer import STATE_ATTR, LayerState, ModelState, mod_class
@@ -45,6 +45,10 @@ def convert(model: nn.Module, config: ModConfig | None = None, *, adapter: str |
     adapter.configure(**config.adapter_kwargs)
     stack_owner, layers = adapter.layer_stack(model)
     indices = resolve_layers(config.layers, len(layers))
+    if config.layers in LAYER_RULES:  # a rule passes over the layers the family keeps dense
+        indices = [i for i in indices if accepts_layer(adapter, model, i)]
+        if not indices:
+            raise ModAdaptError(f"the layer rule {config.layers!r} selects no layer this model can convert.")
     adapter.validate_layers(model, indices)
     router_cls = get_router(config.router).obj
     hidden = adapter.hidden_size(model)
@@ -70,6 +74,15 @@ def convert(model: nn.Module, config: ModConfig | None = None, *, adapter: str |
     _install_hooks(model, stack_owner, state)
     state.hooks.extend(attached)
     return model
+
+
+def accepts_layer(adapter, model: nn.Module, index: int) -> bool:
+    """Whether `adapter` lets layer `index` of `model` be converted (`Adapter.validate_layers`)."""
+    try:
+        adapter.validate_layers(model, [index])
+    except ModAdaptError:
+        return False
+    return True
 
 
 class _Hooks:

@@ -254,7 +254,7 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     K = decision.indices.shape[1]
     if K == 0:  # nothing to process in any row: skip the layer outright, write no K/V
         if book is not None:
-            book.mod_seen += T
+            book.mod_advance(T)
         return hidden
 
     packed = decision.segments is not None
@@ -276,7 +276,7 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
         out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
     out_sub = apply_gate(out[0] if isinstance(out, tuple) else out, decision.gate, hidden_sub)
     if book is not None:
-        book.mod_seen += T
+        book.mod_advance(T)
     if decision.valid is not None:
         out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub)
     result = hidden.scatter(1, gather_index, out_sub.to(hidden.dtype))

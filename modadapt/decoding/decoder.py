@@ -154,7 +154,7 @@ class GraphedDecoder:
         if self.window is not None and S + max_new_tokens > self.window:
             raise ModAdaptError(
                 f"the model's sliding window ({self.window}) is shorter than prompt + new tokens "
-                f"({S + max_new_tokens}); graphed decoding has no windowed cache."
+                f"({S + max_new_tokens}); graphed decoding has no windowed cache: decode with model.generate."
             )
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
         logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)

@@ -1,4 +1,4 @@
-"""Hugging Face decoder-only LLMs (Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2), found generically.
+"""Hugging Face decoder-only LLMs (Llama, Qwen2/3, Mistral, Gemma 1-3, OLMo 2, Phi-3, GPT-2), found generically.
 
 The layer stack is the `nn.ModuleList` of the decoder (`get_decoder()`) whose layers are of a class
 named in `_no_split_modules`; no modeling code is copied per family. The KV-cache bookkeeping of
@@ -19,6 +19,7 @@ from ...errors import ModAdaptError
 from ..base import Adapter, AttentionMapCallback, DecodeParts, LayerCall, TokenRoles
 from .attention import (
     PROBE_ATTENTION,
+    PROBE_EAGER_ATTENTION,
     STATIC_ATTENTION,
     VARLEN_ATTENTION,
     register_attention_functions,
@@ -28,7 +29,7 @@ from .attention_maps import eager_attention_maps
 from .kv_cache import mod_cache_layer
 
 #: Families converted, trained and generated with in the test suite.
-TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
+TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt2")
 #: Llama-style families (token embedding, rotary embedding, final norm) `GraphedDecoder` runs.
 GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
@@ -90,7 +91,9 @@ class HFDecoderAdapter(Adapter):
             window=_sliding_window(config, index),
             attn_implementation=functools.partial(getattr, config, "_attn_implementation"),
             signature=signature,
-            packed_attention=functools.partial(use_attention, config, VARLEN_ATTENTION),
+            # The packed kernel has no soft-capping (Gemma 2's attention): such layers pad.
+            packed_attention=None if getattr(config, "attn_logit_softcapping", None)
+            else functools.partial(use_attention, config, VARLEN_ATTENTION),
         )
 
     def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
@@ -116,7 +119,7 @@ class HFDecoderAdapter(Adapter):
         if getattr(config, "model_type", None) not in GRAPHED_FAMILIES or not hasattr(model, "get_decoder"):
             raise ModAdaptError(
                 f"graphed decoding supports {', '.join(GRAPHED_FAMILIES)} decoders, not "
-                f"{getattr(config, 'model_type', type(model).__name__)!r}."
+                f"{getattr(config, 'model_type', type(model).__name__)!r}; decode it with model.generate."
             )
         decoder = model.get_decoder()
         for part in ("embed_tokens", "rotary_emb", "norm", "layers"):
@@ -151,13 +154,15 @@ class HFDecoderAdapter(Adapter):
         return {"input_ids": torch.randint(1, vocab, (batch, length), generator=generator)}
 
     def attention_probe(self, model: nn.Module, layers: list[int]) -> AttentionProbe:
-        """Points the model's attention at `PROBE_ATTENTION` (records, then runs SDPA) while the
-        probe is attached; SDPA-style masks are built for it, so outputs do not change."""
+        """Points the model's attention at `PROBE_ATTENTION` (records, then runs SDPA; for an eager
+        model `PROBE_EAGER_ATTENTION`, which runs the family's eager attention) while the probe is
+        attached; masks are built for the kernel it runs, so outputs do not change."""
         config = model.config.get_text_config(decoder=True)
         current = config._attn_implementation
-        if current not in ("sdpa", PROBE_ATTENTION):
+        probing = _PROBES.get(current, current)
+        if probing not in _PROBES.values():
             raise ModAdaptError(
-                f"observing attention needs attn_implementation='sdpa', not {current!r}; "
+                f"observing attention needs attn_implementation='sdpa' (or 'eager'), not {current!r}; "
                 "load the model with attn_implementation='sdpa'."
             )
         _, stack = self.layer_stack(model)
@@ -174,7 +179,7 @@ class HFDecoderAdapter(Adapter):
         for attn, i in modules:
             tags = attn.__dict__.setdefault("_modadapt_probes", [])
             tags.append((probe, i))
-        model.config._attn_implementation = PROBE_ATTENTION
+        model.config._attn_implementation = probing
         probe.on_remove(_DetachProbe(model, stack, [attn for attn, _ in modules], probe))
         return probe
 
@@ -211,9 +216,14 @@ class HFDecoderAdapter(Adapter):
         return cls._from_config(config)
 
 
+#: The probing attention function for each kernel it observes.
+_PROBES = {"sdpa": PROBE_ATTENTION, "eager": PROBE_EAGER_ATTENTION}
+
+
 class _DetachProbe:
-    """Untags the probe's attention modules and restores SDPA once no probe is left. An object,
-    not a closure, so that `copy.deepcopy(model)` gives the copy an undo bound to the copy."""
+    """Untags the probe's attention modules and restores the observed kernel once no probe is
+    left. An object, not a closure, so that `copy.deepcopy(model)` gives the copy an undo bound
+    to the copy."""
 
     def __init__(self, model: nn.Module, stack: nn.Module, modules: list, probe: AttentionProbe):
         self.model, self.stack, self.modules, self.probe = model, stack, modules, probe
@@ -222,7 +232,8 @@ class _DetachProbe:
         for attn in self.modules:
             attn._modadapt_probes = [t for t in attn._modadapt_probes if t[0] is not self.probe]
         if not any(getattr(m, "_modadapt_probes", None) for m in self.stack.modules()):
-            self.model.config._attn_implementation = "sdpa"
+            probing = self.model.config._attn_implementation
+            self.model.config._attn_implementation = next((k for k, v in _PROBES.items() if v == probing), "sdpa")
 
 
 def _prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

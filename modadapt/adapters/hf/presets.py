@@ -12,14 +12,19 @@ from ...hookspecs import Preset
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+#: Two attention types in one stack: layers 0 and 2 are the first of their type (which size the
+#: masks, so they stay dense); `every-other` converts a sliding layer (1) and a global one (3).
+#: A window of 4 cuts every test sequence.
+_MIXED_WINDOWS = dict(layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+                      sliding_window=4)
 
 
-def _llama_like(config_name: str, model_name: str, **extra) -> Callable[[], nn.Module]:
+def _llama_like(config_name: str, model_name: str, attn: str = "sdpa", **extra) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers
 
         config = getattr(transformers, config_name)(**{**_COMMON, **extra})
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attn
         return getattr(transformers, model_name)(config)
 
     return build
@@ -45,17 +50,33 @@ def _tiny_llava() -> nn.Module:
     return LlavaForConditionalGeneration(config)
 
 
-def _decoder(family: str, build: Callable[[], nn.Module]) -> Preset:
-    return Preset(f"tiny-{family}", build, f"transformers {family} decoder, 4 layers, width 64")
+def _decoder(family: str, build: Callable[[], nn.Module], what: str = "") -> Preset:
+    return Preset(f"tiny-{family}", build, f"transformers {family} decoder, 4 layers, width 64{what}")
 
 
-PRESETS: tuple[Preset, ...] = (
+#: The decoder presets, one per family the hf-decoder adapter is tested on (`tiny-<family>`).
+DECODER_PRESETS: tuple[Preset, ...] = (
     _decoder("llama", _llama_like("LlamaConfig", "LlamaForCausalLM")),
+    _decoder("llama-tied", _llama_like("LlamaConfig", "LlamaForCausalLM", tie_word_embeddings=True),
+             ", input and output embeddings tied (Llama 3.2 style)"),
     _decoder("qwen2", _llama_like("Qwen2Config", "Qwen2ForCausalLM")),
     _decoder("qwen3", _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=16)),
     _decoder("mistral", _llama_like("MistralConfig", "MistralForCausalLM", sliding_window=None)),
     _decoder("gemma", _llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=16)),
+    # Soft-capped attention logits: transformers runs Gemma 2 with eager attention (SDPA has no softcap).
+    _decoder("gemma2", _llama_like("Gemma2Config", "Gemma2ForCausalLM", attn="eager", head_dim=16, **_MIXED_WINDOWS),
+             ", sliding and global layers, soft-capped attention and logits"),
+    _decoder("gemma3", _llama_like("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, **_MIXED_WINDOWS),
+             ", sliding and global layers (their own RoPE)"),
+    _decoder("olmo2", _llama_like("Olmo2Config", "Olmo2ForCausalLM"), ", norms after attention and MLP"),
     _decoder("phi3", _llama_like("Phi3Config", "Phi3ForCausalLM")),
     _decoder("gpt2", _gpt2),
+)
+
+#: The families of `DECODER_PRESETS` (`tiny-<family>`), as the test suite names them.
+DECODER_FAMILIES: tuple[str, ...] = tuple(p.name.removeprefix("tiny-") for p in DECODER_PRESETS)
+
+PRESETS: tuple[Preset, ...] = (
+    *DECODER_PRESETS,
     Preset("tiny-llava", _tiny_llava, "LLaVA: a 2-layer CLIP vision tower and a tiny Llama, 16 image tokens"),
 )
