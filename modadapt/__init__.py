@@ -16,7 +16,7 @@ from .dense import dense
 from .errors import ModAdaptError
 from .decoding import GraphedDecoder
 from .hookspecs import Preset, Recipe
-from .metrics.routing_stats import routing_stats
+from .metrics.routing_stats import expert_stats, routing_stats
 from .persistence import load, save
 from .plugins import hookimpl
 from .presets import build_preset
@@ -37,6 +37,7 @@ __all__ = [
     "build_preset",
     "convert",
     "dense",
+    "expert_stats",
     "hookimpl",
     "load",
     "mod_layers",

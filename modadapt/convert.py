@@ -73,6 +73,7 @@ def convert(model: nn.Module, config: ModConfig | None = None, *, adapter: str |
     object.__setattr__(model, STATE_ATTR, state)
     _install_hooks(model, stack_owner, state)
     state.hooks.extend(attached)
+    state.hooks.extend(adapter.attach(model, state))
     return model
 
 

@@ -36,6 +36,7 @@ class ModelState:
     layers: list = field(default_factory=list)  # LayerState of each MoD layer, in stack order
     hooks: list = field(default_factory=list)
     dense: bool = False  # inside `modadapt.dense(model)`: every MoD layer runs its original forward
+    family: dict = field(default_factory=dict)  # what the adapter's `attach` keeps for this conversion
 
     def config_dict(self) -> dict:
         """The ModConfig with its layer rule resolved to the converted indices (what `load` needs)."""
@@ -57,6 +58,11 @@ class LayerState:
     last_keep: torch.Tensor | None = None
     last_real: torch.Tensor | None = None
     last_aux: torch.Tensor | None = None
+    #: Whether the original layer is running on the kept tokens right now (not on its input as is),
+    #: and which of the slots it holds are real tokens (`[B, K]`, or `[1, N]` packed; None: all):
+    #: what a sublayer's statistics (a MoE router's load) must count.
+    on_subset: bool = False
+    subset_valid: torch.Tensor | None = None
 
 
 class ModLayer:
@@ -270,10 +276,15 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     for name in (*call.per_token, call.position_ids):
         if name is not None and arguments.get(name) is not None:
             arguments.set(name, _gather_tokens(arguments.get(name), index))
-    if packed:
-        out = _run_packed(layer, arguments, decision, book, T, seen, longest=max(T, ctx.pack_bucket or 0))
-    else:
-        out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
+    state.on_subset = True
+    state.subset_valid = index < B * T if bucketed else decision.valid  # bucket fillers index B * T
+    try:
+        if packed:
+            out = _run_packed(layer, arguments, decision, book, T, seen, longest=max(T, ctx.pack_bucket or 0))
+        else:
+            out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
+    finally:
+        state.on_subset, state.subset_valid = False, None
     out_sub = apply_gate(out[0] if isinstance(out, tuple) else out, decision.gate, hidden_sub)
     if book is not None:
         book.mod_advance(T)

@@ -16,8 +16,8 @@ from modadapt.adapters.hf.presets import DECODER_FAMILIES
 #: The families the hf-decoder adapter is tested on, one `tiny-<family>` preset each.
 FAMILIES = tuple(DECODER_FAMILIES)
 #: Families the expensive invariants (generation, padding, persistence, ...) run on: learned and
-#: rotary positions, sliding and global layers in one stack (Gemma 3).
-CORE_FAMILIES = ("llama", "gpt2", "gemma3")
+#: rotary positions, sliding and global layers in one stack (Gemma 3), mixtures of experts (Mixtral).
+CORE_FAMILIES = ("llama", "gpt2", "gemma3", "mixtral")
 
 
 def pytest_configure(config):

@@ -84,7 +84,8 @@ def test_graphed_decoder_mod_cache_holds_only_kept_pairs(tiny, ids, randomize_ro
 @pytest.mark.parametrize("other_family", sorted(set(DECODER_FAMILIES) - set(GRAPHED_FAMILIES)))
 def test_graphed_decoder_refuses_other_families(other_family, tiny):
     """Families it cannot run are refused, naming the ones it can and what to use instead."""
-    with pytest.raises(ModAdaptError, match=f"supports llama.*not '{other_family}.*'; decode it with model.generate"):
+    model_type = other_family.replace("-", "_")  # qwen2-moe: qwen2_moe
+    with pytest.raises(ModAdaptError, match=f"supports llama.*not '{model_type}.*'; decode it with model.generate"):
         GraphedDecoder(modadapt.convert(tiny(other_family), router="threshold-p"))
 
 

@@ -172,6 +172,26 @@ class Adapter:
 
         raise ModAdaptError(f"adapter {self.name!r} keeps no KV cache for MoD layers.")
 
+    def attach(self, model: nn.Module, state: Any) -> list:
+        """Install the family's own hooks on a model `convert` has just converted (`state`: its
+        `ModelState`; keep what the hooks need in `state.family`), e.g. statistics of a sublayer
+        that must count the kept tokens only (Mixture-of-Experts routers). Returns their handles
+        (anything with `remove()`), which `unload` removes. Default: none."""
+        return []
+
+    def expert_stats(self, model: nn.Module) -> list[dict]:
+        """Per mixture-of-experts block of a converted model, what its experts' router did in the
+        last forward, counting the real tokens that reached it (see
+        `modadapt.metrics.routing_stats.expert_stats`). Default: no experts."""
+        return []
+
+    def sublayer_weights(self, model: nn.Module, layer: nn.Module) -> dict[str, int] | None:
+        """The weights of `layer`'s linear maps that one token passes through, per sublayer:
+        ``{"attention": ..., "mlp": ...}`` (a mixture of experts: its router and the top-k
+        experts' share of the expert weights; a MoD router's own excluded), for the FLOPs model
+        (`modadapt.metrics.flops`). None: the layer's linear maps count as one block."""
+        return None
+
     def decode_parts(self, model: nn.Module) -> DecodeParts:
         """The parts `GraphedDecoder` decodes `model` with; raise ModAdaptError, saying which
         models are supported, when this family's models cannot run graphed decode steps."""

@@ -1,4 +1,5 @@
-"""Hugging Face decoder-only LLMs (Llama, Qwen2/3, Mistral, Gemma 1-3, OLMo 2, Phi-3, GPT-2), found generically.
+"""Hugging Face decoder-only LLMs (Llama, Qwen2/3, Mistral, Gemma 1-3, OLMo 2, Phi-3, GPT-2, and the
+mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE), found generically.
 
 The layer stack is the `nn.ModuleList` of the decoder (`get_decoder()`) whose layers are of a class
 named in `_no_split_modules`; no modeling code is copied per family. The KV-cache bookkeeping of
@@ -16,6 +17,7 @@ from torch import nn
 
 from ...attention_probe import AttentionProbe
 from ...errors import ModAdaptError
+from ...mod_layer import state_of
 from ..base import Adapter, AttentionMapCallback, DecodeParts, LayerCall, TokenRoles
 from .attention import (
     PROBE_ATTENTION,
@@ -27,9 +29,11 @@ from .attention import (
 )
 from .attention_maps import eager_attention_maps
 from .kv_cache import mod_cache_layer
+from .moe import active_expert_weights, attach_experts
 
 #: Families converted, trained and generated with in the test suite.
-TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt2")
+TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt2",
+                   "mixtral", "qwen2_moe", "qwen3_moe")
 #: Llama-style families (token embedding, rotary embedding, final norm) `GraphedDecoder` runs.
 GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
@@ -107,6 +111,30 @@ class HFDecoderAdapter(Adapter):
         if not torch.compiler.is_compiling() and bool(real.all()):
             return TokenRoles()  # no padding: lets MoD layers take the fused causal path
         return TokenRoles(real=real)
+
+    def attach(self, model: nn.Module, state: Any) -> list:
+        """Mixture-of-experts models (Mixtral, Qwen2/3-MoE): their expert routers' load-balancing
+        loss and counts over the kept real tokens (`moe`)."""
+        stack_owner, stack = self.layer_stack(model)
+        return attach_experts(model, state, stack_owner, stack)
+
+    def expert_stats(self, model: nn.Module) -> list[dict]:
+        state = state_of(model)
+        recorder = state.family.get("experts") if state is not None else None
+        return recorder.stats() if recorder is not None else []
+
+    def sublayer_weights(self, model: nn.Module, layer: nn.Module) -> dict[str, int] | None:
+        """The layer's attention module (its first child named `*Attention`) and its `mlp`; expert
+        banks count their top-k share and the experts' router (`moe.active_expert_weights`)."""
+        attention = next((m for m in layer.children() if type(m).__name__.endswith("Attention")), None)
+        mlp = getattr(layer, "mlp", None)
+        if attention is None or not isinstance(mlp, nn.Module):
+            return None
+
+        def linear(module: nn.Module) -> int:
+            return sum(m.weight.numel() for m in module.modules() if self.is_linear_map(m))
+
+        return {"attention": linear(attention), "mlp": linear(mlp) + active_expert_weights(model, mlp)}
 
     def mod_cache_layer(self, cache: Any, layer_index: int) -> Any:
         """The transformers cache layer of MoD layer `layer_index`, with its bookkeeping (`kv_cache`)."""

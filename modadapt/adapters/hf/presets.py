@@ -19,6 +19,9 @@ _MIXED_WINDOWS = dict(layer_types=["sliding_attention", "sliding_attention", "fu
                       sliding_window=4)
 
 
+_EXPERTS = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, output_router_logits=True)
+
+
 def _llama_like(config_name: str, model_name: str, attn: str = "sdpa", **extra) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers
@@ -71,6 +74,16 @@ DECODER_PRESETS: tuple[Preset, ...] = (
     _decoder("olmo2", _llama_like("Olmo2Config", "Olmo2ForCausalLM"), ", norms after attention and MLP"),
     _decoder("phi3", _llama_like("Phi3Config", "Phi3ForCausalLM")),
     _decoder("gpt2", _gpt2),
+    # Mixtures of experts (4 experts, top 2) in every layer; `output_router_logits` on, so that the
+    # experts' load-balancing loss is computed and trained (on kept tokens only).
+    _decoder("mixtral", _llama_like("MixtralConfig", "MixtralForCausalLM", sliding_window=None, **_EXPERTS),
+             ", 4 experts (top 2) per layer"),
+    _decoder("qwen2-moe", _llama_like("Qwen2MoeConfig", "Qwen2MoeForCausalLM", moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=64, **_EXPERTS),
+             ", 4 experts (top 2) and a shared expert per layer"),
+    _decoder("qwen3-moe", _llama_like("Qwen3MoeConfig", "Qwen3MoeForCausalLM", moe_intermediate_size=32, head_dim=16,
+                                      **_EXPERTS),
+             ", 4 experts (top 2) per layer"),
 )
 
 #: The families of `DECODER_PRESETS` (`tiny-<family>`), as the test suite names them.
