@@ -49,6 +49,13 @@ class LayerCall:
         prefix_tokens: Leading sequence positions that are always processed (forced role).
         packed_attention: Returns a context manager inside which the layer's attention runs
             `modadapt.varlen`'s packed segments (None: the layer cannot run packed).
+        skipped: For a sublayer (`ModConfig.scope` 'attention' or 'mlp'), whose output its caller
+            adds to the residual: what it returns for tokens it skips, from its input (zeros; an
+            attention module `(zeros, None)`); a kept token then gets `gate * f(x)`. None: a
+            block, which returns the residual stream (a skipped token passes unchanged, a kept
+            one gets `x + gate * (f(x) - x)`).
+        token_wise: The module treats every token on its own (an MLP): the kept tokens of all
+            rows may always run as one packed sequence, no attention kernel needed.
     """
 
     hidden: str
@@ -62,6 +69,8 @@ class LayerCall:
     signature: inspect.Signature | None = None
     prefix_tokens: int = 0
     packed_attention: Callable[[], Any] | None = None
+    skipped: Callable[[torch.Tensor], Any] | None = None
+    token_wise: bool = False
     positional_names: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -162,6 +171,21 @@ class Adapter:
         from ..errors import ModAdaptError
 
         raise ModAdaptError(f"adapter {self.name!r} cannot observe attention maps.")
+
+    def sublayer_call(self, model: nn.Module, layer: nn.Module, index: int, scope: str) -> tuple[nn.Module, LayerCall]:
+        """For `ModConfig.scope` 'attention' or 'mlp': the sublayer of `layer` (stack index `index`)
+        that MoD routes, and how it is called (`LayerCall.skipped` set: it returns what its caller
+        adds to the residual). Raise ModAdaptError, in one line, for layers that cannot be split."""
+        from ..errors import ModAdaptError
+
+        raise ModAdaptError(f"adapter {self.name!r} cannot route a layer's sublayers (scope={scope!r}); "
+                            "use scope='block'.")
+
+    def cached_tokens(self, cache: Any, layer_index: int) -> int:
+        """How many tokens layer `layer_index` has seen before this call, from the layer call's
+        cache argument: what a routed sublayer without a cache of its own (scope 'mlp') takes
+        positions and decoding from. 0: no cache."""
+        return 0
 
     def mod_cache_layer(self, cache: Any, layer_index: int) -> Any:
         """The KV-cache layer of MoD layer `layer_index` in `cache` (the layer's `cache` argument),

@@ -38,6 +38,9 @@ class GraphedDecoder:
 
     def __init__(self, model: nn.Module, cuda_graphs: bool | None = None, branches: str = "auto"):
         state = state_of(model)
+        if state is not None and state.config.scope != "block":
+            raise ModAdaptError(f"graphed decoding runs MoD layers that route whole blocks, not "
+                                f"scope={state.config.scope!r}; decode with model.generate.")
         adapter = state.adapter if state is not None else find_adapter(model)
         parts = adapter.decode_parts(model)
         if branches not in BRANCHES:

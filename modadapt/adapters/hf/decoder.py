@@ -8,6 +8,7 @@ MoD layers is in `kv_cache`, the attention functions registered with transformer
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, ContextManager
@@ -125,16 +126,48 @@ class HFDecoderAdapter(Adapter):
 
     def sublayer_weights(self, model: nn.Module, layer: nn.Module) -> dict[str, int] | None:
         """The layer's attention module (its first child named `*Attention`) and its `mlp`; expert
-        banks count their top-k share and the experts' router (`moe.active_expert_weights`)."""
-        attention = next((m for m in layer.children() if type(m).__name__.endswith("Attention")), None)
-        mlp = getattr(layer, "mlp", None)
-        if attention is None or not isinstance(mlp, nn.Module):
+        banks count their top-k share and the experts' router (`moe.active_expert_weights`); a
+        MoD router inside a sublayer is not counted."""
+        attention, mlp = _sublayers(layer)
+        if attention is None or mlp is None:
             return None
 
         def linear(module: nn.Module) -> int:
-            return sum(m.weight.numel() for m in module.modules() if self.is_linear_map(m))
+            return sum(m.weight.numel() for name, m in module.named_modules()
+                       if self.is_linear_map(m) and not name.startswith("router"))
 
         return {"attention": linear(attention), "mlp": linear(mlp) + active_expert_weights(model, mlp)}
+
+    def sublayer_call(self, model: nn.Module, layer: nn.Module, index: int, scope: str) -> tuple[nn.Module, LayerCall]:
+        """The layer's attention module (its first `*Attention` child) or its `mlp`, for layers that
+        add each sublayer's output to the residual as it is (pre-norm). A layer that normalises a
+        sublayer's output first (`post_feedforward_layernorm`: Gemma 2/3, OLMo 2) is refused: the
+        norm would undo a sublayer's gate."""
+        kind = getattr(model.config.get_text_config(decoder=True), "model_type", type(model).__name__)
+        attention, mlp = _sublayers(layer)
+        if attention is None or mlp is None or hasattr(layer, "post_feedforward_layernorm"):
+            why = "normalises each sublayer's output before the residual" if mlp is not None else "has no attention and mlp"
+            raise ModAdaptError(f"scope={scope!r} needs layers whose sublayers add to the residual as they are; "
+                                f"{kind!r} {why}: use scope='block'.")
+        block = self.layer_call(model, layer, index)
+        module = attention if scope == "attention" else mlp
+        forward = getattr(type(module), "_mod_original", type(module)).forward
+        signature = inspect.signature(forward)
+        hidden = next(iter(list(signature.parameters)[1:]))
+        if scope == "attention":
+            params = signature.parameters
+            cache = next((n for n in ("past_key_values", "past_key_value") if n in params), block.cache)
+            return module, dataclasses.replace(block, hidden=hidden, cache=cache, signature=signature,
+                                               skipped=_zeros_and_no_weights)
+        return module, LayerCall(hidden=hidden, mask=None, cache=None, position_ids=None, per_token=(), causal=True,
+                                 window=None, attn_implementation=block.attn_implementation, signature=signature,
+                                 skipped=torch.zeros_like, token_wise=True)
+
+    def cached_tokens(self, cache: Any, layer_index: int) -> int:
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) <= layer_index:
+            return 0
+        return int(layers[layer_index].get_seq_length())
 
     def mod_cache_layer(self, cache: Any, layer_index: int) -> Any:
         """The transformers cache layer of MoD layer `layer_index`, with its bookkeeping (`kv_cache`)."""
@@ -283,6 +316,18 @@ def _is_conv1d(module: nn.Module) -> bool:
 @functools.cache
 def _forward_signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
+
+
+def _sublayers(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """A decoder layer's attention module (its first child named `*Attention`) and its `mlp`."""
+    attention = next((m for m in layer.children() if type(m).__name__.endswith("Attention")), None)
+    mlp = getattr(layer, "mlp", None)
+    return attention, mlp if isinstance(mlp, nn.Module) else None
+
+
+def _zeros_and_no_weights(hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """What a transformers attention module returns for tokens it skips: no output, no weights."""
+    return torch.zeros_like(hidden), None
 
 
 def _sliding_window(config: Any, index: int) -> int | None:

@@ -116,6 +116,8 @@ class ExpertRecorder:
     def __init__(self, model: nn.Module, state: Any, stack: nn.ModuleList, index: int, num_experts: int,
                  top_k: int, coef: float):
         self.model, self.state, self.stack = model, state, stack
+        # Each MoD layer's routing state (on the layer, or on its routed sublayer).
+        self.routed = {layer.index: layer for layer in state.layers}
         self.index, self.num_experts, self.top_k, self.coef = index, num_experts, top_k, coef
         self.records: list[ExpertRecord] = []
         self.recording = False  # between the stack's pre- and post-hook: a backward's recompute is not a call
@@ -126,7 +128,7 @@ class ExpertRecorder:
         if not self.recording:
             return
         logits = output[self.index] if isinstance(output, (tuple, list)) else output
-        mod_state = getattr(self.stack[layer], "mod_state", None)
+        mod_state = self.routed.get(layer)
         on_subset = mod_state is not None and mod_state.on_subset
         if on_subset:
             valid = mod_state.subset_valid
