@@ -76,7 +76,7 @@ class ModConfig:
             "layer unchanged and writes no K/V), 'attention' (a skipped token writes no K/V and skips "
             "attention, but goes through the MLP) or 'mlp' (every token goes through attention and "
             "writes K/V; a skipped token skips the MLP). Sublayers need a family whose layers the "
-            "adapter can split (pre-norm: Llama-style, Gemma, GPT-2, the mixtures of experts)."
+            "adapter can split (every transformers decoder family built in; not timm's ViT)."
         },
     )
 

@@ -13,7 +13,7 @@ from .adapters.base import TokenRoles
 from .config import LAYER_RULES, ModConfig, resolve_layers
 from .deprecation import moved_names
 from .errors import ModAdaptError
-from .mod_layer import STATE_ATTR, Host, LayerState, ModelState, mod_class, routed_module
+from .mod_layer import STATE_ATTR, Host, LayerState, ModelState, gate_output, mod_class, routed_module, ungate_output
 from .plugins import get_router
 
 __getattr__ = moved_names(__name__, {"find_adapter": "modadapt.plugins:find_adapter",
@@ -75,6 +75,8 @@ def convert(model: nn.Module, config: ModConfig | None = None, *, adapter: str |
         unit.router = routers[i]
         unit.mod_state = LayerState(index=i, call=call, model=state)
         state.layers.append(unit.mod_state)
+        if call.output_norm is not None:
+            gate_output(call.output_norm, unit.mod_state)
         if unit is not layers[i]:
             host = Host(unit.mod_state, calls[i])
             hosts += [layers[i].register_forward_pre_hook(host.before, with_kwargs=True),
@@ -188,6 +190,8 @@ def unload(model: nn.Module) -> nn.Module:
     for handle in state.hooks:
         handle.remove()
     for layer in layers:
+        if layer.mod_state.call.output_norm is not None:
+            ungate_output(layer.mod_state.call.output_norm)
         del layer.router
         del layer.mod_state
         layer.__class__ = layer._mod_original

@@ -69,6 +69,9 @@ class LayerState:
     subset_valid: torch.Tensor | None = None
     #: A routed sublayer: `(positions, tokens seen before)` of the host layer's current call.
     host: tuple | None = None
+    #: A routed sublayer with an output norm (`LayerCall.output_norm`): the gate `[B, T]` its norm
+    #: applies next (1 where skipped), or None.
+    output_gate: torch.Tensor | None = None
 
 
 class Host:
@@ -99,6 +102,36 @@ class ModLayer:
         if self.mod_state.model.dense:
             return self._mod_original.forward(self, *args, **kwargs)
         return mod_forward(self, args, kwargs)
+
+
+class GatedOutput:
+    """Mixin placed before the class of the norm after a routed sublayer (`LayerCall.output_norm`,
+    post-norm layers): it scales its output by the gate the sublayer left (`LayerState.output_gate`)."""
+
+    mod_gate_of: LayerState
+
+    def forward(self, *args, **kwargs):
+        out = self._mod_original.forward(self, *args, **kwargs)
+        state = self.mod_gate_of
+        gate, state.output_gate = state.output_gate, None
+        return out if gate is None else out * gate.to(out.dtype).unsqueeze(-1)
+
+
+_GATED_CLASSES: dict[type, type] = {}
+
+
+def gate_output(norm: nn.Module, state: LayerState) -> None:
+    """Let `norm` apply the gate of the sublayer before it (class swap; `ungate_output` undoes it)."""
+    original = type(norm)
+    if original not in _GATED_CLASSES:
+        _GATED_CLASSES[original] = type(f"Gated{original.__name__}", (GatedOutput, original), {"_mod_original": original})
+    norm.__class__ = _GATED_CLASSES[original]
+    norm.mod_gate_of = state
+
+
+def ungate_output(norm: nn.Module) -> None:
+    del norm.mod_gate_of
+    norm.__class__ = norm._mod_original
 
 
 def routed_module(layer: nn.Module) -> nn.Module:
@@ -236,6 +269,9 @@ def _decode_one_token(layer: nn.Module, arguments: _CallArguments, hidden: torch
     gate = layer.router.gate(logits)
     if gate is None:
         return out
+    if call.output_norm is not None:  # the norm after the sublayer applies it
+        state.output_gate = gate
+        return out
     result = _gated(call, out[0] if isinstance(out, tuple) else out, gate, hidden)
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
@@ -257,10 +293,11 @@ def apply_gate(out: torch.Tensor, gate: torch.Tensor | None, hidden: torch.Tenso
 
 
 def _gated(call: LayerCall, out: torch.Tensor, gate: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
-    """A block's `apply_gate`; a sublayer's output is what the layer adds to the residual: `g * f`."""
+    """A block's `apply_gate`; a sublayer's output is what the layer adds to the residual: `g * f`
+    (a sublayer with an output norm leaves the gate to that norm)."""
     if call.skipped is None:
         return apply_gate(out, gate, hidden)
-    return out if gate is None else out * gate.to(out.dtype).unsqueeze(-1)
+    return out if gate is None or call.output_norm is not None else out * gate.to(out.dtype).unsqueeze(-1)
 
 
 def _flatten_rows(value: Any, B: int, T: int, dummy_row: bool = False) -> Any:
@@ -282,6 +319,7 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     arguments = _CallArguments(call, layer, args, kwargs)
     hidden = arguments.get(call.hidden)
     B, T = hidden.shape[:2]
+    state.output_gate = None
     cache = arguments.get(call.cache)
     book = state.model.adapter.mod_cache_layer(cache, state.index) if cache is not None else None
     seen = book.mod_seen if book is not None else state.host[1] if state.host is not None else 0
@@ -338,6 +376,10 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
         out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub if call.skipped is None else 0)
     result = base.scatter(1, gather_index, out_sub.to(hidden.dtype))
     result = result[:, : B * T].reshape(rows.shape) if bucketed else result.view_as(rows)
+    if call.output_norm is not None and decision.gate is not None:  # for the norm after the sublayer
+        gate = decision.gate if decision.valid is None else torch.where(decision.valid, decision.gate, 1)
+        gate = torch.ones(hidden.shape[:2], dtype=gate.dtype, device=gate.device).scatter(1, index, gate)
+        state.output_gate = gate[:, : B * T].reshape(B, T) if bucketed else gate.view(B, T)
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
 

@@ -56,6 +56,9 @@ class LayerCall:
             one gets `x + gate * (f(x) - x)`).
         token_wise: The module treats every token on its own (an MLP): the kept tokens of all
             rows may always run as one packed sequence, no attention kernel needed.
+        output_norm: For a sublayer whose output the layer normalises before adding it to the
+            residual (post-norm layers: Gemma 2/3, OLMo 2), that norm: the gate scales the norm's
+            output instead (a norm would undo it), so a kept token still gets `g * norm(f(x))`.
     """
 
     hidden: str
@@ -71,6 +74,7 @@ class LayerCall:
     packed_attention: Callable[[], Any] | None = None
     skipped: Callable[[torch.Tensor], Any] | None = None
     token_wise: bool = False
+    output_norm: nn.Module | None = None
     positional_names: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:

@@ -139,16 +139,18 @@ class HFDecoderAdapter(Adapter):
         return {"attention": linear(attention), "mlp": linear(mlp) + active_expert_weights(model, mlp)}
 
     def sublayer_call(self, model: nn.Module, layer: nn.Module, index: int, scope: str) -> tuple[nn.Module, LayerCall]:
-        """The layer's attention module (its first `*Attention` child) or its `mlp`, for layers that
-        add each sublayer's output to the residual as it is (pre-norm). A layer that normalises a
-        sublayer's output first (`post_feedforward_layernorm`: Gemma 2/3, OLMo 2) is refused: the
-        norm would undo a sublayer's gate."""
+        """The layer's attention module (its first `*Attention` child) or its `mlp`. A layer that
+        normalises each sublayer's output before the residual (`post_feedforward_layernorm`:
+        Gemma 2/3, OLMo 2, whose `post_attention_layernorm` then follows the attention) names
+        that norm as the sublayer's `output_norm`, which applies the gate."""
         kind = getattr(model.config.get_text_config(decoder=True), "model_type", type(model).__name__)
         attention, mlp = _sublayers(layer)
-        if attention is None or mlp is None or hasattr(layer, "post_feedforward_layernorm"):
-            why = "normalises each sublayer's output before the residual" if mlp is not None else "has no attention and mlp"
-            raise ModAdaptError(f"scope={scope!r} needs layers whose sublayers add to the residual as they are; "
-                                f"{kind!r} {why}: use scope='block'.")
+        if attention is None or mlp is None:
+            raise ModAdaptError(f"scope={scope!r} needs layers with an attention module and an mlp; {kind!r} "
+                                f"layer {index} ({type(layer).__name__}) has not both: use scope='block'.")
+        norm = None
+        if isinstance(getattr(layer, "post_feedforward_layernorm", None), nn.Module):
+            norm = layer.post_attention_layernorm if scope == "attention" else layer.post_feedforward_layernorm
         block = self.layer_call(model, layer, index)
         module = attention if scope == "attention" else mlp
         forward = getattr(type(module), "_mod_original", type(module)).forward
@@ -158,10 +160,10 @@ class HFDecoderAdapter(Adapter):
             params = signature.parameters
             cache = next((n for n in ("past_key_values", "past_key_value") if n in params), block.cache)
             return module, dataclasses.replace(block, hidden=hidden, cache=cache, signature=signature,
-                                               skipped=_zeros_and_no_weights)
+                                               skipped=_zeros_and_no_weights, output_norm=norm)
         return module, LayerCall(hidden=hidden, mask=None, cache=None, position_ids=None, per_token=(), causal=True,
                                  window=None, attn_implementation=block.attn_implementation, signature=signature,
-                                 skipped=torch.zeros_like, token_wise=True)
+                                 skipped=torch.zeros_like, token_wise=True, output_norm=norm)
 
     def cached_tokens(self, cache: Any, layer_index: int) -> int:
         layers = getattr(cache, "layers", None)
