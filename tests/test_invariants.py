@@ -9,6 +9,7 @@ would make the invariant trivially true; each such test also checks that routing
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -829,3 +830,16 @@ def test_sampling_several_sequences_matches_recompute(core_family, tiny, ids, le
             alone = model(sequence[None]).logits[0]
         for step, logits in enumerate(out.logits):
             torch.testing.assert_close(logits[row], alone[len(prompt) - 1 + step], rtol=0, atol=1e-5)
+
+
+def test_save_load_keeps_the_attention_kernel(tiny, randomize_routers, tmp_path):
+    """The kernel is saved with the model: Gemma 2 runs eager (soft-capped attention), and a
+    transformers whose default is SDPA for it (5.17, which then ignores the cap) must not change it."""
+    for family, kernel in (("gemma2", "eager"), ("llama", "sdpa")):
+        model = _convert(tiny(family), randomize_routers, router="threshold-p")
+        modadapt.save(model, tmp_path / family)
+        assert modadapt.load(tmp_path / family).config._attn_implementation == kernel
+    model = modadapt.convert(tiny("llama"), router="attention")  # probed: the kernel it observes is saved
+    modadapt.save(model, tmp_path / "probed")
+    assert modadapt.load(tmp_path / "probed").config._attn_implementation == "modadapt_probe"
+    assert json.loads((tmp_path / "probed" / "modadapt.json").read_text())["architecture"]["attn_implementation"] == "sdpa"

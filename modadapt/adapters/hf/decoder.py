@@ -261,7 +261,14 @@ class HFDecoderAdapter(Adapter):
 
     # --- persistence ---------------------------------------------------------------------------
     def describe(self, model: nn.Module) -> dict:
-        return {"library": "transformers", "class": type(model).__name__, "model_type": model.config.model_type}
+        """The class, model type and attention kernel (transformers does not save the kernel, and
+        versions differ in their default: 5.17 runs Gemma 2 with SDPA, which ignores its softcap)."""
+        description = {"library": "transformers", "class": type(model).__name__, "model_type": model.config.model_type}
+        kernel = model.config._attn_implementation
+        kernel = next((k for k, v in _PROBES.items() if v == kernel), kernel)  # a probe observes this one
+        if kernel in _PROBES:
+            description["attn_implementation"] = kernel
+        return description
 
     def save_base(self, model: nn.Module, directory: str) -> None:
         model.config.save_pretrained(directory)
@@ -276,7 +283,8 @@ class HFDecoderAdapter(Adapter):
                 f"{directory}: transformers has no model class {description.get('class')!r}; "
                 "was it saved with a newer transformers?"
             )
-        return cls._from_config(config)
+        kernel = description.get("attn_implementation")
+        return cls._from_config(config, **({"attn_implementation": kernel} if kernel else {}))
 
 
 #: The probing attention function for each kernel it observes.
