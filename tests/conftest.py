@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import modadapt
-from modadapt.adapters.hf import TESTED_FAMILIES
+from modadapt.adapters.hf.presets import DECODER_FAMILIES
 
-#: The families the hf-decoder adapter claims to support; every one has a `tiny-<family>` preset.
-FAMILIES = tuple(TESTED_FAMILIES)
-#: Families the expensive invariants (generation, padding, persistence, ...) run on.
-CORE_FAMILIES = ("llama", "gpt2")
+#: The families the hf-decoder adapter is tested on, one `tiny-<family>` preset each.
+FAMILIES = tuple(DECODER_FAMILIES)
+#: Families the expensive invariants (generation, padding, persistence, ...) run on: learned and
+#: rotary positions, sliding and global layers in one stack (Gemma 3), mixtures of experts (Mixtral).
+CORE_FAMILIES = ("llama", "gpt2", "gemma3", "mixtral")
 
 
 def pytest_configure(config):
@@ -24,7 +25,7 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
-    """`family` runs a test for every supported family; `core_family` for llama and gpt2 only."""
+    """`family` runs a test for every supported family; `core_family` for `CORE_FAMILIES` only."""
     if "family" in metafunc.fixturenames:
         metafunc.parametrize("family", FAMILIES)
     if "core_family" in metafunc.fixturenames:
