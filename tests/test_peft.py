@@ -91,9 +91,7 @@ def test_a_shared_router_is_refused(tiny):
         modadapt.peft_config(model)
 
 
-@pytest.mark.parametrize(
-    ("kind", "scope", "sublayer"), [("llama", "attention", "self_attn"), ("olmo2", "mlp", "mlp")]
-)
+@pytest.mark.parametrize(("kind", "scope", "sublayer"), [("llama", "attention", "self_attn"), ("olmo2", "mlp", "mlp")])
 def test_peft_keeps_the_routers_of_routed_sublayers(kind, scope, sublayer, tiny, ids, randomize_routers, tmp_path):
     """With `scope` 'attention' / 'mlp' the router sits on the sublayer; peft_config names it there."""
     model = randomize_routers(modadapt.convert(tiny(kind), router="topk", capacity=0.5, scope=scope), scale=0.5)

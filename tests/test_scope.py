@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 import modadapt
 from modadapt.adapters.hf.presets import DECODER_FAMILIES
+from modadapt.adapters.hf.versions import cache_argument
 from modadapt.errors import ModAdaptError
 from modadapt.plugins import registry
 from modadapt.testing import AdapterConformance
@@ -72,7 +73,7 @@ def test_skipped_tokens_write_kv_only_with_mlp_scope(scope, family_, tiny, ids, 
     x = ids(2, 12)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(x, past_key_values=cache, use_cache=True)
+        model(x, **{cache_argument(model.forward): cache}, use_cache=True)  # `cache` from transformers 5.24
     for handle in handles:
         handle.remove()
     for layer in modadapt.mod_layers(model):
