@@ -320,3 +320,6 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
     records = [r for r in json.loads(out.read_text()) if r["scenario"].startswith("decode_speculative")]
     assert {(r["router"], r["batch"], r["context"]) for r in records} == {(n, b, 24) for n in "ab" for b in (1, 2)}
     assert all(r["same_prefix_as_dense"] == 1.0 and 0 <= r["acceptance"] <= 1 for r in records)
+    # batch 1 also runs transformers' assisted decoding with the converted model as assistant
+    assert all(r["hf_assisted_same_tokens"] and r["hf_assisted_ms"] > 0 for r in records if r["batch"] == 1)
+    assert not any("hf_assisted_ms" in r for r in records if r["batch"] > 1)
