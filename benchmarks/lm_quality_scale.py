@@ -187,10 +187,12 @@ VARIANTS = {
     "random-even+1": Variant("random", "even+1"),
     "topk-distill-even+1": Variant("topk", "even+1", recipe={"distill": 1.0}),
     "topk-distill-even+2": Variant("topk", "even+2", recipe={"distill": 1.0}, level="0.55"),  # 0.70: every other
+    "threshold-p-distill-even+1": Variant("threshold-p", "even+1", recipe={"distill": 1.0}),
     # does the gap close with training? the best router and the best deletion, twice the steps
     "topk-distill-2x": Variant("topk", "every-other", recipe={"distill": 1.0}, budget=2),
     "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),
     "layer-drop-even-2x": Variant("layer-drop-even", budget=2),
+    "topk-distill-even+1-2x": Variant("topk", "even+1", recipe={"distill": 1.0}, budget=2),
 }
 STEP_OPTIONS = ("capacity_warmup", "router_steps")  # given as fractions of the adaptation steps
 
@@ -819,8 +821,11 @@ def run_task(task: dict, ctx: dict) -> dict:
         )
     if task.get("router") in CAPACITY_ROUTERS:  # also the training-time top-k (not causal: perplexity only)
         record["valid_ppl_topk_routing"] = topk_routing_ppl(model, data["valid"], scale.adapt_batch, device)
-    for name in ("checkpoint", "model"):  # 1.2 GB per run: a table of 60 runs would fill the disk
+    keep = task["variant"] in args.keep_models.split(",")  # e.g. for speed.py's speculative decoding
+    for name in ("checkpoint",) if keep else ("checkpoint", "model"):  # 1.2 GB per run: 60 would fill the disk
         shutil.rmtree(out / name, ignore_errors=True)
+    if keep:
+        record["model_dir"] = str(out / "model")
     return record
 
 
@@ -1029,6 +1034,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
     p.add_argument("--jobs", type=int, default=1, help="adaptations run at once (processes on one device)")
     p.add_argument("--budget-s", type=float, default=0, help="start no run after this many seconds (0: no limit)")
+    p.add_argument(
+        "--keep-models",
+        default="",
+        help="comma list of variants whose adapted model stays in WORK/runs/RUN/model (modadapt.save)",
+    )
     p.add_argument("--append", action="store_true", help="keep the records already in --out and skip their runs")
     p.add_argument(
         "--new-pretrained",
@@ -1113,6 +1123,11 @@ def work_through(ctx: dict, plan_file: Path) -> None:
             )
 
 
+def unfinished(work: Path, tasks: list[dict]) -> list[str]:
+    """The ids of `tasks` with no record in `work`: a call that ends must say what it left undone."""
+    return [task_id(t) for t in tasks if not (work / "records" / f"{task_id(t)}.json").is_file()]
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.tiny:  # tiny matrices: one thread avoids oversubscription on a busy CPU
@@ -1157,6 +1172,13 @@ def main(argv=None) -> list[dict]:
         codes = [proc.wait() for proc in procs]
         if any(codes):
             print(f"worker exit codes {codes}; see {work}/worker-*.log", flush=True)
+    missing = unfinished(work, pending)
+    if missing:
+        print(
+            f"{len(missing)} planned runs not done (the --budget-s deadline passed, or a run that ran out of "
+            f"memory was given back after the other workers stopped): {', '.join(missing)}; call again to run them",
+            flush=True,
+        )
     records = merge_records(args, work)
     dense = next((r for r in records if r["variant"] == "dense"), None) or {  # the recorded one stays
         "variant": "dense",

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gzip
 import itertools
 import json
 import math
@@ -34,7 +35,9 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -1054,7 +1057,13 @@ def run_decode_graphs(b: Bench) -> None:
                     return b.clock.time(lambda: decoder.decode(new)) / new
 
                 forced = forced_routing(model, graphed_step_ms)
-            agreement, worst_row = teacher_forced_agreement(decoder, ids, greedy_tokens(model, ids, min(new, 32)))
+            try:  # a failure here (a second capture, for fewer new tokens) keeps the timings above
+                agreement, worst_row = teacher_forced_agreement(decoder, ids, greedy_tokens(model, ids, min(new, 32)))
+                agreement_error = None
+            except Exception as error:  # noqa: BLE001 - recorded, with the traceback in the log
+                traceback.print_exc()
+                agreement, worst_row = None, None
+                agreement_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             return dict(
                 ms=statistics.median(times),
                 times=times,
@@ -1065,6 +1074,7 @@ def run_decode_graphs(b: Bench) -> None:
                 added=added,
                 agreement=agreement,
                 worst_row=worst_row,
+                agreement_error=agreement_error,
                 branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
                 forced=forced,
             )
@@ -1092,7 +1102,14 @@ def run_decode_graphs(b: Bench) -> None:
             dense_beats_hf_static=None if hf_ms is None else step_ms < hf_ms,
         )
         for router, (model, _nominal, _) in b.mods.items():
-            mod = measure(model)
+            try:
+                mod = measure(model)
+            except Exception as error:  # noqa: BLE001 - one failing cell is a result; the sweep goes on
+                traceback.print_exc()
+                message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                print(f"# decode_graphs B={B} ctx={ctx} {router}: FAILED {message}", flush=True)
+                b.add(dict(scenario=f"decode_graphs_b{B}_ctx{ctx}", router=router, batch=B, context=ctx, error=message))
+                continue
             kept = statistics.mean(mod["added"][i] for i in b.shape.mod_layers)
             goal = setting["goals"].get(router)
             speedup = dense["ms"] / mod["ms"]
@@ -1132,6 +1149,8 @@ def run_decode_graphs(b: Bench) -> None:
                 mod_teacher_forced_agreement=mod["agreement"],
                 dense_worst_row_agreement=dense["worst_row"],
                 mod_worst_row_agreement=mod["worst_row"],
+                dense_agreement_error=dense["agreement_error"],
+                mod_agreement_error=mod["agreement_error"],
                 **bound,
             )
             if mod["forced"]:
@@ -1165,17 +1184,66 @@ def speculative_round_bytes(s: Shape, B: int, context: int, k: int, kept: list[f
 
 
 def speculate_models(b: Bench) -> dict:
-    """name -> (converted model, its dense twin, shape): the benchmark's MoD models (random
-    weights: acceptance says little, the costs are real) and, with --speculate-model, a saved
-    converted model (`modadapt.save`), whose acceptance is what the measurement is for."""
-    models = {router: (model, b.dense, b.shape) for router, (model, _, _) in b.mods.items()}
-    if b.args.speculate_model:
-        model = modadapt.load(b.args.speculate_model).to(b.device, b.dtype).eval()
+    """name -> (converted model, its dense twin, shape, directory or None): with --speculate-model, the saved converted
+    models (`modadapt.save`; trained: their acceptance is what the measurement is for), named by
+    their directory (``run/model`` by ``run``); without, the benchmark's MoD models (random
+    weights: acceptance says little, the costs are real)."""
+    if not b.args.speculate_model:
+        return {router: (model, b.dense, b.shape, None) for router, (model, _, _) in b.mods.items()}
+    models = {}
+    for directory in b.args.speculate_model:
+        path = Path(directory)
+        name = path.parent.name if path.name == "model" else path.name
+        model = modadapt.load(path).to(b.device, b.dtype).eval()
         dense = modadapt.unload(copy.deepcopy(model))
         shape = Shape.of(dense)
         shape.mod_layers = list(model._modadapt_state.layer_indices)
-        models["loaded"] = (model, dense, shape)
+        models[name] = (model, dense, shape, str(path))
     return models
+
+
+def speculate_prompts(b: Bench, directory: str | None, vocab: int, B: int, ctx: int) -> torch.Tensor:
+    """`B` prompts of `ctx` tokens: with --speculate-text, windows spread over that text, tokenized
+    by the tokenizer saved beside the model (acceptance on real text is the number that matters);
+    else random tokens."""
+    if not (b.args.speculate_text and directory):
+        return torch.randint(0, vocab, (B, ctx), generator=torch.Generator().manual_seed(13)).to(b.device)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    opener = gzip.open if b.args.speculate_text.endswith(".gz") else open
+    with opener(b.args.speculate_text, "rt", encoding="utf-8") as f:
+        text = f.read(B * ctx * 12)  # a few characters per token, with room to spread the windows
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    if len(ids) < B * ctx:
+        raise SystemExit(f"--speculate-text: {len(ids)} tokens, fewer than {B} prompts of {ctx}")
+    starts = torch.linspace(0, len(ids) - ctx, B).long()
+    return torch.stack([ids[s : s + ctx] for s in starts.tolist()]).to(b.device)
+
+
+def hf_assisted(dense, model, ids: torch.Tensor, new: int, clock: Clock) -> dict:
+    """transformers' own assisted decoding, the user's alternative: the dense model's greedy
+    `generate` with the converted model as `assistant_model` (eager, two copies of the weights,
+    batch 1), next to plain greedy `generate` of the dense model; both tokens must agree."""
+
+    def gen(**kwargs):
+        return lambda: dense.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs
+        )
+
+    try:
+        with torch.inference_mode():
+            plain_tokens, assisted_tokens = gen()(), gen(assistant_model=model)()  # warm-up, and the tokens
+            plain_ms = statistics.median(clock.time(gen()) for _ in range(2))
+            assisted_ms = statistics.median(clock.time(gen(assistant_model=model)) for _ in range(2))
+    except Exception as error:  # noqa: BLE001 - the alternative failing is a result too
+        return dict(hf_assisted_error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    return dict(
+        hf_plain_ms=plain_ms,
+        hf_assisted_ms=assisted_ms,
+        hf_assisted_speedup=plain_ms / assisted_ms,
+        hf_assisted_same_tokens=bool(torch.equal(plain_tokens, assisted_tokens)),
+    )
 
 
 def run_decode_speculative(b: Bench) -> None:
@@ -1192,11 +1260,11 @@ def run_decode_speculative(b: Bench) -> None:
     elt = torch.finfo(b.dtype).bits // 8
     ks = [int(k) for k in b.args.speculate_k.split(",")] if b.args.speculate_k else list(b.size["speculate_k"])
     drafts = [Draft.of(d) for d in (b.args.draft or ["routers"])]
-    for name, (model, dense, shape) in speculate_models(b).items():
+    for name, (model, dense, shape, directory) in speculate_models(b).items():
         vocab = model.config.get_text_config(decoder=True).vocab_size
         for setting in b.size["speculate"]:
-            B, ctx, new = setting["batch"], setting["context"], setting["new"]
-            ids = torch.randint(0, vocab, (B, ctx), generator=torch.Generator().manual_seed(13)).to(b.device)
+            B, ctx, new = setting["batch"], b.args.speculate_context or setting["context"], setting["new"]
+            ids = speculate_prompts(b, directory, vocab, B, ctx)
             plain = GraphedDecoder(dense, branches=b.args.graph_branches)
             reference = plain.generate(ids, max_new_tokens=new, eos_token_id=[])[:, ctx:]
             times = []
@@ -1207,6 +1275,7 @@ def run_decode_speculative(b: Bench) -> None:
                     times.append(ms)
             dense_ms, dense_times = statistics.median(times), times
             dense_step = decode_bytes(shape, B, ctx, 1, None, elt)
+            assisted = hf_assisted(dense, model, ids, new, b.clock) if B == 1 else {}
             for k, draft in itertools.product(ks, drafts):
                 decoder = GraphedDecoder(model, branches=b.args.graph_branches, speculate=k, draft=draft)
                 every = max(1, CHECK_EVERY // (k + 1))
@@ -1261,6 +1330,7 @@ def run_decode_speculative(b: Bench) -> None:
                         met=None,
                         dense_times_ms=dense_times,
                         mod_times_ms=times,
+                        **assisted,
                     )
                 )
 
@@ -1508,6 +1578,12 @@ def format_row(r: dict) -> str:
             f"tokens as dense {r['same_prefix_as_dense']:.3f} (worst row {r['same_prefix_worst_row']:.3f}); "
             f"branches {r['branches']}"
         )
+        if "hf_assisted_ms" in r:
+            extra.append(
+                f"transformers assisted decoding (this model as assistant): {r['hf_assisted_ms']:.1f} ms vs plain "
+                f"generate {r['hf_plain_ms']:.1f} ms ({r['hf_assisted_speedup']:.2f}x), same tokens "
+                f"{r['hf_assisted_same_tokens']}"
+            )
     if "mod_teacher_forced_agreement" in r:
         extra.append(
             f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "
@@ -1605,10 +1681,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--speculate-model",
+        action="append",
         default=None,
         metavar="DIR",
-        help="decode_speculative: also a converted model saved with modadapt.save (trained: its "
-        "acceptance is what matters), verified by its own dense computation",
+        help="decode_speculative: a converted model saved with modadapt.save (trained: its acceptance "
+        "is what matters), verified by its own dense computation; repeat for several. Given, only "
+        "these models are measured",
+    )
+    parser.add_argument(
+        "--speculate-text",
+        default=None,
+        metavar="FILE",
+        help="decode_speculative: prompts from this .txt(.gz), tokenized by the tokenizer saved with "
+        "each --speculate-model (default: random tokens)",
+    )
+    parser.add_argument(
+        "--speculate-context",
+        type=int,
+        default=None,
+        help="decode_speculative: prompt tokens at every batch (default: the size's; a loaded model "
+        "trained on shorter blocks wants fewer)",
     )
     parser.add_argument(
         "--budget-s",

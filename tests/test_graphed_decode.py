@@ -197,6 +197,62 @@ def test_static_attention_several_queries_per_row():
         static_decode_attention(None, q, k, v, KeyLengths(used, cu, cu * cap), scaling=0.3)
 
 
+def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, used):
+    """flash's varlen contract, written out: row b's queries `q[cu_q[b]:cu_q[b+1]]` read its first
+    `used[b]` keys from `cu_k[b]`; query head h reads K/V head h // (Hq / Hk); causal is aligned
+    to the row's end."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    for b in range(len(used)):
+        rows, n = slice(int(cu_q[b]), int(cu_q[b + 1])), int(used[b])
+        keys = k[int(cu_k[b]) : int(cu_k[b]) + n].repeat_interleave(group, 1).transpose(0, 1)  # [Hq, n, d]
+        values = v[int(cu_k[b]) : int(cu_k[b]) + n].repeat_interleave(group, 1).transpose(0, 1)
+        scores = q[rows].transpose(0, 1) @ keys.transpose(1, 2) * scale  # [Hq, Tq, n]
+        if causal:
+            Tq = scores.shape[1]
+            sees = torch.arange(n)[None, :] <= (n - Tq + torch.arange(Tq))[:, None]
+            scores = scores.masked_fill(~sees, float("-inf"))
+        out[rows] = (scores.softmax(-1) @ values).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,queries", [(8, 2, 1), (4, 4, 1), (8, 2, 3)])
+def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, queries, monkeypatch):
+    """The flash path's layouts, checked on CPU against flash's contract: a decode token's grouped
+    query heads go packed as G queries per K/V head (each K/V head read once for its group), the
+    T queries of a verification as they are; both equal the masked fallback, `grouped_cu_q` is
+    filled once and reused (captured graphs read that tensor)."""
+    from modadapt.decoding import static_cache
+    from modadapt.decoding.static_cache import KeyLengths
+
+    gen = torch.Generator().manual_seed(2)
+    B, d, cap, T = 3, 8, 16, queries
+    q = torch.randn(B, heads, T, d, generator=gen)
+    k, v = torch.randn(B, cap, kv_heads, d, generator=gen), torch.randn(B, cap, kv_heads, d, generator=gen)
+    used = torch.tensor([5, 16, 3], dtype=torch.int32)
+    cu = torch.arange(B + 1, dtype=torch.int32)
+    lengths = KeyLengths(used, cu * T, cu * cap, queries=T)
+    reference = static_cache.static_cache_attention(q, k, v, lengths, 0.3)  # masked SDPA on CPU
+    calls = []
+
+    def flash(*args):
+        calls.append(args[5])  # max_q: G packed queries, or T
+        return _reference_flash_varlen(*args)
+
+    monkeypatch.setattr(static_cache, "_FLASH", {})  # what this test's calls record is dropped after
+    monkeypatch.setattr(static_cache, "flash_available", lambda query: True)
+    monkeypatch.setattr(static_cache, "flash_varlen", flash)
+    out = static_cache.static_cache_attention(q, k, v, lengths, 0.3)
+    torch.testing.assert_close(out, reference)
+    packed = T == 1 and heads > kv_heads
+    assert calls == [heads // kv_heads if packed else T]
+    assert list(lengths.grouped_cu_q) == ([heads // kv_heads] if packed else [])
+    if packed:
+        cu_grouped = lengths.grouped_cu_q[heads // kv_heads]
+        torch.testing.assert_close(static_cache.static_cache_attention(q, k, v, lengths, 0.3), reference)
+        assert lengths.grouped_cu_q[heads // kv_heads] is cu_grouped
+
+
 def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
     model = tiny("mistral")
     model.config.sliding_window = 8

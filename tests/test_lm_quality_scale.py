@@ -125,7 +125,12 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     for r in adapted:  # the shared budget, or its multiple in the budget ablation
         steps = bench.TINY.adapt_steps * bench.VARIANTS[r["variant"]].budget
         assert r["adapt_tokens"] == steps * bench.TINY.adapt_batch * bench.TINY.seq_len and r["adapt_steps"] == steps
-    assert by_budget(adapted, 2) == {"topk-distill-2x", "threshold-p-all-distill-2x", "layer-drop-even-2x"}
+    assert by_budget(adapted, 2) == {
+        "topk-distill-2x",
+        "threshold-p-all-distill-2x",
+        "layer-drop-even-2x",
+        "topk-distill-even+1-2x",
+    }
     levels = bench.levels(bench.build_dense(bench.TINY, 0), bench.TINY.seq_len)
     for r in adapted:
         if r["router"] in bench.STATIC:
@@ -285,3 +290,14 @@ def test_a_run_out_of_device_memory_is_given_back_and_run_by_another_worker(benc
     bench.work_through({"work": tmp_path, "name": "second"}, plan_file)  # takes s1 up, then s2
     assert calls[2:] == ["topk@0.70#s1", "topk@0.70#s2"]
     assert sorted(p.stem for p in (tmp_path / "records").glob("*.json")) == [bench.task_id(t) for t in tasks]
+
+
+def test_runs_left_undone_by_the_deadline_are_named(bench, tmp_path, monkeypatch):
+    tasks = [{"variant": "topk", "level": "0.70", "seed": s} for s in (0, 1)]
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"tasks": tasks, "deadline": 1.0, "command": "c"}))  # long past
+    monkeypatch.setattr(bench, "run_task", lambda task, ctx: pytest.fail("a run started after the deadline"))
+    bench.work_through({"work": tmp_path}, plan_file)
+    assert bench.unfinished(tmp_path, tasks) == ["topk@0.70#s0", "topk@0.70#s1"]
+    (tmp_path / "records" / "topk@0.70#s0.json").write_text("{}")
+    assert bench.unfinished(tmp_path, tasks) == ["topk@0.70#s1"]

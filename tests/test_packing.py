@@ -289,3 +289,52 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     assert all(r["mod_tokens_per_s"] > 0 and r["ideal_speedup"] > 0 for r in speculative)
     check = next(r for r in records if r["scenario"].startswith("packed_check"))
     assert check["layer_rel_diff"] < 1e-2 and check["decode_decisions_flipped"] == {"packed": 0, "padded": 0}
+
+
+def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, monkeypatch):
+    """`decode_speculative --speculate-model DIR (repeated) --speculate-text FILE`: only the saved
+    models are measured, named by their directory, on windows of the text in their own tokenizer."""
+    import gzip
+    import importlib.util
+    import json
+    import sys
+    import types
+    from pathlib import Path
+
+    from modadapt.cli import main as cli
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    for name, options in (("a", ["topk", "--capacity", "0.5"]), ("b", ["threshold-p"])):
+        assert cli(["convert", "tiny-llama", "--router", *options, "-o", str(tmp_path / name / "model")]) == 0
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
+    with gzip.open(tmp_path / "text.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    args = types.SimpleNamespace(speculate_text=str(tmp_path / "text.txt.gz"))
+    prompts = bench.speculate_prompts(
+        types.SimpleNamespace(args=args, device=torch.device("cpu")), str(tmp_path / "a" / "model"), 256, 3, 20
+    )
+    assert prompts.shape == (3, 20) and bytes(prompts[0].tolist()).decode() == text[:20]  # tiny-llama's ids are bytes
+    assert bytes(prompts[2].tolist()).decode() in text and not torch.equal(prompts[0], prompts[2])
+    with pytest.raises(SystemExit, match="fewer than"):
+        bench.speculate_prompts(
+            types.SimpleNamespace(args=args, device=torch.device("cpu")), str(tmp_path / "a" / "model"), 256, 3, 10**6
+        )
+    out = tmp_path / "speed.json"
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--tiny", "--scenarios", "decode_speculative", "--speculate-k", "2", "--speculate-context", "24"]
+        for name in ("a", "b"):
+            argv += ["--speculate-model", str(tmp_path / name / "model")]
+        assert bench.main([*argv, "--speculate-text", str(tmp_path / "text.txt.gz"), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    records = [r for r in json.loads(out.read_text()) if r["scenario"].startswith("decode_speculative")]
+    assert {(r["router"], r["batch"], r["context"]) for r in records} == {(n, b, 24) for n in "ab" for b in (1, 2)}
+    assert all(r["same_prefix_as_dense"] == 1.0 and 0 <= r["acceptance"] <= 1 for r in records)
+    # batch 1 also runs transformers' assisted decoding with the converted model as assistant
+    assert all(r["hf_assisted_same_tokens"] and r["hf_assisted_ms"] > 0 for r in records if r["batch"] == 1)
+    assert not any("hf_assisted_ms" in r for r in records if r["batch"] > 1)

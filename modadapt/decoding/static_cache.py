@@ -12,7 +12,7 @@ row's length and attended causally (each sees the slots before it and itself).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ class KeyLengths:
     cu_q: torch.Tensor  # [B + 1] int32 query offsets (`queries` tokens per row)
     cu_k: torch.Tensor  # [B + 1] int32 row starts in the flattened cache (multiples of capacity)
     queries: int = 1  # query tokens per row, the last `queries` of its used slots (causal among them)
+    # `cu_q * G` per group size G (filled on first use, in a step's warm-up: captured graphs then
+    # read the same tensor): offsets of the GQA-packed decode queries (`static_cache_attention`)
+    grouped_cu_q: dict = field(default_factory=dict)
 
     def mask(self, capacity: int) -> torch.Tensor:
         """`[B, 1, queries, capacity]`: the slots each query reads."""
@@ -65,34 +68,50 @@ def flash_key(query: torch.Tensor) -> tuple:
     return (str(query.device), query.dtype, query.shape[-1])
 
 
+def flash_available(query: torch.Tensor) -> bool:
+    """Whether the flash kernel with per-row used lengths may run (CUDA, half precision, not known to fail)."""
+    return (
+        query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _FLASH.get(flash_key(query)) is not False
+    )
+
+
+def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale, used) -> torch.Tensor:
+    """Flash attention over packed rows, reading `used[b]` keys of row b (aligned to its end if causal)."""
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, seqused_k=used
+    )[0]
+
+
 def static_cache_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: KeyLengths, scale: float | None
 ) -> torch.Tensor:
     """`T = lengths.queries` query tokens per row (`[B, H, T, d]`) against the static cache
     `[B, capacity, Hk, d]`, reading each row's used slots only (causally among the last `T`);
-    returns `[B, T, H, d]`."""
+    returns `[B, T, H, d]`.
+
+    One decode token per row with grouped K/V heads (`G = H / Hk > 1`) goes to flash as `G`
+    queries per K/V head: flash's varlen kernel gives every query head its own block, so each
+    block would read its K/V head again (G times the cache's bytes; at batch 32 this was a third
+    of the step). Packed, each K/V head is read once for its whole group."""
     B, H, T, d = query.shape
     _, capacity, Hk, _ = key.shape
-    q = query.transpose(1, 2).reshape(B * T, H, d)
+    G = H // Hk
     flash = flash_key(query)
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _FLASH.get(flash) is not False:
+    if flash_available(query):
+        k, v = key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d)
         try:
+            if T == 1 and G > 1:  # [B, H, 1, d] -> [B * G, Hk, d]: the group's heads as query tokens
+                q = query.reshape(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
+                cu = lengths.grouped_cu_q.get(G)
+                if cu is None:
+                    cu = lengths.grouped_cu_q[G] = lengths.cu_q * G
+                out = flash_varlen(q, k, v, cu, lengths.cu_k, G, capacity, False, scale, lengths.used)
+                _FLASH[flash] = True
+                return out.view(B, G, Hk, d).transpose(1, 2).reshape(B, 1, H, d)
             # Causal in flash's varlen kernel is aligned to each row's end (its used length):
             # query t of a row sees its slots up to `used - T + t`.
-            out = torch.ops.aten._flash_attention_forward(
-                q,
-                key.view(B * capacity, Hk, d),
-                value.view(B * capacity, Hk, d),
-                lengths.cu_q,
-                lengths.cu_k,
-                T,
-                capacity,
-                0.0,
-                T > 1,
-                False,
-                scale=scale,
-                seqused_k=lengths.used,
-            )[0]
+            q = query.transpose(1, 2).reshape(B * T, H, d)
+            out = flash_varlen(q, k, v, lengths.cu_q, lengths.cu_k, T, capacity, T > 1, scale, lengths.used)
             _FLASH[flash] = True
             return out.view(B, T, H, d)
         except (RuntimeError, TypeError):
@@ -100,14 +119,14 @@ def static_cache_attention(
                 raise
             _FLASH[flash] = False
     # The query heads of each K/V head go as that head's queries: no repeat_kv copy of the cache.
-    G = H // Hk
     mask = lengths.mask(capacity)
     if T == 1:
-        q = q.view(B, Hk, G, d)
+        q = query.reshape(B, Hk, G, d)
     else:  # queries ordered (head of the group, token): each row of the mask repeated per head
         q = query.reshape(B, Hk, G * T, d)
         mask = mask.unsqueeze(2).expand(B, 1, G, T, capacity).reshape(B, 1, G * T, capacity)
     out = F.scaled_dot_product_attention(q, key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale)
     if T == 1:
         return out.reshape(B, 1, H, d)
-    return out.view(B, H, T, d).transpose(1, 2).contiguous()
+    # reshape: SDPA's CUDA kernels may return a transposed layout that a view cannot take
+    return out.reshape(B, H, T, d).transpose(1, 2).contiguous()

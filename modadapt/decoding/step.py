@@ -80,6 +80,7 @@ class DecodeStep:
         cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self._cu_k = {c: cu_q * c for c in set(capacities)}
         self._cu_q = cu_q
+        self._grouped_cu_q: dict = {}  # `cu_q * G` for the GQA-packed flash decode, made once per step
         self._used = [torch.zeros(batch, dtype=torch.int32, device=device) for _ in capacities]
         self.live: dict = {}  # tensors passed between pieces (kept referenced across graphs)
         self.flags = self._flags = None  # pinned host copies of each MoD layer's decision ("host" branches)
@@ -94,7 +95,7 @@ class DecodeStep:
 
     def _lengths(self, i: int) -> KeyLengths:
         used = torch.add(self.lengths[i], 1, out=self._used[i])  # one kernel: add and narrow to int32
-        return KeyLengths(used, self._cu_q, self._cu_k[self.capacities[i]])
+        return KeyLengths(used, self._cu_q, self._cu_k[self.capacities[i]], grouped_cu_q=self._grouped_cu_q)
 
     def _pieces(self) -> list:
         d, pieces = self.decoder, [("run", self._begin)]
