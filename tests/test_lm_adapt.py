@@ -167,7 +167,9 @@ def test_python_model_distillation_and_flops_ratio(corpus, tmp_path):
     blocks = pack(tokenize(read_corpus(cfg.valid_data), None, 256), cfg.seq_len, "valid")
     dense = modadapt.unload(copy.deepcopy(adapted))
     ratio = direct_count(adapted, blocks) / direct_count(dense, blocks)
-    assert summary["flops_ratio"] == pytest.approx(ratio, rel=1e-9)
+    # rel 1e-4: the count runs eager attention, the recipe SDPA; on transformers 5.17 the two ratios
+    # are 1.6e-5 apart (rounding reaches the routing); a wrong count is off by percents
+    assert summary["flops_ratio"] == pytest.approx(ratio, rel=1e-4)
     assert summary["flops_ratio"] < 0.95
 
 
