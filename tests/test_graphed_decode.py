@@ -15,7 +15,18 @@ from modadapt.decoding import BUCKET, GraphedDecoder, conditional_nodes_availabl
 from modadapt.errors import ModAdaptError
 from modadapt.mod_layer import state_of
 
-GRAPHED_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi3")
+GRAPHED_FAMILIES = (
+    "llama",
+    "llama-tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "olmo2",
+    "mixtral",
+    "qwen2-moe",
+    "qwen3-moe",
+)
 
 
 def _greedy(model, x, mask, new):
@@ -43,6 +54,41 @@ def test_graphed_decoder_matches_generate_converted(graphed_family, tiny, ids, l
     decoder.decode(9)
     added = torch.stack([step.lengths[i] for i in mod]) - start
     assert (added.max(1).values != added.min(1).values).any()
+
+
+@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
+def test_graphed_decoder_matches_generate_dense_and_batch_one(graphed_family, tiny, ids, left_pad, randomize_routers):
+    """Every family, the unconverted model and a converted one, batch 1 and a left-padded batch."""
+    dense = tiny(graphed_family)
+    dense.config.output_router_logits = False  # see test_speculative_decode._pair: transformers' own MoE loss
+    x1 = ids(1, 9, seed=3)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    for model in (dense, _converted(tiny, graphed_family, randomize_routers)):
+        decoder = GraphedDecoder(model, cuda_graphs=False)
+        assert torch.equal(decoder.generate(x1, max_new_tokens=10), _greedy(model, x1, None, 10))
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=10), _greedy(model, x, mask, 10))
+
+
+@pytest.mark.parametrize("moe_family", [f for f in GRAPHED_FAMILIES if "moe" in f or f == "mixtral"])
+def test_graphed_decoder_mixture_of_experts(moe_family, tiny, ids, left_pad, randomize_routers):
+    """Staged MoDE: the expert statistics after graphed decoding are the prompt's (the decode steps
+    run the layers outside the model's forward, so the experts' recorder counts nothing there);
+    transformers' eager expert loop (nonzero/where: host syncs) is refused for CUDA graphs."""
+    model = _converted(tiny, moe_family, randomize_routers)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    with torch.no_grad():
+        model(x, attention_mask=mask)
+    prompt_stats = modadapt.expert_stats(model)
+    assert prompt_stats and sum(row["tokens"] for row in prompt_stats) > 0
+    assert torch.equal(
+        GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), _greedy(model, x, mask, 8)
+    )
+    GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8)
+    assert modadapt.expert_stats(model) == prompt_stats
+    model.config._experts_implementation = "eager"
+    with pytest.raises(ModAdaptError, match="eager expert loop.*cuda_graphs=False.*model.generate"):
+        GraphedDecoder(model, cuda_graphs=True)
+    assert GraphedDecoder(model).cuda_graphs is False  # the default: the pieces run eagerly
 
 
 @pytest.mark.parametrize("branches", ["host", "select", "auto"])

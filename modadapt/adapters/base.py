@@ -107,6 +107,9 @@ class DecodeParts:
         prefill: `(input_ids, attention_mask, position_ids) -> (last logits [B, V], cache layers)`:
             the prompt run with a fresh KV cache; each cache layer holds `keys` and `values`
             `[B, Hk, n, d]`, a MoD layer's also `mod_valid` (its real slots).
+        not_capturable: Why the decode step cannot be captured as CUDA graphs (a host sync in
+            the family's modeling code), said as the error `GraphedDecoder(cuda_graphs=True)`
+            raises; None: it can be.
     """
 
     embed: nn.Module
@@ -118,6 +121,7 @@ class DecodeParts:
     window: int | None
     static_attention: Callable[[], ContextManager[None]]
     prefill: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, list]]
+    not_capturable: str | None = None
 
 
 class Adapter:

@@ -72,7 +72,11 @@ class GraphedDecoder:
             raise ModAdaptError("this torch has no CUDA graph conditional nodes; use branches='host' or 'auto'.")
         self.model, self.parts, self.branches = model, parts, branches
         self.params = next(model.parameters())
+        if cuda_graphs and parts.not_capturable:
+            raise ModAdaptError(parts.not_capturable)
         self.cuda_graphs = self.params.is_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and parts.not_capturable:  # on CUDA by default: the same pieces, eagerly
+            self.cuda_graphs = False
         if self.cuda_graphs and not self.params.is_cuda:
             raise ModAdaptError("cuda_graphs=True needs the model on a CUDA device.")
         self.kv_heads, self.head_dim, self.window = parts.kv_heads, parts.head_dim, parts.window

@@ -32,7 +32,7 @@ from .attention import (
 from .attention_maps import eager_attention_maps
 from .auto import attach_save_pretrained, base_config, wrap_config
 from .kv_cache import mod_cache_layer
-from .moe import active_expert_weights, attach_experts
+from .moe import active_expert_weights, attach_experts, router_spec
 from .versions import cache_argument
 
 #: Families converted, trained and generated with in the test suite.
@@ -52,7 +52,7 @@ TESTED_FAMILIES = (
     "qwen3_moe",
 )
 #: Llama-style families (token embedding, rotary embedding, final norm) `GraphedDecoder` runs.
-GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -233,6 +233,7 @@ class HFDecoderAdapter(Adapter):
             window=getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None,
             static_attention=functools.partial(use_attention, config, STATIC_ATTENTION),
             prefill=functools.partial(_prefill, model),
+            not_capturable=_not_capturable(model, config),
         )
 
     def calibration_kind(self, model: nn.Module) -> str:
@@ -359,6 +360,21 @@ def _prefill(
         logits_to_keep=1,
     )
     return out.logits[:, -1], cache.layers
+
+
+def _not_capturable(model: nn.Module, config: Any) -> str | None:
+    """Why `model`'s decode step cannot be captured: a mixture of experts run by transformers'
+    eager expert loop (`experts_implementation="eager"`), which picks each expert's tokens with
+    `nonzero`/`where`, host syncs that a CUDA graph cannot hold. The default `grouped_mm` (and
+    `batched_mm`) dispatch on the device. None: nothing known."""
+    if router_spec(model) is None or getattr(config, "_experts_implementation", None) not in (None, "eager"):
+        return None
+    return (
+        f"this {config.model_type!r} model runs its experts with transformers' eager expert loop, which syncs "
+        "with the host (nonzero/where over each expert's tokens) and cannot be captured as a CUDA graph. Use "
+        "GraphedDecoder(model, cuda_graphs=False) (the same decode pieces, eagerly), load the model with "
+        "experts_implementation='grouped_mm', or decode with model.generate."
+    )
 
 
 def _is_conv1d(module: nn.Module) -> bool:
