@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import widened
 
 import modadapt
 from modadapt.adapters.hf.presets import DECODER_FAMILIES
@@ -23,6 +24,9 @@ GRAPHED_FAMILIES = (
     "qwen3",
     "phi3",
     "olmo2",
+    "gemma",
+    "gemma2",
+    "gemma3",
     "mixtral",
     "qwen2-moe",
     "qwen3-moe",
@@ -35,7 +39,7 @@ def _greedy(model, x, mask, new):
 
 
 def _converted(tiny, family, randomize_routers, router="threshold-p", **config):
-    model = modadapt.convert(tiny(family), router=router, layers="all-but-first", **config)
+    model = modadapt.convert(widened(tiny(family)), router=router, layers="all-but-first", **config)
     return randomize_routers(model).eval()
 
 
@@ -59,7 +63,7 @@ def test_graphed_decoder_matches_generate_converted(graphed_family, tiny, ids, l
 @pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
 def test_graphed_decoder_matches_generate_dense_and_batch_one(graphed_family, tiny, ids, left_pad, randomize_routers):
     """Every family, the unconverted model and a converted one, batch 1 and a left-padded batch."""
-    dense = tiny(graphed_family)
+    dense = widened(tiny(graphed_family))
     dense.config.output_router_logits = False  # see test_speculative_decode._pair: transformers' own MoE loss
     x1 = ids(1, 9, seed=3)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
@@ -155,6 +159,10 @@ def test_graphed_decoder_bad_input(tiny, ids):
     decoder.decode(2)
     with pytest.raises(ModAdaptError, match="2 are done"):  # the static cache has no room for more
         decoder.decode(2)
+    with pytest.raises(ModAdaptError, match=r"no beam search \(num_beams=4\).*model.generate\(input_ids, num_beams=4"):
+        decoder.generate(ids(1, 4), max_new_tokens=3, num_beams=4)
+    with pytest.raises(ModAdaptError, match="does not take num_return_sequences; use model.generate"):
+        decoder.generate(ids(1, 4), max_new_tokens=3, num_return_sequences=2)
     with pytest.raises(ModAdaptError, match="CUDA"):
         GraphedDecoder(model, cuda_graphs=True)
     model.train()
@@ -304,6 +312,11 @@ def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
     model.config.sliding_window = 8
     with pytest.raises(ModAdaptError, match="sliding window"):
         GraphedDecoder(model).generate(ids(1, 6), max_new_tokens=4)
+    for family in ("gemma2", "gemma3"):  # sliding and global layers: the sliding layers' window (4) counts
+        with pytest.raises(ModAdaptError, match=r"sliding window \(4\)"):
+            GraphedDecoder(tiny(family)).generate(ids(1, 3), max_new_tokens=2)
+        model = widened(tiny(family), window=5)
+        assert GraphedDecoder(model).generate(ids(1, 3), max_new_tokens=2).shape == (1, 5)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

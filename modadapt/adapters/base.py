@@ -95,21 +95,24 @@ class DecodeParts:
 
     Attributes:
         embed: Token ids `[B, 1]` to hidden states `[B, 1, D]`.
-        rotary: `(hidden, position_ids)` to the `position_embeddings` the layers take.
+        rotary: `(hidden, position_ids)` to the `position_embeddings` the layers take (with
+            `rotary_keys`: a dict of them, one per key).
         norm: The final norm, before `head`.
         head: Hidden states to logits.
         kv_heads: K/V heads of each layer's attention.
         head_dim: Size of one head.
-        window: The attention's sliding window, or None.
+        window: The smallest sliding window of the layers' attention, or None.
         static_attention: Returns a context manager inside which the layers' attention reads the
             step's static cache (`modadapt.decoding.static_cache`), taking its `KeyLengths` where
             they take their attention mask.
-        prefill: `(input_ids, attention_mask, position_ids) -> (last logits [B, V], cache layers)`:
-            the prompt run with a fresh KV cache; each cache layer holds `keys` and `values`
+        prefill: `(input_ids, attention_mask, position_ids, **inputs) -> (last logits [B, V], cache
+            layers)`: the prompt (`inputs`: a multimodal model's `pixel_values`) run with a fresh KV cache; each cache layer holds `keys` and `values`
             `[B, Hk, n, d]`, a MoD layer's also `mod_valid` (its real slots).
         not_capturable: Why the decode step cannot be captured as CUDA graphs (a host sync in
             the family's modeling code), said as the error `GraphedDecoder(cuda_graphs=True)`
             raises; None: it can be.
+        rotary_keys: Per layer, the key of `rotary`'s output it takes (Gemma 3: its layer type,
+            local and global RoPE); None: `rotary` gives one for every layer.
     """
 
     embed: nn.Module
@@ -120,8 +123,9 @@ class DecodeParts:
     head_dim: int
     window: int | None
     static_attention: Callable[[], ContextManager[None]]
-    prefill: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, list]]
+    prefill: Callable[..., tuple[torch.Tensor, list]]
     not_capturable: str | None = None
+    rotary_keys: tuple | None = None
 
 
 class Adapter:

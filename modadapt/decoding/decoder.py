@@ -9,6 +9,8 @@ handling, which follows `model.generate`. With `speculate=K` a step is a specula
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -94,7 +96,8 @@ class GraphedDecoder:
         for i, layer in enumerate(stack):
             names = layer.mod_state.call if i in mod else adapter.layer_call(model, layer, i)
             forward = getattr(type(layer), "_mod_original", type(layer)).forward
-            self.layers.append(StepLayer(layer, forward, names, i in mod))
+            key = parts.rotary_keys[i] if parts.rotary_keys is not None else None
+            self.layers.append(StepLayer(layer, forward, names, i in mod, key))
         self.first_dense = next((i for i, layer in enumerate(self.layers) if not layer.mod), None)
         self.speculate, self.draft = speculate, None
         if speculate:
@@ -144,13 +147,28 @@ class GraphedDecoder:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        num_beams: int = 1,
+        pixel_values: torch.Tensor | None = None,
+        **options,
     ) -> torch.Tensor:
         """The prompt (left padding allowed) and up to `max_new_tokens` new tokens, as
         `model.generate` returns them: greedy (the same tokens), or drawn with `do_sample`
         (temperature, top-k, top-p; seed with `torch.manual_seed`). After a row's end-of-sequence
         token come pad tokens, and generation stops once every row has ended (checked every
         `CHECK_EVERY` steps). Arguments left None come from the model's generation config, as in
-        `model.generate` (transformers' defaults: temperature 1, top-k 50, top-p 1)."""
+        `model.generate` (transformers' defaults: temperature 1, top-k 50, top-p 1).
+        `pixel_values` (LLaVA) go with the prompt, which runs eagerly; the text after it is
+        decoded from the static cache like any other. Beam
+        search (`num_beams` > 1) and other `model.generate` options are refused: use `model.generate`."""
+        if num_beams != 1:
+            raise ModAdaptError(
+                f"GraphedDecoder has no beam search (num_beams={num_beams!r}): it decodes greedily or by "
+                f"sampling; for beams use model.generate(input_ids, num_beams={num_beams!r}, ...)."
+            )
+        if options:
+            raise ModAdaptError(
+                f"GraphedDecoder.generate does not take {', '.join(sorted(options))}; use model.generate for them."
+            )
         config = getattr(self.model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -169,7 +187,7 @@ class GraphedDecoder:
             sampling = Sampling(
                 pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50), None if top_p == 1.0 else top_p
             )
-        step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling)
+        step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling, pixel_values=pixel_values)
         eos_ids = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
         if self.speculate:
             new = self._generate_speculative(step, max_new_tokens, eos_ids if eos else None)
@@ -218,6 +236,7 @@ class GraphedDecoder:
         attention_mask: torch.Tensor | None,
         max_new_tokens: int,
         sampling: Sampling | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> DecodeStep | SpeculativeStep:
         """Run the prompt eagerly, copy its cache into the static buffers of a (captured) step
         sized for `max_new_tokens`, and leave the first new token in the step's `token`
@@ -244,15 +263,20 @@ class GraphedDecoder:
                 f"({S + max_new_tokens}); graphed decoding has no windowed cache: decode with model.generate."
             )
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+        inputs = {}
+        if pixel_values is not None:
+            if "pixel_values" not in inspect.signature(self.model.forward).parameters:
+                raise ModAdaptError(f"{type(self.model).__name__} takes no pixel_values; pass input_ids only.")
+            inputs["pixel_values"] = pixel_values
         if self.speculate:  # the verifier's cache: the prompt through every layer densely
             with dense(self.model):
-                logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+                logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions, **inputs)
             stored = [self._compacted(cache_layers[i], False, real) for i in range(len(self.layers))]
             # a row's writes reach `count - 1 + 2K` past its prompt (rows that are done still run)
             width = _round_up(int(stored[0][2].max()) + max_new_tokens + 2 * self.speculate + 1, BUCKET)
             capacities = (width,) * len(self.layers)
         else:
-            logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+            logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions, **inputs)
             stored = [self._compacted(cache_layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
             capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
         first = next_token(logits, sampling)

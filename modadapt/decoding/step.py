@@ -41,6 +41,7 @@ class StepLayer:
     forward: Callable  # the layer's original forward (unbound)
     names: LayerCall  # its argument names
     mod: bool
+    rotary_key: Any = None  # which of the rotary embeddings it takes (`DecodeParts.rotary_keys`)
 
 
 class DecodeStep:
@@ -169,7 +170,7 @@ class DecodeStep:
             c.mask: lengths,
             c.cache: self.cache,
             c.position_ids: self.position,
-            "position_embeddings": pe,
+            "position_embeddings": pe if layer.rotary_key is None else pe[layer.rotary_key],
         }
         out = layer.forward(layer.module, **kwargs)
         return out[0] if isinstance(out, tuple) else out

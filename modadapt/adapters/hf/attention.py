@@ -107,11 +107,11 @@ def static_decode_attention(
 ):
     """The attention function of a graphed decode step: one query token per row (`[B, H, 1, d]`;
     a speculative verification: `attention_mask.queries`) against the static cache
-    `[B, capacity, Hk, d]`; the mask argument carries the used lengths. Returns
-    `([B, T, H, d], None)` like the SDPA function."""
+    `[B, capacity, Hk, d]`; the mask argument carries the used lengths; `softcap` (Gemma 2)
+    soft-caps the scores. Returns `([B, T, H, d], None)` like the SDPA function."""
     if not isinstance(attention_mask, KeyLengths) or query.shape[2] != attention_mask.queries:
         raise ModAdaptError(f"{STATIC_ATTENTION} attention only runs GraphedDecoder's decode steps.")
-    return static_cache_attention(query, key, value, attention_mask, scaling), None
+    return static_cache_attention(query, key, value, attention_mask, scaling, softcap=kwargs.get("softcap")), None
 
 
 @functools.cache

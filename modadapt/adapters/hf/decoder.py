@@ -52,7 +52,20 @@ TESTED_FAMILIES = (
     "qwen3_moe",
 )
 #: Llama-style families (token embedding, rotary embedding, final norm) `GraphedDecoder` runs.
-GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe")
+GRAPHED_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -210,8 +223,10 @@ class HFDecoderAdapter(Adapter):
         return mod_cache_layer(cache, layer_index)
 
     def decode_parts(self, model: nn.Module) -> DecodeParts:
-        """The decoder's token embedding, rotary embedding and final norm, the LM head, and the
-        attention shape of a `GRAPHED_FAMILIES` model (or its language model's)."""
+        """The decoder's token embedding (Gemma's scales by sqrt(hidden) itself), rotary embedding
+        (Gemma 3's: one per layer type, `rotary_keys`) and final norm, the LM head (soft-capped
+        as the model caps its logits: Gemma 2), the smallest sliding window of any layer, and
+        the attention shape of a `GRAPHED_FAMILIES` model (or its language model's)."""
         config = model.config.get_text_config(decoder=True)
         if getattr(config, "model_type", None) not in GRAPHED_FAMILIES or not hasattr(model, "get_decoder"):
             raise ModAdaptError(
@@ -223,17 +238,26 @@ class HFDecoderAdapter(Adapter):
             if not hasattr(decoder, part):
                 raise ModAdaptError(f"{type(decoder).__name__} has no {part!r}: not a Llama-style decoder.")
         register_attention_functions()
+        layers = len(decoder.layers)
+        windows = [w for w in (_sliding_window(config, i) for i in range(layers)) if w is not None]
+        rotary, rotary_keys = decoder.rotary_emb, None
+        if "layer_type" in inspect.signature(type(rotary).forward).parameters:  # Gemma 3: local and global RoPE
+            rotary_keys = tuple(config.layer_types[:layers])
+            rotary = functools.partial(_rotary_per_type, decoder.rotary_emb, tuple(sorted(set(rotary_keys))))
+        head = model.get_output_embeddings()
+        cap = getattr(config, "final_logit_softcapping", None)
         return DecodeParts(
             embed=decoder.embed_tokens,
-            rotary=decoder.rotary_emb,
+            rotary=rotary,
             norm=decoder.norm,
-            head=model.get_output_embeddings(),
+            head=SoftCappedHead(head, cap) if cap else head,
             kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            window=getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None,
+            window=min(windows) if windows else None,
             static_attention=functools.partial(use_attention, config, STATIC_ATTENTION),
             prefill=functools.partial(_prefill, model),
             not_capturable=_not_capturable(model, config),
+            rotary_keys=rotary_keys,
         )
 
     def calibration_kind(self, model: nn.Module) -> str:
@@ -345,9 +369,14 @@ class _DetachProbe:
 
 
 def _prefill(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    **inputs: Any,
 ) -> tuple[torch.Tensor, list]:
-    """The prompt through the model with a fresh `DynamicCache`: the last logits and its layers."""
+    """The prompt (with `inputs`: LLaVA's `pixel_values`) through the model with a fresh
+    `DynamicCache`: the last logits and its layers."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -358,8 +387,27 @@ def _prefill(
         **{cache_argument(model.forward): cache},
         use_cache=True,
         logits_to_keep=1,
+        **inputs,
     )
     return out.logits[:, -1], cache.layers
+
+
+class SoftCappedHead:
+    """The LM head with the model's final logit soft-capping (Gemma 2: `cap * tanh(logits / cap)`,
+    in the CausalLM's forward, which the decode step does not run)."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        self.head, self.cap = head, float(cap)
+        self.weight = head.weight
+        self.out_features = getattr(head, "out_features", None) or head.weight.shape[0]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(hidden) / self.cap) * self.cap
+
+
+def _rotary_per_type(rotary: nn.Module, types: tuple, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Gemma 3's rotary embeddings: `{layer type: (cos, sin)}` (each type its own base)."""
+    return {t: rotary(hidden, position_ids, t) for t in types}
 
 
 def _not_capturable(model: nn.Module, config: Any) -> str | None:
