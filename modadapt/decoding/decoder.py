@@ -454,6 +454,8 @@ class GraphedDecoder:
             try:
                 with self.parts.static_attention():
                     step.capture()
+            except torch.OutOfMemoryError:
+                raise  # the batch does not fit, whatever the routers do: say so as torch does
             except RuntimeError as error:
                 raise ModAdaptError(
                     f"capturing the decode step failed ({error}); a router whose causal rule syncs with "
