@@ -1442,6 +1442,31 @@ def speculate_prompts(b: Bench, directory: str | None, vocab: int, B: int, ctx: 
     return torch.stack([ids[s : s + ctx] for s in starts.tolist()]).to(b.device)
 
 
+def hf_assisted(dense, model, ids: torch.Tensor, new: int, clock: Clock) -> dict:
+    """transformers' own assisted decoding, the user's alternative: the dense model's greedy
+    `generate` with the converted model as `assistant_model` (eager, two copies of the weights,
+    batch 1), next to plain greedy `generate` of the dense model; both tokens must agree."""
+
+    def gen(**kwargs):
+        return lambda: dense.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs
+        )
+
+    try:
+        with torch.inference_mode():
+            plain_tokens, assisted_tokens = gen()(), gen(assistant_model=model)()  # warm-up, and the tokens
+            plain_ms = statistics.median(clock.time(gen()) for _ in range(2))
+            assisted_ms = statistics.median(clock.time(gen(assistant_model=model)) for _ in range(2))
+    except Exception as error:  # noqa: BLE001 - the alternative failing is a result too
+        return dict(hf_assisted_error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    return dict(
+        hf_plain_ms=plain_ms,
+        hf_assisted_ms=assisted_ms,
+        hf_assisted_speedup=plain_ms / assisted_ms,
+        hf_assisted_same_tokens=bool(torch.equal(plain_tokens, assisted_tokens)),
+    )
+
+
 def run_decode_speculative(b: Bench) -> None:
     """Speculative decoding (`GraphedDecoder(model, speculate=K, draft=...)`: the routing drafts K
     tokens, the dense computation of the same weights verifies them in one forward) against
@@ -1471,6 +1496,7 @@ def run_decode_speculative(b: Bench) -> None:
                     times.append(ms)
             dense_ms, dense_times = statistics.median(times), times
             dense_step = decode_bytes(shape, B, ctx, 1, None, elt)
+            assisted = hf_assisted(dense, model, ids, new, b.clock) if B == 1 else {}
             for k, draft in itertools.product(ks, drafts):
                 decoder = GraphedDecoder(model, branches=b.args.graph_branches, speculate=k, draft=draft)
                 every = max(1, CHECK_EVERY // (k + 1))
@@ -1525,6 +1551,7 @@ def run_decode_speculative(b: Bench) -> None:
                         met=None,
                         dense_times_ms=dense_times,
                         mod_times_ms=times,
+                        **assisted,
                     )
                 )
 
@@ -1787,6 +1814,12 @@ def format_row(r: dict) -> str:
             f"tokens as dense {r['same_prefix_as_dense']:.3f} (worst row {r['same_prefix_worst_row']:.3f}); "
             f"branches {r['branches']}"
         )
+        if "hf_assisted_ms" in r:
+            extra.append(
+                f"transformers assisted decoding (this model as assistant): {r['hf_assisted_ms']:.1f} ms vs plain "
+                f"generate {r['hf_plain_ms']:.1f} ms ({r['hf_assisted_speedup']:.2f}x), same tokens "
+                f"{r['hf_assisted_same_tokens']}"
+            )
     if "mod_teacher_forced_agreement" in r:
         extra.append(
             f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import modadapt
+from modadapt.adapters.hf.presets import DECODER_FAMILIES
 from modadapt.decoding import BUCKET, GraphedDecoder, conditional_nodes_available
 from modadapt.errors import ModAdaptError
 from modadapt.mod_layer import state_of
 
-GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+GRAPHED_FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def _greedy(model, x, mask, new):
@@ -80,9 +81,15 @@ def test_graphed_decoder_mod_cache_holds_only_kept_pairs(tiny, ids, randomize_ro
     assert 0 < used < allocated
 
 
+@pytest.mark.parametrize("other_family", sorted(set(DECODER_FAMILIES) - set(GRAPHED_FAMILIES)))
+def test_graphed_decoder_refuses_other_families(other_family, tiny):
+    """Families it cannot run are refused, naming the ones it can and what to use instead."""
+    model_type = other_family.replace("-", "_")  # qwen2-moe: qwen2_moe
+    with pytest.raises(ModAdaptError, match=f"supports llama.*not '{model_type}.*'; decode it with model.generate"):
+        GraphedDecoder(modadapt.convert(tiny(other_family), router="threshold-p"))
+
+
 def test_graphed_decoder_bad_input(tiny, ids):
-    with pytest.raises(ModAdaptError, match="supports"):
-        GraphedDecoder(tiny("gpt2"))
     attention_routed = modadapt.convert(tiny("llama"), router="attention", layers="every-other")
     with pytest.raises(ModAdaptError, match="'attention'.*captured"):
         GraphedDecoder(attention_routed)

@@ -59,6 +59,11 @@ class GraphedDecoder:
                 f"speculate must be an int >= 0 (draft tokens per verification; 0: off), got {speculate!r}"
             )
         state = state_of(model)
+        if state is not None and state.config.scope != "block":
+            raise ModAdaptError(
+                f"graphed decoding runs MoD layers that route whole blocks, not "
+                f"scope={state.config.scope!r}; decode with model.generate."
+            )
         adapter = state.adapter if state is not None else find_adapter(model)
         parts = adapter.decode_parts(model)
         if branches not in BRANCHES:
@@ -246,7 +251,7 @@ class GraphedDecoder:
         if self.window is not None and S + max_new_tokens > self.window:
             raise ModAdaptError(
                 f"the model's sliding window ({self.window}) is shorter than prompt + new tokens "
-                f"({S + max_new_tokens}); graphed decoding has no windowed cache."
+                f"({S + max_new_tokens}); graphed decoding has no windowed cache: decode with model.generate."
             )
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
         if rows_per_pass is not None and rows_per_pass < B:
