@@ -154,6 +154,28 @@ def ids():
     return make_ids
 
 
+def beam_search_scored(model: torch.nn.Module, prompt: torch.Tensor, new: int):
+    """Two beams of `new` tokens after `prompt`; asserts each beam's score is its log-prob
+    recomputed by a full forward (beam reordering must move the MoD bookkeeping with the K/V).
+    Returns the generate output."""
+    T = prompt.shape[1]
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            max_new_tokens=new,
+            num_beams=2,
+            num_return_sequences=2,
+            do_sample=False,
+            length_penalty=0.0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        logprobs = model(out.sequences).logits.float().log_softmax(-1)
+    recomputed = logprobs[:, T - 1 : -1].gather(-1, out.sequences[:, T:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, recomputed, rtol=0, atol=1e-4)
+    return out
+
+
 def left_pad_batch(prompts: list[torch.Tensor], pad_id: int = 0):
     """Left-pad 1-D prompts into (input_ids, attention_mask, position_ids) without a tokenizer."""
     width = max(len(p) for p in prompts)

@@ -487,3 +487,74 @@ def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_r
     monkeypatch.setattr(varlen, "_reference", lambda *a, **k: calls.append(1) or reference(*a, **k))
     assert torch.equal(GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), expected)
     assert calls, "the prompt did not run packed"
+
+
+@pytest.mark.parametrize("router", ["threshold-p", "topk"])
+def test_graphed_decoder_prefill_in_passes(router, tiny, ids, left_pad, randomize_routers):
+    """`prefill(..., rows_per_pass=2)`: the prompt two rows at a time fills the step as one pass
+    does (capacities, lengths, each row's used K/V slots) and decodes `model.generate`'s tokens."""
+    model = _converted(tiny, "llama", randomize_routers, router=router)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (150, 131, 90, 142, 60)])  # dense capacity 256
+    expected = _greedy(model, x, mask, 8)
+    whole = GraphedDecoder(model).prefill(x, mask, 8)
+    decoder = GraphedDecoder(model)
+    step = decoder.prefill(x, mask, 8, rows_per_pass=2)
+    assert step.capacities == whole.capacities and BUCKET in step.capacities and 2 * BUCKET in step.capacities
+    for i, (a, b) in enumerate(zip(step.lengths, whole.lengths)):
+        assert torch.equal(a, b)
+        for row, n in enumerate(a.tolist()):
+            torch.testing.assert_close(step.keys[i][row, :n], whole.keys[i][row, :n], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(step.values[i][row, :n], whole.values[i][row, :n], rtol=1e-5, atol=1e-6)
+    assert torch.equal(step.token, whole.token)
+    first = step.token.clone()
+    decoder.decode(7)
+    assert torch.equal(torch.cat([first, step.out[:, :7]], 1), expected[:, -8:])
+    assert decoder.kv_bytes()[0] == sum(2 * k.numel() * k.element_size() for k in whole.keys)
+    with pytest.raises(ModAdaptError, match="rows_per_pass must be"):
+        decoder.prefill(x, mask, 8, rows_per_pass=0)
+
+
+def test_graphed_decoder_rewind_decodes_the_prompt_again(tiny, ids, randomize_routers):
+    """`rewind()` puts the step back where the prefill left it: decoding again gives the same tokens and lengths."""
+    model = _converted(tiny, "llama", randomize_routers)
+    decoder = GraphedDecoder(model)
+    with pytest.raises(ModAdaptError, match="before rewind"):
+        decoder.rewind()
+    step = decoder.prefill(ids(3, 20, seed=5), None, 10)
+    decoder.decode(9)
+    tokens, lengths = step.out.clone(), [n.clone() for n in step.lengths]
+    for _ in range(2):
+        decoder.rewind()
+        assert step.steps_done == 0 and not step.out.any()
+        decoder.decode(9)
+        assert torch.equal(step.out, tokens)
+        assert all(torch.equal(a, b) for a, b in zip(step.lengths, lengths))
+    with pytest.raises(ModAdaptError, match="speculative"):
+        speculative = GraphedDecoder(model, speculate=2)
+        speculative.prefill(ids(1, 12, seed=6), None, 4)
+        speculative.rewind()
+    with pytest.raises(ModAdaptError, match="rows_per_pass prefills a plain"):
+        GraphedDecoder(model, speculate=2).prefill(ids(2, 12, seed=6), None, 4, rows_per_pass=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_prefill_in_passes_and_rewind_on_cuda():
+    """On CUDA the step of a prefill in passes is captured after its dense layers were filled: the
+    capture's warm-up writes each row's first slots and puts them back, so the captured decode
+    gives `model.generate`'s tokens (float32), and again after `rewind()`. Run on the GPU machine:
+    `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+
+    for router in ("threshold-p", "topk"):
+        model = modadapt.convert(build_tiny("llama"), router=router, layers="all-but-first")
+        model = randomize_router_weights(model).eval().cuda()
+        x, mask, _ = (t.cuda() for t in left_pad_batch([make_ids(1, n, seed=n)[0] for n in (150, 7, 90, 12, 60)]))
+        expected = _greedy(model, x, mask, 40)
+        decoder = GraphedDecoder(model)
+        step = decoder.prefill(x, mask, 40, rows_per_pass=2)
+        first = step.token.clone()
+        assert step.graphs is not None
+        for _ in range(2):
+            decoder.decode(39)
+            assert torch.equal(torch.cat([first, step.out[:, :39]], 1), expected[:, -40:]), router
+            decoder.rewind()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import beam_search_scored
 from transformers import DynamicCache
 
 import modadapt
@@ -125,21 +126,7 @@ def test_left_padded_generation_equals_recompute_and_each_prompt_alone(
 @pytest.mark.parametrize("scope", SCOPES)
 def test_beam_search_and_sampling_match_recompute(scope, tiny, ids, left_pad, randomize_routers):
     model = _convert(tiny("llama"), randomize_routers, scope)
-    prompt = ids(2, 7)
-    with torch.no_grad():
-        beams = model.generate(
-            prompt,
-            max_new_tokens=5,
-            num_beams=2,
-            num_return_sequences=2,
-            do_sample=False,
-            length_penalty=0.0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        logprobs = model(beams.sequences).logits.float().log_softmax(-1)
-    recomputed = logprobs[:, 6:-1].gather(-1, beams.sequences[:, 7:, None]).squeeze(-1).sum(-1)
-    torch.testing.assert_close(beams.sequences_scores, recomputed, rtol=0, atol=1e-4)
+    beam_search_scored(model, ids(2, 7), 5)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (5, 8)])
     torch.manual_seed(3)
     with torch.no_grad():

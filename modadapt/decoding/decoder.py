@@ -236,15 +236,32 @@ class GraphedDecoder:
         attention_mask: torch.Tensor | None,
         max_new_tokens: int,
         sampling: Sampling | None = None,
+        rows_per_pass: int | None = None,
         pixel_values: torch.Tensor | None = None,
     ) -> DecodeStep | SpeculativeStep:
         """Run the prompt eagerly, copy its cache into the static buffers of a (captured) step
         sized for `max_new_tokens`, and leave the first new token in the step's `token`
-        (speculating: the prompt runs densely, and the step's `out[:, 0]` holds the token)."""
+        (speculating: the prompt runs densely, and the step's `out[:, 0]` holds the token).
+
+        `rows_per_pass` runs the prompt that many rows at a time, for a batch whose prompt does
+        not fit one eager forward beside its static cache (long contexts at a large batch): each
+        pass's dense-layer K/V go straight into the step's buffers, its MoD layers' kept K/V are
+        held until every pass has set their capacities. The step is then made afresh (captured
+        steps are dropped first, so that their buffers are free). Not with `speculate`, nor with
+        `pixel_values` (a multimodal prompt, LLaVA's: it runs with the prompt)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ModAdaptError(f"input_ids must be [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ModAdaptError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if rows_per_pass is not None:
+            if isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int) or rows_per_pass < 1:
+                raise ModAdaptError(f"rows_per_pass must be a positive int or None, got {rows_per_pass!r}")
+            if self.speculate:
+                raise ModAdaptError(
+                    "rows_per_pass prefills a plain decode step; a speculative prefill runs in one pass."
+                )
+            if pixel_values is not None:
+                raise ModAdaptError("rows_per_pass prefills text prompts; a prompt with pixel_values runs in one pass.")
         if self.model.training:
             raise ModAdaptError("graphed decoding runs in eval mode; call model.eval() first.")
         state = state_of(self.model)
@@ -268,6 +285,30 @@ class GraphedDecoder:
             if "pixel_values" not in inspect.signature(self.model.forward).parameters:
                 raise ModAdaptError(f"{type(self.model).__name__} takes no pixel_values; pass input_ids only.")
             inputs["pixel_values"] = pixel_values
+        if rows_per_pass is not None and rows_per_pass < B:
+            step, first = self._prefill_in_passes(
+                input_ids, attention_mask, real, positions, max_new_tokens, sampling, rows_per_pass
+            )
+        else:
+            step, first = self._prefill_in_one_pass(
+                input_ids, attention_mask, real, positions, max_new_tokens, sampling, inputs
+            )
+        self.last_step = step
+        if self.speculate:
+            step.start(first, real.long().sum(-1))  # each row's prompt tokens (what its dense layers hold)
+            return step
+        step.token.copy_(first)
+        step.position.copy_(real.long().sum(-1, keepdim=True))
+        step.out.zero_()
+        step.count.zero_()
+        step.steps_done = 0
+        step.mark_start()
+        return step
+
+    def _prefill_in_one_pass(self, input_ids, attention_mask, real, positions, max_new_tokens, sampling, inputs):
+        """The prompt's cache in one forward (with `inputs`: `pixel_values`), copied into a
+        (cached or new) step; (step, first tokens)."""
+        B = input_ids.shape[0]
         if self.speculate:  # the verifier's cache: the prompt through every layer densely
             with dense(self.model):
                 logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions, **inputs)
@@ -280,10 +321,7 @@ class GraphedDecoder:
             stored = [self._compacted(cache_layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
             capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
         first = next_token(logits, sampling)
-        versions = tuple((id(t), t._version) for t in self._router_tensors)
-        if versions != self._versions:  # routers changed: cut-offs resolved at capture may be stale
-            self.reset()
-            self._versions = versions
+        self._check_router_versions()
         step = self._step_for(B, capacities, max_new_tokens, sampling)
         for i, (k, v, n) in enumerate(stored):
             step.keys[i].zero_()
@@ -293,17 +331,77 @@ class GraphedDecoder:
                 step.values[i][:, : v.shape[2]].copy_(v.transpose(1, 2))
             if not self.speculate:
                 step.lengths[i].copy_(n)
-        self.last_step = step
-        if self.speculate:
-            step.start(first, stored[0][2])
-            return step
-        step.token.copy_(first)
-        step.position.copy_(real.long().sum(-1, keepdim=True))
-        step.out.zero_()
-        step.count.zero_()
-        step.steps_done = 0
-        self.last_step = step
-        return step
+        return step, first
+
+    def _prefill_in_passes(self, input_ids, attention_mask, real, positions, max_new_tokens, sampling, rows):
+        """`prefill` `rows` rows at a time; (a new step, first tokens). A dense layer's capacity
+        follows from the prompt lengths, so its buffers are made first and each pass writes into
+        them; a MoD layer's follows from what every row kept, so its passes' K/V wait."""
+        B = input_ids.shape[0]
+        self._check_router_versions()
+        self.reset()  # the batch is one too large for two sets of buffers: free the cached steps'
+        counts = real.long().sum(-1)  # what a dense layer stores per row
+        dense_capacity = _round_up(int(counts.max()) + max_new_tokens, BUCKET)
+        p = self.params
+        buffers = {}
+        for i, layer in enumerate(self.layers):
+            if not layer.mod:
+                k = torch.zeros(B, dense_capacity, self.kv_heads, self.head_dim, device=p.device, dtype=p.dtype)
+                buffers[i] = (k, torch.zeros_like(k))
+        held: dict[int, list] = {i: [] for i, layer in enumerate(self.layers) if layer.mod}
+        logits = []
+        for start in range(0, B, rows):
+            part = slice(start, start + rows)
+            mask = attention_mask[part] if attention_mask is not None else None
+            last, cache_layers = self.parts.prefill(input_ids[part], mask, positions[part])
+            logits.append(last)
+            for i, layer in enumerate(self.layers):
+                k, v, n = self._compacted(cache_layers[i], layer.mod, real[part])
+                if layer.mod:
+                    held[i].append((k, v, n))
+                elif k is not None:
+                    buffers[i][0][part, : k.shape[2]].copy_(k.transpose(1, 2))
+                    buffers[i][1][part, : v.shape[2]].copy_(v.transpose(1, 2))
+            del cache_layers, k, v
+        first = next_token(torch.cat(logits), sampling)
+        capacities = tuple(
+            _round_up(max(int(n.max()) for _, _, n in held[i]) + max_new_tokens, BUCKET)
+            if layer.mod
+            else dense_capacity
+            for i, layer in enumerate(self.layers)
+        )
+        step = self._step_for(B, capacities, max_new_tokens, sampling, buffers)
+        for i, layer in enumerate(self.layers):
+            if not layer.mod:
+                step.lengths[i].copy_(counts)
+                continue
+            start = 0
+            for k, v, n in held.pop(i):  # the step's MoD buffers start zeroed
+                if k is not None:
+                    step.keys[i][start : start + len(n), : k.shape[2]].copy_(k.transpose(1, 2))
+                    step.values[i][start : start + len(n), : v.shape[2]].copy_(v.transpose(1, 2))
+                step.lengths[i][start : start + len(n)].copy_(n)
+                start += len(n)
+        return step, first
+
+    def _check_router_versions(self) -> None:
+        versions = tuple((id(t), t._version) for t in self._router_tensors)
+        if versions != self._versions:  # routers changed: cut-offs resolved at capture may be stale
+            self.reset()
+            self._versions = versions
+
+    @torch.inference_mode()
+    def rewind(self) -> None:
+        """Put the last prefilled step back where `prefill` left it, so that the same prompt
+        decodes again without running it again (the prompt's K/V stay; the new tokens' slots are
+        written afresh). What a benchmark of long prompts at a large batch wants. Not for
+        speculative steps."""
+        step = self.last_step
+        if step is None:
+            raise ModAdaptError("call prefill (or generate) before rewind.")
+        if isinstance(step, SpeculativeStep):
+            raise ModAdaptError("rewind is for plain decode steps; prefill a speculative step again.")
+        step.rewind()
 
     @torch.inference_mode()
     def decode(self, steps: int) -> None:
@@ -367,10 +465,10 @@ class GraphedDecoder:
         width = int(counts.max())
         return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts
 
-    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None):
+    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None, buffers=None):
         key = (batch, capacities, new, sampling)
         step = self._steps.get(key)
-        if step is not None:
+        if step is not None and buffers is None:
             return step
         while len(self._steps) >= _MAX_STEPS:
             self._steps.pop(next(iter(self._steps)))
@@ -388,11 +486,13 @@ class GraphedDecoder:
                 mod_layers,
             )
         else:
-            step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling)
+            step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling, buffers)
         if self.cuda_graphs:
             try:
                 with self.parts.static_attention():
                     step.capture()
+            except torch.OutOfMemoryError:
+                raise  # the batch does not fit, whatever the routers do: say so as torch does
             except RuntimeError as error:
                 raise ModAdaptError(
                     f"capturing the decode step failed ({error}); a router whose causal rule syncs with "
