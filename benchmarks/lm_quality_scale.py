@@ -187,10 +187,12 @@ VARIANTS = {
     "random-even+1": Variant("random", "even+1"),
     "topk-distill-even+1": Variant("topk", "even+1", recipe={"distill": 1.0}),
     "topk-distill-even+2": Variant("topk", "even+2", recipe={"distill": 1.0}, level="0.55"),  # 0.70: every other
+    "threshold-p-distill-even+1": Variant("threshold-p", "even+1", recipe={"distill": 1.0}),
     # does the gap close with training? the best router and the best deletion, twice the steps
     "topk-distill-2x": Variant("topk", "every-other", recipe={"distill": 1.0}, budget=2),
     "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),
     "layer-drop-even-2x": Variant("layer-drop-even", budget=2),
+    "topk-distill-even+1-2x": Variant("topk", "even+1", recipe={"distill": 1.0}, budget=2),
 }
 STEP_OPTIONS = ("capacity_warmup", "router_steps")  # given as fractions of the adaptation steps
 

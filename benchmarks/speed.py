@@ -10,6 +10,7 @@ the measured speedup next to the ideal one (FLOPs for prefill/training, bytes fo
     python benchmarks/speed.py --out results.json       # GPU (see benchmarks/README.md)
     python benchmarks/speed.py --compile --scenarios prefill,train --routers topk --out compiled.json
     python benchmarks/speed.py --scenarios decode_speculative --speculate-k 2,4,6 --draft routers --draft margin=0.5
+    python benchmarks/speed.py --scenarios decode_kv_budget --routers topk,threshold-p --kv-budget-gib 60
     python benchmarks/speed.py --scenarios decode_graphs --routers topk,threshold-p --graph-compile --out fused.json
 
 With --compile, prefill and training run dense and MoD alike through torch.compile (fullgraph for
@@ -29,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gc
 import gzip
 import itertools
 import json
@@ -79,6 +81,8 @@ FULL = dict(
         dict(batch=8, context=32768, new=128, goals={"threshold-p": 1.3, "topk": 1.5}),
     ],
     eager_decode=2,
+    # decode_kv_budget: the largest batch whose static K/V fits `budget_gib`, per model, and its tokens/s
+    kv_budget=dict(context=32768, new=128, budget_gib=60, probe_batch=4, prefill_rows=4, goals={"topk": 1.5}),
     train=dict(batch=8, seq=2048, goals={"topk": 1.5}),
     layer=dict(batch=8, seq=2048),
     calibration=dict(batch=2, seq=1024),
@@ -111,6 +115,9 @@ TINY = dict(
         dict(batch=4, context=64, new=8, goals={"threshold-p": 1.15, "topk": 1.25}),
     ],
     eager_decode=2,
+    # 256 tokens: a dense layer's capacity (384) is above a sparse MoD layer's (one 128-slot bucket);
+    # 1 MiB holds 5 dense rows of this model, 8 of topk's
+    kv_budget=dict(context=256, new=8, budget_gib=2**-10, probe_batch=2, prefill_rows=2, goals={"topk": 1.5}),
     train=dict(batch=4, seq=64, goals={"topk": 1.5}),
     layer=dict(batch=4, seq=64),
     calibration=dict(batch=2, seq=64),
@@ -133,7 +140,17 @@ ROUTERS = {
 }
 KV_GOAL = {"threshold-p": 0.8}  # mod_kv_bytes / dense_kv_bytes at most this
 ROUTER_OVERHEAD_GOAL = 0.05  # route() time / dense layer time at most this
-SCENARIOS = ("check", "prefill", "layer", "decode_layer", "decode", "decode_graphs", "decode_speculative", "train")
+SCENARIOS = (
+    "check",
+    "prefill",
+    "layer",
+    "decode_layer",
+    "decode",
+    "decode_graphs",
+    "decode_kv_budget",
+    "decode_speculative",
+    "train",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1179,6 +1196,210 @@ def run_decode_graphs(b: Bench) -> None:
             b.add(record)
 
 
+def allocation_by_batch(lengths: list[torch.Tensor], per_slot: list[int], new: int) -> list[int]:
+    """K/V bytes a static step for the first b rows of a prefilled batch allocates, b = 1..B (what
+    `GraphedDecoder.prefill` sizes: each layer's capacity is its widest row's prompt slots plus
+    `new`, rounded up to the bucket). `lengths`: each layer's per-row prompt slots; `per_slot`:
+    each layer's K+V bytes per slot of a row."""
+    from modadapt.decoding import BUCKET
+
+    B = len(lengths[0])
+    per_row = torch.zeros(B, dtype=torch.long)
+    for n, slot in zip(lengths, per_slot):
+        widest = torch.cummax(n.detach().cpu().long(), 0).values
+        per_row += (widest + new + BUCKET - 1) // BUCKET * BUCKET * slot
+    return (per_row * torch.arange(1, B + 1)).tolist()
+
+
+def _size(n: float) -> str:
+    """Bytes as GiB, or MiB below one GiB (the tiny budget is 1 MiB)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def kv_budget_measure(b: Bench, model, budget: int, setting: dict) -> dict:
+    """One model of `decode_kv_budget`: its K/V per row from a probe batch, the largest batch
+    whose static cache fits `budget`, and `new` decode steps at that batch (median of the
+    repeats; the prompt is prefilled once, `prefill_rows` rows per pass, and the step rewound
+    before each run). The rows are the first of one fixed set (`b.ids` is prefix-stable), so the
+    probe's rows are the batch's first. A MoD layer's capacity follows the widest row's kept
+    tokens, which can grow with the batch: if the allocation then exceeds the budget, the batch
+    steps down to the largest that fits by the rows' own prompt lengths and is prefilled again.
+    A batch that runs out of memory is halved. Both are noted in `events`."""
+    from modadapt.decoding import GraphedDecoder
+
+    ctx, new, rows = setting["context"], setting["new"], setting["prefill_rows"]
+    seed = 41
+    decoder = GraphedDecoder(model, branches=b.args.graph_branches)
+    step = None
+    try:
+        probe = decoder.prefill(b.ids(setting["probe_batch"], ctx, seed), None, new, rows_per_pass=rows)
+        probe_allocated, _ = decoder.kv_bytes()
+        per_row = probe_allocated // probe.batch
+        del probe
+        decoder.reset()
+        _free_memory(b.device)
+        estimate = budget // per_row
+        batch, events, oom_batches, stepped_down = estimate, [], [], []
+        while batch >= 1:
+            oom = None
+            try:
+                resident = torch.cuda.memory_allocated() if b.device.type == "cuda" else None
+                mem: dict = {}
+                with peak_memory(b.device, mem, "prefill"):
+                    t0 = time.perf_counter()
+                    step = decoder.prefill(b.ids(batch, ctx, seed), None, new, rows_per_pass=rows)
+                    b.clock.sync()
+                    prefill_s = time.perf_counter() - t0
+                allocated, _ = decoder.kv_bytes()
+                if allocated > budget:  # the widest row of some MoD layer grew past the probe's bucket
+                    per_slot = [2 * k.shape[2] * k.shape[3] * k.element_size() for k in step.keys]
+                    sizes = allocation_by_batch(step.lengths, per_slot, new)
+                    fits = max((n for n in range(1, batch) if sizes[n - 1] <= budget), default=0)
+                    events.append(
+                        f"batch {batch}: K/V {allocated} B > budget {budget} B (a MoD layer's widest row grew "
+                        f"past the probe's bucket); {fits} rows fit by their prompt lengths"
+                    )
+                    stepped_down.append(batch)
+                    del step
+                    decoder.reset()
+                    _free_memory(b.device)
+                    batch = fits
+                    continue
+                prompt = [n.clone() for n in step.lengths]
+                times = []
+                with peak_memory(b.device, mem, "decode"):
+                    for r in range(b.size["decode_warmup"] + b.size["decode_repeats"]):
+                        decoder.rewind()
+                        ms = b.clock.time(lambda: decoder.decode(new))
+                        if r >= b.size["decode_warmup"]:
+                            times.append(ms)
+                _, used = decoder.kv_bytes()
+                added = [float((n - s).float().mean()) / new for n, s in zip(step.lengths, prompt)]
+                prompt_slots = [float(n.float().mean()) / ctx for n in prompt]
+                ms = statistics.median(times)
+                return dict(
+                    batch=batch,
+                    estimate_batch=estimate,
+                    probe_batch=setting["probe_batch"],
+                    kv_bytes_per_row=per_row,
+                    kv_allocated_bytes=allocated,
+                    kv_used_bytes=used,
+                    kv_fits=allocated <= budget,
+                    next_row_exceeds=(batch + 1) * per_row > budget,
+                    capacities=list(step.capacities),
+                    ms=ms,
+                    ms_per_step=ms / new,
+                    tokens_per_s=batch * new / ms * 1e3,
+                    times_ms=times,
+                    prefill_s=prefill_s,
+                    added=added,
+                    prompt_slots=prompt_slots,
+                    branches=decoder.branches_for(batch) if decoder.cuda_graphs else "eager (no graphs)",
+                    resident_bytes=resident,
+                    prefill_peak_bytes=mem["prefill"],
+                    decode_peak_bytes=mem["decode"],
+                    events=events,
+                    oom_batches=oom_batches,
+                    stepped_down_from=stepped_down,
+                )
+            except _oom_types() as error:
+                oom = (
+                    f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    if str(error)
+                    else type(error).__name__
+                )
+            # out of the handler: the traceback (and the tensors its frames hold) is gone
+            step = None
+            decoder.reset()
+            _free_memory(b.device)
+            events.append(f"batch {batch}: out of memory ({oom}); halved")
+            print(f"# decode_kv_budget: out of memory at batch {batch}, trying {batch // 2}", flush=True)
+            oom_batches.append(batch)
+            batch //= 2
+        raise RuntimeError(f"no batch fits: K/V per row {per_row} B, budget {budget} B; {'; '.join(events)}")
+    finally:
+        step = None  # with the decoder's captured steps: the last reference to the buffers
+        decoder.reset()
+        _free_memory(b.device)
+
+
+def run_decode_kv_budget(b: Bench) -> None:
+    """Throughput at a fixed K/V budget: a MoD row's static cache is smaller (its MoD layers hold
+    only the kept tokens), so more rows fit. For dense, then each router: the largest batch whose
+    K/V fits the budget (`--kv-budget-gib`), its tokens/s over `new` graphed decode steps, and
+    `speedup` = MoD tokens/s / dense tokens/s (each at its own batch). The bytes ideal is the same
+    ratio of batch / bytes read per step (`decode_bytes`)."""
+    setting = b.size["kv_budget"]
+    gib = b.args.kv_budget_gib if b.args.kv_budget_gib is not None else setting["budget_gib"]
+    budget = int(gib * 2**30)
+    ctx, new = setting["context"], setting["new"]
+    elt = torch.finfo(b.dtype).bits // 8
+    scenario = f"decode_kv_budget_ctx{ctx}"
+    base = dict(scenario=scenario, context=ctx, new_tokens=new, kv_budget_bytes=budget, kv_budget_gib=gib)
+    dense = None
+    for name, model in [("dense", b.dense), *((r, m) for r, (m, _, _) in b.mods.items())]:
+        try:
+            got = kv_budget_measure(b, model, budget, setting)
+        except Exception as error:  # noqa: BLE001 - one failing model is a result; the others go on
+            traceback.print_exc()
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            print(f"# decode_kv_budget {name}: FAILED {message}", flush=True)
+            b.add(dict(**base, router=name, error=message))
+            continue
+        added, prompt_slots = got.pop("added"), got.pop("prompt_slots")
+        mod_layers = b.shape.mod_layers if model is not b.dense else []
+        kept = statistics.mean(added[i] for i in mod_layers) if mod_layers else None
+        prompt_kept = statistics.mean(prompt_slots[i] for i in mod_layers) if mod_layers else None
+        bytes_per_token = decode_bytes(b.shape, got["batch"], ctx, new, kept, elt) / (got["batch"] * new)
+        print(
+            f"# decode_kv_budget {name}: K/V {_size(got['kv_bytes_per_row'])}/row (probe of "
+            f"{got['probe_batch']}), budget {_size(budget)} -> batch {got['batch']} (allocated "
+            f"{_size(got['kv_allocated_bytes'])}), {new} steps {got['ms']:.1f} ms: "
+            f"{got['tokens_per_s']:.0f} tok/s" + (f"; {'; '.join(got['events'])}" if got["events"] else ""),
+            flush=True,
+        )
+        record = dict(**base, router=name, **got, kept_fraction=kept, prompt_kept_fraction=prompt_kept)
+        record["ideal_bytes_per_token"] = bytes_per_token
+        if name == "dense":
+            dense = got | {"bytes_per_token": bytes_per_token}
+            b.add(record)
+            continue
+        if dense is not None:
+            goal = setting["goals"].get(name)
+            speedup = got["tokens_per_s"] / dense["tokens_per_s"]
+            record.update(
+                dense_batch=dense["batch"],
+                mod_batch=got["batch"],
+                dense_ms=dense["ms"],
+                mod_ms=got["ms"],
+                speedup=speedup,
+                ideal_speedup=dense["bytes_per_token"] / bytes_per_token,
+                ideal_basis="bytes",
+                dense_tokens_per_s=dense["tokens_per_s"],
+                mod_tokens_per_s=got["tokens_per_s"],
+                dense_kv_bytes_per_row=dense["kv_bytes_per_row"],
+                mod_kv_bytes_per_row=got["kv_bytes_per_row"],
+                kv_row_ratio=got["kv_bytes_per_row"] / dense["kv_bytes_per_row"],
+                dense_kv_allocated_bytes=dense["kv_allocated_bytes"],
+                mod_kv_allocated_bytes=got["kv_allocated_bytes"],
+                dense_prefill_peak_bytes=dense["prefill_peak_bytes"],
+                mod_prefill_peak_bytes=got["prefill_peak_bytes"],
+                dense_decode_peak_bytes=dense["decode_peak_bytes"],
+                mod_decode_peak_bytes=got["decode_peak_bytes"],
+                dense_times_ms=dense["times_ms"],
+                mod_times_ms=got["times_ms"],
+                goal=goal,
+                met=None if goal is None else speedup >= goal,
+            )
+        b.add(record)
+
+
 def speculative_round_bytes(s: Shape, B: int, context: int, k: int, kept: list[float], elt: int) -> float:
     """Bytes one speculative round reads: `k` draft steps (a MoD layer's weights when any row
     keeps the token, probability `1 - (1 - f)^B`; a row that keeps reads the dense cache of that
@@ -1234,6 +1455,31 @@ def speculate_prompts(b: Bench, directory: str | None, vocab: int, B: int, ctx: 
     return torch.stack([ids[s : s + ctx] for s in starts.tolist()]).to(b.device)
 
 
+def hf_assisted(dense, model, ids: torch.Tensor, new: int, clock: Clock) -> dict:
+    """transformers' own assisted decoding, the user's alternative: the dense model's greedy
+    `generate` with the converted model as `assistant_model` (eager, two copies of the weights,
+    batch 1), next to plain greedy `generate` of the dense model; both tokens must agree."""
+
+    def gen(**kwargs):
+        return lambda: dense.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs
+        )
+
+    try:
+        with torch.inference_mode():
+            plain_tokens, assisted_tokens = gen()(), gen(assistant_model=model)()  # warm-up, and the tokens
+            plain_ms = statistics.median(clock.time(gen()) for _ in range(2))
+            assisted_ms = statistics.median(clock.time(gen(assistant_model=model)) for _ in range(2))
+    except Exception as error:  # noqa: BLE001 - the alternative failing is a result too
+        return dict(hf_assisted_error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    return dict(
+        hf_plain_ms=plain_ms,
+        hf_assisted_ms=assisted_ms,
+        hf_assisted_speedup=plain_ms / assisted_ms,
+        hf_assisted_same_tokens=bool(torch.equal(plain_tokens, assisted_tokens)),
+    )
+
+
 def run_decode_speculative(b: Bench) -> None:
     """Speculative decoding (`GraphedDecoder(model, speculate=K, draft=...)`: the routing drafts K
     tokens, the dense computation of the same weights verifies them in one forward) against
@@ -1267,6 +1513,7 @@ def run_decode_speculative(b: Bench) -> None:
                     times.append(ms)
             dense_ms, dense_times = statistics.median(times), times
             dense_step = decode_bytes(shape, B, ctx, 1, None, elt)
+            assisted = hf_assisted(dense, model, ids, new, b.clock) if B == 1 else {}
             for k, draft in itertools.product(ks, drafts):
                 decoder = GraphedDecoder(
                     model, branches=b.args.graph_branches, speculate=k, draft=draft, compile=b.args.graph_compile
@@ -1330,6 +1577,7 @@ def run_decode_speculative(b: Bench) -> None:
                         met=None,
                         dense_times_ms=dense_times,
                         mod_times_ms=times,
+                        **assisted,
                     )
                 )
 
@@ -1570,6 +1818,21 @@ def format_row(r: dict) -> str:
         if r.get("slot_fraction") is not None:
             kv += f"; cache slots {r['slot_fraction']:.3f} of tokens (filler included)"
         extra.append(kv)
+    if "kv_budget_bytes" in r:
+        extra.append(
+            f"K/V budget {_size(r['kv_budget_bytes'])}: batch {r['dense_batch']} -> {r['mod_batch']} (K/V per row "
+            f"{_size(r['dense_kv_bytes_per_row'])} -> {_size(r['mod_kv_bytes_per_row'])}, "
+            f"{r['kv_row_ratio']:.2f}x); tok/s {r['dense_tokens_per_s']:.0f} -> {r['mod_tokens_per_s']:.0f}; "
+            f"allocated {_size(r['dense_kv_allocated_bytes'])} / {_size(r['mod_kv_allocated_bytes'])}"
+            + (
+                f"; peak above resident, prefill {_size(r['dense_prefill_peak_bytes'])} -> "
+                f"{_size(r['mod_prefill_peak_bytes'])}, decode beyond K/V {_size(r['dense_decode_peak_bytes'])} -> "
+                f"{_size(r['mod_decode_peak_bytes'])}"
+                if r.get("mod_prefill_peak_bytes") is not None and r.get("dense_prefill_peak_bytes") is not None
+                else ""
+            )
+            + (f"; {'; '.join(r['events'])}" if r.get("events") else "")
+        )
     if "tokens_per_round" in r:
         extra.append(
             f"K {r['k']}, draft {r['draft']}: acceptance {r['acceptance']:.3f}, {r['tokens_per_round']:.2f} "
@@ -1577,6 +1840,12 @@ def format_row(r: dict) -> str:
             f"tokens as dense {r['same_prefix_as_dense']:.3f} (worst row {r['same_prefix_worst_row']:.3f}); "
             f"branches {r['branches']}"
         )
+        if "hf_assisted_ms" in r:
+            extra.append(
+                f"transformers assisted decoding (this model as assistant): {r['hf_assisted_ms']:.1f} ms vs plain "
+                f"generate {r['hf_plain_ms']:.1f} ms ({r['hf_assisted_speedup']:.2f}x), same tokens "
+                f"{r['hf_assisted_same_tokens']}"
+            )
     if "mod_teacher_forced_agreement" in r:
         extra.append(
             f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "
@@ -1666,6 +1935,12 @@ def main(argv: list[str] | None = None) -> int:
         help="decode_graphs, decode_speculative: GraphedDecoder(compile=True), the captured step's layers "
         "through torch.compile (inductor) so that their small kernels fuse; each shape compiles in the "
         "first prefill, timed apart (first_call_s), outside the warm-up and repeats",
+    )
+    parser.add_argument(
+        "--kv-budget-gib",
+        type=float,
+        default=None,
+        help="decode_kv_budget: the K/V budget in GiB (default: 60; --tiny: 1 MiB)",
     )
     parser.add_argument(
         "--speculate-k",
@@ -1829,6 +2104,7 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
         "decode_layer": run_decode_layer,
         "decode": run_decode,
         "decode_graphs": run_decode_graphs,
+        "decode_kv_budget": run_decode_kv_budget,
         "decode_speculative": run_decode_speculative,
         "train": run_train,
     }

@@ -18,7 +18,7 @@ from .dense import dense
 from .errors import ModAdaptError
 from .hookspecs import Preset, Recipe
 from .lora import peft_config
-from .metrics.routing_stats import routing_stats
+from .metrics.routing_stats import expert_stats, routing_stats
 from .persistence import load, save
 from .plugins import hookimpl
 from .presets import build_preset
@@ -41,6 +41,7 @@ __all__ = [
     "byte_tokenizer",
     "convert",
     "dense",
+    "expert_stats",
     "hookimpl",
     "load",
     "mod_layers",

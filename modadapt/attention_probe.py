@@ -18,8 +18,9 @@ chunks::
         ...                                         # probs: [B, H, rows, Tk] for query rows start..
 
 Adapters build probes (`Adapter.attention_probe`): timm ViTs hook `block.attn.qkv`; Hugging Face
-decoders route attention through a registered attention function (`PROBE_ATTENTION`) that records
-and then calls the SDPA implementation, so outputs are unchanged.
+decoders route attention through a registered attention function (`PROBE_ATTENTION`, or
+`PROBE_EAGER_ATTENTION` for eager models) that records and then calls the kernel the model ran
+before, so outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ __getattr__ = moved_names(__name__, {"probe": "modadapt.metrics.arank:probe"})
 
 #: Name of the transformers attention function a probed HF model runs (records, then SDPA).
 PROBE_ATTENTION = "modadapt_probe"
+#: The same for a model that runs eager attention (records, then the family's eager attention,
+#: soft-capping included: Gemma 2).
+PROBE_EAGER_ATTENTION = "modadapt_probe_eager"
 
 
 @dataclass
@@ -48,6 +52,7 @@ class AttentionRecord:
         scale: Softmax scale applied to `q . k`.
         causal: Whether the layer's attention is causal (applied on top of `mask`).
         mask: `[B, 1 or H, Tq, Tk]` bool, True where a query may attend; None for no mask.
+        softcap: The kernel's soft-capping of the scores, `c * tanh(s / c)` (Gemma 2), or None.
     """
 
     q: torch.Tensor
@@ -55,6 +60,7 @@ class AttentionRecord:
     scale: float
     causal: bool
     mask: torch.Tensor | None = None
+    softcap: float | None = None
 
 
 class AttentionProbe:
@@ -67,10 +73,12 @@ class AttentionProbe:
         self.records: dict[int, AttentionRecord] = {}
         self._undo: list[Callable[[], None]] = []
 
-    def record(self, layer: int, q, k, *, scale: float, causal: bool, mask=None) -> None:
+    def record(self, layer: int, q, k, *, scale: float, causal: bool, mask=None, softcap: float | None = None) -> None:
         if mask is not None and mask.dtype != torch.bool:  # additive float mask: -inf / min = blocked
             mask = mask > torch.finfo(mask.dtype).min / 2
-        self.records[layer] = AttentionRecord(q.detach(), k.detach(), float(scale), causal, mask)
+        self.records[layer] = AttentionRecord(
+            q.detach(), k.detach(), float(scale), causal, mask, None if softcap is None else float(softcap)
+        )
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)
@@ -121,6 +129,7 @@ def attention_blocks(
     valid: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     chunk: int = 256,
+    softcap: float | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield `(start, probs)`: the softmax attention of query rows `start..start+rows` as
     `[B, H, rows, Tk]` float32, `chunk` rows at a time (the full map is never held).
@@ -133,6 +142,7 @@ def attention_blocks(
         valid: `[B, Tk]` bool, False for padding keys.
         mask: `[B, 1 or H, Tq, Tk]` bool, True where a query may attend.
         chunk: Query rows per block.
+        softcap: Soft-cap the scaled scores to `softcap * tanh(s / softcap)` first (None: not).
 
     Rows that may see no key at all (padding queries) are all zeros.
     """
@@ -144,6 +154,8 @@ def attention_blocks(
     for start in range(0, Tq, chunk):
         rows = min(chunk, Tq - start)
         scores = torch.matmul(q[:, :, start : start + rows].float(), kf.transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         allowed = allowed_keys(rows, start, Tq, Tk, causal=causal, valid=valid, mask=mask, device=q.device)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -162,6 +174,7 @@ def column_mean_attention(
     valid: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     chunk: int = 256,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`[B, Tk]` attention each key receives, averaged over heads and over the queries allowed to
     see it (A-MoD's routing statistic). Arguments as for `attention_blocks`; `valid` also drops
@@ -171,7 +184,9 @@ def column_mean_attention(
     total = torch.zeros(B, Tk, dtype=torch.float32, device=q.device)
     seen = torch.zeros(B, Tk, dtype=torch.float32, device=q.device)
     q_valid = valid[:, Tk - Tq :].bool() if valid is not None else None
-    for start, probs in attention_blocks(q, k, scale=scale, causal=causal, valid=valid, mask=mask, chunk=chunk):
+    for start, probs in attention_blocks(
+        q, k, scale=scale, causal=causal, valid=valid, mask=mask, chunk=chunk, softcap=softcap
+    ):
         rows = probs.shape[2]
         allowed = allowed_keys(rows, start, Tq, Tk, causal=causal, valid=valid, mask=mask, device=q.device)
         if allowed is None:

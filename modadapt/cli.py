@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PACKING, ModConfig, field_help
+from .config import PACKING, SCOPES, ModConfig, field_help
 from .deprecation import moved_names
 from .errors import ModAdaptError
 
@@ -47,7 +47,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .sources import load_model
 
     fields = load_config_file(args.config) if args.config else {}
-    for name in ("router", "layers", "capacity", "inference_routing", "packing", "pack_bucket"):
+    for name in ("router", "layers", "capacity", "inference_routing", "packing", "scope", "pack_bucket"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -352,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help=field_help("layers"))
     p.add_argument("--inference-routing", dest="inference_routing", help=field_help("inference_routing"))
     p.add_argument("--packing", choices=PACKING, help=field_help("packing"))
+    p.add_argument("--scope", choices=SCOPES, help=field_help("scope"))
     p.add_argument("--pack-bucket", dest="pack_bucket", type=int, metavar="N", help=field_help("pack_bucket"))
     p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("router_kwargs"))
     p.add_argument("--adapter-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("adapter_kwargs"))

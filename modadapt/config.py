@@ -12,6 +12,7 @@ LAYER_RULES = ("every-other", "all-but-first")
 FROM_REPORT = "from:"
 INFERENCE_ROUTING = ("causal", "topk")
 PACKING = ("auto", "packed", "padded")
+SCOPES = ("block", "attention", "mlp")
 
 
 @dataclass
@@ -27,7 +28,8 @@ class ModConfig:
         metadata={
             "help": "Layers to convert: a list of indices, a comma list such as '1,3,5', "
             "'every-other' (1, 3, 5, ...), 'all-but-first', or 'from:REPORT_DIR' (the layers a "
-            "`modadapt analyze` report selected). Layer 0 is never converted."
+            "`modadapt analyze` report selected). Layer 0 is never converted; the two rules pass over "
+            "the layers a family keeps dense (Gemma 2/3: the first layer of each attention type)."
         },
     )
     capacity: float = field(
@@ -67,6 +69,17 @@ class ModConfig:
         },
     )
 
+    scope: str = field(
+        default="block",
+        metadata={
+            "help": "What a MoD layer routes: 'block' (attention and MLP: a skipped token passes the "
+            "layer unchanged and writes no K/V), 'attention' (a skipped token writes no K/V and skips "
+            "attention, but goes through the MLP) or 'mlp' (every token goes through attention and "
+            "writes K/V; a skipped token skips the MLP). Sublayers need a family whose layers the "
+            "adapter can split (every transformers decoder family built in; not timm's ViT)."
+        },
+    )
+
     pack_bucket: int | None = field(
         default=None,
         metadata={
@@ -94,6 +107,8 @@ class ModConfig:
             )
         if self.packing not in PACKING:
             raise ModAdaptError(f"packing must be one of {PACKING}, got {self.packing!r}.")
+        if self.scope not in SCOPES:
+            raise ModAdaptError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.")
         if self.pack_bucket is not None and (
             isinstance(self.pack_bucket, bool) or not isinstance(self.pack_bucket, int) or self.pack_bucket < 1
         ):

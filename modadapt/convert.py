@@ -10,10 +10,10 @@ from torch import nn
 
 from . import mod_layer, plugins
 from .adapters.base import TokenRoles
-from .config import ModConfig, resolve_layers
+from .config import LAYER_RULES, ModConfig, resolve_layers
 from .deprecation import moved_names
 from .errors import ModAdaptError
-from .mod_layer import STATE_ATTR, LayerState, ModelState, mod_class
+from .mod_layer import STATE_ATTR, Host, LayerState, ModelState, gate_output, mod_class, routed_module, ungate_output
 from .plugins import get_router
 
 __getattr__ = moved_names(
@@ -49,6 +49,10 @@ def convert(
     adapter.configure(**config.adapter_kwargs)
     stack_owner, layers = adapter.layer_stack(model)
     indices = resolve_layers(config.layers, len(layers))
+    if config.layers in LAYER_RULES:  # a rule passes over the layers the family keeps dense
+        indices = [i for i in indices if accepts_layer(adapter, model, i)]
+        if not indices:
+            raise ModAdaptError(f"the layer rule {config.layers!r} selects no layer this model can convert.")
     adapter.validate_layers(model, indices)
     router_cls = get_router(config.router).obj
     hidden = adapter.hidden_size(model)
@@ -61,20 +65,43 @@ def convert(
             router = router.to(device=reference.device, dtype=reference.dtype)
         routers[i] = router
     calls = {i: adapter.layer_call(model, layers[i], i) for i in indices}
+    # The module each MoD layer routes: the layer, or (scope attention / mlp) that sublayer of it.
+    units = {i: (layers[i], calls[i]) for i in indices}
+    if config.scope != "block":
+        units = {i: adapter.sublayer_call(model, layers[i], i, config.scope) for i in indices}
     attached = router_cls.prepare_model(model, adapter, indices, routers)
 
     state = ModelState(config=config, adapter=adapter, layer_indices=indices)
+    hosts = []
     for i in indices:
-        layer = layers[i]
-        layer.__class__ = mod_class(type(layer))
-        layer.router = routers[i]
-        layer.mod_state = LayerState(index=i, call=calls[i], model=state)
-        state.layers.append(layer.mod_state)
+        unit, call = units[i]
+        unit.__class__ = mod_class(type(unit))
+        unit.router = routers[i]
+        unit.mod_state = LayerState(index=i, call=call, model=state)
+        state.layers.append(unit.mod_state)
+        if call.output_norm is not None:
+            gate_output(call.output_norm, unit.mod_state)
+        if unit is not layers[i]:
+            host = Host(unit.mod_state, calls[i])
+            hosts += [
+                layers[i].register_forward_pre_hook(host.before, with_kwargs=True),
+                layers[i].register_forward_hook(host.after, with_kwargs=True, always_call=True),
+            ]
     object.__setattr__(model, STATE_ATTR, state)
     _install_hooks(model, stack_owner, state)
+    state.hooks.extend(hosts)
     state.hooks.extend(attached)
-    state.hooks.extend(adapter.attach(model))
+    state.hooks.extend(adapter.attach(model, state))
     return model
+
+
+def accepts_layer(adapter, model: nn.Module, index: int) -> bool:
+    """Whether `adapter` lets layer `index` of `model` be converted (`Adapter.validate_layers`)."""
+    try:
+        adapter.validate_layers(model, [index])
+    except ModAdaptError:
+        return False
+    return True
 
 
 class _Hooks:
@@ -170,12 +197,14 @@ def _install_hooks(model: nn.Module, stack_owner: nn.Module, state: ModelState) 
 
 
 def mod_layers(model: nn.Module) -> list[nn.Module]:
-    """The converted layers of `model`, in stack order."""
+    """The converted layers of `model`, in stack order: the modules that route (each carries
+    `router` and `mod_state`), the layers themselves, or with `ModConfig.scope` 'attention' or
+    'mlp' that sublayer of each."""
     state = mod_layer.state_of(model)
     if state is None:
         raise ModAdaptError("this model is not converted; call modadapt.convert(model, ...) first.")
     _, layers = state.adapter.layer_stack(model)
-    return [layers[i] for i in state.layer_indices]
+    return [routed_module(layers[i]) for i in state.layer_indices]
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
@@ -194,6 +223,8 @@ def unload(model: nn.Module) -> nn.Module:
     for handle in state.hooks:
         handle.remove()
     for layer in layers:
+        if layer.mod_state.call.output_norm is not None:
+            ungate_output(layer.mod_state.call.output_norm)
         del layer.router
         del layer.mod_state
         layer.__class__ = layer._mod_original

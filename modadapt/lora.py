@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ModAdaptError
-from .mod_layer import state_of
+from .mod_layer import routed_module, state_of
 
 
 def projection_names(model: nn.Module) -> list[str]:
@@ -46,8 +46,8 @@ def router_module_names(model: nn.Module) -> list[str]:
         raise ModAdaptError("this model is not converted; call modadapt.convert(model, ...) first.")
     layer_ids = {}
     _, layers = state.adapter.layer_stack(model)
-    for index in state.layer_indices:
-        layer_ids[id(layers[index])] = index
+    for index in state.layer_indices:  # the module that carries the router: the layer, or its routed sublayer
+        layer_ids[id(routed_module(layers[index]))] = index
     names, owners = [], {}
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in layer_ids:

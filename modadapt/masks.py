@@ -11,8 +11,10 @@ import torch
 
 from .errors import ModAdaptError
 
-#: "modadapt_probe" (`attention_probe.PROBE_ATTENTION`) records q/k and then runs SDPA: SDPA-style masks.
-SUPPORTED_ATTENTION = ("sdpa", "eager", "modadapt_probe")
+#: The attention probes record q/k and then run SDPA (`attention_probe.PROBE_ATTENTION`: SDPA-style
+#: masks) or eager attention (`PROBE_EAGER_ATTENTION`: additive masks).
+SUPPORTED_ATTENTION = ("sdpa", "eager", "modadapt_probe", "modadapt_probe_eager")
+_EAGER_MASKS = ("eager", "modadapt_probe_eager")
 
 
 def subset_attention_mask(
@@ -40,8 +42,7 @@ def subset_attention_mask(
             f"MoD layers run with attn_implementation 'sdpa' or 'eager', not {attn_implementation!r}; "
             "load the model with attn_implementation='sdpa'."
         )
-    if attn_implementation != "eager":
-        attn_implementation = "sdpa"
+    attn_implementation = "eager" if attn_implementation in _EAGER_MASKS else "sdpa"
     no_window = window is None or span <= window
     B, K = query_index.shape
     plain = past_index is None and query_valid is None and no_window

@@ -3,6 +3,10 @@
 Converting a layer swaps its class for a cached subclass whose `forward` is `mod_forward`; the
 original `forward` runs on the kept tokens. The module stays where it was, so transformers' output
 hooks, gradient checkpointing and state-dict names keep working (the router is the only new key).
+With `ModConfig.scope` 'attention' or 'mlp' the routed module is that sublayer of the layer (its
+`LayerCall.skipped` set): it returns what the layer adds to the residual, zeros for skipped
+tokens; the layer around it (the host) runs as it is and tells it the call's positions and how
+many tokens came before (`Host`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class ModelState:
     layers: list = field(default_factory=list)  # LayerState of each MoD layer, in stack order
     hooks: list = field(default_factory=list)
     dense: bool = False  # inside `modadapt.dense(model)`: every MoD layer runs its original forward
+    family: dict = field(default_factory=dict)  # what the adapter's `attach` keeps for this conversion
 
     def config_dict(self) -> dict:
         """The ModConfig with its layer rule resolved to the converted indices (what `load` needs)."""
@@ -57,6 +62,34 @@ class LayerState:
     last_keep: torch.Tensor | None = None
     last_real: torch.Tensor | None = None
     last_aux: torch.Tensor | None = None
+    #: Whether the original layer is running on the kept tokens right now (not on its input as is),
+    #: and which of the slots it holds are real tokens (`[B, K]`, or `[1, N]` packed; None: all):
+    #: what a sublayer's statistics (a MoE router's load) must count.
+    on_subset: bool = False
+    subset_valid: torch.Tensor | None = None
+    #: A routed sublayer: `(positions, tokens seen before)` of the host layer's current call.
+    host: tuple | None = None
+    #: A routed sublayer with an output norm (`LayerCall.output_norm`): the gate `[B, T]` its norm
+    #: applies next (1 where skipped), or None.
+    output_gate: torch.Tensor | None = None
+
+
+class Host:
+    """Hooks on the layer around a routed sublayer: its call's position ids and how many tokens
+    the layer saw before (`Adapter.cached_tokens`), for the sublayer's routing context (an MLP has
+    neither). An object, not closures, so that `copy.deepcopy(model)` binds the copy's own."""
+
+    def __init__(self, state: LayerState, call: LayerCall):
+        self.state, self.call = state, call
+
+    def before(self, module, args, kwargs):
+        arguments = _CallArguments(self.call, module, args, kwargs)
+        cache = arguments.get(self.call.cache)
+        seen = self.state.model.adapter.cached_tokens(cache, self.state.index) if cache is not None else 0
+        self.state.host = (arguments.get(self.call.position_ids), seen)
+
+    def after(self, module, args, kwargs, output):
+        self.state.host = None
 
 
 class ModLayer:
@@ -69,6 +102,45 @@ class ModLayer:
         if self.mod_state.model.dense:
             return self._mod_original.forward(self, *args, **kwargs)
         return mod_forward(self, args, kwargs)
+
+
+class GatedOutput:
+    """Mixin placed before the class of the norm after a routed sublayer (`LayerCall.output_norm`,
+    post-norm layers): it scales its output by the gate the sublayer left (`LayerState.output_gate`)."""
+
+    mod_gate_of: LayerState
+
+    def forward(self, *args, **kwargs):
+        out = self._mod_original.forward(self, *args, **kwargs)
+        state = self.mod_gate_of
+        gate, state.output_gate = state.output_gate, None
+        return out if gate is None else out * gate.to(out.dtype).unsqueeze(-1)
+
+
+_GATED_CLASSES: dict[type, type] = {}
+
+
+def gate_output(norm: nn.Module, state: LayerState) -> None:
+    """Let `norm` apply the gate of the sublayer before it (class swap; `ungate_output` undoes it)."""
+    original = type(norm)
+    if original not in _GATED_CLASSES:
+        _GATED_CLASSES[original] = type(
+            f"Gated{original.__name__}", (GatedOutput, original), {"_mod_original": original}
+        )
+    norm.__class__ = _GATED_CLASSES[original]
+    norm.mod_gate_of = state
+
+
+def ungate_output(norm: nn.Module) -> None:
+    del norm.mod_gate_of
+    norm.__class__ = norm._mod_original
+
+
+def routed_module(layer: nn.Module) -> nn.Module:
+    """The module of a converted layer that routes: the layer, or its routed sublayer."""
+    if isinstance(layer, ModLayer):
+        return layer
+    return next(m for m in layer.modules() if isinstance(m, ModLayer))
 
 
 def mod_class(original: type) -> type:
@@ -125,6 +197,8 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
     else:
         prefix = 0
     positions = arguments.get(state.call.position_ids)
+    if not isinstance(positions, torch.Tensor) and state.host is not None:
+        positions = state.host[0]
     if not isinstance(positions, torch.Tensor) or positions.shape[-1] != T:
         positions = torch.arange(seen, seen + T, device=hidden.device)
     decoding = seen > 0
@@ -149,9 +223,13 @@ def can_pack(layer: nn.Module, hidden: torch.Tensor, book, span: int, causal: bo
     (a capacity router's training-time top-k has a static shape: nothing to gain)."""
     state: LayerState = layer.mod_state
     call, mode = state.call, state.model.config.packing
-    if mode == "padded" or hidden.shape[0] < 2 or call.packed_attention is None:
+    if mode == "padded" or hidden.shape[0] < 2:
         return False
     if layer.router.capacity_based and not causal:
+        return False
+    if call.token_wise:  # no attention: the packed sequence needs no kernel
+        return True
+    if call.packed_attention is None:
         return False
     if book is not None and not book.mod_can_pack(hidden.shape[1]):
         return False
@@ -189,7 +267,7 @@ def _decode_one_token(layer: nn.Module, arguments: _CallArguments, hidden: torch
     seen = book.mod_seen
     book.mod_seen += 1
     if not bool(keep):
-        return hidden
+        return call.skipped(hidden) if call.skipped is not None else hidden
     if call.mask:
         arguments.set(call.mask, None)
     out = _call_original(layer, arguments, off_cudnn=True)
@@ -197,7 +275,10 @@ def _decode_one_token(layer: nn.Module, arguments: _CallArguments, hidden: torch
     gate = layer.router.gate(logits)
     if gate is None:
         return out
-    result = apply_gate(out[0] if isinstance(out, tuple) else out, gate, hidden)
+    if call.output_norm is not None:  # the norm after the sublayer applies it
+        state.output_gate = gate
+        return out
+    result = _gated(call, out[0] if isinstance(out, tuple) else out, gate, hidden)
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
 
@@ -215,6 +296,14 @@ def apply_gate(out: torch.Tensor, gate: torch.Tensor | None, hidden: torch.Tenso
     if gate is None:
         return out
     return out + (gate - 1).to(out.dtype).unsqueeze(-1) * (out - hidden)
+
+
+def _gated(call: LayerCall, out: torch.Tensor, gate: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """A block's `apply_gate`; a sublayer's output is what the layer adds to the residual: `g * f`
+    (a sublayer with an output norm leaves the gate to that norm)."""
+    if call.skipped is None:
+        return apply_gate(out, gate, hidden)
+    return out if gate is None or call.output_norm is not None else out * gate.to(out.dtype).unsqueeze(-1)
 
 
 def _flatten_rows(value: Any, B: int, T: int, dummy_row: bool = False) -> Any:
@@ -236,9 +325,10 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     arguments = _CallArguments(call, layer, args, kwargs)
     hidden = arguments.get(call.hidden)
     B, T = hidden.shape[:2]
+    state.output_gate = None
     cache = arguments.get(call.cache)
     book = state.model.adapter.mod_cache_layer(cache, state.index) if cache is not None else None
-    seen = book.mod_seen if book is not None else 0
+    seen = book.mod_seen if book is not None else state.host[1] if state.host is not None else 0
 
     ctx = _routing_context(layer, state, hidden, arguments, seen)
     if B == 1 and T == 1 and _plain_decode_step(state, book, seen):
@@ -258,8 +348,8 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     K = decision.indices.shape[1]
     if K == 0:  # nothing to process in any row: skip the layer outright, write no K/V
         if book is not None:
-            book.mod_seen += T
-        return hidden
+            book.mod_advance(T)
+        return call.skipped(hidden) if call.skipped is not None else hidden
 
     packed = decision.segments is not None
     rows = hidden
@@ -274,17 +364,28 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     for name in (*call.per_token, call.position_ids):
         if name is not None and arguments.get(name) is not None:
             arguments.set(name, _gather_tokens(arguments.get(name), index))
-    if packed:
-        out = _run_packed(layer, arguments, decision, book, T, seen, longest=max(T, ctx.pack_bucket or 0))
-    else:
-        out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
-    out_sub = apply_gate(out[0] if isinstance(out, tuple) else out, decision.gate, hidden_sub)
+    state.on_subset = True
+    state.subset_valid = index < B * T if bucketed else decision.valid  # bucket fillers index B * T
+    try:
+        if packed:
+            out = _run_packed(layer, arguments, decision, book, T, seen, longest=max(T, ctx.pack_bucket or 0))
+        else:
+            out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
+    finally:
+        state.on_subset, state.subset_valid = False, None
+    out_sub = _gated(call, out[0] if isinstance(out, tuple) else out, decision.gate, hidden_sub)
     if book is not None:
-        book.mod_seen += T
+        book.mod_advance(T)
+    # A block's skipped tokens keep their input; a sublayer adds nothing for them.
+    base = hidden if call.skipped is None else torch.zeros_like(hidden)
     if decision.valid is not None:
-        out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub)
-    result = hidden.scatter(1, gather_index, out_sub.to(hidden.dtype))
+        out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub if call.skipped is None else 0)
+    result = base.scatter(1, gather_index, out_sub.to(hidden.dtype))
     result = result[:, : B * T].reshape(rows.shape) if bucketed else result.view_as(rows)
+    if call.output_norm is not None and decision.gate is not None:  # for the norm after the sublayer
+        gate = decision.gate if decision.valid is None else torch.where(decision.valid, decision.gate, 1)
+        gate = torch.ones(hidden.shape[:2], dtype=gate.dtype, device=gate.device).scatter(1, index, gate)
+        state.output_gate = gate[:, : B * T].reshape(B, T) if bucketed else gate.view(B, T)
     return (result, *out[1:]) if isinstance(out, tuple) else result
 
 
@@ -295,6 +396,8 @@ def _run_packed(
     (`modadapt.varlen`) and, with a cache, appends the new K/V to the packed cache itself.
     `longest` bounds a segment's length (`T`, or a bucket's filler segment)."""
     call = layer.mod_state.call
+    if call.token_wise:  # no attention: the tokens in one row are all it needs
+        return layer._mod_original.forward(layer, **arguments.named)
     arguments.set(call.mask, None)
     arguments.set(varlen.SEGMENTS_KWARG, decision.segments)
     arguments.set(varlen.MAX_LEN_KWARG, (longest, seen + longest))

@@ -11,8 +11,8 @@ Subclass `RouterConformance` in your test suite and set `router_name` (and `rout
         preset = "tiny-myfamily"        # a registered preset your adapter handles
 
 pytest then checks the router against the contract on a tiny model (`preset`, default tiny-llama),
-converted at the router's `densest_layers`: outputs keep their shape, skipped tokens are
-untouched, decoding with a cache equals a full forward under the causal rule, padding never
+converted at the router's `densest_layers` (set `scope` to route a sublayer): outputs keep their
+shape, skipped tokens are untouched (a routed sublayer adds exactly nothing for them), decoding with a cache equals a full forward under the causal rule, padding never
 counts as kept, and gradients reach the trainable parameters. `AdapterConformance` adds the
 invariants of a model family (with any `router_name`, default `random`): capacity 1 reproduces
 the dense model, a left-padded row equals the row alone, save/load reproduces the outputs, and
@@ -51,12 +51,18 @@ class RouterConformance:
     preset: str = "tiny-llama"
     #: A `ModConfig.layers` rule; None: the router's `densest_layers`.
     layers: Any = None
+    #: `ModConfig.scope`: what the MoD layers route (the whole block, its attention or its MLP).
+    scope: str = "block"
 
     def make_model(self, randomize: bool = True, **config: Any) -> nn.Module:
         model = modadapt.build_preset(self.preset)
         layers = self.layers if self.layers is not None else get_router(self.router_name).obj.densest_layers
         options = dict(
-            router=self.router_name, capacity=self.capacity, layers=layers, router_kwargs=dict(self.router_kwargs)
+            router=self.router_name,
+            capacity=self.capacity,
+            layers=layers,
+            router_kwargs=dict(self.router_kwargs),
+            scope=self.scope,
         )
         modadapt.convert(model, **{**options, **config})
         if randomize:
@@ -84,7 +90,8 @@ class RouterConformance:
 
     def require_decoding(self, model: nn.Module) -> None:
         calls = [layer.mod_state.call for layer in modadapt.mod_layers(model)]
-        if not all(call.causal and call.cache is not None for call in calls):
+        # A routed MLP keeps no cache of its own; the layer around it does.
+        if not all(call.causal and (call.cache is not None or call.token_wise) for call in calls):
             pytest.skip(f"{self.preset} does not decode with a KV cache")
 
     def test_shapes_and_registry(self):
@@ -114,7 +121,10 @@ class RouterConformance:
         handle.remove()
         skipped = ~layer.mod_state.last_keep
         y = seen["y"][0] if isinstance(seen["y"], tuple) else seen["y"]
-        assert torch.equal(seen["x"][skipped], y[skipped])
+        if layer.mod_state.call.skipped is not None:  # a sublayer: adds nothing to the residual
+            assert torch.equal(y[skipped], torch.zeros_like(y[skipped]))
+        else:
+            assert torch.equal(seen["x"][skipped], y[skipped])
 
     def test_cached_decode_equals_full_forward(self):
         model = self.make_model().eval()
@@ -166,7 +176,12 @@ class AdapterConformance(RouterConformance):
             converted = copy.deepcopy(model)
             layers = self.layers if self.layers is not None else get_router(self.router_name).obj.densest_layers
             modadapt.convert(
-                converted, router=self.router_name, capacity=1.0, layers=layers, router_kwargs=dict(self.router_kwargs)
+                converted,
+                router=self.router_name,
+                capacity=1.0,
+                layers=layers,
+                router_kwargs=dict(self.router_kwargs),
+                scope=self.scope,
             )
             routed = _output(converted(**inputs))
         assert torch.equal(routed, dense)

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import modadapt
-from modadapt.adapters.hf import TESTED_FAMILIES
+from modadapt.adapters.hf.presets import DECODER_FAMILIES
 
-#: The families the hf-decoder adapter claims to support; every one has a `tiny-<family>` preset.
-FAMILIES = tuple(TESTED_FAMILIES)
-#: Families the expensive invariants (generation, padding, persistence, ...) run on.
-CORE_FAMILIES = ("llama", "gpt2")
+#: The families the hf-decoder adapter is tested on, one `tiny-<family>` preset each.
+FAMILIES = tuple(DECODER_FAMILIES)
+#: Families the expensive invariants (generation, padding, persistence, ...) run on: learned and
+#: rotary positions, sliding and global layers in one stack (Gemma 3), mixtures of experts (Mixtral).
+CORE_FAMILIES = ("llama", "gpt2", "gemma3", "mixtral")
 
 
 def pytest_configure(config):
@@ -24,7 +25,7 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
-    """`family` runs a test for every supported family; `core_family` for llama and gpt2 only."""
+    """`family` runs a test for every supported family; `core_family` for `CORE_FAMILIES` only."""
     if "family" in metafunc.fixturenames:
         metafunc.parametrize("family", FAMILIES)
     if "core_family" in metafunc.fixturenames:
@@ -97,6 +98,18 @@ def build_tiny(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def widened(model, window=64):
+    """Gemma 2/3's tiny sliding window (4) is in reach of every test prompt, which graphed decoding
+    refuses (it has no windowed cache): a window out of reach, in the config (the masks) and in
+    each attention module (which read it at init)."""
+    if getattr(model.config, "sliding_window", None) is not None:
+        model.config.sliding_window = window
+        for module in model.modules():
+            if getattr(module, "sliding_window", None) is not None:
+                module.sliding_window = window
+    return model
+
+
 @pytest.fixture
 def tiny():
     """Factory: `tiny(family, seed=0)` builds a seeded tiny dense model (eval mode)."""
@@ -139,6 +152,28 @@ def make_ids(batch: int, length: int, seed: int = 0, vocab: int = 256) -> torch.
 def ids():
     """Factory: `ids(batch, length, seed=0)` gives random token ids that never use the pad id 0."""
     return make_ids
+
+
+def beam_search_scored(model: torch.nn.Module, prompt: torch.Tensor, new: int):
+    """Two beams of `new` tokens after `prompt`; asserts each beam's score is its log-prob
+    recomputed by a full forward (beam reordering must move the MoD bookkeeping with the K/V).
+    Returns the generate output."""
+    T = prompt.shape[1]
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            max_new_tokens=new,
+            num_beams=2,
+            num_return_sequences=2,
+            do_sample=False,
+            length_penalty=0.0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        logprobs = model(out.sequences).logits.float().log_softmax(-1)
+    recomputed = logprobs[:, T - 1 : -1].gather(-1, out.sequences[:, T:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, recomputed, rtol=0, atol=1e-4)
+    return out
 
 
 def left_pad_batch(prompts: list[torch.Tensor], pad_id: int = 0):

@@ -31,6 +31,23 @@ def test_outputs_equal_the_unloaded_model(tiny, ids, randomize_routers, core_fam
     assert torch.equal(after, before)
 
 
+@pytest.mark.parametrize(("kind", "scope"), [("llama", "attention"), ("llama", "mlp"), ("olmo2", "attention")])
+def test_a_routed_sublayer_runs_dense_too(kind, scope, tiny, ids, randomize_routers):
+    """With `scope` 'attention' / 'mlp' the sublayer runs its original forward, and a post-norm
+    layer's norm (OLMo 2), which applies the gate when routing, leaves its output as it is."""
+    model = randomize_routers(modadapt.convert(tiny(kind), router="threshold-p", layers="all-but-first", scope=scope))
+    reference = modadapt.unload(copy.deepcopy(model))
+    x = ids(2, 12)
+    with torch.no_grad():
+        before = model(x).logits
+        with modadapt.dense(model):
+            inside = model(x).logits
+        assert torch.equal(model(x).logits, before)
+        expected = reference(x).logits
+    assert torch.equal(inside, expected)
+    assert not torch.equal(before, expected)
+
+
 def test_a_vit_runs_dense_too():
     model = modadapt.convert(modadapt.build_preset("tiny-vit"), router="random", capacity=0.25)
     reference = modadapt.unload(copy.deepcopy(model))

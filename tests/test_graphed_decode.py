@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import widened
 
 import modadapt
+from modadapt.adapters.hf.presets import DECODER_FAMILIES
 from modadapt.decoding import BUCKET, GraphedDecoder, conditional_nodes_available
 from modadapt.errors import ModAdaptError
 from modadapt.mod_layer import state_of
 
-GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+GRAPHED_FAMILIES = (
+    "llama",
+    "llama-tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "mixtral",
+    "qwen2-moe",
+    "qwen3-moe",
+)
 
 
 def _greedy(model, x, mask, new):
@@ -23,7 +39,7 @@ def _greedy(model, x, mask, new):
 
 
 def _converted(tiny, family, randomize_routers, router="threshold-p", **config):
-    model = modadapt.convert(tiny(family), router=router, layers="all-but-first", **config)
+    model = modadapt.convert(widened(tiny(family)), router=router, layers="all-but-first", **config)
     return randomize_routers(model).eval()
 
 
@@ -42,6 +58,41 @@ def test_graphed_decoder_matches_generate_converted(graphed_family, tiny, ids, l
     decoder.decode(9)
     added = torch.stack([step.lengths[i] for i in mod]) - start
     assert (added.max(1).values != added.min(1).values).any()
+
+
+@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
+def test_graphed_decoder_matches_generate_dense_and_batch_one(graphed_family, tiny, ids, left_pad, randomize_routers):
+    """Every family, the unconverted model and a converted one, batch 1 and a left-padded batch."""
+    dense = widened(tiny(graphed_family))
+    dense.config.output_router_logits = False  # see test_speculative_decode._pair: transformers' own MoE loss
+    x1 = ids(1, 9, seed=3)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    for model in (dense, _converted(tiny, graphed_family, randomize_routers)):
+        decoder = GraphedDecoder(model, cuda_graphs=False)
+        assert torch.equal(decoder.generate(x1, max_new_tokens=10), _greedy(model, x1, None, 10))
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=10), _greedy(model, x, mask, 10))
+
+
+@pytest.mark.parametrize("moe_family", [f for f in GRAPHED_FAMILIES if "moe" in f or f == "mixtral"])
+def test_graphed_decoder_mixture_of_experts(moe_family, tiny, ids, left_pad, randomize_routers):
+    """Staged MoDE: the expert statistics after graphed decoding are the prompt's (the decode steps
+    run the layers outside the model's forward, so the experts' recorder counts nothing there);
+    transformers' eager expert loop (nonzero/where: host syncs) is refused for CUDA graphs."""
+    model = _converted(tiny, moe_family, randomize_routers)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    with torch.no_grad():
+        model(x, attention_mask=mask)
+    prompt_stats = modadapt.expert_stats(model)
+    assert prompt_stats and sum(row["tokens"] for row in prompt_stats) > 0
+    assert torch.equal(
+        GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), _greedy(model, x, mask, 8)
+    )
+    GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8)
+    assert modadapt.expert_stats(model) == prompt_stats
+    model.config._experts_implementation = "eager"
+    with pytest.raises(ModAdaptError, match="eager expert loop.*cuda_graphs=False.*model.generate"):
+        GraphedDecoder(model, cuda_graphs=True)
+    assert GraphedDecoder(model).cuda_graphs is False  # the default: the pieces run eagerly
 
 
 @pytest.mark.parametrize("branches", ["host", "select", "auto"])
@@ -80,9 +131,15 @@ def test_graphed_decoder_mod_cache_holds_only_kept_pairs(tiny, ids, randomize_ro
     assert 0 < used < allocated
 
 
+@pytest.mark.parametrize("other_family", sorted(set(DECODER_FAMILIES) - set(GRAPHED_FAMILIES)))
+def test_graphed_decoder_refuses_other_families(other_family, tiny):
+    """Families it cannot run are refused, naming the ones it can and what to use instead."""
+    model_type = other_family.replace("-", "_")  # qwen2-moe: qwen2_moe
+    with pytest.raises(ModAdaptError, match=f"supports llama.*not '{model_type}.*'; decode it with model.generate"):
+        GraphedDecoder(modadapt.convert(tiny(other_family), router="threshold-p"))
+
+
 def test_graphed_decoder_bad_input(tiny, ids):
-    with pytest.raises(ModAdaptError, match="supports"):
-        GraphedDecoder(tiny("gpt2"))
     attention_routed = modadapt.convert(tiny("llama"), router="attention", layers="every-other")
     with pytest.raises(ModAdaptError, match="'attention'.*captured"):
         GraphedDecoder(attention_routed)
@@ -102,6 +159,10 @@ def test_graphed_decoder_bad_input(tiny, ids):
     decoder.decode(2)
     with pytest.raises(ModAdaptError, match="2 are done"):  # the static cache has no room for more
         decoder.decode(2)
+    with pytest.raises(ModAdaptError, match=r"no beam search \(num_beams=4\).*model.generate\(input_ids, num_beams=4"):
+        decoder.generate(ids(1, 4), max_new_tokens=3, num_beams=4)
+    with pytest.raises(ModAdaptError, match="does not take num_return_sequences; use model.generate"):
+        decoder.generate(ids(1, 4), max_new_tokens=3, num_return_sequences=2)
     with pytest.raises(ModAdaptError, match="CUDA"):
         GraphedDecoder(model, cuda_graphs=True)
     model.train()
@@ -251,6 +312,11 @@ def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
     model.config.sliding_window = 8
     with pytest.raises(ModAdaptError, match="sliding window"):
         GraphedDecoder(model).generate(ids(1, 6), max_new_tokens=4)
+    for family in ("gemma2", "gemma3"):  # sliding and global layers: the sliding layers' window (4) counts
+        with pytest.raises(ModAdaptError, match=r"sliding window \(4\)"):
+            GraphedDecoder(tiny(family)).generate(ids(1, 3), max_new_tokens=2)
+        model = widened(tiny(family), window=5)
+        assert GraphedDecoder(model).generate(ids(1, 3), max_new_tokens=2).shape == (1, 5)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -421,6 +487,77 @@ def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_r
     monkeypatch.setattr(varlen, "_reference", lambda *a, **k: calls.append(1) or reference(*a, **k))
     assert torch.equal(GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), expected)
     assert calls, "the prompt did not run packed"
+
+
+@pytest.mark.parametrize("router", ["threshold-p", "topk"])
+def test_graphed_decoder_prefill_in_passes(router, tiny, ids, left_pad, randomize_routers):
+    """`prefill(..., rows_per_pass=2)`: the prompt two rows at a time fills the step as one pass
+    does (capacities, lengths, each row's used K/V slots) and decodes `model.generate`'s tokens."""
+    model = _converted(tiny, "llama", randomize_routers, router=router)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (150, 131, 90, 142, 60)])  # dense capacity 256
+    expected = _greedy(model, x, mask, 8)
+    whole = GraphedDecoder(model).prefill(x, mask, 8)
+    decoder = GraphedDecoder(model)
+    step = decoder.prefill(x, mask, 8, rows_per_pass=2)
+    assert step.capacities == whole.capacities and BUCKET in step.capacities and 2 * BUCKET in step.capacities
+    for i, (a, b) in enumerate(zip(step.lengths, whole.lengths)):
+        assert torch.equal(a, b)
+        for row, n in enumerate(a.tolist()):
+            torch.testing.assert_close(step.keys[i][row, :n], whole.keys[i][row, :n], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(step.values[i][row, :n], whole.values[i][row, :n], rtol=1e-5, atol=1e-6)
+    assert torch.equal(step.token, whole.token)
+    first = step.token.clone()
+    decoder.decode(7)
+    assert torch.equal(torch.cat([first, step.out[:, :7]], 1), expected[:, -8:])
+    assert decoder.kv_bytes()[0] == sum(2 * k.numel() * k.element_size() for k in whole.keys)
+    with pytest.raises(ModAdaptError, match="rows_per_pass must be"):
+        decoder.prefill(x, mask, 8, rows_per_pass=0)
+
+
+def test_graphed_decoder_rewind_decodes_the_prompt_again(tiny, ids, randomize_routers):
+    """`rewind()` puts the step back where the prefill left it: decoding again gives the same tokens and lengths."""
+    model = _converted(tiny, "llama", randomize_routers)
+    decoder = GraphedDecoder(model)
+    with pytest.raises(ModAdaptError, match="before rewind"):
+        decoder.rewind()
+    step = decoder.prefill(ids(3, 20, seed=5), None, 10)
+    decoder.decode(9)
+    tokens, lengths = step.out.clone(), [n.clone() for n in step.lengths]
+    for _ in range(2):
+        decoder.rewind()
+        assert step.steps_done == 0 and not step.out.any()
+        decoder.decode(9)
+        assert torch.equal(step.out, tokens)
+        assert all(torch.equal(a, b) for a, b in zip(step.lengths, lengths))
+    with pytest.raises(ModAdaptError, match="speculative"):
+        speculative = GraphedDecoder(model, speculate=2)
+        speculative.prefill(ids(1, 12, seed=6), None, 4)
+        speculative.rewind()
+    with pytest.raises(ModAdaptError, match="rows_per_pass prefills a plain"):
+        GraphedDecoder(model, speculate=2).prefill(ids(2, 12, seed=6), None, 4, rows_per_pass=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_prefill_in_passes_and_rewind_on_cuda():
+    """On CUDA the step of a prefill in passes is captured after its dense layers were filled: the
+    capture's warm-up writes each row's first slots and puts them back, so the captured decode
+    gives `model.generate`'s tokens (float32), and again after `rewind()`. Run on the GPU machine:
+    `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+
+    for router in ("threshold-p", "topk"):
+        model = modadapt.convert(build_tiny("llama"), router=router, layers="all-but-first")
+        model = randomize_router_weights(model).eval().cuda()
+        x, mask, _ = (t.cuda() for t in left_pad_batch([make_ids(1, n, seed=n)[0] for n in (150, 7, 90, 12, 60)]))
+        expected = _greedy(model, x, mask, 40)
+        decoder = GraphedDecoder(model)
+        step = decoder.prefill(x, mask, 40, rows_per_pass=2)
+        first = step.token.clone()
+        assert step.graphs is not None
+        for _ in range(2):
+            decoder.decode(39)
+            assert torch.equal(torch.cat([first, step.out[:, :39]], 1), expected[:, -40:]), router
+            decoder.rewind()
 
 
 # --- compile=True: the layers through torch.compile (inductor on CPU here: a C++ compiler) ------------

@@ -438,3 +438,31 @@ def test_shared_router_calibrates_each_layer_apart(tmp_path):
     modadapt.save(model, tmp_path / "m")
     loaded = modadapt.mod_layers(modadapt.load(tmp_path / "m"))[0].router
     assert torch.equal(loaded.calibrated_threshold, router.calibrated_threshold)
+
+
+@pytest.mark.parametrize("converted", [False, True])
+def test_graphed_decoder_image_prompt(converted):
+    """The image prompt is prefilled eagerly (pixel_values with it), the text after it decoded from
+    the static cache (`cuda_graphs=False`): model.generate's tokens, batch 1 and left-padded."""
+    from modadapt.decoding import GraphedDecoder
+
+    if converted:
+        with pytest.raises(ModAdaptError, match="keeps every text token.*inference_text.*model.generate"):
+            GraphedDecoder(llava(router="threshold-p", layers="all-but-first").eval())  # the default: dense text
+        model = llava(router="threshold-p", layers="all-but-first", adapter_kwargs={"inference_text": "routed"})
+        model = randomize(model, seed=1)
+    else:
+        model = llava()
+    model.eval()
+    prompts = [prompt(1, 6, 6), prompt(6, 2, 7)]
+    ids, mask = left_pad(prompts)
+    px = pixels(2, seed=2)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    decoder = GraphedDecoder(model, cuda_graphs=False)
+    with torch.no_grad():
+        for x, m, p in ((prompts[0][None], None, px[:1]), (ids, mask, px)):
+            expected = model.generate(input_ids=x, attention_mask=m, pixel_values=p, min_new_tokens=6, **kwargs)
+            got = decoder.generate(x, attention_mask=m, pixel_values=p, max_new_tokens=6, pad_token_id=0)
+            assert torch.equal(got, expected)
+    with pytest.raises(ModAdaptError, match="takes no pixel_values"):
+        GraphedDecoder(modadapt.build_preset("tiny-llama").eval()).generate(ids, pixel_values=px, max_new_tokens=2)

@@ -167,7 +167,9 @@ def test_python_model_distillation_and_flops_ratio(corpus, tmp_path):
     blocks = pack(tokenize(read_corpus(cfg.valid_data), None, 256), cfg.seq_len, "valid")
     dense = modadapt.unload(copy.deepcopy(adapted))
     ratio = direct_count(adapted, blocks) / direct_count(dense, blocks)
-    assert summary["flops_ratio"] == pytest.approx(ratio, rel=1e-9)
+    # rel 1e-4: the count runs eager attention, the recipe SDPA; on transformers 5.17 the two ratios
+    # are 1.6e-5 apart (rounding reaches the routing); a wrong count is off by percents
+    assert summary["flops_ratio"] == pytest.approx(ratio, rel=1e-4)
     assert summary["flops_ratio"] < 0.95
 
 
@@ -389,3 +391,17 @@ def test_quality_goals_are_judged_from_the_records():
     records[1]["valid_ppl"] = 8e9  # a diverged run (topk)
     judged = {goal: met for goal, _, met in bench.goals(records)}
     assert not judged["no NaN or divergence"] and not judged["topk beats random at matched FLOPs"]
+
+
+def test_a_mixture_of_experts_logs_its_balancing_loss_apart(tmp_path):
+    """tiny-mixtral: `outputs.loss` holds the experts' load-balancing loss (over kept tokens); the
+    history logs it as `expert_loss`, so `lm_loss` is the language-model loss alone."""
+    from conftest import lm_adapt_config
+
+    summary = run(lm_adapt_config(tmp_path, model="tiny-mixtral", max_steps=2, train="routers"))
+    history = summary["history"]
+    coef = modadapt.build_preset("tiny-mixtral").config.router_aux_loss_coef
+    assert coef > 0 and all(e > 0 for e in history["expert_loss"])
+    for loss, lm, aux, experts in zip(history["loss"], history["lm_loss"], history["aux_loss"], history["expert_loss"]):
+        assert loss == pytest.approx(lm + aux + experts, rel=1e-5)
+        assert experts / coef == pytest.approx(2.0, rel=0.25)  # E * sum_e f_e P_e: top_k = 2 when balanced

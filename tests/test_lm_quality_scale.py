@@ -125,7 +125,12 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     for r in adapted:  # the shared budget, or its multiple in the budget ablation
         steps = bench.TINY.adapt_steps * bench.VARIANTS[r["variant"]].budget
         assert r["adapt_tokens"] == steps * bench.TINY.adapt_batch * bench.TINY.seq_len and r["adapt_steps"] == steps
-    assert by_budget(adapted, 2) == {"topk-distill-2x", "threshold-p-all-distill-2x", "layer-drop-even-2x"}
+    assert by_budget(adapted, 2) == {
+        "topk-distill-2x",
+        "threshold-p-all-distill-2x",
+        "layer-drop-even-2x",
+        "topk-distill-even+1-2x",
+    }
     levels = bench.levels(bench.build_dense(bench.TINY, 0), bench.TINY.seq_len)
     for r in adapted:
         if r["router"] in bench.STATIC:

@@ -31,7 +31,8 @@ def packed_calls(monkeypatch):
 
 
 def _pair(tiny, family, randomize_routers, **config):
-    """The same randomly routed model converted twice: padded and packed."""
+    """The same randomly routed model converted twice: padded and packed (skipped for a family
+    whose layers cannot run packed)."""
     models = []
     for packing in ("padded", "packed"):
         model = modadapt.convert(tiny(family), router="threshold-p", layers="all-but-first", packing=packing, **config)
@@ -40,7 +41,14 @@ def _pair(tiny, family, randomize_routers, **config):
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
         models.append(model)
+    calls = [layer.mod_state.call for layer in modadapt.mod_layers(models[1])]
+    if all(call.packed_attention is None or call.attn_implementation() != "sdpa" for call in calls):
+        pytest.skip(f"{family}'s attention cannot run packed (soft-capped, or not SDPA)")
     return models
+
+
+def _slides(layer) -> bool:
+    return layer.mod_state.call.window is not None
 
 
 def test_packed_equals_padded_eval(family, tiny, ids, left_pad, randomize_routers, last_keeps, packed_calls):
@@ -153,24 +161,31 @@ def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, rando
         cache = out.past_key_values
         for layer, keep in zip(modadapt.mod_layers(packed), keeps):
             held = cache.layers[layer.mod_state.index]
+            if _slides(layer):  # a sliding layer's window cuts the sequence: it pads, and keeps rows
+                assert held.mod_segments is None
+                continue
             assert held.mod_segments is not None
-            assert held.keys.shape[-2] == int(keep[:, :9].sum()) < 3 * int(keep[:, :9].sum(1).max())
-        held = cache.layers[modadapt.mod_layers(packed)[0].mod_state.index]
+            assert held.keys.shape[-2] == int(keep[:, :9].sum())  # no filler slot
+        counts = [keep[:, :9].sum(1) for layer, keep in zip(modadapt.mod_layers(packed), keeps) if not _slides(layer)]
+        assert any(c.max() > c.min() for c in counts), "rows keep equal counts: rows would need no filler either"
+        first, keep = next((m, k) for m, k in zip(modadapt.mod_layers(packed), keeps) if not _slides(m))
+        held = cache.layers[first.mod_state.index]
         index, valid = held.mod_index, held.mod_valid  # read in the rows layout: the cache converts
-        assert held.mod_segments is None and index.shape == valid.shape == (3, int(keeps[0][:, :9].sum(1).max()))
+        assert held.mod_segments is None and index.shape == valid.shape == (3, int(keep[:, :9].sum(1).max()))
         for row in range(3):
-            assert index[row][valid[row]].tolist() == keeps[0][row, :9].nonzero()[:, 0].tolist()
+            assert index[row][valid[row]].tolist() == keep[row, :9].nonzero()[:, 0].tolist()
         # a two-token chunk takes the padded path: the cache turns into rows first
         chunk = packed(x[:, 9:11], past_key_values=cache, use_cache=True).logits
         torch.testing.assert_close(chunk, full[:, 9:11], rtol=1e-4, atol=1e-5)
         assert any(cache.layers[m.mod_state.index].mod_segments is None for m in modadapt.mod_layers(packed))
 
-        cache = packed(x[:, :5], use_cache=True).past_key_values
-        for t in range(5, 8):
-            packed(x[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache.crop(-2)  # cropping needs the slots' positions
-        after_crop = packed(x[:, 6:], past_key_values=cache, use_cache=True).logits
-        torch.testing.assert_close(after_crop, full[:, 6:], rtol=1e-4, atol=1e-5)
+        if not any(_slides(m) for m in modadapt.mod_layers(packed)):  # transformers crops no sliding layer
+            cache = packed(x[:, :5], use_cache=True).past_key_values
+            for t in range(5, 8):
+                packed(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache.crop(-2)  # cropping needs the slots' positions
+            after_crop = packed(x[:, 6:], past_key_values=cache, use_cache=True).logits
+            torch.testing.assert_close(after_crop, full[:, 6:], rtol=1e-4, atol=1e-5)
 
         prompts, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 3, 9)])
         expected = padded.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False)
@@ -266,6 +281,11 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     assert all(r["bytes_bound_ms"] > 0 and r["copy_bandwidth_bytes_s"] > 0 and r["context"] > 0 for r in graphed)
     assert all(r["dense_vs_bound"] == pytest.approx(r["dense_ms_per_step"] / r["bytes_bound_ms"]) for r in graphed)
     assert all(r["dense_hf_static_error"] is None and r["dense_hf_static_ms"] > 0 for r in graphed)
+    assert {r["router"] for r in records if r["scenario"].startswith("decode_kv_budget")} == {
+        "dense",
+        "topk",
+        "threshold-p",
+    }
     speculative = [r for r in records if r["scenario"].startswith("decode_speculative")]
     assert {(r["router"], r["batch"]) for r in speculative} == {
         (router, b) for router in ("topk", "threshold-p") for b in (1, 2)
@@ -274,6 +294,99 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     assert all(r["mod_tokens_per_s"] > 0 and r["ideal_speedup"] > 0 for r in speculative)
     check = next(r for r in records if r["scenario"].startswith("packed_check"))
     assert check["layer_rel_diff"] < 1e-2 and check["decode_decisions_flipped"] == {"packed": 0, "padded": 0}
+
+
+def _speed_bench(monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _run_speed(bench, argv: list[str], out) -> list[dict]:
+    import json
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main([*argv, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark pins one thread on CPU
+    return json.loads(out.read_text())
+
+
+def test_speed_benchmark_kv_budget(tmp_path, monkeypatch):
+    """`decode_kv_budget`: per model the largest batch whose static K/V fits the budget, and its
+    tokens/s; MoD rows are smaller, so more of them fit. Then: a batch that runs out of memory is
+    halved, and a batch whose real allocation exceeds the budget (here: the probe under-reports)
+    steps down to the largest that fits by its rows' prompt lengths."""
+    from modadapt.decoding import BUCKET, GraphedDecoder
+
+    bench = _speed_bench(monkeypatch)
+    sizes = bench.allocation_by_batch([torch.tensor([10, 300, 20]), torch.tensor([5, 5, 130])], [1, 2], 8)
+    assert sizes == [(BUCKET + 2 * BUCKET) * 1, (3 * BUCKET + 2 * BUCKET) * 2, (3 * BUCKET + 4 * BUCKET) * 3]
+
+    setting = bench.TINY["kv_budget"]
+    records = _run_speed(
+        bench, ["--tiny", "--scenarios", "decode_kv_budget", "--routers", "topk,threshold-p"], tmp_path / "a.json"
+    )
+    by = {r["router"]: r for r in records if r["scenario"] == f"decode_kv_budget_ctx{setting['context']}"}
+    assert set(by) == {"dense", "topk", "threshold-p"} and not any("error" in r for r in by.values())
+    budget = int(setting["budget_gib"] * 2**30)
+    # tiny Llama: 4 layers, 2 K/V heads of 16; a dense layer holds 256 + 8 slots, one bucket up: 384
+    assert by["dense"]["kv_bytes_per_row"] == 4 * 384 * 2 * 2 * 16 * 2
+    for r in by.values():
+        assert r["kv_budget_bytes"] == budget and r["kv_fits"] and 0 < r["kv_allocated_bytes"] <= budget
+        if r["stepped_down_from"]:  # a MoD layer's widest row grew past the probe's bucket
+            assert r["batch"] < r["estimate_batch"]
+        else:  # the largest batch: one row more would not fit
+            assert r["batch"] == r["estimate_batch"] == budget // r["kv_bytes_per_row"] and r["next_row_exceeds"]
+            assert r["kv_allocated_bytes"] == r["batch"] * r["kv_bytes_per_row"]
+        assert r["oom_batches"] == [] and (r["events"] == []) == (r["stepped_down_from"] == [])
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * setting["new"] / r["ms"] * 1e3)
+        assert len(r["times_ms"]) == bench.TINY["decode_repeats"]
+    for router in ("topk", "threshold-p"):
+        r = by[router]
+        assert r["dense_batch"] == by["dense"]["batch"] and r["mod_batch"] == r["batch"]
+        assert r["kv_row_ratio"] == pytest.approx(r["kv_bytes_per_row"] / by["dense"]["kv_bytes_per_row"])
+        if r["kv_bytes_per_row"] < by["dense"]["kv_bytes_per_row"]:
+            assert r["batch"] >= by["dense"]["batch"]
+        assert r["speedup"] == pytest.approx(r["mod_tokens_per_s"] / r["dense_tokens_per_s"])
+        assert r["ideal_speedup"] > 1 and 0 < r["kept_fraction"] < 1 and 0 < r["prompt_kept_fraction"] < 1
+    assert by["topk"]["goal"] == 1.5 and by["topk"]["met"] == (by["topk"]["speedup"] >= 1.5)
+    # topk's MoD layers keep 32 of 256 prompt tokens: one bucket, a third of a dense layer's
+    assert (
+        by["topk"]["kv_bytes_per_row"] == 2 * (384 + 128) * 2 * 2 * 16 * 2
+        and by["topk"]["batch"] == 8 > by["dense"]["batch"] == 5
+    )
+
+    prefill, kv_bytes = GraphedDecoder.prefill, GraphedDecoder.kv_bytes
+
+    def short_of_memory(self, input_ids, *args, **kwargs):
+        if not any(layer.mod for layer in self.layers) and input_ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return prefill(self, input_ids, *args, **kwargs)
+
+    def under_reported_probe(self):
+        allocated, used = kv_bytes(self)
+        probing = any(layer.mod for layer in self.layers) and self.last_step.batch == setting["probe_batch"]
+        return (allocated * 3 // 4 if probing else allocated), used
+
+    monkeypatch.setattr(GraphedDecoder, "prefill", short_of_memory)
+    monkeypatch.setattr(GraphedDecoder, "kv_bytes", under_reported_probe)
+    records = _run_speed(bench, ["--tiny", "--scenarios", "decode_kv_budget", "--routers", "topk"], tmp_path / "b.json")
+    dense, topk = (next(r for r in records if r["router"] == name) for name in ("dense", "topk"))
+    assert dense["oom_batches"] == [5] and dense["batch"] == 2 and "out of memory" in dense["events"][0]
+    assert topk["estimate_batch"] == 10 and topk["stepped_down_from"] == [10] and topk["batch"] == 8
+    assert topk["kv_allocated_bytes"] <= budget < topk["kv_allocated_bytes"] // 8 * 9
+    assert topk["dense_batch"] == 2 and topk["speedup"] == pytest.approx(
+        topk["mod_tokens_per_s"] / dense["tokens_per_s"]
+    )
 
 
 def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, monkeypatch):
@@ -320,3 +433,6 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
     records = [r for r in json.loads(out.read_text()) if r["scenario"].startswith("decode_speculative")]
     assert {(r["router"], r["batch"], r["context"]) for r in records} == {(n, b, 24) for n in "ab" for b in (1, 2)}
     assert all(r["same_prefix_as_dense"] == 1.0 and 0 <= r["acceptance"] <= 1 for r in records)
+    # batch 1 also runs transformers' assisted decoding with the converted model as assistant
+    assert all(r["hf_assisted_same_tokens"] and r["hf_assisted_ms"] > 0 for r in records if r["batch"] == 1)
+    assert not any("hf_assisted_ms" in r for r in records if r["batch"] > 1)

@@ -89,3 +89,24 @@ def test_a_shared_router_is_refused(tiny):
     model = modadapt.convert(tiny("llava"), router="shared-vl", capacity=0.5, layers=[1, 3])
     with pytest.raises(ModAdaptError, match="share one router"):
         modadapt.peft_config(model)
+
+
+@pytest.mark.parametrize(("kind", "scope", "sublayer"), [("llama", "attention", "self_attn"), ("olmo2", "mlp", "mlp")])
+def test_peft_keeps_the_routers_of_routed_sublayers(kind, scope, sublayer, tiny, ids, randomize_routers, tmp_path):
+    """With `scope` 'attention' / 'mlp' the router sits on the sublayer; peft_config names it there."""
+    model = randomize_routers(modadapt.convert(tiny(kind), router="topk", capacity=0.5, scope=scope), scale=0.5)
+    config = modadapt.peft_config(model, r=4)
+    assert config.modules_to_save == [f"model.layers.{i}.{sublayer}.router" for i in (1, 3)]
+    wrapped = peft.get_peft_model(model, config)
+    x = ids(4, 16, seed=2)
+    wrapped.train()
+    wrapped(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for n, p in wrapped.named_parameters() if ".modules_to_save." in n)
+    wrapped.eval()
+    with torch.no_grad():
+        expected = wrapped(input_ids=x).logits
+    wrapped.save_pretrained(tmp_path / "adapter")
+    fresh = modadapt.convert(tiny(kind), router="topk", capacity=0.5, scope=scope)
+    restored = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)

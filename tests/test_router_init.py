@@ -117,3 +117,35 @@ def test_bad_router_options_are_one_clear_error(tmp_path):
         config(tmp_path, router_lr_scale=0)
     with pytest.raises(ModAdaptError, match="router_init_blocks"):
         config(tmp_path, router_init_blocks=0)
+
+
+@pytest.mark.parametrize(("kind", "scope"), [("llama", "attention"), ("llama", "mlp"), ("olmo2", "attention")])
+def test_a_routed_sublayer_is_fitted_to_what_it_adds_to_the_residual(kind, scope):
+    """A sublayer returns its own update f(x) (no residual inside); a post-norm layer (OLMo 2)
+    normalises it before adding: the target is |f(x)| / |x|, or |norm(f(x))| / |x|."""
+    model = modadapt.convert(build_tiny(kind), router="topk", capacity=0.5, layers=[1, 3], scope=scope)
+    data = collect(model, batches())
+    dense, batch = build_tiny(kind), batches()[0]
+    real = batch["attention_mask"].bool()
+    for index in (1, 3):
+        layer = dense.model.layers[index]
+        sublayer = layer.self_attn if scope == "attention" else layer.mlp
+        seen = {}
+
+        def inputs(module, args, kwargs, output, seen=seen):
+            seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            seen["f"] = output[0] if isinstance(output, tuple) else output
+
+        hooks = [sublayer.register_forward_hook(inputs, with_kwargs=True)]
+        if kind == "olmo2":  # the norm after the attention: what reaches the residual
+            hooks.append(
+                layer.post_attention_layernorm.register_forward_hook(lambda m, a, o, seen=seen: seen.update(f=o))
+            )
+        with torch.no_grad():
+            dense(**batch)
+        for hook in hooks:
+            hook.remove()
+        x, f = seen["x"][real].double(), seen["f"][real].double()
+        torch.testing.assert_close(data[index][0], x)
+        torch.testing.assert_close(data[index][1], torch.log(f.norm(dim=-1)) - torch.log(x.norm(dim=-1)))
+    assert set(fit_router_scores(model, batches())) == {1, 3}

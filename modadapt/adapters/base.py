@@ -51,6 +51,16 @@ class LayerCall:
         prefix_tokens: Leading sequence positions that are always processed (forced role).
         packed_attention: Returns a context manager inside which the layer's attention runs
             `modadapt.varlen`'s packed segments (None: the layer cannot run packed).
+        skipped: For a sublayer (`ModConfig.scope` 'attention' or 'mlp'), whose output its caller
+            adds to the residual: what it returns for tokens it skips, from its input (zeros; an
+            attention module `(zeros, None)`); a kept token then gets `gate * f(x)`. None: a
+            block, which returns the residual stream (a skipped token passes unchanged, a kept
+            one gets `x + gate * (f(x) - x)`).
+        token_wise: The module treats every token on its own (an MLP): the kept tokens of all
+            rows may always run as one packed sequence, no attention kernel needed.
+        output_norm: For a sublayer whose output the layer normalises before adding it to the
+            residual (post-norm layers: Gemma 2/3, OLMo 2), that norm: the gate scales the norm's
+            output instead (a norm would undo it), so a kept token still gets `g * norm(f(x))`.
     """
 
     hidden: str
@@ -64,6 +74,9 @@ class LayerCall:
     signature: inspect.Signature | None = None
     prefix_tokens: int = 0
     packed_attention: Callable[[], Any] | None = None
+    skipped: Callable[[torch.Tensor], Any] | None = None
+    token_wise: bool = False
+    output_norm: nn.Module | None = None
     positional_names: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -82,18 +95,24 @@ class DecodeParts:
 
     Attributes:
         embed: Token ids `[B, 1]` to hidden states `[B, 1, D]`.
-        rotary: `(hidden, position_ids)` to the `position_embeddings` the layers take.
+        rotary: `(hidden, position_ids)` to the `position_embeddings` the layers take (with
+            `rotary_keys`: a dict of them, one per key).
         norm: The final norm, before `head`.
         head: Hidden states to logits.
         kv_heads: K/V heads of each layer's attention.
         head_dim: Size of one head.
-        window: The attention's sliding window, or None.
+        window: The smallest sliding window of the layers' attention, or None.
         static_attention: Returns a context manager inside which the layers' attention reads the
             step's static cache (`modadapt.decoding.static_cache`), taking its `KeyLengths` where
             they take their attention mask.
-        prefill: `(input_ids, attention_mask, position_ids) -> (last logits [B, V], cache layers)`:
-            the prompt run with a fresh KV cache; each cache layer holds `keys` and `values`
+        prefill: `(input_ids, attention_mask, position_ids, **inputs) -> (last logits [B, V], cache
+            layers)`: the prompt (`inputs`: a multimodal model's `pixel_values`) run with a fresh KV cache; each cache layer holds `keys` and `values`
             `[B, Hk, n, d]`, a MoD layer's also `mod_valid` (its real slots).
+        not_capturable: Why the decode step cannot be captured as CUDA graphs (a host sync in
+            the family's modeling code), said as the error `GraphedDecoder(cuda_graphs=True)`
+            raises; None: it can be.
+        rotary_keys: Per layer, the key of `rotary`'s output it takes (Gemma 3: its layer type,
+            local and global RoPE); None: `rotary` gives one for every layer.
     """
 
     embed: nn.Module
@@ -104,7 +123,9 @@ class DecodeParts:
     head_dim: int
     window: int | None
     static_attention: Callable[[], ContextManager[None]]
-    prefill: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, list]]
+    prefill: Callable[..., tuple[torch.Tensor, list]]
+    not_capturable: str | None = None
+    rotary_keys: tuple | None = None
 
 
 class Adapter:
@@ -165,6 +186,22 @@ class Adapter:
 
         raise ModAdaptError(f"adapter {self.name!r} cannot observe attention maps.")
 
+    def sublayer_call(self, model: nn.Module, layer: nn.Module, index: int, scope: str) -> tuple[nn.Module, LayerCall]:
+        """For `ModConfig.scope` 'attention' or 'mlp': the sublayer of `layer` (stack index `index`)
+        that MoD routes, and how it is called (`LayerCall.skipped` set: it returns what its caller
+        adds to the residual). Raise ModAdaptError, in one line, for layers that cannot be split."""
+        from ..errors import ModAdaptError
+
+        raise ModAdaptError(
+            f"adapter {self.name!r} cannot route a layer's sublayers (scope={scope!r}); use scope='block'."
+        )
+
+    def cached_tokens(self, cache: Any, layer_index: int) -> int:
+        """How many tokens layer `layer_index` has seen before this call, from the layer call's
+        cache argument: what a routed sublayer without a cache of its own (scope 'mlp') takes
+        positions and decoding from. 0: no cache."""
+        return 0
+
     def mod_cache_layer(self, cache: Any, layer_index: int) -> Any:
         """The KV-cache layer of MoD layer `layer_index` in `cache` (the layer's `cache` argument),
         given the bookkeeping a MoD layer keeps beside its K/V (see `adapters.hf.kv_cache`):
@@ -173,6 +210,29 @@ class Adapter:
         from ..errors import ModAdaptError
 
         raise ModAdaptError(f"adapter {self.name!r} keeps no KV cache for MoD layers.")
+
+    def attach(self, model: nn.Module, state: Any) -> list:
+        """Called by `convert` once the model is converted (`state`: its `ModelState`): install
+        everything the family puts on the converted model itself, and keep what it needs later in
+        `state.family`. The transformers adapters attach two things here: a `save_pretrained`
+        that writes a modadapt directory (`adapters.hf.auto`) and, in a mixture-of-experts model,
+        the expert routers' statistics and load-balancing loss over the kept tokens only
+        (`adapters.hf.moe`). Returns their handles (anything with `remove()`), which `unload`
+        removes. Default: none."""
+        return []
+
+    def expert_stats(self, model: nn.Module) -> list[dict]:
+        """Per mixture-of-experts block of a converted model, what its experts' router did in the
+        last forward, counting the real tokens that reached it (see
+        `modadapt.metrics.routing_stats.expert_stats`). Default: no experts."""
+        return []
+
+    def sublayer_weights(self, model: nn.Module, layer: nn.Module) -> dict[str, int] | None:
+        """The weights of `layer`'s linear maps that one token passes through, per sublayer:
+        ``{"attention": ..., "mlp": ...}`` (a mixture of experts: its router and the top-k
+        experts' share of the expert weights; a MoD router's own excluded), for the FLOPs model
+        (`modadapt.metrics.flops`). None: the layer's linear maps count as one block."""
+        return None
 
     def decode_parts(self, model: nn.Module) -> DecodeParts:
         """The parts `GraphedDecoder` decodes `model` with; raise ModAdaptError, saying which
@@ -222,12 +282,6 @@ class Adapter:
     def describe(self, model: nn.Module) -> dict:
         """JSON-able description from which `build` can recreate the architecture."""
         raise NotImplementedError
-
-    def attach(self, model: nn.Module) -> list:
-        """Called by `convert` once the model is converted: attach what the family needs on the
-        model itself (transformers: a `save_pretrained` that writes a modadapt directory).
-        Returns handles with `remove()` that `unload` calls."""
-        return []
 
     def save_base(self, model: nn.Module, directory: str) -> None:
         """Write what `build` needs besides `describe()` (e.g. the model's config file)."""

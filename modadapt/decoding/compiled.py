@@ -77,18 +77,20 @@ _SHARED: dict[tuple[Callable, Any], Callable] = {}
 
 
 class StepCompiler:
-    """Compiles a decode step's calls and runs its warm-up: `compile(fn)` wraps a layer's forward
-    (shared, see `_SHARED`) or a module (the model's own rotary embedding and norm), `compiling()`
-    is where compiles may happen (the first warm-up run), `compiled()` where they must not (the
-    rest: capture, replays, eager decode calls)."""
+    """Compiles a decode step's calls and runs its warm-up: `layer(forward)` wraps a layer class's
+    forward (shared, see `_SHARED`), `part(fn)` one of the model's own parts (its rotary embedding
+    and final norm: a wrapper per decoder, which holds no model past the decoder's life),
+    `compiling()` is where compiles may happen (the first warm-up run), `compiled()` where they
+    must not (the rest: capture, replays, eager decode calls)."""
 
-    def compile(self, fn: Callable) -> Callable:
-        if isinstance(fn, torch.nn.Module):
-            return _wrap(fn)
-        key = (fn, BACKEND)
+    def layer(self, forward: Callable) -> Callable:
+        key = (forward, BACKEND)
         if key not in _SHARED:
-            _SHARED[key] = _wrap(fn)
+            _SHARED[key] = _wrap(forward)
         return _SHARED[key]
+
+    def part(self, fn: Callable) -> Callable:
+        return _wrap(fn)
 
     @contextlib.contextmanager
     def compiling(self) -> Iterator[None]:
@@ -169,7 +171,10 @@ def _first_line(error: BaseException) -> str:
 class NoCompiler:
     """`compile=False`: calls run as they are, and the warm-up contexts do nothing."""
 
-    def compile(self, fn: Callable) -> Callable:
+    def layer(self, forward: Callable) -> Callable:
+        return forward
+
+    def part(self, fn: Callable) -> Callable:
         return fn
 
     def compiling(self) -> contextlib.AbstractContextManager[None]:

@@ -9,6 +9,8 @@ handling, which follows `model.generate`. With `speculate=K` a step is a specula
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -67,6 +69,11 @@ class GraphedDecoder:
                 f"speculate must be an int >= 0 (draft tokens per verification; 0: off), got {speculate!r}"
             )
         state = state_of(model)
+        if state is not None and state.config.scope != "block":
+            raise ModAdaptError(
+                f"graphed decoding runs MoD layers that route whole blocks, not "
+                f"scope={state.config.scope!r}; decode with model.generate."
+            )
         adapter = state.adapter if state is not None else find_adapter(model)
         parts = adapter.decode_parts(model)
         if branches not in BRANCHES:
@@ -75,14 +82,18 @@ class GraphedDecoder:
             raise ModAdaptError("this torch has no CUDA graph conditional nodes; use branches='host' or 'auto'.")
         self.model, self.parts, self.branches = model, parts, branches
         self.params = next(model.parameters())
+        if cuda_graphs and parts.not_capturable:
+            raise ModAdaptError(parts.not_capturable)
         self.cuda_graphs = self.params.is_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and parts.not_capturable:  # on CUDA by default: the same pieces, eagerly
+            self.cuda_graphs = False
         if self.cuda_graphs and not self.params.is_cuda:
             raise ModAdaptError("cuda_graphs=True needs the model on a CUDA device.")
         self.compile = check_compile(compile, self.params.device)
         self.compiler = StepCompiler() if self.compile else NoCompiler()
         self.kv_heads, self.head_dim, self.window = parts.kv_heads, parts.head_dim, parts.window
         self.embed, self.head = parts.embed, parts.head
-        self.norm, self.rotary = self.compiler.compile(parts.norm), self.compiler.compile(parts.rotary)
+        self.norm, self.rotary = self.compiler.part(parts.norm), self.compiler.part(parts.rotary)
         _, stack = adapter.layer_stack(model)
         mod = set(state.layer_indices) if state is not None else set()
         for i in sorted(mod):
@@ -96,7 +107,8 @@ class GraphedDecoder:
         for i, layer in enumerate(stack):
             names = layer.mod_state.call if i in mod else adapter.layer_call(model, layer, i)
             forward = getattr(type(layer), "_mod_original", type(layer)).forward
-            self.layers.append(StepLayer(layer, self.compiler.compile(forward), names, i in mod))
+            key = parts.rotary_keys[i] if parts.rotary_keys is not None else None
+            self.layers.append(StepLayer(layer, self.compiler.layer(forward), names, i in mod, key))
         self.first_dense = next((i for i, layer in enumerate(self.layers) if not layer.mod), None)
         self.speculate, self.draft = speculate, None
         if speculate:
@@ -146,13 +158,28 @@ class GraphedDecoder:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        num_beams: int = 1,
+        pixel_values: torch.Tensor | None = None,
+        **options,
     ) -> torch.Tensor:
         """The prompt (left padding allowed) and up to `max_new_tokens` new tokens, as
         `model.generate` returns them: greedy (the same tokens), or drawn with `do_sample`
         (temperature, top-k, top-p; seed with `torch.manual_seed`). After a row's end-of-sequence
         token come pad tokens, and generation stops once every row has ended (checked every
         `CHECK_EVERY` steps). Arguments left None come from the model's generation config, as in
-        `model.generate` (transformers' defaults: temperature 1, top-k 50, top-p 1)."""
+        `model.generate` (transformers' defaults: temperature 1, top-k 50, top-p 1).
+        `pixel_values` (LLaVA) go with the prompt, which runs eagerly; the text after it is
+        decoded from the static cache like any other. Beam
+        search (`num_beams` > 1) and other `model.generate` options are refused: use `model.generate`."""
+        if num_beams != 1:
+            raise ModAdaptError(
+                f"GraphedDecoder has no beam search (num_beams={num_beams!r}): it decodes greedily or by "
+                f"sampling; for beams use model.generate(input_ids, num_beams={num_beams!r}, ...)."
+            )
+        if options:
+            raise ModAdaptError(
+                f"GraphedDecoder.generate does not take {', '.join(sorted(options))}; use model.generate for them."
+            )
         config = getattr(self.model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -171,7 +198,7 @@ class GraphedDecoder:
             sampling = Sampling(
                 pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50), None if top_p == 1.0 else top_p
             )
-        step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling)
+        step = self.prefill(input_ids, attention_mask, max_new_tokens, sampling, pixel_values=pixel_values)
         eos_ids = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
         if self.speculate:
             new = self._generate_speculative(step, max_new_tokens, eos_ids if eos else None)
@@ -220,14 +247,32 @@ class GraphedDecoder:
         attention_mask: torch.Tensor | None,
         max_new_tokens: int,
         sampling: Sampling | None = None,
+        rows_per_pass: int | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> DecodeStep | SpeculativeStep:
         """Run the prompt eagerly, copy its cache into the static buffers of a (captured) step
         sized for `max_new_tokens`, and leave the first new token in the step's `token`
-        (speculating: the prompt runs densely, and the step's `out[:, 0]` holds the token)."""
+        (speculating: the prompt runs densely, and the step's `out[:, 0]` holds the token).
+
+        `rows_per_pass` runs the prompt that many rows at a time, for a batch whose prompt does
+        not fit one eager forward beside its static cache (long contexts at a large batch): each
+        pass's dense-layer K/V go straight into the step's buffers, its MoD layers' kept K/V are
+        held until every pass has set their capacities. The step is then made afresh (captured
+        steps are dropped first, so that their buffers are free). Not with `speculate`, nor with
+        `pixel_values` (a multimodal prompt, LLaVA's: it runs with the prompt)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ModAdaptError(f"input_ids must be [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ModAdaptError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if rows_per_pass is not None:
+            if isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int) or rows_per_pass < 1:
+                raise ModAdaptError(f"rows_per_pass must be a positive int or None, got {rows_per_pass!r}")
+            if self.speculate:
+                raise ModAdaptError(
+                    "rows_per_pass prefills a plain decode step; a speculative prefill runs in one pass."
+                )
+            if pixel_values is not None:
+                raise ModAdaptError("rows_per_pass prefills text prompts; a prompt with pixel_values runs in one pass.")
         if self.model.training:
             raise ModAdaptError("graphed decoding runs in eval mode; call model.eval() first.")
         state = state_of(self.model)
@@ -243,25 +288,51 @@ class GraphedDecoder:
         if self.window is not None and S + max_new_tokens > self.window:
             raise ModAdaptError(
                 f"the model's sliding window ({self.window}) is shorter than prompt + new tokens "
-                f"({S + max_new_tokens}); graphed decoding has no windowed cache."
+                f"({S + max_new_tokens}); graphed decoding has no windowed cache: decode with model.generate."
             )
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+        inputs = {}
+        if pixel_values is not None:
+            if "pixel_values" not in inspect.signature(self.model.forward).parameters:
+                raise ModAdaptError(f"{type(self.model).__name__} takes no pixel_values; pass input_ids only.")
+            inputs["pixel_values"] = pixel_values
+        if rows_per_pass is not None and rows_per_pass < B:
+            step, first = self._prefill_in_passes(
+                input_ids, attention_mask, real, positions, max_new_tokens, sampling, rows_per_pass
+            )
+        else:
+            step, first = self._prefill_in_one_pass(
+                input_ids, attention_mask, real, positions, max_new_tokens, sampling, inputs
+            )
+        self.last_step = step
+        if self.speculate:
+            step.start(first, real.long().sum(-1))  # each row's prompt tokens (what its dense layers hold)
+            return step
+        step.token.copy_(first)
+        step.position.copy_(real.long().sum(-1, keepdim=True))
+        step.out.zero_()
+        step.count.zero_()
+        step.steps_done = 0
+        step.mark_start()
+        return step
+
+    def _prefill_in_one_pass(self, input_ids, attention_mask, real, positions, max_new_tokens, sampling, inputs):
+        """The prompt's cache in one forward (with `inputs`: `pixel_values`), copied into a
+        (cached or new) step; (step, first tokens)."""
+        B = input_ids.shape[0]
         if self.speculate:  # the verifier's cache: the prompt through every layer densely
             with dense(self.model):
-                logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+                logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions, **inputs)
             stored = [self._compacted(cache_layers[i], False, real) for i in range(len(self.layers))]
             # a row's writes reach `count - 1 + 2K` past its prompt (rows that are done still run)
             width = _round_up(int(stored[0][2].max()) + max_new_tokens + 2 * self.speculate + 1, BUCKET)
             capacities = (width,) * len(self.layers)
         else:
-            logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions)
+            logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions, **inputs)
             stored = [self._compacted(cache_layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
             capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
         first = next_token(logits, sampling)
-        versions = tuple((id(t), t._version) for t in self._router_tensors)
-        if versions != self._versions:  # routers changed: cut-offs resolved at capture may be stale
-            self.reset()
-            self._versions = versions
+        self._check_router_versions()
         step = self._step_for(B, capacities, max_new_tokens, sampling)
         for i, (k, v, n) in enumerate(stored):
             step.keys[i].zero_()
@@ -271,17 +342,77 @@ class GraphedDecoder:
                 step.values[i][:, : v.shape[2]].copy_(v.transpose(1, 2))
             if not self.speculate:
                 step.lengths[i].copy_(n)
-        self.last_step = step
-        if self.speculate:
-            step.start(first, stored[0][2])
-            return step
-        step.token.copy_(first)
-        step.position.copy_(real.long().sum(-1, keepdim=True))
-        step.out.zero_()
-        step.count.zero_()
-        step.steps_done = 0
-        self.last_step = step
-        return step
+        return step, first
+
+    def _prefill_in_passes(self, input_ids, attention_mask, real, positions, max_new_tokens, sampling, rows):
+        """`prefill` `rows` rows at a time; (a new step, first tokens). A dense layer's capacity
+        follows from the prompt lengths, so its buffers are made first and each pass writes into
+        them; a MoD layer's follows from what every row kept, so its passes' K/V wait."""
+        B = input_ids.shape[0]
+        self._check_router_versions()
+        self.reset()  # the batch is one too large for two sets of buffers: free the cached steps'
+        counts = real.long().sum(-1)  # what a dense layer stores per row
+        dense_capacity = _round_up(int(counts.max()) + max_new_tokens, BUCKET)
+        p = self.params
+        buffers = {}
+        for i, layer in enumerate(self.layers):
+            if not layer.mod:
+                k = torch.zeros(B, dense_capacity, self.kv_heads, self.head_dim, device=p.device, dtype=p.dtype)
+                buffers[i] = (k, torch.zeros_like(k))
+        held: dict[int, list] = {i: [] for i, layer in enumerate(self.layers) if layer.mod}
+        logits = []
+        for start in range(0, B, rows):
+            part = slice(start, start + rows)
+            mask = attention_mask[part] if attention_mask is not None else None
+            last, cache_layers = self.parts.prefill(input_ids[part], mask, positions[part])
+            logits.append(last)
+            for i, layer in enumerate(self.layers):
+                k, v, n = self._compacted(cache_layers[i], layer.mod, real[part])
+                if layer.mod:
+                    held[i].append((k, v, n))
+                elif k is not None:
+                    buffers[i][0][part, : k.shape[2]].copy_(k.transpose(1, 2))
+                    buffers[i][1][part, : v.shape[2]].copy_(v.transpose(1, 2))
+            del cache_layers, k, v
+        first = next_token(torch.cat(logits), sampling)
+        capacities = tuple(
+            _round_up(max(int(n.max()) for _, _, n in held[i]) + max_new_tokens, BUCKET)
+            if layer.mod
+            else dense_capacity
+            for i, layer in enumerate(self.layers)
+        )
+        step = self._step_for(B, capacities, max_new_tokens, sampling, buffers)
+        for i, layer in enumerate(self.layers):
+            if not layer.mod:
+                step.lengths[i].copy_(counts)
+                continue
+            start = 0
+            for k, v, n in held.pop(i):  # the step's MoD buffers start zeroed
+                if k is not None:
+                    step.keys[i][start : start + len(n), : k.shape[2]].copy_(k.transpose(1, 2))
+                    step.values[i][start : start + len(n), : v.shape[2]].copy_(v.transpose(1, 2))
+                step.lengths[i][start : start + len(n)].copy_(n)
+                start += len(n)
+        return step, first
+
+    def _check_router_versions(self) -> None:
+        versions = tuple((id(t), t._version) for t in self._router_tensors)
+        if versions != self._versions:  # routers changed: cut-offs resolved at capture may be stale
+            self.reset()
+            self._versions = versions
+
+    @torch.inference_mode()
+    def rewind(self) -> None:
+        """Put the last prefilled step back where `prefill` left it, so that the same prompt
+        decodes again without running it again (the prompt's K/V stay; the new tokens' slots are
+        written afresh). What a benchmark of long prompts at a large batch wants. Not for
+        speculative steps."""
+        step = self.last_step
+        if step is None:
+            raise ModAdaptError("call prefill (or generate) before rewind.")
+        if isinstance(step, SpeculativeStep):
+            raise ModAdaptError("rewind is for plain decode steps; prefill a speculative step again.")
+        step.rewind()
 
     @torch.inference_mode()
     def decode(self, steps: int) -> None:
@@ -345,10 +476,10 @@ class GraphedDecoder:
         width = int(counts.max())
         return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts
 
-    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None):
+    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None, buffers=None):
         key = (batch, capacities, new, sampling)
         step = self._steps.get(key)
-        if step is not None:
+        if step is not None and buffers is None:
             return step
         while len(self._steps) >= _MAX_STEPS:
             self._steps.pop(next(iter(self._steps)))
@@ -366,18 +497,20 @@ class GraphedDecoder:
                 mod_layers,
             )
         else:
-            step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling)
+            step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling, buffers)
         if self.cuda_graphs:
             try:
                 with self.parts.static_attention():
                     step.capture()
+            except torch.OutOfMemoryError:
+                raise  # the batch does not fit, whatever the routers do: say so as torch does
             except RuntimeError as error:
                 raise ModAdaptError(
                     f"capturing the decode step failed ({error}); a router whose causal rule syncs with "
                     "the host, or a rotary embedding that resizes itself, cannot be graphed: use "
                     "cuda_graphs=False."
                 ) from error
-        elif self.compile:  # no capture: the warm-up alone compiles (on scratch values, as a capture's)
+        elif self.compile:  # no capture: the warm-up alone compiles (and puts back the K/V it wrote)
             device = self.params.device
             rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
             try:

@@ -328,7 +328,7 @@ class SpeculativeStep:
             c.mask: lengths,
             c.cache: self.cache,
             c.position_ids: positions,
-            "position_embeddings": pe,
+            "position_embeddings": pe if layer.rotary_key is None else pe[layer.rotary_key],
         }
         out = layer.forward(layer.module, **kwargs)
         return out[0] if isinstance(out, tuple) else out

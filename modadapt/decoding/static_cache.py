@@ -85,7 +85,12 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scal
 
 @torch.compiler.disable  # flash, its fallback and its `_FLASH` bookkeeping stay eager (a graph break)
 def static_cache_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: KeyLengths, scale: float | None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: KeyLengths,
+    scale: float | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`T = lengths.queries` query tokens per row (`[B, H, T, d]`) against the static cache
     `[B, capacity, Hk, d]`, reading each row's used slots only (causally among the last `T`);
@@ -94,12 +99,16 @@ def static_cache_attention(
     One decode token per row with grouped K/V heads (`G = H / Hk > 1`) goes to flash as `G`
     queries per K/V head: flash's varlen kernel gives every query head its own block, so each
     block would read its K/V head again (G times the cache's bytes; at batch 32 this was a third
-    of the step). Packed, each K/V head is read once for its whole group."""
+    of the step). Packed, each K/V head is read once for its whole group.
+
+    `softcap` (Gemma 2's attention logits: `cap * tanh(scores / cap)`) has no flash kernel here
+    (torch's `_flash_attention_forward` takes none) nor an SDPA one: the scores are computed
+    explicitly then, on every device, as the family's eager attention does."""
     B, H, T, d = query.shape
     _, capacity, Hk, _ = key.shape
     G = H // Hk
     flash = flash_key(query)
-    if flash_available(query):
+    if softcap is None and flash_available(query):
         k, v = key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d)
         try:
             if T == 1 and G > 1:  # [B, H, 1, d] -> [B * G, Hk, d]: the group's heads as query tokens
@@ -127,7 +136,13 @@ def static_cache_attention(
     else:  # queries ordered (head of the group, token): each row of the mask repeated per head
         q = query.reshape(B, Hk, G * T, d)
         mask = mask.unsqueeze(2).expand(B, 1, G, T, capacity).reshape(B, 1, G * T, capacity)
-    out = F.scaled_dot_product_attention(q, key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale)
+    else:
+        scores = q @ key.permute(0, 2, 3, 1) * (scale if scale is not None else d**-0.5)  # [B, Hk, rows, capacity]
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ value.transpose(1, 2)
     if T == 1:
         return out.reshape(B, 1, H, d)
     # reshape: SDPA's CUDA kernels may return a transposed layout that a view cannot take

@@ -26,6 +26,7 @@ from .static_cache import KeyLengths, StaticCache
 
 BRANCHES = ("auto", "conditional", "host", "select")
 _PENDING = 2  # a "host" branch decision not yet copied back
+_WARM_UPS = 2  # eager steps before a capture (each writes one K/V slot per row, from slot 0)
 
 
 def conditional_nodes_available() -> bool:
@@ -41,13 +42,15 @@ class StepLayer:
     forward: Callable  # the layer's original forward (unbound; through torch.compile with `compile`)
     names: LayerCall  # its argument names
     mod: bool
+    rotary_key: Any = None  # which of the rotary embeddings it takes (`DecodeParts.rotary_keys`)
 
 
 class DecodeStep:
     """The buffers of one shape (batch, capacities), the decode step as pieces over them, and
     (on CUDA) its captured graphs. Pieces: `("run", fn)` always runs; `("if", i, fn)` runs MoD
     layer `i` when the `pred` its routing piece left holds. `decoder` is the `GraphedDecoder`
-    that owns the step: its model parts and layers."""
+    that owns the step: its model parts and layers. `buffers` maps layer indices to K/V buffers
+    `[batch, capacity, Hk, d]` made (and maybe filled) by the caller; the other layers' start zeroed."""
 
     def __init__(
         self,
@@ -57,14 +60,26 @@ class DecodeStep:
         new: int,
         mode: str,
         sampling: Sampling | None = None,
+        buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         p = decoder.params
         device, dtype = p.device, p.dtype
         self.decoder, self.batch, self.capacities, self.sampling = decoder, batch, capacities, sampling
-        self.keys = [
-            torch.zeros(batch, c, decoder.kv_heads, decoder.head_dim, device=device, dtype=dtype) for c in capacities
-        ]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        buffers = buffers or {}
+        pairs = []
+        for i, c in enumerate(capacities):
+            if i in buffers:
+                k, v = buffers[i]
+                if k.shape != (batch, c, decoder.kv_heads, decoder.head_dim) or v.shape != k.shape:
+                    raise ModAdaptError(
+                        f"layer {i}'s K/V buffers are {tuple(k.shape)}, {tuple(v.shape)}; capacity is {c}"
+                    )
+            else:
+                k = torch.zeros(batch, c, decoder.kv_heads, decoder.head_dim, device=device, dtype=dtype)
+                v = torch.zeros_like(k)
+            pairs.append((k, v))
+        self.keys = [k for k, _ in pairs]
+        self.values = [v for _, v in pairs]
         dense_length = torch.zeros(batch, dtype=torch.long, device=device)
         self.lengths = [
             torch.zeros(batch, dtype=torch.long, device=device) if layer.mod else dense_length
@@ -87,6 +102,26 @@ class DecodeStep:
         self.graphs: list | None = None  # [(kind, graph, layer)] once captured
         self.mode = mode  # the branches mode (eagerly, "host" and "conditional" check on the host)
         self.pieces = self._pieces()
+        self._start: tuple | None = None  # what `mark_start` saved: token, position, lengths
+
+    def mark_start(self) -> None:
+        """Remember the state the prefill left (first token, positions, lengths) for `rewind`."""
+        self._start = (self.token.clone(), self.position.clone(), [n.clone() for n in self.lengths])
+
+    def rewind(self) -> None:
+        """Back to the state `mark_start` saved. The prompt's K/V are untouched (decode steps
+        write each row's new K/V past its prompt's slots, and the next steps overwrite them), so
+        decoding again gives what decoding after the prefill gave."""
+        if self._start is None:
+            raise ModAdaptError("this step was not prefilled: nothing to rewind to.")
+        token, position, lengths = self._start
+        self.token.copy_(token)
+        self.position.copy_(position)
+        for n, start in zip(self.lengths, lengths):  # dense layers share one tensor: copied alike
+            n.copy_(start)
+        self.out.zero_()
+        self.count.zero_()
+        self.steps_done = 0
 
     @property
     def runs_only_when_kept(self) -> bool:
@@ -169,7 +204,7 @@ class DecodeStep:
             c.mask: lengths,
             c.cache: self.cache,
             c.position_ids: self.position,
-            "position_embeddings": pe,
+            "position_embeddings": pe if layer.rotary_key is None else pe[layer.rotary_key],
         }
         out = layer.forward(layer.module, **kwargs)
         return out[0] if isinstance(out, tuple) else out
@@ -184,9 +219,11 @@ class DecodeStep:
                 piece[2]()
 
     def capture(self) -> None:
-        """Warm up on a side stream, then capture. The buffers hold scratch values here; the
-        caller fills them after. The random state is put back, so that the warm-up's draws do not
-        shift a sampled generation (the first with this step would differ from later ones)."""
+        """Warm up on a side stream, then capture. The warm-up writes K/V at each row's first
+        slots (the lengths are 0 here); what the buffers held there is put back, so a caller may
+        fill buffers before the capture (a prefill in several passes) or after. The random state
+        is put back too, so that the warm-up's draws do not shift a sampled generation (the first
+        with this step would differ from later ones)."""
         device = self.token.device
         rng = torch.cuda.get_rng_state(device)
         try:
@@ -195,13 +232,20 @@ class DecodeStep:
             torch.cuda.set_rng_state(rng, device)
 
     def warm_up(self) -> None:
-        """Run every piece twice, each MoD layer's work included, on the buffers' scratch values.
-        With `compile`, the first run compiles; the second, like everything after it, must not."""
+        """Run every piece `_WARM_UPS` times, each MoD layer's work included. The runs write K/V
+        at each row's first slots (the lengths are 0 here); what the buffers held there is put
+        back. With `compile`, the first run compiles; the others, like everything after them,
+        must not."""
+        first = [(k[:, :_WARM_UPS].clone(), v[:, :_WARM_UPS].clone()) for k, v in zip(self.keys, self.values)]
         compiler = self.decoder.compiler
         with compiler.compiling():
             self.run_eager(warm=True)
         with compiler.compiled():
-            self.run_eager(warm=True)
+            for _ in range(_WARM_UPS - 1):
+                self.run_eager(warm=True)
+        for (k, v), (k0, v0) in zip(zip(self.keys, self.values), first):
+            k[:, :_WARM_UPS].copy_(k0)
+            v[:, :_WARM_UPS].copy_(v0)
 
     def _warm_up_and_capture(self) -> None:
         stream = torch.cuda.Stream()

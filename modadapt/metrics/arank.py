@@ -167,6 +167,12 @@ def _run_probed(model: nn.Module, probe, num_layers: int, batch: Batch, callback
             raise ModAdaptError(f"the attention probe recorded nothing for layer {index}.")
         keys_valid = valid if valid is not None and valid.shape[1] == record.k.shape[2] else None
         blocks = attention_blocks(
-            record.q, record.k, scale=record.scale, causal=record.causal, valid=keys_valid, mask=record.mask
+            record.q,
+            record.k,
+            scale=record.scale,
+            causal=record.causal,
+            valid=keys_valid,
+            mask=record.mask,
+            softcap=record.softcap,
         )
         callback(index, torch.cat([probs for _, probs in blocks], dim=2), record.causal)

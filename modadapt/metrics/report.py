@@ -57,14 +57,9 @@ def convertible_layers(model: nn.Module, num_layers: int) -> list[int]:
         adapter = find_adapter(model)
     except ModAdaptError:
         return list(range(1, num_layers))
-    out = []
-    for i in range(1, num_layers):
-        try:
-            adapter.validate_layers(model, [i])
-        except ModAdaptError:
-            continue
-        out.append(i)
-    return out
+    from ..convert import accepts_layer
+
+    return [i for i in range(1, num_layers) if accepts_layer(adapter, model, i)]
 
 
 def analyze(

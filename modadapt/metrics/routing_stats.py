@@ -1,4 +1,5 @@
-"""Per-layer kept fractions of a converted model's last forward, for logging."""
+"""Per-layer kept fractions of a converted model's last forward, and the expert load of its
+mixture-of-experts blocks, for logging."""
 
 from __future__ import annotations
 
@@ -23,3 +24,15 @@ def routing_stats(model: nn.Module) -> list[dict]:
             row["kept_fraction"] = row["kept_tokens"] / row["tokens"] if row["tokens"] else 0.0
         rows.append(row)
     return rows
+
+
+def expert_stats(model: nn.Module) -> list[dict]:
+    """One dict per mixture-of-experts block (Mixtral, Qwen2/3-MoE) of the last forward:
+    ``layer``, ``mod`` (whether a MoD layer fed it its kept tokens), ``tokens`` (the real tokens its
+    router saw: never padding, never a MoD layer's skipped tokens or filler slots) and
+    ``expert_tokens`` (per expert, the tokens routed to it, each once per top-k choice). Empty for
+    a model without experts."""
+    from ..mod_layer import state_of
+
+    mod_layers(model)  # a converted model, or the usual error
+    return state_of(model).adapter.expert_stats(model)

@@ -10,7 +10,8 @@ into blocks of ``seq_len`` tokens.
 
 What trains: ``routers`` (router parameters only), ``lora`` (routers + LoRA adapters on the layers'
 attention and MLP projections, via `peft`; merged into the weights at the end) or ``all``. The loss
-is the model's ``outputs.loss``, which already includes the routers' auxiliary losses (logged
+is the model's ``outputs.loss``, which already includes the routers' auxiliary losses and, in a
+mixture-of-experts model, the experts' load-balancing loss over the kept tokens (both logged
 separately), plus ``distill`` × KL(dense teacher ‖ model) on the logits when ``distill > 0``.
 `accelerate` gives mixed precision, gradient accumulation and several processes, on GPUs or CPU:
 DDP (``accelerate launch --multi_gpu --num_processes N -m modadapt.cli train lm-adapt ...``, plus
@@ -700,8 +701,12 @@ def _train(
     accelerator.register_for_checkpointing(scheduler)
     T = cfg.distill_temperature
 
+    # transformers adds `router_aux_loss_coef * aux_loss` of a mixture of experts to `outputs.loss`
+    expert_coef = float(getattr(inner.config.get_text_config(decoder=True), "router_aux_loss_coef", 0.0) or 0.0)
+
     def lm_loss(model, batch, accelerator):
-        """`outputs.loss` (routers' aux losses included) + distill x KL; the parts logged apart."""
+        """`outputs.loss` (routers' aux losses included; a mixture of experts' load-balancing
+        loss too) + distill x KL; the parts logged apart."""
         target = None
         if cfg.distill > 0 and sharded and teacher is None:
             # the teacher is the sharded model itself: its forward first, not between the student's and its backward
@@ -710,9 +715,12 @@ def _train(
         outputs = model(input_ids=batch, labels=batch, use_cache=False)
         loss = outputs.loss
         aux = outputs.get("router_aux_loss")
+        experts = outputs.get("aux_loss")  # a mixture of experts' load-balancing loss, also in `loss`
+        expert_loss = expert_coef * float(experts.detach()) if experts is not None else 0.0
         parts = {
             "aux_loss": float(aux.detach()) if aux is not None else 0.0,
-            "lm_loss": float(loss.detach() - (aux.detach() if aux is not None else 0)),
+            "expert_loss": expert_loss,
+            "lm_loss": float(loss.detach() - (aux.detach() if aux is not None else 0)) - expert_loss,
             "distill_loss": 0.0,
         }
         if cfg.distill > 0:
@@ -738,7 +746,7 @@ def _train(
         converted=inner,
         max_bad_steps=cfg.max_bad_steps,
         schedule=schedule,
-        logged=("lm_loss", "aux_loss", "distill_loss"),
+        logged=("lm_loss", "aux_loss", "expert_loss", "distill_loss"),
         desc="lm-adapt",
     )
     step, bad_steps, history, step_times = result.step, result.bad_steps, result.history, result.step_times

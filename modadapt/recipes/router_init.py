@@ -5,7 +5,9 @@ learns only through the tokens it happens to keep. On our 97.5M-parameter benchm
 hardly beat random token choice after 8M tokens of adaptation. `fit_router_scores` instead fits
 each router's linear score, by ridge regression on a few dense forwards, to how much its layer
 changes each token (the log of `|layer(x) - x| / |x|`): the tokens the layer barely moves score
-lowest and are skipped first. One closed-form solve per layer, no gradient steps.
+lowest and are skipped first. One closed-form solve per layer, no gradient steps. A routed
+sublayer (`ModConfig.scope` 'attention' or 'mlp') is fitted to what it adds to the residual:
+`|f(x)| / |x|`, or with a norm after it (Gemma 2/3, OLMo 2) `|norm(f(x))| / |x|`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ RIDGE = 1e-3  # relative to the mean diagonal of X^T X: keeps the solve stable o
 
 def update_size(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
     """Per token, log of how far the layer moves it relative to its size."""
-    inputs, outputs = inputs.double(), outputs.double()
-    return torch.log((outputs - inputs).norm(dim=-1) + 1e-12) - torch.log(inputs.norm(dim=-1) + 1e-12)
+    return relative_size(inputs, outputs.double() - inputs.double())
+
+
+def relative_size(inputs: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Per token, log of the size of `update` (what is added to the residual) relative to `inputs`."""
+    inputs, update = inputs.double(), update.double()
+    return torch.log(update.norm(dim=-1) + 1e-12) - torch.log(inputs.norm(dim=-1) + 1e-12)
 
 
 @torch.no_grad()
@@ -38,17 +45,39 @@ def collect(model: nn.Module, batches: Iterable[dict]) -> dict[int, tuple[torch.
     layer's real tokens are taken as it runs (float64, on the CPU), so no activations pile up."""
     seen: dict[int, list] = {}
     real: list[torch.Tensor | None] = [None]  # the running batch's attention mask
+    pending: dict[int, torch.Tensor] = {}  # a sublayer's input, until the norm after it has run
 
-    def hook(layer, args, kwargs, output):
-        hidden = _CallArguments(layer.mod_state.call, layer, args, kwargs).get(layer.mod_state.call.hidden)
-        out = output[0] if isinstance(output, tuple) else output
+    def record(index: int, hidden: torch.Tensor, update: torch.Tensor) -> None:
         keep = real[0].bool() if real[0] is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
         keep = keep.to(hidden.device)
-        seen.setdefault(layer.mod_state.index, []).append(
-            (hidden[keep].double().cpu(), update_size(hidden[keep], out[keep]).cpu())
+        seen.setdefault(index, []).append(
+            (hidden[keep].double().cpu(), relative_size(hidden[keep], update[keep]).cpu())
         )
 
-    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in mod_layers(model)]
+    def hook(layer, args, kwargs, output):
+        call = layer.mod_state.call
+        hidden = _CallArguments(call, layer, args, kwargs).get(call.hidden)
+        out = output[0] if isinstance(output, tuple) else output
+        if call.skipped is None:  # a block returns the residual stream
+            record(layer.mod_state.index, hidden, out.double() - hidden.double())
+        elif call.output_norm is None:  # a sublayer returns what it adds to the residual
+            record(layer.mod_state.index, hidden, out)
+        else:  # ... which the norm after it normalises first
+            pending[layer.mod_state.index] = hidden
+
+    def norm_hook(index: int):
+        def after_norm(norm, args, output):
+            if index in pending:
+                record(index, pending.pop(index), output)
+
+        return after_norm
+
+    handles = []
+    for layer in mod_layers(model):
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+        norm = layer.mod_state.call.output_norm
+        if norm is not None:
+            handles.append(norm.register_forward_hook(norm_hook(layer.mod_state.index)))
     try:
         with dense(model):
             for batch in batches:

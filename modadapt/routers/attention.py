@@ -98,7 +98,14 @@ class AttentionRouter(Router):
         else:
             valid = ctx.real if ctx.real is not None and ctx.real.shape[1] == rec.k.shape[2] else None
             scores = column_mean_attention(
-                rec.q, rec.k, scale=rec.scale, causal=False, valid=valid, mask=rec.mask, chunk=self.chunk
+                rec.q,
+                rec.k,
+                scale=rec.scale,
+                causal=False,
+                valid=valid,
+                mask=rec.mask,
+                chunk=self.chunk,
+                softcap=rec.softcap,
             )
         return scores.expand(hidden.shape[0], -1)
 
@@ -124,7 +131,9 @@ def causal_attention_score(rec: AttentionRecord, *, chunk: int = 256) -> torch.T
     B, H, Tq, _ = rec.q.shape
     Tk = rec.k.shape[2]
     out = []
-    for start, probs in attention_blocks(rec.q, rec.k, scale=rec.scale, causal=True, mask=rec.mask, chunk=chunk):
+    for start, probs in attention_blocks(
+        rec.q, rec.k, scale=rec.scale, causal=True, mask=rec.mask, chunk=chunk, softcap=rec.softcap
+    ):
         rows = probs.shape[2]
         own = (torch.arange(start, start + rows, device=probs.device) + Tk - Tq).view(1, 1, rows, 1)
         diag = probs.gather(-1, own.expand(B, H, rows, 1)).squeeze(-1).mean(1)

@@ -5,7 +5,8 @@ transformers layers call their attention through a function looked up by name in
 
 - `VARLEN_ATTENTION`: a packed MoD layer call, every row's kept tokens as one sequence attended
   per row (`modadapt.varlen`);
-- `PROBE_ATTENTION`: records the q/k a watched layer receives, then runs SDPA (attention probes);
+- `PROBE_ATTENTION` / `PROBE_EAGER_ATTENTION`: records the q/k a watched layer receives, then runs
+  SDPA / the family's own eager attention (attention probes; soft-capping, Gemma 2, needs eager);
 - `STATIC_ATTENTION`: one token per row against `GraphedDecoder`'s static cache
   (`modadapt.decoding.static_cache`).
 
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
-from ...attention_probe import PROBE_ATTENTION
+from ...attention_probe import PROBE_ATTENTION, PROBE_EAGER_ATTENTION
 from ...decoding.static_cache import STATIC_ATTENTION, KeyLengths, static_cache_attention
 from ...errors import ModAdaptError
 from ...varlen import APPEND_KWARG, MAX_LEN_KWARG, SEGMENTS_KWARG, varlen_attention
@@ -28,7 +30,14 @@ from ...varlen import APPEND_KWARG, MAX_LEN_KWARG, SEGMENTS_KWARG, varlen_attent
 #: Name of the transformers attention function that runs packed segments.
 VARLEN_ATTENTION = "modadapt_varlen"
 
-__all__ = ["PROBE_ATTENTION", "STATIC_ATTENTION", "VARLEN_ATTENTION", "register_attention_functions", "use_attention"]
+__all__ = [
+    "PROBE_ATTENTION",
+    "PROBE_EAGER_ATTENTION",
+    "STATIC_ATTENTION",
+    "VARLEN_ATTENTION",
+    "register_attention_functions",
+    "use_attention",
+]
 
 
 def transformers_varlen_attention(
@@ -63,17 +72,34 @@ def transformers_varlen_attention(
     return out[None], None
 
 
+def _record_probes(module, query, key, attention_mask, scaling, is_causal, softcap) -> None:
+    """Hand q/k to the probes watching `module`."""
+    for probe, index in getattr(module, "_modadapt_probes", ()):
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        probe.record(index, query, key, scale=scale, causal=bool(causal), mask=attention_mask, softcap=softcap)
+
+
 def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """SDPA attention that first hands q/k to the probes watching `module`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    for probe, index in getattr(module, "_modadapt_probes", ()):
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        probe.record(index, query, key, scale=scale, causal=bool(causal), mask=attention_mask)
+    _record_probes(module, query, key, attention_mask, scaling, is_causal, kwargs.get("softcap"))
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
+
+
+def probe_eager_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """The family's eager attention (what `attn_implementation="eager"` runs: the
+    `eager_attention_forward` of the module's modeling file) that first hands q/k to the probes."""
+    eager = getattr(inspect.getmodule(type(module)), "eager_attention_forward", None)
+    if eager is None:
+        raise ModAdaptError(f"{type(module).__name__}'s modeling module has no eager_attention_forward to probe.")
+    _record_probes(module, query, key, attention_mask, scaling, is_causal, kwargs.get("softcap"))
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def static_decode_attention(
@@ -81,22 +107,24 @@ def static_decode_attention(
 ):
     """The attention function of a graphed decode step: one query token per row (`[B, H, 1, d]`;
     a speculative verification: `attention_mask.queries`) against the static cache
-    `[B, capacity, Hk, d]`; the mask argument carries the used lengths. Returns
-    `([B, T, H, d], None)` like the SDPA function."""
+    `[B, capacity, Hk, d]`; the mask argument carries the used lengths; `softcap` (Gemma 2)
+    soft-caps the scores. Returns `([B, T, H, d], None)` like the SDPA function."""
     if not isinstance(attention_mask, KeyLengths) or query.shape[2] != attention_mask.queries:
         raise ModAdaptError(f"{STATIC_ATTENTION} attention only runs GraphedDecoder's decode steps.")
-    return static_cache_attention(query, key, value, attention_mask, scaling), None
+    return static_cache_attention(query, key, value, attention_mask, scaling, softcap=kwargs.get("softcap")), None
 
 
 @functools.cache
 def register_attention_functions() -> None:
     """Register modadapt's attention functions with transformers (once per process)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     AttentionInterface.register(VARLEN_ATTENTION, transformers_varlen_attention)
     AttentionInterface.register(PROBE_ATTENTION, probe_attention)
     AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)  # the probe runs SDPA: SDPA-style masks
+    AttentionInterface.register(PROBE_EAGER_ATTENTION, probe_eager_attention)
+    AttentionMaskInterface.register(PROBE_EAGER_ATTENTION, eager_mask)  # eager attention: additive masks
     AttentionInterface.register(STATIC_ATTENTION, static_decode_attention)
 
 

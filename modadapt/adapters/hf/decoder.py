@@ -1,4 +1,5 @@
-"""Hugging Face decoder-only LLMs (Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2), found generically.
+"""Hugging Face decoder-only LLMs (Llama, Qwen2/3, Mistral, Gemma 1-3, OLMo 2, Phi-3, GPT-2, and the
+mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE), found generically.
 
 The layer stack is the `nn.ModuleList` of the decoder (`get_decoder()`) whose layers are of a class
 named in `_no_split_modules`; no modeling code is copied per family. The KV-cache bookkeeping of
@@ -7,6 +8,7 @@ MoD layers is in `kv_cache`, the attention functions registered with transformer
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from contextlib import AbstractContextManager as ContextManager
@@ -17,9 +19,11 @@ from torch import nn
 
 from ...attention_probe import AttentionProbe
 from ...errors import ModAdaptError
+from ...mod_layer import state_of
 from ..base import Adapter, AttentionMapCallback, DecodeParts, LayerCall, TokenRoles
 from .attention import (
     PROBE_ATTENTION,
+    PROBE_EAGER_ATTENTION,
     STATIC_ATTENTION,
     VARLEN_ATTENTION,
     register_attention_functions,
@@ -28,12 +32,40 @@ from .attention import (
 from .attention_maps import eager_attention_maps
 from .auto import attach_save_pretrained, base_config, wrap_config
 from .kv_cache import mod_cache_layer
+from .moe import active_expert_weights, attach_experts, router_spec
 from .versions import cache_argument
 
 #: Families converted, trained and generated with in the test suite.
-TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
+TESTED_FAMILIES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "phi3",
+    "gpt2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 #: Llama-style families (token embedding, rotary embedding, final norm) `GraphedDecoder` runs.
-GRAPHED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+GRAPHED_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -93,7 +125,10 @@ class HFDecoderAdapter(Adapter):
             window=_sliding_window(config, index),
             attn_implementation=functools.partial(getattr, config, "_attn_implementation"),
             signature=signature,
-            packed_attention=functools.partial(use_attention, config, VARLEN_ATTENTION),
+            # The packed kernel has no soft-capping (Gemma 2's attention): such layers pad.
+            packed_attention=None
+            if getattr(config, "attn_logit_softcapping", None)
+            else functools.partial(use_attention, config, VARLEN_ATTENTION),
         )
 
     def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
@@ -108,34 +143,121 @@ class HFDecoderAdapter(Adapter):
             return TokenRoles()  # no padding: lets MoD layers take the fused causal path
         return TokenRoles(real=real)
 
+    def attach(self, model: nn.Module, state: Any) -> list:
+        """A `save_pretrained` that writes a modadapt directory (`auto`) and, in a mixture-of-experts
+        model (Mixtral, Qwen2/3-MoE), the expert routers' load-balancing loss and counts over the
+        kept real tokens (`moe`)."""
+        stack_owner, stack = self.layer_stack(model)
+        return [*attach_save_pretrained(model), *attach_experts(model, state, stack_owner, stack)]
+
+    def expert_stats(self, model: nn.Module) -> list[dict]:
+        state = state_of(model)
+        recorder = state.family.get("experts") if state is not None else None
+        return recorder.stats() if recorder is not None else []
+
+    def sublayer_weights(self, model: nn.Module, layer: nn.Module) -> dict[str, int] | None:
+        """The layer's attention module (its first child named `*Attention`) and its `mlp`; expert
+        banks count their top-k share and the experts' router (`moe.active_expert_weights`); a
+        MoD router inside a sublayer is not counted."""
+        attention, mlp = _sublayers(layer)
+        if attention is None or mlp is None:
+            return None
+
+        def linear(module: nn.Module) -> int:
+            return sum(
+                m.weight.numel()
+                for name, m in module.named_modules()
+                if self.is_linear_map(m) and not name.startswith("router")
+            )
+
+        return {"attention": linear(attention), "mlp": linear(mlp) + active_expert_weights(model, mlp)}
+
+    def sublayer_call(self, model: nn.Module, layer: nn.Module, index: int, scope: str) -> tuple[nn.Module, LayerCall]:
+        """The layer's attention module (its first `*Attention` child) or its `mlp`. A layer that
+        normalises each sublayer's output before the residual (`post_feedforward_layernorm`:
+        Gemma 2/3, OLMo 2, whose `post_attention_layernorm` then follows the attention) names
+        that norm as the sublayer's `output_norm`, which applies the gate."""
+        kind = getattr(model.config.get_text_config(decoder=True), "model_type", type(model).__name__)
+        attention, mlp = _sublayers(layer)
+        if attention is None or mlp is None:
+            raise ModAdaptError(
+                f"scope={scope!r} needs layers with an attention module and an mlp; {kind!r} "
+                f"layer {index} ({type(layer).__name__}) has not both: use scope='block'."
+            )
+        norm = None
+        if isinstance(getattr(layer, "post_feedforward_layernorm", None), nn.Module):
+            norm = layer.post_attention_layernorm if scope == "attention" else layer.post_feedforward_layernorm
+        block = self.layer_call(model, layer, index)
+        module = attention if scope == "attention" else mlp
+        forward = getattr(type(module), "_mod_original", type(module)).forward
+        signature = inspect.signature(forward)
+        hidden = next(iter(list(signature.parameters)[1:]))
+        if scope == "attention":
+            cache = cache_argument(forward, default=block.cache)  # `cache` from transformers 5.24
+            return module, dataclasses.replace(
+                block, hidden=hidden, cache=cache, signature=signature, skipped=_zeros_and_no_weights, output_norm=norm
+            )
+        return module, LayerCall(
+            hidden=hidden,
+            mask=None,
+            cache=None,
+            position_ids=None,
+            per_token=(),
+            causal=True,
+            window=None,
+            attn_implementation=block.attn_implementation,
+            signature=signature,
+            skipped=torch.zeros_like,
+            token_wise=True,
+            output_norm=norm,
+        )
+
+    def cached_tokens(self, cache: Any, layer_index: int) -> int:
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) <= layer_index:
+            return 0
+        return int(layers[layer_index].get_seq_length())
+
     def mod_cache_layer(self, cache: Any, layer_index: int) -> Any:
         """The transformers cache layer of MoD layer `layer_index`, with its bookkeeping (`kv_cache`)."""
         return mod_cache_layer(cache, layer_index)
 
     def decode_parts(self, model: nn.Module) -> DecodeParts:
-        """The decoder's token embedding, rotary embedding and final norm, the LM head, and the
-        attention shape of a `GRAPHED_FAMILIES` model (or its language model's)."""
+        """The decoder's token embedding (Gemma's scales by sqrt(hidden) itself), rotary embedding
+        (Gemma 3's: one per layer type, `rotary_keys`) and final norm, the LM head (soft-capped
+        as the model caps its logits: Gemma 2), the smallest sliding window of any layer, and
+        the attention shape of a `GRAPHED_FAMILIES` model (or its language model's)."""
         config = model.config.get_text_config(decoder=True)
         if getattr(config, "model_type", None) not in GRAPHED_FAMILIES or not hasattr(model, "get_decoder"):
             raise ModAdaptError(
                 f"graphed decoding supports {', '.join(GRAPHED_FAMILIES)} decoders, not "
-                f"{getattr(config, 'model_type', type(model).__name__)!r}."
+                f"{getattr(config, 'model_type', type(model).__name__)!r}; decode it with model.generate."
             )
         decoder = model.get_decoder()
         for part in ("embed_tokens", "rotary_emb", "norm", "layers"):
             if not hasattr(decoder, part):
                 raise ModAdaptError(f"{type(decoder).__name__} has no {part!r}: not a Llama-style decoder.")
         register_attention_functions()
+        layers = len(decoder.layers)
+        windows = [w for w in (_sliding_window(config, i) for i in range(layers)) if w is not None]
+        rotary, rotary_keys = decoder.rotary_emb, None
+        if "layer_type" in inspect.signature(type(rotary).forward).parameters:  # Gemma 3: local and global RoPE
+            rotary_keys = tuple(config.layer_types[:layers])
+            rotary = functools.partial(_rotary_per_type, decoder.rotary_emb, tuple(sorted(set(rotary_keys))))
+        head = model.get_output_embeddings()
+        cap = getattr(config, "final_logit_softcapping", None)
         return DecodeParts(
             embed=decoder.embed_tokens,
-            rotary=decoder.rotary_emb,
+            rotary=rotary,
             norm=decoder.norm,
-            head=model.get_output_embeddings(),
+            head=SoftCappedHead(head, cap) if cap else head,
             kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            window=getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None,
+            window=min(windows) if windows else None,
             static_attention=functools.partial(use_attention, config, STATIC_ATTENTION),
             prefill=functools.partial(_prefill, model),
+            not_capturable=_not_capturable(model, config),
+            rotary_keys=rotary_keys,
         )
 
     def calibration_kind(self, model: nn.Module) -> str:
@@ -154,13 +276,15 @@ class HFDecoderAdapter(Adapter):
         return {"input_ids": torch.randint(1, vocab, (batch, length), generator=generator)}
 
     def attention_probe(self, model: nn.Module, layers: list[int]) -> AttentionProbe:
-        """Points the model's attention at `PROBE_ATTENTION` (records, then runs SDPA) while the
-        probe is attached; SDPA-style masks are built for it, so outputs do not change."""
+        """Points the model's attention at `PROBE_ATTENTION` (records, then runs SDPA; for an eager
+        model `PROBE_EAGER_ATTENTION`, which runs the family's eager attention) while the probe is
+        attached; masks are built for the kernel it runs, so outputs do not change."""
         config = model.config.get_text_config(decoder=True)
         current = config._attn_implementation
-        if current not in ("sdpa", PROBE_ATTENTION):
+        probing = _PROBES.get(current, current)
+        if probing not in _PROBES.values():
             raise ModAdaptError(
-                f"observing attention needs attn_implementation='sdpa', not {current!r}; "
+                f"observing attention needs attn_implementation='sdpa' (or 'eager'), not {current!r}; "
                 "load the model with attn_implementation='sdpa'."
             )
         _, stack = self.layer_stack(model)
@@ -177,7 +301,7 @@ class HFDecoderAdapter(Adapter):
         for attn, i in modules:
             tags = attn.__dict__.setdefault("_modadapt_probes", [])
             tags.append((probe, i))
-        model.config._attn_implementation = PROBE_ATTENTION
+        model.config._attn_implementation = probing
         probe.on_remove(_DetachProbe(model, stack, [attn for attn, _ in modules], probe))
         return probe
 
@@ -197,14 +321,18 @@ class HFDecoderAdapter(Adapter):
 
     # --- persistence ---------------------------------------------------------------------------
     def describe(self, model: nn.Module) -> dict:
-        return {"library": "transformers", "class": type(model).__name__, "model_type": model.config.model_type}
+        """The class, model type and attention kernel (transformers does not save the kernel, and
+        versions differ in their default: 5.17 runs Gemma 2 with SDPA, which ignores its softcap)."""
+        description = {"library": "transformers", "class": type(model).__name__, "model_type": model.config.model_type}
+        kernel = model.config._attn_implementation
+        kernel = next((k for k, v in _PROBES.items() if v == kernel), kernel)  # a probe observes this one
+        if kernel in _PROBES:
+            description["attn_implementation"] = kernel
+        return description
 
     def save_base(self, model: nn.Module, directory: str) -> None:
         model.config.save_pretrained(directory)
         wrap_config(directory)  # a dense class must not load a MoD directory (see auto.py)
-
-    def attach(self, model: nn.Module) -> list:
-        return attach_save_pretrained(model)
 
     def build(self, directory: str, description: dict) -> nn.Module:
         import transformers
@@ -216,12 +344,18 @@ class HFDecoderAdapter(Adapter):
                 f"{directory}: transformers has no model class {description.get('class')!r}; "
                 "was it saved with a newer transformers?"
             )
-        return cls._from_config(config)
+        kernel = description.get("attn_implementation")
+        return cls._from_config(config, **({"attn_implementation": kernel} if kernel else {}))
+
+
+#: The probing attention function for each kernel it observes.
+_PROBES = {"sdpa": PROBE_ATTENTION, "eager": PROBE_EAGER_ATTENTION}
 
 
 class _DetachProbe:
-    """Untags the probe's attention modules and restores SDPA once no probe is left. An object,
-    not a closure, so that `copy.deepcopy(model)` gives the copy an undo bound to the copy."""
+    """Untags the probe's attention modules and restores the observed kernel once no probe is
+    left. An object, not a closure, so that `copy.deepcopy(model)` gives the copy an undo bound
+    to the copy."""
 
     def __init__(self, model: nn.Module, stack: nn.Module, modules: list, probe: AttentionProbe):
         self.model, self.stack, self.modules, self.probe = model, stack, modules, probe
@@ -230,13 +364,19 @@ class _DetachProbe:
         for attn in self.modules:
             attn._modadapt_probes = [t for t in attn._modadapt_probes if t[0] is not self.probe]
         if not any(getattr(m, "_modadapt_probes", None) for m in self.stack.modules()):
-            self.model.config._attn_implementation = "sdpa"
+            probing = self.model.config._attn_implementation
+            self.model.config._attn_implementation = next((k for k, v in _PROBES.items() if v == probing), "sdpa")
 
 
 def _prefill(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    **inputs: Any,
 ) -> tuple[torch.Tensor, list]:
-    """The prompt through the model with a fresh `DynamicCache`: the last logits and its layers."""
+    """The prompt (with `inputs`: LLaVA's `pixel_values`) through the model with a fresh
+    `DynamicCache`: the last logits and its layers."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -247,8 +387,42 @@ def _prefill(
         **{cache_argument(model.forward): cache},
         use_cache=True,
         logits_to_keep=1,
+        **inputs,
     )
     return out.logits[:, -1], cache.layers
+
+
+class SoftCappedHead:
+    """The LM head with the model's final logit soft-capping (Gemma 2: `cap * tanh(logits / cap)`,
+    in the CausalLM's forward, which the decode step does not run)."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        self.head, self.cap = head, float(cap)
+        self.weight = head.weight
+        self.out_features = getattr(head, "out_features", None) or head.weight.shape[0]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(hidden) / self.cap) * self.cap
+
+
+def _rotary_per_type(rotary: nn.Module, types: tuple, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Gemma 3's rotary embeddings: `{layer type: (cos, sin)}` (each type its own base)."""
+    return {t: rotary(hidden, position_ids, t) for t in types}
+
+
+def _not_capturable(model: nn.Module, config: Any) -> str | None:
+    """Why `model`'s decode step cannot be captured: a mixture of experts run by transformers'
+    eager expert loop (`experts_implementation="eager"`), which picks each expert's tokens with
+    `nonzero`/`where`, host syncs that a CUDA graph cannot hold. The default `grouped_mm` (and
+    `batched_mm`) dispatch on the device. None: nothing known."""
+    if router_spec(model) is None or getattr(config, "_experts_implementation", None) not in (None, "eager"):
+        return None
+    return (
+        f"this {config.model_type!r} model runs its experts with transformers' eager expert loop, which syncs "
+        "with the host (nonzero/where over each expert's tokens) and cannot be captured as a CUDA graph. Use "
+        "GraphedDecoder(model, cuda_graphs=False) (the same decode pieces, eagerly), load the model with "
+        "experts_implementation='grouped_mm', or decode with model.generate."
+    )
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -259,6 +433,18 @@ def _is_conv1d(module: nn.Module) -> bool:
 @functools.cache
 def _forward_signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
+
+
+def _sublayers(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """A decoder layer's attention module (its first child named `*Attention`) and its `mlp`."""
+    attention = next((m for m in layer.children() if type(m).__name__.endswith("Attention")), None)
+    mlp = getattr(layer, "mlp", None)
+    return attention, mlp if isinstance(mlp, nn.Module) else None
+
+
+def _zeros_and_no_weights(hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """What a transformers attention module returns for tokens it skips: no output, no weights."""
+    return torch.zeros_like(hidden), None
 
 
 def _sliding_window(config: Any, index: int) -> int | None:

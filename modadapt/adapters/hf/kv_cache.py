@@ -73,9 +73,31 @@ def _with_bookkeeping(base: type) -> type:
                 pending, self._mod_pending = self._mod_pending, []
                 self.mod_record(torch.tensor([pending], device=self.keys.device), None)
 
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            """A sliding layer keeps every slot here: transformers would keep the last `window - 1`
+            slots, but a MoD row's last slots may be filler, and its keys in reach older ones.
+            `mod_advance` drops the slots out of reach by their sequence index instead."""
+            if not getattr(self, "is_sliding", False):
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.cumulative_length += key_states.shape[-2]
+            return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
+
+        def mod_advance(self, tokens: int) -> None:
+            """`tokens` more tokens reached the layer; a sliding layer forgets the leading slots no
+            later query can see (sequence index `<= mod_seen - window` in every row)."""
+            self.mod_seen += tokens
+            if not getattr(self, "is_sliding", False) or self.mod_index is None:
+                return
+            in_reach = (self.mod_index > self.mod_seen - self.sliding_window) & self.mod_valid
+            # Each row's real slots are in sequence order: every slot after a row's first one in reach is too.
+            first = in_reach.any(0).nonzero()
+            start = int(first[0]) if first.numel() else in_reach.shape[1]
+            if start:
+                self.keys, self.values = self.keys[..., start:, :], self.values[..., start:, :]
+                self.mod_index, self.mod_valid = self.mod_index[:, start:], self.mod_valid[:, start:]
+
         def mod_record(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
-            """Append the slots just written (`valid` None: all real), then align with the stored
-            K/V (sliding layers trim)."""
+            """Append the slots just written (`valid` None: all real), aligned with the stored K/V."""
             if valid is None:
                 valid = torch.ones_like(index, dtype=torch.bool)
             else:

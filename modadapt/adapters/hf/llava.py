@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ...errors import ModAdaptError
-from ..base import TokenRoles
+from ...mod_layer import state_of
+from ..base import DecodeParts, TokenRoles
 from .decoder import HFDecoderAdapter
 
 PROTECT = ("question", "question+answer", "none")
@@ -94,6 +95,24 @@ class LlavaAdapter(HFDecoderAdapter):
 
     def roles_source(self, model: nn.Module) -> nn.Module:
         return model
+
+    def decode_parts(self, model: nn.Module) -> DecodeParts:
+        """The language model's parts: the image prompt is prefilled eagerly (`pixel_values`),
+        its text decoded from the static cache. Refused when a converted model forces its text
+        tokens at inference (`inference_text="dense"` or `route="image"`): the decode steps route
+        every new token by its router."""
+        settings = getattr(self, "settings", self.options)
+        forced = settings["route"] == "image" or (
+            settings["inference_text"] == "dense" and settings["protect"] != "none"
+        )
+        if forced and state_of(model) is not None:
+            raise ModAdaptError(
+                "this LLaVA model keeps every text token at inference (adapter option "
+                f"inference_text={settings['inference_text']!r}, route={settings['route']!r}); GraphedDecoder routes "
+                "each new token by its router instead: convert with adapter_kwargs={'inference_text': 'routed'} "
+                "to decode it graphed, or decode with model.generate."
+            )
+        return super().decode_parts(model)
 
     def token_roles(self, stack_owner: nn.Module, args: tuple, kwargs: dict[str, Any]) -> TokenRoles:
         """Roles from the top-level call's `input_ids`, `attention_mask` and `labels`."""

@@ -26,14 +26,23 @@ _COMMON = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
+#: Two attention types in one stack: layers 0 and 2 are the first of their type (which size the
+#: masks, so they stay dense); `every-other` converts a sliding layer (1) and a global one (3).
+#: A window of 4 cuts every test sequence.
+_MIXED_WINDOWS = dict(
+    layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"], sliding_window=4
+)
 
 
-def _llama_like(config_name: str, model_name: str, **extra) -> Callable[[], nn.Module]:
+_EXPERTS = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, output_router_logits=True)
+
+
+def _llama_like(config_name: str, model_name: str, attn: str = "sdpa", **extra) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers
 
         config = getattr(transformers, config_name)(**{**_COMMON, **extra})
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attn
         return mark_byte_level(getattr(transformers, model_name)(config))
 
     return build
@@ -67,17 +76,65 @@ def _tiny_llava() -> nn.Module:
     return LlavaForConditionalGeneration(config)
 
 
-def _decoder(family: str, build: Callable[[], nn.Module]) -> Preset:
-    return Preset(f"tiny-{family}", build, f"transformers {family} decoder, 4 layers, width 64")
+def _decoder(family: str, build: Callable[[], nn.Module], what: str = "") -> Preset:
+    return Preset(f"tiny-{family}", build, f"transformers {family} decoder, 4 layers, width 64{what}")
 
 
-PRESETS: tuple[Preset, ...] = (
+#: The decoder presets, one per family the hf-decoder adapter is tested on (`tiny-<family>`).
+DECODER_PRESETS: tuple[Preset, ...] = (
     _decoder("llama", _llama_like("LlamaConfig", "LlamaForCausalLM")),
+    _decoder(
+        "llama-tied",
+        _llama_like("LlamaConfig", "LlamaForCausalLM", tie_word_embeddings=True),
+        ", input and output embeddings tied (Llama 3.2 style)",
+    ),
     _decoder("qwen2", _llama_like("Qwen2Config", "Qwen2ForCausalLM")),
     _decoder("qwen3", _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=16)),
     _decoder("mistral", _llama_like("MistralConfig", "MistralForCausalLM", sliding_window=None)),
     _decoder("gemma", _llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=16)),
+    # Soft-capped attention logits: transformers runs Gemma 2 with eager attention (SDPA has no softcap).
+    _decoder(
+        "gemma2",
+        _llama_like("Gemma2Config", "Gemma2ForCausalLM", attn="eager", head_dim=16, **_MIXED_WINDOWS),
+        ", sliding and global layers, soft-capped attention and logits",
+    ),
+    _decoder(
+        "gemma3",
+        _llama_like("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, **_MIXED_WINDOWS),
+        ", sliding and global layers (their own RoPE)",
+    ),
+    _decoder("olmo2", _llama_like("Olmo2Config", "Olmo2ForCausalLM"), ", norms after attention and MLP"),
     _decoder("phi3", _llama_like("Phi3Config", "Phi3ForCausalLM")),
     _decoder("gpt2", _gpt2),
+    # Mixtures of experts (4 experts, top 2) in every layer; `output_router_logits` on, so that the
+    # experts' load-balancing loss is computed and trained (on kept tokens only).
+    _decoder(
+        "mixtral",
+        _llama_like("MixtralConfig", "MixtralForCausalLM", sliding_window=None, **_EXPERTS),
+        ", 4 experts (top 2) per layer",
+    ),
+    _decoder(
+        "qwen2-moe",
+        _llama_like(
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            **_EXPERTS,
+        ),
+        ", 4 experts (top 2) and a shared expert per layer",
+    ),
+    _decoder(
+        "qwen3-moe",
+        _llama_like("Qwen3MoeConfig", "Qwen3MoeForCausalLM", moe_intermediate_size=32, head_dim=16, **_EXPERTS),
+        ", 4 experts (top 2) per layer",
+    ),
+)
+
+#: The families of `DECODER_PRESETS` (`tiny-<family>`), as the test suite names them.
+DECODER_FAMILIES: tuple[str, ...] = tuple(p.name.removeprefix("tiny-") for p in DECODER_PRESETS)
+
+PRESETS: tuple[Preset, ...] = (
+    *DECODER_PRESETS,
     Preset("tiny-llava", _tiny_llava, "LLaVA: a 2-layer CLIP vision tower and a tiny Llama, 16 image tokens"),
 )
