@@ -595,6 +595,12 @@ def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, r
         )
         assert counter.frame_count == warmed and len(decoder._steps) == len(set(decoder._steps))
     assert decoder.last_step.mode == decoder.branches_for(3)
+    # a prefill in passes fills the dense layers' buffers before the warm-up, which puts back what it wrote
+    step = decoder.prefill(x, mask, 10, rows_per_pass=2)
+    first = step.token.clone()
+    decoder.decode(9)
+    assert torch.equal(torch.cat([first, step.out[:, :9]], 1), _greedy(model, x, mask, 10)[:, -10:])
+    assert counter.frame_count == warmed
     torch.manual_seed(1)  # a sampled step: a new step of seen shapes, whose warm-up leaves the seed alone
     drawn = decoder.generate(x, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=2.0)
     assert counter.frame_count == warmed
