@@ -1235,7 +1235,7 @@ def kv_budget_measure(b: Bench, model, budget: int, setting: dict) -> dict:
 
     ctx, new, rows = setting["context"], setting["new"], setting["prefill_rows"]
     seed = 41
-    decoder = GraphedDecoder(model, branches=b.args.graph_branches)
+    decoder = GraphedDecoder(model, branches=b.args.graph_branches, compile=b.args.graph_compile)
     step = None
     try:
         probe = decoder.prefill(b.ids(setting["probe_batch"], ctx, seed), None, new, rows_per_pass=rows)
@@ -1341,7 +1341,14 @@ def run_decode_kv_budget(b: Bench) -> None:
     ctx, new = setting["context"], setting["new"]
     elt = torch.finfo(b.dtype).bits // 8
     scenario = f"decode_kv_budget_ctx{ctx}"
-    base = dict(scenario=scenario, context=ctx, new_tokens=new, kv_budget_bytes=budget, kv_budget_gib=gib)
+    base = dict(
+        scenario=scenario,
+        context=ctx,
+        new_tokens=new,
+        kv_budget_bytes=budget,
+        kv_budget_gib=gib,
+        graph_compile=b.args.graph_compile,
+    )
     dense = None
     for name, model in [("dense", b.dense), *((r, m) for r, (m, _, _) in b.mods.items())]:
         try:
@@ -1932,7 +1939,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--graph-compile",
         action="store_true",
-        help="decode_graphs, decode_speculative: GraphedDecoder(compile=True), the captured step's layers "
+        help="decode_graphs, decode_speculative, decode_kv_budget: GraphedDecoder(compile=True), the captured step's layers "
         "through torch.compile (inductor) so that their small kernels fuse; each shape compiles in the "
         "first prefill, timed apart (first_call_s), outside the warm-up and repeats",
     )
