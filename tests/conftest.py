@@ -176,6 +176,30 @@ def beam_search_scored(model: torch.nn.Module, prompt: torch.Tensor, new: int):
     return out
 
 
+def sampled_rows_match_recompute(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, new: int, seed: int):
+    """Two sampled sequences per left-padded prompt of `x`; asserts each row's step logits equal
+    that row recomputed alone (num_return_sequences expands the batch and its MoD bookkeeping).
+    Returns the generate output."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            x,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=True,
+            top_k=0,
+            num_return_sequences=2,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        for row in range(out.sequences.shape[0]):
+            length = int(mask[row // 2].sum())
+            alone = model(out.sequences[row, x.shape[1] - length :][None]).logits[0]
+            for step, logits in enumerate(out.logits):
+                torch.testing.assert_close(logits[row], alone[length - 1 + step], rtol=0, atol=1e-5)
+    return out
+
+
 def left_pad_batch(prompts: list[torch.Tensor], pad_id: int = 0):
     """Left-pad 1-D prompts into (input_ids, attention_mask, position_ids) without a tokenizer."""
     width = max(len(p) for p in prompts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import beam_search_scored
+from conftest import beam_search_scored, sampled_rows_match_recompute
 from transformers import DynamicCache
 
 import modadapt
@@ -128,24 +128,7 @@ def test_beam_search_and_sampling_match_recompute(scope, tiny, ids, left_pad, ra
     model = _convert(tiny("llama"), randomize_routers, scope)
     beam_search_scored(model, ids(2, 7), 5)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (5, 8)])
-    torch.manual_seed(3)
-    with torch.no_grad():
-        out = model.generate(
-            x,
-            attention_mask=mask,
-            max_new_tokens=5,
-            do_sample=True,
-            top_k=0,
-            num_return_sequences=2,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        for row in range(4):
-            length = int(mask[row // 2].sum())
-            sequence = out.sequences[row, x.shape[1] - length :]
-            alone = model(sequence[None]).logits[0]
-            for step, logits in enumerate(out.logits):
-                torch.testing.assert_close(logits[row], alone[length - 1 + step], rtol=0, atol=1e-5)
+    sampled_rows_match_recompute(model, x, mask, 5, seed=3)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
