@@ -30,6 +30,7 @@ GRAPHED_FAMILIES = (
     "mixtral",
     "qwen2-moe",
     "qwen3-moe",
+    "gpt2",
 )
 
 
@@ -131,12 +132,21 @@ def test_graphed_decoder_mod_cache_holds_only_kept_pairs(tiny, ids, randomize_ro
     assert 0 < used < allocated
 
 
-@pytest.mark.parametrize("other_family", sorted(set(DECODER_FAMILIES) - set(GRAPHED_FAMILIES)))
-def test_graphed_decoder_refuses_other_families(other_family, tiny):
-    """Families it cannot run are refused, naming the ones it can and what to use instead."""
-    model_type = other_family.replace("-", "_")  # qwen2-moe: qwen2_moe
-    with pytest.raises(ModAdaptError, match=f"supports llama.*not '{model_type}.*'; decode it with model.generate"):
-        GraphedDecoder(modadapt.convert(tiny(other_family), router="threshold-p"))
+def test_graphed_decoder_refuses_other_families(tiny, monkeypatch):
+    """Every decoder preset is graphed; a family outside `GRAPHED_FAMILIES` (GPT-2 taken out of it
+    here) is refused, naming the ones it can and what to use instead, and so is a decoder with no
+    position encoding it knows (neither a rotary embedding nor position embeddings)."""
+    from modadapt.adapters.hf import decoder as hf
+
+    assert not set(DECODER_FAMILIES) - set(GRAPHED_FAMILIES)
+    with monkeypatch.context() as patch:
+        patch.setattr(hf, "GRAPHED_FAMILIES", tuple(f for f in hf.GRAPHED_FAMILIES if f != "gpt2"))
+        with pytest.raises(ModAdaptError, match="supports llama.*not 'gpt2'.*; decode it with model.generate"):
+            GraphedDecoder(modadapt.convert(tiny("gpt2"), router="threshold-p"))
+    model = tiny("gpt2")
+    del model.transformer.wpe
+    with pytest.raises(ModAdaptError, match="GPT2Model has neither a rotary embedding nor position embeddings"):
+        GraphedDecoder(model)
 
 
 def test_graphed_decoder_bad_input(tiny, ids):
@@ -398,6 +408,25 @@ def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
         decoder.generate(x, max_new_tokens=2, do_sample=True, temperature=0)
     with pytest.raises(ModAdaptError, match="top_p"):
         decoder.generate(x, max_new_tokens=2, do_sample=True, top_p=1.5)
+
+
+@pytest.mark.parametrize("sampled_family", ["llama", "gpt2"])
+def test_graphed_decoder_sampling_matches_generate(sampled_family, tiny, ids, left_pad, randomize_routers):
+    """Seeded draws are `model.generate(do_sample=True)`'s, for the dense model and a converted
+    one, batch 1 and a left-padded batch (GPT-2: learned positions from the attention mask)."""
+    x1 = ids(1, 9, seed=3)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    for model in (tiny(sampled_family), _converted(tiny, sampled_family, randomize_routers)):
+        decoder = GraphedDecoder(model, cuda_graphs=False)
+        for prompt, prompt_mask in ((x1, None), (x, mask)):
+            options = dict(max_new_tokens=10, do_sample=True, temperature=2.0, top_k=0)
+            torch.manual_seed(5)
+            got = decoder.generate(prompt, attention_mask=prompt_mask, **options)
+            torch.manual_seed(5)
+            with torch.no_grad():
+                expected = model.generate(prompt, attention_mask=prompt_mask, min_new_tokens=10, **options)
+            assert torch.equal(got, expected)
+            assert not torch.equal(got, _greedy(model, prompt, prompt_mask, 10))
 
 
 @pytest.mark.parametrize("top_k, top_p", [(50, None), (5, None), (None, 0.3), (10, 0.9), (0, 0.5)])

@@ -19,10 +19,10 @@ from modadapt.errors import ModAdaptError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: The graphed families but tiny-llama-tied and tiny-gemma (which ties its embeddings too): with
-#: random tied embeddings greedy decoding gives the dense tokens whatever the routing, so every
-#: draft is accepted and the acceptance checks below cannot hold (tests/test_graphed_decode.py
-#: decodes both).
+#: The graphed families but tiny-llama-tied, tiny-gemma and tiny-gpt2 (which tie their embeddings
+#: too): with random tied embeddings greedy decoding gives the dense tokens whatever the routing,
+#: so every draft is accepted and the acceptance checks below cannot hold (tests/test_graphed_decode.py
+#: decodes all three; `test_speculative_gpt2_equals_dense_greedy` checks GPT-2's tokens alone).
 GRAPHED_FAMILIES = (
     "llama",
     "mistral",
@@ -71,6 +71,19 @@ def test_speculative_greedy_equals_dense_greedy(graphed_family, tiny, ids, left_
         assert stats["k"] == k and 0 < stats["acceptance"] < 1
         per_row = [a / r for a, r in zip(stats["accepted"], stats["rounds"])]
         assert max(per_row) > min(per_row)  # rows accept different lengths (their positions differ)
+
+
+def test_speculative_gpt2_equals_dense_greedy(tiny, ids, left_pad, randomize_routers):
+    """GPT-2 (learned positions added to the embedding, no rotary): the draft and the verification
+    give the dense model's greedy tokens, batch 1 and a left-padded batch. Its tied embeddings
+    accept every draft (see `GRAPHED_FAMILIES`), so no acceptance is checked."""
+    dense, model = _pair(tiny, "gpt2", randomize_routers)
+    x1 = ids(1, 9, seed=3)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    for k in (1, 4):
+        decoder = GraphedDecoder(model, speculate=k)
+        assert torch.equal(decoder.generate(x1, max_new_tokens=14), _greedy(dense, x1, None, 14)), k
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=14), _greedy(dense, x, mask, 14)), k
 
 
 @pytest.mark.parametrize("router", ["topk", "random"])

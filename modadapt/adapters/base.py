@@ -94,9 +94,10 @@ class DecodeParts:
     """What `modadapt.GraphedDecoder` runs its decode steps with (`Adapter.decode_parts`).
 
     Attributes:
-        embed: Token ids `[B, 1]` to hidden states `[B, 1, D]`.
+        embed: Token ids `[B, T]` to hidden states `[B, T, D]`.
         rotary: `(hidden, position_ids)` to the `position_embeddings` the layers take (with
-            `rotary_keys`: a dict of them, one per key).
+            `rotary_keys`: a dict of them, one per key); None: the layers take none (positions
+            enter through `position_embed`).
         norm: The final norm, before `head`.
         head: Hidden states to logits.
         kv_heads: K/V heads of each layer's attention.
@@ -113,10 +114,12 @@ class DecodeParts:
             raises; None: it can be.
         rotary_keys: Per layer, the key of `rotary`'s output it takes (Gemma 3: its layer type,
             local and global RoPE); None: `rotary` gives one for every layer.
+        position_embed: Position ids `[B, T]` to embeddings `[B, T, D]` added to `embed`'s output
+            (learned absolute positions: GPT-2's `wpe`); None: the model has none.
     """
 
     embed: nn.Module
-    rotary: nn.Module
+    rotary: nn.Module | None
     norm: nn.Module
     head: nn.Module
     kv_heads: int
@@ -126,6 +129,7 @@ class DecodeParts:
     prefill: Callable[..., tuple[torch.Tensor, list]]
     not_capturable: str | None = None
     rotary_keys: tuple | None = None
+    position_embed: nn.Module | None = None
 
 
 class Adapter:

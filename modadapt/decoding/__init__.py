@@ -27,11 +27,11 @@ mode), `speculate` (speculative decoding: the routing drafts, the dense computat
 `compiled` (`compile=True`: the step's layers through `torch.compile`, compiled in the warm-up),
 `decoder` (`GraphedDecoder`: prefill, decode, generate).
 
-What a family must provide (embedding, rotary embedding, final norm, head, the prompt's cache,
-the attention that reads the static cache) comes from its adapter (`Adapter.decode_parts`), so
-this package knows no model family. Supported: Llama-style decoders (`adapters.hf`: Llama,
-Mistral, Qwen2/3, Phi-3, OLMo 2, Gemma 1/2/3, Mixtral, Qwen2/3-MoE; see docs/decoding.md for what
-is refused) without a sliding window in reach, and routers marked `graphable` (all built-in ones
+What a family must provide (embedding, rotary embedding or learned position embedding, final
+norm, head, the prompt's cache, the attention that reads the static cache) comes from its adapter
+(`Adapter.decode_parts`), so this package knows no model family. Supported: Llama-style decoders
+(`adapters.hf`: Llama, Mistral, Qwen2/3, Phi-3, OLMo 2, Gemma 1/2/3, Mixtral, Qwen2/3-MoE) and
+GPT-2 (see docs/decoding.md for what is refused) without a sliding window in reach, and routers marked `graphable` (all built-in ones
 but attention routing, which reads the previous layer's attention map).
 """
 

@@ -10,6 +10,7 @@ handling, which follows `model.generate`. With `speculate=K` a step is a specula
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ CHECK_EVERY = 32
 
 class GraphedDecoder:
     """Generation (greedy or sampled) for a model whose adapter provides `decode_parts` (built in:
-    Llama-style decoders), dense or converted, with a static, per-row compacted KV cache; on CUDA
+    Llama-style decoders and GPT-2), dense or converted, with a static, per-row compacted KV cache; on CUDA
     each decode step replays captured CUDA graphs (see `modadapt.decoding`).
 
     Greedy, `generate` gives the tokens `model.generate(..., do_sample=False)` gives, up to kernel
@@ -92,8 +93,8 @@ class GraphedDecoder:
         self.compile = check_compile(compile, self.params.device)
         self.compiler = StepCompiler() if self.compile else NoCompiler()
         self.kv_heads, self.head_dim, self.window = parts.kv_heads, parts.head_dim, parts.window
-        self.embed, self.head = parts.embed, parts.head
-        self.norm, self.rotary = self.compiler.part(parts.norm), self.compiler.part(parts.rotary)
+        self.head, self.norm = parts.head, self.compiler.part(parts.norm)
+        self.rotary = self.compiler.part(parts.rotary) if parts.rotary is not None else None
         _, stack = adapter.layer_stack(model)
         mod = set(state.layer_indices) if state is not None else set()
         for i in sorted(mod):
@@ -131,6 +132,17 @@ class GraphedDecoder:
         self._versions: tuple | None = None  # the router tensors' versions the captured steps saw
         self._steps: dict[tuple, DecodeStep] = {}
         self.last_step: DecodeStep | None = None
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The hidden states `[B, T, D]` of `tokens` `[B, T]` at `positions`: the token
+        embedding, plus the learned position embedding of a model that has one (GPT-2)."""
+        h = self.parts.embed(tokens)
+        return h if self.parts.position_embed is None else h + self.parts.position_embed(positions)
+
+    def position_embeddings(self, h: torch.Tensor, positions: torch.Tensor) -> Any:
+        """What the layers take as `position_embeddings` (rotary cos/sin; a dict of them with
+        `rotary_keys`); None: a model without a rotary embedding (GPT-2)."""
+        return None if self.rotary is None else self.rotary(h, positions)
 
     def reset(self) -> None:
         """Drop every captured step (the next `prefill` captures afresh)."""

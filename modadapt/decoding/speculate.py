@@ -298,8 +298,8 @@ class SpeculativeStep:
         d, dr, T = self.decoder, self.draft, self.k + 1
         tokens = torch.cat([self.fed, dr.out], 1)
         positions = self.base[:, None] + self._offsets
-        h = d.embed(tokens)
-        pe = d.rotary(h, positions)
+        h = d.embed(tokens, positions)
+        pe = d.position_embeddings(h, positions)
         torch.add(self.base, T, out=self._used)
         lengths = KeyLengths(self._used, self._cu_q, self._cu_k, queries=T)
         for layer in d.layers:  # every layer on every token: MoD layers run their original forward
@@ -328,8 +328,9 @@ class SpeculativeStep:
             c.mask: lengths,
             c.cache: self.cache,
             c.position_ids: positions,
-            "position_embeddings": pe if layer.rotary_key is None else pe[layer.rotary_key],
         }
+        if pe is not None:  # rotary (learned positions were added to the embedding)
+            kwargs["position_embeddings"] = pe if layer.rotary_key is None else pe[layer.rotary_key]
         out = layer.forward(layer.module, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 

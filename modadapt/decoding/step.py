@@ -144,8 +144,8 @@ class DecodeStep:
     # --- the pieces ---------------------------------------------------------------------------
     def _begin(self) -> None:
         d, live = self.decoder, self.live
-        live["h"] = d.embed(self.token)
-        live["pe"] = d.rotary(live["h"], self.position)
+        live["h"] = d.embed(self.token, self.position)
+        live["pe"] = d.position_embeddings(live["h"], self.position)
         if d.first_dense is not None:
             live["dense"] = self._lengths(d.first_dense)
 
@@ -204,8 +204,9 @@ class DecodeStep:
             c.mask: lengths,
             c.cache: self.cache,
             c.position_ids: self.position,
-            "position_embeddings": pe if layer.rotary_key is None else pe[layer.rotary_key],
         }
+        if pe is not None:  # rotary (GPT-2's learned positions were added to the embedding)
+            kwargs["position_embeddings"] = pe if layer.rotary_key is None else pe[layer.rotary_key]
         out = layer.forward(layer.module, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 

@@ -51,7 +51,8 @@ TESTED_FAMILIES = (
     "qwen2_moe",
     "qwen3_moe",
 )
-#: Llama-style families (token embedding, rotary embedding, final norm) `GraphedDecoder` runs.
+#: The families `GraphedDecoder` runs: Llama-style (token embedding, rotary embedding, final norm)
+#: and GPT-2 (token and learned position embeddings, final norm).
 GRAPHED_FAMILIES = (
     "llama",
     "mistral",
@@ -65,6 +66,7 @@ GRAPHED_FAMILIES = (
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "gpt2",
 )
 
 
@@ -223,10 +225,12 @@ class HFDecoderAdapter(Adapter):
         return mod_cache_layer(cache, layer_index)
 
     def decode_parts(self, model: nn.Module) -> DecodeParts:
-        """The decoder's token embedding (Gemma's scales by sqrt(hidden) itself), rotary embedding
-        (Gemma 3's: one per layer type, `rotary_keys`) and final norm, the LM head (soft-capped
-        as the model caps its logits: Gemma 2), the smallest sliding window of any layer, and
-        the attention shape of a `GRAPHED_FAMILIES` model (or its language model's)."""
+        """The decoder's token embedding (Gemma's scales by sqrt(hidden) itself), its position
+        encoding: a rotary embedding (Gemma 3's: one per layer type, `rotary_keys`) or learned
+        absolute position embeddings added to the token embedding (GPT-2's `wpe`), its final norm,
+        the LM head (soft-capped as the model caps its logits: Gemma 2), the smallest sliding
+        window of any layer, and the attention shape of a `GRAPHED_FAMILIES` model (or its
+        language model's)."""
         config = model.config.get_text_config(decoder=True)
         if getattr(config, "model_type", None) not in GRAPHED_FAMILIES or not hasattr(model, "get_decoder"):
             raise ModAdaptError(
@@ -234,22 +238,31 @@ class HFDecoderAdapter(Adapter):
                 f"{getattr(config, 'model_type', type(model).__name__)!r}; decode it with model.generate."
             )
         decoder = model.get_decoder()
-        for part in ("embed_tokens", "rotary_emb", "norm", "layers"):
-            if not hasattr(decoder, part):
-                raise ModAdaptError(f"{type(decoder).__name__} has no {part!r}: not a Llama-style decoder.")
+        found = {part: _decoder_part(decoder, names) for part, names in _DECODER_PARTS.items()}
+        for part in ("embed", "norm"):
+            if found[part] is None:
+                raise ModAdaptError(
+                    f"{type(decoder).__name__} has none of {', '.join(map(repr, _DECODER_PARTS[part]))}: "
+                    "not a decoder GraphedDecoder knows."
+                )
+        if found["rotary"] is None and found["position_embed"] is None:
+            raise ModAdaptError(
+                f"{type(decoder).__name__} has neither a rotary embedding nor position embeddings: "
+                "not a decoder GraphedDecoder knows."
+            )
         register_attention_functions()
-        layers = len(decoder.layers)
+        layers = len(self.layer_stack(model)[1])
         windows = [w for w in (_sliding_window(config, i) for i in range(layers)) if w is not None]
-        rotary, rotary_keys = decoder.rotary_emb, None
-        if "layer_type" in inspect.signature(type(rotary).forward).parameters:  # Gemma 3: local and global RoPE
-            rotary_keys = tuple(config.layer_types[:layers])
-            rotary = functools.partial(_rotary_per_type, decoder.rotary_emb, tuple(sorted(set(rotary_keys))))
+        rotary, rotary_keys = found["rotary"], None
+        if rotary is not None and "layer_type" in inspect.signature(type(rotary).forward).parameters:
+            rotary_keys = tuple(config.layer_types[:layers])  # Gemma 3: local and global RoPE
+            rotary = functools.partial(_rotary_per_type, found["rotary"], tuple(sorted(set(rotary_keys))))
         head = model.get_output_embeddings()
         cap = getattr(config, "final_logit_softcapping", None)
         return DecodeParts(
-            embed=decoder.embed_tokens,
+            embed=found["embed"],
             rotary=rotary,
-            norm=decoder.norm,
+            norm=found["norm"],
             head=SoftCappedHead(head, cap) if cap else head,
             kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
@@ -258,6 +271,7 @@ class HFDecoderAdapter(Adapter):
             prefill=functools.partial(_prefill, model),
             not_capturable=_not_capturable(model, config),
             rotary_keys=rotary_keys,
+            position_embed=found["position_embed"],
         )
 
     def calibration_kind(self, model: nn.Module) -> str:
@@ -346,6 +360,20 @@ class HFDecoderAdapter(Adapter):
             )
         kernel = description.get("attn_implementation")
         return cls._from_config(config, **({"attn_implementation": kernel} if kernel else {}))
+
+
+#: The decoder's modules `decode_parts` takes, each by the names the families give it (Llama-style
+#: decoders first, then GPT-2's): the first present one.
+_DECODER_PARTS = {
+    "embed": ("embed_tokens", "wte"),
+    "rotary": ("rotary_emb",),
+    "position_embed": ("wpe",),
+    "norm": ("norm", "ln_f"),
+}
+
+
+def _decoder_part(decoder: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    return next((getattr(decoder, n) for n in names if isinstance(getattr(decoder, n, None), nn.Module)), None)
 
 
 #: The probing attention function for each kernel it observes.
