@@ -1053,6 +1053,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--jobs must be >= 1")
     if args.new_pretrained and args.append:  # the appended runs would start from another model
         p.error("--new-pretrained records a new pretrained model: write its runs to a new --out instead of --append")
+    for option, names in (
+        ("variants", "" if args.variants == "all" else args.variants),
+        ("keep-models", args.keep_models),
+    ):
+        unknown = sorted({n for n in names.split(",") if n} - set(VARIANTS))
+        if unknown:  # checked before the data and the pretrained model are built (minutes on the GPU)
+            raise SystemExit(f"--{option}: unknown variants {unknown}; choose from {list(VARIANTS)}")
     return args
 
 
@@ -1144,11 +1151,7 @@ def main(argv=None) -> list[dict]:
     start = time.time()
     ctx = context(args, command)
     work, scale, dense = ctx["work"], ctx["scale"], ctx["dense"]
-    known = list(VARIANTS)
-    variants = known if args.variants == "all" else args.variants.split(",")
-    unknown = sorted(set(variants) - set(known))
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {known}")
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks, notes = plan(dense, scale, ctx["scores"], variants, seeds)
     done = {task_id(r) for r in merge_records(args, work)}

@@ -155,13 +155,14 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     assert "no NaN or divergence" in table
 
 
-def test_bad_arguments_are_one_clear_error(bench, tiny_run, capsys):
-    work, _, _ = tiny_run
+def test_bad_arguments_are_one_clear_error(bench, capsys, tmp_path):
     with pytest.raises(SystemExit):  # the appended runs would start from another model
         bench.parse_args(["--new-pretrained", "--append"])
     assert "write its runs to a new --out" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown variants"):
-        bench.main(["--tiny", "--work", str(work), "--variants", "topk,nope"])
+    for option in ("--variants", "--keep-models"):  # refused before any data or model is built
+        with pytest.raises(SystemExit, match=f"{option}: unknown variants \\['nope'\\]"):
+            bench.main(["--tiny", "--work", str(tmp_path / "fresh"), option, "topk,nope"])
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_static_baselines_drop_the_layers_their_metric_ranks(bench, tiny_run):
