@@ -35,7 +35,7 @@ from ..config import INFERENCE_ROUTING
 from ..errors import ModAdaptError
 from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, distillation_kl, eval_device, launched_rank, train_epochs
+from .training import RunCheckpoint, cpu_field, distillation_kl, eval_device, launched_rank, resume_field, train_epochs
 
 NAME = "llava-adapt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -79,16 +79,8 @@ class LlavaRecipeConfig(RecipeConfig):
     max_new_tokens: int = field(default=8, metadata={"help": "answer length limit for evaluation"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
-            "steps, checkpointing, evaluation and progress"
-        },
-    )
-    cpu: bool = field(
-        default=False, metadata={"help": "run on CPU even if a GPU is present (several processes: a gloo group)"}
-    )
+    resume: bool = resume_field()
+    cpu: bool = cpu_field()
     seed: int = field(default=0, metadata={"help": "seed for new weights and shuffling"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     distill: float = field(

@@ -57,6 +57,7 @@ from .config import RecipeConfig, add_config_arguments, overrides_from, run_sett
 from .schedule import AdaptationSchedule
 from .training import (
     RunCheckpoint,
+    cpu_field,
     distillation_kl,
     eval_device,
     finish_fsdp_wrap,
@@ -67,6 +68,7 @@ from .training import (
     lr_schedule,
     make_accelerator,
     meta_copy,
+    resume_field,
     set_fsdp_wrap,
     train_loop,
 )
@@ -148,16 +150,8 @@ class LMAdaptConfig(RecipeConfig):
     max_eval_blocks: int = field(default=0, metadata={"help": "evaluate on at most N validation blocks (0: all)"})
     max_train_blocks: int = field(default=0, metadata={"help": "train on at most the first N blocks (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
-            "steps, checkpointing, evaluation and progress"
-        },
-    )
-    cpu: bool = field(
-        default=False, metadata={"help": "run on CPU even if a GPU is present (several processes: a gloo group)"}
-    )
+    resume: bool = resume_field()
+    cpu: bool = cpu_field()
     seed: int = field(default=0, metadata={"help": "seed for preset weights, data order and the held-out split"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 

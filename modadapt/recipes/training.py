@@ -530,6 +530,24 @@ class RunCheckpoint:
         self.in_loop = False
 
 
+def resume_field():
+    """The recipes' `resume` option (carried out by `RunCheckpoint`), one help text for all."""
+    return field(
+        default=False,
+        metadata={
+            "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
+            "steps, checkpointing, evaluation and progress"
+        },
+    )
+
+
+def cpu_field():
+    """The recipes' `cpu` option (see `eval_device` and the process group), one help text for all."""
+    return field(
+        default=False, metadata={"help": "run on CPU even if a GPU is present (several processes: a gloo group)"}
+    )
+
+
 @dataclass
 class LoopResult:
     """What `train_loop` leaves: the prepared model, the optimizer steps taken (over all resumes),

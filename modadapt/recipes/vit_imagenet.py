@@ -30,7 +30,7 @@ from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
 from .config import RecipeConfig, add_config_arguments, overrides_from
-from .training import RunCheckpoint, eval_device, launched_rank, train_epochs
+from .training import RunCheckpoint, cpu_field, eval_device, launched_rank, resume_field, train_epochs
 
 NAME = "vit-imagenet"
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid"), "train": ("train",), "test": ("test",)}
@@ -69,16 +69,8 @@ class ViTRecipeConfig(RecipeConfig):
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "use only the first N eval images (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at each epoch end)"})
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "continue the run in -o from its last checkpoint with its config.yaml; other flags may change only "
-            "steps, checkpointing, evaluation and progress"
-        },
-    )
-    cpu: bool = field(
-        default=False, metadata={"help": "run on CPU even if a GPU is present (several processes: a gloo group)"}
-    )
+    resume: bool = resume_field()
+    cpu: bool = cpu_field()
     seed: int = field(default=0, metadata={"help": "seed for weights of new models, shuffling and routing"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
