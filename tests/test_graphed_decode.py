@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import widened
+from conftest import build_tiny, widened
 
 import modadapt
 from modadapt.adapters.hf.presets import DECODER_FAMILIES
@@ -42,6 +42,15 @@ def _greedy(model, x, mask, new):
 def _converted(tiny, family, randomize_routers, router="threshold-p", **config):
     model = modadapt.convert(widened(tiny(family)), router=router, layers="all-but-first", **config)
     return randomize_routers(model).eval()
+
+
+def test_every_family_the_adapter_graphs_is_tested_here():
+    """The adapter's `GRAPHED_FAMILIES` (model types) and this file's tiny models name the same
+    families: a family the decoder gains is tested, and none tested here is refused."""
+    from modadapt.adapters.hf.decoder import GRAPHED_FAMILIES as SUPPORTED
+
+    tested = {build_tiny(f).config.get_text_config(decoder=True).model_type for f in GRAPHED_FAMILIES}
+    assert tested == set(SUPPORTED)
 
 
 @pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
