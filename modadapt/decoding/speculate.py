@@ -201,7 +201,7 @@ class DraftStep(DecodeStep):
             if not layer.mod:
                 pieces.append(("run", lambda i=i: self._dense(i)))
             elif i not in self.skip:  # a skipped layer: no piece at all, its length stays at base
-                pieces += [("run", lambda i=i: self._route(i)), ("if", i, lambda i=i: self._body(i))]
+                pieces += self._mod_pieces(i)
         return pieces + [("run", self._end)]
 
     def _keep(self, router, logits: torch.Tensor, h: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:

@@ -8,6 +8,11 @@ length mask, over buffers that start zeroed). The model family's attention funct
 query and the buffers to `static_cache_attention`. A decode step feeds one token per row; a
 speculative verification (`speculate`) feeds several, written at consecutive slots from the
 row's length and attended causally (each sees the slots before it and itself).
+
+A gathered call (`branches="gather"`, `step`) runs a MoD layer on only some of the batch's rows,
+packed into a smaller batch: `KeyLengths.rows` names the cache row each of its rows reads, and
+`GatheredCache` writes each row's new K/V at a flat slot (`row * capacity + length`) computed
+before the call. The buffers stay `[B, capacity, Hk, d]`; nothing of the cache is copied.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import ModAdaptError
 
 #: Name under which the adapter registers the decode step's attention (transformers: `adapters.hf.attention`).
 STATIC_ATTENTION = "modadapt_static_decode"
@@ -33,6 +40,9 @@ class KeyLengths:
     # `cu_q * G` per group size G (filled on first use, in a step's warm-up: captured graphs then
     # read the same tensor): offsets of the GQA-packed decode queries (`static_cache_attention`)
     grouped_cu_q: dict = field(default_factory=dict)
+    # A gathered call: `[n]` int64, the cache row each of the call's n rows reads (`cu_k` then
+    # holds `rows * capacity`); None: row b reads row b.
+    rows: torch.Tensor | None = None
 
     def mask(self, capacity: int) -> torch.Tensor:
         """`[B, 1, queries, capacity]`: the slots each query reads."""
@@ -61,6 +71,26 @@ class StaticCache:
             slot = (length.view(B, 1) + torch.arange(T, device=length.device)).view(B, T, 1, 1).expand(B, T, Hk, d)
         k.scatter_(1, slot, key.transpose(1, 2).to(k.dtype))
         v.scatter_(1, slot, value.transpose(1, 2).to(v.dtype))
+        return k, v
+
+
+class GatheredCache(StaticCache):
+    """The cache a gathered call sees: `update` writes row j's new K/V (one token) at flat slot
+    `slots[j]` (`row * capacity + length`, distinct per row) of the layer's buffers and returns the
+    whole buffers, which the attention reads through `KeyLengths.rows`."""
+
+    def __init__(self, keys: list, values: list, slots: torch.Tensor):
+        super().__init__(keys, values, [])
+        self.slots = slots
+
+    @torch.compiler.disable
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        rows, capacity, Hk, d = k.shape
+        if key.shape[2] != 1:
+            raise ModAdaptError(f"a gathered call decodes one token per row, got {key.shape[2]}")
+        k.view(rows * capacity, Hk, d).index_copy_(0, self.slots, key[:, :, 0].to(k.dtype))
+        v.view(rows * capacity, Hk, d).index_copy_(0, self.slots, value[:, :, 0].to(v.dtype))
         return k, v
 
 
@@ -94,7 +124,9 @@ def static_cache_attention(
 ) -> torch.Tensor:
     """`T = lengths.queries` query tokens per row (`[B, H, T, d]`) against the static cache
     `[B, capacity, Hk, d]`, reading each row's used slots only (causally among the last `T`);
-    returns `[B, T, H, d]`.
+    returns `[B, T, H, d]`. With `lengths.rows` (a gathered call) the query's n rows read cache
+    rows `rows` of a cache of any batch: flash through `cu_k` (`rows * capacity`, what the caller
+    put there), the fallback through a copy of those rows.
 
     One decode token per row with grouped K/V heads (`G = H / Hk > 1`) goes to flash as `G`
     queries per K/V head: flash's varlen kernel gives every query head its own block, so each
@@ -105,11 +137,11 @@ def static_cache_attention(
     (torch's `_flash_attention_forward` takes none) nor an SDPA one: the scores are computed
     explicitly then, on every device, as the family's eager attention does."""
     B, H, T, d = query.shape
-    _, capacity, Hk, _ = key.shape
+    cache_rows, capacity, Hk, _ = key.shape
     G = H // Hk
     flash = flash_key(query)
     if softcap is None and flash_available(query):
-        k, v = key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d)
+        k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
         try:
             if T == 1 and G > 1:  # [B, H, 1, d] -> [B * G, Hk, d]: the group's heads as query tokens
                 q = query.reshape(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
@@ -129,6 +161,8 @@ def static_cache_attention(
             if _FLASH.get(flash):  # it ran before on such tensors: this is a real error
                 raise
             _FLASH[flash] = False
+    if lengths.rows is not None:  # a gathered call: the rows it reads, as a batch of its own
+        key, value = key.index_select(0, lengths.rows), value.index_select(0, lengths.rows)
     # The query heads of each K/V head go as that head's queries: no repeat_kv copy of the cache.
     mask = lengths.mask(capacity)
     if T == 1:
