@@ -12,7 +12,7 @@ from conftest import build_tiny, widened
 
 import modadapt
 from modadapt.adapters.hf.presets import DECODER_FAMILIES
-from modadapt.decoding import BUCKET, GraphedDecoder, conditional_nodes_available
+from modadapt.decoding import BUCKET, GraphedDecoder, available_branches
 from modadapt.errors import ModAdaptError
 from modadapt.mod_layer import state_of
 
@@ -105,7 +105,7 @@ def test_graphed_decoder_mixture_of_experts(moe_family, tiny, ids, left_pad, ran
     assert GraphedDecoder(model).cuda_graphs is False  # the default: the pieces run eagerly
 
 
-@pytest.mark.parametrize("branches", ["host", "select", "auto"])
+@pytest.mark.parametrize("branches", ["host", "select", "gather", "auto"])
 @pytest.mark.parametrize("router", ["threshold-p", "topk", "random"])
 def test_graphed_decoder_batch_one_and_routers(router, branches, tiny, ids, randomize_routers):
     model = _converted(tiny, "llama", randomize_routers, router=router)
@@ -191,18 +191,24 @@ def test_graphed_decoder_bad_input(tiny, ids):
 
 def test_graphed_decoder_branch_modes(tiny, monkeypatch):
     import modadapt.decoding.decoder as gd
+    from modadapt.decoding.step import BRANCHES, gather_buckets
 
     model = tiny("llama")
     assert GraphedDecoder(model, branches="select").branches_for(1) == "select"
+    assert GraphedDecoder(model, branches="gather").branches_for(32) == "gather"
     monkeypatch.setattr(gd, "conditional_nodes_available", lambda: True)
     auto = GraphedDecoder(model)
     assert (auto.branches_for(1), auto.branches_for(8)) == ("conditional", "conditional")
     monkeypatch.setattr(gd, "conditional_nodes_available", lambda: False)  # torch 2.11, the GPU machine's
     assert (auto.branches_for(1), auto.branches_for(8)) == ("host", "select")
-    with pytest.raises(ModAdaptError, match="no CUDA graph conditional nodes"):
-        GraphedDecoder(model, branches="conditional")
-    with pytest.raises(ModAdaptError, match="branches"):
+    for mode, other in (("conditional", "host"), ("gather-conditional", "gather")):
+        with pytest.raises(ModAdaptError, match=f"{mode}.*conditional nodes.*branches='{other}'"):
+            GraphedDecoder(model, branches=mode)
+    assert available_branches(conditional=False) == ("auto", "gather", "host", "select")
+    assert available_branches(conditional=True) == BRANCHES
+    with pytest.raises(ModAdaptError, match="branches must be one of auto, conditional, gather, gather-conditional"):
         GraphedDecoder(model, branches="sometimes")
+    assert [gather_buckets(b) for b in (1, 3, 32)] == [(1,), (1, 2, 3), (1, 2, 4, 8, 16, 32)]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -289,12 +295,17 @@ def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, us
     return out
 
 
-@pytest.mark.parametrize("heads,kv_heads,queries", [(8, 2, 1), (4, 4, 1), (8, 2, 3)])
-def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, queries, monkeypatch):
+@pytest.mark.parametrize(
+    "heads,kv_heads,queries,gathered",
+    [(8, 2, 1, False), (4, 4, 1, False), (8, 2, 3, False), (8, 2, 1, True), (4, 4, 1, True)],
+)
+def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, queries, gathered, monkeypatch):
     """The flash path's layouts, checked on CPU against flash's contract: a decode token's grouped
     query heads go packed as G queries per K/V head (each K/V head read once for its group), the
     T queries of a verification as they are; both equal the masked fallback, `grouped_cu_q` is
-    filled once and reused (captured graphs read that tensor)."""
+    filled once and reused (captured graphs read that tensor). `gathered`: the 3 query rows read
+    cache rows 4, 0, 2 of 5 (`KeyLengths.rows`; flash through `cu_k`, out of order), as the rows
+    alone would."""
     from modadapt.decoding import static_cache
     from modadapt.decoding.static_cache import KeyLengths
 
@@ -306,6 +317,14 @@ def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, quer
     cu = torch.arange(B + 1, dtype=torch.int32)
     lengths = KeyLengths(used, cu * T, cu * cap, queries=T)
     reference = static_cache.static_cache_attention(q, k, v, lengths, 0.3)  # masked SDPA on CPU
+    if gathered:  # the same rows at 4, 0, 2 of a larger cache
+        rows = torch.tensor([4, 0, 2])
+        k_all, v_all = torch.randn(5, cap, kv_heads, d, generator=gen), torch.randn(5, cap, kv_heads, d, generator=gen)
+        k_all[rows], v_all[rows] = k, v
+        k, v = k_all, v_all
+        starts = torch.cat([rows * cap, torch.tensor([5 * cap])]).to(torch.int32)
+        lengths = KeyLengths(used, cu, starts, rows=rows)
+        torch.testing.assert_close(static_cache.static_cache_attention(q, k, v, lengths, 0.3), reference)
     calls = []
 
     def flash(*args):
@@ -326,6 +345,34 @@ def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, quer
         assert lengths.grouped_cu_q[heads // kv_heads] is cu_grouped
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention on CUDA")
+def test_flash_gathered_rows_match_the_masked_fallback_on_cuda():
+    """torch's flash kernel with used lengths reads each query row's K/V from the cache row
+    `cu_k` names, out of order and skipping rows (a gathered call: rows 6, 1, 3, 0 of 8, GQA
+    packed, the last a filler row of used length 0), as the masked fallback does on the other
+    rows. Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from modadapt.decoding import static_cache
+    from modadapt.decoding.static_cache import KeyLengths, static_cache_attention
+
+    gen = torch.Generator().manual_seed(0)
+    n, B, H, Hk, d, cap = 4, 8, 8, 2, 64, 256
+    q = torch.randn(n, H, 1, d, generator=gen).cuda().bfloat16()
+    k, v = (torch.randn(B, cap, Hk, d, generator=gen).cuda().bfloat16() for _ in range(2))
+    rows = torch.tensor([6, 1, 3, 0], device="cuda")
+    used = torch.tensor([200, 17, 256, 0], dtype=torch.int32, device="cuda")
+    starts = torch.cat([rows * cap, torch.tensor([B * cap], device="cuda")]).int()
+    lengths = KeyLengths(used, torch.arange(n + 1, dtype=torch.int32, device="cuda"), starts, rows=rows)
+    flash = static_cache_attention(q, k, v, lengths, d**-0.5).float()
+    key = static_cache.flash_key(q)
+    assert static_cache._FLASH.get(key)
+    static_cache._FLASH[key] = False
+    try:
+        reference = static_cache_attention(q, k, v, lengths, d**-0.5).float()
+    finally:
+        static_cache._FLASH[key] = True
+    assert (flash[:3] - reference[:3]).norm() / reference[:3].norm() < 1e-2
+
+
 def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
     model = tiny("mistral")
     model.config.sliding_window = 8
@@ -338,14 +385,53 @@ def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
         assert GraphedDecoder(model).generate(ids(1, 3), max_new_tokens=2).shape == (1, 5)
 
 
+@pytest.mark.parametrize("branches", ["select", "gather", "gather-conditional"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_graphed_decoder_select_branches(batch, tiny, ids, randomize_routers):
-    """`branches="select"`: every row runs the MoD layer, `where` keeps the skipping rows' input."""
+def test_graphed_decoder_batch_branches(batch, branches, tiny, ids, randomize_routers):
+    """`branches="select"`: every row runs the MoD layer, `where` keeps the skipping rows' input;
+    `"gather"` (and `"gather-conditional"`, eagerly the same pieces): only the kept rows run."""
     model = _converted(tiny, "llama", randomize_routers)
     x = ids(batch, 9, seed=6)
-    decoder = GraphedDecoder(model, branches="select")
+    decoder = GraphedDecoder(model, branches=branches)
     assert torch.equal(decoder.generate(x, max_new_tokens=10), _greedy(model, x, None, 10))
-    assert decoder.last_step.mode == "select" and not decoder.last_step.runs_only_when_kept
+    assert decoder.last_step.mode == branches and not decoder.last_step.runs_only_when_kept
+
+
+@pytest.mark.parametrize("branches", ["gather", "gather-conditional"])
+@pytest.mark.parametrize("router", ["threshold-p", "topk"])
+def test_gathered_rows_match_select_and_generate(router, branches, tiny, ids, left_pad, randomize_routers, monkeypatch):
+    """Gathered rows, a left-padded batch of 6 whose rows keep different counts: one MoD layer
+    keeps every row (the full bucket), one none (no bucket runs), one some (smaller buckets).
+    The tokens are `model.generate`'s and select mode's, every layer's per-row lengths and used
+    K/V are select mode's, and the filler rows of a bucket change nothing."""
+    from modadapt.decoding.step import DecodeStep
+
+    model = _converted(tiny, "llama", randomize_routers, router=router)
+    everyone, nobody, _ = modadapt.mod_layers(model)
+    with torch.no_grad():
+        everyone.router.scorer.bias.fill_(1e4)
+        nobody.router.scorer.bias.fill_(-1e4)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4, 9, 3, 10)])
+    expected = _greedy(model, x, mask, 12)
+    select = GraphedDecoder(model, branches="select")
+    assert torch.equal(select.generate(x, attention_mask=mask, max_new_tokens=12), expected)
+    ran, gathered = [], DecodeStep._gathered
+    monkeypatch.setattr(DecodeStep, "_gathered", lambda self, i, n: ran.append((i, n)) or gathered(self, i, n))
+    decoder = GraphedDecoder(model, branches=branches)
+    assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), expected)
+    mod = state_of(model).layer_indices
+    sizes = {i: {n for j, n in ran if j == i} for i in mod}
+    assert sizes[mod[0]] == {6} and sizes[mod[1]] == set()  # keeps all (one bucket: the batch), keeps none
+    assert len(sizes[mod[2]]) > 1 and max(sizes[mod[2]]) < 6  # rows keep different counts per step
+    step, other = decoder.last_step, select.last_step
+    for i, (n, m) in enumerate(zip(step.lengths, other.lengths)):
+        assert torch.equal(n, m), i
+        for row, used in enumerate(n.tolist()):
+            torch.testing.assert_close(step.keys[i][row, :used], other.keys[i][row, :used])
+            torch.testing.assert_close(step.values[i][row, :used], other.values[i][row, :used])
+    final = step.lengths[mod[2]].clone()
+    added = final - decoder.prefill(x, mask, 12).lengths[mod[2]]
+    assert added.min() < added.max()
 
 
 @pytest.mark.parametrize("both_rows_end", [False, True])
@@ -370,15 +456,14 @@ def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, ids, left
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
 def test_captured_graphs_match_generate_on_cuda():
-    """The captured step (host branches at batch 1, select in batches, conditional nodes where
-    torch has them) in float32 on CUDA gives `model.generate`'s tokens, and captured sampling is
+    """The captured step (every branch mode this torch captures: host, select, gathered rows,
+    conditional nodes where torch has them) in float32 on CUDA gives `model.generate`'s tokens,
+    at batch 1 and in a left-padded batch, and captured sampling is
     seeded by `torch.manual_seed`. Run on the GPU machine:
     `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    from modadapt.decoding import BRANCHES
-
-    modes = [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    modes = available_branches()
     for router, branches in [(r, b) for r in ("threshold-p", "topk") for b in modes]:
         model = modadapt.convert(build_tiny("llama"), router=router, layers="all-but-first")
         model = randomize_router_weights(model).eval().cuda()
@@ -498,7 +583,7 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
     very kernels the eager pieces run, so the tokens are equal (greedy, every branch mode)."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    from modadapt.decoding import BRANCHES, static_cache
+    from modadapt.decoding import static_cache
 
     model = modadapt.convert(build_tiny("llama"), router="threshold-p", layers="all-but-first")
     model = randomize_router_weights(model).eval().cuda().to(torch.bfloat16)
@@ -507,7 +592,7 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
         eager = GraphedDecoder(model, cuda_graphs=False).generate(
             x[:batch], attention_mask=mask[:batch], max_new_tokens=40
         )
-        for branches in [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]:
+        for branches in available_branches():
             graphed = GraphedDecoder(model, branches=branches)
             assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)
             assert graphed.last_step.graphs is not None
@@ -610,7 +695,9 @@ def _counting(monkeypatch):
     return counter
 
 
-@pytest.mark.parametrize("router, branches", [(None, "auto"), ("topk", "select"), ("threshold-p", "host")])
+@pytest.mark.parametrize(
+    "router, branches", [(None, "auto"), ("topk", "select"), ("threshold-p", "host"), ("threshold-p", "gather")]
+)
 def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, randomize_routers, monkeypatch):
     """compile=True: batch 1 and a left-padded batch give `model.generate`'s greedy tokens. Each
     shape compiles in its step's warm-up (inside `prefill`), never while decoding: a second prompt
@@ -706,9 +793,9 @@ def test_compiled_captured_graphs_match_generate_on_cuda():
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from modadapt.decoding import BRANCHES, compiled
+    from modadapt.decoding import compiled
 
-    modes = [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    modes = available_branches()
     counter = CompileCounterWithBackend("inductor")
     saved, compiled.BACKEND = compiled.BACKEND, counter
     try:

@@ -14,7 +14,7 @@ import torch
 from conftest import widened
 
 import modadapt
-from modadapt.decoding import Draft, GraphedDecoder, conditional_nodes_available
+from modadapt.decoding import Draft, GraphedDecoder, available_branches
 from modadapt.errors import ModAdaptError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,7 +91,7 @@ def test_speculative_greedy_other_routers_and_branches(router, tiny, ids, left_p
     dense, model = _pair(tiny, "llama", randomize_routers, router=router)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (5, 10)])
     expected = _greedy(dense, x, mask, 12)
-    for branches in ("host", "select"):
+    for branches in ("host", "select", "gather"):
         decoder = GraphedDecoder(model, speculate=3, branches=branches)
         assert torch.equal(decoder.generate(x[:1], attention_mask=mask[:1], max_new_tokens=12), expected[:1])
         assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), expected)
@@ -410,9 +410,7 @@ def test_assisted_generation_with_a_converted_assistant(tiny, ids, randomize_rou
 
 # --- on a GPU ---------------------------------------------------------------------------------------------------
 def _modes():
-    from modadapt.decoding import BRANCHES
-
-    return [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    return available_branches()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
