@@ -149,17 +149,18 @@ class DecodeStep:
         self.gather = mode in GATHER
         if self.gather:
             self.buckets = gather_buckets(batch)
-            # a MoD layer's bucket code: 0 (no row keeps) or 1 + the smallest bucket holding the kept rows
+            # A MoD layer's bucket code: 0 (no row keeps) or 1 + the smallest bucket holding the
+            # kept rows, counted as the ordered rows kept at these positions (row e is kept iff
+            # more than e rows are).
             self._bucket_edges = torch.tensor((0, *self.buckets[:-1]), device=device)
             self._bucket_codes = torch.arange(1, len(self.buckets) + 1, dtype=torch.uint8, device=device)
-            self._rows = torch.arange(batch, device=device)
+            mod = [i for i, layer in enumerate(decoder.layers) if layer.mod]
             # per MoD layer: where a gathered row's cache row starts (`cu_k`; the last entry, past
-            # every row, only completes the shape flash expects)
+            # every row, only completes the shape flash expects) and its used length
             self._gather_cu_k = {
-                i: torch.full((batch + 1,), batch * capacities[i], dtype=torch.int32, device=device)
-                for i, layer in enumerate(decoder.layers)
-                if layer.mod
+                i: torch.full((batch + 1,), batch * capacities[i], dtype=torch.int32, device=device) for i in mod
             }
+            self._gather_used = {i: torch.zeros(batch, dtype=torch.int32, device=device) for i in mod}
             self._grouped_by_rows = {n: {} for n in self.buckets}  # `grouped_cu_q` per bucket
         self.pieces = self._pieces()
         self._start: tuple | None = None  # what `mark_start` saved: token, position, lengths
@@ -251,19 +252,19 @@ class DecodeStep:
         length (0 for the rows that skip), its cache row's start. The layer's lengths advance
         here, after their values were read: the bucket's call writes at the slots, not lengths."""
         live, length, capacity, B = self.live, self.lengths[i], self.capacities[i], self.batch
-        order = torch.sort(kept.view(torch.uint8), descending=True, stable=True).indices
-        count = kept.sum()
-        code = (count > self._bucket_edges).sum(dtype=torch.uint8)
+        in_order, order = torch.sort(kept.view(torch.uint8), descending=True, stable=True)
+        kept_in_order = in_order.view(torch.bool)  # the first `count` true
+        code = kept_in_order.index_select(0, self._bucket_edges).sum(dtype=torch.uint8)
         live[("bucket", i)] = code
         if self.flags is not None:
             self.flags[i].copy_(code, non_blocking=True)
         if self.mode == "gather-conditional":
             live[("take", i)] = (code == self._bucket_codes).unbind()  # 0-dim views, one per bucket
         at = length.index_select(0, order)  # each ordered row's next slot
-        kept_in_order = self._rows < count
         live[("order", i)], live[("kept", i)] = order, kept_in_order
         live[("slots", i)] = torch.add(at, order, alpha=capacity)
-        live[("used", i)] = (at + 1).mul_(kept_in_order).to(torch.int32)
+        live[("used", i)] = used = self._gather_used[i]
+        torch.addcmul(kept_in_order, at, kept_in_order, out=used)  # at + 1 for the kept rows, else 0
         torch.mul(order, capacity, out=self._gather_cu_k[i][:B])
         length.add_(kept)
 
