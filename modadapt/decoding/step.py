@@ -93,7 +93,8 @@ class StepLayer:
 class DecodeStep:
     """The buffers of one shape (batch, capacities), the decode step as pieces over them, and
     (on CUDA) its captured graphs. Pieces: `("run", fn)` always runs; `("if", i, fn)` runs MoD
-    layer `i` when the `pred` its routing piece left holds. `decoder` is the `GraphedDecoder`
+    layer `i` when the `pred` its routing piece left holds; `("gather", i, fns)` runs the one of
+    MoD layer `i`'s bucket calls its routing piece chose (gathered rows), or none. `decoder` is the `GraphedDecoder`
     that owns the step: its model parts and layers. `buffers` maps layer indices to K/V buffers
     `[batch, capacity, Hk, d]` made (and maybe filled) by the caller; the other layers' start zeroed."""
 
@@ -143,7 +144,7 @@ class DecodeStep:
         self._grouped_cu_q: dict = {}  # `cu_q * G` for the GQA-packed flash decode, made once per step
         self._used = [torch.zeros(batch, dtype=torch.int32, device=device) for _ in capacities]
         self.live: dict = {}  # tensors passed between pieces (kept referenced across graphs)
-        self.flags = self._flags = None  # pinned host copies of each MoD layer's decision ("host" branches)
+        self.flags = self._flags = None  # pinned host copies of each MoD layer's decision ("host", "gather")
         self.graphs: list | None = None  # [(kind, graph, layer)] once captured
         self.mode = mode  # the branches mode (eagerly, "host" and "conditional" check on the host)
         self.gather = mode in GATHER
