@@ -9,20 +9,17 @@ converted.
 from __future__ import annotations
 
 import copy
-import math
 
 from torch import nn
 
+from modadapt import config
 from modadapt.metrics.selection import select_layers
 
 
 def evenly_spaced(count: int, layers: int) -> list[int]:
-    """`count` of the layers `1 .. layers - 1`, one at the middle of each of `count` equal stretches
-    (6 of 12: 1, 3, 5, 7, 9, 11; 4 of 12: 2, 5, 7, 10)."""
-    if not 0 < count < layers:
-        raise ValueError(f"can delete 1 to {layers - 1} of {layers} layers, not {count}")
-    stretch = (layers - 1) / count
-    return [1 + math.floor((i + 0.5) * stretch) for i in range(count)]
+    """`count` of the layers `1 .. layers - 1` as the `evenly:N` layer rule places them (6 of 12:
+    1, 3, 5, 7, 9, 11; 4 of 12: 2, 5, 7, 10)."""
+    return config.evenly_spaced(count, list(range(1, layers)))
 
 
 def most_redundant(scores: list[float], count: int, *, lower_is_redundant: bool) -> list[int]:
