@@ -302,3 +302,15 @@ def test_runs_left_undone_by_the_deadline_are_named(bench, tmp_path, monkeypatch
     assert bench.unfinished(tmp_path, tasks) == ["topk@0.70#s0", "topk@0.70#s1"]
     (tmp_path / "records" / "topk@0.70#s0.json").write_text("{}")
     assert bench.unfinished(tmp_path, tasks) == ["topk@0.70#s1"]
+
+
+def test_runs_pin_the_recipe_they_were_measured_with(bench, tiny_run):
+    """lm-adapt's defaults became the best setting found (distillation on); every run still sets
+    the recipe the records were measured with, and a variant changes only what it names."""
+    import yaml
+
+    work, _, both = tiny_run
+    for record in both[1:]:
+        run_dir = work / "runs" / bench.task_id(record).replace("@", "_").replace("#", "_")
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["distill"] == record["recipe_options"].get("distill", 0.0), bench.task_id(record)

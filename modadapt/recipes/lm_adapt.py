@@ -26,7 +26,10 @@ batches and progress); SIGINT / SIGTERM stop at a step boundary with a checkpoin
 The run ends with ``summary.json``: validation perplexity of the dense model and of the converted
 one before and after training, kept fraction per layer, FLOPs per token relative to dense; the
 adapted model is saved with `modadapt.save` in ``model/``. Defaults below, then a YAML file, then
-flags; the resolved config is saved as ``config.yaml``.
+flags; the resolved config is saved as ``config.yaml``. The defaults' router (``topk``) and
+distillation (``distill: 1.0``) are the best setting the quality benchmark found
+(`benchmarks/results/lm_quality_scale.md`); so is placing the routers with ``layers: evenly:N``, N
+one more than the layers deletion would remove at the same FLOPs (docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -97,12 +100,11 @@ class LMAdaptConfig(RecipeConfig):
         default=0.05, metadata={"help": "share of the training blocks held out when valid_data is ''"}
     )
     model: str = field(default="tiny-llama", metadata={"help": "modadapt.save dir, dense transformers dir, or preset"})
-    router: str = field(
-        default="threshold-p", metadata={"help": "router for a dense model (ignored for a saved MoD model)"}
-    )
+    router: str = field(default="topk", metadata={"help": "router for a dense model (ignored for a saved MoD model)"})
     capacity: float = field(default=0.125, metadata={"help": "fraction of tokens a capacity router keeps"})
     layers: str = field(
-        default="every-other", metadata={"help": "layers to convert (every-other, all-but-first, 1,3,5)"}
+        default="every-other",
+        metadata={"help": "layers to convert (every-other, all-but-first, evenly:N, 1,3,5, from:REPORT_DIR)"},
     )
     router_kwargs: dict = field(
         default_factory=dict, metadata={"help": "router arguments (JSON; CLI also --router-arg K=V)"}
@@ -132,7 +134,7 @@ class LMAdaptConfig(RecipeConfig):
         default=0,
         metadata={"help": "first steps that train the routers only (the model frozen), within max_steps; 0: off"},
     )
-    distill: float = field(default=0.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
+    distill: float = field(default=1.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
     router_init: str = field(
         default="zero",
