@@ -289,12 +289,15 @@ def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, us
     return out
 
 
-@pytest.mark.parametrize("heads,kv_heads,queries", [(8, 2, 1), (4, 4, 1), (8, 2, 3)])
-def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, queries, monkeypatch):
+@pytest.mark.parametrize(
+    "heads,kv_heads,queries,multiprocessors", [(8, 2, 1, 6), (8, 2, 1, 7), (4, 4, 1, 1), (8, 2, 3, 1)]
+)
+def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, queries, multiprocessors, monkeypatch):
     """The flash path's layouts, checked on CPU against flash's contract: a decode token's grouped
-    query heads go packed as G queries per K/V head (each K/V head read once for its group), the
-    T queries of a verification as they are; both equal the masked fallback, `grouped_cu_q` is
-    filled once and reused (captured graphs read that tensor)."""
+    query heads go packed as G queries per K/V head (each K/V head read once for its group) when
+    the packed blocks (rows x K/V heads: 3 x 2 here) fill the device's multiprocessors, else one
+    query per head; the T queries of a verification go as they are; all equal the masked
+    fallback, `grouped_cu_q` is filled once and reused (captured graphs read that tensor)."""
     from modadapt.decoding import static_cache
     from modadapt.decoding.static_cache import KeyLengths
 
@@ -315,9 +318,10 @@ def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, quer
     monkeypatch.setattr(static_cache, "_FLASH", {})  # what this test's calls record is dropped after
     monkeypatch.setattr(static_cache, "flash_available", lambda query: True)
     monkeypatch.setattr(static_cache, "flash_varlen", flash)
+    monkeypatch.setattr(static_cache, "multiprocessors", lambda device: multiprocessors)
     out = static_cache.static_cache_attention(q, k, v, lengths, 0.3)
     torch.testing.assert_close(out, reference)
-    packed = T == 1 and heads > kv_heads
+    packed = T == 1 and heads > kv_heads and B * kv_heads >= multiprocessors
     assert calls == [heads // kv_heads if packed else T]
     assert list(lengths.grouped_cu_q) == ([heads // kv_heads] if packed else [])
     if packed:
