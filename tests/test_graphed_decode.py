@@ -405,6 +405,26 @@ def test_captured_graphs_match_generate_on_cuda():
             assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
+def test_every_family_captured_matches_generate_on_cuda(graphed_family):
+    """Every graphed family's captured step in float32 on CUDA (threshold-p on all but the first
+    layer, random routers; the mixtures of experts through transformers' `grouped_mm` experts, the
+    tiny presets' default) gives `model.generate`'s tokens, at batch 1 and in a left-padded batch.
+    Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+
+    model = modadapt.convert(widened(build_tiny(graphed_family)), router="threshold-p", layers="all-but-first")
+    model = randomize_router_weights(model).eval().cuda()
+    decoder = GraphedDecoder(model, cuda_graphs=True)
+    for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+        x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
+        expected = _greedy(model, x, mask, 24)
+        got = decoder.generate(x, attention_mask=mask, max_new_tokens=24)
+        assert decoder.last_step.graphs is not None
+        assert torch.equal(got, expected), (graphed_family, len(prompts), decoder.last_step.mode)
+
+
 def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
     model = _converted(tiny, "llama", randomize_routers)
     x = ids(2, 7, seed=8)
