@@ -165,6 +165,13 @@ def test_bad_arguments_are_one_clear_error(bench, capsys, tmp_path):
     assert not (tmp_path / "fresh").exists()
 
 
+def test_core_names_the_issues_comparison(bench):
+    args = bench.parse_args(["--variants", "topk-fit,core,topk"])
+    names = args.variants.split(",")
+    assert names[0] == "topk-fit" and names[1:] == list(bench.CORE)  # expanded in place, each once
+    assert set(bench.CORE) <= set(bench.VARIANTS)
+
+
 def test_static_baselines_drop_the_layers_their_metric_ranks(bench, tiny_run):
     work, _, both = tiny_run
     scores = json.loads((work / "layer_scores.json").read_text())
