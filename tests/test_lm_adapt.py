@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import modadapt
 from modadapt.cli import main
 from modadapt.errors import ModAdaptError
+from modadapt.mod_layer import state_of
 from modadapt.recipes.lm_adapt import LMAdaptConfig, pack, read_corpus, run, tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -413,3 +414,17 @@ def test_defaults_are_the_quality_benchmarks_best_setting():
     the 97.5M benchmark)."""
     cfg = LMAdaptConfig(data="train.txt", output="run")
     assert (cfg.router, cfg.distill) == ("topk", 1.0)
+
+
+def test_a_dense_model_converts_with_the_scope_asked_for(corpus, tmp_path):
+    """`--scope attention` (a dense model converted on the fly): the saved model routes the
+    attention sublayer only, and the FLOPs count says so (more than a block router's at the same
+    capacity: every token still goes through the MLP)."""
+    ratios = {}
+    for scope in ("attention", "block"):
+        summary = run(config(corpus, tmp_path / scope, scope=scope, max_steps=1, layers="evenly:2"))
+        assert state_of(modadapt.load(tmp_path / scope / "model")).config.scope == scope
+        ratios[scope] = summary["flops_ratio"]
+    assert ratios["block"] < ratios["attention"] < 1.0
+    with pytest.raises(ModAdaptError, match="scope must be one of block, attention, mlp"):
+        config(corpus, tmp_path / "bad", scope="heads")

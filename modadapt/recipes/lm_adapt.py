@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import parse_router_args
+from ..config import SCOPES, parse_router_args
 from ..errors import ModAdaptError
 from ..lora import projection_names
 from ..metrics.flops import flops_table, sequence_flops
@@ -109,6 +109,9 @@ class LMAdaptConfig(RecipeConfig):
     router_kwargs: dict = field(
         default_factory=dict, metadata={"help": "router arguments (JSON; CLI also --router-arg K=V)"}
     )
+    scope: str = field(
+        default="block", metadata={"help": "what a MoD layer routes for a dense model: block, attention or mlp"}
+    )
     train: str = field(
         default="routers", metadata={"help": "what trains: routers, lora (routers + LoRA via peft), all"}
     )
@@ -164,6 +167,8 @@ class LMAdaptConfig(RecipeConfig):
             raise ModAdaptError("lm-adapt: `output` is required (-o DIR).")
         if self.train not in TRAIN_MODES:
             raise ModAdaptError(f"train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}.")
+        if self.scope not in SCOPES:
+            raise ModAdaptError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ModAdaptError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
         for name, low in (
@@ -356,7 +361,12 @@ def build_model(
         teacher.eval().requires_grad_(False)
     if state_of(model) is None:
         modadapt.convert(
-            model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers, router_kwargs=dict(cfg.router_kwargs)
+            model,
+            router=cfg.router,
+            capacity=cfg.capacity,
+            layers=cfg.layers,
+            router_kwargs=dict(cfg.router_kwargs),
+            scope=cfg.scope,
         )
     return model, teacher, tokenizer, extras
 
