@@ -289,12 +289,15 @@ def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, us
     return out
 
 
-@pytest.mark.parametrize("heads,kv_heads,queries", [(8, 2, 1), (4, 4, 1), (8, 2, 3)])
-def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, queries, monkeypatch):
+@pytest.mark.parametrize(
+    "heads,kv_heads,queries,multiprocessors", [(8, 2, 1, 6), (8, 2, 1, 7), (4, 4, 1, 1), (8, 2, 3, 1)]
+)
+def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, queries, multiprocessors, monkeypatch):
     """The flash path's layouts, checked on CPU against flash's contract: a decode token's grouped
-    query heads go packed as G queries per K/V head (each K/V head read once for its group), the
-    T queries of a verification as they are; both equal the masked fallback, `grouped_cu_q` is
-    filled once and reused (captured graphs read that tensor)."""
+    query heads go packed as G queries per K/V head (each K/V head read once for its group) when
+    the packed blocks (rows x K/V heads: 3 x 2 here) fill the device's multiprocessors, else one
+    query per head; the T queries of a verification go as they are; all equal the masked
+    fallback, `grouped_cu_q` is filled once and reused (captured graphs read that tensor)."""
     from modadapt.decoding import static_cache
     from modadapt.decoding.static_cache import KeyLengths
 
@@ -315,9 +318,10 @@ def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, quer
     monkeypatch.setattr(static_cache, "_FLASH", {})  # what this test's calls record is dropped after
     monkeypatch.setattr(static_cache, "flash_available", lambda query: True)
     monkeypatch.setattr(static_cache, "flash_varlen", flash)
+    monkeypatch.setattr(static_cache, "multiprocessors", lambda device: multiprocessors)
     out = static_cache.static_cache_attention(q, k, v, lengths, 0.3)
     torch.testing.assert_close(out, reference)
-    packed = T == 1 and heads > kv_heads
+    packed = T == 1 and heads > kv_heads and B * kv_heads >= multiprocessors
     assert calls == [heads // kv_heads if packed else T]
     assert list(lengths.grouped_cu_q) == ([heads // kv_heads] if packed else [])
     if packed:
@@ -399,6 +403,26 @@ def test_captured_graphs_match_generate_on_cuda():
                     decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=2.0)
                 )
             assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
+def test_every_family_captured_matches_generate_on_cuda(graphed_family):
+    """Every graphed family's captured step in float32 on CUDA (threshold-p on all but the first
+    layer, random routers; the mixtures of experts through transformers' `grouped_mm` experts, the
+    tiny presets' default) gives `model.generate`'s tokens, at batch 1 and in a left-padded batch.
+    Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+
+    model = modadapt.convert(widened(build_tiny(graphed_family)), router="threshold-p", layers="all-but-first")
+    model = randomize_router_weights(model).eval().cuda()
+    decoder = GraphedDecoder(model, cuda_graphs=True)
+    for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+        x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
+        expected = _greedy(model, x, mask, 24)
+        got = decoder.generate(x, attention_mask=mask, max_new_tokens=24)
+        assert decoder.last_step.graphs is not None
+        assert torch.equal(got, expected), (graphed_family, len(prompts), decoder.last_step.mode)
 
 
 def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
