@@ -1,5 +1,5 @@
-"""`noop-expert`: integrated MoDE (Raposo et al., 2024, arXiv 2404.02258, section 3.5): a no-op
-expert in a mixture of experts' router.
+"""`noop-expert`: integrated MoDE (Raposo et al., 2024, arXiv 2404.02258, "Mixture-of-Depths"): a
+no-op expert in a mixture of experts' router.
 
 The experts' router (top-k of E experts per token) gets one more logit, the no-op expert's,
 `s = w . x + b + threshold` (a new trainable row, zero at conversion, plus a cut-off). It takes
