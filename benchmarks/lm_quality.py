@@ -386,6 +386,22 @@ def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
     return out
 
 
+def add_record(records: list, record: dict, summary: dict, began: float, command: str, order: list) -> dict:
+    """`record` with what every adaptation run reports (from lm-adapt's `summary`), added to
+    `records` in variant order; this benchmark's and `mode_quality.py`'s runs share it."""
+    record.update(
+        valid_ppl=summary["valid_ppl"]["converted_after"],
+        skipped_steps=summary["skipped_steps"],
+        final_train_loss=summary["final_train_loss"],
+        step_time_s=summary["step_time_s"],
+        wall_s=time.time() - began,
+        command=command,
+    )
+    records.append(record)
+    records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+    return record
+
+
 def write(records: list[dict], out: Path, meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")
@@ -549,18 +565,7 @@ def main(argv=None) -> list[dict]:
             }
             if "capacity" in routing:  # also the training-time top-k (not causal: perplexity only)
                 record["valid_ppl_topk_routing"] = topk_routing_ppl(model, valid_blocks, args)
-        record = {
-            "variant": name,
-            **record,
-            "valid_ppl": summary["valid_ppl"]["converted_after"],
-            "skipped_steps": summary["skipped_steps"],
-            "final_train_loss": summary["final_train_loss"],
-            "step_time_s": summary["step_time_s"],
-            "wall_s": time.time() - began,
-            "command": command,
-        }
-        records.append(record)
-        records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+        record = add_record(records, {"variant": name, **record}, summary, began, command, order)
         write(records, args.out, meta)
         print(
             f"{name}: valid ppl {record['valid_ppl']:.3f}, FLOPs ratio {record['flops_ratio']:.3f}, "

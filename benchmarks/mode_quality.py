@@ -341,17 +341,10 @@ def main(argv=None) -> list[dict]:
             "method": method,
             "arguments": json.dumps(arguments),
             "valid_ppl_before": summary["valid_ppl"]["converted_before"],
-            "valid_ppl": summary["valid_ppl"]["converted_after"],
             "flops_ratio": summary["flops_ratio"] * static,  # a smaller top-k: relative to the dense top-k
             **shares,
-            "skipped_steps": summary["skipped_steps"],
-            "final_train_loss": summary["final_train_loss"],
-            "step_time_s": summary["step_time_s"],
-            "wall_s": time.time() - began,
-            "command": command,
         }
-        records.append(record)
-        records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+        record = lm_quality.add_record(records, record, summary, began, command, order)
         write(records, args.out, meta)
         print(
             f"{name}: valid ppl {record['valid_ppl']:.3f}, FLOPs ratio {record['flops_ratio']:.3f}, "
