@@ -58,7 +58,7 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from layer_drop import evenly_spaced, most_redundant, remove_layers  # noqa: E402
+from layer_drop import evenly_spaced, most_redundant, remove_attention, remove_layers  # noqa: E402
 
 import modadapt  # noqa: E402
 from modadapt.metrics.flops import flops_table, sequence_flops  # noqa: E402
@@ -125,7 +125,8 @@ TINY = Scale(
 
 LEVELS = {"0.70": 0.70, "0.55": 0.55}  # nominal FLOPs ratios; each is met by deleting whole layers
 LEARNED = ("topk", "threshold-p", "attention")
-STATIC = ("layer-drop-even", "layer-drop-cosine", "layer-drop-arank")
+STATIC = ("layer-drop-even", "layer-drop-cosine", "layer-drop-arank", "attention-drop-even")
+ATTENTION_DROP = "attention-drop-even"  # deletes evenly spaced attention sublayers, not whole layers
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ class Variant:
     proportion to a layer's need by that metric (ARank; cosine: 1 - similarity, ShortGPT's block
     influence), scaled to the level's FLOPs, instead of one capacity for all layers. `budget`:
     adaptation steps as a multiple of the shared budget (> 1 only in the budget ablation, which the
-    goals leave out: they compare equal budgets)."""
+    goals leave out: they compare equal budgets). `scope`: what the routers route (`ModConfig.scope`);
+    with ``attention`` an ``even+N`` placement counts from the attention sublayers that
+    ``attention-drop-even`` deletes at the level."""
 
     router: str
     placement: str = "-"
@@ -149,6 +152,7 @@ class Variant:
     capacities: str | None = None
     budget: int = 1
     level: str | None = None  # only this compute level (elsewhere it repeats another variant)
+    scope: str = "block"
 
 
 VARIANTS = {
@@ -193,8 +197,32 @@ VARIANTS = {
     "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),
     "layer-drop-even-2x": Variant("layer-drop-even", budget=2),
     "topk-distill-even+1-2x": Variant("topk", "even+1", recipe={"distill": 1.0}, budget=2),
+    # sublayers: routers on the attention only, one more than attention deletion removes
+    "topk-distill-attention-even+1": Variant("topk", "even+1", recipe={"distill": 1.0}, scope="attention"),
 }
+# `--variants core`: the comparison the issue asks for (three seeds each), and the best router found
+CORE = (
+    "dense-adapt",
+    "topk",
+    "threshold-p",
+    "attention",
+    "random",
+    "topk-all",
+    "threshold-p-all",
+    "random-all",
+    "topk-arank",
+    "topk-cosine",
+    "layer-drop-even",
+    "layer-drop-cosine",
+    "layer-drop-arank",
+    "attention-drop-even",
+    "topk-distill",
+    "topk-distill-even+1",
+)
 STEP_OPTIONS = ("capacity_warmup", "router_steps")  # given as fractions of the adaptation steps
+# lm-adapt options every run sets unless its variant changes them: the recipe as these records were
+# measured with (its defaults have since become the best setting found here, distillation on)
+BASE_RECIPE = {"distill": 0.0}
 
 
 def recipe_options(variant: Variant, steps: int) -> dict:
@@ -513,11 +541,12 @@ def layer_scores(model: nn.Module, data: dict, work: Path, device: torch.device)
     return scores
 
 
-def dense_table(model: nn.Module, routed: list[int] = ()) -> dict:
-    """`flops_table` of the dense model, with a linear router (hidden -> 1) on the `routed` layers."""
+def dense_table(model: nn.Module, routed: list[int] = (), scope: str = "block") -> dict:
+    """`flops_table` of the dense model, with a linear router (hidden -> 1) routing `scope` on the
+    `routed` layers."""
     table = flops_table(model)
     for i in routed:
-        table["layers"][i]["router"] = model.config.hidden_size
+        table["layers"][i].update(router=model.config.hidden_size, scope=scope)
     return table
 
 
@@ -528,14 +557,31 @@ def drop_ratio(model: nn.Module, drop: list[int], tokens: int) -> float:
     return sequence_flops(kept, tokens) / sequence_flops(table, tokens)
 
 
+def attention_drop_ratio(model: nn.Module, drop: list[int], tokens: int) -> float:
+    """FLOPs per token of `model` without the attention sublayers of the layers `drop`."""
+    table = dense_table(model, drop, "attention")
+    for i in drop:
+        table["layers"][i]["router"] = None  # deleted: nothing scores
+    return sequence_flops(table, tokens, {i: 0 for i in drop}) / sequence_flops(flops_table(model), tokens)
+
+
 def levels(model: nn.Module, tokens: int) -> dict:
     """Per level: how many layers deletion removes (the count whose FLOPs are nearest the
-    nominal ratio) and the FLOPs ratio that every variant of the level is sized to."""
+    nominal ratio), the FLOPs ratio that every variant of the level is sized to, and how many
+    attention sublayers attention deletion removes to come nearest that ratio (None: even all
+    of them, layer 0's aside, leave more than `MATCHED` above it)."""
     layers = model.config.num_hidden_layers
     out = {}
     for name, nominal in LEVELS.items():
         count = min(range(1, layers), key=lambda n: abs(drop_ratio(model, evenly_spaced(n, layers), tokens) - nominal))
-        out[name] = {"drop": count, "flops_ratio": drop_ratio(model, evenly_spaced(count, layers), tokens)}
+        ratio = drop_ratio(model, evenly_spaced(count, layers), tokens)
+        gap = {n: attention_drop_ratio(model, evenly_spaced(n, layers), tokens) - ratio for n in range(1, layers)}
+        attention = min(gap, key=lambda n: abs(gap[n]))
+        out[name] = {
+            "drop": count,
+            "flops_ratio": ratio,
+            "attention_drop": attention if gap[attention] <= MATCHED else None,
+        }
     return out
 
 
@@ -564,11 +610,13 @@ def router_extra_flops(model: nn.Module, router: str, routed: list[int], tokens:
     return len(routed) * attention_router_flops(1, tokens, tokens, config.num_attention_heads, head_dim)
 
 
-def solve_capacity(model: nn.Module, routed: list[int], target: float, tokens: int, extra: int = 0) -> float | None:
-    """The largest capacity `k / tokens` whose FLOPs ratio (routers on `routed`, their linear
-    scoring and `extra` FLOPs per sequence counted) does not exceed `target`; None when even one
-    kept token exceeds it."""
-    table = dense_table(model, routed)
+def solve_capacity(
+    model: nn.Module, routed: list[int], target: float, tokens: int, extra: int = 0, scope: str = "block"
+) -> float | None:
+    """The largest capacity `k / tokens` whose FLOPs ratio (routers routing `scope` on `routed`,
+    their linear scoring and `extra` FLOPs per sequence counted) does not exceed `target`; None
+    when even one kept token exceeds it."""
+    table = dense_table(model, routed, scope)
     full = sequence_flops(flops_table(model), tokens)
     ratio = lambda k: (sequence_flops(table, tokens, {i: k for i in routed}) + extra) / full  # noqa: E731
     if ratio(1) > target:
@@ -628,10 +676,19 @@ def plan(
                 if spec_of.level not in (None, level):
                     continue
                 task = {"variant": variant, "level": level, "seed": seed, "target_flops_ratio": spec["flops_ratio"]}
+                attention = spec_of.router == ATTENTION_DROP or spec_of.scope == "attention"
+                reference = spec["attention_drop"] if attention else spec["drop"]
+                if reference is None:
+                    if seed == seeds[0]:
+                        notes.append(
+                            f"{variant} at {level}: deleting every attention sublayer but layer 0's cannot "
+                            f"reach FLOPs {spec['flops_ratio']:.3f}"
+                        )
+                    continue
                 if spec_of.router in STATIC:
-                    task["drop_count"] = spec["drop"]
+                    task["drop_count"] = reference
                 else:
-                    routed = placement_layers(spec_of.placement, layers, scores, spec["drop"])
+                    routed = placement_layers(spec_of.placement, layers, scores, reference)
                     if spec_of.capacities:
                         capacities = solve_capacities(
                             model, routed, layer_need(scores, spec_of.capacities, routed), spec["flops_ratio"], T
@@ -640,7 +697,12 @@ def plan(
                     else:
                         capacities = None
                         capacity = solve_capacity(
-                            model, routed, spec["flops_ratio"], T, router_extra_flops(model, spec_of.router, routed, T)
+                            model,
+                            routed,
+                            spec["flops_ratio"],
+                            T,
+                            router_extra_flops(model, spec_of.router, routed, T),
+                            spec_of.scope,
                         )
                     if capacity is None:
                         if seed == seeds[0]:
@@ -660,7 +722,7 @@ def plan(
 
 def static_drop(task: dict, scores: dict, layers: int) -> list[int]:
     kind = VARIANTS[task["variant"]].router.removeprefix("layer-drop-")
-    if kind == "even":
+    if kind in ("even", ATTENTION_DROP):
         return evenly_spaced(task["drop_count"], layers)
     return most_redundant(scores[kind], task["drop_count"], lower_is_redundant=kind == "arank")
 
@@ -723,7 +785,7 @@ def run_task(task: dict, ctx: dict) -> dict:
         model = copy.deepcopy(dense)
     elif variant.router in STATIC:
         drop = static_drop(task, ctx["scores"], layers)
-        model = remove_layers(dense, drop)
+        model = (remove_attention if variant.router == ATTENTION_DROP else remove_layers)(dense, drop)
     else:
         model = copy.deepcopy(dense)
         kwargs = dict(variant.router_kwargs)
@@ -736,6 +798,7 @@ def run_task(task: dict, ctx: dict) -> dict:
             "capacity": task["capacity"],
             "layers": ",".join(map(str, task["routed_layers"])),
             "router_kwargs": kwargs,
+            "scope": variant.scope,
         }
         if task.get("capacities"):  # converted here, each layer's router given its own share
             torch.manual_seed(task["seed"])
@@ -745,6 +808,7 @@ def run_task(task: dict, ctx: dict) -> dict:
                 capacity=task["capacity"],
                 layers=task["routed_layers"],
                 router_kwargs=kwargs,
+                scope=variant.scope,
             )
             for layer in modadapt.mod_layers(model):
                 layer.router.target_share = task["capacities"][str(layer.mod_state.index)]
@@ -764,7 +828,7 @@ def run_task(task: dict, ctx: dict) -> dict:
         progress=False,
         seed=task["seed"],
         **routing,
-        **options,
+        **{**BASE_RECIPE, **options},
     )
     if out.exists():
         shutil.rmtree(out)
@@ -776,7 +840,7 @@ def run_task(task: dict, ctx: dict) -> dict:
         "level": task["level"],
         "seed": task["seed"],
         "params": sum(p.numel() for p in model.parameters()),
-        "layers": layers - len(drop or []),
+        "layers": layers - len(drop or []) if variant.router != ATTENTION_DROP else layers,
         "valid_ppl": summary["valid_ppl"]["converted_after"],
         "ood_ppl": math.exp(ood),
         "valid_ppl_before": summary["valid_ppl"]["converted_before"],
@@ -796,12 +860,13 @@ def run_task(task: dict, ctx: dict) -> dict:
     }
     record["recipe_options"] = options
     record["budget"] = variant.budget
-    if drop is not None:
+    if drop is not None:  # kept fraction: of the layers (of the attention sublayers, for attention deletion)
+        attention = variant.router == ATTENTION_DROP
         record.update(
             router=variant.router,
-            placement=",".join(map(str, drop)),
+            placement=("attention " if attention else "") + ",".join(map(str, drop)),
             dropped_layers=drop,
-            flops_ratio=drop_ratio(dense, drop, scale.seq_len),
+            flops_ratio=(attention_drop_ratio if attention else drop_ratio)(dense, drop, scale.seq_len),
             kept_fraction=(layers - len(drop)) / layers,
         )
     elif task["variant"] == "dense-adapt":
@@ -810,7 +875,8 @@ def run_task(task: dict, ctx: dict) -> dict:
         kept = summary["kept_fraction"]["after"]
         record.update(
             router=task["router"],
-            placement=task["placement"],
+            placement=task["placement"] + ("" if variant.scope == "block" else f", {variant.scope}"),
+            scope=variant.scope,
             routed_layers=task["routed_layers"],
             capacity=task["capacity"],
             flops_ratio=summary["flops_ratio"],
@@ -1029,7 +1095,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", help=f"JSON records (default {RESULTS.relative_to(ROOT.parent)}; --tiny: WORK/lm_quality_scale.json)"
     )
     p.add_argument("--tiny", action="store_true", help="tiny model and budget on slices of the text (CPU, the tests)")
-    p.add_argument("--variants", default="all", help=f"comma list (default: all): {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default="all",
+        help=f"comma list (default: all; 'core': {', '.join(CORE)}; names may join 'core'): {', '.join(VARIANTS)}",
+    )
     p.add_argument("--seeds", default="0,1,2", help="adaptation seeds (the pretrained model is one)")
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
     p.add_argument("--jobs", type=int, default=1, help="adaptations run at once (processes on one device)")
@@ -1053,6 +1123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--jobs must be >= 1")
     if args.new_pretrained and args.append:  # the appended runs would start from another model
         p.error("--new-pretrained records a new pretrained model: write its runs to a new --out instead of --append")
+    if args.variants != "all":  # 'core' expands in place, each variant once
+        names = [n for part in args.variants.split(",") for n in (CORE if part == "core" else [part])]
+        args.variants = ",".join(dict.fromkeys(names))
     for option, names in (
         ("variants", "" if args.variants == "all" else args.variants),
         ("keep-models", args.keep_models),

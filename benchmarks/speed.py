@@ -312,9 +312,9 @@ def calibrate(model, keep_fraction: float, ids: torch.Tensor, seed: int) -> list
     return reached
 
 
-def make_mod(dense, router: str, calib_ids: torch.Tensor, seed: int):
+def make_mod(dense, router: str, calib_ids: torch.Tensor, seed: int, pack_bucket: int | None = None):
     kwargs, fraction = ROUTERS[router]
-    model = modadapt.convert(copy.deepcopy(dense), **kwargs)
+    model = modadapt.convert(copy.deepcopy(dense), **kwargs, pack_bucket=pack_bucket)
     reached = calibrate(model, fraction, calib_ids, seed)
     return model, fraction, reached
 
@@ -1926,6 +1926,13 @@ def main(argv: list[str] | None = None) -> int:
         "shape is timed apart and kept out of the measurements",
     )
     parser.add_argument(
+        "--pack-bucket",
+        type=int,
+        default=None,
+        help="ModConfig.pack_bucket: round packed token counts of calls without a KV cache (prefill, "
+        "training) up to a multiple of N, so that --compile compiles once per bucket (default: exact counts)",
+    )
+    parser.add_argument(
         "--compile-mode",
         default=None,
         help="torch.compile mode, e.g. 'max-autotune-no-cudagraphs' (default: PyTorch's default)",
@@ -2012,6 +2019,7 @@ def main(argv: list[str] | None = None) -> int:
     env["sdpa_backends"] = args.sdpa_backends or "default"
     env["compile"] = bool(args.compile)
     env["compile_mode"] = (args.compile_mode or "default") if args.compile else None
+    env["pack_bucket"] = args.pack_bucket
     env["graph_compile"] = bool(args.graph_compile)
     with contextlib.ExitStack() as stack:
         if args.sdpa_backends:
@@ -2085,7 +2093,7 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
     mods = {}
     for router in routers:
         seed = 100 + list(ROUTERS).index(router.removesuffix("-padded"))  # a padded twin routes alike
-        model, nominal, reached = make_mod(dense, router, calib_ids, seed=seed)
+        model, nominal, reached = make_mod(dense, router, calib_ids, seed=seed, pack_bucket=args.pack_bucket)
         mods[router] = (model, nominal, reached)
         shape.mod_layers = list(model._modadapt_state.layer_indices)
         print(

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import mod_layer, plugins
 from .adapters.base import TokenRoles
-from .config import LAYER_RULES, ModConfig, resolve_layers
+from .config import ModConfig, is_layer_rule, resolve_layers
 from .deprecation import moved_names
 from .errors import ModAdaptError
 from .mod_layer import STATE_ATTR, Host, LayerState, ModelState, gate_output, mod_class, routed_module, ungate_output
@@ -48,11 +48,13 @@ def convert(
     adapter = plugins.find_adapter(model, adapter)
     adapter.configure(**config.adapter_kwargs)
     stack_owner, layers = adapter.layer_stack(model)
-    indices = resolve_layers(config.layers, len(layers))
-    if config.layers in LAYER_RULES:  # a rule passes over the layers the family keeps dense
-        indices = [i for i in indices if accepts_layer(adapter, model, i)]
+    if is_layer_rule(config.layers):  # a rule passes over the layers the family keeps dense
+        convertible = [i for i in range(1, len(layers)) if accepts_layer(adapter, model, i)]
+        indices = resolve_layers(config.layers, len(layers), convertible)
         if not indices:
             raise ModAdaptError(f"the layer rule {config.layers!r} selects no layer this model can convert.")
+    else:
+        indices = resolve_layers(config.layers, len(layers))
     adapter.validate_layers(model, indices)
     router_cls = get_router(config.router).obj
     hidden = adapter.hidden_size(model)

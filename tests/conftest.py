@@ -48,8 +48,8 @@ RECIPE_TEXT = "The quick brown fox jumps over the lazy dog; grep -r pattern dir 
 
 
 def lm_adapt_config(tmp_path, **extra):
-    """A short lm-adapt run in `tmp_path` on `RECIPE_TEXT` (topk at 0.25, everything trains, 6
-    steps of 4 x 32 tokens); `extra` overrides any field."""
+    """A short lm-adapt run in `tmp_path` on `RECIPE_TEXT` (topk at 0.25, everything trains, no
+    distillation, 6 steps of 4 x 32 tokens); `extra` overrides any field."""
     from modadapt.recipes.lm_adapt import LMAdaptConfig
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -68,6 +68,7 @@ def lm_adapt_config(tmp_path, **extra):
         train="all",
         max_train_blocks=24,
         max_eval_blocks=4,
+        distill=0.0,
     )
     return LMAdaptConfig(**{**base, **extra})
 

@@ -64,7 +64,10 @@ BAD_CONVERT = {
     "empty-layer-text": (dict(layers=" "), ["empty"]),
     "layers-not-ints": (dict(layers=[1.5]), ["integers"]),
     "layers-bools": (dict(layers=[True]), ["integers"]),
-    "layers-garbage": (dict(layers="1,x"), ["'1,x'", "every-other"]),
+    "layers-garbage": (dict(layers="1,x"), ["'1,x'", "every-other", "evenly:4"]),
+    "layers-evenly-zero": (dict(layers="evenly:0"), ["'evenly:0'", "positive integer"]),
+    "layers-evenly-garbage": (dict(layers="evenly:half"), ["'evenly:half'", "positive integer"]),
+    "layers-evenly-too-many": (dict(layers="evenly:4"), ["evenly:4", "3 convertible", "1 to 3"]),
     "threshold-p-0": (dict(router="threshold-p", router_kwargs={"p": 0.0}), ["p must be in (0, 1)"]),
     "threshold-p-1": (dict(router="threshold-p", router_kwargs={"p": 1.0}), ["p must be in (0, 1)"]),
     "threshold-p-negative": (dict(router="threshold-p", router_kwargs={"p": -0.5}), ["p must be in (0, 1)"]),
@@ -148,7 +151,7 @@ def test_layer_rule_selecting_nothing():
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     )
     model = transformers.LlamaForCausalLM(config)
-    for rule in ("every-other", "all-but-first"):
+    for rule in ("every-other", "all-but-first", "evenly:1"):
         with pytest.raises(ModAdaptError, match="selects no layer"):
             modadapt.convert(model, layers=rule)
         assert state_of(model) is None
@@ -443,3 +446,31 @@ def test_unknown_convert_option_and_boolean_capacity_are_clear_errors(tiny):
     with pytest.raises(ModAdaptError, match="capacity must be a number"):
         modadapt.convert(model, capacity=True)
     assert not hasattr(model, "_modadapt_state")
+
+
+@pytest.mark.parametrize(
+    "kind, rule, expected",
+    [
+        ("llama", "evenly:1", [2]),  # 4 layers: 1..3, the middle one
+        ("llama", "evenly:3", [1, 2, 3]),
+        ("llama", "all-but-first", [1, 2, 3]),
+        ("llama", "every-other", [1, 3]),
+        ("gemma2", "evenly:2", [1, 3]),  # layers 0 and 2 are the first of their attention type
+        ("gemma2", "evenly:1", [3]),
+        ("gemma2", "all-but-first", [1, 3]),
+    ],
+)
+def test_layer_rules(tiny, kind, rule, expected):
+    model = modadapt.convert(tiny(kind), layers=rule)
+    assert state_of(model).layer_indices == expected
+
+
+def test_evenly_spaced_matches_layer_deletion_placement_and_passes_over_dense_layers():
+    from modadapt.config import evenly_spaced, resolve_layers
+
+    assert resolve_layers("evenly:6", 12) == [1, 3, 5, 7, 9, 11]
+    assert resolve_layers("evenly:4", 12) == [2, 5, 7, 10]
+    assert resolve_layers("evenly:11", 12) == list(range(1, 12))
+    # a family that keeps layers dense: still N layers, spread over the convertible ones
+    assert resolve_layers("evenly:3", 12, [2, 3, 4, 6, 7, 8, 9, 10, 11]) == [3, 7, 10]
+    assert evenly_spaced(2, [5, 9]) == [5, 9]

@@ -352,15 +352,20 @@ def _windowed_lengths(held, used, T, cap, window, gen):
 
 
 @pytest.mark.parametrize("held", [None, "dense", "mod"])
-@pytest.mark.parametrize("heads,kv_heads,queries", [(8, 2, 1), (4, 4, 1), (8, 2, 3)])
-def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, queries, held, monkeypatch):
+@pytest.mark.parametrize(
+    "heads,kv_heads,queries,multiprocessors", [(8, 2, 1, 6), (8, 2, 1, 7), (4, 4, 1, 1), (8, 2, 3, 1)]
+)
+def test_static_attention_flash_layouts_match_the_fallback(
+    heads, kv_heads, queries, multiprocessors, held, monkeypatch
+):
     """The flash path's layouts, checked on CPU against flash's contract: a decode token's grouped
-    query heads go packed as G queries per K/V head (each K/V head read once for its group), the
-    T queries of a verification as they are; both equal the masked fallback, `grouped_cu_q` is
-    filled once and reused (captured graphs read that tensor). With a sliding window (`held`:
-    dense or MoD slots) a decode token reads its row from the window's first slot (offset row
-    starts, shorter used lengths: flash's contract does the rest); several queries per row, each
-    with its own window start, take the masked path."""
+    query heads go packed as G queries per K/V head (each K/V head read once for its group) when
+    the packed blocks (rows x K/V heads: 3 x 2 here) fill the device's multiprocessors, else one
+    query per head; the T queries of a verification go as they are; all equal the masked
+    fallback, `grouped_cu_q` is filled once and reused (captured graphs read that tensor). With a
+    sliding window (`held`: dense or MoD slots) a decode token reads its row from the window's
+    first slot (offset row starts, shorter used lengths: flash's contract does the rest); several
+    queries per row, each with its own window start, take the masked path."""
     from modadapt.decoding import static_cache
 
     gen = torch.Generator().manual_seed(2)
@@ -379,9 +384,10 @@ def test_static_attention_flash_layouts_match_the_fallback(heads, kv_heads, quer
     monkeypatch.setattr(static_cache, "_FLASH", {})  # what this test's calls record is dropped after
     monkeypatch.setattr(static_cache, "flash_available", lambda query: True)
     monkeypatch.setattr(static_cache, "flash_varlen", flash)
+    monkeypatch.setattr(static_cache, "multiprocessors", lambda device: multiprocessors)
     out = static_cache.static_cache_attention(q, k, v, lengths, 0.3)
     torch.testing.assert_close(out, reference)
-    packed = T == 1 and heads > kv_heads
+    packed = T == 1 and heads > kv_heads and B * kv_heads >= multiprocessors
     assert calls == ([] if held and T > 1 else [heads // kv_heads if packed else T])
     assert list(lengths.grouped_cu_q) == ([heads // kv_heads] if packed else [])
     if packed:
@@ -513,6 +519,28 @@ def test_captured_graphs_match_generate_on_cuda():
                     decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=2.0)
                 )
             assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+@pytest.mark.parametrize("graphed_family, window", FAMILY_CASES)
+def test_every_family_captured_matches_generate_on_cuda(graphed_family, window):
+    """Every graphed family's captured step in float32 on CUDA (threshold-p on all but the first
+    layer, random routers; the mixtures of experts through transformers' `grouped_mm` experts, the
+    tiny presets' default) gives `model.generate`'s tokens, at batch 1 and in a left-padded batch;
+    and so does every family with a sliding window, with one of 8 that the tokens pass.
+    Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+
+    dense = widened(build_tiny(graphed_family)) if window is None else build_windowed(graphed_family, window)
+    model = modadapt.convert(dense, router="threshold-p", layers="all-but-first")
+    model = randomize_router_weights(model).eval().cuda()
+    decoder = GraphedDecoder(model, cuda_graphs=True)
+    for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+        x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
+        expected = _greedy(model, x, mask, 24)
+        got = decoder.generate(x, attention_mask=mask, max_new_tokens=24)
+        assert decoder.last_step.graphs is not None
+        assert torch.equal(got, expected), (graphed_family, len(prompts), decoder.last_step.mode)
 
 
 def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
@@ -662,13 +690,17 @@ def test_captured_windowed_graphs_match_generate_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="runs flash attention")
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("held", ["dense", "mod"])
-def test_windowed_flash_attention_matches_the_mask_on_cuda(held):
+def test_windowed_flash_attention_matches_the_mask_on_cuda(held, packed, monkeypatch):
     """On CUDA in bf16 a decode token's windowed attention runs flash from the window's first
     slot (row offsets and used lengths: `KeyLengths.window_keys`); it equals the masked SDPA
-    path, grouped heads packed or not. Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    path, grouped heads packed (`pack_groups`, forced here) or not. Run on the GPU machine:
+    `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from modadapt.decoding import static_cache
 
+    if packed:
+        monkeypatch.setattr(static_cache, "multiprocessors", lambda device: 1)
     gen = torch.Generator().manual_seed(4)
     for heads, kv_heads in ((8, 2), (4, 4)):
         B, d, cap = 3, 64, 256

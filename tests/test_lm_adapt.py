@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import modadapt
 from modadapt.cli import main
 from modadapt.errors import ModAdaptError
+from modadapt.mod_layer import state_of
 from modadapt.recipes.lm_adapt import LMAdaptConfig, pack, read_corpus, run, tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,7 @@ def config(corpus, out, **extra) -> LMAdaptConfig:
         router="topk",
         capacity=0.5,
         max_train_blocks=24,
+        distill=0.0,
     )
     return LMAdaptConfig(**{**base, **extra})
 
@@ -405,3 +407,24 @@ def test_a_mixture_of_experts_logs_its_balancing_loss_apart(tmp_path):
     for loss, lm, aux, experts in zip(history["loss"], history["lm_loss"], history["aux_loss"], history["expert_loss"]):
         assert loss == pytest.approx(lm + aux + experts, rel=1e-5)
         assert experts / coef == pytest.approx(2.0, rel=0.25)  # E * sum_e f_e P_e: top_k = 2 when balanced
+
+
+def test_defaults_are_the_quality_benchmarks_best_setting():
+    """docs/recipes.md: lm-adapt converts with topk and distils by default (the best setting on
+    the 97.5M benchmark)."""
+    cfg = LMAdaptConfig(data="train.txt", output="run")
+    assert (cfg.router, cfg.distill) == ("topk", 1.0)
+
+
+def test_a_dense_model_converts_with_the_scope_asked_for(corpus, tmp_path):
+    """`--scope attention` (a dense model converted on the fly): the saved model routes the
+    attention sublayer only, and the FLOPs count says so (more than a block router's at the same
+    capacity: every token still goes through the MLP)."""
+    ratios = {}
+    for scope in ("attention", "block"):
+        summary = run(config(corpus, tmp_path / scope, scope=scope, max_steps=1, layers="evenly:2"))
+        assert state_of(modadapt.load(tmp_path / scope / "model")).config.scope == scope
+        ratios[scope] = summary["flops_ratio"]
+    assert ratios["block"] < ratios["attention"] < 1.0
+    with pytest.raises(ModAdaptError, match="scope must be one of block, attention, mlp"):
+        config(corpus, tmp_path / "bad", scope="heads")

@@ -133,10 +133,18 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     }
     levels = bench.levels(bench.build_dense(bench.TINY, 0), bench.TINY.seq_len)
     for r in adapted:
-        if r["router"] in bench.STATIC:
+        if r["router"] == bench.ATTENTION_DROP:  # attention sublayers deleted, every layer kept
+            assert len(r["dropped_layers"]) == levels[r["level"]]["attention_drop"] and r["layers"] == 6
+            assert abs(r["flops_ratio"] - levels[r["level"]]["flops_ratio"]) <= bench.MATCHED
+        elif r["router"] in bench.STATIC:
             assert len(r["dropped_layers"]) == levels[r["level"]]["drop"] and r["layers"] == 6 - len(
                 r["dropped_layers"]
             )
+    scoped = [r for r in adapted if r["variant"] == "topk-distill-attention-even+1"]
+    assert scoped and all(
+        r["scope"] == "attention" and r["flops_ratio"] <= r["target_flops_ratio"] + 1e-6 for r in scoped
+    )
+    assert len(scoped[0]["routed_layers"]) == levels[scoped[0]["level"]]["attention_drop"] + 1
     by = {bench.task_id(r): r for r in both}
     assert by["topk-warmup@0.70#s0"]["recipe_options"] == {"capacity_warmup": 1}  # half of 2 steps
     assert by["topk-routers-first@0.70#s0"]["recipe_options"] == {"router_steps": 1}
@@ -163,6 +171,32 @@ def test_bad_arguments_are_one_clear_error(bench, capsys, tmp_path):
         with pytest.raises(SystemExit, match=f"{option}: unknown variants \\['nope'\\]"):
             bench.main(["--tiny", "--work", str(tmp_path / "fresh"), option, "topk,nope"])
     assert not (tmp_path / "fresh").exists()
+
+
+def test_attention_deletion_adds_nothing_from_the_deleted_sublayers(bench):
+    """`remove_attention`: the same logits as the model whose deleted layers' attention output
+    projection is zero (the sublayer then adds nothing to the residual), and the dense model is
+    left as it was."""
+    from layer_drop import remove_attention
+
+    dense = bench.build_dense(bench.TINY, 0).eval()
+    ids = torch.randint(0, bench.TINY.vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = dense(ids).logits
+    cut = remove_attention(dense, [1, 3])
+    zeroed = copy.deepcopy(dense)
+    for i in (1, 3):
+        zeroed.model.layers[i].self_attn.o_proj.weight.data.zero_()
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits)
+        torch.testing.assert_close(dense(ids).logits, before)
+        assert not torch.allclose(cut(ids).logits, before)
+
+
+def test_core_names_the_issues_comparison(bench):
+    args = bench.parse_args(["--variants", "topk-fit,core,topk"])
+    names = args.variants.split(",")
+    assert names[0] == "topk-fit" and names[1:] == list(bench.CORE)  # expanded in place, each once
+    assert set(bench.CORE) <= set(bench.VARIANTS)
 
 
 def test_static_baselines_drop_the_layers_their_metric_ranks(bench, tiny_run):
@@ -302,3 +336,15 @@ def test_runs_left_undone_by_the_deadline_are_named(bench, tmp_path, monkeypatch
     assert bench.unfinished(tmp_path, tasks) == ["topk@0.70#s0", "topk@0.70#s1"]
     (tmp_path / "records" / "topk@0.70#s0.json").write_text("{}")
     assert bench.unfinished(tmp_path, tasks) == ["topk@0.70#s1"]
+
+
+def test_runs_pin_the_recipe_they_were_measured_with(bench, tiny_run):
+    """lm-adapt's defaults became the best setting found (distillation on); every run still sets
+    the recipe the records were measured with, and a variant changes only what it names."""
+    import yaml
+
+    work, _, both = tiny_run
+    for record in both[1:]:
+        run_dir = work / "runs" / bench.task_id(record).replace("@", "_").replace("#", "_")
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["distill"] == record["recipe_options"].get("distill", 0.0), bench.task_id(record)

@@ -436,3 +436,21 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
     # batch 1 also runs transformers' assisted decoding with the converted model as assistant
     assert all(r["hf_assisted_same_tokens"] and r["hf_assisted_ms"] > 0 for r in records if r["batch"] == 1)
     assert not any("hf_assisted_ms" in r for r in records if r["batch"] > 1)
+
+
+def test_speed_benchmark_pack_bucket_reaches_the_models(tmp_path, monkeypatch):
+    """`--pack-bucket N` converts the MoD models with `pack_bucket=N` (what `--compile` prefill
+    needs to compile once per bucket) and every record says so."""
+    bench = _speed_bench(monkeypatch)
+    seen = []
+    make_mod = bench.make_mod
+
+    def recording(*args, **kwargs):
+        model, fraction, reached = make_mod(*args, **kwargs)
+        seen.append(modadapt.mod_layer.state_of(model).config.pack_bucket)
+        return model, fraction, reached
+
+    monkeypatch.setattr(bench, "make_mod", recording)
+    argv = ["--tiny", "--scenarios", "prefill", "--routers", "threshold-p", "--pack-bucket", "8"]
+    records = _run_speed(bench, argv, tmp_path / "p.json")
+    assert seen == [8] and records and all(r["pack_bucket"] == 8 for r in records)

@@ -345,7 +345,8 @@ def corpus(tmp_path_factory):
 
 
 def lm_flags(corpus, out, *extra) -> list[str]:
-    """lm-adapt on 64 training blocks of 32 tokens (8 global batches of 8), 6 validation ones."""
+    """lm-adapt (threshold-p, no distillation unless `extra` asks) on 64 training blocks of 32
+    tokens (8 global batches of 8), 6 validation ones."""
     return [
         "train",
         "lm-adapt",
@@ -361,6 +362,10 @@ def lm_flags(corpus, out, *extra) -> list[str]:
         "1e-2",
         "--no-progress",
         "--cpu",
+        "--router",
+        "threshold-p",
+        "--distill",
+        "0",
         *extra,
     ]
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 #: Name under which the adapter registers the decode step's attention (transformers: `adapters.hf.attention`).
 STATIC_ATTENTION = "modadapt_static_decode"
 _FLASH: dict[tuple, bool] = {}  # per (device, dtype, head size): whether flash with used lengths ran
+_MULTIPROCESSORS: dict[str, int] = {}
 
 
 @dataclass
@@ -118,6 +119,24 @@ def flash_available(query: torch.Tensor) -> bool:
     )
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The device's streaming multiprocessors: how many blocks fill it once."""
+    key = str(device)
+    if key not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _MULTIPROCESSORS[key]
+
+
+def pack_groups(query: torch.Tensor, kv_heads: int) -> bool:
+    """Whether one decode token's grouped query heads go to flash packed, G queries per K/V head.
+    Packed, flash runs one block per (row, K/V head), each reading its head once for the group;
+    per head it runs G times the blocks and splits long K/V across more (split-KV). Measured on
+    an H200 (1.1B Llama, 8 K/V heads, 132 SMs; benchmarks/results/decode-attention-h200-2026-12-01.log):
+    packed wins only once its blocks fill the device (B = 32, 2k context: 61 vs 72 us; B = 64: 119
+    vs 131) and loses badly below (B = 1, 32k context: 580 vs 35 us; B = 8: 576 vs 149)."""
+    return query.shape[0] * kv_heads >= multiprocessors(query.device)
+
+
 def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale, used) -> torch.Tensor:
     """Flash attention over packed rows, reading `used[b]` keys of row b (aligned to its end if causal)."""
     return torch.ops.aten._flash_attention_forward(
@@ -139,9 +158,9 @@ def static_cache_attention(
     returns `[B, T, H, d]`.
 
     One decode token per row with grouped K/V heads (`G = H / Hk > 1`) goes to flash as `G`
-    queries per K/V head: flash's varlen kernel gives every query head its own block, so each
-    block would read its K/V head again (G times the cache's bytes; at batch 32 this was a third
-    of the step). Packed, each K/V head is read once for its whole group.
+    queries per K/V head when that fills the device (`pack_groups`): flash's varlen kernel gives
+    every query head its own block, so each block reads its K/V head again (G times the cache's
+    bytes); packed, each K/V head is read once for its whole group, but in fewer blocks.
 
     `softcap` (Gemma 2's attention logits: `cap * tanh(scores / cap)`) has no flash kernel here
     (torch's `_flash_attention_forward` takes none) nor an SDPA one: the scores are computed
@@ -158,7 +177,7 @@ def static_cache_attention(
         k, v = key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d)
         cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
         try:
-            if T == 1 and G > 1:  # [B, H, 1, d] -> [B * G, Hk, d]: the group's heads as query tokens
+            if T == 1 and G > 1 and pack_groups(query, Hk):  # [B, H, 1, d] -> [B * G, Hk, d]: heads as tokens
                 q = query.reshape(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
                 cu = lengths.grouped_cu_q.get(G)
                 if cu is None:

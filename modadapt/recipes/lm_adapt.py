@@ -26,7 +26,10 @@ batches and progress); SIGINT / SIGTERM stop at a step boundary with a checkpoin
 The run ends with ``summary.json``: validation perplexity of the dense model and of the converted
 one before and after training, kept fraction per layer, FLOPs per token relative to dense; the
 adapted model is saved with `modadapt.save` in ``model/``. Defaults below, then a YAML file, then
-flags; the resolved config is saved as ``config.yaml``.
+flags; the resolved config is saved as ``config.yaml``. The defaults' router (``topk``) and
+distillation (``distill: 1.0``) are the best setting the quality benchmark found
+(`benchmarks/results/lm_quality_scale.md`); so is placing the routers with ``layers: evenly:N``, N
+one more than the layers deletion would remove at the same FLOPs (docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import parse_router_args
+from ..config import SCOPES, parse_router_args
 from ..errors import ModAdaptError
 from ..lora import projection_names
 from ..metrics.flops import flops_table, sequence_flops
@@ -97,15 +100,17 @@ class LMAdaptConfig(RecipeConfig):
         default=0.05, metadata={"help": "share of the training blocks held out when valid_data is ''"}
     )
     model: str = field(default="tiny-llama", metadata={"help": "modadapt.save dir, dense transformers dir, or preset"})
-    router: str = field(
-        default="threshold-p", metadata={"help": "router for a dense model (ignored for a saved MoD model)"}
-    )
+    router: str = field(default="topk", metadata={"help": "router for a dense model (ignored for a saved MoD model)"})
     capacity: float = field(default=0.125, metadata={"help": "fraction of tokens a capacity router keeps"})
     layers: str = field(
-        default="every-other", metadata={"help": "layers to convert (every-other, all-but-first, 1,3,5)"}
+        default="every-other",
+        metadata={"help": "layers to convert (every-other, all-but-first, evenly:N, 1,3,5, from:REPORT_DIR)"},
     )
     router_kwargs: dict = field(
         default_factory=dict, metadata={"help": "router arguments (JSON; CLI also --router-arg K=V)"}
+    )
+    scope: str = field(
+        default="block", metadata={"help": "what a MoD layer routes for a dense model: block, attention or mlp"}
     )
     train: str = field(
         default="routers", metadata={"help": "what trains: routers, lora (routers + LoRA via peft), all"}
@@ -132,7 +137,7 @@ class LMAdaptConfig(RecipeConfig):
         default=0,
         metadata={"help": "first steps that train the routers only (the model frozen), within max_steps; 0: off"},
     )
-    distill: float = field(default=0.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
+    distill: float = field(default=1.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
     router_init: str = field(
         default="zero",
@@ -162,6 +167,8 @@ class LMAdaptConfig(RecipeConfig):
             raise ModAdaptError("lm-adapt: `output` is required (-o DIR).")
         if self.train not in TRAIN_MODES:
             raise ModAdaptError(f"train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}.")
+        if self.scope not in SCOPES:
+            raise ModAdaptError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ModAdaptError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
         for name, low in (
@@ -354,7 +361,12 @@ def build_model(
         teacher.eval().requires_grad_(False)
     if state_of(model) is None:
         modadapt.convert(
-            model, router=cfg.router, capacity=cfg.capacity, layers=cfg.layers, router_kwargs=dict(cfg.router_kwargs)
+            model,
+            router=cfg.router,
+            capacity=cfg.capacity,
+            layers=cfg.layers,
+            router_kwargs=dict(cfg.router_kwargs),
+            scope=cfg.scope,
         )
     return model, teacher, tokenizer, extras
 

@@ -1,0 +1,83 @@
+"""Decode attention over the static cache on the GPU: flash with one query per head vs the grouped
+heads packed as G queries per K/V head, each timed inside a CUDA graph (10 calls per replay), next
+to the K/V bytes bound. It decides `modadapt.decoding.static_cache.pack_groups`.
+
+    python benchmarks/decode_attention.py --out results/decode-attention.json     # GPU only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from modadapt.decoding.static_cache import flash_varlen
+
+
+def graphed_us(fn, replays: int = 20, calls: int = 10) -> float:
+    """Microseconds per call of `fn`, captured `calls` times in one graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(), fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays / calls * 1e3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default="2048,8192,32768")
+    p.add_argument("--batches", default="1,4,8,16,32,64")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--bandwidth-tbs", type=float, default=4.2, help="for the bytes bound")
+    p.add_argument("--out", help="JSON records")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_attention.py times CUDA kernels; this machine has no CUDA device.", file=sys.stderr)
+        return 2
+    H, Hk, d, G = args.heads, args.kv_heads, args.head_dim, args.heads // args.kv_heads
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    print(f"# {torch.cuda.get_device_name(dev)}, {sms} SMs, heads {H}/{Hk}, head size {d}, bf16")
+    records = []
+    for C in map(int, args.contexts.split(",")):
+        for B in map(int, args.batches.split(",")):
+            k = torch.randn(B * C, Hk, d, device=dev, dtype=dtype)
+            v = torch.randn_like(k)
+            used = torch.full((B,), C - 5, dtype=torch.int32, device=dev)
+            cu_k = torch.arange(B + 1, device=dev, dtype=torch.int32) * C
+            cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32)
+            cu_grouped = cu_q * G
+            q = torch.randn(B, H, d, device=dev, dtype=dtype)
+            packed_q = q.view(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
+            per_head = graphed_us(lambda: flash_varlen(q, k, v, cu_q, cu_k, 1, C, False, None, used))
+            packed = graphed_us(lambda: flash_varlen(packed_q, k, v, cu_grouped, cu_k, G, C, False, None, used))
+            bound = 2 * B * C * Hk * d * 2 / (args.bandwidth_tbs * 1e12) * 1e6
+            records.append(dict(batch=B, context=C, per_head_us=per_head, packed_us=packed, bound_us=bound))
+            print(f"C{C} B{B}: per-head {per_head:.1f}us packed {packed:.1f}us bound {bound:.1f}us", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {"device": torch.cuda.get_device_name(dev), "multiprocessors": sms, "records": records}, f, indent=1
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
