@@ -161,7 +161,8 @@ def build_dense(args: argparse.Namespace) -> nn.Module:
 
 
 def pretrain(model: nn.Module, blocks: torch.Tensor, args: argparse.Namespace, device: torch.device) -> list[float]:
-    """Plain dense pretraining: AdamW, warm-up then cosine, bf16/fp16 autocast on GPU."""
+    """Plain dense pretraining: AdamW, warm-up then cosine, bf16/fp16 autocast on GPU; a mixture
+    of experts (mode_quality.py's Mixtral) adds its load-balancing loss as transformers weighs it."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = max(1, args.pretrain_steps // 20)
@@ -173,8 +174,11 @@ def pretrain(model: nn.Module, blocks: torch.Tensor, args: argparse.Namespace, d
     for step in range(args.pretrain_steps):
         batch = blocks[torch.randint(len(blocks), (args.batch_size,), generator=generator)].to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
-            logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
+            out = model(input_ids=batch, use_cache=False)
+        loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
+        experts = out.get("aux_loss")
+        if experts is not None:
+            loss = loss + model.config.router_aux_loss_coef * experts.float()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -262,11 +266,42 @@ def save_pretrained(dense: nn.Module, directory: Path, record: dict) -> None:
 
 
 def load_pretrained(directory: Path) -> tuple[nn.Module, dict]:
-    from transformers import LlamaForCausalLM
+    """The dense model `save_pretrained` wrote (its class from its config: mode_quality.py's Mixtral too)."""
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa")
     record_file = directory / "dense_record.json"
     return model, json.loads(record_file.read_text()) if record_file.is_file() else {}
+
+
+def adapt_variant(
+    args: argparse.Namespace, output: Path, model: nn.Module, files: tuple[str, str], device: torch.device, **routing
+) -> dict:
+    """One variant's adaptation: the lm-adapt recipe with the benchmark's budget (steps, batch,
+    learning rate, what trains, data order) in a fresh run directory `output`; its summary.
+    `model` is trained in place (converted with `routing` unless it is converted already)."""
+    import shutil
+
+    cfg = LMAdaptConfig(
+        data=files[0],
+        valid_data=files[1],
+        output=str(output),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_steps=args.adapt_steps,
+        lr=args.adapt_lr,
+        train=args.train,
+        distill=args.distill,
+        mixed_precision=args.mixed_precision,
+        cpu=device.type == "cpu",
+        max_eval_blocks=args.max_eval_blocks,
+        eval_batch_size=args.batch_size,
+        progress=not args.tiny,
+        seed=args.seed,
+        **routing,
+    )
+    shutil.rmtree(cfg.output, ignore_errors=True)
+    return run(cfg, model=model)
 
 
 # A model with nothing to route goes through the same recipe as a converted one (same optimizer,
@@ -280,14 +315,15 @@ LEARNED = ("topk", "threshold-p", "attention")
 FLOPS_TOLERANCE = 0.03  # "matched FLOPs" without a bracketing pair: the nearest run within this
 
 
-def baseline_ppl(records: list[dict], kind: str, flops: float) -> tuple[float, str, bool] | None:
+def baseline_ppl(records: list[dict], kind: str, flops: float, key: str = "router") -> tuple[float, str, bool] | None:
     """(perplexity, how it was found, whether it is at matched FLOPs) of a baseline at `flops`:
-    linear between its runs (and dense-adapt at 1.0) that bracket it, or its nearest run within
-    FLOPS_TOLERANCE. Layer dropping only comes in whole layers (0.50 or 0.63 of dense here), so a
-    router at 0.56 is compared with the line between. None when the baseline never ran."""
-    points = sorted((r["flops_ratio"], r["valid_ppl"]) for r in records if r["router"] == kind)
+    linear between its runs (`r[key] == kind`; and dense-adapt at 1.0) that bracket it, or its
+    nearest run within FLOPS_TOLERANCE. Layer dropping only comes in whole layers (0.50 or 0.63 of
+    dense here), so a router at 0.56 is compared with the line between. None when the baseline
+    never ran."""
+    points = sorted((r["flops_ratio"], r["valid_ppl"]) for r in records if r.get(key) == kind)
     points += [(1.0, r["valid_ppl"]) for r in records if r["variant"] == "dense-adapt"]
-    if not any(r["router"] == kind for r in records):
+    if not any(r.get(key) == kind for r in records):
         return None
     for (f0, p0), (f1, p1) in zip(points, points[1:]):
         if f0 <= flops <= f1 and f1 > f0:
@@ -388,8 +424,6 @@ def variant_names(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv=None) -> list[dict]:
-    import shutil
-
     args = parse_args(argv)
     if args.tiny:  # tiny matrices: one thread avoids oversubscription on a busy CPU (10-100x faster)
         torch.set_num_threads(1)
@@ -447,26 +481,7 @@ def main(argv=None) -> list[dict]:
     layers = dense.config.num_hidden_layers
 
     def adapt(name: str, model: nn.Module, **routing) -> dict:
-        cfg = LMAdaptConfig(
-            data=train_file,
-            valid_data=valid_file,
-            output=str(work / name),
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            max_steps=args.adapt_steps,
-            lr=args.adapt_lr,
-            train=args.train,
-            distill=args.distill,
-            mixed_precision=args.mixed_precision,
-            cpu=device.type == "cpu",
-            max_eval_blocks=args.max_eval_blocks,
-            eval_batch_size=args.batch_size,
-            progress=not args.tiny,
-            seed=args.seed,
-            **routing,
-        )
-        shutil.rmtree(cfg.output, ignore_errors=True)
-        return run(cfg, model=model)
+        return adapt_variant(args, work / name, model, (train_file, valid_file), device, **routing)
 
     def thresholds() -> list[dict]:
         return [r for r in records if r["router"] == "threshold-p"]

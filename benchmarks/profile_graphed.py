@@ -1,6 +1,6 @@
 """Kernel-level profile of graphed decode steps (`modadapt.GraphedDecoder`) on the GPU.
 
-    python benchmarks/profile_graphed.py --batch 32 [--router threshold-p] [--steps 8]
+    python benchmarks/profile_graphed.py --batch 32 [--router threshold-p] [--branches gather] [--steps 8]
 
 Builds the `speed.py` model (random weights, bf16), converts it when --router is given (calibrated
 as in speed.py), prefills a 2048-token prompt and profiles --steps graph-replayed decode steps:
@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import speed
 
-from modadapt.decoding import GraphedDecoder
+from modadapt.decoding import BRANCHES, GraphedDecoder
 
 
 def main() -> int:
@@ -26,6 +26,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--router", default=None, choices=[None, *speed.ROUTERS])
+    parser.add_argument("--branches", default="auto", choices=BRANCHES, help="GraphedDecoder's branches")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args()
@@ -36,7 +37,7 @@ def main() -> int:
         calib = torch.randint(0, shape.V, (2, 1024), generator=torch.Generator().manual_seed(99)).to(device)
         model, _, _ = speed.make_mod(model, args.router, calib, seed=100)
     ids = torch.randint(0, shape.V, (args.batch, args.context), generator=torch.Generator().manual_seed(11)).to(device)
-    decoder = GraphedDecoder(model)
+    decoder = GraphedDecoder(model, branches=args.branches)
     decoder.prefill(ids, None, args.steps * 2)
     decoder.decode(args.steps)  # warm
     decoder.prefill(ids, None, args.steps * 2)

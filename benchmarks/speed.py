@@ -12,6 +12,7 @@ the measured speedup next to the ideal one (FLOPs for prefill/training, bytes fo
     python benchmarks/speed.py --scenarios decode_speculative --speculate-k 2,4,6 --draft routers --draft margin=0.5
     python benchmarks/speed.py --scenarios decode_kv_budget --routers topk,threshold-p --kv-budget-gib 60
     python benchmarks/speed.py --scenarios decode_graphs --routers topk,threshold-p --graph-compile --out fused.json
+    python benchmarks/speed.py --scenarios decode_branches --routers topk,threshold-p --out branches.json
 
 With --compile, prefill and training run dense and MoD alike through torch.compile (fullgraph for
 dense and topk); decode and the layer breakdown stay eager. With --graph-compile, decode_graphs and
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 
 import modadapt
 from modadapt import varlen
+from modadapt.decoding import BRANCHES
 from modadapt.masks import subset_attention_mask
 from modadapt.metrics.flops import processing_flops, sequence_flops
 from modadapt.mod_layer import can_pack
@@ -81,6 +83,12 @@ FULL = dict(
         dict(batch=8, context=32768, new=128, goals={"threshold-p": 1.3, "topk": 1.5}),
     ],
     eager_decode=2,
+    # decode_branches: every branch mode where they differ (batch: rows that skip), to decide `auto`
+    branches=[
+        dict(batch=32, context=2048, new=128),
+        dict(batch=128, context=2048, new=128),
+        dict(batch=8, context=32768, new=128),
+    ],
     # decode_kv_budget: the largest batch whose static K/V fits `budget_gib`, per model, and its tokens/s
     kv_budget=dict(context=32768, new=128, budget_gib=60, probe_batch=4, prefill_rows=4, goals={"topk": 1.5}),
     train=dict(batch=8, seq=2048, goals={"topk": 1.5}),
@@ -115,6 +123,7 @@ TINY = dict(
         dict(batch=4, context=64, new=8, goals={"threshold-p": 1.15, "topk": 1.25}),
     ],
     eager_decode=2,
+    branches=[dict(batch=4, context=64, new=8), dict(batch=8, context=64, new=8)],
     # 256 tokens: a dense layer's capacity (384) is above a sparse MoD layer's (one 128-slot bucket);
     # 1 MiB holds 5 dense rows of this model, 8 of topk's
     kv_budget=dict(context=256, new=8, budget_gib=2**-10, probe_batch=2, prefill_rows=2, goals={"topk": 1.5}),
@@ -147,6 +156,7 @@ SCENARIOS = (
     "decode_layer",
     "decode",
     "decode_graphs",
+    "decode_branches",
     "decode_kv_budget",
     "decode_speculative",
     "train",
@@ -1000,7 +1010,8 @@ def check_static_attention(device, dtype) -> dict:
     """The graphed decoder's attention on CUDA (flash, reading each row's used slots) against its
     masked-SDPA fallback, on random K/V with random per-row lengths (B=32, GQA 32/8 heads; a
     quarter of the rows at length 0, as rows that skip a MoD layer in a batch: compared on the
-    other rows, where the fallback is defined)."""
+    other rows, where the fallback is defined). `gathered_*`: the same for a gathered call
+    (`branches="gather"`), 12 query rows reading cache rows named out of order through `cu_k`."""
     from modadapt.adapters.hf.attention import static_decode_attention
     from modadapt.decoding import static_cache
 
@@ -1021,15 +1032,28 @@ def check_static_attention(device, dtype) -> dict:
         flash = static_cache._FLASH.get(key)
         static_cache._FLASH[key] = False
         ref = static_decode_attention(None, q, k, v, lengths, scaling=d**-0.5)[0].float()
+        # a gathered call (branches="gather"): 12 query rows reading cache rows out of order
+        gathered = torch.randperm(B, generator=gen)[:12].to(device)
+        starts = torch.cat([gathered * cap, torch.tensor([B * cap], device=device)]).to(torch.int32)
+        rows_lengths = static_cache.KeyLengths(used[gathered], cu_q[:13], starts, rows=gathered)
+        static_cache._FLASH.pop(key, None)
+        fast_rows = static_decode_attention(None, q[:12], k, v, rows_lengths, scaling=d**-0.5)[0].float()
+        flash_rows = static_cache._FLASH.get(key)
+        static_cache._FLASH[key] = False
+        ref_rows = static_decode_attention(None, q[:12], k, v, rows_lengths, scaling=d**-0.5)[0].float()
     finally:
         static_cache._FLASH.pop(key, None) if saved is None else static_cache._FLASH.__setitem__(key, saved)
     rows = used > 0
     fast, ref = fast[rows], ref[rows]
+    kept = used[gathered] > 0
+    fast_rows, ref_rows = fast_rows[kept], ref_rows[kept]
     return dict(
         flash=flash,
         rel_diff=float((fast - ref).norm() / ref.norm()),
         max_abs_diff=float((fast - ref).abs().max()),
         zero_length_rows=int((~rows).sum()),
+        gathered_flash=flash_rows,
+        gathered_rel_diff=float((fast_rows - ref_rows).norm() / ref_rows.norm()),
     )
 
 
@@ -1194,6 +1218,151 @@ def run_decode_graphs(b: Bench) -> None:
                     flush=True,
                 )
             b.add(record)
+
+
+def branch_modes(b: Bench) -> list[str]:
+    """The modes `decode_branches` times: `--branch-modes`, else every mode this torch captures
+    but `auto` (which is one of them), `select` first (the others' tokens are checked against it)."""
+    from modadapt.decoding import available_branches
+
+    modes = b.args.branch_modes.split(",") if b.args.branch_modes else [m for m in available_branches() if m != "auto"]
+    return sorted(modes, key=lambda m: m != "select")
+
+
+def run_decode_branches(b: Bench) -> None:
+    """Every `GraphedDecoder` branch mode, per router, at the shapes where they differ (issue 17:
+    a row that skips a MoD layer at batch should cost close to nothing; B=32 and B=128 at 2k
+    context, B=8 at 32k): ms per step of `new` graphed decode steps after the prompt, which is
+    prefilled once per mode (capture included, `first_call_s`); the step is rewound before each
+    run (warm-up, then the median of the repeats). Checked: each mode's tokens, fed select
+    mode's (teacher-forced), against select mode's. What it decides: `branches="auto"`
+    (`modadapt.decoding.step.auto_branches`); the fastest mode per router and shape is printed
+    and recorded (`decode_branches_best_*`)."""
+    from modadapt.decoding import GraphedDecoder, static_cache
+
+    if b.device.type == "cuda":
+        check = check_static_attention(b.device, b.dtype)
+        b.add(dict(scenario="static_attention_check", router=None, **check))
+        print(f"# static decode attention, flash with used lengths vs masked SDPA: {check}", flush=True)
+    modes = branch_modes(b)
+    elt = torch.finfo(b.dtype).bits // 8
+    warmup, repeats = b.size["decode_warmup"], b.size["decode_repeats"]
+    for setting in b.size["branches"]:
+        B, ctx, new = setting["batch"], setting["context"], setting["new"]
+        ids = b.ids(B, ctx, 11)
+        scenario = f"decode_branches_b{B}_ctx{ctx}"
+
+        def measure(model, mode, reference=None):
+            decoder = GraphedDecoder(model, branches=mode, compile=b.args.graph_compile)
+            try:
+                t0 = time.perf_counter()
+                step = decoder.prefill(ids, None, new)
+                b.clock.sync()
+                first_s = time.perf_counter() - t0
+                prompt = [n.clone() for n in step.lengths]
+                times = []
+                for r in range(warmup + repeats):
+                    decoder.rewind()
+                    ms = b.clock.time(lambda: decoder.decode(new))
+                    if r >= warmup:
+                        times.append(ms)
+                added = [float((n - s).float().mean()) / new for n, s in zip(step.lengths, prompt)]
+                tokens = step.out.clone()
+                same = None
+                if reference is not None:  # teacher-forced: fed select's tokens, does it emit them?
+                    decoder.rewind()
+                    agree = []
+                    with torch.inference_mode():
+                        for t in range(new):
+                            if t:
+                                step.token.copy_(reference[:, t - 1 : t])
+                            decoder.decode(1)
+                            agree.append(step.token == reference[:, t : t + 1])
+                    same = torch.cat(agree, 1).float()
+                return dict(
+                    ms=statistics.median(times),
+                    times=times,
+                    first_s=first_s,
+                    added=added,
+                    tokens=tokens,
+                    same=None if same is None else float(same.mean()),
+                    same_worst_row=None if same is None else float(same.mean(1).min()),
+                    branches=decoder.branches_for(B) if decoder.cuda_graphs else f"{mode} (eager, no graphs)",
+                    kv_bytes=decoder.kv_bytes()[0],
+                )
+            finally:
+                step = None
+                decoder.reset()
+                _free_memory(b.device)
+
+        dense = measure(b.dense, "auto")
+        dense_bytes = decode_bytes(b.shape, B, ctx, new, None, elt)
+        print(f"# decode_branches B={B} ctx={ctx}: dense graphed {dense['ms'] / new:.3f} ms/step", flush=True)
+        for router, (model, _nominal, _) in b.mods.items():
+            timed, reference = {}, None
+            for mode in modes:
+                base = dict(scenario=scenario, router=router, branches=mode, batch=B, context=ctx, new_tokens=new)
+                try:
+                    mod = measure(model, mode, reference)
+                except Exception as error:  # noqa: BLE001 - one failing cell is a result; the sweep goes on
+                    traceback.print_exc()
+                    message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                    print(f"# {scenario} {router} {mode}: FAILED {message}", flush=True)
+                    b.add(dict(base, graph_compile=b.args.graph_compile, error=message))
+                    continue
+                if mode == "select":
+                    reference = mod["tokens"]
+                kept = statistics.mean(mod["added"][i] for i in b.shape.mod_layers)
+                timed[mode] = mod["ms"] / new
+                print(
+                    f"# {scenario} {router} {mode}: {mod['ms'] / new:.3f} ms/step ({dense['ms'] / mod['ms']:.2f}x "
+                    f"dense), kept {kept:.3f}, tokens as select {mod['same']}",
+                    flush=True,
+                )
+                b.add(
+                    dict(
+                        base,
+                        dense_ms=dense["ms"],
+                        mod_ms=mod["ms"],
+                        speedup=dense["ms"] / mod["ms"],
+                        ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt),
+                        ideal_basis="bytes",
+                        dense_ms_per_step=dense["ms"] / new,
+                        mod_ms_per_step=mod["ms"] / new,
+                        dense_times_ms=dense["times"],
+                        mod_times_ms=mod["times"],
+                        dense_tokens_per_s=B * new / dense["ms"] * 1e3,
+                        mod_tokens_per_s=B * new / mod["ms"] * 1e3,
+                        kept_fraction=kept,
+                        captured_as=mod["branches"],
+                        graph_compile=b.args.graph_compile,
+                        flash_decode=any(static_cache._FLASH.values()),
+                        mod_first_call_s=mod["first_s"],
+                        mod_kv_bytes=mod["kv_bytes"],
+                        tokens_as_select=mod["same"],
+                        tokens_as_select_worst_row=mod["same_worst_row"],
+                        goal=None,
+                        met=None,
+                    )
+                )
+            if timed:
+                best = min(timed, key=timed.get)
+                print(
+                    f"# {scenario} {router}: fastest {best} "
+                    f"({', '.join(f'{m} {ms:.3f}' for m, ms in sorted(timed.items(), key=lambda x: x[1]))} ms/step)",
+                    flush=True,
+                )
+                b.add(
+                    dict(
+                        scenario=f"decode_branches_best_b{B}_ctx{ctx}",
+                        router=router,
+                        batch=B,
+                        context=ctx,
+                        best=best,
+                        ms_per_step=timed,
+                        dense_ms_per_step=dense["ms"] / new,
+                    )
+                )
 
 
 def allocation_by_batch(lengths: list[torch.Tensor], per_slot: list[int], new: int) -> list[int]:
@@ -1853,6 +2022,12 @@ def format_row(r: dict) -> str:
                 f"generate {r['hf_plain_ms']:.1f} ms ({r['hf_assisted_speedup']:.2f}x), same tokens "
                 f"{r['hf_assisted_same_tokens']}"
             )
+    if "tokens_as_select" in r:
+        same = r["tokens_as_select"]
+        extra.append(
+            f"branches {r['branches']} ({r['captured_as']}): {r['mod_ms_per_step']:.3f} ms/step vs dense "
+            f"{r['dense_ms_per_step']:.3f}; tokens as select (teacher-forced) {'-' if same is None else f'{same:.3f}'}"
+        )
     if "mod_teacher_forced_agreement" in r:
         extra.append(
             f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "
@@ -1940,8 +2115,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--graph-branches",
         default="auto",
-        choices=("auto", "conditional", "host", "select"),
-        help="decode_graphs: how MoD layers branch in the captured step (GraphedDecoder's branches)",
+        choices=BRANCHES,
+        help="decode_graphs, decode_kv_budget, decode_speculative: how MoD layers branch in the captured step "
+        "(GraphedDecoder's branches)",
+    )
+    parser.add_argument(
+        "--branch-modes",
+        default=None,
+        help="decode_branches: comma list of the branch modes to time (default: every mode this torch captures "
+        "but auto, which is one of them)",
     )
     parser.add_argument(
         "--graph-compile",
@@ -2010,6 +2192,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if args.branch_modes:
+        bad = sorted(set(args.branch_modes.split(",")) - set(BRANCHES))
+        if bad:
+            parser.error(f"unknown branch mode {bad}; choose from {', '.join(BRANCHES)}")
     routers = [r for r in args.routers.split(",") if r]
     unknown += sorted(set(routers) - set(ROUTERS))
     if unknown:
@@ -2119,6 +2305,7 @@ def run(args, size, device, dtype, env, scenarios, routers, t_start) -> None:
         "decode_layer": run_decode_layer,
         "decode": run_decode,
         "decode_graphs": run_decode_graphs,
+        "decode_branches": run_decode_branches,
         "decode_kv_budget": run_decode_kv_budget,
         "decode_speculative": run_decode_speculative,
         "train": run_train,

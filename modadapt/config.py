@@ -38,7 +38,10 @@ class ModConfig:
     )
     capacity: float = field(
         default=0.125,
-        metadata={"help": "Fraction of tokens a capacity router keeps per sequence, in (0, 1]."},
+        metadata={
+            "help": "Fraction of tokens a capacity router keeps per sequence, in (0, 1] (noop-expert: of "
+            "the real tokens' expert slots that run)."
+        },
     )
     router_kwargs: dict = field(
         default_factory=dict,
@@ -80,7 +83,8 @@ class ModConfig:
             "layer unchanged and writes no K/V), 'attention' (a skipped token writes no K/V and skips "
             "attention, but goes through the MLP) or 'mlp' (every token goes through attention and "
             "writes K/V; a skipped token skips the MLP). Sublayers need a family whose layers the "
-            "adapter can split (every transformers decoder family built in; not timm's ViT)."
+            "adapter can split (every transformers decoder family built in; not timm's ViT). A router "
+            "that routes one sublayer only takes it when this is left at 'block' (noop-expert: 'mlp')."
         },
     )
 

@@ -47,6 +47,11 @@ def convert(
         raise ModAdaptError("this model is already converted; call modadapt.unload(model) first.")
     adapter = plugins.find_adapter(model, adapter)
     adapter.configure(**config.adapter_kwargs)
+    router_cls = get_router(config.router).obj
+    reason = router_cls.unsupported_reason(model, adapter)
+    if reason is not None:
+        raise ModAdaptError(reason)
+    config = routed_scope(config, router_cls)
     stack_owner, layers = adapter.layer_stack(model)
     if is_layer_rule(config.layers):  # a rule passes over the layers the family keeps dense
         convertible = [i for i in range(1, len(layers)) if accepts_layer(adapter, model, i)]
@@ -56,7 +61,6 @@ def convert(
     else:
         indices = resolve_layers(config.layers, len(layers))
     adapter.validate_layers(model, indices)
-    router_cls = get_router(config.router).obj
     hidden = adapter.hidden_size(model)
 
     routers = {}
@@ -95,6 +99,20 @@ def convert(
     state.hooks.extend(attached)
     state.hooks.extend(adapter.attach(model, state))
     return model
+
+
+def routed_scope(config: ModConfig, router_cls: type) -> ModConfig:
+    """`config` with a scope `router_cls` routes: as given, or the one sublayer a router routes
+    (`Router.scopes`) when the config leaves the default 'block'; else a clear error."""
+    scopes = router_cls.scopes
+    if scopes is None or config.scope in scopes:
+        return config
+    if config.scope == "block" and len(scopes) == 1:
+        return dataclasses.replace(config, scope=scopes[0])
+    raise ModAdaptError(
+        f"router {config.router!r} routes scope {' or '.join(map(repr, scopes))} only, not {config.scope!r}; "
+        f"convert with scope={scopes[0]!r} (CLI: --scope {scopes[0]})."
+    )
 
 
 def accepts_layer(adapter, model: nn.Module, index: int) -> bool:

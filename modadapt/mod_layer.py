@@ -62,6 +62,9 @@ class LayerState:
     last_keep: torch.Tensor | None = None
     last_real: torch.Tensor | None = None
     last_aux: torch.Tensor | None = None
+    #: `RoutingDecision.expert_slots` of the last forward (the experts each token ran, where the
+    #: router drops mixture-of-experts slots too), or None.
+    last_slots: torch.Tensor | None = None
     #: Whether the original layer is running on the kept tokens right now (not on its input as is),
     #: and which of the slots it holds are real tokens (`[B, K]`, or `[1, N]` packed; None: all):
     #: what a sublayer's statistics (a MoE router's load) must count.
@@ -263,14 +266,18 @@ def _decode_one_token(layer: nn.Module, arguments: _CallArguments, hidden: torch
     call = state.call
     logits = layer.router.score(hidden, ctx)
     keep = layer.router.causal_keep(logits, hidden, ctx)
-    state.last_keep, state.last_real, state.last_aux = keep.detach(), None, None
+    state.last_keep, state.last_real, state.last_aux, state.last_slots = keep.detach(), None, None, None
     seen = book.mod_seen
     book.mod_seen += 1
     if not bool(keep):
         return call.skipped(hidden) if call.skipped is not None else hidden
     if call.mask:
         arguments.set(call.mask, None)
-    out = _call_original(layer, arguments, off_cudnn=True)
+    state.on_subset = True  # the layer runs on the token it kept (all of its slots are real)
+    try:
+        out = _call_original(layer, arguments, off_cudnn=True)
+    finally:
+        state.on_subset = False
     book.mod_append(seen)
     gate = layer.router.gate(logits)
     if gate is None:
@@ -443,3 +450,4 @@ def _record(state: LayerState, decision: RoutingDecision, ctx: RoutingContext) -
     state.last_keep = decision.keep.detach()
     state.last_real = ctx.real
     state.last_aux = decision.aux_loss
+    state.last_slots = decision.expert_slots

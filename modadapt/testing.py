@@ -18,7 +18,7 @@ invariants of a model family (with any `router_name`, default `random`): capacit
 the dense model, a left-padded row equals the row alone, save/load reproduces the outputs, and
 unload restores the original state dict. The inputs come from the adapter's `example_inputs`;
 checks that need what a family lacks (a KV cache, token-only inputs to pad) are skipped with the
-reason.
+reason, and so are presets the router cannot convert at all (`Router.unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -54,8 +54,16 @@ class RouterConformance:
     #: `ModConfig.scope`: what the MoD layers route (the whole block, its attention or its MLP).
     scope: str = "block"
 
+    def skip_unsupported(self, model: nn.Module) -> None:
+        """Skip, with its reason, a preset the router cannot convert at all (`Router.unsupported_reason`:
+        `noop-expert` on a model without experts)."""
+        reason = get_router(self.router_name).obj.unsupported_reason(model, find_adapter(model))
+        if reason is not None:
+            pytest.skip(reason)
+
     def make_model(self, randomize: bool = True, **config: Any) -> nn.Module:
         model = modadapt.build_preset(self.preset)
+        self.skip_unsupported(model)
         layers = self.layers if self.layers is not None else get_router(self.router_name).obj.densest_layers
         options = dict(
             router=self.router_name,
@@ -170,6 +178,7 @@ class AdapterConformance(RouterConformance):
 
     def test_full_capacity_equals_dense(self):
         model = modadapt.build_preset(self.preset)
+        self.skip_unsupported(model)
         inputs = self.inputs(model)
         with torch.no_grad():
             dense = _output(model(**inputs))
@@ -213,6 +222,7 @@ class AdapterConformance(RouterConformance):
 
     def test_unload_restores_state_dict(self):
         model = modadapt.build_preset(self.preset)
+        self.skip_unsupported(model)
         original = {k: v.clone() for k, v in model.state_dict().items()}
         classes = [type(m) for m in model.modules()]
         converted = self.make_model()

@@ -14,7 +14,7 @@ from conftest import WINDOWED_FAMILIES, build_tiny, build_windowed, widened
 
 import modadapt
 from modadapt.adapters.hf.presets import DECODER_FAMILIES
-from modadapt.decoding import BUCKET, GraphedDecoder, conditional_nodes_available
+from modadapt.decoding import BUCKET, GraphedDecoder, available_branches
 from modadapt.errors import ModAdaptError
 from modadapt.mod_layer import state_of
 
@@ -93,6 +93,8 @@ def test_graphed_decoder_matches_generate_converted(graphed_family, window, tiny
     decoder = GraphedDecoder(model)
     got = decoder.generate(x, attention_mask=mask, max_new_tokens=new)
     assert torch.equal(got, expected)
+    gathered = GraphedDecoder(model, branches="gather")  # the family's layer on gathered rows
+    assert torch.equal(gathered.generate(x, attention_mask=mask, max_new_tokens=new), expected)
     # rows really disagree while decoding: some MoD layer keeps a different number of new tokens per row
     step = decoder.prefill(x, mask, new)
     mod = state_of(model).layer_indices
@@ -109,7 +111,8 @@ def test_graphed_decoder_matches_generate_dense_and_batch_one(
     """Every family, the unconverted model and a converted one, batch 1 and a left-padded batch.
     With a sliding window of 8, prompt and new tokens pass it (33 to 36 tokens a row) and a
     converted model is tried with each router kind (threshold-p's thresholds, topk's causal
-    predictor); the window changes the tokens (a model whose window is out of reach differs)."""
+    predictor), also on gathered rows; the window changes the tokens (a model whose window is out
+    of reach differs)."""
     dense = _dense(tiny, graphed_family, window)
     dense.config.output_router_logits = False  # see test_speculative_decode._pair: transformers' own MoE loss
     x1 = ids(1, 9, seed=3)
@@ -124,6 +127,9 @@ def test_graphed_decoder_matches_generate_dense_and_batch_one(
         assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=new), expected)
         if window is not None and model is dense:
             assert not torch.equal(_greedy(widened(copy.deepcopy(dense)), x, mask, new), expected)
+        elif window is not None:  # gathered rows: a windowed MoD layer's slot positions in the whole cache
+            gathered = GraphedDecoder(model, cuda_graphs=False, branches="gather")
+            assert torch.equal(gathered.generate(x, attention_mask=mask, max_new_tokens=new), expected)
 
 
 @pytest.mark.parametrize("moe_family", [f for f in GRAPHED_FAMILIES if "moe" in f or f == "mixtral"])
@@ -148,7 +154,7 @@ def test_graphed_decoder_mixture_of_experts(moe_family, tiny, ids, left_pad, ran
     assert GraphedDecoder(model).cuda_graphs is False  # the default: the pieces run eagerly
 
 
-@pytest.mark.parametrize("branches", ["host", "select", "auto"])
+@pytest.mark.parametrize("branches", ["host", "select", "gather", "auto"])
 @pytest.mark.parametrize("router", ["threshold-p", "topk", "random"])
 def test_graphed_decoder_batch_one_and_routers(router, branches, tiny, ids, randomize_routers):
     model = _converted(tiny, "llama", randomize_routers, router=router)
@@ -234,18 +240,24 @@ def test_graphed_decoder_bad_input(tiny, ids):
 
 def test_graphed_decoder_branch_modes(tiny, monkeypatch):
     import modadapt.decoding.decoder as gd
+    from modadapt.decoding.step import BRANCHES, gather_buckets
 
     model = tiny("llama")
     assert GraphedDecoder(model, branches="select").branches_for(1) == "select"
+    assert GraphedDecoder(model, branches="gather").branches_for(32) == "gather"
     monkeypatch.setattr(gd, "conditional_nodes_available", lambda: True)
     auto = GraphedDecoder(model)
     assert (auto.branches_for(1), auto.branches_for(8)) == ("conditional", "conditional")
     monkeypatch.setattr(gd, "conditional_nodes_available", lambda: False)  # torch 2.11, the GPU machine's
     assert (auto.branches_for(1), auto.branches_for(8)) == ("host", "select")
-    with pytest.raises(ModAdaptError, match="no CUDA graph conditional nodes"):
-        GraphedDecoder(model, branches="conditional")
-    with pytest.raises(ModAdaptError, match="branches"):
+    for mode, other in (("conditional", "host"), ("gather-conditional", "gather")):
+        with pytest.raises(ModAdaptError, match=f"{mode}.*conditional nodes.*branches='{other}'"):
+            GraphedDecoder(model, branches=mode)
+    assert available_branches(conditional=False) == ("auto", "gather", "host", "select")
+    assert available_branches(conditional=True) == BRANCHES
+    with pytest.raises(ModAdaptError, match="branches must be one of auto, conditional, gather, gather-conditional"):
         GraphedDecoder(model, branches="sometimes")
+    assert [gather_buckets(b) for b in (1, 3, 32)] == [(1,), (1, 2, 3), (1, 2, 4, 8, 16, 32)]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -348,33 +360,60 @@ def _windowed_lengths(held, used, T, cap, window, gen):
         positions = slots.gather(1, own)
     else:
         positions = own
-    return KeyLengths(used, cu * T, cu * cap, queries=T, window=window, positions=positions, slots=slots)
+    return KeyLengths(used, cu * T, cu * cap, queries=T, window=window, positions=positions, slot_positions=slots)
 
 
 @pytest.mark.parametrize("held", [None, "dense", "mod"])
 @pytest.mark.parametrize(
-    "heads,kv_heads,queries,multiprocessors", [(8, 2, 1, 6), (8, 2, 1, 7), (4, 4, 1, 1), (8, 2, 3, 1)]
+    "heads,kv_heads,queries,multiprocessors,gathered",
+    [
+        (8, 2, 1, 6, False),
+        (8, 2, 1, 7, False),
+        (4, 4, 1, 1, False),
+        (8, 2, 3, 1, False),
+        (8, 2, 1, 6, True),
+        (8, 2, 1, 7, True),
+        (4, 4, 1, 1, True),
+    ],
 )
 def test_static_attention_flash_layouts_match_the_fallback(
-    heads, kv_heads, queries, multiprocessors, held, monkeypatch
+    heads, kv_heads, queries, multiprocessors, gathered, held, monkeypatch
 ):
     """The flash path's layouts, checked on CPU against flash's contract: a decode token's grouped
     query heads go packed as G queries per K/V head (each K/V head read once for its group) when
     the packed blocks (rows x K/V heads: 3 x 2 here) fill the device's multiprocessors, else one
     query per head; the T queries of a verification go as they are; all equal the masked
-    fallback, `grouped_cu_q` is filled once and reused (captured graphs read that tensor). With a
-    sliding window (`held`: dense or MoD slots) a decode token reads its row from the window's
-    first slot (offset row starts, shorter used lengths: flash's contract does the rest); several
-    queries per row, each with its own window start, take the masked path."""
+    fallback, `grouped_cu_q` is filled once and reused (captured graphs read that tensor).
+    `gathered`: the 3 query rows read cache rows 4, 0, 2 of 5 (`KeyLengths.rows`; flash through
+    `cu_k`, out of order), as the rows alone would. With a sliding window (`held`: dense or MoD
+    slots) a decode token reads its row from the window's first slot (offset row starts, shorter
+    used lengths: flash's contract does the rest); several queries per row, each with its own
+    window start, take the masked path."""
     from modadapt.decoding import static_cache
+    from modadapt.decoding.static_cache import KeyLengths
 
     gen = torch.Generator().manual_seed(2)
     B, d, cap, T = 3, 8, 16, queries
     q = torch.randn(B, heads, T, d, generator=gen)
     k, v = torch.randn(B, cap, kv_heads, d, generator=gen), torch.randn(B, cap, kv_heads, d, generator=gen)
     used = torch.tensor([5, 16, 3], dtype=torch.int32)
+    cu = torch.arange(B + 1, dtype=torch.int32)
     lengths = _windowed_lengths(held, used, T, cap, 4, gen)
     reference = static_cache.static_cache_attention(q, k, v, lengths, 0.3)  # masked SDPA on CPU
+    if gathered:  # the same rows at 4, 0, 2 of a larger cache
+        rows = torch.tensor([4, 0, 2])
+        k_all, v_all = torch.randn(5, cap, kv_heads, d, generator=gen), torch.randn(5, cap, kv_heads, d, generator=gen)
+        k_all[rows], v_all[rows] = k, v
+        k, v = k_all, v_all
+        held_all = None
+        if lengths.slot_positions is not None:  # the whole cache's slot positions, the rows' at theirs
+            held_all = torch.randint(0, 99, (5, cap), generator=gen)
+            held_all[rows] = lengths.slot_positions
+        starts = torch.cat([rows * cap, torch.tensor([5 * cap])]).to(torch.int32)
+        window = dict(window=4, positions=lengths.positions, slot_positions=held_all) if held else {}
+        lengths = KeyLengths(used, cu, starts, rows=rows, **window)
+        torch.testing.assert_close(static_cache.static_cache_attention(q, k, v, lengths, 0.3), reference)
+        lengths.windowed = None  # (the fallback made none; as a fresh call)
     calls = []
 
     def flash(*args):
@@ -419,7 +458,7 @@ def test_static_attention_sliding_window(held, queries, softcap):
     used = (base + T).to(torch.int32)
     lengths = _windowed_lengths(held, used, T, cap, window, gen)
     if held == "mod":  # the new tokens' positions reach the slots through the cache's update
-        slots = lengths.slots
+        slots = lengths.slot_positions
         written = slots.clone()
         slots[torch.arange(B)[:, None], base[:, None] + torch.arange(T)] = -100
         new_k, new_v = torch.randn(B, Hk, T, d, generator=gen), torch.randn(B, Hk, T, d, generator=gen)
@@ -430,7 +469,7 @@ def test_static_attention_sliding_window(held, queries, softcap):
     kwargs = {} if softcap is None else {"softcap": softcap}
     out, _ = static_decode_attention(None, q, k, v, lengths, scaling=0.3, sliding_window=window, **kwargs)
     assert out.shape == (B, T, H, d)
-    positions = lengths.slots if held == "mod" else torch.arange(cap).expand(B, cap)
+    positions = lengths.slot_positions if held == "mod" else torch.arange(cap).expand(B, cap)
     for b in range(B):
         for t in range(T):
             own = int(base[b]) + t
@@ -458,14 +497,81 @@ def test_graphed_decoder_window_comes_from_the_config(ids):
         GraphedDecoder(model).generate(ids(1, 12), max_new_tokens=4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention on CUDA")
+def test_flash_gathered_rows_match_the_masked_fallback_on_cuda():
+    """torch's flash kernel with used lengths reads each query row's K/V from the cache row
+    `cu_k` names, out of order and skipping rows (a gathered call: rows 6, 1, 3, 0 of 8, GQA
+    packed, the last a filler row of used length 0), as the masked fallback does on the other
+    rows. Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from modadapt.decoding import static_cache
+    from modadapt.decoding.static_cache import KeyLengths, static_cache_attention
+
+    gen = torch.Generator().manual_seed(0)
+    n, B, H, Hk, d, cap = 4, 8, 8, 2, 64, 256
+    q = torch.randn(n, H, 1, d, generator=gen).cuda().bfloat16()
+    k, v = (torch.randn(B, cap, Hk, d, generator=gen).cuda().bfloat16() for _ in range(2))
+    rows = torch.tensor([6, 1, 3, 0], device="cuda")
+    used = torch.tensor([200, 17, 256, 0], dtype=torch.int32, device="cuda")
+    starts = torch.cat([rows * cap, torch.tensor([B * cap], device="cuda")]).int()
+    lengths = KeyLengths(used, torch.arange(n + 1, dtype=torch.int32, device="cuda"), starts, rows=rows)
+    flash = static_cache_attention(q, k, v, lengths, d**-0.5).float()
+    key = static_cache.flash_key(q)
+    assert static_cache._FLASH.get(key)
+    static_cache._FLASH[key] = False
+    try:
+        reference = static_cache_attention(q, k, v, lengths, d**-0.5).float()
+    finally:
+        static_cache._FLASH[key] = True
+    assert (flash[:3] - reference[:3]).norm() / reference[:3].norm() < 1e-2
+
+
+@pytest.mark.parametrize("branches", ["select", "gather", "gather-conditional"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_graphed_decoder_select_branches(batch, tiny, ids, randomize_routers):
-    """`branches="select"`: every row runs the MoD layer, `where` keeps the skipping rows' input."""
+def test_graphed_decoder_batch_branches(batch, branches, tiny, ids, randomize_routers):
+    """`branches="select"`: every row runs the MoD layer, `where` keeps the skipping rows' input;
+    `"gather"` (and `"gather-conditional"`, eagerly the same pieces): only the kept rows run."""
     model = _converted(tiny, "llama", randomize_routers)
     x = ids(batch, 9, seed=6)
-    decoder = GraphedDecoder(model, branches="select")
+    decoder = GraphedDecoder(model, branches=branches)
     assert torch.equal(decoder.generate(x, max_new_tokens=10), _greedy(model, x, None, 10))
-    assert decoder.last_step.mode == "select" and not decoder.last_step.runs_only_when_kept
+    assert decoder.last_step.mode == branches and not decoder.last_step.runs_only_when_kept
+
+
+@pytest.mark.parametrize("branches", ["gather", "gather-conditional"])
+@pytest.mark.parametrize("router", ["threshold-p", "topk"])
+def test_gathered_rows_match_select_and_generate(router, branches, tiny, ids, left_pad, randomize_routers, monkeypatch):
+    """Gathered rows, a left-padded batch of 6 whose rows keep different counts: one MoD layer
+    keeps every row (the full bucket), one none (no bucket runs), one some (smaller buckets).
+    The tokens are `model.generate`'s and select mode's, every layer's per-row lengths and used
+    K/V are select mode's, and the filler rows of a bucket change nothing."""
+    from modadapt.decoding.step import DecodeStep
+
+    model = _converted(tiny, "llama", randomize_routers, router=router)
+    everyone, nobody, _ = modadapt.mod_layers(model)
+    with torch.no_grad():
+        everyone.router.scorer.bias.fill_(1e4)
+        nobody.router.scorer.bias.fill_(-1e4)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4, 9, 3, 10)])
+    expected = _greedy(model, x, mask, 12)
+    select = GraphedDecoder(model, branches="select")
+    assert torch.equal(select.generate(x, attention_mask=mask, max_new_tokens=12), expected)
+    ran, gathered = [], DecodeStep._gathered
+    monkeypatch.setattr(DecodeStep, "_gathered", lambda self, i, n: ran.append((i, n)) or gathered(self, i, n))
+    decoder = GraphedDecoder(model, branches=branches)
+    assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), expected)
+    mod = state_of(model).layer_indices
+    sizes = {i: {n for j, n in ran if j == i} for i in mod}
+    assert sizes[mod[0]] == {6} and sizes[mod[1]] == set()  # keeps all (one bucket: the batch), keeps none
+    assert len(sizes[mod[2]]) > 1 and max(sizes[mod[2]]) < 6  # rows keep different counts per step
+    step, other = decoder.last_step, select.last_step
+    for i, (n, m) in enumerate(zip(step.lengths, other.lengths)):
+        assert torch.equal(n, m), i
+        for row, used in enumerate(n.tolist()):
+            torch.testing.assert_close(step.keys[i][row, :used], other.keys[i][row, :used])
+            torch.testing.assert_close(step.values[i][row, :used], other.values[i][row, :used])
+    final = step.lengths[mod[2]].clone()
+    added = final - decoder.prefill(x, mask, 12).lengths[mod[2]]
+    assert added.min() < added.max()
 
 
 @pytest.mark.parametrize("both_rows_end", [False, True])
@@ -490,15 +596,14 @@ def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, ids, left
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
 def test_captured_graphs_match_generate_on_cuda():
-    """The captured step (host branches at batch 1, select in batches, conditional nodes where
-    torch has them) in float32 on CUDA gives `model.generate`'s tokens, and captured sampling is
+    """The captured step (every branch mode this torch captures: host, select, gathered rows,
+    conditional nodes where torch has them) in float32 on CUDA gives `model.generate`'s tokens,
+    at batch 1 and in a left-padded batch, and captured sampling is
     seeded by `torch.manual_seed`. Run on the GPU machine:
     `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    from modadapt.decoding import BRANCHES
-
-    modes = [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    modes = available_branches()
     for router, branches in [(r, b) for r in ("threshold-p", "topk") for b in modes]:
         model = modadapt.convert(build_tiny("llama"), router=router, layers="all-but-first")
         model = randomize_router_weights(model).eval().cuda()
@@ -526,21 +631,24 @@ def test_captured_graphs_match_generate_on_cuda():
 def test_every_family_captured_matches_generate_on_cuda(graphed_family, window):
     """Every graphed family's captured step in float32 on CUDA (threshold-p on all but the first
     layer, random routers; the mixtures of experts through transformers' `grouped_mm` experts, the
-    tiny presets' default) gives `model.generate`'s tokens, at batch 1 and in a left-padded batch;
-    and so does every family with a sliding window, with one of 8 that the tokens pass.
+    tiny presets' default) gives `model.generate`'s tokens, at batch 1 and in a left-padded batch,
+    with the default branches and with gathered rows (each family's layer on a gathered batch:
+    its rotary embeddings, experts, learned positions); and so does every family with a sliding
+    window, with one of 8 that the tokens pass.
     Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
     dense = widened(build_tiny(graphed_family)) if window is None else build_windowed(graphed_family, window)
     model = modadapt.convert(dense, router="threshold-p", layers="all-but-first")
     model = randomize_router_weights(model).eval().cuda()
-    decoder = GraphedDecoder(model, cuda_graphs=True)
-    for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
-        x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
-        expected = _greedy(model, x, mask, 24)
-        got = decoder.generate(x, attention_mask=mask, max_new_tokens=24)
-        assert decoder.last_step.graphs is not None
-        assert torch.equal(got, expected), (graphed_family, len(prompts), decoder.last_step.mode)
+    for branches in ("auto", "gather"):
+        decoder = GraphedDecoder(model, cuda_graphs=True, branches=branches)
+        for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
+            x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
+            expected = _greedy(model, x, mask, 24)
+            got = decoder.generate(x, attention_mask=mask, max_new_tokens=24)
+            assert decoder.last_step.graphs is not None
+            assert torch.equal(got, expected), (graphed_family, len(prompts), decoder.last_step.mode)
 
 
 def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
@@ -640,7 +748,7 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
     very kernels the eager pieces run, so the tokens are equal (greedy, every branch mode)."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    from modadapt.decoding import BRANCHES, static_cache
+    from modadapt.decoding import static_cache
 
     model = modadapt.convert(build_tiny("llama"), router="threshold-p", layers="all-but-first")
     model = randomize_router_weights(model).eval().cuda().to(torch.bfloat16)
@@ -649,7 +757,7 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
         eager = GraphedDecoder(model, cuda_graphs=False).generate(
             x[:batch], attention_mask=mask[:batch], max_new_tokens=40
         )
-        for branches in [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]:
+        for branches in available_branches():
             graphed = GraphedDecoder(model, branches=branches)
             assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)
             assert graphed.last_step.graphs is not None
@@ -665,9 +773,9 @@ def test_captured_windowed_graphs_match_generate_on_cuda():
     their eager pieces give. Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from conftest import left_pad_batch, make_ids, randomize_router_weights
 
-    from modadapt.decoding import BRANCHES, static_cache
+    from modadapt.decoding import static_cache
 
-    modes = [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    modes = available_branches()  # the gathered modes included
     prompts = ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
     for family in ("gemma3", "mistral"):
         for router in ("threshold-p", "topk"):
@@ -708,7 +816,7 @@ def test_windowed_flash_attention_matches_the_mask_on_cuda(held, packed, monkeyp
         k, v = torch.randn(B, cap, kv_heads, d, generator=gen), torch.randn(B, cap, kv_heads, d, generator=gen)
         used = torch.tensor([5, 256, 130], dtype=torch.int32)
         lengths = _windowed_lengths(held, used, 1, cap, 32, gen)
-        fields = ("used", "cu_q", "cu_k", "positions", "slots")
+        fields = ("used", "cu_q", "cu_k", "positions", "slot_positions")
         for name in fields:
             value = getattr(lengths, name)
             if value is not None:
@@ -756,9 +864,9 @@ def test_graphed_decoder_prefill_in_passes(router, stack, tiny, ids, left_pad, r
         for row, n in enumerate(a.tolist()):
             torch.testing.assert_close(step.keys[i][row, :n], whole.keys[i][row, :n], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(step.values[i][row, :n], whole.values[i][row, :n], rtol=1e-5, atol=1e-6)
-            if whole.slots[i] is not None:
-                assert torch.equal(step.slots[i][row, :n], whole.slots[i][row, :n])
-    assert any(s is not None for s in step.slots) == (stack == "gemma3")
+            if whole.slot_positions[i] is not None:
+                assert torch.equal(step.slot_positions[i][row, :n], whole.slot_positions[i][row, :n])
+    assert any(s is not None for s in step.slot_positions) == (stack == "gemma3")
     assert torch.equal(step.token, whole.token)
     first = step.token.clone()
     decoder.decode(7)
@@ -826,7 +934,9 @@ def _counting(monkeypatch):
     return counter
 
 
-@pytest.mark.parametrize("router, branches", [(None, "auto"), ("topk", "select"), ("threshold-p", "host")])
+@pytest.mark.parametrize(
+    "router, branches", [(None, "auto"), ("topk", "select"), ("threshold-p", "host"), ("threshold-p", "gather")]
+)
 def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, randomize_routers, monkeypatch):
     """compile=True: batch 1 and a left-padded batch give `model.generate`'s greedy tokens. Each
     shape compiles in its step's warm-up (inside `prefill`), never while decoding: a second prompt
@@ -922,9 +1032,9 @@ def test_compiled_captured_graphs_match_generate_on_cuda():
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from modadapt.decoding import BRANCHES, compiled
+    from modadapt.decoding import compiled
 
-    modes = [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    modes = available_branches()
     counter = CompileCounterWithBackend("inductor")
     saved, compiled.BACKEND = compiled.BACKEND, counter
     try:

@@ -281,6 +281,21 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     assert all(r["bytes_bound_ms"] > 0 and r["copy_bandwidth_bytes_s"] > 0 and r["context"] > 0 for r in graphed)
     assert all(r["dense_vs_bound"] == pytest.approx(r["dense_ms_per_step"] / r["bytes_bound_ms"]) for r in graphed)
     assert all(r["dense_hf_static_error"] is None and r["dense_hf_static_ms"] > 0 for r in graphed)
+    # every branch mode per router and shape, each emitting select mode's tokens (teacher-forced)
+    from modadapt.decoding import available_branches
+
+    branches = [r for r in records if r["scenario"].startswith("decode_branches_b") and "best" not in r]
+    modes = set(available_branches()) - {"auto"}
+    assert {(r["router"], r["branches"], r["batch"]) for r in branches} == {
+        (router, mode, setting["batch"])
+        for router in ("topk", "threshold-p")
+        for mode in modes
+        for setting in bench.TINY["branches"]
+    }
+    assert all(r["mod_ms_per_step"] > 0 and "error" not in r for r in branches)
+    assert all(r["tokens_as_select"] == 1.0 for r in branches if r["branches"] != "select")
+    best = [r for r in records if r["scenario"].startswith("decode_branches_best")]
+    assert len(best) == 2 * len(bench.TINY["branches"]) and all(r["best"] in modes for r in best)
     assert {r["router"] for r in records if r["scenario"].startswith("decode_kv_budget")} == {
         "dense",
         "topk",

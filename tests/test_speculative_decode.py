@@ -14,7 +14,7 @@ import torch
 from conftest import WINDOWED_FAMILIES, build_windowed, widened
 
 import modadapt
-from modadapt.decoding import Draft, GraphedDecoder, conditional_nodes_available
+from modadapt.decoding import Draft, GraphedDecoder, available_branches
 from modadapt.errors import ModAdaptError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,7 +99,7 @@ def test_speculative_greedy_other_routers_and_branches(router, tiny, ids, left_p
     dense, model = _pair(tiny, "llama", randomize_routers, router=router)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (5, 10)])
     expected = _greedy(dense, x, mask, 12)
-    for branches in ("host", "select"):
+    for branches in ("host", "select", "gather"):
         decoder = GraphedDecoder(model, speculate=3, branches=branches)
         assert torch.equal(decoder.generate(x[:1], attention_mask=mask[:1], max_new_tokens=12), expected[:1])
         assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), expected)
@@ -151,9 +151,9 @@ def test_verifier_cache_holds_the_dense_model_cache(stack, window, tiny, ids, ra
         for i, layer in enumerate(cache.layers):
             torch.testing.assert_close(step.keys[i][b, :base], layer.keys[0].transpose(0, 1))
             torch.testing.assert_close(step.values[i][b, :base], layer.values[0].transpose(0, 1))
-            if step.slots[i] is not None:
-                assert torch.equal(step.slots[i][b, :base], torch.arange(base))
-    assert any(s is not None for s in step.slots) == (window is not None)
+            if step.slot_positions[i] is not None:
+                assert torch.equal(step.slot_positions[i][b, :base], torch.arange(base))
+    assert any(s is not None for s in step.slot_positions) == (window is not None)
     assert all(torch.equal(n, step.base) for n in step.lengths)
     allocated, used = decoder.kv_bytes()
     assert 0 < used < allocated
@@ -423,9 +423,7 @@ def test_assisted_generation_with_a_converted_assistant(tiny, ids, randomize_rou
 
 # --- on a GPU ---------------------------------------------------------------------------------------------------
 def _modes():
-    from modadapt.decoding import BRANCHES
-
-    return [b for b in BRANCHES if b != "conditional" or conditional_nodes_available()]
+    return available_branches()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")

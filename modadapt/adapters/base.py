@@ -234,11 +234,21 @@ class Adapter:
         `modadapt.metrics.routing_stats.expert_stats`). Default: no experts."""
         return []
 
+    def expert_router(self, model: nn.Module, mlp: nn.Module) -> nn.Module | None:
+        """The router of the mixture of experts `mlp` (a layer's MLP), for routers that change
+        how it routes (`noop-expert` adds a no-op expert to it): a module whose call takes the
+        tokens' hidden states `[N, D]` and returns `(logits [N, E], weights [N, k], indices
+        [N, k])`, the top-k experts each token goes to and their weights, which the experts then
+        apply. None: `mlp` has no experts. Default: none."""
+        return None
+
     def sublayer_weights(self, model: nn.Module, layer: nn.Module) -> dict[str, int] | None:
         """The weights of `layer`'s linear maps that one token passes through, per sublayer:
         ``{"attention": ..., "mlp": ...}`` (a mixture of experts: its router and the top-k
         experts' share of the expert weights; a MoD router's own excluded), for the FLOPs model
-        (`modadapt.metrics.flops`). None: the layer's linear maps count as one block."""
+        (`modadapt.metrics.flops`); a mixture of experts adds ``"expert"`` (the weights of one
+        expert, what one of a token's top-k slots costs) and ``"top_k"``. None: the layer's
+        linear maps count as one block."""
         return None
 
     def decode_parts(self, model: nn.Module) -> DecodeParts:

@@ -10,11 +10,20 @@ only when some row keeps the token; how that branch is taken (`branches`):
 - ``"host"``: the step is captured as pieces between MoD layers; after each routing piece the
   host polls the decision's byte in pinned memory and replays the layer's graph or not;
 - ``"select"``: one graph, every MoD layer always runs and `where` keeps the input of rows that
-  skip (no skipped work, no sync; what a large batch, where some row nearly always keeps, wants).
+  skip (no skipped work, no sync; but at a batch a skipping row costs as much as a kept one);
+- ``"gather"``: the MoD layer computes only the rows that keep: its work is captured for a few
+  row counts (`step.gather_buckets`: powers of two up to the batch), the routing piece orders the
+  kept rows first and the host, reading one byte per MoD layer as with ``"host"``, replays the
+  smallest bucket that holds them (or none); the bucket's rows are gathered, attend to their own
+  cache rows, and the kept ones are copied back;
+- ``"gather-conditional"``: the same, the bucket chosen on the GPU (one conditional node per
+  bucket; one graph per step).
 
-``"auto"`` picks conditional where available, else host at batch 1 and select above. In every
-mode a row that skips writes no K/V that is kept and reads none, so each row generates what it
-would alone (rows computed in a step that another row keeps are discarded).
+``"auto"`` picks conditional where available, else host at batch 1 and select above
+(`step.auto_branches`, provisional until `benchmarks/speed.py --scenarios decode_branches` has
+measured the gathered modes on a GPU). In every mode a row that skips writes no K/V that is kept
+and reads none, so each row generates what it would alone (rows computed in a step that another
+row keeps are discarded).
 
 The cache is static and compacted per row (`static_cache`). A MoD layer's capacity is what its
 rows kept in the prompt plus the new tokens, rounded up to `BUCKET` so that captured steps are
@@ -39,6 +48,15 @@ static cache keeps every token, a query reads its window: `static_cache`), and r
 from .decoder import BUCKET, CHECK_EVERY, GraphedDecoder
 from .sampling import Sampling
 from .speculate import Draft
-from .step import BRANCHES, conditional_nodes_available
+from .step import BRANCHES, available_branches, conditional_nodes_available
 
-__all__ = ["BRANCHES", "BUCKET", "CHECK_EVERY", "Draft", "GraphedDecoder", "Sampling", "conditional_nodes_available"]
+__all__ = [
+    "BRANCHES",
+    "BUCKET",
+    "CHECK_EVERY",
+    "Draft",
+    "GraphedDecoder",
+    "Sampling",
+    "available_branches",
+    "conditional_nodes_available",
+]

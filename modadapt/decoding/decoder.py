@@ -22,7 +22,7 @@ from ..plugins import find_adapter
 from .compiled import NoCompiler, StepCompiler, check_compile
 from .sampling import Sampling, next_token
 from .speculate import Draft, SpeculativeStep
-from .step import BRANCHES, DecodeStep, StepLayer, conditional_nodes_available
+from .step import BRANCHES, CONDITIONAL, DecodeStep, StepLayer, auto_branches, conditional_nodes_available
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
 BUCKET = 128
@@ -41,6 +41,14 @@ class GraphedDecoder:
     step reads the weights in place; when a router's parameters or buffers change in place
     (training, `load_state_dict`: their version moves) the next `prefill` captures afresh, since
     resolved cut-offs are tensors of their own. Replacing `.data` is not seen: call `reset()`.
+
+    `branches` sets how a MoD layer's work is taken or skipped in the captured step (`BRANCHES`):
+    `"host"` (the host reads each decision and replays the layer's graph or not), `"conditional"`
+    (a CUDA conditional node: the GPU decides), `"select"` (every row computed, the skipping rows'
+    input kept), `"gather"` / `"gather-conditional"` (only the rows that keep are computed,
+    gathered into a batch of a captured bucket size: the host picks the bucket, or conditional
+    nodes do), `"auto"` (`modadapt.decoding.step.auto_branches`, provisional until the branch
+    sweep has run on a GPU). Every mode gives the same tokens; see `modadapt.decoding`.
 
     `speculate=K` (K >= 1; 0, the default, decodes one token per step) decodes a converted model
     speculatively: its routing drafts K tokens, the dense computation of the same weights checks
@@ -79,8 +87,12 @@ class GraphedDecoder:
         parts = adapter.decode_parts(model)
         if branches not in BRANCHES:
             raise ModAdaptError(f"branches must be one of {', '.join(BRANCHES)}, got {branches!r}")
-        if branches == "conditional" and not conditional_nodes_available():
-            raise ModAdaptError("this torch has no CUDA graph conditional nodes; use branches='host' or 'auto'.")
+        if branches in CONDITIONAL and not conditional_nodes_available():
+            other = "gather" if branches == "gather-conditional" else "host"
+            raise ModAdaptError(
+                f"branches={branches!r} needs CUDA graph conditional nodes, which this torch has not; "
+                f"use branches={other!r} (the host decides) or 'auto'."
+            )
         self.model, self.parts, self.branches = model, parts, branches
         self.params = next(model.parameters())
         if cuda_graphs and parts.not_capturable:
@@ -157,12 +169,10 @@ class GraphedDecoder:
         self.last_step = None
 
     def branches_for(self, batch: int) -> str:
-        """The branch mode used at `batch` (see `modadapt.decoding`)."""
+        """The branch mode used at `batch` (see `modadapt.decoding`; "auto": `step.auto_branches`)."""
         if self.branches != "auto":
             return self.branches
-        if conditional_nodes_available():
-            return "conditional"
-        return "host" if batch == 1 else "select"
+        return auto_branches(batch, conditional_nodes_available())
 
     # --- the public calls -------------------------------------------------------------------
     @torch.inference_mode()
@@ -358,7 +368,7 @@ class GraphedDecoder:
                 step.keys[i][:, : k.shape[2]].copy_(k.transpose(1, 2))
                 step.values[i][:, : v.shape[2]].copy_(v.transpose(1, 2))
             if held is not None:
-                step.slots[i][:, : held.shape[1]].copy_(held)
+                step.slot_positions[i][:, : held.shape[1]].copy_(held)
             if not self.speculate:
                 step.lengths[i].copy_(n)
         return step, first
@@ -391,9 +401,9 @@ class GraphedDecoder:
             last, cache_layers = self.parts.prefill(input_ids[part], mask, positions[part])
             logits.append(last)
             for i, layer in enumerate(self.layers):
-                k, v, n, slots = self._compacted(cache_layers[i], layer.mod, real[part], i in windowed)
+                k, v, n, slot_positions = self._compacted(cache_layers[i], layer.mod, real[part], i in windowed)
                 if layer.mod:
-                    held[i].append((k, v, n, slots))
+                    held[i].append((k, v, n, slot_positions))
                 elif k is not None:
                     buffers[i][0][part, : k.shape[2]].copy_(k.transpose(1, 2))
                     buffers[i][1][part, : v.shape[2]].copy_(v.transpose(1, 2))
@@ -411,12 +421,13 @@ class GraphedDecoder:
                 step.lengths[i].copy_(counts)
                 continue
             start = 0
-            for k, v, n, slots in held.pop(i):  # the step's MoD buffers start zeroed
+            for k, v, n, slot_positions in held.pop(i):  # the step's MoD buffers start zeroed
                 if k is not None:
                     step.keys[i][start : start + len(n), : k.shape[2]].copy_(k.transpose(1, 2))
                     step.values[i][start : start + len(n), : v.shape[2]].copy_(v.transpose(1, 2))
-                if slots is not None:
-                    step.slots[i][start : start + len(n), : slots.shape[1]].copy_(slots)
+                if slot_positions is not None:
+                    rows = slice(start, start + len(n))
+                    step.slot_positions[i][rows, : slot_positions.shape[1]].copy_(slot_positions)
                 step.lengths[i][start : start + len(n)].copy_(n)
                 start += len(n)
         return step, first

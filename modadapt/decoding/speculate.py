@@ -201,7 +201,7 @@ class DraftStep(DecodeStep):
             if not layer.mod:
                 pieces.append(("run", lambda i=i: self._dense(i)))
             elif i not in self.skip:  # a skipped layer: no piece at all, its length stays at base
-                pieces += [("run", lambda i=i: self._route(i)), ("if", i, lambda i=i: self._body(i))]
+                pieces += self._mod_pieces(i)
         return pieces + [("run", self._end)]
 
     def _keep(self, router, logits: torch.Tensor, h: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -248,10 +248,10 @@ class SpeculativeStep:
         self.draft = DraftStep(decoder, batch, capacity, k, mode, sampling, draft.skipped(mod_layers), draft.margin)
         self.mode, self.capacities = mode, self.draft.capacities
         device = self.draft.token.device
-        self.keys, self.values, self.slots = self.draft.keys, self.draft.values, self.draft.slots
+        self.keys, self.values, self.slot_positions = self.draft.keys, self.draft.values, self.draft.slot_positions
         self.base = torch.zeros(batch, dtype=torch.long, device=device)
         # (its `positions` are each verification's, set by `_verify`)
-        self.cache = StaticCache(self.keys, self.values, [self.base] * len(decoder.layers), self.slots)
+        self.cache = StaticCache(self.keys, self.values, [self.base] * len(decoder.layers), self.slot_positions)
         self.fed = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.out = torch.zeros(batch, new + k + 1, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)

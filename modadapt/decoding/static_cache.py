@@ -9,10 +9,15 @@ query and the buffers to `static_cache_attention`. A decode step feeds one token
 speculative verification (`speculate`) feeds several, written at consecutive slots from the
 row's length and attended causally (each sees the slots before it and itself).
 
+A gathered call (`branches="gather"`, `step`) runs a MoD layer on only some of the batch's rows,
+packed into a smaller batch: `KeyLengths.rows` names the cache row each of its rows reads, and
+`GatheredCache` writes each row's new K/V at a flat slot (`row * capacity + length`) computed
+before the call. The buffers stay `[B, capacity, Hk, d]`; nothing of the cache is copied.
+
 A sliding-window layer (`KeyLengths.window`): a query at position `p` sees the keys at positions
 `> p - window` (transformers' convention, every family). A MoD layer skips tokens, so its slot
 index is not a position: such a layer keeps each slot's position beside its K/V
-(`StaticCache.slots`, written by `update`); a dense layer holds every token, slot `s` at position
+(`StaticCache.slot_positions`, written by `update`); a dense layer holds every token, slot `s` at position
 `s`. A row's positions increase along its slots, so the keys in the window are a suffix
 `[start, used)` of its used slots: a decode token reads only those (flash from `row * capacity +
 start`, `used - start` keys); the mask path, and the several queries of a verification (each with
@@ -25,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import ModAdaptError
 
 #: Name under which the adapter registers the decode step's attention (transformers: `adapters.hf.attention`).
 STATIC_ATTENTION = "modadapt_static_decode"
@@ -45,10 +52,15 @@ class KeyLengths:
     grouped_cu_q: dict = field(default_factory=dict)
     window: int | None = None  # the layer's sliding window: a query at p sees keys at positions > p - window
     positions: torch.Tensor | None = None  # [B, queries] the queries' positions (read with a window)
-    slots: torch.Tensor | None = None  # [B, capacity] each slot's position (None: slot s holds position s)
+    # [B, capacity] each slot's position (None: slot s holds position s); a gathered call's are
+    # the whole cache's, read at `rows`
+    slot_positions: torch.Tensor | None = None
     # (cu_k, used) of the keys in a decode token's window, made on first use (layers that share
     # these lengths share them too)
     windowed: tuple | None = None
+    # A gathered call: `[n]` int64, the cache row each of the call's n rows reads (`cu_k` then
+    # holds `rows * capacity`); None: row b reads row b.
+    rows: torch.Tensor | None = None
 
     def mask(self, capacity: int) -> torch.Tensor:
         """`[B, 1, queries, capacity]`: the slots each query reads."""
@@ -60,20 +72,28 @@ class KeyLengths:
             own = self.used[:, None] - T + torch.arange(T, device=self.used.device)  # [B, T]: each query's slot
             sees = slots <= own[..., None]
         if self.window is not None:
-            held = slots if self.slots is None else self.slots[:, None, :]
+            held = self.held_positions()
+            held = slots if held is None else held[:, None, :]
             sees = sees & (held > self.positions[..., None] - self.window)
         return sees.view(-1, 1, T, capacity)
+
+    def held_positions(self) -> torch.Tensor | None:
+        """`[B, capacity]`: the position of each slot of the rows the queries read (a gathered
+        call's rows of the whole cache's), or None: slot s holds position s."""
+        held = self.slot_positions
+        return held if held is None or self.rows is None else held.index_select(0, self.rows)
 
     def window_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(cu_k, used) of the keys in the window of a decode token (`queries == 1`): each row's
         slots `[start, used)`, `start` the count of its used slots at positions `<= p - window`."""
         if self.windowed is None:
             gone = self.positions[:, -1] - self.window  # keys at positions <= gone are out of the window
-            if self.slots is None:  # slot s holds position s
+            held = self.held_positions()
+            if held is None:  # slot s holds position s
                 start = (gone + 1).clamp_min(0)
             else:
-                used = torch.arange(self.slots.shape[1], device=self.used.device) < self.used[:, None]
-                start = ((self.slots <= gone[:, None]) & used).sum(-1)
+                used = torch.arange(held.shape[1], device=self.used.device) < self.used[:, None]
+                start = ((held <= gone[:, None]) & used).sum(-1)
             start = torch.minimum(start.to(self.used.dtype), self.used)
             self.windowed = (torch.cat([self.cu_k[:-1] + start, self.cu_k[-1:]]), self.used - start)
         return self.windowed
@@ -81,13 +101,13 @@ class KeyLengths:
 
 class StaticCache:
     """What the layers' attention sees as `past_key_values`: `update` writes each row's new K/V
-    at that row's length in the layer's buffers and returns the whole buffers. `slots` holds,
-    per layer, the position of each slot (`[B, capacity]`, a windowed MoD layer's) or None;
-    `update` writes there the `positions` (`[B, T]`) of the tokens it writes."""
+    at that row's length in the layer's buffers and returns the whole buffers. `slot_positions`
+    holds, per layer, the position of each slot (`[B, capacity]`, a windowed MoD layer's) or
+    None; `update` writes there the `positions` (`[B, T]`) of the tokens it writes."""
 
-    def __init__(self, keys: list, values: list, lengths: list, slots: list | None = None, positions=None):
+    def __init__(self, keys: list, values: list, lengths: list, slot_positions: list | None = None, positions=None):
         self.keys, self.values, self.lengths = keys, values, lengths
-        self.slots = slots if slots is not None else [None] * len(keys)
+        self.slot_positions = slot_positions if slot_positions is not None else [None] * len(keys)
         self.positions = positions
 
     @torch.compiler.disable  # in place into the buffers, eagerly (see `modadapt.decoding.compiled`)
@@ -101,9 +121,33 @@ class StaticCache:
         slot = at.view(B, T, 1, 1).expand(B, T, Hk, d)
         k.scatter_(1, slot, key.transpose(1, 2).to(k.dtype))
         v.scatter_(1, slot, value.transpose(1, 2).to(v.dtype))
-        held = self.slots[layer_idx]
+        held = self.slot_positions[layer_idx]
         if held is not None:
             held.scatter_(1, at, self.positions.expand(B, T))
+        return k, v
+
+
+class GatheredCache(StaticCache):
+    """The cache a gathered call sees: `update` writes row j's new K/V (one token) at flat slot
+    `slots[j]` (`row * capacity + length`, distinct per row) of the layer's buffers and returns the
+    whole buffers, which the attention reads through `KeyLengths.rows`; a windowed MoD layer's
+    slot positions get the rows' `positions` (`[n, 1]`) there too."""
+
+    def __init__(self, keys: list, values: list, slots: torch.Tensor, slot_positions=None, positions=None):
+        super().__init__(keys, values, [], slot_positions, positions)
+        self.slots = slots
+
+    @torch.compiler.disable
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        rows, capacity, Hk, d = k.shape
+        if key.shape[2] != 1:
+            raise ModAdaptError(f"a gathered call decodes one token per row, got {key.shape[2]}")
+        k.view(rows * capacity, Hk, d).index_copy_(0, self.slots, key[:, :, 0].to(k.dtype))
+        v.view(rows * capacity, Hk, d).index_copy_(0, self.slots, value[:, :, 0].to(v.dtype))
+        held = self.slot_positions[layer_idx]
+        if held is not None:
+            held.view(-1).index_copy_(0, self.slots, self.positions.view(-1))
         return k, v
 
 
@@ -155,7 +199,9 @@ def static_cache_attention(
 ) -> torch.Tensor:
     """`T = lengths.queries` query tokens per row (`[B, H, T, d]`) against the static cache
     `[B, capacity, Hk, d]`, reading each row's used slots only (causally among the last `T`);
-    returns `[B, T, H, d]`.
+    returns `[B, T, H, d]`. With `lengths.rows` (a gathered call) the query's n rows read cache
+    rows `rows` of a cache of any batch: flash through `cu_k` (`rows * capacity`, what the caller
+    put there), the fallback through a copy of those rows.
 
     One decode token per row with grouped K/V heads (`G = H / Hk > 1`) goes to flash as `G`
     queries per K/V head when that fills the device (`pack_groups`): flash's varlen kernel gives
@@ -170,11 +216,11 @@ def static_cache_attention(
     slot (`KeyLengths.window_keys`); several queries per row (a verification: each has its own
     window start, which one row offset cannot say) take the mask path."""
     B, H, T, d = query.shape
-    _, capacity, Hk, _ = key.shape
+    cache_rows, capacity, Hk, _ = key.shape
     G = H // Hk
     flash = flash_key(query)
     if softcap is None and (lengths.window is None or T == 1) and flash_available(query):
-        k, v = key.view(B * capacity, Hk, d), value.view(B * capacity, Hk, d)
+        k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
         cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
         try:
             if T == 1 and G > 1 and pack_groups(query, Hk):  # [B, H, 1, d] -> [B * G, Hk, d]: heads as tokens
@@ -195,6 +241,8 @@ def static_cache_attention(
             if _FLASH.get(flash):  # it ran before on such tensors: this is a real error
                 raise
             _FLASH[flash] = False
+    if lengths.rows is not None:  # a gathered call: the rows it reads, as a batch of its own
+        key, value = key.index_select(0, lengths.rows), value.index_select(0, lengths.rows)
     # The query heads of each K/V head go as that head's queries: no repeat_kv copy of the cache.
     mask = lengths.mask(capacity)
     if T == 1:

@@ -5,6 +5,16 @@ its work, the head and the token pick. Capturing them is what removes the host c
 decoding; how a MoD layer's work is taken or skipped inside the capture is the `branches` mode
 (`BRANCHES`, described in `modadapt.decoding`). Rows that skip a layer write no K/V that is kept
 and read none, so each row generates what it would alone.
+
+Gathered rows (`"gather"`, `"gather-conditional"`): a MoD layer's work is captured once per row
+count of `gather_buckets(batch)`. The routing piece orders the rows kept-first and picks the
+smallest bucket that holds every kept row (none when no row keeps); the work gathers that many
+rows (the kept ones, then rows that skip as filler: distinct rows, so no write collides) into a
+batch of their own, runs the layer on it over the full cache (`static_cache.GatheredCache` writes
+each row's K/V in its own row; the attention reads each row's own slots, filler rows none) and
+copies the kept rows' results back. A filler row's K/V lands past its used length, uncounted, as
+in `"select"`. The bucket is chosen on the host from one byte per MoD layer (`"gather"`, the
+`"host"` mechanism) or on the GPU by one conditional node per bucket (`"gather-conditional"`).
 """
 
 from __future__ import annotations
@@ -22,16 +32,51 @@ from ..errors import ModAdaptError
 from ..mod_layer import apply_gate
 from ..routers.base import RoutingContext
 from .sampling import Sampling, next_token
-from .static_cache import KeyLengths, StaticCache
+from .static_cache import GatheredCache, KeyLengths, StaticCache
 
-BRANCHES = ("auto", "conditional", "host", "select")
-_PENDING = 2  # a "host" branch decision not yet copied back
+BRANCHES = ("auto", "conditional", "gather", "gather-conditional", "host", "select")
+#: The modes whose capture needs CUDA graph conditional nodes (`conditional_nodes_available`).
+CONDITIONAL = ("conditional", "gather-conditional")
+#: The modes that run a MoD layer on the gathered kept rows only.
+GATHER = ("gather", "gather-conditional")
+_PENDING = 255  # a "host" / "gather" decision not yet copied back (decisions are 0, 1 / bucket codes)
 _WARM_UPS = 2  # eager steps before a capture (each writes one K/V slot per row, from slot 0)
 
 
 def conditional_nodes_available() -> bool:
     """Whether this torch can capture a graph branch that the GPU takes or skips itself."""
     return hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+
+
+def available_branches(conditional: bool | None = None) -> tuple[str, ...]:
+    """The branch modes this torch can capture (those of `CONDITIONAL` need conditional nodes)."""
+    conditional = conditional_nodes_available() if conditional is None else conditional
+    return tuple(b for b in BRANCHES if conditional or b not in CONDITIONAL)
+
+
+def auto_branches(batch: int, conditional: bool) -> str:
+    """What `branches="auto"` runs at `batch`, `conditional`: whether torch has conditional nodes.
+
+    PROVISIONAL until measured: this is the rule of before the gathered modes (conditional nodes
+    where torch has them, else host decisions at batch 1 and compute-and-select above).
+    `benchmarks/speed.py --scenarios decode_branches` times every mode at B=32 and B=128 (2k
+    context) and B=8 (32k) for topk and threshold-p; once it has run on the GPU, this rule picks
+    what won there (a gathered mode at the batches where skipping rows is cheaper than selecting
+    them). The one place to change it."""
+    if conditional:
+        return "conditional"
+    return "host" if batch == 1 else "select"
+
+
+def gather_buckets(batch: int) -> tuple[int, ...]:
+    """The row counts a gathered MoD layer is captured for: powers of two below `batch`, and
+    `batch` (B=32: 1, 2, 4, 8, 16, 32). The smallest that holds the kept rows runs, so at most
+    half of its rows are filler (below one bucket: none run at all)."""
+    sizes, n = [], 1
+    while n < batch:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, batch)
 
 
 @dataclass
@@ -48,7 +93,8 @@ class StepLayer:
 class DecodeStep:
     """The buffers of one shape (batch, capacities), the decode step as pieces over them, and
     (on CUDA) its captured graphs. Pieces: `("run", fn)` always runs; `("if", i, fn)` runs MoD
-    layer `i` when the `pred` its routing piece left holds. `decoder` is the `GraphedDecoder`
+    layer `i` when the `pred` its routing piece left holds; `("gather", i, fns)` runs the one of
+    MoD layer `i`'s bucket calls its routing piece chose (gathered rows), or none. `decoder` is the `GraphedDecoder`
     that owns the step: its model parts and layers. `buffers` maps layer indices to K/V buffers
     `[batch, capacity, Hk, d]` made (and maybe filled) by the caller; the other layers' start zeroed."""
 
@@ -89,11 +135,11 @@ class DecodeStep:
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         # Each slot's position, for the MoD layers with a sliding window (a dense layer's slot s holds position s)
-        self.slots = [
+        self.slot_positions = [
             torch.zeros(batch, c, dtype=torch.long, device=device) if layer.mod and w is not None else None
             for layer, w, c in zip(decoder.layers, decoder.windows, capacities)
         ]
-        self.cache = StaticCache(self.keys, self.values, self.lengths, self.slots, self.position)
+        self.cache = StaticCache(self.keys, self.values, self.lengths, self.slot_positions, self.position)
         self.out = torch.zeros(batch, new, dtype=torch.long, device=device)
         self.count = torch.zeros(1, dtype=torch.long, device=device)
         self.steps_done = 0  # decode steps since the prefill (the host's count of `count`)
@@ -103,9 +149,25 @@ class DecodeStep:
         self._grouped_cu_q: dict = {}  # `cu_q * G` for the GQA-packed flash decode, made once per step
         self._used = [torch.zeros(batch, dtype=torch.int32, device=device) for _ in capacities]
         self.live: dict = {}  # tensors passed between pieces (kept referenced across graphs)
-        self.flags = self._flags = None  # pinned host copies of each MoD layer's decision ("host" branches)
+        self.flags = self._flags = None  # pinned host copies of each MoD layer's decision ("host", "gather")
         self.graphs: list | None = None  # [(kind, graph, layer)] once captured
         self.mode = mode  # the branches mode (eagerly, "host" and "conditional" check on the host)
+        self.gather = mode in GATHER
+        if self.gather:
+            self.buckets = gather_buckets(batch)
+            # A MoD layer's bucket code: 0 (no row keeps) or 1 + the smallest bucket holding the
+            # kept rows, counted as the ordered rows kept at these positions (row e is kept iff
+            # more than e rows are).
+            self._bucket_edges = torch.tensor((0, *self.buckets[:-1]), device=device)
+            self._bucket_codes = torch.arange(1, len(self.buckets) + 1, dtype=torch.uint8, device=device)
+            mod = [i for i, layer in enumerate(decoder.layers) if layer.mod]
+            # per MoD layer: where a gathered row's cache row starts (`cu_k`; the last entry, past
+            # every row, only completes the shape flash expects) and its used length
+            self._gather_cu_k = {
+                i: torch.full((batch + 1,), batch * capacities[i], dtype=torch.int32, device=device) for i in mod
+            }
+            self._gather_used = {i: torch.zeros(batch, dtype=torch.int32, device=device) for i in mod}
+            self._grouped_by_rows = {n: {} for n in self.buckets}  # `grouped_cu_q` per bucket
         self.pieces = self._pieces()
         self._start: tuple | None = None  # what `mark_start` saved: token, position, lengths
 
@@ -131,7 +193,7 @@ class DecodeStep:
     @property
     def runs_only_when_kept(self) -> bool:
         """Batch 1 with the MoD work behind a branch: it runs only for a kept token (no `where`)."""
-        return self.batch == 1 and self.mode != "select"
+        return self.batch == 1 and self.mode in ("conditional", "host")
 
     def _lengths(self, i: int) -> KeyLengths:
         used = torch.add(self.lengths[i], 1, out=self._used[i])  # one kernel: add and narrow to int32
@@ -142,17 +204,25 @@ class DecodeStep:
             grouped_cu_q=self._grouped_cu_q,
             window=self.decoder.windows[i],
             positions=self.position,
-            slots=self.slots[i],
+            slot_positions=self.slot_positions[i],
         )
 
     def _pieces(self) -> list:
         d, pieces = self.decoder, [("run", self._begin)]
         for i, layer in enumerate(d.layers):
             if layer.mod:
-                pieces += [("run", functools.partial(self._route, i)), ("if", i, functools.partial(self._body, i))]
+                pieces += self._mod_pieces(i)
             else:
                 pieces.append(("run", functools.partial(self._dense, i)))
         return pieces + [("run", self._end)]
+
+    def _mod_pieces(self, i: int) -> list:
+        """MoD layer `i`: its routing, then its work: `("if", i, fn)`, or with gathered rows
+        `("gather", i, [fn per bucket])` (one runs: the bucket the routing chose, or none)."""
+        route = ("run", functools.partial(self._route, i))
+        if self.gather:
+            return [route, ("gather", i, [functools.partial(self._gathered, i, n) for n in self.buckets])]
+        return [route, ("if", i, functools.partial(self._body, i))]
 
     # --- the pieces ---------------------------------------------------------------------------
     def _begin(self) -> None:
@@ -175,6 +245,9 @@ class DecodeStep:
         logits = router.score(h, ctx)
         keep = self._keep(router, logits, h, ctx).reshape(B, 1)
         live[("keep", i)], live[("gate", i)] = keep, router.gate(logits)
+        if self.gather:
+            self._order_rows(i, keep.view(-1))
+            return
         if self.mode == "select":  # no branch: the layer always runs
             pred = None
         else:
@@ -185,6 +258,51 @@ class DecodeStep:
         live[("lengths", i)] = lengths = self._lengths(i)
         if not self.runs_only_when_kept:
             lengths.used.mul_(keep.view(-1))  # rows that skip read no K/V (their result is dropped)
+
+    def _order_rows(self, i: int, kept: torch.Tensor) -> None:
+        """Gathered rows: the kept rows first (`order`, stable), the bucket code (to the host's
+        pinned byte with "gather"; one predicate per bucket with "gather-conditional"), and what
+        any bucket's call reads as prefixes of `[B]` tensors: each row's flat K/V slot, its used
+        length (0 for the rows that skip), its cache row's start. The layer's lengths advance
+        here, after their values were read: the bucket's call writes at the slots, not lengths."""
+        live, length, capacity, B = self.live, self.lengths[i], self.capacities[i], self.batch
+        in_order, order = torch.sort(kept.view(torch.uint8), descending=True, stable=True)
+        kept_in_order = in_order.view(torch.bool)  # the first `count` true
+        code = kept_in_order.index_select(0, self._bucket_edges).sum(dtype=torch.uint8)
+        live[("bucket", i)] = code
+        if self.flags is not None:
+            self.flags[i].copy_(code, non_blocking=True)
+        if self.mode == "gather-conditional":
+            live[("take", i)] = (code == self._bucket_codes).unbind()  # 0-dim views, one per bucket
+        at = length.index_select(0, order)  # each ordered row's next slot
+        live[("order", i)], live[("kept", i)] = order, kept_in_order
+        live[("slots", i)] = torch.add(at, order, alpha=capacity)
+        live[("used", i)] = used = self._gather_used[i]
+        torch.addcmul(kept_in_order, at, kept_in_order, out=used)  # at + 1 for the kept rows, else 0
+        torch.mul(order, capacity, out=self._gather_cu_k[i][:B])
+        length.add_(kept)
+
+    def _gathered(self, i: int, n: int) -> None:
+        """MoD layer `i` on the first `n` ordered rows (the kept ones, then filler rows that skip)."""
+        live, layer = self.live, self.decoder.layers[i]
+        h, rows = live["h"], live[("order", i)][:n]
+        part = h.index_select(0, rows)
+        position = self.position.index_select(0, rows)
+        lengths = KeyLengths(
+            live[("used", i)][:n],
+            self._cu_q[: n + 1],
+            self._gather_cu_k[i][: n + 1],
+            grouped_cu_q=self._grouped_by_rows[n],
+            window=self.decoder.windows[i],
+            positions=position,
+            slot_positions=self.slot_positions[i],
+            rows=rows,
+        )
+        cache = GatheredCache(self.keys, self.values, live[("slots", i)][:n], self.slot_positions, position)
+        out = self._call(layer, part, lengths, live["pe"], cache=cache, rows=rows)
+        gate = live[("gate", i)]
+        out = apply_gate(out, None if gate is None else gate.index_select(0, rows), part)
+        h.index_copy_(0, rows, torch.where(live[("kept", i)][:n].view(n, 1, 1), out, part))
 
     def _keep(self, router, logits: torch.Tensor, h: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """The routing decision of a MoD layer: its router's causal rule (a draft narrows it)."""
@@ -210,25 +328,38 @@ class DecodeStep:
         self.out.scatter_(1, self.count.expand(B, 1).clamp_max(self.out.shape[1] - 1), nxt)
         self.count += 1
 
-    def _call(self, layer: StepLayer, h, lengths: KeyLengths, pe):
+    def _call(self, layer: StepLayer, h, lengths: KeyLengths, pe, cache: StaticCache | None = None, rows=None):
+        """The layer on `h`; a gathered call (`rows`: the batch rows of `h`'s rows) takes those
+        rows' positions and rotary embeddings, and its own `cache`."""
         c = layer.names
+        position = self.position if rows is None else self.position.index_select(0, rows)
         kwargs = {
             c.hidden: h,
             c.mask: lengths,
-            c.cache: self.cache,
-            c.position_ids: self.position,
+            c.cache: self.cache if cache is None else cache,
+            c.position_ids: position,
         }
         if pe is not None:  # rotary (GPT-2's learned positions were added to the embedding)
-            kwargs["position_embeddings"] = pe if layer.rotary_key is None else pe[layer.rotary_key]
+            pe = pe if layer.rotary_key is None else pe[layer.rotary_key]
+            kwargs["position_embeddings"] = pe if rows is None else tuple(t.index_select(0, rows) for t in pe)
         out = layer.forward(layer.module, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     # --- running ------------------------------------------------------------------------------
     def run_eager(self, warm: bool = False) -> None:
-        """The step without graphs; `warm` runs every MoD layer's work (so both sides are planned)."""
+        """The step without graphs; `warm` runs every MoD layer's work (so both sides are planned;
+        gathered: every bucket's, whose results are scratch, as the warm-up's are)."""
         for piece in self.pieces:
             if piece[0] == "run":
                 piece[1]()
+            elif piece[0] == "gather":
+                if warm:
+                    for fn in piece[2]:
+                        fn()
+                else:
+                    code = int(self.live[("bucket", piece[1])])
+                    if code:
+                        piece[2][code - 1]()
             elif warm or self.mode == "select" or bool(self.live[("pred", piece[1])]):
                 piece[2]()
 
@@ -267,54 +398,63 @@ class DecodeStep:
         with torch.cuda.stream(stream):
             self.warm_up()
         torch.cuda.current_stream().wait_stream(stream)
-        if self.mode == "host":
+        pieces = self.mode in ("host", "gather")  # captured in pieces, the host deciding between them
+        if pieces:
             # uint8 so that a value the GPU never writes (_PENDING) marks "not arrived yet"
             self.flags = torch.full((len(self.decoder.layers),), _PENDING, dtype=torch.uint8, pin_memory=True)
             self._flags = self.flags.numpy()  # polled without the tensor dispatcher
         graphs, pool, group = [], None, []
 
-        def capture_group(fns, kind, layer=None):
+        def capture(fns):
             nonlocal pool
             graph = torch.cuda.CUDAGraph()
             with self.decoder.compiler.compiled(), torch.cuda.graph(graph, pool=pool):
                 for fn in fns:
                     fn()
-            pool = graph.pool()
-            graphs.append((kind, graph, layer))
+            pool = graph.pool()  # every graph of the step shares one pool: they replay in capture order
+            return graph
 
-        if self.mode == "host":
+        if pieces:
             for piece in self.pieces:
                 if piece[0] == "run":
                     group.append(piece[1])
                     continue
-                capture_group(group, "run")
+                graphs.append(("run", capture(group), None))
                 group = []
-                capture_group([piece[2]], "if", piece[1])
-            capture_group(group, "run")
+                if piece[0] == "gather":  # one graph per bucket; the bucket's share the pool too
+                    graphs.append(("gather", [capture([fn]) for fn in piece[2]], piece[1]))
+                else:
+                    graphs.append(("if", capture([piece[2]]), piece[1]))
+            graphs.append(("run", capture(group), None))
         else:
-            capture_group([self._captured_step], "run")
+            graphs.append(("run", capture([self._captured_step]), None))
         self.graphs = graphs
 
     def _captured_step(self) -> None:
-        """The whole step in one capture: MoD work in conditional nodes, or always run ("select")."""
-        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph() if self.mode == "conditional" else None
+        """The whole step in one capture: MoD work in conditional nodes (one per bucket with
+        "gather-conditional": the one whose predicate holds runs), or always run ("select")."""
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph() if self.mode in CONDITIONAL else None
         for piece in self.pieces:
             if piece[0] == "run":
                 piece[1]()
-            elif graph is not None:
-                graph.begin_capture_to_if_node(self.live[("pred", piece[1])])
-                try:
-                    piece[2]()
-                finally:
-                    graph.end_capture_to_conditional_node()
-            else:
+            elif graph is None:
                 piece[2]()  # "select": computed for every row, `where` keeps the skipping rows' input
+            else:
+                bodies = piece[2] if piece[0] == "gather" else [piece[2]]
+                preds = self.live[("take", piece[1])] if piece[0] == "gather" else [self.live[("pred", piece[1])]]
+                for pred, body in zip(preds, bodies):
+                    graph.begin_capture_to_if_node(pred)
+                    try:
+                        body()
+                    finally:
+                        graph.end_capture_to_conditional_node()
 
     def replay(self) -> None:
         """One step. With "host" branches the host waits once per MoD layer for the decision's
         byte (polling pinned memory is quicker than a stream sync) and replays the layer's graph
-        or not; the GPU idles from the routing piece's end until the next graph starts, the
-        overhead `benchmarks/speed.py` prices (decode_graphs)."""
+        or not ("gather": the chosen bucket's graph, or none); the GPU idles from the routing
+        piece's end until the next graph starts, the overhead `benchmarks/speed.py` prices
+        (decode_graphs)."""
         flags = self._flags
         if flags is not None:
             flags.fill(_PENDING)
@@ -329,5 +469,6 @@ class DecodeStep:
                         torch.cuda.current_stream().synchronize()
                         if flags[layer] == _PENDING:
                             raise ModAdaptError(f"MoD layer {layer}'s decision never reached the host")
-                if flags[layer]:
-                    graph.replay()
+                code = int(flags[layer])
+                if code:
+                    (graph[code - 1] if kind == "gather" else graph).replay()

@@ -9,8 +9,10 @@ eager attention count it). A MoD layer runs that on its kept tokens (`ceil(c·T)
 with `ModConfig.scope` 'attention' or 'mlp', only that sublayer's part: `2·n·A + 4·n²·W` for the
 attention with its weights `A`, `2·n·M` for the MLP with its weights `M`, the other on all tokens)
 plus its router's `2·T·R` scoring of all `T` tokens (`R`: the router's matrix weights); a router
-that does more reports it through `Router.extra_flops()`. A language model's head costs `2·V·D`
-per token it scores. Norms, activations, softmax and RoPE are left out (a few percent).
+that does more reports it through `Router.extra_flops()`. In a mixture of experts, one of a
+token's top-k slots costs `2·X` (`X`: one expert's weights); a router that sends slots to no
+expert (`noop-expert`) counts the slots that ran (`kept` then holds `(tokens, slots)` per layer).
+A language model's head costs `2·V·D` per token it scores. Norms, activations, softmax and RoPE are left out (a few percent).
 `torch.utils.flop_counter` is not used because on CPU it counts fused attention as zero.
 """
 
@@ -47,19 +49,22 @@ def processing_flops(tokens: int, weights: int, width: int) -> int:
     return 2 * tokens * weights + 4 * tokens * tokens * width
 
 
-def routed_layer_flops(row: dict, tokens: int, kept: int) -> int:
+def routed_layer_flops(row: dict, tokens: int, kept: int | tuple[int, int]) -> int:
     """Forward FLOPs of a MoD layer's work (its router's scoring aside) on `tokens` tokens of which
     it keeps `kept`: the whole layer on them (``scope`` 'block'), or only the routed sublayer
-    (``attention`` holds its weights' attention part) and the other on all tokens."""
+    (``attention`` holds its weights' attention part) and the other on all tokens. `kept` as
+    `(tokens, slots)`: the kept tokens ran `slots` of their top-k expert slots in all (a row's
+    ``expert`` and ``top_k``: one expert's weights, experts per token), not all of them."""
+    kept, slots = kept if isinstance(kept, tuple) else (kept, None)
+    unrun = 0 if slots is None else 2 * (kept * row["top_k"] - slots) * row["expert"]
     scope, attention = row.get("scope", "block"), row.get("attention")
     if scope == "block":
-        return processing_flops(kept, row["weights"], row["width"])
+        return processing_flops(kept, row["weights"], row["width"]) - unrun
     if attention is None:
         raise ValueError("a layer routed by sublayer needs its attention weights in the table")
     attended = kept if scope == "attention" else tokens
-    return processing_flops(attended, attention, row["width"]) + 2 * (kept if scope == "mlp" else tokens) * (
-        row["weights"] - attention
-    )
+    mlp = 2 * (kept if scope == "mlp" else tokens) * (row["weights"] - attention)
+    return processing_flops(attended, attention, row["width"]) + mlp - unrun
 
 
 def layer_flops(weights: int, width: int, hidden: int, tokens: int, capacity: float | None = None) -> int:
@@ -73,10 +78,12 @@ def layer_flops(weights: int, width: int, hidden: int, tokens: int, capacity: fl
 def token_weights(adapter, model: nn.Module, layer: nn.Module) -> dict:
     """``weights``: the linear weights one token passes through in `layer` (a MoD router's own
     excluded), and ``attention``: the attention's part of them (None: the adapter does not split
-    the layer), from `Adapter.sublayer_weights`, else every linear map of the layer."""
+    the layer), from `Adapter.sublayer_weights`, else every linear map of the layer; a mixture
+    of experts adds ``expert`` and ``top_k`` (one expert's weights, experts per token)."""
     parts = adapter.sublayer_weights(model, layer) if adapter is not None else None
     if parts is not None:
-        return {"weights": parts["attention"] + parts["mlp"], "attention": parts["attention"]}
+        experts = {k: parts[k] for k in ("expert", "top_k") if k in parts}
+        return {"weights": parts["attention"] + parts["mlp"], "attention": parts["attention"], **experts}
     router = getattr(layer, "router", None)
     weights = linear_weights(layer) - (linear_weights(router) if isinstance(router, nn.Module) else 0)
     return {"weights": weights, "attention": None}
@@ -111,11 +118,14 @@ def flops_table(model: nn.Module) -> dict:
     return {"layers": rows, "head": head.weight.numel() if head is not None else 0}
 
 
-def sequence_flops(table: dict, tokens: int, kept: dict[int, int] | None = None, head_tokens: int | None = None) -> int:
+def sequence_flops(
+    table: dict, tokens: int, kept: dict[int, int | tuple[int, int]] | None = None, head_tokens: int | None = None
+) -> int:
     """Forward FLOPs of one sequence of `tokens` tokens: each layer on `kept[i]` tokens where
     `kept` names it (plus its router's scoring of all tokens; a row's ``scope`` says what it runs
-    on them: `routed_layer_flops`), else on all of them, and the head on `head_tokens` (default:
-    all). `kept=None` is the dense model."""
+    on them, and `(tokens, expert slots)` how many of their experts they ran:
+    `routed_layer_flops`), else on all of them, and the head on `head_tokens` (default: all).
+    `kept=None` is the dense model."""
     total = 2 * (tokens if head_tokens is None else head_tokens) * table["head"]
     for index, row in enumerate(table["layers"]):
         routed = kept is not None and index in kept

@@ -30,8 +30,9 @@ def expert_stats(model: nn.Module) -> list[dict]:
     """One dict per mixture-of-experts block (Mixtral, Qwen2/3-MoE) of the last forward:
     ``layer``, ``mod`` (whether a MoD layer fed it its kept tokens), ``tokens`` (the real tokens its
     router saw: never padding, never a MoD layer's skipped tokens or filler slots) and
-    ``expert_tokens`` (per expert, the tokens routed to it, each once per top-k choice). Empty for
-    a model without experts."""
+    ``expert_tokens`` (per expert, the tokens routed to it, each once per top-k choice); with
+    `noop-expert`, ``noop_slots`` and ``noop_fraction`` (the real tokens' slots that went to the
+    no-op expert, those of tokens that skipped the MLP included). Empty for a model without experts."""
     from ..mod_layer import state_of
 
     mod_layers(model)  # a converted model, or the usual error

@@ -532,8 +532,15 @@ def evaluate(
         sums[1] += B * (T - 1)
         sums[2] += B * T
         kept_rows = [layer.mod_state.last_keep.sum(-1).tolist() for layer in layers]
+        slot_rows = [  # the experts' slots kept tokens ran, where a router drops slots too (noop-expert)
+            None if layer.mod_state.last_slots is None else layer.mod_state.last_slots.sum(-1).tolist()
+            for layer in layers
+        ]
         for row in range(B):
-            kept = {i: int(k[row]) for i, k in zip(indices, kept_rows)}
+            kept = {
+                i: int(k[row]) if s is None else (int(k[row]), int(s[row]))
+                for i, k, s in zip(indices, kept_rows, slot_rows)
+            }
             sums[3] += sequence_flops(table, T, kept)
             sums[4] += sequence_flops(table, T)
         if converted:

@@ -110,6 +110,9 @@ class RoutingDecision:
             the `[B + 1]` int32 offsets where each row's tokens start (then `valid` is None).
             Bucketed (`RoutingContext.pack_bucket`): `[B + 2]` offsets, the last segment filler
             tokens whose index is `B * T` (one past the tokens: a dummy row the caller appends).
+        expert_slots: `[B, T]` long, for a router that also drops some of a mixture of experts'
+            top-k slots (`noop-expert`): how many experts each token runs (0 where skipped), for
+            the FLOPs model. None: a kept token runs all of its top-k experts.
     """
 
     indices: torch.Tensor
@@ -119,6 +122,7 @@ class RoutingDecision:
     aux_loss: torch.Tensor | None
     logits: torch.Tensor
     segments: torch.Tensor | None = None
+    expert_slots: torch.Tensor | None = None
 
 
 def straight_through_one(x: torch.Tensor) -> torch.Tensor | None:
@@ -148,6 +152,10 @@ class Router(nn.Module):
     #: The densest layer placement (a `ModConfig.layers` rule) this router accepts; the
     #: conformance kits convert with it, so that they check the router wherever it may sit.
     densest_layers: ClassVar[str] = "all-but-first"
+    #: The `ModConfig.scope` values this router can route; None: every one. A router that routes
+    #: one sublayer only (`noop-expert`: the MLP) gets it when the config leaves the default
+    #: 'block'; any other scope is an error.
+    scopes: ClassVar[tuple[str, ...] | None] = None
     #: The router's arguments (`router_kwargs`): a `RouterOptions` dataclass whose fields carry
     #: type, default, help and constraints; the parsed instance is `self.options`.
     Options: ClassVar[type[RouterOptions]] = RouterOptions
@@ -270,6 +278,13 @@ class Router(nn.Module):
         return 0
 
     @classmethod
+    def unsupported_reason(cls, model: nn.Module, adapter) -> str | None:
+        """Why this router cannot convert `model` at all (one line; `convert` raises it, the
+        conformance kits skip such models with it), e.g. a model with no mixture of experts for
+        `noop-expert`. None: it can; per-layer checks belong in `prepare_model`."""
+        return None
+
+    @classmethod
     def prepare_model(cls, model: nn.Module, adapter, layer_indices: list[int], routers: dict) -> list:
         """Called once by `convert` before the model changes, with the routers built for
         `layer_indices`: validate the placement and attach what the routers observe (e.g. an
@@ -309,12 +324,18 @@ class Router(nn.Module):
     @torch.no_grad()
     def _calibrate(self, logits: torch.Tensor, hidden: torch.Tensor, capacity: float, ctx: RoutingContext) -> None:
         stat = self.rule_statistic(logits, hidden).detach().float()
-        batch = topk_boundary(stat, capacity, ctx.routed())
+        self.record_cutoff(topk_boundary(stat, capacity, ctx.routed()), ctx.layer_index)
+
+    @torch.no_grad()
+    def record_cutoff(self, batch: torch.Tensor, layer_index: int) -> None:
+        """Blend one training batch's cut-off (NaN: the batch had none) into the calibrated one of
+        `layer_index` (averaged over processes first within `statistics_over_processes`). `route`
+        calls it with the top-k boundary; a router that selects otherwise calls it itself."""
         if over_processes():  # the processes' boundaries averaged: every process keeps the same cut-off
             here = ~torch.isnan(batch)
             summed = process_sum(torch.stack([torch.where(here, batch, 0.0), here.float()]))
             batch = torch.where(summed[1] > 0, summed[0] / summed[1].clamp_min(1), float("nan"))
-        slot = self.calibration_slot(ctx.layer_index)
+        slot = self.calibration_slot(layer_index)
         old, seen = self.calibrated_threshold[slot], self.calibration_steps[slot]
         m = self.calibration_momentum
         blended = torch.where(seen > 0, (1 - m) * old + m * batch, batch)
@@ -333,6 +354,10 @@ def contract_violation(cls: Any) -> str | None:
             return f"{cls.__qualname__}.{flag} must be True or False, got {getattr(cls, flag)!r}"
     if not isinstance(cls.densest_layers, str) or not cls.densest_layers:
         return f"{cls.__qualname__}.densest_layers must be a layers rule such as 'every-other'"
+    if cls.scopes is not None and (
+        not isinstance(cls.scopes, tuple) or not cls.scopes or not set(cls.scopes) <= {"block", "attention", "mlp"}
+    ):
+        return f"{cls.__qualname__}.scopes must be None or a tuple of 'block', 'attention', 'mlp', got {cls.scopes!r}"
     if not (isinstance(cls.Options, type) and issubclass(cls.Options, RouterOptions)):
         return f"{cls.__qualname__}.Options must be a RouterOptions dataclass, got {cls.Options!r}"
     for method in ("score", "causal_keep"):

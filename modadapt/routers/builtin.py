@@ -2,6 +2,7 @@
 
 from ..plugins import hookimpl
 from .attention import AttentionRouter
+from .noop_expert import NoopExpertRouter
 from .random import RandomRouter
 from .shared_vl import SharedVLRouter
 from .threshold import ThresholdRouter
@@ -15,3 +16,4 @@ def register_routers(register):
     register(RandomRouter)
     register(AttentionRouter)
     register(SharedVLRouter)
+    register(NoopExpertRouter)

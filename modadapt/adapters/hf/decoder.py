@@ -32,7 +32,7 @@ from .attention import (
 from .attention_maps import eager_attention_maps
 from .auto import attach_save_pretrained, base_config, wrap_config
 from .kv_cache import mod_cache_layer
-from .moe import active_expert_weights, attach_experts, router_spec
+from .moe import attach_experts, expert_router, expert_weights, router_spec
 from .versions import cache_argument
 
 #: Families converted, trained and generated with in the test suite.
@@ -157,10 +157,15 @@ class HFDecoderAdapter(Adapter):
         recorder = state.family.get("experts") if state is not None else None
         return recorder.stats() if recorder is not None else []
 
+    def expert_router(self, model: nn.Module, mlp: nn.Module) -> nn.Module | None:
+        """The family's `*TopKRouter` in a Mixtral / Qwen2-MoE / Qwen3-MoE block (the class the
+        model records `router_logits` from): `(logits, weights, indices)` per token."""
+        return expert_router(model, mlp)
+
     def sublayer_weights(self, model: nn.Module, layer: nn.Module) -> dict[str, int] | None:
         """The layer's attention module (its first child named `*Attention`) and its `mlp`; expert
-        banks count their top-k share and the experts' router (`moe.active_expert_weights`); a
-        MoD router inside a sublayer is not counted."""
+        banks count their top-k share and the experts' router (`moe.expert_weights`); a MoD
+        router inside a sublayer is not counted."""
         attention, mlp = _sublayers(layer)
         if attention is None or mlp is None:
             return None
@@ -172,7 +177,12 @@ class HFDecoderAdapter(Adapter):
                 if self.is_linear_map(m) and not name.startswith("router")
             )
 
-        return {"attention": linear(attention), "mlp": linear(mlp) + active_expert_weights(model, mlp)}
+        parts = {"attention": linear(attention), "mlp": linear(mlp)}
+        experts = expert_weights(model, mlp)
+        if experts is not None:
+            parts["mlp"] += experts["router"] + experts["top_k"] * experts["expert"]
+            parts.update(expert=experts["expert"], top_k=experts["top_k"])
+        return parts
 
     def sublayer_call(self, model: nn.Module, layer: nn.Module, index: int, scope: str) -> tuple[nn.Module, LayerCall]:
         """The layer's attention module (its first `*Attention` child) or its `mlp`. A layer that

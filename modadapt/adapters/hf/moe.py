@@ -20,6 +20,11 @@ output carries that loss as `aux_loss` (transformers' field) and the recorded lo
 `router_logits`, and with labels `router_aux_loss_coef * aux_loss` is added to `loss`, beside the
 MoD routers' own loss (`router_aux_loss`). The router classes are the ones the model declares for
 `router_logits` in `_can_record_outputs`: no modeling code is copied.
+
+The assignments counted are the ones the router returned (its `indices`, so a layer whose top-k was
+changed counts its own). A router that hands some slots to no expert at all (integrated MoDE:
+`noop-expert`'s no-op expert) marks them in its output's `dropped_slots` (`[N, k]` bool): they
+count as no assignment, and the statistics report their share.
 """
 
 from __future__ import annotations
@@ -41,12 +46,29 @@ class ExpertRecord:
         logits: `[N, E]` router logits of the rows the router saw.
         valid: `[N]` bool, the rows that are real tokens (None: all of them).
         mod: Whether a MoD layer ran the router on the tokens it kept.
+        selected: `[N, k]` the experts the router sent each row to (None: the top-k of `logits`).
+        dropped: `[N, k]` bool, the slots it sent to no expert (the no-op expert), or None.
     """
 
     layer: int
     logits: torch.Tensor
     valid: torch.Tensor | None
     mod: bool
+    selected: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
+
+    def assignments(self, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[N, k]` experts per row and `[N, k]` float weights: 1 for a real row's slot that went
+        to an expert, 0 for padding, filler rows and dropped slots."""
+        selected = self.selected
+        if selected is None:  # softmax keeps the order
+            selected = torch.topk(self.logits.float(), top_k, dim=-1).indices
+        weight = torch.ones(selected.shape, dtype=torch.float32, device=selected.device)
+        if self.valid is not None:
+            weight = weight * self.valid.float()[:, None]
+        if self.dropped is not None:
+            weight = weight * (~self.dropped).float()
+        return selected, weight
 
 
 def router_spec(model: nn.Module) -> tuple[tuple, int] | None:
@@ -74,8 +96,8 @@ def _is_router(module: nn.Module, targets: tuple) -> bool:
 
 def load_balancing_loss(records: list[ExpertRecord], num_experts: int, top_k: int) -> torch.Tensor | None:
     """transformers' load-balancing loss over the real rows of `records` (all layers together):
-    `E * sum_e f_e * P_e`, `f_e` the share of top-k assignments that go to expert e and `P_e` the
-    mean router probability of e. None: no real row."""
+    `E * sum_e f_e * P_e`, `f_e` the real rows' assignments to expert e per row (a dropped slot is
+    none) and `P_e` the mean router probability of e. None: no real row."""
     if not records:
         return None
     device = records[0].logits.device
@@ -84,32 +106,37 @@ def load_balancing_loss(records: list[ExpertRecord], num_experts: int, top_k: in
     rows = torch.zeros((), dtype=torch.float32, device=device)
     for record in records:
         probs = torch.softmax(record.logits.float(), dim=-1)
-        selected = torch.topk(probs, top_k, dim=-1).indices
+        selected, slot_weight = record.assignments(top_k)
         weight = (
             record.valid.float()
             if record.valid is not None
             else torch.ones(probs.shape[0], dtype=torch.float32, device=device)
         )
-        assigned = assigned.scatter_add(0, selected.reshape(-1), weight.repeat_interleave(top_k))
+        assigned = assigned.scatter_add(0, selected.reshape(-1), slot_weight.reshape(-1))
         probability = probability + (probs * weight[:, None]).sum(0)
         rows = rows + weight.sum()
     return (assigned / rows * probability / rows).sum() * num_experts
 
 
-def active_expert_weights(model: nn.Module, mlp: nn.Module) -> int:
-    """The expert weights one token of `mlp` passes through, besides its linear maps: the experts'
-    router (its own weight matrix) and `top_k / E` of each expert bank (the 3-D parameters of
-    the experts, stacked `[E, ...]`). 0 for an MLP without experts."""
+def expert_router(model: nn.Module, mlp: nn.Module) -> nn.Module | None:
+    """The experts' router inside `mlp` (the class the model records `router_logits` from), or None."""
     spec = router_spec(model)
     if spec is None:
-        return 0
-    routers = [m for m in mlp.modules() if _is_router(m, spec[0])]
-    if not routers:
-        return 0
-    top_k = int(routers[0].top_k)
-    banks = sum(p.numel() * top_k // p.shape[0] for p in mlp.parameters() if p.dim() == 3)
-    own = sum(p.numel() for router in routers for p in router.parameters(recurse=False) if p.dim() == 2)
-    return banks + own
+        return None
+    return next((m for m in mlp.modules() if _is_router(m, spec[0])), None)
+
+
+def expert_weights(model: nn.Module, mlp: nn.Module) -> dict[str, int] | None:
+    """What one token of the mixture of experts `mlp` passes through besides its linear maps:
+    ``router`` (the experts' router's own weight matrix), ``expert`` (one expert: `1 / E` of each
+    expert bank, the 3-D parameters stacked `[E, ...]`) and ``top_k`` (experts per token). None
+    for an MLP without experts."""
+    router = expert_router(model, mlp)
+    if router is None:
+        return None
+    expert = sum(p.numel() // p.shape[0] for p in mlp.parameters() if p.dim() == 3)
+    own = sum(p.numel() for p in router.parameters(recurse=False) if p.dim() == 2)
+    return {"router": own, "expert": expert, "top_k": int(router.top_k)}
 
 
 class ExpertRecorder:
@@ -141,7 +168,11 @@ class ExpertRecorder:
             valid = real[:, -(logits.shape[0] // real.shape[0]) :] if real is not None else None
         if valid is not None:
             valid = valid.reshape(-1)
-        self.records.append(ExpertRecord(layer, logits, valid, on_subset))
+        selected = output[-1] if isinstance(output, (tuple, list)) else None  # (logits, weights, indices)
+        if not (isinstance(selected, torch.Tensor) and selected.dim() == 2 and not selected.is_floating_point()):
+            selected = None
+        dropped = getattr(output, "dropped_slots", None)
+        self.records.append(ExpertRecord(layer, logits, valid, on_subset, selected, dropped))
 
     def before_stack(self, module, args, kwargs):
         self.records, self.recording = [], True
@@ -179,23 +210,32 @@ class ExpertRecorder:
     def stats(self) -> list[dict]:
         """Per expert block of the last forward: ``layer``, ``mod`` (whether a MoD layer fed it its
         kept tokens), ``tokens`` (real tokens its router saw) and ``expert_tokens`` (per expert,
-        the real tokens routed to it: each token counts once for each of its top-k experts)."""
+        the real tokens routed to it: each token counts once for each of its top-k experts). A
+        router with a no-op expert (`noop-expert`) adds ``noop_slots`` (the slots of the layer's
+        real tokens that went to the no-op expert: those its router dropped, and every slot of a
+        token the MoD layer sent past the block) and ``noop_fraction`` (their share of all slots)."""
         rows = []
         for record in self.records:
             with torch.no_grad():
-                selected = torch.topk(record.logits.float(), self.top_k, dim=-1).indices  # softmax keeps the order
-                if record.valid is not None:
-                    selected = selected[record.valid]
-                counts = torch.bincount(selected.reshape(-1), minlength=self.num_experts)
-            rows.append(
-                {
-                    "layer": record.layer,
-                    "mod": record.mod,
-                    "tokens": int(selected.shape[0]),
-                    "expert_tokens": counts.tolist(),
-                }
-            )
+                selected, weight = record.assignments(self.top_k)
+                counts = torch.bincount(selected.reshape(-1), weights=weight.reshape(-1), minlength=self.num_experts)
+                tokens = int(record.valid.sum()) if record.valid is not None else selected.shape[0]
+            row = {"layer": record.layer, "mod": record.mod, "tokens": tokens, "expert_tokens": counts.long().tolist()}
+            if record.dropped is not None:
+                top_k = selected.shape[1]
+                passed = self._passed_tokens(record.layer)
+                row["noop_slots"] = top_k * (tokens + passed) - int(counts.sum())
+                row["noop_fraction"] = row["noop_slots"] / (top_k * (tokens + passed)) if tokens + passed else 0.0
+            rows.append(row)
         return rows
+
+    def _passed_tokens(self, layer: int) -> int:
+        """The real tokens MoD layer `layer` sent past its routed block in the last forward."""
+        state = self.routed.get(layer)
+        if state is None or state.last_keep is None:
+            return 0
+        skipped = ~state.last_keep
+        return int((skipped & state.last_real).sum() if state.last_real is not None else skipped.sum())
 
 
 class _RouterHook:

@@ -1,0 +1,90 @@
+"""benchmarks/mode_quality.py: integrated vs staged MoDE at matched FLOPs, its tiny CPU run and
+its static baseline (a smaller top-k)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("mode_quality", ROOT / "benchmarks" / "mode_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_tiny_run_writes_every_method_at_matched_slots(tmp_path):
+    bench = load_benchmark()
+    if not (Path(bench.lm_quality.DEFAULT_DATA) / "train.txt.gz").is_file():
+        pytest.skip("the python-docs-3.11 corpus is not on this machine")
+    threads = torch.get_num_threads()
+    try:
+        records = bench.main(["--tiny", "--work", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "mode_quality.json").read_text()) == records
+    by = {r["variant"]: r for r in records}
+    assert list(by) == [
+        "dense",
+        "dense-adapt",
+        "integrated-0.5",
+        "staged-mlp-0.5",
+        "staged-block-0.5",
+        "expert-drop-0.5",
+    ]
+    for r in records:
+        assert r["valid_ppl"] > 1 and 0 < r["flops_ratio"] <= 1.01 and 0 < r["expert_slot_share"] <= 1
+    assert by["dense-adapt"]["valid_ppl_before"] == pytest.approx(by["dense"]["valid_ppl"], rel=1e-5)
+    assert by["expert-drop-0.5"]["expert_slot_share"] == 0.5  # top-2 -> top-1 on every routed layer
+    assert json.loads(by["expert-drop-0.5"]["arguments"])["top_k"] == {"1": 1, "2": 1, "3": 1}
+    # integrated MoDE runs about half of the slots after 3 steps of calibration, at about the FLOPs of top-1
+    assert by["integrated-0.5"]["expert_slot_share"] == pytest.approx(0.5, abs=0.15)
+    assert by["integrated-0.5"]["flops_ratio"] == pytest.approx(by["expert-drop-0.5"]["flops_ratio"], abs=0.06)
+    block = json.loads(by["staged-block-0.5"]["arguments"])
+    assert block["scope"] == "block" and 0 < block["capacity"] < 1
+    table = (tmp_path / "mode_quality.md").read_text()
+    assert "## Integrated MoDE against each method at matched FLOPs" in table
+    assert all(f"| integrated-0.5 | {m} |" in table for m in ("dense", "staged-mlp", "staged-block", "expert-drop"))
+
+
+def test_staged_block_capacity_matches_integrated_flops(tiny):
+    bench = load_benchmark()
+    dense = tiny("mixtral")
+    routed, T = [1, 2, 3], 32
+    target = bench.integrated_ratio(dense, routed, 0.5, T)
+    capacity = bench.solve_block_capacity(dense, routed, target, T)
+    import modadapt
+    from modadapt.metrics.flops import flops_table, sequence_flops
+
+    table = flops_table(modadapt.convert(tiny("mixtral"), router="topk", capacity=capacity, layers=routed))
+    full = sequence_flops(flops_table(dense), T)
+    ratio = lambda kept: sequence_flops(table, T, {i: kept for i in routed}) / full  # noqa: E731
+    kept = round(capacity * T)
+    assert ratio(kept) <= target < ratio(kept + 1)
+    assert 0.5 < capacity < 1  # a block skips attention too, so it keeps more tokens than 0.5
+
+
+def test_expert_drop_plan_and_copy(tiny, ids):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from expert_drop import reduce_top_k, top_k_plan
+
+    assert top_k_plan([1, 2, 3], 2, 0.5) == {1: 1, 2: 1, 3: 1}
+    mixed = top_k_plan(list(range(1, 9)), 2, 0.75)
+    assert sorted(mixed.values()) == [1] * 4 + [2] * 4 and sum(mixed.values()) / (2 * 8) == 0.75
+    with pytest.raises(ValueError, match="no expert"):
+        top_k_plan([1, 2], 2, 0.25)
+    dense = tiny("mixtral")
+    reduced = reduce_top_k(dense, {1: 1, 3: 1})
+    assert [layer.mlp.gate.top_k for layer in reduced.model.layers] == [2, 1, 2, 1]
+    assert [layer.mlp.gate.top_k for layer in dense.model.layers] == [2, 2, 2, 2]  # a copy
+    with torch.no_grad():
+        assert torch.isfinite(reduced(ids(2, 8)).logits).all()
