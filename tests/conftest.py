@@ -100,15 +100,42 @@ def build_tiny(family: str = "llama", seed: int = 0) -> torch.nn.Module:
 
 
 def widened(model, window=64):
-    """Gemma 2/3's tiny sliding window (4) is in reach of every test prompt, which graphed decoding
-    refuses (it has no windowed cache): a window out of reach, in the config (the masks) and in
-    each attention module (which read it at init)."""
+    """Gemma 2/3's tiny sliding window (4) cuts every test prompt: a window out of reach (or,
+    given a small `window`, another one), in the config (the masks) and in each attention module
+    (which read it at init), for the tests that are not about windows."""
     if getattr(model.config, "sliding_window", None) is not None:
         model.config.sliding_window = window
         for module in model.modules():
             if getattr(module, "sliding_window", None) is not None:
                 module.sliding_window = window
     return model
+
+
+#: Every family whose config has a sliding window (`test_graphed_decode` checks the list).
+WINDOWED_FAMILIES = ("mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen2-moe", "qwen3-moe", "gemma2", "gemma3")
+
+
+def build_windowed(family: str, window: int = 8, seed: int = 0) -> torch.nn.Module:
+    """`build_tiny(family, seed)` with a sliding window of `window` (the weights the same): Gemma
+    2/3's sliding layers narrowed or widened to it; a family with `layer_types` (Qwen2/3 and their
+    MoE) given Gemma's mix of two sliding layers then two global ones; Mistral, Mixtral and Phi-3
+    (no layer types) the window in every layer. The model is rebuilt from its config, since the
+    layers read their type at init."""
+    model = build_tiny(family, seed)
+    if family not in WINDOWED_FAMILIES:
+        raise ValueError(f"tiny-{family} has no sliding window")
+    if family in ("gemma2", "gemma3"):
+        return widened(model, window)
+    config = model.config
+    config.sliding_window = window
+    if hasattr(config, "use_sliding_window"):
+        config.use_sliding_window = True
+    if hasattr(config, "layer_types"):
+        config.layer_types = ["sliding_attention", "sliding_attention", "full_attention", "full_attention"]
+    rebuilt = type(model)(config)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.generation_config = model.generation_config
+    return rebuilt.eval()
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def test_decode_parts_come_from_the_adapter():
     model = modadapt.build_preset("tiny-llama")
     parts = find_adapter(model).decode_parts(model)
     assert parts.embed is model.model.embed_tokens and parts.head is model.lm_head
-    assert (parts.kv_heads, parts.head_dim, parts.window) == (2, 16, None)
+    assert (parts.kv_heads, parts.head_dim, parts.windows) == (2, 16, (None,) * 4)
     vit = modadapt.build_preset("tiny-vit")
     with pytest.raises(ModAdaptError, match="graphed decoding supports no model of adapter 'timm-vit'"):
         modadapt.GraphedDecoder(vit)

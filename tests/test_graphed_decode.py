@@ -6,9 +6,11 @@ full size (teacher-forced tokens against eager decoding)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import build_tiny, widened
+from conftest import WINDOWED_FAMILIES, build_tiny, build_windowed, widened
 
 import modadapt
 from modadapt.adapters.hf.presets import DECODER_FAMILIES
@@ -34,14 +36,43 @@ GRAPHED_FAMILIES = (
 )
 
 
+#: Every graphed family with a window out of reach (`conftest.widened`), then every family that
+#: has a sliding window with a window of 8 (`conftest.build_windowed`) that prompt and new tokens
+#: pass: (family, window).
+FAMILY_CASES = [pytest.param(f, None, id=f) for f in GRAPHED_FAMILIES] + [
+    pytest.param(f, 8, id=f"{f}-window8") for f in WINDOWED_FAMILIES
+]
+
+
 def _greedy(model, x, mask, new):
     with torch.no_grad():
         return model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
 
-def _converted(tiny, family, randomize_routers, router="threshold-p", **config):
-    model = modadapt.convert(widened(tiny(family)), router=router, layers="all-but-first", **config)
+def _dense(tiny, family, window=None):
+    """The tiny model of `family`: with its sliding layers' window `window`, or one out of reach."""
+    return widened(tiny(family)) if window is None else build_windowed(family, window)
+
+
+def _converted(tiny, family, randomize_routers, router="threshold-p", window=None, **config):
+    model = modadapt.convert(_dense(tiny, family, window), router=router, layers="all-but-first", **config)
     return randomize_routers(model).eval()
+
+
+def test_every_family_with_a_sliding_window_is_tested_with_one():
+    """`conftest.WINDOWED_FAMILIES` names every graphed family whose config has a sliding window,
+    and each one's windowed tiny model has the window where the adapter says (`DecodeParts.windows`):
+    in every layer, or in the sliding layers of a mix."""
+    from modadapt.plugins import find_adapter
+
+    has_window = {f for f in GRAPHED_FAMILIES if hasattr(build_tiny(f).config, "sliding_window")}
+    assert has_window == set(WINDOWED_FAMILIES)
+    for family in WINDOWED_FAMILIES:
+        model = build_windowed(family, 8)
+        windows = find_adapter(model).decode_parts(model).windows
+        assert windows in ((8, 8, 8, 8), (8, 8, None, None)), family
+        assert find_adapter(model).decode_parts(widened(model)).windows[0] == 64
+    assert find_adapter(build_tiny("llama")).decode_parts(build_tiny("llama")).windows == (None,) * 4
 
 
 def test_every_family_the_adapter_graphs_is_tested_here():
@@ -53,36 +84,52 @@ def test_every_family_the_adapter_graphs_is_tested_here():
     assert tested == set(SUPPORTED)
 
 
-@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
-def test_graphed_decoder_matches_generate_converted(graphed_family, tiny, ids, left_pad, randomize_routers):
-    model = _converted(tiny, graphed_family, randomize_routers)
+@pytest.mark.parametrize("graphed_family, window", FAMILY_CASES)
+def test_graphed_decoder_matches_generate_converted(graphed_family, window, tiny, ids, left_pad, randomize_routers):
+    model = _converted(tiny, graphed_family, randomize_routers, window=window)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
-    expected = _greedy(model, x, mask, 10)
+    new = 10 if window is None else 24
+    expected = _greedy(model, x, mask, new)
     decoder = GraphedDecoder(model)
-    got = decoder.generate(x, attention_mask=mask, max_new_tokens=10)
+    got = decoder.generate(x, attention_mask=mask, max_new_tokens=new)
     assert torch.equal(got, expected)
     gathered = GraphedDecoder(model, branches="gather")  # the family's layer on gathered rows
-    assert torch.equal(gathered.generate(x, attention_mask=mask, max_new_tokens=10), expected)
+    assert torch.equal(gathered.generate(x, attention_mask=mask, max_new_tokens=new), expected)
     # rows really disagree while decoding: some MoD layer keeps a different number of new tokens per row
-    step = decoder.prefill(x, mask, 10)
+    step = decoder.prefill(x, mask, new)
     mod = state_of(model).layer_indices
     start = torch.stack([step.lengths[i].clone() for i in mod])
-    decoder.decode(9)
+    decoder.decode(new - 1)
     added = torch.stack([step.lengths[i] for i in mod]) - start
     assert (added.max(1).values != added.min(1).values).any()
 
 
-@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
-def test_graphed_decoder_matches_generate_dense_and_batch_one(graphed_family, tiny, ids, left_pad, randomize_routers):
-    """Every family, the unconverted model and a converted one, batch 1 and a left-padded batch."""
-    dense = widened(tiny(graphed_family))
+@pytest.mark.parametrize("graphed_family, window", FAMILY_CASES)
+def test_graphed_decoder_matches_generate_dense_and_batch_one(
+    graphed_family, window, tiny, ids, left_pad, randomize_routers
+):
+    """Every family, the unconverted model and a converted one, batch 1 and a left-padded batch.
+    With a sliding window of 8, prompt and new tokens pass it (33 to 36 tokens a row) and a
+    converted model is tried with each router kind (threshold-p's thresholds, topk's causal
+    predictor), also on gathered rows; the window changes the tokens (a model whose window is out
+    of reach differs)."""
+    dense = _dense(tiny, graphed_family, window)
     dense.config.output_router_logits = False  # see test_speculative_decode._pair: transformers' own MoE loss
     x1 = ids(1, 9, seed=3)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
-    for model in (dense, _converted(tiny, graphed_family, randomize_routers)):
+    new = 10 if window is None else 24
+    routers = ("threshold-p",) if window is None else ("threshold-p", "topk")
+    converted = [_converted(tiny, graphed_family, randomize_routers, router=r, window=window) for r in routers]
+    for model in (dense, *converted):
         decoder = GraphedDecoder(model, cuda_graphs=False)
-        assert torch.equal(decoder.generate(x1, max_new_tokens=10), _greedy(model, x1, None, 10))
-        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=10), _greedy(model, x, mask, 10))
+        expected = _greedy(model, x, mask, new)
+        assert torch.equal(decoder.generate(x1, max_new_tokens=new), _greedy(model, x1, None, new))
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=new), expected)
+        if window is not None and model is dense:
+            assert not torch.equal(_greedy(widened(copy.deepcopy(dense)), x, mask, new), expected)
+        elif window is not None:  # gathered rows: a windowed MoD layer's slot positions in the whole cache
+            gathered = GraphedDecoder(model, cuda_graphs=False, branches="gather")
+            assert torch.equal(gathered.generate(x, attention_mask=mask, max_new_tokens=new), expected)
 
 
 @pytest.mark.parametrize("moe_family", [f for f in GRAPHED_FAMILIES if "moe" in f or f == "mixtral"])
@@ -297,6 +344,26 @@ def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, us
     return out
 
 
+def _windowed_lengths(held, used, T, cap, window, gen):
+    """`KeyLengths` of `T` queries per row ending at `used`, with `window`: "dense" slots (slot s
+    at position s) or "mod" ones (positions with gaps: the tokens a MoD layer skipped)."""
+    from modadapt.decoding.static_cache import KeyLengths
+
+    B = len(used)
+    cu = torch.arange(B + 1, dtype=torch.int32)
+    if held is None:
+        return KeyLengths(used, cu * T, cu * cap, queries=T)
+    own = used.long()[:, None] - T + torch.arange(T)  # [B, T]: each query's slot
+    slots = None
+    if held == "mod":
+        slots = torch.randint(1, 4, (B, cap), generator=gen).cumsum(1) - 1  # increasing, with gaps
+        positions = slots.gather(1, own)
+    else:
+        positions = own
+    return KeyLengths(used, cu * T, cu * cap, queries=T, window=window, positions=positions, slot_positions=slots)
+
+
+@pytest.mark.parametrize("held", [None, "dense", "mod"])
 @pytest.mark.parametrize(
     "heads,kv_heads,queries,multiprocessors,gathered",
     [
@@ -310,7 +377,7 @@ def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, us
     ],
 )
 def test_static_attention_flash_layouts_match_the_fallback(
-    heads, kv_heads, queries, multiprocessors, gathered, monkeypatch
+    heads, kv_heads, queries, multiprocessors, gathered, held, monkeypatch
 ):
     """The flash path's layouts, checked on CPU against flash's contract: a decode token's grouped
     query heads go packed as G queries per K/V head (each K/V head read once for its group) when
@@ -318,7 +385,10 @@ def test_static_attention_flash_layouts_match_the_fallback(
     query per head; the T queries of a verification go as they are; all equal the masked
     fallback, `grouped_cu_q` is filled once and reused (captured graphs read that tensor).
     `gathered`: the 3 query rows read cache rows 4, 0, 2 of 5 (`KeyLengths.rows`; flash through
-    `cu_k`, out of order), as the rows alone would."""
+    `cu_k`, out of order), as the rows alone would. With a sliding window (`held`: dense or MoD
+    slots) a decode token reads its row from the window's first slot (offset row starts, shorter
+    used lengths: flash's contract does the rest); several queries per row, each with its own
+    window start, take the masked path."""
     from modadapt.decoding import static_cache
     from modadapt.decoding.static_cache import KeyLengths
 
@@ -328,16 +398,22 @@ def test_static_attention_flash_layouts_match_the_fallback(
     k, v = torch.randn(B, cap, kv_heads, d, generator=gen), torch.randn(B, cap, kv_heads, d, generator=gen)
     used = torch.tensor([5, 16, 3], dtype=torch.int32)
     cu = torch.arange(B + 1, dtype=torch.int32)
-    lengths = KeyLengths(used, cu * T, cu * cap, queries=T)
+    lengths = _windowed_lengths(held, used, T, cap, 4, gen)
     reference = static_cache.static_cache_attention(q, k, v, lengths, 0.3)  # masked SDPA on CPU
     if gathered:  # the same rows at 4, 0, 2 of a larger cache
         rows = torch.tensor([4, 0, 2])
         k_all, v_all = torch.randn(5, cap, kv_heads, d, generator=gen), torch.randn(5, cap, kv_heads, d, generator=gen)
         k_all[rows], v_all[rows] = k, v
         k, v = k_all, v_all
+        held_all = None
+        if lengths.slot_positions is not None:  # the whole cache's slot positions, the rows' at theirs
+            held_all = torch.randint(0, 99, (5, cap), generator=gen)
+            held_all[rows] = lengths.slot_positions
         starts = torch.cat([rows * cap, torch.tensor([5 * cap])]).to(torch.int32)
-        lengths = KeyLengths(used, cu, starts, rows=rows)
+        window = dict(window=4, positions=lengths.positions, slot_positions=held_all) if held else {}
+        lengths = KeyLengths(used, cu, starts, rows=rows, **window)
         torch.testing.assert_close(static_cache.static_cache_attention(q, k, v, lengths, 0.3), reference)
+        lengths.windowed = None  # (the fallback made none; as a fresh call)
     calls = []
 
     def flash(*args):
@@ -351,12 +427,74 @@ def test_static_attention_flash_layouts_match_the_fallback(
     out = static_cache.static_cache_attention(q, k, v, lengths, 0.3)
     torch.testing.assert_close(out, reference)
     packed = T == 1 and heads > kv_heads and B * kv_heads >= multiprocessors
-    assert calls == [heads // kv_heads if packed else T]
+    assert calls == ([] if held and T > 1 else [heads // kv_heads if packed else T])
     assert list(lengths.grouped_cu_q) == ([heads // kv_heads] if packed else [])
     if packed:
         cu_grouped = lengths.grouped_cu_q[heads // kv_heads]
         torch.testing.assert_close(static_cache.static_cache_attention(q, k, v, lengths, 0.3), reference)
         assert lengths.grouped_cu_q[heads // kv_heads] is cu_grouped
+    if held and T == 1:  # the window's keys: a suffix of each row's used slots, made once
+        cu_k, seen = lengths.window_keys()
+        assert lengths.window_keys()[0] is cu_k
+        assert (seen <= 4).all() and (seen >= 1).all() and (cu_k[:-1] % cap + seen == used).all()
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("queries", [1, 3])
+@pytest.mark.parametrize("held", ["dense", "mod"])
+def test_static_attention_sliding_window(held, queries, softcap):
+    """A sliding window over the static cache, against attention written out: a query at position
+    `p` reads exactly the used slots (the slots before it and itself, with several queries)
+    holding positions `> p - window`. A MoD layer's slots hold positions with gaps (its skipped
+    tokens), kept beside the K/V: `StaticCache.update` writes the new tokens' positions there."""
+    from modadapt.adapters.hf.attention import static_decode_attention
+    from modadapt.decoding.static_cache import StaticCache
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, Hk, d, cap, T, window = 3, 4, 2, 8, 24, queries, 5
+    q = torch.randn(B, H, T, d, generator=gen)
+    k, v = torch.randn(B, cap, Hk, d, generator=gen), torch.randn(B, cap, Hk, d, generator=gen)
+    base = torch.tensor([3, 17, 0])  # slots each row holds before the new tokens
+    used = (base + T).to(torch.int32)
+    lengths = _windowed_lengths(held, used, T, cap, window, gen)
+    if held == "mod":  # the new tokens' positions reach the slots through the cache's update
+        slots = lengths.slot_positions
+        written = slots.clone()
+        slots[torch.arange(B)[:, None], base[:, None] + torch.arange(T)] = -100
+        new_k, new_v = torch.randn(B, Hk, T, d, generator=gen), torch.randn(B, Hk, T, d, generator=gen)
+        StaticCache([k], [v], [base], [slots], lengths.positions).update(new_k, new_v, 0)
+        assert torch.equal(slots, written)
+        for b in range(B):
+            assert torch.equal(k[b, base[b] : base[b] + T], new_k[b].transpose(0, 1))
+    kwargs = {} if softcap is None else {"softcap": softcap}
+    out, _ = static_decode_attention(None, q, k, v, lengths, scaling=0.3, sliding_window=window, **kwargs)
+    assert out.shape == (B, T, H, d)
+    positions = lengths.slot_positions if held == "mod" else torch.arange(cap).expand(B, cap)
+    for b in range(B):
+        for t in range(T):
+            own = int(base[b]) + t
+            seen = torch.arange(cap) <= own
+            seen &= positions[b] > lengths.positions[b, t] - window
+            keys = k[b, seen].transpose(0, 1).repeat_interleave(H // Hk, 0)  # [H, n, d]
+            values = v[b, seen].transpose(0, 1).repeat_interleave(H // Hk, 0)
+            scores = q[b, :, t : t + 1] @ keys.transpose(1, 2) * 0.3
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            torch.testing.assert_close(out[b, t], (scores.softmax(-1) @ values)[:, 0])
+            if own >= window:  # the window cuts this row: fewer keys than the causal ones
+                assert int(seen.sum()) < own + 1
+    with pytest.raises(ModAdaptError, match="sliding_window=6, but its config gives it 5"):
+        static_decode_attention(None, q, k, v, lengths, scaling=0.3, sliding_window=6)
+
+
+def test_graphed_decoder_window_comes_from_the_config(ids):
+    """The static attention takes each layer's window from the config (`DecodeParts.windows`)
+    and checks it against the `sliding_window` the layer passes: a layer changed behind the
+    config's back is an error, not a silently different window."""
+    model = build_windowed("gemma3", 8)
+    model.model.layers[0].self_attn.sliding_window = 6
+    with pytest.raises(ModAdaptError, match="layer 0 attends with sliding_window=6, but its config gives it 8"):
+        GraphedDecoder(model).generate(ids(1, 12), max_new_tokens=4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention on CUDA")
@@ -385,18 +523,6 @@ def test_flash_gathered_rows_match_the_masked_fallback_on_cuda():
     finally:
         static_cache._FLASH[key] = True
     assert (flash[:3] - reference[:3]).norm() / reference[:3].norm() < 1e-2
-
-
-def test_graphed_decoder_rejects_a_window_in_reach(tiny, ids):
-    model = tiny("mistral")
-    model.config.sliding_window = 8
-    with pytest.raises(ModAdaptError, match="sliding window"):
-        GraphedDecoder(model).generate(ids(1, 6), max_new_tokens=4)
-    for family in ("gemma2", "gemma3"):  # sliding and global layers: the sliding layers' window (4) counts
-        with pytest.raises(ModAdaptError, match=r"sliding window \(4\)"):
-            GraphedDecoder(tiny(family)).generate(ids(1, 3), max_new_tokens=2)
-        model = widened(tiny(family), window=5)
-        assert GraphedDecoder(model).generate(ids(1, 3), max_new_tokens=2).shape == (1, 5)
 
 
 @pytest.mark.parametrize("branches", ["select", "gather", "gather-conditional"])
@@ -501,17 +627,19 @@ def test_captured_graphs_match_generate_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
-@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
-def test_every_family_captured_matches_generate_on_cuda(graphed_family):
+@pytest.mark.parametrize("graphed_family, window", FAMILY_CASES)
+def test_every_family_captured_matches_generate_on_cuda(graphed_family, window):
     """Every graphed family's captured step in float32 on CUDA (threshold-p on all but the first
     layer, random routers; the mixtures of experts through transformers' `grouped_mm` experts, the
     tiny presets' default) gives `model.generate`'s tokens, at batch 1 and in a left-padded batch,
     with the default branches and with gathered rows (each family's layer on a gathered batch:
-    its rotary embeddings, experts, learned positions).
+    its rotary embeddings, experts, learned positions); and so does every family with a sliding
+    window, with one of 8 that the tokens pass.
     Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    model = modadapt.convert(widened(build_tiny(graphed_family)), router="threshold-p", layers="all-but-first")
+    dense = widened(build_tiny(graphed_family)) if window is None else build_windowed(graphed_family, window)
+    model = modadapt.convert(dense, router="threshold-p", layers="all-but-first")
     model = randomize_router_weights(model).eval().cuda()
     for branches in ("auto", "gather"):
         decoder = GraphedDecoder(model, cuda_graphs=True, branches=branches)
@@ -636,6 +764,76 @@ def test_captured_graphs_equal_their_eager_pieces_in_bf16():
     assert any(static_cache._FLASH.values()), "the flash decode attention did not run"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_captured_windowed_graphs_match_generate_on_cuda():
+    """Sliding windows in the captured step (float32: the masked attention; every branch mode):
+    Gemma 3 (sliding and global layers) and Mistral (a window in every layer) with a window of 8,
+    prompts and 40 new tokens past it, give `model.generate`'s tokens; in bf16 the flash decode
+    attention reads each row from its window's first slot, and the captured graphs give what
+    their eager pieces give. Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from conftest import left_pad_batch, make_ids, randomize_router_weights
+
+    from modadapt.decoding import static_cache
+
+    modes = available_branches()  # the gathered modes included
+    prompts = ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    for family in ("gemma3", "mistral"):
+        for router in ("threshold-p", "topk"):
+            model = modadapt.convert(build_windowed(family, 8), router=router, layers="all-but-first")
+            model = randomize_router_weights(model).eval().cuda()
+            for branches in modes:
+                decoder = GraphedDecoder(model, branches=branches)
+                for rows in prompts:
+                    x, mask, _ = (t.cuda() for t in left_pad_batch(rows))
+                    got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
+                    assert decoder.last_step.graphs is not None
+                    assert torch.equal(got, _greedy(model, x, mask, 40)), (family, router, branches, len(rows))
+            model = model.to(torch.bfloat16)
+            x, mask, _ = (t.cuda() for t in left_pad_batch(prompts[1]))
+            eager = GraphedDecoder(model, cuda_graphs=False).generate(x, attention_mask=mask, max_new_tokens=40)
+            for branches in modes:
+                graphed = GraphedDecoder(model, branches=branches)
+                assert torch.equal(graphed.generate(x, attention_mask=mask, max_new_tokens=40), eager), branches
+    assert any(static_cache._FLASH.values()), "the flash decode attention did not run"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs flash attention")
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("held", ["dense", "mod"])
+def test_windowed_flash_attention_matches_the_mask_on_cuda(held, packed, monkeypatch):
+    """On CUDA in bf16 a decode token's windowed attention runs flash from the window's first
+    slot (row offsets and used lengths: `KeyLengths.window_keys`); it equals the masked SDPA
+    path, grouped heads packed (`pack_groups`, forced here) or not. Run on the GPU machine:
+    `python -m pytest tests/test_graphed_decode.py -k cuda`."""
+    from modadapt.decoding import static_cache
+
+    if packed:
+        monkeypatch.setattr(static_cache, "multiprocessors", lambda device: 1)
+    gen = torch.Generator().manual_seed(4)
+    for heads, kv_heads in ((8, 2), (4, 4)):
+        B, d, cap = 3, 64, 256
+        q = torch.randn(B, heads, 1, d, generator=gen)
+        k, v = torch.randn(B, cap, kv_heads, d, generator=gen), torch.randn(B, cap, kv_heads, d, generator=gen)
+        used = torch.tensor([5, 256, 130], dtype=torch.int32)
+        lengths = _windowed_lengths(held, used, 1, cap, 32, gen)
+        fields = ("used", "cu_q", "cu_k", "positions", "slot_positions")
+        for name in fields:
+            value = getattr(lengths, name)
+            if value is not None:
+                setattr(lengths, name, value.cuda())
+        q, k, v = (t.cuda().to(torch.bfloat16) for t in (q, k, v))
+        flash = static_cache.static_cache_attention(q, k, v, lengths, 0.125)
+        assert static_cache._FLASH.get(static_cache.flash_key(q)), "flash did not run"
+        masked = torch.nn.functional.scaled_dot_product_attention(
+            q.reshape(B, kv_heads, heads // kv_heads, d),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=lengths.mask(cap),
+            scale=0.125,
+        ).reshape(B, 1, heads, d)
+        torch.testing.assert_close(flash.float(), masked.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_routers, monkeypatch):
     """A packed prompt cache (`packing="packed"`, as on CUDA) is compacted into the static cache."""
     from modadapt import varlen
@@ -649,11 +847,12 @@ def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_r
     assert calls, "the prompt did not run packed"
 
 
-@pytest.mark.parametrize("router", ["threshold-p", "topk"])
-def test_graphed_decoder_prefill_in_passes(router, tiny, ids, left_pad, randomize_routers):
+@pytest.mark.parametrize("router, stack", [("threshold-p", "llama"), ("topk", "llama"), ("topk", "gemma3")])
+def test_graphed_decoder_prefill_in_passes(router, stack, tiny, ids, left_pad, randomize_routers):
     """`prefill(..., rows_per_pass=2)`: the prompt two rows at a time fills the step as one pass
-    does (capacities, lengths, each row's used K/V slots) and decodes `model.generate`'s tokens."""
-    model = _converted(tiny, "llama", randomize_routers, router=router)
+    does (capacities, lengths, each row's used K/V slots and, in a windowed MoD layer, their
+    positions) and decodes `model.generate`'s tokens (Gemma 3: a sliding window of 8)."""
+    model = _converted(tiny, stack, randomize_routers, router=router, window=8 if stack == "gemma3" else None)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (150, 131, 90, 142, 60)])  # dense capacity 256
     expected = _greedy(model, x, mask, 8)
     whole = GraphedDecoder(model).prefill(x, mask, 8)
@@ -665,6 +864,9 @@ def test_graphed_decoder_prefill_in_passes(router, tiny, ids, left_pad, randomiz
         for row, n in enumerate(a.tolist()):
             torch.testing.assert_close(step.keys[i][row, :n], whole.keys[i][row, :n], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(step.values[i][row, :n], whole.values[i][row, :n], rtol=1e-5, atol=1e-6)
+            if whole.slot_positions[i] is not None:
+                assert torch.equal(step.slot_positions[i][row, :n], whole.slot_positions[i][row, :n])
+    assert any(s is not None for s in step.slot_positions) == (stack == "gemma3")
     assert torch.equal(step.token, whole.token)
     first = step.token.clone()
     decoder.decode(7)

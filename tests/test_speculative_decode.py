@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import widened
+from conftest import WINDOWED_FAMILIES, build_windowed, widened
 
 import modadapt
 from modadapt.decoding import Draft, GraphedDecoder, available_branches
@@ -43,9 +43,10 @@ def _greedy(model, x, mask, new, **kwargs):
         return model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
 
 
-def _pair(tiny, family, randomize_routers, router="threshold-p", **config):
-    """(the dense model, a converted copy whose routers really skip)."""
-    dense = widened(tiny(family))  # Gemma 2/3: a sliding window out of reach (conftest.widened)
+def _pair(tiny, family, randomize_routers, router="threshold-p", window=None, **config):
+    """(the dense model, a converted copy whose routers really skip); `window`: the sliding
+    layers' window (`conftest.build_windowed`), else out of reach (`conftest.widened`)."""
+    dense = widened(tiny(family)) if window is None else build_windowed(family, window)
     model = modadapt.convert(copy.deepcopy(dense), router=router, layers="all-but-first", **config)
     # The unconverted MoE model's own load-balancing loss (the presets ask for router logits) fails
     # in transformers on generate's left-padded decode steps (a mask of every position against the
@@ -54,19 +55,26 @@ def _pair(tiny, family, randomize_routers, router="threshold-p", **config):
     return dense, randomize_routers(model).eval()
 
 
-@pytest.mark.parametrize("graphed_family", GRAPHED_FAMILIES)
-def test_speculative_greedy_equals_dense_greedy(graphed_family, tiny, ids, left_pad, randomize_routers):
+@pytest.mark.parametrize(
+    "graphed_family, window",
+    [pytest.param(f, None, id=f) for f in GRAPHED_FAMILIES]
+    + [pytest.param(f, 8, id=f"{f}-window8") for f in WINDOWED_FAMILIES if f in GRAPHED_FAMILIES],
+)
+def test_speculative_greedy_equals_dense_greedy(graphed_family, window, tiny, ids, left_pad, randomize_routers):
     """Batch 1 and a left-padded batch, K = 1, 2, 4: the tokens of greedy decoding with the
-    unconverted model, while rows accept different numbers of drafts."""
-    dense, model = _pair(tiny, graphed_family, randomize_routers)
+    unconverted model, while rows accept different numbers of drafts. With a sliding window of 8
+    that prompt and new tokens pass, the draft's MoD layers read their window by the positions of
+    their compacted slots, the verification's K + 1 queries each their own window."""
+    dense, model = _pair(tiny, graphed_family, randomize_routers, window=window)
     x1 = ids(1, 9, seed=3)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
-    one, batch = _greedy(dense, x1, None, 14), _greedy(dense, x, mask, 14)
-    assert not torch.equal(_greedy(model, x, mask, 14), batch)  # the routed model alone differs
+    new = 14 if window is None else 24
+    one, batch = _greedy(dense, x1, None, new), _greedy(dense, x, mask, new)
+    assert not torch.equal(_greedy(model, x, mask, new), batch)  # the routed model alone differs
     for k in (1, 2, 4):
         decoder = GraphedDecoder(model, speculate=k)
-        assert torch.equal(decoder.generate(x1, max_new_tokens=14), one), k
-        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=14), batch), k
+        assert torch.equal(decoder.generate(x1, max_new_tokens=new), one), k
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=new), batch), k
         stats = decoder.speculation_stats()
         assert stats["k"] == k and 0 < stats["acceptance"] < 1
         per_row = [a / r for a, r in zip(stats["accepted"], stats["rounds"])]
@@ -120,12 +128,14 @@ def test_compiled_speculation_equals_dense_greedy(tiny, ids, left_pad, randomize
         assert 0 < decoder.speculation_stats()["acceptance"] < 1
 
 
-def test_verifier_cache_holds_the_dense_model_cache(tiny, ids, randomize_routers):
+@pytest.mark.parametrize("stack, window", [("llama", None), ("gemma3", 4)])
+def test_verifier_cache_holds_the_dense_model_cache(stack, window, tiny, ids, randomize_routers):
     """After generating, every layer's slots `[0, base)` of each row hold the dense model's K/V of
-    the row's tokens (the draft's writes were all overwritten), and nothing else is counted."""
+    the row's tokens (the draft's writes were all overwritten), and nothing else is counted; a
+    windowed MoD layer's slot positions there are the verified tokens' (slot s: position s)."""
     from transformers import DynamicCache
 
-    dense, model = _pair(tiny, "llama", randomize_routers)
+    dense, model = _pair(tiny, stack, randomize_routers, window=window)
     x = ids(2, 8, seed=5)
     decoder = GraphedDecoder(model, speculate=3)
     out = decoder.generate(x, max_new_tokens=11)
@@ -135,12 +145,15 @@ def test_verifier_cache_holds_the_dense_model_cache(tiny, ids, randomize_routers
         assert base == 8 + int(step.count[b]) - 1  # every emitted token but the last is cached
         tokens = torch.cat([x[b], step.out[b, : base - 8]])[None]
         assert torch.equal(tokens[0, : out.shape[1]], out[b, :base])
-        cache = DynamicCache(config=dense.config)
+        cache = DynamicCache()  # (no config: sliding layers keep every token too)
         with torch.no_grad():
             dense(tokens, past_key_values=cache, use_cache=True)
         for i, layer in enumerate(cache.layers):
             torch.testing.assert_close(step.keys[i][b, :base], layer.keys[0].transpose(0, 1))
             torch.testing.assert_close(step.values[i][b, :base], layer.values[0].transpose(0, 1))
+            if step.slot_positions[i] is not None:
+                assert torch.equal(step.slot_positions[i][b, :base], torch.arange(base))
+    assert any(s is not None for s in step.slot_positions) == (window is not None)
     assert all(torch.equal(n, step.base) for n in step.lengths)
     allocated, used = decoder.kv_bytes()
     assert 0 < used < allocated
@@ -414,14 +427,15 @@ def _modes():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
-def test_captured_speculation_matches_dense_generate_on_cuda():
+@pytest.mark.parametrize("stack, window", [("llama", None), ("gemma3", 8)])
+def test_captured_speculation_matches_dense_generate_on_cuda(stack, window):
     """Captured draft steps (every branch mode) and verification in float32 on CUDA give the
-    dense model's greedy tokens at batch 1 and in a left-padded batch, and captured speculative
-    sampling is seeded by `torch.manual_seed`. Run on the GPU machine:
-    `python -m pytest tests/test_speculative_decode.py -k cuda`."""
+    dense model's greedy tokens at batch 1 and in a left-padded batch (Gemma 3: a sliding window
+    of 8, which 40 new tokens pass), and captured speculative sampling is seeded by
+    `torch.manual_seed`. Run on the GPU machine: `python -m pytest tests/test_speculative_decode.py -k cuda`."""
     from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
 
-    dense = build_tiny("llama").cuda()
+    dense = (build_tiny(stack) if window is None else build_windowed(stack, window)).cuda()
     model = modadapt.convert(copy.deepcopy(dense), router="threshold-p", layers="all-but-first")
     model = randomize_router_weights(model).eval()
     for branches in _modes():

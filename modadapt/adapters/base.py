@@ -102,13 +102,16 @@ class DecodeParts:
         head: Hidden states to logits.
         kv_heads: K/V heads of each layer's attention.
         head_dim: Size of one head.
-        window: The smallest sliding window of the layers' attention, or None.
+        windows: Per layer, the sliding window of its attention (a query at position `p` sees
+            keys at positions `> p - window`), or None: full attention.
         static_attention: Returns a context manager inside which the layers' attention reads the
             step's static cache (`modadapt.decoding.static_cache`), taking its `KeyLengths` where
             they take their attention mask.
         prefill: `(input_ids, attention_mask, position_ids, **inputs) -> (last logits [B, V], cache
-            layers)`: the prompt (`inputs`: a multimodal model's `pixel_values`) run with a fresh KV cache; each cache layer holds `keys` and `values`
-            `[B, Hk, n, d]`, a MoD layer's also `mod_valid` (its real slots).
+            layers)`: the prompt (`inputs`: a multimodal model's `pixel_values`) run with a fresh KV cache
+            that keeps every token, a sliding layer's too; each cache layer holds `keys` and
+            `values` `[B, Hk, n, d]`, a MoD layer's also `mod_valid` (its real slots) and
+            `mod_index` (each slot's sequence index).
         not_capturable: Why the decode step cannot be captured as CUDA graphs (a host sync in
             the family's modeling code), said as the error `GraphedDecoder(cuda_graphs=True)`
             raises; None: it can be.
@@ -124,7 +127,7 @@ class DecodeParts:
     head: nn.Module
     kv_heads: int
     head_dim: int
-    window: int | None
+    windows: tuple[int | None, ...]
     static_attention: Callable[[], ContextManager[None]]
     prefill: Callable[..., tuple[torch.Tensor, list]]
     not_capturable: str | None = None

@@ -40,8 +40,9 @@ What a family must provide (embedding, rotary embedding or learned position embe
 norm, head, the prompt's cache, the attention that reads the static cache) comes from its adapter
 (`Adapter.decode_parts`), so this package knows no model family. Supported: Llama-style decoders
 (`adapters.hf`: Llama, Mistral, Qwen2/3, Phi-3, OLMo 2, Gemma 1/2/3, Mixtral, Qwen2/3-MoE) and
-GPT-2 (see docs/decoding.md for what is refused) without a sliding window in reach, and routers marked `graphable` (all built-in ones
-but attention routing, which reads the previous layer's attention map).
+GPT-2 (see docs/decoding.md for what is refused), their sliding-window layers at any length (the
+static cache keeps every token, a query reads its window: `static_cache`), and routers marked
+`graphable` (all built-in ones but attention routing, which reads the previous layer's attention map).
 """
 
 from .decoder import BUCKET, CHECK_EVERY, GraphedDecoder

@@ -104,7 +104,7 @@ class GraphedDecoder:
             raise ModAdaptError("cuda_graphs=True needs the model on a CUDA device.")
         self.compile = check_compile(compile, self.params.device)
         self.compiler = StepCompiler() if self.compile else NoCompiler()
-        self.kv_heads, self.head_dim, self.window = parts.kv_heads, parts.head_dim, parts.window
+        self.kv_heads, self.head_dim, self.windows = parts.kv_heads, parts.head_dim, tuple(parts.windows)
         self.head, self.norm = parts.head, self.compiler.part(parts.norm)
         self.rotary = self.compiler.part(parts.rotary) if parts.rotary is not None else None
         _, stack = adapter.layer_stack(model)
@@ -122,7 +122,14 @@ class GraphedDecoder:
             forward = getattr(type(layer), "_mod_original", type(layer)).forward
             key = parts.rotary_keys[i] if parts.rotary_keys is not None else None
             self.layers.append(StepLayer(layer, self.compiler.layer(forward), names, i in mod, key))
-        self.first_dense = next((i for i, layer in enumerate(self.layers) if not layer.mod), None)
+        if len(self.windows) != len(self.layers):
+            raise ModAdaptError(
+                f"the adapter gives {len(self.windows)} sliding windows (DecodeParts.windows) for {len(self.layers)} layers"
+            )
+        self.first_dense_by_window: dict = {}  # {window: its first dense layer}: dense layers share lengths
+        for i, layer in enumerate(self.layers):
+            if not layer.mod:
+                self.first_dense_by_window.setdefault(self.windows[i], i)
         self.speculate, self.draft = speculate, None
         if speculate:
             if not mod:
@@ -307,11 +314,6 @@ class GraphedDecoder:
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ModAdaptError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, S)}")
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        if self.window is not None and S + max_new_tokens > self.window:
-            raise ModAdaptError(
-                f"the model's sliding window ({self.window}) is shorter than prompt + new tokens "
-                f"({S + max_new_tokens}); graphed decoding has no windowed cache: decode with model.generate."
-            )
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
         inputs = {}
         if pixel_values is not None:
@@ -342,29 +344,38 @@ class GraphedDecoder:
         """The prompt's cache in one forward (with `inputs`: `pixel_values`), copied into a
         (cached or new) step; (step, first tokens)."""
         B = input_ids.shape[0]
+        windowed = self._windowed_mod_layers()  # those keep each slot's position
         if self.speculate:  # the verifier's cache: the prompt through every layer densely
             with dense(self.model):
                 logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions, **inputs)
-            stored = [self._compacted(cache_layers[i], False, real) for i in range(len(self.layers))]
+            stored = [self._compacted(cache_layers[i], False, real, i in windowed) for i in range(len(self.layers))]
             # a row's writes reach `count - 1 + 2K` past its prompt (rows that are done still run)
             width = _round_up(int(stored[0][2].max()) + max_new_tokens + 2 * self.speculate + 1, BUCKET)
             capacities = (width,) * len(self.layers)
         else:
             logits, cache_layers = self.parts.prefill(input_ids, attention_mask, positions, **inputs)
-            stored = [self._compacted(cache_layers[i], layer.mod, real) for i, layer in enumerate(self.layers)]
-            capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n in stored)
+            stored = [
+                self._compacted(cache_layers[i], layer.mod, real, i in windowed) for i, layer in enumerate(self.layers)
+            ]
+            capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n, _ in stored)
         first = next_token(logits, sampling)
         self._check_router_versions()
         step = self._step_for(B, capacities, max_new_tokens, sampling)
-        for i, (k, v, n) in enumerate(stored):
+        for i, (k, v, n, held) in enumerate(stored):
             step.keys[i].zero_()
             step.values[i].zero_()
             if k is not None:
                 step.keys[i][:, : k.shape[2]].copy_(k.transpose(1, 2))
                 step.values[i][:, : v.shape[2]].copy_(v.transpose(1, 2))
+            if held is not None:
+                step.slot_positions[i][:, : held.shape[1]].copy_(held)
             if not self.speculate:
                 step.lengths[i].copy_(n)
         return step, first
+
+    def _windowed_mod_layers(self) -> set[int]:
+        """The MoD layers with a sliding window: their static cache keeps each slot's position."""
+        return {i for i, layer in enumerate(self.layers) if layer.mod and self.windows[i] is not None}
 
     def _prefill_in_passes(self, input_ids, attention_mask, real, positions, max_new_tokens, sampling, rows):
         """`prefill` `rows` rows at a time; (a new step, first tokens). A dense layer's capacity
@@ -382,6 +393,7 @@ class GraphedDecoder:
                 k = torch.zeros(B, dense_capacity, self.kv_heads, self.head_dim, device=p.device, dtype=p.dtype)
                 buffers[i] = (k, torch.zeros_like(k))
         held: dict[int, list] = {i: [] for i, layer in enumerate(self.layers) if layer.mod}
+        windowed = self._windowed_mod_layers()
         logits = []
         for start in range(0, B, rows):
             part = slice(start, start + rows)
@@ -389,16 +401,16 @@ class GraphedDecoder:
             last, cache_layers = self.parts.prefill(input_ids[part], mask, positions[part])
             logits.append(last)
             for i, layer in enumerate(self.layers):
-                k, v, n = self._compacted(cache_layers[i], layer.mod, real[part])
+                k, v, n, slot_positions = self._compacted(cache_layers[i], layer.mod, real[part], i in windowed)
                 if layer.mod:
-                    held[i].append((k, v, n))
+                    held[i].append((k, v, n, slot_positions))
                 elif k is not None:
                     buffers[i][0][part, : k.shape[2]].copy_(k.transpose(1, 2))
                     buffers[i][1][part, : v.shape[2]].copy_(v.transpose(1, 2))
             del cache_layers, k, v
         first = next_token(torch.cat(logits), sampling)
         capacities = tuple(
-            _round_up(max(int(n.max()) for _, _, n in held[i]) + max_new_tokens, BUCKET)
+            _round_up(max(int(n.max()) for _, _, n, _ in held[i]) + max_new_tokens, BUCKET)
             if layer.mod
             else dense_capacity
             for i, layer in enumerate(self.layers)
@@ -409,10 +421,13 @@ class GraphedDecoder:
                 step.lengths[i].copy_(counts)
                 continue
             start = 0
-            for k, v, n in held.pop(i):  # the step's MoD buffers start zeroed
+            for k, v, n, slot_positions in held.pop(i):  # the step's MoD buffers start zeroed
                 if k is not None:
                     step.keys[i][start : start + len(n), : k.shape[2]].copy_(k.transpose(1, 2))
                     step.values[i][start : start + len(n), : v.shape[2]].copy_(v.transpose(1, 2))
+                if slot_positions is not None:
+                    rows = slice(start, start + len(n))
+                    step.slot_positions[i][rows, : slot_positions.shape[1]].copy_(slot_positions)
                 step.lengths[i][start : start + len(n)].copy_(n)
                 start += len(n)
         return step, first
@@ -481,22 +496,30 @@ class GraphedDecoder:
         return allocated, used
 
     # --- internals ----------------------------------------------------------------------------
-    def _compacted(self, layer, mod: bool, real: torch.Tensor):
-        """(keys, values `[B, Hk, n, d]`, per-row counts `[B]`) of one prompt cache layer, each
-        row's stored real slots moved to the front (left padding and filler slots dropped)."""
+    def _compacted(self, layer, mod: bool, real: torch.Tensor, positions: bool = False):
+        """(keys, values `[B, Hk, n, d]`, per-row counts `[B]`, slot positions `[B, n]`) of one
+        prompt cache layer, each row's stored real slots moved to the front (left padding and
+        filler slots dropped). The positions (each slot's token: the real tokens before it in its
+        row, what the decode steps count) only if asked for, else None."""
         B = real.shape[0]
         keys = getattr(layer, "keys", None)
         if not isinstance(keys, torch.Tensor) or keys.numel() == 0:
-            return None, None, torch.zeros(B, dtype=torch.long, device=real.device)
+            return None, None, torch.zeros(B, dtype=torch.long, device=real.device), None
         valid = layer.mod_valid if mod else real  # reading mod_valid converts a packed cache to rows
         keys, values = layer.keys, layer.values  # (after the conversion)
+        held = None
+        if positions:  # a MoD layer's slots hold the sequence indices it kept; a dense layer's all of them
+            index = layer.mod_index if mod else torch.arange(keys.shape[2], device=keys.device).expand(B, -1)
+            held = (real.long().cumsum(-1) - 1).gather(1, index.clamp(0, real.shape[1] - 1))
         if valid is None or bool(valid.all()):
-            return keys, values, torch.full((B,), keys.shape[2], dtype=torch.long, device=keys.device)
+            return keys, values, torch.full((B,), keys.shape[2], dtype=torch.long, device=keys.device), held
         counts = valid.long().sum(-1)
         order = torch.sort(valid.long(), dim=1, descending=True, stable=True).indices  # real slots first
         index = order.view(B, 1, -1, 1).expand(B, keys.shape[1], -1, keys.shape[3])
         width = int(counts.max())
-        return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts
+        if held is not None:
+            held = held.gather(1, order)[:, :width]
+        return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts, held
 
     def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None, buffers=None):
         key = (batch, capacities, new, sampling)

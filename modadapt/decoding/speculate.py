@@ -248,9 +248,10 @@ class SpeculativeStep:
         self.draft = DraftStep(decoder, batch, capacity, k, mode, sampling, draft.skipped(mod_layers), draft.margin)
         self.mode, self.capacities = mode, self.draft.capacities
         device = self.draft.token.device
-        self.keys, self.values = self.draft.keys, self.draft.values
+        self.keys, self.values, self.slot_positions = self.draft.keys, self.draft.values, self.draft.slot_positions
         self.base = torch.zeros(batch, dtype=torch.long, device=device)
-        self.cache = StaticCache(self.keys, self.values, [self.base] * len(decoder.layers))
+        # (its `positions` are each verification's, set by `_verify`)
+        self.cache = StaticCache(self.keys, self.values, [self.base] * len(decoder.layers), self.slot_positions)
         self.fed = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.out = torch.zeros(batch, new + k + 1, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
@@ -301,9 +302,14 @@ class SpeculativeStep:
         h = d.embed(tokens, positions)
         pe = d.position_embeddings(h, positions)
         torch.add(self.base, T, out=self._used)
-        lengths = KeyLengths(self._used, self._cu_q, self._cu_k, queries=T)
-        for layer in d.layers:  # every layer on every token: MoD layers run their original forward
-            h = self._call(layer, h, lengths, pe, positions)
+        self.cache.positions = positions  # what windowed MoD layers' slot positions get
+        # Every layer holds the verified tokens densely, slot s at position s: per window, one lengths
+        lengths = {
+            w: KeyLengths(self._used, self._cu_q, self._cu_k, queries=T, window=w, positions=positions)
+            for w in set(d.windows)
+        }
+        for layer, w in zip(d.layers, d.windows):  # every layer on every token: MoD layers run their original forward
+            h = self._call(layer, h, lengths[w], pe, positions)
         logits = d.head(d.norm(h))
         if self.sampling is None:
             accepted, nxt = greedy_acceptance(logits, dr.out)

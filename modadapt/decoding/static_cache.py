@@ -13,6 +13,15 @@ A gathered call (`branches="gather"`, `step`) runs a MoD layer on only some of t
 packed into a smaller batch: `KeyLengths.rows` names the cache row each of its rows reads, and
 `GatheredCache` writes each row's new K/V at a flat slot (`row * capacity + length`) computed
 before the call. The buffers stay `[B, capacity, Hk, d]`; nothing of the cache is copied.
+
+A sliding-window layer (`KeyLengths.window`): a query at position `p` sees the keys at positions
+`> p - window` (transformers' convention, every family). A MoD layer skips tokens, so its slot
+index is not a position: such a layer keeps each slot's position beside its K/V
+(`StaticCache.slot_positions`, written by `update`); a dense layer holds every token, slot `s` at position
+`s`. A row's positions increase along its slots, so the keys in the window are a suffix
+`[start, used)` of its used slots: a decode token reads only those (flash from `row * capacity +
+start`, `used - start` keys); the mask path, and the several queries of a verification (each with
+its own start), mask by position.
 """
 
 from __future__ import annotations
@@ -41,6 +50,14 @@ class KeyLengths:
     # `cu_q * G` per group size G (filled on first use, in a step's warm-up: captured graphs then
     # read the same tensor): offsets of the GQA-packed decode queries (`static_cache_attention`)
     grouped_cu_q: dict = field(default_factory=dict)
+    window: int | None = None  # the layer's sliding window: a query at p sees keys at positions > p - window
+    positions: torch.Tensor | None = None  # [B, queries] the queries' positions (read with a window)
+    # [B, capacity] each slot's position (None: slot s holds position s); a gathered call's are
+    # the whole cache's, read at `rows`
+    slot_positions: torch.Tensor | None = None
+    # (cu_k, used) of the keys in a decode token's window, made on first use (layers that share
+    # these lengths share them too)
+    windowed: tuple | None = None
     # A gathered call: `[n]` int64, the cache row each of the call's n rows reads (`cu_k` then
     # holds `rows * capacity`); None: row b reads row b.
     rows: torch.Tensor | None = None
@@ -48,40 +65,76 @@ class KeyLengths:
     def mask(self, capacity: int) -> torch.Tensor:
         """`[B, 1, queries, capacity]`: the slots each query reads."""
         slots = torch.arange(capacity, device=self.used.device)
-        if self.queries == 1:
-            return (slots < self.used[:, None]).view(-1, 1, 1, capacity)
         T = self.queries
-        own = self.used[:, None] - T + torch.arange(T, device=self.used.device)  # [B, T]: each query's slot
-        return (slots <= own[..., None]).view(-1, 1, T, capacity)
+        if T == 1:
+            sees = (slots < self.used[:, None]).view(-1, 1, capacity)
+        else:
+            own = self.used[:, None] - T + torch.arange(T, device=self.used.device)  # [B, T]: each query's slot
+            sees = slots <= own[..., None]
+        if self.window is not None:
+            held = self.held_positions()
+            held = slots if held is None else held[:, None, :]
+            sees = sees & (held > self.positions[..., None] - self.window)
+        return sees.view(-1, 1, T, capacity)
+
+    def held_positions(self) -> torch.Tensor | None:
+        """`[B, capacity]`: the position of each slot of the rows the queries read (a gathered
+        call's rows of the whole cache's), or None: slot s holds position s."""
+        held = self.slot_positions
+        return held if held is None or self.rows is None else held.index_select(0, self.rows)
+
+    def window_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cu_k, used) of the keys in the window of a decode token (`queries == 1`): each row's
+        slots `[start, used)`, `start` the count of its used slots at positions `<= p - window`."""
+        if self.windowed is None:
+            gone = self.positions[:, -1] - self.window  # keys at positions <= gone are out of the window
+            held = self.held_positions()
+            if held is None:  # slot s holds position s
+                start = (gone + 1).clamp_min(0)
+            else:
+                used = torch.arange(held.shape[1], device=self.used.device) < self.used[:, None]
+                start = ((held <= gone[:, None]) & used).sum(-1)
+            start = torch.minimum(start.to(self.used.dtype), self.used)
+            self.windowed = (torch.cat([self.cu_k[:-1] + start, self.cu_k[-1:]]), self.used - start)
+        return self.windowed
 
 
 class StaticCache:
     """What the layers' attention sees as `past_key_values`: `update` writes each row's new K/V
-    at that row's length in the layer's buffers and returns the whole buffers."""
+    at that row's length in the layer's buffers and returns the whole buffers. `slot_positions`
+    holds, per layer, the position of each slot (`[B, capacity]`, a windowed MoD layer's) or
+    None; `update` writes there the `positions` (`[B, T]`) of the tokens it writes."""
 
-    def __init__(self, keys: list, values: list, lengths: list):
+    def __init__(self, keys: list, values: list, lengths: list, slot_positions: list | None = None, positions=None):
         self.keys, self.values, self.lengths = keys, values, lengths
+        self.slot_positions = slot_positions if slot_positions is not None else [None] * len(keys)
+        self.positions = positions
 
     @torch.compiler.disable  # in place into the buffers, eagerly (see `modadapt.decoding.compiled`)
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v, length = self.keys[layer_idx], self.values[layer_idx], self.lengths[layer_idx]
         B, Hk, T, d = key.shape
         if T == 1:
-            slot = length.view(B, 1, 1, 1).expand(B, 1, Hk, d)
+            at = length.view(B, 1)
         else:  # consecutive slots from the row's length
-            slot = (length.view(B, 1) + torch.arange(T, device=length.device)).view(B, T, 1, 1).expand(B, T, Hk, d)
+            at = length.view(B, 1) + torch.arange(T, device=length.device)
+        slot = at.view(B, T, 1, 1).expand(B, T, Hk, d)
         k.scatter_(1, slot, key.transpose(1, 2).to(k.dtype))
         v.scatter_(1, slot, value.transpose(1, 2).to(v.dtype))
+        held = self.slot_positions[layer_idx]
+        if held is not None:
+            held.scatter_(1, at, self.positions.expand(B, T))
         return k, v
 
 
 class GatheredCache(StaticCache):
     """The cache a gathered call sees: `update` writes row j's new K/V (one token) at flat slot
     `slots[j]` (`row * capacity + length`, distinct per row) of the layer's buffers and returns the
-    whole buffers, which the attention reads through `KeyLengths.rows`."""
+    whole buffers, which the attention reads through `KeyLengths.rows`; a windowed MoD layer's
+    slot positions get the rows' `positions` (`[n, 1]`) there too."""
 
-    def __init__(self, keys: list, values: list, slots: torch.Tensor):
-        super().__init__(keys, values, [])
+    def __init__(self, keys: list, values: list, slots: torch.Tensor, slot_positions=None, positions=None):
+        super().__init__(keys, values, [], slot_positions, positions)
         self.slots = slots
 
     @torch.compiler.disable
@@ -92,6 +145,9 @@ class GatheredCache(StaticCache):
             raise ModAdaptError(f"a gathered call decodes one token per row, got {key.shape[2]}")
         k.view(rows * capacity, Hk, d).index_copy_(0, self.slots, key[:, :, 0].to(k.dtype))
         v.view(rows * capacity, Hk, d).index_copy_(0, self.slots, value[:, :, 0].to(v.dtype))
+        held = self.slot_positions[layer_idx]
+        if held is not None:
+            held.view(-1).index_copy_(0, self.slots, self.positions.view(-1))
         return k, v
 
 
@@ -154,26 +210,31 @@ def static_cache_attention(
 
     `softcap` (Gemma 2's attention logits: `cap * tanh(scores / cap)`) has no flash kernel here
     (torch's `_flash_attention_forward` takes none) nor an SDPA one: the scores are computed
-    explicitly then, on every device, as the family's eager attention does."""
+    explicitly then, on every device, as the family's eager attention does.
+
+    With a sliding window (`lengths.window`) a decode token reads flash from its window's first
+    slot (`KeyLengths.window_keys`); several queries per row (a verification: each has its own
+    window start, which one row offset cannot say) take the mask path."""
     B, H, T, d = query.shape
     cache_rows, capacity, Hk, _ = key.shape
     G = H // Hk
     flash = flash_key(query)
-    if softcap is None and flash_available(query):
+    if softcap is None and (lengths.window is None or T == 1) and flash_available(query):
         k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
+        cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
         try:
             if T == 1 and G > 1 and pack_groups(query, Hk):  # [B, H, 1, d] -> [B * G, Hk, d]: heads as tokens
                 q = query.reshape(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
                 cu = lengths.grouped_cu_q.get(G)
                 if cu is None:
                     cu = lengths.grouped_cu_q[G] = lengths.cu_q * G
-                out = flash_varlen(q, k, v, cu, lengths.cu_k, G, capacity, False, scale, lengths.used)
+                out = flash_varlen(q, k, v, cu, cu_k, G, capacity, False, scale, used)
                 _FLASH[flash] = True
                 return out.view(B, G, Hk, d).transpose(1, 2).reshape(B, 1, H, d)
             # Causal in flash's varlen kernel is aligned to each row's end (its used length):
             # query t of a row sees its slots up to `used - T + t`.
             q = query.transpose(1, 2).reshape(B * T, H, d)
-            out = flash_varlen(q, k, v, lengths.cu_q, lengths.cu_k, T, capacity, T > 1, scale, lengths.used)
+            out = flash_varlen(q, k, v, lengths.cu_q, cu_k, T, capacity, T > 1, scale, used)
             _FLASH[flash] = True
             return out.view(B, T, H, d)
         except (RuntimeError, TypeError):

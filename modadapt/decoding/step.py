@@ -132,9 +132,14 @@ class DecodeStep:
             for layer in decoder.layers
         ]
         self.dense_length = dense_length
-        self.cache = StaticCache(self.keys, self.values, self.lengths)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        # Each slot's position, for the MoD layers with a sliding window (a dense layer's slot s holds position s)
+        self.slot_positions = [
+            torch.zeros(batch, c, dtype=torch.long, device=device) if layer.mod and w is not None else None
+            for layer, w, c in zip(decoder.layers, decoder.windows, capacities)
+        ]
+        self.cache = StaticCache(self.keys, self.values, self.lengths, self.slot_positions, self.position)
         self.out = torch.zeros(batch, new, dtype=torch.long, device=device)
         self.count = torch.zeros(1, dtype=torch.long, device=device)
         self.steps_done = 0  # decode steps since the prefill (the host's count of `count`)
@@ -192,7 +197,15 @@ class DecodeStep:
 
     def _lengths(self, i: int) -> KeyLengths:
         used = torch.add(self.lengths[i], 1, out=self._used[i])  # one kernel: add and narrow to int32
-        return KeyLengths(used, self._cu_q, self._cu_k[self.capacities[i]], grouped_cu_q=self._grouped_cu_q)
+        return KeyLengths(
+            used,
+            self._cu_q,
+            self._cu_k[self.capacities[i]],
+            grouped_cu_q=self._grouped_cu_q,
+            window=self.decoder.windows[i],
+            positions=self.position,
+            slot_positions=self.slot_positions[i],
+        )
 
     def _pieces(self) -> list:
         d, pieces = self.decoder, [("run", self._begin)]
@@ -216,12 +229,12 @@ class DecodeStep:
         d, live = self.decoder, self.live
         live["h"] = d.embed(self.token, self.position)
         live["pe"] = d.position_embeddings(live["h"], self.position)
-        if d.first_dense is not None:
-            live["dense"] = self._lengths(d.first_dense)
+        for window, i in d.first_dense_by_window.items():  # the dense layers share lengths per window
+            live[("dense", window)] = self._lengths(i)
 
     def _dense(self, i: int) -> None:
-        live = self.live
-        live["h"] = self._call(self.decoder.layers[i], live["h"], live["dense"], live["pe"])
+        d, live = self.decoder, self.live
+        live["h"] = self._call(d.layers[i], live["h"], live[("dense", d.windows[i])], live["pe"])
 
     def _route(self, i: int) -> None:
         layer, live, B = self.decoder.layers[i], self.live, self.batch
@@ -274,14 +287,18 @@ class DecodeStep:
         live, layer = self.live, self.decoder.layers[i]
         h, rows = live["h"], live[("order", i)][:n]
         part = h.index_select(0, rows)
+        position = self.position.index_select(0, rows)
         lengths = KeyLengths(
             live[("used", i)][:n],
             self._cu_q[: n + 1],
             self._gather_cu_k[i][: n + 1],
             grouped_cu_q=self._grouped_by_rows[n],
+            window=self.decoder.windows[i],
+            positions=position,
+            slot_positions=self.slot_positions[i],
             rows=rows,
         )
-        cache = GatheredCache(self.keys, self.values, live[("slots", i)][:n])
+        cache = GatheredCache(self.keys, self.values, live[("slots", i)][:n], self.slot_positions, position)
         out = self._call(layer, part, lengths, live["pe"], cache=cache, rows=rows)
         gate = live[("gate", i)]
         out = apply_gate(out, None if gate is None else gate.index_select(0, rows), part)

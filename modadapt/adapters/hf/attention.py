@@ -107,10 +107,18 @@ def static_decode_attention(
 ):
     """The attention function of a graphed decode step: one query token per row (`[B, H, 1, d]`;
     a speculative verification: `attention_mask.queries`) against the static cache
-    `[B, capacity, Hk, d]`; the mask argument carries the used lengths; `softcap` (Gemma 2)
-    soft-caps the scores. Returns `([B, T, H, d], None)` like the SDPA function."""
+    `[B, capacity, Hk, d]`; the mask argument carries the used lengths and the layer's sliding
+    window (from the config, `DecodeParts.windows`), which must be the `sliding_window` the layer
+    passes, if it passes one; `softcap` (Gemma 2) soft-caps the scores. Returns `([B, T, H, d],
+    None)` like the SDPA function."""
     if not isinstance(attention_mask, KeyLengths) or query.shape[2] != attention_mask.queries:
         raise ModAdaptError(f"{STATIC_ATTENTION} attention only runs GraphedDecoder's decode steps.")
+    window = kwargs.get("sliding_window") or None  # Qwen2-MoE says 0 for none
+    if "sliding_window" in kwargs and window != attention_mask.window:
+        raise ModAdaptError(
+            f"layer {getattr(module, 'layer_idx', '?')} attends with sliding_window={window}, but its config "
+            f"gives it {attention_mask.window}; set config.sliding_window (and layer_types) to what the layers use."
+        )
     return static_cache_attention(query, key, value, attention_mask, scaling, softcap=kwargs.get("softcap")), None
 
 

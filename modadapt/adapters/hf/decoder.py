@@ -238,9 +238,9 @@ class HFDecoderAdapter(Adapter):
         """The decoder's token embedding (Gemma's scales by sqrt(hidden) itself), its position
         encoding: a rotary embedding (Gemma 3's: one per layer type, `rotary_keys`) or learned
         absolute position embeddings added to the token embedding (GPT-2's `wpe`), its final norm,
-        the LM head (soft-capped as the model caps its logits: Gemma 2), the smallest sliding
-        window of any layer, and the attention shape of a `GRAPHED_FAMILIES` model (or its
-        language model's)."""
+        the LM head (soft-capped as the model caps its logits: Gemma 2), each layer's sliding
+        window (`layer_types` and `sliding_window`, `use_sliding_window`: the config's), and the
+        attention shape of a `GRAPHED_FAMILIES` model (or its language model's)."""
         config = model.config.get_text_config(decoder=True)
         if getattr(config, "model_type", None) not in GRAPHED_FAMILIES or not hasattr(model, "get_decoder"):
             raise ModAdaptError(
@@ -262,7 +262,6 @@ class HFDecoderAdapter(Adapter):
             )
         register_attention_functions()
         layers = len(self.layer_stack(model)[1])
-        windows = [w for w in (_sliding_window(config, i) for i in range(layers)) if w is not None]
         rotary, rotary_keys = found["rotary"], None
         if rotary is not None and "layer_type" in inspect.signature(type(rotary).forward).parameters:
             rotary_keys = tuple(config.layer_types[:layers])  # Gemma 3: local and global RoPE
@@ -276,7 +275,7 @@ class HFDecoderAdapter(Adapter):
             head=SoftCappedHead(head, cap) if cap else head,
             kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            window=min(windows) if windows else None,
+            windows=tuple(_sliding_window(config, i) for i in range(layers)),
             static_attention=functools.partial(use_attention, config, STATIC_ATTENTION),
             prefill=functools.partial(_prefill, model),
             not_capturable=_not_capturable(model, config),
@@ -414,10 +413,13 @@ def _prefill(
     **inputs: Any,
 ) -> tuple[torch.Tensor, list]:
     """The prompt (with `inputs`: LLaVA's `pixel_values`) through the model with a fresh
-    `DynamicCache`: the last logits and its layers."""
+    `DynamicCache`: the last logits and its layers. Made without the config, so that every layer
+    is a `DynamicLayer` that keeps every token: the config's would give sliding layers a
+    `DynamicSlidingWindowLayer`, which keeps the last `window - 1` slots only (the masks, built by
+    layer type, are the same either way)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -486,8 +488,10 @@ def _zeros_and_no_weights(hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
 
 
 def _sliding_window(config: Any, index: int) -> int | None:
+    """Layer `index`'s sliding window: the config's `sliding_window` unless `use_sliding_window`
+    is off (Qwen2/3 and their MoE) or `layer_types` makes the layer a full-attention one."""
     window = getattr(config, "sliding_window", None)
-    if window is None or getattr(config, "use_sliding_window", True) is False:
+    if not window or getattr(config, "use_sliding_window", True) is False:  # (Qwen2-MoE: 0 for none)
         return None
     types = getattr(config, "layer_types", None)
     if types is not None:
