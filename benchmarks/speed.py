@@ -466,6 +466,43 @@ def compile_fields(b: Bench, model, dense_compile_s, mod_compile_s) -> dict:
     )
 
 
+def error_text(error: BaseException, limit: int = 300) -> str:
+    """An error as a record keeps it: its type and the start of its first line (a result, not a crash)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
+
+
+def add_failure(b: Bench, label: str, record: dict, error: BaseException) -> None:
+    """One failing cell is a result and the sweep goes on: the traceback to the log, `record` with the error."""
+    traceback.print_exc()
+    message = error_text(error)
+    print(f"# {label}: FAILED {message}", flush=True)
+    b.add(dict(record, error=message))
+
+
+def decode_speed_fields(B: int, new: int, dense_ms: float, mod_ms: float, ideal_speedup: float) -> dict:
+    """Record fields of dense and MoD each decoding `new` tokens a row at batch `B` (ideal by bytes),
+    named alike in every decode scenario so that their rows compare."""
+    return dict(
+        dense_ms=dense_ms,
+        mod_ms=mod_ms,
+        speedup=dense_ms / mod_ms,
+        ideal_speedup=ideal_speedup,
+        ideal_basis="bytes",
+        dense_ms_per_step=dense_ms / new,
+        mod_ms_per_step=mod_ms / new,
+        dense_tokens_per_s=B * new / dense_ms * 1e3,
+        mod_tokens_per_s=B * new / mod_ms * 1e3,
+    )
+
+
+def graph_fields(b: Bench) -> dict:
+    """Record fields saying how a `GraphedDecoder` ran: compiled layers, and whether flash decode attention ran."""
+    from modadapt.decoding import static_cache
+
+    return dict(graph_compile=b.args.graph_compile, flash_decode=any(static_cache._FLASH.values()))
+
+
 def mean_kept(model) -> float | None:
     fractions = [r["kept_fraction"] for r in modadapt.routing_stats(model) if r["kept_fraction"] is not None]
     return sum(fractions) / len(fractions) if fractions else None
@@ -942,15 +979,9 @@ def run_decode(b: Bench) -> None:
                     batch=B,
                     context=ctx,
                     new_tokens=new,
-                    dense_ms=dense_ms,
-                    mod_ms=mod_ms,
-                    speedup=speedup,
-                    ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, f, elt),
-                    ideal_basis="bytes",
-                    dense_ms_per_step=dense_ms / new,
-                    mod_ms_per_step=mod_ms / new,
-                    dense_tokens_per_s=B * new / dense_ms * 1e3,
-                    mod_tokens_per_s=B * new / mod_ms * 1e3,
+                    **decode_speed_fields(
+                        B, new, dense_ms, mod_ms, dense_bytes / decode_bytes(b.shape, B, ctx, new, f, elt)
+                    ),
                     kept_fraction=kept,
                     slot_fraction=slots,
                     dense_kv_bytes=dense_kv,
@@ -1064,7 +1095,7 @@ def run_decode_graphs(b: Bench) -> None:
     graph pieces at batch 1, else compute-and-select). Timed: `new` steps after the prompt (the
     prompt runs eagerly and is not timed, as in `decode`). Checked: teacher-forced tokens against
     eager greedy decoding of the same model."""
-    from modadapt.decoding import GraphedDecoder, static_cache
+    from modadapt.decoding import GraphedDecoder
 
     if b.device.type == "cuda":
         check = check_static_attention(b.device, b.dtype)
@@ -1107,7 +1138,7 @@ def run_decode_graphs(b: Bench) -> None:
             except Exception as error:  # noqa: BLE001 - recorded, with the traceback in the log
                 traceback.print_exc()
                 agreement, worst_row = None, None
-                agreement_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                agreement_error = error_text(error)
             return dict(
                 ms=statistics.median(times),
                 times=times,
@@ -1129,7 +1160,7 @@ def run_decode_graphs(b: Bench) -> None:
         try:
             hf_ms, hf_error = hf_static_step_ms(b.dense, ids, new, b.clock), None
         except Exception as error:  # noqa: BLE001 - the user's alternative failing is a result too
-            hf_ms, hf_error = None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            hf_ms, hf_error = None, error_text(error, 200)
         step_ms = dense["ms"] / new
         print(
             f"# dense graphed{' compiled' if b.args.graph_compile else ''} B={B} ctx={ctx}: {step_ms:.3f} ms/step, "
@@ -1149,42 +1180,24 @@ def run_decode_graphs(b: Bench) -> None:
             try:
                 mod = measure(model)
             except Exception as error:  # noqa: BLE001 - one failing cell is a result; the sweep goes on
-                traceback.print_exc()
-                message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                print(f"# decode_graphs B={B} ctx={ctx} {router}: FAILED {message}", flush=True)
-                b.add(
-                    dict(
-                        scenario=f"decode_graphs_b{B}_ctx{ctx}",
-                        router=router,
-                        batch=B,
-                        context=ctx,
-                        graph_compile=b.args.graph_compile,
-                        error=message,
-                    )
-                )
+                label, graph_compile = f"decode_graphs B={B} ctx={ctx} {router}", b.args.graph_compile
+                cell = dict(scenario=f"decode_graphs_b{B}_ctx{ctx}", router=router, batch=B, context=ctx)
+                add_failure(b, label, dict(cell, graph_compile=graph_compile), error)
                 continue
             kept = statistics.mean(mod["added"][i] for i in b.shape.mod_layers)
             goal = setting["goals"].get(router)
             speedup = dense["ms"] / mod["ms"]
+            ideal_speedup = dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt)
             record = dict(
                 scenario=f"decode_graphs_b{B}_ctx{ctx}",
                 router=router,
                 batch=B,
                 context=ctx,
                 new_tokens=new,
-                dense_ms=dense["ms"],
-                mod_ms=mod["ms"],
-                speedup=speedup,
-                ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt),
-                ideal_basis="bytes",
-                dense_ms_per_step=dense["ms"] / new,
-                mod_ms_per_step=mod["ms"] / new,
-                dense_tokens_per_s=B * new / dense["ms"] * 1e3,
-                mod_tokens_per_s=B * new / mod["ms"] * 1e3,
+                **decode_speed_fields(B, new, dense["ms"], mod["ms"], ideal_speedup),
                 kept_fraction=kept,
                 branches=mod["branches"],
-                graph_compile=b.args.graph_compile,
-                flash_decode=any(static_cache._FLASH.values()),
+                **graph_fields(b),
                 dense_kv_bytes=dense["allocated"],
                 mod_kv_bytes=mod["allocated"],
                 kv_ratio=mod["allocated"] / dense["allocated"],
@@ -1238,7 +1251,7 @@ def run_decode_branches(b: Bench) -> None:
     mode's (teacher-forced), against select mode's. What it decides: `branches="auto"`
     (`modadapt.decoding.step.auto_branches`); the fastest mode per router and shape is printed
     and recorded (`decode_branches_best_*`)."""
-    from modadapt.decoding import GraphedDecoder, static_cache
+    from modadapt.decoding import GraphedDecoder
 
     if b.device.type == "cuda":
         check = check_static_attention(b.device, b.dtype)
@@ -1305,15 +1318,13 @@ def run_decode_branches(b: Bench) -> None:
                 try:
                     mod = measure(model, mode, reference)
                 except Exception as error:  # noqa: BLE001 - one failing cell is a result; the sweep goes on
-                    traceback.print_exc()
-                    message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                    print(f"# {scenario} {router} {mode}: FAILED {message}", flush=True)
-                    b.add(dict(base, graph_compile=b.args.graph_compile, error=message))
+                    add_failure(b, f"{scenario} {router} {mode}", dict(base, graph_compile=b.args.graph_compile), error)
                     continue
                 if mode == "select":
                     reference = mod["tokens"]
                 kept = statistics.mean(mod["added"][i] for i in b.shape.mod_layers)
                 timed[mode] = mod["ms"] / new
+                ideal_speedup = dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt)
                 print(
                     f"# {scenario} {router} {mode}: {mod['ms'] / new:.3f} ms/step ({dense['ms'] / mod['ms']:.2f}x "
                     f"dense), kept {kept:.3f}, tokens as select {mod['same']}",
@@ -1322,21 +1333,12 @@ def run_decode_branches(b: Bench) -> None:
                 b.add(
                     dict(
                         base,
-                        dense_ms=dense["ms"],
-                        mod_ms=mod["ms"],
-                        speedup=dense["ms"] / mod["ms"],
-                        ideal_speedup=dense_bytes / decode_bytes(b.shape, B, ctx, new, kept, elt),
-                        ideal_basis="bytes",
-                        dense_ms_per_step=dense["ms"] / new,
-                        mod_ms_per_step=mod["ms"] / new,
+                        **decode_speed_fields(B, new, dense["ms"], mod["ms"], ideal_speedup),
                         dense_times_ms=dense["times"],
                         mod_times_ms=mod["times"],
-                        dense_tokens_per_s=B * new / dense["ms"] * 1e3,
-                        mod_tokens_per_s=B * new / mod["ms"] * 1e3,
                         kept_fraction=kept,
                         captured_as=mod["branches"],
-                        graph_compile=b.args.graph_compile,
-                        flash_decode=any(static_cache._FLASH.values()),
+                        **graph_fields(b),
                         mod_first_call_s=mod["first_s"],
                         mod_kv_bytes=mod["kv_bytes"],
                         tokens_as_select=mod["same"],
@@ -1478,11 +1480,7 @@ def kv_budget_measure(b: Bench, model, budget: int, setting: dict) -> dict:
                     stepped_down_from=stepped_down,
                 )
             except _oom_types() as error:
-                oom = (
-                    f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                    if str(error)
-                    else type(error).__name__
-                )
+                oom = error_text(error, 200)
             # out of the handler: the traceback (and the tensors its frames hold) is gone
             step = None
             decoder.reset()
@@ -1523,10 +1521,7 @@ def run_decode_kv_budget(b: Bench) -> None:
         try:
             got = kv_budget_measure(b, model, budget, setting)
         except Exception as error:  # noqa: BLE001 - one failing model is a result; the others go on
-            traceback.print_exc()
-            message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-            print(f"# decode_kv_budget {name}: FAILED {message}", flush=True)
-            b.add(dict(**base, router=name, error=message))
+            add_failure(b, f"decode_kv_budget {name}", dict(**base, router=name), error)
             continue
         added, prompt_slots = got.pop("added"), got.pop("prompt_slots")
         mod_layers = b.shape.mod_layers if model is not b.dense else []
@@ -1647,7 +1642,7 @@ def hf_assisted(dense, model, ids: torch.Tensor, new: int, clock: Clock) -> dict
             plain_ms = statistics.median(clock.time(gen()) for _ in range(2))
             assisted_ms = statistics.median(clock.time(gen(assistant_model=model)) for _ in range(2))
     except Exception as error:  # noqa: BLE001 - the alternative failing is a result too
-        return dict(hf_assisted_error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return dict(hf_assisted_error=error_text(error, 200))
     return dict(
         hf_plain_ms=plain_ms,
         hf_assisted_ms=assisted_ms,
@@ -1665,7 +1660,7 @@ def run_decode_speculative(b: Bench) -> None:
     drafts / drafted tokens), tokens per round, each MoD layer's draft keep fraction, and how many
     leading tokens equal dense graphed decoding's (greedy speculation is exact up to kernel
     rounding: in bf16 a near-tie may flip)."""
-    from modadapt.decoding import CHECK_EVERY, Draft, GraphedDecoder, static_cache
+    from modadapt.decoding import CHECK_EVERY, Draft, GraphedDecoder
 
     elt = torch.finfo(b.dtype).bits // 8
     ks = [int(k) for k in b.args.speculate_k.split(",")] if b.args.speculate_k else list(b.size["speculate_k"])
@@ -1745,8 +1740,7 @@ def run_decode_speculative(b: Bench) -> None:
                         same_prefix_as_dense=float(same.mean()),
                         same_prefix_worst_row=float(same.min()),
                         branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
-                        graph_compile=b.args.graph_compile,
-                        flash_decode=any(static_cache._FLASH.values()),
+                        **graph_fields(b),
                         dense_first_call_s=dense_first_s,
                         mod_first_call_s=first_s,
                         goal=None,
