@@ -7,6 +7,10 @@ actually skips tokens, and differently in each row.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,14 +77,40 @@ def lm_adapt_config(tmp_path, **extra):
     return LMAdaptConfig(**{**base, **extra})
 
 
+@contextlib.contextmanager
+def threads_restored():
+    """Code that sets torch's thread count (the benchmarks pin one on CPU) leaves the tests after it theirs."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices on a shared CPU: one thread is many times faster than oversubscribed ones
     (a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads_restored():
+        torch.set_num_threads(1)
+        yield
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch):
+    """A fresh module of `benchmarks/<name>.py` (the scripts are no package). While `monkeypatch`
+    lasts it is `sys.modules[name]` (its dataclasses look their module up) and `benchmarks/` is on
+    the path (it imports its siblings)."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

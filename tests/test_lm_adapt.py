@@ -6,11 +6,10 @@ import copy
 import gzip
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, load_benchmark, threads_restored
 from torch.utils.flop_counter import FlopCounterMode
 
 import modadapt
@@ -19,7 +18,6 @@ from modadapt.errors import ModAdaptError
 from modadapt.mod_layer import state_of
 from modadapt.recipes.lm_adapt import LMAdaptConfig, pack, read_corpus, run, tokenize
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = SAMPLE_TEXT
 
 
@@ -276,22 +274,17 @@ def test_lm_eval_helper_is_a_clear_error_without_lm_eval(routers_run):
         lm_eval_model(modadapt.load(routers_run[0] / "model"), tokenizer=object())
 
 
-def load_quality_benchmark():
-    spec = importlib.util.spec_from_file_location("lm_quality", ROOT / "benchmarks" / "lm_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def load_quality_benchmark(monkeypatch):
+    bench = load_benchmark("lm_quality", monkeypatch)
     if not (bench.DEFAULT_DATA / "train.txt.gz").is_file():
         pytest.skip("the python-docs-3.11 corpus is not on this machine")
     return bench
 
 
-def test_quality_benchmark_tiny(tmp_path):
-    bench = load_quality_benchmark()
-    threads = torch.get_num_threads()
-    try:
+def test_quality_benchmark_tiny(tmp_path, monkeypatch):
+    bench = load_quality_benchmark(monkeypatch)
+    with threads_restored():
         records = bench.main(["--tiny", "--work", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
     assert json.loads((tmp_path / "lm_quality.json").read_text()) == records
     assert [r["variant"] for r in records] == [
         "dense",
@@ -323,13 +316,12 @@ def test_quality_benchmark_tiny(tmp_path):
     assert "## Goals (issue 7)" in table and "| no NaN or divergence |" in table
 
 
-def test_quality_benchmark_continues_from_saved_weights(tmp_path):
+def test_quality_benchmark_continues_from_saved_weights(tmp_path, monkeypatch):
     """A run split over calls (the GPU machine's 10-minute limit): the second call loads the saved
     bf16 model, reproduces the dense perplexity and appends its variants."""
-    bench = load_quality_benchmark()
-    threads = torch.get_num_threads()
+    bench = load_quality_benchmark(monkeypatch)
     pretrained = tmp_path / "pretrained"
-    try:
+    with threads_restored():
         first = bench.main(
             ["--tiny", "--work", str(tmp_path), "--variants", "random", "--save-pretrained", str(pretrained)]
         )
@@ -345,8 +337,6 @@ def test_quality_benchmark_continues_from_saved_weights(tmp_path):
                 "--append",
             ]
         )
-    finally:
-        torch.set_num_threads(threads)
     assert [r["variant"] for r in first] == ["dense", "random"]
     assert [r["variant"] for r in second] == ["dense", "topk", "random"]  # run order, whatever the call
     assert [second[0], second[2]] == first and second[1]["command"] != first[1]["command"]
@@ -361,8 +351,8 @@ def test_quality_benchmark_continues_from_saved_weights(tmp_path):
         bench.main(["--tiny", "--work", str(tmp_path), "--variants", "nope"])
 
 
-def test_quality_goals_are_judged_from_the_records():
-    bench = load_quality_benchmark()
+def test_quality_goals_are_judged_from_the_records(monkeypatch):
+    bench = load_quality_benchmark(monkeypatch)
     rec = lambda variant, router, ppl, flops, **extra: dict(
         variant=variant, router=router, valid_ppl=ppl, flops_ratio=flops, **extra
     )

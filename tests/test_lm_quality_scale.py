@@ -4,41 +4,32 @@ tokenizer, pretraining, every variant and baseline, seeds, records and table, FL
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark, threads_restored
 from torch.utils.flop_counter import FlopCounterMode
 
 import modadapt
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("lm_quality_scale", ROOT / "benchmarks" / "lm_quality_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    if not (module.DEFAULT_DATA / "train.txt.gz").is_file():
-        pytest.skip("the tech-docs corpus is not on this machine")
-    return module
+    with pytest.MonkeyPatch.context() as patch:
+        module = load_benchmark("lm_quality_scale", patch)
+        if not (module.DEFAULT_DATA / "train.txt.gz").is_file():
+            pytest.skip("the tech-docs corpus is not on this machine")
+        yield module
 
 
 @pytest.fixture(scope="module")
 def tiny_run(bench, tmp_path_factory):
     """Two seeds of every variant (the second call appends seed 1 to seed 0's records)."""
     work = tmp_path_factory.mktemp("scale")
-    threads = torch.get_num_threads()
-    try:
+    with threads_restored():
         first = bench.main(["--tiny", "--work", str(work), "--seeds", "0"])
         both = bench.main(["--tiny", "--work", str(work), "--seeds", "0,1", "--append"])
-    finally:
-        torch.set_num_threads(threads)
     return work, first, both
 
 

@@ -3,34 +3,21 @@ its static baseline (a smaller top-k)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("mode_quality", ROOT / "benchmarks" / "mode_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+from conftest import BENCHMARKS, load_benchmark, threads_restored
 
 
-def test_tiny_run_writes_every_method_at_matched_slots(tmp_path):
-    bench = load_benchmark()
+def test_tiny_run_writes_every_method_at_matched_slots(tmp_path, monkeypatch):
+    bench = load_benchmark("mode_quality", monkeypatch)
     if not (Path(bench.lm_quality.DEFAULT_DATA) / "train.txt.gz").is_file():
         pytest.skip("the python-docs-3.11 corpus is not on this machine")
-    threads = torch.get_num_threads()
-    try:
+    with threads_restored():
         records = bench.main(["--tiny", "--work", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
     assert json.loads((tmp_path / "mode_quality.json").read_text()) == records
     by = {r["variant"]: r for r in records}
     assert list(by) == [
@@ -56,8 +43,8 @@ def test_tiny_run_writes_every_method_at_matched_slots(tmp_path):
     assert all(f"| integrated-0.5 | {m} |" in table for m in ("dense", "staged-mlp", "staged-block", "expert-drop"))
 
 
-def test_staged_block_capacity_matches_integrated_flops(tiny):
-    bench = load_benchmark()
+def test_staged_block_capacity_matches_integrated_flops(tiny, monkeypatch):
+    bench = load_benchmark("mode_quality", monkeypatch)
     dense = tiny("mixtral")
     routed, T = [1, 2, 3], 32
     target = bench.integrated_ratio(dense, routed, 0.5, T)
@@ -74,7 +61,7 @@ def test_staged_block_capacity_matches_integrated_flops(tiny):
 
 
 def test_expert_drop_plan_and_copy(tiny, ids):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(BENCHMARKS))
     from expert_drop import reduce_top_k, top_k_plan
 
     assert top_k_plan([1, 2, 3], 2, 0.5) == {1: 1, 2: 1, 3: 1}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_benchmark, threads_restored
 from torch import nn
 
 import modadapt
@@ -240,23 +241,8 @@ def test_varlen_attention_rejects_softcap():
 
 def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     """`benchmarks/speed.py --tiny` runs every scenario (packed check, graphed decode) and writes records."""
-    import importlib.util
-    import json
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
-    out = tmp_path / "speed.json"
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--tiny", "--routers", "topk,threshold-p", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)  # the smoke test pins one thread
-    records = json.loads(out.read_text())
+    bench = _speed_bench(monkeypatch)
+    records = _run_speed(bench, ["--tiny", "--routers", "topk,threshold-p"], tmp_path / "speed.json")
     scenarios = {r["scenario"].split("_b")[0] for r in records}
     assert {
         "varlen_kernel_check",
@@ -312,26 +298,15 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
 
 
 def _speed_bench(monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("speed", monkeypatch)
 
 
 def _run_speed(bench, argv: list[str], out) -> list[dict]:
+    """`bench.main(argv)` writing its records to `out`, read back."""
     import json
 
-    threads = torch.get_num_threads()
-    try:
+    with threads_restored():
         assert bench.main([*argv, "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)  # the benchmark pins one thread on CPU
     return json.loads(out.read_text())
 
 
@@ -408,19 +383,11 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
     """`decode_speculative --speculate-model DIR (repeated) --speculate-text FILE`: only the saved
     models are measured, named by their directory, on windows of the text in their own tokenizer."""
     import gzip
-    import importlib.util
-    import json
-    import sys
     import types
-    from pathlib import Path
 
     from modadapt.cli import main as cli
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
+    bench = _speed_bench(monkeypatch)
     for name, options in (("a", ["topk", "--capacity", "0.5"]), ("b", ["threshold-p"])):
         assert cli(["convert", "tiny-llama", "--router", *options, "-o", str(tmp_path / name / "model")]) == 0
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
@@ -436,16 +403,13 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
         bench.speculate_prompts(
             types.SimpleNamespace(args=args, device=torch.device("cpu")), str(tmp_path / "a" / "model"), 256, 3, 10**6
         )
-    out = tmp_path / "speed.json"
-    threads = torch.get_num_threads()
-    try:
-        argv = ["--tiny", "--scenarios", "decode_speculative", "--speculate-k", "2", "--speculate-context", "24"]
-        for name in ("a", "b"):
-            argv += ["--speculate-model", str(tmp_path / name / "model")]
-        assert bench.main([*argv, "--speculate-text", str(tmp_path / "text.txt.gz"), "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    records = [r for r in json.loads(out.read_text()) if r["scenario"].startswith("decode_speculative")]
+    argv = ["--tiny", "--scenarios", "decode_speculative", "--speculate-k", "2", "--speculate-context", "24"]
+    for name in ("a", "b"):
+        argv += ["--speculate-model", str(tmp_path / name / "model")]
+    argv += ["--speculate-text", str(tmp_path / "text.txt.gz")]
+    records = [
+        r for r in _run_speed(bench, argv, tmp_path / "speed.json") if r["scenario"].startswith("decode_speculative")
+    ]
     assert {(r["router"], r["batch"], r["context"]) for r in records} == {(n, b, 24) for n in "ab" for b in (1, 2)}
     assert all(r["same_prefix_as_dense"] == 1.0 and 0 <= r["acceptance"] <= 1 for r in records)
     # batch 1 also runs transformers' assisted decoding with the converted model as assistant
