@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import modadapt
 from modadapt.adapters.hf.presets import DECODER_FAMILIES
@@ -274,6 +275,40 @@ def left_pad_batch(prompts: list[torch.Tensor], pad_id: int = 0):
 def left_pad():
     """Function fixture: `left_pad(prompts)` -> (input_ids, attention_mask, position_ids)."""
     return left_pad_batch
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal LM loss a model's `loss` holds (next-token cross-entropy, labels -100 ignored),
+    for checking what the auxiliary losses add to it."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+
+
+#: The tiny presets whose MLP is a mixture of experts.
+MOE_FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe"]
+
+
+def expert_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """`(layer index, router)` of every experts' router (the families' `*TopKRouter`, in the MLP)."""
+    _, stack = modadapt.plugins.find_adapter(model).layer_stack(model)
+    return [
+        (i, m) for i, layer in enumerate(stack) for m in layer.mlp.modules() if type(m).__name__.endswith("TopKRouter")
+    ]
+
+
+@contextlib.contextmanager
+def watching_expert_routers(model: torch.nn.Module, record):
+    """Every experts' router call inside the block, in call order: `(layer, *record(output))`
+    (the tests watch the calls with hooks of their own, not the code under test)."""
+    calls = []
+    handles = [
+        m.register_forward_hook(lambda module, args, out, _i=i: calls.append((_i, *record(out))))
+        for i, m in expert_routers(model)
+    ]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def keep_masks(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -13,9 +13,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
-from conftest import SAVED_FILES, beam_search_scored, sampled_rows_match_recompute
+from conftest import SAVED_FILES, beam_search_scored, lm_loss, sampled_rows_match_recompute
 from torch import nn
 from transformers import DynamicCache
 
@@ -615,10 +614,6 @@ GRAD_ROUTERS = {
 }
 
 
-def _lm_loss(logits, labels):
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
-
-
 @pytest.mark.parametrize("router", list(GRAD_ROUTERS))
 def test_gradients_reach_every_router_parameter(family, tiny, ids, randomize_routers, router):
     model = _convert(tiny(family), randomize_routers, **GRAD_ROUTERS[router]).train()
@@ -629,7 +624,7 @@ def test_gradients_reach_every_router_parameter(family, tiny, ids, randomize_rou
     assert torch.equal(modadapt.aux_loss(model), aux)
     # A mixture of experts adds its own load-balancing loss (over the kept tokens), reported apart.
     experts = model.config.router_aux_loss_coef * out.aux_loss if out.get("aux_loss") is not None else 0.0
-    torch.testing.assert_close(out.loss, _lm_loss(out.logits, x) + aux + experts, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, x) + aux + experts, rtol=0, atol=1e-5)
     for layer in modadapt.mod_layers(model):
         assert layer.mod_state.last_aux is not None and torch.isfinite(layer.mod_state.last_aux)
     out.loss.backward()
@@ -668,7 +663,7 @@ def test_aux_loss_only_while_training(tiny, ids, randomize_routers):
         out = model(x, labels=x)
     assert out.get("router_aux_loss") is None
     assert modadapt.aux_loss(model) is None
-    torch.testing.assert_close(out.loss, _lm_loss(out.logits, x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, x), rtol=0, atol=1e-6)
     model.train()
     with torch.no_grad():  # no gradients: no training-time auxiliary loss either
         model(x, labels=x)
@@ -692,7 +687,7 @@ def test_tuple_output_loss_includes_aux_loss(tiny, ids, randomize_routers):
     aux = modadapt.aux_loss(model)
     assert aux is not None
     logits = model(x, labels=x).logits
-    torch.testing.assert_close(loss, _lm_loss(logits, x) + modadapt.aux_loss(model), rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, lm_loss(logits, x) + modadapt.aux_loss(model), rtol=0, atol=1e-5)
 
 
 # --- 7. hidden states and gradient checkpointing --------------------------------------------

@@ -13,30 +13,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import MOE_FAMILIES, expert_routers, lm_loss, watching_expert_routers
 
 import modadapt
 
-MOE_FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _routers(model):
-    """`(layer index, router module)` of every expert router (the families' `*TopKRouter`, in the MLP)."""
-    _, stack = modadapt.plugins.find_adapter(model).layer_stack(model)
-    return [
-        (i, m) for i, layer in enumerate(stack) for m in layer.mlp.modules() if type(m).__name__.endswith("TopKRouter")
-    ]
-
-
-def _watch(model):
-    """Every router call of the next forwards: `(layer, logits [N, E])`, in call order."""
-    calls = []
-    handles = [
-        m.register_forward_hook(lambda mod, args, out, _i=i: calls.append((_i, out[0].detach())))
-        for i, m in _routers(model)
-    ]
-    return calls, handles
+def _logits(out):
+    """What these tests watch of an experts' router call: its logits `[N, E]`."""
+    return (out[0].detach(),)
 
 
 def _hand_reference(rows_per_layer: list[torch.Tensor], experts: int, top_k: int):
@@ -62,12 +48,6 @@ def _hand_reference(rows_per_layer: list[torch.Tensor], experts: int, top_k: int
     return loss, counts
 
 
-def _lm_loss(logits, labels):
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
-
-
 def _padded_batch(left_pad, ids):
     x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (5, 12, 8)])
     labels = x.masked_fill(mask == 0, -100)
@@ -84,10 +64,8 @@ def test_expert_loss_and_counts_count_kept_real_tokens_only(moe_family, tiny, id
     model.train()
     x, mask, pos, labels = _padded_batch(left_pad, ids)
     real = mask.bool()
-    calls, handles = _watch(model)
-    out = model(x, attention_mask=mask, position_ids=pos, labels=labels)
-    for handle in handles:
-        handle.remove()
+    with watching_expert_routers(model, _logits) as calls:
+        out = model(x, attention_mask=mask, position_ids=pos, labels=labels)
 
     mod = {layer.mod_state.index: layer.mod_state.last_keep for layer in modadapt.mod_layers(model)}
     rows, layers = [], []
@@ -119,11 +97,11 @@ def test_expert_loss_and_counts_count_kept_real_tokens_only(moe_family, tiny, id
     assert all(sum(row["expert_tokens"]) == 2 * row["tokens"] for row in stats)
 
     assert out.router_aux_loss is not None and out.aux_loss is not None  # both reported, apart
-    expected = _lm_loss(out.logits, labels) + out.router_aux_loss + config.router_aux_loss_coef * out.aux_loss
+    expected = lm_loss(out.logits, labels) + out.router_aux_loss + config.router_aux_loss_coef * out.aux_loss
     torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
     assert [r.shape[0] for r in out.router_logits] == [c[1].shape[0] for c in calls]
     out.loss.backward()
-    for _, router in _routers(model):  # the experts' routers learn from the load-balancing loss
+    for _, router in expert_routers(model):  # the experts' routers learn from the load-balancing loss
         assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
     assert modadapt.expert_stats(model) == stats  # backward records nothing
 
@@ -159,11 +137,8 @@ def test_packed_layers_count_what_padded_layers_count(packing, tiny, ids, left_p
         )
         randomize_routers(model)
         x, mask, pos, labels = _padded_batch(left_pad, ids)
-        calls, handles = _watch(model)
-        with torch.no_grad():
+        with watching_expert_routers(model, _logits) as calls, torch.no_grad():
             out = model(x, attention_mask=mask, position_ids=pos, labels=labels, use_cache=False)
-        for handle in handles:
-            handle.remove()
         results.append((out.aux_loss, modadapt.expert_stats(model), [c[1].shape[0] for c in calls]))
     (padded_aux, padded_stats, padded_rows), (packed_aux, packed_stats, packed_rows) = results
     assert packed_rows[1] < padded_rows[1] or packing == "packed-bucket"  # no filler slot when packed
@@ -180,7 +155,7 @@ def test_router_logits_off_means_no_expert_loss(tiny, ids, randomize_routers):
     x = ids(2, 12)
     out = model(x, labels=x, output_router_logits=False)
     assert out.get("aux_loss") is None
-    torch.testing.assert_close(out.loss, _lm_loss(out.logits, x) + out.router_aux_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, x) + out.router_aux_loss, rtol=0, atol=1e-5)
     assert [row["tokens"] for row in modadapt.expert_stats(model)] == [24, 12, 24, 12]  # still counted
 
 

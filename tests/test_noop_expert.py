@@ -15,14 +15,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import MOE_FAMILIES, expert_routers, lm_loss, watching_expert_routers
 
 import modadapt
 from modadapt.cli import main
 from modadapt.mod_layer import state_of
 from modadapt.testing import AdapterConformance
 
-MOE_FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -45,23 +44,10 @@ def _calibrate(model, ids, steps=6):
     return model.eval()
 
 
-def _gates(model):
-    """`(layer, experts' router)` of every MoE block."""
-    _, stack = modadapt.plugins.find_adapter(model).layer_stack(model)
-    return [
-        (i, m) for i, layer in enumerate(stack) for m in layer.mlp.modules() if type(m).__name__.endswith("TopKRouter")
-    ]
-
-
-def _watch(model):
-    """Every experts' router call of the next forwards: `(layer, logits, indices, dropped or None)`."""
-    calls = []
-
-    def hook(module, args, out, index):
-        calls.append((index, out[0].detach(), out[2], getattr(out, "dropped_slots", None)))
-
-    handles = [m.register_forward_hook(lambda mod, a, out, _i=i: hook(mod, a, out, _i)) for i, m in _gates(model)]
-    return calls, handles
+def _slots(out):
+    """What these tests watch of an experts' router call: logits, indices, and the slots dropped to
+    the no-op expert (None where it has none)."""
+    return out[0].detach(), out[2], getattr(out, "dropped_slots", None)
 
 
 def _noop_fraction(model):
@@ -145,10 +131,8 @@ def test_losses_and_counts_take_real_tokens_and_running_slots(moe_family, tiny, 
     x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (5, 12, 8)])
     labels = x.masked_fill(mask == 0, -100)
     real = mask.bool()
-    calls, handles = _watch(model)
-    out = model(x, attention_mask=mask, position_ids=pos, labels=labels)
-    for handle in handles:
-        handle.remove()
+    with watching_expert_routers(model, _slots) as calls:
+        out = model(x, attention_mask=mask, position_ids=pos, labels=labels)
 
     keeps = {layer.mod_state.index: layer.mod_state.last_keep for layer in modadapt.mod_layers(model)}
     experts, top_k = 4, 2
@@ -182,14 +166,13 @@ def test_losses_and_counts_take_real_tokens_and_running_slots(moe_family, tiny, 
 
     assert out.router_aux_loss is not None and out.aux_loss is not None
     assert float(out.router_aux_loss.detach()) != 0.0  # the load loss acts once the cut-off is calibrated
-    lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
-    expected = lm + out.router_aux_loss + model.config.router_aux_loss_coef * out.aux_loss
+    expected = lm_loss(out.logits, labels) + out.router_aux_loss + model.config.router_aux_loss_coef * out.aux_loss
     torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
     out.loss.backward()
     for layer in modadapt.mod_layers(model):  # the no-op row learns from the LM loss and its load loss
         grad = layer.router.scorer.weight.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
-    for _, gate in _gates(model):  # and the experts' router still learns
+    for _, gate in expert_routers(model):  # and the experts' router still learns
         assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
 
 
@@ -197,11 +180,8 @@ def test_slot_decisions_are_the_routers(tiny, ids):
     """What the experts' router drops is what the MoD router counted: the tokens that enter the
     MLP are those with a running slot, and the slots per token agree (`expert_slots`)."""
     model = _calibrate(_convert(tiny("mixtral")), ids)
-    calls, handles = _watch(model)
-    with torch.no_grad():
+    with watching_expert_routers(model, _slots) as calls, torch.no_grad():
         model(ids(1, 16, seed=3))
-    for handle in handles:
-        handle.remove()
     for layer, (_, _, _, dropped) in zip(modadapt.mod_layers(model), calls[1:]):
         state = layer.mod_state
         assert state.last_slots is not None
