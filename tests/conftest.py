@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny seeded models of every supported family, and routers that really skip.
+"""Shared fixtures: tiny seeded models of every supported family, and routers that really skip;
+and the helpers several test files share (benchmark scripts, experts' routers, decoding checks).
 
 A freshly converted model keeps every token (zero-initialised routers), which would make most
 invariants trivially true; `randomize_routers` gives the routers random weights so that routing
@@ -142,17 +143,37 @@ def widened(model, window=64):
     return model
 
 
+#: The tiny families `GraphedDecoder` decodes (`test_graphed_decode` checks them against the adapter's).
+GRAPHED_FAMILIES = (
+    "llama",
+    "llama-tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "mixtral",
+    "qwen2-moe",
+    "qwen3-moe",
+    "gpt2",
+)
 #: Every family whose config has a sliding window (`test_graphed_decode` checks the list).
 WINDOWED_FAMILIES = ("mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen2-moe", "qwen3-moe", "gemma2", "gemma3")
 
 
-def build_windowed(family: str, window: int = 8, seed: int = 0) -> torch.nn.Module:
+def build_windowed(family: str, window: int | None = 8, seed: int = 0) -> torch.nn.Module:
     """`build_tiny(family, seed)` with a sliding window of `window` (the weights the same): Gemma
     2/3's sliding layers narrowed or widened to it; a family with `layer_types` (Qwen2/3 and their
     MoE) given Gemma's mix of two sliding layers then two global ones; Mistral, Mixtral and Phi-3
     (no layer types) the window in every layer. The model is rebuilt from its config, since the
-    layers read their type at init."""
+    layers read their type at init. `window=None`: any family, a window it has out of reach
+    (`widened`), for the tests that are not about windows."""
     model = build_tiny(family, seed)
+    if window is None:
+        return widened(model)
     if family not in WINDOWED_FAMILIES:
         raise ValueError(f"tiny-{family} has no sliding window")
     if family in ("gemma2", "gemma3"):
@@ -340,3 +361,69 @@ def interrupt_at_step(monkeypatch):
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
     return arm
+
+
+# --- decoding: GraphedDecoder against model.generate (test_graphed_decode, test_speculative_decode) ---
+
+
+def routed(model: torch.nn.Module, router: str = "threshold-p", **config) -> torch.nn.Module:
+    """`model` converted on all layers but the first, with routers that really skip
+    (`randomize_router_weights`), in eval mode: what the decoding tests decode."""
+    model = modadapt.convert(model, router=router, layers="all-but-first", **config)
+    return randomize_router_weights(model).eval()
+
+
+def greedy(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, new: int, **kwargs) -> torch.Tensor:
+    """`model.generate`'s greedy tokens, exactly `new` of them: what a decoder must give."""
+    with torch.no_grad():
+        return model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+
+
+def stops_at_end_of_sequence(reference: torch.nn.Module, decoder, both_rows_end: bool) -> None:
+    """Asserts that `decoder` stops a left-padded batch of two rows where `reference.generate`
+    does when the end token is one the first row (and, `both_rows_end`, the second) emits, and
+    ends early only when both rows end."""
+    x, mask, _ = left_pad_batch([make_ids(1, n, seed=n)[0] for n in (6, 9)])
+    free = greedy(reference, x, mask, 24)[:, x.shape[1] :]
+    eos = [int(free[0, 5])] + ([int(free[1, 4])] if both_rows_end else [])
+    with torch.no_grad():
+        expected = reference.generate(
+            x, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
+    got = decoder.generate(x, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert (got.shape[1] < x.shape[1] + 24) == both_rows_end
+
+
+def counting_compiles(monkeypatch: pytest.MonkeyPatch):
+    """Swap the decoder's torch.compile backend for inductor behind a counter of compiled frames."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from modadapt.decoding import compiled
+
+    counter = CompileCounterWithBackend("inductor")
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    return counter
+
+
+def cuda_prompts() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The CUDA decoding tests' prompts, `(input_ids, attention_mask)` on the GPU: one row of 11
+    tokens, and a left-padded batch of 7, 12 and 4."""
+    batches = ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    return [tuple(t.cuda() for t in left_pad_batch(prompts)[:2]) for prompts in batches]
+
+
+def flash_and_fallback(q, k, v, lengths, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The static attention in float32 through flash (asserted to have run) and through the masked
+    fallback, for the CUDA tests that hold one against the other."""
+    from modadapt.decoding import static_cache
+
+    flash = static_cache.static_cache_attention(q, k, v, lengths, scale).float()
+    key = static_cache.flash_key(q)
+    assert static_cache._FLASH.get(key)
+    static_cache._FLASH[key] = False
+    try:
+        reference = static_cache.static_cache_attention(q, k, v, lengths, scale).float()
+    finally:
+        static_cache._FLASH[key] = True
+    return flash, reference

@@ -10,7 +10,19 @@ import copy
 
 import pytest
 import torch
-from conftest import WINDOWED_FAMILIES, build_tiny, build_windowed, widened
+from conftest import (
+    GRAPHED_FAMILIES,
+    WINDOWED_FAMILIES,
+    build_tiny,
+    build_windowed,
+    counting_compiles,
+    cuda_prompts,
+    flash_and_fallback,
+    greedy,
+    routed,
+    stops_at_end_of_sequence,
+    widened,
+)
 
 import modadapt
 from modadapt.adapters.hf.presets import DECODER_FAMILIES
@@ -18,45 +30,12 @@ from modadapt.decoding import BUCKET, GraphedDecoder, available_branches
 from modadapt.errors import ModAdaptError
 from modadapt.mod_layer import state_of
 
-GRAPHED_FAMILIES = (
-    "llama",
-    "llama-tied",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "olmo2",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "mixtral",
-    "qwen2-moe",
-    "qwen3-moe",
-    "gpt2",
-)
-
-
 #: Every graphed family with a window out of reach (`conftest.widened`), then every family that
 #: has a sliding window with a window of 8 (`conftest.build_windowed`) that prompt and new tokens
 #: pass: (family, window).
 FAMILY_CASES = [pytest.param(f, None, id=f) for f in GRAPHED_FAMILIES] + [
     pytest.param(f, 8, id=f"{f}-window8") for f in WINDOWED_FAMILIES
 ]
-
-
-def _greedy(model, x, mask, new):
-    with torch.no_grad():
-        return model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-
-
-def _dense(tiny, family, window=None):
-    """The tiny model of `family`: with its sliding layers' window `window`, or one out of reach."""
-    return widened(tiny(family)) if window is None else build_windowed(family, window)
-
-
-def _converted(tiny, family, randomize_routers, router="threshold-p", window=None, **config):
-    model = modadapt.convert(_dense(tiny, family, window), router=router, layers="all-but-first", **config)
-    return randomize_routers(model).eval()
 
 
 def test_every_family_with_a_sliding_window_is_tested_with_one():
@@ -76,7 +55,7 @@ def test_every_family_with_a_sliding_window_is_tested_with_one():
 
 
 def test_every_family_the_adapter_graphs_is_tested_here():
-    """The adapter's `GRAPHED_FAMILIES` (model types) and this file's tiny models name the same
+    """The adapter's `GRAPHED_FAMILIES` (model types) and the tiny models tested here name the same
     families: a family the decoder gains is tested, and none tested here is refused."""
     from modadapt.adapters.hf.decoder import GRAPHED_FAMILIES as SUPPORTED
 
@@ -85,11 +64,11 @@ def test_every_family_the_adapter_graphs_is_tested_here():
 
 
 @pytest.mark.parametrize("graphed_family, window", FAMILY_CASES)
-def test_graphed_decoder_matches_generate_converted(graphed_family, window, tiny, ids, left_pad, randomize_routers):
-    model = _converted(tiny, graphed_family, randomize_routers, window=window)
+def test_graphed_decoder_matches_generate_converted(graphed_family, window, ids, left_pad):
+    model = routed(build_windowed(graphed_family, window))
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
     new = 10 if window is None else 24
-    expected = _greedy(model, x, mask, new)
+    expected = greedy(model, x, mask, new)
     decoder = GraphedDecoder(model)
     got = decoder.generate(x, attention_mask=mask, max_new_tokens=new)
     assert torch.equal(got, expected)
@@ -105,46 +84,44 @@ def test_graphed_decoder_matches_generate_converted(graphed_family, window, tiny
 
 
 @pytest.mark.parametrize("graphed_family, window", FAMILY_CASES)
-def test_graphed_decoder_matches_generate_dense_and_batch_one(
-    graphed_family, window, tiny, ids, left_pad, randomize_routers
-):
+def test_graphed_decoder_matches_generate_dense_and_batch_one(graphed_family, window, ids, left_pad):
     """Every family, the unconverted model and a converted one, batch 1 and a left-padded batch.
     With a sliding window of 8, prompt and new tokens pass it (33 to 36 tokens a row) and a
     converted model is tried with each router kind (threshold-p's thresholds, topk's causal
     predictor), also on gathered rows; the window changes the tokens (a model whose window is out
     of reach differs)."""
-    dense = _dense(tiny, graphed_family, window)
+    dense = build_windowed(graphed_family, window)
     dense.config.output_router_logits = False  # see test_speculative_decode._pair: transformers' own MoE loss
     x1 = ids(1, 9, seed=3)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
     new = 10 if window is None else 24
     routers = ("threshold-p",) if window is None else ("threshold-p", "topk")
-    converted = [_converted(tiny, graphed_family, randomize_routers, router=r, window=window) for r in routers]
+    converted = [routed(build_windowed(graphed_family, window), router=r) for r in routers]
     for model in (dense, *converted):
         decoder = GraphedDecoder(model, cuda_graphs=False)
-        expected = _greedy(model, x, mask, new)
-        assert torch.equal(decoder.generate(x1, max_new_tokens=new), _greedy(model, x1, None, new))
+        expected = greedy(model, x, mask, new)
+        assert torch.equal(decoder.generate(x1, max_new_tokens=new), greedy(model, x1, None, new))
         assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=new), expected)
         if window is not None and model is dense:
-            assert not torch.equal(_greedy(widened(copy.deepcopy(dense)), x, mask, new), expected)
+            assert not torch.equal(greedy(widened(copy.deepcopy(dense)), x, mask, new), expected)
         elif window is not None:  # gathered rows: a windowed MoD layer's slot positions in the whole cache
             gathered = GraphedDecoder(model, cuda_graphs=False, branches="gather")
             assert torch.equal(gathered.generate(x, attention_mask=mask, max_new_tokens=new), expected)
 
 
 @pytest.mark.parametrize("moe_family", [f for f in GRAPHED_FAMILIES if "moe" in f or f == "mixtral"])
-def test_graphed_decoder_mixture_of_experts(moe_family, tiny, ids, left_pad, randomize_routers):
+def test_graphed_decoder_mixture_of_experts(moe_family, ids, left_pad):
     """Staged MoDE: the expert statistics after graphed decoding are the prompt's (the decode steps
     run the layers outside the model's forward, so the experts' recorder counts nothing there);
     transformers' eager expert loop (nonzero/where: host syncs) is refused for CUDA graphs."""
-    model = _converted(tiny, moe_family, randomize_routers)
+    model = routed(build_windowed(moe_family, None))
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
     with torch.no_grad():
         model(x, attention_mask=mask)
     prompt_stats = modadapt.expert_stats(model)
     assert prompt_stats and sum(row["tokens"] for row in prompt_stats) > 0
     assert torch.equal(
-        GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), _greedy(model, x, mask, 8)
+        GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), greedy(model, x, mask, 8)
     )
     GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8)
     assert modadapt.expert_stats(model) == prompt_stats
@@ -156,11 +133,11 @@ def test_graphed_decoder_mixture_of_experts(moe_family, tiny, ids, left_pad, ran
 
 @pytest.mark.parametrize("branches", ["host", "select", "gather", "auto"])
 @pytest.mark.parametrize("router", ["threshold-p", "topk", "random"])
-def test_graphed_decoder_batch_one_and_routers(router, branches, tiny, ids, randomize_routers):
-    model = _converted(tiny, "llama", randomize_routers, router=router)
+def test_graphed_decoder_batch_one_and_routers(router, branches, tiny, ids):
+    model = routed(tiny("llama"), router=router)
     x = ids(1, 9, seed=3)
     torch.manual_seed(0)
-    expected = _greedy(model, x, None, 12)
+    expected = greedy(model, x, None, 12)
     decoder = GraphedDecoder(model, branches=branches)
     torch.manual_seed(0)
     assert torch.equal(decoder.generate(x, max_new_tokens=12), expected)
@@ -171,12 +148,12 @@ def test_graphed_decoder_dense_model_and_reuse(tiny, ids, left_pad):
     decoder = GraphedDecoder(model)
     for seed in (1, 2):  # a second prompt reuses the step of the first (same bucketed capacities)
         x, mask, _ = left_pad([ids(1, n, seed=seed + n)[0] for n in (5, 9)])
-        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=6), _greedy(model, x, mask, 6))
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=6), greedy(model, x, mask, 6))
     assert len(decoder._steps) == 1
 
 
-def test_graphed_decoder_mod_cache_holds_only_kept_pairs(tiny, ids, randomize_routers):
-    model = _converted(tiny, "llama", randomize_routers)
+def test_graphed_decoder_mod_cache_holds_only_kept_pairs(tiny, ids):
+    model = routed(tiny("llama"))
     decoder = GraphedDecoder(model)
     decoder.generate(ids(2, 20, seed=4), max_new_tokens=8)
     state = state_of(model)
@@ -261,12 +238,12 @@ def test_graphed_decoder_branch_modes(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_graphed_decoder_sigmoid_gate(batch, tiny, ids, randomize_routers):
+def test_graphed_decoder_sigmoid_gate(batch, tiny, ids):
     """A gate that scales the kept tokens' update is applied the same way in both body forms
     (batch 1: only run when kept; batches: every row, then `where`)."""
-    model = _converted(tiny, "llama", randomize_routers, router_kwargs={"gate": "sigmoid"})
+    model = routed(tiny("llama"), router_kwargs={"gate": "sigmoid"})
     x = ids(batch, 8, seed=5)
-    assert torch.equal(GraphedDecoder(model).generate(x, max_new_tokens=8), _greedy(model, x, None, 8))
+    assert torch.equal(GraphedDecoder(model).generate(x, max_new_tokens=8), greedy(model, x, None, 8))
 
 
 def test_static_attention_reads_only_used_slots():
@@ -503,8 +480,7 @@ def test_flash_gathered_rows_match_the_masked_fallback_on_cuda():
     `cu_k` names, out of order and skipping rows (a gathered call: rows 6, 1, 3, 0 of 8, GQA
     packed, the last a filler row of used length 0), as the masked fallback does on the other
     rows. Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
-    from modadapt.decoding import static_cache
-    from modadapt.decoding.static_cache import KeyLengths, static_cache_attention
+    from modadapt.decoding.static_cache import KeyLengths
 
     gen = torch.Generator().manual_seed(0)
     n, B, H, Hk, d, cap = 4, 8, 8, 2, 64, 256
@@ -514,45 +490,38 @@ def test_flash_gathered_rows_match_the_masked_fallback_on_cuda():
     used = torch.tensor([200, 17, 256, 0], dtype=torch.int32, device="cuda")
     starts = torch.cat([rows * cap, torch.tensor([B * cap], device="cuda")]).int()
     lengths = KeyLengths(used, torch.arange(n + 1, dtype=torch.int32, device="cuda"), starts, rows=rows)
-    flash = static_cache_attention(q, k, v, lengths, d**-0.5).float()
-    key = static_cache.flash_key(q)
-    assert static_cache._FLASH.get(key)
-    static_cache._FLASH[key] = False
-    try:
-        reference = static_cache_attention(q, k, v, lengths, d**-0.5).float()
-    finally:
-        static_cache._FLASH[key] = True
+    flash, reference = flash_and_fallback(q, k, v, lengths, d**-0.5)
     assert (flash[:3] - reference[:3]).norm() / reference[:3].norm() < 1e-2
 
 
 @pytest.mark.parametrize("branches", ["select", "gather", "gather-conditional"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_graphed_decoder_batch_branches(batch, branches, tiny, ids, randomize_routers):
+def test_graphed_decoder_batch_branches(batch, branches, tiny, ids):
     """`branches="select"`: every row runs the MoD layer, `where` keeps the skipping rows' input;
     `"gather"` (and `"gather-conditional"`, eagerly the same pieces): only the kept rows run."""
-    model = _converted(tiny, "llama", randomize_routers)
+    model = routed(tiny("llama"))
     x = ids(batch, 9, seed=6)
     decoder = GraphedDecoder(model, branches=branches)
-    assert torch.equal(decoder.generate(x, max_new_tokens=10), _greedy(model, x, None, 10))
+    assert torch.equal(decoder.generate(x, max_new_tokens=10), greedy(model, x, None, 10))
     assert decoder.last_step.mode == branches and not decoder.last_step.runs_only_when_kept
 
 
 @pytest.mark.parametrize("branches", ["gather", "gather-conditional"])
 @pytest.mark.parametrize("router", ["threshold-p", "topk"])
-def test_gathered_rows_match_select_and_generate(router, branches, tiny, ids, left_pad, randomize_routers, monkeypatch):
+def test_gathered_rows_match_select_and_generate(router, branches, tiny, ids, left_pad, monkeypatch):
     """Gathered rows, a left-padded batch of 6 whose rows keep different counts: one MoD layer
     keeps every row (the full bucket), one none (no bucket runs), one some (smaller buckets).
     The tokens are `model.generate`'s and select mode's, every layer's per-row lengths and used
     K/V are select mode's, and the filler rows of a bucket change nothing."""
     from modadapt.decoding.step import DecodeStep
 
-    model = _converted(tiny, "llama", randomize_routers, router=router)
+    model = routed(tiny("llama"), router=router)
     everyone, nobody, _ = modadapt.mod_layers(model)
     with torch.no_grad():
         everyone.router.scorer.bias.fill_(1e4)
         nobody.router.scorer.bias.fill_(-1e4)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4, 9, 3, 10)])
-    expected = _greedy(model, x, mask, 12)
+    expected = greedy(model, x, mask, 12)
     select = GraphedDecoder(model, branches="select")
     assert torch.equal(select.generate(x, attention_mask=mask, max_new_tokens=12), expected)
     ran, gathered = [], DecodeStep._gathered
@@ -575,22 +544,13 @@ def test_gathered_rows_match_select_and_generate(router, branches, tiny, ids, le
 
 
 @pytest.mark.parametrize("both_rows_end", [False, True])
-def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, ids, left_pad, randomize_routers, monkeypatch):
+def test_graphed_decoder_stops_at_end_of_sequence(both_rows_end, tiny, monkeypatch):
     import modadapt.decoding.decoder as gd
 
     monkeypatch.setattr(gd, "CHECK_EVERY", 4)
-    model = _converted(tiny, "llama", randomize_routers)
-    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 9)])
-    free = _greedy(model, x, mask, 24)[:, x.shape[1] :]
-    eos = [int(free[0, 5])] + ([int(free[1, 4])] if both_rows_end else [])
-    with torch.no_grad():
-        expected = model.generate(
-            x, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0
-        )
+    model = routed(tiny("llama"))
     decoder = GraphedDecoder(model)
-    got = decoder.generate(x, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(got, expected)
-    assert (got.shape[1] < x.shape[1] + 24) == both_rows_end
+    stops_at_end_of_sequence(model, decoder, both_rows_end)
     assert (int(decoder.last_step.count) < 23) == both_rows_end  # stopped decoding once every row had ended
 
 
@@ -601,19 +561,15 @@ def test_captured_graphs_match_generate_on_cuda():
     at batch 1 and in a left-padded batch, and captured sampling is
     seeded by `torch.manual_seed`. Run on the GPU machine:
     `python -m pytest tests/test_graphed_decode.py -k cuda`."""
-    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
-
     modes = available_branches()
     for router, branches in [(r, b) for r in ("threshold-p", "topk") for b in modes]:
-        model = modadapt.convert(build_tiny("llama"), router=router, layers="all-but-first")
-        model = randomize_router_weights(model).eval().cuda()
+        model = routed(build_tiny("llama"), router).cuda()
         decoder = GraphedDecoder(model, branches=branches)
-        for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
-            x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
-            expected = _greedy(model, x, mask, 40)
+        for x, mask in cuda_prompts():
+            expected = greedy(model, x, mask, 40)
             got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
             assert decoder.last_step.graphs is not None
-            assert torch.equal(got, expected), (router, branches, len(prompts), decoder.last_step.mode)
+            assert torch.equal(got, expected), (router, branches, x.shape[0], decoder.last_step.mode)
             assert torch.equal(
                 decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, top_k=1), expected
             )  # a captured draw of the argmax
@@ -636,33 +592,28 @@ def test_every_family_captured_matches_generate_on_cuda(graphed_family, window):
     its rotary embeddings, experts, learned positions); and so does every family with a sliding
     window, with one of 8 that the tokens pass.
     Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
-    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
-
-    dense = widened(build_tiny(graphed_family)) if window is None else build_windowed(graphed_family, window)
-    model = modadapt.convert(dense, router="threshold-p", layers="all-but-first")
-    model = randomize_router_weights(model).eval().cuda()
+    model = routed(build_windowed(graphed_family, window)).cuda()
     for branches in ("auto", "gather"):
         decoder = GraphedDecoder(model, cuda_graphs=True, branches=branches)
-        for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
-            x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
-            expected = _greedy(model, x, mask, 24)
+        for x, mask in cuda_prompts():
+            expected = greedy(model, x, mask, 24)
             got = decoder.generate(x, attention_mask=mask, max_new_tokens=24)
             assert decoder.last_step.graphs is not None
-            assert torch.equal(got, expected), (graphed_family, len(prompts), decoder.last_step.mode)
+            assert torch.equal(got, expected), (graphed_family, x.shape[0], decoder.last_step.mode)
 
 
-def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
-    model = _converted(tiny, "llama", randomize_routers)
+def test_graphed_decoder_sampling(tiny, ids):
+    model = routed(tiny("llama"))
     x = ids(2, 7, seed=8)
     decoder = GraphedDecoder(model)
     # top-k 1 draws the argmax: the greedy tokens
-    assert torch.equal(decoder.generate(x, max_new_tokens=12, do_sample=True, top_k=1), _greedy(model, x, None, 12))
+    assert torch.equal(decoder.generate(x, max_new_tokens=12, do_sample=True, top_k=1), greedy(model, x, None, 12))
     draws = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
         draws.append(decoder.generate(x, max_new_tokens=12, do_sample=True, temperature=2.0, top_p=0.9))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # seeded, and random
-    assert not torch.equal(draws[0], _greedy(model, x, None, 12))
+    assert not torch.equal(draws[0], greedy(model, x, None, 12))
     with pytest.raises(ModAdaptError, match="temperature"):
         decoder.generate(x, max_new_tokens=2, do_sample=True, temperature=0)
     with pytest.raises(ModAdaptError, match="top_p"):
@@ -670,12 +621,12 @@ def test_graphed_decoder_sampling(tiny, ids, randomize_routers):
 
 
 @pytest.mark.parametrize("sampled_family", ["llama", "gpt2"])
-def test_graphed_decoder_sampling_matches_generate(sampled_family, tiny, ids, left_pad, randomize_routers):
+def test_graphed_decoder_sampling_matches_generate(sampled_family, tiny, ids, left_pad):
     """Seeded draws are `model.generate(do_sample=True)`'s, for the dense model and a converted
     one, batch 1 and a left-padded batch (GPT-2: learned positions from the attention mask)."""
     x1 = ids(1, 9, seed=3)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
-    for model in (tiny(sampled_family), _converted(tiny, sampled_family, randomize_routers)):
+    for model in (tiny(sampled_family), routed(build_windowed(sampled_family, None))):
         decoder = GraphedDecoder(model, cuda_graphs=False)
         for prompt, prompt_mask in ((x1, None), (x, mask)):
             options = dict(max_new_tokens=10, do_sample=True, temperature=2.0, top_k=0)
@@ -685,7 +636,7 @@ def test_graphed_decoder_sampling_matches_generate(sampled_family, tiny, ids, le
             with torch.no_grad():
                 expected = model.generate(prompt, attention_mask=prompt_mask, min_new_tokens=10, **options)
             assert torch.equal(got, expected)
-            assert not torch.equal(got, _greedy(model, prompt, prompt_mask, 10))
+            assert not torch.equal(got, greedy(model, prompt, prompt_mask, 10))
 
 
 @pytest.mark.parametrize("top_k, top_p", [(50, None), (5, None), (None, 0.3), (10, 0.9), (0, 0.5)])
@@ -712,12 +663,12 @@ def test_graphed_decoder_sampling_defaults_follow_the_generation_config(tiny, id
     model = tiny("llama")
     model.generation_config.top_k = 1  # as model.generate would: the argmax
     x = ids(1, 5, seed=3)
-    assert torch.equal(GraphedDecoder(model).generate(x, max_new_tokens=6, do_sample=True), _greedy(model, x, None, 6))
+    assert torch.equal(GraphedDecoder(model).generate(x, max_new_tokens=6, do_sample=True), greedy(model, x, None, 6))
 
 
-def test_captured_step_follows_router_changes(tiny, ids, randomize_routers):
+def test_captured_step_follows_router_changes(tiny, ids):
     """Changing a router in place (training, load_state_dict) makes the next prefill capture afresh."""
-    model = _converted(tiny, "llama", randomize_routers)
+    model = routed(tiny("llama"))
     decoder = GraphedDecoder(model)
     x = ids(1, 6, seed=4)
     decoder.generate(x, max_new_tokens=4)
@@ -726,7 +677,7 @@ def test_captured_step_follows_router_changes(tiny, ids, randomize_routers):
     assert decoder.last_step is first
     with torch.no_grad():
         modadapt.mod_layers(model)[0].router.scorer.bias.add_(1.0)
-    assert torch.equal(decoder.generate(x, max_new_tokens=4), _greedy(model, x, None, 4))
+    assert torch.equal(decoder.generate(x, max_new_tokens=4), greedy(model, x, None, 4))
     assert decoder.last_step is not first
 
 
@@ -746,13 +697,10 @@ def test_next_token_filters():
 def test_captured_graphs_equal_their_eager_pieces_in_bf16():
     """In bf16 the decode attention runs flash with used lengths; the captured graphs replay the
     very kernels the eager pieces run, so the tokens are equal (greedy, every branch mode)."""
-    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
-
     from modadapt.decoding import static_cache
 
-    model = modadapt.convert(build_tiny("llama"), router="threshold-p", layers="all-but-first")
-    model = randomize_router_weights(model).eval().cuda().to(torch.bfloat16)
-    x, mask, _ = (t.cuda() for t in left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]))
+    model = routed(build_tiny("llama")).cuda().to(torch.bfloat16)
+    x, mask = cuda_prompts()[1]
     for batch in (1, 3):
         eager = GraphedDecoder(model, cuda_graphs=False).generate(
             x[:batch], attention_mask=mask[:batch], max_new_tokens=40
@@ -771,25 +719,21 @@ def test_captured_windowed_graphs_match_generate_on_cuda():
     prompts and 40 new tokens past it, give `model.generate`'s tokens; in bf16 the flash decode
     attention reads each row from its window's first slot, and the captured graphs give what
     their eager pieces give. Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
-    from conftest import left_pad_batch, make_ids, randomize_router_weights
-
     from modadapt.decoding import static_cache
 
     modes = available_branches()  # the gathered modes included
-    prompts = ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    prompts = cuda_prompts()
     for family in ("gemma3", "mistral"):
         for router in ("threshold-p", "topk"):
-            model = modadapt.convert(build_windowed(family, 8), router=router, layers="all-but-first")
-            model = randomize_router_weights(model).eval().cuda()
+            model = routed(build_windowed(family, 8), router).cuda()
             for branches in modes:
                 decoder = GraphedDecoder(model, branches=branches)
-                for rows in prompts:
-                    x, mask, _ = (t.cuda() for t in left_pad_batch(rows))
+                for x, mask in prompts:
                     got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
                     assert decoder.last_step.graphs is not None
-                    assert torch.equal(got, _greedy(model, x, mask, 40)), (family, router, branches, len(rows))
+                    assert torch.equal(got, greedy(model, x, mask, 40)), (family, router, branches, x.shape[0])
             model = model.to(torch.bfloat16)
-            x, mask, _ = (t.cuda() for t in left_pad_batch(prompts[1]))
+            x, mask = prompts[1]
             eager = GraphedDecoder(model, cuda_graphs=False).generate(x, attention_mask=mask, max_new_tokens=40)
             for branches in modes:
                 graphed = GraphedDecoder(model, branches=branches)
@@ -834,13 +778,13 @@ def test_windowed_flash_attention_matches_the_mask_on_cuda(held, packed, monkeyp
         torch.testing.assert_close(flash.float(), masked.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_routers, monkeypatch):
+def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, monkeypatch):
     """A packed prompt cache (`packing="packed"`, as on CUDA) is compacted into the static cache."""
     from modadapt import varlen
 
-    model = _converted(tiny, "llama", randomize_routers, packing="packed")
+    model = routed(tiny("llama"), packing="packed")
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
-    expected = _greedy(model, x, mask, 8)
+    expected = greedy(model, x, mask, 8)
     calls, reference = [], varlen._reference
     monkeypatch.setattr(varlen, "_reference", lambda *a, **k: calls.append(1) or reference(*a, **k))
     assert torch.equal(GraphedDecoder(model).generate(x, attention_mask=mask, max_new_tokens=8), expected)
@@ -848,13 +792,13 @@ def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, randomize_r
 
 
 @pytest.mark.parametrize("router, stack", [("threshold-p", "llama"), ("topk", "llama"), ("topk", "gemma3")])
-def test_graphed_decoder_prefill_in_passes(router, stack, tiny, ids, left_pad, randomize_routers):
+def test_graphed_decoder_prefill_in_passes(router, stack, ids, left_pad):
     """`prefill(..., rows_per_pass=2)`: the prompt two rows at a time fills the step as one pass
     does (capacities, lengths, each row's used K/V slots and, in a windowed MoD layer, their
     positions) and decodes `model.generate`'s tokens (Gemma 3: a sliding window of 8)."""
-    model = _converted(tiny, stack, randomize_routers, router=router, window=8 if stack == "gemma3" else None)
+    model = routed(build_windowed(stack, 8 if stack == "gemma3" else None), router=router)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (150, 131, 90, 142, 60)])  # dense capacity 256
-    expected = _greedy(model, x, mask, 8)
+    expected = greedy(model, x, mask, 8)
     whole = GraphedDecoder(model).prefill(x, mask, 8)
     decoder = GraphedDecoder(model)
     step = decoder.prefill(x, mask, 8, rows_per_pass=2)
@@ -876,9 +820,9 @@ def test_graphed_decoder_prefill_in_passes(router, stack, tiny, ids, left_pad, r
         decoder.prefill(x, mask, 8, rows_per_pass=0)
 
 
-def test_graphed_decoder_rewind_decodes_the_prompt_again(tiny, ids, randomize_routers):
+def test_graphed_decoder_rewind_decodes_the_prompt_again(tiny, ids):
     """`rewind()` puts the step back where the prefill left it: decoding again gives the same tokens and lengths."""
-    model = _converted(tiny, "llama", randomize_routers)
+    model = routed(tiny("llama"))
     decoder = GraphedDecoder(model)
     with pytest.raises(ModAdaptError, match="before rewind"):
         decoder.rewind()
@@ -905,13 +849,12 @@ def test_prefill_in_passes_and_rewind_on_cuda():
     capture's warm-up writes each row's first slots and puts them back, so the captured decode
     gives `model.generate`'s tokens (float32), and again after `rewind()`. Run on the GPU machine:
     `python -m pytest tests/test_graphed_decode.py -k cuda`."""
-    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
+    from conftest import left_pad_batch, make_ids
 
     for router in ("threshold-p", "topk"):
-        model = modadapt.convert(build_tiny("llama"), router=router, layers="all-but-first")
-        model = randomize_router_weights(model).eval().cuda()
+        model = routed(build_tiny("llama"), router).cuda()
         x, mask, _ = (t.cuda() for t in left_pad_batch([make_ids(1, n, seed=n)[0] for n in (150, 7, 90, 12, 60)]))
-        expected = _greedy(model, x, mask, 40)
+        expected = greedy(model, x, mask, 40)
         decoder = GraphedDecoder(model)
         step = decoder.prefill(x, mask, 40, rows_per_pass=2)
         first = step.token.clone()
@@ -923,26 +866,15 @@ def test_prefill_in_passes_and_rewind_on_cuda():
 
 
 # --- compile=True: the layers through torch.compile (inductor on CPU here: a C++ compiler) ------------
-def _counting(monkeypatch):
-    """Swap the decoder's torch.compile backend for inductor behind a counter of compiled frames."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    from modadapt.decoding import compiled
-
-    counter = CompileCounterWithBackend("inductor")
-    monkeypatch.setattr(compiled, "BACKEND", counter)
-    return counter
-
-
 @pytest.mark.parametrize(
     "router, branches", [(None, "auto"), ("topk", "select"), ("threshold-p", "host"), ("threshold-p", "gather")]
 )
-def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, randomize_routers, monkeypatch):
+def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, monkeypatch):
     """compile=True: batch 1 and a left-padded batch give `model.generate`'s greedy tokens. Each
     shape compiles in its step's warm-up (inside `prefill`), never while decoding: a second prompt
     of the same shapes, and a new step of the same shapes (sampling), compile nothing."""
-    model = tiny("llama") if router is None else _converted(tiny, "llama", randomize_routers, router=router)
-    counter = _counting(monkeypatch)
+    model = tiny("llama") if router is None else routed(tiny("llama"), router=router)
+    counter = counting_compiles(monkeypatch)
     decoder = GraphedDecoder(model, branches=branches, compile=True)
     for prompts in ([ids(1, 9, seed=3)[0]], [ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
         x, mask, _ = left_pad(prompts)
@@ -952,10 +884,10 @@ def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, r
         assert warmed > before  # this batch size compiled in the warm-up
         decoder.decode(9)
         assert counter.frame_count == warmed  # decoding compiled nothing
-        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=10), _greedy(model, x, mask, 10))
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=10), greedy(model, x, mask, 10))
         other = torch.where(mask.bool(), (x * 7 + 1) % 255 + 1, x)  # another prompt of the same shapes
         assert torch.equal(
-            decoder.generate(other, attention_mask=mask, max_new_tokens=10), _greedy(model, other, mask, 10)
+            decoder.generate(other, attention_mask=mask, max_new_tokens=10), greedy(model, other, mask, 10)
         )
         assert counter.frame_count == warmed and len(decoder._steps) == len(set(decoder._steps))
     assert decoder.last_step.mode == decoder.branches_for(3)
@@ -963,7 +895,7 @@ def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, r
     step = decoder.prefill(x, mask, 10, rows_per_pass=2)
     first = step.token.clone()
     decoder.decode(9)
-    assert torch.equal(torch.cat([first, step.out[:, :9]], 1), _greedy(model, x, mask, 10)[:, -10:])
+    assert torch.equal(torch.cat([first, step.out[:, :9]], 1), greedy(model, x, mask, 10)[:, -10:])
     assert counter.frame_count == warmed
     torch.manual_seed(1)  # a sampled step: a new step of seen shapes, whose warm-up leaves the seed alone
     drawn = decoder.generate(x, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=2.0)
@@ -975,11 +907,11 @@ def test_compiled_step_matches_generate(router, branches, tiny, ids, left_pad, r
     assert torch.equal(drawn, plain)
 
 
-def test_compiled_step_rounds_as_eager_in_bf16(tiny, ids, randomize_routers):
+def test_compiled_step_rounds_as_eager_in_bf16(tiny, ids):
     """In bf16 the fused kernels round where the eager ones do (inductor's `emulate_precision_casts`):
     threshold-p's decisions compare a score with a cut-off, and unrounded float32 intermediates
     flipped some of them here (about one token in seven differed)."""
-    model = _converted(tiny, "llama", randomize_routers).to(torch.bfloat16)
+    model = routed(tiny("llama")).to(torch.bfloat16)
     x = ids(4, 12, seed=2)
     expected = GraphedDecoder(model).generate(x, max_new_tokens=24)
     assert torch.equal(GraphedDecoder(model, compile=True).generate(x, max_new_tokens=24), expected)
@@ -1007,14 +939,14 @@ def test_compiled_step_errors(tiny, ids, monkeypatch):
         ModAdaptError, match=r"torch.compile failed on the decode step.*no compiler on this machine.*compile=False"
     ):
         decoder.generate(ids(1, 5), max_new_tokens=3)
-    assert torch.equal(GraphedDecoder(model).generate(ids(1, 5), max_new_tokens=3), _greedy(model, ids(1, 5), None, 3))
+    assert torch.equal(GraphedDecoder(model).generate(ids(1, 5), max_new_tokens=3), greedy(model, ids(1, 5), None, 3))
 
 
 def test_compiled_step_refuses_to_compile_after_its_warm_up(tiny, ids, monkeypatch):
     """A guard that fails after the warm-up (here: one layer put in training mode) is an error
     naming compile=False, not a silent compile while decoding (or, on CUDA, inside a capture)."""
     model = tiny("llama")
-    _counting(monkeypatch)
+    counting_compiles(monkeypatch)
     decoder = GraphedDecoder(model, compile=True)
     decoder.prefill(ids(1, 5), None, 4)
     decoder.layers[1].module.train()
@@ -1025,37 +957,21 @@ def test_compiled_step_refuses_to_compile_after_its_warm_up(tiny, ids, monkeypat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
-def test_compiled_captured_graphs_match_generate_on_cuda():
+def test_compiled_captured_graphs_match_generate_on_cuda(monkeypatch):
     """compile=True on CUDA (inductor's Triton kernels inside the captured graphs), float32,
     every branch mode: `model.generate`'s greedy tokens, and a replayed step compiles nothing.
     Run on the GPU machine: `python -m pytest tests/test_graphed_decode.py -k cuda`."""
-    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    from modadapt.decoding import compiled
-
     modes = available_branches()
-    counter = CompileCounterWithBackend("inductor")
-    saved, compiled.BACKEND = compiled.BACKEND, counter
-    try:
-        for router, branches in [(None, "auto")] + [("threshold-p", b) for b in modes] + [("topk", "auto")]:
-            model = build_tiny("llama")
-            if router is not None:
-                model = modadapt.convert(model, router=router, layers="all-but-first")
-                model = randomize_router_weights(model).eval()
-            model = model.cuda()
-            decoder = GraphedDecoder(model, branches=branches, compile=True)
-            for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
-                x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
-                expected = _greedy(model, x, mask, 40)
-                assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40), expected), (
-                    router,
-                    branches,
-                    len(prompts),
-                )
-                assert decoder.last_step.graphs is not None
-                frames = counter.frame_count
-                assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40), expected)
-                assert counter.frame_count == frames
-    finally:
-        compiled.BACKEND = saved
+    counter = counting_compiles(monkeypatch)
+    for router, branches in [(None, "auto")] + [("threshold-p", b) for b in modes] + [("topk", "auto")]:
+        model = build_tiny("llama") if router is None else routed(build_tiny("llama"), router)
+        model = model.cuda()
+        decoder = GraphedDecoder(model, branches=branches, compile=True)
+        for x, mask in cuda_prompts():
+            expected = greedy(model, x, mask, 40)
+            got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
+            assert torch.equal(got, expected), (router, branches, x.shape[0])
+            assert decoder.last_step.graphs is not None
+            frames = counter.frame_count
+            assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40), expected)
+            assert counter.frame_count == frames

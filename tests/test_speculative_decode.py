@@ -11,7 +11,18 @@ import math
 
 import pytest
 import torch
-from conftest import WINDOWED_FAMILIES, build_windowed, widened
+from conftest import (
+    GRAPHED_FAMILIES,
+    WINDOWED_FAMILIES,
+    build_tiny,
+    build_windowed,
+    counting_compiles,
+    cuda_prompts,
+    flash_and_fallback,
+    greedy,
+    routed,
+    stops_at_end_of_sequence,
+)
 
 import modadapt
 from modadapt.decoding import Draft, GraphedDecoder, available_branches
@@ -23,54 +34,37 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: too): with random tied embeddings greedy decoding gives the dense tokens whatever the routing,
 #: so every draft is accepted and the acceptance checks below cannot hold (tests/test_graphed_decode.py
 #: decodes all three; `test_speculative_gpt2_equals_dense_greedy` checks GPT-2's tokens alone).
-GRAPHED_FAMILIES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "olmo2",
-    "gemma2",
-    "gemma3",
-    "mixtral",
-    "qwen2-moe",
-    "qwen3-moe",
-)
+UNTIED_FAMILIES = tuple(f for f in GRAPHED_FAMILIES if f not in ("llama-tied", "gemma", "gpt2"))
 
 
-def _greedy(model, x, mask, new, **kwargs):
-    with torch.no_grad():
-        return model.generate(x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
-
-
-def _pair(tiny, family, randomize_routers, router="threshold-p", window=None, **config):
+def _pair(family, router="threshold-p", window=None, **config):
     """(the dense model, a converted copy whose routers really skip); `window`: the sliding
-    layers' window (`conftest.build_windowed`), else out of reach (`conftest.widened`)."""
-    dense = widened(tiny(family)) if window is None else build_windowed(family, window)
-    model = modadapt.convert(copy.deepcopy(dense), router=router, layers="all-but-first", **config)
+    layers' window (`conftest.build_windowed`; None: out of reach)."""
+    dense = build_windowed(family, window)
+    model = routed(copy.deepcopy(dense), router, **config)
     # The unconverted MoE model's own load-balancing loss (the presets ask for router logits) fails
     # in transformers on generate's left-padded decode steps (a mask of every position against the
     # new token's router logits); the reference needs none.
     dense.config.output_router_logits = False
-    return dense, randomize_routers(model).eval()
+    return dense, model
 
 
 @pytest.mark.parametrize(
     "graphed_family, window",
-    [pytest.param(f, None, id=f) for f in GRAPHED_FAMILIES]
-    + [pytest.param(f, 8, id=f"{f}-window8") for f in WINDOWED_FAMILIES if f in GRAPHED_FAMILIES],
+    [pytest.param(f, None, id=f) for f in UNTIED_FAMILIES]
+    + [pytest.param(f, 8, id=f"{f}-window8") for f in WINDOWED_FAMILIES if f in UNTIED_FAMILIES],
 )
-def test_speculative_greedy_equals_dense_greedy(graphed_family, window, tiny, ids, left_pad, randomize_routers):
+def test_speculative_greedy_equals_dense_greedy(graphed_family, window, ids, left_pad):
     """Batch 1 and a left-padded batch, K = 1, 2, 4: the tokens of greedy decoding with the
     unconverted model, while rows accept different numbers of drafts. With a sliding window of 8
     that prompt and new tokens pass, the draft's MoD layers read their window by the positions of
     their compacted slots, the verification's K + 1 queries each their own window."""
-    dense, model = _pair(tiny, graphed_family, randomize_routers, window=window)
+    dense, model = _pair(graphed_family, window=window)
     x1 = ids(1, 9, seed=3)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
     new = 14 if window is None else 24
-    one, batch = _greedy(dense, x1, None, new), _greedy(dense, x, mask, new)
-    assert not torch.equal(_greedy(model, x, mask, new), batch)  # the routed model alone differs
+    one, batch = greedy(dense, x1, None, new), greedy(dense, x, mask, new)
+    assert not torch.equal(greedy(model, x, mask, new), batch)  # the routed model alone differs
     for k in (1, 2, 4):
         decoder = GraphedDecoder(model, speculate=k)
         assert torch.equal(decoder.generate(x1, max_new_tokens=new), one), k
@@ -81,41 +75,36 @@ def test_speculative_greedy_equals_dense_greedy(graphed_family, window, tiny, id
         assert max(per_row) > min(per_row)  # rows accept different lengths (their positions differ)
 
 
-def test_speculative_gpt2_equals_dense_greedy(tiny, ids, left_pad, randomize_routers):
+def test_speculative_gpt2_equals_dense_greedy(ids, left_pad):
     """GPT-2 (learned positions added to the embedding, no rotary): the draft and the verification
     give the dense model's greedy tokens, batch 1 and a left-padded batch. Its tied embeddings
-    accept every draft (see `GRAPHED_FAMILIES`), so no acceptance is checked."""
-    dense, model = _pair(tiny, "gpt2", randomize_routers)
+    accept every draft (see `UNTIED_FAMILIES`), so no acceptance is checked."""
+    dense, model = _pair("gpt2")
     x1 = ids(1, 9, seed=3)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
     for k in (1, 4):
         decoder = GraphedDecoder(model, speculate=k)
-        assert torch.equal(decoder.generate(x1, max_new_tokens=14), _greedy(dense, x1, None, 14)), k
-        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=14), _greedy(dense, x, mask, 14)), k
+        assert torch.equal(decoder.generate(x1, max_new_tokens=14), greedy(dense, x1, None, 14)), k
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=14), greedy(dense, x, mask, 14)), k
 
 
 @pytest.mark.parametrize("router", ["topk", "random"])
-def test_speculative_greedy_other_routers_and_branches(router, tiny, ids, left_pad, randomize_routers):
-    dense, model = _pair(tiny, "llama", randomize_routers, router=router)
+def test_speculative_greedy_other_routers_and_branches(router, ids, left_pad):
+    dense, model = _pair("llama", router=router)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (5, 10)])
-    expected = _greedy(dense, x, mask, 12)
+    expected = greedy(dense, x, mask, 12)
     for branches in ("host", "select", "gather"):
         decoder = GraphedDecoder(model, speculate=3, branches=branches)
         assert torch.equal(decoder.generate(x[:1], attention_mask=mask[:1], max_new_tokens=12), expected[:1])
         assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), expected)
 
 
-def test_compiled_speculation_equals_dense_greedy(tiny, ids, left_pad, randomize_routers, monkeypatch):
+def test_compiled_speculation_equals_dense_greedy(ids, left_pad, monkeypatch):
     """compile=True: the draft steps' and the verification's layers through torch.compile give
     the dense model's greedy tokens at batch 1 and in a left-padded batch; each shape compiles in
     the warm-up (inside `prefill`), the rounds compile nothing."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    from modadapt.decoding import compiled
-
-    counter = CompileCounterWithBackend("inductor")
-    monkeypatch.setattr(compiled, "BACKEND", counter)
-    dense, model = _pair(tiny, "llama", randomize_routers)
+    counter = counting_compiles(monkeypatch)
+    dense, model = _pair("llama")
     decoder = GraphedDecoder(model, speculate=2, compile=True)
     for prompts in ([ids(1, 9, seed=3)[0]], [ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
         x, mask, _ = left_pad(prompts)
@@ -123,19 +112,19 @@ def test_compiled_speculation_equals_dense_greedy(tiny, ids, left_pad, randomize
         decoder.prefill(x, mask, 12)
         warmed = counter.frame_count
         assert warmed > before
-        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), _greedy(dense, x, mask, 12))
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), greedy(dense, x, mask, 12))
         assert counter.frame_count == warmed
         assert 0 < decoder.speculation_stats()["acceptance"] < 1
 
 
 @pytest.mark.parametrize("stack, window", [("llama", None), ("gemma3", 4)])
-def test_verifier_cache_holds_the_dense_model_cache(stack, window, tiny, ids, randomize_routers):
+def test_verifier_cache_holds_the_dense_model_cache(stack, window, ids):
     """After generating, every layer's slots `[0, base)` of each row hold the dense model's K/V of
     the row's tokens (the draft's writes were all overwritten), and nothing else is counted; a
     windowed MoD layer's slot positions there are the verified tokens' (slot s: position s)."""
     from transformers import DynamicCache
 
-    dense, model = _pair(tiny, stack, randomize_routers, window=window)
+    dense, model = _pair(stack, window=window)
     x = ids(2, 8, seed=5)
     decoder = GraphedDecoder(model, speculate=3)
     out = decoder.generate(x, max_new_tokens=11)
@@ -160,22 +149,12 @@ def test_verifier_cache_holds_the_dense_model_cache(stack, window, tiny, ids, ra
 
 
 @pytest.mark.parametrize("both_rows_end", [False, True])
-def test_speculative_stops_at_end_of_sequence(both_rows_end, tiny, ids, left_pad, randomize_routers, monkeypatch):
+def test_speculative_stops_at_end_of_sequence(both_rows_end, monkeypatch):
     import modadapt.decoding.decoder as gd
 
     monkeypatch.setattr(gd, "CHECK_EVERY", 8)
-    dense, model = _pair(tiny, "llama", randomize_routers)
-    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 9)])
-    free = _greedy(dense, x, mask, 24)[:, x.shape[1] :]
-    eos = [int(free[0, 5])] + ([int(free[1, 4])] if both_rows_end else [])
-    with torch.no_grad():
-        expected = dense.generate(
-            x, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0
-        )
-    decoder = GraphedDecoder(model, speculate=4)
-    got = decoder.generate(x, attention_mask=mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(got, expected)
-    assert (got.shape[1] < x.shape[1] + 24) == both_rows_end
+    dense, model = _pair("llama")
+    stops_at_end_of_sequence(dense, GraphedDecoder(model, speculate=4), both_rows_end)
 
 
 def test_end_of_sequence_inside_an_accepted_draft(tiny, ids):
@@ -185,7 +164,7 @@ def test_end_of_sequence_inside_an_accepted_draft(tiny, ids):
     dense = tiny("llama")
     model = modadapt.convert(copy.deepcopy(dense), router="threshold-p", layers="all-but-first").eval()
     x = ids(1, 7, seed=3)
-    free = _greedy(dense, x, None, 16)[0, 7:]
+    free = greedy(dense, x, None, 16)[0, 7:]
     eos = int(free[2])  # token 0 is the prefill's, tokens 1..4 the first round's drafts
     assert eos not in free[:2].tolist()
     with torch.no_grad():
@@ -196,11 +175,11 @@ def test_end_of_sequence_inside_an_accepted_draft(tiny, ids):
     assert decoder.speculation_stats()["acceptance"] == 1.0
 
 
-def test_draft_depth_knob(tiny, ids, randomize_routers):
+def test_draft_depth_knob(ids):
     """A margin keeps fewer tokens, `skip` drops whole MoD layers; the output stays the dense model's."""
-    dense, model = _pair(tiny, "llama", randomize_routers)
+    dense, model = _pair("llama")
     x = ids(2, 8, seed=7)
-    expected = _greedy(dense, x, None, 10)
+    expected = greedy(dense, x, None, 10)
     kept = {}
     for draft in (None, "margin=2", {"skip": [1, 3]}, Draft(skip="all"), "margin=-50"):
         decoder = GraphedDecoder(model, speculate=2, draft=draft)
@@ -234,8 +213,8 @@ def test_draft_from_strings_and_dicts():
             Draft.of(bad)
 
 
-def test_speculative_bad_input(tiny, ids, randomize_routers):
-    dense, model = _pair(tiny, "llama", randomize_routers)
+def test_speculative_bad_input(tiny, ids):
+    dense, model = _pair("llama")
     for k in (-1, 1.5, True, "2"):
         with pytest.raises(ModAdaptError, match="speculate must be an int"):
             GraphedDecoder(model, speculate=k)
@@ -263,16 +242,16 @@ def test_speculative_bad_input(tiny, ids, randomize_routers):
     decoder.decode(0)
     decoder.decode(10)  # rounds past max_new_tokens: rows that have their tokens stop advancing
     assert int(decoder.last_step.base) == 5 + int(decoder.last_step.count) - 1 and int(decoder.last_step.count) >= 4
-    assert torch.equal(decoder.last_step.out[:, :4], _greedy(dense, x, None, 4)[:, 5:])
-    assert torch.equal(decoder.generate(x, max_new_tokens=1), _greedy(dense, x, None, 1))
+    assert torch.equal(decoder.last_step.out[:, :4], greedy(dense, x, None, 4)[:, 5:])
+    assert torch.equal(decoder.generate(x, max_new_tokens=1), greedy(dense, x, None, 1))
     assert GraphedDecoder(dense).speculation_stats() is None
 
 
-def test_speculative_sampling_top_k_one_is_greedy(tiny, ids, randomize_routers):
-    dense, model = _pair(tiny, "llama", randomize_routers)
+def test_speculative_sampling_top_k_one_is_greedy(ids):
+    dense, model = _pair("llama")
     x = ids(2, 6, seed=9)
     decoder = GraphedDecoder(model, speculate=3)
-    assert torch.equal(decoder.generate(x, max_new_tokens=10, do_sample=True, top_k=1), _greedy(dense, x, None, 10))
+    assert torch.equal(decoder.generate(x, max_new_tokens=10, do_sample=True, top_k=1), greedy(dense, x, None, 10))
     draws = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
@@ -411,14 +390,14 @@ def test_speculative_sampling_distribution_is_the_dense_models(temperature, top_
     assert chi > 2 * _chi_square_bound(df), (chi, df)
 
 
-def test_assisted_generation_with_a_converted_assistant(tiny, ids, randomize_routers):
+def test_assisted_generation_with_a_converted_assistant(ids):
     """transformers' assisted decoding (`assistant_model=`) with a converted copy as the
     assistant: its greedy tokens are plain greedy decoding's."""
-    dense, model = _pair(tiny, "llama", randomize_routers)
+    dense, model = _pair("llama")
     x = ids(1, 9, seed=3)
-    expected = _greedy(dense, x, None, 20)
-    assert not torch.equal(_greedy(model, x, None, 20), expected)
-    assert torch.equal(_greedy(dense, x, None, 20, assistant_model=model), expected)
+    expected = greedy(dense, x, None, 20)
+    assert not torch.equal(greedy(model, x, None, 20), expected)
+    assert torch.equal(greedy(dense, x, None, 20, assistant_model=model), expected)
 
 
 # --- on a GPU ---------------------------------------------------------------------------------------------------
@@ -433,20 +412,16 @@ def test_captured_speculation_matches_dense_generate_on_cuda(stack, window):
     dense model's greedy tokens at batch 1 and in a left-padded batch (Gemma 3: a sliding window
     of 8, which 40 new tokens pass), and captured speculative sampling is seeded by
     `torch.manual_seed`. Run on the GPU machine: `python -m pytest tests/test_speculative_decode.py -k cuda`."""
-    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
-
-    dense = (build_tiny(stack) if window is None else build_windowed(stack, window)).cuda()
-    model = modadapt.convert(copy.deepcopy(dense), router="threshold-p", layers="all-but-first")
-    model = randomize_router_weights(model).eval()
+    dense = build_windowed(stack, window).cuda()
+    model = routed(copy.deepcopy(dense))
     for branches in _modes():
         for k in (2, 4):
             decoder = GraphedDecoder(model, branches=branches, speculate=k)
-            for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
-                x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
-                expected = _greedy(dense, x, mask, 40)
+            for x, mask in cuda_prompts():
+                expected = greedy(dense, x, mask, 40)
                 got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
                 assert decoder.last_step.graph is not None and decoder.last_step.graphs is not None
-                assert torch.equal(got, expected), (branches, k, len(prompts), decoder.last_step.mode)
+                assert torch.equal(got, expected), (branches, k, x.shape[0], decoder.last_step.mode)
                 draws = []
                 for seed in (0, 0, 1):
                     torch.manual_seed(seed)
@@ -460,31 +435,24 @@ def test_captured_speculation_matches_dense_generate_on_cuda(stack, window):
 def test_compiled_captured_speculation_matches_dense_generate_on_cuda():
     """compile=True on CUDA: the captured draft steps (every branch mode) and verification replay
     inductor's kernels and give the dense model's greedy tokens in float32."""
-    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
-
     dense = build_tiny("llama").cuda()
-    model = modadapt.convert(copy.deepcopy(dense), router="threshold-p", layers="all-but-first")
-    model = randomize_router_weights(model).eval()
+    model = routed(copy.deepcopy(dense))
     for branches in _modes():
         decoder = GraphedDecoder(model, branches=branches, speculate=2, compile=True)
-        for prompts in ([make_ids(1, 11, seed=1)[0]], [make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]):
-            x, mask, _ = (t.cuda() for t in left_pad_batch(prompts))
+        for x, mask in cuda_prompts():
             got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
             assert decoder.last_step.graph is not None and decoder.last_step.graphs is not None
-            assert torch.equal(got, _greedy(dense, x, mask, 40)), (branches, len(prompts), decoder.last_step.mode)
+            assert torch.equal(got, greedy(dense, x, mask, 40)), (branches, x.shape[0], decoder.last_step.mode)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
 def test_captured_speculation_equals_its_eager_rounds_in_bf16():
     """In bf16 draft and verification attend with flash (used lengths; causal among the K + 1
     queries of a verification); the captured graphs replay the kernels the eager rounds run."""
-    from conftest import build_tiny, left_pad_batch, make_ids, randomize_router_weights
-
     from modadapt.decoding import static_cache
 
-    model = modadapt.convert(build_tiny("llama"), router="threshold-p", layers="all-but-first")
-    model = randomize_router_weights(model).eval().cuda().to(torch.bfloat16)
-    x, mask, _ = (t.cuda() for t in left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)]))
+    model = routed(build_tiny("llama")).cuda().to(torch.bfloat16)
+    x, mask = cuda_prompts()[1]
     for batch in (1, 3):
         eager = GraphedDecoder(model, cuda_graphs=False, speculate=3).generate(
             x[:batch], attention_mask=mask[:batch], max_new_tokens=40
@@ -499,8 +467,7 @@ def test_captured_speculation_equals_its_eager_rounds_in_bf16():
 def test_flash_verification_attention_matches_the_masked_fallback_on_cuda():
     """Flash's causal mask with per-row used lengths is aligned to each row's end, as the
     verification needs (query t of a row sees slots up to `used - T + t`)."""
-    from modadapt.decoding import static_cache
-    from modadapt.decoding.static_cache import KeyLengths, static_cache_attention
+    from modadapt.decoding.static_cache import KeyLengths
 
     gen = torch.Generator().manual_seed(0)
     B, H, Hk, d, cap, T = 8, 8, 2, 64, 256, 5
@@ -509,12 +476,5 @@ def test_flash_verification_attention_matches_the_masked_fallback_on_cuda():
     used = torch.randint(T, cap, (B,), generator=gen).cuda().int()
     cu = torch.arange(B + 1, dtype=torch.int32, device="cuda")
     lengths = KeyLengths(used, cu * T, cu * cap, queries=T)
-    flash = static_cache_attention(q, k, v, lengths, d**-0.5).float()
-    key = static_cache.flash_key(q)
-    assert static_cache._FLASH.get(key)
-    static_cache._FLASH[key] = False
-    try:
-        reference = static_cache_attention(q, k, v, lengths, d**-0.5).float()
-    finally:
-        static_cache._FLASH[key] = True
+    flash, reference = flash_and_fallback(q, k, v, lengths, d**-0.5)
     assert (flash - reference).norm() / reference.norm() < 1e-2
