@@ -395,6 +395,18 @@ def stops_at_end_of_sequence(reference: torch.nn.Module, decoder, both_rows_end:
     assert (got.shape[1] < x.shape[1] + 24) == both_rows_end
 
 
+def sampling_is_seeded(generate, *args, **kwargs) -> torch.Tensor:
+    """Asserts that `generate(*args, **kwargs)`, a sampled generation, is seeded by
+    `torch.manual_seed`: the same seed draws the same tokens, another seed others. Returns the
+    first draw."""
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(generate(*args, **kwargs))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    return draws[0]
+
+
 def counting_compiles(monkeypatch: pytest.MonkeyPatch):
     """Swap the decoder's torch.compile backend for inductor behind a counter of compiled frames."""
     from torch._dynamo.testing import CompileCounterWithBackend

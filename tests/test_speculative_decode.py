@@ -21,6 +21,7 @@ from conftest import (
     flash_and_fallback,
     greedy,
     routed,
+    sampling_is_seeded,
     stops_at_end_of_sequence,
 )
 
@@ -252,11 +253,7 @@ def test_speculative_sampling_top_k_one_is_greedy(ids):
     x = ids(2, 6, seed=9)
     decoder = GraphedDecoder(model, speculate=3)
     assert torch.equal(decoder.generate(x, max_new_tokens=10, do_sample=True, top_k=1), greedy(dense, x, None, 10))
-    draws = []
-    for seed in (0, 0, 1):
-        torch.manual_seed(seed)
-        draws.append(decoder.generate(x, max_new_tokens=10, do_sample=True, temperature=2.0))
-    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    sampling_is_seeded(decoder.generate, x, max_new_tokens=10, do_sample=True, temperature=2.0)
 
 
 def test_sampled_acceptance_emits_the_target_distribution():
@@ -422,13 +419,9 @@ def test_captured_speculation_matches_dense_generate_on_cuda(stack, window):
                 got = decoder.generate(x, attention_mask=mask, max_new_tokens=40)
                 assert decoder.last_step.graph is not None and decoder.last_step.graphs is not None
                 assert torch.equal(got, expected), (branches, k, x.shape[0], decoder.last_step.mode)
-                draws = []
-                for seed in (0, 0, 1):
-                    torch.manual_seed(seed)
-                    draws.append(
-                        decoder.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=2.0)
-                    )
-                assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+                sampling_is_seeded(
+                    decoder.generate, x, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=2.0
+                )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
