@@ -402,17 +402,52 @@ def add_record(records: list, record: dict, summary: dict, began: float, command
     return record
 
 
-def write(records: list[dict], out: Path, meta: dict) -> None:
+def start_run(args: argparse.Namespace, known: list[str]):
+    """What an adaptation benchmark's `main` sets up before its dense model (this one's and
+    `mode_quality.py`'s): torch's threads, the work folder, the device, the corpus' files and
+    validation blocks, the variants asked for (out of `known`), and an earlier call's records
+    when appending. Returns `(work, device, (train_file, valid_file), valid_blocks, wanted, records)`."""
+    if args.tiny:  # tiny matrices: one thread avoids oversubscription on a busy CPU (10-100x faster)
+        torch.set_num_threads(1)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    train_file, valid_file = text_files(args, work)
+    valid_blocks = pack(tokenize(read_corpus(valid_file), None, VOCAB), args.seq_len, valid_file)
+    if args.max_eval_blocks:
+        valid_blocks = valid_blocks[: args.max_eval_blocks]
+    wanted = known if args.variants == "all" else args.variants.split(",")
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {known}")
+    records = json.loads(args.out.read_text()) if args.append and args.out.is_file() else []
+    return work, device, (train_file, valid_file), valid_blocks, wanted, records
+
+
+def left_out(name: str, done: set, args: argparse.Namespace, start: float) -> bool:
+    """Whether this call leaves variant `name` out, saying why: its record is there already
+    (appending), or the run is past `--budget-s`."""
+    if name in done:
+        print(f"{name}: already in {args.out}, skipped", flush=True)
+        return True
+    if args.budget_s and time.time() - start > args.budget_s:
+        print(f"{name}: not started, {time.time() - start:.0f}s > --budget-s {args.budget_s}", flush=True)
+        return True
+    return False
+
+
+def write_records(records: list[dict], out: Path, title: str) -> list[str]:
+    """Write `records` as JSON at `out`; return the opening of their Markdown table (written beside
+    it by the caller): its title and the commands whose records it holds."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")
     commands = list(dict.fromkeys(r["command"] for r in records if r.get("command")))
+    return [f"# {title}", "", "Produced by:", "", *(f"    {command}" for command in commands), ""]
+
+
+def write(records: list[dict], out: Path, meta: dict) -> None:
     lines = [
-        f"# LM quality: {meta['description']}",
-        "",
-        "Produced by:",
-        "",
-        *(f"    {command}" for command in commands),
-        "",
+        *write_records(records, out, f"LM quality: {meta['description']}"),
         "| variant | router | arguments | valid ppl | ppl before adapt | ppl, top-k routing | FLOPs / dense | "
         "kept fraction | skipped steps | adapt s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -441,23 +476,9 @@ def variant_names(args: argparse.Namespace) -> list[str]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.tiny:  # tiny matrices: one thread avoids oversubscription on a busy CPU (10-100x faster)
-        torch.set_num_threads(1)
     start = time.time()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    train_file, valid_file = text_files(args, work)
-    valid_blocks = pack(tokenize(read_corpus(valid_file), None, VOCAB), args.seq_len, valid_file)
-    if args.max_eval_blocks:
-        valid_blocks = valid_blocks[: args.max_eval_blocks]
     known = variant_names(args)
-    wanted = known if args.variants == "all" else args.variants.split(",")
-    unknown = sorted(set(wanted) - set(known))
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {known}")
-
-    records = json.loads(args.out.read_text()) if args.append and args.out.is_file() else []
+    work, device, (train_file, valid_file), valid_blocks, wanted, records = start_run(args, known)
     done = {r["variant"] for r in records}
     if args.pretrained:
         dense, saved = load_pretrained(Path(args.pretrained))
@@ -523,11 +544,7 @@ def main(argv=None) -> list[dict]:
         return dict(target_flops_ratio=ratio)
 
     for name in wanted:
-        if name in done:
-            print(f"{name}: already in {args.out}, skipped", flush=True)
-            continue
-        if args.budget_s and time.time() - start > args.budget_s:
-            print(f"{name}: not started, {time.time() - start:.0f}s > --budget-s {args.budget_s}", flush=True)
+        if left_out(name, done, args, start):
             continue
         began = time.time()
         if name == "dense-adapt":

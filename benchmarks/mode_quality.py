@@ -189,16 +189,8 @@ def slot_share(model: nn.Module, blocks: torch.Tensor, routed: list[int], top_k:
 
 
 def write(records: list[dict], out: Path, meta: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=2) + "\n")
-    commands = list(dict.fromkeys(r["command"] for r in records if r.get("command")))
     lines = [
-        f"# Integrated vs staged MoDE: {meta['description']}",
-        "",
-        "Produced by:",
-        "",
-        *(f"    {command}" for command in commands),
-        "",
+        *lm_quality.write_records(records, out, f"Integrated vs staged MoDE: {meta['description']}"),
         "| variant | method | arguments | valid ppl | ppl before adapt | FLOPs / dense | expert slots run | "
         "tokens into experts | skipped steps | adapt s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -249,23 +241,9 @@ def comparisons(records: list[dict]) -> list[tuple[str, str, str, float, bool]]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.tiny:  # tiny matrices: one thread avoids oversubscription on a busy CPU
-        torch.set_num_threads(1)
     start = time.time()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    train_file, valid_file = lm_quality.text_files(args, work)
-    valid_blocks = pack(tokenize(read_corpus(valid_file), None, VOCAB), args.seq_len, valid_file)
-    if args.max_eval_blocks:
-        valid_blocks = valid_blocks[: args.max_eval_blocks]
     known = variant_names(args)
-    wanted = known if args.variants == "all" else args.variants.split(",")
-    unknown = sorted(set(wanted) - set(known))
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {known}")
-
-    records = json.loads(args.out.read_text()) if args.append and args.out.is_file() else []
+    work, device, (train_file, valid_file), valid_blocks, wanted, records = lm_quality.start_run(args, known)
     done = {r["variant"] for r in records}
     if args.pretrained:
         dense, saved = lm_quality.load_pretrained(Path(args.pretrained))
@@ -305,11 +283,7 @@ def main(argv=None) -> list[dict]:
     files = (train_file, valid_file)
 
     for name in wanted:
-        if name in done:
-            print(f"{name}: already in {args.out}, skipped", flush=True)
-            continue
-        if args.budget_s and time.time() - start > args.budget_s:
-            print(f"{name}: not started, {time.time() - start:.0f}s > --budget-s {args.budget_s}", flush=True)
+        if lm_quality.left_out(name, done, args, start):
             continue
         began = time.time()
         method, capacity = split_variant(name)
