@@ -969,3 +969,56 @@ def test_compiled_captured_graphs_match_generate_on_cuda(monkeypatch):
             frames = counter.frame_count
             assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40), expected)
             assert counter.frame_count == frames
+
+
+@pytest.mark.parametrize("experts_family", ["mixtral", "qwen2-moe", "qwen3-moe", "llama"])
+def test_capture_kernels_swap_float32_grouped_experts_for_batched_ones_and_put_them_back(experts_family):
+    """A capture runs inside `DecodeParts.capture_kernels()`: float32 experts run `batched_mm`
+    there (grouped_mm loops on the host for any dtype but bf16), give the same logits, and the
+    model's own implementation is back afterwards, also after an error; bf16 experts and dense
+    families are left alone."""
+    from modadapt.plugins import find_adapter
+
+    model = build_tiny(experts_family).eval()
+    moe = experts_family != "llama"
+    own = getattr(model.config, "_experts_implementation", None)
+    assert own == "grouped_mm" or not moe
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+        parts = find_adapter(model).decode_parts(model)
+        with parts.capture_kernels():
+            assert getattr(model.config, "_experts_implementation", None) == ("batched_mm" if moe else own)
+            inside = model(ids).logits
+    torch.testing.assert_close(inside, before, rtol=1e-5, atol=1e-5)
+    assert getattr(model.config, "_experts_implementation", None) == own
+    with pytest.raises(RuntimeError, match="boom"), parts.capture_kernels():
+        raise RuntimeError("boom")
+    assert getattr(model.config, "_experts_implementation", None) == own
+    if moe:
+        half = build_tiny(experts_family).to(torch.bfloat16)
+        with find_adapter(half).decode_parts(half).capture_kernels():
+            assert half.config._experts_implementation == "grouped_mm"
+
+
+def test_captures_run_with_the_garbage_collector_paused():
+    """`collector_paused` (around every capture) collects once, keeps the collector off inside,
+    and restores the state it found, also after an error."""
+    import gc
+
+    from modadapt.decoding.decoder import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError), collector_paused():
+        raise ValueError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

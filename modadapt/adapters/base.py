@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
@@ -119,6 +120,10 @@ class DecodeParts:
             local and global RoPE); None: `rotary` gives one for every layer.
         position_embed: Position ids `[B, T]` to embeddings `[B, T, D]` added to `embed`'s output
             (learned absolute positions: GPT-2's `wpe`); None: the model has none.
+        capture_kernels: Returns a context manager entered around the decode step's warm-up and
+            capture: inside it the family's modeling code runs kernels a CUDA graph can hold where
+            its usual ones sync with the host (a mixture of experts whose grouped matmul has no
+            device kernel for its dtype); the default changes nothing.
     """
 
     embed: nn.Module
@@ -133,6 +138,7 @@ class DecodeParts:
     not_capturable: str | None = None
     rotary_keys: tuple | None = None
     position_embed: nn.Module | None = None
+    capture_kernels: Callable[[], ContextManager[None]] = contextlib.nullcontext
 
 
 class Adapter:

@@ -9,7 +9,10 @@ handling, which follows `model.generate`. With `speculate=K` a step is a specula
 
 from __future__ import annotations
 
+import gc
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -545,7 +548,7 @@ class GraphedDecoder:
             step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling, buffers)
         if self.cuda_graphs:
             try:
-                with self.parts.static_attention():
+                with self.parts.static_attention(), self.parts.capture_kernels(), collector_paused():
                     step.capture()
             except torch.OutOfMemoryError:
                 raise  # the batch does not fit, whatever the routers do: say so as torch does
@@ -569,3 +572,20 @@ class GraphedDecoder:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's garbage collector paused for a capture (after one collection). Left running, it
+    can fire mid-capture, once the capture's allocations pile up, and free an object whose
+    destructor calls into the CUDA runtime, which a capturing stream forbids: the process aborts
+    (seen on the H200: "Fatal Python error: Aborted" while garbage-collecting inside a speculative
+    step's capture)."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

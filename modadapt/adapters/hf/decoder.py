@@ -8,9 +8,11 @@ MoD layers is in `kv_cache`, the attention functions registered with transformer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
@@ -279,6 +281,7 @@ class HFDecoderAdapter(Adapter):
             static_attention=functools.partial(use_attention, config, STATIC_ATTENTION),
             prefill=functools.partial(_prefill, model),
             not_capturable=_not_capturable(model, config),
+            capture_kernels=functools.partial(_graph_safe_experts, model),
             rotary_keys=rotary_keys,
             position_embed=found["position_embed"],
         )
@@ -463,6 +466,32 @@ def _not_capturable(model: nn.Module, config: Any) -> str | None:
         "GraphedDecoder(model, cuda_graphs=False) (the same decode pieces, eagerly), load the model with "
         "experts_implementation='grouped_mm', or decode with model.generate."
     )
+
+
+@contextlib.contextmanager
+def _graph_safe_experts(model: nn.Module) -> Iterator[None]:
+    """Run `model`'s experts with transformers' `batched_mm` where they run `grouped_mm` on
+    weights that are not bf16: torch's grouped matmul has a device kernel for bf16 only and loops
+    over the groups on the host otherwise (a CPU-to-GPU copy that a capture refuses: seen with
+    float32 Mixtral on the H200, torch 2.11). `batched_mm` gathers each token's expert weights
+    on the device, so it is graph-safe, at the price of that gather. Put back on exit."""
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        banks = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        if (
+            banks
+            and getattr(config, "_experts_implementation", None) == "grouped_mm"
+            and banks[0].dtype != torch.bfloat16
+        ):
+            configs[id(config)] = config
+    for config in configs.values():
+        config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config._experts_implementation = "grouped_mm"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
