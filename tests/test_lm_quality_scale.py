@@ -285,8 +285,21 @@ def test_goals_are_judged_from_means_and_spreads(bench):
     compared = lambda rs: {g: m for g, m, _ in bench.goals(rs) if g != "no NaN or divergence"}  # noqa: E731
     assert compared(records + longer) == compared(records)
     assert "all 15 runs finite" in {g: m for g, m, _ in bench.goals(records + longer)}["no NaN or divergence"]
+    diverged = lambda rs: not {g: ok for g, _, ok in bench.goals(rs)}["no NaN or divergence"]  # noqa: E731
+    hard_batches = copy.deepcopy(records)  # seed 0's last batches are harder: every run's loss rises
+    for r in hard_batches:
+        if r["seed"] == 0 and r["variant"] != "dense":
+            r["train_loss_end"] = r["train_loss_start"] + 0.3 if r["variant"] == "dense-adapt" else 3.35
+    assert not diverged(hard_batches)
+    hard_batches[4]["train_loss_end"] = 3.45  # 0.15 nats more than dense-adapt's rise on the same batches
+    assert diverged(hard_batches)
+    records[1]["valid_ppl_before"] = 7.0
+    assert not diverged(records)
+    records[1]["valid_ppl"] = 7.4  # dense-adapt ends 5.7% above the pretrained model
+    assert diverged(records)
+    records[1]["valid_ppl"] = 7.0
     records[4]["train_loss_end"] = 3.5  # a rising loss is divergence
-    assert not {g: ok for g, _, ok in bench.goals(records)}["no NaN or divergence"]
+    assert diverged(records)
 
 
 def test_a_run_out_of_device_memory_is_given_back_and_run_by_another_worker(bench, tmp_path, monkeypatch, capsys):
