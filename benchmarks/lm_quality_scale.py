@@ -192,6 +192,8 @@ VARIANTS = {
     "topk-distill-even+1": Variant("topk", "even+1", recipe={"distill": 1.0}),
     "topk-distill-even+2": Variant("topk", "even+2", recipe={"distill": 1.0}, level="0.55"),  # 0.70: every other
     "threshold-p-distill-even+1": Variant("threshold-p", "even+1", recipe={"distill": 1.0}),
+    # the best router with per-layer capacities by cosine need (they helped every-other topk a little)
+    "topk-distill-even+1-capacities-cosine": Variant("topk", "even+1", recipe={"distill": 1.0}, capacities="cosine"),
     # does the gap close with training? the best router and the best deletion, twice the steps
     "topk-distill-2x": Variant("topk", "every-other", recipe={"distill": 1.0}, budget=2),
     "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),
