@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modadapt.routers.base import RoutingContext, pack_mask, select_topk
+from modadapt.routers.base import RoutingContext, pack_mask, select_topk, topk_boundary
 from modadapt.routers.random import RandomRouter
 from modadapt.routers.threshold import ThresholdRouter
 from modadapt.routers.topk import TopKRouter
@@ -362,6 +362,32 @@ def test_topk_causal_rule_is_calibrated_to_the_capacity(rule, padded):
     assert fixed.route(hidden, ctx_for(B, T, real=real, causal=True, training=False)).keep.sum() == 0
     # the calibration is part of the state (saved, loaded, moved with the model)
     assert {"calibrated_threshold", "calibration_steps"} <= set(router.state_dict())
+
+
+def test_calibrated_cutoff_keeps_the_capacity_of_tokens_pooled_over_rows():
+    """One cut-off for every token: the one that keeps `capacity` of the batch's eligible tokens.
+    Rows whose scores sit at different levels make each row's own boundary, averaged, keep
+    another share (here 25% at capacity 20%; 19.7% at 23.1% on the quality benchmark)."""
+    stat = torch.stack([torch.arange(10.0), torch.arange(10.0) * 10])  # row 2 ten times row 1
+    everywhere = torch.ones_like(stat, dtype=torch.bool)
+    cut = topk_boundary(stat, 0.2, everywhere)
+    assert float(cut) == 60.0 and (stat >= cut).float().mean() == 0.2  # 90, 80, 70, 60 of 20
+    per_row = (8.0 + 80.0) / 2  # each row's 2nd largest, averaged: keeps 50..90, 25%
+    assert (stat >= per_row).float().mean() == 0.25
+    # padding and unrouted tokens do not count; no eligible token, or none kept: NaN
+    eligible = everywhere.clone()
+    eligible[1, 5:] = False  # row 2 has 0, 10, 20, 30, 40: 15 eligible, 3 kept: 40, 30, 20
+    assert float(topk_boundary(stat, 0.2, eligible)) == 20.0
+    assert torch.isnan(topk_boundary(stat, 0.2, torch.zeros_like(everywhere)))
+    assert torch.isnan(topk_boundary(stat, 0.0, everywhere))
+    # a router whose rows differ keeps the capacity at inference after its training steps
+    torch.manual_seed(0)
+    router = _randomized(TopKRouter(HIDDEN, 0.25, 1))
+    hidden = torch.randn(8, 64, HIDDEN) * torch.linspace(0.2, 3.0, 8)[:, None, None]
+    for _ in range(4):
+        router.route(hidden, ctx_for(8, 64))
+    kept = router.route(hidden, ctx_for(8, 64, causal=True, training=False)).keep
+    assert abs(kept.float().mean().item() - 0.25) < 0.01
 
 
 def test_topk_calibration_skips_rows_without_routed_tokens():

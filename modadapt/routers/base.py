@@ -374,16 +374,19 @@ def kept_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tenso
 
 
 def topk_boundary(stat: torch.Tensor, capacity: float, eligible: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of the statistic's k-th largest eligible value, k = ceil(capacity * n):
-    the cut-off that keeps each row's top-k. NaN when no row has an eligible token (no host sync)."""
-    T = stat.shape[1]
-    ordered = stat.masked_fill(~eligible, float("-inf")).sort(dim=1, descending=True).values
-    n = eligible.sum(1)
-    k = kept_count(capacity, n).clamp(1, T)
-    cut = ordered.gather(1, (k - 1)[:, None]).squeeze(1)
-    rows = (n > 0) & (kept_count(capacity, n) > 0)
-    cut = torch.where(rows, cut, torch.zeros_like(cut))
-    return cut.sum() / rows.sum() if T else stat.new_tensor(float("nan"))
+    """The cut-off that keeps `capacity` of the batch's eligible tokens, pooled over rows: the
+    statistic's k-th largest eligible value in the whole batch, k = ceil(capacity * n). A causal
+    rule thresholds every token at one cut-off, so this is the value whose share kept is the
+    capacity; each row's own boundary averaged over rows (the rule before) is not, where rows
+    differ: on the H200 quality benchmark it kept 19.7% of the tokens at capacity 23.1%. NaN when
+    no token is eligible or none would be kept (no host sync)."""
+    if not stat.numel():
+        return stat.new_tensor(float("nan"))
+    flat = stat.masked_fill(~eligible, float("-inf")).reshape(-1)
+    n = eligible.sum()
+    k = kept_count(capacity, n)
+    cut = flat.sort(descending=True).values.gather(0, (k.clamp(1, flat.numel()) - 1).reshape(1)).squeeze(0)
+    return torch.where((n > 0) & (k > 0), cut, cut.new_tensor(float("nan")))
 
 
 def select_topk(

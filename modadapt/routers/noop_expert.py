@@ -200,7 +200,7 @@ class NoopExpertRouter(Router):
             return self._decide(self.causal_threshold(ctx.layer_index), ctx)
         margins = self._margins.detach()
         eligible = ctx.routed()[..., None].expand_as(margins)
-        cut = topk_boundary(margins.reshape(1, -1), self.capacity, eligible.reshape(1, -1))
+        cut = topk_boundary(margins, self.capacity, eligible)
         if ctx.training:
             self.record_cutoff(cut, ctx.layer_index)
         return self._decide(torch.nan_to_num(cut, nan=math.inf), ctx)  # no eligible slot: none runs
