@@ -113,6 +113,9 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
         } <= set(r)
         assert r["valid_ppl"] > 1 and r["ood_ppl"] > 1 and 0 < r["flops_ratio"] <= 1.001 and 0 <= r["agreement"] <= 1
     adapted = [r for r in both if r["variant"] != "dense"]
+    # every run is its variant's row: calibrated routers record the cut-off rule they learnt
+    assert all(bench.row_label(r) == r["variant"] for r in adapted)
+    assert {r["router"] for r in adapted if "cutoff_rule" in r} == set(bench.CALIBRATED)
     for r in adapted:  # the shared budget, or its multiple in the budget ablation
         steps = bench.TINY.adapt_steps * bench.VARIANTS[r["variant"]].budget
         assert r["adapt_tokens"] == steps * bench.TINY.adapt_batch * bench.TINY.seq_len and r["adapt_steps"] == steps
@@ -264,6 +267,7 @@ def test_goals_are_judged_from_means_and_spreads(bench):
             skipped_steps=0,
             train_loss_start=3.0,
             train_loss_end=2.0,
+            cutoff_rule=bench.CUTOFF_RULE,
         )
 
     records = [rec("dense", "1.00", 0, "dense", 7.0, 20.0, 1.0)]
@@ -300,6 +304,14 @@ def test_goals_are_judged_from_means_and_spreads(bench):
     records[1]["valid_ppl"] = 7.0
     records[4]["train_loss_end"] = 3.5  # a rising loss is divergence
     assert diverged(records)
+    # runs made with the earlier causal cut-off rule form rows of their own, never averaged with new seeds
+    earlier = [{k: v for k, v in dict(r, valid_ppl=9.0).items() if k != "cutoff_rule"} for r in records[4:7]]
+    table = bench.aggregate(records[:7] + earlier)
+    assert table[("0.70", "topk")]["valid_ppl"][0] == pytest.approx(7.11)
+    assert table[("0.70", "topk~row-mean")]["valid_ppl"] == (9.0, 0.0)
+    assert table[("0.70", "topk~row-mean")]["seeds"] == 3
+    assert bench.task_id(earlier[0]) == "topk~row-mean@0.70#s0" != bench.task_id(records[4])
+    assert bench.row_label(records[1]) == "dense-adapt"  # no routers, no cut-off: one row whatever the date
 
 
 def test_a_run_out_of_device_memory_is_given_back_and_run_by_another_worker(bench, tmp_path, monkeypatch, capsys):
