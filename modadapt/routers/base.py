@@ -164,9 +164,10 @@ class Router(nn.Module):
     #: Derived from `Options`: the argument marked `calibrated=` and its pre-training cut-off.
     #: Capacity routers whose causal rule thresholds a per-token statistic (`rule_statistic`)
     #: mark the option that fixes the cut-off (default None: calibrated). Every training-time
-    #: top-k then records where the statistic crosses the top-k boundary (a moving average in the
-    #: buffer `calibrated_threshold`; `calibration_steps` counts the steps seen), so the causal
-    #: rule keeps about `capacity` of the tokens instead of whatever a fixed cut-off keeps.
+    #: top-k then records the cut-off that keeps `capacity` of the batch's tokens (`topk_boundary`;
+    #: a moving average in the buffer `calibrated_threshold`; `calibration_steps` counts the steps
+    #: seen), so the causal rule keeps about `capacity` of the tokens instead of whatever a fixed
+    #: cut-off keeps.
     causal_cutoff: ClassVar[tuple[str, float] | None] = None
     #: Weight of the newest batch in that moving average.
     calibration_momentum: ClassVar[float] = 0.25
