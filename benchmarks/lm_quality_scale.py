@@ -194,6 +194,10 @@ VARIANTS = {
     "threshold-p-distill-even+1": Variant("threshold-p", "even+1", recipe={"distill": 1.0}),
     # the best router with per-layer capacities by cosine need (they helped every-other topk a little)
     "topk-distill-even+1-capacities-cosine": Variant("topk", "even+1", recipe={"distill": 1.0}, capacities="cosine"),
+    # ... and with the causal rule a stop-gradient predictor's (the training-time top-k beat the causal rule)
+    "topk-distill-even+1-predictor": Variant(
+        "topk", "even+1", recipe={"distill": 1.0}, router_kwargs={"causal_rule": "predictor"}
+    ),
     # does the gap close with training? the best router and the best deletion, twice the steps
     "topk-distill-2x": Variant("topk", "every-other", recipe={"distill": 1.0}, budget=2),
     "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),
