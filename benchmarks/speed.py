@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import modadapt
 from modadapt import varlen
+from modadapt.adapters.hf.versions import cache_kwarg, returned_cache
 from modadapt.decoding import BRANCHES
 from modadapt.masks import subset_attention_mask
 from modadapt.metrics.flops import processing_flops, sequence_flops
@@ -716,7 +717,7 @@ def decode_and_forward(model, ids: torch.Tensor, T: int):
         out = model(input_ids=ids[:4, :prompt], use_cache=True)
         steps, keeps = [out.logits[:, -1:].float()], []
         for t in range(prompt, prompt + 16):
-            out = model(input_ids=ids[:4, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=ids[:4, t : t + 1], **cache_kwarg(model, returned_cache(out)), use_cache=True)
             steps.append(out.logits.float())
             keeps.append([m.mod_state.last_keep for m in layers])
         full = model(input_ids=ids[:4, : prompt + 16], use_cache=False).logits[:, prompt - 1 :].float()
@@ -725,7 +726,7 @@ def decode_and_forward(model, ids: torch.Tensor, T: int):
         for i, m in enumerate(layers)
     )
     model.mod_check_flips = flips  # decisions at the decode positions that differ from the forward's
-    return torch.cat(steps, 1), full, out.past_key_values
+    return torch.cat(steps, 1), full, returned_cache(out)
 
 
 def run_packed_check(b: Bench) -> None:
@@ -920,13 +921,13 @@ def decode_once(model, ids: torch.Tensor, new: int, clock: Clock):
 
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
 
         def steps():
             nonlocal token
             for _ in range(new):
-                logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+                logits = model(input_ids=token, **cache_kwarg(model, cache), use_cache=True).logits
                 token = logits[:, -1].argmax(-1, keepdim=True)
 
         ms = clock.time(steps)
@@ -1013,10 +1014,14 @@ def greedy_tokens(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     cache = DynamicCache(config=model.config)
     tokens = []
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(new):
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            token = (
+                model(input_ids=token, **cache_kwarg(model, cache), use_cache=True)
+                .logits[:, -1]
+                .argmax(-1, keepdim=True)
+            )
             tokens.append(token)
     return torch.cat(tokens, 1)
 
@@ -1868,7 +1873,7 @@ def _decode_case(b: Bench, model, setting: dict):
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         token = (
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1)
             .logits[:, -1]
             .argmax(-1, keepdim=True)
         )
@@ -1878,7 +1883,9 @@ def _decode_case(b: Bench, model, setting: dict):
         with torch.inference_mode():
             for _ in range(steps):
                 token = (
-                    model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                    model(input_ids=token, **cache_kwarg(model, cache), use_cache=True)
+                    .logits[:, -1]
+                    .argmax(-1, keepdim=True)
                 )
 
     return run, steps

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import modadapt
+from modadapt.adapters.hf.versions import returned_cache
 
 
 def routed(tiny, randomize_routers, name="llama"):
@@ -69,7 +70,7 @@ def test_generation_with_cache_inside_dense(tiny, ids, randomize_routers):
     assert torch.equal(out.sequences, expected.sequences)
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, full[:, prompt.shape[1] - 1 + step], rtol=0, atol=1e-5)
-    assert not any(hasattr(layer, "mod_seen") for layer in out.past_key_values.layers)  # no MoD bookkeeping
+    assert not any(hasattr(layer, "mod_seen") for layer in returned_cache(out).layers)  # no MoD bookkeeping
 
 
 def test_gradients_flow_to_base_weights_not_routers(tiny, ids, randomize_routers):

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 import modadapt
+from modadapt.adapters.hf.versions import cache_kwarg, returned_cache
 from modadapt.mod_layer import state_of
 from modadapt.plugins import find_adapter
 
@@ -253,8 +254,8 @@ def test_manual_prefill_and_decode_equal_full_forward(core_family, tiny, ids, ra
         chunks = [(0, 8), (8, 11)] + [(i, i + 1) for i in range(11, 16)]
         step_keeps = []
         for a, b in chunks:
-            out = model(x[:, a:b], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(x[:, a:b], **cache_kwarg(model, cache), use_cache=True)
+            cache = returned_cache(out)
             torch.testing.assert_close(out.logits, full[:, a:b], rtol=0, atol=1e-5)
             step_keeps.append([layer.mod_state.last_keep.clone() for layer in modadapt.mod_layers(model)])
     # the decisions made step by step are the decisions of the full forward
@@ -277,7 +278,7 @@ def test_skipped_tokens_write_no_kv(core_family, tiny, ids, randomize_routers):
     x = ids(2, 12)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(x, past_key_values=cache, use_cache=True)
+        model(x, **cache_kwarg(model, cache), use_cache=True)
     window0 = _window(cache.layers[0])
     assert cache.layers[0].keys.shape[-2] == (12 if window0 is None else min(12, window0 - 1))
     for layer in modadapt.mod_layers(model):
@@ -318,24 +319,24 @@ def test_single_sequence_decode_fast_path(core_family, tiny, ids, randomize_rout
         out = model(x[:, :6], use_cache=True)
         steps = [out.logits]
         for t in range(6, 14):
-            out = model(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(x[:, t : t + 1], **cache_kwarg(model, returned_cache(out)), use_cache=True)
             steps.append(out.logits)
     windows = [layer.mod_state.call.window for layer in modadapt.mod_layers(model)]
     assert len(taken) == sum(sum(w is None or t + 1 <= w for t in range(6, 14)) for w in windows)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
     for layer, keep, window in zip(modadapt.mod_layers(model), full_keeps, windows):
-        held = out.past_key_values.layers[layer.mod_state.index]
+        held = returned_cache(out).layers[layer.mod_state.index]
         kept = [i for i in keep[0].nonzero()[:, 0].tolist() if window is None or i > 14 - window]
         assert held.keys.shape[-2] == len(kept) and held.mod_index[0].tolist() == kept
     assert any(keep[0, 6:].any() and not keep[0, 6:].all() for keep in full_keeps)  # steps kept and skipped
-    if any(_window(layer) for layer in out.past_key_values.layers):
+    if any(_window(layer) for layer in returned_cache(out).layers):
         return  # transformers crops no sliding layer past its window
     with torch.no_grad():  # positions recorded by the fast path survive a crop
-        cache = model(x[:, :6], use_cache=True).past_key_values
+        cache = returned_cache(model(x[:, :6], use_cache=True))
         for t in range(6, 12):
-            model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+            model(x[:, t : t + 1], **cache_kwarg(model, cache), use_cache=True)
         cache.crop(-4)
-        again = model(x[:, 8:], past_key_values=cache, use_cache=True).logits
+        again = model(x[:, 8:], **cache_kwarg(model, cache), use_cache=True).logits
     torch.testing.assert_close(again, full[:, 8:], rtol=0, atol=1e-5)
 
 
@@ -347,17 +348,17 @@ def test_cache_crop_then_decode_equals_full_forward(core_family, tiny, ids, rand
     with torch.no_grad():
         full = model(x).logits
         cache = DynamicCache(config=model.config)
-        model(x[:, :12], past_key_values=cache, use_cache=True)
+        model(x[:, :12], **cache_kwarg(model, cache), use_cache=True)
         cache.crop(-3)
         assert cache.get_seq_length() == 9
-        out = model(x[:, 9:], past_key_values=cache, use_cache=True)
+        out = model(x[:, 9:], **cache_kwarg(model, cache), use_cache=True)
     torch.testing.assert_close(out.logits, full[:, 9:], rtol=0, atol=1e-5)
 
 
 def test_training_forward_keeps_a_cache_it_is_given(core_family, tiny, ids, randomize_routers):
     """A training forward turns the KV cache off only when none is passed, whatever the model
     calls its cache argument (`cache` from transformers 5.24, `past_key_values` before)."""
-    from modadapt.adapters.hf.versions import cache_argument, returned_cache
+    from modadapt.adapters.hf.versions import cache_argument
 
     model = _convert(tiny(core_family), randomize_routers, router="threshold-p").train()
     cache = DynamicCache(config=model.config)
@@ -377,8 +378,16 @@ def test_eager_attention_matches_sdpa(core_family, tiny, ids, left_pad, randomiz
         eager = model(x, attention_mask=mask, position_ids=pos).logits
         torch.testing.assert_close(eager[real], sdpa[real], rtol=0, atol=1e-5)
         cache = DynamicCache(config=model.config)
-        model(x[:, :10], attention_mask=mask[:, :10], position_ids=pos[:, :10], past_key_values=cache, use_cache=True)
-        out = model(x[:, 10:], attention_mask=mask, position_ids=pos[:, 10:], past_key_values=cache, use_cache=True)
+        model(
+            x[:, :10],
+            attention_mask=mask[:, :10],
+            position_ids=pos[:, :10],
+            **cache_kwarg(model, cache),
+            use_cache=True,
+        )
+        out = model(
+            x[:, 10:], attention_mask=mask, position_ids=pos[:, 10:], **cache_kwarg(model, cache), use_cache=True
+        )
     torch.testing.assert_close(out.logits, sdpa[:, 10:], rtol=0, atol=1e-5)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 import modadapt
 from modadapt import varlen
+from modadapt.adapters.hf.versions import cache_kwarg, returned_cache
 from modadapt.errors import ModAdaptError
 from modadapt.routers.base import pack_rows
 
@@ -155,11 +156,11 @@ def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, rando
         out = packed(x[:, :5], use_cache=True)
         steps, calls = [out.logits], len(packed_calls)
         for t in range(5, 9):
-            out = packed(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = packed(x[:, t : t + 1], **cache_kwarg(packed, returned_cache(out)), use_cache=True)
             steps.append(out.logits)
         assert len(packed_calls) > calls, "no decode step ran packed"
         torch.testing.assert_close(torch.cat(steps, 1), full[:, :9], rtol=1e-4, atol=1e-5)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         for layer, keep in zip(modadapt.mod_layers(packed), keeps):
             held = cache.layers[layer.mod_state.index]
             if _slides(layer):  # a sliding layer's window cuts the sequence: it pads, and keeps rows
@@ -176,16 +177,16 @@ def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, rando
         for row in range(3):
             assert index[row][valid[row]].tolist() == keep[row, :9].nonzero()[:, 0].tolist()
         # a two-token chunk takes the padded path: the cache turns into rows first
-        chunk = packed(x[:, 9:11], past_key_values=cache, use_cache=True).logits
+        chunk = packed(x[:, 9:11], **cache_kwarg(packed, cache), use_cache=True).logits
         torch.testing.assert_close(chunk, full[:, 9:11], rtol=1e-4, atol=1e-5)
         assert any(cache.layers[m.mod_state.index].mod_segments is None for m in modadapt.mod_layers(packed))
 
         if not any(_slides(m) for m in modadapt.mod_layers(packed)):  # transformers crops no sliding layer
-            cache = packed(x[:, :5], use_cache=True).past_key_values
+            cache = returned_cache(packed(x[:, :5], use_cache=True))
             for t in range(5, 8):
-                packed(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+                packed(x[:, t : t + 1], **cache_kwarg(packed, cache), use_cache=True)
             cache.crop(-2)  # cropping needs the slots' positions
-            after_crop = packed(x[:, 6:], past_key_values=cache, use_cache=True).logits
+            after_crop = packed(x[:, 6:], **cache_kwarg(packed, cache), use_cache=True).logits
             torch.testing.assert_close(after_crop, full[:, 6:], rtol=1e-4, atol=1e-5)
 
         prompts, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (6, 3, 9)])

@@ -26,6 +26,7 @@ from conftest import (
 )
 
 import modadapt
+from modadapt.adapters.hf.versions import cache_kwarg
 from modadapt.decoding import Draft, GraphedDecoder, available_branches
 from modadapt.errors import ModAdaptError
 
@@ -137,7 +138,7 @@ def test_verifier_cache_holds_the_dense_model_cache(stack, window, ids):
         assert torch.equal(tokens[0, : out.shape[1]], out[b, :base])
         cache = DynamicCache()  # (no config: sliding layers keep every token too)
         with torch.no_grad():
-            dense(tokens, past_key_values=cache, use_cache=True)
+            dense(tokens, **cache_kwarg(dense, cache), use_cache=True)
         for i, layer in enumerate(cache.layers):
             torch.testing.assert_close(step.keys[i][b, :base], layer.keys[0].transpose(0, 1))
             torch.testing.assert_close(step.values[i][b, :base], layer.values[0].transpose(0, 1))

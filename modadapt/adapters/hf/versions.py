@@ -22,6 +22,12 @@ def cache_argument(forward: Callable, default: str = "past_key_values") -> str:
     return next((name for name in CACHE_ARGUMENTS if name in params), default)
 
 
+def cache_kwarg(model: Any, cache: Any) -> dict:
+    """`{name: cache}` for calling `model` with a KV cache under the name its forward takes
+    (`cache` from transformers 5.24, where `past_key_values` warns and goes away in 5.40)."""
+    return {cache_argument(model.forward): cache}
+
+
 def returned_cache(output: Any) -> Any:
     """The KV cache a transformers model output carries (`cache` from 5.24, `past_key_values` before)."""
     fields = getattr(output, "__dataclass_fields__", {})
