@@ -1656,6 +1656,35 @@ def hf_assisted(dense, model, ids: torch.Tensor, new: int, clock: Clock) -> dict
     )
 
 
+def round_split(b: Bench, step, decoder, k: int, new: int) -> dict:
+    """A speculative round's cost split: its K draft steps and its verification timed apart (each
+    its own event pair, so a sync between them), rounds until a row would pass `new` tokens.
+    Medians in ms: `draft_step_ms` (one draft step) and `verify_ms`."""
+    drafts, verifies = [], []
+    with torch.inference_mode(), decoder.parts.static_attention():
+        while int(step.count.max()) + k + 1 <= new:
+            drafts.append(b.clock.time(lambda: [step.draft_token() for _ in range(k)]) / k)
+            verifies.append(b.clock.time(step.verify))
+    return {"draft_step_ms": statistics.median(drafts), "verify_ms": statistics.median(verifies)} if drafts else {}
+
+
+def round_costs(split: dict, dense_step_ms: float, per_round: float, k: int) -> dict:
+    """Where a round's time goes, against dense decoding of the same tokens: `draft_ratio` (a draft
+    step over a dense step), `verify_ratio` (the verification over a dense step), and the draft
+    ratio at which speculation breaks even at the measured tokens per round,
+    `(tokens_per_round - verify_ratio) / K`: a draft dearer than that loses to dense decoding."""
+    if not split:
+        return {}
+    draft, verify = split["draft_step_ms"] / dense_step_ms, split["verify_ms"] / dense_step_ms
+    return dict(
+        split,
+        dense_step_ms=dense_step_ms,
+        draft_ratio=draft,
+        verify_ratio=verify,
+        break_even_draft_ratio=(per_round - verify) / k,
+    )
+
+
 def run_decode_speculative(b: Bench) -> None:
     """Speculative decoding (`GraphedDecoder(model, speculate=K, draft=...)`: the routing drafts K
     tokens, the dense computation of the same weights verifies them in one forward) against
@@ -1717,8 +1746,9 @@ def run_decode_speculative(b: Bench) -> None:
                 step = decoder.prefill(ids, None, new)  # one round's drafts: what each MoD layer kept
                 with torch.inference_mode(), decoder.parts.static_attention():
                     for _ in range(k):
-                        step.draft.replay() if step.draft.graphs is not None else step.draft.run_eager()
+                        step.draft_token()
                 kept = [float((step.draft.lengths[i] - step.base).float().mean()) / k for i in shape.mod_layers]
+                split = round_split(b, decoder.prefill(ids, None, new), decoder, k, new)
                 spec_ms = statistics.median(times)
                 per_round = stats["tokens_per_round"]
                 b.add(
@@ -1748,6 +1778,7 @@ def run_decode_speculative(b: Bench) -> None:
                         **graph_fields(b),
                         dense_first_call_s=dense_first_s,
                         mod_first_call_s=first_s,
+                        **round_costs(split, dense_ms / (new - 1), per_round, k),
                         goal=None,
                         met=None,
                         dense_times_ms=dense_times,

@@ -294,6 +294,10 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     }
     assert all(0 <= r["acceptance"] <= 1 and 1 <= r["tokens_per_round"] <= r["k"] + 1 for r in speculative)
     assert all(r["mod_tokens_per_s"] > 0 and r["ideal_speedup"] > 0 for r in speculative)
+    for r in speculative:  # the round's cost split: K draft steps and the verification timed apart
+        assert r["draft_step_ms"] > 0 and r["verify_ms"] > 0
+        assert r["draft_ratio"] == pytest.approx(r["draft_step_ms"] / r["dense_step_ms"])
+        assert r["break_even_draft_ratio"] == pytest.approx((r["tokens_per_round"] - r["verify_ratio"]) / r["k"])
     check = next(r for r in records if r["scenario"].startswith("packed_check"))
     assert check["layer_rel_diff"] < 1e-2 and check["decode_decisions_flipped"] == {"packed": 0, "padded": 0}
 

@@ -344,15 +344,24 @@ class SpeculativeStep:
     def run_round(self) -> None:
         """`K` draft steps and the verification: eagerly, or replaying the captured graphs."""
         for _ in range(self.k):
-            if self.graph is not None:
-                self.draft.replay()
-            else:
-                self.draft.run_eager()
+            self.draft_token()
+        self.verify()
+        self.rounds_done += 1
+
+    def draft_token(self) -> None:
+        """One draft step (of a round's `K`), from its graph when captured."""
+        if self.graph is not None:
+            self.draft.replay()
+        else:
+            self.draft.run_eager()
+
+    def verify(self) -> None:
+        """The verification that ends a round (after its `K` draft steps), from its graph when
+        captured. `run_round` is the two together; `benchmarks/speed.py` times them apart."""
         if self.graph is not None:
             self.graph.replay()
         else:
             self._verify()
-        self.rounds_done += 1
 
     def warm_up(self) -> None:
         """The draft step's warm-up (`DecodeStep.warm_up`) and two verifications, on scratch
