@@ -1661,7 +1661,7 @@ def round_split(b: Bench, step, decoder, k: int, new: int) -> dict:
     its own event pair, so a sync between them), rounds until a row would pass `new` tokens.
     Medians in ms: `draft_step_ms` (one draft step) and `verify_ms`."""
     drafts, verifies = [], []
-    with torch.inference_mode(), decoder.parts.static_attention():
+    with torch.inference_mode(), decoder.parts.static_attention(), decoder.compiler.compiled():
         while int(step.count.max()) + k + 1 <= new:
             drafts.append(b.clock.time(lambda: [step.draft_token() for _ in range(k)]) / k)
             verifies.append(b.clock.time(step.verify))

@@ -1022,3 +1022,56 @@ def test_captures_run_with_the_garbage_collector_paused():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_capture_kernels_leave_every_other_config_of_a_multimodal_mixture_as_it_was():
+    """LLaVA over a Mixtral: only the text config (the one its experts read) is swapped, the
+    top-level and vision configs keep their values, and every one comes back."""
+    import transformers
+
+    from modadapt.adapters.hf.decoder import _config_tree, _graph_safe_experts
+
+    vision = modadapt.build_preset("tiny-llava").config
+    text = build_tiny("mixtral").config.to_dict() | {"model_type": "mixtral"}
+    config = transformers.LlavaConfig(
+        text_config=text, vision_config=vision.vision_config.to_dict(), image_token_index=vision.image_token_index
+    )
+    model = transformers.LlavaForConditionalGeneration(config)
+    configs = _config_tree(model.config)
+    assert configs[0] is model.config and {id(c) for c in configs[1:]} == {
+        id(model.config.text_config),
+        id(model.config.vision_config),
+    }
+    before = {id(c): c._experts_implementation for c in configs}
+    assert model.config.text_config._experts_implementation == "grouped_mm"
+    with _graph_safe_experts(model):
+        inside = {id(c): c._experts_implementation for c in configs}
+    assert inside == before | {id(model.config.text_config): "batched_mm"}
+    assert {id(c): c._experts_implementation for c in configs} == before
+
+
+def test_a_capture_runs_inside_the_capture_kernels_with_the_collector_paused(tiny, ids, monkeypatch):
+    """`GraphedDecoder` captures its step (plain and speculative) inside
+    `DecodeParts.capture_kernels()` and with the garbage collector paused (checked on the CPU by
+    standing in for the CUDA capture)."""
+    import gc
+
+    from modadapt.decoding.speculate import SpeculativeStep
+    from modadapt.decoding.step import DecodeStep
+
+    model = routed(build_tiny("mixtral").eval())
+    seen = []
+
+    def capture(step):
+        seen.append((type(step).__name__, gc.isenabled(), model.config._experts_implementation))
+        raise RuntimeError("stand-in capture")
+
+    for cls in (DecodeStep, SpeculativeStep):
+        monkeypatch.setattr(cls, "capture", capture)
+    for speculate in (0, 2):
+        decoder = GraphedDecoder(model, cuda_graphs=False, speculate=speculate)
+        decoder.cuda_graphs = True  # as on CUDA, up to the capture itself
+        with pytest.raises(ModAdaptError, match="capturing the decode step failed.*stand-in capture"):
+            decoder.prefill(ids(1, 6), None, 4)
+    assert seen == [("DecodeStep", False, "batched_mm"), ("SpeculativeStep", False, "batched_mm")]
+    assert gc.isenabled() and model.config._experts_implementation == "grouped_mm"

@@ -139,7 +139,7 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
         r["scope"] == "attention" and r["flops_ratio"] <= r["target_flops_ratio"] + 1e-6 for r in scoped
     )
     assert len(scoped[0]["routed_layers"]) == levels[scoped[0]["level"]]["attention_drop"] + 1
-    by = {bench.task_id(r): r for r in both}
+    by = {f"{bench.row_label(r)}@{r['level']}#s{r['seed']}": r for r in both}
     assert by["topk-warmup@0.70#s0"]["recipe_options"] == {"capacity_warmup": 1}  # half of 2 steps
     assert by["topk-routers-first@0.70#s0"]["recipe_options"] == {"router_steps": 1}
     assert by["topk-distill@0.70#s0"]["recipe_options"] == {"distill": 1.0}
@@ -310,8 +310,20 @@ def test_goals_are_judged_from_means_and_spreads(bench):
     assert table[("0.70", "topk")]["valid_ppl"][0] == pytest.approx(7.11)
     assert table[("0.70", "topk~row-mean")]["valid_ppl"] == (9.0, 0.0)
     assert table[("0.70", "topk~row-mean")]["seeds"] == 3
-    assert bench.task_id(earlier[0]) == "topk~row-mean@0.70#s0" != bench.task_id(records[4])
+    # ... and their run names differ, so a reused WORK never takes an earlier rule's record for a new run
+    assert bench.task_id(earlier[0]) == "topk@0.70#s0" and bench.task_id(records[4]) == "topk~pooled@0.70#s0"
     assert bench.row_label(records[1]) == "dense-adapt"  # no routers, no cut-off: one row whatever the date
+
+
+def test_a_reused_work_folder_keeps_earlier_rule_runs_apart_from_new_ones(bench, tmp_path):
+    """An earlier cut-off rule's record in WORK (named as it was made) does not stand for the new
+    rule's run of the same variant, level and seed: that run is still to do, under its own name."""
+    earlier = {"variant": "topk", "level": "0.70", "seed": 0, "router": "topk"}
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / f"{bench.task_id(earlier)}.json").write_text(json.dumps(earlier))
+    new = dict(earlier, cutoff_rule=bench.CUTOFF_RULE)
+    assert bench.unfinished(tmp_path, [earlier, new]) == [bench.task_id(new)]
+    assert bench.row_label(earlier) == "topk~row-mean" and bench.row_label(new) == "topk"
 
 
 def test_a_run_out_of_device_memory_is_given_back_and_run_by_another_worker(bench, tmp_path, monkeypatch, capsys):

@@ -296,6 +296,7 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     assert all(r["mod_tokens_per_s"] > 0 and r["ideal_speedup"] > 0 for r in speculative)
     for r in speculative:  # the round's cost split: K draft steps and the verification timed apart
         assert r["draft_step_ms"] > 0 and r["verify_ms"] > 0
+        assert r["dense_step_ms"] == pytest.approx(r["dense_ms"] / (r["new_tokens"] - 1))
         assert r["draft_ratio"] == pytest.approx(r["draft_step_ms"] / r["dense_step_ms"])
         assert r["break_even_draft_ratio"] == pytest.approx((r["tokens_per_round"] - r["verify_ratio"]) / r["k"])
     check = next(r for r in records if r["scenario"].startswith("packed_check"))

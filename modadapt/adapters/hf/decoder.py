@@ -456,8 +456,9 @@ def _rotary_per_type(rotary: nn.Module, types: tuple, hidden: torch.Tensor, posi
 def _not_capturable(model: nn.Module, config: Any) -> str | None:
     """Why `model`'s decode step cannot be captured: a mixture of experts run by transformers'
     eager expert loop (`experts_implementation="eager"`), which picks each expert's tokens with
-    `nonzero`/`where`, host syncs that a CUDA graph cannot hold. The default `grouped_mm` (and
-    `batched_mm`) dispatch on the device. None: nothing known."""
+    `nonzero`/`where`, host syncs that a CUDA graph cannot hold. The default `grouped_mm` is
+    captured with bf16 weights and swapped for `batched_mm` otherwise (`_graph_safe_experts`).
+    None: nothing known."""
     if router_spec(model) is None or getattr(config, "_experts_implementation", None) not in (None, "eager"):
         return None
     return (
@@ -474,7 +475,10 @@ def _graph_safe_experts(model: nn.Module) -> Iterator[None]:
     weights that are not bf16: torch's grouped matmul has a device kernel for bf16 only and loops
     over the groups on the host otherwise (a CPU-to-GPU copy that a capture refuses: seen with
     float32 Mixtral on the H200, torch 2.11). `batched_mm` gathers each token's expert weights
-    on the device, so it is graph-safe, at the price of that gather. Put back on exit."""
+    on the device, so it is graph-safe, at the price of that gather: one expert matrix per token
+    slot, `B x top_k` (times `K + 1` when speculating) per layer in the graph's memory pool, so a
+    large model wants bf16 weights here. Every config the setter touches (sub-configs too) gets
+    its own value back on exit."""
     configs = {}
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -485,13 +489,24 @@ def _graph_safe_experts(model: nn.Module) -> Iterator[None]:
             and banks[0].dtype != torch.bfloat16
         ):
             configs[id(config)] = config
+    saved = [(c, c._experts_implementation) for config in configs.values() for c in _config_tree(config)]
     for config in configs.values():
-        config._experts_implementation = "batched_mm"
+        config._experts_implementation = "batched_mm"  # transformers' setter sets the sub-configs too
     try:
         yield
     finally:
-        for config in configs.values():
-            config._experts_implementation = "grouped_mm"
+        for config, implementation in saved:  # parents first: a sub-config's own value comes last
+            config._experts_implementation = implementation
+
+
+def _config_tree(config: Any) -> list:
+    """`config` and its sub-configs, recursively, parents first."""
+    tree = [config]
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            tree += _config_tree(sub)
+    return tree
 
 
 def _is_conv1d(module: nn.Module) -> bool:

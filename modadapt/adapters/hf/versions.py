@@ -25,7 +25,7 @@ def cache_argument(forward: Callable, default: str = "past_key_values") -> str:
 def cache_kwarg(model: Any, cache: Any) -> dict:
     """`{name: cache}` for calling `model` with a KV cache under the name its forward takes
     (`cache` from transformers 5.24, where `past_key_values` warns and goes away in 5.40)."""
-    return {cache_argument(model.forward): cache}
+    return {cache_argument(getattr(model, "_orig_mod", model).forward): cache}  # a torch.compile wrapper: its model's
 
 
 def returned_cache(output: Any) -> Any:
