@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -93,7 +94,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-pretrained", help="after pretraining, save the dense model here (bf16, 15 MB shards)")
     p.add_argument("--append", action="store_true", help="keep the records already in --out and skip their variants")
     p.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds (0: no limit)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="variants adapted at once, each in a process of its own (a 59M model leaves a GPU idle); "
+        "the dense model goes to them through --pretrained or --save-pretrained",
+    )
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and not (args.pretrained or args.save_pretrained):
+        p.error("--jobs > 1 hands the dense model to its processes on disk: give --pretrained or --save-pretrained")
     if args.tiny:
         args.hidden, args.num_layers, args.heads, args.experts, args.expert_size = 32, 4, 4, 4, 32
         args.seq_len, args.batch_size, args.pretrain_steps, args.adapt_steps, args.max_eval_blocks = 32, 8, 20, 3, 8
@@ -281,6 +293,8 @@ def main(argv=None) -> list[dict]:
     order = ["dense", *known]
     write(records, args.out, meta)
     files = (train_file, valid_file)
+    if args.jobs > 1:
+        return in_processes(args, argv, records, done, wanted, order, meta, start)
 
     for name in wanted:
         if lm_quality.left_out(name, done, args, start):
@@ -328,6 +342,60 @@ def main(argv=None) -> list[dict]:
     for a, b, measured, ppl, better in comparisons(records):
         print(f"{a} vs {b}: {ppl:.3f} vs {measured} -> {'integrated better' if better else 'not better'}", flush=True)
     print(f"{time.time() - start:.0f}s in all; records in {args.out}", flush=True)
+    return records
+
+
+# Options a parent hands its processes itself (with their values, but `--append`).
+_OWN = ("--jobs", "--variants", "--out", "--work", "--pretrained", "--save-pretrained", "--budget-s", "--append")
+
+
+def _without_own(argv: list[str]) -> list[str]:
+    """`argv` without the options `in_processes` sets for each process."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _OWN:
+            skip = "=" not in arg and name != "--append"
+            continue
+        kept.append(arg)
+    return kept
+
+
+def in_processes(args, argv, records, done, wanted, order, meta, start) -> list[dict]:
+    """`--jobs N`: the variants still to run, dealt round-robin to N processes of this script
+    (each its own work folder and records file, the dense model from disk), then their records
+    merged into `--out` with the table. A process that fails is named; its finished variants count."""
+    import subprocess
+
+    todo = [name for name in wanted if name not in done and name != "dense"]
+    pretrained = args.pretrained or args.save_pretrained
+    base = _without_own(sys.argv[1:] if argv is None else list(argv))
+    procs = []
+    for i in range(min(args.jobs, len(todo))):
+        share = todo[i :: args.jobs]
+        part = Path(args.work) / f"job-{i}"
+        command = [sys.executable, str(Path(__file__).resolve()), *base, "--pretrained", str(pretrained)]
+        command += ["--variants", ",".join(share), "--work", str(part), "--out", str(part / "records.json")]
+        if args.budget_s:
+            command += ["--budget-s", f"{max(1.0, args.budget_s - (time.time() - start)):.0f}"]
+        shutil.rmtree(part, ignore_errors=True)  # a process's records are its own call's
+        procs.append((share, part, subprocess.Popen(command)))
+    for share, part, proc in procs:
+        if proc.wait() != 0:
+            print(f"the process running {','.join(share)} failed (exit {proc.returncode})", flush=True)
+        found = part / "records.json"
+        for record in json.loads(found.read_text()) if found.is_file() else []:
+            if record["variant"] != "dense" and record["variant"] not in done:
+                records.append(record)
+                done.add(record["variant"])
+    records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+    write(records, args.out, meta)
+    for a, b, measured, ppl, better in comparisons(records):
+        print(f"{a} vs {b}: {ppl:.3f} vs {measured} -> {'integrated better' if better else 'not better'}", flush=True)
+    print(f"{time.time() - start:.0f}s in all ({len(procs)} processes); records in {args.out}", flush=True)
     return records
 
 

@@ -43,6 +43,45 @@ def test_tiny_run_writes_every_method_at_matched_slots(tmp_path, monkeypatch):
     assert all(f"| integrated-0.5 | {m} |" in table for m in ("dense", "staged-mlp", "staged-block", "expert-drop"))
 
 
+def test_jobs_run_the_variants_in_processes_and_merge_what_one_process_gives(tmp_path, monkeypatch, capsys):
+    """`--jobs 2`: the same records as one process (the dense model handed over on disk), one table;
+    `--jobs` without a dense model on disk, or below 1, is one clear error."""
+    bench = load_benchmark("mode_quality", monkeypatch)
+    if not (Path(bench.lm_quality.DEFAULT_DATA) / "train.txt.gz").is_file():
+        pytest.skip("the python-docs-3.11 corpus is not on this machine")
+    tiny = ["--tiny", "--variants", "dense-adapt,integrated-0.5,expert-drop-0.5"]
+    with threads_restored():
+        one = bench.main([*tiny, "--work", str(tmp_path / "one")])
+        two = bench.main(
+            [*tiny, "--work", str(tmp_path / "two"), "--jobs", "2", "--save-pretrained", str(tmp_path / "dense")]
+        )
+    assert (
+        [r["variant"] for r in two]
+        == [r["variant"] for r in one]
+        == [
+            "dense",
+            "dense-adapt",
+            "integrated-0.5",
+            "expert-drop-0.5",
+        ]
+    )
+    for a, b in zip(one, two):
+        assert b["valid_ppl"] == pytest.approx(a["valid_ppl"], rel=1e-4) and b["flops_ratio"] == pytest.approx(
+            a["flops_ratio"], rel=1e-4
+        )
+    assert json.loads((tmp_path / "two" / "mode_quality.json").read_text()) == two
+    assert "| integrated-0.5 | expert-drop |" in (tmp_path / "two" / "mode_quality.md").read_text()
+    assert bench._without_own(["--tiny", "--jobs", "2", "--out=x", "--append", "--seed", "1"]) == [
+        "--tiny",
+        "--seed",
+        "1",
+    ]
+    for bad, said in ((["--jobs", "2"], "--pretrained or --save-pretrained"), (["--jobs", "0"], "at least 1")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--tiny", *bad])
+        assert said in capsys.readouterr().err
+
+
 def test_staged_block_capacity_matches_integrated_flops(tiny, monkeypatch):
     bench = load_benchmark("mode_quality", monkeypatch)
     dense = tiny("mixtral")
