@@ -555,8 +555,8 @@ class GraphedDecoder:
             except RuntimeError as error:
                 raise ModAdaptError(
                     f"capturing the decode step failed ({error}); a router whose causal rule syncs with "
-                    "the host, or a rotary embedding that resizes itself, cannot be graphed: use "
-                    "cuda_graphs=False."
+                    "the host, a rotary embedding that resizes itself, or modeling code that copies from the "
+                    "host cannot be graphed: use cuda_graphs=False."
                 ) from error
         elif self.compile:  # no capture: the warm-up alone compiles (and puts back the K/V it wrote)
             device = self.params.device
