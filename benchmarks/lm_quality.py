@@ -445,6 +445,11 @@ def write_records(records: list[dict], out: Path, title: str) -> list[str]:
     return [f"# {title}", "", "Produced by:", "", *(f"    {command}" for command in commands), ""]
 
 
+def cell(record: dict, key: str, spec: str = ".3f") -> str:
+    """A table cell: `record[key]` formatted, or "-" where the run has none (the dense row)."""
+    return format(record[key], spec) if record.get(key) is not None else "-"
+
+
 def write(records: list[dict], out: Path, meta: dict) -> None:
     lines = [
         *write_records(records, out, f"LM quality: {meta['description']}"),
@@ -453,9 +458,7 @@ def write(records: list[dict], out: Path, meta: dict) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in records:
-        before = f"{r['valid_ppl_before']:.3f}" if r.get("valid_ppl_before") is not None else "-"
-        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
-        topk = f"{r['valid_ppl_topk_routing']:.3f}" if r.get("valid_ppl_topk_routing") is not None else "-"
+        before, wall, topk = cell(r, "valid_ppl_before"), cell(r, "wall_s", ".0f"), cell(r, "valid_ppl_topk_routing")
         lines.append(
             f"| {r['variant']} | {r['router']} | {r.get('arguments', '')} | {r['valid_ppl']:.3f} | {before} | {topk} | "
             f"{r['flops_ratio']:.3f} | {r['kept_fraction']:.3f} | {r.get('skipped_steps', 0)} | {wall} |"

@@ -666,13 +666,19 @@ def solve_capacities(
 #: tokens than the capacity (19.7% at 23.1%): runs without the field were made with that rule and
 #: stay apart from new ones (`row_label`), so seeds of the two rules never average together.
 CUTOFF_RULE = "pooled"
-CALIBRATED = ("topk", "attention")  # routers whose causal rule thresholds at a calibrated cut-off
+
+
+def calibrated(router: str) -> bool:
+    """Whether `router` (a router name, or a static / dense variant's) decodes by a calibrated
+    causal cut-off (`Router.causal_cutoff`): its runs depend on `CUTOFF_RULE`."""
+    entry = modadapt.plugins.registry().entries["router"].get(router)
+    return entry is not None and entry.obj.causal_cutoff is not None
 
 
 def row_label(record: dict) -> str:
     """The table row a run belongs to: its variant, with ``~row-mean`` for a calibrated router's
     run made with the earlier cut-off rule."""
-    old = record.get("router") in CALIBRATED and record.get("cutoff_rule", "row-mean") != CUTOFF_RULE
+    old = calibrated(record.get("router", "")) and record.get("cutoff_rule", "row-mean") != CUTOFF_RULE
     return f"{record['variant']}~row-mean" if old else record["variant"]
 
 
@@ -739,7 +745,7 @@ def plan(
                     task.update(
                         router=spec_of.router, placement=spec_of.placement, routed_layers=routed, capacity=capacity
                     )
-                    if spec_of.router in CALIBRATED:
+                    if calibrated(spec_of.router):
                         task["cutoff_rule"] = CUTOFF_RULE
                     if capacities:
                         task["capacities"] = {str(i): c for i, c in capacities.items()}

@@ -208,8 +208,7 @@ def write(records: list[dict], out: Path, meta: dict) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in records:
-        before = f"{r['valid_ppl_before']:.3f}" if r.get("valid_ppl_before") is not None else "-"
-        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
+        before, wall = lm_quality.cell(r, "valid_ppl_before"), lm_quality.cell(r, "wall_s", ".0f")
         lines.append(
             f"| {r['variant']} | {r['method']} | {r.get('arguments', '')} | {r['valid_ppl']:.3f} | {before} | "
             f"{r['flops_ratio']:.3f} | {r['expert_slot_share']:.3f} | {r['kept_fraction']:.3f} | "
@@ -339,9 +338,14 @@ def main(argv=None) -> list[dict]:
             f"expert slots {record['expert_slot_share']:.3f}, {record['wall_s']:.0f}s",
             flush=True,
         )
+    return report(records, args, start)
+
+
+def report(records: list[dict], args: argparse.Namespace, start: float, how: str = "") -> list[dict]:
+    """Print integrated MoDE against each method and the call's time; return the records."""
     for a, b, measured, ppl, better in comparisons(records):
         print(f"{a} vs {b}: {ppl:.3f} vs {measured} -> {'integrated better' if better else 'not better'}", flush=True)
-    print(f"{time.time() - start:.0f}s in all; records in {args.out}", flush=True)
+    print(f"{time.time() - start:.0f}s in all{how}; records in {args.out}", flush=True)
     return records
 
 
@@ -393,10 +397,7 @@ def in_processes(args, argv, records, done, wanted, order, meta, start) -> list[
                 done.add(record["variant"])
     records.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
     write(records, args.out, meta)
-    for a, b, measured, ppl, better in comparisons(records):
-        print(f"{a} vs {b}: {ppl:.3f} vs {measured} -> {'integrated better' if better else 'not better'}", flush=True)
-    print(f"{time.time() - start:.0f}s in all ({len(procs)} processes); records in {args.out}", flush=True)
-    return records
+    return report(records, args, start, f" ({len(procs)} processes)")
 
 
 if __name__ == "__main__":
