@@ -661,11 +661,16 @@ def solve_capacities(
 
 
 # --- tasks -------------------------------------------------------------------------------------------
-#: The causal cut-off rule of the calibrated routers (`modadapt.routers.base.topk_boundary`) that new
-#: runs record. Until 2026-12-01 the cut-off averaged each row's top-k boundary, which kept fewer
-#: tokens than the capacity (19.7% at 23.1%): runs without the field were made with that rule and
-#: stay apart from new ones (`row_label`), so seeds of the two rules never average together.
-CUTOFF_RULE = "pooled"
+#: How new runs of the calibrated routers set their causal cut-off. Rules so far:
+#: - ``row-mean`` (runs without the field, until 2026-12-01): training's running average of each
+#:   row's top-k boundary averaged over rows; it kept 19.7% of the tokens at capacity 23.1%.
+#: - ``pooled``: training's running average of the boundary pooled over the batch's rows
+#:   (`modadapt.routers.base.topk_boundary`); still 21.8% at 23.1%, the later layers' inputs
+#:   being those of top-k routing upstream.
+#: - ``inference``: then, after training, set layer by layer under the causal rule
+#:   (`modadapt.calibrate_cutoffs`, the recipe's `calibrate_blocks`).
+#: Each rule's runs form their own table rows (`row_label`), so seeds of two rules never average.
+CUTOFF_RULE = "inference"
 
 
 def calibrated(router: str) -> bool:
@@ -676,10 +681,11 @@ def calibrated(router: str) -> bool:
 
 
 def row_label(record: dict) -> str:
-    """The table row a run belongs to: its variant, with ``~row-mean`` for a calibrated router's
-    run made with the earlier cut-off rule."""
-    old = calibrated(record.get("router", "")) and record.get("cutoff_rule", "row-mean") != CUTOFF_RULE
-    return f"{record['variant']}~row-mean" if old else record["variant"]
+    """The table row a run belongs to: its variant, with ``~RULE`` for a calibrated router's run
+    made with an earlier cut-off rule (``~row-mean`` where the record names none)."""
+    rule = record.get("cutoff_rule", "row-mean")
+    old = calibrated(record.get("router", "")) and rule != CUTOFF_RULE
+    return f"{record['variant']}~{rule}" if old else record["variant"]
 
 
 def task_id(task: dict) -> str:
@@ -1113,9 +1119,11 @@ def write(records: list[dict], out: Path) -> None:
         lines.append("")
     if any(row_label(r) != r["variant"] for r in records):
         lines += [
-            "Rows marked `~row-mean` are runs whose calibrated routers (`topk`, `attention`) learnt the "
-            "earlier causal cut-off, each row's top-k boundary averaged, which kept fewer tokens than the "
-            f"capacity; the other rows of those routers use the `{CUTOFF_RULE}` cut-off (`CUTOFF_RULE`).",
+            "Rows marked `~row-mean` or `~pooled` are runs whose calibrated routers (`topk`, `attention`) "
+            "set their causal cut-off by an earlier rule, which kept fewer tokens than the capacity: "
+            "training's running average of each row's top-k boundary averaged over rows (`row-mean`), or "
+            "of the boundary pooled over the batch (`pooled`); the other rows of those routers use the "
+            f"`{CUTOFF_RULE}` rule (`CUTOFF_RULE`: then set layer by layer under the causal rule).",
             "",
         ]
     lines += ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]

@@ -13,6 +13,7 @@ Public API::
 
 from .config import ModConfig
 from .convert import aux_loss, convert, mod_layers, unload
+from .cutoffs import calibrate_cutoffs
 from .decoding import GraphedDecoder
 from .dense import dense
 from .errors import ModAdaptError
@@ -39,6 +40,7 @@ __all__ = [
     "aux_loss",
     "build_preset",
     "byte_tokenizer",
+    "calibrate_cutoffs",
     "convert",
     "dense",
     "expert_stats",

@@ -33,8 +33,10 @@ from torch import nn
 import modadapt
 
 from .adapters.hf.versions import cache_argument, returned_cache
+from .cutoffs import calibrates
 from .mod_layer import state_of
 from .plugins import find_adapter, get_router
+from .routers.base import kept_count
 
 
 def _output(out: Any) -> torch.Tensor:
@@ -169,6 +171,42 @@ class RouterConformance:
             for name, param in layer.router.named_parameters():
                 if param.requires_grad:
                     assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+    def test_calibrated_cutoffs_keep_the_capacity(self):
+        """A router with a calibrated causal cut-off: after `modadapt.calibrate_cutoffs`, each
+        layer's cut-off is the `ceil(capacity * n)`-th largest of the calibration batch's eligible
+        statistics (`Router.cutoff_statistic`: exactly that many kept but for ties, e.g. A-MoD's
+        first token, 1 in every row), and, where they are per token, the causal rule keeps exactly
+        the tokens at or above it (so the statistic is the one `causal_keep` thresholds)."""
+        model = self.make_model().eval()
+        layers = modadapt.mod_layers(model)
+        if not any(calibrates(layer.router) for layer in layers):
+            pytest.skip(f"{self.router_name} at capacity {self.capacity} has no calibrated causal cut-off")
+        if not all(layer.mod_state.call.causal for layer in layers):
+            pytest.skip(f"{self.preset} attends both ways: it keeps its top-k at inference")
+        inputs = self.inputs(model, batch=3, length=16)
+        modadapt.calibrate_cutoffs(model, [inputs])
+        seen = {}
+        for layer in layers:
+            layer.router.cutoff_probe = lambda i, v, e: seen.setdefault(i, (v, e))
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            for layer in layers:
+                layer.router.cutoff_probe = None
+        for layer in layers:
+            index, router = layer.mod_state.index, layer.router
+            if not calibrates(router):
+                continue
+            values, eligible = seen[index]
+            expected = kept_count(router.capacity, int(eligible.sum()))
+            cut = router.causal_threshold(index)
+            above = (values >= cut) & eligible
+            assert int(((values > cut) & eligible).sum()) < expected <= int(above.sum()), f"layer {index}"
+            if values.shape == layer.mod_state.last_keep.shape:
+                assert torch.equal(layer.mod_state.last_keep & eligible, above), f"layer {index}"
 
 
 class AdapterConformance(RouterConformance):

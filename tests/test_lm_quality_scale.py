@@ -137,7 +137,7 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
             )
     scoped = [r for r in adapted if r["variant"] == "topk-distill-attention-even+1"]
     assert scoped and all(
-        r["scope"] == "attention" and r["flops_ratio"] <= r["target_flops_ratio"] + 1e-6 for r in scoped
+        r["scope"] == "attention" and abs(r["flops_ratio"] - r["target_flops_ratio"]) <= bench.MATCHED for r in scoped
     )
     assert len(scoped[0]["routed_layers"]) == levels[scoped[0]["level"]]["attention_drop"] + 1
     by = {f"{bench.row_label(r)}@{r['level']}#s{r['seed']}": r for r in both}
@@ -311,8 +311,13 @@ def test_goals_are_judged_from_means_and_spreads(bench):
     assert table[("0.70", "topk")]["valid_ppl"][0] == pytest.approx(7.11)
     assert table[("0.70", "topk~row-mean")]["valid_ppl"] == (9.0, 0.0)
     assert table[("0.70", "topk~row-mean")]["seeds"] == 3
+    pooled = [dict(r, valid_ppl=8.0, cutoff_rule="pooled") for r in records[4:7]]  # a named earlier rule
+    table = bench.aggregate(records[:7] + earlier + pooled)
+    assert table[("0.70", "topk~pooled")]["valid_ppl"] == (8.0, 0.0)
+    assert table[("0.70", "topk")]["valid_ppl"][0] == pytest.approx(7.11)
     # ... and their run names differ, so a reused WORK never takes an earlier rule's record for a new run
-    assert bench.task_id(earlier[0]) == "topk@0.70#s0" and bench.task_id(records[4]) == "topk~pooled@0.70#s0"
+    assert bench.task_id(earlier[0]) == "topk@0.70#s0" and bench.task_id(pooled[0]) == "topk~pooled@0.70#s0"
+    assert bench.task_id(records[4]) == f"topk~{bench.CUTOFF_RULE}@0.70#s0" != bench.task_id(pooled[0])
     assert bench.row_label(records[1]) == "dense-adapt"  # no routers, no cut-off: one row whatever the date
 
 

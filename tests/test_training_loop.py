@@ -90,6 +90,8 @@ def plain_loop(start, cfg, train_blocks):
                 break
         epoch += 1
     schedule.finish()
+    # then the cut-offs are set for the routing inference uses, on the first training blocks
+    modadapt.calibrate_cutoffs(model, train_blocks[: cfg.calibrate_blocks].split(cfg.eval_batch_size))
     if cfg.train == "lora":
         trained.merge_and_unload()
     return losses, model

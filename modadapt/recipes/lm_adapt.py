@@ -153,6 +153,14 @@ class LMAdaptConfig(RecipeConfig):
     max_bad_steps: int = field(default=10, metadata={"help": "abort after this many skipped non-finite steps"})
     eval_batch_size: int = field(default=8, metadata={"help": "blocks per evaluation forward"})
     max_eval_blocks: int = field(default=0, metadata={"help": "evaluate on at most N validation blocks (0: all)"})
+    calibrate_blocks: int = field(
+        default=32,
+        metadata={
+            "help": "after training, set each calibrated causal cut-off on the first N training blocks, every "
+            "layer routing as inference does, so that the model keeps its capacity there "
+            "(modadapt.calibrate_cutoffs; 0: keep training's running average)"
+        },
+    )
     max_train_blocks: int = field(default=0, metadata={"help": "train on at most the first N blocks (0: all)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     resume: bool = resume_field()
@@ -179,6 +187,7 @@ class LMAdaptConfig(RecipeConfig):
             ("eval_batch_size", 1),
             ("lora_rank", 1),
             ("max_bad_steps", 0),
+            ("calibrate_blocks", 0),
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ModAdaptError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}.")
@@ -763,6 +772,7 @@ def _train(
         desc="lm-adapt",
     )
     step, bad_steps, history, step_times = result.step, result.bad_steps, result.history, result.step_times
+    cutoffs = calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner)
 
     after = evaluate(
         inner,
@@ -806,9 +816,25 @@ def _train(
         "flops_ratio": after["flops_ratio"],
         "flops_ratio_before": before["flops_ratio"],
         "mod_config": state_of(inner).config_dict(),
+        "calibrated_cutoffs": cutoffs,
         "sharding": "fsdp" if sharded else ("ddp" if accelerator.num_processes > 1 else "none"),
         **({"fsdp_units": fsdp_units(model)} if sharded else {}),
     }, model
+
+
+def calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner) -> dict[str, float] | None:
+    """`cfg.calibrate_blocks` training blocks through `modadapt.calibrate_cutoffs` (the same on
+    every process, so each sets the same cut-offs), under the run's autocast; the cut-off of each
+    layer, or None where nothing is calibrated (off, or no calibrated cut-off to set)."""
+    from ..convert import mod_layers
+    from ..cutoffs import calibrate_cutoffs, calibrates
+
+    if not cfg.calibrate_blocks or not any(calibrates(layer.router) for layer in mod_layers(inner)):
+        return None
+    batches = train_blocks[: cfg.calibrate_blocks].split(cfg.eval_batch_size)
+    with accelerator.autocast():
+        found = calibrate_cutoffs(inner, batches, runner=runner)
+    return {str(i): cut for i, cut in found.items()}
 
 
 def evaluate_saved(

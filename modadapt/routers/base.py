@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -225,6 +226,14 @@ class Router(nn.Module):
         """The `[B, T]` statistic a calibrated causal rule thresholds (default: the scores)."""
         return logits
 
+    def cutoff_statistic(
+        self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RoutingContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(values, eligible)`: what a calibrated cut-off thresholds and which entries share the
+        capacity (default: `rule_statistic` over the routed tokens; `noop-expert`: each token's
+        expert slots). The cut-off keeping `capacity` of them is their `topk_boundary`."""
+        return self.rule_statistic(logits, hidden).detach().float(), ctx.routed()
+
     def calibrate_layers(self, layer_indices: list[int]) -> None:
         """One calibrated cut-off per layer this router instance serves (a shared router serves
         several, and each layer's scores have their own distribution): buffers indexed by slot."""
@@ -319,13 +328,25 @@ class Router(nn.Module):
             gate = gate.gather(1, indices)
         aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
         if self.causal_cutoff and ctx.training and isinstance(choice, float) and choice < 1.0:
-            self._calibrate(logits, hidden, choice, ctx)
+            with torch.no_grad():
+                values, eligible = self.cutoff_statistic(logits, hidden, ctx)
+                self.record_cutoff(topk_boundary(values, choice, eligible), ctx.layer_index)
+        if self.cutoff_probe is not None and ctx.causal:
+            with torch.no_grad():
+                self.cutoff_probe(ctx.layer_index, *self.cutoff_statistic(logits, hidden, ctx))
         return RoutingDecision(indices, valid, gate, keep, aux, logits, segments)
 
+    #: Set by `modadapt.calibrate_cutoffs` while it collects: called with `(layer_index, values,
+    #: eligible)` on every decision made by the causal rule.
+    cutoff_probe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+
     @torch.no_grad()
-    def _calibrate(self, logits: torch.Tensor, hidden: torch.Tensor, capacity: float, ctx: RoutingContext) -> None:
-        stat = self.rule_statistic(logits, hidden).detach().float()
-        self.record_cutoff(topk_boundary(stat, capacity, ctx.routed()), ctx.layer_index)
+    def set_cutoff(self, layer_index: int, value: torch.Tensor | float) -> None:
+        """Make `value` the calibrated cut-off of `layer_index` outright (no blending), as if
+        calibrated: what `modadapt.calibrate_cutoffs` found for the rule inference uses."""
+        slot = self.calibration_slot(layer_index)
+        self.calibrated_threshold[slot] = torch.as_tensor(value, dtype=self.calibrated_threshold.dtype)
+        self.calibration_steps[slot] = self.calibration_steps[slot].clamp_min(1)
 
     @torch.no_grad()
     def record_cutoff(self, batch: torch.Tensor, layer_index: int) -> None:

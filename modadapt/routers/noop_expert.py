@@ -198,12 +198,16 @@ class NoopExpertRouter(Router):
         causal rule while training); with a fixed one, the causal rule."""
         if self.options.threshold is not None or self.capacity >= 1.0:
             return self._decide(self.causal_threshold(ctx.layer_index), ctx)
-        margins = self._margins.detach()
-        eligible = ctx.routed()[..., None].expand_as(margins)
-        cut = topk_boundary(margins, self.capacity, eligible)
+        values, eligible = self.cutoff_statistic(logits, hidden, ctx)
+        cut = topk_boundary(values, self.capacity, eligible)
         if ctx.training:
             self.record_cutoff(cut, ctx.layer_index)
         return self._decide(torch.nan_to_num(cut, nan=math.inf), ctx)  # no eligible slot: none runs
+
+    def cutoff_statistic(self, logits, hidden, ctx):
+        """Each slot's margin, every slot of a routed token eligible: the capacity is a share of slots."""
+        margins = self._margins.detach()
+        return margins, ctx.routed()[..., None].expand_as(margins)
 
     def _decide(self, cut: torch.Tensor | float, ctx: RoutingContext) -> torch.Tensor:
         """Keep the tokens with a slot at or above `cut` (the cut-off the experts' router applies
