@@ -172,7 +172,6 @@ class RouterConformance:
                 if param.requires_grad:
                     assert param.grad is not None and torch.isfinite(param.grad).all(), name
 
-
     def test_calibrated_cutoffs_keep_the_capacity(self):
         """A router with a calibrated causal cut-off: after `modadapt.calibrate_cutoffs`, each
         layer's cut-off is the `ceil(capacity * n)`-th largest of the calibration batch's eligible
