@@ -811,6 +811,30 @@ def topk_routing_ppl(model: nn.Module, blocks: torch.Tensor, batch: int, device:
         config.inference_routing = "causal"
 
 
+def at_training_cutoffs(model: nn.Module, blocks: torch.Tensor, batch: int, device: torch.device, cutoffs: dict):
+    """Valid perplexity, FLOPs ratio and kept fraction with the cut-offs training left (the
+    recipe's `calibrated_cutoffs["training"]`) instead of those set for inference after it: the
+    same model both ways, so the rule's effect is paired. The model's cut-offs come back."""
+    layers = {layer.mod_state.index: layer.router for layer in modadapt.mod_layers(model)}
+    saved = [(r, r.calibrated_threshold.clone(), r.calibration_steps.clone()) for r in set(layers.values())]
+    try:
+        for index, cut in cutoffs["training"].items():
+            layers[int(index)].set_cutoff(int(index), cut)
+        with autocast(device):
+            result = evaluate(model, blocks.to(device), batch_size=batch)
+    finally:
+        with torch.no_grad():
+            for router, threshold, steps in saved:
+                router.calibrated_threshold.copy_(threshold)
+                router.calibration_steps.copy_(steps)
+    kept = result["kept_fraction"]
+    return {
+        "valid_ppl_training_cutoff": result["ppl"],
+        "flops_ratio_training_cutoff": result["flops_ratio"],
+        "kept_fraction_training_cutoff": sum(kept.values()) / len(kept),
+    }
+
+
 def run_task(task: dict, ctx: dict) -> dict:
     """Adapt one variant with the shared budget and measure it."""
     args, scale, dense, data, device = ctx["args"], ctx["scale"], ctx["dense"], ctx["data"], ctx["device"]
@@ -928,6 +952,9 @@ def run_task(task: dict, ctx: dict) -> dict:
         )
     if task.get("router") in CAPACITY_ROUTERS:  # also the training-time top-k (not causal: perplexity only)
         record["valid_ppl_topk_routing"] = topk_routing_ppl(model, data["valid"], scale.adapt_batch, device)
+    if summary.get("calibrated_cutoffs"):  # the cut-offs set for inference after training, and training's
+        record["cutoffs"] = summary["calibrated_cutoffs"]
+        record.update(at_training_cutoffs(model, data["valid"], scale.adapt_batch, device, record["cutoffs"]))
     keep = task["variant"] in args.keep_models.split(",")  # e.g. for speed.py's speculative decoding
     for name in ("checkpoint",) if keep else ("checkpoint", "model"):  # 1.2 GB per run: 60 would fill the disk
         shutil.rmtree(out / name, ignore_errors=True)

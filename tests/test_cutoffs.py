@@ -175,3 +175,33 @@ def test_a_failure_part_way_leaves_every_cut_off_as_it_was(tiny, monkeypatch):
         modadapt.calibrate_cutoffs(model, [make_ids(2, 16)])
     after = {k: v for k, v in model.state_dict().items() if "calibrat" in k}
     assert len(calls) == 2 and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lm_adapt_sets_the_cut_offs_for_inference_and_records_both(tmp_path):
+    """The recipe's saved model keeps its capacity under the causal rule on the calibration
+    blocks (its first `calibrate_blocks` training blocks); the summary has training's cut-offs
+    and the new ones; `--calibrate-blocks 0` keeps training's."""
+    from conftest import lm_adapt_config
+
+    from modadapt.recipes.lm_adapt import load_blocks, run
+    from modadapt.tokenizer import byte_tokenizer
+
+    cfg = lm_adapt_config(tmp_path / "a", calibrate_blocks=8, router_kwargs={})
+    summary = run(cfg)
+    cutoffs = summary["calibrated_cutoffs"]
+    assert set(cutoffs) == {"training", "inference"} and cutoffs["training"].keys() == cutoffs["inference"].keys()
+    assert cutoffs["training"] != cutoffs["inference"]
+    model = modadapt.load(tmp_path / "a" / "run" / "model")
+    for layer in modadapt.mod_layers(model):
+        assert float(layer.router.causal_threshold(layer.mod_state.index)) == pytest.approx(
+            cutoffs["inference"][str(layer.mod_state.index)]
+        )
+    train_blocks, _ = load_blocks(cfg, byte_tokenizer(model), model.config.vocab_size)
+    kept, routed = _kept_per_layer(model.eval(), train_blocks[:8].split(cfg.eval_batch_size))
+    assert all(abs(kept[i] - kept_count(0.25, n)) <= 1 for i, n in routed.items())  # float noise at most
+
+    off = run(lm_adapt_config(tmp_path / "b", calibrate_blocks=0))
+    assert off["calibrated_cutoffs"] is None
+    model = modadapt.load(tmp_path / "b" / "run" / "model")
+    kept, routed = _kept_per_layer(model.eval(), train_blocks[:8].split(cfg.eval_batch_size))
+    assert kept != {i: kept_count(0.25, n) for i, n in routed.items()}

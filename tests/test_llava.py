@@ -449,20 +449,41 @@ def test_graphed_decoder_image_prompt(converted):
     if converted:
         with pytest.raises(ModAdaptError, match="keeps every text token.*inference_text.*model.generate"):
             GraphedDecoder(llava(router="threshold-p", layers="all-but-first").eval())  # the default: dense text
+    image_prompt_decodes_as_generate(converted, "cpu", cuda_graphs=False)
+    ids, _ = left_pad([prompt(1, 6, 6)])
+    with pytest.raises(ModAdaptError, match="takes no pixel_values"):
+        GraphedDecoder(modadapt.build_preset("tiny-llama").eval()).generate(
+            ids, pixel_values=pixels(1), max_new_tokens=2
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+@pytest.mark.parametrize("converted", [False, True])
+def test_graphed_decoder_image_prompt_captured_on_cuda(converted):
+    """The same in float32 on CUDA, the text decoded from captured graphs.
+    Run on the GPU machine: `python -m pytest tests/test_llava.py -k cuda`."""
+    image_prompt_decodes_as_generate(converted, "cuda", cuda_graphs=True)
+
+
+def image_prompt_decodes_as_generate(converted: bool, device: str, cuda_graphs: bool) -> None:
+    from modadapt.decoding import GraphedDecoder
+
+    if converted:
         model = llava(router="threshold-p", layers="all-but-first", adapter_kwargs={"inference_text": "routed"})
         model = randomize(model, seed=1)
     else:
         model = llava()
-    model.eval()
+    model.eval().to(device)
     prompts = [prompt(1, 6, 6), prompt(6, 2, 7)]
     ids, mask = left_pad(prompts)
     px = pixels(2, seed=2)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    decoder = GraphedDecoder(model, cuda_graphs=False)
+    decoder = GraphedDecoder(model, cuda_graphs=cuda_graphs)
     with torch.no_grad():
         for x, m, p in ((prompts[0][None], None, px[:1]), (ids, mask, px)):
+            x, p = x.to(device), p.to(device)
+            m = m.to(device) if m is not None else None
             expected = model.generate(input_ids=x, attention_mask=m, pixel_values=p, min_new_tokens=6, **kwargs)
             got = decoder.generate(x, attention_mask=m, pixel_values=p, max_new_tokens=6, pad_token_id=0)
+            assert (decoder.last_step.graphs is not None) == cuda_graphs
             assert torch.equal(got, expected)
-    with pytest.raises(ModAdaptError, match="takes no pixel_values"):
-        GraphedDecoder(modadapt.build_preset("tiny-llama").eval()).generate(ids, pixel_values=px, max_new_tokens=2)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_benchmark, threads_restored
+from conftest import load_benchmark, randomize_router_weights, threads_restored
 from torch.utils.flop_counter import FlopCounterMode
 
 import modadapt
@@ -116,6 +116,14 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     # every run is its variant's row: calibrated routers record the cut-off rule they learnt
     assert all(bench.row_label(r) == r["variant"] for r in adapted)
     assert {r["router"] for r in adapted if "cutoff_rule" in r} == {"topk", "attention"}
+    for r in adapted:  # their cut-offs are set for inference after training, and training's are measured too
+        if "cutoff_rule" in r:
+            assert r["cutoff_rule"] == bench.CUTOFF_RULE == "inference"
+            layers = r["cutoffs"]["training"].keys()  # a layer given capacity 1 has no cut-off to set
+            assert layers == r["cutoffs"]["inference"].keys() and set() < layers <= set(map(str, r["routed_layers"]))
+            assert r["valid_ppl_training_cutoff"] > 1 and 0 < r["flops_ratio_training_cutoff"] <= 1.001
+        else:
+            assert "cutoffs" not in r and "valid_ppl_training_cutoff" not in r
     assert not any(bench.calibrated(name) for name in ("threshold-p", "random", "dense-adapt", "layer-drop-even"))
     for r in adapted:  # the shared budget, or its multiple in the budget ablation
         steps = bench.TINY.adapt_steps * bench.VARIANTS[r["variant"]].budget
@@ -382,3 +390,26 @@ def test_runs_pin_the_recipe_they_were_measured_with(bench, tiny_run):
         run_dir = work / "runs" / bench.task_id(record).replace("@", "_").replace("#", "_")
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert cfg["distill"] == record["recipe_options"].get("distill", 0.0), bench.task_id(record)
+
+
+def test_the_training_cut_offs_are_measured_on_the_same_model_and_given_back(bench):
+    """`at_training_cutoffs`: with the model's own cut-offs it is the plain evaluation; with
+    others it measures them and leaves the model's as they were."""
+    model = modadapt.build_preset("tiny-llama")
+    randomize_router_weights(modadapt.convert(model, router="topk", capacity=0.25, layers="1,2,3"))
+    blocks = torch.randint(1, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    found = modadapt.calibrate_cutoffs(model, [blocks])
+    device = torch.device("cpu")
+    plain = bench.evaluate(model, blocks, batch_size=2)
+    same = bench.at_training_cutoffs(model, blocks, 2, device, {"training": {str(i): c for i, c in found.items()}})
+    assert (
+        same["valid_ppl_training_cutoff"] == plain["ppl"]
+        and same["flops_ratio_training_cutoff"] == plain["flops_ratio"]
+    )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lower = bench.at_training_cutoffs(
+        model, blocks, 2, device, {"training": {str(i): c - 1.0 for i, c in found.items()}}
+    )
+    assert lower["kept_fraction_training_cutoff"] > same["kept_fraction_training_cutoff"]
+    assert lower["flops_ratio_training_cutoff"] > same["flops_ratio_training_cutoff"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -822,19 +822,22 @@ def _train(
     }, model
 
 
-def calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner) -> dict[str, float] | None:
+def calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner) -> dict | None:
     """`cfg.calibrate_blocks` training blocks through `modadapt.calibrate_cutoffs` (the same on
-    every process, so each sets the same cut-offs), under the run's autocast; the cut-off of each
-    layer, or None where nothing is calibrated (off, or no calibrated cut-off to set)."""
+    every process, so each sets the same cut-offs), under the run's autocast. Returns each
+    layer's cut-off before (`training`: the running average) and after (`inference`), or None
+    where nothing is calibrated (off, or no calibrated cut-off to set)."""
     from ..convert import mod_layers
     from ..cutoffs import calibrate_cutoffs, calibrates
 
-    if not cfg.calibrate_blocks or not any(calibrates(layer.router) for layer in mod_layers(inner)):
+    targets = [layer for layer in mod_layers(inner) if calibrates(layer.router)]
+    if not cfg.calibrate_blocks or not targets:
         return None
+    training = {str(t.mod_state.index): float(t.router.causal_threshold(t.mod_state.index)) for t in targets}
     batches = train_blocks[: cfg.calibrate_blocks].split(cfg.eval_batch_size)
     with accelerator.autocast():
         found = calibrate_cutoffs(inner, batches, runner=runner)
-    return {str(i): cut for i, cut in found.items()}
+    return {"training": training, "inference": {str(i): cut for i, cut in found.items()}}
 
 
 def evaluate_saved(
