@@ -247,6 +247,60 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Set a saved language model's calibrated causal cut-offs for inference routing on text
+    (`modadapt.calibrate_cutoffs`) and save the model to a new directory."""
+    import torch
+
+    from . import calibrate_cutoffs, mod_layers, save
+    from .metrics.calibration import calibration_kind, read_text, text_batches
+    from .output_dir import check_output
+    from .persistence import META_FILE
+    from .recipes.lm_adapt import check_seq_len
+    from .sources import load_model
+
+    for name, value, low in (
+        ("--samples", args.samples, 1),
+        ("--seq-len", args.seq_len, 2),
+        ("--batch-size", args.batch_size, 1),
+    ):
+        if value < low:
+            raise ModAdaptError(f"{name} must be at least {low}, got {value}.")
+    path = Path(args.model)
+    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
+        path = path / "model"  # a recipe's run directory
+    if not (path / META_FILE).is_file():
+        raise ModAdaptError(f"{args.model} is not a converted model (no {META_FILE}); convert and train it first.")
+    out = check_output(args.output, args.overwrite, META_FILE)
+    source = load_model(str(path))
+    model = source.model
+    if calibration_kind(model) != "text":
+        raise ModAdaptError(
+            f"{args.model}: `calibrate` reads text for language models; a ViT keeps its top-k at inference "
+            "(nothing to calibrate), and a LLaVA model's cut-offs are set by modadapt.calibrate_cutoffs in Python."
+        )
+    check_seq_len(model, args.seq_len)
+    text, _, _ = read_text(args.data)
+    batches, _ = text_batches(
+        text,
+        tokenizer=source.tokenizer,
+        vocab_size=model.config.vocab_size,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    layers = {layer.mod_state.index: layer.router for layer in mod_layers(model)}
+    before = {i: float(r.causal_threshold(i)) for i, r in layers.items() if r.causal_cutoff}
+    found = calibrate_cutoffs(model.to(device), batches, progress=not args.quiet)
+    save(model.cpu(), out, overwrite=args.overwrite, extra_files=source.files)
+    for index, cut in found.items():
+        print(f"layer {index}: cut-off {before[index]:.6g} -> {cut:.6g}")
+    print(f"set on {args.samples} windows of {args.seq_len} tokens; saved to {out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of a saved language model on text, top-1 of a ViT on images, answer accuracy of
     a LLaVA model on LLaVA-format JSON (or of their dense originals)."""
@@ -398,6 +452,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a report directory modadapt wrote before")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="set a trained language model's causal cut-offs for inference routing on text, save it anew",
+    )
+    p.add_argument(
+        "model", help="directory written by modadapt.save or `modadapt convert`, or a recipe's run directory"
+    )
+    p.add_argument("--data", required=True, help="local .txt/.jsonl file or directory (optionally .gz) of held-in text")
+    p.add_argument("-o", "--output", required=True, help="directory to write (must be new or empty)")
+    p.add_argument("--samples", type=int, default=32, help="windows of text to calibrate on (default: 32)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=256, help="tokens per window (default: 256)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="windows per forward (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed that picks the windows (default: 0)")
+    p.add_argument("--device", help="device to run on (default: cuda when available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory modadapt wrote before")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", help="perplexity (LMs), top-1 (ViTs) or answer accuracy (LLaVA) of a saved model")
     p.add_argument(

@@ -205,3 +205,50 @@ def test_lm_adapt_sets_the_cut_offs_for_inference_and_records_both(tmp_path):
     model = modadapt.load(tmp_path / "b" / "run" / "model")
     kept, routed = _kept_per_layer(model.eval(), train_blocks[:8].split(cfg.eval_batch_size))
     assert kept != {i: kept_count(0.25, n) for i, n in routed.items()}
+
+
+def _saved_topk(tmp_path, router="topk", **config):
+    model = modadapt.build_preset("tiny-llama")
+    modadapt.convert(model, router=router, layers="1,2,3", **config)
+    if router == "topk":
+        randomize_router_weights(model, scale=0.5)
+    modadapt.save(model, tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_the_calibrate_command_sets_the_cut_offs_and_saves_anew(tmp_path, capsys):
+    from modadapt.cli import main
+    from modadapt.metrics.calibration import read_text, text_batches
+
+    source = _saved_topk(tmp_path, capacity=0.25)
+    (tmp_path / "text.txt").write_text("Lists are mutable sequences, tuples are not. " * 60)
+    args = ["--data", str(tmp_path / "text.txt"), "--samples", "6", "--seq-len", "24", "--batch-size", "4"]
+    assert main(["calibrate", str(source), *args, "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("cut-off") == 3 and "saved to" in printed
+    model = modadapt.load(tmp_path / "out")
+    text, _, _ = read_text(str(tmp_path / "text.txt"))
+    batches, _ = text_batches(text, tokenizer=None, vocab_size=256, samples=6, seq_len=24, batch_size=4, seed=0)
+    kept, routed = _kept_per_layer(model.eval(), batches)
+    assert kept == {i: kept_count(0.25, n) for i, n in routed.items()}
+    original = modadapt.load(source)  # the source is left as it was
+    assert _kept_per_layer(original.eval(), batches)[0] != kept
+
+
+def test_the_calibrate_command_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
+    from modadapt.cli import main
+
+    (tmp_path / "text.txt").write_text("some text " * 50)
+    data = ["--data", str(tmp_path / "text.txt"), "--seq-len", "16", "--samples", "2"]
+    threshold = _saved_topk(tmp_path / "t", router="threshold-p")
+    cases = [
+        ([str(threshold)], "no MoD layer has a calibrated causal cut-off"),
+        ([str(tmp_path)], "is not a converted model"),
+        ([str(_saved_topk(tmp_path / "k", capacity=0.25)), "--samples", "0"], "--samples must be at least 1"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        assert main(["calibrate", *extra[:1], *data, *extra[1:], "-o", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
