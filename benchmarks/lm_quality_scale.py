@@ -227,8 +227,9 @@ CORE = (
 )
 STEP_OPTIONS = ("capacity_warmup", "router_steps")  # given as fractions of the adaptation steps
 # lm-adapt options every run sets unless its variant changes them: the recipe as these records were
-# measured with (its defaults have since become the best setting found here, distillation on)
-BASE_RECIPE = {"distill": 0.0}
+# measured with (its defaults have since become the best setting found here, distillation on);
+# `calibrate_blocks` is what the cut-off rule ``inference`` (`CUTOFF_RULE`) means
+BASE_RECIPE = {"distill": 0.0, "calibrate_blocks": 32}
 
 
 def recipe_options(variant: Variant, steps: int) -> dict:
@@ -1108,6 +1109,13 @@ def goals(records: list[dict]) -> list[tuple[str, str, bool]]:
     return out
 
 
+def merged_notes(records: list[dict], notes: list[str]) -> list[str]:
+    """The earlier calls' notes (the dense record's) and this call's, each once: a call on some
+    variants keeps what the others' calls noted."""
+    earlier = next((r.get("notes", []) for r in records if r["variant"] == "dense"), [])
+    return list(dict.fromkeys([*earlier, *notes]))
+
+
 def write(records: list[dict], out: Path) -> None:
     """The records as JSON and, beside them, the Markdown table (its title and notes are the
     dense record's ``description`` and ``notes``)."""
@@ -1367,7 +1375,7 @@ def main(argv=None) -> list[dict]:
         f"{scale.vocab}, {scale.adapt_steps} adaptation steps of {scale.adapt_batch} x "
         f"{scale.seq_len} tokens"
     )
-    dense["notes"] = notes
+    dense["notes"] = merged_notes(records, notes)
     records = [dense] + [r for r in records if r["variant"] != "dense"]
     write(records, Path(args.out))
     for goal, measured, met in goals(records):

@@ -250,13 +250,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Set a saved language model's calibrated causal cut-offs for inference routing on text
     (`modadapt.calibrate_cutoffs`) and save the model to a new directory."""
-    import torch
-
     from . import calibrate_cutoffs, mod_layers, save
     from .metrics.calibration import calibration_kind, read_text, text_batches
     from .output_dir import check_output
     from .persistence import META_FILE
     from .recipes.lm_adapt import check_seq_len
+    from .recipes.training import eval_device
     from .sources import load_model
 
     for name, value, low in (
@@ -266,6 +265,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     ):
         if value < low:
             raise ModAdaptError(f"{name} must be at least {low}, got {value}.")
+    device = eval_device(args.device)
     path = Path(args.model)
     if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
         path = path / "model"  # a recipe's run directory
@@ -281,7 +281,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
     check_seq_len(model, args.seq_len)
     text, _, _ = read_text(args.data)
-    batches, _ = text_batches(
+    batches, text_tokens = text_batches(
         text,
         tokenizer=source.tokenizer,
         vocab_size=model.config.vocab_size,
@@ -290,7 +290,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if text_tokens < args.samples * args.seq_len:
+        print(
+            f"modadapt: warning: the text has {text_tokens} tokens, fewer than --samples {args.samples} x "
+            f"--seq-len {args.seq_len}: the windows overlap; give more text for independent samples.",
+            file=sys.stderr,
+        )
     layers = {layer.mod_state.index: layer.router for layer in mod_layers(model)}
     before = {i: float(r.causal_threshold(i)) for i, r in layers.items() if r.causal_cutoff}
     found = calibrate_cutoffs(model.to(device), batches, progress=not args.quiet)

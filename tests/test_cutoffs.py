@@ -245,6 +245,7 @@ def test_the_calibrate_command_refuses_bad_input_and_writes_nothing(tmp_path, ca
         ([str(threshold)], "no MoD layer has a calibrated causal cut-off"),
         ([str(tmp_path)], "is not a converted model"),
         ([str(_saved_topk(tmp_path / "k", capacity=0.25)), "--samples", "0"], "--samples must be at least 1"),
+        ([str(tmp_path / "k" / "model"), "--device", "nonsense"], "is not a torch device"),
     ]
     for extra, message in cases:
         out = tmp_path / "out"

@@ -404,6 +404,21 @@ def test_lm_adapt_ddp_two_processes_match_one_and_resume(corpus, tmp_path):
 
 
 @needs_gloo
+def test_lm_adapt_two_processes_set_one_process_s_inference_cut_offs(corpus, tmp_path):
+    """topk on 2 processes x batch 4: after training, the cut-offs set for inference routing (the
+    main process's, sent to both) are those 1 process x batch 8 sets, and so are the kept
+    fractions they give (training's running averages differ: a mean of per-process cut-offs)."""
+    extra = ("--router", "topk", "--capacity", "0.25", "--max-steps", "2", "--calibrate-blocks", "8")
+    one = lm_one_process(corpus, tmp_path / "one", 8, *extra)
+    launch(lm_flags(corpus, tmp_path / "two", "--batch-size", "4", *extra))
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["processes"] == 2 and set(two["calibrated_cutoffs"]["inference"]) == {"1", "3"}
+    for layer, cut in one["calibrated_cutoffs"]["inference"].items():
+        assert two["calibrated_cutoffs"]["inference"][layer] == pytest.approx(cut, abs=1e-5)
+    assert two["kept_fraction"]["after"] == pytest.approx(one["kept_fraction"]["after"], abs=1e-6)
+
+
+@needs_gloo
 def test_lm_adapt_fsdp_two_cpu_processes_match_one(corpus, tmp_path):
     """FSDP2 through accelerate's plugin (full sharding, transformer-layer auto wrap) on 2 CPU
     processes: every decoder layer, the MoD ones too, and every router is its own unit; LoRA

@@ -823,8 +823,9 @@ def _train(
 
 
 def calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner) -> dict | None:
-    """`cfg.calibrate_blocks` training blocks through `modadapt.calibrate_cutoffs` (the same on
-    every process, so each sets the same cut-offs), under the run's autocast. Returns each
+    """`cfg.calibrate_blocks` training blocks through `modadapt.calibrate_cutoffs` on every
+    process (the same blocks; the main process's cut-offs then go to all, so no float noise
+    between processes can set them apart), under the run's autocast. Returns each
     layer's cut-off before (`training`: the running average) and after (`inference`), or None
     where nothing is calibrated (off, or no calibrated cut-off to set)."""
     from ..convert import mod_layers
@@ -837,6 +838,15 @@ def calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner) -> di
     batches = train_blocks[: cfg.calibrate_blocks].split(cfg.eval_batch_size)
     with accelerator.autocast():
         found = calibrate_cutoffs(inner, batches, runner=runner)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        order = sorted(found)
+        values = broadcast(torch.tensor([found[i] for i in order], device=accelerator.device), from_process=0)
+        routers = {layer.mod_state.index: layer.router for layer in targets}
+        for i, value in zip(order, values.tolist()):
+            routers[i].set_cutoff(i, value)
+            found[i] = value
     return {"training": training, "inference": {str(i): cut for i, cut in found.items()}}
 
 

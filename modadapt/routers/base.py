@@ -242,6 +242,16 @@ class Router(nn.Module):
         self.register_buffer("calibration_steps", torch.zeros(len(layer_indices), dtype=torch.long))
         self._cutoff_cache: dict = {}  # slot -> (buffers, their versions, resolved cut-off)
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()` and the like move the calibrated cut-off but keep it float32: in
+        bf16 a cut-off lands between representable values and its rule keeps another share
+        (A-MoD kept 273 tokens of a target 192)."""
+        super()._apply(fn, recurse)
+        threshold = getattr(self, "calibrated_threshold", None)
+        if threshold is not None and threshold.dtype != torch.float32:
+            self.calibrated_threshold = threshold.float()
+        return self
+
     def calibration_slot(self, layer_index: int) -> int:
         return self.calibration_slots[layer_index] if len(self.calibration_slots) > 1 else 0
 
