@@ -133,6 +133,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if error < 1e-4 else 1
 
 
+def check_windows(args: argparse.Namespace) -> None:
+    """`--samples`, `--seq-len` and `--batch-size` of the commands that read text windows."""
+    for name, value, low in (
+        ("--samples", args.samples, 1),
+        ("--seq-len", args.seq_len, 2),
+        ("--batch-size", args.batch_size, 1),
+    ):
+        if value < low:
+            raise ModAdaptError(f"{name} must be at least {low}, got {value}.")
+
+
+def warn_if_windows_overlap(args: argparse.Namespace, text_tokens: int) -> None:
+    if text_tokens < args.samples * args.seq_len:
+        print(
+            f"modadapt: warning: the text has {text_tokens} tokens, fewer than --samples {args.samples} x "
+            f"--seq-len {args.seq_len}: the windows overlap; give more text for independent samples.",
+            file=sys.stderr,
+        )
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Score every layer on calibration data, select layers to convert, write the report."""
     from .metrics.calibration import (
@@ -151,13 +171,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .sources import load_model
 
     rule = parse_rule(args.select)
-    for name, value, low in (
-        ("--samples", args.samples, 1),
-        ("--seq-len", args.seq_len, 2),
-        ("--batch-size", args.batch_size, 1),
-    ):
-        if value < low:
-            raise ModAdaptError(f"{name} must be at least {low}, got {value}.")
+    check_windows(args)
     if args.tol is not None and not args.tol >= 0:
         raise ModAdaptError(f"--tol must be a tolerance >= 0, got {args.tol}.")
     ModConfig(router=args.router, capacity=args.capacity)
@@ -190,12 +204,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "seq_len": tokens,
             "text_tokens": text_tokens,
         }
-        if text_tokens < args.samples * tokens:
-            print(
-                f"modadapt: warning: the text has {text_tokens} tokens, fewer than --samples {args.samples} x "
-                f"--seq-len {tokens}: the windows overlap; give more text for independent samples.",
-                file=sys.stderr,
-            )
+        warn_if_windows_overlap(args, text_tokens)
     elif kind == "llava":  # images + prompts
         from .recipes.llava_adapt import calibration_batches
 
@@ -258,13 +267,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .recipes.training import eval_device
     from .sources import load_model
 
-    for name, value, low in (
-        ("--samples", args.samples, 1),
-        ("--seq-len", args.seq_len, 2),
-        ("--batch-size", args.batch_size, 1),
-    ):
-        if value < low:
-            raise ModAdaptError(f"{name} must be at least {low}, got {value}.")
+    check_windows(args)
     device = eval_device(args.device)
     path = Path(args.model)
     if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
@@ -290,12 +293,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    if text_tokens < args.samples * args.seq_len:
-        print(
-            f"modadapt: warning: the text has {text_tokens} tokens, fewer than --samples {args.samples} x "
-            f"--seq-len {args.seq_len}: the windows overlap; give more text for independent samples.",
-            file=sys.stderr,
-        )
+    warn_if_windows_overlap(args, text_tokens)
     layers = {layer.mod_state.index: layer.router for layer in mod_layers(model)}
     before = {i: float(r.causal_threshold(i)) for i, r in layers.items() if r.causal_cutoff}
     found = calibrate_cutoffs(model.to(device), batches, progress=not args.quiet)
