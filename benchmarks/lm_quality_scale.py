@@ -816,18 +816,14 @@ def at_training_cutoffs(model: nn.Module, blocks: torch.Tensor, batch: int, devi
     """Valid perplexity, FLOPs ratio and kept fraction with the cut-offs training left (the
     recipe's `calibrated_cutoffs["training"]`) instead of those set for inference after it: the
     same model both ways, so the rule's effect is paired. The model's cut-offs come back."""
+    from modadapt.cutoffs import cutoffs_restored
+
     layers = {layer.mod_state.index: layer.router for layer in modadapt.mod_layers(model)}
-    saved = [(r, r.calibrated_threshold.clone(), r.calibration_steps.clone()) for r in set(layers.values())]
-    try:
+    with cutoffs_restored(layers[int(i)] for i in cutoffs["training"]):
         for index, cut in cutoffs["training"].items():
             layers[int(index)].set_cutoff(int(index), cut)
         with autocast(device):
             result = evaluate(model, blocks.to(device), batch_size=batch)
-    finally:
-        with torch.no_grad():
-            for router, threshold, steps in saved:
-                router.calibrated_threshold.copy_(threshold)
-                router.calibration_steps.copy_(steps)
     kept = result["kept_fraction"]
     return {
         "valid_ppl_training_cutoff": result["ppl"],

@@ -133,6 +133,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if error < 1e-4 else 1
 
 
+def saved_model_path(model: str) -> Path:
+    """MODEL as a saved model's directory: itself, or a recipe run directory's `model/`."""
+    from .persistence import META_FILE
+
+    path = Path(model)
+    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
+        return path / "model"
+    return path
+
+
 def check_windows(args: argparse.Namespace) -> None:
     """`--samples`, `--seq-len` and `--batch-size` of the commands that read text windows."""
     for name, value, low in (
@@ -260,6 +270,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Set a saved language model's calibrated causal cut-offs for inference routing on text
     (`modadapt.calibrate_cutoffs`) and save the model to a new directory."""
     from . import calibrate_cutoffs, mod_layers, save
+    from .cutoffs import calibrates
     from .metrics.calibration import calibration_kind, read_text, text_batches
     from .output_dir import check_output
     from .persistence import META_FILE
@@ -269,9 +280,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     check_windows(args)
     device = eval_device(args.device)
-    path = Path(args.model)
-    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
-        path = path / "model"  # a recipe's run directory
+    path = saved_model_path(args.model)
     if not (path / META_FILE).is_file():
         raise ModAdaptError(f"{args.model} is not a converted model (no {META_FILE}); convert and train it first.")
     out = check_output(args.output, args.overwrite, META_FILE)
@@ -295,7 +304,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     warn_if_windows_overlap(args, text_tokens)
     layers = {layer.mod_state.index: layer.router for layer in mod_layers(model)}
-    before = {i: float(r.causal_threshold(i)) for i, r in layers.items() if r.causal_cutoff}
+    before = {i: float(r.causal_threshold(i)) for i, r in layers.items() if calibrates(r)}
     found = calibrate_cutoffs(model.to(device), batches, progress=not args.quiet)
     save(model.cpu(), out, overwrite=args.overwrite, extra_files=source.files)
     for index, cut in found.items():
@@ -310,9 +319,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .persistence import META_FILE, read_meta
     from .recipes.config import run_setting
 
-    path = Path(args.model)
-    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
-        path = path / "model"  # a recipe's run directory
+    path = saved_model_path(args.model)
     adapter = read_meta(path)["adapter"] if (path / META_FILE).is_file() else None
     common = dict(dense=args.dense, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     if adapter in ("timm-vit", "llava"):

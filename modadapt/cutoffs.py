@@ -61,8 +61,8 @@ def calibrate_cutoffs(
         raise ModAdaptError("calibrate_cutoffs: no calibration batches given.")
     call = model if runner is None else runner
     found: dict[int, float] = {}
-    saved = {id(r): (r, r.calibrated_threshold.clone(), r.calibration_steps.clone()) for _, r in targets}
-    with evaluating(call), _causal_inference(state), _restored_on_error(saved.values()):
+    routers = [router for _, router in targets]
+    with evaluating(call), _causal_inference(state), cutoffs_restored(routers, on_error_only=True):
         for index, router in targets:
             values, eligible = _collect(model, call, router, index, batches, progress)
             if not values:
@@ -97,16 +97,24 @@ def _collect(model, call, router: Router, index: int, batches: list, progress: b
 
 
 @contextlib.contextmanager
-def _restored_on_error(saved) -> Iterator[None]:
-    """A failure part-way leaves every cut-off as it was, not some layers set and others not."""
-    try:
-        yield
-    except BaseException:
+def cutoffs_restored(routers: Iterable[Router], *, on_error_only: bool = False) -> Iterator[None]:
+    """The calibrated cut-offs of `routers` as they were, back on exit (to measure other ones), or
+    with `on_error_only` only after a failure (so that one part-way leaves none of them set)."""
+    saved = [(r, r.calibrated_threshold.clone(), r.calibration_steps.clone()) for r in dict.fromkeys(routers)]
+
+    def restore() -> None:
         with torch.no_grad():
             for router, threshold, steps in saved:
                 router.calibrated_threshold.copy_(threshold)
                 router.calibration_steps.copy_(steps)
+
+    try:
+        yield
+    except BaseException:
+        restore()
         raise
+    if not on_error_only:
+        restore()
 
 
 @contextlib.contextmanager

@@ -200,6 +200,12 @@ def test_lm_adapt_sets_the_cut_offs_for_inference_and_records_both(tmp_path):
     kept, routed = _kept_per_layer(model.eval(), train_blocks[:8].split(cfg.eval_batch_size))
     assert all(abs(kept[i] - kept_count(0.25, n)) <= 1 for i, n in routed.items())  # float noise at most
 
+    from modadapt.cli import main  # a run directory is a model for `modadapt calibrate` too
+
+    flags = ["--data", cfg.data, "--seq-len", "32", "--samples", "4", "--quiet"]
+    assert main(["calibrate", str(tmp_path / "a" / "run"), *flags, "-o", str(tmp_path / "again")]) == 0
+    assert modadapt.mod_layers(modadapt.load(tmp_path / "again"))  # a converted model, written anew
+
     off = run(lm_adapt_config(tmp_path / "b", calibrate_blocks=0))
     assert off["calibrated_cutoffs"] is None
     model = modadapt.load(tmp_path / "b" / "run" / "model")
