@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modadapt.metrics.flops import flops_table, sequence_flops
-from modadapt.recipes.lm_adapt import LMAdaptConfig, evaluate, pack, read_corpus, run, tokenize
+from modadapt.recipes.lm_adapt import LMAdaptConfig, evaluate, pack, read_corpus, run, spread_blocks, tokenize
 from modadapt.routers.base import kept_count
 
 ROOT = Path(__file__).resolve().parent
@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--capacity", type=float, default=0.125)
     p.add_argument("--distill", type=float, default=0.0, help="distillation weight of the recipe")
-    p.add_argument("--max-eval-blocks", type=int, default=0, help="cap the validation blocks (0: all)")
+    p.add_argument("--max-eval-blocks", type=int, default=0, help="cap the validation blocks, evenly spaced (0: all)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="all", help="comma list of variants to run (default: all; see the table)")
@@ -414,8 +414,8 @@ def start_run(args: argparse.Namespace, known: list[str]):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     train_file, valid_file = text_files(args, work)
     valid_blocks = pack(tokenize(read_corpus(valid_file), None, VOCAB), args.seq_len, valid_file)
-    if args.max_eval_blocks:
-        valid_blocks = valid_blocks[: args.max_eval_blocks]
+    if args.max_eval_blocks:  # the blocks lm-adapt evaluates the variants on
+        valid_blocks = spread_blocks(valid_blocks, args.max_eval_blocks)
     wanted = known if args.variants == "all" else args.variants.split(",")
     unknown = sorted(set(wanted) - set(known))
     if unknown:

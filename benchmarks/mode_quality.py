@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill", type=float, default=0.0, help="distillation weight of the recipe")
     p.add_argument("--layers", default="all-but-first", help="the layers every method routes (a ModConfig layers spec)")
     p.add_argument("--capacities", default="0.5", help="comma list: share of the routed layers' expert slots that run")
-    p.add_argument("--max-eval-blocks", type=int, default=0, help="cap the validation blocks (0: all)")
+    p.add_argument("--max-eval-blocks", type=int, default=0, help="cap the validation blocks, evenly spaced (0: all)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="all", help="comma list of variants to run (default: all)")

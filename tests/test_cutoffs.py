@@ -9,6 +9,8 @@ a `inference_routing='topk'` model is restored; and the errors, with the model l
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from conftest import make_ids, randomize_router_weights
@@ -177,16 +179,29 @@ def test_a_failure_part_way_leaves_every_cut_off_as_it_was(tiny, monkeypatch):
     assert len(calls) == 2 and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_spread_blocks_are_evenly_spaced():
+    from modadapt.recipes.lm_adapt import spread_blocks
+
+    blocks = torch.arange(10)[:, None].expand(10, 3)
+    assert spread_blocks(blocks, 4)[:, 0].tolist() == [0, 3, 6, 9]  # the first and the last block
+    assert spread_blocks(blocks, 10) is blocks and spread_blocks(blocks, 12) is blocks
+    assert spread_blocks(blocks, 1)[:, 0].tolist() == [0] and len(spread_blocks(blocks, 0)) == 0
+
+
 def test_lm_adapt_sets_the_cut_offs_for_inference_and_records_both(tmp_path):
     """The recipe's saved model keeps its capacity under the causal rule on the calibration
-    blocks (its first `calibrate_blocks` training blocks); the summary has training's cut-offs
+    blocks (`calibrate_blocks` training blocks, evenly spaced); the summary has training's cut-offs
     and the new ones; `--calibrate-blocks 0` keeps training's."""
     from conftest import lm_adapt_config
 
-    from modadapt.recipes.lm_adapt import load_blocks, run
+    from modadapt.recipes.lm_adapt import load_blocks, run, spread_blocks
     from modadapt.tokenizer import byte_tokenizer
 
-    cfg = lm_adapt_config(tmp_path / "a", calibrate_blocks=8, router_kwargs={})
+    words = "fox dog grep make the a lists runs over file dir pattern quick lazy of to".split()
+    rng = random.Random(0)  # text that never repeats: a repeated phrase ties the routers' scores
+    text = tmp_path / "varied.txt"
+    text.write_text(" ".join(rng.choice(words) for _ in range(1500)))
+    cfg = lm_adapt_config(tmp_path / "a", calibrate_blocks=8, router_kwargs={}, data=str(text))
     summary = run(cfg)
     cutoffs = summary["calibrated_cutoffs"]
     assert set(cutoffs) == {"training", "inference"} and cutoffs["training"].keys() == cutoffs["inference"].keys()
@@ -197,7 +212,9 @@ def test_lm_adapt_sets_the_cut_offs_for_inference_and_records_both(tmp_path):
             cutoffs["inference"][str(layer.mod_state.index)]
         )
     train_blocks, _ = load_blocks(cfg, byte_tokenizer(model), model.config.vocab_size)
-    kept, routed = _kept_per_layer(model.eval(), train_blocks[:8].split(cfg.eval_batch_size))
+    spread = spread_blocks(train_blocks, 8)
+    assert len(train_blocks) > 8 and torch.equal(spread[-1], train_blocks[-1])  # not the first 8
+    kept, routed = _kept_per_layer(model.eval(), spread.split(cfg.eval_batch_size))
     assert all(abs(kept[i] - kept_count(0.25, n)) <= 1 for i, n in routed.items())  # float noise at most
 
     from modadapt.cli import main  # a run directory is a model for `modadapt calibrate` too
@@ -206,10 +223,10 @@ def test_lm_adapt_sets_the_cut_offs_for_inference_and_records_both(tmp_path):
     assert main(["calibrate", str(tmp_path / "a" / "run"), *flags, "-o", str(tmp_path / "again")]) == 0
     assert modadapt.mod_layers(modadapt.load(tmp_path / "again"))  # a converted model, written anew
 
-    off = run(lm_adapt_config(tmp_path / "b", calibrate_blocks=0))
+    off = run(lm_adapt_config(tmp_path / "b", calibrate_blocks=0, data=str(text)))
     assert off["calibrated_cutoffs"] is None
     model = modadapt.load(tmp_path / "b" / "run" / "model")
-    kept, routed = _kept_per_layer(model.eval(), train_blocks[:8].split(cfg.eval_batch_size))
+    kept, routed = _kept_per_layer(model.eval(), spread.split(cfg.eval_batch_size))
     assert kept != {i: kept_count(0.25, n) for i, n in routed.items()}
 
 

@@ -342,7 +342,7 @@ def test_quality_benchmark_continues_from_saved_weights(tmp_path, monkeypatch):
     assert [second[0], second[2]] == first and second[1]["command"] != first[1]["command"]
     reloaded, saved = bench.load_pretrained(pretrained)
     valid = str(tmp_path / "valid.txt")
-    blocks = bench.pack(bench.tokenize(bench.read_corpus(valid), None, bench.VOCAB), 32, valid)[:8]  # as --tiny
+    blocks = bench.spread_blocks(bench.pack(bench.tokenize(bench.read_corpus(valid), None, bench.VOCAB), 32, valid), 8)
     again = bench.dense_record(reloaded, blocks, bench.parse_args(["--tiny"]))
     assert again["valid_ppl"] == pytest.approx(first[0]["valid_ppl"], rel=1e-5) and saved == {
         k: v for k, v in first[0].items() if k != "command"

@@ -118,7 +118,7 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
     assert {r["router"] for r in adapted if "cutoff_rule" in r} == {"topk", "attention"}
     for r in adapted:  # their cut-offs are set for inference after training, and training's are measured too
         if "cutoff_rule" in r:
-            assert r["cutoff_rule"] == bench.CUTOFF_RULE == "inference"
+            assert r["cutoff_rule"] == bench.CUTOFF_RULE == "spread"
             layers = r["cutoffs"]["training"].keys()  # a layer given capacity 1 has no cut-off to set
             assert layers == r["cutoffs"]["inference"].keys() and set() < layers <= set(map(str, r["routed_layers"]))
             assert r["valid_ppl_training_cutoff"] > 1 and 0 < r["flops_ratio_training_cutoff"] <= 1.001

@@ -90,8 +90,11 @@ def plain_loop(start, cfg, train_blocks):
                 break
         epoch += 1
     schedule.finish()
-    # then the cut-offs are set for the routing inference uses, on the first training blocks
-    modadapt.calibrate_cutoffs(model, train_blocks[: cfg.calibrate_blocks].split(cfg.eval_batch_size))
+    # then the cut-offs are set for the routing inference uses, on training blocks spread evenly
+    n = min(cfg.calibrate_blocks, len(train_blocks))
+    stride = (len(train_blocks) - 1) / max(n - 1, 1)
+    spread = train_blocks[[round(i * stride) for i in range(n)]]
+    modadapt.calibrate_cutoffs(model, spread.split(cfg.eval_batch_size))
     if cfg.train == "lora":
         trained.merge_and_unload()
     return losses, model
@@ -122,6 +125,7 @@ def test_lm_adapt_equals_a_plain_loop(tmp_path, monkeypatch, train, distill, gra
         distill_temperature=2.0,
         capacity_warmup=capacity_warmup,
         router_steps=router_steps,
+        calibrate_blocks=4,  # of 14: spread, not the first four
         progress=False,
         cpu=True,
     )

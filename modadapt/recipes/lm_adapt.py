@@ -147,16 +147,20 @@ class LMAdaptConfig(RecipeConfig):
             "(dense forwards over router_init_blocks training blocks)"
         },
     )
-    router_init_blocks: int = field(default=32, metadata={"help": "training blocks the update-size fit runs on"})
+    router_init_blocks: int = field(
+        default=32, metadata={"help": "training blocks the update-size fit runs on (evenly spaced over the split)"}
+    )
     router_lr_scale: float = field(default=1.0, metadata={"help": "router learning rate as a multiple of lr"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16, bf16"})
     max_bad_steps: int = field(default=10, metadata={"help": "abort after this many skipped non-finite steps"})
     eval_batch_size: int = field(default=8, metadata={"help": "blocks per evaluation forward"})
-    max_eval_blocks: int = field(default=0, metadata={"help": "evaluate on at most N validation blocks (0: all)"})
+    max_eval_blocks: int = field(
+        default=0, metadata={"help": "evaluate on at most N validation blocks, evenly spaced over the split (0: all)"}
+    )
     calibrate_blocks: int = field(
         default=32,
         metadata={
-            "help": "after training, set each calibrated causal cut-off on the first N training blocks, every "
+            "help": "after training, set each calibrated causal cut-off on N training blocks (evenly spaced), every "
             "layer routing as inference does, so that the model keeps its capacity there "
             "(modadapt.calibrate_cutoffs; 0: keep training's running average)"
         },
@@ -339,8 +343,17 @@ def load_blocks(cfg: LMAdaptConfig, tokenizer: Any, vocab_size: int) -> tuple[to
     if cfg.max_train_blocks:
         train = train[: cfg.max_train_blocks]
     if cfg.max_eval_blocks:
-        valid = valid[: cfg.max_eval_blocks]
+        valid = spread_blocks(valid, cfg.max_eval_blocks)
     return train, valid
+
+
+def spread_blocks(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` of `blocks` evenly spaced over them (all of them when there are no more). A corpus
+    is read document after document, often sorted by source, so its first blocks can all come from
+    one source: a sample of them would fit cut-offs or routers to that source alone."""
+    if len(blocks) <= count:
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, count, dtype=torch.float64).round().long()]
 
 
 # --- model ------------------------------------------------------------------------------------------
@@ -617,7 +630,9 @@ def run(
         accelerator = make_accelerator(cfg, fsdp=True, gradient_accumulation_steps=cfg.grad_accum)
         inner = model
         if cfg.router_init == "update-size" and not cfg.resume:  # a resumed run restores its routers
-            fit_routers(model, train_blocks[: cfg.router_init_blocks], cfg.eval_batch_size, accelerator.device)
+            fit_routers(
+                model, spread_blocks(train_blocks, cfg.router_init_blocks), cfg.eval_batch_size, accelerator.device
+            )
         dense_table = flops_table(inner)  # the dense model's FLOPs, before LoRA adds matrices to the layers
         trained = select_trainable(model, cfg)
         params = [p for p in trained.parameters() if p.requires_grad]
@@ -823,7 +838,7 @@ def _train(
 
 
 def calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner) -> dict | None:
-    """`cfg.calibrate_blocks` training blocks through `modadapt.calibrate_cutoffs` on every
+    """`cfg.calibrate_blocks` training blocks, evenly spaced, through `modadapt.calibrate_cutoffs` on every
     process (the same blocks; the main process's cut-offs then go to all, so no float noise
     between processes can set them apart), under the run's autocast. Returns each
     layer's cut-off before (`training`: the running average) and after (`inference`), or None
@@ -835,7 +850,7 @@ def calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner) -> di
     if not cfg.calibrate_blocks or not targets:
         return None
     training = {str(t.mod_state.index): float(t.router.causal_threshold(t.mod_state.index)) for t in targets}
-    batches = train_blocks[: cfg.calibrate_blocks].split(cfg.eval_batch_size)
+    batches = spread_blocks(train_blocks, cfg.calibrate_blocks).split(cfg.eval_batch_size)
     with accelerator.autocast():
         found = calibrate_cutoffs(inner, batches, runner=runner)
     if accelerator.num_processes > 1:
