@@ -46,7 +46,7 @@ def main() -> int:
         decoder.decode(args.steps)
         torch.cuda.synchronize()
     print(
-        f"# batch {args.batch}, router {args.router}, branches {decoder.branches_for(args.batch)}; "
+        f"# batch {args.batch}, router {args.router}, branches {decoder.last_step.mode}; "
         f"per-step times are totals / {args.steps}"
     )
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))

@@ -1096,8 +1096,9 @@ def check_static_attention(device, dtype) -> dict:
 def run_decode_graphs(b: Bench) -> None:
     """Decode with `modadapt.GraphedDecoder` for dense and MoD alike: a static per-row compacted
     KV cache read by flash attention up to each row's length, and CUDA graph replays; a MoD layer
-    runs only when some row keeps (`branches`: conditional nodes, else a host decision between
-    graph pieces at batch 1, else compute-and-select). Timed: `new` steps after the prompt (the
+    runs only when some row keeps (`branches`, `auto`: `modadapt.decoding.step.auto_branches`,
+    conditional nodes, else host decisions between graph pieces at batch 1 or where the prompt says
+    that whole layers go unkept, else compute-and-select). Timed: `new` steps after the prompt (the
     prompt runs eagerly and is not timed, as in `decode`). Checked: teacher-forced tokens against
     eager greedy decoding of the same model."""
     from modadapt.decoding import GraphedDecoder
@@ -1155,7 +1156,7 @@ def run_decode_graphs(b: Bench) -> None:
                 agreement=agreement,
                 worst_row=worst_row,
                 agreement_error=agreement_error,
-                branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
+                branches=decoder.last_step.mode if decoder.cuda_graphs else "eager (no graphs)",
                 forced=forced,
             )
 
@@ -1305,7 +1306,7 @@ def run_decode_branches(b: Bench) -> None:
                     tokens=tokens,
                     same=None if same is None else float(same.mean()),
                     same_worst_row=None if same is None else float(same.mean(1).min()),
-                    branches=decoder.branches_for(B) if decoder.cuda_graphs else f"{mode} (eager, no graphs)",
+                    branches=decoder.last_step.mode if decoder.cuda_graphs else f"{mode} (eager, no graphs)",
                     kv_bytes=decoder.kv_bytes()[0],
                 )
             finally:
@@ -1476,7 +1477,7 @@ def kv_budget_measure(b: Bench, model, budget: int, setting: dict) -> dict:
                     prefill_s=prefill_s,
                     added=added,
                     prompt_slots=prompt_slots,
-                    branches=decoder.branches_for(batch) if decoder.cuda_graphs else "eager (no graphs)",
+                    branches=decoder.last_step.mode if decoder.cuda_graphs else "eager (no graphs)",
                     resident_bytes=resident,
                     prefill_peak_bytes=mem["prefill"],
                     decode_peak_bytes=mem["decode"],
@@ -1686,8 +1687,8 @@ def round_costs(split: dict, dense_step_ms: float, per_round: float, k: int) -> 
 
 
 def run_decode_speculative(b: Bench) -> None:
-    """Speculative decoding (`GraphedDecoder(model, speculate=K, draft=...)`: the routing drafts K
-    tokens, the dense computation of the same weights verifies them in one forward) against
+    """Speculative decoding (`GraphedDecoder(model, speculate=K, draft=...)`: the converted model
+    drafts K tokens, the dense computation of the same weights verifies them in one forward) against
     graphed dense decoding of the same weights, greedy. Timed: the rounds until every row has
     `new` tokens (the prompt and its capture are not timed; generate's host check every
     `CHECK_EVERY // (K + 1)` rounds is). Recorded: tokens/s of both, the acceptance (accepted
@@ -1698,7 +1699,7 @@ def run_decode_speculative(b: Bench) -> None:
 
     elt = torch.finfo(b.dtype).bits // 8
     ks = [int(k) for k in b.args.speculate_k.split(",")] if b.args.speculate_k else list(b.size["speculate_k"])
-    drafts = [Draft.of(d) for d in (b.args.draft or ["routers"])]
+    drafts = [Draft.of(d) for d in (b.args.draft or [None])]  # None: the library's default draft
     for name, (model, dense, shape, directory) in speculate_models(b).items():
         vocab = model.config.get_text_config(decoder=True).vocab_size
         for setting in b.size["speculate"]:
@@ -1774,7 +1775,7 @@ def run_decode_speculative(b: Bench) -> None:
                         draft_kept_fraction=kept,
                         same_prefix_as_dense=float(same.mean()),
                         same_prefix_worst_row=float(same.min()),
-                        branches=decoder.branches_for(B) if decoder.cuda_graphs else "eager (no graphs)",
+                        branches=decoder.last_step.mode if decoder.cuda_graphs else "eager (no graphs)",
                         **graph_fields(b),
                         dense_first_call_s=dense_first_s,
                         mod_first_call_s=first_s,
@@ -2180,7 +2181,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         help="decode_speculative: a draft depth (modadapt.decoding.Draft string: 'routers', "
-        "'margin=0.5', 'skip=all', 'skip=2,6;margin=0.25'); repeat to sweep (default: routers)",
+        "'margin=0.5', 'skip=all', 'skip=2,6;margin=0.25'); repeat to sweep (default: GraphedDecoder's, skip=all)",
     )
     parser.add_argument(
         "--speculate-model",

@@ -226,8 +226,16 @@ def test_graphed_decoder_branch_modes(tiny, monkeypatch):
     monkeypatch.setattr(gd, "conditional_nodes_available", lambda: True)
     auto = GraphedDecoder(model)
     assert (auto.branches_for(1), auto.branches_for(8)) == ("conditional", "conditional")
+    assert auto.branches_for(8, none_kept_chance=0.5) == "conditional"
     monkeypatch.setattr(gd, "conditional_nodes_available", lambda: False)  # torch 2.11, the GPU machine's
     assert (auto.branches_for(1), auto.branches_for(8)) == ("host", "select")
+    # at batch: host where no row keeps a MoD layer's token often enough to pay the round trips
+    assert (auto.branches_for(8, none_kept_chance=0.26), auto.branches_for(8, none_kept_chance=0.005)) == (
+        "host",
+        "select",
+    )
+    assert auto.branches_for(1, none_kept_chance=0.0) == "host"
+    assert GraphedDecoder(model, branches="select").branches_for(8, none_kept_chance=0.9) == "select"
     for mode, other in (("conditional", "host"), ("gather-conditional", "gather")):
         with pytest.raises(ModAdaptError, match=f"{mode}.*conditional nodes.*branches='{other}'"):
             GraphedDecoder(model, branches=mode)
@@ -786,16 +794,21 @@ def test_graphed_decoder_after_a_packed_prefill(tiny, ids, left_pad, monkeypatch
 
 
 @pytest.mark.parametrize("router, stack", [("threshold-p", "llama"), ("topk", "llama"), ("topk", "gemma3")])
-def test_graphed_decoder_prefill_in_passes(router, stack, ids, left_pad):
+def test_graphed_decoder_prefill_in_passes(router, stack, ids, left_pad, monkeypatch):
     """`prefill(..., rows_per_pass=2)`: the prompt two rows at a time fills the step as one pass
     does (capacities, lengths, each row's used K/V slots and, in a windowed MoD layer, their
     positions) and decodes `model.generate`'s tokens (Gemma 3: a sliding window of 8)."""
     model = routed(build_windowed(stack, 8 if stack == "gemma3" else None), router=router)
     x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (150, 131, 90, 142, 60)])  # dense capacity 256
     expected = greedy(model, x, mask, 8)
+    import modadapt.decoding.decoder as gd
+
+    estimates, rule = [], gd.auto_branches
+    monkeypatch.setattr(gd, "auto_branches", lambda b, c, n=None: estimates.append(n) or rule(b, c, n))
     whole = GraphedDecoder(model).prefill(x, mask, 8)
     decoder = GraphedDecoder(model)
     step = decoder.prefill(x, mask, 8, rows_per_pass=2)
+    assert len(estimates) == 2 and estimates[0] == pytest.approx(estimates[1]) and step.mode == whole.mode
     assert step.capacities == whole.capacities and BUCKET in step.capacities and 2 * BUCKET in step.capacities
     for i, (a, b) in enumerate(zip(step.lengths, whole.lengths)):
         assert torch.equal(a, b)
@@ -857,6 +870,34 @@ def test_prefill_in_passes_and_rewind_on_cuda():
             decoder.decode(39)
             assert torch.equal(torch.cat([first, step.out[:, :39]], 1), expected[:, -40:]), router
             decoder.rewind()
+
+
+def test_auto_branches_follow_what_the_prompt_kept(ids, left_pad, monkeypatch):
+    """`branches="auto"` estimates from the prompt how often no row keeps a MoD layer's token
+    (`step.none_kept`: each row keeps with its prompt's share) and picks host or select by it; the
+    steps of both modes are cached apart, and both give `model.generate`'s tokens."""
+    import modadapt.decoding.decoder as gd
+    from modadapt.decoding.step import HOST_WHEN_NONE_KEPT, none_kept
+
+    assert none_kept(torch.tensor([[1, 1], [0, 0]]), torch.tensor([4, 4])) == pytest.approx((0.75**2 + 1) / 2)
+    assert none_kept(torch.tensor([[4, 2]]), torch.tensor([4, 4])) == 0.0  # a row that keeps everything
+    monkeypatch.setattr(gd, "conditional_nodes_available", lambda: False)
+    seen = []
+    rule = gd.auto_branches
+    monkeypatch.setattr(gd, "auto_branches", lambda b, c, n=None: seen.append(n) or rule(b, c, n))
+    model = routed(build_tiny("llama"))
+    decoder = GraphedDecoder(model, cuda_graphs=False)
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    step = decoder.prefill(x, mask, 6)
+    mod = [i for i, layer in enumerate(decoder.layers) if layer.mod]
+    expected = none_kept(torch.stack([step.lengths[i] for i in mod]), mask.sum(-1))
+    assert seen[-1] == pytest.approx(expected) and 0 < expected < 1
+    assert step.mode == ("host" if expected >= HOST_WHEN_NONE_KEPT else "select")
+    for forced, mode in ((1.0, "host"), (0.0, "select")):
+        monkeypatch.setattr(gd, "none_kept", lambda kept, real, forced=forced: forced)
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=6), greedy(model, x, mask, 6))
+        assert decoder.last_step.mode == mode
+    assert {key[-1] for key in decoder._steps} == {"host", "select"}
 
 
 # --- compile=True: the layers through torch.compile (inductor on CPU here: a C++ compiler) ------------

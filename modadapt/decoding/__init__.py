@@ -19,9 +19,10 @@ only when some row keeps the token; how that branch is taken (`branches`):
 - ``"gather-conditional"``: the same, the bucket chosen on the GPU (one conditional node per
   bucket; one graph per step).
 
-``"auto"`` picks conditional where available, else host at batch 1 and select above
-(`step.auto_branches`, provisional until `benchmarks/speed.py --scenarios decode_branches` has
-measured the gathered modes on a GPU). In every mode a row that skips writes no K/V that is kept
+``"auto"`` picks conditional where available, else host at batch 1, and above it host where the
+prompt says that no row keeps a MoD layer's token often enough (`step.none_kept`), else select
+(`step.auto_branches`, the rule `benchmarks/speed.py --scenarios decode_branches` measured; the
+gathered modes never won there). In every mode a row that skips writes no K/V that is kept
 and reads none, so each row generates what it would alone (rows computed in a step that another
 row keeps are discarded).
 
@@ -32,7 +33,7 @@ MoD layers where they apply) and its cache is copied in.
 
 One concept per module: `static_cache` (the buffers and the attention that reads them),
 `sampling` (token choice inside a graph), `step` (a step's pieces, capture and replay per branch
-mode), `speculate` (speculative decoding: the routing drafts, the dense computation verifies),
+mode), `speculate` (speculative decoding: the converted model drafts, the dense computation verifies),
 `compiled` (`compile=True`: the step's layers through `torch.compile`, compiled in the warm-up),
 `decoder` (`GraphedDecoder`: prefill, decode, generate).
 

@@ -25,7 +25,7 @@ from ..plugins import find_adapter
 from .compiled import NoCompiler, StepCompiler, check_compile
 from .sampling import Sampling, next_token
 from .speculate import Draft, SpeculativeStep
-from .step import BRANCHES, CONDITIONAL, DecodeStep, StepLayer, auto_branches, conditional_nodes_available
+from .step import BRANCHES, CONDITIONAL, DecodeStep, StepLayer, auto_branches, conditional_nodes_available, none_kept
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
 BUCKET = 128
@@ -50,15 +50,17 @@ class GraphedDecoder:
     (a CUDA conditional node: the GPU decides), `"select"` (every row computed, the skipping rows'
     input kept), `"gather"` / `"gather-conditional"` (only the rows that keep are computed,
     gathered into a batch of a captured bucket size: the host picks the bucket, or conditional
-    nodes do), `"auto"` (`modadapt.decoding.step.auto_branches`, provisional until the branch
-    sweep has run on a GPU). Every mode gives the same tokens; see `modadapt.decoding`.
+    nodes do), `"auto"` (`modadapt.decoding.step.auto_branches`: what the branch sweep measured
+    fastest, chosen per prompt from what its rows kept; a speculative draft, whose prompt runs
+    densely, gets the rule without that estimate). Every mode gives the same tokens; see `modadapt.decoding`.
 
     `speculate=K` (K >= 1; 0, the default, decodes one token per step) decodes a converted model
-    speculatively: its routing drafts K tokens, the dense computation of the same weights checks
+    speculatively: the converted model drafts K tokens, the dense computation of the same weights checks
     them in one forward of K + 1 tokens, and the output is the dense model's
     (`modadapt.unload(model)`'s): its greedy tokens, or draws from its distribution. `draft` sets
-    how deep the draft runs (`modadapt.decoding.Draft`: the routers' choice by default, a
-    `margin` to keep fewer tokens, MoD layers to `skip`). See `modadapt.decoding.speculate`.
+    how deep the draft runs (`modadapt.decoding.Draft`: every MoD layer skipped by default, the
+    fastest draft measured; ``"routers"`` for the routers' own choice, a `margin` to keep fewer
+    tokens, some MoD layers to `skip`). See `modadapt.decoding.speculate`.
 
     `compile=True` runs each layer's forward, the rotary embedding and the final norm through
     `torch.compile` (inductor, static shapes), so that their small elementwise kernels fuse; the
@@ -171,11 +173,12 @@ class GraphedDecoder:
         self._steps.clear()
         self.last_step = None
 
-    def branches_for(self, batch: int) -> str:
-        """The branch mode used at `batch` (see `modadapt.decoding`; "auto": `step.auto_branches`)."""
+    def branches_for(self, batch: int, none_kept_chance: float | None = None) -> str:
+        """The branch mode used at `batch` (see `modadapt.decoding`; "auto": `step.auto_branches`,
+        given `none_kept_chance`, how often no row keeps a MoD layer's token, where the prompt says)."""
         if self.branches != "auto":
             return self.branches
-        return auto_branches(batch, conditional_nodes_available())
+        return auto_branches(batch, conditional_nodes_available(), none_kept_chance)
 
     # --- the public calls -------------------------------------------------------------------
     @torch.inference_mode()
@@ -363,7 +366,8 @@ class GraphedDecoder:
             capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n, _ in stored)
         first = next_token(logits, sampling)
         self._check_router_versions()
-        step = self._step_for(B, capacities, max_new_tokens, sampling)
+        mode = self.branches_for(B, self._none_kept([s[2] for s in stored], real))
+        step = self._step_for(B, capacities, max_new_tokens, sampling, mode=mode)
         for i, (k, v, n, held) in enumerate(stored):
             step.keys[i].zero_()
             step.values[i].zero_()
@@ -418,7 +422,9 @@ class GraphedDecoder:
             else dense_capacity
             for i, layer in enumerate(self.layers)
         )
-        step = self._step_for(B, capacities, max_new_tokens, sampling, buffers)
+        kept = [torch.cat([n for _, _, n, _ in held[i]]) if layer.mod else None for i, layer in enumerate(self.layers)]
+        mode = self.branches_for(B, self._none_kept(kept, real))
+        step = self._step_for(B, capacities, max_new_tokens, sampling, buffers, mode=mode)
         for i, layer in enumerate(self.layers):
             if not layer.mod:
                 step.lengths[i].copy_(counts)
@@ -524,8 +530,25 @@ class GraphedDecoder:
             held = held.gather(1, order)[:, :width]
         return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts, held
 
-    def _step_for(self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None, buffers=None):
-        key = (batch, capacities, new, sampling)
+    def _none_kept(self, counts: list, real: torch.Tensor) -> float | None:
+        """`step.none_kept` of the prompt: `counts[i]` `[B]` what MoD layer `i` kept per row (None at
+        a dense layer); None when the prompt was not routed (speculating: the verifier's prefill)."""
+        kept = [n for n, layer in zip(counts, self.layers) if layer.mod and n is not None]
+        if self.speculate or not kept:
+            return None
+        return none_kept(torch.stack(kept), real.long().sum(-1))
+
+    def _step_for(
+        self,
+        batch: int,
+        capacities: tuple[int, ...],
+        new: int,
+        sampling: Sampling | None,
+        buffers=None,
+        mode: str | None = None,
+    ):
+        mode = mode or self.branches_for(batch)
+        key = (batch, capacities, new, sampling, mode)
         step = self._steps.get(key)
         if step is not None and buffers is None:
             return step
@@ -539,13 +562,13 @@ class GraphedDecoder:
                 capacities[0],
                 new,
                 self.speculate,
-                self.branches_for(batch),
+                mode,
                 sampling,
                 self.draft,
                 mod_layers,
             )
         else:
-            step = DecodeStep(self, batch, capacities, new, self.branches_for(batch), sampling, buffers)
+            step = DecodeStep(self, batch, capacities, new, mode, sampling, buffers)
         if self.cuda_graphs:
             try:
                 with self.parts.static_attention(), self.parts.capture_kernels(), collector_paused():

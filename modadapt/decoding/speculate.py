@@ -1,9 +1,9 @@
-"""Lossless speculative decoding on one set of weights: the routing drafts, the dense model verifies.
+"""Lossless speculative decoding on one set of weights: the converted model drafts, the dense one verifies.
 
 A converted model holds two models in the same weights: with its routers (tokens skip MoD layers:
 cheaper) and dense (`modadapt.dense`: every layer runs every token, what the unconverted model
-computes). `GraphedDecoder(model, speculate=K)` drafts `K` tokens one at a time with the routing,
-then runs the dense computation once on the `K + 1` tokens (the last emitted token and the
+computes). `GraphedDecoder(model, speculate=K)` drafts `K` tokens one at a time with the converted
+model (by default its MoD layers skipped outright, `Draft`), then runs the dense computation once on the `K + 1` tokens (the last emitted token and the
 drafts) and keeps the longest prefix the dense model agrees with, plus the dense model's own next
 token. Greedy, the tokens are the dense model's greedy tokens; sampling, the acceptance test of
 speculative sampling (accept draft `x` with probability `min(1, p(x) / q(x))`, else draw from
@@ -20,8 +20,10 @@ there (the draft never writes past `base + K - 1`), and `base` advances by the a
 one; slots past it are stale and never read. So there is no second copy of the weights, nor of
 the prompt's cache, and the draft's writes only ever land where the verification overwrites them.
 
-How deep the draft runs is a knob (`Draft`): the routers' causal rules as trained (the default),
-shifted by a `margin` (keep fewer tokens than the routers would), and/or whole MoD layers skipped.
+How deep the draft runs is a knob (`Draft`): every MoD layer skipped outright (the default: the
+converted model with its MoD layers deleted; on the H200 it beat the routers' own choice at every
+batch and K measured, see `DEFAULT_DRAFT`), or the routers' causal rules as trained, shifted by a
+`margin` (keep fewer tokens than the routers would), and/or some MoD layers skipped.
 The acceptance decision runs on the device; the host reads back only every few rounds (when every
 row has its tokens, or every row has ended). Draft steps are captured like the plain decode step
 (`step.DecodeStep`, per branch mode), the verification as one more graph.
@@ -41,6 +43,14 @@ from .sampling import Sampling, sampling_logits
 from .static_cache import KeyLengths, StaticCache
 from .step import DecodeStep, StepLayer
 
+# The draft `GraphedDecoder(speculate=K)` runs when `draft=` is not given. Measured on the quality
+# benchmark's trained 97.5M-parameter models (H200, compiled graphed steps, benchmarks/README.md):
+# skipping every MoD layer ran 1.17-1.43x dense at B=1 K=4 and 1.13-1.15x at B=8, where the
+# routers' own choice ran 0.89x and 0.75x on the 0.69-FLOPs model (2026-12-02) and 0.98x and 0.63x
+# on the 0.53 one (2026-12-01): a routed draft layer still costs most of a dense one
+# at decode shapes, while the dense verifier accepts the shallower drafts nearly as often.
+DEFAULT_DRAFT = "skip=all"
+
 
 @dataclass(frozen=True)
 class Draft:
@@ -56,9 +66,9 @@ class Draft:
             `topk` router with ``causal_rule=predictor`` thresholds its predictor, which the margin
             does not move.
 
-    `Draft.of` also reads a dict (``{"skip": [2], "margin": 0.5}``) or a string, what a sweep
-    passes on a command line: ``"routers"`` (the default), ``"margin=0.5"``, ``"skip=all"``,
-    ``"skip=2,4;margin=0.25"``.
+    `Draft()` is the routers' own choice. `Draft.of` also reads None (`DEFAULT_DRAFT`: every MoD
+    layer skipped), a dict (``{"skip": [2], "margin": 0.5}``) or a string, what a sweep passes on
+    a command line: ``"routers"``, ``"margin=0.5"``, ``"skip=all"``, ``"skip=2,4;margin=0.25"``.
     """
 
     skip: tuple[int, ...] | str = ()
@@ -67,7 +77,7 @@ class Draft:
     @classmethod
     def of(cls, value: Any) -> Draft:
         if value is None:
-            return cls()
+            return cls._parse(DEFAULT_DRAFT)
         if isinstance(value, Draft):
             skip = value.skip if isinstance(value.skip, str) else tuple(value.skip)
             return cls(skip, value.margin)._checked()

@@ -54,18 +54,38 @@ def available_branches(conditional: bool | None = None) -> tuple[str, ...]:
     return tuple(b for b in BRANCHES if conditional or b not in CONDITIONAL)
 
 
-def auto_branches(batch: int, conditional: bool) -> str:
-    """What `branches="auto"` runs at `batch`, `conditional`: whether torch has conditional nodes.
+#: `branches="auto"` runs ``"host"`` at batch > 1 where the chance that no row keeps a MoD layer's
+#: token is at least this (estimated from the prompt: `none_kept`), else ``"select"``.
+HOST_WHEN_NONE_KEPT = 0.1
 
-    PROVISIONAL until measured: this is the rule of before the gathered modes (conditional nodes
-    where torch has them, else host decisions at batch 1 and compute-and-select above).
-    `benchmarks/speed.py --scenarios decode_branches` times every mode at B=32 and B=128 (2k
-    context) and B=8 (32k) for topk and threshold-p; once it has run on the GPU, this rule picks
-    what won there (a gathered mode at the batches where skipping rows is cheaper than selecting
-    them). The one place to change it."""
+
+def auto_branches(batch: int, conditional: bool, none_kept_chance: float | None = None) -> str:
+    """What `branches="auto"` runs at `batch`; `conditional`: whether torch has conditional nodes;
+    `none_kept_chance`: the chance that no row keeps a MoD layer's token (`none_kept`), if known.
+
+    Measured on an H200 (`benchmarks/speed.py --scenarios decode_branches`, 1.1B Llama, every mode
+    at B=32 and B=128 with 2k context and B=8 with 32k, topk keeping 16% and threshold-p 50%;
+    benchmarks/README.md): the gathered modes never won (their bucket choice costs a host round
+    trip and their gathers more than the rows they skip); ``"select"`` won wherever some row keeps
+    nearly every layer's token (B=32, B=128, threshold-p at B=8: no row keeping happens with chance
+    0.5% or less), ``"host"`` at batch 1 and for topk at B=8 (26%: 1.30x against select's 1.23x),
+    where skipping a layer that no row keeps pays for a host round trip per layer.
+    `HOST_WHEN_NONE_KEPT` lies between those. Conditional nodes, where torch has them (not yet on
+    the GPU measured), decide on the GPU without the round trip."""
     if conditional:
         return "conditional"
-    return "host" if batch == 1 else "select"
+    if batch == 1:
+        return "host"
+    host = none_kept_chance is not None and none_kept_chance >= HOST_WHEN_NONE_KEPT
+    return "host" if host else "select"
+
+
+def none_kept(kept: torch.Tensor, real: torch.Tensor) -> float:
+    """The chance that no row keeps a MoD layer's token, estimated from the prompt: `kept`
+    `[layers, B]` tokens each MoD layer kept per row, `real` `[B]` each row's prompt tokens; each
+    row keeps a new token with its prompt's share, independently; averaged over the layers."""
+    share = kept.double() / real.double().clamp_min(1)
+    return float((1 - share).clamp(0, 1).prod(dim=1).mean()) if len(kept) else 1.0
 
 
 def gather_buckets(batch: int) -> tuple[int, ...]:
