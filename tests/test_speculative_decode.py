@@ -103,6 +103,24 @@ def test_speculative_greedy_other_routers_and_branches(router, ids, left_pad):
         assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), expected)
 
 
+def test_a_draft_that_keeps_every_token_is_always_accepted(tiny, ids, left_pad):
+    """A fresh conversion keeps every token, so the routers' draft computes what the dense model
+    does and every draft is accepted, in every branch mode: tokens equal to the dense model's
+    alone would not show a draft that skips layers its routers keep. Skipping every MoD layer
+    instead drafts other tokens, and some are rejected."""
+    dense = tiny("llama")
+    model = modadapt.convert(copy.deepcopy(dense), router="threshold-p", layers="all-but-first").eval()
+    x, mask, _ = left_pad([ids(1, n, seed=n)[0] for n in (5, 10)])
+    expected = greedy(dense, x, mask, 12)
+    for branches in ("host", "select", "gather"):
+        decoder = GraphedDecoder(model, speculate=3, branches=branches, draft="routers")
+        assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=12), expected)
+        assert decoder.speculation_stats()["acceptance"] == 1.0, branches
+    skipping = GraphedDecoder(model, speculate=3)
+    assert torch.equal(skipping.generate(x, attention_mask=mask, max_new_tokens=12), expected)
+    assert skipping.speculation_stats()["acceptance"] < 1.0
+
+
 def test_compiled_speculation_equals_dense_greedy(ids, left_pad, monkeypatch):
     """compile=True: the draft steps' and the verification's layers through torch.compile give
     the dense model's greedy tokens at batch 1 and in a left-padded batch; each shape compiles in
@@ -426,6 +444,11 @@ def test_captured_speculation_matches_dense_generate_on_cuda(stack, window):
                 sampling_is_seeded(
                     decoder.generate, x, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=2.0
                 )
+        keep_all = modadapt.convert(copy.deepcopy(dense), router="threshold-p", layers="all-but-first").eval()
+        decoder = GraphedDecoder(keep_all, branches=branches, speculate=4, draft="routers")
+        for x, mask in cuda_prompts():  # captured drafts that keep every token: every one accepted
+            assert torch.equal(decoder.generate(x, attention_mask=mask, max_new_tokens=40), greedy(dense, x, mask, 40))
+            assert decoder.speculation_stats()["acceptance"] == 1.0, (branches, x.shape[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
