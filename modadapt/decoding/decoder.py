@@ -52,11 +52,12 @@ class GraphedDecoder:
     gathered into a batch of a captured bucket size: the host picks the bucket, or conditional
     nodes do), `"auto"` (`modadapt.decoding.step.auto_branches`: what the branch sweep measured
     fastest, chosen per prompt from what its rows kept; a speculative draft, whose prompt runs
-    densely, gets the rule without that estimate). Every mode gives the same tokens; see `modadapt.decoding`.
+    densely, gets the rule without that estimate). Every mode gives the same tokens; see
+    `modadapt.decoding`.
 
     `speculate=K` (K >= 1; 0, the default, decodes one token per step) decodes a converted model
-    speculatively: the converted model drafts K tokens, the dense computation of the same weights checks
-    them in one forward of K + 1 tokens, and the output is the dense model's
+    speculatively: the converted model drafts K tokens, the dense computation of the same weights
+    checks them in one forward of K + 1 tokens, and the output is the dense model's
     (`modadapt.unload(model)`'s): its greedy tokens, or draws from its distribution. `draft` sets
     how deep the draft runs (`modadapt.decoding.Draft`: every MoD layer skipped by default, the
     fastest draft measured; ``"routers"`` for the routers' own choice, a `margin` to keep fewer
@@ -366,8 +367,8 @@ class GraphedDecoder:
             capacities = tuple(_round_up(int(n.max()) + max_new_tokens, BUCKET) for _, _, n, _ in stored)
         first = next_token(logits, sampling)
         self._check_router_versions()
-        mode = self.branches_for(B, self._none_kept([s[2] for s in stored], real))
-        step = self._step_for(B, capacities, max_new_tokens, sampling, mode=mode)
+        mode = self._mode_for(B, [n for _, _, n, _ in stored], real)
+        step = self._step_for(B, capacities, max_new_tokens, sampling, mode)
         for i, (k, v, n, held) in enumerate(stored):
             step.keys[i].zero_()
             step.values[i].zero_()
@@ -423,8 +424,7 @@ class GraphedDecoder:
             for i, layer in enumerate(self.layers)
         )
         kept = [torch.cat([n for _, _, n, _ in held[i]]) if layer.mod else None for i, layer in enumerate(self.layers)]
-        mode = self.branches_for(B, self._none_kept(kept, real))
-        step = self._step_for(B, capacities, max_new_tokens, sampling, buffers, mode=mode)
+        step = self._step_for(B, capacities, max_new_tokens, sampling, self._mode_for(B, kept, real), buffers)
         for i, layer in enumerate(self.layers):
             if not layer.mod:
                 step.lengths[i].copy_(counts)
@@ -530,24 +530,18 @@ class GraphedDecoder:
             held = held.gather(1, order)[:, :width]
         return keys.gather(2, index)[:, :, :width], values.gather(2, index)[:, :, :width], counts, held
 
-    def _none_kept(self, counts: list, real: torch.Tensor) -> float | None:
-        """`step.none_kept` of the prompt: `counts[i]` `[B]` what MoD layer `i` kept per row (None at
-        a dense layer); None when the prompt was not routed (speculating: the verifier's prefill)."""
-        kept = [n for n, layer in zip(counts, self.layers) if layer.mod and n is not None]
+    def _mode_for(self, batch: int, counts: list, real: torch.Tensor) -> str:
+        """The branch mode of a step after this prompt: `counts[i]` `[B]` is what layer `i` kept per
+        row (read at the MoD layers only), `real` the prompt's mask; `auto` estimates from them how
+        often no row keeps (`step.none_kept`), except speculating, where the prompt ran densely."""
+        kept = [n for n, layer in zip(counts, self.layers) if layer.mod]
         if self.speculate or not kept:
-            return None
-        return none_kept(torch.stack(kept), real.long().sum(-1))
+            return self.branches_for(batch)
+        return self.branches_for(batch, none_kept(torch.stack(kept), real.long().sum(-1)))
 
     def _step_for(
-        self,
-        batch: int,
-        capacities: tuple[int, ...],
-        new: int,
-        sampling: Sampling | None,
-        buffers=None,
-        mode: str | None = None,
+        self, batch: int, capacities: tuple[int, ...], new: int, sampling: Sampling | None, mode: str, buffers=None
     ):
-        mode = mode or self.branches_for(batch)
         key = (batch, capacities, new, sampling, mode)
         step = self._steps.get(key)
         if step is not None and buffers is None:

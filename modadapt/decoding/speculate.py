@@ -3,8 +3,8 @@
 A converted model holds two models in the same weights: with its routers (tokens skip MoD layers:
 cheaper) and dense (`modadapt.dense`: every layer runs every token, what the unconverted model
 computes). `GraphedDecoder(model, speculate=K)` drafts `K` tokens one at a time with the converted
-model (by default its MoD layers skipped outright, `Draft`), then runs the dense computation once on the `K + 1` tokens (the last emitted token and the
-drafts) and keeps the longest prefix the dense model agrees with, plus the dense model's own next
+model (by default its MoD layers skipped outright, `Draft`), then runs the dense computation once
+on the `K + 1` tokens (the last emitted token and the drafts) and keeps the longest prefix the dense model agrees with, plus the dense model's own next
 token. Greedy, the tokens are the dense model's greedy tokens; sampling, the acceptance test of
 speculative sampling (accept draft `x` with probability `min(1, p(x) / q(x))`, else draw from
 `max(0, p - q)`, renormalised) makes them draws from the dense model's distribution.
@@ -47,8 +47,8 @@ from .step import DecodeStep, StepLayer
 # benchmark's trained 97.5M-parameter models (H200, compiled graphed steps, benchmarks/README.md):
 # skipping every MoD layer ran 1.17-1.43x dense at B=1 K=4 and 1.13-1.15x at B=8, where the
 # routers' own choice ran 0.89x and 0.75x on the 0.69-FLOPs model (2026-12-02) and 0.98x and 0.63x
-# on the 0.53 one (2026-12-01): a routed draft layer still costs most of a dense one
-# at decode shapes, while the dense verifier accepts the shallower drafts nearly as often.
+# on the 0.53 one (2026-12-01): a routed draft layer still costs most of a dense one at decode
+# shapes, while the dense verifier accepts the shallower drafts nearly as often.
 DEFAULT_DRAFT = "skip=all"
 
 

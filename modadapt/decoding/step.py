@@ -82,10 +82,11 @@ def auto_branches(batch: int, conditional: bool, none_kept_chance: float | None 
 
 def none_kept(kept: torch.Tensor, real: torch.Tensor) -> float:
     """The chance that no row keeps a MoD layer's token, estimated from the prompt: `kept`
-    `[layers, B]` tokens each MoD layer kept per row, `real` `[B]` each row's prompt tokens; each
-    row keeps a new token with its prompt's share, independently; averaged over the layers."""
+    `[layers, B]` tokens each MoD layer kept per row (at least one layer), `real` `[B]` each row's
+    prompt tokens; each row keeps a new token with its prompt's share, independently; averaged
+    over the layers."""
     share = kept.double() / real.double().clamp_min(1)
-    return float((1 - share).clamp(0, 1).prod(dim=1).mean()) if len(kept) else 1.0
+    return float((1 - share).clamp(0, 1).prod(dim=1).mean())
 
 
 def gather_buckets(batch: int) -> tuple[int, ...]:
