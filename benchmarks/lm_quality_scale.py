@@ -16,7 +16,8 @@
    ``attention``; the control ``random``; ``dense-adapt`` (the dense model given the same
    training); layer deletion ``layer-drop-even`` / ``-cosine`` (ShortGPT: highest input/output
    similarity) / ``-arank`` (lowest attention-map rank), healed the same way. Routers sit on every
-   other layer, on all layers but the first, or on the layers ARank / cosine rank most redundant.
+   other layer, on all layers but the first, or on the layers ARank / cosine rank most redundant;
+   ``hybrid*`` variants delete fewer layers than deletion and route some of the rest.
    Ablations change one thing each (distillation, capacity warm-up, ...); the budget ablation
    (``*-2x``) doubles the steps, and the goals compare equal budgets only.
 5. **Metrics** per run and seed: valid and out-of-domain perplexity, FLOPs per token relative to
@@ -143,7 +144,10 @@ class Variant:
     adaptation steps as a multiple of the shared budget (> 1 only in the budget ablation, which the
     goals leave out: they compare equal budgets). `scope`: what the routers route (`ModConfig.scope`);
     with ``attention`` an ``even+N`` placement counts from the attention sublayers that
-    ``attention-drop-even`` deletes at the level."""
+    ``attention-drop-even`` deletes at the level. `spare` (hybrid: deletion, then routing): delete
+    `spare` fewer evenly spaced layers than deletion removes at the level, then route an ``even+N``
+    placement of the layers left, N more than `spare`; the capacity is solved for the level's FLOPs
+    of the whole model."""
 
     router: str
     placement: str = "-"
@@ -153,6 +157,7 @@ class Variant:
     budget: int = 1
     level: str | None = None  # only this compute level (elsewhere it repeats another variant)
     scope: str = "block"
+    spare: int = 0
 
 
 VARIANTS = {
@@ -203,6 +208,9 @@ VARIANTS = {
     "threshold-p-all-distill-2x": Variant("threshold-p", "all-but-first", recipe={"distill": 1.0}, budget=2),
     "layer-drop-even-2x": Variant("layer-drop-even", budget=2),
     "topk-distill-even+1-2x": Variant("topk", "even+1", recipe={"distill": 1.0}, budget=2),
+    # hybrids: delete two layers fewer than deletion, route 3 (or 4) of the rest at the level's FLOPs
+    "hybrid2-topk-distill-even+1": Variant("topk", "even+1", recipe={"distill": 1.0}, spare=2),
+    "hybrid2-topk-distill-even+2": Variant("topk", "even+2", recipe={"distill": 1.0}, spare=2),
     # sublayers: routers on the attention only, one more than attention deletion removes
     "topk-distill-attention-even+1": Variant("topk", "even+1", recipe={"distill": 1.0}, scope="attention"),
 }
@@ -721,20 +729,34 @@ def plan(
                 if spec_of.router in STATIC:
                     task["drop_count"] = reference
                 else:
-                    routed = placement_layers(spec_of.placement, layers, scores, reference)
+                    host, target, deleted = model, spec["flops_ratio"], []
+                    if spec_of.spare:  # a hybrid routes what a smaller deletion leaves
+                        if reference - spec_of.spare < 1:
+                            if seed == seeds[0]:
+                                notes.append(
+                                    f"{variant} at {level}: deletion removes {reference} layers, so sparing "
+                                    f"{spec_of.spare} of them deletes none (that is {spec_of.placement} routing)"
+                                )
+                            continue
+                        deleted = evenly_spaced(reference - spec_of.spare, layers)
+                        host = remove_layers(model, deleted)
+                        target /= drop_ratio(model, deleted, T)  # the level is a ratio to the whole model
+                        task["deleted_layers"] = deleted
+                    reference = spec_of.spare or reference
+                    routed = placement_layers(spec_of.placement, layers - len(deleted), scores, reference)
                     if spec_of.capacities:
                         capacities = solve_capacities(
-                            model, routed, layer_need(scores, spec_of.capacities, routed), spec["flops_ratio"], T
+                            host, routed, layer_need(scores, spec_of.capacities, routed), target, T
                         )
                         capacity = None if capacities is None else sum(capacities.values()) / len(capacities)
                     else:
                         capacities = None
                         capacity = solve_capacity(
-                            model,
+                            host,
                             routed,
-                            spec["flops_ratio"],
+                            target,
                             T,
-                            router_extra_flops(model, spec_of.router, routed, T),
+                            router_extra_flops(host, spec_of.router, routed, T),
                             spec_of.scope,
                         )
                     if capacity is None:
@@ -836,13 +858,15 @@ def run_task(task: dict, ctx: dict) -> dict:
     steps = scale.adapt_steps * variant.budget
     options = recipe_options(variant, steps)
     routing, drop = dict(EXACTLY_DENSE), None
+    deleted = task.get("deleted_layers", [])  # a hybrid's deletion before routing
+    share = drop_ratio(dense, deleted, scale.seq_len)  # its FLOPs, relative to the whole model
     if variant.router == "dense-adapt":
         model = copy.deepcopy(dense)
     elif variant.router in STATIC:
         drop = static_drop(task, ctx["scores"], layers)
         model = (remove_attention if variant.router == ATTENTION_DROP else remove_layers)(dense, drop)
     else:
-        model = copy.deepcopy(dense)
+        model = remove_layers(dense, deleted) if deleted else copy.deepcopy(dense)
         kwargs = dict(variant.router_kwargs)
         if task["router"] == "threshold-p":
             kwargs.update(alpha=THRESHOLD_ALPHA, target=task["capacity"])
@@ -895,7 +919,7 @@ def run_task(task: dict, ctx: dict) -> dict:
         "level": task["level"],
         "seed": task["seed"],
         "params": sum(p.numel() for p in model.parameters()),
-        "layers": layers - len(drop or []) if variant.router != ATTENTION_DROP else layers,
+        "layers": layers - len(drop or deleted) if variant.router != ATTENTION_DROP else layers,
         "valid_ppl": summary["valid_ppl"]["converted_after"],
         "ood_ppl": math.exp(ood),
         "valid_ppl_before": summary["valid_ppl"]["converted_before"],
@@ -930,13 +954,17 @@ def run_task(task: dict, ctx: dict) -> dict:
         kept = summary["kept_fraction"]["after"]
         if "cutoff_rule" in task:
             record["cutoff_rule"] = task["cutoff_rule"]
+        if deleted:  # routed layers are numbered in the model deletion left
+            record["deleted_layers"] = deleted
         record.update(
             router=task["router"],
-            placement=task["placement"] + ("" if variant.scope == "block" else f", {variant.scope}"),
+            placement=(f"delete {','.join(map(str, deleted))}, then " if deleted else "")
+            + task["placement"]
+            + ("" if variant.scope == "block" else f", {variant.scope}"),
             scope=variant.scope,
             routed_layers=task["routed_layers"],
             capacity=task["capacity"],
-            flops_ratio=summary["flops_ratio"],
+            flops_ratio=summary["flops_ratio"] * share,
             kept_fraction=sum(kept.values()) / len(kept),
             kept_fraction_per_layer=kept,
             router_kwargs=routing["router_kwargs"],
@@ -947,6 +975,7 @@ def run_task(task: dict, ctx: dict) -> dict:
     if summary.get("calibrated_cutoffs"):  # the cut-offs set for inference after training, and training's
         record["cutoffs"] = summary["calibrated_cutoffs"]
         record.update(at_training_cutoffs(model, data["valid"], scale.adapt_batch, device, record["cutoffs"]))
+        record["flops_ratio_training_cutoff"] *= share
     keep = task["variant"] in args.keep_models.split(",")  # e.g. for speed.py's speculative decoding
     for name in ("checkpoint",) if keep else ("checkpoint", "model"):  # 1.2 GB per run: 60 would fill the disk
         shutil.rmtree(out / name, ignore_errors=True)

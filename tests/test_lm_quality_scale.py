@@ -143,6 +143,14 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
             assert len(r["dropped_layers"]) == levels[r["level"]]["drop"] and r["layers"] == 6 - len(
                 r["dropped_layers"]
             )
+    for r in (r for r in adapted if bench.VARIANTS[r["variant"]].spare):  # hybrids: deletion, then routing
+        deleted = r["deleted_layers"]
+        assert deleted == bench.evenly_spaced(levels[r["level"]]["drop"] - 2, 6) and r["layers"] == 6 - len(deleted)
+        assert r["placement"].startswith(f"delete {','.join(map(str, deleted))}, then even+")
+        assert max(r["routed_layers"]) < r["layers"] and r["flops_ratio"] <= r["target_flops_ratio"] + 0.01
+        assert r["flops_ratio"] < bench.drop_ratio(bench.build_dense(bench.TINY, 0), deleted, bench.TINY.seq_len)
+    ids = {bench.task_id(r) for r in both}  # at 0.70 the tiny model's deletion removes 2 layers: sparing both, none
+    assert "hybrid2-topk-distill-even+1~spread@0.55#s0" in ids and "hybrid2-topk-distill-even+1~spread@0.70#s0" not in ids
     scoped = [r for r in adapted if r["variant"] == "topk-distill-attention-even+1"]
     assert scoped and all(
         r["scope"] == "attention" and r["flops_ratio"] <= r["target_flops_ratio"] + 0.01 for r in scoped
@@ -258,6 +266,28 @@ def test_flops_ratios_agree_with_a_direct_count(bench):
     assert formula / bench.sequence_flops(bench.flops_table(dense), T) <= 0.7
     assert formula * 2 == pytest.approx(counted_flops(converted, tokens), rel=1e-9)
     assert bench.solve_capacities(dense, routed, need, 0.3, T) is None
+    # a hybrid: the level's FLOPs counted on the model deletion left, relative to the whole model
+    task = next(
+        t
+        for t in bench.plan(dense, bench.TINY, {}, ["hybrid2-topk-distill-even+2"], [0])[0]
+        if t["level"] == "0.55"
+    )
+    host = bench.remove_layers(dense, task["deleted_layers"])
+    hybrid = modadapt.convert(
+        host, router="topk", capacity=task["capacity"], layers=task["routed_layers"], inference_routing="topk"
+    )
+    counted = counted_flops(hybrid, tokens) / full
+    assert counted <= task["target_flops_ratio"] + 1e-9
+    assert counted == pytest.approx(
+        bench.sequence_flops(
+            bench.dense_table(host, task["routed_layers"]),
+            T,
+            {i: round(task["capacity"] * T) for i in task["routed_layers"]},
+        )
+        * 2
+        / full,
+        rel=1e-9,
+    )
 
 
 def test_goals_are_judged_from_means_and_spreads(bench):
