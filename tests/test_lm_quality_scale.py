@@ -150,7 +150,9 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
         assert max(r["routed_layers"]) < r["layers"] and r["flops_ratio"] <= r["target_flops_ratio"] + 0.01
         assert r["flops_ratio"] < bench.drop_ratio(bench.build_dense(bench.TINY, 0), deleted, bench.TINY.seq_len)
     ids = {bench.task_id(r) for r in both}  # at 0.70 the tiny model's deletion removes 2 layers: sparing both, none
-    assert "hybrid2-topk-distill-even+1~spread@0.55#s0" in ids and "hybrid2-topk-distill-even+1~spread@0.70#s0" not in ids
+    assert (
+        "hybrid2-topk-distill-even+1~spread@0.55#s0" in ids and "hybrid2-topk-distill-even+1~spread@0.70#s0" not in ids
+    )
     scoped = [r for r in adapted if r["variant"] == "topk-distill-attention-even+1"]
     assert scoped and all(
         r["scope"] == "attention" and r["flops_ratio"] <= r["target_flops_ratio"] + 0.01 for r in scoped
@@ -268,9 +270,7 @@ def test_flops_ratios_agree_with_a_direct_count(bench):
     assert bench.solve_capacities(dense, routed, need, 0.3, T) is None
     # a hybrid: the level's FLOPs counted on the model deletion left, relative to the whole model
     task = next(
-        t
-        for t in bench.plan(dense, bench.TINY, {}, ["hybrid2-topk-distill-even+2"], [0])[0]
-        if t["level"] == "0.55"
+        t for t in bench.plan(dense, bench.TINY, {}, ["hybrid2-topk-distill-even+2"], [0])[0] if t["level"] == "0.55"
     )
     host = bench.remove_layers(dense, task["deleted_layers"])
     hybrid = modadapt.convert(
