@@ -147,7 +147,7 @@ class Variant:
     ``attention-drop-even`` deletes at the level. `spare` (hybrid: deletion, then routing): delete
     `spare` fewer evenly spaced layers than deletion removes at the level, then route an ``even+N``
     placement of the layers left, N more than `spare`; the capacity is solved for the level's FLOPs
-    of the whole model."""
+    of the whole model, and the goals count a hybrid as a learned router."""
 
     router: str
     placement: str = "-"
@@ -158,6 +158,11 @@ class Variant:
     level: str | None = None  # only this compute level (elsewhere it repeats another variant)
     scope: str = "block"
     spare: int = 0
+
+    def __post_init__(self):
+        # the layer scores and capacities index the whole model, not the one deletion leaves
+        if self.spare and (not self.placement.startswith("even+") or self.capacities or self.scope != "block"):
+            raise ValueError("a hybrid (spare > 0) routes whole blocks on an even+N placement, one capacity")
 
 
 VARIANTS = {
@@ -742,8 +747,9 @@ def plan(
                         host = remove_layers(model, deleted)
                         target /= drop_ratio(model, deleted, T)  # the level is a ratio to the whole model
                         task["deleted_layers"] = deleted
-                    reference = spec_of.spare or reference
-                    routed = placement_layers(spec_of.placement, layers - len(deleted), scores, reference)
+                    routed = placement_layers(
+                        spec_of.placement, layers - len(deleted), scores, spec_of.spare or reference
+                    )
                     if spec_of.capacities:
                         capacities = solve_capacities(
                             host, routed, layer_need(scores, spec_of.capacities, routed), target, T

@@ -268,7 +268,11 @@ def test_flops_ratios_agree_with_a_direct_count(bench):
     assert formula / bench.sequence_flops(bench.flops_table(dense), T) <= 0.7
     assert formula * 2 == pytest.approx(counted_flops(converted, tokens), rel=1e-9)
     assert bench.solve_capacities(dense, routed, need, 0.3, T) is None
-    # a hybrid: the level's FLOPs counted on the model deletion left, relative to the whole model
+    # a hybrid: the level's FLOPs counted on the model deletion left, relative to the whole model;
+    # placements and capacities by layer scores would index the whole model, so a hybrid takes neither
+    for bad in ({"placement": "cosine"}, {"placement": "even+1", "capacities": "arank"}):
+        with pytest.raises(ValueError, match="hybrid"):
+            bench.Variant("topk", spare=2, **bad)
     task = next(
         t for t in bench.plan(dense, bench.TINY, {}, ["hybrid2-topk-distill-even+2"], [0])[0] if t["level"] == "0.55"
     )
