@@ -47,7 +47,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .sources import load_model
 
     fields = load_config_file(args.config) if args.config else {}
-    for name in ("router", "layers", "capacity", "inference_routing", "packing", "scope", "pack_bucket"):
+    for name in (
+        "router",
+        "layers",
+        "capacity",
+        "inference_routing",
+        "packing",
+        "scope",
+        "pack_bucket",
+        "pack_reserve",
+    ):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -418,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", choices=PACKING, help=field_help("packing"))
     p.add_argument("--scope", choices=SCOPES, help=field_help("scope"))
     p.add_argument("--pack-bucket", dest="pack_bucket", type=int, metavar="N", help=field_help("pack_bucket"))
+    p.add_argument("--pack-reserve", dest="pack_reserve", type=float, metavar="SHARE", help=field_help("pack_reserve"))
     p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("router_kwargs"))
     p.add_argument("--adapter-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("adapter_kwargs"))
     p.add_argument(

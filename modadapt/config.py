@@ -98,6 +98,17 @@ class ModConfig:
         },
     )
 
+    pack_reserve: float | None = field(
+        default=None,
+        metadata={
+            "help": "In eval mode without a KV cache (prefill with use_cache=False, scoring), pack "
+            "each MoD layer's kept tokens into this share of the call's tokens (rounded up to "
+            "pack_bucket) instead of counting them on the host first: no host sync per MoD layer, "
+            "which is what bounds batch-1 prefill. A forward in which some layer keeps more runs "
+            "again with exact counts (one check per forward, at its end). None: exact counts."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.router, str) or not self.router:
             raise ModAdaptError("ModConfig.router must be a router name, e.g. 'topk'.")
@@ -121,6 +132,11 @@ class ModConfig:
             isinstance(self.pack_bucket, bool) or not isinstance(self.pack_bucket, int) or self.pack_bucket < 1
         ):
             raise ModAdaptError(f"pack_bucket must be a positive int or None, got {self.pack_bucket!r}.")
+        if self.pack_reserve is not None:
+            share = self.pack_reserve
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+                raise ModAdaptError(f"pack_reserve must be a share in (0, 1] or None, got {share!r}.")
+            self.pack_reserve = float(share)
         if not isinstance(self.router_kwargs, dict):
             raise ModAdaptError("router_kwargs must be a dict of router arguments.")
         if not isinstance(self.adapter_kwargs, dict):

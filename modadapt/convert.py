@@ -146,6 +146,7 @@ class _Hooks:
             self.state.roles, self.pending = self.pending, None
         else:
             self.state.roles = self.state.adapter.token_roles(module, args, kwargs)
+        self.state.in_stack, self.state.pack_overflow = True, None
         no_cache = all(kwargs.get(layer.call.cache) is None for layer in self.state.layers if layer.call.cache)
         if module.training and no_cache and kwargs.get("use_cache", False) is None:
             # A training forward has no use for a KV cache; not building one keeps it compilable.
@@ -153,7 +154,17 @@ class _Hooks:
         return None
 
     def after_stack(self, module, args, kwargs, output):
-        self.state.roles = TokenRoles()  # never leak one call's roles into a direct layer call
+        roles, self.state.roles = self.state.roles, TokenRoles()  # never leak into a direct layer call
+        overflow, self.state.pack_overflow, self.state.in_stack = self.state.pack_overflow, None, False
+        if output is None or overflow is None or not bool(overflow):  # the forward's one host check
+            return None
+        # Some layer kept more tokens than `ModConfig.pack_reserve` holds: run again, exact counts.
+        self.state.pack_reruns += 1
+        self.state.pack_exact, self.pending = True, roles
+        try:
+            return module(*args, **kwargs)
+        finally:
+            self.state.pack_exact, self.pending = False, None
 
     def after_model(self, module, args, kwargs, output):
         """Add the routers' auxiliary losses to the loss the model returns (labels given)."""

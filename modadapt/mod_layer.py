@@ -11,6 +11,7 @@ many tokens came before (`Host`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,13 @@ class ModelState:
     hooks: list = field(default_factory=list)
     dense: bool = False  # inside `modadapt.dense(model)`: every MoD layer runs its original forward
     family: dict = field(default_factory=dict)  # what the adapter's `attach` keeps for this conversion
+    #: `ModConfig.pack_reserve`'s bookkeeping: whether a stack forward is running (the check at
+    #: its end guards the reserved slots), the forward's layers' overflow flags or'ed together
+    #: on the device, whether the stack is running again with exact counts, and how often it had to.
+    in_stack: bool = False
+    pack_overflow: Any = None
+    pack_exact: bool = False
+    pack_reruns: int = 0
 
     def config_dict(self) -> dict:
         """The ModConfig with its layer rule resolved to the converted indices (what `load` needs)."""
@@ -219,14 +227,15 @@ def _routing_context(layer: nn.Module, state: LayerState, hidden: torch.Tensor, 
     )
 
 
-def can_pack(layer: nn.Module, hidden: torch.Tensor, book, span: int, causal: bool) -> bool:
+def can_pack(layer: nn.Module, hidden: torch.Tensor, book, span: int, causal: bool, reserved: bool = False) -> bool:
     """Whether this call may run rows' kept tokens packed (`modadapt.varlen`): a batch with no
     cache, an empty one (a prefill) or a packed one (a decode step), on a layer whose adapter
     supports it, with SDPA and no window cutting the span, when the router selects by a mask
-    (a capacity router's training-time top-k has a static shape: nothing to gain)."""
+    (a capacity router's training-time top-k has a static shape: nothing to gain). One row packs
+    only into `reserved` slots (else its rows layout needs no filler and no mask)."""
     state: LayerState = layer.mod_state
     call, mode = state.call, state.model.config.packing
-    if mode == "padded" or hidden.shape[0] < 2:
+    if mode == "padded" or (hidden.shape[0] < 2 and not reserved):
         return False
     if layer.router.capacity_based and not causal:
         return False
@@ -340,17 +349,23 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     ctx = _routing_context(layer, state, hidden, arguments, seen)
     if B == 1 and T == 1 and _plain_decode_step(state, book, seen):
         return _decode_one_token(layer, arguments, hidden, book, ctx)
-    ctx.pack = can_pack(layer, hidden, book, seen + T, ctx.causal)
+    reserve = _pack_reserve(layer, state.model, book)
+    ctx.pack = can_pack(layer, hidden, book, seen + T, ctx.causal, reserved=reserve is not None)
     if ctx.pack and book is None:  # a cached call appends exact counts to the cache
         ctx.pack_bucket = state.model.config.pack_bucket
-    bucketed = ctx.pack_bucket is not None
+        if reserve is not None:
+            ctx.pack_slots = reserved_slots(reserve, B * T, ctx.pack_bucket)
+    fillers = ctx.fillers
     flat = {}
     if ctx.pack:  # launched before routing syncs with the host, so the GPU is not left waiting
         for name in (*call.per_token, call.position_ids):
             if name is not None and arguments.get(name) is not None:
-                flat[name] = _flatten_rows(arguments.get(name), B, T, dummy_row=bucketed)
+                flat[name] = _flatten_rows(arguments.get(name), B, T, dummy_row=fillers)
     decision: RoutingDecision = layer.router.route(hidden, ctx)
     _record(state, decision, ctx)
+    if decision.overflow is not None:  # checked once, at the end of the stack's forward
+        seen_overflow = state.model.pack_overflow
+        state.model.pack_overflow = decision.overflow if seen_overflow is None else seen_overflow | decision.overflow
 
     K = decision.indices.shape[1]
     if K == 0:  # nothing to process in any row: skip the layer outright, write no K/V
@@ -361,7 +376,7 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     packed = decision.segments is not None
     rows = hidden
     if packed:  # all rows as one: [1, B * T] (+ the dummy row fillers index); `decision.indices` index it
-        hidden = _flatten_rows(hidden, B, T, dummy_row=bucketed)
+        hidden = _flatten_rows(hidden, B, T, dummy_row=fillers)
         for name, value in flat.items():
             arguments.set(name, value)
     index = decision.indices
@@ -372,10 +387,11 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
         if name is not None and arguments.get(name) is not None:
             arguments.set(name, _gather_tokens(arguments.get(name), index))
     state.on_subset = True
-    state.subset_valid = index < B * T if bucketed else decision.valid  # bucket fillers index B * T
+    state.subset_valid = index < B * T if fillers else decision.valid  # filler tokens index B * T
     try:
         if packed:
-            out = _run_packed(layer, arguments, decision, book, T, seen, longest=max(T, ctx.pack_bucket or 0))
+            longest = max(T, ctx.pack_slots or ctx.pack_bucket or 0)  # a row's segment, or the fillers'
+            out = _run_packed(layer, arguments, decision, book, T, seen, longest=longest)
         else:
             out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
     finally:
@@ -388,12 +404,27 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     if decision.valid is not None:
         out_sub = torch.where(decision.valid.unsqueeze(-1), out_sub, hidden_sub if call.skipped is None else 0)
     result = base.scatter(1, gather_index, out_sub.to(hidden.dtype))
-    result = result[:, : B * T].reshape(rows.shape) if bucketed else result.view_as(rows)
+    result = result[:, : B * T].reshape(rows.shape) if fillers else result.view_as(rows)
     if call.output_norm is not None and decision.gate is not None:  # for the norm after the sublayer
         gate = decision.gate if decision.valid is None else torch.where(decision.valid, decision.gate, 1)
         gate = torch.ones(hidden.shape[:2], dtype=gate.dtype, device=gate.device).scatter(1, index, gate)
-        state.output_gate = gate[:, : B * T].reshape(B, T) if bucketed else gate.view(B, T)
+        state.output_gate = gate[:, : B * T].reshape(B, T) if fillers else gate.view(B, T)
     return (result, *out[1:]) if isinstance(out, tuple) else result
+
+
+def _pack_reserve(layer: nn.Module, model: ModelState, book) -> float | None:
+    """`ModConfig.pack_reserve` where it applies: an eval call with no cache inside a stack
+    forward (whose end checks the overflow) that is not already running again exactly."""
+    reserve = model.config.pack_reserve
+    if reserve is None or book is not None or layer.training or not model.in_stack or model.pack_exact:
+        return None
+    return reserve
+
+
+def reserved_slots(reserve: float, tokens: int, bucket: int | None) -> int:
+    """The slots `reserve` of `tokens` takes: rounded up, to a multiple of `bucket` if given."""
+    step = bucket or 1
+    return max(step, -(-math.ceil(reserve * tokens) // step) * step)
 
 
 def _run_packed(

@@ -33,6 +33,8 @@ def test_convert_preset_and_load(tmp_path, capsys):
         "padded",
         "--pack-bucket",
         "128",
+        "--pack-reserve",
+        "0.5",
         "-o",
         str(out),
     )
@@ -43,7 +45,7 @@ def test_convert_preset_and_load(tmp_path, capsys):
     assert meta["mod_config"]["router_kwargs"] == {"aux_coef": 0.1}
     assert meta["mod_config"]["packing"] == "padded" and meta["mod_config"]["pack_bucket"] == 128
     model = modadapt.load(out)
-    assert model._modadapt_state.config.pack_bucket == 128
+    assert model._modadapt_state.config.pack_bucket == 128 and model._modadapt_state.config.pack_reserve == 0.5
     assert [layer.mod_state.index for layer in modadapt.mod_layers(model)] == [1, 3]
     assert modadapt.mod_layers(model)[0].router.aux_coef == 0.1
 

@@ -72,12 +72,15 @@ def test_compiled_packed_threshold_model_equals_eager():
     assert any(len(set(c.tolist())) > 1 for c in counts)  # rows kept different counts: really packed
 
 
-@pytest.mark.parametrize("dynamic, bucket", [(None, None), (False, 64), (False, None)])
-def test_compiled_packed_threshold_model_stops_recompiling(dynamic, bucket):
+@pytest.mark.parametrize(
+    "dynamic, bucket, reserve", [(None, None, None), (False, 64, None), (False, None, None), (False, None, 1.0)]
+)
+def test_compiled_packed_threshold_model_stops_recompiling(dynamic, bucket, reserve):
     """Kept counts change every batch. torch.compile's default (automatic dynamic shapes) makes the
     packed size symbolic after the first change; with `dynamic=False`, `pack_bucket` keeps the
     graphs after each MoD layer's sync at bucketed sizes: either way nothing compiles after the
-    second call. With `dynamic=False` and no buckets every new count compiles anew.
+    second call. With `dynamic=False` and no buckets every new count compiles anew, unless
+    `pack_reserve` fixes every packed size.
 
     Dynamo's recompile limit is raised so that the storm is not cut short: past the limit a code
     object runs eagerly, and from transformers 5.24 every model, layer and attention forward is
@@ -86,7 +89,9 @@ def test_compiled_packed_threshold_model_stops_recompiling(dynamic, bucket):
     from torch._dynamo.utils import counters
 
     model = modadapt.build_preset("tiny-llama")
-    modadapt.convert(model, router="threshold-p", layers="all-but-first", packing="packed", pack_bucket=bucket)
+    modadapt.convert(
+        model, router="threshold-p", layers="all-but-first", packing="packed", pack_bucket=bucket, pack_reserve=reserve
+    )
     generator = torch.Generator().manual_seed(0)
     for layer in modadapt.mod_layers(model):
         layer.router.scorer.weight.data = torch.randn(layer.router.scorer.weight.shape, generator=generator)
@@ -108,7 +113,7 @@ def test_compiled_packed_threshold_model_stops_recompiling(dynamic, bucket):
     assert len(set(kept)) == len(kept)  # every batch kept a different number of tokens
     assert gave_up == 0  # every call was compiled, none fell back to eager
     # (the second call compiles once more either way: the first filled the router's threshold cache)
-    if dynamic is False and bucket is None:
+    if dynamic is False and bucket is None and reserve is None:
         assert graphs[-1] > graphs[1], graphs  # the recompile storm buckets avoid
     else:
         assert graphs[1] == graphs[-1], graphs

@@ -15,7 +15,8 @@ import modadapt
 from modadapt import varlen
 from modadapt.adapters.hf.versions import cache_kwarg, returned_cache
 from modadapt.errors import ModAdaptError
-from modadapt.routers.base import pack_rows
+from modadapt.routers import base
+from modadapt.routers.base import pack_reserved, pack_rows
 
 
 @pytest.fixture
@@ -143,6 +144,107 @@ def test_pack_rows_buckets_with_a_filler_segment():
     assert indices.tolist() == [[0, 2, 5]] and segments.tolist() == [0, 2, 3, 3]  # a multiple already
     with pytest.raises(ModAdaptError, match="pack_bucket"):
         modadapt.ModConfig(pack_bucket=0)
+
+
+def _host_counts(monkeypatch) -> list:
+    """Makes the packed path's count of kept tokens on the host (`nonzero`) fail, and lists the
+    rows layout's calls (`pack_mask`, which counts on the host too): a reserved pack needs neither."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reserved pack counted its kept tokens on the host")
+
+    calls, rows_layout = [], base.pack_mask
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return rows_layout(*args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", refuse)
+    monkeypatch.setattr(base, "pack_mask", counting)
+    return calls
+
+
+def _exact_and_reserved(tiny, family, randomize_routers, **config):
+    """The same randomly routed model, packed with exact counts and with `config` (a reserve),
+    dropout off so that training forwards compare too."""
+    models = []
+    for extra in ({}, config):
+        model = modadapt.convert(tiny(family), router="threshold-p", layers="all-but-first", packing="packed", **extra)
+        randomize_routers(model)
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("bucket", [None, 8])
+def test_reserved_packing_needs_no_host_count_and_gives_the_exact_pack(
+    core_family, rows, bucket, tiny, ids, left_pad, randomize_routers, packed_calls, monkeypatch
+):
+    """`pack_reserve` packs each layer into a fixed share of the call's tokens (batch 1 too, which
+    otherwise runs unpacked): the logits equal the exact pack's, no layer counts on the host, and a
+    forward in which no layer overflows runs once."""
+    exact, reserved = _exact_and_reserved(tiny, core_family, randomize_routers, pack_reserve=1.0, pack_bucket=bucket)
+    x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)[:rows]])
+    with torch.no_grad():
+        expected = exact(x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        before = len(packed_calls)
+        with monkeypatch.context() as patch:
+            counted = _host_counts(patch)
+            got = reserved(x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    layers = modadapt.mod_layers(reserved)
+    windowed = [layer for layer in layers if _slides(layer) and x.shape[1] > layer.mod_state.call.window]
+    slots = -(-x.numel() // (bucket or 1)) * (bucket or 1)
+    assert packed_calls[before:] == [slots] * (len(layers) - len(windowed))  # sliding windows pad
+    assert len(counted) == len(windowed)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+    assert modadapt.mod_layer.state_of(reserved).pack_reruns == 0
+
+
+def test_reserved_packing_that_overflows_runs_again_exactly(core_family, tiny, ids, left_pad, randomize_routers):
+    """A layer that keeps more tokens than `pack_reserve` holds makes the forward run again with
+    exact counts: the logits are still the exact pack's, and the rerun is counted."""
+    exact, reserved = _exact_and_reserved(tiny, core_family, randomize_routers, pack_reserve=0.05)
+    x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+    with torch.no_grad():
+        expected = exact(x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        got = reserved(x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert modadapt.mod_layer.state_of(reserved).pack_reruns == 1
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+def test_reserved_packing_leaves_training_and_cached_calls_exact(
+    core_family, tiny, ids, randomize_routers, monkeypatch
+):
+    """Training forwards and calls with a KV cache count exactly (a rerun would double a training
+    step's router statistics; a cache must hold exact counts), so a tiny reserve changes nothing."""
+    exact, reserved = _exact_and_reserved(tiny, core_family, randomize_routers, pack_reserve=0.05)
+    x = ids(2, 9, seed=3)
+    losses = []
+    for model in (exact, reserved):
+        model.train()
+        losses.append(model(x, labels=x, use_cache=False).loss.detach())
+        model.eval()
+    torch.testing.assert_close(losses[1], losses[0])
+    with torch.no_grad():
+        torch.testing.assert_close(reserved(x, use_cache=True).logits, exact(x, use_cache=True).logits)
+    assert modadapt.mod_layer.state_of(reserved).pack_reruns == 0
+
+
+def test_pack_reserved_cuts_an_overflow_inside_its_slots():
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    indices, segments, _, overflow = pack_reserved(keep, None, None, slots=6)
+    assert indices.tolist() == [[0, 2, 4, 5, 6, 6]] and segments.tolist() == [0, 2, 4, 6]
+    assert not bool(overflow)
+    indices, segments, _, overflow = pack_reserved(keep, None, None, slots=3)
+    assert indices.tolist() == [[0, 2, 4]] and segments.tolist() == [0, 2, 3, 3] and bool(overflow)
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ModAdaptError, match="pack_reserve"):
+            modadapt.ModConfig(pack_reserve=bad)
 
 
 def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, randomize_routers, last_keeps, packed_calls):
@@ -424,18 +526,33 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
 
 
 def test_speed_benchmark_pack_bucket_reaches_the_models(tmp_path, monkeypatch):
-    """`--pack-bucket N` converts the MoD models with `pack_bucket=N` (what `--compile` prefill
-    needs to compile once per bucket) and every record says so."""
+    """`--pack-bucket N` and `--pack-reserve SHARE` convert the MoD models with them (what
+    `--compile` prefill needs to compile once per bucket; prefill with no sync per layer) and
+    every record says so; prefill records count the forwards that overflowed the reserve."""
     bench = _speed_bench(monkeypatch)
     seen = []
     make_mod = bench.make_mod
 
     def recording(*args, **kwargs):
         model, fraction, reached = make_mod(*args, **kwargs)
-        seen.append(modadapt.mod_layer.state_of(model).config.pack_bucket)
+        config = modadapt.mod_layer.state_of(model).config
+        seen.append((config.pack_bucket, config.pack_reserve))
         return model, fraction, reached
 
     monkeypatch.setattr(bench, "make_mod", recording)
-    argv = ["--tiny", "--scenarios", "prefill", "--routers", "threshold-p", "--pack-bucket", "8"]
+    argv = [
+        "--tiny",
+        "--scenarios",
+        "prefill",
+        "--routers",
+        "threshold-p",
+        "--pack-bucket",
+        "8",
+        "--pack-reserve",
+        "0.05",
+    ]
     records = _run_speed(bench, argv, tmp_path / "p.json")
-    assert seen == [8] and records and all(r["pack_bucket"] == 8 for r in records)
+    assert seen == [(8, 0.05)] and records
+    assert all(r["pack_bucket"] == 8 and r["pack_reserve"] == 0.05 for r in records)
+    prefill = [r for r in records if r["scenario"].startswith("prefill")]
+    assert prefill and all(isinstance(r["pack_reruns"], int) for r in prefill)  # off CUDA `auto` pads: 0

@@ -68,6 +68,8 @@ class RoutingContext:
             `RoutingDecision.segments`).
         pack_bucket: With `pack`, round the packed count up to a multiple of this (filler
             tokens, see `pack_rows`); None: exact.
+        pack_slots: With `pack`, pack into exactly this many slots without counting the kept
+            tokens on the host (`pack_reserved`; `ModConfig.pack_reserve`); None: count them.
     """
 
     layer_index: int
@@ -80,6 +82,12 @@ class RoutingContext:
     prefix: int = 0
     pack: bool = False
     pack_bucket: int | None = None
+    pack_slots: int | None = None
+
+    @property
+    def fillers(self) -> bool:
+        """Whether a packed selection may hold filler tokens (index `B * T`, a dummy row)."""
+        return self.pack_bucket is not None or self.pack_slots is not None
 
     def routed(self) -> torch.Tensor:
         """`[B, T]` bool: the tokens the capacity is shared among (real, not forced, not prefix)."""
@@ -114,6 +122,9 @@ class RoutingDecision:
         expert_slots: `[B, T]` long, for a router that also drops some of a mixture of experts'
             top-k slots (`noop-expert`): how many experts each token runs (0 where skipped), for
             the FLOPs model. None: a kept token runs all of its top-k experts.
+        overflow: Packed into reserved slots (`RoutingContext.pack_slots`): a 0-dim bool tensor,
+            True when more tokens were kept than the slots hold (the selection was cut short and
+            the forward must run again with exact counts). None otherwise.
     """
 
     indices: torch.Tensor
@@ -124,6 +135,7 @@ class RoutingDecision:
     logits: torch.Tensor
     segments: torch.Tensor | None = None
     expert_slots: torch.Tensor | None = None
+    overflow: torch.Tensor | None = None
 
 
 def straight_through_one(x: torch.Tensor) -> torch.Tensor | None:
@@ -321,11 +333,14 @@ class Router(nn.Module):
     def route(self, hidden: torch.Tensor, ctx: RoutingContext) -> RoutingDecision:
         logits = self.score(hidden, ctx)
         choice = self.causal_keep(logits, hidden, ctx) if ctx.causal else self.select(logits, hidden, ctx)
-        segments = None
+        segments = overflow = None
         if isinstance(choice, float):
             static_prefix = ctx.prefix if ctx.real is None else 0
             forced = None if static_prefix else ctx.forced
             indices, valid, keep = select_topk(logits, choice, ctx.real, forced, prefix=static_prefix)
+        elif ctx.pack and ctx.pack_slots is not None:
+            indices, segments, keep, overflow = pack_reserved(choice, ctx.real, ctx.forced, ctx.pack_slots)
+            valid = None
         elif ctx.pack:
             indices, segments, keep = pack_rows(choice, ctx.real, ctx.forced, bucket=ctx.pack_bucket)
             valid = None
@@ -334,7 +349,7 @@ class Router(nn.Module):
         gate = self.gate(logits) if indices.shape[1] else None  # None at inference: no gather
         if gate is not None:
             if segments is not None:  # flat, with a gate of 1 for the dummy filler index
-                gate = F.pad(gate.reshape(1, -1), (0, 1), value=1.0) if ctx.pack_bucket else gate.reshape(1, -1)
+                gate = F.pad(gate.reshape(1, -1), (0, 1), value=1.0) if ctx.fillers else gate.reshape(1, -1)
             gate = gate.gather(1, indices)
         aux = self.aux_loss(logits, keep, hidden, ctx) if ctx.training else None
         if self.causal_cutoff and ctx.training and isinstance(choice, float) and choice < 1.0:
@@ -344,7 +359,7 @@ class Router(nn.Module):
         if self.cutoff_probe is not None and ctx.causal:
             with torch.no_grad():
                 self.cutoff_probe(ctx.layer_index, *self.cutoff_statistic(logits, hidden, ctx))
-        return RoutingDecision(indices, valid, gate, keep, aux, logits, segments)
+        return RoutingDecision(indices, valid, gate, keep, aux, logits, segments, overflow=overflow)
 
     #: Set by `modadapt.calibrate_cutoffs` while it collects: called with `(layer_index, values,
     #: eligible)` on every decision made by the causal rule.
@@ -499,6 +514,24 @@ def pack_rows(
         return indices, torch.cat([segments, segments.new_full((1,), indices.shape[1])]), keep
     indices = keep.reshape(-1).nonzero().reshape(1, -1)  # last: the host waits here
     return indices, segments, keep
+
+
+def pack_reserved(
+    keep: torch.Tensor, real: torch.Tensor | None, forced: torch.Tensor | None, slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pack_rows` into exactly `slots` slots, with no host sync: the kept tokens, then filler
+    indices `B * T` in a segment of their own (`[B + 2]` offsets). Returns the indices, offsets,
+    mask and a 0-dim bool, True when more than `slots` tokens were kept: the selection is then
+    cut after the first `slots` (offsets clamped, so every kernel stays in bounds) and the
+    caller must not use the result (`ModConfig.pack_reserve` runs the forward again)."""
+    keep = _apply_roles(keep, real, forced)
+    ends = keep.sum(1).cumsum(0)
+    segments = torch.zeros(keep.shape[0] + 2, dtype=torch.int32, device=keep.device)
+    segments[1:-1] = ends.clamp(max=slots)
+    segments[-1] = slots
+    flat = keep.reshape(-1)
+    indices = torch.nonzero_static(flat, size=slots, fill_value=flat.shape[0]).reshape(1, -1)
+    return indices, segments, keep, ends[-1] > slots
 
 
 @torch.compiler.disable
