@@ -95,7 +95,7 @@ FULL = dict(
     train=dict(batch=8, seq=2048, goals={"topk": 1.5}),
     layer=dict(batch=8, seq=2048),
     calibration=dict(batch=2, seq=1024),
-    speculate=[dict(batch=1, context=2048, new=128), dict(batch=8, context=2048, new=128)],
+    speculate=[dict(batch=1, context=2048, new=128, prompts=8), dict(batch=8, context=2048, new=128)],
     speculate_k=(2, 4, 6),
     warmup=3,
     repeats=10,
@@ -131,7 +131,7 @@ TINY = dict(
     train=dict(batch=4, seq=64, goals={"topk": 1.5}),
     layer=dict(batch=4, seq=64),
     calibration=dict(batch=2, seq=64),
-    speculate=[dict(batch=1, context=64, new=8), dict(batch=2, context=64, new=8)],
+    speculate=[dict(batch=1, context=64, new=8, prompts=2), dict(batch=2, context=64, new=8)],
     speculate_k=(2,),
     warmup=1,
     repeats=3,
@@ -1701,42 +1701,61 @@ def run_decode_speculative(b: Bench) -> None:
     drafts K tokens, the dense computation of the same weights verifies them in one forward) against
     graphed dense decoding of the same weights, greedy. Timed: the rounds until every row has
     `new` tokens (the prompt and its capture are not timed; generate's host check every
-    `CHECK_EVERY // (K + 1)` rounds is). Recorded: tokens/s of both, the acceptance (accepted
-    drafts / drafted tokens), tokens per round, each MoD layer's draft keep fraction, and how many
-    leading tokens equal dense graphed decoding's (greedy speculation is exact up to kernel
-    rounding: in bf16 a near-tie may flip)."""
+    `CHECK_EVERY // (K + 1)` rounds is). Batch 1 decodes `prompts` prompts in turn (the windows a
+    batch of that many would decode; a single text's acceptance says little) and adds up their
+    times. Recorded: tokens/s of both, the acceptance (accepted drafts / drafted tokens), tokens
+    per round, each MoD layer's draft keep fraction, and how many leading tokens equal dense
+    graphed decoding's (greedy speculation is exact up to kernel rounding: in bf16 a near-tie may
+    flip)."""
     from modadapt.decoding import CHECK_EVERY, Draft, GraphedDecoder
 
     elt = torch.finfo(b.dtype).bits // 8
     ks = [int(k) for k in b.args.speculate_k.split(",")] if b.args.speculate_k else list(b.size["speculate_k"])
     drafts = [Draft.of(d) for d in (b.args.draft or [None])]  # None: the library's default draft
+    repeats = range(b.size["decode_warmup"] + b.size["decode_repeats"])
+
+    def timed(prefill, run) -> list[float]:
+        """The repeats' times in ms (warm-ups dropped), each after its own untimed prefill."""
+        times = []
+        for r in repeats:
+            step = prefill()
+            ms = b.clock.time(lambda: run(step))
+            if r >= b.size["decode_warmup"]:
+                times.append(ms)
+        return times
+
+    def summed(per_prompt: list[list[float]]) -> list[float]:
+        return [sum(column) for column in zip(*per_prompt)]
+
     for name, (model, dense, shape, directory) in speculate_models(b).items():
         vocab = model.config.get_text_config(decoder=True).vocab_size
         for setting in b.size["speculate"]:
             B, ctx, new = setting["batch"], b.args.speculate_context or setting["context"], setting["new"]
-            ids = speculate_prompts(b, directory, vocab, B, ctx)
+            prompts = (b.args.speculate_prompts or setting.get("prompts", 1)) if B == 1 else 1
+            texts = speculate_prompts(b, directory, vocab, B * prompts, ctx)
+            groups = list(texts.split(B))  # batch 1: one prompt at a time
             plain = GraphedDecoder(dense, branches=b.args.graph_branches, compile=b.args.graph_compile)
             t0 = time.perf_counter()
-            plain.prefill(ids, None, new)
+            plain.prefill(groups[0], None, new)
             b.clock.sync()
             dense_first_s = time.perf_counter() - t0  # the capture (and with --graph-compile, compiling)
-            reference = plain.generate(ids, max_new_tokens=new, eos_token_id=[])[:, ctx:]
-            times = []
-            for r in range(b.size["decode_warmup"] + b.size["decode_repeats"]):
-                plain.prefill(ids, None, new)
-                ms = b.clock.time(lambda: plain.decode(new - 1))
-                if r >= b.size["decode_warmup"]:
-                    times.append(ms)
-            dense_ms, dense_times = statistics.median(times), times
+            references = [plain.generate(ids, max_new_tokens=new, eos_token_id=[])[:, ctx:] for ids in groups]
+            dense_times = summed(
+                [
+                    timed(lambda ids=ids: plain.prefill(ids, None, new), lambda _: plain.decode(new - 1))
+                    for ids in groups
+                ]
+            )
+            dense_ms = statistics.median(dense_times)
             dense_step = decode_bytes(shape, B, ctx, 1, None, elt)
-            assisted = hf_assisted(dense, model, ids, new, b.clock) if B == 1 else {}
+            assisted = hf_assisted(dense, model, groups[0], new, b.clock) if B == 1 else {}
             for k, draft in itertools.product(ks, drafts):
                 decoder = GraphedDecoder(
                     model, branches=b.args.graph_branches, speculate=k, draft=draft, compile=b.args.graph_compile
                 )
                 every = max(1, CHECK_EVERY // (k + 1))
                 t0 = time.perf_counter()
-                decoder.prefill(ids, None, new)
+                decoder.prefill(groups[0], None, new)
                 b.clock.sync()
                 first_s = time.perf_counter() - t0
 
@@ -1746,22 +1765,25 @@ def run_decode_speculative(b: Bench) -> None:
                         decoder.decode(min(every, new - fewest))
                         fewest = int(step.count.min())
 
-                times = []
-                for r in range(b.size["decode_warmup"] + b.size["decode_repeats"]):
-                    step = decoder.prefill(ids, None, new)
-                    ms = b.clock.time(lambda: rounds(step))
-                    if r >= b.size["decode_warmup"]:
-                        times.append(ms)
-                tokens, stats = step.out[:, :new], decoder.speculation_stats()
-                same = (tokens == reference).long().cumprod(1).sum(1).float() / new
-                step = decoder.prefill(ids, None, new)  # one round's drafts: what each MoD layer kept
+                per_prompt, rounds_of, accepted_of, same = [], [], [], []
+                for ids, reference in zip(groups, references):
+                    per_prompt.append(timed(lambda ids=ids: decoder.prefill(ids, None, new), rounds))
+                    step, stats = decoder.last_step, decoder.speculation_stats()
+                    rounds_of += stats["rounds"]
+                    accepted_of += stats["accepted"]
+                    same.append((step.out[:, :new] == reference).long().cumprod(1).sum(1).float() / new)
+                same = torch.cat(same)
+                drafted = k * sum(rounds_of)
+                acceptance = sum(accepted_of) / drafted if drafted else None
+                per_round = (sum(accepted_of) + sum(rounds_of)) / sum(rounds_of) if rounds_of else 0.0
+                step = decoder.prefill(groups[0], None, new)  # one round's drafts: what each MoD layer kept
                 with torch.inference_mode(), decoder.parts.static_attention():
                     for _ in range(k):
                         step.draft_token()
                 kept = [float((step.draft.lengths[i] - step.base).float().mean()) / k for i in shape.mod_layers]
-                split = round_split(b, decoder.prefill(ids, None, new), decoder, k, new)
+                split = round_split(b, decoder.prefill(groups[0], None, new), decoder, k, new)
+                times = summed(per_prompt)
                 spec_ms = statistics.median(times)
-                per_round = stats["tokens_per_round"]
                 b.add(
                     dict(
                         scenario=f"decode_speculative_b{B}_ctx{ctx}_k{k}",
@@ -1769,6 +1791,7 @@ def run_decode_speculative(b: Bench) -> None:
                         batch=B,
                         context=ctx,
                         new_tokens=new,
+                        prompts_in_turn=len(groups),  # batch 1: prompts decoded one after another
                         k=k,
                         draft=str(draft),
                         dense_ms=dense_ms,
@@ -1776,12 +1799,12 @@ def run_decode_speculative(b: Bench) -> None:
                         speedup=dense_ms / spec_ms,
                         ideal_speedup=per_round * dense_step / speculative_round_bytes(shape, B, ctx, k, kept, elt),
                         ideal_basis="bytes at the measured acceptance",
-                        dense_tokens_per_s=B * (new - 1) / dense_ms * 1e3,
-                        mod_tokens_per_s=B * (new - 1) / spec_ms * 1e3,  # tokens after the prefill's
-                        acceptance=stats["acceptance"],
+                        dense_tokens_per_s=len(groups) * B * (new - 1) / dense_ms * 1e3,
+                        mod_tokens_per_s=len(groups) * B * (new - 1) / spec_ms * 1e3,  # after the prefills'
+                        acceptance=acceptance,
                         tokens_per_round=per_round,
-                        rounds=stats["rounds"],
-                        accepted=stats["accepted"],
+                        rounds=rounds_of,
+                        accepted=accepted_of,
                         draft_kept_fraction=kept,
                         same_prefix_as_dense=float(same.mean()),
                         same_prefix_worst_row=float(same.min()),
@@ -1789,7 +1812,7 @@ def run_decode_speculative(b: Bench) -> None:
                         **graph_fields(b),
                         dense_first_call_s=dense_first_s,
                         mod_first_call_s=first_s,
-                        **round_costs(split, dense_ms / (new - 1), per_round, k),
+                        **round_costs(split, dense_ms / len(groups) / (new - 1), per_round, k),
                         goal=None,
                         met=None,
                         dense_times_ms=dense_times,
@@ -2217,6 +2240,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="decode_speculative: prompts from this .txt(.gz), tokenized by the tokenizer saved with "
         "each --speculate-model (default: random tokens)",
+    )
+    parser.add_argument(
+        "--speculate-prompts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="decode_speculative: batch 1 decodes N prompts in turn and adds up their times (default: "
+        "the size's, 8: the windows batch 8 decodes)",
     )
     parser.add_argument(
         "--speculate-context",

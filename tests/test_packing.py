@@ -398,7 +398,14 @@ def test_speed_benchmark_smoke(tmp_path, monkeypatch):
     assert all(r["mod_tokens_per_s"] > 0 and r["ideal_speedup"] > 0 for r in speculative)
     for r in speculative:  # the round's cost split: K draft steps and the verification timed apart
         assert r["draft_step_ms"] > 0 and r["verify_ms"] > 0
-        assert r["dense_step_ms"] == pytest.approx(r["dense_ms"] / (r["new_tokens"] - 1))
+        # batch 1 decodes the size's prompts in turn (times added up), a batch its rows at once
+        assert r["prompts_in_turn"] == (2 if r["batch"] == 1 else 1)
+        rows = r["prompts_in_turn"] * r["batch"]
+        assert len(r["rounds"]) == len(r["accepted"]) == rows
+        drafted = r["k"] * sum(r["rounds"])
+        assert r["acceptance"] == pytest.approx(sum(r["accepted"]) / drafted)
+        assert r["mod_tokens_per_s"] == pytest.approx(rows * (r["new_tokens"] - 1) / r["mod_ms"] * 1e3)
+        assert r["dense_step_ms"] == pytest.approx(r["dense_ms"] / (r["prompts_in_turn"] * (r["new_tokens"] - 1)))
         assert r["draft_ratio"] == pytest.approx(r["draft_step_ms"] / r["dense_step_ms"])
         assert r["break_even_draft_ratio"] == pytest.approx((r["tokens_per_round"] - r["verify_ratio"]) / r["k"])
     check = next(r for r in records if r["scenario"].startswith("packed_check"))
