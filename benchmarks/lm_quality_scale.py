@@ -164,6 +164,13 @@ class Variant:
         if self.spare and (not self.placement.startswith("even+") or self.capacities or self.scope != "block"):
             raise ValueError("a hybrid (spare > 0) routes whole blocks on an even+N placement, one capacity")
 
+    @property
+    def deletes_then_distills(self) -> bool:
+        """Whether the run distills a model whose layers were deleted before it started: its
+        teacher must be given (the dense model), since the recipe's default teacher, the run's
+        starting weights, would be the broken model itself (`DENSE_TEACHER`)."""
+        return bool(self.recipe.get("distill")) and (self.router in STATIC or self.spare > 0)
+
 
 VARIANTS = {
     "dense-adapt": Variant("dense-adapt"),
@@ -682,6 +689,13 @@ def solve_capacities(
 CUTOFF_RULE = "spread"
 
 
+#: What a run that `Variant.deletes_then_distills` distills from. Until 2026-12-02 such runs
+#: distilled from their own starting weights (the model with its layers deleted, what the recipe
+#: copies by default); those records name no teacher and form rows of their own
+#: (``~deleted-teacher``, `row_label`).
+DENSE_TEACHER = "dense"
+
+
 def calibrated(router: str) -> bool:
     """Whether `router` (a router name, or a static / dense variant's) decodes by a calibrated
     causal cut-off (`Router.causal_cutoff`): its runs depend on `CUTOFF_RULE`."""
@@ -691,18 +705,25 @@ def calibrated(router: str) -> bool:
 
 def row_label(record: dict) -> str:
     """The table row a run belongs to: its variant, with ``~RULE`` for a calibrated router's run
-    made with an earlier cut-off rule (``~row-mean`` where the record names none)."""
+    made with an earlier cut-off rule (``~row-mean`` where the record names none), and
+    ``~deleted-teacher`` for a deletion distilled from itself (`DENSE_TEACHER`)."""
     rule = record.get("cutoff_rule", "row-mean")
     old = calibrated(record.get("router", "")) and rule != CUTOFF_RULE
-    return f"{record['variant']}~{rule}" if old else record["variant"]
+    label = f"{record['variant']}~{rule}" if old else record["variant"]
+    variant = VARIANTS.get(record["variant"])
+    if variant is not None and variant.deletes_then_distills and "teacher" not in record:
+        label += "~deleted-teacher"
+    return label
 
 
 def task_id(task: dict) -> str:
     """A run's name (its record file and run folder in WORK): a run with a recorded cut-off rule
-    names it (``topk~pooled@0.70#s0``), so it never collides with an earlier-rule run of the same
-    variant, level and seed, which keeps the name it was made with (``topk@0.70#s0``)."""
+    names it (``topk~pooled@0.70#s0``), and one with a given teacher too
+    (``layer-drop-even-distill~dense-teacher@0.70#s0``), so it never collides with an earlier run of
+    the same variant, level and seed, which keeps the name it was made with (``topk@0.70#s0``)."""
     rule = f"~{task['cutoff_rule']}" if "cutoff_rule" in task else ""
-    return f"{task['variant']}{rule}@{task['level']}#s{task['seed']}"
+    teacher = f"~{task['teacher']}-teacher" if "teacher" in task else ""
+    return f"{task['variant']}{rule}{teacher}@{task['level']}#s{task['seed']}"
 
 
 def plan(
@@ -779,6 +800,8 @@ def plan(
                         task["cutoff_rule"] = CUTOFF_RULE
                     if capacities:
                         task["capacities"] = {str(i): c for i, c in capacities.items()}
+                if spec_of.deletes_then_distills:
+                    task["teacher"] = DENSE_TEACHER
                 tasks.append(task)
     return tasks, notes
 
@@ -918,7 +941,8 @@ def run_task(task: dict, ctx: dict) -> dict:
     if out.exists():
         shutil.rmtree(out)
     began = time.time()
-    summary = run(cfg, model=model, tokenizer=data["tokenizer"], blocks=(data["train"], data["valid"]))
+    teacher = dense if task.get("teacher") == DENSE_TEACHER else None  # else the recipe's: the starting weights
+    summary = run(cfg, model=model, tokenizer=data["tokenizer"], blocks=(data["train"], data["valid"]), teacher=teacher)
     ood = mean_loss(model, data["ood"], scale.adapt_batch, device)
     record = {
         "variant": task["variant"],
@@ -945,6 +969,8 @@ def run_task(task: dict, ctx: dict) -> dict:
     }
     record["recipe_options"] = options
     record["budget"] = variant.budget
+    if "teacher" in task:  # a deleted model's run distills from the dense one (`DENSE_TEACHER`)
+        record["teacher"] = task["teacher"]
     if drop is not None:  # kept fraction: of the layers (of the attention sublayers, for attention deletion)
         attention = variant.router == ATTENTION_DROP
         record.update(
@@ -1186,7 +1212,10 @@ def write(records: list[dict], out: Path) -> None:
             "keeping fewer tokens than the capacity, or set after training layer by layer under the causal "
             "rule on the split's first 32 blocks, from one source package (`inference`), which keeps more "
             f"on the valid split; the other rows of those routers use the `{CUTOFF_RULE}` rule "
-            "(`CUTOFF_RULE`: the same on 32 blocks spread evenly over the training split).",
+            "(`CUTOFF_RULE`: the same on 32 blocks spread evenly over the training split). Rows marked "
+            "`~deleted-teacher` distilled a model with deleted layers from that deleted model itself (the "
+            "recipe's default teacher, its starting weights); such runs now distill from the dense model "
+            "(`DENSE_TEACHER`).",
             "",
         ]
     lines += ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,11 +26,20 @@ def bench():
 
 @pytest.fixture(scope="module")
 def tiny_run(bench, tmp_path_factory):
-    """Two seeds of every variant (the second call appends seed 1 to seed 0's records)."""
+    """Two seeds of every variant (the second call appends seed 1 to seed 0's records); each
+    run's teacher, as `run` was given it (its layer count, or None), in WORK/teachers.json."""
     work = tmp_path_factory.mktemp("scale")
-    with threads_restored():
+    teachers, adapt = {}, bench.run
+
+    def recording(cfg, *args, teacher=None, **kwargs):
+        teachers[Path(cfg.output).name] = None if teacher is None else teacher.config.num_hidden_layers
+        return adapt(cfg, *args, teacher=teacher, **kwargs)
+
+    with threads_restored(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "run", recording)
         first = bench.main(["--tiny", "--work", str(work), "--seeds", "0"])
         both = bench.main(["--tiny", "--work", str(work), "--seeds", "0,1", "--append"])
+    (work / "teachers.json").write_text(json.dumps(teachers))
     return work, first, both
 
 
@@ -151,7 +161,8 @@ def test_every_variant_and_seed_is_recorded(bench, tiny_run):
         assert r["flops_ratio"] < bench.drop_ratio(bench.build_dense(bench.TINY, 0), deleted, bench.TINY.seq_len)
     ids = {bench.task_id(r) for r in both}  # at 0.70 the tiny model's deletion removes 2 layers: sparing both, none
     assert (
-        "hybrid2-topk-distill-even+1~spread@0.55#s0" in ids and "hybrid2-topk-distill-even+1~spread@0.70#s0" not in ids
+        "hybrid2-topk-distill-even+1~spread~dense-teacher@0.55#s0" in ids
+        and "hybrid2-topk-distill-even+1~spread~dense-teacher@0.70#s0" not in ids
     )
     scoped = [r for r in adapted if r["variant"] == "topk-distill-attention-even+1"]
     assert scoped and all(
@@ -225,6 +236,28 @@ def test_static_baselines_drop_the_layers_their_metric_ranks(bench, tiny_run):
         if r["router"] == "layer-drop-even":
             assert r["dropped_layers"] == bench.evenly_spaced(len(r["dropped_layers"]), 6)
     assert bench.evenly_spaced(6, 12) == [1, 3, 5, 7, 9, 11] and bench.evenly_spaced(4, 12) == [2, 5, 7, 10]
+
+
+def test_a_deleted_model_distills_from_the_dense_one(bench, tiny_run):
+    """A run that deletes layers and distills (a deletion's distillation ablation, a hybrid) is given
+    the dense model as its teacher and records it; no other run is given one (a routed copy of the
+    dense model distills from its starting weights, the dense model, by default). Such a record
+    without a teacher, made before, gets a row of its own."""
+    work, _, both = tiny_run
+    teachers = json.loads((work / "teachers.json").read_text())
+    runs = {bench.task_id(r).replace("@", "_").replace("#", "_"): r for r in both[1:]}
+    assert set(teachers) == set(runs)
+    distilled = set()
+    for name, record in runs.items():
+        if bench.VARIANTS[record["variant"]].deletes_then_distills:
+            distilled.add(record["variant"])
+            assert teachers[name] == bench.TINY.layers and record["teacher"] == bench.DENSE_TEACHER, name
+            assert record["layers"] < bench.TINY.layers and "deleted-teacher" not in bench.row_label(record)
+            earlier = {k: v for k, v in record.items() if k != "teacher"}
+            assert bench.row_label(earlier) == bench.row_label(record) + "~deleted-teacher"
+        else:
+            assert teachers[name] is None and "teacher" not in record, name
+    assert {"layer-drop-even-distill", "layer-drop-cosine-distill", "hybrid2-topk-distill-even+1"} <= distilled
 
 
 def counted_flops(model, tokens: torch.Tensor) -> int:

@@ -358,14 +358,14 @@ def spread_blocks(blocks: torch.Tensor, count: int) -> torch.Tensor:
 
 # --- model ------------------------------------------------------------------------------------------
 def build_model(
-    cfg: LMAdaptConfig, model: nn.Module | None = None
+    cfg: LMAdaptConfig, model: nn.Module | None = None, teacher: nn.Module | None = None
 ) -> tuple[nn.Module, nn.Module | None, Any, list[str]]:
-    """`(converted model, frozen dense copy or None, tokenizer or None, tokenizer files)`.
+    """`(converted model, frozen teacher or None, tokenizer or None, tokenizer files)`.
 
     `model` (Python API) is used as it is when converted, else converted with `cfg`'s routing.
     The dense baseline, and the teacher while the base weights are frozen, is the model itself
-    under `original`; only distillation with ``train: all`` copies it (before conversion, or
-    `modadapt.unload` of a copy).
+    under `original`; distillation with ``train: all`` copies it (before conversion, or
+    `modadapt.unload` of a copy), unless `teacher` (Python API) names the model to distill from.
     """
     import modadapt
 
@@ -375,11 +375,12 @@ def build_model(
         model, tokenizer, extras = source.model, source.tokenizer, source.files
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
-    teacher = None
-    if (
-        cfg.distill > 0 and cfg.train == "all"
-    ):  # the teacher is the starting weights, which train: only a copy keeps them
+    if teacher is not None and not is_causal_lm(teacher):
+        raise ModAdaptError(f"the teacher must be a causal language model; {type(teacher).__name__} is not one.")
+    if teacher is None and cfg.distill > 0 and cfg.train == "all":
+        # the teacher is the starting weights, which train: only a copy keeps them
         teacher = copy.deepcopy(model) if state_of(model) is None else modadapt.unload(copy.deepcopy(model))
+    if teacher is not None:
         teacher.eval().requires_grad_(False)
     if state_of(model) is None:
         modadapt.convert(
@@ -592,6 +593,7 @@ def run(
     model: nn.Module | None = None,
     tokenizer: Any = None,
     blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict:
     """Adapt, checkpoint, evaluate and write the run directory; returns the summary.
 
@@ -599,17 +601,22 @@ def run(
     it is trained in place. `tokenizer` goes with it (else byte-level ids). `blocks` (optional):
     the `[N, seq_len]` training and validation token blocks, already made (a benchmark that runs
     many variants on one corpus tokenises it once); `cfg.data` is then only recorded.
+    `teacher` (optional, with `distill > 0`): the model to distill from, frozen here, instead of
+    the starting weights: a model whose layers were deleted before the run wants the original
+    (its own starting weights are what the deletion broke).
     The seed is set before conversion, so router initialisation repeats with `cfg.seed`.
     """
     from accelerate.utils import set_seed
 
     import modadapt
 
+    if teacher is not None and not cfg.distill > 0:  # before the run directory is touched
+        raise ModAdaptError("a teacher is given but distill is 0: set distill > 0 to distill from it.")
     out = Path(cfg.output)
     with RunCheckpoint(cfg) as checkpoint:
         given = model is not None
         set_seed(cfg.seed)
-        model, teacher, found_tokenizer, extras = build_model(cfg, model)
+        model, teacher, found_tokenizer, extras = build_model(cfg, model, teacher)
         check_seq_len(model, cfg.seq_len)
         tokenizer = tokenizer if given else found_tokenizer
         if blocks is not None:
