@@ -143,18 +143,34 @@ def test_a_given_teacher_is_what_the_run_distills_from(corpus, tmp_path):
     on one layer leaves the student exactly its starting model, so the first step's distillation
     loss is 0 with the default teacher and the student-to-original divergence with the given one."""
     original = modadapt.build_preset("tiny-llama", seed=1)
-    options = dict(train="all", distill=1.0, max_steps=1, router="random", capacity=1.0, layers="1")
+    options = dict(train="all", distill=1.0, max_steps=1, router="random", capacity=1.0, layers="1", seed=1)
     pruned = copy.deepcopy(original)
     del pruned.model.layers[2]
     pruned.config.num_hidden_layers -= 1
     own = run(config(corpus, tmp_path / "own", **options), model=copy.deepcopy(pruned))
     assert own["history"]["distill_loss"][0] == pytest.approx(0.0, abs=1e-6)
-    given = run(config(corpus, tmp_path / "given", **options), model=pruned, teacher=original)
+    given = run(config(corpus, tmp_path / "given", **options), model=copy.deepcopy(pruned), teacher=original)
     assert given["history"]["distill_loss"][0] > 1e-3
     assert not any(p.requires_grad for p in original.parameters()) and not original.training
     with pytest.raises(ModAdaptError, match="distill is 0"):
         run(config(corpus, tmp_path / "none", distill=0.0), model=copy.deepcopy(pruned), teacher=original)
     assert not (tmp_path / "none").exists()
+    # the `teacher` setting (`--teacher`): a directory or preset, here the preset `original` was built as
+    named = run(config(corpus, tmp_path / "named", teacher="tiny-llama", **options), model=copy.deepcopy(pruned))
+    assert named["history"]["distill_loss"][0] == pytest.approx(given["history"]["distill_loss"][0], rel=1e-4)
+    with pytest.raises(ModAdaptError, match="not both"):
+        run(
+            config(corpus, tmp_path / "both", teacher="tiny-llama", **options),
+            model=copy.deepcopy(pruned),
+            teacher=original,
+        )
+    wider = modadapt.build_preset("tiny-llama", seed=1)
+    wider.resize_token_embeddings(300)
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.raises(ModAdaptError, match="vocabulary"):
+        run(config(corpus, tmp_path / "mismatch", teacher=str(tmp_path / "wider"), **options), model=pruned)
+    with pytest.raises(ModAdaptError, match="distill is 0"):
+        config(corpus, tmp_path / "off", teacher="tiny-llama", distill=0.0)
 
 
 def test_python_model_distillation_and_flops_ratio(corpus, tmp_path):

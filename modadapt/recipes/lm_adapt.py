@@ -139,6 +139,13 @@ class LMAdaptConfig(RecipeConfig):
     )
     distill: float = field(default=1.0, metadata={"help": "weight of KL(dense teacher || model) on logits (0: off)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation KL"})
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "model directory or preset to distill from (its dense computation) instead of the "
+            "starting weights: for a model trained or pruned before this run (default: the starting weights)"
+        },
+    )
     router_init: str = field(
         default="zero",
         metadata={
@@ -214,6 +221,8 @@ class LMAdaptConfig(RecipeConfig):
             raise ModAdaptError(f"router_lr_scale must be > 0, got {self.router_lr_scale!r}.")
         if not self.distill >= 0 or not self.distill_temperature > 0:
             raise ModAdaptError("distill must be >= 0 and distill_temperature > 0.")
+        if self.teacher is not None and not self.distill > 0:
+            raise ModAdaptError("a teacher is given but distill is 0: set distill > 0 to distill from it.")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ModAdaptError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}.")
         if not self.lr > 0:
@@ -375,8 +384,20 @@ def build_model(
         model, tokenizer, extras = source.model, source.tokenizer, source.files
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
+    if cfg.teacher is not None:
+        try:
+            teacher = load_model(cfg.teacher, seed=cfg.seed).model
+        except ModAdaptError as error:
+            raise ModAdaptError(f"teacher: {error}") from None
+        if state_of(teacher) is not None:  # a converted model teaches with its dense computation
+            teacher = modadapt.unload(teacher)
     if teacher is not None and not is_causal_lm(teacher):
         raise ModAdaptError(f"the teacher must be a causal language model; {type(teacher).__name__} is not one.")
+    if teacher is not None and teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+        raise ModAdaptError(
+            f"the teacher's vocabulary ({teacher.config.get_text_config().vocab_size}) is not the model's "
+            f"({model.config.get_text_config().vocab_size}): distillation compares their logits token by token."
+        )
     if teacher is None and cfg.distill > 0 and cfg.train == "all":
         # the teacher is the starting weights, which train: only a copy keeps them
         teacher = copy.deepcopy(model) if state_of(model) is None else modadapt.unload(copy.deepcopy(model))
@@ -612,6 +633,8 @@ def run(
 
     if teacher is not None and not cfg.distill > 0:  # before the run directory is touched
         raise ModAdaptError("a teacher is given but distill is 0: set distill > 0 to distill from it.")
+    if teacher is not None and cfg.teacher is not None:
+        raise ModAdaptError("give the teacher once: as run(teacher=...) or as the teacher setting, not both.")
     out = Path(cfg.output)
     with RunCheckpoint(cfg) as checkpoint:
         given = model is not None
