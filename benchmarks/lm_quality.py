@@ -275,11 +275,18 @@ def load_pretrained(directory: Path) -> tuple[nn.Module, dict]:
 
 
 def adapt_variant(
-    args: argparse.Namespace, output: Path, model: nn.Module, files: tuple[str, str], device: torch.device, **routing
+    args: argparse.Namespace,
+    output: Path,
+    model: nn.Module,
+    files: tuple[str, str],
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    **routing,
 ) -> dict:
     """One variant's adaptation: the lm-adapt recipe with the benchmark's budget (steps, batch,
     learning rate, what trains, data order) in a fresh run directory `output`; its summary.
-    `model` is trained in place (converted with `routing` unless it is converted already)."""
+    `model` is trained in place (converted with `routing` unless it is converted already);
+    `teacher`, with `--distill`, the model it distills from (default: its starting weights)."""
     import shutil
 
     cfg = LMAdaptConfig(
@@ -301,7 +308,7 @@ def adapt_variant(
         **routing,
     )
     shutil.rmtree(cfg.output, ignore_errors=True)
-    return run(cfg, model=model)
+    return run(cfg, model=model, teacher=teacher if cfg.distill > 0 else None)
 
 
 # A model with nothing to route goes through the same recipe as a converted one (same optimizer,
@@ -521,7 +528,9 @@ def main(argv=None) -> list[dict]:
     layers = dense.config.num_hidden_layers
 
     def adapt(name: str, model: nn.Module, **routing) -> dict:
-        return adapt_variant(args, work / name, model, (train_file, valid_file), device, **routing)
+        # a layer-dropped model distills from the dense one, not from its own starting weights
+        teacher = copy.deepcopy(dense) if args.distill > 0 else None
+        return adapt_variant(args, work / name, model, (train_file, valid_file), device, teacher=teacher, **routing)
 
     def thresholds() -> list[dict]:
         return [r for r in records if r["router"] == "threshold-p"]
