@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -162,9 +163,20 @@ class _Hooks:
         self.state.pack_reruns += 1
         self.state.pack_exact, self.pending = True, roles
         try:
-            return module(*args, **kwargs)
+            output = module(*args, **kwargs)
         finally:
             self.state.pack_exact, self.pending = False, None
+        if self.state.pack_reruns == 1:  # once per model: the setting is too small for its inputs
+            kept = max(
+                float(layer.last_keep.float().mean()) for layer in self.state.layers if layer.last_keep is not None
+            )
+            warnings.warn(
+                f"pack_reserve {self.state.config.pack_reserve} holds fewer tokens than a MoD layer kept "
+                f"({kept:.2f} of the call's), so the forward ran again with exact counts; set it above "
+                "what the layers keep (model._modadapt_state.pack_reruns counts these runs).",
+                stacklevel=2,
+            )
+        return output
 
     def after_model(self, module, args, kwargs, output):
         """Add the routers' auxiliary losses to the loss the model returns (labels given)."""
