@@ -237,6 +237,47 @@ def test_reserved_packing_leaves_training_and_cached_calls_exact(
     assert modadapt.mod_layer.state_of(reserved).pack_reruns == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel and sync counts need CUDA")
+def test_reserved_packing_on_cuda_syncs_once_per_forward(tiny, ids, left_pad, randomize_routers):
+    """On CUDA (bf16, `packing="auto"`: the flash varlen kernel) a reserved pack gives the exact
+    pack's logits at batch 1 and in a padded batch, and its forward syncs with the host once more
+    than the dense model's (the overflow check), where the exact pack syncs at every MoD layer.
+    Run on the GPU machine: `python -m pytest tests/test_packing.py -k cuda`."""
+    import warnings
+
+    def syncs(model, *args, **kwargs) -> int:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    exact, reserved = (
+        randomize_routers(modadapt.convert(tiny("llama"), router="threshold-p", layers="all-but-first", **extra))
+        .cuda()
+        .bfloat16()
+        for extra in ({}, {"pack_reserve": 1.0})
+    )
+    dense = tiny("llama").cuda().bfloat16()
+    for rows in (1, 3):
+        x, mask, pos = (t.cuda() for t in left_pad([ids(1, n, seed=n)[0] for n in (40, 64, 24)[:rows]]))
+        call = dict(attention_mask=mask, position_ids=pos, use_cache=False)
+        with torch.no_grad():
+            expected = exact(x, **call).logits.float()
+            got = reserved(x, **call).logits.float()
+            real = mask.bool()
+            assert (got[real] - expected[real]).norm() / expected[real].norm() < 2e-2
+            layers = len(modadapt.mod_layers(reserved))
+            base = syncs(dense, x, **call)
+            assert syncs(reserved, x, **call) == base + 1
+            assert syncs(exact, x, **call) >= base + layers
+    assert modadapt.mod_layer.state_of(reserved).pack_reruns == 0
+
+
 def test_pack_reserved_cuts_an_overflow_inside_its_slots():
     keep = torch.tensor([[True, False, True], [False, True, True]])
     indices, segments, _, overflow = pack_reserved(keep, None, None, slots=6)
