@@ -11,6 +11,7 @@ from torch import nn
 
 from . import mod_layer, plugins
 from .adapters.base import TokenRoles
+from .adapters.hf.versions import CACHE_ARGUMENTS
 from .config import ModConfig, is_layer_rule, resolve_layers
 from .deprecation import moved_names
 from .errors import ModAdaptError
@@ -125,6 +126,17 @@ def accepts_layer(adapter, model: nn.Module, index: int) -> bool:
     return True
 
 
+def _holds_no_cache(stack: nn.Module, kwargs: dict) -> bool:
+    """Whether a stack call runs without a KV cache: none passed in, and none made (`use_cache`
+    off, or left to a config that has it off)."""
+    if any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS):
+        return False
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(getattr(stack, "config", None), "use_cache", False)
+    return not use_cache
+
+
 class _Hooks:
     """The model-level hooks; a class (not closures) so that `copy.deepcopy(model)` gives the copy
     hooks bound to the copy's own state."""
@@ -147,7 +159,7 @@ class _Hooks:
             self.state.roles, self.pending = self.pending, None
         else:
             self.state.roles = self.state.adapter.token_roles(module, args, kwargs)
-        self.state.in_stack, self.state.pack_overflow = True, None
+        self.state.cache_free_stack, self.state.pack_overflow = _holds_no_cache(module, kwargs), None
         no_cache = all(kwargs.get(layer.call.cache) is None for layer in self.state.layers if layer.call.cache)
         if module.training and no_cache and kwargs.get("use_cache", False) is None:
             # A training forward has no use for a KV cache; not building one keeps it compilable.
@@ -156,7 +168,7 @@ class _Hooks:
 
     def after_stack(self, module, args, kwargs, output):
         roles, self.state.roles = self.state.roles, TokenRoles()  # never leak into a direct layer call
-        overflow, self.state.pack_overflow, self.state.in_stack = self.state.pack_overflow, None, False
+        overflow, self.state.pack_overflow, self.state.cache_free_stack = self.state.pack_overflow, None, False
         if output is None or overflow is None or not bool(overflow):  # the forward's one host check
             return None
         # Some layer kept more tokens than `ModConfig.pack_reserve` holds: run again, exact counts.
@@ -165,7 +177,7 @@ class _Hooks:
         try:
             output = module(*args, **kwargs)
         finally:
-            self.state.pack_exact, self.pending = False, None
+            self.state.pack_exact, self.pending = False, None  # (never True here before: no reserve then)
         if self.state.pack_reruns == 1:  # once per model: the setting is too small for its inputs
             kept = max(
                 float(layer.last_keep.float().mean()) for layer in self.state.layers if layer.last_keep is not None

@@ -120,10 +120,12 @@ def cutoffs_restored(routers: Iterable[Router], *, on_error_only: bool = False) 
 @contextlib.contextmanager
 def _causal_inference(state) -> Iterator[None]:
     """Route by the causal rules in eval mode for the duration (a model converted with
-    `inference_routing='topk'` still decodes by them: they are what the cut-offs serve)."""
-    before = state.config.inference_routing
-    state.config.inference_routing = "causal"
+    `inference_routing='topk'` still decodes by them: they are what the cut-offs serve), with
+    exact packed counts (a `pack_reserve` pass that overflowed would run again: its statistics
+    would count twice)."""
+    before = state.config.inference_routing, state.pack_exact
+    state.config.inference_routing, state.pack_exact = "causal", True
     try:
         yield
     finally:
-        state.config.inference_routing = before
+        state.config.inference_routing, state.pack_exact = before

@@ -42,10 +42,11 @@ class ModelState:
     hooks: list = field(default_factory=list)
     dense: bool = False  # inside `modadapt.dense(model)`: every MoD layer runs its original forward
     family: dict = field(default_factory=dict)  # what the adapter's `attach` keeps for this conversion
-    #: `ModConfig.pack_reserve`'s bookkeeping: whether a stack forward is running (the check at
-    #: its end guards the reserved slots), the forward's layers' overflow flags or'ed together
-    #: on the device, whether the stack is running again with exact counts, and how often it had to.
-    in_stack: bool = False
+    #: `ModConfig.pack_reserve`'s bookkeeping: whether a stack forward that holds no KV cache is
+    #: running (the check at its end guards the reserved slots; a rerun on a cache would append to
+    #: it twice), the forward's layers' overflow flags or'ed together on the device, whether exact
+    #: counts are required (the stack running again; a calibration), and how often it ran again.
+    cache_free_stack: bool = False
     pack_overflow: Any = None
     pack_exact: bool = False
     pack_reruns: int = 0
@@ -390,7 +391,8 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
     state.subset_valid = index < B * T if fillers else decision.valid  # filler tokens index B * T
     try:
         if packed:
-            longest = max(T, ctx.pack_slots or ctx.pack_bucket or 0)  # a row's segment, or the fillers'
+            # a row's segment, or the fillers' (a reserve's come in segments of at most T)
+            longest = T if ctx.pack_slots is not None else max(T, ctx.pack_bucket or 0)
             out = _run_packed(layer, arguments, decision, book, T, seen, longest=longest)
         else:
             out = _run_rows(layer, arguments, decision, book, T, seen, hidden.dtype)
@@ -413,10 +415,11 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
 
 
 def _pack_reserve(layer: nn.Module, model: ModelState, book) -> float | None:
-    """`ModConfig.pack_reserve` where it applies: an eval call with no cache inside a stack
-    forward (whose end checks the overflow) that is not already running again exactly."""
+    """`ModConfig.pack_reserve` where it applies: an eval call inside a stack forward that holds
+    no KV cache (its end checks the overflow, and may run it again), unless exact counts are
+    asked for (the rerun itself; `calibrate_cutoffs`, whose statistics a discarded pass would skew)."""
     reserve = model.config.pack_reserve
-    if reserve is None or book is not None or layer.training or not model.in_stack or model.pack_exact:
+    if reserve is None or book is not None or layer.training or not model.cache_free_stack or model.pack_exact:
         return None
     return reserve
 

@@ -158,6 +158,14 @@ def test_a_given_teacher_is_what_the_run_distills_from(corpus, tmp_path):
     # the `teacher` setting (`--teacher`): a directory or preset, here the preset `original` was built as
     named = run(config(corpus, tmp_path / "named", teacher="tiny-llama", **options), model=copy.deepcopy(pruned))
     assert named["history"]["distill_loss"][0] == pytest.approx(given["history"]["distill_loss"][0], rel=1e-4)
+    # a converted teacher teaches with its dense computation: the original's
+    routed = modadapt.convert(copy.deepcopy(original), router="topk", capacity=0.25, layers="every-other")
+    dense_of = run(config(corpus, tmp_path / "routed", **options), model=copy.deepcopy(pruned), teacher=routed)
+    assert dense_of["history"]["distill_loss"][0] == pytest.approx(given["history"]["distill_loss"][0], rel=1e-4)
+    student = copy.deepcopy(pruned)
+    with pytest.raises(ModAdaptError, match="the model being trained"):
+        run(config(corpus, tmp_path / "self", **options), model=student, teacher=student)
+    assert not (tmp_path / "self").exists()
     with pytest.raises(ModAdaptError, match="not both"):
         run(
             config(corpus, tmp_path / "both", teacher="tiny-llama", **options),

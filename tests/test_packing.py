@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_benchmark, threads_restored
+from conftest import load_benchmark, randomize_router_weights, threads_restored
 from torch import nn
 
 import modadapt
@@ -164,12 +164,14 @@ def _host_counts(monkeypatch) -> list:
     return calls
 
 
-def _exact_and_reserved(tiny, family, randomize_routers, **config):
+def _exact_and_reserved(tiny, family, randomize_routers, scope="block", **config):
     """The same randomly routed model, packed with exact counts and with `config` (a reserve),
     dropout off so that training forwards compare too."""
     models = []
     for extra in ({}, config):
-        model = modadapt.convert(tiny(family), router="threshold-p", layers="all-but-first", packing="packed", **extra)
+        model = modadapt.convert(
+            tiny(family), router="threshold-p", layers="all-but-first", packing="packed", scope=scope, **extra
+        )
         randomize_routers(model)
         for module in model.modules():
             if isinstance(module, nn.Dropout):
@@ -237,6 +239,39 @@ def test_reserved_packing_leaves_training_and_cached_calls_exact(
     assert modadapt.mod_layer.state_of(reserved).pack_reruns == 0
 
 
+@pytest.mark.parametrize("scope", ["block", "mlp"])
+def test_reserved_packing_stays_off_in_a_call_with_a_cache(core_family, scope, tiny, ids, randomize_routers):
+    """A forward that holds a KV cache never packs into reserved slots, not even a sublayer that
+    has no cache of its own (an MLP): running it again would append to the cache twice."""
+    exact, reserved = _exact_and_reserved(tiny, core_family, randomize_routers, pack_reserve=0.05, scope=scope)
+    x = ids(2, 9, seed=4)
+    with torch.no_grad():
+        caches = [returned_cache(model(x, use_cache=True)) for model in (exact, reserved)]
+        for model, cache in zip((exact, reserved), caches):
+            cache_kwargs = cache_kwarg(model, cache)
+            model.last = model(x[:, -1:], **cache_kwargs, use_cache=True).logits
+    torch.testing.assert_close(reserved.last, exact.last)
+    assert caches[1].get_seq_length() == caches[0].get_seq_length() == 10
+    assert modadapt.mod_layer.state_of(reserved).pack_reruns == 0
+
+
+def test_calibration_counts_exactly_under_a_reserve(tiny, ids):
+    """`calibrate_cutoffs` packs exactly: a reserve too small for the layers would run each
+    overflowing pass again and count its statistics twice."""
+    models = []
+    for extra in ({}, {"pack_reserve": 0.05}):
+        model = modadapt.convert(
+            tiny("llama"), router="topk", capacity=0.5, layers="all-but-first", packing="packed", **extra
+        )
+        randomize_router_weights(model)
+        model.config.use_cache = False
+        models.append(model)
+    batches = [ids(3, 12, seed=s) for s in range(3)]
+    found = [modadapt.calibrate_cutoffs(model, batches) for model in models]
+    assert found[1] == pytest.approx(found[0])
+    assert modadapt.mod_layer.state_of(models[1]).pack_reruns == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel and sync counts need CUDA")
 def test_reserved_packing_on_cuda_syncs_once_per_forward(tiny, ids, left_pad, randomize_routers):
     """On CUDA (bf16, `packing="auto"`: the flash varlen kernel) a reserved pack gives the exact
@@ -280,9 +315,12 @@ def test_reserved_packing_on_cuda_syncs_once_per_forward(tiny, ids, left_pad, ra
 
 def test_pack_reserved_cuts_an_overflow_inside_its_slots():
     keep = torch.tensor([[True, False, True], [False, True, True]])
+    # fillers (index B*T = 6) in segments of at most T = 3 tokens, unused offsets empty
     indices, segments, _, overflow = pack_reserved(keep, None, None, slots=6)
-    assert indices.tolist() == [[0, 2, 4, 5, 6, 6]] and segments.tolist() == [0, 2, 4, 6]
+    assert indices.tolist() == [[0, 2, 4, 5, 6, 6]] and segments.tolist() == [0, 2, 4, 6, 6]
     assert not bool(overflow)
+    indices, segments, _, overflow = pack_reserved(keep, None, None, slots=10)
+    assert indices.tolist() == [[0, 2, 4, 5] + [6] * 6] and segments.tolist() == [0, 2, 4, 7, 10, 10, 10]
     indices, segments, _, overflow = pack_reserved(keep, None, None, slots=3)
     assert indices.tolist() == [[0, 2, 4]] and segments.tolist() == [0, 2, 3, 3] and bool(overflow)
     for bad in (0, 1.5, True, "half"):

@@ -389,8 +389,8 @@ def build_model(
             teacher = load_model(cfg.teacher, seed=cfg.seed).model
         except ModAdaptError as error:
             raise ModAdaptError(f"teacher: {error}") from None
-        if state_of(teacher) is not None:  # a converted model teaches with its dense computation
-            teacher = modadapt.unload(teacher)
+    if teacher is not None and state_of(teacher) is not None:  # a converted model teaches densely
+        teacher = modadapt.unload(copy.deepcopy(teacher))
     if teacher is not None and not is_causal_lm(teacher):
         raise ModAdaptError(f"the teacher must be a causal language model; {type(teacher).__name__} is not one.")
     if teacher is not None and teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
@@ -622,9 +622,10 @@ def run(
     it is trained in place. `tokenizer` goes with it (else byte-level ids). `blocks` (optional):
     the `[N, seq_len]` training and validation token blocks, already made (a benchmark that runs
     many variants on one corpus tokenises it once); `cfg.data` is then only recorded.
-    `teacher` (optional, with `distill > 0`): the model to distill from, frozen here, instead of
-    the starting weights: a model whose layers were deleted before the run wants the original
-    (its own starting weights are what the deletion broke).
+    `teacher` (optional, with `distill > 0`): the model to distill from, frozen here (a converted
+    one through a dense copy), instead of the starting weights: a model whose layers were deleted
+    before the run wants the original (its own starting weights are what the deletion broke).
+    Not part of `config.yaml`: a resumed run must be given the same teacher again.
     The seed is set before conversion, so router initialisation repeats with `cfg.seed`.
     """
     from accelerate.utils import set_seed
@@ -635,6 +636,8 @@ def run(
         raise ModAdaptError("a teacher is given but distill is 0: set distill > 0 to distill from it.")
     if teacher is not None and cfg.teacher is not None:
         raise ModAdaptError("give the teacher once: as run(teacher=...) or as the teacher setting, not both.")
+    if teacher is not None and teacher is model:
+        raise ModAdaptError("the teacher is the model being trained: give a separate model (or a copy).")
     out = Path(cfg.output)
     with RunCheckpoint(cfg) as checkpoint:
         given = model is not None

@@ -118,7 +118,8 @@ class RoutingDecision:
             tokens' indices into the flattened `[B * T]` tokens, row after row, and `segments`
             the `[B + 1]` int32 offsets where each row's tokens start (then `valid` is None).
             Bucketed (`RoutingContext.pack_bucket`): `[B + 2]` offsets, the last segment filler
-            tokens whose index is `B * T` (one past the tokens: a dummy row the caller appends).
+            tokens whose index is `B * T` (one past the tokens: a dummy row the caller appends);
+            reserved (`RoutingContext.pack_slots`): fillers in segments of at most T (`pack_reserved`).
         expert_slots: `[B, T]` long, for a router that also drops some of a mixture of experts'
             top-k slots (`noop-expert`): how many experts each token runs (0 where skipped), for
             the FLOPs model. None: a kept token runs all of its top-k experts.
@@ -520,15 +521,18 @@ def pack_reserved(
     keep: torch.Tensor, real: torch.Tensor | None, forced: torch.Tensor | None, slots: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`pack_rows` into exactly `slots` slots, with no host sync: the kept tokens, then filler
-    indices `B * T` in a segment of their own (`[B + 2]` offsets). Returns the indices, offsets,
-    mask and a 0-dim bool, True when more than `slots` tokens were kept: the selection is then
-    cut after the first `slots` (offsets clamped, so every kernel stays in bounds) and the
-    caller must not use the result (`ModConfig.pack_reserve` runs the forward again)."""
+    indices `B * T` in segments of at most `T` (so that attention over them costs no more than
+    rows do; `B + 1 + ceil(slots / T)` offsets, the unused ones empty). Returns the indices,
+    offsets, mask and a 0-dim bool, True when more than `slots` tokens were kept: the selection
+    is then cut after the first `slots` (offsets clamped, so every kernel stays in bounds) and
+    the caller must not use the result (`ModConfig.pack_reserve` runs the forward again)."""
     keep = _apply_roles(keep, real, forced)
+    B, T = keep.shape
     ends = keep.sum(1).cumsum(0)
-    segments = torch.zeros(keep.shape[0] + 2, dtype=torch.int32, device=keep.device)
-    segments[1:-1] = ends.clamp(max=slots)
-    segments[-1] = slots
+    chunks = torch.arange(1, -(-slots // T) + 1, device=keep.device) * T
+    segments = torch.zeros(B + 1 + len(chunks), dtype=torch.int32, device=keep.device)
+    segments[1 : B + 1] = ends.clamp(max=slots)
+    segments[B + 1 :] = (ends[-1].clamp(max=slots) + chunks).clamp(max=slots)
     flat = keep.reshape(-1)
     indices = torch.nonzero_static(flat, size=slots, fill_value=flat.shape[0]).reshape(1, -1)
     return indices, segments, keep, ends[-1] > slots
