@@ -308,7 +308,7 @@ def adapt_variant(
         **routing,
     )
     shutil.rmtree(cfg.output, ignore_errors=True)
-    return run(cfg, model=model, teacher=teacher if cfg.distill > 0 else None)
+    return run(cfg, model=model, teacher=teacher)
 
 
 # A model with nothing to route goes through the same recipe as a converted one (same optimizer,

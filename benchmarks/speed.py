@@ -1708,6 +1708,7 @@ def run_decode_speculative(b: Bench) -> None:
     graphed decoding's (greedy speculation is exact up to kernel rounding: in bf16 a near-tie may
     flip)."""
     from modadapt.decoding import CHECK_EVERY, Draft, GraphedDecoder
+    from modadapt.decoding.speculate import acceptance_stats
 
     elt = torch.finfo(b.dtype).bits // 8
     ks = [int(k) for k in b.args.speculate_k.split(",")] if b.args.speculate_k else list(b.size["speculate_k"])
@@ -1773,9 +1774,8 @@ def run_decode_speculative(b: Bench) -> None:
                     accepted_of += stats["accepted"]
                     same.append((step.out[:, :new] == reference).long().cumprod(1).sum(1).float() / new)
                 same = torch.cat(same)
-                drafted = k * sum(rounds_of)
-                acceptance = sum(accepted_of) / drafted if drafted else None
-                per_round = (sum(accepted_of) + sum(rounds_of)) / sum(rounds_of) if rounds_of else 0.0
+                overall = acceptance_stats(k, rounds_of, accepted_of)  # every prompt's rows together
+                per_round = overall["tokens_per_round"]
                 step = decoder.prefill(groups[0], None, new)  # one round's drafts: what each MoD layer kept
                 with torch.inference_mode(), decoder.parts.static_attention():
                     for _ in range(k):
@@ -1801,7 +1801,7 @@ def run_decode_speculative(b: Bench) -> None:
                         ideal_basis="bytes at the measured acceptance",
                         dense_tokens_per_s=len(groups) * B * (new - 1) / dense_ms * 1e3,
                         mod_tokens_per_s=len(groups) * B * (new - 1) / spec_ms * 1e3,  # after the prefills'
-                        acceptance=acceptance,
+                        acceptance=overall["acceptance"],
                         tokens_per_round=per_round,
                         rounds=rounds_of,
                         accepted=accepted_of,
@@ -2263,6 +2263,10 @@ def main(argv: list[str] | None = None) -> int:
         help="skip scenarios that would start after this many seconds (partial JSON is kept)",
     )
     args = parser.parse_args(argv)
+    if args.speculate_prompts is not None and args.speculate_prompts < 1:
+        parser.error(f"--speculate-prompts must be >= 1, got {args.speculate_prompts}")
+    if args.pack_reserve is not None and not 0 < args.pack_reserve <= 1:
+        parser.error(f"--pack-reserve must be a share in (0, 1], got {args.pack_reserve}")
 
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

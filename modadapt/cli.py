@@ -38,6 +38,19 @@ def load_config_file(path: str) -> dict:
     return data.get("mod_config", data)
 
 
+#: The ModConfig fields `modadapt convert` takes as flags of their own (the rest from `-c FILE`).
+CONVERT_FIELDS = (
+    "router",
+    "layers",
+    "capacity",
+    "inference_routing",
+    "packing",
+    "scope",
+    "pack_bucket",
+    "pack_reserve",
+)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import convert, save
     from .config import parse_router_args
@@ -47,16 +60,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .sources import load_model
 
     fields = load_config_file(args.config) if args.config else {}
-    for name in (
-        "router",
-        "layers",
-        "capacity",
-        "inference_routing",
-        "packing",
-        "scope",
-        "pack_bucket",
-        "pack_reserve",
-    ):
+    for name in CONVERT_FIELDS:
         value = getattr(args, name)
         if value is not None:
             fields[name] = value

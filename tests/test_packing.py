@@ -613,6 +613,20 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
     assert not any("hf_assisted_ms" in r for r in records if r["batch"] > 1)
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--speculate-prompts", "0", "--speculate-prompts must be >= 1"),
+        ("--pack-reserve", "1.5", "--pack-reserve must be"),
+    ],
+)
+def test_speed_benchmark_refuses_bad_counts_and_shares(option, value, message, monkeypatch, capsys):
+    bench = _speed_bench(monkeypatch)
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--scenarios", "prefill", option, value])
+    assert message in capsys.readouterr().err
+
+
 def test_speed_benchmark_pack_bucket_reaches_the_models(tmp_path, monkeypatch):
     """`--pack-bucket N` and `--pack-reserve SHARE` convert the MoD models with them (what
     `--compile` prefill needs to compile once per bucket; prefill with no sync per layer) and

@@ -408,12 +408,17 @@ class SpeculativeStep:
 
     def stats(self) -> dict:
         """What the rounds since the prefill accepted (a host sync): per row and overall."""
-        rounds, accepted = self.rounds.tolist(), self.accepted.tolist()
-        drafted = sum(rounds) * self.k
-        return dict(
-            k=self.k,
-            rounds=rounds,
-            accepted=accepted,
-            acceptance=sum(accepted) / drafted if drafted else None,  # accepted drafts / drafted tokens
-            tokens_per_round=(sum(accepted) + sum(rounds)) / sum(rounds) if sum(rounds) else None,
-        )
+        return acceptance_stats(self.k, self.rounds.tolist(), self.accepted.tolist())
+
+
+def acceptance_stats(k: int, rounds: list[int], accepted: list[int]) -> dict:
+    """Per-row rounds and accepted drafts at K = `k`, and overall: `acceptance` (accepted drafts /
+    drafted tokens) and `tokens_per_round` (each round adds its accepted drafts and one token)."""
+    drafted = sum(rounds) * k
+    return dict(
+        k=k,
+        rounds=rounds,
+        accepted=accepted,
+        acceptance=sum(accepted) / drafted if drafted else None,
+        tokens_per_round=(sum(accepted) + sum(rounds)) / sum(rounds) if sum(rounds) else None,
+    )

@@ -384,25 +384,7 @@ def build_model(
         model, tokenizer, extras = source.model, source.tokenizer, source.files
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
-    if cfg.teacher is not None:
-        try:
-            teacher = load_model(cfg.teacher, seed=cfg.seed).model
-        except ModAdaptError as error:
-            raise ModAdaptError(f"teacher: {error}") from None
-    if teacher is not None and state_of(teacher) is not None:  # a converted model teaches densely
-        teacher = modadapt.unload(copy.deepcopy(teacher))
-    if teacher is not None and not is_causal_lm(teacher):
-        raise ModAdaptError(f"the teacher must be a causal language model; {type(teacher).__name__} is not one.")
-    if teacher is not None and teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
-        raise ModAdaptError(
-            f"the teacher's vocabulary ({teacher.config.get_text_config().vocab_size}) is not the model's "
-            f"({model.config.get_text_config().vocab_size}): distillation compares their logits token by token."
-        )
-    if teacher is None and cfg.distill > 0 and cfg.train == "all":
-        # the teacher is the starting weights, which train: only a copy keeps them
-        teacher = copy.deepcopy(model) if state_of(model) is None else modadapt.unload(copy.deepcopy(model))
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
+    teacher = frozen_teacher(cfg, model, teacher)
     if state_of(model) is None:
         modadapt.convert(
             model,
@@ -413,6 +395,35 @@ def build_model(
             scope=cfg.scope,
         )
     return model, teacher, tokenizer, extras
+
+
+def frozen_teacher(cfg: LMAdaptConfig, model: nn.Module, given: nn.Module | None) -> nn.Module | None:
+    """The model to distill from, frozen, with a converted one's dense computation: `given`, else
+    `cfg.teacher` loaded, else (distillation with ``train: all``) a copy of the starting weights,
+    which training moves; None where the teacher is `model` itself under `original`."""
+    import modadapt
+
+    teacher, owned = given, False
+    if cfg.teacher is not None:
+        try:
+            teacher, owned = load_model(cfg.teacher, seed=cfg.seed).model, True
+        except ModAdaptError as error:
+            raise ModAdaptError(f"teacher: {error}") from None
+    elif teacher is None:
+        if not (cfg.distill > 0 and cfg.train == "all"):
+            return None
+        teacher, owned = copy.deepcopy(model), True
+    if state_of(teacher) is not None:
+        teacher = modadapt.unload(teacher if owned else copy.deepcopy(teacher))
+    if not is_causal_lm(teacher):
+        raise ModAdaptError(f"the teacher must be a causal language model; {type(teacher).__name__} is not one.")
+    vocab, own_vocab = teacher.config.get_text_config().vocab_size, model.config.get_text_config().vocab_size
+    if vocab != own_vocab:
+        raise ModAdaptError(
+            f"the teacher's vocabulary ({vocab}) is not the model's ({own_vocab}): distillation compares "
+            "their logits token by token."
+        )
+    return teacher.eval().requires_grad_(False)
 
 
 @contextlib.contextmanager
