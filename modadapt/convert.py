@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from . import mod_layer, plugins
-from .adapters.base import TokenRoles
+from .adapters.base import TokenRoles, no_host_reads
 from .adapters.hf.versions import CACHE_ARGUMENTS
 from .config import ModConfig, is_layer_rule, resolve_layers
 from .deprecation import moved_names
@@ -146,8 +147,20 @@ class _Hooks:
         self.state = state
         self.pending: TokenRoles | None = None  # roles taken at the adapter's roles source
 
+    def roles(self, module, args, kwargs) -> TokenRoles:
+        """The adapter's token roles of this call; a forward that packs into `pack_reserve`'s
+        slots takes them without reading the device (its only host read is the overflow check)."""
+        reserved = (
+            self.state.config.pack_reserve is not None
+            and not module.training
+            and not self.state.pack_exact
+            and _holds_no_cache(module, kwargs)
+        )
+        with no_host_reads() if reserved else contextlib.nullcontext():
+            return self.state.adapter.token_roles(module, args, kwargs)
+
     def before_source(self, module, args, kwargs):
-        self.pending = self.state.adapter.token_roles(module, args, kwargs)
+        self.pending = self.roles(module, args, kwargs)
 
     def after_source(self, module, args, kwargs, output):
         self.pending = None
@@ -158,7 +171,7 @@ class _Hooks:
         if self.pending is not None:
             self.state.roles, self.pending = self.pending, None
         else:
-            self.state.roles = self.state.adapter.token_roles(module, args, kwargs)
+            self.state.roles = self.roles(module, args, kwargs)
         self.state.cache_free_stack, self.state.pack_overflow = _holds_no_cache(module, kwargs), None
         no_cache = all(kwargs.get(layer.call.cache) is None for layer in self.state.layers if layer.call.cache)
         if module.training and no_cache and kwargs.get("use_cache", False) is None:

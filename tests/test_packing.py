@@ -206,6 +206,61 @@ def test_reserved_packing_needs_no_host_count_and_gives_the_exact_pack(
     assert modadapt.mod_layer.state_of(reserved).pack_reruns == 0
 
 
+def _device_reads(monkeypatch, forward) -> int:
+    """How often `forward()` reads a tensor's value on the host (`bool`, `int`, `float`, `item`,
+    `tolist`, `nonzero`): each is a host sync on a GPU. The per-segment SDPA that stands in for the
+    flash varlen kernel off CUDA is left out (it reads its segment lengths; the kernel does not)."""
+    reads, inside = [0], [False]
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads[0] += not inside[0]
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    reference = varlen._reference
+
+    def uncounted(*args, **kwargs):
+        inside[0] = True
+        try:
+            return reference(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(varlen, "_reference", uncounted)
+    with torch.no_grad():
+        forward()
+    monkeypatch.undo()
+    return reads[0]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_reserved_packing_reads_the_device_once_more_than_dense(rows, tiny, ids, left_pad, monkeypatch):
+    """A forward packed into reserved slots waits for the GPU once more than the dense model's (the
+    overflow check at the stack's end), padded or not: the token roles keep an all-true mask rather
+    than read it, and no layer counts its tokens; the exact pack reads once per MoD layer."""
+    exact, reserved = (
+        randomize_router_weights(
+            modadapt.convert(tiny("llama"), router="threshold-p", layers="all-but-first", packing="packed", **extra)
+        )
+        for extra in ({}, {"pack_reserve": 1.0})
+    )
+    dense = tiny("llama")
+    x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (40, 64, 24)[:rows]])
+    call = dict(attention_mask=mask, position_ids=pos, use_cache=False)
+    for model in (exact, reserved, dense):
+        with torch.no_grad():
+            model(x, **call)  # first calls cache what they compute once
+    reads = {
+        name: _device_reads(monkeypatch, lambda m=m: m(x, **call))
+        for name, m in (("dense", dense), ("reserved", reserved), ("exact", exact))
+    }
+    assert reads["reserved"] == reads["dense"] + 1
+    assert reads["exact"] >= reads["dense"] + len(modadapt.mod_layers(exact))
+    assert modadapt.mod_layer.state_of(reserved).pack_reruns == 0
+
+
 def test_reserved_packing_that_overflows_runs_again_exactly(core_family, tiny, ids, left_pad, randomize_routers):
     """A layer that keeps more tokens than `pack_reserve` holds makes the forward run again with
     exact counts: the logits are still the exact pack's, and the rerun is counted."""
@@ -584,7 +639,7 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
     from modadapt.cli import main as cli
 
     bench = _speed_bench(monkeypatch)
-    for name, options in (("a", ["topk", "--capacity", "0.5"]), ("b", ["threshold-p"])):
+    for name, options in (("a", ["topk", "--capacity", "0.5", "--layers", "2"]), ("b", ["threshold-p"])):
         assert cli(["convert", "tiny-llama", "--router", *options, "-o", str(tmp_path / name / "model")]) == 0
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
     with gzip.open(tmp_path / "text.txt.gz", "wt", encoding="utf-8") as f:
@@ -611,6 +666,13 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
     # batch 1 also runs transformers' assisted decoding with the converted model as assistant
     assert all(r["hf_assisted_same_tokens"] and r["hf_assisted_ms"] > 0 for r in records if r["batch"] == 1)
     assert not any("hf_assisted_ms" in r for r in records if r["batch"] > 1)
+    for name in "ab":  # the records describe the saved model, not the benchmark's own
+        saved = modadapt.load(tmp_path / name / "model")
+        mod_layers, layers = list(saved._modadapt_state.layer_indices), saved.config.num_hidden_layers
+        facts = {"parameters": sum(p.numel() for p in modadapt.unload(saved).parameters())}
+        facts.update(mod_layers=mod_layers, layers=layers)
+        for r in (r for r in records if r["router"] == name):
+            assert (r["parameters"], r["mod_layers"], r["model_config"]["num_hidden_layers"]) == tuple(facts.values())
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ class TokenRoles:
     """Per-token roles of one forward, derived from its inputs (never from fixed counts).
 
     Attributes:
-        real: `[B, T]` bool, False for padding; None when there is no padding.
+        real: `[B, T]` bool, False for padding; None when there is no padding (`padding_free`: an
+            all-true mask stays where reading it would sync, e.g. a `pack_reserve` forward).
         forced: `[B, T]` bool, tokens every MoD layer must process; None when there are none.
         extra: Named `[B, T]` role masks a router may use (e.g. ``"image"``).
     """
@@ -32,6 +34,34 @@ class TokenRoles:
     real: torch.Tensor | None = None
     forced: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+
+_HOST_READS = threading.local()
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Within it, `padding_free` answers without reading the device: set around `token_roles` for
+    a forward that must not wait for the GPU (`ModConfig.pack_reserve`'s one check per forward)."""
+    before = getattr(_HOST_READS, "off", False)
+    _HOST_READS.off = True
+    try:
+        yield
+    finally:
+        _HOST_READS.off = before
+
+
+def host_reads_allowed() -> bool:
+    """Whether `token_roles` may read a mask on the host to simplify its roles (a host sync): not
+    while compiling, nor inside `no_host_reads()`. Without the read the roles keep their masks,
+    which is always correct, only slower for the layers' kernels."""
+    return not torch.compiler.is_compiling() and not getattr(_HOST_READS, "off", False)
+
+
+def padding_free(real: torch.Tensor | None) -> bool:
+    """Whether the `[B, T]` bool mask `real` marks no padding, so that `TokenRoles.real` may be None
+    (MoD layers then take the causal path without a mask); False where host reads are not allowed."""
+    return real is not None and host_reads_allowed() and bool(real.all())
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 from ...attention_probe import AttentionProbe
 from ...errors import ModAdaptError
 from ...mod_layer import state_of
-from ..base import Adapter, AttentionMapCallback, DecodeParts, LayerCall, TokenRoles
+from ..base import Adapter, AttentionMapCallback, DecodeParts, LayerCall, TokenRoles, padding_free
 from .attention import (
     PROBE_ATTENTION,
     PROBE_EAGER_ATTENTION,
@@ -143,9 +143,7 @@ class HFDecoderAdapter(Adapter):
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return TokenRoles()
         real = mask.bool()
-        if not torch.compiler.is_compiling() and bool(real.all()):
-            return TokenRoles()  # no padding: lets MoD layers take the fused causal path
-        return TokenRoles(real=real)
+        return TokenRoles() if padding_free(real) else TokenRoles(real=real)
 
     def attach(self, model: nn.Module, state: Any) -> list:
         """A `save_pretrained` that writes a modadapt directory (`auto`) and, in a mixture-of-experts

@@ -30,7 +30,7 @@ from torch import nn
 
 from ...errors import ModAdaptError
 from ...mod_layer import state_of
-from ..base import DecodeParts, TokenRoles
+from ..base import DecodeParts, TokenRoles, host_reads_allowed, padding_free
 from .decoder import HFDecoderAdapter
 
 PROTECT = ("question", "question+answer", "none")
@@ -119,9 +119,8 @@ class LlavaAdapter(HFDecoderAdapter):
         bound = inspect.signature(type(stack_owner).forward).bind_partial(stack_owner, *args, **kwargs).arguments
         ids, mask, labels = bound.get("input_ids"), bound.get("attention_mask"), bound.get("labels")
         real = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        compiling = torch.compiler.is_compiling()
-        if real is not None and not compiling and bool(real.all()):
-            real = None  # no padding: lets MoD layers take the fused causal path
+        if padding_free(real):
+            real = None
         if not isinstance(ids, torch.Tensor):  # embeddings only: no way to tell images from text
             self.last_roles = TokenRoles(real=real)
             return self.last_roles
@@ -139,7 +138,7 @@ class LlavaAdapter(HFDecoderAdapter):
             protected = text if dense else None
         if settings["route"] == "image":
             protected = text
-        if protected is not None and not compiling and not bool(protected.any()):
+        if protected is not None and host_reads_allowed() and not bool(protected.any()):
             protected = None
         self.last_roles = TokenRoles(
             real=real, forced=protected, extra={"image": image, "question": question, "answer": answer}
