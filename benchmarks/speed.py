@@ -456,7 +456,8 @@ class Bench:
         return torch.randint(0, self.shape.V, (B, T), generator=gen).to(self.device)
 
     def add(self, record: dict) -> None:
-        record = {"dense_compiled": False, "mod_compiled": False, **record, **self.env}
+        # the record's own fields win: a scenario on another model (--speculate-model) names it
+        record = {"dense_compiled": False, "mod_compiled": False, **self.env, **record}
         self.records.append(record)
         if "dense_ms" in record:
             print(format_row(record), flush=True)
@@ -1623,6 +1624,17 @@ def speculate_models(b: Bench) -> dict:
     return models
 
 
+def model_facts(dense: torch.nn.Module, shape: Shape) -> dict:
+    """The record fields that describe the model a scenario ran (over the benchmark's own)."""
+    config = dense.config.get_text_config(decoder=True)
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    return {
+        "parameters": sum(p.numel() for p in dense.parameters()),
+        "mod_layers": shape.mod_layers,
+        "model_config": {k: getattr(config, k, None) for k in (*keys, "vocab_size", "max_position_embeddings")},
+    }
+
+
 def speculate_prompts(b: Bench, directory: str | None, vocab: int, B: int, ctx: int) -> torch.Tensor:
     """`B` prompts of `ctx` tokens: with --speculate-text, windows spread over that text, tokenized
     by the tokenizer saved beside the model (acceptance on real text is the number that matters);
@@ -1788,6 +1800,7 @@ def run_decode_speculative(b: Bench) -> None:
                     dict(
                         scenario=f"decode_speculative_b{B}_ctx{ctx}_k{k}",
                         router=name,
+                        **model_facts(dense, shape),
                         batch=B,
                         context=ctx,
                         new_tokens=new,
