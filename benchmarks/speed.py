@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import modadapt
 from modadapt import varlen
 from modadapt.adapters.hf.versions import cache_kwarg, returned_cache
+from modadapt.config import pack_reserve_value
 from modadapt.decoding import BRANCHES
 from modadapt.masks import subset_attention_mask
 from modadapt.metrics.flops import processing_flops, sequence_flops
@@ -329,7 +330,7 @@ def make_mod(
     calib_ids: torch.Tensor,
     seed: int,
     pack_bucket: int | None = None,
-    pack_reserve: float | None = None,
+    pack_reserve: float | str | None = None,
 ):
     kwargs, fraction = ROUTERS[router]
     model = modadapt.convert(copy.deepcopy(dense), **kwargs, pack_bucket=pack_bucket, pack_reserve=pack_reserve)
@@ -2188,12 +2189,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--pack-reserve",
-        type=float,
+        type=pack_reserve_value,
         default=None,
-        metavar="SHARE",
+        metavar="SHARE|auto",
         help="ModConfig.pack_reserve: pack each MoD layer of a call without a KV cache into this share "
-        "of its tokens, with no host sync per layer (a forward that overflows runs again exactly; "
-        "prefill records count those runs in pack_reruns). Default: exact counts",
+        "of its tokens ('auto': each layer's own, learned from what it kept), with no host sync per "
+        "layer (a forward that overflows runs again exactly; prefill records count those runs in "
+        "pack_reruns). Default: exact counts",
     )
     parser.add_argument(
         "--compile-mode",
@@ -2278,8 +2280,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.speculate_prompts is not None and args.speculate_prompts < 1:
         parser.error(f"--speculate-prompts must be >= 1, got {args.speculate_prompts}")
-    if args.pack_reserve is not None and not 0 < args.pack_reserve <= 1:
-        parser.error(f"--pack-reserve must be a share in (0, 1], got {args.pack_reserve}")
 
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

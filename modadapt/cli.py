@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PACKING, SCOPES, ModConfig, field_help
+from .config import PACKING, SCOPES, ModConfig, field_help, pack_reserve_value
 from .deprecation import moved_names
 from .errors import ModAdaptError
 
@@ -431,7 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", choices=PACKING, help=field_help("packing"))
     p.add_argument("--scope", choices=SCOPES, help=field_help("scope"))
     p.add_argument("--pack-bucket", dest="pack_bucket", type=int, metavar="N", help=field_help("pack_bucket"))
-    p.add_argument("--pack-reserve", dest="pack_reserve", type=float, metavar="SHARE", help=field_help("pack_reserve"))
+    p.add_argument(
+        "--pack-reserve",
+        dest="pack_reserve",
+        type=pack_reserve_value,
+        metavar="SHARE|auto",
+        help=field_help("pack_reserve"),
+    )
     p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("router_kwargs"))
     p.add_argument("--adapter-arg", action="append", default=[], metavar="KEY=VALUE", help=field_help("adapter_kwargs"))
     p.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -14,6 +15,21 @@ EVENLY = "evenly:"  # `evenly:N`: N layers spread evenly over the convertible on
 FROM_REPORT = "from:"
 INFERENCE_ROUTING = ("causal", "topk")
 PACKING = ("auto", "packed", "padded")
+
+
+def pack_reserve_value(text: str) -> float | str:
+    """A command line's `pack_reserve`: ``auto`` or a share in (0, 1] (argparse's `type`)."""
+    if text == "auto":
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        share = math.nan
+    if not 0.0 < share <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a share in (0, 1], got {text!r}")
+    return share
+
+
 SCOPES = ("block", "attention", "mlp")
 
 
@@ -98,14 +114,16 @@ class ModConfig:
         },
     )
 
-    pack_reserve: float | None = field(
+    pack_reserve: float | str | None = field(
         default=None,
         metadata={
             "help": "In eval mode without a KV cache (prefill with use_cache=False, scoring), pack "
             "each MoD layer's kept tokens into this share of the call's tokens (rounded up to "
             "pack_bucket) instead of counting them on the host first: no host sync per MoD layer, "
-            "which is what bounds batch-1 prefill. A forward in which some layer keeps more runs "
-            "again with exact counts (one check per forward, at its end). None: exact counts."
+            "which is what bounds batch-1 prefill. 'auto': each layer's own share, the most it has "
+            "kept so far times 1.1 (its first such call reserves every token). A forward in which "
+            "some layer keeps more runs again with exact counts (one check per forward, at its "
+            "end). None: exact counts."
         },
     )
 
@@ -132,10 +150,10 @@ class ModConfig:
             isinstance(self.pack_bucket, bool) or not isinstance(self.pack_bucket, int) or self.pack_bucket < 1
         ):
             raise ModAdaptError(f"pack_bucket must be a positive int or None, got {self.pack_bucket!r}.")
-        if self.pack_reserve is not None:
+        if self.pack_reserve is not None and self.pack_reserve != "auto":
             share = self.pack_reserve
             if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
-                raise ModAdaptError(f"pack_reserve must be a share in (0, 1] or None, got {share!r}.")
+                raise ModAdaptError(f"pack_reserve must be a share in (0, 1], 'auto' or None, got {share!r}.")
             self.pack_reserve = float(share)
         if not isinstance(self.router_kwargs, dict):
             raise ModAdaptError("router_kwargs must be a dict of router arguments.")

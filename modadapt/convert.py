@@ -172,7 +172,7 @@ class _Hooks:
             self.state.roles, self.pending = self.pending, None
         else:
             self.state.roles = self.roles(module, args, kwargs)
-        self.state.cache_free_stack, self.state.pack_overflow = _holds_no_cache(module, kwargs), None
+        self.state.cache_free_stack, self.state.pack_counts = _holds_no_cache(module, kwargs), []
         no_cache = all(kwargs.get(layer.call.cache) is None for layer in self.state.layers if layer.call.cache)
         if module.training and no_cache and kwargs.get("use_cache", False) is None:
             # A training forward has no use for a KV cache; not building one keeps it compilable.
@@ -181,8 +181,8 @@ class _Hooks:
 
     def after_stack(self, module, args, kwargs, output):
         roles, self.state.roles = self.state.roles, TokenRoles()  # never leak into a direct layer call
-        overflow, self.state.pack_overflow, self.state.cache_free_stack = self.state.pack_overflow, None, False
-        if output is None or overflow is None or not bool(overflow):  # the forward's one host check
+        checks, self.state.pack_counts, self.state.cache_free_stack = self.state.pack_counts, [], False
+        if output is None or not checks or self.reserved_packs_fit(checks):  # the forward's one host read
             return None
         # Some layer kept more tokens than `ModConfig.pack_reserve` holds: run again, exact counts.
         self.state.pack_reruns += 1
@@ -191,7 +191,7 @@ class _Hooks:
             output = module(*args, **kwargs)
         finally:
             self.state.pack_exact, self.pending = False, None  # (never True here before: no reserve then)
-        if self.state.pack_reruns == 1:  # once per model: the setting is too small for its inputs
+        if self.state.pack_reruns == 1 and self.state.config.pack_reserve != "auto":  # too small a setting
             kept = max(
                 float(layer.last_keep.float().mean()) for layer in self.state.layers if layer.last_keep is not None
             )
@@ -202,6 +202,17 @@ class _Hooks:
                 stacklevel=2,
             )
         return output
+
+    def reserved_packs_fit(self, checks: list) -> bool:
+        """Read the forward's reserved packs' kept counts (its one host sync), teach each layer
+        the largest share it kept (`pack_reserve="auto"` reserves from it) and say whether every
+        layer's kept tokens fit its slots (if not, the forward runs again with exact counts)."""
+        counts = torch.stack([count for _, count, _, _ in checks]).tolist()
+        overflow = False
+        for (layer, _, tokens, slots), kept in zip(checks, counts):
+            layer.reserve_share = max(layer.reserve_share or 0.0, kept / tokens)
+            overflow |= kept > slots
+        return not overflow
 
     def after_model(self, module, args, kwargs, output):
         """Add the routers' auxiliary losses to the loss the model returns (labels given)."""

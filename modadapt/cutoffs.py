@@ -129,3 +129,5 @@ def _causal_inference(state) -> Iterator[None]:
         yield
     finally:
         state.config.inference_routing, state.pack_exact = before
+        for layer in state.layers:  # new cut-offs keep other shares: `pack_reserve="auto"` learns afresh
+            layer.reserve_share = None

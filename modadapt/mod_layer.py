@@ -26,6 +26,8 @@ from .routers.base import RoutingContext, RoutingDecision
 
 #: The attribute of a converted model that holds its `ModelState`.
 STATE_ATTR = "_modadapt_state"
+#: `pack_reserve="auto"` reserves this multiple of the most a layer has kept (then `pack_bucket`).
+AUTO_RESERVE_MARGIN = 1.1
 _CLASSES: dict[type, type] = {}
 _MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -44,10 +46,11 @@ class ModelState:
     family: dict = field(default_factory=dict)  # what the adapter's `attach` keeps for this conversion
     #: `ModConfig.pack_reserve`'s bookkeeping: whether a stack forward that holds no KV cache is
     #: running (the check at its end guards the reserved slots; a rerun on a cache would append to
-    #: it twice), the forward's layers' overflow flags or'ed together on the device, whether exact
-    #: counts are required (the stack running again; a calibration), and how often it ran again.
+    #: it twice), the forward's reserved packs as `(LayerState, kept count on the device, tokens,
+    #: slots)` (read together at its end), whether exact counts are required (the stack running
+    #: again; a calibration), and how often it ran again.
     cache_free_stack: bool = False
-    pack_overflow: Any = None
+    pack_counts: list = field(default_factory=list)
     pack_exact: bool = False
     pack_reruns: int = 0
 
@@ -84,6 +87,9 @@ class LayerState:
     #: A routed sublayer with an output norm (`LayerCall.output_norm`): the gate `[B, T]` its norm
     #: applies next (1 where skipped), or None.
     output_gate: torch.Tensor | None = None
+    #: The largest share of a call's tokens this layer kept in a reserved pack (read at the end of
+    #: each such forward): what `pack_reserve="auto"` reserves from. None: not seen yet.
+    reserve_share: float | None = None
 
 
 class Host:
@@ -364,9 +370,8 @@ def mod_forward(layer: nn.Module, args: tuple, kwargs: dict):
                 flat[name] = _flatten_rows(arguments.get(name), B, T, dummy_row=fillers)
     decision: RoutingDecision = layer.router.route(hidden, ctx)
     _record(state, decision, ctx)
-    if decision.overflow is not None:  # checked once, at the end of the stack's forward
-        seen_overflow = state.model.pack_overflow
-        state.model.pack_overflow = decision.overflow if seen_overflow is None else seen_overflow | decision.overflow
+    if decision.kept_total is not None:  # read once, at the end of the stack's forward
+        state.model.pack_counts.append((state, decision.kept_total, B * T, ctx.pack_slots))
 
     K = decision.indices.shape[1]
     if K == 0:  # nothing to process in any row: skip the layer outright, write no K/V
@@ -421,6 +426,9 @@ def _pack_reserve(layer: nn.Module, model: ModelState, book) -> float | None:
     reserve = model.config.pack_reserve
     if reserve is None or book is not None or layer.training or not model.cache_free_stack or model.pack_exact:
         return None
+    if reserve == "auto":
+        share = layer.mod_state.reserve_share
+        return 1.0 if share is None else min(1.0, share * AUTO_RESERVE_MARGIN)
     return reserve
 
 

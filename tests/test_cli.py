@@ -262,3 +262,25 @@ def test_a_plugin_that_fails_while_the_parser_is_built_is_one_line(monkeypatch, 
     monkeypatch.setattr(plugins, "registry", broken)
     code, _, stderr = run(capsys, "list", "routers")
     assert code == 2 and stderr == "modadapt: error: plugin 'broken' failed to load: boom\n"
+
+
+def test_every_command_prints_its_help(capsys):
+    """`--help` of every command and recipe formats (a `%` in a field's help once broke it)."""
+    import argparse
+
+    from modadapt.cli import build_parser
+
+    def commands(parser, prefix=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield (*prefix, name)
+                    yield from commands(sub, (*prefix, name))
+
+    found = list(commands(build_parser()))
+    assert ("convert",) in found and any(len(c) == 2 and c[0] == "train" for c in found)
+    for command in found:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0, command
+        assert "usage:" in capsys.readouterr().out

@@ -6,6 +6,8 @@ kernel against the padded path and against its reference (`benchmarks/speed.py`,
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import load_benchmark, randomize_router_weights, threads_restored
@@ -14,6 +16,7 @@ from torch import nn
 import modadapt
 from modadapt import varlen
 from modadapt.adapters.hf.versions import cache_kwarg, returned_cache
+from modadapt.config import pack_reserve_value
 from modadapt.errors import ModAdaptError
 from modadapt.routers import base
 from modadapt.routers.base import pack_reserved, pack_rows
@@ -276,6 +279,59 @@ def test_reserved_packing_that_overflows_runs_again_exactly(core_family, tiny, i
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
 
 
+def test_auto_reserve_learns_each_layers_share(tiny, ids, left_pad, randomize_routers, packed_calls):
+    """`pack_reserve="auto"`: a layer's first reserved call holds every token; the forward's one
+    read of the kept counts teaches each layer its share, and later calls reserve 1.1 times it
+    (per layer, up to the bucket); a layer that keeps more than that makes the forward run again
+    exactly (no warning: the share grows) and all along the logits are the exact pack's."""
+    exact, auto = _exact_and_reserved(tiny, "llama", randomize_routers, pack_reserve="auto", pack_bucket=4)
+    x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (9, 12, 5)])
+    call = dict(attention_mask=mask, position_ids=pos, use_cache=False)
+    layers, tokens, real = modadapt.mod_layers(auto), x.numel(), mask.bool()
+    with torch.no_grad():
+        expected = exact(x, **call).logits
+        before = len(packed_calls)
+        first = auto(x, **call).logits
+        assert packed_calls[before:] == [tokens] * len(layers)  # nothing learned yet: every token
+        shares = [layer.mod_state.reserve_share for layer in layers]
+        assert shares == [float(layer.mod_state.last_keep.sum()) / tokens for layer in layers]
+        before = len(packed_calls)
+        second = auto(x, **call).logits
+        reserved = [modadapt.mod_layer.reserved_slots(min(1.0, 1.1 * share), tokens, 4) for share in shares]
+        assert packed_calls[before:] == reserved and len(set(reserved)) > 1  # each layer its own
+        torch.testing.assert_close(first[real], expected[real], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(second[real], expected[real], rtol=1e-4, atol=1e-5)
+        assert modadapt.mod_layer.state_of(auto).pack_reruns == 0
+        layers[0].mod_state.reserve_share = 1 / tokens  # as if it had kept one token: now it overflows
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            third = auto(x, **call).logits
+    torch.testing.assert_close(third[real], expected[real], rtol=1e-4, atol=1e-5)
+    assert modadapt.mod_layer.state_of(auto).pack_reruns == 1
+    assert layers[0].mod_state.reserve_share == shares[0]
+
+
+def test_calibration_makes_the_auto_reserve_learn_afresh(tiny, ids):
+    """New cut-offs keep other shares: `calibrate_cutoffs` forgets what `pack_reserve="auto"` learned."""
+    model = modadapt.convert(tiny("llama"), router="topk", capacity=0.5, packing="packed", pack_reserve="auto")
+    randomize_router_weights(model)
+    with torch.no_grad():
+        model(ids(2, 12), use_cache=False)
+    layers = modadapt.mod_layers(model)
+    assert all(layer.mod_state.reserve_share is not None for layer in layers)
+    modadapt.calibrate_cutoffs(model, [ids(2, 12, seed=1)])
+    assert all(layer.mod_state.reserve_share is None for layer in layers)
+
+
+def test_pack_reserve_values():
+    assert modadapt.ModConfig(pack_reserve="auto").pack_reserve == "auto"
+    assert modadapt.ModConfig(pack_reserve=1).pack_reserve == 1.0
+    assert pack_reserve_value("auto") == "auto" and pack_reserve_value("0.5") == 0.5  # --pack-reserve
+    for bad in (0, 1.5, "most", "half", True):
+        with pytest.raises(ModAdaptError, match="pack_reserve must be a share in"):
+            modadapt.ModConfig(pack_reserve=bad)
+
+
 def test_reserved_packing_leaves_training_and_cached_calls_exact(
     core_family, tiny, ids, randomize_routers, monkeypatch
 ):
@@ -371,16 +427,12 @@ def test_reserved_packing_on_cuda_syncs_once_per_forward(tiny, ids, left_pad, ra
 def test_pack_reserved_cuts_an_overflow_inside_its_slots():
     keep = torch.tensor([[True, False, True], [False, True, True]])
     # fillers (index B*T = 6) in segments of at most T = 3 tokens, unused offsets empty
-    indices, segments, _, overflow = pack_reserved(keep, None, None, slots=6)
-    assert indices.tolist() == [[0, 2, 4, 5, 6, 6]] and segments.tolist() == [0, 2, 4, 6, 6]
-    assert not bool(overflow)
-    indices, segments, _, overflow = pack_reserved(keep, None, None, slots=10)
+    indices, segments, _, kept = pack_reserved(keep, None, None, slots=6)
+    assert indices.tolist() == [[0, 2, 4, 5, 6, 6]] and segments.tolist() == [0, 2, 4, 6, 6] and int(kept) == 4
+    indices, segments, _, kept = pack_reserved(keep, None, None, slots=10)
     assert indices.tolist() == [[0, 2, 4, 5] + [6] * 6] and segments.tolist() == [0, 2, 4, 7, 10, 10, 10]
-    indices, segments, _, overflow = pack_reserved(keep, None, None, slots=3)
-    assert indices.tolist() == [[0, 2, 4]] and segments.tolist() == [0, 2, 3, 3] and bool(overflow)
-    for bad in (0, 1.5, True, "half"):
-        with pytest.raises(ModAdaptError, match="pack_reserve"):
-            modadapt.ModConfig(pack_reserve=bad)
+    indices, segments, _, kept = pack_reserved(keep, None, None, slots=3)
+    assert indices.tolist() == [[0, 2, 4]] and segments.tolist() == [0, 2, 3, 3] and int(kept) == 4  # more than 3
 
 
 def test_packed_cache_prefill_and_decode(core_family, tiny, ids, left_pad, randomize_routers, last_keeps, packed_calls):
@@ -679,7 +731,8 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
     "option, value, message",
     [
         ("--speculate-prompts", "0", "--speculate-prompts must be >= 1"),
-        ("--pack-reserve", "1.5", "--pack-reserve must be"),
+        ("--pack-reserve", "1.5", "expected 'auto' or a share in (0, 1]"),
+        ("--pack-reserve", "most", "expected 'auto' or a share in (0, 1]"),
     ],
 )
 def test_speed_benchmark_refuses_bad_counts_and_shares(option, value, message, monkeypatch, capsys):

@@ -123,9 +123,9 @@ class RoutingDecision:
         expert_slots: `[B, T]` long, for a router that also drops some of a mixture of experts'
             top-k slots (`noop-expert`): how many experts each token runs (0 where skipped), for
             the FLOPs model. None: a kept token runs all of its top-k experts.
-        overflow: Packed into reserved slots (`RoutingContext.pack_slots`): a 0-dim bool tensor,
-            True when more tokens were kept than the slots hold (the selection was cut short and
-            the forward must run again with exact counts). None otherwise.
+        kept_total: Packed into reserved slots (`RoutingContext.pack_slots`): a 0-dim tensor, how
+            many tokens were kept; more than the slots hold means the selection was cut short and
+            the forward must run again with exact counts. None otherwise.
     """
 
     indices: torch.Tensor
@@ -136,7 +136,7 @@ class RoutingDecision:
     logits: torch.Tensor
     segments: torch.Tensor | None = None
     expert_slots: torch.Tensor | None = None
-    overflow: torch.Tensor | None = None
+    kept_total: torch.Tensor | None = None
 
 
 def straight_through_one(x: torch.Tensor) -> torch.Tensor | None:
@@ -334,13 +334,13 @@ class Router(nn.Module):
     def route(self, hidden: torch.Tensor, ctx: RoutingContext) -> RoutingDecision:
         logits = self.score(hidden, ctx)
         choice = self.causal_keep(logits, hidden, ctx) if ctx.causal else self.select(logits, hidden, ctx)
-        segments = overflow = None
+        segments = kept_total = None
         if isinstance(choice, float):
             static_prefix = ctx.prefix if ctx.real is None else 0
             forced = None if static_prefix else ctx.forced
             indices, valid, keep = select_topk(logits, choice, ctx.real, forced, prefix=static_prefix)
         elif ctx.pack and ctx.pack_slots is not None:
-            indices, segments, keep, overflow = pack_reserved(choice, ctx.real, ctx.forced, ctx.pack_slots)
+            indices, segments, keep, kept_total = pack_reserved(choice, ctx.real, ctx.forced, ctx.pack_slots)
             valid = None
         elif ctx.pack:
             indices, segments, keep = pack_rows(choice, ctx.real, ctx.forced, bucket=ctx.pack_bucket)
@@ -360,7 +360,7 @@ class Router(nn.Module):
         if self.cutoff_probe is not None and ctx.causal:
             with torch.no_grad():
                 self.cutoff_probe(ctx.layer_index, *self.cutoff_statistic(logits, hidden, ctx))
-        return RoutingDecision(indices, valid, gate, keep, aux, logits, segments, overflow=overflow)
+        return RoutingDecision(indices, valid, gate, keep, aux, logits, segments, kept_total=kept_total)
 
     #: Set by `modadapt.calibrate_cutoffs` while it collects: called with `(layer_index, values,
     #: eligible)` on every decision made by the causal rule.
@@ -523,9 +523,9 @@ def pack_reserved(
     """`pack_rows` into exactly `slots` slots, with no host sync: the kept tokens, then filler
     indices `B * T` in segments of at most `T` (so that attention over them costs no more than
     rows do; `B + 1 + ceil(slots / T)` offsets, the unused ones empty). Returns the indices,
-    offsets, mask and a 0-dim bool, True when more than `slots` tokens were kept: the selection
-    is then cut after the first `slots` (offsets clamped, so every kernel stays in bounds) and
-    the caller must not use the result (`ModConfig.pack_reserve` runs the forward again)."""
+    offsets, mask and the 0-dim count of kept tokens: above `slots`, the selection is cut after
+    the first `slots` (offsets clamped, so every kernel stays in bounds) and the caller must not
+    use the result (`ModConfig.pack_reserve` runs the forward again)."""
     keep = _apply_roles(keep, real, forced)
     B, T = keep.shape
     ends = keep.sum(1).cumsum(0)
@@ -535,7 +535,7 @@ def pack_reserved(
     segments[B + 1 :] = (ends[-1].clamp(max=slots) + chunks).clamp(max=slots)
     flat = keep.reshape(-1)
     indices = torch.nonzero_static(flat, size=slots, fill_value=flat.shape[0]).reshape(1, -1)
-    return indices, segments, keep, ends[-1] > slots
+    return indices, segments, keep, ends[-1]
 
 
 @torch.compiler.disable
