@@ -15,6 +15,7 @@ EVENLY = "evenly:"  # `evenly:N`: N layers spread evenly over the convertible on
 FROM_REPORT = "from:"
 INFERENCE_ROUTING = ("causal", "topk")
 PACKING = ("auto", "packed", "padded")
+SCOPES = ("block", "attention", "mlp")
 
 
 def pack_reserve_value(text: str) -> float | str:
@@ -28,9 +29,6 @@ def pack_reserve_value(text: str) -> float | str:
     if not 0.0 < share <= 1.0:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a share in (0, 1], got {text!r}")
     return share
-
-
-SCOPES = ("block", "attention", "mlp")
 
 
 @dataclass
@@ -121,9 +119,10 @@ class ModConfig:
             "each MoD layer's kept tokens into this share of the call's tokens (rounded up to "
             "pack_bucket) instead of counting them on the host first: no host sync per MoD layer, "
             "which is what bounds batch-1 prefill. 'auto': each layer's own share, the most it has "
-            "kept so far times 1.1 (its first such call reserves every token). A forward in which "
-            "some layer keeps more runs again with exact counts (one check per forward, at its "
-            "end). None: exact counts."
+            "kept so far times 1.1 in calls of 128 tokens or more (its first such call reserves "
+            "every token; under torch.compile(dynamic=False) set pack_bucket too, or each new "
+            "share compiles anew). A forward in which some layer keeps more runs again with exact "
+            "counts (one read per forward, at its end). None: exact counts."
         },
     )
 

@@ -127,14 +127,17 @@ def accepts_layer(adapter, model: nn.Module, index: int) -> bool:
     return True
 
 
-def _holds_no_cache(stack: nn.Module, kwargs: dict) -> bool:
-    """Whether a stack call runs without a KV cache: none passed in, and none made (`use_cache`
-    off, or left to a config that has it off)."""
+def _holds_no_cache(module: nn.Module, kwargs: dict) -> bool:
+    """Whether a call of the stack (or of the model around it, LLaVA's roles source) runs without
+    a KV cache: none passed in, and none made (`use_cache` off, or left to a config that has it off;
+    a vision-language config keeps it in its text config)."""
     if any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS):
         return False
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
-        use_cache = getattr(getattr(stack, "config", None), "use_cache", False)
+        config = getattr(module, "config", None)
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        use_cache = getattr(text, "use_cache", False)
     return not use_cache
 
 
@@ -148,10 +151,15 @@ class _Hooks:
         self.pending: TokenRoles | None = None  # roles taken at the adapter's roles source
 
     def roles(self, module, args, kwargs) -> TokenRoles:
-        """The adapter's token roles of this call; a forward that packs into `pack_reserve`'s
-        slots takes them without reading the device (its only host read is the overflow check)."""
+        """The adapter's token roles of this call; a forward whose layers pack into `pack_reserve`'s
+        slots takes them without reading the device (its only host read is the kept counts' at its
+        end). Layers that never pack (`packing="padded"`; top-k routing at inference, which has a
+        static shape) keep the read: it spares them the masked path."""
+        config = self.state.config
         reserved = (
-            self.state.config.pack_reserve is not None
+            config.pack_reserve is not None
+            and config.packing != "padded"
+            and config.inference_routing == "causal"
             and not module.training
             and not self.state.pack_exact
             and _holds_no_cache(module, kwargs)
@@ -205,14 +213,16 @@ class _Hooks:
 
     def reserved_packs_fit(self, checks: list) -> bool:
         """Read the forward's reserved packs' kept counts (its one host sync), teach each layer
-        the largest share it kept (`pack_reserve="auto"` reserves from it) and say whether every
-        layer's kept tokens fit its slots (if not, the forward runs again with exact counts)."""
+        the largest share it kept in a call of at least `AUTO_RESERVE_MIN_TOKENS` tokens
+        (`pack_reserve="auto"` reserves from it) and say whether every layer's kept tokens fit
+        its slots (if not, the forward runs again with exact counts)."""
         counts = torch.stack([count for _, count, _, _ in checks]).tolist()
-        overflow = False
-        for (layer, _, tokens, slots), kept in zip(checks, counts):
-            layer.reserve_share = max(layer.reserve_share or 0.0, kept / tokens)
-            overflow |= kept > slots
-        return not overflow
+        for (layer, _, tokens, slots), kept in zip(checks, counts):  # in stack order
+            if tokens >= mod_layer.AUTO_RESERVE_MIN_TOKENS:  # a short call's share is noise
+                layer.reserve_share = max(layer.reserve_share or 0.0, kept / tokens)
+            if kept > slots:  # the layers after it saw a cut selection: they teach nothing
+                return False
+        return True
 
     def after_model(self, module, args, kwargs, output):
         """Add the routers' auxiliary losses to the loss the model returns (labels given)."""

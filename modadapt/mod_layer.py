@@ -26,8 +26,10 @@ from .routers.base import RoutingContext, RoutingDecision
 
 #: The attribute of a converted model that holds its `ModelState`.
 STATE_ATTR = "_modadapt_state"
-#: `pack_reserve="auto"` reserves this multiple of the most a layer has kept (then `pack_bucket`).
+#: `pack_reserve="auto"` reserves this multiple of the most a layer has kept (then `pack_bucket`),
+#: learnt from calls of at least this many tokens (a share of a few tokens says little).
 AUTO_RESERVE_MARGIN = 1.1
+AUTO_RESERVE_MIN_TOKENS = 128
 _CLASSES: dict[type, type] = {}
 _MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -87,8 +89,9 @@ class LayerState:
     #: A routed sublayer with an output norm (`LayerCall.output_norm`): the gate `[B, T]` its norm
     #: applies next (1 where skipped), or None.
     output_gate: torch.Tensor | None = None
-    #: The largest share of a call's tokens this layer kept in a reserved pack (read at the end of
-    #: each such forward): what `pack_reserve="auto"` reserves from. None: not seen yet.
+    #: The largest share of a call's tokens this layer kept in a reserved pack of a call of at least
+    #: `AUTO_RESERVE_MIN_TOKENS` tokens (read at the end of each such forward): what
+    #: `pack_reserve="auto"` reserves from. None: not seen yet (or reset by `calibrate_cutoffs`).
     reserve_share: float | None = None
 
 

@@ -6,6 +6,7 @@ kernel against the padded path and against its reference (`benchmarks/speed.py`,
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ import modadapt
 from modadapt import varlen
 from modadapt.adapters.hf.versions import cache_kwarg, returned_cache
 from modadapt.config import pack_reserve_value
+from modadapt.convert import _holds_no_cache
 from modadapt.errors import ModAdaptError
 from modadapt.routers import base
 from modadapt.routers.base import pack_reserved, pack_rows
@@ -281,14 +283,18 @@ def test_reserved_packing_that_overflows_runs_again_exactly(core_family, tiny, i
 
 def test_auto_reserve_learns_each_layers_share(tiny, ids, left_pad, randomize_routers, packed_calls):
     """`pack_reserve="auto"`: a layer's first reserved call holds every token; the forward's one
-    read of the kept counts teaches each layer its share, and later calls reserve 1.1 times it
-    (per layer, up to the bucket); a layer that keeps more than that makes the forward run again
-    exactly (no warning: the share grows) and all along the logits are the exact pack's."""
+    read of the kept counts teaches each layer its share (not in a call too short to tell), and
+    later calls reserve 1.1 times it (per layer, up to the bucket); a layer that keeps more than
+    that makes the forward run again exactly (no warning: the share grows; the layers after it,
+    which saw a cut selection, learn nothing) and all along the logits are the exact pack's."""
     exact, auto = _exact_and_reserved(tiny, "llama", randomize_routers, pack_reserve="auto", pack_bucket=4)
-    x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (9, 12, 5)])
+    x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (40, 48, 20)])
+    assert x.numel() >= modadapt.mod_layer.AUTO_RESERVE_MIN_TOKENS
     call = dict(attention_mask=mask, position_ids=pos, use_cache=False)
     layers, tokens, real = modadapt.mod_layers(auto), x.numel(), mask.bool()
     with torch.no_grad():
+        auto(ids(2, 30), use_cache=False)  # 60 tokens: too few to teach a share
+        assert all(layer.mod_state.reserve_share is None for layer in layers)
         expected = exact(x, **call).logits
         before = len(packed_calls)
         first = auto(x, **call).logits
@@ -303,12 +309,44 @@ def test_auto_reserve_learns_each_layers_share(tiny, ids, left_pad, randomize_ro
         torch.testing.assert_close(second[real], expected[real], rtol=1e-4, atol=1e-5)
         assert modadapt.mod_layer.state_of(auto).pack_reruns == 0
         layers[0].mod_state.reserve_share = 1 / tokens  # as if it had kept one token: now it overflows
+        layers[1].mod_state.reserve_share = shares[1] / 2  # and so would layer 1, but it learns nothing
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             third = auto(x, **call).logits
     torch.testing.assert_close(third[real], expected[real], rtol=1e-4, atol=1e-5)
     assert modadapt.mod_layer.state_of(auto).pack_reruns == 1
     assert layers[0].mod_state.reserve_share == shares[0]
+    assert layers[1].mod_state.reserve_share == shares[1] / 2
+
+
+def test_a_reserve_no_layer_packs_into_keeps_the_padding_read(tiny, ids, monkeypatch):
+    """Roles skip their mask read only where a layer packs into the reserve: padded packing and
+    top-k routing at inference (a static shape) never do, and keep the read that spares them the
+    masked path (their host reads are those of the same model without a reserve)."""
+    x = ids(2, 12)
+    call = dict(attention_mask=torch.ones_like(x), use_cache=False)
+    for extra in ({"packing": "padded", "router": "threshold-p"}, {"inference_routing": "topk", "router": "topk"}):
+        plain, reserved = (
+            randomize_router_weights(modadapt.convert(tiny("llama"), layers="all-but-first", **extra, **more))
+            for more in ({}, {"pack_reserve": 1.0})
+        )
+        for model in (plain, reserved):
+            with torch.no_grad():
+                model(x, **call)
+        reads = [_device_reads(monkeypatch, lambda m=m: m(x, **call)) for m in (plain, reserved)]
+        assert reads[0] == reads[1] and reads[0] >= 1, extra
+
+
+def test_no_cache_check_reads_a_vision_language_text_config():
+    """LLaVA's roles are taken at the top-level model, whose config keeps `use_cache` in its text
+    config: a call that leaves it to the config makes a cache there."""
+
+    class Config:
+        def get_text_config(self, decoder=False):
+            return types.SimpleNamespace(use_cache=True)
+
+    module = types.SimpleNamespace(config=Config())
+    assert not _holds_no_cache(module, {}) and _holds_no_cache(module, {"use_cache": False})
 
 
 def test_calibration_makes_the_auto_reserve_learn_afresh(tiny, ids):
@@ -316,7 +354,7 @@ def test_calibration_makes_the_auto_reserve_learn_afresh(tiny, ids):
     model = modadapt.convert(tiny("llama"), router="topk", capacity=0.5, packing="packed", pack_reserve="auto")
     randomize_router_weights(model)
     with torch.no_grad():
-        model(ids(2, 12), use_cache=False)
+        model(ids(4, 40), use_cache=False)  # 160 tokens: enough to teach
     layers = modadapt.mod_layers(model)
     assert all(layer.mod_state.reserve_share is not None for layer in layers)
     modadapt.calibrate_cutoffs(model, [ids(2, 12, seed=1)])
