@@ -1,5 +1,5 @@
-"""Static baselines for the quality benchmarks: delete whole layers (or only their attention
-sublayers), then heal the model.
+"""Static baselines for the quality benchmarks: delete whole layers (`modadapt.prune`, what
+`modadapt prune` does) or only their attention sublayers, then heal the model.
 
 Which layers go: evenly spaced ones, or the ones a layer metric of `modadapt analyze` ranks most
 redundant (ShortGPT's choice is the `cosine` metric: the layers whose output is most similar to
@@ -17,6 +17,7 @@ from torch import nn
 
 from modadapt import config
 from modadapt.metrics.selection import select_layers
+from modadapt.prune import prune
 
 
 def evenly_spaced(count: int, layers: int) -> list[int]:
@@ -31,15 +32,9 @@ def most_redundant(scores: list[float], count: int, *, lower_is_redundant: bool)
 
 
 def remove_layers(dense: nn.Module, drop: list[int]) -> nn.Module:
-    """A copy of the Llama-style causal LM `dense` without the layers in `drop`."""
+    """A copy of the causal LM `dense` without the layers in `drop` (`modadapt.prune`)."""
     model = copy.deepcopy(dense)
-    kept = [layer for i, layer in enumerate(model.model.layers) if i not in drop]
-    model.model.layers = nn.ModuleList(kept)
-    model.config.num_hidden_layers = len(kept)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
-    for index, layer in enumerate(kept):
-        layer.self_attn.layer_idx = index
+    prune(model, drop)
     return model
 
 

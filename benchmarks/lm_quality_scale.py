@@ -63,7 +63,7 @@ from layer_drop import evenly_spaced, most_redundant, remove_attention, remove_l
 
 import modadapt  # noqa: E402
 from modadapt.metrics.flops import flops_table, sequence_flops  # noqa: E402
-from modadapt.recipes.lm_adapt import LMAdaptConfig, evaluate, pack, run, spread_blocks, tokenize  # noqa: E402
+from modadapt.recipes.lm_adapt import NO_ROUTER, LMAdaptConfig, evaluate, pack, run, spread_blocks, tokenize  # noqa: E402
 from modadapt.recipes.training import lr_schedule  # noqa: E402
 from modadapt.routers.base import kept_count  # noqa: E402
 
@@ -261,9 +261,6 @@ def recipe_options(variant: Variant, steps: int) -> dict:
 
 
 THRESHOLD_ALPHA = 0.1  # threshold-p's load-loss weight (the small-scale benchmark's best)
-# A model with nothing to route goes through the same recipe as a converted one (same optimizer,
-# schedule and data) as this conversion: random at capacity 1.0 on one layer, exactly the dense layer.
-EXACTLY_DENSE = {"router": "random", "capacity": 1.0, "layers": "1"}
 
 
 # --- data and tokenizer ------------------------------------------------------------------------------
@@ -886,7 +883,7 @@ def run_task(task: dict, ctx: dict) -> dict:
     variant = VARIANTS[task["variant"]]
     steps = scale.adapt_steps * variant.budget
     options = recipe_options(variant, steps)
-    routing, drop = dict(EXACTLY_DENSE), None
+    routing, drop = {"router": NO_ROUTER}, None  # dense-adapt and deletion train unconverted
     deleted = task.get("deleted_layers", [])  # a hybrid's deletion before routing
     share = drop_ratio(dense, deleted, scale.seq_len)  # its FLOPs, relative to the whole model
     if variant.router == "dense-adapt":

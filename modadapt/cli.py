@@ -374,6 +374,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  layer {layer}: kept fraction {fraction:.4f}")
     if "flops_ratio" in result:
         print(f"FLOPs per token: {result['flops_per_token']:.4g} ({result['flops_ratio']:.3f} of dense)")
+    if "prune" in result:
+        record = result["prune"]
+        print(
+            f"pruned: layers {record['deleted_layers']} of {record['source']} deleted, {record['flops_ratio']:.3f} of its FLOPs"
+        )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete whole layers of a causal LM and save it as a plain transformers model (`modadapt.prune`)."""
+    from .output_dir import check_output
+    from .prune import PRUNE_FILE, prune_with_record, save_pruned
+    from .sources import load_model
+
+    if args.seq_len < 1:
+        raise ModAdaptError(f"--seq-len must be at least 1, got {args.seq_len}.")
+    out = check_output(args.output, args.overwrite, PRUNE_FILE)  # refused before the work
+    source = load_model(args.model, converted=False)
+    record = prune_with_record(source.model, args.layers, source=args.model, seq_len=args.seq_len)
+    save_pruned(source.model, out, record, overwrite=args.overwrite, extra_files=source.files)
+    layers, params = record["num_layers"], record["parameters"]
+    print(
+        f"pruned {args.model}: deleted layers {record['deleted_layers']}, {layers['after']} of {layers['before']} "
+        f"stay; parameters {params['before']:,} -> {params['after']:,}"
+    )
+    print(f"FLOPs per token ({args.seq_len} tokens): {record['flops_ratio']:.3f} of the original")
+    print(
+        f"saved to {out}; heal it: modadapt train lm-adapt --model {out} --router none --train all "
+        f"--teacher {args.model} --data TEXT -o RUN"
+    )
     return 0
 
 
@@ -536,6 +566,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "prune",
+        help="delete whole layers of a language model (the static baseline), save it as a transformers model",
+        description="Delete whole layers of a causal LM and save it as a plain transformers model with its "
+        "tokenizer and prune.json (what was deleted, FLOPs). Heal it with `modadapt train lm-adapt --model OUT "
+        "--router none --train all --teacher MODEL`: at the quality benchmark's scale that beats MoD routing "
+        "at the same FLOPs (benchmarks/README.md).",
+    )
+    p.add_argument("model", help="local transformers model directory, or a preset such as tiny-llama")
+    p.add_argument("-o", "--output", required=True, help="directory to write (must be new or empty)")
+    p.add_argument(
+        "--layers",
+        required=True,
+        help="layers to delete, as --layers names them for convert: 'evenly:N' (N evenly spaced), "
+        "'2,5,7,10', or 'from:REPORT_DIR' (the most redundant by `modadapt analyze`; --metric cosine "
+        "is ShortGPT's choice). Layer 0 always stays",
+    )
+    p.add_argument(
+        "--seq-len", dest="seq_len", type=int, default=256, help="tokens the FLOPs ratio is counted at (default: 256)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory modadapt prune wrote before")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("list", help="list installed routers, adapters, presets or recipes")
     p.add_argument("what", choices=["routers", "adapters", "presets", "recipes"])

@@ -49,13 +49,43 @@ def save(
     with atomic_directory(directory, META_FILE, overwrite) as tmp:
         state_of(model).adapter.save_base(model, str(tmp))
         save_model(model, str(tmp / WEIGHTS_FILE))
-        for extra in extra_files:
-            shutil.copy2(extra, tmp / Path(extra).name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        save_byte_tokenizer(model, tmp)
+        save_companions(model, tmp, extra_files, tokenizer)
         write_meta(meta, tmp)
     return Path(directory)
+
+
+def save_unconverted(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    marker: str = "config.json",
+    overwrite: bool = False,
+    extra_files=(),
+    tokenizer: Any = None,
+    texts: dict[str, str] | None = None,
+) -> Path:
+    """Save a model that is not converted (pruned, or trained with lm-adapt's ``router: none``) as
+    a plain transformers directory (``save_pretrained``: it loads without modadapt), with its
+    tokenizer as `save` does and `texts` (file name -> text), all at once. `marker`: the file
+    that marks `directory` as modadapt's, for `overwrite`."""
+    if state_of(model) is not None:
+        raise ModAdaptError("this model is converted; save it with modadapt.save.")
+    with atomic_directory(directory, marker, overwrite) as tmp:
+        model.save_pretrained(str(tmp))
+        save_companions(model, tmp, extra_files, tokenizer)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
+    return Path(directory)
+
+
+def save_companions(model: nn.Module, directory: Path, extra_files=(), tokenizer: Any = None) -> None:
+    """The files beside the weights: `extra_files` copied, `tokenizer` saved, else a byte-level
+    model's byte tokenizer."""
+    for extra in extra_files:
+        shutil.copy2(extra, directory / Path(extra).name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    save_byte_tokenizer(model, directory)
 
 
 def metadata(model: nn.Module) -> dict:

@@ -91,7 +91,10 @@ PRELUDE = {
         "mask = torch.ones_like(ids); labels = ids.clone(); labels[:, :45] = -100\n"
     ),
 }
-DATA = {("README.md", "--data notes.txt"): {"notes.txt": SAMPLE_TEXT}}
+DATA = {
+    ("README.md", "--data notes.txt"): {"notes.txt": SAMPLE_TEXT},
+    ("docs/recipes.md", "modadapt prune tiny-llama"): {"notes.txt": SAMPLE_TEXT},
+}
 REPLACE = {("docs/routers.md", 'from_pretrained("path/to/llama")'): {'"path/to/llama"': '"dense-llama"'}}
 
 

@@ -301,7 +301,7 @@ def test_eval_cli(corpus, routers_run, capsys, tmp_path):
         assert result["ppl"] == pytest.approx(summary["valid_ppl"]["converted_after"], rel=1e-5)
         assert (result["seq_len"], result["device"]) == (32, "cpu")
     assert main(["eval", str(out / "checkpoint"), "--data", valid]) == 2
-    assert "not a directory saved by modadapt.save" in capsys.readouterr().err
+    assert "is neither a directory saved by modadapt.save" in capsys.readouterr().err
     assert main(["eval", str(out / "model"), "--data", valid, "--device", "cuda:99"]) == 2
     assert "CUDA device(s)" in capsys.readouterr().err
     assert main(["eval", str(out / "model"), "--data", valid, "--device", "gpu"]) == 2

@@ -2,7 +2,9 @@
 
 The model is a directory written by ``modadapt convert`` / `modadapt.save` (trained as it is), or a
 dense model (a preset or a local transformers directory) converted on the fly with ``router``,
-``capacity``, ``layers`` and ``router_kwargs``. Text is local: ``.txt`` / ``.jsonl`` (a ``text``
+``capacity``, ``layers`` and ``router_kwargs``; ``router: none`` trains a dense model as it is
+(healing one that `modadapt prune` deleted layers of: then distill from the original with
+``teacher``), and saves it as a plain transformers model. Text is local: ``.txt`` / ``.jsonl`` (a ``text``
 field) files, optionally gzipped, or a directory of them, or `datasets` files (``.parquet``,
 ``.arrow``, a ``save_to_disk`` directory) with a ``text`` column. It is tokenised with the model
 directory's tokenizer when there is one, else as UTF-8 bytes modulo the vocabulary, and packed
@@ -54,6 +56,8 @@ from ..lora import projection_names
 from ..metrics.flops import flops_table, sequence_flops
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
+from ..persistence import save_unconverted
+from ..prune import PRUNE_FILE
 from ..routers.base import Router
 from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
@@ -77,6 +81,8 @@ from .training import (
 )
 
 NAME = "lm-adapt"
+#: `router` for training a dense model unconverted (a pruned model's healing).
+NO_ROUTER = "none"
 TRAIN_MODES = ("routers", "lora", "all")
 ROUTER_INITS = ("zero", "update-size")
 DATASET_SUFFIXES = (".parquet", ".arrow")
@@ -100,7 +106,13 @@ class LMAdaptConfig(RecipeConfig):
         default=0.05, metadata={"help": "share of the training blocks held out when valid_data is ''"}
     )
     model: str = field(default="tiny-llama", metadata={"help": "modadapt.save dir, dense transformers dir, or preset"})
-    router: str = field(default="topk", metadata={"help": "router for a dense model (ignored for a saved MoD model)"})
+    router: str = field(
+        default="topk",
+        metadata={
+            "help": "router for a dense model (ignored for a saved MoD model); none: train it unconverted "
+            "(a pruned model's healing, with train: all and teacher: ORIGINAL)"
+        },
+    )
     capacity: float = field(default=0.125, metadata={"help": "fraction of tokens a capacity router keeps"})
     layers: str = field(
         default="every-other",
@@ -223,6 +235,18 @@ class LMAdaptConfig(RecipeConfig):
             raise ModAdaptError("distill must be >= 0 and distill_temperature > 0.")
         if self.teacher is not None and not self.distill > 0:
             raise ModAdaptError("a teacher is given but distill is 0: set distill > 0 to distill from it.")
+        if self.router == NO_ROUTER:
+            if self.train == "routers":
+                raise ModAdaptError(
+                    "router: none trains the model unconverted, so there are no routers to train; "
+                    "use train: all (or lora)."
+                )
+            for name, default in (("capacity_warmup", 0), ("router_steps", 0), ("router_init", "zero")):
+                if getattr(self, name) != default:
+                    raise ModAdaptError(
+                        f"router: none trains the model unconverted, so {name} has no router to act on; "
+                        f"leave it at {default}."
+                    )
         if not 0.0 < self.valid_fraction < 1.0:
             raise ModAdaptError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}.")
         if not self.lr > 0:
@@ -385,7 +409,7 @@ def build_model(
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
     teacher = frozen_teacher(cfg, model, teacher)
-    if state_of(model) is None:
+    if state_of(model) is None and cfg.router != NO_ROUTER:
         modadapt.convert(
             model,
             router=cfg.router,
@@ -435,7 +459,8 @@ def original(inner: nn.Module, trained: nn.Module):
 
     was_training = inner.training
     with contextlib.ExitStack() as stack:
-        stack.enter_context(modadapt.dense(inner))
+        if state_of(inner) is not None:  # an unconverted model (router: none) is its own original
+            stack.enter_context(modadapt.dense(inner))
         if trained is not inner:
             stack.enter_context(trained.disable_adapter())
         inner.eval()
@@ -707,9 +732,15 @@ def run(
         if accelerator.is_main_process:
             if cfg.train == "lora":
                 trained.merge_and_unload()
-            modadapt.save(inner, out / "model", overwrite=True, extra_files=extras)
+            if state_of(inner) is None:  # router: none
+                save_unconverted(inner, out / "model", overwrite=True, extra_files=extras)
+            else:
+                modadapt.save(inner, out / "model", overwrite=True, extra_files=extras)
             if given and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(out / "model"))
+            pruned = next((Path(f) for f in extras if Path(f).name == PRUNE_FILE), None)
+            if pruned is not None:  # the layers `modadapt prune` deleted: FLOPs of the original
+                summary["prune"] = json.loads(pruned.read_text())
             write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         accelerator.wait_for_everyone()
     return summary
@@ -824,7 +855,7 @@ def _train(
         checkpoint,
         total_steps=cfg.max_steps,
         params=params,
-        converted=inner,
+        converted=inner if state_of(inner) is not None else None,
         max_bad_steps=cfg.max_bad_steps,
         schedule=schedule,
         logged=("lm_loss", "aux_loss", "expert_loss", "distill_loss"),
@@ -874,7 +905,7 @@ def _train(
         },
         "flops_ratio": after["flops_ratio"],
         "flops_ratio_before": before["flops_ratio"],
-        "mod_config": state_of(inner).config_dict(),
+        "mod_config": state_of(inner).config_dict() if state_of(inner) else None,
         "calibrated_cutoffs": cutoffs,
         "sharding": "fsdp" if sharded else ("ddp" if accelerator.num_processes > 1 else "none"),
         **({"fsdp_units": fsdp_units(model)} if sharded else {}),
@@ -890,7 +921,7 @@ def calibrate_for_inference(inner, cfg, accelerator, train_blocks, runner) -> di
     from ..convert import mod_layers
     from ..cutoffs import calibrate_cutoffs, calibrates
 
-    targets = [layer for layer in mod_layers(inner) if calibrates(layer.router)]
+    targets = [layer for layer in mod_layers(inner) if calibrates(layer.router)] if state_of(inner) else []
     if not cfg.calibrate_blocks or not targets:
         return None
     training = {str(t.mod_state.index): float(t.router.causal_threshold(t.mod_state.index)) for t in targets}
@@ -921,7 +952,8 @@ def evaluate_saved(
     progress: bool = False,
 ) -> dict:
     """Perplexity of a `modadapt.save` directory on local text (``modadapt eval``); with `dense`,
-    of its dense model (`modadapt.unload`) instead. `max_tokens` caps the text (0: all of it).
+    of its dense model (`modadapt.unload`) instead. A plain transformers directory (a pruned model,
+    an original, a ``router: none`` run's) is its own dense model. `max_tokens` caps the text (0: all).
 
     An lm-adapt run directory, or its ``model/``, is evaluated as the run did: `seq_len` defaults
     to the run's (else 256), so the perplexity matches its summary. `device` defaults to CUDA when
@@ -933,16 +965,21 @@ def evaluate_saved(
     from ..persistence import META_FILE
 
     path = Path(directory)
-    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
-        path = path / "model"
-    if not (path / META_FILE).is_file():
-        raise ModAdaptError(f"{directory} is not a directory saved by modadapt.save (no {META_FILE}).")
+    inside = path / "model"  # a run directory
+    if not any((path / f).is_file() for f in (META_FILE, "config.json")) and (inside / "config.json").is_file():
+        path = inside
+    converted = (path / META_FILE).is_file()
+    if not converted and not (path / "config.json").is_file():
+        raise ModAdaptError(
+            f"{directory} is neither a directory saved by modadapt.save (no {META_FILE}) nor a transformers "
+            "model directory (no config.json)."
+        )
     if seq_len is None:
         seq_len = run_setting(path.parent, "seq_len") or 256
     if seq_len < 2 or max_tokens < 0 or batch_size < 1:
         raise ModAdaptError("seq_len must be >= 2, max_tokens >= 0 and batch_size >= 1.")
     device = eval_device(device)
-    model = modadapt.load(path, device=device)
+    model = modadapt.load(path, device=device) if converted else load_model(str(path), converted=False).model.to(device)
     if not is_causal_lm(model):
         raise ModAdaptError(
             f"eval scores causal language models, timm ViTs and LLaVA models; {directory} holds a "
@@ -951,12 +988,14 @@ def evaluate_saved(
     check_seq_len(model, seq_len)
     ids = tokenize(read_corpus(data), model_tokenizer(str(path)), model.config.vocab_size)
     blocks = pack(ids[:max_tokens] if max_tokens else ids, seq_len, data)
-    if dense:
+    if dense and converted:
         modadapt.unload(model)
     result = evaluate(model, blocks, batch_size=batch_size, progress=progress)
+    if (path / PRUNE_FILE).is_file():  # the layers `modadapt prune` deleted (FLOPs of the original)
+        result["prune"] = json.loads((path / PRUNE_FILE).read_text())
     return {
         **result,
-        "model": "dense" if dense else "converted",
+        "model": "converted" if converted and not dense else "dense",
         "blocks": len(blocks),
         "seq_len": seq_len,
         "device": str(device),
@@ -1014,13 +1053,25 @@ def main(args: argparse.Namespace) -> int:
     if launched_rank():  # one report for a run of several processes, from the first
         return 0
     ppl = summary["valid_ppl"]
-    print(
-        f"valid perplexity: dense {ppl['dense']:.3f}  converted {ppl['converted_before']:.3f} -> "
-        f"adapted {ppl['converted_after']:.3f}"
-    )
-    kept = ", ".join(f"{k}: {v:.3f}" for k, v in summary["kept_fraction"]["after"].items())
-    print(f"kept fraction per layer: {kept}")
-    print(f"FLOPs per token: MoD / dense = {summary['flops_ratio']:.3f}  ({summary['skipped_steps']} steps skipped)")
+    if summary["mod_config"] is None:  # router: none
+        print(f"valid perplexity: {ppl['converted_before']:.3f} -> adapted {ppl['converted_after']:.3f}")
+        if "prune" in summary:
+            record = summary["prune"]
+            print(
+                f"FLOPs per token: {record['flops_ratio']:.3f} of the original's ({record['source']} with layers "
+                f"{record['deleted_layers']} deleted)"
+            )
+        print(f"{summary['skipped_steps']} steps skipped")
+    else:
+        print(
+            f"valid perplexity: dense {ppl['dense']:.3f}  converted {ppl['converted_before']:.3f} -> "
+            f"adapted {ppl['converted_after']:.3f}"
+        )
+        kept = ", ".join(f"{k}: {v:.3f}" for k, v in summary["kept_fraction"]["after"].items())
+        print(f"kept fraction per layer: {kept}")
+        print(
+            f"FLOPs per token: MoD / dense = {summary['flops_ratio']:.3f}  ({summary['skipped_steps']} steps skipped)"
+        )
     if summary.get("step_time_s"):
         print(
             f"training: {summary['step_time_s'] * 1000:.1f} ms per step (median), {summary['tokens_per_s']:,.0f} "

@@ -22,10 +22,12 @@ class AdaptationSchedule:
 
     def __init__(self, model: nn.Module, *, capacity_warmup: int = 0, router_steps: int = 0):
         from ..convert import mod_layers
+        from ..mod_layer import state_of
 
         self.capacity_warmup = capacity_warmup
         self.router_steps = router_steps
-        self.routers = list({id(layer.router): layer.router for layer in mod_layers(model)}.values())
+        layers = mod_layers(model) if state_of(model) is not None else []  # lm-adapt's router: none
+        self.routers = list({id(layer.router): layer.router for layer in layers}.values())
         if capacity_warmup:
             for router in self.routers:
                 if router.target_share is None:
