@@ -62,7 +62,9 @@ sys.path.insert(0, str(ROOT))
 from layer_drop import evenly_spaced, most_redundant, remove_attention, remove_layers  # noqa: E402
 
 import modadapt  # noqa: E402
+from modadapt.config import evenly_count  # noqa: E402
 from modadapt.metrics.flops import flops_table, sequence_flops  # noqa: E402
+from modadapt.prune import evenly_for_flops, flops_ratio  # noqa: E402
 from modadapt.recipes.lm_adapt import NO_ROUTER, LMAdaptConfig, evaluate, pack, run, spread_blocks, tokenize  # noqa: E402
 from modadapt.recipes.training import lr_schedule  # noqa: E402
 from modadapt.routers.base import kept_count  # noqa: E402
@@ -568,9 +570,7 @@ def dense_table(model: nn.Module, routed: list[int] = (), scope: str = "block") 
 
 def drop_ratio(model: nn.Module, drop: list[int], tokens: int) -> float:
     """FLOPs per token of `model` without the layers `drop`, relative to the whole model."""
-    table = flops_table(model)
-    kept = {"layers": [row for i, row in enumerate(table["layers"]) if i not in drop], "head": table["head"]}
-    return sequence_flops(kept, tokens) / sequence_flops(table, tokens)
+    return flops_ratio(model, drop, tokens)
 
 
 def attention_drop_ratio(model: nn.Module, drop: list[int], tokens: int) -> float:
@@ -589,7 +589,7 @@ def levels(model: nn.Module, tokens: int) -> dict:
     layers = model.config.num_hidden_layers
     out = {}
     for name, nominal in LEVELS.items():
-        count = min(range(1, layers), key=lambda n: abs(drop_ratio(model, evenly_spaced(n, layers), tokens) - nominal))
+        count = evenly_count(evenly_for_flops(model, nominal, tokens))  # what `modadapt prune --flops` deletes
         ratio = drop_ratio(model, evenly_spaced(count, layers), tokens)
         gap = {n: attention_drop_ratio(model, evenly_spaced(n, layers), tokens) - ratio for n in range(1, layers)}
         attention = min(gap, key=lambda n: abs(gap[n]))

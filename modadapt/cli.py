@@ -385,14 +385,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete whole layers of a causal LM and save it as a plain transformers model (`modadapt.prune`)."""
     from .output_dir import check_output
-    from .prune import PRUNE_FILE, prune_with_record, save_pruned
+    from .prune import PRUNE_FILE, evenly_for_flops, prune_with_record, save_pruned
     from .sources import load_model
 
     if args.seq_len < 1:
         raise ModAdaptError(f"--seq-len must be at least 1, got {args.seq_len}.")
     out = check_output(args.output, args.overwrite, PRUNE_FILE)  # refused before the work
     source = load_model(args.model, converted=False)
-    record = prune_with_record(source.model, args.layers, source=args.model, seq_len=args.seq_len)
+    layers = args.layers if args.flops is None else evenly_for_flops(source.model, args.flops, args.seq_len)
+    record = prune_with_record(source.model, layers, source=args.model, seq_len=args.seq_len)
+    if args.flops is not None:
+        record["flops_target"] = args.flops
     save_pruned(source.model, out, record, overwrite=args.overwrite, extra_files=source.files)
     layers, params = record["num_layers"], record["parameters"]
     print(
@@ -577,15 +580,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="local transformers model directory, or a preset such as tiny-llama")
     p.add_argument("-o", "--output", required=True, help="directory to write (must be new or empty)")
-    p.add_argument(
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--layers",
-        required=True,
         help="layers to delete, as --layers names them for convert: 'evenly:N' (N evenly spaced), "
         "'2,5,7,10', or 'from:REPORT_DIR' (the most redundant by `modadapt analyze`; --metric cosine "
         "is ShortGPT's choice). Layer 0 always stays",
     )
+    which.add_argument(
+        "--flops",
+        type=float,
+        metavar="SHARE",
+        help="delete the evenly spaced layers whose count brings FLOPs per token nearest SHARE of the "
+        "original's (e.g. 0.7)",
+    )
     p.add_argument(
-        "--seq-len", dest="seq_len", type=int, default=256, help="tokens the FLOPs ratio is counted at (default: 256)"
+        "--seq-len",
+        dest="seq_len",
+        type=int,
+        default=256,
+        help="tokens the FLOPs per token are counted at (default: 256)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an output directory modadapt prune wrote before")
     p.set_defaults(func=cmd_prune)

@@ -7,8 +7,8 @@ learned router at ~0.69 and ~0.53 of dense FLOPs, in and out of domain. So the t
 ``modadapt train lm-adapt --router none --train all --teacher ORIGINAL`` then heals.
 
 Layers are named as `ModConfig.layers` names them (``evenly:4``, ``2,5,7,10``, ``from:REPORT``: the
-most redundant layers by `modadapt analyze`, ShortGPT's choice with ``--metric cosine``); layer 0
-always stays. The kept layers are renumbered (their ``layer_idx``, which indexes the KV cache) and
+most redundant layers by `modadapt analyze`, ShortGPT's choice with ``--metric cosine``), or by a
+FLOPs target (`evenly_for_flops`: the evenly spaced deletion nearest it); layer 0 always stays. The kept layers are renumbered (their ``layer_idx``, which indexes the KV cache) and
 the config's per-layer lists (``layer_types``, ...) shortened to match; a family whose config
 would rebuild different layers from the shortened config is refused, not saved half right.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EVENLY, evenly_count, normalize_layer_spec, resolve_layers
+from .config import EVENLY, evenly_count, evenly_spaced, normalize_layer_spec, resolve_layers
 from .errors import ModAdaptError
 from .mod_layer import state_of
 
@@ -34,8 +34,8 @@ PRUNE_FILE = "prune.json"
 INDEX_FIELDS = ("mlp_only_layers",)
 
 
-def layers_to_delete(model: nn.Module, layers: Any) -> list[int]:
-    """The indices `layers` (a `ModConfig.layers` spec) names in the causal LM `model`, checked."""
+def prunable_layers(model: nn.Module) -> int:
+    """How many layers the causal LM `model` has (refusing a converted model or another kind)."""
     from .metrics.layer_stack import find_layers
     from .sources import is_causal_lm
 
@@ -44,6 +44,25 @@ def layers_to_delete(model: nn.Module, layers: Any) -> list[int]:
     if not is_causal_lm(model):
         raise ModAdaptError(f"prune deletes layers of causal language models; {type(model).__name__} is not one.")
     count = len(find_layers(model))
+    if count < 2:
+        raise ModAdaptError("the model has one layer, which always stays: there is nothing to delete.")
+    return count
+
+
+def evenly_for_flops(model: nn.Module, target: float, tokens: int = 256) -> str:
+    """The ``evenly:N`` rule whose deletion brings the FLOPs per token of `model` (at `tokens`
+    tokens) nearest `target`, a share of the whole model's: how ``modadapt prune --flops`` and the
+    quality benchmark size a deletion."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
+        raise ModAdaptError(f"the FLOPs target must be a share between 0 and 1 (e.g. 0.7), got {target!r}.")
+    count = prunable_layers(model)
+    ratios = {n: flops_ratio(model, evenly_spaced(n, list(range(1, count))), tokens) for n in range(1, count)}
+    return f"{EVENLY}{min(ratios, key=lambda n: abs(ratios[n] - target))}"
+
+
+def layers_to_delete(model: nn.Module, layers: Any) -> list[int]:
+    """The indices `layers` (a `ModConfig.layers` spec) names in the causal LM `model`, checked."""
+    count = prunable_layers(model)
     spec = normalize_layer_spec(layers)
     if isinstance(spec, list) and 0 in spec:
         raise ModAdaptError("layer 0 always stays (every model keeps its first layer); delete layers from 1 on.")

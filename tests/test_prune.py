@@ -14,7 +14,7 @@ from conftest import build_tiny, lm_adapt_config
 import modadapt
 from modadapt.cli import main
 from modadapt.metrics.layer_stack import find_layers
-from modadapt.prune import PRUNE_FILE, flops_ratio, prune, save_pruned
+from modadapt.prune import PRUNE_FILE, evenly_for_flops, flops_ratio, prune, save_pruned
 from modadapt.recipes.lm_adapt import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,6 +98,28 @@ def test_flops_ratio_counts_the_deleted_layers():
     half = flops_ratio(model, [1, 3], 64)
     assert 0.5 < half < flops_ratio(model, [1], 64) < 1.0
     assert flops_ratio(model, [], 64) == 1.0
+
+
+def test_a_flops_target_picks_the_nearest_evenly_spaced_deletion(tmp_path, capsys):
+    model = build_tiny("llama")  # 4 layers: deleting 1, 2 or 3 of them
+    deletions = {1: [2], 2: [1, 3], 3: [1, 2, 3]}  # evenly:N of layers 1..3
+    ratios = {n: flops_ratio(model, layers, 256) for n, layers in deletions.items()}
+    for target in (0.3, 0.5, 0.75, 0.99):
+        nearest = min(ratios, key=lambda n: abs(ratios[n] - target))
+        assert evenly_for_flops(model, target) == f"evenly:{nearest}"
+    for bad in (0, 1.0, 1.5, -0.2, True):
+        with pytest.raises(modadapt.ModAdaptError, match="share between 0 and 1"):
+            evenly_for_flops(model, bad)
+    out = tmp_path / "pruned"
+    assert main(["prune", "tiny-llama", "-o", str(out), "--flops", "0.5"]) == 0
+    record = json.loads((out / PRUNE_FILE).read_text())
+    assert (record["layers"], record["deleted_layers"], record["flops_target"]) == ("evenly:2", [1, 3], 0.5)
+    capsys.readouterr()
+    assert main(["prune", "tiny-llama", "-o", str(tmp_path / "bad"), "--flops", "2"]) == 2
+    assert "share between 0 and 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):  # one way to name the layers
+        main(["prune", "tiny-llama", "-o", str(tmp_path / "bad"), "--flops", "0.5", "--layers", "1"])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_prune_command_writes_the_model_and_its_record_and_refuses_bad_input(tmp_path, capsys):
