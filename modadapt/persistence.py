@@ -58,7 +58,7 @@ def save_unconverted(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
-    marker: str = "config.json",
+    marker: str,
     overwrite: bool = False,
     extra_files=(),
     tokenizer: Any = None,

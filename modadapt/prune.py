@@ -32,6 +32,8 @@ PRUNE_FILE = "prune.json"
 
 #: Config fields that hold layer indices (not one entry per layer): renumbered to the kept layers.
 INDEX_FIELDS = ("mlp_only_layers",)
+#: Config lists with one entry per layer whose names do not say "layer" (those that do count too).
+PER_LAYER_FIELDS = ("intermediate_size", "activation_sparsity_pattern")
 
 
 def prunable_layers(model: nn.Module) -> int:
@@ -63,6 +65,8 @@ def evenly_for_flops(model: nn.Module, target: float, tokens: int = 256) -> str:
 def layers_to_delete(model: nn.Module, layers: Any) -> list[int]:
     """The indices `layers` (a `ModConfig.layers` spec) names in the causal LM `model`, checked."""
     count = prunable_layers(model)
+    if not (layers.strip(" ,") if isinstance(layers, str) else layers):
+        raise ModAdaptError("no layer named to delete; name at least one, e.g. --layers evenly:4.")
     spec = normalize_layer_spec(layers)
     if isinstance(spec, list) and 0 in spec:
         raise ModAdaptError("layer 0 always stays (every model keeps its first layer); delete layers from 1 on.")
@@ -99,9 +103,19 @@ def prune(model: nn.Module, layers: Any) -> list[int]:
     return drop
 
 
-def prune_with_record(model: nn.Module, layers: Any, *, source: str, seq_len: int = 256) -> dict:
-    """`prune` `model` (loaded from `source`) and return what ``prune.json`` records of it: the
-    deleted and kept layers, parameters and FLOPs per token relative to the original at `seq_len` tokens."""
+def read_record(directory: str | os.PathLike) -> dict | None:
+    """The ``prune.json`` of a directory `modadapt prune` wrote, else None."""
+    path = Path(directory) / PRUNE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def prune_with_record(
+    model: nn.Module, layers: Any, *, source: str, seq_len: int = 256, seed: int | None = None
+) -> dict:
+    """`prune` `model` (loaded from `source`; a preset: built with `seed`) and return what
+    ``prune.json`` records of it: the deleted and kept layers, parameters and FLOPs per token
+    relative to the source at `seq_len` tokens. A source that was pruned before (its own record)
+    chains: ``original`` names the first model, ``flops_ratio_of_original`` is relative to it."""
     from .metrics.layer_stack import find_layers
     from .version import __version__
 
@@ -111,8 +125,18 @@ def prune_with_record(model: nn.Module, layers: Any, *, source: str, seq_len: in
     count, before = len(find_layers(model)), sum(p.numel() for p in model.parameters())
     ratio = flops_ratio(model, drop, seq_len)
     prune(model, drop)
+    previous = read_record(source) if Path(source).is_dir() else None
+    chain = {}
+    if previous is not None:
+        chain = {
+            "original": previous.get("original", previous["source"]),
+            "flops_ratio_of_original": ratio * previous.get("flops_ratio_of_original", previous["flops_ratio"]),
+            "previous": previous,
+        }
     return {
         "source": source,
+        **({"seed": seed} if seed is not None else {}),
+        **chain,
         "layers": layers if isinstance(layers, str) else list(layers),
         "deleted_layers": drop,
         "kept_layers": [i for i in range(count) if i not in drop],
@@ -129,8 +153,9 @@ def _shortened_config(config: Any, kept: list[int], count: int) -> dict:
     new = {"num_hidden_layers": len(kept)}
     position = {old: i for i, old in enumerate(kept)}
     for key, value in vars(config).items():
-        if isinstance(value, (list, tuple)) and len(value) == count and key not in INDEX_FIELDS:
-            new[key] = type(value)(value[i] for i in kept)  # one entry per layer
+        per_layer = key in PER_LAYER_FIELDS or "layer" in key  # not, say, a list of eos ids as long
+        if per_layer and key not in INDEX_FIELDS and isinstance(value, (list, tuple)) and len(value) == count:
+            new[key] = type(value)(value[i] for i in kept)
     for key in INDEX_FIELDS:
         value = getattr(config, key, None)
         if isinstance(value, (list, tuple)):
@@ -144,8 +169,9 @@ def _shortened_config(config: Any, kept: list[int], count: int) -> dict:
 
 
 def _check_rebuilds(model: nn.Module, shortened: dict, stack: nn.ModuleList, kept: list[int]) -> None:
-    """Refuse a family whose shortened config would build other layers than the kept ones (a
-    field the generic shortening misses): loading the saved model would then fail or misplace weights."""
+    """Refuse a model whose shortened config would build something else than the pruned model (a
+    field the shortening misses, a weight sized by the layer count, a layer that fixes a constant
+    from its index at init): loading the saved model would then fail, or compute otherwise."""
     import copy
 
     from .metrics.layer_stack import find_layers
@@ -156,17 +182,39 @@ def _check_rebuilds(model: nn.Module, shortened: dict, stack: nn.ModuleList, kep
         setattr(text, key, value)
     try:
         with torch.device("meta"):
-            rebuilt = find_layers(type(model)(probe_config))
+            rebuilt = type(model)(probe_config)
     except Exception as exc:  # noqa: BLE001 - any failure to rebuild means the family is not supported
         raise ModAdaptError(f"{type(model).__name__} cannot be rebuilt with {len(kept)} layers: {exc}") from None
-    for new, old in enumerate(kept):
-        want = {k: tuple(v.shape) for k, v in stack[old].state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in rebuilt[new].state_dict().items()}
-        if want != got:
-            raise ModAdaptError(
-                f"{type(model).__name__}: with {len(kept)} layers its config builds layer {new} unlike the "
-                f"kept layer {old}; this family cannot be pruned yet."
-            )
+    refuse = f"{type(model).__name__} cannot be pruned yet: with {len(kept)} layers its config builds"
+    prefix = next(name for name, module in model.named_modules() if module is stack) + "."
+    outside = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith(prefix)}  # noqa: E731
+    want, got = outside(model), outside(rebuilt)
+    if want != got:
+        key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+        raise ModAdaptError(f"{refuse} {key} as {got.get(key)}, not {want.get(key)}.")
+    for new, (old, layer) in enumerate(zip(kept, find_layers(rebuilt))):
+        for (name, have), (_, built) in zip(stack[old].named_modules(), layer.named_modules()):
+            mismatch = _differs(have, built)
+            if mismatch:
+                raise ModAdaptError(
+                    f"{refuse} layer {new} unlike the kept layer {old} ({name or 'the layer'}: {mismatch})."
+                )
+
+
+def _differs(have: nn.Module, built: nn.Module) -> str | None:
+    """How the rebuilt module `built` differs from the kept `have`: class, weight shapes, or a
+    setting fixed at init (``layer_idx`` aside, which prune renumbers); None if it does not."""
+    if type(have) is not type(built):
+        return f"{type(built).__name__} for {type(have).__name__}"
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.named_parameters(recurse=False)}  # noqa: E731
+    if shapes(have) != shapes(built):
+        return f"weights {shapes(built)} for {shapes(have)}"
+    for key, value in vars(have).items():
+        if key in ("layer_idx", "training") or not isinstance(value, (bool, int, float, str, type(None))):
+            continue
+        if vars(built).get(key, value) != value:
+            return f"{key} {vars(built)[key]!r} for {value!r}"
+    return None
 
 
 def flops_ratio(original: nn.Module, drop: list[int], tokens: int) -> float:

@@ -15,9 +15,8 @@ from torch import nn
 
 from .errors import ModAdaptError
 
-#: Files beside a model's weights that belong to its tokenizer or generation settings, or record
-#: its making (``prune.json``: the layers `modadapt prune` deleted): copied next to a converted /
-#: adapted model so that it loads with them.
+#: Files beside a model's weights that belong to its tokenizer or generation settings: copied next
+#: to a converted / adapted model so that it loads with them.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -28,7 +27,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
     "chat_template.jinja",
-    "prune.json",
 )
 
 

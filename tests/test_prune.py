@@ -153,7 +153,14 @@ def test_router_none_heals_a_pruned_model_from_the_original(tmp_path, capsys):
     pruned = tmp_path / "pruned"
     assert main(["prune", str(original), "-o", str(pruned), "--layers", "evenly:2"]) == 0
     cfg = lm_adapt_config(
-        tmp_path, model=str(pruned), router="none", train="all", teacher=str(original), distill=1.0, max_steps=8
+        tmp_path,
+        model=str(pruned),
+        router="none",
+        capacity=0.125,  # the default: router none takes no routing settings
+        train="all",
+        teacher=str(original),
+        distill=1.0,
+        max_steps=8,
     )
     summary = run(cfg)
     assert summary["mod_config"] is None and summary["kept_fraction"]["after"] == {}
@@ -161,13 +168,72 @@ def test_router_none_heals_a_pruned_model_from_the_original(tmp_path, capsys):
     assert all(d > 0 for d in summary["history"]["distill_loss"])  # it distilled from the original
     assert summary["valid_ppl"]["converted_after"] < summary["valid_ppl"]["converted_before"]
     saved = tmp_path / "run" / "model"
-    assert not (saved / "modadapt.json").exists() and (saved / PRUNE_FILE).is_file()
-    healed = transformers.AutoModelForCausalLM.from_pretrained(str(saved))  # a plain transformers model
+    # a plain transformers model; the record stays with the pruned model (it marks prune's own output)
+    assert not (saved / "modadapt.json").exists() and not (saved / PRUNE_FILE).exists()
+    healed = transformers.AutoModelForCausalLM.from_pretrained(str(saved))
     assert healed.config.num_hidden_layers == 2
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "train.txt"), "--max-tokens", "2000"]) == 0
-    printed = capsys.readouterr().out
-    assert printed.startswith("dense perplexity") and "pruned: layers [1, 3]" in printed
+    text = str(tmp_path / "train.txt")
+    assert main(["eval", str(tmp_path / "run"), "--data", text, "--seq-len", "32", "--json"]) == 0
+    healed_ppl = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(pruned), "--data", text, "--seq-len", "32", "--json"]) == 0
+    pruned_ppl = json.loads(capsys.readouterr().out)
+    assert healed_ppl["model"] == pruned_ppl["model"] == "dense" and pruned_ppl["prune"]["deleted_layers"] == [1, 3]
+    assert healed_ppl["ppl"] < pruned_ppl["ppl"]  # the same text: healing helped
+    assert main(["eval", str(pruned), "--data", text, "--max-tokens", "2000"]) == 0
+    assert "pruned: layers [1, 3] of" in capsys.readouterr().out
+
+
+def test_router_none_refuses_a_converted_model_and_a_preset_teacher_of_another_seed(tmp_path):
+    converted = tmp_path / "converted"
+    assert main(["convert", "tiny-llama", "--router", "topk", "-o", str(converted)]) == 0
+    with pytest.raises(modadapt.ModAdaptError, match="this one is converted"):
+        run(lm_adapt_config(tmp_path, model=str(converted), router="none", capacity=0.125))
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "tiny-llama", "-o", str(pruned), "--layers", "2"]) == 0
+    assert json.loads((pruned / PRUNE_FILE).read_text())["seed"] == 0
+    cfg = lm_adapt_config(
+        tmp_path, model=str(pruned), router="none", capacity=0.125, teacher="tiny-llama", distill=1.0, seed=1
+    )
+    with pytest.raises(modadapt.ModAdaptError, match="pass --seed 0"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_what_prune_cannot_rebuild_is_refused_before_anything_changes():
+    config = transformers.GPT2Config(
+        vocab_size=256, n_embd=32, n_layer=4, n_head=2, n_positions=64, scale_attn_by_inverse_layer_idx=True
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()  # each layer scales its attention by 1 / its index
+    with pytest.raises(modadapt.ModAdaptError, match="scaling"):
+        prune(model, [1])
+    assert len(model.transformer.h) == 4 and model.config.num_hidden_layers == 4
+
+
+def test_only_per_layer_config_lists_are_shortened():
+    model = build_tiny("llama")  # 4 layers, and a list of 4 eos ids that is no per-layer field
+    model.config.eos_token_id = [2, 3, 4, 5]
+    prune(model, [1, 3])
+    assert model.config.eos_token_id == [2, 3, 4, 5]
+
+
+def test_re_pruning_chains_the_records_and_never_overwrites_what_prune_did_not_write(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["prune", "tiny-llama", "-o", str(first), "--layers", "3"]) == 0
+    assert main(["prune", str(first), "-o", str(second), "--layers", "2"]) == 0
+    assert "--teacher tiny-llama" in capsys.readouterr().out  # the original, not the intermediate model
+    record, before = json.loads((second / PRUNE_FILE).read_text()), json.loads((first / PRUNE_FILE).read_text())
+    assert record["original"] == "tiny-llama" and record["previous"] == before
+    assert record["flops_ratio_of_original"] == pytest.approx(record["flops_ratio"] * before["flops_ratio"])
+    assert main(["prune", str(first), "-o", str(first), "--layers", "1", "--overwrite"]) == 2
+    assert "-o is MODEL itself" in capsys.readouterr().err
+    converted = tmp_path / "converted"
+    assert main(["convert", str(first), "--router", "topk", "-o", str(converted)]) == 0
+    assert not (converted / PRUNE_FILE).exists()  # so prune --overwrite cannot take a converted model's place
+    assert main(["prune", "tiny-llama", "-o", str(converted), "--layers", "1", "--overwrite"]) == 2
+    assert "was not written by modadapt" in capsys.readouterr().err and (converted / "modadapt.json").is_file()
+    assert main(["prune", str(converted), "-o", str(tmp_path / "x"), "--layers", "1"]) == 2
+    assert "is a converted model; prune its original" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -177,9 +243,13 @@ def test_router_none_heals_a_pruned_model_from_the_original(tmp_path, capsys):
         ({"capacity_warmup": 2}, "capacity_warmup has no router"),
         ({"router_steps": 2}, "router_steps has no router"),
         ({"router_init": "update-size"}, "router_init has no router"),
+        ({"capacity": 0.3}, "capacity has no router"),
+        ({"layers": "evenly:2"}, "layers has no router.*modadapt prune"),
+        ({"router_kwargs": {"alpha": 0.1}}, "router_kwargs has no router"),
+        ({"scope": "mlp"}, "scope has no router"),
     ],
 )
 def test_router_none_refuses_router_settings(tmp_path, setting, message):
     with pytest.raises(modadapt.ModAdaptError, match=message):
-        lm_adapt_config(tmp_path, router="none", **{"train": "all", **setting})
+        lm_adapt_config(tmp_path, router="none", **{"train": "all", "capacity": 0.125, **setting})
     assert not (tmp_path / "run").exists()

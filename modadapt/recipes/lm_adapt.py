@@ -57,7 +57,7 @@ from ..metrics.flops import flops_table, sequence_flops
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
 from ..persistence import save_unconverted
-from ..prune import PRUNE_FILE
+from ..prune import read_record
 from ..routers.base import Router
 from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
@@ -241,11 +241,20 @@ class LMAdaptConfig(RecipeConfig):
                     "router: none trains the model unconverted, so there are no routers to train; "
                     "use train: all (or lora)."
                 )
-            for name, default in (("capacity_warmup", 0), ("router_steps", 0), ("router_init", "zero")):
+            unrouted = (
+                ("capacity", 0.125),
+                ("layers", "every-other"),
+                ("router_kwargs", {}),
+                ("scope", "block"),
+                ("capacity_warmup", 0),
+                ("router_steps", 0),
+                ("router_init", "zero"),
+            )
+            for name, default in unrouted:
                 if getattr(self, name) != default:
                     raise ModAdaptError(
                         f"router: none trains the model unconverted, so {name} has no router to act on; "
-                        f"leave it at {default}."
+                        f"leave it at {default!r} (to delete layers, `modadapt prune` the model first)."
                     )
         if not 0.0 < self.valid_fraction < 1.0:
             raise ModAdaptError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}.")
@@ -406,8 +415,14 @@ def build_model(
     if model is None:
         source = load_model(cfg.model, seed=cfg.seed)
         model, tokenizer, extras = source.model, source.tokenizer, source.files
+        check_teacher_seed(cfg)
     if not is_causal_lm(model):
         raise ModAdaptError(f"lm-adapt trains causal language models; {type(model).__name__} is not one.")
+    if cfg.router == NO_ROUTER and state_of(model) is not None:
+        raise ModAdaptError(
+            "router: none trains a dense model, and this one is converted; train it with its routers "
+            "(leave router out) or give its dense original."
+        )
     teacher = frozen_teacher(cfg, model, teacher)
     if state_of(model) is None and cfg.router != NO_ROUTER:
         modadapt.convert(
@@ -419,6 +434,19 @@ def build_model(
             scope=cfg.scope,
         )
     return model, teacher, tokenizer, extras
+
+
+def check_teacher_seed(cfg: LMAdaptConfig) -> None:
+    """A pruned preset's teacher must be the preset it was pruned from: built with the seed
+    `modadapt prune` recorded, which a preset teacher (built with `cfg.seed`) has only if they agree."""
+    record = read_record(cfg.model) if Path(cfg.model).is_dir() else None
+    if record and cfg.teacher == record.get("original", record["source"]) and "seed" in record:
+        if record["seed"] != cfg.seed:
+            raise ModAdaptError(
+                f"the teacher {cfg.teacher} is a preset built with --seed {cfg.seed}, but {cfg.model} was pruned "
+                f"from the one built with seed {record['seed']}; pass --seed {record['seed']}, or save the "
+                "original to a directory and name that."
+            )
 
 
 def frozen_teacher(cfg: LMAdaptConfig, model: nn.Module, given: nn.Module | None) -> nn.Module | None:
@@ -733,14 +761,14 @@ def run(
             if cfg.train == "lora":
                 trained.merge_and_unload()
             if state_of(inner) is None:  # router: none
-                save_unconverted(inner, out / "model", overwrite=True, extra_files=extras)
+                save_unconverted(inner, out / "model", marker="config.json", overwrite=True, extra_files=extras)
             else:
                 modadapt.save(inner, out / "model", overwrite=True, extra_files=extras)
             if given and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(out / "model"))
-            pruned = next((Path(f) for f in extras if Path(f).name == PRUNE_FILE), None)
+            pruned = read_record(cfg.model) if not given and Path(cfg.model).is_dir() else None
             if pruned is not None:  # the layers `modadapt prune` deleted: FLOPs of the original
-                summary["prune"] = json.loads(pruned.read_text())
+                summary["prune"] = pruned
             write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         accelerator.wait_for_everyone()
     return summary
@@ -991,8 +1019,8 @@ def evaluate_saved(
     if dense and converted:
         modadapt.unload(model)
     result = evaluate(model, blocks, batch_size=batch_size, progress=progress)
-    if (path / PRUNE_FILE).is_file():  # the layers `modadapt prune` deleted (FLOPs of the original)
-        result["prune"] = json.loads((path / PRUNE_FILE).read_text())
+    if read_record(path) is not None:  # the layers `modadapt prune` deleted (FLOPs of the original)
+        result["prune"] = read_record(path)
     return {
         **result,
         "model": "converted" if converted and not dense else "dense",
@@ -1057,11 +1085,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"valid perplexity: {ppl['converted_before']:.3f} -> adapted {ppl['converted_after']:.3f}")
         if "prune" in summary:
             record = summary["prune"]
+            ratio = record.get("flops_ratio_of_original", record["flops_ratio"])
             print(
-                f"FLOPs per token: {record['flops_ratio']:.3f} of the original's ({record['source']} with layers "
-                f"{record['deleted_layers']} deleted)"
+                f"FLOPs per token: {ratio:.3f} of the original's ({record.get('original', record['source'])}; "
+                f"layers {record['deleted_layers']} of {record['source']} deleted)"
             )
-        print(f"{summary['skipped_steps']} steps skipped")
+        print(f"{summary['skipped_steps']} steps skipped (the model trained unconverted: no routing)")
     else:
         print(
             f"valid perplexity: dense {ppl['dense']:.3f}  converted {ppl['converted_before']:.3f} -> "
