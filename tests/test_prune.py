@@ -253,3 +253,12 @@ def test_router_none_refuses_router_settings(tmp_path, setting, message):
     with pytest.raises(modadapt.ModAdaptError, match=message):
         lm_adapt_config(tmp_path, router="none", **{"train": "all", "capacity": 0.125, **setting})
     assert not (tmp_path / "run").exists()
+
+
+def test_prune_deletes_the_layers_an_analyze_report_selected(tmp_path, capsys):
+    report = tmp_path / "report"
+    argv = ["analyze", "tiny-llama", "-o", str(report), "--metric", "cosine", "--select", "count=2", "--quiet"]
+    assert main([*argv, "--samples", "4", "--seq-len", "32", "--batch-size", "4"]) == 0
+    selected = json.loads((report / "report.json").read_text())["selected_layers"]
+    assert main(["prune", "tiny-llama", "-o", str(tmp_path / "pruned"), "--layers", f"from:{report}"]) == 0
+    assert json.loads((tmp_path / "pruned" / PRUNE_FILE).read_text())["deleted_layers"] == selected
