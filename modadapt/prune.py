@@ -8,9 +8,10 @@ learned router at ~0.69 and ~0.53 of dense FLOPs, in and out of domain. So the t
 
 Layers are named as `ModConfig.layers` names them (``evenly:4``, ``2,5,7,10``, ``from:REPORT``: the
 most redundant layers by `modadapt analyze`, ShortGPT's choice with ``--metric cosine``), or by a
-FLOPs target (`evenly_for_flops`: the evenly spaced deletion nearest it); layer 0 always stays. The kept layers are renumbered (their ``layer_idx``, which indexes the KV cache) and
-the config's per-layer lists (``layer_types``, ...) shortened to match; a family whose config
-would rebuild different layers from the shortened config is refused, not saved half right.
+FLOPs target (`evenly_for_flops`: the evenly spaced deletion nearest it); layer 0 always stays.
+The kept layers are renumbered (their ``layer_idx``, which indexes the KV cache) and the config's
+per-layer lists (``layer_types``, ...) shortened to match; a model whose shortened config would
+rebuild something else is refused before anything changes, not saved half right.
 """
 
 from __future__ import annotations
