@@ -55,6 +55,7 @@ def test_pruning_equals_skipping_the_layers_and_reloads_without_modadapt(family,
 
 def test_pruned_model_decodes_with_its_cache(core_family):
     model = build_tiny(core_family)
+    model.config.output_router_logits = False  # transformers 5.17's Mixtral fails its aux loss in cached decoding
     prune(model, [2])
     ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
