@@ -375,12 +375,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "flops_ratio" in result:
         print(f"FLOPs per token: {result['flops_per_token']:.4g} ({result['flops_ratio']:.3f} of dense)")
     if "prune" in result:
-        record = result["prune"]
-        print(
-            f"pruned: layers {record['deleted_layers']} of {record['source']} deleted, {record['flops_ratio']:.3f} of its FLOPs"
-        )
-        if "original" in record:
-            print(f"  {record['flops_ratio_of_original']:.3f} of the FLOPs of the original, {record['original']}")
+        from .prune import describe
+
+        print(f"pruned: {describe(result['prune'])}")
     return 0
 
 
@@ -388,7 +385,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Delete whole layers of a causal LM and save it as a plain transformers model (`modadapt.prune`)."""
     from .output_dir import check_output
     from .persistence import META_FILE
-    from .prune import PRUNE_FILE, evenly_for_flops, prune_with_record, save_pruned
+    from .prune import PRUNE_FILE, describe, prune_with_record, save_pruned
     from .sources import load_model
 
     if args.seq_len < 1:
@@ -399,24 +396,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ModAdaptError("-o is MODEL itself; write the pruned model to a new directory.")
     out = check_output(args.output, args.overwrite, PRUNE_FILE)  # refused before the work
     source = load_model(args.model, converted=False)
-    layers = args.layers if args.flops is None else evenly_for_flops(source.model, args.flops, args.seq_len)
     seed = 0 if source.path is None else None  # a preset is built with seed 0 (a teacher must be too)
-    record = prune_with_record(source.model, layers, source=args.model, seq_len=args.seq_len, seed=seed)
-    if args.flops is not None:
-        record["flops_target"] = args.flops
+    record = prune_with_record(
+        source.model, args.layers, source=args.model, flops=args.flops, seq_len=args.seq_len, seed=seed
+    )
     save_pruned(source.model, out, record, overwrite=args.overwrite, extra_files=source.files)
     layers, params = record["num_layers"], record["parameters"]
+    print(f"pruned {describe(record)} ({args.seq_len} tokens)")
     print(
-        f"pruned {args.model}: deleted layers {record['deleted_layers']}, {layers['after']} of {layers['before']} "
-        f"stay; parameters {params['before']:,} -> {params['after']:,}"
+        f"{layers['after']} of {layers['before']} layers stay; parameters {params['before']:,} -> {params['after']:,}"
     )
-    print(f"FLOPs per token ({args.seq_len} tokens): {record['flops_ratio']:.3f} of {args.model}'s", end="")
-    original = record.get("original", args.model)
-    if "original" in record:
-        print(f", {record['flops_ratio_of_original']:.3f} of the original {original}'s", end="")
     print(
-        f"\nsaved to {out}; heal it: modadapt train lm-adapt --model {out} --router none --train all "
-        f"--teacher {original} --data TEXT -o RUN"
+        f"saved to {out}; heal it: modadapt train lm-adapt --model {out} --router none --train all "
+        f"--teacher {record.get('original', args.model)} --data TEXT -o RUN"
     )
     return 0
 

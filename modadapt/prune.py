@@ -111,9 +111,16 @@ def read_record(directory: str | os.PathLike) -> dict | None:
 
 
 def prune_with_record(
-    model: nn.Module, layers: Any, *, source: str, seq_len: int = 256, seed: int | None = None
+    model: nn.Module,
+    layers: Any = None,
+    *,
+    source: str,
+    flops: float | None = None,
+    seq_len: int = 256,
+    seed: int | None = None,
 ) -> dict:
-    """`prune` `model` (loaded from `source`; a preset: built with `seed`) and return what
+    """`prune` `model` (loaded from `source`; a preset: built with `seed`) of the `layers` named,
+    or of the evenly spaced deletion nearest `flops` (`evenly_for_flops`), and return what
     ``prune.json`` records of it: the deleted and kept layers, parameters and FLOPs per token
     relative to the source at `seq_len` tokens. A source that was pruned before (its own record)
     chains: ``original`` names the first model, ``flops_ratio_of_original`` is relative to it."""
@@ -122,6 +129,10 @@ def prune_with_record(
 
     if seq_len < 1:
         raise ModAdaptError(f"seq_len must be at least 1, got {seq_len}.")
+    if (layers is None) == (flops is None):
+        raise ModAdaptError("name the layers to delete or a FLOPs target, one of them.")
+    if flops is not None:
+        layers = evenly_for_flops(model, flops, seq_len)
     drop = layers_to_delete(model, layers)
     count, before = len(find_layers(model)), sum(p.numel() for p in model.parameters())
     ratio = flops_ratio(model, drop, seq_len)
@@ -138,6 +149,7 @@ def prune_with_record(
         "source": source,
         **({"seed": seed} if seed is not None else {}),
         **chain,
+        **({"flops_target": flops} if flops is not None else {}),
         "layers": layers if isinstance(layers, str) else list(layers),
         "deleted_layers": drop,
         "kept_layers": [i for i in range(count) if i not in drop],
@@ -147,6 +159,17 @@ def prune_with_record(
         "flops_seq_len": seq_len,
         "modadapt_version": __version__,
     }
+
+
+def describe(record: dict) -> str:
+    """One line on what ``prune.json`` `record` says was deleted, and the FLOPs left."""
+    line = (
+        f"layers {record['deleted_layers']} of {record['source']} deleted: {record['flops_ratio']:.3f} of its "
+        "FLOPs per token"
+    )
+    if "original" in record:
+        line += f", {record['flops_ratio_of_original']:.3f} of the original {record['original']}'s"
+    return line
 
 
 def _shortened_config(config: Any, kept: list[int], count: int) -> dict:

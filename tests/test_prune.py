@@ -14,7 +14,7 @@ from conftest import build_tiny, lm_adapt_config
 import modadapt
 from modadapt.cli import main
 from modadapt.metrics.layer_stack import find_layers
-from modadapt.prune import PRUNE_FILE, evenly_for_flops, flops_ratio, prune, save_pruned
+from modadapt.prune import PRUNE_FILE, evenly_for_flops, flops_ratio, prune, prune_with_record, save_pruned
 from modadapt.recipes.lm_adapt import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,6 +111,10 @@ def test_a_flops_target_picks_the_nearest_evenly_spaced_deletion(tmp_path, capsy
     for bad in (0, 1.0, 1.5, -0.2, True):
         with pytest.raises(modadapt.ModAdaptError, match="share between 0 and 1"):
             evenly_for_flops(model, bad)
+    for both in ({"layers": "1", "flops": 0.5}, {}):
+        with pytest.raises(modadapt.ModAdaptError, match="one of them"):
+            prune_with_record(model, source="tiny-llama", **both)
+    assert len(find_layers(model)) == 4
     out = tmp_path / "pruned"
     assert main(["prune", "tiny-llama", "-o", str(out), "--flops", "0.5"]) == 0
     record = json.loads((out / PRUNE_FILE).read_text())
@@ -127,7 +131,10 @@ def test_prune_command_writes_the_model_and_its_record_and_refuses_bad_input(tmp
     out = tmp_path / "pruned"
     assert main(["prune", "tiny-llama", "-o", str(out), "--layers", "evenly:2"]) == 0
     printed = capsys.readouterr().out
-    assert "deleted layers [1, 3]" in printed and "--router none --train all --teacher tiny-llama" in printed
+    assert (
+        "pruned layers [1, 3] of tiny-llama deleted: 0.528 of its FLOPs per token" in printed
+        and "--router none --train all --teacher tiny-llama" in printed
+    )
     record = json.loads((out / PRUNE_FILE).read_text())
     assert record["deleted_layers"] == [1, 3] and record["kept_layers"] == [0, 2]
     assert record["num_layers"] == {"before": 4, "after": 2}

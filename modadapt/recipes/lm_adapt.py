@@ -42,7 +42,7 @@ import copy
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from ..metrics.flops import flops_table, sequence_flops
 from ..mod_layer import state_of
 from ..output_dir import write_atomic
 from ..persistence import save_unconverted
-from ..prune import read_record
+from ..prune import describe, read_record
 from ..routers.base import Router
 from ..sources import is_causal_lm, load_model
 from .config import RecipeConfig, add_config_arguments, overrides_from, run_setting
@@ -241,16 +241,18 @@ class LMAdaptConfig(RecipeConfig):
                     "router: none trains the model unconverted, so there are no routers to train; "
                     "use train: all (or lora)."
                 )
+            defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(self)}
             unrouted = (
-                ("capacity", 0.125),
-                ("layers", "every-other"),
-                ("router_kwargs", {}),
-                ("scope", "block"),
-                ("capacity_warmup", 0),
-                ("router_steps", 0),
-                ("router_init", "zero"),
+                "capacity",
+                "layers",
+                "router_kwargs",
+                "scope",
+                "capacity_warmup",
+                "router_steps",
+                "router_init",
             )
-            for name, default in unrouted:
+            for name in unrouted:
+                default = defaults[name]
                 if getattr(self, name) != default:
                     raise ModAdaptError(
                         f"router: none trains the model unconverted, so {name} has no router to act on; "
@@ -1019,8 +1021,9 @@ def evaluate_saved(
     if dense and converted:
         modadapt.unload(model)
     result = evaluate(model, blocks, batch_size=batch_size, progress=progress)
-    if read_record(path) is not None:  # the layers `modadapt prune` deleted (FLOPs of the original)
-        result["prune"] = read_record(path)
+    record = read_record(path)
+    if record is not None:  # the layers `modadapt prune` deleted (FLOPs of the original)
+        result["prune"] = record
     return {
         **result,
         "model": "converted" if converted and not dense else "dense",
@@ -1084,12 +1087,7 @@ def main(args: argparse.Namespace) -> int:
     if summary["mod_config"] is None:  # router: none
         print(f"valid perplexity: {ppl['converted_before']:.3f} -> adapted {ppl['converted_after']:.3f}")
         if "prune" in summary:
-            record = summary["prune"]
-            ratio = record.get("flops_ratio_of_original", record["flops_ratio"])
-            print(
-                f"FLOPs per token: {ratio:.3f} of the original's ({record.get('original', record['source'])}; "
-                f"layers {record['deleted_layers']} of {record['source']} deleted)"
-            )
+            print(f"pruned: {describe(summary['prune'])}")
         print(f"{summary['skipped_steps']} steps skipped (the model trained unconverted: no routing)")
     else:
         print(
