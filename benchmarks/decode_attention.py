@@ -1,18 +1,22 @@
-"""Decode attention over the static cache on the GPU: flash with one query per head vs the grouped
-heads packed as G queries per K/V head, each timed inside a CUDA graph (10 calls per replay), next
-to the K/V bytes bound. It decides `modadapt.decoding.static_cache.pack_groups`.
+"""Decode attention over the static cache on the GPU: flash with one query per head, flash with the
+grouped heads packed as G queries per K/V head, and modadapt's split-KV Triton kernel
+(`modadapt.decoding.split_kv`), each timed inside a CUDA graph (10 calls per replay), next to the
+K/V bytes bound, with the split-KV output's largest difference from its torch reference.
 
     python benchmarks/decode_attention.py --out results/decode-attention.json     # GPU only
+    python benchmarks/decode_attention.py --block 32,64,128 --warps 2,4           # tune split_kv
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
 import torch
 
+from modadapt.decoding import split_kv
 from modadapt.decoding.static_cache import flash_varlen
 
 
@@ -46,6 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--bandwidth-tbs", type=float, default=4.2, help="for the bytes bound")
+    p.add_argument("--block", default=str(split_kv.BLOCK_N), help="split_kv.BLOCK_N values to time (comma list)")
+    p.add_argument("--warps", default=str(split_kv.NUM_WARPS), help="split_kv.NUM_WARPS values to time")
+    p.add_argument("--stages", default=str(split_kv.NUM_STAGES), help="split_kv.NUM_STAGES values to time")
     p.add_argument("--out", help="JSON records")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -69,8 +76,25 @@ def main(argv=None) -> int:
             per_head = graphed_us(lambda: flash_varlen(q, k, v, cu_q, cu_k, 1, C, False, None, used))
             packed = graphed_us(lambda: flash_varlen(packed_q, k, v, cu_grouped, cu_k, G, C, False, None, used))
             bound = 2 * B * C * Hk * d * 2 / (args.bandwidth_tbs * 1e12) * 1e6
-            records.append(dict(batch=B, context=C, per_head_us=per_head, packed_us=packed, bound_us=bound))
-            print(f"C{C} B{B}: per-head {per_head:.1f}us packed {packed:.1f}us bound {bound:.1f}us", flush=True)
+            record = dict(batch=B, context=C, per_head_us=per_head, packed_us=packed, bound_us=bound, split_kv={})
+            reference = split_kv.reference(q, k, v, cu_k, used, d**-0.5).float() if B <= 8 else None
+            text = []
+            for block, warps, stages in itertools.product(
+                *(map(int, a.split(",")) for a in (args.block, args.warps, args.stages))
+            ):
+                split_kv.BLOCK_N, split_kv.NUM_WARPS, split_kv.NUM_STAGES = block, warps, stages
+                fn = lambda: split_kv.decode_attention(q, k, v, cu_k, used, None, C, sms)  # noqa: E731
+                us = graphed_us(fn)
+                err = None if reference is None else float((fn().float() - reference).abs().max())
+                key = f"block{block}-warps{warps}-stages{stages}"
+                record["split_kv"][key] = dict(us=us, max_abs_diff=err, splits=split_kv.splits(B, Hk, C, sms))
+                text.append(f"{key} {us:.1f}us" + ("" if err is None else f" (diff {err:.1e})"))
+            records.append(record)
+            print(
+                f"C{C} B{B}: per-head {per_head:.1f}us packed {packed:.1f}us bound {bound:.1f}us; split-kv "
+                + ", ".join(text),
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(

@@ -1,6 +1,6 @@
 """Kernel-level profile of graphed decode steps (`modadapt.GraphedDecoder`) on the GPU.
 
-    python benchmarks/profile_graphed.py --batch 32 [--router threshold-p] [--branches gather] [--steps 8]
+    python benchmarks/profile_graphed.py --batch 32 [--router threshold-p] [--branches gather] [--steps 8] [--compile]
 
 Builds the `speed.py` model (random weights, bf16), converts it when --router is given (calibrated
 as in speed.py), prefills a 2048-token prompt and profiles --steps graph-replayed decode steps:
@@ -29,6 +29,9 @@ def main() -> int:
     parser.add_argument("--branches", default="auto", choices=BRANCHES, help="GraphedDecoder's branches")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument(
+        "--compile", action="store_true", help="GraphedDecoder(compile=True): the layers through torch.compile"
+    )
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     model = speed.build_dense(speed.FULL["model"], device, dtype)
@@ -37,7 +40,7 @@ def main() -> int:
         calib = torch.randint(0, shape.V, (2, 1024), generator=torch.Generator().manual_seed(99)).to(device)
         model, _, _ = speed.make_mod(model, args.router, calib, seed=100)
     ids = torch.randint(0, shape.V, (args.batch, args.context), generator=torch.Generator().manual_seed(11)).to(device)
-    decoder = GraphedDecoder(model, branches=args.branches)
+    decoder = GraphedDecoder(model, branches=args.branches, compile=args.compile)
     decoder.prefill(ids, None, args.steps * 2)
     decoder.decode(args.steps)  # warm
     decoder.prefill(ids, None, args.steps * 2)
@@ -49,7 +52,13 @@ def main() -> int:
         f"# batch {args.batch}, router {args.router}, branches {decoder.last_step.mode}; "
         f"per-step times are totals / {args.steps}"
     )
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels:
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / args.steps
+        span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / args.steps
+        print(f"# per step: {len(kernels) / args.steps:.0f} kernels, {busy:.0f} us busy of a {span:.0f} us span")
+
     return 0
 
 

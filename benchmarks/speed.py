@@ -510,7 +510,11 @@ def graph_fields(b: Bench) -> dict:
     """Record fields saying how a `GraphedDecoder` ran: compiled layers, and whether flash decode attention ran."""
     from modadapt.decoding import static_cache
 
-    return dict(graph_compile=b.args.graph_compile, flash_decode=any(static_cache._FLASH.values()))
+    return dict(
+        graph_compile=b.args.graph_compile,
+        decode_kernel=static_cache.DECODE_KERNEL,
+        flash_decode=any(static_cache._FLASH.values()),
+    )
 
 
 def mean_kept(model) -> float | None:
@@ -1055,8 +1059,8 @@ def teacher_forced_agreement(decoder, ids: torch.Tensor, eager: torch.Tensor) ->
 
 
 def check_static_attention(device, dtype) -> dict:
-    """The graphed decoder's attention on CUDA (flash, reading each row's used slots) against its
-    masked-SDPA fallback, on random K/V with random per-row lengths (B=32, GQA 32/8 heads; a
+    """The graphed decoder's attention on CUDA (flash, reading each row's used slots; and the
+    default decode kernel, `static_cache.DECODE_KERNEL`: `default_kernel_*`) against its masked-SDPA fallback, on random K/V with random per-row lengths (B=32, GQA 32/8 heads; a
     quarter of the rows at length 0, as rows that skip a MoD layer in a batch: compared on the
     other rows, where the fallback is defined). `gathered_*`: the same for a gathered call
     (`branches="gather"`), 12 query rows reading cache rows named out of order through `cu_k`."""
@@ -1073,8 +1077,10 @@ def check_static_attention(device, dtype) -> dict:
     cu_q = torch.arange(B + 1, dtype=torch.int32, device=device)
     lengths = static_cache.KeyLengths(used, cu_q, cu_q * cap)
     key = static_cache.flash_key(q)
-    saved = static_cache._FLASH.get(key)
+    saved, kernel = static_cache._FLASH.get(key), static_cache.DECODE_KERNEL
+    split = static_decode_attention(None, q, k, v, lengths, scaling=d**-0.5)[0].float()  # the default kernel
     try:
+        static_cache.DECODE_KERNEL = "flash"
         static_cache._FLASH.pop(key, None)
         fast = static_decode_attention(None, q, k, v, lengths, scaling=d**-0.5)[0].float()
         flash = static_cache._FLASH.get(key)
@@ -1090,9 +1096,11 @@ def check_static_attention(device, dtype) -> dict:
         static_cache._FLASH[key] = False
         ref_rows = static_decode_attention(None, q[:12], k, v, rows_lengths, scaling=d**-0.5)[0].float()
     finally:
+        static_cache.DECODE_KERNEL = kernel
         static_cache._FLASH.pop(key, None) if saved is None else static_cache._FLASH.__setitem__(key, saved)
     rows = used > 0
-    fast, ref = fast[rows], ref[rows]
+    empty_rows_zero = bool((split[~rows] == 0).all())
+    fast, ref, split = fast[rows], ref[rows], split[rows]
     kept = used[gathered] > 0
     fast_rows, ref_rows = fast_rows[kept], ref_rows[kept]
     return dict(
@@ -1102,6 +1110,10 @@ def check_static_attention(device, dtype) -> dict:
         zero_length_rows=int((~rows).sum()),
         gathered_flash=flash_rows,
         gathered_rel_diff=float((fast_rows - ref_rows).norm() / ref_rows.norm()),
+        decode_kernel=kernel,
+        default_kernel_rel_diff=float((split - ref).norm() / ref.norm()),
+        default_kernel_max_abs_diff=float((split - ref).abs().max()),
+        default_kernel_empty_rows_zero=empty_rows_zero,
     )
 
 
@@ -2110,7 +2122,7 @@ def format_row(r: dict) -> str:
         )
     if "mod_teacher_forced_agreement" in r:
         extra.append(
-            f"branches {r['branches']}, flash decode {r['flash_decode']}; tokens as eager (teacher-forced): dense "
+            f"branches {r['branches']}, decode kernel {r.get('decode_kernel')}, flash ran {r['flash_decode']}; tokens as eager (teacher-forced): dense "
             f"{r['dense_teacher_forced_agreement']:.3f}, MoD {r['mod_teacher_forced_agreement']:.3f} "
             f"(worst row {r['dense_worst_row_agreement']:.3f}, {r['mod_worst_row_agreement']:.3f})"
         )
@@ -2210,6 +2222,13 @@ def main(argv: list[str] | None = None) -> int:
         "(GraphedDecoder's branches)",
     )
     parser.add_argument(
+        "--decode-kernel",
+        default="split-kv",
+        choices=("split-kv", "flash"),
+        help="the graphed decoders' one-token attention (modadapt.decoding.static_cache.DECODE_KERNEL): "
+        "the split-KV Triton kernel, or torch's flash with used lengths",
+    )
+    parser.add_argument(
         "--branch-modes",
         default=None,
         help="decode_branches: comma list of the branch modes to time (default: every mode this torch captures "
@@ -2278,6 +2297,9 @@ def main(argv: list[str] | None = None) -> int:
         help="skip scenarios that would start after this many seconds (partial JSON is kept)",
     )
     args = parser.parse_args(argv)
+    from modadapt.decoding import static_cache
+
+    static_cache.DECODE_KERNEL = args.decode_kernel
     if args.speculate_prompts is not None and args.speculate_prompts < 1:
         parser.error(f"--speculate-prompts must be >= 1, got {args.speculate_prompts}")
 

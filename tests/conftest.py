@@ -430,7 +430,11 @@ def flash_and_fallback(q, k, v, lengths, scale: float) -> tuple[torch.Tensor, to
     fallback, for the CUDA tests that hold one against the other."""
     from modadapt.decoding import static_cache
 
-    flash = static_cache.static_cache_attention(q, k, v, lengths, scale).float()
+    kernel, static_cache.DECODE_KERNEL = static_cache.DECODE_KERNEL, "flash"
+    try:
+        flash = static_cache.static_cache_attention(q, k, v, lengths, scale).float()
+    finally:
+        static_cache.DECODE_KERNEL = kernel
     key = static_cache.flash_key(q)
     assert static_cache._FLASH.get(key)
     static_cache._FLASH[key] = False

@@ -225,9 +225,10 @@ def test_graphed_decoder_branch_modes(tiny, monkeypatch):
     assert GraphedDecoder(model, branches="gather").branches_for(32) == "gather"
     monkeypatch.setattr(gd, "conditional_nodes_available", lambda: True)
     auto = GraphedDecoder(model)
-    assert (auto.branches_for(1), auto.branches_for(8)) == ("conditional", "conditional")
+    assert (auto.branches_for(1), auto.branches_for(8)) == ("conditional", "select")
     assert auto.branches_for(8, none_kept_chance=0.5) == "conditional"
-    monkeypatch.setattr(gd, "conditional_nodes_available", lambda: False)  # torch 2.11, the GPU machine's
+    assert auto.branches_for(8, none_kept_chance=0.005) == "select"
+    monkeypatch.setattr(gd, "conditional_nodes_available", lambda: False)  # no conditional nodes at all
     assert (auto.branches_for(1), auto.branches_for(8)) == ("host", "select")
     # at batch: host where no row keeps a MoD layer's token often enough to pay the round trips
     assert (auto.branches_for(8, none_kept_chance=0.26), auto.branches_for(8, none_kept_chance=0.005)) == (
@@ -696,21 +697,24 @@ def test_next_token_filters():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
-def test_captured_graphs_equal_their_eager_pieces_in_bf16():
-    """In bf16 the decode attention runs flash with used lengths; the captured graphs replay the
-    very kernels the eager pieces run, so the tokens are equal (greedy, every branch mode)."""
+def test_captured_graphs_equal_their_eager_pieces_in_bf16(monkeypatch):
+    """In bf16 the decode attention runs the split-KV kernel (or flash with used lengths); the
+    captured graphs replay the very kernels the eager pieces run, so the tokens are equal (greedy,
+    every branch mode, the conditional ones stitched through the driver where torch has none)."""
     from modadapt.decoding import static_cache
 
     model = routed(build_tiny("llama")).cuda().to(torch.bfloat16)
     x, mask = cuda_prompts()[1]
-    for batch in (1, 3):
-        eager = GraphedDecoder(model, cuda_graphs=False).generate(
-            x[:batch], attention_mask=mask[:batch], max_new_tokens=40
-        )
-        for branches in available_branches():
-            graphed = GraphedDecoder(model, branches=branches)
-            assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)
-            assert graphed.last_step.graphs is not None
+    for kernel in static_cache.DECODE_KERNELS:  # the split-KV kernel and flash, each eager vs graphed
+        monkeypatch.setattr(static_cache, "DECODE_KERNEL", kernel)
+        for batch in (1, 3):
+            eager = GraphedDecoder(model, cuda_graphs=False).generate(
+                x[:batch], attention_mask=mask[:batch], max_new_tokens=40
+            )
+            for branches in available_branches():
+                graphed = GraphedDecoder(model, branches=branches)
+                assert torch.equal(graphed.generate(x[:batch], attention_mask=mask[:batch], max_new_tokens=40), eager)
+                assert graphed.last_step.graphs is not None
     assert any(static_cache._FLASH.values()), "the flash decode attention did not run"
 
 

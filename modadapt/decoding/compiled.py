@@ -13,9 +13,10 @@ place into the step's buffers) and the attention that reads it (`static_cache_at
 with used lengths or the masked fallback, and its bookkeeping) are `torch.compiler.disable`d, so a
 layer compiles as graphs around them (graph breaks) and they run as they do uncompiled. Traced, the
 write into a graph input would be functionalized (a copy of a whole buffer per layer, unless
-inductor puts it back in place) and flash's try/except would break the graph anyway. The routers'
-decisions, gates, `where`s and the token pick stay eager: a few kernels per MoD layer, and
-sampling keeps torch's random stream.
+inductor puts it back in place) and flash's try/except would break the graph anyway. A MoD
+layer's routing (`step.route_decision`: score, causal rule, gate, used lengths) and the merge of
+its output (`step.merge_kept`) are compiled too; the branch decisions' bytes, the gathered modes'
+row ordering and the token pick stay eager (sampling keeps torch's random stream).
 
 When: shapes are static (`dynamic=False`), so each layer compiles once per step shape (batch,
 tokens per row; not the cache capacity, which only the eager attention sees), in the first run of

@@ -25,7 +25,17 @@ from ..plugins import find_adapter
 from .compiled import NoCompiler, StepCompiler, check_compile
 from .sampling import Sampling, next_token
 from .speculate import Draft, SpeculativeStep
-from .step import BRANCHES, CONDITIONAL, DecodeStep, StepLayer, auto_branches, conditional_nodes_available, none_kept
+from .step import (
+    BRANCHES,
+    CONDITIONAL,
+    DecodeStep,
+    StepLayer,
+    auto_branches,
+    conditional_nodes_available,
+    merge_kept,
+    none_kept,
+    route_decision,
+)
 
 #: Capacities are rounded up to a multiple of this (captured steps are keyed on them).
 BUCKET = 128
@@ -96,7 +106,8 @@ class GraphedDecoder:
         if branches in CONDITIONAL and not conditional_nodes_available():
             other = "gather" if branches == "gather-conditional" else "host"
             raise ModAdaptError(
-                f"branches={branches!r} needs CUDA graph conditional nodes, which this torch has not; "
+                f"branches={branches!r} needs CUDA graph conditional nodes, which neither this torch nor a CUDA "
+                f"driver here provides; "
                 f"use branches={other!r} (the host decides) or 'auto'."
             )
         self.model, self.parts, self.branches = model, parts, branches
@@ -112,6 +123,8 @@ class GraphedDecoder:
         self.compiler = StepCompiler() if self.compile else NoCompiler()
         self.kv_heads, self.head_dim, self.windows = parts.kv_heads, parts.head_dim, tuple(parts.windows)
         self.head, self.norm = parts.head, self.compiler.part(parts.norm)
+        self.route_decision = self.compiler.part(route_decision)
+        self.merge_kept = self.compiler.part(merge_kept)
         self.rotary = self.compiler.part(parts.rotary) if parts.rotary is not None else None
         _, stack = adapter.layer_stack(model)
         mod = set(state.layer_indices) if state is not None else set()

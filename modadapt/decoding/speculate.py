@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from ..errors import ModAdaptError
-from ..routers.base import RoutingContext
 from .sampling import Sampling, sampling_logits
 from .static_cache import KeyLengths, StaticCache
 from .step import DecodeStep, StepLayer
@@ -213,9 +212,6 @@ class DraftStep(DecodeStep):
             elif i not in self.skip:  # a skipped layer: no piece at all, its length stays at base
                 pieces += self._mod_pieces(i)
         return pieces + [("run", self._end)]
-
-    def _keep(self, router, logits: torch.Tensor, h: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return router.causal_keep(logits - self.margin if self.margin else logits, h, ctx)
 
     def _end(self) -> None:
         d, h, B = self.decoder, self.live["h"], self.batch

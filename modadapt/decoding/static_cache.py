@@ -3,7 +3,8 @@
 A captured CUDA graph needs buffers of fixed size; a MoD layer's rows keep different numbers of
 tokens. So each layer holds each row's kept tokens' K/V in slots `[0, length)` of a buffer
 `[B, capacity, Hk, d]`, `update` writes a row's new K/V at that row's length, and attention reads
-only each row's used slots (flash attention with per-row used lengths on CUDA; elsewhere a
+only each row's used slots (on CUDA the split-KV kernel of `split_kv` for one token per row, flash
+attention with per-row used lengths for several; elsewhere a
 length mask, over buffers that start zeroed). The model family's attention function hands its
 query and the buffers to `static_cache_attention`. A decode step feeds one token per row; a
 speculative verification (`speculate`) feeds several, written at consecutive slots from the
@@ -32,9 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModAdaptError
+from . import split_kv
 
 #: Name under which the adapter registers the decode step's attention (transformers: `adapters.hf.attention`).
 STATIC_ATTENTION = "modadapt_static_decode"
+#: One decode token per row: `"split-kv"` reads the cache with `split_kv.decode_attention` where it
+#: runs (Triton on CUDA), else flash; `"flash"` always flash (the previous kernel, for comparison).
+DECODE_KERNEL = "split-kv"
+DECODE_KERNELS = ("split-kv", "flash")
 _FLASH: dict[tuple, bool] = {}  # per (device, dtype, head size): whether flash with used lengths ran
 _MULTIPROCESSORS: dict[str, int] = {}
 
@@ -203,7 +209,8 @@ def static_cache_attention(
     rows `rows` of a cache of any batch: flash through `cu_k` (`rows * capacity`, what the caller
     put there), the fallback through a copy of those rows.
 
-    One decode token per row with grouped K/V heads (`G = H / Hk > 1`) goes to flash as `G`
+    One decode token per row goes to the split-KV kernel (`split_kv`, `DECODE_KERNEL`) where it
+    runs. Otherwise, one decode token per row with grouped K/V heads (`G = H / Hk > 1`) goes to flash as `G`
     queries per K/V head when that fills the device (`pack_groups`): flash's varlen kernel gives
     every query head its own block, so each block reads its K/V head again (G times the cache's
     bytes); packed, each K/V head is read once for its whole group, but in fewer blocks.
@@ -219,6 +226,12 @@ def static_cache_attention(
     cache_rows, capacity, Hk, _ = key.shape
     G = H // Hk
     flash = flash_key(query)
+    if T == 1 and softcap is None and DECODE_KERNEL == "split-kv" and split_kv.available(query):
+        k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
+        cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
+        sms = multiprocessors(query.device) if query.is_cuda else 1
+        out = split_kv.decode_attention(query[:, :, 0], k, v, cu_k, used, scale, capacity, sms)
+        return out.view(B, 1, H, d)
     if softcap is None and (lengths.window is None or T == 1) and flash_available(query):
         k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
         cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()

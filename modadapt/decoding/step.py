@@ -31,6 +31,7 @@ from ..adapters.base import LayerCall
 from ..errors import ModAdaptError
 from ..mod_layer import apply_gate
 from ..routers.base import RoutingContext
+from . import driver_graph
 from .sampling import Sampling, next_token
 from .static_cache import GatheredCache, KeyLengths, StaticCache
 
@@ -43,9 +44,15 @@ _PENDING = 255  # a "host" / "gather" decision not yet copied back (decisions ar
 _WARM_UPS = 2  # eager steps before a capture (each writes one K/V slot per row, from slot 0)
 
 
-def conditional_nodes_available() -> bool:
-    """Whether this torch can capture a graph branch that the GPU takes or skips itself."""
+def torch_conditional_nodes() -> bool:
+    """Whether this torch captures conditional nodes itself (`CUDAGraph.begin_capture_to_if_node`)."""
     return hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+
+
+def conditional_nodes_available() -> bool:
+    """Whether a graph branch that the GPU takes or skips itself can be captured here: by torch,
+    or stitched through the CUDA driver (`driver_graph`, torch builds without them)."""
+    return torch_conditional_nodes() or driver_graph.available()
 
 
 def available_branches(conditional: bool | None = None) -> tuple[str, ...]:
@@ -54,30 +61,29 @@ def available_branches(conditional: bool | None = None) -> tuple[str, ...]:
     return tuple(b for b in BRANCHES if conditional or b not in CONDITIONAL)
 
 
-#: `branches="auto"` runs ``"host"`` at batch > 1 where the chance that no row keeps a MoD layer's
-#: token is at least this (estimated from the prompt: `none_kept`), else ``"select"``.
+#: `branches="auto"` branches (conditional or host) at batch > 1 where the chance that no row keeps
+#: a MoD layer's token is at least this (estimated from the prompt: `none_kept`), else ``"select"``.
 HOST_WHEN_NONE_KEPT = 0.1
 
 
 def auto_branches(batch: int, conditional: bool, none_kept_chance: float | None = None) -> str:
-    """What `branches="auto"` runs at `batch`; `conditional`: whether torch has conditional nodes;
-    `none_kept_chance`: the chance that no row keeps a MoD layer's token (`none_kept`), if known.
+    """What `branches="auto"` runs at `batch`; `conditional`: whether conditional nodes can be
+    captured here (`conditional_nodes_available`); `none_kept_chance`: the chance that no row keeps
+    a MoD layer's token (`none_kept`), if known.
 
-    Measured on an H200 (`benchmarks/speed.py --scenarios decode_branches`, 1.1B Llama, every mode
-    at B=32 and B=128 with 2k context and B=8 with 32k, topk keeping 16% and threshold-p 50%;
-    benchmarks/README.md): the gathered modes never won (their bucket choice costs a host round
-    trip and their gathers more than the rows they skip); ``"select"`` won wherever some row keeps
-    nearly every layer's token (B=32, B=128, threshold-p at B=8: no row keeping happens with chance
-    0.5% or less), ``"host"`` at batch 1 and for topk at B=8 (26%: 1.30x against select's 1.23x),
-    where skipping a layer that no row keeps pays for a host round trip per layer.
-    `HOST_WHEN_NONE_KEPT` lies between those. Conditional nodes, where torch has them (not yet on
-    the GPU measured), decide on the GPU without the round trip."""
-    if conditional:
-        return "conditional"
+    A branch (``"conditional"``: the GPU decides; else ``"host"``: a host round trip per MoD layer)
+    at batch 1, and at batch > 1 where whole layers go unkept often enough (`HOST_WHEN_NONE_KEPT`);
+    elsewhere ``"select"`` (every row computed, no branch to pay for). Measured on an H200
+    (`benchmarks/speed.py --scenarios decode_graphs,decode_branches`, 1.1B Llama; benchmarks/README.md):
+    the gathered modes never won (their gathers cost more than the rows they skip); at B=32 some
+    row keeps nearly every layer's token, and a branch there only adds its routing and node
+    (conditional 0.98x against dense, select 1.11x); at batch 1 the conditional node beat the
+    host's round trip (topk 1.39x against 1.32x)."""
+    branch = "conditional" if conditional else "host"
     if batch == 1:
-        return "host"
-    host = none_kept_chance is not None and none_kept_chance >= HOST_WHEN_NONE_KEPT
-    return "host" if host else "select"
+        return branch
+    skips = none_kept_chance is not None and none_kept_chance >= HOST_WHEN_NONE_KEPT
+    return branch if skips else "select"
 
 
 def none_kept(kept: torch.Tensor, real: torch.Tensor) -> float:
@@ -98,6 +104,36 @@ def gather_buckets(batch: int) -> tuple[int, ...]:
         sizes.append(n)
         n *= 2
     return (*sizes, batch)
+
+
+def route_decision(router, h, positions, layer_index: int, margin: float, length, used, zero_skipped: bool):
+    """A MoD layer's decision for the step's tokens (`h` `[B, 1, D]`): `keep` `[B, 1]` and its
+    gate (or None), by the router's causal rule on scores lowered by `margin` (a draft's); and the
+    lengths its attention reads, `used = length + 1`, 0 for the rows that skip if `zero_skipped`.
+    One function so that with `compile` the routing fuses into a few kernels (eager: ~8 small ones
+    per MoD layer, which at batch 32 cost what the skipped attention saves)."""
+    ctx = RoutingContext(
+        layer_index=layer_index, real=None, forced=None, positions=positions, causal=True, training=False
+    )
+    logits = router.score(h, ctx)
+    keep = router.causal_keep(logits - margin if margin else logits, h, ctx).reshape(h.shape[0], 1)
+    reads = length + 1
+    if zero_skipped:
+        reads = reads * keep.view(-1)
+    used.copy_(reads)
+    return keep, router.gate(logits)
+
+
+def merge_kept(out, gate, h, keep, length, only_kept: bool) -> None:
+    """A MoD layer's gated output into `h` (in place) and its lengths advanced: every row when
+    `only_kept` (the branch ran because the token is kept), else only the rows that keep."""
+    out = apply_gate(out, gate, h)
+    if only_kept:
+        h.copy_(out)
+        length.add_(1)
+    else:
+        h.copy_(torch.where(keep.unsqueeze(-1), out, h))  # rows that skip keep their input
+        length.add_(keep.view(-1))  # and their K/V slot is not counted
 
 
 @dataclass
@@ -132,6 +168,7 @@ class DecodeStep:
         p = decoder.params
         device, dtype = p.device, p.dtype
         self.decoder, self.batch, self.capacities, self.sampling = decoder, batch, capacities, sampling
+        self.margin = getattr(self, "margin", 0.0)  # a draft lowers its scores by its margin (`speculate`)
         buffers = buffers or {}
         pairs = []
         for i, c in enumerate(capacities):
@@ -216,8 +253,10 @@ class DecodeStep:
         """Batch 1 with the MoD work behind a branch: it runs only for a kept token (no `where`)."""
         return self.batch == 1 and self.mode in ("conditional", "host")
 
-    def _lengths(self, i: int) -> KeyLengths:
-        used = torch.add(self.lengths[i], 1, out=self._used[i])  # one kernel: add and narrow to int32
+    def _lengths(self, i: int, add: bool = True) -> KeyLengths:
+        """Layer `i`'s lengths as its attention reads them; `add`: fill `used` here (else the
+        routing does)."""
+        used = torch.add(self.lengths[i], 1, out=self._used[i]) if add else self._used[i]  # add, narrow to int32
         return KeyLengths(
             used,
             self._cu_q,
@@ -259,13 +298,13 @@ class DecodeStep:
 
     def _route(self, i: int) -> None:
         layer, live, B = self.decoder.layers[i], self.live, self.batch
-        router, h = layer.module.router, live["h"]
-        ctx = RoutingContext(
-            layer_index=i, real=None, forced=None, positions=self.position, causal=True, training=False
+        lengths = self._lengths(i, add=False)
+        # rows that skip read no K/V (their result is dropped), unless only a kept token runs it
+        zero = not self.gather and not self.runs_only_when_kept
+        keep, gate = self.decoder.route_decision(
+            layer.module.router, live["h"], self.position, i, self.margin, self.lengths[i], lengths.used, zero
         )
-        logits = router.score(h, ctx)
-        keep = self._keep(router, logits, h, ctx).reshape(B, 1)
-        live[("keep", i)], live[("gate", i)] = keep, router.gate(logits)
+        live[("keep", i)], live[("gate", i)] = keep, gate
         if self.gather:
             self._order_rows(i, keep.view(-1))
             return
@@ -275,10 +314,7 @@ class DecodeStep:
             live[("pred", i)] = pred = keep.reshape(()) if B == 1 else keep.any()
         if self.flags is not None:  # the decision's byte (bool viewed as uint8: no kernel) to the host
             self.flags[i].copy_(pred.view(torch.uint8), non_blocking=True)
-        # Needed only when the layer runs, but queued after the copy it runs while the host reacts.
-        live[("lengths", i)] = lengths = self._lengths(i)
-        if not self.runs_only_when_kept:
-            lengths.used.mul_(keep.view(-1))  # rows that skip read no K/V (their result is dropped)
+        live[("lengths", i)] = lengths
 
     def _order_rows(self, i: int, kept: torch.Tensor) -> None:
         """Gathered rows: the kept rows first (`order`, stable), the bucket code (to the host's
@@ -325,20 +361,12 @@ class DecodeStep:
         out = apply_gate(out, None if gate is None else gate.index_select(0, rows), part)
         h.index_copy_(0, rows, torch.where(live[("kept", i)][:n].view(n, 1, 1), out, part))
 
-    def _keep(self, router, logits: torch.Tensor, h: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        """The routing decision of a MoD layer: its router's causal rule (a draft narrows it)."""
-        return router.causal_keep(logits, h, ctx)
-
     def _body(self, i: int) -> None:
         live = self.live
-        h, keep = live["h"], live[("keep", i)]
-        out = apply_gate(self._call(self.decoder.layers[i], h, live[("lengths", i)], live["pe"]), live[("gate", i)], h)
-        if self.runs_only_when_kept:  # batch 1, branch taken on the device or host: keep holds
-            h.copy_(out)
-            self.lengths[i].add_(1)
-        else:
-            torch.where(keep.unsqueeze(-1), out, h, out=h)  # rows that skip keep their input
-            self.lengths[i].add_(keep.view(-1))  # and their K/V slot is not counted
+        h = live["h"]
+        out = self._call(self.decoder.layers[i], h, live[("lengths", i)], live["pe"])
+        # batch 1 with the branch taken on the device or host: the token is kept
+        self.decoder.merge_kept(out, live[("gate", i)], h, live[("keep", i)], self.lengths[i], self.runs_only_when_kept)
 
     def _end(self) -> None:
         d, h, B = self.decoder, self.live["h"], self.batch
@@ -419,6 +447,9 @@ class DecodeStep:
         with torch.cuda.stream(stream):
             self.warm_up()
         torch.cuda.current_stream().wait_stream(stream)
+        if self.mode in CONDITIONAL and not torch_conditional_nodes():
+            self.graphs = self._capture_stitched()
+            return
         pieces = self.mode in ("host", "gather")  # captured in pieces, the host deciding between them
         if pieces:
             # uint8 so that a value the GPU never writes (_PENDING) marks "not arrived yet"
@@ -451,6 +482,52 @@ class DecodeStep:
             graphs.append(("run", capture([self._captured_step]), None))
         self.graphs = graphs
 
+    def _capture_stitched(self) -> list:
+        """Conditional branches without torch's conditional nodes: the step captured in pieces
+        (as for "host"), stitched into one driver graph (`driver_graph.ConditionalGraph`) where
+        each MoD layer's work (each bucket's, "gather-conditional") is an IF node whose condition
+        a kernel at the end of the routing piece sets from the decision's byte. A sampled step's
+        last piece (the token pick) stays a torch graph replayed after it: torch advances the
+        random stream's offsets only in its own `replay`."""
+        stitched, pool, group, kept = driver_graph.ConditionalGraph(), None, [], []
+
+        def capture(fns, keep: bool = True):
+            nonlocal pool
+            graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
+            with self.decoder.compiler.compiled(), torch.cuda.graph(graph, pool=pool):
+                for fn in fns:
+                    fn()
+            pool = graph.pool()
+            kept.append(graph)  # the stitched graph's nodes are copies that use these graphs' memory
+            return graph
+
+        def set_conditions(handles, flags):
+            for handle, flag in zip(handles, flags()):
+                stitched.set_condition(handle, flag)
+
+        for piece in self.pieces:
+            if piece[0] == "run":
+                group.append(piece[1])
+                continue
+            i = piece[1]
+            if piece[0] == "gather":
+                bodies, flags = piece[2], functools.partial(lambda i: self.live[("take", i)], i)
+            else:
+                bodies, flags = [piece[2]], functools.partial(lambda i: [self.live[("pred", i)]], i)
+            handles = [stitched.condition() for _ in bodies]
+            stitched.add(capture([*group, functools.partial(set_conditions, handles, flags)]))
+            group = []
+            for handle, body in zip(handles, bodies):
+                stitched.add_if(handle, capture([body]))
+        end = None
+        if self.sampling is None:
+            stitched.add(capture(group))
+        else:
+            end = capture(group, keep=False)
+        stitched.instantiate()
+        self._stitched_pieces = kept
+        return [("stitched", stitched, None)] + ([("run", end, None)] if end is not None else [])
+
     def _captured_step(self) -> None:
         """The whole step in one capture: MoD work in conditional nodes (one per bucket with
         "gather-conditional": the one whose predicate holds runs), or always run ("select")."""
@@ -482,6 +559,8 @@ class DecodeStep:
         for kind, graph, layer in self.graphs:
             if kind == "run":
                 graph.replay()
+            elif kind == "stitched":
+                graph.launch()
             else:
                 spins = 0
                 while flags[layer] == _PENDING:  # the copy lands after every earlier node ran

@@ -76,6 +76,8 @@ class ThresholdRouter(Router):
     def causal_keep(self, logits, hidden, ctx):
         # Compare against logit(p) rounded like the bias, so a fresh router in bf16 still keeps all.
         dtype = self.scorer.bias.dtype
+        if torch.compiler.is_compiling():  # a constant of the graph (the cache below is the host's)
+            return logits >= torch.full((), self.logit_p, dtype=dtype, device=logits.device).to(logits.dtype)
         threshold = self._rounded_logit_p.get(dtype)
         if threshold is None:  # once per dtype: no tensor is built per decode step
             threshold = self._rounded_logit_p[dtype] = torch.tensor(self.logit_p, dtype=dtype).item()

@@ -1,0 +1,191 @@
+"""Split-KV decode attention (flash-decoding) in Triton, over the static per-row cache.
+
+One query token per row (`[B, H, d]`) against each row's used slots of a flattened cache
+`[slots, Hk, d]`: row b reads slots `[cu_k[b], cu_k[b] + used[b])`, the interface of torch's flash
+varlen call (`static_cache.flash_varlen`), so gathered calls and sliding windows read the same
+slots through it. Why a kernel of our own (issue 17's profile, 1.1B Llama on an H200): torch's
+flash decode gives each query head its own block, so every K/V head is read G times (G query
+heads per K/V head) or, packed, with too few blocks to fill the device; at batch 1 and 2k context
+its split-KV pair of kernels took 13 us per layer to read 4 MB.
+
+Here a program reads one K/V head of one row for all G query heads of its group, over one of
+`S` chunks of the row's slots (S fills the device: `splits`); a second kernel combines the chunks
+by their log-sum-exp. With S = 1 the first writes the output itself. Rows with no used slot give
+zeros (flash's convention), so a row that skips a MoD layer costs nothing and yields no NaN.
+`reference` is the same computation in torch, which the tests hold the kernel to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ModAdaptError
+
+# Tuned on an H200 (benchmarks/decode_attention.py; benchmarks/README.md): 128 keys per step and
+# 4 warps were fastest or within 13% of the fastest setting at batch 1-128, 2k-32k context.
+BLOCK_N = 128  # keys per inner step
+NUM_WARPS = 4
+NUM_STAGES = 2
+_LOG2E = 1.4426950408889634
+
+try:  # Triton ships with torch's CUDA wheels; without it the flash path runs instead
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on installs without Triton
+    triton = None
+
+
+def available(query: torch.Tensor) -> bool:
+    """Whether the kernel runs for this query: Triton on CUDA (or its interpreter), a head size of
+    16-256 that is a power of two, half precision or float32."""
+    d = query.shape[-1]
+    return (
+        triton is not None
+        and (query.is_cuda or _interpreting())
+        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and 16 <= d <= 256
+        and d & (d - 1) == 0
+    )
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def splits(rows: int, kv_heads: int, capacity: int, multiprocessors: int) -> int:
+    """Chunks per (row, K/V head): enough programs to fill the device twice, no chunk shorter
+    than two key blocks, at least one."""
+    most = max(1, -(-capacity // (2 * BLOCK_N)))
+    want = -(-2 * multiprocessors // max(1, rows * kv_heads))
+    return max(1, min(most, want))
+
+
+def reference(q, k, v, cu_k, used, scale: float) -> torch.Tensor:
+    """What the kernel computes, in torch: `q` `[B, H, d]`, `k`/`v` `[slots, Hk, d]`, row b's
+    keys at slots `cu_k[b] + [0, used[b])`; float32 softmax; zeros for a row without keys."""
+    B, H, d = q.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    out = torch.zeros(B, H, d, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        n, start = int(used[b]), int(cu_k[b])
+        if n == 0:
+            continue
+        kb = k[start : start + n].float().transpose(0, 1)  # [Hk, n, d]
+        vb = v[start : start + n].float().transpose(0, 1)
+        qb = q[b].float().view(Hk, G, d)
+        scores = qb @ kb.transpose(1, 2) * scale  # [Hk, G, n]
+        out[b] = (scores.softmax(-1) @ vb).reshape(H, d)
+    return out.to(q.dtype)
+
+
+def decode_attention(q, k, v, cu_k, used, scale: float | None, capacity: int, multiprocessors: int) -> torch.Tensor:
+    """`q` `[B, H, d]` against `k`/`v` `[slots, Hk, d]` (contiguous), row b reading slots
+    `cu_k[b] + [0, used[b])` (int32 tensors of at least B entries, `used` at most `capacity`);
+    returns `[B, H, d]` in q's dtype."""
+    if triton is None:
+        raise ModAdaptError("the split-KV decode attention needs Triton")
+    B, H, d = q.shape
+    Hk = k.shape[1]
+    if H % Hk:
+        raise ModAdaptError(f"{H} query heads do not group over {Hk} K/V heads")
+    G = H // Hk
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    scale = d**-0.5 if scale is None else float(scale)
+    S = splits(B, Hk, max(capacity, 1), multiprocessors)
+    chunk = -(-max(capacity, 1) // S)
+    chunk = -(-chunk // BLOCK_N) * BLOCK_N
+    S = -(-max(capacity, 1) // chunk)
+    out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
+    G_PAD = max(16, 1 << (G - 1).bit_length())
+    ieee = q.dtype == torch.float32
+    if S == 1:
+        part, lse = out, out  # unused: the first kernel writes the output
+    else:
+        part = torch.empty(B, Hk, S, G, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, Hk, S, G, dtype=torch.float32, device=q.device)
+    _chunk_kernel[(B, Hk, S)](
+        q, k, v, cu_k, used, part, lse, out,
+        scale * _LOG2E, chunk,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        S=S, G=G, G_PAD=G_PAD, D=d, BLOCK=BLOCK_N, DIRECT=S == 1, IEEE=ieee,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    if S > 1:
+        _combine_kernel[(B, H)](part, lse, out, S=S, G=G, D=d, S_PAD=max(2, 1 << (S - 1).bit_length()))
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_kernel(
+        Q, K, V, CU_K, USED, PART, LSE, OUT,
+        scale_log2, chunk,
+        sqb, sqh, sks, skh, svs, svh, sob, soh,
+        S: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+        DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        s = tl.program_id(2)
+        start = tl.load(CU_K + b).to(tl.int64)
+        n = tl.load(USED + b)
+        lo = s * chunk
+        hi = tl.minimum(lo + chunk, n)
+        g = tl.arange(0, G_PAD)
+        dd = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + (kvh * G + g)[:, None] * sqh + dd[None, :], mask=g[:, None] < G, other=0.0)
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for n0 in range(lo, hi, BLOCK):
+            keys = n0 + tl.arange(0, BLOCK)
+            valid = keys < hi
+            slot = start + keys.to(tl.int64)
+            kk = tl.load(K + slot[:, None] * sks + kvh * skh + dd[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(kk), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(kk))
+            scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, 1)
+            vv = tl.load(V + slot[:, None] * svs + kvh * svh + dd[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m = m_new
+        has = l > 0
+        o = acc / tl.where(has, l, 1.0)[:, None]
+        if DIRECT:
+            tl.store(OUT + b * sob + (kvh * G + g)[:, None] * soh + dd[None, :], o.to(OUT.dtype.element_ty),
+                     mask=g[:, None] < G)  # fmt: skip
+        else:
+            base = ((b * tl.num_programs(1) + kvh) * S + s) * G
+            tl.store(PART + (base + g)[:, None] * D + dd[None, :], o, mask=g[:, None] < G)
+            tl.store(LSE + base + g, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=g < G)
+
+    @triton.jit
+    def _combine_kernel(PART, LSE, OUT, S: tl.constexpr, G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        H = tl.num_programs(1)
+        kvh = h // G
+        g = h % G
+        s = tl.arange(0, S_PAD)
+        dd = tl.arange(0, D)
+        row = ((b * (H // G) + kvh) * S + s) * G + g  # [S_PAD]: this head's entry in each chunk
+        lse = tl.load(LSE + row, mask=s < S, other=float("-inf"))
+        top = tl.max(lse, 0)
+        w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+        part = tl.load(PART + row[:, None] * D + dd[None, :], mask=(s < S)[:, None], other=0.0)
+        total = tl.sum(w, 0)
+        o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(OUT + (b * H + h) * D + dd, o.to(OUT.dtype.element_ty))

@@ -1,0 +1,159 @@
+"""The split-KV decode attention (`modadapt.decoding.split_kv`) against its torch reference.
+
+On CPU the Triton kernel runs in Triton's interpreter (`TRITON_INTERPRET=1`, read when the kernel
+module is imported, hence a subprocess): outputs, which slots it reads (every slot outside a
+row's range holds NaN), chunked and single-pass, and graphed decoding through it giving
+`model.generate`'s tokens. On the GPU machine the compiled kernel is checked the same way in bf16:
+`python -m pytest tests/test_split_kv.py -k cuda`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from modadapt.decoding import split_kv
+
+needs_triton = pytest.mark.skipif(split_kv.triton is None, reason="Triton is not installed")
+TESTS = Path(__file__).parent
+
+
+def _interpreted(script: str) -> dict:
+    """Runs `script` (which prints one JSON line last) with Triton's interpreter; its result."""
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+CASES = """
+import json, torch
+from modadapt.decoding import split_kv
+
+def case(B, H, Hk, d, capacity, dtype, sms, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = B + 2  # the cache has rows no query reads
+    k = torch.full((rows * capacity, Hk, d), float("nan"), dtype=dtype)
+    v = torch.full_like(k, float("nan"))
+    q = torch.randn(B, H, d, generator=gen).to(dtype)
+    used = torch.randint(0, capacity + 1, (B,), generator=gen, dtype=torch.int32)
+    used[0] = capacity
+    if B > 1:
+        used[1] = 0
+    order = torch.randperm(rows, generator=gen)[:B].to(torch.int32)  # each query row reads some cache row
+    start = torch.randint(0, 5, (B,), generator=gen, dtype=torch.int32).clamp_max(capacity - used)  # a window's offset
+    cu_k = torch.cat([order * capacity + start, torch.tensor([rows * capacity], dtype=torch.int32)])
+    for b in range(B):  # only the slots a row reads hold numbers
+        lo, n = int(cu_k[b]), int(used[b])
+        k[lo : lo + n] = torch.randn(n, Hk, d, generator=gen).to(dtype)
+        v[lo : lo + n] = torch.randn(n, Hk, d, generator=gen).to(dtype)
+    out = split_kv.decode_attention(q, k, v, cu_k, used, None, capacity, sms)
+    ref = split_kv.reference(q, k, v, cu_k, used, d**-0.5)
+    chunks = split_kv.splits(B, Hk, capacity, sms)
+    return dict(shape=[B, H, Hk, d, capacity, str(dtype), sms], chunks=chunks, finite=bool(out.isfinite().all()),
+                diff=float((out.float() - ref.float()).abs().max()), empty_row_zero=B < 2 or bool((out[1] == 0).all()))
+
+results = []
+for B, H, Hk, d, capacity in [(1, 8, 2, 64, 300), (3, 8, 2, 32, 520), (4, 4, 4, 64, 130), (2, 16, 1, 16, 257)]:
+    for dtype in (torch.float32, torch.float16):
+        for sms in (1, 132):  # one pass, and chunks combined
+            results.append(case(B, H, Hk, d, capacity, dtype, sms, seed=len(results)))
+print(json.dumps(results))
+"""
+
+
+@needs_triton
+def test_kernel_matches_its_reference_and_reads_only_the_rows_slots():
+    """Every case: finite output (slots outside `cu_k[b] + [0, used[b])` hold NaN), equal to the
+    reference up to rounding, zeros for a row without keys; chunked (S > 1) and single-pass cases
+    both run; grouped heads (G = 4, 16) and G = 1."""
+    results = _interpreted(CASES)
+    assert {r["chunks"] > 1 for r in results} == {True, False}
+    for r in results:
+        tolerance = 1e-5 if "float32" in r["shape"][5] else 2e-3
+        assert r["finite"] and r["empty_row_zero"], r
+        assert r["diff"] < tolerance, r
+
+
+DECODING = """
+import json, torch
+from conftest import build_tiny, build_windowed, greedy, left_pad_batch, make_ids, routed
+from modadapt.decoding import GraphedDecoder, split_kv
+
+calls = []
+kernel = split_kv.decode_attention
+split_kv.decode_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+x, mask, _ = left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
+results = []
+for name, model, branches in [
+    ("llama threshold-p", routed(build_tiny("llama")), "auto"),
+    ("llama topk gathered", routed(build_tiny("llama"), "topk"), "gather"),
+    ("mistral window 8", routed(build_windowed("mistral", 8)), "auto"),
+]:
+    for rows in (1, 3):
+        expected = greedy(model, x[:rows], mask[:rows], 24)
+        got = GraphedDecoder(model, branches=branches).generate(x[:rows], attention_mask=mask[:rows], max_new_tokens=24)
+        results.append(dict(case=name, rows=rows, equal=bool(torch.equal(got, expected))))
+print(json.dumps(dict(results=results, calls=len(calls))))
+"""
+
+
+@needs_triton
+def test_graphed_decoding_through_the_kernel_gives_generates_tokens():
+    """The decode step's attention through the kernel (interpreted, float32): batch 1 and a
+    left-padded batch, gathered rows (`cu_k` of the rows a gathered call reads) and a sliding
+    window (reads from the window's first slot) give `model.generate`'s greedy tokens."""
+    out = _interpreted(DECODING)
+    assert out["calls"] > 0
+    for r in out["results"]:
+        assert r["equal"], r
+
+
+def test_chunks_fill_the_device_and_stay_two_blocks_long():
+    block = split_kv.BLOCK_N
+    assert split_kv.splits(1, 8, 2048, 132) == 2048 // (2 * block)  # batch 1: as many as the keys allow
+    assert split_kv.splits(128, 8, 2048, 132) == 1  # enough programs without chunks
+    assert split_kv.splits(8, 8, 32768, 132) == 5  # 64 programs: five chunks each fill the device twice
+    assert split_kv.splits(1, 8, 10, 132) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or split_kv.triton is None, reason="runs the Triton kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_its_reference_on_cuda(dtype):
+    """The compiled kernel on the GPU, chunked and not, against the reference; NaN outside the rows' slots."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, Hk, d, capacity = 5, 32, 8, 64, 1000
+    k = torch.full((B * capacity, Hk, d), float("nan"))
+    v = torch.full_like(k, float("nan"))
+    used = torch.tensor([1000, 0, 1, 517, 64], dtype=torch.int32)
+    cu_k = torch.arange(B + 1, dtype=torch.int32) * capacity
+    for b in range(B):
+        n = int(used[b])
+        k[b * capacity : b * capacity + n] = torch.randn(n, Hk, d, generator=gen)
+        v[b * capacity : b * capacity + n] = torch.randn(n, Hk, d, generator=gen)
+    q = torch.randn(B, H, d, generator=gen)
+    q, k, v, cu_k, used = (t.cuda() for t in (q, k, v, cu_k, used))
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    reference = split_kv.reference(q, k, v, cu_k, used, d**-0.5).float()
+    for sms in (1, 132):
+        out = split_kv.decode_attention(q, k, v, cu_k, used, None, capacity, sms).float()
+        assert out.isfinite().all() and (out[1] == 0).all()
+        torch.testing.assert_close(
+            out,
+            reference,
+            rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+            atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+        )
