@@ -71,20 +71,21 @@ def check_compile(compile: Any, device: torch.device) -> bool:
     return True
 
 
-#: (a layer class's forward, backend) -> its torch.compile wrapper, shared by every decoder of
+#: (a layer class's forward or the routing function, backend) -> its torch.compile wrapper, shared by every decoder of
 #: the process: Dynamo's guards tell models and shapes apart, so a second decoder of the same layer
 #: class and step shapes compiles nothing (a benchmark builds one decoder per setting).
 _SHARED: dict[tuple[Callable, Any], Callable] = {}
 
 
 class StepCompiler:
-    """Compiles a decode step's calls and runs its warm-up: `layer(forward)` wraps a layer class's
-    forward (shared, see `_SHARED`), `part(fn)` one of the model's own parts (its rotary embedding
+    """Compiles a decode step's calls and runs its warm-up: `shared(fn)` wraps a function that
+    takes its module as an argument (a layer class's forward, the routing; shared, see `_SHARED`),
+    `part(fn)` one of the model's own parts (its rotary embedding
     and final norm: a wrapper per decoder, which holds no model past the decoder's life),
     `compiling()` is where compiles may happen (the first warm-up run), `compiled()` where they
     must not (the rest: capture, replays, eager decode calls)."""
 
-    def layer(self, forward: Callable) -> Callable:
+    def shared(self, forward: Callable) -> Callable:
         key = (forward, BACKEND)
         if key not in _SHARED:
             _SHARED[key] = _wrap(forward)
@@ -172,7 +173,7 @@ def _first_line(error: BaseException) -> str:
 class NoCompiler:
     """`compile=False`: calls run as they are, and the warm-up contexts do nothing."""
 
-    def layer(self, forward: Callable) -> Callable:
+    def shared(self, forward: Callable) -> Callable:
         return forward
 
     def part(self, fn: Callable) -> Callable:

@@ -123,8 +123,8 @@ class GraphedDecoder:
         self.compiler = StepCompiler() if self.compile else NoCompiler()
         self.kv_heads, self.head_dim, self.windows = parts.kv_heads, parts.head_dim, tuple(parts.windows)
         self.head, self.norm = parts.head, self.compiler.part(parts.norm)
-        self.route_decision = self.compiler.part(route_decision)
-        self.merge_kept = self.compiler.part(merge_kept)
+        self.route_decision = self.compiler.shared(route_decision)
+        self.merge_kept = self.compiler.shared(merge_kept)
         self.rotary = self.compiler.part(parts.rotary) if parts.rotary is not None else None
         _, stack = adapter.layer_stack(model)
         mod = set(state.layer_indices) if state is not None else set()
@@ -140,7 +140,7 @@ class GraphedDecoder:
             names = layer.mod_state.call if i in mod else adapter.layer_call(model, layer, i)
             forward = getattr(type(layer), "_mod_original", type(layer)).forward
             key = parts.rotary_keys[i] if parts.rotary_keys is not None else None
-            self.layers.append(StepLayer(layer, self.compiler.layer(forward), names, i in mod, key))
+            self.layers.append(StepLayer(layer, self.compiler.shared(forward), names, i in mod, key))
         if len(self.windows) != len(self.layers):
             raise ModAdaptError(
                 f"the adapter gives {len(self.windows)} sliding windows (DecodeParts.windows) for {len(self.layers)} layers"
