@@ -157,3 +157,49 @@ def test_kernel_matches_its_reference_on_cuda(dtype):
             rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
             atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
         )
+
+
+def test_wide_heads_and_mixed_dtypes_are_left_to_flash():
+    """Heads wider than `MAX_HEAD_BYTES` (their K/V blocks would not fit shared memory everywhere)
+    and a cache in another dtype than the query are not the kernel's."""
+    q = torch.zeros(1, 4, 128)
+    assert not split_kv.available(q.half().to("meta"))  # not CUDA, not interpreted
+    wide = split_kv.MAX_HEAD_BYTES // 4 * 2
+    for query, key, expected in [
+        (torch.zeros(1, 4, 64), torch.zeros(1, 4, 64), True),
+        (torch.zeros(1, 4, wide), torch.zeros(1, 4, wide), False),
+        (torch.zeros(1, 4, 64), torch.zeros(1, 4, 64).half(), False),
+        (torch.zeros(1, 4, 48), torch.zeros(1, 4, 48), False),  # not a power of two
+    ]:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(split_kv, "_interpreting", lambda: True)
+            assert split_kv.available(query, key) == (expected and split_kv.triton is not None), query.shape
+
+
+def test_a_kernel_that_fails_falls_back_once_and_a_later_failure_raises(monkeypatch):
+    """A first failure on some tensors (Triton cannot compile or launch) sends those tensors to
+    the next path for good; once the kernel has run on such tensors, a failure is a real error."""
+    from modadapt.decoding import static_cache
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(split_kv, "RAN", {})
+    monkeypatch.setattr(split_kv, "available", lambda q, k=None: split_kv.RAN.get(split_kv.key_of(q)) is not False)
+    monkeypatch.setattr(split_kv, "decode_attention", failing)
+    B, H, Hk, d, cap = 2, 4, 2, 16, 8
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, 1, d, generator=gen)
+    k, v = torch.randn(B, cap, Hk, d, generator=gen), torch.randn(B, cap, Hk, d, generator=gen)
+    cu = torch.arange(B + 1, dtype=torch.int32)
+    lengths = static_cache.KeyLengths(torch.tensor([3, 8], dtype=torch.int32), cu, cu * cap)
+    masked = static_cache.static_cache_attention(q, k, v, lengths, d**-0.5)
+    assert calls == [1] and split_kv.RAN[split_kv.key_of(q)] is False
+    assert torch.equal(static_cache.static_cache_attention(q, k, v, lengths, d**-0.5), masked)
+    assert calls == [1]  # not tried again
+    split_kv.RAN[split_kv.key_of(q)] = True  # as if it had run on such tensors before
+    with pytest.raises(RuntimeError, match="out of resources"):
+        static_cache.static_cache_attention(q, k, v, lengths, d**-0.5)

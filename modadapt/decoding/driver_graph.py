@@ -69,7 +69,8 @@ def available() -> bool:
 
 
 def _driver() -> dict[str, Any]:
-    """The driver library, its version, and the condition kernel (loaded once per process)."""
+    """The driver library and its version, once per process (and the condition kernel of the
+    current device: `_kernel`)."""
     if "error" in _DRIVER:
         raise ModAdaptError(_DRIVER["error"])
     if "lib" in _DRIVER:
@@ -82,13 +83,16 @@ def _driver() -> dict[str, Any]:
         _check(lib, lib.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
         if version.value < 12040:
             raise ModAdaptError(f"the CUDA driver ({version.value}) predates conditional graph nodes (12.4)")
-        for name in ("cuGraphConditionalHandleCreate", "cuGraphAddChildGraphNode", "cuGraphInstantiateWithFlags"):
+        for name in (
+            "cuGraphConditionalHandleCreate",
+            "cuGraphAddNode_v2",
+            "cuGraphAddChildGraphNode",
+            "cuGraphInstantiateWithFlags",
+        ):
             if not hasattr(lib, name):
                 raise ModAdaptError(f"the CUDA driver has no {name}")
-        add = getattr(lib, "cuGraphAddNode_v2", None)
-        _DRIVER.update(lib=lib, version=version.value, add_v2=add is not None, add=add or lib.cuGraphAddNode)
-        torch.cuda.init()
-        _DRIVER["kernel"] = _load_kernel(lib)
+        _DRIVER.update(lib=lib, version=version.value, kernels={})
+        _kernel(torch.cuda.current_device())  # compiles and loads it once here: a failure says no
     except ModAdaptError as error:
         _DRIVER.clear()
         _DRIVER["error"] = str(error)
@@ -140,11 +144,21 @@ def _nvrtc() -> ctypes.CDLL:
         raise ModAdaptError("NVRTC (libnvrtc) was not found: the condition kernel cannot be compiled") from error
 
 
-def _load_kernel(lib) -> ctypes.c_void_p:
-    """Compile `_SOURCE` for this device (relocatable: the driver resolves
-    `cudaGraphSetConditional` when it loads the module) and return its function."""
+def _kernel(device: int) -> ctypes.c_void_p:
+    """The condition kernel loaded into `device`'s primary context (torch's), once per device."""
+    kernels = _DRIVER["kernels"]
+    if device not in kernels:
+        with torch.cuda.device(device):
+            torch.empty(1, device="cuda")  # torch makes its (primary) context current, if it had none yet
+            kernels[device] = _load_kernel(_DRIVER["lib"], device)
+    return kernels[device]
+
+
+def _load_kernel(lib, device: int) -> ctypes.c_void_p:
+    """Compile `_SOURCE` for `device` (relocatable: the driver resolves `cudaGraphSetConditional`
+    when it loads the module) and return its function, loaded into the current context."""
     nvrtc = _nvrtc()
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
     prog = ctypes.c_void_p()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.encode(), b"modadapt_condition.cu", 0, None, None):
         raise ModAdaptError("NVRTC could not create the condition kernel's program")
@@ -170,8 +184,7 @@ def _load_kernel(lib) -> ctypes.c_void_p:
                 errors.append(f"{extra}: cuModuleLoadData error {result}")
                 continue
             _check(lib, lib.cuModuleGetFunction(ctypes.byref(fn), module, _KERNEL), "cuModuleGetFunction")
-            _DRIVER["module"] = module
-            return fn
+            return fn  # the module stays loaded for the process
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
     raise ModAdaptError("the condition kernel did not compile or load: " + "; ".join(errors))
@@ -186,14 +199,13 @@ class ConditionalGraph:
 
     def __init__(self):
         d = _driver()
-        self._lib, self._add_node, self._add_v2, self._kernel = d["lib"], d["add"], d["add_v2"], d["kernel"]
+        self._lib, self._kernel = d["lib"], _kernel(torch.cuda.current_device())
         self._graph = ctypes.c_void_p()
         self._call(self._lib.cuGraphCreate(ctypes.byref(self._graph), 0), "cuGraphCreate")
         self._ctx = ctypes.c_void_p()
         self._call(self._lib.cuCtxGetCurrent(ctypes.byref(self._ctx)), "cuCtxGetCurrent")
         self._last: ctypes.c_void_p | None = None
         self._exec: ctypes.c_void_p | None = None
-        self._keep: list = []  # what the driver's nodes point at
 
     def _call(self, result: int, what: str) -> None:
         _check(self._lib, result, what)
@@ -240,18 +252,17 @@ class ConditionalGraph:
         params.ctx = self._ctx
         node = ctypes.c_void_p()
         deps, n = self._deps()
-        if self._add_v2:
-            result = self._add_node(
-                ctypes.byref(node), self._graph, deps, None, ctypes.c_size_t(n), ctypes.byref(params)
-            )
-        else:
-            result = self._add_node(ctypes.byref(node), self._graph, deps, ctypes.c_size_t(n), ctypes.byref(params))
-        self._call(result, "cuGraphAddNode (a conditional node)")
+        result = self._lib.cuGraphAddNode_v2(
+            ctypes.byref(node), self._graph, deps, None, ctypes.c_size_t(n), ctypes.byref(params)
+        )  # no edge data
+        self._call(result, "cuGraphAddNode_v2 (a conditional node)")
         # the driver points `graphs_out` at the node's own (empty) body graphs
         self._child(ctypes.c_void_p(params.graphs_out[0]), None, 0, graph)
         self._last = node
 
     def instantiate(self) -> None:
+        if self._exec is not None:
+            raise ModAdaptError("this conditional graph is instantiated already")
         self._exec = ctypes.c_void_p()
         self._call(
             self._lib.cuGraphInstantiateWithFlags(ctypes.byref(self._exec), self._graph, ctypes.c_ulonglong(0)),

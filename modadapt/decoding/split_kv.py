@@ -35,17 +35,34 @@ except ImportError:  # pragma: no cover - exercised on installs without Triton
     triton = None
 
 
-def available(query: torch.Tensor) -> bool:
-    """Whether the kernel runs for this query: Triton on CUDA (or its interpreter), a head size of
-    16-256 that is a power of two, half precision or float32."""
+#: Row bytes of one head (head size x element size) up to which the kernel runs: its K and V
+#: blocks then need at most ~41 KB of shared memory (bf16 with head size 128; Triton's count for
+#: sm_90), within every GPU since Volta. Wider heads (float32 at 128, half at 256) go to flash.
+MAX_HEAD_BYTES = 256
+#: per (device, dtype, head size): whether the kernel ran (True) or raised (False: flash from then on)
+RAN: dict[tuple, bool] = {}
+
+
+def available(query: torch.Tensor, key: torch.Tensor | None = None) -> bool:
+    """Whether the kernel runs for this query (and cache): Triton on CUDA (or its interpreter),
+    half precision or float32 (the cache's dtype the query's), a head size of at least 16 that is
+    a power of two and at most `MAX_HEAD_BYTES` per head, not failed before on such tensors."""
     d = query.shape[-1]
     return (
         triton is not None
         and (query.is_cuda or _interpreting())
         and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and 16 <= d <= 256
+        and (key is None or key.dtype == query.dtype)
+        and 16 <= d
         and d & (d - 1) == 0
+        and d * query.element_size() <= MAX_HEAD_BYTES
+        and RAN.get(key_of(query)) is not False
     )
+
+
+def key_of(query: torch.Tensor) -> tuple:
+    """What the kernel's running depends on: the device, the dtype and the head size (`RAN`'s key)."""
+    return (str(query.device), query.dtype, query.shape[-1])
 
 
 def _interpreting() -> bool:

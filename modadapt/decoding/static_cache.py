@@ -226,12 +226,20 @@ def static_cache_attention(
     cache_rows, capacity, Hk, _ = key.shape
     G = H // Hk
     flash = flash_key(query)
-    if T == 1 and softcap is None and DECODE_KERNEL == "split-kv" and split_kv.available(query):
+    if T == 1 and softcap is None and DECODE_KERNEL == "split-kv" and split_kv.available(query, key):
         k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
         cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
         sms = multiprocessors(query.device) if query.is_cuda else 1
-        out = split_kv.decode_attention(query[:, :, 0], k, v, cu_k, used, scale, capacity, sms)
-        return out.view(B, 1, H, d)
+        kernel = split_kv.key_of(query)
+        try:
+            out = split_kv.decode_attention(query[:, :, 0], k, v, cu_k, used, scale, capacity, sms)
+        except Exception:  # noqa: BLE001 - Triton's compile or resource error: flash or the mask instead
+            if split_kv.RAN.get(kernel):  # it ran before on such tensors: this is a real error
+                raise
+            split_kv.RAN[kernel] = False
+        else:
+            split_kv.RAN[kernel] = True
+            return out.view(B, 1, H, d)
     if softcap is None and (lengths.window is None or T == 1) and flash_available(query):
         k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
         cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
