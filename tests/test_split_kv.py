@@ -159,26 +159,29 @@ def test_kernel_matches_its_reference_on_cuda(dtype):
         )
 
 
-def test_wide_heads_and_mixed_dtypes_are_left_to_flash():
-    """Heads wider than `MAX_HEAD_BYTES` (their K/V blocks would not fit shared memory everywhere)
-    and a cache in another dtype than the query are not the kernel's."""
-    q = torch.zeros(1, 4, 128)
-    assert not split_kv.available(q.half().to("meta"))  # not CUDA, not interpreted
-    wide = split_kv.MAX_HEAD_BYTES // 4 * 2
+def test_wide_heads_and_mixed_dtypes_are_left_to_flash(monkeypatch):
+    """Heads wider than `MAX_HEAD_BYTES` (their K/V blocks would not fit shared memory everywhere),
+    a cache in another dtype than the query and head sizes that are not powers of two are not the
+    kernel's; neither is a CPU tensor outside Triton's interpreter."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not split_kv.available(torch.zeros(1, 4, 64))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    widest = split_kv.MAX_HEAD_BYTES // 4  # float32
     for query, key, expected in [
         (torch.zeros(1, 4, 64), torch.zeros(1, 4, 64), True),
-        (torch.zeros(1, 4, wide), torch.zeros(1, 4, wide), False),
+        (torch.zeros(1, 4, widest), torch.zeros(1, 4, widest), True),
+        (torch.zeros(1, 4, 2 * widest), torch.zeros(1, 4, 2 * widest), False),
+        (torch.zeros(1, 4, 2 * widest).half(), torch.zeros(1, 4, 2 * widest).half(), True),
         (torch.zeros(1, 4, 64), torch.zeros(1, 4, 64).half(), False),
-        (torch.zeros(1, 4, 48), torch.zeros(1, 4, 48), False),  # not a power of two
+        (torch.zeros(1, 4, 48), torch.zeros(1, 4, 48), False),
     ]:
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(split_kv, "_interpreting", lambda: True)
-            assert split_kv.available(query, key) == (expected and split_kv.triton is not None), query.shape
+        assert split_kv.available(query, key) == (expected and split_kv.triton is not None), (query.shape, key.dtype)
 
 
 def test_a_kernel_that_fails_falls_back_once_and_a_later_failure_raises(monkeypatch):
     """A first failure on some tensors (Triton cannot compile or launch) sends those tensors to
-    the next path for good; once the kernel has run on such tensors, a failure is a real error."""
+    the next path for good (`static_cache._tried`); once the kernel has run on such tensors, a
+    failure is a real error."""
     from modadapt.decoding import static_cache
 
     calls = []
@@ -187,8 +190,8 @@ def test_a_kernel_that_fails_falls_back_once_and_a_later_failure_raises(monkeypa
         calls.append(1)
         raise RuntimeError("out of resources")
 
-    monkeypatch.setattr(split_kv, "RAN", {})
-    monkeypatch.setattr(split_kv, "available", lambda q, k=None: split_kv.RAN.get(split_kv.key_of(q)) is not False)
+    monkeypatch.setattr(static_cache, "_SPLIT_KV", {})
+    monkeypatch.setattr(split_kv, "available", lambda q, k=None: True)
     monkeypatch.setattr(split_kv, "decode_attention", failing)
     B, H, Hk, d, cap = 2, 4, 2, 16, 8
     gen = torch.Generator().manual_seed(0)
@@ -197,9 +200,10 @@ def test_a_kernel_that_fails_falls_back_once_and_a_later_failure_raises(monkeypa
     cu = torch.arange(B + 1, dtype=torch.int32)
     lengths = static_cache.KeyLengths(torch.tensor([3, 8], dtype=torch.int32), cu, cu * cap)
     masked = static_cache.static_cache_attention(q, k, v, lengths, d**-0.5)
-    assert calls == [1] and split_kv.RAN[split_kv.key_of(q)] is False
+    key = static_cache.flash_key(q)
+    assert calls == [1] and static_cache._SPLIT_KV == {key: False}
     assert torch.equal(static_cache.static_cache_attention(q, k, v, lengths, d**-0.5), masked)
     assert calls == [1]  # not tried again
-    split_kv.RAN[split_kv.key_of(q)] = True  # as if it had run on such tensors before
+    static_cache._SPLIT_KV[key] = True  # as if it had run on such tensors before
     with pytest.raises(RuntimeError, match="out of resources"):
         static_cache.static_cache_attention(q, k, v, lengths, d**-0.5)

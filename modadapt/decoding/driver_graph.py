@@ -131,13 +131,12 @@ def _nvrtc() -> ctypes.CDLL:
                 return fn()
             except Exception:  # noqa: BLE001 - fall through to searching for it
                 pass
-    roots = [os.path.dirname(os.path.dirname(torch.__file__))]
-    for root in roots:
-        for path in sorted(glob.glob(os.path.join(root, "nvidia", "**", "libnvrtc.so*"), recursive=True)):
-            try:
-                return ctypes.CDLL(path)
-            except OSError:
-                continue
+    site = os.path.dirname(os.path.dirname(torch.__file__))  # where torch's NVIDIA wheels unpack
+    for path in sorted(glob.glob(os.path.join(site, "nvidia", "**", "libnvrtc.so*"), recursive=True)):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
     try:
         return ctypes.CDLL("libnvrtc.so")
     except OSError as error:

@@ -17,6 +17,8 @@ zeros (flash's convention), so a row that skips a MoD layer costs nothing and yi
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import ModAdaptError
@@ -39,36 +41,22 @@ except ImportError:  # pragma: no cover - exercised on installs without Triton
 #: blocks then need at most ~41 KB of shared memory (bf16 with head size 128; Triton's count for
 #: sm_90), within every GPU since Volta. Wider heads (float32 at 128, half at 256) go to flash.
 MAX_HEAD_BYTES = 256
-#: per (device, dtype, head size): whether the kernel ran (True) or raised (False: flash from then on)
-RAN: dict[tuple, bool] = {}
 
 
 def available(query: torch.Tensor, key: torch.Tensor | None = None) -> bool:
     """Whether the kernel runs for this query (and cache): Triton on CUDA (or its interpreter),
     half precision or float32 (the cache's dtype the query's), a head size of at least 16 that is
-    a power of two and at most `MAX_HEAD_BYTES` per head, not failed before on such tensors."""
+    a power of two and at most `MAX_HEAD_BYTES` per head."""
     d = query.shape[-1]
     return (
         triton is not None
-        and (query.is_cuda or _interpreting())
+        and (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
         and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and (key is None or key.dtype == query.dtype)
         and 16 <= d
         and d & (d - 1) == 0
         and d * query.element_size() <= MAX_HEAD_BYTES
-        and RAN.get(key_of(query)) is not False
     )
-
-
-def key_of(query: torch.Tensor) -> tuple:
-    """What the kernel's running depends on: the device, the dtype and the head size (`RAN`'s key)."""
-    return (str(query.device), query.dtype, query.shape[-1])
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def splits(rows: int, kv_heads: int, capacity: int, multiprocessors: int) -> int:

@@ -27,6 +27,7 @@ its own start), mask by position.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,10 @@ STATIC_ATTENTION = "modadapt_static_decode"
 #: runs (Triton on CUDA), else flash; `"flash"` always flash (the previous kernel, for comparison).
 DECODE_KERNEL = "split-kv"
 DECODE_KERNELS = ("split-kv", "flash")
-_FLASH: dict[tuple, bool] = {}  # per (device, dtype, head size): whether flash with used lengths ran
+# Per (device, dtype, head size): whether a kernel ran on such tensors (True) or raised the first
+# time (False: the next path from then on). See `_tried`.
+_FLASH: dict[tuple, bool] = {}  # flash with used lengths
+_SPLIT_KV: dict[tuple, bool] = {}  # `split_kv.decode_attention`
 _MULTIPROCESSORS: dict[str, int] = {}
 
 
@@ -158,8 +162,17 @@ class GatheredCache(StaticCache):
 
 
 def flash_key(query: torch.Tensor) -> tuple:
-    """What flash support depends on: the device, the dtype and the head size."""
+    """What a kernel's running depends on (flash's and the split-KV kernel's): the device, the
+    dtype and the head size."""
     return (str(query.device), query.dtype, query.shape[-1])
+
+
+def split_kv_available(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether the split-KV kernel reads this one-token query's cache: chosen (`DECODE_KERNEL`),
+    able to (`split_kv.available`), not known to fail on such tensors."""
+    return (
+        DECODE_KERNEL == "split-kv" and split_kv.available(query, key) and _SPLIT_KV.get(flash_key(query)) is not False
+    )
 
 
 def flash_available(query: torch.Tensor) -> bool:
@@ -187,6 +200,21 @@ def pack_groups(query: torch.Tensor, kv_heads: int) -> bool:
     return query.shape[0] * kv_heads >= multiprocessors(query.device)
 
 
+def _tried(ran: dict, key: tuple, errors: tuple, call):
+    """`call()`, or None where it raised one of `errors` on tensors of `key` it never ran on
+    (recorded in `ran`: such tensors take the next path from then on). Once it has run on such
+    tensors, a failure is a real error and raises."""
+    try:
+        out = call()
+    except errors:
+        if ran.get(key):
+            raise
+        ran[key] = False
+        return None
+    ran[key] = True
+    return out
+
+
 def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale, used) -> torch.Tensor:
     """Flash attention over packed rows, reading `used[b]` keys of row b (aligned to its end if causal)."""
     return torch.ops.aten._flash_attention_forward(
@@ -194,7 +222,25 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scal
     )[0]
 
 
-@torch.compiler.disable  # flash, its fallback and its `_FLASH` bookkeeping stay eager (a graph break)
+def _flash_decode(query, k, v, lengths: KeyLengths, cu_k, used, capacity: int, scale) -> torch.Tensor:
+    """Flash with used lengths over the flattened cache `k`, `v` (`[slots, Hk, d]`); `[B, T, H, d]`."""
+    B, H, T, d = query.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    if T == 1 and G > 1 and pack_groups(query, Hk):  # [B, H, 1, d] -> [B * G, Hk, d]: heads as tokens
+        q = query.reshape(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
+        cu = lengths.grouped_cu_q.get(G)
+        if cu is None:
+            cu = lengths.grouped_cu_q[G] = lengths.cu_q * G
+        out = flash_varlen(q, k, v, cu, cu_k, G, capacity, False, scale, used)
+        return out.view(B, G, Hk, d).transpose(1, 2).reshape(B, 1, H, d)
+    # Causal in flash's varlen kernel is aligned to each row's end (its used length):
+    # query t of a row sees its slots up to `used - T + t`.
+    q = query.transpose(1, 2).reshape(B * T, H, d)
+    return flash_varlen(q, k, v, lengths.cu_q, cu_k, T, capacity, T > 1, scale, used).view(B, T, H, d)
+
+
+@torch.compiler.disable  # the kernels, their fallback and their bookkeeping stay eager (a graph break)
 def static_cache_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -225,43 +271,21 @@ def static_cache_attention(
     B, H, T, d = query.shape
     cache_rows, capacity, Hk, _ = key.shape
     G = H // Hk
-    flash = flash_key(query)
-    if T == 1 and softcap is None and DECODE_KERNEL == "split-kv" and split_kv.available(query, key):
+    kernels = flash_key(query)
+    if softcap is None and (lengths.window is None or T == 1):  # a kernel reading the used slots
         k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
         cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
-        sms = multiprocessors(query.device) if query.is_cuda else 1
-        kernel = split_kv.key_of(query)
-        try:
-            out = split_kv.decode_attention(query[:, :, 0], k, v, cu_k, used, scale, capacity, sms)
-        except Exception:  # noqa: BLE001 - Triton's compile or resource error: flash or the mask instead
-            if split_kv.RAN.get(kernel):  # it ran before on such tensors: this is a real error
-                raise
-            split_kv.RAN[kernel] = False
-        else:
-            split_kv.RAN[kernel] = True
-            return out.view(B, 1, H, d)
-    if softcap is None and (lengths.window is None or T == 1) and flash_available(query):
-        k, v = key.view(cache_rows * capacity, Hk, d), value.view(cache_rows * capacity, Hk, d)
-        cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
-        try:
-            if T == 1 and G > 1 and pack_groups(query, Hk):  # [B, H, 1, d] -> [B * G, Hk, d]: heads as tokens
-                q = query.reshape(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
-                cu = lengths.grouped_cu_q.get(G)
-                if cu is None:
-                    cu = lengths.grouped_cu_q[G] = lengths.cu_q * G
-                out = flash_varlen(q, k, v, cu, cu_k, G, capacity, False, scale, used)
-                _FLASH[flash] = True
-                return out.view(B, G, Hk, d).transpose(1, 2).reshape(B, 1, H, d)
-            # Causal in flash's varlen kernel is aligned to each row's end (its used length):
-            # query t of a row sees its slots up to `used - T + t`.
-            q = query.transpose(1, 2).reshape(B * T, H, d)
-            out = flash_varlen(q, k, v, lengths.cu_q, cu_k, T, capacity, T > 1, scale, used)
-            _FLASH[flash] = True
-            return out.view(B, T, H, d)
-        except (RuntimeError, TypeError):
-            if _FLASH.get(flash):  # it ran before on such tensors: this is a real error
-                raise
-            _FLASH[flash] = False
+        if T == 1 and split_kv_available(query, key):
+            sms = multiprocessors(query.device) if query.is_cuda else 1
+            call = functools.partial(split_kv.decode_attention, query[:, :, 0], k, v, cu_k, used, scale, capacity, sms)
+            out = _tried(_SPLIT_KV, kernels, (Exception,), call)  # Triton's compile and resource errors
+            if out is not None:
+                return out.view(B, 1, H, d)
+        if flash_available(query):
+            call = functools.partial(_flash_decode, query, k, v, lengths, cu_k, used, capacity, scale)
+            out = _tried(_FLASH, kernels, (RuntimeError, TypeError), call)
+            if out is not None:
+                return out
     if lengths.rows is not None:  # a gathered call: the rows it reads, as a batch of its own
         key, value = key.index_select(0, lengths.rows), value.index_select(0, lengths.rows)
     # The query heads of each K/V head go as that head's queries: no repeat_kv copy of the cache.

@@ -155,6 +155,8 @@ class DecodeStep:
     that owns the step: its model parts and layers. `buffers` maps layer indices to K/V buffers
     `[batch, capacity, Hk, d]` made (and maybe filled) by the caller; the other layers' start zeroed."""
 
+    margin = 0.0  # what the routers' scores are lowered by (a speculative draft's `Draft.margin`)
+
     def __init__(
         self,
         decoder: Any,
@@ -168,7 +170,6 @@ class DecodeStep:
         p = decoder.params
         device, dtype = p.device, p.dtype
         self.decoder, self.batch, self.capacities, self.sampling = decoder, batch, capacities, sampling
-        self.margin = getattr(self, "margin", 0.0)  # a draft lowers its scores by its margin (`speculate`)
         buffers = buffers or {}
         pairs = []
         for i, c in enumerate(capacities):
@@ -501,21 +502,20 @@ class DecodeStep:
             kept.append(graph)  # the stitched graph's nodes are copies that use these graphs' memory
             return graph
 
-        def set_conditions(handles, flags):
-            for handle, flag in zip(handles, flags()):
+        def set_conditions(kind: str, i: int, handles: list) -> None:
+            """After MoD layer `i`'s routing: each body's condition from the decision it left."""
+            flags = self.live[("take", i)] if kind == "gather" else [self.live[("pred", i)]]
+            for handle, flag in zip(handles, flags):
                 stitched.set_condition(handle, flag)
 
         for piece in self.pieces:
             if piece[0] == "run":
                 group.append(piece[1])
                 continue
-            i = piece[1]
-            if piece[0] == "gather":
-                bodies, flags = piece[2], functools.partial(lambda i: self.live[("take", i)], i)
-            else:
-                bodies, flags = [piece[2]], functools.partial(lambda i: [self.live[("pred", i)]], i)
+            kind, i = piece[0], piece[1]
+            bodies = piece[2] if kind == "gather" else [piece[2]]
             handles = [stitched.condition() for _ in bodies]
-            stitched.add(capture([*group, functools.partial(set_conditions, handles, flags)]))
+            stitched.add(capture([*group, functools.partial(set_conditions, kind, i, handles)]))
             group = []
             for handle, body in zip(handles, bodies):
                 stitched.add_if(handle, capture([body]))
