@@ -180,7 +180,7 @@ def test_wide_heads_and_mixed_dtypes_are_left_to_flash(monkeypatch):
 
 def test_a_kernel_that_fails_falls_back_once_and_a_later_failure_raises(monkeypatch):
     """A first failure on some tensors (Triton cannot compile or launch) sends those tensors to
-    the next path for good (`static_cache._tried`); once the kernel has run on such tensors, a
+    the next path for good (`fallback.tried`); once the kernel has run on such tensors, a
     failure is a real error."""
     from modadapt.decoding import static_cache
 

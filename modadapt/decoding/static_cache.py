@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModAdaptError
-from . import split_kv
+from . import kv_write, split_kv
+from .fallback import tried
 
 #: Name under which the adapter registers the decode step's attention (transformers: `adapters.hf.attention`).
 STATIC_ATTENTION = "modadapt_static_decode"
@@ -43,7 +44,7 @@ STATIC_ATTENTION = "modadapt_static_decode"
 DECODE_KERNEL = "split-kv"
 DECODE_KERNELS = ("split-kv", "flash")
 # Per (device, dtype, head size): whether a kernel ran on such tensors (True) or raised the first
-# time (False: the next path from then on). See `_tried`.
+# time (False: the next path from then on). See `fallback.tried`.
 _FLASH: dict[tuple, bool] = {}  # flash with used lengths
 _SPLIT_KV: dict[tuple, bool] = {}  # `split_kv.decode_attention`
 _MULTIPROCESSORS: dict[str, int] = {}
@@ -128,9 +129,11 @@ class StaticCache:
             at = length.view(B, 1)
         else:  # consecutive slots from the row's length
             at = length.view(B, 1) + torch.arange(T, device=length.device)
-        slot = at.view(B, T, 1, 1).expand(B, T, Hk, d)
-        k.scatter_(1, slot, key.transpose(1, 2).to(k.dtype))
-        v.scatter_(1, slot, value.transpose(1, 2).to(v.dtype))
+        # one token per row: K and V in one kernel where it runs (`kv_write`), else two scatters
+        if not (T == 1 and kv_write.available(key, k) and kv_write.write(k, v, key, value, length)):
+            slot = at.view(B, T, 1, 1).expand(B, T, Hk, d)
+            k.scatter_(1, slot, key.transpose(1, 2).to(k.dtype))
+            v.scatter_(1, slot, value.transpose(1, 2).to(v.dtype))
         held = self.slot_positions[layer_idx]
         if held is not None:
             held.scatter_(1, at, self.positions.expand(B, T))
@@ -200,21 +203,6 @@ def pack_groups(query: torch.Tensor, kv_heads: int) -> bool:
     return query.shape[0] * kv_heads >= multiprocessors(query.device)
 
 
-def _tried(ran: dict, key: tuple, errors: tuple, call):
-    """`call()`, or None where it raised one of `errors` on tensors of `key` it never ran on
-    (recorded in `ran`: such tensors take the next path from then on). Once it has run on such
-    tensors, a failure is a real error and raises."""
-    try:
-        out = call()
-    except errors:
-        if ran.get(key):
-            raise
-        ran[key] = False
-        return None
-    ran[key] = True
-    return out
-
-
 def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale, used) -> torch.Tensor:
     """Flash attention over packed rows, reading `used[b]` keys of row b (aligned to its end if causal)."""
     return torch.ops.aten._flash_attention_forward(
@@ -278,12 +266,12 @@ def static_cache_attention(
         if T == 1 and split_kv_available(query, key):
             sms = multiprocessors(query.device) if query.is_cuda else 1
             call = functools.partial(split_kv.decode_attention, query[:, :, 0], k, v, cu_k, used, scale, capacity, sms)
-            out = _tried(_SPLIT_KV, kernels, (Exception,), call)  # Triton's compile and resource errors
+            out = tried(_SPLIT_KV, kernels, (Exception,), call)  # Triton's compile and resource errors
             if out is not None:
                 return out.view(B, 1, H, d)
         if flash_available(query):
             call = functools.partial(_flash_decode, query, k, v, lengths, cu_k, used, capacity, scale)
-            out = _tried(_FLASH, kernels, (RuntimeError, TypeError), call)
+            out = tried(_FLASH, kernels, (RuntimeError, TypeError), call)
             if out is not None:
                 return out
     if lengths.rows is not None:  # a gathered call: the rows it reads, as a batch of its own
