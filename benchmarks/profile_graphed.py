@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import speed
 
-from modadapt.decoding import BRANCHES, GraphedDecoder
+from modadapt.decoding import BRANCHES, GraphedDecoder, decode_linear
 
 
 def main() -> int:
@@ -32,7 +32,11 @@ def main() -> int:
     parser.add_argument(
         "--compile", action="store_true", help="GraphedDecoder(compile=True): the layers through torch.compile"
     )
+    parser.add_argument(
+        "--linear-kernel", default="triton", choices=("triton", "cublas"), help="decode_linear.LINEAR_KERNEL"
+    )
     args = parser.parse_args()
+    decode_linear.LINEAR_KERNEL = args.linear_kernel
     device, dtype = torch.device("cuda"), torch.bfloat16
     model = speed.build_dense(speed.FULL["model"], device, dtype)
     shape = speed.Shape.of(model)
@@ -49,7 +53,7 @@ def main() -> int:
         decoder.decode(args.steps)
         torch.cuda.synchronize()
     print(
-        f"# batch {args.batch}, router {args.router}, branches {decoder.last_step.mode}; "
+        f"# batch {args.batch}, router {args.router}, branches {decoder.last_step.mode}, linear kernel {args.linear_kernel}; "
         f"per-step times are totals / {args.steps}"
     )
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))

@@ -508,11 +508,12 @@ def decode_speed_fields(B: int, new: int, dense_ms: float, mod_ms: float, ideal_
 
 def graph_fields(b: Bench) -> dict:
     """Record fields saying how a `GraphedDecoder` ran: compiled layers, and whether flash decode attention ran."""
-    from modadapt.decoding import static_cache
+    from modadapt.decoding import decode_linear, static_cache
 
     return dict(
         graph_compile=b.args.graph_compile,
         decode_kernel=static_cache.DECODE_KERNEL,
+        linear_kernel=decode_linear.LINEAR_KERNEL,
         flash_decode=any(static_cache._FLASH.values()),
     )
 
@@ -2229,6 +2230,13 @@ def main(argv: list[str] | None = None) -> int:
         "the split-KV Triton kernel, or torch's flash with used lengths",
     )
     parser.add_argument(
+        "--linear-kernel",
+        default="triton",
+        choices=("triton", "cublas"),
+        help="the graphed decoders' few-row linear layers (modadapt.decoding.decode_linear.LINEAR_KERNEL): "
+        "the Triton kernel where it beats cuBLAS, or F.linear throughout",
+    )
+    parser.add_argument(
         "--branch-modes",
         default=None,
         help="decode_branches: comma list of the branch modes to time (default: every mode this torch captures "
@@ -2297,9 +2305,10 @@ def main(argv: list[str] | None = None) -> int:
         help="skip scenarios that would start after this many seconds (partial JSON is kept)",
     )
     args = parser.parse_args(argv)
-    from modadapt.decoding import static_cache
+    from modadapt.decoding import decode_linear, static_cache
 
     static_cache.DECODE_KERNEL = args.decode_kernel
+    decode_linear.LINEAR_KERNEL = args.linear_kernel
     if args.speculate_prompts is not None and args.speculate_prompts < 1:
         parser.error(f"--speculate-prompts must be >= 1, got {args.speculate_prompts}")
 

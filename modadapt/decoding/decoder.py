@@ -22,6 +22,7 @@ from ..dense import dense
 from ..errors import ModAdaptError
 from ..mod_layer import state_of
 from ..plugins import find_adapter
+from . import decode_linear
 from .compiled import NoCompiler, StepCompiler, check_compile
 from .sampling import Sampling, next_token
 from .speculate import Draft, SpeculativeStep
@@ -120,6 +121,12 @@ class GraphedDecoder:
         if self.cuda_graphs and not self.params.is_cuda:
             raise ModAdaptError("cuda_graphs=True needs the model on a CUDA device.")
         self.compile = check_compile(compile, self.params.device)
+        if decode_linear.LINEAR_KERNEL not in decode_linear.LINEAR_KERNELS:
+            raise ModAdaptError(
+                f"decode_linear.LINEAR_KERNEL must be one of {', '.join(decode_linear.LINEAR_KERNELS)}, "
+                f"got {decode_linear.LINEAR_KERNEL!r}"
+            )
+        self.linear_kernel = decode_linear.LINEAR_KERNEL  # fixed per decoder: compiled steps trace it
         self.compiler = StepCompiler() if self.compile else NoCompiler()
         self.kv_heads, self.head_dim, self.windows = parts.kv_heads, parts.head_dim, tuple(parts.windows)
         self.head, self.norm = parts.head, self.compiler.part(parts.norm)
@@ -484,7 +491,7 @@ class GraphedDecoder:
         if step is None:
             raise ModAdaptError("call prefill (or generate) before decode.")
         if isinstance(step, SpeculativeStep):
-            with self.parts.static_attention(), self.compiler.compiled():
+            with self._stepping(), self.compiler.compiled():
                 for _ in range(steps):
                     step.run_round()
             return
@@ -494,12 +501,23 @@ class GraphedDecoder:
                 f"{steps} more do not fit."
             )
         step.steps_done += steps
-        with self.parts.static_attention(), self.compiler.compiled():
+        with self._stepping(), self.compiler.compiled():
             for _ in range(steps):
                 if step.graphs is not None:
                     step.replay()
                 else:
                     step.run_eager()
+
+    @contextmanager
+    def _stepping(self) -> Iterator[None]:
+        """Where decode steps run (eagerly, warmed up, captured): the layers' attention reads the
+        static cache, and their few-row linear layers run `decode_linear`'s kernel where it applies."""
+        with self.parts.static_attention():
+            if self.linear_kernel == "triton":
+                with decode_linear.FewRowsLinear():
+                    yield
+            else:
+                yield
 
     def speculation_stats(self) -> dict | None:
         """Speculating, what the rounds since the last `prefill` accepted (per row and overall:
@@ -578,7 +596,7 @@ class GraphedDecoder:
             step = DecodeStep(self, batch, capacities, new, mode, sampling, buffers)
         if self.cuda_graphs:
             try:
-                with self.parts.static_attention(), self.parts.capture_kernels(), collector_paused():
+                with self._stepping(), self.parts.capture_kernels(), collector_paused():
                     step.capture()
             except torch.OutOfMemoryError:
                 raise  # the batch does not fit, whatever the routers do: say so as torch does
@@ -592,7 +610,7 @@ class GraphedDecoder:
             device = self.params.device
             rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
             try:
-                with self.parts.static_attention():
+                with self._stepping():
                     step.warm_up()
             finally:  # its draws must not shift a sampled generation (as a capture's)
                 torch.cuda.set_rng_state(rng, device) if device.type == "cuda" else torch.set_rng_state(rng)

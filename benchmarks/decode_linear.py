@@ -1,0 +1,104 @@
+"""Linear layers at decode's few rows on the GPU: cuBLAS (`F.linear`) against modadapt's Triton
+kernel (`modadapt.decoding.decode_linear`), each timed inside a CUDA graph (10 calls per replay),
+next to the weights' bytes bound, with the kernel's largest difference from its float32 reference.
+Shapes: the projections of `speed.py`'s 1.1B Llama (hidden 2048, 8 K/V heads of 64, MLP 8192),
+a router's score (one output) and the LM head.
+
+    python benchmarks/decode_linear.py --rows 1,8,32 --out results/decode-linear.json      # GPU only
+    python benchmarks/decode_linear.py --block-n 16,32 --block-k 128,256 --stages 3,4     # tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from decode_attention import graphed_us
+
+from modadapt.decoding import decode_linear
+
+SHAPES = {  # name: (outputs, inputs)
+    "q/o proj": (2048, 2048),
+    "k/v proj": (512, 2048),
+    "gate/up proj": (8192, 2048),
+    "down proj": (2048, 8192),
+    "router": (1, 2048),
+    "lm head": (32000, 2048),
+}
+TUNABLES = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="1,8,32,64")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of: " + ", ".join(SHAPES))
+    p.add_argument("--bandwidth-tbs", type=float, default=4.2, help="for the bytes bound")
+    p.add_argument("--block-n", default="auto", help="BLOCK_N values to time (comma list; auto: by the outputs)")
+    p.add_argument("--block-k", default=str(decode_linear.BLOCK_K))
+    p.add_argument("--warps", default=str(decode_linear.NUM_WARPS))
+    p.add_argument("--stages", default=str(decode_linear.NUM_STAGES))
+    p.add_argument("--programs", default=str(decode_linear.PROGRAMS_PER_SM), help="PROGRAMS_PER_SM values")
+    p.add_argument("--out", help="JSON records")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_linear.py times CUDA kernels; this machine has no CUDA device.", file=sys.stderr)
+        return 2
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    print(f"# {torch.cuda.get_device_name(dev)}, bf16, bytes bound at {args.bandwidth_tbs} TB/s")
+    settings = list(
+        itertools.product(
+            *(
+                [None if v == "auto" else int(v) for v in getattr(args, a).split(",")]
+                for a in ("block_n", "block_k", "warps", "stages", "programs")
+            )
+        )
+    )
+    defaults = tuple(getattr(decode_linear, t) for t in TUNABLES)
+    records = []
+    for name in args.shapes.split(","):
+        N, K = SHAPES[name]
+        w = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
+        for M in map(int, args.rows.split(",")):
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            bound = (N * K + M * (N + K)) * 2 / (args.bandwidth_tbs * 1e12) * 1e6
+            cublas = graphed_us(lambda: F.linear(x, w))
+            ref = decode_linear.reference(x, w).float()
+            chosen = decode_linear.wins(M, N, K)
+            record = dict(
+                shape=name, outputs=N, inputs=K, rows=M, bound_us=bound, cublas_us=cublas, kernel_runs=chosen, kernel={}
+            )
+            for setting in settings:
+                for t, value in zip(TUNABLES, setting):
+                    setattr(decode_linear, t, value)
+                try:
+                    us = graphed_us(lambda: decode_linear.linear(x, w))
+                    diff = (decode_linear.linear(x, w).float() - ref).abs().max().item()
+                except Exception as error:  # noqa: BLE001 - a setting Triton cannot compile: say so, go on
+                    us, diff = float("nan"), f"{type(error).__name__}"
+                record["kernel"]["/".join(map(str, setting))] = dict(us=us, max_diff=diff)
+            for t, value in zip(TUNABLES, defaults):
+                setattr(decode_linear, t, value)
+            best = min(record["kernel"].items(), key=lambda kv: kv[1]["us"] if kv[1]["us"] == kv[1]["us"] else 1e9)
+            print(
+                f"{name:13s} {N:>6}x{K:<5} rows {M:>3}: bound {bound:7.2f} us, cuBLAS {cublas:7.2f} "
+                f"({bound / cublas:4.0%}), kernel best {best[1]['us']:7.2f} ({bound / best[1]['us']:4.0%}) at "
+                f"N/K/warps/stages/programs {best[0]}, max diff {best[1]['max_diff']}; decode runs "
+                f"{'the kernel' if chosen else 'cuBLAS'}"
+            )
+            if len(settings) > 1:
+                print("    " + "  ".join(f"{k}: {v['us']:.2f}" for k, v in record["kernel"].items()))
+            records.append(record)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
