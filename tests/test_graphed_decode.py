@@ -1120,3 +1120,37 @@ def test_a_capture_runs_inside_the_capture_kernels_with_the_collector_paused(tin
             decoder.prefill(ids(1, 6), None, 4)
     assert seen == [("DecodeStep", False, "batched_mm"), ("SpeculativeStep", False, "batched_mm")]
     assert gc.isenabled() and model.config._experts_implementation == "grouped_mm"
+
+
+def test_steps_run_on_the_models_device_with_the_few_row_linear_mode(monkeypatch):
+    """Decode steps (run, warmed up, captured) enter the model's CUDA device, since Triton
+    launches its kernels and a capture its streams on the current one (a model on another GPU
+    than the current); and the few-row linear mode, unless `LINEAR_KERNEL` says cuBLAS."""
+    from types import SimpleNamespace
+
+    from torch.overrides import _get_current_function_mode_stack
+
+    from modadapt.decoding import decode_linear
+
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    for kernel, mode in (("triton", True), ("cublas", False)):
+        monkeypatch.setattr(decode_linear, "LINEAR_KERNEL", kernel)
+        decoder = GraphedDecoder(build_tiny("llama"))
+        decoder.params = SimpleNamespace(device=torch.device("cuda", 1))
+        entered.clear()
+        with decoder._stepping():
+            modes = _get_current_function_mode_stack()
+        assert entered == [torch.device("cuda", 1)]
+        assert any(isinstance(m, decode_linear.FewRowsLinear) for m in modes) == mode

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import inspect
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -510,9 +510,12 @@ class GraphedDecoder:
 
     @contextmanager
     def _stepping(self) -> Iterator[None]:
-        """Where decode steps run (eagerly, warmed up, captured): the layers' attention reads the
-        static cache, and their few-row linear layers run `decode_linear`'s kernel where it applies."""
-        with self.parts.static_attention():
+        """Where decode steps run (eagerly, warmed up, captured): on the model's device (Triton
+        launches its kernels, and a capture its streams, on the current device: a model on
+        another GPU than the current one must still get them), the layers' attention reading the
+        static cache, their few-row linear layers through `decode_linear`'s kernel where it applies."""
+        device = self.params.device
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext(), self.parts.static_attention():
             if self.linear_kernel == "triton":
                 with decode_linear.FewRowsLinear():
                     yield
