@@ -8,12 +8,15 @@ and the capture records those.
 
 What is compiled: each layer's own forward (norms, projections, rotary, MLP, residual adds; the
 dense layers, MoD layers' work, speculation's draft and verification alike), the rotary embedding
-and the final norm. What is not: the static cache's write (`StaticCache.update`: `scatter_` in
-place into the step's buffers) and the attention that reads it (`static_cache_attention`: flash
-with used lengths or the masked fallback, and its bookkeeping) are `torch.compiler.disable`d, so a
-layer compiles as graphs around them (graph breaks) and they run as they do uncompiled. Traced, the
-write into a graph input would be functionalized (a copy of a whole buffer per layer, unless
-inductor puts it back in place) and flash's try/except would break the graph anyway. A MoD
+and the final norm. What is not: the static cache's write (`StaticCache.update`: the K/V write
+kernel or `scatter_`, in place into the step's buffers) and the attention that reads it
+(`static_cache_attention`: the split-KV kernel, flash with used lengths or the masked fallback,
+and its bookkeeping) are `torch.compiler.disable`d, so a layer compiles as graphs around them
+(graph breaks) and they run as they do uncompiled. Traced, the write into a graph input would be
+functionalized (a copy of a whole buffer per layer, unless inductor puts it back in place) and the
+kernels' try-once fallbacks would break the graph anyway. The few-row linear layers that
+`decode_linear.FewRowsLinear` sends to its kernel are one opaque op each in the compiled graphs
+(Dynamo traces the mode, which the decoder enters around its steps). A MoD
 layer's routing (`step.route_decision`: score, causal rule, gate, used lengths) and the merge of
 its output (`step.merge_kept`) are compiled too; the branch decisions' bytes, the gathered modes'
 row ordering and the token pick stay eager (sampling keeps torch's random stream).
