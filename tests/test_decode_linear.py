@@ -23,7 +23,7 @@ CASES = """
 import json, torch
 from modadapt.decoding import decode_linear
 
-def case(M, N, K, bias, seed, device="cpu", dtype=torch.float16, sms=None):
+def case(M, N, K, bias, seed, device="cpu", dtype=torch.float16):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=gen).to(dtype).to(device)
     w = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype).to(device)

@@ -79,7 +79,7 @@ if triton is not None:
         h = tl.program_id(1)
         dd = tl.arange(0, D)
         at = tl.load(AT + b)
-        inside = (dd < D) & (at < capacity)  # a slot past the buffer is not written (no stray write)
+        inside = (dd < D) & (at < capacity)  # the row's slot past the buffer: not written, over the whole head
         slot = (b * capacity + at).to(tl.int64) * HK + h
         tl.store(KEYS + slot * D + dd, tl.load(KEY + b * skb + h * skh + dd), mask=inside)
         tl.store(VALUES + slot * D + dd, tl.load(VALUE + b * svb + h * svh + dd), mask=inside)
