@@ -97,6 +97,11 @@ with torch.inference_mode():
         out["eager_calls"] = list(calls); calls.clear()
         compiled = torch.compile(net.forward, dynamic=False)(x)
         out["compiled_calls"] = list(calls); calls.clear()
+        w = net[0].weight
+        by_name = F.linear(input=x, weight=w, bias=net[0].bias)  # F.linear called with its arguments named
+        out["named_calls"] = list(calls); calls.clear()
+        out["named_equal"] = bool(torch.equal(by_name, decode_linear.linear(x, w, net[0].bias)))
+        calls.clear()
         net(torch.randn(65, 64, dtype=torch.float16))  # too many rows
         net.float()(x.float())  # float32 on CPU: not the kernel's
         out["other_calls"] = list(calls)
@@ -110,11 +115,12 @@ print(json.dumps(out))
 def test_the_mode_sends_a_steps_few_row_linears_to_the_kernel():
     """Inside `FewRowsLinear`, `F.linear` runs the kernel where `available` says so (both layers
     here: 512 outputs, and 32 outputs of a 512-long reduction), eagerly and compiled (the op is
-    one call in the compiled graph, with the eager call's result); 65 rows and float32 on CPU
-    run `F.linear`."""
+    one call in the compiled graph, with the eager call's result; arguments passed by name too);
+    65 rows and float32 on CPU run `F.linear`."""
     out = _interpreted(MODE)
     assert out["eager_calls"] == [[512, 64], [32, 512]] and out["eager_diff"] < 2e-2, out
     assert out["compiled_calls"] == out["eager_calls"] and out["compiled_equal"], out
+    assert out["named_calls"] == [[512, 64]] and out["named_equal"], out
     assert out["other_calls"] == [], out
 
 
@@ -169,6 +175,17 @@ def test_where_the_kernel_runs(monkeypatch):
         assert not decode_linear.available(x, w.clone().requires_grad_())
     monkeypatch.setattr(decode_linear, "_INTERPRETED", ())
     assert not decode_linear.available(x, w)
+
+
+def test_an_unknown_linear_kernel_is_one_clear_error(monkeypatch):
+    from conftest import build_tiny
+
+    from modadapt.decoding import GraphedDecoder
+    from modadapt.errors import ModAdaptError
+
+    monkeypatch.setattr(decode_linear, "LINEAR_KERNEL", "cutlass")
+    with pytest.raises(ModAdaptError, match="LINEAR_KERNEL must be one of triton, cublas, got 'cutlass'"):
+        GraphedDecoder(build_tiny("llama"))
 
 
 def test_a_failing_kernel_falls_back_to_f_linear_once(monkeypatch):

@@ -173,9 +173,9 @@ class FewRowsLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if available(x, weight, bias):
+            named = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}  # positional or by name
+            x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
+            if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and available(x, weight, bias):
                 return linear(x, weight, bias)
         return func(*args, **kwargs)
 
