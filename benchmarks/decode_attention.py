@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--block", default=str(split_kv.BLOCK_N), help="split_kv.BLOCK_N values to time (comma list)")
     p.add_argument("--warps", default=str(split_kv.NUM_WARPS), help="split_kv.NUM_WARPS values to time")
     p.add_argument("--stages", default=str(split_kv.NUM_STAGES), help="split_kv.NUM_STAGES values to time")
+    p.add_argument("--min-chunk", default=str(split_kv.MIN_CHUNK), help="split_kv.MIN_CHUNK values to time")
     p.add_argument("--out", help="JSON records")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -79,14 +80,19 @@ def main(argv=None) -> int:
             record = dict(batch=B, context=C, per_head_us=per_head, packed_us=packed, bound_us=bound, split_kv={})
             reference = split_kv.reference(q, k, v, cu_k, used, d**-0.5).float() if B <= 8 else None
             text = []
-            for block, warps, stages in itertools.product(
-                *(map(int, a.split(",")) for a in (args.block, args.warps, args.stages))
+            for block, warps, stages, least in itertools.product(
+                *(map(int, a.split(",")) for a in (args.block, args.warps, args.stages, args.min_chunk))
             ):
-                split_kv.BLOCK_N, split_kv.NUM_WARPS, split_kv.NUM_STAGES = block, warps, stages
+                split_kv.BLOCK_N, split_kv.NUM_WARPS, split_kv.NUM_STAGES, split_kv.MIN_CHUNK = (
+                    block,
+                    warps,
+                    stages,
+                    least,
+                )
                 fn = lambda: split_kv.decode_attention(q, k, v, cu_k, used, None, C, sms)  # noqa: E731
                 us = graphed_us(fn)
                 err = None if reference is None else float((fn().float() - reference).abs().max())
-                key = f"block{block}-warps{warps}-stages{stages}"
+                key = f"block{block}-warps{warps}-stages{stages}-min{least}"
                 record["split_kv"][key] = dict(us=us, max_abs_diff=err, splits=split_kv.splits(B, Hk, C, sms))
                 text.append(f"{key} {us:.1f}us" + ("" if err is None else f" (diff {err:.1e})"))
             records.append(record)

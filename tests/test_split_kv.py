@@ -122,9 +122,11 @@ def test_graphed_decoding_through_the_kernel_gives_generates_tokens():
         assert r["equal"], r
 
 
-def test_chunks_fill_the_device_and_stay_two_blocks_long():
+def test_chunks_fill_the_device_and_hold_min_chunk_blocks(monkeypatch):
     block = split_kv.BLOCK_N
-    assert split_kv.splits(1, 8, 2048, 132) == 2048 // (2 * block)  # batch 1: as many as the keys allow
+    assert split_kv.splits(1, 8, 2048, 132) == 2048 // (split_kv.MIN_CHUNK * block)  # batch 1: as the keys allow
+    monkeypatch.setattr(split_kv, "MIN_CHUNK", 2)
+    assert split_kv.splits(1, 8, 2048, 132) == 2048 // (2 * block)
     assert split_kv.splits(128, 8, 2048, 132) == 1  # enough programs without chunks
     assert split_kv.splits(8, 8, 32768, 132) == 5  # 64 programs: five chunks each fill the device twice
     assert split_kv.splits(1, 8, 10, 132) == 1
