@@ -2304,6 +2304,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="skip scenarios that would start after this many seconds (partial JSON is kept)",
     )
+    parser.add_argument(
+        "--decode-shapes",
+        help="the decode scenarios: only these of the size's shapes, as BATCHxCONTEXT (comma list, e.g. 1x2048,32x2048)",
+    )
     args = parser.parse_args(argv)
     from modadapt.decoding import decode_linear, static_cache
 
@@ -2318,6 +2322,13 @@ def main(argv: list[str] | None = None) -> int:
         print("no GPU: the full-size benchmark needs one; use --tiny for a CPU smoke test", file=sys.stderr)
         return 2
     size = TINY if args.tiny else FULL
+    if args.decode_shapes:
+        shapes = {f"{d['batch']}x{d['context']}": d for d in size["decode"]}
+        asked = [a for a in args.decode_shapes.split(",") if a]
+        bad = [a for a in asked if a not in shapes]
+        if bad:
+            parser.error(f"--decode-shapes: {', '.join(bad)} not among this size's {', '.join(shapes)}")
+        size = {**size, "decode": [shapes[a] for a in asked]}
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke test: one thread is steadier on a shared machine
     dtype = torch.bfloat16
