@@ -2,10 +2,13 @@
 kernel (`modadapt.decoding.decode_linear`), each timed inside a CUDA graph (10 calls per replay),
 next to the weights' bytes bound, with the kernel's largest difference from its float32 reference.
 Shapes: the projections of `speed.py`'s 1.1B Llama (hidden 2048, 8 K/V heads of 64, MLP 8192),
-a router's score (one output) and the LM head.
+a router's score (one output) and the LM head. `--groups`: the weights of one input that a
+compiled step computes in one launch (`decode_linear.linears`): cuBLAS on each, the per-call
+choice on each (the kernel where it `wins`, else cuBLAS) and the one launch for all.
 
     python benchmarks/decode_linear.py --rows 1,8,32 --out results/decode-linear.json      # GPU only
     python benchmarks/decode_linear.py --block-n 16,32 --block-k 128,256 --stages 3,4     # tune
+    python benchmarks/decode_linear.py --groups --rows 1,4,8,16,32,64
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ SHAPES = {  # name: (outputs, inputs)
     "router": (1, 2048),
     "lm head": (32000, 2048),
 }
+GROUPS = {  # name: (outputs of each weight, inputs)
+    "q/k/v proj": ((2048, 512, 512), 2048),
+    "gate/up proj": ((8192, 8192), 2048),
+}
 TUNABLES = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM")
 
 
@@ -43,7 +50,10 @@ def main(argv=None) -> int:
     p.add_argument("--block-k", default=str(decode_linear.BLOCK_K))
     p.add_argument("--warps", default=str(decode_linear.NUM_WARPS))
     p.add_argument("--stages", default=str(decode_linear.NUM_STAGES))
-    p.add_argument("--programs", default=str(decode_linear.PROGRAMS_PER_SM), help="PROGRAMS_PER_SM values")
+    p.add_argument(
+        "--programs", help="PROGRAMS_PER_SM values (GROUP_PROGRAMS_PER_SM with --groups; default: its value)"
+    )
+    p.add_argument("--groups", action="store_true", help="time the groups of one input (GROUPS) instead")
     p.add_argument("--out", help="JSON records")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -51,6 +61,8 @@ def main(argv=None) -> int:
         return 2
     dev, dtype = torch.device("cuda"), torch.bfloat16
     print(f"# {torch.cuda.get_device_name(dev)}, bf16, bytes bound at {args.bandwidth_tbs} TB/s")
+    if args.programs is None:
+        args.programs = str(decode_linear.GROUP_PROGRAMS_PER_SM if args.groups else decode_linear.PROGRAMS_PER_SM)
     settings = list(
         itertools.product(
             *(
@@ -59,6 +71,12 @@ def main(argv=None) -> int:
             )
         )
     )
+    if args.groups:
+        records = time_groups(args, settings)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(records, f, indent=1)
+        return 0
     defaults = tuple(getattr(decode_linear, t) for t in TUNABLES)
     records = []
     for name in args.shapes.split(","):
@@ -98,6 +116,49 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)
     return 0
+
+
+def time_groups(args, settings) -> list:
+    """Each group: cuBLAS on each weight, the per-call choice on each, one launch (per setting)."""
+    tunables = (*TUNABLES[:-1], "GROUP_PROGRAMS_PER_SM")
+    defaults = tuple(getattr(decode_linear, t) for t in tunables)
+    dev, dtype, records = torch.device("cuda"), torch.bfloat16, []
+    for name, (ns, K) in GROUPS.items():
+        ws = [torch.randn(n, K, device=dev, dtype=dtype) / K**0.5 for n in ns]
+        for M in map(int, args.rows.split(",")):
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            bound = (sum(ns) * K + M * (sum(ns) + K)) * 2 / (args.bandwidth_tbs * 1e12) * 1e6
+            cublas = graphed_us(lambda: [F.linear(x, w) for w in ws])
+            each = graphed_us(lambda: [decode_linear.linear(x, w) for w in ws])
+            record = dict(
+                group=name, outputs=list(ns), inputs=K, rows=M, bound_us=bound, cublas_us=cublas, each_us=each,
+                one_launch_runs=decode_linear.group_wins(M, list(ns), K), one_launch={},
+            )  # fmt: skip
+            for setting in settings:
+                for t, value in zip(tunables, setting):
+                    setattr(decode_linear, t, value)
+                try:
+                    us = graphed_us(lambda: decode_linear._launch(x, ws, [None] * len(ws)))
+                    outs = decode_linear._launch(x, ws, [None] * len(ws))
+                    diff = max(
+                        (o.float() - decode_linear.reference(x, w).float()).abs().max().item() for o, w in zip(outs, ws)
+                    )
+                except Exception as error:  # noqa: BLE001 - a setting Triton cannot compile: say so, go on
+                    us, diff = float("nan"), f"{type(error).__name__}"
+                record["one_launch"]["/".join(map(str, setting))] = dict(us=us, max_diff=diff)
+            for t, value in zip(tunables, defaults):
+                setattr(decode_linear, t, value)
+            best = min(record["one_launch"].items(), key=lambda kv: kv[1]["us"] if kv[1]["us"] == kv[1]["us"] else 1e9)
+            print(
+                f"{name:13s} {'+'.join(map(str, ns)):>15}x{K:<5} rows {M:>3}: bound {bound:7.2f} us, cuBLAS each "
+                f"{cublas:7.2f}, per-call choice {each:7.2f}, one launch {best[1]['us']:7.2f} ({bound / best[1]['us']:4.0%}) "
+                f"at {best[0]}, max diff {best[1]['max_diff']}; compiled steps run "
+                f"{'one launch' if record['one_launch_runs'] else 'each'}"
+            )
+            if len(settings) > 1:
+                print("    " + "  ".join(f"{k}: {v['us']:.2f}" for k, v in record["one_launch"].items()))
+            records.append(record)
+    return records
 
 
 if __name__ == "__main__":

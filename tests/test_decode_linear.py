@@ -30,9 +30,26 @@ def case(M, N, K, bias, seed, device="cpu", dtype=torch.float16):
     b = torch.randn(N, generator=gen).to(dtype).to(device) if bias else None
     out = decode_linear.linear(x.view(M, 1, K), w, b)
     ref = decode_linear.reference(x, w, b).float()
-    blocks, splits = decode_linear.plan(M, N, K, decode_linear.multiprocessors(x.device) if x.is_cuda else 4)
+    blocks, splits = decode_linear.plan(M, [N], K, decode_linear.multiprocessors(x.device) if x.is_cuda else 4)
     return dict(case=[M, N, K, bias], blocks=blocks, splits=splits, shape=list(out.shape),
                 diff=float((out.view(M, N).float() - ref).abs().max() / ref.abs().max()))
+
+def group(M, ns, K, bias, seed, device="cpu", dtype=torch.float16):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen).to(dtype).to(device)
+    ws = [(torch.randn(n, K, generator=gen) / K**0.5).to(dtype).to(device) for n in ns]
+    bs = [torch.randn(n, generator=gen).to(dtype).to(device) if b else None for n, b in zip(ns, bias)]
+    outs = decode_linear._launch(x.view(M, 1, K), ws, bs)
+    refs = [decode_linear.reference(x, w, b).float() for w, b in zip(ws, bs)]
+    blocks, S, _ = decode_linear.splits(M, ns, K, x.device)
+    return dict(case=[M, ns, K, bias], blocks=blocks, splits=S, shapes=[list(o.shape) for o in outs],
+                diff=max(float((o.view(M, -1).float() - r).abs().max() / r.abs().max()) for o, r in zip(outs, refs)))
+
+groups = [group(M, ns, K, bias, seed=i) for i, (M, ns, K, bias) in enumerate([
+    (1, [32, 16, 16], 1024, [False, True, False]),  # q/k/v-like: three weights, the reduction split
+    (3, [100, 30], 300, [True, True]),               # two weights, outputs not multiples of the block
+    (5, [200, 33, 7], 256, [False, False, True]),    # three, unsplit
+])]
 
 results = [case(M, N, K, bias, seed=i) for i, (M, N, K, bias) in enumerate([
     (1, 1, 2048, False),    # a router's score: one block, the reduction split
@@ -41,7 +58,7 @@ results = [case(M, N, K, bias, seed=i) for i, (M, N, K, bias) in enumerate([
     (8, 64, 4096, False),   # a long reduction, split
     (64, 48, 512, True),    # the most rows
 ])]
-print(json.dumps(results))
+print(json.dumps(dict(results=results, groups=groups)))
 """
 
 
@@ -49,21 +66,29 @@ print(json.dumps(results))
 def test_kernel_matches_its_reference():
     """Every case equals the float32 reference up to float16 rounding; cases with the reduction
     split over programs and without both run."""
-    results = _interpreted(CASES)
+    out = _interpreted(CASES)
+    results, groups = out["results"], out["groups"]
     assert {r["splits"] > 1 for r in results} == {True, False}
     for r in results:
         M, N = r["case"][:2]
         assert r["shape"] == [M, 1, N] and r["diff"] < 2e-3, r
+    # several weights of one input in one launch: each its own output, as it alone gives
+    assert {r["splits"] > 1 for r in groups} == {True, False}
+    for r in groups:
+        M, ns = r["case"][:2]
+        assert r["shapes"] == [[M, 1, n] for n in ns] and r["diff"] < 2e-3, r
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or decode_linear.triton is None, reason="runs the Triton kernel")
 def test_kernel_matches_its_reference_on_cuda():
     scope: dict = {}
-    exec(CASES.replace("print(json.dumps(results))", "").split("results = ")[0], scope)
+    exec(CASES.split("groups = ")[0], scope)
     for i, (M, N, K, bias) in enumerate([(1, 512, 2048, True), (1, 2048, 8192, False), (8, 1, 2048, False)]):
         for dtype in (torch.bfloat16, torch.float16):
             r = scope["case"](M, N, K, bias, seed=i, device="cuda", dtype=dtype)
             assert r["diff"] < 1e-2 and r["splits"] > 1, r
+            r = scope["group"](M, [N, 256, 256], K, [bias, False, True], seed=i, device="cuda", dtype=dtype)
+            assert r["diff"] < 1e-2, r
     # replayed in a graph, every replay computes the split sums anew
     x = torch.randn(4, 8192, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(2048, 8192, device="cuda", dtype=torch.bfloat16) / 90
@@ -85,7 +110,7 @@ from modadapt.decoding import decode_linear
 
 calls = []
 launch = decode_linear._launch
-decode_linear._launch = lambda *a: calls.append(tuple(a[1].shape)) or launch(*a)
+decode_linear._launch = lambda *a: calls.append(tuple(a[1][0].shape)) or launch(*a)
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.SiLU(), torch.nn.Linear(512, 32, bias=False)).half()
 x = torch.randn(2, 1, 64, dtype=torch.float16)
@@ -131,7 +156,7 @@ from modadapt.decoding import GraphedDecoder, decode_linear
 
 calls = []
 launch = decode_linear._launch
-decode_linear._launch = lambda *a: calls.append(1) or launch(*a)
+decode_linear._launch = lambda *a: calls.append(len(a[1])) or launch(*a)
 x, mask, _ = left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
 results = []
 model = routed(build_tiny("llama")).half()  # dense layers and MoD layers, their routers' scores
@@ -143,6 +168,14 @@ for rows in (1, 3):
     decode_linear.LINEAR_KERNEL = "triton"
     got = GraphedDecoder(model).generate(x[:rows], attention_mask=mask[:rows], max_new_tokens=8)
     results.append(dict(rows=rows, equal=bool(torch.equal(got, plain))))
+# compiled: the calls of one input merged into one launch (`fuse_linears`)
+decode_linear.LINEAR_KERNEL = "cublas"
+plain = GraphedDecoder(model, compile=True).generate(x[:1], attention_mask=mask[:1], max_new_tokens=8)
+decode_linear.LINEAR_KERNEL = "triton"
+before = len(calls)
+got = GraphedDecoder(model, compile=True).generate(x[:1], attention_mask=mask[:1], max_new_tokens=8)
+merged = sorted(set(calls[before:]))  # weights per launch
+results.append(dict(rows=1, compiled=True, merged=merged, equal=bool(torch.equal(got, plain))))
 print(json.dumps(dict(results=results, calls=len(calls))))
 """
 
@@ -150,12 +183,14 @@ print(json.dumps(dict(results=results, calls=len(calls))))
 @needs_triton
 def test_graphed_decoding_through_the_kernel_gives_the_same_tokens():
     """A tiny converted Llama in float16 (threshold-p; its dense layers, MoD layers and router
-    scores all go to the kernel), batch 1 and a left-padded batch: decoding with the kernel gives
-    the tokens decoding with `F.linear` gives (`LINEAR_KERNEL`)."""
+    scores all go to the kernel), batch 1 and a left-padded batch, and compiled at batch 1 (q/k/v
+    and gate/up merged into one launch each): decoding with the kernel gives the tokens decoding
+    with `F.linear` gives (`LINEAR_KERNEL`)."""
     out = _interpreted(DECODING)
     assert out["calls"] > 0
     for r in out["results"]:
         assert r["equal"], r
+    assert out["results"][-1]["merged"] == [1, 2, 3], out  # single calls, gate/up and q/k/v
 
 
 def test_where_the_kernel_runs(monkeypatch):
@@ -165,16 +200,20 @@ def test_where_the_kernel_runs(monkeypatch):
     assert decode_linear.wins(1, 512, 2048) and decode_linear.wins(64, 1, 2048)
     assert decode_linear.wins(8, 2048, 8192) and not decode_linear.wins(9, 2048, 8192)
     assert not decode_linear.wins(1, 2048, 2048) and not decode_linear.wins(1, 32000, 2048)
+    # one launch for a group up to GROUP_ROWS rows, past them only where each weight alone wins
+    assert decode_linear.group_wins(decode_linear.GROUP_ROWS, [2048, 512, 512], 2048)
+    assert not decode_linear.group_wins(decode_linear.GROUP_ROWS + 1, [2048, 512, 512], 2048)
+    assert decode_linear.group_wins(decode_linear.MAX_ROWS, [512, 512], 2048)
     monkeypatch.setattr(decode_linear, "_INTERPRETED", (torch.float16,))
     x, w = torch.zeros(4, 2048, dtype=torch.float16), torch.zeros(512, 2048, dtype=torch.float16)
-    assert decode_linear.available(x, w) == (decode_linear.triton is not None)
-    assert not decode_linear.available(torch.zeros(65, 2048, dtype=torch.float16), w)
-    assert not decode_linear.available(x, w.float())
-    assert not decode_linear.available(x, w.t().contiguous().t())
+    assert decode_linear.accepts(x, w) == (decode_linear.triton is not None)
+    assert not decode_linear.accepts(torch.zeros(65, 2048, dtype=torch.float16), w)
+    assert not decode_linear.accepts(x, w.float())
+    assert not decode_linear.accepts(x, w.t().contiguous().t())
     with torch.enable_grad():
-        assert not decode_linear.available(x, w.clone().requires_grad_())
+        assert not decode_linear.accepts(x, w.clone().requires_grad_())
     monkeypatch.setattr(decode_linear, "_INTERPRETED", ())
-    assert not decode_linear.available(x, w)
+    assert not decode_linear.accepts(x, w)
 
 
 def test_an_unknown_linear_kernel_is_one_clear_error(monkeypatch):

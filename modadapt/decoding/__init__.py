@@ -32,8 +32,8 @@ reused across prompts; KV bytes shrink with the skipped pairs. The prompt runs e
 MoD layers where they apply) and its cache is copied in.
 
 One concept per module: `static_cache` (the buffers and the attention that reads them), the
-decode kernels (`split_kv`: the attention; `decode_linear`: few-row linear layers; `kv_write`:
-the K/V write; `fallback`: a kernel tried once, then the next path; `driver_graph`: conditional
+decode kernels (`split_kv`: the attention; `decode_linear`: few-row linear layers, and
+`fuse_linears`, the compiled step's pass that merges those of one input; `kv_write`: the K/V write; `fallback`: a kernel tried once, then the next path; `driver_graph`: conditional
 nodes through the CUDA driver),
 `sampling` (token choice inside a graph), `step` (a step's pieces, capture and replay per branch
 mode), `speculate` (speculative decoding: the converted model drafts, the dense computation verifies),

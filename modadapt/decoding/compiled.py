@@ -16,7 +16,9 @@ and its bookkeeping) are `torch.compiler.disable`d, so a layer compiles as graph
 functionalized (a copy of a whole buffer per layer, unless inductor puts it back in place) and the
 kernels' try-once fallbacks would break the graph anyway. The few-row linear layers that
 `decode_linear.FewRowsLinear` sends to its kernel are one opaque op each in the compiled graphs
-(Dynamo traces the mode, which the decoder enters around its steps). A MoD
+(Dynamo traces the mode, which the decoder enters around its steps), which an inductor post-grad
+pass rewrites while compiling (`fuse_linears`: the layers of one input in one launch, split sums
+left to the graph's own fused kernels). A MoD
 layer's routing (`step.route_decision`: score, causal rule, gate, used lengths) and the merge of
 its output (`step.merge_kept`) are compiled too; the branch decisions' bytes, the gathered modes'
 row ordering and the token pick stay eager (sampling keeps torch's random stream).
@@ -113,7 +115,7 @@ class StepCompiler:
         if flag is not None:
             limits[flag] = True  # past the limit: an error, not a silent eager fallback
         try:
-            with config.patch(**limits), _eager_rounding():
+            with config.patch(**limits), _eager_rounding(), _fused_linears():
                 yield
         except (ModAdaptError, torch.OutOfMemoryError):
             raise
@@ -151,6 +153,20 @@ def _eager_rounding() -> contextlib.AbstractContextManager[None]:
     if not hasattr(config, "emulate_precision_casts"):
         return contextlib.nullcontext()
     return config.patch(emulate_precision_casts=True)
+
+
+def _fused_linears() -> contextlib.AbstractContextManager[None]:
+    """Inductor's post-grad pass that fuses the step's few-row linear layers (`fuse_linears`: one
+    launch per input, split sums into their consumers), after any pass already set."""
+    try:
+        from torch._inductor import config
+    except ImportError:  # no inductor: nothing to fuse
+        return contextlib.nullcontext()
+    from .fuse_linears import FuseLinears
+
+    if FuseLinears is None or not hasattr(config, "post_grad_custom_post_pass"):
+        return contextlib.nullcontext()
+    return config.patch(post_grad_custom_post_pass=FuseLinears(config.post_grad_custom_post_pass))
 
 
 def _wrap(fn: Callable) -> Callable:

@@ -9,16 +9,23 @@ few programs to keep every multiprocessor's loads in flight (narrow layers: k/v 
 router's score), the reduction dimension is split over programs too, and a second kernel adds
 the float32 partial sums (1.4 us in the step; folding the sum into the first kernel, its last
 program per output block adding them, measured no faster, and would share counters between
-concurrent streams).
+concurrent streams). One launch may compute up to `GROUP` weights of one input (a layer's q/k/v
+projections, its gate and up projections), each weight's outputs by its own programs, into its
+own tensor: the launch, its ramp and its tail are paid once (`group_wins`).
 
-`linear(x, weight, bias)` is registered as the op `modadapt::decode_linear` (so `torch.compile`
-treats it as one opaque call), and `FewRowsLinear` is the torch function mode that sends a decode
-step's `F.linear` calls of at most `MAX_ROWS` rows to it where `available`. `reference` is the
+Ops (so `torch.compile` treats each as one opaque call): `linear(x, weight, bias)` is
+`modadapt::decode_linear`, `linears(x, weights, biases)` is `modadapt::decode_linears` (one
+launch), `partials(x, weights)` is `modadapt::decode_linear_partials` (a split reduction's
+partial sums, which compiled steps add in their own fused kernels: `fuse_linears`). Each runs the
+kernel where it beats cuBLAS (`wins`, `group_wins`) and `F.linear` elsewhere, decided at run time.
+`FewRowsLinear` is the torch function mode that sends a decode step's `F.linear` calls that the
+kernel `accepts` (half precision, at most `MAX_ROWS` rows) to the op. `reference` is the
 computation in torch that the tests hold the kernel to.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -48,6 +55,14 @@ MAX_ROWS = 64
 #: the LM head) and stay with cuBLAS.
 NARROW = 512
 FEW_ROWS = 8
+#: Weights of one input that one launch computes together (`linears`; a step's q/k/v projections,
+#: an MLP's gate and up projections: `group_linears` merges them in compiled steps).
+GROUP = 3
+#: Rows up to which one launch for a group beats cuBLAS on each of its weights (measured on an
+#: H200, benchmarks/decode_linear.py --groups, L2-warm): q/k/v of speed.py's 1.1B Llama 6.4-7.9 us
+#: at 1-32 rows against 13-14 (cuBLAS on q, the kernel on k and v), gate/up 18.0-19.2 against
+#: 21.5-22.1; at 64 rows gate/up loses (27.6 against 23.0).
+GROUP_ROWS = 32
 # Tuned on an H200 (benchmarks/decode_linear.py): 128 reduction elements per step, 3 stages,
 # 64 outputs per program where the outputs are many (fewer for narrow layers, so that more
 # programs share the weights' reads), 2 programs per multiprocessor before splitting the reduction.
@@ -55,6 +70,9 @@ BLOCK_K = 128
 NUM_WARPS = 4
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 2
+# A group of weights (`linears`): one program per multiprocessor, 32 outputs per program below
+# 8192 outputs in all (q/k/v at 1-64 rows: 6.4-13.0 us against 6.9-16.4 with one weight's tuning).
+GROUP_PROGRAMS_PER_SM = 1
 SUM_BLOCK = 128  # outputs per program of the split reduction's sum
 BLOCK_N = None  # None: by the outputs (`block_n`); a number: that (benchmarks/decode_linear.py sweeps it)
 # Per (device, dtype): whether the kernel ran (True) or raised the first time (False: F.linear from then on)
@@ -63,11 +81,11 @@ _RAN: dict[tuple, bool] = {}
 _INTERPRETED = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else ()
 
 
-def available(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether the kernel computes `F.linear(x, weight, bias)`: Triton on CUDA in half precision
-    (or float16 in Triton's interpreter, whose bfloat16 is not exact), a 2-D contiguous weight of
-    x's dtype and device, at most `MAX_ROWS` rows of x, a shape where it `wins`, and no autograd
-    to record."""
+def accepts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the kernel can compute `F.linear(x, weight, bias)`: Triton on CUDA in half
+    precision (or float16 in Triton's interpreter, whose bfloat16 is not exact), a 2-D contiguous
+    weight of x's dtype and device, at most `MAX_ROWS` rows of x, and no autograd to record.
+    Where it is also faster than cuBLAS (`wins`, `group_wins`) is the op's choice, at run time."""
     return (
         triton is not None
         and x.dtype in ((torch.float16, torch.bfloat16) if x.is_cuda else _INTERPRETED)
@@ -78,7 +96,6 @@ def available(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         and x.dim() >= 1
         and x.shape[-1] == weight.shape[1] > 0
         and x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
-        and wins(x.numel() // max(1, x.shape[-1]), *weight.shape)
         and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1 and bias.is_contiguous()))
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
@@ -89,19 +106,32 @@ def wins(rows: int, n: int, k: int) -> bool:
     return n <= NARROW or (rows <= FEW_ROWS and k >= 2 * n)
 
 
-def block_n(n: int) -> int:
-    """Outputs per program: 64 for wide layers, 32 from 256 outputs, else 16."""
+def group_wins(rows: int, ns: list, k: int) -> bool:
+    """Whether one launch for weights of `ns` outputs each (one input of `k`) beats cuBLAS on each
+    (see `GROUP_ROWS`)."""
+    return rows <= GROUP_ROWS or all(wins(rows, n, k) for n in ns)
+
+
+def block_n(n: int, grouped: bool = False) -> int:
+    """Outputs per program for `n` outputs: 64 for wide layers, 32 from 256 outputs, else 16;
+    for a group of weights (`n` their total), 64 from 8192 outputs, else 32."""
     if BLOCK_N is not None:
         return BLOCK_N
+    if grouped:
+        return 64 if n >= 8192 else 32
     return 64 if n >= 2048 else 32 if n >= 256 else 16
 
 
-def plan(rows: int, n: int, k: int, multiprocessors: int) -> tuple[int, int]:
-    """(programs along the outputs, splits of the reduction): split until the device holds
-    `PROGRAMS_PER_SM` programs per multiprocessor, no split shorter than two `BLOCK_K` steps."""
-    blocks = -(-n // block_n(n))
+def plan(rows: int, ns: list, k: int, multiprocessors: int) -> tuple[int, int]:
+    """(programs along the outputs, splits of the reduction) for weights of `ns` outputs each
+    (one input of `k`): each weight's own blocks of `block_n` of their total, the reduction split
+    until the device holds `PROGRAMS_PER_SM` (`GROUP_PROGRAMS_PER_SM`) programs per
+    multiprocessor, no split shorter than two `BLOCK_K` steps."""
+    grouped = len(ns) > 1
+    bn = block_n(sum(ns), grouped)
+    blocks = sum(-(-n // bn) for n in ns)
     most = max(1, k // (2 * BLOCK_K))
-    want = -(-PROGRAMS_PER_SM * multiprocessors // blocks)
+    want = -(-(GROUP_PROGRAMS_PER_SM if grouped else PROGRAMS_PER_SM) * multiprocessors // blocks)
     return blocks, max(1, min(most, want))
 
 
@@ -113,45 +143,81 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return out.to(x.dtype)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def splits(rows: int, ns: list, k: int, device: torch.device) -> tuple[int, int, int]:
+    """(programs along the outputs, reduction splits, reduction elements per split) on `device`:
+    `plan`'s, the split rounded to whole `BLOCK_K` steps."""
+    blocks, S = plan(rows, ns, k, multiprocessors(device) if device.type == "cuda" else 4)
+    steps = -(-k // (S * BLOCK_K))  # BLOCK_K steps per split
+    chunk = steps * BLOCK_K
+    return blocks, -(-k // chunk), chunk
+
+
+def _launch(x: torch.Tensor, weights: list, biases: list, partial: bool = False) -> list:
+    """`F.linear(x, w, b)` for each weight of one input (at most `GROUP`), in one launch; with
+    `partial` and a split reduction, each weight's float32 partial sums `[splits, rows, outputs]`
+    instead (no bias: `fuse_linears` leaves adding them to inductor)."""
     if triton is None:
         raise ModAdaptError("the decode linear kernel needs Triton")
-    N, K = weight.shape
+    G, K = len(weights), weights[0].shape[1]
+    biases = list(biases) or [None] * G
+    if not 1 <= G <= GROUP:
+        raise ModAdaptError(f"the decode linear kernel takes 1 to {GROUP} weights of one input, got {G}")
+    ns = [w.shape[0] for w in weights]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return out.view(*lead, N)
-    blocks, S = plan(M, N, K, multiprocessors(x.device) if x.is_cuda else 4)
-    chunk = -(-K // S)
-    chunk = -(-chunk // BLOCK_K) * BLOCK_K
-    S = -(-K // chunk)
+    blocks, S, chunk = splits(M, ns, K, x.device)
+    if partial and S > 1:
+        outs = parts = [torch.empty(S, M, n, dtype=torch.float32, device=x.device) for n in ns]
+    else:
+        outs = [torch.empty(M, n, dtype=x.dtype, device=x.device) for n in ns]
+        parts = [torch.empty(S, M, n, dtype=torch.float32, device=x.device) for n in ns] if S > 1 else outs
+    if M == 0 or min(ns) == 0:
+        return outs if partial and S > 1 else [o.view(*lead, n) for o, n in zip(outs, ns)]
+    bn = block_n(sum(ns), G > 1)
+    ends = list(itertools.accumulate(-(-n // bn) for n in ns))  # each weight's programs end here
     block_m = max(16, 1 << (M - 1).bit_length())
-    part = out if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
-    has_bias = bias is not None
+    pad = lambda items, fill: [*items, *[fill] * (GROUP - G)]  # noqa: E731 - unused slots: any valid tensor
+    W, O, P, N, B = pad(weights, weights[0]), pad(outs, outs[0]), pad(parts, parts[0]), pad(ns, 0), pad(biases, None)
+    has = [b is not None for b in B]
+    B = [weights[0] if b is None else b for b in B]
     _linear_kernel[(blocks, S)](
-        x2, weight, bias if has_bias else weight, part, M, N, K, chunk, x2.stride(0),
-        HAS_BIAS=has_bias and S == 1, DIRECT=S == 1, EVEN_K=K % chunk == 0 and chunk % BLOCK_K == 0,
-        BLOCK_M=block_m, BLOCK_N=block_n(N), BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        x2, *W, *B, *O, *P, *N, ends[0], ends[min(1, G - 1)], M, K, chunk, x2.stride(0),
+        G=G, HB0=has[0], HB1=has[1], HB2=has[2], DIRECT=S == 1,
+        EVEN_K=K % chunk == 0 and chunk % BLOCK_K == 0, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
-    if S > 1:
-        _sum_kernel[(M, -(-N // SUM_BLOCK))](
-            part, bias if has_bias else part, out, M, N, S=S, S_PAD=max(2, 1 << (S - 1).bit_length()),
-            HAS_BIAS=has_bias, BLOCK=SUM_BLOCK,
-        )  # fmt: skip
-    return out.view(*lead, N)
+    if S == 1 or not partial:
+        if S > 1:
+            sums = list(itertools.accumulate(-(-n // SUM_BLOCK) for n in ns))
+            _sum_kernel[(M, sums[-1])](
+                *P, *B, *O, *N, sums[0], sums[min(1, G - 1)], M, G=G, HB0=has[0], HB1=has[1], HB2=has[2],
+                S=S, S_PAD=max(2, 1 << (S - 1).bit_length()), BLOCK=SUM_BLOCK,
+            )  # fmt: skip
+        return [o.view(*lead, n) for o, n in zip(outs, ns)]
+    return outs
+
+
+def _run(x: torch.Tensor, weights: list, biases: list) -> list:
+    """The kernel where it `wins` (or `group_wins`) and has not failed here, else `F.linear` per weight."""
+    rows, k, ns = x.numel() // max(1, x.shape[-1]), x.shape[-1], [w.shape[0] for w in weights]
+    fast = wins(rows, ns[0], k) if len(ns) == 1 else group_wins(rows, ns, k)
+    # Where Triton cannot compile or launch it (the first call on such tensors), F.linear from then on
+    # (decided here, inside the op: Dynamo does not guard on it, so nothing recompiles)
+    key = (str(x.device), x.dtype)
+    out = None
+    if fast and _RAN.get(key) is not False:
+        out = tried(_RAN, key, (Exception,), lambda: _launch(x, weights, biases))
+    if out is None:
+        return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    return out
 
 
 @torch.library.custom_op("modadapt::decode_linear", mutates_args=())
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # Where Triton cannot compile or launch it (the first call on such tensors), F.linear from then on
-    # (decided here, inside the op: Dynamo does not guard on it, so nothing recompiles)
-    key = (str(x.device), x.dtype)
-    out = None if _RAN.get(key) is False else tried(_RAN, key, (Exception,), lambda: _launch(x, weight, bias))
-    return F.linear(x, weight, bias) if out is None else out
+    return _run(x, [weight], [bias])[0]
 
 
 @_decode_linear.register_fake
@@ -159,23 +225,69 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("modadapt::decode_linears", mutates_args=())
+def _decode_linears(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    return _run(x, weights, biases)
+
+
+@_decode_linears.register_fake
+def _(x, weights, biases):
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+
+
+@torch.library.custom_op("modadapt::decode_linear_partials", mutates_args=())
+def _decode_linear_partials(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    # Only where the reduction splits (`fuse_linears` checks); if the kernel fails here, F.linear's
+    # result as the first partial sum and zeros as the rest (the same outputs once summed)
+    key = (str(x.device), x.dtype)
+    out = None if _RAN.get(key) is False else tried(_RAN, key, (Exception,), lambda: _launch(x, weights, [], True))
+    if out is not None:
+        return out
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    S = splits(rows, [w.shape[0] for w in weights], k, x.device)[1]
+    plain = [F.linear(x.reshape(rows, k), w).float() for w in weights]
+    return [torch.cat([p[None], p.new_zeros(S - 1, *p.shape)]) for p in plain]
+
+
+@_decode_linear_partials.register_fake
+def _(x, weights):
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    S = splits(rows, [w.shape[0] for w in weights], k, x.device)[1]
+    return [x.new_empty(S, rows, w.shape[0], dtype=torch.float32) for w in weights]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` by the kernel (check `available` first)."""
+    """`F.linear(x, weight, bias)`: by the kernel where it `wins` (check `accepts` first)."""
     return torch.ops.modadapt.decode_linear(x, weight, bias)
 
 
+def linears(x: torch.Tensor, weights: list, biases: list | None = None) -> list:
+    """`[F.linear(x, w, b) for w, b in zip(weights, biases)]` (at most `GROUP`, each `accepts`ed
+    with x): by one launch of the kernel where it `group_wins`."""
+    return torch.ops.modadapt.decode_linears(x, list(weights), list(biases or [None] * len(weights)))
+
+
+def partials(x: torch.Tensor, weights: list) -> list:
+    """Each weight's float32 partial sums `[splits, rows, outputs]` of a split reduction (`splits`
+    more than one), whose sum over the first dimension is `F.linear(x, w)` (`fuse_linears`)."""
+    return torch.ops.modadapt.decode_linear_partials(x, list(weights))
+
+
 class FewRowsLinear(TorchFunctionMode):
-    """Within it, `F.linear` calls that `available` accepts run the kernel; others run as they
-    would. `GraphedDecoder` enters it around its decode steps (run, warmed up, captured), so the
-    model itself is not changed; under `torch.compile` Dynamo traces the mode, and the kernel
-    is one opaque op in the compiled graph."""
+    """Within it, `F.linear` calls that the kernel `accepts` go to `linear` (which runs the kernel
+    where it `wins`, else `F.linear`); others run as they would. `GraphedDecoder` enters it
+    around its decode steps (run, warmed up, captured), so the model itself is not changed; under
+    `torch.compile` Dynamo traces the mode, each call is one opaque op in the compiled graph, and
+    `fuse_linears` rewrites them there."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             named = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}  # positional or by name
             x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
-            if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and available(x, weight, bias):
+            if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and accepts(x, weight, bias):
                 return linear(x, weight, bias)
         return func(*args, **kwargs)
 
@@ -183,13 +295,13 @@ class FewRowsLinear(TorchFunctionMode):
 if triton is not None:
 
     @triton.jit
-    def _linear_kernel(
-        X, W, BIAS, OUT, M, N, K, chunk, sxm,
+    def _tile(
+        X, W, BIAS, OUT, PART, pid, s, M, N, K, chunk, sxm,
         HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        s = tl.program_id(1)
+        """Outputs `pid * BLOCK_N...` of one weight (`N` x `K`) for every row, over reduction
+        split `s`: into OUT (`[M, N]`), or as float32 partial sums into PART (`[splits, M, N]`)."""
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         kk = tl.arange(0, BLOCK_K)
@@ -213,18 +325,55 @@ if triton is not None:
                 acc += tl.load(BIAS + n, mask=n_in, other=0.0).to(tl.float32)[None, :]
             tl.store(OUT + m[:, None] * N + n[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
         else:  # split s of the reduction: its float32 partial sums, which `_sum_kernel` adds
-            tl.store(OUT + (s * M + m[:, None]) * N + n[None, :], acc, mask=mask)
+            tl.store(PART + (s * M + m[:, None]) * N + n[None, :], acc, mask=mask)
+
+    @triton.jit
+    def _linear_kernel(
+        X, W0, W1, W2, B0, B1, B2, O0, O1, O2, P0, P1, P2, N0, N1, N2, E1, E2, M, K, chunk, sxm,
+        G: tl.constexpr, HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr, DIRECT: tl.constexpr,
+        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """`G` weights of one input: programs `[0, E1)` compute the first's outputs, `[E1, E2)`
+        the second's, the rest the third's (each weight's own blocks, one launch)."""
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        if G == 1 or pid < E1:
+            _tile(X, W0, B0, O0, P0, pid, s, M, N0, K, chunk, sxm,
+                  HB0, DIRECT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        elif G == 2 or pid < E2:
+            _tile(X, W1, B1, O1, P1, pid - E1, s, M, N1, K, chunk, sxm,
+                  HB1, DIRECT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        else:
+            _tile(X, W2, B2, O2, P2, pid - E2, s, M, N2, K, chunk, sxm,
+                  HB2, DIRECT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+    @triton.jit
+    def _sum_tile(
+        PART, BIAS, OUT, m, blk, M, N,
+        S: tl.constexpr, S_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        n = blk * BLOCK + tl.arange(0, BLOCK)
+        s = tl.arange(0, S_PAD)
+        n_in = n < N
+        at = (s[:, None] * M + m) * N + n[None, :]
+        part = tl.load(PART + at, mask=(s < S)[:, None] & n_in[None, :], other=0.0)
+        out = tl.sum(part, 0)
+        if HAS_BIAS:
+            out += tl.load(BIAS + n, mask=n_in, other=0.0).to(tl.float32)
+        tl.store(OUT + m * N + n, out.to(OUT.dtype.element_ty), mask=n_in)
 
     @triton.jit
     def _sum_kernel(
-        PART, BIAS, OUT, M, N, S: tl.constexpr, S_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
-    ):
+        P0, P1, P2, B0, B1, B2, O0, O1, O2, N0, N1, N2, F1, F2, M,
+        G: tl.constexpr, HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr,
+        S: tl.constexpr, S_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """The split reduction's partial sums added, each weight's outputs by its own programs."""
         m = tl.program_id(0)
-        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        s = tl.arange(0, S_PAD)
-        n_in = n < N
-        part = tl.load(PART + (s[:, None] * M + m) * N + n[None, :], mask=(s < S)[:, None] & n_in[None, :], other=0.0)
-        total = tl.sum(part, 0)
-        if HAS_BIAS:
-            total += tl.load(BIAS + n, mask=n_in, other=0.0).to(tl.float32)
-        tl.store(OUT + m * N + n, total.to(OUT.dtype.element_ty), mask=n_in)
+        blk = tl.program_id(1)
+        if G == 1 or blk < F1:
+            _sum_tile(P0, B0, O0, m, blk, M, N0, S, S_PAD, HB0, BLOCK)
+        elif G == 2 or blk < F2:
+            _sum_tile(P1, B1, O1, m, blk - F1, M, N1, S, S_PAD, HB1, BLOCK)
+        else:
+            _sum_tile(P2, B2, O2, m, blk - F2, M, N2, S, S_PAD, HB2, BLOCK)

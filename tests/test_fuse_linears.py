@@ -1,0 +1,136 @@
+"""The compiled decode step's linear-layer pass (`modadapt.decoding.fuse_linears`).
+
+`merge` on graphs traced by hand (which calls share an input, which may move); the whole pass
+under `torch.compile` in Triton's interpreter (a subprocess: `TRITON_INTERPRET` is read on import):
+the calls of one input run as one launch, split reductions return partial sums that the graph
+adds, and the results are the uncompiled calls' up to one rounding; the partial-sums op's
+fallback. Graphed decoding through the pass is checked in `test_decode_linear`.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_split_kv import _interpreted
+
+from modadapt.decoding import decode_linear, fuse_linears
+
+needs_triton = pytest.mark.skipif(decode_linear.triton is None, reason="Triton is not installed")
+single = torch.ops.modadapt.decode_linear.default
+
+
+def _traced(fn) -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(fn)
+
+
+def _targets(gm: torch.fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+
+
+def test_merge_joins_the_calls_of_one_input_and_keeps_their_results():
+    """q/k/v-like calls of one input become one call of three weights, and a fourth call of it
+    starts no group of one; two calls through equal views of another input are one input; the
+    graph computes what it computed."""
+
+    def fn(x, y, wq, wk, wv, wo, bk):
+        h = x * 2
+        q, k, v = single(h, wq, None), single(h, wk, bk), single(h, wv, None)
+        extra = single(h, wo, None)
+        up = single(torch.ops.aten.view.default(y, [2, 1, 8]), wo, None)
+        gate = single(torch.ops.aten.view.default(y, [2, 1, 8]), wk, bk)
+        return q + 1, k, v, extra, up, gate
+
+    gm = _traced(fn)
+    args = [torch.randn(2, 8), torch.randn(2, 8)] + [torch.randn(8, 8) for _ in range(4)] + [torch.randn(8)]
+    before = gm(*args)
+    assert fuse_linears.merge(gm.graph) == 2
+    gm.recompile()
+    assert _targets(gm).count(torch.ops.modadapt.decode_linears.default) == 2
+    assert _targets(gm).count(single) == 1  # the fourth call of h
+    for a, b in zip(gm(*args), before):
+        assert torch.equal(a, b)
+
+
+def test_merge_leaves_a_call_whose_weight_comes_later():
+    """A call whose weight is computed after the first call of its input cannot move up to it."""
+
+    def fn(x, wq, wk):
+        q = single(x, wq, None)
+        late = wk * q.sum()
+        return q, single(x, late, None)
+
+    gm = _traced(fn)
+    assert fuse_linears.merge(gm.graph) == 0
+
+
+COMPILED = """
+import json, torch
+from torch._inductor import config
+from modadapt.decoding import decode_linear, fuse_linears
+
+launches, made = [], []
+launch, fuse = decode_linear._launch, fuse_linears.fuse
+decode_linear._launch = lambda x, ws, bs, partial=False: launches.append(([w.shape[0] for w in ws], partial)) or launch(x, ws, bs, partial)
+fuse_linears.fuse = lambda graph: made.append(fuse(graph))
+torch.manual_seed(0)
+D = 1024
+q, k, v = (torch.nn.Linear(D, n, bias=n == 16).half() for n in (32, 16, 8))
+router = torch.nn.Linear(D, 1).half()
+wide = torch.nn.Linear(D, 128, bias=False).half()
+
+def step(x, h):
+    x = x * 2
+    a, b, c = q(x).view(1, 1, 2, 16) * 3, k(x), v(x)
+    score = router(h) + h[..., :1]  # one weight, the reduction split: the sum goes to the graph
+    return a, b, c, score, wide(h * 3)  # wide: 128 outputs over 8 programs, unsplit
+
+x, h = torch.randn(1, 1, D).half(), torch.randn(1, 1, D).half()
+with torch.inference_mode(), decode_linear.FewRowsLinear():
+    eager = step(x, h)
+    eager_launches = list(launches)
+    launches.clear()
+    with config.patch(post_grad_custom_post_pass=fuse_linears.FuseLinears()):
+        compiled = torch.compile(step, dynamic=False)
+        compiled(x, h)
+        launches.clear()
+        got = compiled(x, h)
+print(json.dumps(dict(
+    made=made, eager_launches=eager_launches, launches=launches,
+    diffs=[float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, eager)],
+    shapes=[list(a.shape) == list(b.shape) for a, b in zip(got, eager)],
+)))
+"""
+
+
+@needs_triton
+def test_the_pass_under_compile_launches_once_per_input_and_leaves_split_sums_to_the_graph():
+    """Eagerly: one launch per weight, split sums in the kernel's second launch. Compiled with the
+    pass: q/k/v one launch returning partial sums (their reduction split over programs), the
+    router's score partial sums, the unsplit wide layer its outputs; the results are the eager
+    calls' up to one rounding of the last bit."""
+    out = _interpreted(COMPILED)
+    assert out["made"] == [{"merged": 1, "split_sums": 2}], out
+    assert sorted(map(tuple, [(tuple(ns), p) for ns, p in out["eager_launches"]])) == sorted(
+        [((32,), False), ((16,), False), ((8,), False), ((1,), False), ((128,), False)]
+    ), out
+    assert sorted((tuple(ns), p) for ns, p in out["launches"]) == [((1,), True), ((32, 16, 8), True), ((128,), False)]
+    assert all(out["shapes"]) and max(out["diffs"]) < 2e-3, out
+
+
+def test_the_partial_sums_fall_back_to_f_linear(monkeypatch):
+    """Where the kernel fails, the partial sums are F.linear's result and zeros: their sum is it."""
+    monkeypatch.setattr(decode_linear, "_RAN", {})
+
+    def failing(*args):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(decode_linear, "_launch", failing)
+    x, ws = torch.randn(1, 1, 2048), [torch.randn(1, 2048), torch.randn(8, 2048)]
+    parts = decode_linear.partials(x, ws)
+    S = decode_linear.splits(1, [1, 8], 2048, x.device)[1]
+    assert S > 1 and [list(p.shape) for p in parts] == [[S, 1, 1], [S, 1, 8]]
+    for p, w in zip(parts, ws):
+        torch.testing.assert_close(p.sum(0), F.linear(x.view(1, 2048), w))
