@@ -77,7 +77,6 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:
                 json.dump(records, f, indent=1)
         return 0
-    defaults = tuple(getattr(decode_linear, t) for t in TUNABLES)
     records = []
     for name in args.shapes.split(","):
         N, K = SHAPES[name]
@@ -88,29 +87,30 @@ def main(argv=None) -> int:
             cublas = graphed_us(lambda: F.linear(x, w))
             ref = decode_linear.reference(x, w).float()
             chosen = decode_linear.wins(M, N, K)
-            record = dict(
-                shape=name, outputs=N, inputs=K, rows=M, bound_us=bound, cublas_us=cublas, kernel_runs=chosen, kernel={}
+            timed = time_settings(
+                TUNABLES,
+                settings,
+                lambda: decode_linear.linear(x, w),
+                lambda out: (out.float() - ref).abs().max().item(),
             )
-            for setting in settings:
-                for t, value in zip(TUNABLES, setting):
-                    setattr(decode_linear, t, value)
-                try:
-                    us = graphed_us(lambda: decode_linear.linear(x, w))
-                    diff = (decode_linear.linear(x, w).float() - ref).abs().max().item()
-                except Exception as error:  # noqa: BLE001 - a setting Triton cannot compile: say so, go on
-                    us, diff = float("nan"), f"{type(error).__name__}"
-                record["kernel"]["/".join(map(str, setting))] = dict(us=us, max_diff=diff)
-            for t, value in zip(TUNABLES, defaults):
-                setattr(decode_linear, t, value)
-            best = min(record["kernel"].items(), key=lambda kv: kv[1]["us"] if kv[1]["us"] == kv[1]["us"] else 1e9)
+            record = dict(
+                shape=name,
+                outputs=N,
+                inputs=K,
+                rows=M,
+                bound_us=bound,
+                cublas_us=cublas,
+                kernel_runs=chosen,
+                kernel=timed,
+            )
+            best = fastest(timed)
             print(
                 f"{name:13s} {N:>6}x{K:<5} rows {M:>3}: bound {bound:7.2f} us, cuBLAS {cublas:7.2f} "
                 f"({bound / cublas:4.0%}), kernel best {best[1]['us']:7.2f} ({bound / best[1]['us']:4.0%}) at "
                 f"N/K/warps/stages/programs {best[0]}, max diff {best[1]['max_diff']}; decode runs "
                 f"{'the kernel' if chosen else 'cuBLAS'}"
             )
-            if len(settings) > 1:
-                print("    " + "  ".join(f"{k}: {v['us']:.2f}" for k, v in record["kernel"].items()))
+            print_settings(timed)
             records.append(record)
     if args.out:
         with open(args.out, "w") as f:
@@ -118,10 +118,38 @@ def main(argv=None) -> int:
     return 0
 
 
+def time_settings(tunables, settings, run, diff) -> dict:
+    """`run` timed (and `diff` of its result from the reference) with each setting of the module's
+    `tunables`, which are put back after; a setting Triton cannot compile gets NaN and its error."""
+    defaults = tuple(getattr(decode_linear, t) for t in tunables)
+    timed = {}
+    for setting in settings:
+        for t, value in zip(tunables, setting):
+            setattr(decode_linear, t, value)
+        try:
+            us, max_diff = graphed_us(run), diff(run())
+        except Exception as error:  # noqa: BLE001 - a setting Triton cannot compile: say so, go on
+            us, max_diff = float("nan"), f"{type(error).__name__}"
+        timed["/".join(map(str, setting))] = dict(us=us, max_diff=max_diff)
+    for t, value in zip(tunables, defaults):
+        setattr(decode_linear, t, value)
+    return timed
+
+
+def print_settings(timed: dict) -> None:
+    """Every setting's time, where several were timed."""
+    if len(timed) > 1:
+        print("    " + "  ".join(f"{k}: {v['us']:.2f}" for k, v in timed.items()))
+
+
+def fastest(timed: dict) -> tuple:
+    """The (setting, result) of `time_settings` with the fewest microseconds (NaN last)."""
+    return min(timed.items(), key=lambda kv: kv[1]["us"] if kv[1]["us"] == kv[1]["us"] else 1e9)
+
+
 def time_groups(args, settings) -> list:
     """Each group: cuBLAS on each weight, the per-call choice on each, one launch (per setting)."""
     tunables = (*TUNABLES[:-1], "GROUP_PROGRAMS_PER_SM")
-    defaults = tuple(getattr(decode_linear, t) for t in tunables)
     dev, dtype, records = torch.device("cuda"), torch.bfloat16, []
     for name, (ns, K) in GROUPS.items():
         ws = [torch.randn(n, K, device=dev, dtype=dtype) / K**0.5 for n in ns]
@@ -130,33 +158,25 @@ def time_groups(args, settings) -> list:
             bound = (sum(ns) * K + M * (sum(ns) + K)) * 2 / (args.bandwidth_tbs * 1e12) * 1e6
             cublas = graphed_us(lambda: [F.linear(x, w) for w in ws])
             each = graphed_us(lambda: [decode_linear.linear(x, w) for w in ws])
+            refs = [decode_linear.reference(x, w).float() for w in ws]
+            timed = time_settings(
+                tunables,
+                settings,
+                lambda: decode_linear._launch(x, ws, [None] * len(ws)),
+                lambda outs: max((o.float() - r).abs().max().item() for o, r in zip(outs, refs)),
+            )
             record = dict(
                 group=name, outputs=list(ns), inputs=K, rows=M, bound_us=bound, cublas_us=cublas, each_us=each,
-                one_launch_runs=decode_linear.group_wins(M, list(ns), K), one_launch={},
+                one_launch_runs=decode_linear.group_wins(M, list(ns), K), one_launch=timed,
             )  # fmt: skip
-            for setting in settings:
-                for t, value in zip(tunables, setting):
-                    setattr(decode_linear, t, value)
-                try:
-                    us = graphed_us(lambda: decode_linear._launch(x, ws, [None] * len(ws)))
-                    outs = decode_linear._launch(x, ws, [None] * len(ws))
-                    diff = max(
-                        (o.float() - decode_linear.reference(x, w).float()).abs().max().item() for o, w in zip(outs, ws)
-                    )
-                except Exception as error:  # noqa: BLE001 - a setting Triton cannot compile: say so, go on
-                    us, diff = float("nan"), f"{type(error).__name__}"
-                record["one_launch"]["/".join(map(str, setting))] = dict(us=us, max_diff=diff)
-            for t, value in zip(tunables, defaults):
-                setattr(decode_linear, t, value)
-            best = min(record["one_launch"].items(), key=lambda kv: kv[1]["us"] if kv[1]["us"] == kv[1]["us"] else 1e9)
+            best = fastest(timed)
             print(
                 f"{name:13s} {'+'.join(map(str, ns)):>15}x{K:<5} rows {M:>3}: bound {bound:7.2f} us, cuBLAS each "
                 f"{cublas:7.2f}, per-call choice {each:7.2f}, one launch {best[1]['us']:7.2f} ({bound / best[1]['us']:4.0%}) "
                 f"at {best[0]}, max diff {best[1]['max_diff']}; compiled steps run "
                 f"{'one launch' if record['one_launch_runs'] else 'each'}"
             )
-            if len(settings) > 1:
-                print("    " + "  ".join(f"{k}: {v['us']:.2f}" for k, v in record["one_launch"].items()))
+            print_settings(timed)
             records.append(record)
     return records
 
