@@ -92,13 +92,20 @@ with torch.inference_mode(), decode_linear.FewRowsLinear():
     eager = step(x, h)
     eager_launches = list(launches)
     launches.clear()
-    with config.patch(post_grad_custom_post_pass=fuse_linears.FuseLinears()):
+    # caches off: a graph that inductor has compiled before would not run the pass again
+    with config.patch(post_grad_custom_post_pass=fuse_linears.FuseLinears(), force_disable_caches=True):
         compiled = torch.compile(step, dynamic=False)
         compiled(x, h)
         launches.clear()
         got = compiled(x, h)
+        compiled_launches = list(launches)
+# the partial sums as an op: split (the router's score) and not (the wide layer: one split)
+parts = [decode_linear.partials(h, [m.weight])[0] for m in (router, wide)]
+ref = [h.view(1, D).float() @ m.weight.float().t() for m in (router, wide)]
 print(json.dumps(dict(
-    made=made, eager_launches=eager_launches, launches=launches,
+    partial_splits=[p.shape[0] for p in parts],
+    partial_diffs=[float((p.sum(0) - r).abs().max() / r.abs().max()) for p, r in zip(parts, ref)],
+    made=made, eager_launches=eager_launches, launches=compiled_launches,
     diffs=[float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, eager)],
     shapes=[list(a.shape) == list(b.shape) for a, b in zip(got, eager)],
 )))
@@ -110,7 +117,8 @@ def test_the_pass_under_compile_launches_once_per_input_and_leaves_split_sums_to
     """Eagerly: one launch per weight, split sums in the kernel's second launch. Compiled with the
     pass: q/k/v one launch returning partial sums (their reduction split over programs), the
     router's score partial sums, the unsplit wide layer its outputs; the results are the eager
-    calls' up to one rounding of the last bit."""
+    calls' up to one rounding of the last bit. The partial sums alone (split and not) add up to
+    the float32 product."""
     out = _interpreted(COMPILED)
     assert out["made"] == [{"merged": 1, "split_sums": 2}], out
     assert sorted(map(tuple, [(tuple(ns), p) for ns, p in out["eager_launches"]])) == sorted(
@@ -118,6 +126,7 @@ def test_the_pass_under_compile_launches_once_per_input_and_leaves_split_sums_to
     ), out
     assert sorted((tuple(ns), p) for ns, p in out["launches"]) == [((1,), True), ((32, 16, 8), True), ((128,), False)]
     assert all(out["shapes"]) and max(out["diffs"]) < 2e-3, out
+    assert out["partial_splits"] == [4, 1] and max(out["partial_diffs"]) < 1e-5, out
 
 
 def test_the_partial_sums_fall_back_to_f_linear(monkeypatch):

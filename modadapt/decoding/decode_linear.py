@@ -56,7 +56,7 @@ MAX_ROWS = 64
 NARROW = 512
 FEW_ROWS = 8
 #: Weights of one input that one launch computes together (`linears`; a step's q/k/v projections,
-#: an MLP's gate and up projections: `group_linears` merges them in compiled steps).
+#: an MLP's gate and up projections: `fuse_linears` merges them in compiled steps).
 GROUP = 3
 #: Rows up to which one launch for a group beats cuBLAS on each of its weights (measured on an
 #: H200, benchmarks/decode_linear.py --groups, L2-warm): q/k/v of speed.py's 1.1B Llama 6.4-7.9 us
@@ -71,7 +71,7 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 2
 # A group of weights (`linears`): one program per multiprocessor, 32 outputs per program below
-# 8192 outputs in all (q/k/v at 1-64 rows: 6.4-13.0 us against 6.9-16.4 with one weight's tuning).
+# 8192 outputs in all (q/k/v at 1-64 rows: 6.4-13.0 us against 6.9-16.1 with one weight's tuning).
 GROUP_PROGRAMS_PER_SM = 1
 SUM_BLOCK = 128  # outputs per program of the split reduction's sum
 BLOCK_N = None  # None: by the outputs (`block_n`); a number: that (benchmarks/decode_linear.py sweeps it)
@@ -154,8 +154,8 @@ def splits(rows: int, ns: list, k: int, device: torch.device) -> tuple[int, int,
 
 def _launch(x: torch.Tensor, weights: list, biases: list, partial: bool = False) -> list:
     """`F.linear(x, w, b)` for each weight of one input (at most `GROUP`), in one launch; with
-    `partial` and a split reduction, each weight's float32 partial sums `[splits, rows, outputs]`
-    instead (no bias: `fuse_linears` leaves adding them to inductor)."""
+    `partial`, each weight's float32 partial sums `[splits, rows, outputs]` instead (no bias:
+    `fuse_linears` leaves adding them to inductor)."""
     if triton is None:
         raise ModAdaptError("the decode linear kernel needs Triton")
     G, K = len(weights), weights[0].shape[1]
@@ -169,13 +169,13 @@ def _launch(x: torch.Tensor, weights: list, biases: list, partial: bool = False)
         x2 = x2.contiguous()
     M = x2.shape[0]
     blocks, S, chunk = splits(M, ns, K, x.device)
-    if partial and S > 1:
+    if partial:
         outs = parts = [torch.empty(S, M, n, dtype=torch.float32, device=x.device) for n in ns]
     else:
         outs = [torch.empty(M, n, dtype=x.dtype, device=x.device) for n in ns]
         parts = [torch.empty(S, M, n, dtype=torch.float32, device=x.device) for n in ns] if S > 1 else outs
     if M == 0 or min(ns) == 0:
-        return outs if partial and S > 1 else [o.view(*lead, n) for o, n in zip(outs, ns)]
+        return outs if partial else [o.view(*lead, n) for o, n in zip(outs, ns)]
     bn = block_n(sum(ns), G > 1)
     ends = list(itertools.accumulate(-(-n // bn) for n in ns))  # each weight's programs end here
     block_m = max(16, 1 << (M - 1).bit_length())
@@ -185,11 +185,11 @@ def _launch(x: torch.Tensor, weights: list, biases: list, partial: bool = False)
     B = [weights[0] if b is None else b for b in B]
     _linear_kernel[(blocks, S)](
         x2, *W, *B, *O, *P, *N, ends[0], ends[min(1, G - 1)], M, K, chunk, x2.stride(0),
-        G=G, HB0=has[0], HB1=has[1], HB2=has[2], DIRECT=S == 1,
+        G=G, HB0=has[0], HB1=has[1], HB2=has[2], DIRECT=S == 1 and not partial,
         EVEN_K=K % chunk == 0 and chunk % BLOCK_K == 0, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=BLOCK_K,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
-    if S == 1 or not partial:
+    if not partial:
         if S > 1:
             sums = list(itertools.accumulate(-(-n // SUM_BLOCK) for n in ns))
             _sum_kernel[(M, sums[-1])](
@@ -239,8 +239,8 @@ def _(x, weights, biases):
 
 @torch.library.custom_op("modadapt::decode_linear_partials", mutates_args=())
 def _decode_linear_partials(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    # Only where the reduction splits (`fuse_linears` checks); if the kernel fails here, F.linear's
-    # result as the first partial sum and zeros as the rest (the same outputs once summed)
+    # If the kernel fails here: F.linear's result as the first partial sum and zeros as the rest
+    # (the same outputs once summed)
     key = (str(x.device), x.dtype)
     out = None if _RAN.get(key) is False else tried(_RAN, key, (Exception,), lambda: _launch(x, weights, [], True))
     if out is not None:
@@ -270,8 +270,9 @@ def linears(x: torch.Tensor, weights: list, biases: list | None = None) -> list:
 
 
 def partials(x: torch.Tensor, weights: list) -> list:
-    """Each weight's float32 partial sums `[splits, rows, outputs]` of a split reduction (`splits`
-    more than one), whose sum over the first dimension is `F.linear(x, w)` (`fuse_linears`)."""
+    """Each weight's float32 partial sums `[splits, rows, outputs]` of the kernel's reduction
+    (`splits`), whose sum over the first dimension is `F.linear(x, w)` (`fuse_linears` uses them
+    where the reduction splits)."""
     return torch.ops.modadapt.decode_linear_partials(x, list(weights))
 
 

@@ -78,9 +78,9 @@ def merge(graph: torch.fx.Graph) -> int:
 
 def split_sums(graph: torch.fx.Graph) -> int:
     """Replace each kernel call (`decode_linear`, `decode_linears`) that runs the kernel
-    (`decode_linear.wins`, `group_wins`) with its reduction split by a `decode_linear_partials` call and, per weight, the sum over the
-    splits, the bias and the rounding to the input's dtype as graph ops; returns how many calls
-    were replaced."""
+    (`decode_linear.wins`, `group_wins`) with its reduction split by a `decode_linear_partials`
+    call and, per weight, the sum over the splits, the bias and the rounding to the input's dtype
+    as graph ops; returns how many calls were replaced."""
     single, group = torch.ops.modadapt.decode_linear.default, torch.ops.modadapt.decode_linears.default
     made = 0
     for node in list(graph.nodes):
@@ -142,8 +142,8 @@ def _bias(call: torch.fx.Node):
 
 
 def _source(node):
-    """What a call's input is, with views of one tensor taken alike told apart from none: two
-    `view(h, shape)` nodes of the same `h` and shape are one input."""
+    """What a call's input is: equal views of one tensor (two `view(h, shape)` nodes of the same
+    `h` and shape) count as that one input."""
     if isinstance(node, torch.fx.Node) and node.op == "call_function":
         target = getattr(node.target, "overloadpacket", None)
         if target is not None and target.__name__ in _VIEWS and node.target.namespace == "aten":
