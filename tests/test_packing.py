@@ -772,6 +772,7 @@ def test_speed_benchmark_speculates_with_saved_models_on_real_text(tmp_path, mon
         ("--speculate-prompts", "0", "--speculate-prompts must be >= 1"),
         ("--pack-reserve", "1.5", "expected 'auto' or a share in (0, 1]"),
         ("--pack-reserve", "most", "expected 'auto' or a share in (0, 1]"),
+        ("--decode-shapes", "1x64,9x9", "--decode-shapes: 9x9 not among this size's 1x64, 4x64"),
     ],
 )
 def test_speed_benchmark_refuses_bad_counts_and_shares(option, value, message, monkeypatch, capsys):
