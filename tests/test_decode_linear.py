@@ -3,8 +3,9 @@
 On CPU the Triton kernel runs in Triton's interpreter (`TRITON_INTERPRET=1`, read when the module
 is imported, hence a subprocess), in float16: outputs against the float32 reference (one block
 and several, the reduction split or not, a reduction that is not a multiple of the block, a bias,
-1 to 64 rows), the torch function mode that sends a decode step's `F.linear` calls to it (eagerly
-and under `torch.compile`), and graphed decoding through it. On the GPU machine the compiled
+1 to 64 rows; two and three weights of one input in one launch), the torch function mode that
+sends a decode step's `F.linear` calls to it (eagerly and under `torch.compile`), and graphed
+decoding through it (compiled: through `fuse_linears`' merged launches). On the GPU machine the compiled
 kernel is checked in bfloat16: `python -m pytest tests/test_decode_linear.py -k cuda`.
 """
 
@@ -195,8 +196,9 @@ def test_graphed_decoding_through_the_kernel_gives_the_same_tokens():
 
 def test_where_the_kernel_runs(monkeypatch):
     """Narrow layers at any row count up to `MAX_ROWS`, long reductions at few rows; not square
-    or wide layers, not past `MAX_ROWS`, not where autograd records, not another dtype's weight,
-    not a CPU tensor outside the interpreter."""
+    or wide layers; one launch for a group up to `GROUP_ROWS` rows, past them where each weight
+    wins alone. The kernel accepts no more than `MAX_ROWS` rows, nothing autograd records, no
+    weight of another dtype, no CPU tensor outside the interpreter."""
     assert decode_linear.wins(1, 512, 2048) and decode_linear.wins(64, 1, 2048)
     assert decode_linear.wins(8, 2048, 8192) and not decode_linear.wins(9, 2048, 8192)
     assert not decode_linear.wins(1, 2048, 2048) and not decode_linear.wins(1, 32000, 2048)

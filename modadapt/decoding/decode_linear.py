@@ -59,9 +59,9 @@ FEW_ROWS = 8
 #: an MLP's gate and up projections: `fuse_linears` merges them in compiled steps).
 GROUP = 3
 #: Rows up to which one launch for a group beats cuBLAS on each of its weights (measured on an
-#: H200, benchmarks/decode_linear.py --groups, L2-warm): q/k/v of speed.py's 1.1B Llama 6.4-7.9 us
-#: at 1-32 rows against 13-14 (cuBLAS on q, the kernel on k and v), gate/up 18.0-19.2 against
-#: 21.5-22.1; at 64 rows gate/up loses (27.6 against 23.0).
+#: H200, benchmarks/decode_linear.py --groups, 10 calls per graph replay): q/k/v of speed.py's
+#: 1.1B Llama 6.3-7.8 us at 1-32 rows against 12.8-13.9 (cuBLAS on q, the kernel on k and v),
+#: gate/up 18.3-19.5 against 21.5-22.4; at 64 rows gate/up loses (27.6 against 23.4).
 GROUP_ROWS = 32
 # Tuned on an H200 (benchmarks/decode_linear.py): 128 reduction elements per step, 3 stages,
 # 64 outputs per program where the outputs are many (fewer for narrow layers, so that more
