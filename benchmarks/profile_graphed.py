@@ -1,10 +1,13 @@
 """Kernel-level profile of graphed decode steps (`modadapt.GraphedDecoder`) on the GPU.
 
     python benchmarks/profile_graphed.py --batch 32 [--router threshold-p] [--branches gather] [--steps 8] [--compile]
+        [--timeline PATH]
 
 Builds the `speed.py` model (random weights, bf16), converts it when --router is given (calibrated
 as in speed.py), prefills a 2048-token prompt and profiles --steps graph-replayed decode steps:
 the CUDA kernel table (time per step) and the step's wall time, to see where a step goes.
+`--timeline` writes one step's kernels in order (start, duration, the idle gap before each): where
+the time between kernels goes, which a table of totals cannot show.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import speed
 
-from modadapt.decoding import BRANCHES, GraphedDecoder, decode_linear
+from modadapt.decoding import BRANCHES, GraphedDecoder, compiled, decode_linear
 
 
 def main() -> int:
@@ -35,8 +38,13 @@ def main() -> int:
     parser.add_argument(
         "--linear-kernel", default="triton", choices=("triton", "cublas"), help="decode_linear.LINEAR_KERNEL"
     )
+    parser.add_argument(
+        "--combo-kernels", default="on", choices=("on", "off"), help="compiled.COMBO_KERNELS (with --compile)"
+    )
+    parser.add_argument("--timeline", default=None, help="write one decode step's kernels in order to this file")
     args = parser.parse_args()
     decode_linear.LINEAR_KERNEL = args.linear_kernel
+    compiled.COMBO_KERNELS = args.combo_kernels == "on"
     device, dtype = torch.device("cuda"), torch.bfloat16
     model = speed.build_dense(speed.FULL["model"], device, dtype)
     shape = speed.Shape.of(model)
@@ -62,8 +70,46 @@ def main() -> int:
         busy = sum(e.time_range.elapsed_us() for e in kernels) / args.steps
         span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / args.steps
         print(f"# per step: {len(kernels) / args.steps:.0f} kernels, {busy:.0f} us busy of a {span:.0f} us span")
+        if args.timeline:
+            write_timeline(args.timeline, kernels, f"# {' '.join(sys.argv[1:])}")
 
     return 0
+
+
+#: The kernel that ends every decode step (the token's write into the output, `out.scatter_`).
+STEP_END = "scatter_gather"
+
+
+def step_kernels(kernels: list) -> list[list]:
+    """`kernels` (profiler events) in start order, cut into decode steps after each `STEP_END`."""
+    steps, current = [], []
+    for e in sorted(kernels, key=lambda e: e.time_range.start):
+        current.append(e)
+        if STEP_END in e.name:
+            steps.append(current)
+            current = []
+    return steps
+
+
+def write_timeline(path: str, kernels: list, header: str) -> None:
+    """The middle step's kernels: offset from its first kernel's start, duration, idle gap before
+    (us), name; then the step's busy time and idle gaps in all."""
+    steps = step_kernels(kernels)
+    if not steps:
+        raise SystemExit(f"no decode step ended with a {STEP_END} kernel: nothing to write to {path}")
+    step = steps[len(steps) // 2]
+    t0, end = step[0].time_range.start, step[0].time_range.start
+    lines = [header, f"# step {len(steps) // 2} of {len(steps)}: {len(step)} kernels", "start_us  dur_us  gap_us  name"]
+    busy = idle = 0.0
+    for e in step:
+        gap = max(0.0, e.time_range.start - end)
+        dur = e.time_range.elapsed_us()
+        busy, idle, end = busy + dur, idle + gap, max(end, e.time_range.end)
+        lines.append(f"{e.time_range.start - t0:8.1f} {dur:7.1f} {gap:7.1f}  {e.name[:100]}")
+    lines.append(f"# busy {busy:.0f} us, idle between kernels {idle:.0f} us, span {end - t0:.0f} us")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"# timeline of one step ({len(step)} kernels, {idle:.0f} us idle) written to {path}")
 
 
 if __name__ == "__main__":

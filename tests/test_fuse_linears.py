@@ -1,6 +1,7 @@
 """The compiled decode step's linear-layer pass (`modadapt.decoding.fuse_linears`).
 
-`merge` on graphs traced by hand (which calls share an input, which may move); the whole pass
+`merge` and `reduce_narrow` on graphs traced by hand (which calls share an input, which may move;
+a narrow call's graph reduction computes what the call did); the whole pass
 under `torch.compile` in Triton's interpreter (a subprocess: `TRITON_INTERPRET` is read on import):
 the calls of one input run as one launch, split reductions return partial sums that the graph
 adds, and the results are the uncompiled calls' up to one rounding; the partial-sums op's
@@ -66,6 +67,46 @@ def test_merge_leaves_a_call_whose_weight_comes_later():
     assert fuse_linears.merge(gm.graph) == 0
 
 
+def test_reduce_narrow_computes_a_narrow_call_in_the_graph():
+    """Calls of at most `REDUCED` outputs (with a bias or not) become float32 products and sums
+    that give the call's result up to one rounding; a wider call stays."""
+
+    def fn(x, w1, w8, wide, b8):
+        return single(x, w1, None), single(x, w8, b8), single(x, wide, None)
+
+    x = torch.randn(2, 1, 64).half()
+    ws = [
+        torch.randn(1, 64).half(),
+        torch.randn(decode_linear.REDUCED, 64).half(),
+        torch.randn(decode_linear.REDUCED + 1, 64).half(),
+    ]
+    b8 = torch.randn(decode_linear.REDUCED).half()
+    gm = _traced(fn)
+    _fake_vals(gm, x, *ws, b8)
+    assert fuse_linears.reduce_narrow(gm.graph) == 2
+    gm.recompile()
+    assert _targets(gm).count(single) == 1
+    got = gm(x, *ws, b8)
+    for out, w, b in zip(got, ws, (None, b8, None)):
+        ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+        torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
+        assert out.dtype == x.dtype and out.shape == ref.shape
+
+
+def _fake_vals(gm: torch.fx.GraphModule, *args) -> None:
+    """Each node's `val` as a fake tensor (the pass reads shapes there, as in inductor's graphs),
+    from running the graph on `args`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(*args)
+    fake = FakeTensorMode()
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        if hasattr(tm, "shape"):  # one tensor (the output node's is a tuple)
+            node.meta["val"] = fake.from_tensor(torch.empty(tm.shape, dtype=tm.dtype))
+
+
 COMPILED = """
 import json, torch
 from torch._inductor import config
@@ -84,7 +125,7 @@ wide = torch.nn.Linear(D, 128, bias=False).half()
 def step(x, h):
     x = x * 2
     a, b, c = q(x).view(1, 1, 2, 16) * 3, k(x), v(x)
-    score = router(h) + h[..., :1]  # one weight, the reduction split: the sum goes to the graph
+    score = router(h) + h[..., :1]  # one output: a reduction of the graph's own
     return a, b, c, score, wide(h * 3)  # wide: 128 outputs over 8 programs, unsplit
 
 x, h = torch.randn(1, 1, D).half(), torch.randn(1, 1, D).half()
@@ -116,15 +157,15 @@ print(json.dumps(dict(
 def test_the_pass_under_compile_launches_once_per_input_and_leaves_split_sums_to_the_graph():
     """Eagerly: one launch per weight, split sums in the kernel's second launch. Compiled with the
     pass: q/k/v one launch returning partial sums (their reduction split over programs), the
-    router's score partial sums, the unsplit wide layer its outputs; the results are the eager
-    calls' up to one rounding of the last bit. The partial sums alone (split and not) add up to
-    the float32 product."""
+    router's one-output score no launch (a reduction in the graph), the unsplit wide layer its
+    outputs; the results are the eager calls' up to one rounding of the last bit. The partial
+    sums alone (split and not) add up to the float32 product."""
     out = _interpreted(COMPILED)
-    assert out["made"] == [{"merged": 1, "split_sums": 2}], out
+    assert out["made"] == [{"reduced": 1, "merged": 1, "split_sums": 1}], out
     assert sorted(map(tuple, [(tuple(ns), p) for ns, p in out["eager_launches"]])) == sorted(
         [((32,), False), ((16,), False), ((8,), False), ((1,), False), ((128,), False)]
     ), out
-    assert sorted((tuple(ns), p) for ns, p in out["launches"]) == [((1,), True), ((32, 16, 8), True), ((128,), False)]
+    assert sorted((tuple(ns), p) for ns, p in out["launches"]) == [((32, 16, 8), True), ((128,), False)]
     assert all(out["shapes"]) and max(out["diffs"]) < 2e-3, out
     assert out["partial_splits"] == [4, 1] and max(out["partial_diffs"]) < 1e-5, out
 

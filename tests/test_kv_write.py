@@ -108,3 +108,41 @@ def test_a_failing_kernel_falls_back_to_the_scatters_once(monkeypatch):
     kv_write._RAN[("cpu", torch.float32)] = True  # as if it had run on such tensors before
     with pytest.raises(RuntimeError, match="out of resources"):
         cache.update(key, value, 0)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_the_traced_write_equals_the_eager_one(T):
+    """Under torch.compile (inductor, fullgraph: no break around it) `StaticCache.update` writes
+    as graph ops, which inductor fuses into the new K/V's producers: the buffers and a windowed
+    layer's slot positions end as the eager write leaves them, one token per row or several."""
+    gen = torch.Generator().manual_seed(T)
+    B, capacity, Hk, d = 3, 6, 2, 8
+    keys = [torch.randn(B, capacity, Hk, d, generator=gen) for _ in range(2)]
+    values = [torch.randn(B, capacity, Hk, d, generator=gen) for _ in range(2)]
+    lengths = [torch.tensor([0, 3, capacity - T]), torch.tensor([1, 2, 0])]
+    positions = torch.tensor([[5], [9], [7]]) + torch.arange(T)
+    held = [torch.randint(0, 50, (B, capacity), generator=gen), None]
+
+    def cache():
+        return static_cache.StaticCache(
+            [k.clone() for k in keys],
+            [v.clone() for v in values],
+            lengths,
+            [h if h is None else h.clone() for h in held],
+            positions,
+        )
+
+    key = torch.randn(B, T, Hk, d, generator=gen).transpose(1, 2)
+    value = torch.randn(B, T, Hk, d, generator=gen).transpose(1, 2)
+
+    def write(c: static_cache.StaticCache) -> static_cache.StaticCache:
+        c.update(key * 2, value + 1, 0)  # computed in the graph, as a layer's rotary is
+        return c
+
+    traced, eager = cache(), cache()
+    torch.compile(write, backend="inductor", fullgraph=True, dynamic=False)(traced)
+    write(eager)
+    for a, b in zip(traced.keys + traced.values, eager.keys + eager.values):
+        assert torch.equal(a, b)
+    assert torch.equal(traced.slot_positions[0], eager.slot_positions[0])
+    assert not torch.equal(eager.keys[0], keys[0]) and not torch.equal(eager.slot_positions[0], held[0])

@@ -8,13 +8,14 @@ and the capture records those.
 
 What is compiled: each layer's own forward (norms, projections, rotary, MLP, residual adds; the
 dense layers, MoD layers' work, speculation's draft and verification alike), the rotary embedding
-and the final norm. What is not: the static cache's write (`StaticCache.update`: the K/V write
-kernel or `scatter_`, in place into the step's buffers) and the attention that reads it
-(`static_cache_attention`: the split-KV kernel, flash with used lengths or the masked fallback,
-and its bookkeeping) are `torch.compiler.disable`d, so a layer compiles as graphs around them
-(graph breaks) and they run as they do uncompiled. Traced, the write into a graph input would be
-functionalized (a copy of a whole buffer per layer, unless inductor puts it back in place) and the
-kernels' try-once fallbacks would break the graph anyway. The few-row linear layers that
+and the final norm, and the static cache's write (`StaticCache.update` traced as index writes
+into the step's buffers, graph inputs that inductor writes in place: computed in the kernel of
+the key's rotary and the value's projection sum, with no launch of its own). What is not: the
+attention that reads the cache (`static_cache_attention`: the split-KV kernel, flash with used
+lengths or the masked fallback, and its bookkeeping) is `torch.compiler.disable`d, so a layer
+compiles as graphs around it (a graph break) and it runs as it does uncompiled (its kernels'
+try-once fallbacks would break the graph anyway). Inductor's combo kernels (`COMBO_KERNELS`)
+launch a graph's independent small kernels as one (a layer's q rotary with its K/V writes). The few-row linear layers that
 `decode_linear.FewRowsLinear` sends to its kernel are one opaque op each in the compiled graphs
 (Dynamo traces the mode, which the decoder enters around its steps), which an inductor post-grad
 pass rewrites while compiling (`fuse_linears`: the layers of one input in one launch, split sums
@@ -52,6 +53,11 @@ from ..errors import ModAdaptError
 
 #: The `torch.compile` backend (tests may swap in a counting or failing one).
 BACKEND: Any = "inductor"
+#: Inductor's combo kernels: a graph's independent small kernels launched as one (a layer's q
+#: rotary and its traced K/V writes; a MoD layer's merge and length count). Measured on an H200
+#: (benchmarks/profile_graphed.py --batch 1 --compile [--combo-kernels], 1.1B Llama): 190 kernels
+#: per step against 223, a 1015 us span against 1060.
+COMBO_KERNELS = True
 #: Dynamo cache entries allowed per code object during a warm-up: layers times step shapes.
 RECOMPILE_LIMIT = 4096
 _OFF = "pass compile=False to decode without torch.compile"
@@ -115,7 +121,7 @@ class StepCompiler:
         if flag is not None:
             limits[flag] = True  # past the limit: an error, not a silent eager fallback
         try:
-            with config.patch(**limits), _eager_rounding(), _fused_linears():
+            with config.patch(**limits), _eager_rounding(), _fused_linears(), _combo_kernels():
                 yield
         except (ModAdaptError, torch.OutOfMemoryError):
             raise
@@ -153,6 +159,17 @@ def _eager_rounding() -> contextlib.AbstractContextManager[None]:
     if not hasattr(config, "emulate_precision_casts"):
         return contextlib.nullcontext()
     return config.patch(emulate_precision_casts=True)
+
+
+def _combo_kernels() -> contextlib.AbstractContextManager[None]:
+    """Inductor's combo kernels where `COMBO_KERNELS` asks for them."""
+    try:
+        from torch._inductor import config
+    except ImportError:
+        return contextlib.nullcontext()
+    if not COMBO_KERNELS or not hasattr(config, "combo_kernels"):
+        return contextlib.nullcontext()
+    return config.patch(combo_kernels=True)
 
 
 def _fused_linears() -> contextlib.AbstractContextManager[None]:

@@ -63,6 +63,9 @@ GROUP = 3
 #: 1.1B Llama 6.3-7.8 us at 1-32 rows against 12.8-13.9 (cuBLAS on q, the kernel on k and v),
 #: gate/up 18.3-19.5 against 21.5-22.4; at 64 rows gate/up loses (27.6 against 23.4).
 GROUP_ROWS = 32
+#: Outputs up to which a compiled step computes a layer as a reduction of its own graph
+#: (`fuse_linears.reduce_narrow`: a MoD router's score, fused into its causal rule's kernel).
+REDUCED = 8
 # Tuned on an H200 (benchmarks/decode_linear.py): 128 reduction elements per step, 3 stages,
 # 64 outputs per program where the outputs are many (fewer for narrow layers, so that more
 # programs share the weights' reads), 2 programs per multiprocessor before splitting the reduction.

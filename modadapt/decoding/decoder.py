@@ -75,8 +75,9 @@ class GraphedDecoder:
     tokens, some MoD layers to `skip`). See `modadapt.decoding.speculate`.
 
     `compile=True` runs each layer's forward, the rotary embedding and the final norm through
-    `torch.compile` (inductor, static shapes), so that their small elementwise kernels fuse; the
-    static cache's write and the attention that reads it stay eager, between compiled graphs.
+    `torch.compile` (inductor, static shapes), so that their small elementwise kernels fuse (the
+    static cache's write into the kernel that computes the new K/V); the attention that reads the
+    cache stays eager, between compiled graphs.
     Each new step shape compiles in the step's warm-up, before its capture (the first `prefill`
     of a shape takes that long); nothing compiles after it. See `modadapt.decoding.compiled`.
     """

@@ -11,6 +11,10 @@ while `StepCompiler.compiling`) rewrites them, because at such shapes a step is 
   the calls that share an input become one `modadapt::decode_linears` call, which runs them in
   one launch of the kernel where that wins (`decode_linear.group_wins`), each weight's outputs
   its own tensor as before.
+- **Narrow layers as reductions.** A call left alone of at most `decode_linear.REDUCED` outputs (a MoD
+  router's score) becomes its float32 product and sum as graph ops: inductor computes it in the
+  kernel of what consumes it (the router's causal rule), where a launch of its own cost ~2 us of
+  a MoD layer's routing.
 - **Split sums fused.** Where the kernel splits the reduction over programs (narrow or short
   layers: q/k/v, o and down projections, a router's score), its second kernel that adds the
   float32 partial sums is replaced: the call returns the partials
@@ -38,8 +42,37 @@ _VIEWS = ("view", "reshape", "_unsafe_view")
 
 
 def fuse(graph: torch.fx.Graph) -> dict:
-    """`merge`, then `split_sums`; returns how many calls each made."""
-    return {"merged": merge(graph), "split_sums": split_sums(graph)}
+    """`merge`, `reduce_narrow` (a narrow call of an input that others share joins their launch
+    first), then `split_sums`; returns how many calls each made."""
+    return {"merged": merge(graph), "reduced": reduce_narrow(graph), "split_sums": split_sums(graph)}
+
+
+def reduce_narrow(graph: torch.fx.Graph) -> int:
+    """Replace each `decode_linear` call of at most `decode_linear.REDUCED` outputs by graph ops:
+    the float32 products of its input and weight, their sum, the bias, the rounding to the input's
+    dtype (one rounding from a float32 sum, as the kernel's); returns how many were replaced."""
+    single, convert = torch.ops.modadapt.decode_linear.default, torch.ops.prims.convert_element_type.default
+    made = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not single or node.kwargs:
+            continue
+        x, weight, bias = node.args[0], node.args[1], _bias(node)
+        x_val, w_val = _val(x), _val(weight)
+        if not isinstance(x_val, torch.Tensor) or not isinstance(w_val, torch.Tensor) or x_val.dim() == 0:
+            continue
+        if w_val.shape[0] > decode_linear.REDUCED:
+            continue
+        with graph.inserting_before(node):
+            rows = _op(graph, torch.ops.aten.unsqueeze.default, _op(graph, convert, x, torch.float32), -2)
+            products = _op(graph, torch.ops.aten.mul.Tensor, rows, _op(graph, convert, weight, torch.float32))
+            total = _op(graph, torch.ops.aten.sum.dim_IntList, products, [-1])  # [..., outputs]
+            if bias is not None:
+                total = _op(graph, torch.ops.aten.add.Tensor, total, bias)
+            out = _op(graph, convert, total, x_val.dtype)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        made += 1
+    return made
 
 
 def merge(graph: torch.fx.Graph) -> int:
@@ -131,7 +164,7 @@ def _op(graph: torch.fx.Graph, target, *args) -> torch.fx.Node:
 
 def _val(arg):
     if isinstance(arg, torch.fx.Node):
-        return arg.meta["val"]
+        return arg.meta.get("val")
     if isinstance(arg, list):
         return [_val(a) for a in arg]
     return arg

@@ -3,8 +3,9 @@
 `StaticCache.update` writes each row's new K/V at the row's length. As two `scatter_` calls that
 is two kernels per layer and step, 2.4 us each at batch 1 and 4.2 at batch 32 on an H200 (issue
 17's profile, 1.1B Llama): at decode's sizes a kernel costs its launch, not its bytes. Here one
-program per (row, K/V head) copies that head's key and value (`StaticCache.update` runs eagerly,
-outside `torch.compile`'s graphs, so the kernel is launched as it is).
+program per (row, K/V head) copies that head's key and value. This is the uncompiled step's
+write; a compiled step (`compile=True`) traces `StaticCache.update` as index writes instead, which
+inductor computes in the kernel that makes the new K/V (no launch of its own).
 """
 
 from __future__ import annotations

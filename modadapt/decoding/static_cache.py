@@ -121,8 +121,31 @@ class StaticCache:
         self.slot_positions = slot_positions if slot_positions is not None else [None] * len(keys)
         self.positions = positions
 
-    @torch.compiler.disable  # in place into the buffers, eagerly (see `modadapt.decoding.compiled`)
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if torch.compiler.is_compiling():  # traced: inductor fuses the write into the K/V's producers
+            return self._traced_update(key, value, layer_idx)
+        return self._eager_update(key, value, layer_idx)
+
+    def _traced_update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
+        """`update` as graph ops, for `torch.compile`: index writes into the buffers (graph inputs,
+        which inductor writes in place) that inductor computes in the kernel of what they write (the
+        key's rotary, the value's split sum), so the write costs no kernel of its own. The slots must
+        fit, as the eager `scatter_` requires: a decoder sizes each buffer for every step it allows
+        (and reading a buffer's old contents here, to leave a slot past it alone, would make inductor
+        compute the new K/V in a kernel apart)."""
+        k, v, length = self.keys[layer_idx], self.values[layer_idx], self.lengths[layer_idx]
+        B, Hk, T, d = key.shape
+        rows = torch.arange(B, device=length.device).view(B, 1)
+        at = length.view(B, 1) + torch.arange(T, device=length.device) if T > 1 else length.view(B, 1)
+        k[rows, at] = key.transpose(1, 2).to(k.dtype)  # [B, T, Hk, d] at [B, T] slots
+        v[rows, at] = value.transpose(1, 2).to(v.dtype)
+        held = self.slot_positions[layer_idx]
+        if held is not None:
+            held[rows, at] = self.positions.expand(B, T)
+        return k, v
+
+    @torch.compiler.disable  # in place into the buffers, eagerly (see `modadapt.decoding.compiled`)
+    def _eager_update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
         k, v, length = self.keys[layer_idx], self.values[layer_idx], self.lengths[layer_idx]
         B, Hk, T, d = key.shape
         if T == 1:
