@@ -981,6 +981,24 @@ def test_compiled_step_errors(tiny, ids, monkeypatch):
     assert torch.equal(GraphedDecoder(model).generate(ids(1, 5), max_new_tokens=3), greedy(model, ids(1, 5), None, 3))
 
 
+def test_compiling_sets_the_step_s_inductor_options(monkeypatch):
+    """While a step compiles: half-precision rounding as eager, the linear layers' pass and combo
+    kernels (unless `COMBO_KERNELS` is off); outside, inductor's own settings."""
+    from torch._inductor import config
+
+    from modadapt.decoding import compiled
+    from modadapt.decoding.fuse_linears import FuseLinears
+
+    before = (config.combo_kernels, config.emulate_precision_casts, config.post_grad_custom_post_pass)
+    for combo in (True, False):
+        monkeypatch.setattr(compiled, "COMBO_KERNELS", combo)
+        with compiled.StepCompiler().compiling():
+            assert config.combo_kernels is (True if combo else before[0])
+            assert config.emulate_precision_casts is True
+            assert isinstance(config.post_grad_custom_post_pass, FuseLinears)
+        assert (config.combo_kernels, config.emulate_precision_casts, config.post_grad_custom_post_pass) == before
+
+
 def test_compiled_step_refuses_to_compile_after_its_warm_up(tiny, ids, monkeypatch):
     """A guard that fails after the warm-up (here: one layer put in training mode) is an error
     naming compile=False, not a silent compile while decoding (or, on CUDA, inside a capture)."""

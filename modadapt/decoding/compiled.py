@@ -55,7 +55,7 @@ from ..errors import ModAdaptError
 BACKEND: Any = "inductor"
 #: Inductor's combo kernels: a graph's independent small kernels launched as one (a layer's q
 #: rotary and its traced K/V writes; a MoD layer's merge and length count). Measured on an H200
-#: (benchmarks/profile_graphed.py --batch 1 --compile [--combo-kernels], 1.1B Llama): 190 kernels
+#: (benchmarks/profile_graphed.py --batch 1 --compile --combo-kernels on|off, 1.1B Llama): 190 kernels
 #: per step against 223, a 1015 us span against 1060.
 COMBO_KERNELS = True
 #: Dynamo cache entries allowed per code object during a warm-up: layers times step shapes.
@@ -162,7 +162,7 @@ def _eager_rounding() -> contextlib.AbstractContextManager[None]:
 
 
 def _combo_kernels() -> contextlib.AbstractContextManager[None]:
-    """Inductor's combo kernels where `COMBO_KERNELS` asks for them."""
+    """Inductor's combo kernels while compiling, where `COMBO_KERNELS` asks for them."""
     try:
         from torch._inductor import config
     except ImportError:
