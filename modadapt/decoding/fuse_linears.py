@@ -11,12 +11,12 @@ while `StepCompiler.compiling`) rewrites them, because at such shapes a step is 
   the calls that share an input become one `modadapt::decode_linears` call, which runs them in
   one launch of the kernel where that wins (`decode_linear.group_wins`), each weight's outputs
   its own tensor as before.
-- **Narrow layers as reductions.** A call left alone of at most `decode_linear.REDUCED` outputs (a MoD
-  router's score) becomes its float32 product and sum as graph ops: inductor computes it in the
-  kernel of what consumes it (the router's causal rule), where a launch of its own cost ~2 us of
-  a MoD layer's routing.
+- **Narrow layers as reductions.** A call left alone of at most `decode_linear.REDUCED` outputs
+  (a MoD router's score) becomes its float32 product and sum as graph ops: inductor computes it
+  in the kernel of what consumes it (the router's causal rule), where a launch of its own cost
+  ~2 us of a MoD layer's routing.
 - **Split sums fused.** Where the kernel splits the reduction over programs (narrow or short
-  layers: q/k/v, o and down projections, a router's score), its second kernel that adds the
+  layers: q/k/v, o and down projections), its second kernel that adds the
   float32 partial sums is replaced: the call returns the partials
   (`modadapt::decode_linear_partials`) and the sum, the bias and the rounding are graph ops that
   inductor fuses into what consumes them (the rotary embedding, the residual add and the next
