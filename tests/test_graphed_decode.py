@@ -216,6 +216,22 @@ def test_graphed_decoder_bad_input(tiny, ids):
         decoder.generate(ids(1, 4), max_new_tokens=2)
 
 
+def test_mod_attention_at_batch_splits_for_the_rows_its_router_keeps():
+    """`expected_readers`: the router's target share of the batch, rounded up, at least one row;
+    a router that names no share (threshold-p with target none) is taken to keep half."""
+    from types import SimpleNamespace
+
+    from modadapt.decoding.step import READ_SHARE, expected_readers
+
+    assert expected_readers(SimpleNamespace(target_share=0.125), 32) == 4
+    assert expected_readers(SimpleNamespace(target_share=0.1), 30) == 3  # not 4 from float noise
+    assert expected_readers(SimpleNamespace(target_share=0.01), 8) == 1
+    assert expected_readers(SimpleNamespace(target_share=1.0), 8) == 8
+    assert expected_readers(SimpleNamespace(target_share=None), 32) == round(32 * READ_SHARE)
+    router = modadapt.convert(build_tiny("llama"), router="threshold-p", router_kwargs={"target": None})
+    assert expected_readers(modadapt.mod_layers(router)[0].router, 8) == 4
+
+
 def test_graphed_decoder_branch_modes(tiny, monkeypatch):
     import modadapt.decoding.decoder as gd
     from modadapt.decoding.step import BRANCHES, gather_buckets

@@ -61,10 +61,13 @@ def case(B, H, Hk, d, capacity, dtype, sms, seed):
         k[lo : lo + n] = torch.randn(n, Hk, d, generator=gen).to(dtype)
         v[lo : lo + n] = torch.randn(n, Hk, d, generator=gen).to(dtype)
     out = split_kv.decode_attention(q, k, v, cu_k, used, None, capacity, sms)
+    # split for one reading row (a MoD layer at batch): more chunks, the same result
+    few = split_kv.decode_attention(q, k, v, cu_k, used, None, capacity, sms, 1)
     ref = split_kv.reference(q, k, v, cu_k, used, d**-0.5)
     chunks = split_kv.splits(B, Hk, capacity, sms)
     return dict(shape=[B, H, Hk, d, capacity, str(dtype), sms], chunks=chunks, finite=bool(out.isfinite().all()),
-                diff=float((out.float() - ref.float()).abs().max()), empty_row_zero=B < 2 or bool((out[1] == 0).all()))
+                diff=float((out.float() - ref.float()).abs().max()), empty_row_zero=B < 2 or bool((out[1] == 0).all()),
+                few_diff=float((few.float() - ref.float()).abs().max()), few_chunks=split_kv.splits(1, Hk, capacity, sms))
 
 results = []
 for B, H, Hk, d, capacity in [(1, 8, 2, 64, 300), (3, 8, 2, 32, 520), (4, 4, 4, 64, 130), (2, 16, 1, 16, 257)]:
@@ -82,10 +85,11 @@ def test_kernel_matches_its_reference_and_reads_only_the_rows_slots():
     both run; grouped heads (G = 4, 16) and G = 1."""
     results = _interpreted(CASES)
     assert {r["chunks"] > 1 for r in results} == {True, False}
+    assert any(r["few_chunks"] > r["chunks"] for r in results)  # split for fewer rows: more chunks
     for r in results:
         tolerance = 1e-5 if "float32" in r["shape"][5] else 2e-3
         assert r["finite"] and r["empty_row_zero"], r
-        assert r["diff"] < tolerance, r
+        assert r["diff"] < tolerance and r["few_diff"] < tolerance, r
 
 
 DECODING = """
@@ -93,9 +97,9 @@ import json, torch
 from conftest import build_tiny, build_windowed, greedy, left_pad_batch, make_ids, routed
 from modadapt.decoding import GraphedDecoder, split_kv
 
-calls = []
+calls = []  # each call's `readers` (the rows it splits for; None: all)
 kernel = split_kv.decode_attention
-split_kv.decode_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+split_kv.decode_attention = lambda *a, **k: calls.append(a[8] if len(a) > 8 else k.get("readers")) or kernel(*a, **k)
 x, mask, _ = left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
 results = []
 for name, model, branches in [
@@ -107,7 +111,7 @@ for name, model, branches in [
         expected = greedy(model, x[:rows], mask[:rows], 24)
         got = GraphedDecoder(model, branches=branches).generate(x[:rows], attention_mask=mask[:rows], max_new_tokens=24)
         results.append(dict(case=name, rows=rows, equal=bool(torch.equal(got, expected))))
-print(json.dumps(dict(results=results, calls=len(calls))))
+print(json.dumps(dict(results=results, calls=len(calls), readers=sorted({r for r in calls if r is not None}))))
 """
 
 
@@ -115,9 +119,11 @@ print(json.dumps(dict(results=results, calls=len(calls))))
 def test_graphed_decoding_through_the_kernel_gives_generates_tokens():
     """The decode step's attention through the kernel (interpreted, float32): batch 1 and a
     left-padded batch, gathered rows (`cu_k` of the rows a gathered call reads) and a sliding
-    window (reads from the window's first slot) give `model.generate`'s greedy tokens."""
+    window (reads from the window's first slot) give `model.generate`'s greedy tokens. The MoD
+    layers at batch 3 (threshold-p, target share 0.5) split for the 2 rows expected to read."""
     out = _interpreted(DECODING)
     assert out["calls"] > 0
+    assert out["readers"] == [2]
     for r in out["results"]:
         assert r["equal"], r
 

@@ -7,7 +7,7 @@ exists; torch 2.11 (the GPU machine's) has no such method, but its driver has co
 (`keep_graph=True`, so its `cudaGraph_t` stays), and `ConditionalGraph` stitches them into one
 driver graph: each piece as a child-graph node, each MoD layer's work inside an IF node whose
 condition a one-thread kernel (compiled once with NVRTC, the runtime compiler torch ships) sets
-from the routing piece's decision byte. One launch of the stitched graph runs the whole step.
+from the routing piece's decision bytes (any of them: at batch, the layer runs if some row keeps). One launch of the stitched graph runs the whole step.
 
 Only `ctypes` and the libraries torch itself loads (the driver, NVRTC): no new dependency.
 The pieces' memory is the torch graphs' pool, so the torch graphs must outlive the stitched one
@@ -27,8 +27,10 @@ from ..errors import ModAdaptError
 
 _SOURCE = r"""
 extern "C" __device__ void cudaGraphSetConditional(unsigned long long handle, unsigned int value);
-extern "C" __global__ void modadapt_set_condition(unsigned long long handle, const unsigned char* flag) {
-    cudaGraphSetConditional(handle, flag[0] != 0 ? 1u : 0u);
+extern "C" __global__ void modadapt_set_condition(unsigned long long handle, const unsigned char* flags, int count) {
+    unsigned int any = 0u;
+    for (int i = 0; i < count; ++i) any |= flags[i] != 0 ? 1u : 0u;
+    cudaGraphSetConditional(handle, any);
 }
 """
 _KERNEL = b"modadapt_set_condition"
@@ -192,9 +194,9 @@ def _load_kernel(lib, device: int) -> ctypes.c_void_p:
 class ConditionalGraph:
     """A driver graph stitched from captured torch graphs, in order: `add(graph)` always runs,
     `add_if(handle, graph)` runs when the condition `handle` holds. `condition()` makes a handle
-    (each launch starts at 0: skip); `set_condition(handle, flag)` queues, on the current stream
-    (inside a torch capture: into that graph), the kernel that sets it from a one-byte device
-    tensor. `instantiate()` once, then `launch()` per step on the current stream."""
+    (each launch starts at 0: skip); `set_condition(handle, flags)` queues, on the current stream
+    (inside a torch capture: into that graph), the kernel that sets it from a device tensor of
+    bytes (true if any is nonzero). `instantiate()` once, then `launch()` per step on the current stream."""
 
     def __init__(self):
         d = _driver()
@@ -217,13 +219,11 @@ class ConditionalGraph:
         )
         return handle.value
 
-    def set_condition(self, handle: int, flag: torch.Tensor) -> None:
-        if flag.numel() != 1 or flag.element_size() != 1 or not flag.is_cuda:
-            raise ModAdaptError("a condition is set from one byte on the GPU (a bool or uint8 tensor of one element)")
-        h, ptr = ctypes.c_uint64(handle), ctypes.c_void_p(flag.data_ptr())
-        args = (ctypes.c_void_p * 2)(
-            ctypes.cast(ctypes.byref(h), ctypes.c_void_p), ctypes.cast(ctypes.byref(ptr), ctypes.c_void_p)
-        )
+    def set_condition(self, handle: int, flags: torch.Tensor) -> None:
+        if flags.numel() < 1 or flags.element_size() != 1 or not flags.is_cuda or not flags.is_contiguous():
+            raise ModAdaptError("a condition is set from bytes on the GPU (a contiguous bool or uint8 tensor)")
+        h, ptr, n = ctypes.c_uint64(handle), ctypes.c_void_p(flags.data_ptr()), ctypes.c_int(flags.numel())
+        args = (ctypes.c_void_p * 3)(*(ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in (h, ptr, n)))
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         self._call(self._lib.cuLaunchKernel(self._kernel, 1, 1, 1, 1, 1, 1, 0, stream, args, None), "cuLaunchKernel")
 

@@ -12,6 +12,10 @@ Here a program reads one K/V head of one row for all G query heads of its group,
 `S` chunks of the row's slots (S fills the device: `splits`); a second kernel combines the chunks
 by their log-sum-exp. With S = 1 the first writes the output itself. Rows with no used slot give
 zeros (flash's convention), so a row that skips a MoD layer costs nothing and yields no NaN.
+Where most rows read nothing (a MoD layer at batch: only the rows that keep the token read), the
+chunks are split for the rows expected to read (`readers`): split for every row, the few that
+read would run in too few programs to read at bandwidth (an H200 at batch 32, 2k context: 18-22 us
+where half the rows read, against 37 us where all do).
 `reference` is the same computation in torch, which the tests hold the kernel to.
 """
 
@@ -87,10 +91,13 @@ def reference(q, k, v, cu_k, used, scale: float) -> torch.Tensor:
     return out.to(q.dtype)
 
 
-def decode_attention(q, k, v, cu_k, used, scale: float | None, capacity: int, multiprocessors: int) -> torch.Tensor:
+def decode_attention(
+    q, k, v, cu_k, used, scale: float | None, capacity: int, multiprocessors: int, readers: int | None = None
+) -> torch.Tensor:
     """`q` `[B, H, d]` against `k`/`v` `[slots, Hk, d]` (contiguous), row b reading slots
     `cu_k[b] + [0, used[b])` (int32 tensors of at least B entries, `used` at most `capacity`);
-    returns `[B, H, d]` in q's dtype."""
+    returns `[B, H, d]` in q's dtype. `readers`: how many rows are expected to have used slots
+    (default: all B); the chunks are split to fill the device with those."""
     if triton is None:
         raise ModAdaptError("the split-KV decode attention needs Triton")
     B, H, d = q.shape
@@ -101,7 +108,7 @@ def decode_attention(q, k, v, cu_k, used, scale: float | None, capacity: int, mu
     if q.stride(-1) != 1:
         q = q.contiguous()
     scale = d**-0.5 if scale is None else float(scale)
-    S = splits(B, Hk, max(capacity, 1), multiprocessors)
+    S = splits(B if readers is None else max(1, min(B, readers)), Hk, max(capacity, 1), multiprocessors)
     chunk = -(-max(capacity, 1) // S)
     chunk = -(-chunk // BLOCK_N) * BLOCK_N
     S = -(-max(capacity, 1) // chunk)

@@ -72,6 +72,9 @@ class KeyLengths:
     # A gathered call: `[n]` int64, the cache row each of the call's n rows reads (`cu_k` then
     # holds `rows * capacity`); None: row b reads row b.
     rows: torch.Tensor | None = None
+    # How many rows are expected to read (a MoD layer at batch, whose skipping rows' `used` is 0:
+    # `step.expected_readers`); None: every row. Tunes the split-KV kernel's chunks only.
+    readers: int | None = None
 
     def mask(self, capacity: int) -> torch.Tensor:
         """`[B, 1, queries, capacity]`: the slots each query reads."""
@@ -288,7 +291,9 @@ def static_cache_attention(
         cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
         if T == 1 and split_kv_available(query, key):
             sms = multiprocessors(query.device) if query.is_cuda else 1
-            call = functools.partial(split_kv.decode_attention, query[:, :, 0], k, v, cu_k, used, scale, capacity, sms)
+            call = functools.partial(
+                split_kv.decode_attention, query[:, :, 0], k, v, cu_k, used, scale, capacity, sms, lengths.readers
+            )
             out = tried(_SPLIT_KV, kernels, (Exception,), call)  # Triton's compile and resource errors
             if out is not None:
                 return out.view(B, 1, H, d)

@@ -20,6 +20,7 @@ in `"select"`. The bucket is chosen on the host from one byte per MoD layer (`"g
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,21 @@ def route_decision(router, h, positions, layer_index: int, margin: float, length
         reads = reads * keep.view(-1)
     used.copy_(reads)
     return keep, router.gate(logits)
+
+
+#: The share of a batch's rows a MoD layer's attention is split for where its router names none
+#: (`expected_readers`).
+READ_SHARE = 0.5
+
+
+def expected_readers(router, batch: int) -> int:
+    """How many of `batch` rows are expected to read a MoD layer's K/V in a step where the rows
+    that skip read none: the share of tokens its router aims to keep (`target_share`; else
+    `READ_SHARE`), at least one row. The split-KV kernel fills the device with those rows' chunks.
+    A per-layer constant, not the prompt's measured share: it is fixed where the step compiles."""
+    share = getattr(router, "target_share", None)
+    share = READ_SHARE if share is None else float(share)
+    return max(1, min(batch, math.ceil(batch * share - 1e-9)))
 
 
 def merge_kept(out, gate, h, keep, length, only_kept: bool) -> None:
@@ -309,10 +325,17 @@ class DecodeStep:
         if self.gather:
             self._order_rows(i, keep.view(-1))
             return
+        if zero and B > 1:
+            lengths.readers = expected_readers(layer.module.router, B)
         if self.mode == "select":  # no branch: the layer always runs
             pred = None
+        elif B == 1:
+            live[("pred", i)] = pred = keep.reshape(())
+        elif self.mode in CONDITIONAL and self.decoder.cuda_graphs and not torch_conditional_nodes():
+            # driver conditional nodes: the condition kernel reads every row's byte (no `any` kernel)
+            live[("pred", i)] = pred = keep.view(-1)
         else:
-            live[("pred", i)] = pred = keep.reshape(()) if B == 1 else keep.any()
+            live[("pred", i)] = pred = keep.any()
         if self.flags is not None:  # the decision's byte (bool viewed as uint8: no kernel) to the host
             self.flags[i].copy_(pred.view(torch.uint8), non_blocking=True)
         live[("lengths", i)] = lengths
@@ -410,7 +433,7 @@ class DecodeStep:
                     code = int(self.live[("bucket", piece[1])])
                     if code:
                         piece[2][code - 1]()
-            elif warm or self.mode == "select" or bool(self.live[("pred", piece[1])]):
+            elif warm or self.mode == "select" or bool(self.live[("pred", piece[1])].any()):
                 piece[2]()
 
     def capture(self) -> None:
