@@ -284,7 +284,7 @@ def test_reserved_packing_that_overflows_runs_again_exactly(core_family, tiny, i
 def test_auto_reserve_learns_each_layers_share(tiny, ids, left_pad, randomize_routers, packed_calls):
     """`pack_reserve="auto"`: a layer's first reserved call holds every token; the forward's one
     read of the kept counts teaches each layer its share (not in a call too short to tell), and
-    later calls reserve 1.1 times it (per layer, up to the bucket); a layer that keeps more than
+    later calls reserve 1.1 times it (per layer, rounded up to a sixteenth, then the bucket); a layer that keeps more than
     that makes the forward run again exactly (no warning: the share grows; the layers after it,
     which saw a cut selection, learn nothing) and all along the logits are the exact pack's."""
     exact, auto = _exact_and_reserved(tiny, "llama", randomize_routers, pack_reserve="auto", pack_bucket=4)
@@ -303,7 +303,8 @@ def test_auto_reserve_learns_each_layers_share(tiny, ids, left_pad, randomize_ro
         assert shares == [float(layer.mod_state.last_keep.sum()) / tokens for layer in layers]
         before = len(packed_calls)
         second = auto(x, **call).logits
-        reserved = [modadapt.mod_layer.reserved_slots(min(1.0, 1.1 * share), tokens, 4) for share in shares]
+        auto_reserve = modadapt.mod_layer.auto_reserve
+        reserved = [modadapt.mod_layer.reserved_slots(auto_reserve(share), tokens, 4) for share in shares]
         assert packed_calls[before:] == reserved and len(set(reserved)) > 1  # each layer its own
         torch.testing.assert_close(first[real], expected[real], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(second[real], expected[real], rtol=1e-4, atol=1e-5)
@@ -359,6 +360,20 @@ def test_calibration_makes_the_auto_reserve_learn_afresh(tiny, ids):
     assert all(layer.mod_state.reserve_share is not None for layer in layers)
     modadapt.calibrate_cutoffs(model, [ids(2, 12, seed=1)])
     assert all(layer.mod_state.reserve_share is None for layer in layers)
+
+
+def test_auto_reserve_rounds_a_creeping_share_to_the_same_slots():
+    """A layer's reserve moves in steps of a sixteenth: shares a little apart give the same slots
+    (one compiled shape), each reserve holds 1.1 times its share, and none exceeds every token."""
+    from modadapt.mod_layer import AUTO_RESERVE_STEP, auto_reserve
+
+    assert auto_reserve(None) == 1.0
+    assert auto_reserve(0.50) == auto_reserve(0.505) == auto_reserve(0.51) == 9 / 16
+    assert auto_reserve(0.52) == 10 / 16
+    assert auto_reserve(0.95) == 1.0
+    assert auto_reserve(10 / 11 * 0.5) == 0.5  # exactly a step after the margin: not one more
+    for share in torch.linspace(0.01, 0.9, 50).tolist():
+        assert 1.1 * share - 1e-9 <= auto_reserve(share) < 1.1 * share + AUTO_RESERVE_STEP
 
 
 def test_pack_reserve_values():
