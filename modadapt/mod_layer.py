@@ -30,7 +30,8 @@ STATE_ATTR = "_modadapt_state"
 #: multiple of `AUTO_RESERVE_STEP` (then `pack_bucket`), learnt from calls of at least this many
 #: tokens (a share of a few tokens says little). The rounding keeps a layer's slots fixed while its
 #: share creeps up: each new slot count is a new shape, which `torch.compile(dynamic=False)`
-#: compiles anew (on an H200, unrounded, 5 of the first 6 compiled prefills of 1.1B took 2-4 s).
+#: compiles anew (on an H200, unrounded, 5 of the first 6 compiled prefills of 1.1B took 2-4 s:
+#: new reserves, and the exact reruns of the 6 forwards that overflowed one).
 AUTO_RESERVE_MARGIN = 1.1
 AUTO_RESERVE_STEP = 1 / 16
 AUTO_RESERVE_MIN_TOKENS = 128
