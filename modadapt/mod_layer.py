@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -183,6 +184,8 @@ def _gather_tokens(value: Any, index: torch.Tensor) -> Any:
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return value
     B, K = index.shape
+    if B == 1 and value.shape[0] == 1:  # a packed call's one row: one op
+        return value.index_select(1, index[0])
     value = value.expand(B, *value.shape[1:])
     idx = index.view(B, K, *([1] * (value.dim() - 2))).expand(B, K, *value.shape[2:])
     return value.gather(1, idx)
@@ -344,9 +347,9 @@ def _flatten_rows(value: Any, B: int, T: int, dummy_row: bool = False) -> Any:
         return type(value)(_flatten_rows(v, B, T, dummy_row) for v in value)
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return value
-    flat = value.expand(B, *value.shape[1:]).reshape(1, B * T, *value.shape[2:])
-    if dummy_row:
-        flat = torch.cat([flat, flat.new_zeros(1, 1, *value.shape[2:])], dim=1)
+    flat = value if B == 1 else value.expand(B, *value.shape[1:]).reshape(1, B * T, *value.shape[2:])
+    if dummy_row:  # one op: the eager call is bound by the host at batch 1 (one row's prefill)
+        flat = F.pad(flat, (0, 0) * (flat.dim() - 2) + (0, 1))
     return flat
 
 

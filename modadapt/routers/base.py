@@ -529,13 +529,13 @@ def pack_reserved(
     keep = _apply_roles(keep, real, forced)
     B, T = keep.shape
     ends = keep.sum(1).cumsum(0)
-    chunks = torch.arange(1, -(-slots // T) + 1, device=keep.device) * T
-    segments = torch.zeros(B + 1 + len(chunks), dtype=torch.int32, device=keep.device)
-    segments[1 : B + 1] = ends.clamp(max=slots)
-    segments[B + 1 :] = (ends[-1].clamp(max=slots) + chunks).clamp(max=slots)
+    kept = ends[-1]
+    fillers = kept + torch.arange(T, (-(-slots // T) + 1) * T, T, device=keep.device)  # chunks of T
+    # few ops: at batch 1 a prefill's MoD layers are bound by the host
+    segments = F.pad(torch.cat([ends, fillers]).clamp(max=slots), (1, 0)).to(torch.int32)
     flat = keep.reshape(-1)
     indices = torch.nonzero_static(flat, size=slots, fill_value=flat.shape[0]).reshape(1, -1)
-    return indices, segments, keep, ends[-1]
+    return indices, segments, keep, kept
 
 
 @torch.compiler.disable
