@@ -828,3 +828,19 @@ def test_speed_benchmark_pack_bucket_reaches_the_models(tmp_path, monkeypatch):
     assert all(r["pack_bucket"] == 8 and r["pack_reserve"] == 0.05 for r in records)
     prefill = [r for r in records if r["scenario"].startswith("prefill")]
     assert prefill and all(isinstance(r["pack_reruns"], int) for r in prefill)  # off CUDA `auto` pads: 0
+    assert all(r["settle_calls"] >= 3 for r in prefill)  # the three prompts once at least, untimed
+
+
+def test_speed_benchmark_settles_reserves_before_timing(monkeypatch):
+    """`settle_reserves` calls until as many calls in a row as asked ran without a rerun, and
+    gives up after four times as many."""
+    bench = _speed_bench(monkeypatch)
+    state = types.SimpleNamespace(pack_reruns=0)
+    reruns = iter([1, 0, 1, 0, 0, 0, 1])  # what each call adds
+
+    def call():
+        state.pack_reruns += next(reruns)
+
+    assert bench.settle_reserves(state, call, 3) == 6
+    state.pack_reruns = 0
+    assert bench.settle_reserves(state, lambda: setattr(state, "pack_reruns", state.pack_reruns + 1), 2) == 8
