@@ -228,8 +228,8 @@ def test_mod_attention_at_batch_splits_for_the_rows_its_router_keeps():
     assert expected_readers(SimpleNamespace(target_share=0.01), 8) == 1
     assert expected_readers(SimpleNamespace(target_share=1.0), 8) == 8
     assert expected_readers(SimpleNamespace(target_share=None), 32) == round(32 * READ_SHARE)
-    router = modadapt.convert(build_tiny("llama"), router="threshold-p", router_kwargs={"target": None})
-    assert expected_readers(modadapt.mod_layers(router)[0].router, 8) == 4
+    model = modadapt.convert(build_tiny("llama"), router="threshold-p", router_kwargs={"target": None})
+    assert expected_readers(modadapt.mod_layers(model)[0].router, 8) == 4
 
 
 def test_graphed_decoder_branch_modes(tiny, monkeypatch):

@@ -99,7 +99,7 @@ from modadapt.decoding import GraphedDecoder, split_kv
 
 calls = []  # each call's `readers` (the rows it splits for; None: all)
 kernel = split_kv.decode_attention
-split_kv.decode_attention = lambda *a, **k: calls.append(a[8] if len(a) > 8 else k.get("readers")) or kernel(*a, **k)
+split_kv.decode_attention = lambda *a, **k: calls.append(k.get("readers")) or kernel(*a, **k)
 x, mask, _ = left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
 results = []
 for name, model, branches in [

@@ -291,9 +291,8 @@ def static_cache_attention(
         cu_k, used = (lengths.cu_k, lengths.used) if lengths.window is None else lengths.window_keys()
         if T == 1 and split_kv_available(query, key):
             sms = multiprocessors(query.device) if query.is_cuda else 1
-            call = functools.partial(
-                split_kv.decode_attention, query[:, :, 0], k, v, cu_k, used, scale, capacity, sms, lengths.readers
-            )
+            args = (query[:, :, 0], k, v, cu_k, used, scale, capacity, sms)
+            call = functools.partial(split_kv.decode_attention, *args, readers=lengths.readers)
             out = tried(_SPLIT_KV, kernels, (Exception,), call)  # Triton's compile and resource errors
             if out is not None:
                 return out.view(B, 1, H, d)

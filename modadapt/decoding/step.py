@@ -135,8 +135,7 @@ def expected_readers(router, batch: int) -> int:
     that skip read none: the share of tokens its router aims to keep (`target_share`; else
     `READ_SHARE`), at least one row. The split-KV kernel fills the device with those rows' chunks.
     A per-layer constant, not the prompt's measured share: it is fixed where the step compiles."""
-    share = getattr(router, "target_share", None)
-    share = READ_SHARE if share is None else float(share)
+    share = READ_SHARE if router.target_share is None else float(router.target_share)
     return max(1, min(batch, math.ceil(batch * share - 1e-9)))
 
 
@@ -166,7 +165,8 @@ class StepLayer:
 class DecodeStep:
     """The buffers of one shape (batch, capacities), the decode step as pieces over them, and
     (on CUDA) its captured graphs. Pieces: `("run", fn)` always runs; `("if", i, fn)` runs MoD
-    layer `i` when the `pred` its routing piece left holds; `("gather", i, fns)` runs the one of
+    layer `i` when the `pred` its routing piece left holds (with driver conditional nodes at batch,
+    every row's byte: any of them); `("gather", i, fns)` runs the one of
     MoD layer `i`'s bucket calls its routing piece chose (gathered rows), or none. `decoder` is the `GraphedDecoder`
     that owns the step: its model parts and layers. `buffers` maps layer indices to K/V buffers
     `[batch, capacity, Hk, d]` made (and maybe filled) by the caller; the other layers' start zeroed."""
@@ -266,6 +266,12 @@ class DecodeStep:
         self.steps_done = 0
 
     @property
+    def stitched(self) -> bool:
+        """Conditional branches captured as driver graphs (`_capture_stitched`): this torch has no
+        conditional nodes of its own."""
+        return self.mode in CONDITIONAL and self.decoder.cuda_graphs and not torch_conditional_nodes()
+
+    @property
     def runs_only_when_kept(self) -> bool:
         """Batch 1 with the MoD work behind a branch: it runs only for a kept token (no `where`)."""
         return self.batch == 1 and self.mode in ("conditional", "host")
@@ -331,8 +337,7 @@ class DecodeStep:
             pred = None
         elif B == 1:
             live[("pred", i)] = pred = keep.reshape(())
-        elif self.mode in CONDITIONAL and self.decoder.cuda_graphs and not torch_conditional_nodes():
-            # driver conditional nodes: the condition kernel reads every row's byte (no `any` kernel)
+        elif self.stitched:  # the condition kernel reads every row's byte (no `any` kernel)
             live[("pred", i)] = pred = keep.view(-1)
         else:
             live[("pred", i)] = pred = keep.any()
@@ -471,7 +476,7 @@ class DecodeStep:
         with torch.cuda.stream(stream):
             self.warm_up()
         torch.cuda.current_stream().wait_stream(stream)
-        if self.mode in CONDITIONAL and not torch_conditional_nodes():
+        if self.stitched:
             self.graphs = self._capture_stitched()
             return
         pieces = self.mode in ("host", "gather")  # captured in pieces, the host deciding between them
