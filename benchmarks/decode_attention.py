@@ -5,6 +5,11 @@ K/V bytes bound, with the split-KV output's largest difference from its torch re
 
     python benchmarks/decode_attention.py --out results/decode-attention.json     # GPU only
     python benchmarks/decode_attention.py --block 32,64,128 --warps 2,4           # tune split_kv
+    python benchmarks/decode_attention.py --shapes 8x18432:4:0.9 --fill 2,4,8     # a MoD layer's call
+
+A shape `BxC[:R[:P]]` is a MoD layer's call at batch: R of the B rows (spread over the batch) read,
+each about P of the capacity C (uniform in [0.8P, P]), the rest nothing; the bound counts the
+bytes read, and the kernel splits for R readers (`readers`, as a graphed MoD step does).
 """
 
 from __future__ import annotations
@@ -42,6 +47,18 @@ def graphed_us(fn, replays: int = 20, calls: int = 10) -> float:
     return start.elapsed_time(end) / replays / calls * 1e3
 
 
+def shapes(args) -> list[tuple[int, int, int, float]]:
+    """(batch, capacity, readers, kept share) to time: `--shapes`, else every context x batch."""
+    if not args.shapes:
+        return [(B, C, B, 1.0) for C in map(int, args.contexts.split(",")) for B in map(int, args.batches.split(","))]
+    out = []
+    for item in args.shapes.split(","):
+        head, *rest = item.split(":")
+        B, C = map(int, head.split("x"))
+        out.append((B, C, int(rest[0]) if rest else B, float(rest[1]) if len(rest) > 1 else 1.0))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="2048,8192,32768")
@@ -53,7 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--block", default=str(split_kv.BLOCK_N), help="split_kv.BLOCK_N values to time (comma list)")
     p.add_argument("--warps", default=str(split_kv.NUM_WARPS), help="split_kv.NUM_WARPS values to time")
     p.add_argument("--stages", default=str(split_kv.NUM_STAGES), help="split_kv.NUM_STAGES values to time")
-    p.add_argument("--min-chunk", default=str(split_kv.MIN_CHUNK), help="split_kv.MIN_CHUNK values to time")
+    p.add_argument("--min-chunk", help="split_kv.MIN_CHUNK values to time (READER_MIN_CHUNK where a shape has readers)")
+    p.add_argument("--fill", help="split_kv.FILL values to time (READER_FILL where a shape has readers)")
+    p.add_argument("--shapes", help="BxC[:R[:P]] list (comma), instead of --contexts x --batches")
     p.add_argument("--out", help="JSON records")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -64,43 +83,53 @@ def main(argv=None) -> int:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"# {torch.cuda.get_device_name(dev)}, {sms} SMs, heads {H}/{Hk}, head size {d}, bf16")
     records = []
-    for C in map(int, args.contexts.split(",")):
-        for B in map(int, args.batches.split(",")):
-            k = torch.randn(B * C, Hk, d, device=dev, dtype=dtype)
-            v = torch.randn_like(k)
-            used = torch.full((B,), C - 5, dtype=torch.int32, device=dev)
-            cu_k = torch.arange(B + 1, device=dev, dtype=torch.int32) * C
-            cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32)
-            cu_grouped = cu_q * G
-            q = torch.randn(B, H, d, device=dev, dtype=dtype)
-            packed_q = q.view(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
-            per_head = graphed_us(lambda: flash_varlen(q, k, v, cu_q, cu_k, 1, C, False, None, used))
-            packed = graphed_us(lambda: flash_varlen(packed_q, k, v, cu_grouped, cu_k, G, C, False, None, used))
-            bound = 2 * B * C * Hk * d * 2 / (args.bandwidth_tbs * 1e12) * 1e6
-            record = dict(batch=B, context=C, per_head_us=per_head, packed_us=packed, bound_us=bound, split_kv={})
-            reference = split_kv.reference(q, k, v, cu_k, used, d**-0.5).float() if B <= 8 else None
-            text = []
-            for block, warps, stages, least in itertools.product(
-                *(map(int, a.split(",")) for a in (args.block, args.warps, args.stages, args.min_chunk))
-            ):
-                split_kv.BLOCK_N, split_kv.NUM_WARPS, split_kv.NUM_STAGES, split_kv.MIN_CHUNK = (
-                    block,
-                    warps,
-                    stages,
-                    least,
-                )
-                fn = lambda: split_kv.decode_attention(q, k, v, cu_k, used, None, C, sms)  # noqa: E731
-                us = graphed_us(fn)
-                err = None if reference is None else float((fn().float() - reference).abs().max())
-                key = f"block{block}-warps{warps}-stages{stages}-min{least}"
-                record["split_kv"][key] = dict(us=us, max_abs_diff=err, splits=split_kv.splits(B, Hk, C, sms))
-                text.append(f"{key} {us:.1f}us" + ("" if err is None else f" (diff {err:.1e})"))
-            records.append(record)
-            print(
-                f"C{C} B{B}: per-head {per_head:.1f}us packed {packed:.1f}us bound {bound:.1f}us; split-kv "
-                + ", ".join(text),
-                flush=True,
-            )
+    dense_tune, reader_tune = (split_kv.FILL, split_kv.MIN_CHUNK), (split_kv.READER_FILL, split_kv.READER_MIN_CHUNK)
+    gen = torch.Generator().manual_seed(0)
+    for B, C, R, P in shapes(args):
+        k = torch.randn(B * C, Hk, d, device=dev, dtype=dtype)
+        v = torch.randn_like(k)
+        used = torch.full((B,), C - 5, dtype=torch.int32)
+        if R < B:  # a MoD layer at batch: R rows read, about P of the capacity each
+            share = P * (0.8 + 0.2 * torch.rand(B, generator=gen))
+            reads = torch.zeros(B, dtype=torch.bool)
+            reads[torch.linspace(0, B - 1, R).round().long()] = True
+            used = torch.where(reads, (share * C).int().clamp(1, C), 0).to(torch.int32)
+        used = used.to(dev)
+        readers = R if R < B else None
+        cu_k = torch.arange(B + 1, device=dev, dtype=torch.int32) * C
+        cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32)
+        cu_grouped = cu_q * G
+        q = torch.randn(B, H, d, device=dev, dtype=dtype)
+        packed_q = q.view(B, Hk, G, d).transpose(1, 2).reshape(B * G, Hk, d)
+        per_head = graphed_us(lambda: flash_varlen(q, k, v, cu_q, cu_k, 1, C, False, None, used))
+        packed = graphed_us(lambda: flash_varlen(packed_q, k, v, cu_grouped, cu_k, G, C, False, None, used))
+        bound = 2 * int(used.sum()) * Hk * d * 2 / (args.bandwidth_tbs * 1e12) * 1e6
+        record = dict(
+            batch=B, context=C, readers=R, used=used.tolist() if R < B else None,
+            per_head_us=per_head, packed_us=packed, bound_us=bound, split_kv={},
+        )  # fmt: skip
+        reference = split_kv.reference(q, k, v, cu_k, used, d**-0.5).float() if B <= 8 else None
+        text = []
+        fill_default, least_default = dense_tune if readers is None else reader_tune
+        fills, leasts = args.fill or str(fill_default), args.min_chunk or str(least_default)
+        for block, warps, stages, least, fill in itertools.product(
+            *(map(int, a.split(",")) for a in (args.block, args.warps, args.stages, leasts, fills))
+        ):
+            split_kv.BLOCK_N, split_kv.NUM_WARPS, split_kv.NUM_STAGES = block, warps, stages
+            split_kv.MIN_CHUNK = split_kv.READER_MIN_CHUNK = least
+            split_kv.FILL = split_kv.READER_FILL = fill
+            fn = lambda: split_kv.decode_attention(q, k, v, cu_k, used, None, C, sms, readers)  # noqa: E731
+            us = graphed_us(fn)
+            err = None if reference is None else float((fn().float() - reference).abs().max())
+            key = f"block{block}-warps{warps}-stages{stages}-min{least}-fill{fill}"
+            record["split_kv"][key] = dict(us=us, max_abs_diff=err)
+            text.append(f"{key} {us:.1f}us" + ("" if err is None else f" (diff {err:.1e})"))
+        records.append(record)
+        print(
+            f"C{C} B{B}{f' R{R}' if R < B else ''}: per-head {per_head:.1f}us packed {packed:.1f}us bound {bound:.1f}us; split-kv "
+            + ", ".join(text),
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(

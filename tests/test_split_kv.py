@@ -43,6 +43,12 @@ CASES = """
 import json, torch
 from modadapt.decoding import split_kv
 
+_empty = torch.empty
+def nan_empty(*args, **kwargs):  # the kernels' scratch starts as NaN: what a chunk leaves unwritten is never read
+    t = _empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+torch.empty = nan_empty
+
 def case(B, H, Hk, d, capacity, dtype, sms, seed):
     gen = torch.Generator().manual_seed(seed)
     rows = B + 2  # the cache has rows no query reads
@@ -136,6 +142,9 @@ def test_chunks_fill_the_device_and_hold_min_chunk_blocks(monkeypatch):
     assert split_kv.splits(128, 8, 2048, 132) == 1  # enough programs without chunks
     assert split_kv.splits(8, 8, 32768, 132) == 5  # 64 programs: five chunks each fill the device twice
     assert split_kv.splits(1, 8, 10, 132) == 1
+    # a MoD layer's few readers: filled READER_FILL times, chunks of READER_MIN_CHUNK blocks at least
+    assert split_kv.splits(4, 8, 18432, 132, split_kv.READER_FILL, split_kv.READER_MIN_CHUNK) == 17
+    assert split_kv.splits(1, 8, 4608, 132, split_kv.READER_FILL, split_kv.READER_MIN_CHUNK) == 4608 // (2 * block)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or split_kv.triton is None, reason="runs the Triton kernel")

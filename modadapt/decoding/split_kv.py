@@ -10,7 +10,10 @@ its split-KV pair of kernels took 13 us per layer to read 4 MB.
 
 Here a program reads one K/V head of one row for all G query heads of its group, over one of
 `S` chunks of the row's slots (S fills the device: `splits`); a second kernel combines the chunks
-by their log-sum-exp. With S = 1 the first writes the output itself. Rows with no used slot give
+by their log-sum-exp. With S = 1 the first writes the output itself. Each row's used slots are
+cut into S chunks of their own (whole key blocks), not the capacity's: a MoD layer's rows keep
+different shares, and a short row's programs would otherwise sit idle while a long row's few
+read its keys; an empty chunk loads nothing. Rows with no used slot give
 zeros (flash's convention), so a row that skips a MoD layer costs nothing and yields no NaN.
 Where most rows read nothing (a MoD layer at batch: only the rows that keep the token read), the
 chunks are split for the rows expected to read (`readers`): split for every row, the few that
@@ -32,6 +35,13 @@ from ..errors import ModAdaptError
 BLOCK_N = 128  # keys per inner step
 NUM_WARPS = 4
 NUM_STAGES = 2
+FILL = 2  # programs per multiprocessor the chunks aim at
+# ... and the least key blocks per chunk where a few rows read (a MoD layer at batch, `readers`):
+# more programs hide the latency of their short, uneven rows (H200, 8 rows of 18k slots, 2/4/6
+# reading: 11%/6%/7% faster than filling twice), but a chunk of one block costs more than it hides
+# (one row of 4.6k slots reading: 11.4 us in 36 chunks, 9.9 in 18)
+READER_FILL = 4
+READER_MIN_CHUNK = 2
 MIN_CHUNK = 1  # key blocks a chunk holds at least (`splits`; 2k context, batch 1: 5.1 us against 6.1 with 2)
 _LOG2E = 1.4426950408889634
 
@@ -64,11 +74,11 @@ def available(query: torch.Tensor, key: torch.Tensor | None = None) -> bool:
     )
 
 
-def splits(rows: int, kv_heads: int, capacity: int, multiprocessors: int) -> int:
-    """Chunks per (row, K/V head): enough programs to fill the device twice, no chunk shorter
-    than `MIN_CHUNK` key blocks, at least one."""
-    most = max(1, -(-capacity // (MIN_CHUNK * BLOCK_N)))
-    want = -(-2 * multiprocessors // max(1, rows * kv_heads))
+def splits(rows: int, kv_heads: int, capacity: int, multiprocessors: int, fill=None, least=None) -> int:
+    """Chunks per (row, K/V head): enough programs to fill the device `fill` times (`FILL`), no
+    chunk shorter than `least` key blocks (`MIN_CHUNK`), at least one."""
+    most = max(1, -(-capacity // ((MIN_CHUNK if least is None else least) * BLOCK_N)))
+    want = -(-(FILL if fill is None else fill) * multiprocessors // max(1, rows * kv_heads))
     return max(1, min(most, want))
 
 
@@ -97,7 +107,8 @@ def decode_attention(
     """`q` `[B, H, d]` against `k`/`v` `[slots, Hk, d]` (contiguous), row b reading slots
     `cu_k[b] + [0, used[b])` (int32 tensors of at least B entries, `used` at most `capacity`);
     returns `[B, H, d]` in q's dtype. `readers`: how many rows are expected to have used slots
-    (default: all B); the chunks are split to fill the device with those."""
+    (default: all B); fewer, and the chunks are split to fill the device `READER_FILL` times with
+    those."""
     if triton is None:
         raise ModAdaptError("the split-KV decode attention needs Triton")
     B, H, d = q.shape
@@ -108,10 +119,13 @@ def decode_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     scale = d**-0.5 if scale is None else float(scale)
-    S = splits(B if readers is None else max(1, min(B, readers)), Hk, max(capacity, 1), multiprocessors)
-    chunk = -(-max(capacity, 1) // S)
-    chunk = -(-chunk // BLOCK_N) * BLOCK_N
-    S = -(-max(capacity, 1) // chunk)
+    capacity = max(capacity, 1)
+    if readers is None or readers >= B:
+        S = splits(B, Hk, capacity, multiprocessors)
+    else:
+        S = splits(max(1, readers), Hk, capacity, multiprocessors, READER_FILL, READER_MIN_CHUNK)
+    widest = -(-capacity // S)  # a full row's chunk, in whole key blocks: S chunks may not all be needed
+    S = -(-capacity // (-(-widest // BLOCK_N) * BLOCK_N))
     out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
     G_PAD = max(16, 1 << (G - 1).bit_length())
     ieee = q.dtype == torch.float32
@@ -122,7 +136,7 @@ def decode_attention(
         lse = torch.empty(B, Hk, S, G, dtype=torch.float32, device=q.device)
     _chunk_kernel[(B, Hk, S)](
         q, k, v, cu_k, used, part, lse, out,
-        scale * _LOG2E, chunk,
+        scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         S=S, G=G, G_PAD=G_PAD, D=d, BLOCK=BLOCK_N, DIRECT=S == 1, IEEE=ieee,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
@@ -137,7 +151,7 @@ if triton is not None:
     @triton.jit
     def _chunk_kernel(
         Q, K, V, CU_K, USED, PART, LSE, OUT,
-        scale_log2, chunk,
+        scale_log2,
         sqb, sqh, sks, skh, svs, svh, sob, soh,
         S: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
         DIRECT: tl.constexpr, IEEE: tl.constexpr,
@@ -145,13 +159,15 @@ if triton is not None:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
-        start = tl.load(CU_K + b).to(tl.int64)
         n = tl.load(USED + b)
+        chunk = tl.cdiv(tl.cdiv(n, S), BLOCK) * BLOCK  # this row's slots over its S chunks, whole blocks
         lo = s * chunk
         hi = tl.minimum(lo + chunk, n)
+        work = lo < hi  # an empty chunk loads nothing and leaves only its log-sum-exp (-inf)
+        start = tl.load(CU_K + b, mask=work, other=0).to(tl.int64)
         g = tl.arange(0, G_PAD)
         dd = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + (kvh * G + g)[:, None] * sqh + dd[None, :], mask=g[:, None] < G, other=0.0)
+        q = tl.load(Q + b * sqb + (kvh * G + g)[:, None] * sqh + dd[None, :], mask=(g[:, None] < G) & work, other=0.0)
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         l = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
@@ -182,7 +198,7 @@ if triton is not None:
                      mask=g[:, None] < G)  # fmt: skip
         else:
             base = ((b * tl.num_programs(1) + kvh) * S + s) * G
-            tl.store(PART + (base + g)[:, None] * D + dd[None, :], o, mask=g[:, None] < G)
+            tl.store(PART + (base + g)[:, None] * D + dd[None, :], o, mask=(g[:, None] < G) & work)
             tl.store(LSE + base + g, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=g < G)
 
     @triton.jit
@@ -198,7 +214,7 @@ if triton is not None:
         lse = tl.load(LSE + row, mask=s < S, other=float("-inf"))
         top = tl.max(lse, 0)
         w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
-        part = tl.load(PART + row[:, None] * D + dd[None, :], mask=(s < S)[:, None], other=0.0)
+        part = tl.load(PART + row[:, None] * D + dd[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
         total = tl.sum(w, 0)
         o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(OUT + (b * H + h) * D + dd, o.to(OUT.dtype.element_ty))
