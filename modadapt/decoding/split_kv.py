@@ -11,9 +11,9 @@ its split-KV pair of kernels took 13 us per layer to read 4 MB.
 Here a program reads one K/V head of one row for all G query heads of its group, over one of
 `S` chunks of the row's slots (S fills the device: `splits`); a second kernel combines the chunks
 by their log-sum-exp. With S = 1 the first writes the output itself. Each row's used slots are
-cut into S chunks of their own (whole key blocks), not the capacity's: a MoD layer's rows keep
-different shares, and a short row's programs would otherwise sit idle while a long row's few
-read its keys; an empty chunk loads nothing. Rows with no used slot give
+cut into its S chunks (whole key blocks), not the capacity: a MoD layer's rows keep different
+shares, and cut by the capacity a short row left some of its programs empty while each of the
+others read as much as a full row's; an empty chunk loads nothing. Rows with no used slot give
 zeros (flash's convention), so a row that skips a MoD layer costs nothing and yields no NaN.
 Where most rows read nothing (a MoD layer at batch: only the rows that keep the token read), the
 chunks are split for the rows expected to read (`readers`): split for every row, the few that
@@ -36,13 +36,13 @@ BLOCK_N = 128  # keys per inner step
 NUM_WARPS = 4
 NUM_STAGES = 2
 FILL = 2  # programs per multiprocessor the chunks aim at
-# ... and the least key blocks per chunk where a few rows read (a MoD layer at batch, `readers`):
-# more programs hide the latency of their short, uneven rows (H200, 8 rows of 18k slots, 2/4/6
-# reading: 11%/6%/7% faster than filling twice), but a chunk of one block costs more than it hides
-# (one row of 4.6k slots reading: 11.4 us in 36 chunks, 9.9 in 18)
+MIN_CHUNK = 1  # key blocks a chunk holds at least (`splits`; 2k context, batch 1: 5.1 us against 6.1 with 2)
+# The same two where a few rows read (a MoD layer at batch, `readers`): more programs hide the
+# latency of their short, uneven rows (H200, 8 rows of 18k slots, 2/4/6 reading: 11%/6%/7% faster
+# than filling twice), but a chunk of one block costs more than it hides (one row of 4.6k slots
+# reading: 11.4 us in 36 chunks, 9.9 in 18)
 READER_FILL = 4
 READER_MIN_CHUNK = 2
-MIN_CHUNK = 1  # key blocks a chunk holds at least (`splits`; 2k context, batch 1: 5.1 us against 6.1 with 2)
 _LOG2E = 1.4426950408889634
 
 try:  # Triton ships with torch's CUDA wheels; without it the flash path runs instead
