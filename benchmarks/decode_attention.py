@@ -125,8 +125,9 @@ def main(argv=None) -> int:
             record["split_kv"][key] = dict(us=us, max_abs_diff=err)
             text.append(f"{key} {us:.1f}us" + ("" if err is None else f" (diff {err:.1e})"))
         records.append(record)
+        label = f"C{C} B{B}" + (f" R{R}" if readers else "")
         print(
-            f"C{C} B{B}{f' R{R}' if R < B else ''}: per-head {per_head:.1f}us packed {packed:.1f}us bound {bound:.1f}us; split-kv "
+            f"{label}: per-head {per_head:.1f}us packed {packed:.1f}us bound {bound:.1f}us; split-kv "
             + ", ".join(text),
             flush=True,
         )

@@ -284,9 +284,10 @@ def test_reserved_packing_that_overflows_runs_again_exactly(core_family, tiny, i
 def test_auto_reserve_learns_each_layers_share(tiny, ids, left_pad, randomize_routers, packed_calls):
     """`pack_reserve="auto"`: a layer's first reserved call holds every token; the forward's one
     read of the kept counts teaches each layer its share (not in a call too short to tell), and
-    later calls reserve 1.1 times it (per layer, rounded up to a sixteenth, then the bucket); a layer that keeps more than
-    that makes the forward run again exactly (no warning: the share grows; the layers after it,
-    which saw a cut selection, learn nothing) and all along the logits are the exact pack's."""
+    later calls reserve 1.1 times it (per layer, rounded up to a sixteenth, then the bucket); a
+    layer that keeps more than that makes the forward run again exactly (no warning: the share
+    grows; the layers after it, which saw a cut selection, learn nothing) and all along the logits
+    are the exact pack's."""
     exact, auto = _exact_and_reserved(tiny, "llama", randomize_routers, pack_reserve="auto", pack_bucket=4)
     x, mask, pos = left_pad([ids(1, n, seed=n)[0] for n in (40, 48, 20)])
     assert x.numel() >= modadapt.mod_layer.AUTO_RESERVE_MIN_TOKENS

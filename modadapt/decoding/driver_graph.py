@@ -7,7 +7,8 @@ exists; torch 2.11 (the GPU machine's) has no such method, but its driver has co
 (`keep_graph=True`, so its `cudaGraph_t` stays), and `ConditionalGraph` stitches them into one
 driver graph: each piece as a child-graph node, each MoD layer's work inside an IF node whose
 condition a one-thread kernel (compiled once with NVRTC, the runtime compiler torch ships) sets
-from the routing piece's decision bytes (any of them: at batch, the layer runs if some row keeps). One launch of the stitched graph runs the whole step.
+from the routing piece's decision bytes (any of them: at batch, the layer runs if some row keeps).
+One launch of the stitched graph runs the whole step.
 
 Only `ctypes` and the libraries torch itself loads (the driver, NVRTC): no new dependency.
 The pieces' memory is the torch graphs' pool, so the torch graphs must outlive the stitched one
@@ -196,7 +197,8 @@ class ConditionalGraph:
     `add_if(handle, graph)` runs when the condition `handle` holds. `condition()` makes a handle
     (each launch starts at 0: skip); `set_condition(handle, flags)` queues, on the current stream
     (inside a torch capture: into that graph), the kernel that sets it from a device tensor of
-    bytes (true if any is nonzero). `instantiate()` once, then `launch()` per step on the current stream."""
+    bytes (true if any is nonzero). `instantiate()` once, then `launch()` per step on the current
+    stream."""
 
     def __init__(self):
         d = _driver()

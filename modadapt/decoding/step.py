@@ -166,9 +166,9 @@ class DecodeStep:
     """The buffers of one shape (batch, capacities), the decode step as pieces over them, and
     (on CUDA) its captured graphs. Pieces: `("run", fn)` always runs; `("if", i, fn)` runs MoD
     layer `i` when the `pred` its routing piece left holds (with driver conditional nodes at batch,
-    every row's byte: any of them); `("gather", i, fns)` runs the one of
-    MoD layer `i`'s bucket calls its routing piece chose (gathered rows), or none. `decoder` is the `GraphedDecoder`
-    that owns the step: its model parts and layers. `buffers` maps layer indices to K/V buffers
+    every row's byte: any of them); `("gather", i, fns)` runs the one of MoD layer `i`'s bucket
+    calls its routing piece chose (gathered rows), or none. `decoder` is the `GraphedDecoder` that
+    owns the step: its model parts and layers. `buffers` maps layer indices to K/V buffers
     `[batch, capacity, Hk, d]` made (and maybe filled) by the caller; the other layers' start zeroed."""
 
     margin = 0.0  # what the routers' scores are lowered by (a speculative draft's `Draft.margin`)
