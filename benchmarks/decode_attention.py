@@ -48,14 +48,22 @@ def graphed_us(fn, replays: int = 20, calls: int = 10) -> float:
 
 
 def shapes(args) -> list[tuple[int, int, int, float]]:
-    """(batch, capacity, readers, kept share) to time: `--shapes`, else every context x batch."""
+    """(batch, capacity, readers, kept share) to time: `--shapes`, else every context x batch.
+    Raises ValueError naming the item that is no `BxC[:R[:P]]` with 1 <= R <= B and 0 < P <= 1."""
     if not args.shapes:
         return [(B, C, B, 1.0) for C in map(int, args.contexts.split(",")) for B in map(int, args.batches.split(","))]
     out = []
     for item in args.shapes.split(","):
-        head, *rest = item.split(":")
-        B, C = map(int, head.split("x"))
-        out.append((B, C, int(rest[0]) if rest else B, float(rest[1]) if len(rest) > 1 else 1.0))
+        try:
+            head, *rest = item.split(":")
+            B, C = map(int, head.split("x"))
+            R, P = int(rest[0]) if rest else B, float(rest[1]) if len(rest) > 1 else 1.0
+            ok = len(rest) <= 2 and B >= 1 and C >= 1 and 1 <= R <= B and 0 < P <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--shapes item {item!r} is not BxC[:R[:P]] with 1 <= R <= B and 0 < P <= 1")
+        out.append((B, C, R, P))
     return out
 
 
@@ -75,6 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", help="BxC[:R[:P]] list (comma), instead of --contexts x --batches")
     p.add_argument("--out", help="JSON records")
     args = p.parse_args(argv)
+    try:
+        todo = shapes(args)
+    except ValueError as e:
+        p.error(str(e))
     if not torch.cuda.is_available():
         print("decode_attention.py times CUDA kernels; this machine has no CUDA device.", file=sys.stderr)
         return 2
@@ -85,7 +97,7 @@ def main(argv=None) -> int:
     records = []
     dense_tune, reader_tune = (split_kv.FILL, split_kv.MIN_CHUNK), (split_kv.READER_FILL, split_kv.READER_MIN_CHUNK)
     gen = torch.Generator().manual_seed(0)
-    for B, C, R, P in shapes(args):
+    for B, C, R, P in todo:
         k = torch.randn(B * C, Hk, d, device=dev, dtype=dtype)
         v = torch.randn_like(k)
         used = torch.full((B,), C - 5, dtype=torch.int32)

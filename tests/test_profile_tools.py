@@ -1,6 +1,6 @@
 """The GPU profiling scripts' host-side pieces: `benchmarks/profile_graphed.py`'s one-step
-timeline (cut at the step's last kernel, gaps between kernels) and `benchmarks/graph_nodes.py`'s
-refusal off the GPU."""
+timeline (cut at the step's last kernel, gaps between kernels), `benchmarks/graph_nodes.py`'s
+refusal off the GPU and `benchmarks/decode_attention.py`'s shapes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import decode_attention  # noqa: E402
 import graph_nodes  # noqa: E402
 import profile_graphed  # noqa: E402
 
@@ -50,3 +51,17 @@ def test_the_timeline_refuses_kernels_without_a_step_end(tmp_path):
 def test_graph_nodes_refuses_to_run_without_a_gpu(capsys):
     assert graph_nodes.main([]) == 2
     assert "has none" in capsys.readouterr().err
+
+
+def test_decode_attention_shapes_and_their_bad_input(capsys):
+    """`BxC[:R[:P]]`: R rows of B reading about P of capacity C (all rows, all of it by default);
+    a malformed item is one argparse error naming it, before anything touches the GPU."""
+    args = SimpleNamespace(shapes="8x18432:4:0.9,1x2048,32x384:4", contexts="", batches="")
+    assert decode_attention.shapes(args) == [(8, 18432, 4, 0.9), (1, 2048, 1, 1.0), (32, 384, 4, 1.0)]
+    grid = SimpleNamespace(shapes=None, contexts="2048,4096", batches="1,8")
+    assert decode_attention.shapes(grid) == [(1, 2048, 1, 1.0), (8, 2048, 8, 1.0), (1, 4096, 1, 1.0), (8, 4096, 8, 1.0)]
+    for bad in ("8x", "8x100:9", "8x100:0", "8x100:2:1.5", "8x100:2:0.5:1", "ax100"):
+        with pytest.raises(SystemExit) as exit_info:
+            decode_attention.main(["--shapes", bad])
+        assert exit_info.value.code == 2
+        assert f"--shapes item {bad!r}" in capsys.readouterr().err
