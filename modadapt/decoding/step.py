@@ -110,18 +110,19 @@ def gather_buckets(batch: int) -> tuple[int, ...]:
 def route_decision(router, h, positions, layer_index: int, margin: float, length, used, zero_skipped: bool):
     """A MoD layer's decision for the step's tokens (`h` `[B, 1, D]`): `keep` `[B, 1]` and its
     gate (or None), by the router's causal rule on scores lowered by `margin` (a draft's); and the
-    lengths its attention reads, `used = length + 1`, 0 for the rows that skip if `zero_skipped`.
-    One function so that with `compile` the routing fuses into a few kernels (eager: ~8 small ones
-    per MoD layer, which at batch 32 cost what the skipped attention saves)."""
+    lengths its attention reads: `length + 1` for the rows that keep; for the rows that skip 0 if
+    `zero_skipped`, else `length` (their work does not run: a branch at batch 1; gathered calls
+    read lengths of their own). One function so that with `compile` the routing fuses into one
+    kernel (eager: ~8 small ones per MoD layer, which at batch 32 cost what the skipped attention
+    saves); `used` is computed from `keep` either way, so that it is in the decision's kernel and
+    not a kernel of its own (a skipping layer at batch 1: 1.1 us and a gap, H200)."""
     ctx = RoutingContext(
         layer_index=layer_index, real=None, forced=None, positions=positions, causal=True, training=False
     )
     logits = router.score(h, ctx)
     keep = router.causal_keep(logits - margin if margin else logits, h, ctx).reshape(h.shape[0], 1)
-    reads = length + 1
-    if zero_skipped:
-        reads = reads * keep.view(-1)
-    used.copy_(reads)
+    kept = keep.view(-1)
+    used.copy_((length + 1) * kept if zero_skipped else length + kept)
     return keep, router.gate(logits)
 
 
