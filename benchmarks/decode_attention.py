@@ -79,7 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--warps", default=str(split_kv.NUM_WARPS), help="split_kv.NUM_WARPS values to time")
     p.add_argument("--stages", default=str(split_kv.NUM_STAGES), help="split_kv.NUM_STAGES values to time")
     p.add_argument("--min-chunk", help="split_kv.MIN_CHUNK values to time (READER_MIN_CHUNK where a shape has readers)")
-    p.add_argument("--fill", help="split_kv.FILL values to time (READER_FILL where a shape has readers)")
+    p.add_argument(
+        "--fill",
+        help="split_kv.FILL values to time (FEW_FILL for few (row, K/V head) pairs, READER_FILL where a shape has readers)",
+    )
     p.add_argument("--shapes", help="BxC[:R[:P]] list (comma), instead of --contexts x --batches")
     p.add_argument("--out", help="JSON records")
     args = p.parse_args(argv)
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"# {torch.cuda.get_device_name(dev)}, {sms} SMs, heads {H}/{Hk}, head size {d}, bf16")
     records = []
-    dense_tune, reader_tune = (split_kv.FILL, split_kv.MIN_CHUNK), (split_kv.READER_FILL, split_kv.READER_MIN_CHUNK)
+    reader_tune = (split_kv.READER_FILL, split_kv.READER_MIN_CHUNK)
+    dense_fill = {True: split_kv.FEW_FILL, False: split_kv.FILL}  # by whether the pairs are few
     gen = torch.Generator().manual_seed(0)
     for B, C, R, P in todo:
         k = torch.randn(B * C, Hk, d, device=dev, dtype=dtype)
@@ -122,14 +126,15 @@ def main(argv=None) -> int:
         )  # fmt: skip
         reference = split_kv.reference(q, k, v, cu_k, used, d**-0.5).float() if B <= 8 else None
         text = []
-        fill_default, least_default = dense_tune if readers is None else reader_tune
+        few = B * Hk <= split_kv.FEW_PAIRS
+        fill_default, least_default = (dense_fill[few], split_kv.MIN_CHUNK) if readers is None else reader_tune
         fills, leasts = args.fill or str(fill_default), args.min_chunk or str(least_default)
         for block, warps, stages, least, fill in itertools.product(
             *(map(int, a.split(",")) for a in (args.block, args.warps, args.stages, leasts, fills))
         ):
             split_kv.BLOCK_N, split_kv.NUM_WARPS, split_kv.NUM_STAGES = block, warps, stages
             split_kv.MIN_CHUNK = split_kv.READER_MIN_CHUNK = least
-            split_kv.FILL = split_kv.READER_FILL = fill
+            split_kv.FILL = split_kv.FEW_FILL = split_kv.READER_FILL = fill
             fn = lambda: split_kv.decode_attention(q, k, v, cu_k, used, None, C, sms, readers)  # noqa: E731
             us = graphed_us(fn)
             err = None if reference is None else float((fn().float() - reference).abs().max())

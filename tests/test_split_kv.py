@@ -142,6 +142,11 @@ def test_chunks_fill_the_device_and_hold_min_chunk_blocks(monkeypatch):
     assert split_kv.splits(128, 8, 2048, 132) == 1  # enough programs without chunks
     assert split_kv.splits(8, 8, 32768, 132) == 5  # 64 programs: five chunks each fill the device twice
     assert split_kv.splits(1, 8, 10, 132) == 1
+    # few (row, K/V head) pairs fill the device FEW_FILL times: batch 1 at 32k context, 8 K/V heads
+    assert split_kv.FEW_PAIRS >= 8
+    assert split_kv.splits(1, 8, 32768, 132) == -(-split_kv.FEW_FILL * 132 // 8)
+    assert split_kv.splits(1, 8, 32768, 132) == split_kv.splits(1, 8, 32768, 132, split_kv.FEW_FILL)
+    assert split_kv.splits(2 * split_kv.FEW_PAIRS, 1, 32768, 132) == split_kv.splits(32, 1, 32768, 132, split_kv.FILL)
     # a MoD layer's few readers: filled READER_FILL times, chunks of READER_MIN_CHUNK blocks at least
     assert split_kv.splits(4, 8, 18432, 132, split_kv.READER_FILL, split_kv.READER_MIN_CHUNK) == 17
     assert split_kv.splits(1, 8, 4608, 132, split_kv.READER_FILL, split_kv.READER_MIN_CHUNK) == 4608 // (2 * block)

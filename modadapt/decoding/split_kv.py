@@ -37,6 +37,12 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 FILL = 2  # programs per multiprocessor the chunks aim at
 MIN_CHUNK = 1  # key blocks a chunk holds at least (`splits`; 2k context, batch 1: 5.1 us against 6.1 with 2)
+# Up to FEW_PAIRS (row, K/V head) pairs the chunks fill the device FEW_FILL times: each pair's
+# chunks then are the only work, and shorter ones keep more bytes in flight (H200, batch 1 at 32k
+# context, 8 K/V heads: 22.4 us against 24.5, twice in two sweeps; from batch 8 (64 pairs) up fill
+# 4 was as fast or slower: batch 32 at 2k 40.8 us against 38.0)
+FEW_PAIRS = 16
+FEW_FILL = 4
 # The same two where a few rows read (a MoD layer at batch, `readers`): more programs hide the
 # latency of their short, uneven rows (H200, 8 rows of 18k slots, 2/4/6 reading: 11%/6%/7% faster
 # than filling twice), but a chunk of one block costs more than it hides (one row of 4.6k slots
@@ -75,10 +81,14 @@ def available(query: torch.Tensor, key: torch.Tensor | None = None) -> bool:
 
 
 def splits(rows: int, kv_heads: int, capacity: int, multiprocessors: int, fill=None, least=None) -> int:
-    """Chunks per (row, K/V head): enough programs to fill the device `fill` times (`FILL`), no
-    chunk shorter than `least` key blocks (`MIN_CHUNK`), at least one."""
+    """Chunks per (row, K/V head): enough programs to fill the device `fill` times (`FILL`, or
+    `FEW_FILL` for at most `FEW_PAIRS` pairs), no chunk shorter than `least` key blocks
+    (`MIN_CHUNK`), at least one."""
+    pairs = max(1, rows * kv_heads)
+    if fill is None:
+        fill = FEW_FILL if pairs <= FEW_PAIRS else FILL
     most = max(1, -(-capacity // ((MIN_CHUNK if least is None else least) * BLOCK_N)))
-    want = -(-(FILL if fill is None else fill) * multiprocessors // max(1, rows * kv_heads))
+    want = -(-fill * multiprocessors // pairs)
     return max(1, min(most, want))
 
 
