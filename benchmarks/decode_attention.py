@@ -80,6 +80,11 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=str(split_kv.NUM_STAGES), help="split_kv.NUM_STAGES values to time")
     p.add_argument("--min-chunk", help="split_kv.MIN_CHUNK values to time (READER_MIN_CHUNK where a shape has readers)")
     p.add_argument(
+        "--reader-rows",
+        help="split_kv.READER_ROWS values to time where a shape has readers (the grid's rows per expected "
+        "reader; one at least the batch: every row, the grid before the reading rows were found in the kernel)",
+    )
+    p.add_argument(
         "--fill",
         help="split_kv.FILL values to time (FEW_FILL for few (row, K/V head) pairs, READER_FILL where a shape has readers)",
     )
@@ -129,16 +134,18 @@ def main(argv=None) -> int:
         few = B * Hk <= split_kv.FEW_PAIRS
         fill_default, least_default = (dense_fill[few], split_kv.MIN_CHUNK) if readers is None else reader_tune
         fills, leasts = args.fill or str(fill_default), args.min_chunk or str(least_default)
-        for block, warps, stages, least, fill in itertools.product(
-            *(map(int, a.split(",")) for a in (args.block, args.warps, args.stages, leasts, fills))
+        grids = (args.reader_rows or str(split_kv.READER_ROWS)) if readers else "0"  # 0: not a reader shape
+        for block, warps, stages, least, fill, grid in itertools.product(
+            *(map(int, a.split(",")) for a in (args.block, args.warps, args.stages, leasts, fills, grids))
         ):
             split_kv.BLOCK_N, split_kv.NUM_WARPS, split_kv.NUM_STAGES = block, warps, stages
             split_kv.MIN_CHUNK = split_kv.READER_MIN_CHUNK = least
             split_kv.FILL = split_kv.FEW_FILL = split_kv.READER_FILL = fill
+            split_kv.READER_ROWS = grid or split_kv.READER_ROWS
             fn = lambda: split_kv.decode_attention(q, k, v, cu_k, used, None, C, sms, readers)  # noqa: E731
             us = graphed_us(fn)
             err = None if reference is None else float((fn().float() - reference).abs().max())
-            key = f"block{block}-warps{warps}-stages{stages}-min{least}-fill{fill}"
+            key = f"block{block}-warps{warps}-stages{stages}-min{least}-fill{fill}" + (f"-rows{grid}" if grid else "")
             record["split_kv"][key] = dict(us=us, max_abs_diff=err)
             text.append(f"{key} {us:.1f}us" + ("" if err is None else f" (diff {err:.1e})"))
         records.append(record)

@@ -44,10 +44,11 @@ import json, torch
 from modadapt.decoding import split_kv
 
 _empty = torch.empty
-def nan_empty(*args, **kwargs):  # the kernels' scratch starts as NaN: what a chunk leaves unwritten is never read
-    t = _empty(*args, **kwargs)
-    return t.fill_(float("nan")) if t.is_floating_point() else t
-torch.empty = nan_empty
+SCRATCH = [float("nan")]
+def filled_empty(*args, **kwargs):  # the kernels' scratch starts as NaN, then as a number: what a chunk
+    t = _empty(*args, **kwargs)    # leaves unwritten is never read, nor taken for a result by a mask
+    return t.fill_(SCRATCH[0]) if t.is_floating_point() else t
+torch.empty = filled_empty
 
 def case(B, H, Hk, d, capacity, dtype, sms, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -59,6 +60,8 @@ def case(B, H, Hk, d, capacity, dtype, sms, seed):
     used[0] = capacity
     if B > 1:
         used[1] = 0
+    if B > 4:
+        used[2:4] = 0
     order = torch.randperm(rows, generator=gen)[:B].to(torch.int32)  # each query row reads some cache row
     start = torch.randint(0, 5, (B,), generator=gen, dtype=torch.int32).clamp_max(capacity - used)  # a window's offset
     cu_k = torch.cat([order * capacity + start, torch.tensor([rows * capacity], dtype=torch.int32)])
@@ -71,15 +74,24 @@ def case(B, H, Hk, d, capacity, dtype, sms, seed):
     few = split_kv.decode_attention(q, k, v, cu_k, used, None, capacity, sms, 1)
     ref = split_kv.reference(q, k, v, cu_k, used, d**-0.5)
     chunks = split_kv.splits(B, Hk, capacity, sms)
+    few_chunks = split_kv.splits(1, Hk, capacity, sms, split_kv.READER_FILL, split_kv.READER_MIN_CHUNK)
+    # no row reading, split for one: zeros
+    none = split_kv.decode_attention(q, k, v, cu_k, torch.zeros_like(used), None, capacity, sms, 1)
     return dict(shape=[B, H, Hk, d, capacity, str(dtype), sms], chunks=chunks, finite=bool(out.isfinite().all()),
                 diff=float((out.float() - ref.float()).abs().max()), empty_row_zero=B < 2 or bool((out[1] == 0).all()),
-                few_diff=float((few.float() - ref.float()).abs().max()), few_chunks=split_kv.splits(1, Hk, capacity, sms))
+                few_diff=float((few.float() - ref.float()).abs().max()), few_chunks=few_chunks,
+                # the grid's rows found in the kernel: 2 program rows for the reading ones
+                compacted=few_chunks > 1 and B > split_kv.READER_ROWS, few_readers=int((used > 0).sum()),
+                none_zero=bool((none == 0).all()))
 
 results = []
-for B, H, Hk, d, capacity in [(1, 8, 2, 64, 300), (3, 8, 2, 32, 520), (4, 4, 4, 64, 130), (2, 16, 1, 16, 257)]:
+for B, H, Hk, d, capacity in [(1, 8, 2, 64, 300), (3, 8, 2, 32, 520), (4, 4, 4, 64, 130), (2, 16, 1, 16, 257),
+                              (6, 8, 2, 32, 300)]:
     for dtype in (torch.float32, torch.float16):
         for sms in (1, 132):  # one pass, and chunks combined
             results.append(case(B, H, Hk, d, capacity, dtype, sms, seed=len(results)))
+SCRATCH[0] = 7.0
+results.append(case(6, 8, 2, 32, 300, torch.float32, 132, seed=0))
 print(json.dumps(results))
 """
 
@@ -88,13 +100,16 @@ print(json.dumps(results))
 def test_kernel_matches_its_reference_and_reads_only_the_rows_slots():
     """Every case: finite output (slots outside `cu_k[b] + [0, used[b])` hold NaN), equal to the
     reference up to rounding, zeros for a row without keys; chunked (S > 1) and single-pass cases
-    both run; grouped heads (G = 4, 16) and G = 1."""
-    results = _interpreted(CASES)
+    both run; grouped heads (G = 4, 16) and G = 1. Split for one reading row: the same, from a
+    grid of `READER_ROWS` program rows that find the reading rows (more of them than program rows
+    among the cases: taken in turn), and zeros where no row reads."""
+    results = _interpreted(CASES)  # the last case's scratch starts as 7.0
     assert {r["chunks"] > 1 for r in results} == {True, False}
     assert any(r["few_chunks"] > r["chunks"] for r in results)  # split for fewer rows: more chunks
+    assert any(r["compacted"] and r["few_readers"] > split_kv.READER_ROWS for r in results)
     for r in results:
         tolerance = 1e-5 if "float32" in r["shape"][5] else 2e-3
-        assert r["finite"] and r["empty_row_zero"], r
+        assert r["finite"] and r["empty_row_zero"] and r["none_zero"], r
         assert r["diff"] < tolerance and r["few_diff"] < tolerance, r
 
 
@@ -105,12 +120,16 @@ from modadapt.decoding import GraphedDecoder, split_kv
 
 calls = []  # each call's `readers` (the rows it splits for; None: all)
 kernel = split_kv.decode_attention
-split_kv.decode_attention = lambda *a, **k: calls.append(k.get("readers")) or kernel(*a, **k)
+# split as on a GPU of 132 multiprocessors (on CPU the step passes 1: no chunks), so that the chunks,
+# their combination and the compacted grid of rows run
+split_kv.decode_attention = lambda *a, **k: calls.append(k.get("readers")) or kernel(*a[:7], 132, **k)
+split_kv.BLOCK_N = 32  # and in blocks short enough for the tiny models' caches to take several
 x, mask, _ = left_pad_batch([make_ids(1, n, seed=n)[0] for n in (7, 12, 4)])
 results = []
 for name, model, branches in [
     ("llama threshold-p", routed(build_tiny("llama")), "auto"),
     ("llama topk gathered", routed(build_tiny("llama"), "topk"), "gather"),
+    ("llama topk select", routed(build_tiny("llama"), "topk"), "select"),  # 1 row expected: a compacted grid
     ("mistral window 8", routed(build_windowed("mistral", 8)), "auto"),
 ]:
     for rows in (1, 3):
@@ -123,13 +142,15 @@ print(json.dumps(dict(results=results, calls=len(calls), readers=sorted({r for r
 
 @needs_triton
 def test_graphed_decoding_through_the_kernel_gives_generates_tokens():
-    """The decode step's attention through the kernel (interpreted, float32): batch 1 and a
+    """The decode step's attention through the kernel (interpreted, float32; split as for 132
+    multiprocessors, in blocks of 32 keys, so that the tiny caches take several chunks): batch 1 and a
     left-padded batch, gathered rows (`cu_k` of the rows a gathered call reads) and a sliding
     window (reads from the window's first slot) give `model.generate`'s greedy tokens. The MoD
-    layers at batch 3 (threshold-p, target share 0.5) split for the 2 rows expected to read."""
+    layers at batch 3 split for the rows expected to read: 2 (threshold-p, target share 0.5), 1
+    (topk, 0.125: a grid of `READER_ROWS` = 2 program rows that find the reading rows)."""
     out = _interpreted(DECODING)
     assert out["calls"] > 0
-    assert out["readers"] == [2]
+    assert out["readers"] == [1, 2]
     for r in out["results"]:
         assert r["equal"], r
 

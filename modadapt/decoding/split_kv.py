@@ -18,7 +18,10 @@ zeros (flash's convention), so a row that skips a MoD layer costs nothing and yi
 Where most rows read nothing (a MoD layer at batch: only the rows that keep the token read), the
 chunks are split for the rows expected to read (`readers`): split for every row, the few that
 read run in too few programs to read at bandwidth (an H200 at batch 32, 2k context, half the rows
-reading 8 us worth of bytes: 18-22 us split for all rows, 14-21 split for half).
+reading 8 us worth of bytes: 18-22 us split for all rows, 14-21 split for half). Where those are
+fewer than half the batch, the grid has rows for twice their count only (`READER_ROWS`), whose
+programs find the reading rows from `used` themselves (a prefix count over the batch), so the rows
+that read nothing launch no programs.
 `reference` is the same computation in torch, which the tests hold the kernel to.
 """
 
@@ -49,6 +52,11 @@ FEW_FILL = 4
 # reading: 11.4 us in 36 chunks, 9.9 in 18)
 READER_FILL = 4
 READER_MIN_CHUNK = 2
+# ...and the grid holds READER_ROWS times the expected readers' rows, not every row: the programs
+# of the rows that read nothing held the multiprocessors' slots for a load and a store each (an
+# H200, 8 rows of 4.6k slots, one reading: ~10 us where one row of 2k alone takes 5.4); twice the
+# expected count, so that a step where more rows read than expected does not run them in turn
+READER_ROWS = 2
 _LOG2E = 1.4426950408889634
 
 try:  # Triton ships with torch's CUDA wheels; without it the flash path runs instead
@@ -136,6 +144,9 @@ def decode_attention(
         S = splits(max(1, readers), Hk, capacity, multiprocessors, READER_FILL, READER_MIN_CHUNK)
     widest = -(-capacity // S)  # a full row's chunk, in whole key blocks: S chunks may not all be needed
     S = -(-capacity // (-(-widest // BLOCK_N) * BLOCK_N))
+    # the grid's rows: every row, or where few are expected to read, READER_ROWS times those (the
+    # reading rows found in the kernel, each program row taking its share of them)
+    grid_rows = B if readers is None or S == 1 else min(B, READER_ROWS * max(1, readers))
     out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
     G_PAD = max(16, 1 << (G - 1).bit_length())
     ieee = q.dtype == torch.float32
@@ -144,15 +155,16 @@ def decode_attention(
     else:
         part = torch.empty(B, Hk, S, G, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, Hk, S, G, dtype=torch.float32, device=q.device)
-    _chunk_kernel[(B, Hk, S)](
+    _chunk_kernel[(grid_rows, Hk, S)](
         q, k, v, cu_k, used, part, lse, out,
-        scale * _LOG2E,
+        scale * _LOG2E, B,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         S=S, G=G, G_PAD=G_PAD, D=d, BLOCK=BLOCK_N, DIRECT=S == 1, IEEE=ieee,
+        COMPACT=grid_rows < B, B_PAD=max(2, 1 << (B - 1).bit_length()),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     if S > 1:
-        _combine_kernel[(B, H)](part, lse, out, S=S, G=G, D=d, S_PAD=max(2, 1 << (S - 1).bit_length()))
+        _combine_kernel[(B, H)](part, lse, out, used, S=S, G=G, D=d, S_PAD=max(2, 1 << (S - 1).bit_length()))
     return out
 
 
@@ -161,14 +173,34 @@ if triton is not None:
     @triton.jit
     def _chunk_kernel(
         Q, K, V, CU_K, USED, PART, LSE, OUT,
-        scale_log2,
+        scale_log2, B,
+        sqb, sqh, sks, skh, svs, svh, sob, soh,
+        S: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+        DIRECT: tl.constexpr, IEEE: tl.constexpr, COMPACT: tl.constexpr, B_PAD: tl.constexpr,
+    ):  # fmt: skip
+        kvh = tl.program_id(1)
+        s = tl.program_id(2)
+        if COMPACT:  # program row r takes the reading rows of rank r, r + grid rows, ...
+            rows = tl.arange(0, B_PAD)
+            reads = (tl.load(USED + rows, mask=rows < B, other=0) > 0).to(tl.int32)
+            rank = tl.cumsum(reads, 0) - 1
+            for r in range(tl.program_id(0), tl.sum(reads, 0), tl.num_programs(0)):
+                b = tl.sum(tl.where((reads > 0) & (rank == r), rows, 0), 0)
+                _chunk(Q, K, V, CU_K, USED, PART, LSE, OUT, scale_log2, b, kvh, s, sqb, sqh, sks, skh, svs, svh,
+                       sob, soh, S, G, G_PAD, D, BLOCK, DIRECT, IEEE)  # fmt: skip
+        else:
+            _chunk(Q, K, V, CU_K, USED, PART, LSE, OUT, scale_log2, tl.program_id(0), kvh, s, sqb, sqh, sks, skh,
+                   svs, svh, sob, soh, S, G, G_PAD, D, BLOCK, DIRECT, IEEE)  # fmt: skip
+
+    @triton.jit
+    def _chunk(
+        Q, K, V, CU_K, USED, PART, LSE, OUT,
+        scale_log2, b, kvh, s,
         sqb, sqh, sks, skh, svs, svh, sob, soh,
         S: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
         DIRECT: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
-        s = tl.program_id(2)
+        """Row b's chunk s of K/V head kvh: its partial output and log-sum-exp (or, DIRECT, the output)."""
         n = tl.load(USED + b)
         chunk = tl.cdiv(tl.cdiv(n, S), BLOCK) * BLOCK  # this row's slots over its S chunks, whole blocks
         lo = s * chunk
@@ -212,7 +244,9 @@ if triton is not None:
             tl.store(LSE + base + g, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=g < G)
 
     @triton.jit
-    def _combine_kernel(PART, LSE, OUT, S: tl.constexpr, G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
+    def _combine_kernel(
+        PART, LSE, OUT, USED, S: tl.constexpr, G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr
+    ):  # fmt: skip
         b = tl.program_id(0)
         h = tl.program_id(1)
         H = tl.num_programs(1)
@@ -221,7 +255,8 @@ if triton is not None:
         s = tl.arange(0, S_PAD)
         dd = tl.arange(0, D)
         row = ((b * (H // G) + kvh) * S + s) * G + g  # [S_PAD]: this head's entry in each chunk
-        lse = tl.load(LSE + row, mask=s < S, other=float("-inf"))
+        has_keys = tl.load(USED + b) > 0  # a compacted grid wrote nothing for a row without keys
+        lse = tl.load(LSE + row, mask=(s < S) & has_keys, other=float("-inf"))
         top = tl.max(lse, 0)
         w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
         part = tl.load(PART + row[:, None] * D + dd[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
